@@ -1,0 +1,111 @@
+"""cppo-diag analyses: where in a sequence the policy drifts from the rollout policy, and what each
+trust-region rule would do about it, computed from a recorded run without retraining.
+
+Every analysis takes a *token source* - a ``cppo_diag.storage`` run object (anything with ``.tokens()``),
+a run directory path, a ``pl.LazyFrame`` or a ``pl.DataFrame`` with the columns of
+``cppo_diag.storage.schema.TOKEN_COLUMNS`` - and returns small aggregated tables (``pl.DataFrame``), ready
+for the figure builders. Pipelines stay lazy and streaming; the per-step recomputations hold one training
+step in memory at a time.
+
+Public API (names are stable; imported lazily so ``import analyses`` is cheap)
+-------------------------------------------------------------------------------
+Loading and per-token quantities (``analyses.tokens``)
+    load_tokens(source) -> pl.LazyFrame
+    with_divergences(lf) -> pl.LazyFrame          adds tv = |pi - mu|, abs_logratio = |log pi - log mu|,
+                                                  k1 = log pi - log mu, k3 = rho - 1 - log rho, away
+    require_columns(lf, columns, analysis)        raises MissingColumnError naming the column
+    MissingColumnError(KeyError)
+
+Divergence by position, paper Fig. 2 (``analyses.position``)
+    position_stats(source, *, metrics=("tv", "abs_logratio", "k3"), bin_width=64, relative=False,
+                   n_rel_bins=20, step_range=None, adv_sign=None, thresholds=(0.05, 0.1, 0.2, 0.5),
+                   delta=None, w_min=0.8, hill_min_k=5) -> pl.DataFrame
+        one row per (metric, bin): bin, bin_start, bin_end, count, mean, p50, p90, p99, top10_mean,
+        surv_<x> = P(D > x), hill_alpha, hill_k [, threshold_mean = mean of delta / w_t when delta given]
+    threshold_schedule(positions, *, delta, w_min, length) -> np.ndarray     delta / w_t (SPEC CPPO step 1)
+
+Recompute any rule over a run (``analyses.recompute``)
+    iter_batches(source, *, step_range=None, columns=None, progress=False) -> Iterator[Batch]
+    recompute(source, rule, *, params=None, step_range=None, side_table=None, bin_width=64,
+              progress=True, on_batch=None) -> RecomputeResult
+        RecomputeResult: rule, params, overall (dict), by_step, by_position, by_adv_sign, metrics_by_step
+        (pl.DataFrame), agreement (dict or None: fraction of tokens where keep == keep_applied),
+        side_table (path or None)
+
+Budget exhaustion, paper Fig. 7 (``analyses.budget``)
+    budget_exhaustion(source, *, params=None, rule="cppo", step_range=None, bin_width=64,
+                      progress=True) -> BudgetResult
+        BudgetResult: by_step (step, delta_b_mean, budget_share, masked_frac, ...),
+        first_reject (pos, at_risk, events, survival), slack (bin, c_mean, c_p10, c_p50, frac_negative, ...)
+
+Compare runs x rules (``analyses.compare``)
+    compare_runs(sources, rules=("grpo_clip", "dppo", "cppo"), *, params=None, names=None,
+                 step_range=None, bin_width=64, include_applied=True, progress=True) -> CompareResult
+        CompareResult: summary (run, rule, masked_frac, budget_share, frac_pos_adv, frac_neg_adv, ...),
+        by_position (run, rule, bin, bin_start, masked_frac, count)
+
+What-if sweeps (``analyses.whatif``)
+    whatif_sweep(source, *, deltas, delta_bs, w_mins, base_params=None, step_range=None,
+                 progress=True) -> pl.DataFrame
+        one row per (delta, delta_b, w_min): n_valid, n_masked, n_budget, masked_frac, budget_share
+
+Train/rollout mismatch (``analyses.mismatch``)
+    mismatch_by_position(source, *, bin_width=64, step_range=None, relative=False) -> pl.DataFrame
+        position_stats of |pi_old - mu| ("mismatch_tv") and |log pi_old - log mu| ("mismatch_abs_logratio");
+        raises MissingColumnError when the run has no logp_old
+
+Figures: the same builders, taking the aggregated tables above, exist in ``analyses.plots_mpl``
+(matplotlib Figure) and ``analyses.plots_plotly`` (plotly go.Figure):
+    fig_position_divergence(table, *, metric="tv", tail="top10_mean", delta=None, title=None)
+    fig_position_survival(table, *, metric="tv")     fig_position_hill(table, *, metric="tv")
+    fig_masked_by_step(result_by_step)               fig_masked_by_position(compare_by_position)
+    fig_budget_by_step(budget.by_step)               fig_first_reject(budget.first_reject)
+    fig_slack(budget.slack)                          fig_whatif(sweep, *, value="masked_frac", w_min=None)
+    fig_mismatch(mismatch_table)                     fig_compare(compare.summary)
+
+Report and synthetic data
+    write_report(sources, out_dir, *, rules=("grpo_clip", "dppo", "cppo"), params=None, bin_width=64,
+                 step_range=None, progress=True) -> pathlib.Path (the HTML file; PNGs beside it)
+    write_synthetic_run(path, *, n_tokens=100_000, seqs_per_step=64, max_len=512, updates=1, seed=0,
+                        with_logp_old=True, with_keep_applied=None, drift=..., progress=False) -> pathlib.Path
+"""
+
+from __future__ import annotations
+
+import importlib
+
+_LAZY = {
+    "load_tokens": "analyses.tokens",
+    "with_divergences": "analyses.tokens",
+    "require_columns": "analyses.tokens",
+    "MissingColumnError": "analyses.tokens",
+    "position_stats": "analyses.position",
+    "threshold_schedule": "analyses.position",
+    "iter_batches": "analyses.recompute",
+    "recompute": "analyses.recompute",
+    "Batch": "analyses.recompute",
+    "RecomputeResult": "analyses.recompute",
+    "budget_exhaustion": "analyses.budget",
+    "BudgetResult": "analyses.budget",
+    "compare_runs": "analyses.compare",
+    "CompareResult": "analyses.compare",
+    "whatif_sweep": "analyses.whatif",
+    "mismatch_by_position": "analyses.mismatch",
+    "write_report": "analyses.report",
+    "write_synthetic_run": "analyses.synthetic",
+}
+
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name: str):
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'analyses' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(list(globals()) + list(_LAZY))

@@ -1,0 +1,159 @@
+"""Token sources and the per-token quantities every analysis shares.
+
+A *token source* is a run object (anything with ``.tokens()``, e.g. ``cppo_diag.open_run(path)``), a run
+directory, a ``pl.LazyFrame`` or a ``pl.DataFrame`` with the columns of
+``cppo_diag.storage.schema.TOKEN_COLUMNS``. ``load_tokens`` turns any of them into a LazyFrame whose
+``update`` and ``rank`` columns exist (0 when absent), as the reader contract promises.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Iterable
+
+import polars as pl
+
+from cppo_diag.storage import schema
+
+LOGRATIO_CLAMP = 20.0  # SPEC: rho = exp(clamp(log pi - log mu, -20, 20))
+
+
+class MissingColumnError(KeyError):
+    """An analysis needs a column the run did not log."""
+
+    def __init__(self, column: str, analysis: str, found: Iterable[str]):
+        self.column, self.analysis, self.found = column, analysis, sorted(found)
+        super().__init__(
+            f"{analysis} needs column '{column}', which this run did not log; "
+            f"expected '{column}' among the token columns, found {self.found}"
+        )
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return self.args[0]
+
+
+def _open_run(path: Path):
+    """The capture engineer's reader when present, else a minimal reader of the same directory layout."""
+    try:
+        from cppo_diag.storage import open_run  # type: ignore[attr-defined]
+    except ImportError:
+        open_run = None
+    if open_run is not None:
+        return open_run(path)
+    return _FallbackRun(path)
+
+
+class _FallbackRun:
+    """Reads ``tokens/**/*.parquet`` and ``meta.json`` of a run directory (used until/unless
+    ``cppo_diag.storage.open_run`` exists)."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        if not (self.path / schema.TOKENS_DIR).is_dir() and not (self.path / schema.META_FILE).exists():
+            raise FileNotFoundError(
+                f"'{self.path}' is not a cppo-diag run: expected '{schema.META_FILE}' or "
+                f"'{schema.TOKENS_DIR}/' inside it"
+            )
+        self.name = self.path.name
+        meta_file = self.path / schema.META_FILE
+        self.meta = json.loads(meta_file.read_text()) if meta_file.exists() else {}
+
+    def tokens(self) -> pl.LazyFrame:
+        files = sorted((self.path / schema.TOKENS_DIR).glob("**/*.parquet"))
+        if not files:
+            return pl.LazyFrame(schema={k: v for k, v in schema.TOKEN_COLUMNS.items() if not k.startswith("topk")})
+        return pl.scan_parquet(files, hive_partitioning=False, missing_columns="insert")
+
+
+def load_tokens(source: Any) -> pl.LazyFrame:
+    """Token rows of ``source`` as a LazyFrame with ``update`` and ``rank`` filled with 0 when absent."""
+    if isinstance(source, pl.LazyFrame):
+        lf = source
+    elif isinstance(source, pl.DataFrame):
+        lf = source.lazy()
+    elif hasattr(source, "tokens"):
+        lf = source.tokens()
+    elif isinstance(source, (str, Path)):
+        lf = _open_run(Path(source)).tokens()
+    else:
+        raise TypeError(
+            f"token source: expected a run, a run directory, a pl.LazyFrame or a pl.DataFrame, "
+            f"found {type(source).__name__}"
+        )
+    names = lf.collect_schema().names()
+    fill = [pl.lit(0, dtype=schema.OPTIONAL_TOKEN_COLUMNS[c]).alias(c) for c in ("update", "rank") if c not in names]
+    return lf.with_columns(fill) if fill else lf
+
+
+def run_meta(source: Any) -> dict:
+    """``meta.json`` of a run source ({} for frames)."""
+    if hasattr(source, "meta"):
+        return dict(source.meta or {})
+    if isinstance(source, (str, Path)):
+        try:
+            return dict(_open_run(Path(source)).meta or {})
+        except Exception:  # noqa: BLE001 - a frame path without meta is still analysable
+            return {}
+    return {}
+
+
+def run_name(source: Any, default: str = "run") -> str:
+    if getattr(source, "name", None):
+        return str(source.name)
+    if isinstance(source, (str, Path)):
+        return Path(source).name
+    return default
+
+
+def columns_of(lf: pl.LazyFrame) -> list[str]:
+    return lf.collect_schema().names()
+
+
+def require_columns(lf: pl.LazyFrame, columns: Iterable[str], analysis: str) -> None:
+    """Raise :class:`MissingColumnError` for the first of ``columns`` that ``lf`` lacks."""
+    found = columns_of(lf)
+    for col in columns:
+        if col not in found:
+            raise MissingColumnError(col, analysis, found)
+
+
+def filter_tokens(lf: pl.LazyFrame, *, step_range=None, adv_sign: str | None = None) -> pl.LazyFrame:
+    """Keep steps in the inclusive ``step_range`` (lo, hi), either end None for open, and tokens with
+    advantage sign ``adv_sign`` in {None/"all", "pos" (A > 0), "neg" (A < 0), "zero" (A == 0)}."""
+    if step_range is not None:
+        lo, hi = step_range
+        if lo is not None:
+            lf = lf.filter(pl.col("step") >= lo)
+        if hi is not None:
+            lf = lf.filter(pl.col("step") <= hi)
+    if adv_sign in (None, "all"):
+        return lf
+    cond = {"pos": pl.col("advantage") > 0, "neg": pl.col("advantage") < 0, "zero": pl.col("advantage") == 0}
+    if adv_sign not in cond:
+        raise ValueError(f"adv_sign: expected one of None, 'all', 'pos', 'neg', 'zero', found {adv_sign!r}")
+    return lf.filter(cond[adv_sign])
+
+
+def divergence_exprs() -> dict[str, pl.Expr]:
+    """Per-token divergence expressions (SPEC "Per-token divergence"), computed in float32.
+
+    tv = |pi - mu|, k1 = log pi - log mu (clamped to +-20), abs_logratio = |k1|,
+    k3 = rho - 1 - log rho with rho = exp(k1).
+    """
+    k1 = (pl.col("logp") - pl.col("logp_rollout")).clip(-LOGRATIO_CLAMP, LOGRATIO_CLAMP)
+    return {
+        "tv": (pl.col("logp").exp() - pl.col("logp_rollout").exp()).abs(),
+        "k1": k1,
+        "abs_logratio": k1.abs(),
+        "k3": k1.exp() - 1.0 - k1,
+    }
+
+
+def with_divergences(lf: pl.LazyFrame) -> pl.LazyFrame:
+    """Add tv, k1, abs_logratio, k3 and ``away`` (A * (rho - 1) > 0, i.e. A * k1 > 0) columns."""
+    exprs = divergence_exprs()
+    return lf.with_columns(
+        *(e.alias(n) for n, e in exprs.items()),
+        away=(pl.col("advantage") * exprs["k1"]) > 0,
+    )

@@ -1,0 +1,340 @@
+"""Data access for the app: run roots, root-confined paths, and bounded caches around the reader and the
+``analyses`` package.
+
+Pages never open files or compute analyses themselves: they call the functions here, which call
+``cppo_diag.open_run`` / ``cppo_diag.list_runs`` and ``analyses.*`` and cache the (collected) results.
+
+Caching
+-------
+* Every cached function takes the run path *and* its :func:`run_version` (a cheap ``stat`` fingerprint of
+  ``meta.json``, ``_done/``, ``scalars/`` and ``tokens/``), so a run still being written is re-read as soon as
+  it has new data and a finished run is read once.
+* Caches are bounded (``max_entries`` and ``ttl``) so a long session over many runs cannot grow without limit.
+* Aggregates are computed over all steps once; token-level data is read only for the selected step.
+
+Security
+--------
+* Every path a page hands in is resolved (symlinks and ``..`` included) and must lie inside one of the roots
+  (:func:`confine`); anything else raises ``PermissionError``.
+* Nothing is ever unpickled: runs are parquet / JSON / JSONL read through the reader.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+import streamlit as st
+
+from cppo_diag.storage import schema
+
+ROOTS_ENV = "CPPO_DIAG_ROOTS"  # os.pathsep-separated, set by `cppo-diag app` (cppo_diag/cli/app_cmd.py)
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_ROOT = REPO / "sample_logs"
+
+# Bounds of the caches (entries per cached function, seconds).
+MAX_RUNS = 64
+MAX_AGGREGATES = 512
+MAX_TOKEN_SLICES = 32
+TTL_S = 3600
+
+
+# -- roots and confinement ------------------------------------------------------------------------------
+
+
+def parse_roots(argv: Sequence[str] | None = None, environ: dict[str, str] | None = None) -> list[Path]:
+    """Run roots from the script arguments (``--root DIR``, repeatable) and ``$CPPO_DIAG_ROOTS``.
+
+    Falls back to the repository's ``sample_logs/``.  Roots are resolved, de-duplicated and kept in order;
+    roots that do not exist are dropped (the Runs page says so).
+    """
+    argv = sys.argv[1:] if argv is None else argv
+    environ = os.environ if environ is None else environ
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--root", action="append", default=[])
+    ns, _ = parser.parse_known_args(list(argv))
+    raw = list(ns.root)
+    raw += [r for r in environ.get(ROOTS_ENV, "").split(os.pathsep) if r.strip()]
+    if not raw:
+        raw = [str(DEFAULT_ROOT)]
+    roots: list[Path] = []
+    for r in raw:
+        p = Path(r).expanduser().resolve()
+        if p not in roots:
+            roots.append(p)
+    return roots
+
+
+def roots() -> list[Path]:
+    """The roots of this session (parsed once per session, kept in session state)."""
+    if "_roots" not in st.session_state:
+        st.session_state["_roots"] = [str(p) for p in parse_roots()]
+    return [Path(p) for p in st.session_state["_roots"]]
+
+
+def confine(path: str | os.PathLike, allowed: Sequence[Path] | None = None) -> Path:
+    """Resolve ``path`` and check that it lies inside one of the roots.
+
+    Relative paths are taken relative to the first root and may not contain ``..``.  Raises
+    ``PermissionError`` naming the path and the roots otherwise.
+    """
+    allowed = [Path(r).resolve() for r in (roots() if allowed is None else allowed)]
+    if not allowed:
+        raise PermissionError("no run roots configured")
+    p = Path(path)
+    if not p.is_absolute():
+        if ".." in p.parts:
+            raise PermissionError(f"path {str(path)!r}: '..' is not allowed in a relative run path")
+        p = allowed[0] / p
+    resolved = p.resolve()
+    for root in allowed:
+        if resolved == root or resolved.is_relative_to(root):
+            return resolved
+    raise PermissionError(
+        f"path {str(path)!r} resolves to {resolved}, outside the app's roots {[str(r) for r in allowed]}"
+    )
+
+
+# -- run discovery ---------------------------------------------------------------------------------------
+
+
+def run_version(path: str) -> tuple:
+    """Cheap fingerprint of a run's on-disk state: changes when a step completes or scalars are appended."""
+    p = Path(path)
+    parts: list[Any] = []
+    for name in (schema.META_FILE, schema.DONE_DIR, schema.TOKENS_DIR, schema.SEQUENCES_DIR):
+        try:
+            s = (p / name).stat()
+            parts.append((s.st_mtime_ns, s.st_size))
+        except OSError:
+            parts.append(None)
+    scal = p / schema.SCALARS_DIR
+    try:
+        parts.append(tuple(sorted((f.name, f.stat().st_size) for f in scal.iterdir())))
+    except OSError:
+        parts.append(None)
+    return tuple(parts)
+
+
+@st.cache_data(ttl=30, max_entries=16, show_spinner=False)
+def discover(root_strs: tuple[str, ...]) -> list[str]:
+    """Paths (str) of the runs under each root, in root order then name order."""
+    from cppo_diag import list_runs
+
+    found: list[str] = []
+    for r in root_strs:
+        if not Path(r).is_dir():
+            continue
+        for run in list_runs(r):
+            p = str(Path(run.path).resolve())
+            if p not in found:
+                found.append(p)
+    return found
+
+
+def all_runs() -> list[str]:
+    return discover(tuple(str(r) for r in roots()))
+
+
+def label(path: str) -> str:
+    """Short display name of a run: its directory name, prefixed by the root's name when there are several."""
+    p = Path(path)
+    rs = roots()
+    if len(rs) > 1:
+        for r in rs:
+            if p == r or p.is_relative_to(r):
+                rel = p.relative_to(r)
+                return f"{r.name}/{rel}" if str(rel) != "." else r.name
+    return p.name
+
+
+@st.cache_resource(max_entries=MAX_RUNS, ttl=TTL_S, show_spinner=False)
+def _open(path: str, version: tuple):
+    from cppo_diag import open_run
+
+    return open_run(path)
+
+
+def get_run(path: str):
+    """The reader's ``Run`` for a confined path (re-opened when the run changed on disk)."""
+    p = str(confine(path))
+    return _open(p, run_version(p))
+
+
+# -- cached calls -----------------------------------------------------------------------------------------
+
+
+def _collect(out: Any) -> Any:
+    if isinstance(out, pl.LazyFrame):
+        return out.collect()
+    if isinstance(out, dict):
+        return {k: _collect(v) for k, v in out.items()}
+    if isinstance(out, tuple):
+        return tuple(_collect(v) for v in out)
+    return out
+
+
+@st.cache_data(max_entries=MAX_AGGREGATES, ttl=TTL_S, show_spinner=False)
+def _analysis(name: str, path: str, version: tuple, kwargs: tuple) -> Any:
+    import analyses
+
+    fn = getattr(analyses, name)
+    return _collect(fn(_open(path, version), **dict(kwargs)))
+
+
+def analysis(name: str, path: str, **kwargs: Any) -> Any:
+    """``analyses.<name>(run, **kwargs)`` on a confined run, collected and cached per (run version, kwargs).
+
+    Keyword values must be hashable (use tuples, not lists).
+    """
+    p = str(confine(path))
+    return _analysis(name, p, run_version(p), tuple(sorted(kwargs.items())))
+
+
+@st.cache_data(max_entries=MAX_TOKEN_SLICES, ttl=TTL_S, show_spinner=False)
+def _step_tokens(path: str, version: tuple, step: int) -> pl.DataFrame:
+    run = _open(path, version)
+    return run.tokens().filter(pl.col("step") == step).collect()
+
+
+def step_tokens(path: str, step: int) -> pl.DataFrame:
+    """All token rows of one step (read only for that step; cached for the last few steps viewed)."""
+    p = str(confine(path))
+    return _step_tokens(p, run_version(p), int(step))
+
+
+@st.cache_data(max_entries=MAX_TOKEN_SLICES, ttl=TTL_S, show_spinner=False)
+def _step_sequences(path: str, version: tuple, step: int) -> pl.DataFrame:
+    run = _open(path, version)
+    return run.sequences().filter(pl.col("step") == step).collect()
+
+
+def step_sequences(path: str, step: int) -> pl.DataFrame:
+    """The sequences table rows of one step (prompt, completion, token strings, reward); may be empty."""
+    p = str(confine(path))
+    try:
+        return _step_sequences(p, run_version(p), int(step))
+    except (FileNotFoundError, pl.exceptions.ComputeError):
+        return pl.DataFrame()
+
+
+@st.cache_data(max_entries=MAX_RUNS, ttl=TTL_S, show_spinner=False)
+def _steps(path: str, version: tuple) -> pl.DataFrame:
+    return _open(path, version).steps()
+
+
+def steps(path: str) -> pl.DataFrame:
+    """Per-step scalars of a run (``step`` + one column per scalar name)."""
+    p = str(confine(path))
+    return _steps(p, run_version(p))
+
+
+@st.cache_data(max_entries=MAX_RUNS, ttl=TTL_S, show_spinner=False)
+def _completed(path: str, version: tuple) -> list[int]:
+    return sorted(int(s) for s in _open(path, version).completed_steps())
+
+
+def completed_steps(path: str) -> list[int]:
+    p = str(confine(path))
+    return _completed(p, run_version(p))
+
+
+# -- runs table ------------------------------------------------------------------------------------------
+
+REWARD_KEYS = ("reward/mean", "reward", "train/reward", "rewards/mean")
+
+
+@dataclass(frozen=True)
+class RunRow:
+    path: str
+    name: str
+    trainer: str | None
+    rule: str | None
+    rule_params: str
+    model: str | None
+    task: str | None
+    steps: int
+    tokens: int
+    last_reward: float | None
+    status: str
+
+
+def _fmt_params(params: dict | None) -> str:
+    if not params:
+        return ""
+    return ", ".join(f"{k}={v}" for k, v in sorted(params.items()))
+
+
+@st.cache_data(max_entries=MAX_RUNS, ttl=TTL_S, show_spinner=False)
+def _run_row(path: str, version: tuple) -> RunRow:
+    run = _open(path, version)
+    meta = dict(run.meta or {})
+    n_tokens = int(run.tokens().select(pl.len()).collect().item())
+    completed = run.completed_steps()
+    last_reward = None
+    sdf = run.steps()
+    for key in REWARD_KEYS:
+        if key in sdf.columns:
+            vals = sdf.select(pl.col(key).drop_nulls().drop_nans()).to_series()
+            if len(vals):
+                last_reward = float(vals[-1])
+                break
+    status = "live" if run.is_live else str(meta.get("status") or "finished")
+    return RunRow(
+        path=path,
+        name=str(meta.get("name") or run.name),
+        trainer=meta.get("trainer"),
+        rule=meta.get("rule"),
+        rule_params=_fmt_params(meta.get("rule_params")),
+        model=meta.get("model"),
+        task=meta.get("task"),
+        steps=len(completed),
+        tokens=n_tokens,
+        last_reward=last_reward,
+        status=status,
+    )
+
+
+def run_row(path: str) -> RunRow:
+    p = str(confine(path))
+    return _run_row(p, run_version(p))
+
+
+def is_live(path: str) -> bool:
+    return get_run(path).is_live
+
+
+def runs_table(paths: Sequence[str]) -> pl.DataFrame:
+    """One row per run with the metadata the Runs page shows."""
+    rows = []
+    for p in paths:
+        try:
+            r = run_row(p)
+            rows.append({**r.__dict__, "error": ""})
+        except Exception as exc:  # a broken run must not hide the others; the table says what is wrong
+            rows.append({"path": p, "name": Path(p).name, "status": "unreadable", "error": f"{type(exc).__name__}: {exc}"})
+    return pl.DataFrame(rows, infer_schema_length=None) if rows else pl.DataFrame()
+
+
+# -- selection shared across pages -----------------------------------------------------------------------
+
+SELECTED = "selected_runs"  # session-state key of the multiselect in the sidebar (list of run paths)
+FOCUS = "focus_run"  # the run single-run pages show
+
+
+def selected() -> list[str]:
+    avail = set(all_runs())
+    return [p for p in st.session_state.get(SELECTED, []) if p in avail]
+
+
+def clear_all_caches() -> None:
+    discover.clear()
+    for fn in (_analysis, _step_tokens, _step_sequences, _steps, _completed, _run_row):
+        fn.clear()
+    _open.clear()

@@ -1,0 +1,154 @@
+"""Open the cppo-diag browser app (Streamlit) on one or more run roots.
+
+A run root is a directory holding run directories (each with a meta.json), or a run directory itself.
+With no --root the app opens the bundled ``sample_logs/`` of the repository.  The server binds to
+127.0.0.1 only; paths the app reads are confined to the roots given here.
+
+Pages: Runs (metadata, selection), Divergence by position (paper Fig. 2), Budget (Fig. 7), Compare runs,
+Token inspector, What-if (recompute a rule with other parameters on selected steps).
+
+Examples:
+  cppo-diag app                                  # bundled sample_logs/, opens http://127.0.0.1:8501
+  cppo-diag app --root runs --root sample_logs   # several roots
+  cppo-diag app --root runs --port 8600 --no-browser
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import webbrowser
+from pathlib import Path
+
+HELP = "open the browser app (Streamlit) on run roots; default: the bundled sample_logs/"
+
+ROOTS_ENV = "CPPO_DIAG_ROOTS"  # os.pathsep-separated run roots read by app/data.py
+HOST = "127.0.0.1"
+
+
+def app_script() -> Path:
+    """Path of the Streamlit entry script (``app/streamlit_app.py``)."""
+    import app
+
+    return Path(app.__file__).resolve().parent / "streamlit_app.py"
+
+
+def default_root() -> Path:
+    """The repository's bundled ``sample_logs/`` (next to the ``app`` package), else ``./sample_logs``."""
+    repo = app_script().parents[1]
+    for candidate in (repo / "sample_logs", Path.cwd() / "sample_logs"):
+        if candidate.is_dir():
+            return candidate.resolve()
+    raise FileNotFoundError(
+        f"no --root given and no bundled sample_logs/ found (looked in {repo / 'sample_logs'} and "
+        f"{Path.cwd() / 'sample_logs'}); pass --root DIR"
+    )
+
+
+def _check_roots(roots: list[str]) -> list[str]:
+    out = []
+    for r in roots:
+        p = Path(r).expanduser().resolve()
+        if not p.is_dir():
+            raise FileNotFoundError(f"--root {r!r}: expected an existing directory, found {'a file' if p.exists() else 'nothing'} at {p}")
+        out.append(str(p))
+    return out
+
+
+def server_command(roots: list[str], port: int) -> list[str]:
+    """The ``streamlit run`` command line (headless, 127.0.0.1 only, no telemetry, no file watcher)."""
+    return [
+        sys.executable, "-m", "streamlit", "run", str(app_script()),
+        "--server.address", HOST,
+        "--server.port", str(port),
+        "--server.headless", "true",
+        "--server.fileWatcherType", "none",
+        "--server.runOnSave", "false",
+        "--browser.gatherUsageStats", "false",
+        "--browser.serverAddress", HOST,
+        "--client.toolbarMode", "minimal",
+        "--",
+        *[a for r in roots for a in ("--root", r)],
+    ]
+
+
+def wait_until_healthy(port: int, proc: subprocess.Popen | None = None, timeout: float = 60.0) -> None:
+    """Poll Streamlit's health endpoint until it answers 'ok' (raises on timeout or server exit)."""
+    url = f"http://{HOST}:{port}/_stcore/health"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"streamlit server exited with code {proc.returncode} before answering {url}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as resp:
+                if resp.status == 200:
+                    return
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            pass
+        time.sleep(0.2)
+    raise TimeoutError(f"streamlit server did not answer {url} within {timeout:.0f} s")
+
+
+def launch(roots: list[str], port: int = 8501, open_browser: bool = False, *, quiet: bool = False) -> subprocess.Popen:
+    """Start the app server on 127.0.0.1:``port`` over ``roots`` and return the process (not waited on).
+
+    ``roots`` empty -> the bundled sample_logs/.  The roots travel in the ``CPPO_DIAG_ROOTS`` environment
+    variable and as ``--root`` script arguments.  With ``open_browser`` the default browser is opened once
+    the server answers.  The caller owns the process (``proc.terminate()`` to stop it).
+    """
+    roots = _check_roots(roots) if roots else [str(default_root())]
+    env = dict(os.environ)
+    env[ROOTS_ENV] = os.pathsep.join(roots)
+    env.setdefault("STREAMLIT_BROWSER_GATHER_USAGE_STATS", "false")
+    out = subprocess.DEVNULL if quiet else None
+    proc = subprocess.Popen(server_command(roots, port), env=env, stdout=out, stderr=out)
+    if open_browser:
+        try:
+            wait_until_healthy(port, proc)
+            webbrowser.open(f"http://{HOST}:{port}")
+        except (RuntimeError, TimeoutError) as exc:
+            print(f"cppo-diag app: {exc}", file=sys.stderr)
+    return proc
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--root", action="append", default=[], metavar="DIR",
+        help="directory of runs (or one run) to browse; repeat for several roots (default: bundled sample_logs/)",
+    )
+    parser.add_argument("--port", type=int, default=8501, help="port on 127.0.0.1 (default: 8501)")
+    parser.add_argument("--no-browser", action="store_true", help="do not open a web browser")
+
+
+def run(args: argparse.Namespace) -> int:
+    if not _has_streamlit():
+        print("cppo-diag app: streamlit is not installed (pip install streamlit)", file=sys.stderr)
+        return 1
+    try:
+        proc = launch(args.root, port=args.port, open_browser=not args.no_browser)
+    except FileNotFoundError as exc:
+        print(f"cppo-diag app: {exc}", file=sys.stderr)
+        return 2
+    print(f"cppo-diag app: serving on http://{HOST}:{args.port} (Ctrl-C to stop)", file=sys.stderr)
+    try:
+        return proc.wait()
+    except KeyboardInterrupt:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        return 0
+
+
+def _has_streamlit() -> bool:
+    try:
+        import streamlit  # noqa: F401
+    except ImportError:
+        return False
+    return True

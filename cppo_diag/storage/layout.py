@@ -1,0 +1,143 @@
+"""File naming, atomic writes and cheap shard checks shared by the writer and the reader.
+
+Everything that knows how a path inside a run directory is spelled lives here, so the writer
+(``cppo_diag.capture``) and the reader (``cppo_diag.storage.reader``) cannot drift apart.
+
+Layout (see ``docs/run-format.md``)::
+
+    RUN/meta.json                                    run metadata, written atomically by rank 0
+    RUN/tokens/step=000012/rank0-u0-000.parquet      per-token rows of one (step, rank, update) part
+    RUN/sequences/step=000012/rank0-000.parquet      per-sequence rows
+    RUN/scalars/rank0.jsonl                          one JSON object per line: {"step": .., "rank": .., name: value}
+    RUN/_done/step=000012.rank0                      marker: every token shard of (step, rank) is complete
+    RUN/_live/rank0.json                             heartbeat of an open writer (pid, host, time)
+
+Temporary files start with ``.tmp-`` and are never read.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import struct
+import uuid
+from pathlib import Path
+
+from cppo_diag.storage import schema
+
+TMP_PREFIX = ".tmp-"
+LIVE_DIR = "_live"
+PARQUET_MAGIC = b"PAR1"
+
+_STEP_DIR_RE = re.compile(r"^step=(\d+)$")
+_TOKEN_SHARD_RE = re.compile(r"^rank(\d+)-u(\d+)-(\d+)\.parquet$")
+_SEQ_SHARD_RE = re.compile(r"^rank(\d+)-(\d+)\.parquet$")
+_DONE_RE = re.compile(r"^step=(\d+)\.rank(\d+)$")
+
+
+def step_dir_name(step: int) -> str:
+    return f"step={int(step):06d}"
+
+
+def parse_step_dir(name: str) -> int | None:
+    m = _STEP_DIR_RE.match(name)
+    return int(m.group(1)) if m else None
+
+
+def token_shard_name(rank: int, update: int, part: int) -> str:
+    return f"rank{int(rank)}-u{int(update)}-{int(part):03d}.parquet"
+
+
+def parse_token_shard(name: str) -> tuple[int, int, int] | None:
+    """``rank0-u1-002.parquet`` -> (rank, update, part); None for anything else."""
+    m = _TOKEN_SHARD_RE.match(name)
+    return (int(m.group(1)), int(m.group(2)), int(m.group(3))) if m else None
+
+
+def sequence_shard_name(rank: int, part: int) -> str:
+    return f"rank{int(rank)}-{int(part):03d}.parquet"
+
+
+def parse_sequence_shard(name: str) -> tuple[int, int] | None:
+    m = _SEQ_SHARD_RE.match(name)
+    return (int(m.group(1)), int(m.group(2))) if m else None
+
+
+def done_marker_name(step: int, rank: int) -> str:
+    return f"step={int(step):06d}.rank{int(rank)}"
+
+
+def parse_done_marker(name: str) -> tuple[int, int] | None:
+    m = _DONE_RE.match(name)
+    return (int(m.group(1)), int(m.group(2))) if m else None
+
+
+def scalars_file_name(rank: int) -> str:
+    return f"rank{int(rank)}.jsonl"
+
+
+def tmp_path_for(path: Path) -> Path:
+    """A unique temporary sibling of ``path`` (same directory, so ``os.replace`` is atomic)."""
+    return path.with_name(f"{TMP_PREFIX}{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}")
+
+
+def atomic_write_bytes(path: Path, data: bytes, *, fsync: bool = False) -> None:
+    """Write ``data`` to ``path`` via a temp file + ``os.replace``: readers see all of it or nothing."""
+    path = Path(path)
+    tmp = tmp_path_for(path)
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            if fsync:
+                fh.flush()
+                os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            tmp.unlink()
+        except OSError:
+            pass
+        raise
+
+
+def atomic_write_json(path: Path, obj, *, fsync: bool = False) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode(), fsync=fsync)
+
+
+def parquet_footer_ok(path: Path) -> str | None:
+    """Cheap integrity check of a Parquet file: magic bytes at both ends and a footer length that fits.
+
+    Returns None when the file looks complete, otherwise a short reason (used in warnings).
+    Reads 12 bytes; never parses the data pages.
+    """
+    try:
+        size = os.path.getsize(path)
+        if size < 12:
+            return f"file is {size} bytes, too small to be Parquet"
+        with open(path, "rb") as fh:
+            head = fh.read(4)
+            fh.seek(size - 8)
+            tail = fh.read(8)
+    except OSError as exc:
+        return f"cannot read ({exc})"
+    if head != PARQUET_MAGIC:
+        return "missing leading PAR1 magic"
+    if tail[4:] != PARQUET_MAGIC:
+        return "missing trailing PAR1 magic (truncated write?)"
+    (footer_len,) = struct.unpack("<i", tail[:4])
+    if footer_len <= 0 or footer_len + 12 > size:
+        return f"footer length {footer_len} does not fit in a {size}-byte file"
+    return None
+
+
+def run_dirs(run: Path) -> dict[str, Path]:
+    run = Path(run)
+    return {
+        "meta": run / schema.META_FILE,
+        "tokens": run / schema.TOKENS_DIR,
+        "sequences": run / schema.SEQUENCES_DIR,
+        "scalars": run / schema.SCALARS_DIR,
+        "done": run / schema.DONE_DIR,
+        "live": run / LIVE_DIR,
+    }
