@@ -22,6 +22,7 @@ Security
 from __future__ import annotations
 
 import argparse
+import inspect
 import os
 import sys
 from collections.abc import Sequence
@@ -180,12 +181,28 @@ def _collect(out: Any) -> Any:
     return out
 
 
-@st.cache_data(max_entries=MAX_AGGREGATES, ttl=TTL_S, show_spinner=False)
-def _analysis(name: str, path: str, version: tuple, kwargs: tuple) -> Any:
+def _analysis_fn(name: str):
+    """The public function ``analyses.<name>``, looked up through the package's export table: once the
+    submodule ``analyses.recompute`` is imported, the attribute ``analyses.recompute`` is that module, not
+    the function of the same name."""
+    import importlib
+
     import analyses
 
-    fn = getattr(analyses, name)
-    return _collect(fn(_open(path, version), **dict(kwargs)))
+    module = getattr(analyses, "_LAZY", {}).get(name)
+    fn = getattr(importlib.import_module(module), name) if module else getattr(analyses, name)
+    if not callable(fn):
+        raise TypeError(f"analyses.{name}: expected a function, found {type(fn).__name__}")
+    return fn
+
+
+@st.cache_data(max_entries=MAX_AGGREGATES, ttl=TTL_S, show_spinner=False)
+def _analysis(name: str, path: str, version: tuple, kwargs: tuple) -> Any:
+    fn = _analysis_fn(name)
+    kw = dict(kwargs)
+    if "progress" in inspect.signature(fn).parameters:
+        kw.setdefault("progress", False)  # no tqdm bars in the server log
+    return _collect(fn(_open(path, version), **kw))
 
 
 def analysis(name: str, path: str, **kwargs: Any) -> Any:
@@ -199,8 +216,11 @@ def analysis(name: str, path: str, **kwargs: Any) -> Any:
 
 @st.cache_data(max_entries=MAX_TOKEN_SLICES, ttl=TTL_S, show_spinner=False)
 def _step_tokens(path: str, version: tuple, step: int) -> pl.DataFrame:
-    run = _open(path, version)
-    return run.tokens().filter(pl.col("step") == step).collect()
+    from analyses.recompute import iter_step_frames
+
+    for _, frame in iter_step_frames(_open(path, version), step_range=(step, step)):
+        return frame
+    return pl.DataFrame()
 
 
 def step_tokens(path: str, step: int) -> pl.DataFrame:
@@ -338,3 +358,82 @@ def clear_all_caches() -> None:
     for fn in (_analysis, _step_tokens, _step_sequences, _steps, _completed, _run_row):
         fn.clear()
     _open.clear()
+
+
+# -- small per-run facts -----------------------------------------------------------------------------------
+
+
+@st.cache_data(max_entries=MAX_RUNS, ttl=TTL_S, show_spinner=False)
+def _token_columns(path: str, version: tuple) -> list[str]:
+    return list(_open(path, version).tokens().collect_schema().names())
+
+
+def token_columns(path: str) -> list[str]:
+    p = str(confine(path))
+    return _token_columns(p, run_version(p))
+
+
+@st.cache_data(max_entries=MAX_RUNS, ttl=TTL_S, show_spinner=False)
+def _max_position(path: str, version: tuple) -> int:
+    v = _open(path, version).tokens().select(max=pl.col("pos").max()).collect().item()
+    return int(v) if v is not None else 0
+
+
+def max_position(path: str) -> int:
+    p = str(confine(path))
+    return _max_position(p, run_version(p))
+
+
+@st.cache_data(max_entries=MAX_RUNS, ttl=TTL_S, show_spinner=False)
+def _token_steps(path: str, version: tuple) -> list[int]:
+    s = _open(path, version).tokens().select(pl.col("step").unique().sort()).collect()
+    return [int(v) for v in s["step"]]
+
+
+def token_steps(path: str) -> list[int]:
+    """Steps that have token rows (complete or not)."""
+    p = str(confine(path))
+    return _token_steps(p, run_version(p))
+
+
+@st.cache_data(max_entries=MAX_AGGREGATES, ttl=TTL_S, show_spinner=False)
+def _compare_one(path: str, version: tuple, name: str, kwargs: tuple) -> Any:
+    return _collect(_analysis_fn("compare_runs")([_open(path, version)], names=[name], progress=False, **dict(kwargs)))
+
+
+def compare_one(path: str, **kwargs: Any):
+    """``analyses.compare_runs([run], ...)`` for one run (cached per run, so adding a run to a comparison
+    computes only that run)."""
+    p = str(confine(path))
+    return _compare_one(p, run_version(p), label(p), tuple(sorted(kwargs.items())))
+
+
+@st.cache_data(max_entries=MAX_TOKEN_SLICES, ttl=TTL_S, show_spinner=False)
+def _step_rule(path: str, version: tuple, step: int, rule: str, params: tuple) -> pl.DataFrame:
+    import numpy as np
+
+    from analyses.recompute import iter_batches, run_rule
+
+    parts = []
+    anchor = (_open(path, version).meta or {}).get("anchor") or "rollout"
+    for batch in iter_batches(_open(path, version), step_range=(step, step)):
+        res = run_rule(batch, rule, dict(params), anchor=anchor, return_internals=True)
+        cols: dict[str, Any] = dict(batch.token_keys())
+        cols["keep"] = batch.unpad(res.keep).astype(bool)
+        cols["reason"] = batch.unpad(res.reason).astype(np.uint8)
+        rows = np.nonzero(batch.response_mask.numpy())[0]
+        for name, t in (res.internals or {}).items():
+            arr = t.detach().cpu().numpy()
+            if arr.shape == tuple(batch.response_mask.shape):
+                cols[name] = batch.unpad(arr).astype(np.float32)
+            elif arr.ndim == 1 and arr.shape[0] == batch.response_mask.shape[0]:
+                cols[name] = arr[rows].astype(np.float32)  # per-sequence value broadcast to its tokens
+        parts.append(pl.DataFrame(cols))
+    return pl.concat(parts, how="diagonal_relaxed") if parts else pl.DataFrame()
+
+
+def step_rule(path: str, step: int, rule: str, params: dict[str, Any]) -> pl.DataFrame:
+    """``rule`` recomputed on one step (``analyses.recompute.run_rule`` per batch), one row per token:
+    sequence key, pos, keep, reason and the rule's internals (cppo: w, Z, S, c, delta_b)."""
+    p = str(confine(path))
+    return _step_rule(p, run_version(p), int(step), rule, tuple(sorted(params.items())))

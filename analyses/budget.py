@@ -1,0 +1,170 @@
+"""CPPO prefix-budget exhaustion (paper Fig. 7 and beyond), from ``compute_mask(..., return_internals=True)``.
+
+Three tables:
+
+* ``by_step``: per training step, the mean realised delta_b_seq over the step's responses (SPEC Eq. 22),
+  the budget-mask share #budget / #masked (Fig. 7), the masked fraction, and the fraction of responses whose
+  prefix budget rejected at least one ``away`` token.
+* ``first_reject``: per response, the first position where the prefix budget alone rejects an ``away`` token
+  (a masked token with reason "budget"), as a Kaplan-Meier survival curve over the 0-based position p:
+  survival(p) = P(first budget rejection > p). Responses never rejected are censored at their valid length T
+  (observed at positions 0..T-1); ``at_risk(p)`` = responses observed at p with no rejection before p,
+  ``events(p)`` = first rejections at p, survival(p) = prod_{p' <= p} (1 - events(p') / at_risk(p')).
+* ``slack``: the slack c_t = min(delta, delta + delta_b W_{t-1} - S_{t-1}) (SPEC CPPO step 4) by position bin:
+  mean, minimum, fraction of tokens with c_t < 0 (every ``away`` token masked there), mean Z_t = w_t D_t, and
+  the fraction of ``away`` tokens masked by the budget.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import polars as pl
+
+from analyses.recompute import Batch, _PosCounter, away_mask, recompute
+
+CPPO_RULES = ("cppo", "cppo_no_weight", "cppo_shuffled", "cppo_soft", "cppo_no_budget")
+
+
+@dataclass
+class BudgetResult:
+    by_step: pl.DataFrame
+    first_reject: pl.DataFrame
+    slack: pl.DataFrame
+    overall: dict
+    rule: str
+    params: dict
+
+
+def _internal(res, name: str, rule: str) -> np.ndarray:
+    internals = getattr(res, "internals", None) or {}
+    if name not in internals:
+        raise KeyError(
+            f"budget_exhaustion needs internal {name!r} from compute_mask({rule!r}, return_internals=True); "
+            f"found internals {sorted(internals)}"
+        )
+    v = internals[name]
+    return v.detach().cpu().numpy() if hasattr(v, "detach") else np.asarray(v)
+
+
+class _BudgetAcc:
+    def __init__(self, rule: str, bin_width: int):
+        self.rule = rule
+        self.slack = _PosCounter(bin_width)
+        self.c_min: dict[int, float] = {}
+        self.events = np.zeros(0, dtype=np.int64)  # first budget rejection at pos p
+        self.censored = np.zeros(0, dtype=np.int64)  # responses never rejected, by valid length T
+        self.rows: list[dict] = []
+
+    @staticmethod
+    def _grow(arr: np.ndarray, n: int) -> np.ndarray:
+        return np.pad(arr, (0, n - len(arr))) if n > len(arr) else arr
+
+    def __call__(self, batch: Batch, res) -> None:
+        m = batch.response_mask.numpy()  # (B, T)
+        reason = res.reason.detach().cpu().numpy()  # (B, T)
+        c = _internal(res, "c", self.rule)  # (B, T)
+        z = _internal(res, "Z", self.rule)  # (B, T)
+        delta_b = _internal(res, "delta_b", self.rule).reshape(-1)  # (B,)
+        rows = m.any(axis=1)
+        budget = (reason == 2) & m
+        lengths = m.sum(axis=1)
+        has = budget.any(axis=1)
+        first = np.where(has, batch.positions[np.arange(m.shape[0]), np.argmax(budget, axis=1)], -1)
+        ev = first[rows & has]
+        cen = lengths[rows & ~has]
+        if len(ev):
+            self.events = self._grow(self.events, int(ev.max()) + 1)
+            np.add.at(self.events, ev, 1)
+        if len(cen):
+            self.censored = self._grow(self.censored, int(cen.max()) + 1)
+            np.add.at(self.censored, cen, 1)
+        self.rows.append({"step": batch.step, "n_resp": int(rows.sum()), "delta_b_sum": float(delta_b[rows].sum()),
+                          "n_resp_rejected": int((rows & has).sum())})
+        pos = batch.positions[m]
+        bins = pos // self.slack.bin_width
+        cv, zv = c[m].astype(np.float64), z[m].astype(np.float64)
+        away = away_mask(batch).numpy()[m]
+        self.slack.add("count", bins)
+        self.slack.add("c_sum", bins, cv)
+        self.slack.add("n_negative", bins, (cv < 0).astype(np.float64))
+        self.slack.add("z_sum", bins, zv)
+        self.slack.add("n_away", bins, away.astype(np.float64))
+        self.slack.add("n_away_budget", bins, (budget[m] & away).astype(np.float64))
+        order = np.argsort(bins, kind="stable")
+        ub, starts = np.unique(bins[order], return_index=True)
+        mins = np.minimum.reduceat(cv[order], starts) if len(order) else []
+        for b, v in zip(ub.tolist(), np.asarray(mins).tolist()):
+            self.c_min[b] = min(self.c_min.get(b, np.inf), v)
+
+
+def _survival(events: np.ndarray, censored: np.ndarray) -> pl.DataFrame:
+    n = max(len(events), len(censored) - 1, 0)
+    events = np.pad(events, (0, max(0, n - len(events))))
+    censored = np.pad(censored, (0, max(0, n + 1 - len(censored))))
+    # at_risk(p) = #events at >= p + #censored with T > p (observed at p)
+    ev_ge = np.cumsum(events[::-1])[::-1] if n else np.zeros(0)
+    cen_gt = np.cumsum(censored[::-1])[::-1][1 : n + 1] if n else np.zeros(0)
+    at_risk = (ev_ge + cen_gt).astype(np.int64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        hazard = np.where(at_risk > 0, events / np.maximum(at_risk, 1), 0.0)
+    return pl.DataFrame({
+        "pos": np.arange(n, dtype=np.int64), "at_risk": at_risk, "events": events.astype(np.int64),
+        "survival": np.cumprod(1.0 - hazard),
+    })
+
+
+def budget_exhaustion(
+    source: Any,
+    *,
+    params: dict | None = None,
+    rule: str = "cppo",
+    step_range=None,
+    bin_width: int = 64,
+    anchor: str | None = None,
+    progress: bool = True,
+) -> BudgetResult:
+    """Budget exhaustion tables of a CPPO-family ``rule`` recomputed over a run (see the module docstring).
+
+    ``params``: keyword parameters of the rule (SPEC names: delta, w_min, delta_b, delta_b_mode, ...);
+    default the rule's defaults.
+    """
+    if rule not in CPPO_RULES:
+        raise ValueError(f"rule: budget_exhaustion needs a CPPO rule with a prefix budget, expected one of "
+                         f"{[r for r in CPPO_RULES if r != 'cppo_no_budget']}, found {rule!r}")
+    acc = _BudgetAcc(rule, bin_width)
+    rec = recompute(source, rule, params=params, step_range=step_range, bin_width=bin_width, anchor=anchor,
+                    return_internals=True, on_batch=acc, progress=progress)
+    if acc.rows:
+        db = (pl.DataFrame(acc.rows).group_by("step").agg(pl.col("n_resp", "delta_b_sum", "n_resp_rejected").sum())
+              .with_columns(delta_b_mean=pl.col("delta_b_sum") / pl.col("n_resp"),
+                            resp_rejected_frac=pl.col("n_resp_rejected") / pl.col("n_resp"))
+              .drop("delta_b_sum"))
+        by_step = rec.by_step.select("step", "n_valid", "n_masked", "n_budget", "masked_frac", "budget_share").join(
+            db, on="step", how="left").sort("step")
+    else:
+        by_step = pl.DataFrame(schema={"step": pl.Int64, "n_valid": pl.Int64, "n_masked": pl.Int64,
+                                       "n_budget": pl.Int64, "masked_frac": pl.Float64, "budget_share": pl.Float64,
+                                       "n_resp": pl.Int64, "n_resp_rejected": pl.Int64,
+                                       "delta_b_mean": pl.Float64, "resp_rejected_frac": pl.Float64})
+    names = ["count", "c_sum", "n_negative", "z_sum", "n_away", "n_away_budget"]
+    slack = acc.slack.frame(names)
+    slack = slack.with_columns(
+        c_min=pl.Series([acc.c_min.get(b, None) for b in slack["bin"].to_list()], dtype=pl.Float64),
+    ).select(
+        "bin", "bin_start", "bin_end", pl.col("count").cast(pl.Int64),
+        c_mean=pl.col("c_sum") / pl.col("count"), c_min=pl.col("c_min"),
+        frac_negative=pl.col("n_negative") / pl.col("count"), z_mean=pl.col("z_sum") / pl.col("count"),
+        away_budget_frac=pl.when(pl.col("n_away") > 0).then(pl.col("n_away_budget") / pl.col("n_away")),
+    ).filter(pl.col("count") > 0)
+    first = _survival(acc.events, acc.censored)
+    n_resp = int(by_step["n_resp"].sum()) if by_step.height else 0
+    overall = {
+        **rec.overall,
+        "delta_b_mean": float(by_step["delta_b_mean"].mean()) if by_step.height else float("nan"),
+        "resp_rejected_frac": (int(acc.events.sum()) / n_resp) if n_resp else float("nan"),
+    }
+    return BudgetResult(by_step=by_step, first_reject=first, slack=slack, overall=overall, rule=rule,
+                        params=dict(params or {}))

@@ -1,0 +1,315 @@
+"""Matplotlib figures (publication quality) built from the aggregated tables of ``analyses``.
+
+Every builder takes a table (``pl.DataFrame``) produced by an analysis and returns a
+``matplotlib.figure.Figure`` (no pyplot global state: safe in Streamlit and threads). Sizes suit a paper
+column (6.4 x 3.6 in); ``save_png(fig, path)`` writes 200 dpi PNGs. ``analyses.plots_plotly`` has the same
+builders for the interactive app.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import polars as pl
+from matplotlib.figure import Figure
+
+from analyses.position import METRIC_LABELS
+
+FIGSIZE = (6.4, 3.6)
+TAIL_LABELS = {"top10_mean": "top-10% mean (mean of D ≥ P90)", "p90": "P90", "p99": "P99"}
+
+
+def _fig(figsize=FIGSIZE) -> tuple[Figure, object]:
+    fig = Figure(figsize=figsize, layout="constrained")
+    ax = fig.add_subplot()
+    ax.grid(True, alpha=0.3, linewidth=0.6)
+    return fig, ax
+
+
+def _empty(fig: Figure, ax, msg: str) -> Figure:
+    ax.text(0.5, 0.5, msg, ha="center", va="center", transform=ax.transAxes, fontsize=10, color="0.4")
+    ax.set_xticks([])
+    ax.set_yticks([])
+    return fig
+
+
+def _centres(df: pl.DataFrame) -> np.ndarray:
+    return ((df["bin_start"] + df["bin_end"]) / 2).to_numpy()
+
+
+def _pos_xlabel(df: pl.DataFrame) -> str:
+    if df.height and float(df["bin_end"].max()) <= 1.0 + 1e-9:
+        return "relative position t / T (bin centre)"
+    return "token position in response (0-based, bin centre)"
+
+
+def _metric_rows(table: pl.DataFrame, metric: str) -> pl.DataFrame:
+    if "metric" in table.columns:
+        table = table.filter(pl.col("metric") == metric)
+    return table.filter(pl.col("count") > 0).sort("bin")
+
+
+def _legend(ax, *more_axes):
+    handles, labels = ax.get_legend_handles_labels()
+    for a in more_axes:
+        h, lab = a.get_legend_handles_labels()
+        handles += h
+        labels += lab
+    if handles:
+        ax.legend(handles, labels, loc="best", frameon=False)
+
+
+def fig_position_divergence(table: pl.DataFrame, *, metric: str = "tv", tail: str = "top10_mean",
+                            title: str | None = None) -> Figure:
+    """Paper Fig. 2: bin mean and tail (``tail`` = "top10_mean", "p90" or "p99", named in the legend) of
+    ``metric`` against position, with CPPO's threshold delta / w_t (``threshold_mean``) on a right axis
+    when the table has it."""
+    fig, ax = _fig()
+    df = _metric_rows(table, metric)
+    if df.is_empty():
+        return _empty(fig, ax, f"no tokens for metric {metric!r}")
+    x = _centres(df)
+    ax.plot(x, df["mean"].to_numpy(), marker="o", ms=3, lw=1.5, color="C0", label=f"bin mean of {metric}")
+    ax.plot(x, df[tail].to_numpy(), marker="s", ms=3, lw=1.5, color="C3", label=f"{TAIL_LABELS.get(tail, tail)}")
+    ax.set_xlabel(_pos_xlabel(df))
+    ax.set_ylabel(METRIC_LABELS.get(metric, metric))
+    axes = []
+    if "threshold_mean" in df.columns and df["threshold_mean"].null_count() < df.height:
+        ax2 = ax.twinx()
+        ax2.plot(x, df["threshold_mean"].to_numpy(), ls="--", lw=1.2, color="0.3", label=r"CPPO threshold $\delta / w_t$")
+        ax2.set_ylabel(r"threshold $\delta / w_t$ on D (probability)")
+        axes.append(ax2)
+    ax.set_title(title or f"Divergence by position ({metric}; tail = {TAIL_LABELS.get(tail, tail)})")
+    _legend(ax, *axes)
+    return fig
+
+
+def fig_position_survival(table: pl.DataFrame, *, metric: str = "tv", title: str | None = None) -> Figure:
+    """P(D > x) against position, one line per threshold x (log scale)."""
+    fig, ax = _fig()
+    df = _metric_rows(table, metric)
+    cols = [c for c in df.columns if c.startswith("surv_")]
+    if df.is_empty() or not cols:
+        return _empty(fig, ax, f"no tokens for metric {metric!r}")
+    x = _centres(df)
+    for i, c in enumerate(cols):
+        y = df[c].to_numpy().astype(float)
+        y = np.where(y > 0, y, np.nan)
+        ax.plot(x, y, marker="o", ms=3, lw=1.3, color=f"C{i}", label=f"P(D > {c[5:]})")
+    ax.set_yscale("log")
+    ax.set_xlabel(_pos_xlabel(df))
+    ax.set_ylabel(f"P(D > x), D = {METRIC_LABELS.get(metric, metric)}")
+    ax.set_title(title or f"Tail survival by position ({metric})")
+    _legend(ax)
+    return fig
+
+
+def fig_position_hill(table: pl.DataFrame, *, metric: str = "tv", title: str | None = None) -> Figure:
+    """Hill tail index (threshold at the bin's P90) against position; smaller = heavier tail."""
+    fig, ax = _fig()
+    df = _metric_rows(table, metric)
+    if df.is_empty():
+        return _empty(fig, ax, f"no tokens for metric {metric!r}")
+    x = _centres(df)
+    y = df["hill_alpha"].cast(pl.Float64).to_numpy()
+    ax.plot(x, y, marker="o", ms=3, lw=1.5, color="C2", label="Hill α̂ (exceedances over P90)")
+    ax.set_xlabel(_pos_xlabel(df))
+    ax.set_ylabel("tail index α̂ (dimensionless)")
+    ax.set_title(title or f"Tail heaviness by position ({metric}; smaller α̂ = heavier tail)")
+    _legend(ax)
+    return fig
+
+
+def _series_keys(df: pl.DataFrame) -> list[tuple]:
+    keys = [c for c in ("run", "rule") if c in df.columns]
+    if not keys:
+        return [((), df)]
+    out = []
+    for key, part in df.group_by(keys, maintain_order=True):
+        out.append((key if isinstance(key, tuple) else (key,), part))
+    return out
+
+
+def _label(key: tuple) -> str:
+    return " / ".join(str(k) for k in key) if key else "recomputed"
+
+
+def fig_masked_by_position(by_position: pl.DataFrame, *, title: str | None = None) -> Figure:
+    """Masked fraction against position; one line per (run, rule) when those columns exist."""
+    fig, ax = _fig()
+    df = by_position.filter(pl.col("n_valid") > 0) if "n_valid" in by_position.columns else by_position
+    if df.is_empty():
+        return _empty(fig, ax, "no tokens")
+    for i, (key, part) in enumerate(_series_keys(df)):
+        part = part.sort("bin")
+        ls = ":" if key and str(key[-1]).startswith("applied:") else "-"
+        ax.plot(_centres(part), 100 * part["masked_frac"].to_numpy(), marker="o", ms=3, lw=1.4, ls=ls,
+                color=f"C{i % 10}", label=_label(key))
+    ax.set_xlabel(_pos_xlabel(df))
+    ax.set_ylabel("masked tokens (% of valid)")
+    ax.set_title(title or "Masked fraction by position")
+    _legend(ax)
+    return fig
+
+
+def fig_masked_by_step(by_step: pl.DataFrame, *, title: str | None = None) -> Figure:
+    """Masked fraction per training step; one line per (run, rule) when those columns exist."""
+    fig, ax = _fig()
+    if by_step.is_empty():
+        return _empty(fig, ax, "no steps")
+    for i, (key, part) in enumerate(_series_keys(by_step)):
+        part = part.sort("step")
+        ax.plot(part["step"].to_numpy(), 100 * part["masked_frac"].to_numpy(), marker="o", ms=2.5, lw=1.3,
+                color=f"C{i % 10}", label=_label(key))
+    ax.set_xlabel("training step")
+    ax.set_ylabel("masked tokens (% of valid)")
+    ax.set_title(title or "Masked fraction by step")
+    _legend(ax)
+    return fig
+
+
+def fig_budget_by_step(by_step: pl.DataFrame, *, title: str | None = None) -> Figure:
+    """Paper Fig. 7: mean realised delta_b per response (left) and budget-mask share (right) per step."""
+    fig, ax = _fig()
+    if by_step.is_empty():
+        return _empty(fig, ax, "no steps")
+    x = by_step["step"].to_numpy()
+    ax.plot(x, by_step["delta_b_mean"].to_numpy(), marker="o", ms=2.5, lw=1.4, color="C0",
+            label=r"mean realised $\delta_b$ per response")
+    ax.set_xlabel("training step")
+    ax.set_ylabel(r"$\delta_b$ (probability per unit weight)")
+    ax.set_ylim(bottom=0, top=max(1e-9, float(np.nanmax(by_step["delta_b_mean"].to_numpy()))) * 1.15)
+    ax2 = ax.twinx()
+    share = by_step["budget_share"].cast(pl.Float64).to_numpy()
+    ax2.plot(x, 100 * share, marker="s", ms=2.5, lw=1.4, color="C1", label="budget-mask share")
+    ax2.set_ylabel("budget-masked / masked tokens (%)")
+    ax2.set_ylim(0, 100)
+    ax.set_title(title or "Prefix budget per step (CPPO Fig. 7)")
+    _legend(ax, ax2)
+    return fig
+
+
+def fig_first_reject(first_reject: pl.DataFrame, *, title: str | None = None) -> Figure:
+    """Kaplan-Meier survival of the first budget rejection of an away token over position."""
+    fig, ax = _fig()
+    if first_reject.is_empty():
+        return _empty(fig, ax, "no responses")
+    ax.step(first_reject["pos"].to_numpy(), first_reject["survival"].to_numpy(), where="post", lw=1.5,
+            color="C4", label="P(no budget rejection up to position p)")
+    ax.set_ylim(0, 1.02)
+    ax.set_xlabel("token position p in response (0-based)")
+    ax.set_ylabel("survival probability")
+    ax.set_title(title or "When does the prefix budget first reject an away token?")
+    _legend(ax)
+    return fig
+
+
+def fig_slack(slack: pl.DataFrame, *, delta: float | None = None, title: str | None = None) -> Figure:
+    """Slack by position: bin mean and minimum (left), share of tokens with c_t < 0 (right)."""
+    fig, ax = _fig()
+    if slack.is_empty():
+        return _empty(fig, ax, "no tokens")
+    x = _centres(slack)
+    ax.plot(x, slack["c_mean"].to_numpy(), marker="o", ms=3, lw=1.4, color="C0", label=r"mean slack $c_t$")
+    ax.plot(x, slack["c_min"].to_numpy(), marker="v", ms=3, lw=1.0, color="C0", ls=":", label=r"min slack $c_t$")
+    ax.plot(x, slack["z_mean"].to_numpy(), lw=1.0, color="C2", ls="--", label=r"mean $Z_t = w_t D_t$")
+    ax.axhline(0, color="0.2", lw=0.8)
+    if delta is not None:
+        ax.axhline(delta, color="0.5", lw=0.8, ls="--", label=r"$\delta$ (cap of $c_t$)")
+    ax.set_xlabel(_pos_xlabel(slack))
+    ax.set_ylabel(r"slack $c_t$ (probability)")
+    ax2 = ax.twinx()
+    ax2.plot(x, 100 * slack["frac_negative"].to_numpy(), color="C3", lw=1.2, marker="s", ms=2.5,
+             label=r"tokens with $c_t < 0$ (%)")
+    ax2.set_ylabel(r"tokens with $c_t < 0$ (%)")
+    ax2.set_ylim(bottom=0)
+    ax.set_title(title or "CPPO prefix-budget slack by position")
+    _legend(ax, ax2)
+    return fig
+
+
+def fig_whatif(sweep: pl.DataFrame, *, value: str = "masked_frac", w_min: float | None = None,
+               title: str | None = None) -> Figure:
+    """Heatmap of ``value`` ("masked_frac" or "budget_share", in %) over (delta, delta_b) at one w_min
+    (default: the one closest to 0.8)."""
+    fig, ax = _fig(figsize=(5.6, 4.2))
+    ax.grid(False)
+    if sweep.is_empty():
+        return _empty(fig, ax, "empty sweep")
+    wm = sorted(set(sweep["w_min"].to_list()))
+    w_sel = w_min if w_min is not None else min(wm, key=lambda v: abs(v - 0.8))
+    df = sweep.filter((pl.col("w_min") - w_sel).abs() < 1e-12)
+    deltas = sorted(set(df["delta"].to_list()))
+    dbs = sorted(set(df["delta_b"].to_list()))
+    grid = np.full((len(dbs), len(deltas)), np.nan)
+    for r in df.iter_rows(named=True):
+        v = r[value]
+        grid[dbs.index(r["delta_b"]), deltas.index(r["delta"])] = np.nan if v is None else 100 * v
+    im = ax.imshow(grid, origin="lower", aspect="auto", cmap="viridis")
+    ax.set_xticks(range(len(deltas)), [f"{d:g}" for d in deltas])
+    ax.set_yticks(range(len(dbs)), [f"{d:g}" for d in dbs])
+    for i in range(len(dbs)):
+        for j in range(len(deltas)):
+            if np.isfinite(grid[i, j]):
+                ax.text(j, i, f"{grid[i, j]:.2f}", ha="center", va="center", fontsize=7,
+                        color="white" if grid[i, j] < np.nanmean(grid) else "black")
+    label = {"masked_frac": "masked tokens (%)", "budget_share": "budget-masked / masked (%)"}.get(value, value)
+    fig.colorbar(im, ax=ax, label=label)
+    ax.set_xlabel(r"$\delta$ (token threshold, probability)")
+    ax.set_ylabel(r"$\delta_b$ (budget per unit weight)")
+    ax.set_title(title or f"What-if: {label} at w_min = {w_sel:g}")
+    return fig
+
+
+def fig_mismatch(table: pl.DataFrame, *, metric: str = "mismatch_tv", title: str | None = None) -> Figure:
+    """Train/rollout mismatch |pi_old - mu| by position: bin mean, P90 and top-10% mean."""
+    fig, ax = _fig()
+    df = _metric_rows(table, metric)
+    if df.is_empty():
+        return _empty(fig, ax, "no tokens with logp_old")
+    x = _centres(df)
+    ax.plot(x, df["mean"].to_numpy(), marker="o", ms=3, lw=1.5, color="C0", label="bin mean")
+    ax.plot(x, df["p90"].to_numpy(), marker="^", ms=3, lw=1.2, color="C1", label="P90")
+    ax.plot(x, df["top10_mean"].to_numpy(), marker="s", ms=3, lw=1.2, color="C3", label=TAIL_LABELS["top10_mean"])
+    ax.set_xlabel(_pos_xlabel(df))
+    ax.set_ylabel(METRIC_LABELS.get(metric, metric))
+    ax.set_title(title or "Train/rollout mismatch by position")
+    _legend(ax)
+    return fig
+
+
+def fig_compare(summary: pl.DataFrame, *, value: str = "masked_frac", title: str | None = None) -> Figure:
+    """Grouped bars: ``value`` (in %) per rule, one bar group per run."""
+    fig, ax = _fig()
+    if summary.is_empty():
+        return _empty(fig, ax, "nothing to compare")
+    runs = list(dict.fromkeys(summary["run"].to_list()))
+    rules = list(dict.fromkeys(summary["rule"].to_list()))
+    width = 0.8 / max(len(rules), 1)
+    for i, rule in enumerate(rules):
+        vals = []
+        for run in runs:
+            v = summary.filter((pl.col("run") == run) & (pl.col("rule") == rule))[value]
+            vals.append(100 * float(v[0]) if len(v) and v[0] is not None else np.nan)
+        xs = np.arange(len(runs)) + (i - (len(rules) - 1) / 2) * width
+        bars = ax.bar(xs, vals, width=width * 0.95, color=f"C{i % 10}", label=rule,
+                      hatch="//" if rule.startswith("applied:") else None)
+        ax.bar_label(bars, fmt="%.2f", fontsize=6, padding=1)
+    ax.set_xticks(range(len(runs)), runs)
+    ax.set_xlabel("run")
+    ax.set_ylabel({"masked_frac": "masked tokens (% of valid)"}.get(value, f"{value} (%)"))
+    ax.set_title(title or "Masked fraction: runs × rules (same logged tokens)")
+    _legend(ax)
+    return fig
+
+
+def save_png(fig: Figure, path, dpi: int = 200) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=dpi)
+    return path
+
+
+__all__: Sequence[str] = [n for n in dir() if n.startswith("fig_")] + ["save_png"]

@@ -1,0 +1,507 @@
+"""Recompute any registered trust-region rule over a recorded run, one training step at a time.
+
+Batch reconstruction (the conventions of ``cppo_diag.storage.schema``): tokens are grouped by
+``(step, update, rank)``; inside a group each sequence becomes one row of a right-padded (B, T) batch and
+each token sits at column ``pos``. Rows follow ``seq_id`` order, and when the seq_ids are small
+non-negative integers (``max(seq_id) < 8 * n_sequences + 1024``, always true for the bundled trainer's
+0..B-1) sequence ``seq_id`` is placed at **row seq_id** - rows of sequences that were not logged stay empty -
+so row-dependent rules (``cppo_shuffled``'s seeded permutation) see the same row index the trainer gave
+them. Otherwise rows are the seq_ids' rank order. A position that was not logged is padding.
+
+Memory: one (step, update, rank) group is materialised at a time; summaries are running counts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+import polars as pl
+import torch
+
+from analyses.tokens import _open_run, filter_tokens, load_tokens, require_columns, run_meta
+from cppo_diag.storage import schema
+
+BASE_COLUMNS = ("step", "update", "rank", "seq_id", "pos", "logp", "logp_rollout", "advantage")
+OPTIONAL_BATCH_COLUMNS = ("logp_old", "keep_applied", "reason_applied", "token_id", "topk_ids", "topk_logp_rollout",
+                          "topk_logp")
+ROW_AT_SEQ_ID_SLACK = (8, 1024)  # seq_id is used as the row index when max(seq_id) < 8 * n + 1024
+
+
+@dataclass
+class Batch:
+    """One (step, update, rank) group rebuilt as a padded batch.
+
+    ``logp``, ``logp_rollout``, ``advantages`` (B, T) float32; ``response_mask`` (B, T) bool;
+    ``positions`` (B, T) int64 (pos, 0 on padding); ``seq_ids`` (B,) int64 (-1 for empty rows);
+    ``order`` (N,) int64: for each valid token in row-major order, its row index in the source frame.
+    Optional (B, T) tensors: ``logp_old``, ``keep_applied``, ``reason_applied``; ``topk`` dict of
+    (B, T, K) tensors (keys "ids", "logp_rollout", "logp") plus (B, T) "token_ids" when the run logged
+    them (the mapping ``cppo_diag.masks`` accepts as ``topk``).
+    """
+
+    step: int
+    update: int
+    rank: int
+    seq_ids: np.ndarray
+    logp: torch.Tensor
+    logp_rollout: torch.Tensor
+    advantages: torch.Tensor
+    response_mask: torch.Tensor
+    positions: np.ndarray
+    order: np.ndarray
+    logp_old: torch.Tensor | None = None
+    keep_applied: torch.Tensor | None = None
+    reason_applied: torch.Tensor | None = None
+    topk: dict | None = None
+
+    @property
+    def n_tokens(self) -> int:
+        return int(self.order.shape[0])
+
+    def unpad(self, x) -> np.ndarray:
+        """Valid entries of a (B, T) tensor/array in row-major order, as numpy (N,)."""
+        if isinstance(x, torch.Tensor):
+            x = x.detach().cpu().numpy()
+        return np.asarray(x)[self.response_mask.numpy()]
+
+    def token_keys(self) -> dict[str, np.ndarray]:
+        """step, update, rank, seq_id, pos of the valid tokens in row-major order."""
+        m = self.response_mask.numpy()
+        rows = np.nonzero(m)[0]
+        n = rows.shape[0]
+        return {
+            "step": np.full(n, self.step, dtype=np.int64),
+            "update": np.full(n, self.update, dtype=np.int32),
+            "rank": np.full(n, self.rank, dtype=np.int32),
+            "seq_id": self.seq_ids[rows],
+            "pos": self.positions[m].astype(np.int32),
+        }
+
+
+def _pad(values: np.ndarray, rows: np.ndarray, cols: np.ndarray, shape, dtype, fill=0) -> np.ndarray:
+    out = np.full(shape, fill, dtype=dtype)
+    out[rows, cols] = values
+    return out
+
+
+def batch_from_frame(frame: pl.DataFrame) -> Batch:
+    """Rebuild one (step, update, rank) group (a DataFrame with BASE_COLUMNS) as a padded :class:`Batch`."""
+    if frame.height == 0:
+        raise ValueError("batch_from_frame: expected at least one token row, found 0")
+    step = int(frame["step"][0])
+    update = int(frame["update"][0]) if "update" in frame.columns else 0
+    rank = int(frame["rank"][0]) if "rank" in frame.columns else 0
+    seq = frame["seq_id"].to_numpy().astype(np.int64)
+    pos = frame["pos"].to_numpy().astype(np.int64)
+    if seq.min() < 0 or pos.min() < 0:
+        raise ValueError(f"step {step}: expected non-negative seq_id and pos, found min seq_id {seq.min()}, "
+                         f"min pos {pos.min()}")
+    order = np.lexsort((pos, seq))  # sort by seq_id, then pos
+    seq_s, pos_s = seq[order], pos[order]
+    dup = (np.diff(seq_s) == 0) & (np.diff(pos_s) == 0)
+    if dup.any():
+        i = int(np.argmax(dup))
+        raise ValueError(f"step {step} update {update} rank {rank}: token (seq_id {seq_s[i]}, pos {pos_s[i]}) "
+                         f"logged twice; expected one row per (step, update, rank, seq_id, pos)")
+    uniq, rows_s = np.unique(seq_s, return_inverse=True)
+    a, b = ROW_AT_SEQ_ID_SLACK
+    if uniq[-1] < a * len(uniq) + b:
+        rows_s = seq_s
+        n_rows = int(uniq[-1]) + 1
+        seq_ids = np.full(n_rows, -1, dtype=np.int64)
+        seq_ids[uniq] = uniq
+    else:
+        n_rows = len(uniq)
+        seq_ids = uniq
+    width = int(pos_s.max()) + 1
+    shape = (n_rows, width)
+
+    def col(name, dtype, fill=0):
+        return _pad(frame[name].to_numpy()[order], rows_s, pos_s, shape, dtype, fill)
+
+    mask = _pad(np.ones(len(order), dtype=bool), rows_s, pos_s, shape, bool, False)
+    positions = _pad(pos_s, rows_s, pos_s, shape, np.int64)
+    logp = col("logp", np.float32)
+    batch = Batch(
+        step=step, update=update, rank=rank, seq_ids=seq_ids,
+        logp=torch.from_numpy(logp), logp_rollout=torch.from_numpy(col("logp_rollout", np.float32)),
+        advantages=torch.from_numpy(col("advantage", np.float32)), response_mask=torch.from_numpy(mask),
+        positions=positions, order=order,
+    )
+    cols = set(frame.columns)
+    if "logp_old" in cols and frame["logp_old"].null_count() < frame.height:
+        batch.logp_old = torch.from_numpy(col("logp_old", np.float32))
+    if "keep_applied" in cols and frame["keep_applied"].null_count() == 0:
+        batch.keep_applied = torch.from_numpy(col("keep_applied", bool, False))
+    if "reason_applied" in cols and frame["reason_applied"].null_count() == 0:
+        batch.reason_applied = torch.from_numpy(col("reason_applied", np.uint8))
+    if {"topk_ids", "topk_logp_rollout", "topk_logp", "token_id"} <= cols and frame["topk_ids"].null_count() == 0:
+        batch.topk = _topk(frame, order, rows_s, pos_s, shape)
+        batch.topk["token_ids"] = torch.from_numpy(col("token_id", np.int64))
+    return batch
+
+
+def _topk(frame: pl.DataFrame, order, rows, cols, shape) -> dict:
+    k = int(frame["topk_ids"].list.len().max())
+    out = {}
+    for key, name, dtype, fill in (("ids", "topk_ids", np.int64, 0), ("logp_rollout", "topk_logp_rollout",
+                                                                      np.float32, -np.inf),
+                                   ("logp", "topk_logp", np.float32, -np.inf)):
+        vals = np.stack([np.pad(np.asarray(v, dtype=dtype), (0, k - len(v)), constant_values=fill)
+                         for v in frame[name].to_list()])[order]
+        arr = np.full((*shape, k), fill, dtype=dtype)
+        arr[rows, cols] = vals
+        out[key] = torch.from_numpy(arr)
+    return out
+
+
+def _step_files(run: Any) -> dict[int, list[Path]] | None:
+    """step -> token shard files of a run in the standard layout (lets the per-step scan open only that
+    step's files). Uses the reader's ``token_files()`` (completed steps, intact shards) when it has one."""
+    from cppo_diag.storage import layout
+
+    if hasattr(run, "token_files"):
+        paths = [Path(f) for f in run.token_files()]
+    else:
+        path = getattr(run, "path", None)
+        if path is None or not (Path(path) / schema.TOKENS_DIR).is_dir():
+            return None
+        paths = sorted((Path(path) / schema.TOKENS_DIR).glob("step=*/*.parquet"))
+    out: dict[int, list[Path]] = {}
+    for f in paths:
+        step = layout.parse_step_dir(f.parent.name)
+        if step is None:
+            return None  # not the standard layout: fall back to filtering the LazyFrame
+        out.setdefault(step, []).append(f)
+    return out
+
+
+def _scan_step_files(files: list[Path]) -> pl.LazyFrame:
+    return load_tokens(pl.scan_parquet(files, hive_partitioning=False, missing_columns="insert"))
+
+
+def iter_step_frames(source: Any, *, step_range=None, columns: Sequence[str] | None = None,
+                     progress: bool = False, desc: str = "steps") -> Iterator[tuple[int, pl.DataFrame]]:
+    """Yield (step, DataFrame of that step's tokens) in step order, one step in memory at a time."""
+    if isinstance(source, (str, Path)):
+        source = _open_run(Path(source))
+    lf = load_tokens(source)
+    names = lf.collect_schema().names()
+    cols = [c for c in (columns or names) if c in names]
+    files = _step_files(source) if not isinstance(source, (pl.LazyFrame, pl.DataFrame)) else None
+    if files is not None:
+        steps = sorted(files)
+        lo, hi = step_range if step_range is not None else (None, None)
+        steps = [s for s in steps if (lo is None or s >= lo) and (hi is None or s <= hi)]
+    else:
+        steps = (filter_tokens(lf, step_range=step_range).select(pl.col("step").unique().sort())
+                 .collect(engine="streaming")["step"].to_list())
+    it = steps
+    if progress:
+        from tqdm.auto import tqdm
+
+        it = tqdm(steps, desc=desc, unit="step")
+    for step in it:
+        if files is not None:
+            sub = _scan_step_files(files[step])
+            sub_names = sub.collect_schema().names()
+            frame = sub.filter(pl.col("step") == step).select([c for c in cols if c in sub_names]).collect()
+        else:
+            frame = lf.filter(pl.col("step") == step).select(cols).collect()
+        if frame.height:
+            yield step, frame
+
+
+def iter_batches(source: Any, *, step_range=None, columns: Sequence[str] | None = None,
+                 progress: bool = False) -> Iterator[Batch]:
+    """Yield one :class:`Batch` per (step, update, rank), in (step, update, rank) order."""
+    if isinstance(source, (str, Path)):
+        source = _open_run(Path(source))
+    lf = load_tokens(source)
+    require_columns(lf, ["step", "seq_id", "pos", "logp", "logp_rollout", "advantage"], "recompute")
+    names = lf.collect_schema().names()
+    cols = list(columns) if columns else [c for c in (*BASE_COLUMNS, *OPTIONAL_BATCH_COLUMNS) if c in names]
+    for _, frame in iter_step_frames(source, step_range=step_range, columns=cols, progress=progress):
+        for _, part in sorted(frame.partition_by(["update", "rank"], as_dict=True).items()):
+            yield batch_from_frame(part)
+
+
+def run_rule(batch: Batch, rule: str, params: dict | None = None, *, anchor: str = "rollout",
+             return_internals: bool = False):
+    """``cppo_diag.masks.compute_mask`` on one batch. ``anchor="old"`` anchors to pi_old (logp_old)."""
+    from cppo_diag.masks import compute_mask
+
+    if anchor not in ("rollout", "old"):
+        raise ValueError(f"anchor: expected 'rollout' or 'old', found {anchor!r}")
+    if anchor == "old" and batch.logp_old is None:
+        raise ValueError(f"anchor='old' needs column 'logp_old', which step {batch.step} did not log")
+    kwargs = dict(params or {})
+    if batch.topk is not None and str(kwargs.get("divergence", "")).startswith("topk"):
+        kwargs["topk"] = batch.topk
+    return compute_mask(
+        rule, logp=batch.logp, logp_rollout=batch.logp_rollout, advantages=batch.advantages,
+        response_mask=batch.response_mask, logp_old=batch.logp_old, return_internals=return_internals,
+        anchor=anchor, **kwargs,
+    )
+
+
+def away_mask(batch: Batch, anchor_logp: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, T) bool: SPEC away test A_t * (rho_t - 1) > 0, rho = exp(clamp(log pi - log anchor, -20, 20)),
+    in float32 as the rule library computes it."""
+    anchor_logp = batch.logp_rollout if anchor_logp is None else anchor_logp
+    rho = torch.exp((batch.logp - anchor_logp).clamp(-20.0, 20.0))
+    return (batch.advantages * (rho - 1.0) > 0) & batch.response_mask
+
+
+@dataclass
+class RecomputeResult:
+    """Summaries of one rule recomputed over a run (all counts over valid tokens)."""
+
+    rule: str
+    params: dict
+    overall: dict
+    by_step: pl.DataFrame
+    by_position: pl.DataFrame
+    by_adv_sign: pl.DataFrame
+    metrics_by_step: pl.DataFrame
+    agreement: dict | None = None
+    side_table: Path | None = None
+    bin_width: int = 64
+    extra: dict = field(default_factory=dict)
+
+
+class _PosCounter:
+    """Running per-position-bin counts (numpy bincount, grows as needed)."""
+
+    def __init__(self, bin_width: int):
+        self.bin_width = bin_width
+        self.counts: dict[str, np.ndarray] = {}
+
+    def add(self, name: str, bins: np.ndarray, weights: np.ndarray | None = None):
+        c = np.bincount(bins, weights=weights)
+        cur = self.counts.get(name)
+        if cur is None:
+            cur = np.zeros(0)
+        if len(c) > len(cur):
+            cur = np.pad(cur, (0, len(c) - len(cur)))
+        cur[: len(c)] += c
+        self.counts[name] = cur
+
+    def frame(self, names: Sequence[str]) -> pl.DataFrame:
+        n = max((len(v) for v in self.counts.values()), default=0)
+        data = {"bin": np.arange(n, dtype=np.int64)}
+        for k in names:
+            v = self.counts.get(k, np.zeros(0))
+            data[k] = np.pad(v, (0, n - len(v)))
+        df = pl.DataFrame(data)
+        return df.with_columns(
+            bin_start=(pl.col("bin") * self.bin_width).cast(pl.Float64),
+            bin_end=((pl.col("bin") + 1) * self.bin_width).cast(pl.Float64),
+        )
+
+
+def _frac(num, den):
+    return float(num) / float(den) if den else float("nan")
+
+
+class _Accumulator:
+    """Running summaries of one rule's masks over the batches of a run."""
+
+    def __init__(self, rule: str, params: dict, bin_width: int, side_path: Path | None = None):
+        self.rule, self.params, self.bin_width, self.side_path = rule, params, bin_width, side_path
+        self.pos_counter = _PosCounter(bin_width)
+        self.step_rows: list[dict] = []
+        self.metric_rows: list[dict] = []
+        self.sign_counts = {s: np.zeros(3) for s in ("pos", "neg", "zero")}  # valid, masked, budget
+        self.agree = {"n_compared": 0, "n_agree": 0, "first_mismatch": None}
+        self.writer = None
+
+    def add(self, batch: Batch, res, anchor: str = "rollout") -> None:
+        keep = batch.unpad(res.keep)  # (N,)
+        reason = batch.unpad(res.reason).astype(np.uint8)
+        masked = ~keep
+        adv = batch.unpad(batch.advantages)
+        pos = batch.unpad(batch.positions)
+        anchor_logp = batch.logp_old if anchor == "old" and batch.logp_old is not None else batch.logp_rollout
+        away = batch.unpad(away_mask(batch, anchor_logp))
+        n, n_m = keep.shape[0], int(masked.sum())
+        row = {
+            "step": batch.step, "update": batch.update, "rank": batch.rank, "n_valid": n, "n_masked": n_m,
+            "n_token": int((reason == 1).sum()), "n_budget": int((reason == 2).sum()),
+            "n_sequence": int((reason == 3).sum()), "n_away": int(away.sum()), "n_seqs": int((batch.seq_ids >= 0).sum()),
+        }
+        for s, sel in (("pos", adv > 0), ("neg", adv < 0), ("zero", adv == 0)):
+            self.sign_counts[s] += (sel.sum(), (masked & sel).sum(), ((reason == 2) & sel).sum())
+            row[f"n_valid_{s}_adv"] = int(sel.sum())
+            row[f"n_masked_{s}_adv"] = int((masked & sel).sum())
+        bins = (pos // self.bin_width).astype(np.int64)
+        self.pos_counter.add("n_valid", bins)
+        self.pos_counter.add("n_masked", bins, masked.astype(np.float64))
+        self.pos_counter.add("n_budget", bins, (reason == 2).astype(np.float64))
+        self.pos_counter.add("n_away", bins, away.astype(np.float64))
+        if batch.keep_applied is not None:
+            applied = batch.unpad(batch.keep_applied)
+            same = applied == keep
+            self.agree["n_compared"] += n
+            self.agree["n_agree"] += int(same.sum())
+            row["n_agree"] = int(same.sum())
+            if self.agree["first_mismatch"] is None and not same.all():
+                i = int(np.argmin(same))
+                keys = batch.token_keys()
+                self.agree["first_mismatch"] = {k: int(v[i]) for k, v in keys.items()} | {
+                    "keep_applied": bool(applied[i]), "keep_recomputed": bool(keep[i])}
+        self.step_rows.append(row)
+        self.metric_rows.append({"step": batch.step, "update": batch.update, "rank": batch.rank,
+                                 **{k: float(v) for k, v in (res.metrics or {}).items()}})
+        if self.side_path is not None:
+            self._write_side(batch, keep, reason, res)
+
+    def _write_side(self, batch, keep, reason, res) -> None:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        cols = {k: pa.array(v) for k, v in batch.token_keys().items()}
+        cols["keep"] = pa.array(keep)
+        cols["reason"] = pa.array(reason, type=pa.uint8())
+        if getattr(res, "weight", None) is not None:
+            cols["weight"] = pa.array(batch.unpad(res.weight).astype(np.float32))
+        table = pa.table(cols)
+        if self.writer is None:
+            self.side_path.parent.mkdir(parents=True, exist_ok=True)
+            self.writer = pq.ParquetWriter(self.side_path, table.schema)
+        elif not table.schema.equals(self.writer.schema):
+            table = table.select([n for n in self.writer.schema.names if n in table.column_names])
+        self.writer.write_table(table)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+        elif self.side_path is not None:  # no tokens: still write an empty, typed side table
+            import pyarrow as pa
+            import pyarrow.parquet as pq
+
+            self.side_path.parent.mkdir(parents=True, exist_ok=True)
+            pq.write_table(pa.table({
+                "step": pa.array([], pa.int64()), "update": pa.array([], pa.int32()),
+                "rank": pa.array([], pa.int32()), "seq_id": pa.array([], pa.int64()),
+                "pos": pa.array([], pa.int32()), "keep": pa.array([], pa.bool_()),
+                "reason": pa.array([], pa.uint8())}), self.side_path)
+
+    def result(self) -> "RecomputeResult":
+        return _summarise(self.rule, self.params, self.step_rows, self.metric_rows, self.pos_counter,
+                          self.sign_counts, self.agree, self.side_path, self.bin_width)
+
+
+def recompute_many(
+    source: Any,
+    specs: dict[str, tuple[str, dict]],
+    *,
+    step_range=None,
+    bin_width: int = 64,
+    anchor: str | None = None,
+    progress: bool = True,
+) -> dict[str, "RecomputeResult"]:
+    """Several rules over one pass of the run: ``specs`` maps a label to (rule name, params)."""
+    if anchor is None:
+        anchor = run_meta(source).get("anchor") or "rollout"
+    from cppo_diag.masks import get_rule  # raises, listing the known rules, on an unknown name
+
+    for rule, _ in specs.values():
+        get_rule(rule)
+    accs = {label: _Accumulator(rule, dict(params or {}), bin_width) for label, (rule, params) in specs.items()}
+    for batch in iter_batches(source, step_range=step_range, progress=progress):
+        for label, (rule, params) in specs.items():
+            accs[label].add(batch, run_rule(batch, rule, params, anchor=anchor), anchor)
+    return {label: acc.result() for label, acc in accs.items()}
+
+
+def recompute(
+    source: Any,
+    rule: str,
+    *,
+    params: dict | None = None,
+    step_range=None,
+    side_table: str | Path | None = None,
+    bin_width: int = 64,
+    anchor: str | None = None,
+    return_internals: bool = False,
+    on_batch: Callable[[Batch, Any], None] | None = None,
+    progress: bool = True,
+) -> RecomputeResult:
+    """Recompute ``rule`` (a registered name of ``cppo_diag.masks``) with ``params`` over a run.
+
+    Streams the run step by step (:func:`iter_batches`), calls ``compute_mask`` per batch and accumulates:
+    ``overall`` (n_valid, n_masked, masked_frac, budget_share = #reason budget / #masked, token/sequence
+    reason counts, away_frac, masked_frac_pos_adv / _neg_adv), ``by_step``, ``by_position`` (bins of
+    ``bin_width`` positions), ``by_adv_sign``, ``metrics_by_step`` (the rule's own ``res.metrics``), and, when
+    the run logged ``keep_applied``, ``agreement`` (n_compared, n_agree, agreement = n_agree / n_compared,
+    first mismatch). ``side_table``: write per-token keep/reason(/weight) with the sequence key and pos to
+    this parquet file. ``anchor``: "rollout" or "old"; default the run's meta anchor (else "rollout").
+    ``on_batch(batch, mask_result)`` is called for every batch (used by the budget analysis).
+    """
+    params = dict(params or {})
+    if anchor is None:
+        anchor = run_meta(source).get("anchor") or "rollout"
+    from cppo_diag.masks import get_rule  # raises, listing the known rules, on an unknown name
+
+    get_rule(rule)
+    acc = _Accumulator(rule, params, bin_width, Path(side_table) if side_table else None)
+    try:
+        for batch in iter_batches(source, step_range=step_range, progress=progress):
+            res = run_rule(batch, rule, params, anchor=anchor, return_internals=return_internals)
+            if on_batch is not None:
+                on_batch(batch, res)
+            acc.add(batch, res, anchor)
+    finally:
+        acc.close()
+    return acc.result()
+
+
+_STEP_SCHEMA = {"step": pl.Int64, "n_valid": pl.Int64, "n_masked": pl.Int64, "n_token": pl.Int64,
+                "n_budget": pl.Int64, "n_sequence": pl.Int64, "n_away": pl.Int64, "n_seqs": pl.Int64}
+
+
+def _summarise(rule, params, step_rows, metric_rows, pos_counter, sign_counts, agree, side_path, bin_width):
+    if step_rows:
+        raw = pl.DataFrame(step_rows)
+        sums = [c for c in raw.columns if c.startswith("n_")]
+        by_step = raw.group_by("step").agg(pl.col(sums).sum()).sort("step")
+    else:
+        by_step = pl.DataFrame(schema=_STEP_SCHEMA)
+    by_step = by_step.with_columns(
+        masked_frac=pl.col("n_masked") / pl.col("n_valid"),
+        budget_share=pl.when(pl.col("n_masked") > 0).then(pl.col("n_budget") / pl.col("n_masked")),
+        away_frac=pl.col("n_away") / pl.col("n_valid"),
+    )
+    tot = {c: int(by_step[c].sum()) for c in by_step.columns if c.startswith("n_")}
+    overall = {
+        **tot,
+        "masked_frac": _frac(tot.get("n_masked", 0), tot.get("n_valid", 0)),
+        "budget_share": _frac(tot.get("n_budget", 0), tot.get("n_masked", 0)),
+        "away_frac": _frac(tot.get("n_away", 0), tot.get("n_valid", 0)),
+        "masked_frac_pos_adv": _frac(sign_counts["pos"][1], sign_counts["pos"][0]),
+        "masked_frac_neg_adv": _frac(sign_counts["neg"][1], sign_counts["neg"][0]),
+    }
+    by_pos = pos_counter.frame(["n_valid", "n_masked", "n_budget", "n_away"]).with_columns(
+        pl.col("n_valid", "n_masked", "n_budget", "n_away").cast(pl.Int64)
+    ).with_columns(
+        masked_frac=pl.when(pl.col("n_valid") > 0).then(pl.col("n_masked") / pl.col("n_valid")),
+        budget_share=pl.when(pl.col("n_masked") > 0).then(pl.col("n_budget") / pl.col("n_masked")),
+        away_frac=pl.when(pl.col("n_valid") > 0).then(pl.col("n_away") / pl.col("n_valid")),
+    )
+    by_sign = pl.DataFrame({
+        "adv_sign": list(sign_counts),
+        "n_valid": [int(v[0]) for v in sign_counts.values()],
+        "n_masked": [int(v[1]) for v in sign_counts.values()],
+        "n_budget": [int(v[2]) for v in sign_counts.values()],
+    }).with_columns(masked_frac=pl.when(pl.col("n_valid") > 0).then(pl.col("n_masked") / pl.col("n_valid")))
+    metrics = pl.DataFrame(metric_rows) if metric_rows else pl.DataFrame(schema={"step": pl.Int64})
+    agreement = None
+    if agree["n_compared"]:
+        agreement = {**agree, "agreement": agree["n_agree"] / agree["n_compared"]}
+    return RecomputeResult(rule=rule, params=params, overall=overall, by_step=by_step, by_position=by_pos,
+                           by_adv_sign=by_sign, metrics_by_step=metrics, agreement=agreement,
+                           side_table=side_path, bin_width=bin_width)

@@ -1,0 +1,143 @@
+"""Widgets and labels shared by several pages (step range, statistics, rule parameters).
+
+Labels of divergences and defaults of rule parameters come from the analyses package and the rule
+registry, so the app cannot drift from them.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import streamlit as st
+
+from app import data
+
+STATISTICS = {
+    "mean": "mean",
+    "p90": "p90",
+    "top10_mean": "top-decile mean",
+    "p99": "p99",
+    "surv": "survival P(D > x)",
+}
+ADV_SIGNS = {"all": "all tokens", "pos": "A > 0", "neg": "A < 0"}
+BIN_WIDTHS = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024]
+REASON_LABELS = {0: "kept", 1: "token threshold", 2: "prefix budget", 3: "sequence"}
+
+# Parameters the What-if and recompute widgets expose (name -> (min, max, step)).
+PARAM_RANGES = {
+    "delta": (0.001, 1.0, 0.005),
+    "delta_b": (0.0, 0.2, 0.001),
+    "w_min": (0.0, 1.0, 0.05),
+    "eps_low": (0.0, 1.0, 0.01),
+    "eps_high": (0.0, 5.0, 0.01),
+}
+
+
+def _metric_labels() -> dict[str, str]:
+    from analyses.position import METRIC_LABELS
+
+    return {k: METRIC_LABELS[k] for k in ("tv", "abs_logratio", "k3", "k1") if k in METRIC_LABELS}
+
+
+DIVERGENCES = _metric_labels()
+
+
+def stat_column(stat: str, x: float) -> str:
+    if stat == "surv":
+        from analyses.position import surv_name
+
+        return surv_name(float(x))
+    return stat
+
+
+def stat_label(stat: str, x: float) -> str:
+    return f"P(D > {x:g})" if stat == "surv" else STATISTICS[stat]
+
+
+def step_range(path: str, key: str, *, default_last: int | None = None, label: str = "Steps") -> tuple[int, int] | None:
+    """Inclusive (lo, hi) over the run's completed steps (None: the run has no complete step yet).
+
+    ``default_last``: start with only the last N steps selected (pages that recompute rules).
+    """
+    steps = data.completed_steps(path) or data.token_steps(path)
+    if not steps:
+        return None
+    lo, hi = steps[0], steps[-1]
+    if lo == hi:
+        st.caption(f"Step {lo} (the only step)")
+        return (lo, hi)
+    default = (lo, hi) if default_last is None else (steps[max(0, len(steps) - default_last)], hi)
+    value = st.session_state.get(key)
+    if not (isinstance(value, tuple) and lo <= value[0] <= value[1] <= hi):
+        st.session_state[key] = default
+    return tuple(st.slider(label, min_value=lo, max_value=hi, key=key))
+
+
+def rule_specs() -> dict[str, Any]:
+    from cppo_diag.masks import list_rules
+
+    return {spec.name: spec for spec in list_rules()}
+
+
+def recompute_rules() -> list[str]:
+    return list(rule_specs())
+
+
+def default_rules(path: str) -> list[str]:
+    applied = applied_rule(path)
+    pick = ["cppo"] if applied != "cppo" else ["dppo"]
+    return [r for r in pick if r in rule_specs()]
+
+
+def applied_rule(path: str) -> str | None:
+    return (data.get_run(path).meta or {}).get("rule")
+
+
+def rule_defaults(path: str, rule: str = "cppo") -> dict[str, Any]:
+    """The rule's registered defaults, overridden by the run's rule_params when the run applied that rule."""
+    params: dict[str, Any] = {}
+    spec = rule_specs().get(rule)
+    if spec is not None:
+        params.update(dict(spec.params))
+    meta = data.get_run(path).meta or {}
+    if meta.get("rule") == rule or (rule == "cppo" and str(meta.get("rule", "")).startswith("cppo")):
+        params.update(meta.get("rule_params") or {})
+    for name, value in (("delta", 0.15), ("w_min", 0.8), ("delta_b", 0.02)):  # SPEC defaults (dense models)
+        if params.get(name) is None:
+            params[name] = value
+    return params
+
+
+def has_applied(path: str) -> bool:
+    return "keep_applied" in data.token_columns(path)
+
+
+def rule_params_widget(path: str, key: str) -> dict[str, float]:
+    """delta / delta_b / w_min / eps inputs for recomputed rules (in an expander). Returns plain floats."""
+    defaults = rule_defaults(path)
+    grpo = rule_defaults(path, "grpo_clip")
+    out: dict[str, float] = {}
+    with st.expander("Parameters of the recomputed rules"):
+        cols = st.columns(5)
+        for col, name in zip(cols, PARAM_RANGES):
+            lo, hi, step = PARAM_RANGES[name]
+            base = defaults.get(name, grpo.get(name))
+            if base is None:
+                continue
+            out[name] = float(col.number_input(name, min_value=lo, max_value=hi, value=float(base), step=step,
+                                               format="%.3f", key=f"{key}_{name}"))
+    return out
+
+
+def params_for(rule: str, flat: dict[str, Any]) -> dict[str, Any]:
+    """The subset of ``flat`` parameters that ``rule`` accepts (its registered parameter names)."""
+    spec = rule_specs().get(rule)
+    return {k: v for k, v in flat.items() if spec is None or k in spec.params}
+
+
+def default_bin_width(path: str) -> int:
+    n = data.max_position(path) + 1
+    for w in BIN_WIDTHS:
+        if n / w <= 40:
+            return w
+    return BIN_WIDTHS[-1]

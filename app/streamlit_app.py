@@ -1,0 +1,40 @@
+"""cppo-diag browser app: a router (``st.navigation``) over the UI-only pages in ``app/views/``.
+
+The pages folder is deliberately not named ``pages/``: Streamlit 1.67 still switches to its legacy
+multipage mode when a ``pages/`` folder sits next to the main script, and then runs a page file directly
+(without this router and its sidebar) when a session starts on that page's URL.
+
+Run it with ``cppo-diag app [--root DIR ...]`` (or ``streamlit run app/streamlit_app.py -- --root DIR``).
+The sidebar built here is shared by every page: the run roots, the selected runs (kept in session state
+across pages), and the refresh controls for runs still being written.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+# `streamlit run` puts app/ (this file's folder) on sys.path, not the repository root.
+_REPO = str(Path(__file__).resolve().parents[1])
+if _REPO not in sys.path:
+    sys.path.insert(0, _REPO)
+
+import streamlit as st  # noqa: E402
+
+from app import data, ui  # noqa: E402
+
+st.set_page_config(page_title="cppo-diag", page_icon=":material/insights:", layout="wide")
+
+PAGES = [
+    st.Page("views/runs.py", title="Runs", icon=":material/table_rows:", url_path="runs", default=True),
+    st.Page("views/divergence.py", title="Divergence by position", icon=":material/show_chart:", url_path="divergence"),
+    st.Page("views/budget.py", title="Budget", icon=":material/savings:", url_path="budget"),
+    st.Page("views/compare.py", title="Compare runs", icon=":material/compare_arrows:", url_path="compare"),
+    st.Page("views/inspector.py", title="Token inspector", icon=":material/text_fields:", url_path="inspector"),
+    st.Page("views/whatif.py", title="What-if", icon=":material/tune:", url_path="whatif"),
+]
+
+ui.keep_persistent_state()
+ui.sidebar()
+page = st.navigation(PAGES)
+page.run()

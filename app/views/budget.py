@@ -1,0 +1,44 @@
+"""Budget (CPPO paper Fig. 7): realised delta_b and the budget-mask share per step, when the prefix budget
+first rejects a token (survival over position), and the slack c_t by position."""
+
+from __future__ import annotations
+
+import streamlit as st
+
+from app import controls, data, ui
+
+st.title("Budget")
+st.caption("CPPO's prefix budget recomputed on the run (SPEC CPPO steps 3-6): budget-mask share = "
+           "#tokens masked only by the budget / #masked.")
+path = ui.focus_run()
+step_range = controls.step_range(path, key="bud_steps")
+
+defaults = controls.rule_defaults(path)
+cppo_rules = [r for r in controls.recompute_rules() if r.startswith("cppo") and r not in ("cppo_no_budget", "cppo_shuffled")]
+c1, c2, c3, c4, c5 = st.columns(5)
+rule = c1.selectbox("Rule", cppo_rules, index=cppo_rules.index("cppo") if "cppo" in cppo_rules else 0, key="bud_rule")
+delta = c2.number_input("δ", min_value=0.001, max_value=1.0, value=float(defaults["delta"]), step=0.01,
+                        format="%.3f", key="bud_delta")
+delta_b = c3.number_input("δ_b (min / fixed)", min_value=0.0, max_value=0.5, value=float(defaults["delta_b"]),
+                          step=0.005, format="%.3f", key="bud_delta_b")
+w_min = c4.slider("w_min", 0.0, 1.0, float(defaults["w_min"]), 0.05, key="bud_wmin")
+mode = c5.radio("δ_b mode", ["adaptive", "fixed"], horizontal=True, key="bud_mode",
+                index=0 if defaults.get("delta_b_mode", "adaptive") == "adaptive" else 1)
+bin_width = st.select_slider("Bin width (tokens)", controls.BIN_WIDTHS, value=controls.default_bin_width(path),
+                             key="bud_bw")
+params = {"delta": float(delta), "delta_b": float(delta_b), "w_min": float(w_min), "delta_b_mode": mode}
+
+res = data.analysis("budget_exhaustion", path, params=params, rule=rule, step_range=step_range,
+                    bin_width=int(bin_width))
+
+from analyses import plots_plotly as pp  # noqa: E402  (figure builders shared with the report)
+
+ui.need(res.by_step.height > 0, "No tokens in the selected steps.")
+left, right = st.columns(2)
+with left:
+    ui.plot(pp.fig_budget_by_step(res.by_step), key="bud_by_step")
+with right:
+    ui.plot(pp.fig_first_reject(res.first_reject), key="bud_first_reject")
+ui.plot(pp.fig_slack(res.slack), key="bud_slack")
+with st.expander("Per-step table"):
+    st.dataframe(res.by_step, hide_index=True)

@@ -1,0 +1,100 @@
+"""Compare runs: masked fraction by step and by position for each run's applied rule and for rules
+recomputed on every run, reward and accuracy curves, and a table of summary numbers."""
+
+from __future__ import annotations
+
+import plotly.graph_objects as go
+import polars as pl
+import streamlit as st
+
+from app import controls, data, ui
+
+st.title("Compare runs")
+runs = ui.runs_or_stop()
+if "cmp_runs" not in st.session_state:
+    st.session_state["cmp_runs"] = data.selected() or runs[:4]
+st.session_state["cmp_runs"] = [p for p in st.session_state["cmp_runs"] if p in runs]
+chosen = st.multiselect("Runs to compare", runs, format_func=data.label, key="cmp_runs")
+ui.need(len(chosen) >= 1, "Pick at least one run (two or more to compare).")
+
+c1, c2 = st.columns([3, 1])
+rules = c1.multiselect("Rules recomputed on every run", controls.recompute_rules(),
+                       default=[r for r in ("grpo_clip", "dppo", "cppo") if r in controls.recompute_rules()],
+                       key="cmp_rules")
+last_n = c2.number_input("Last N steps (0 = all)", min_value=0, value=0, step=1, key="cmp_last")
+params = controls.rule_params_widget(chosen[0], key="cmp_params")
+bin_width = st.select_slider("Bin width (tokens)", controls.BIN_WIDTHS,
+                             value=max(controls.default_bin_width(p) for p in chosen), key="cmp_bw")
+
+
+def _range(path: str) -> tuple[int, int] | None:
+    steps = data.completed_steps(path) or data.token_steps(path)
+    if not steps:
+        return None
+    return (steps[max(0, len(steps) - int(last_n))] if last_n else steps[0], steps[-1])
+
+
+summaries, by_pos, by_step = [], [], []
+progress = st.progress(0.0, text="Recomputing rules on the runs (cached afterwards)")
+rule_params = {r: controls.params_for(r, params) for r in rules}
+for i, path in enumerate(chosen):
+    rng = _range(path)
+    if rng is not None:
+        res = data.compare_one(path, rules=tuple(rules), params=rule_params, step_range=rng,
+                               bin_width=int(bin_width), include_applied=True)
+        summaries.append(res.summary)
+        by_pos.append(res.by_position)
+        by_step.append(res.by_step)
+    progress.progress((i + 1) / len(chosen))
+progress.empty()
+ui.need(bool(summaries), "The chosen runs have no tokens yet.")
+
+DASH = ["solid", "dash", "dot", "dashdot", "longdash", "longdashdot"]
+
+
+def _lines(frame: pl.DataFrame, x: str, y: str, title: str, x_title: str, y_fmt: str = ".1%") -> go.Figure:
+    fig = go.Figure()
+    for (run, rule), part in frame.sort(x).group_by("run", "rule", maintain_order=True):
+        dash = "solid" if str(rule).startswith("applied") else DASH[1 + rules.index(rule) % 5] if rule in rules else "dot"
+        fig.add_scatter(x=part[x], y=part[y], mode="lines", name=f"{run} · {rule}", line=dict(dash=dash),
+                        legendgroup=str(run))
+    fig.update_layout(title=title, xaxis_title=x_title, yaxis_title=y, yaxis_tickformat=y_fmt,
+                      hovermode="x unified", legend=dict(orientation="h", y=-0.25))
+    return fig
+
+
+if by_step:
+    ui.plot(_lines(pl.concat(by_step, how="diagonal_relaxed"), "step", "masked_frac", "Masked fraction by step",
+                   "step"), key="cmp_by_step")
+pos = pl.concat(by_pos, how="diagonal_relaxed")
+if pos.height:
+    ui.plot(_lines(pos, "bin_start", "masked_frac", "Masked fraction by position", "position (bin start)"),
+            key="cmp_by_pos")
+
+curves = []
+for path in chosen:
+    sdf = data.steps(path)
+    if sdf.height:
+        keep = [c for c in sdf.columns if c == "step" or c.startswith(("reward", "accuracy", "acc", "eval/"))
+                or c in ("correct/mean",)]
+        if len(keep) > 1:
+            curves.append(sdf.select(keep).with_columns(run=pl.lit(data.label(path))))
+if curves:
+    cur = pl.concat(curves, how="diagonal_relaxed")
+    names = [c for c in cur.columns if c not in ("step", "run")]
+    c1, c2 = st.columns([1, 3])
+    default = [n for n in names if n in ("reward/mean", "accuracy/mean")] or names[:2]
+    picked = c1.multiselect("Curves", names, default=default, key="cmp_curves")
+    fig = go.Figure()
+    for name in picked:
+        for (run,), part in cur.select("step", "run", name).drop_nulls().sort("step").group_by("run", maintain_order=True):
+            fig.add_scatter(x=part["step"], y=part[name], mode="lines", name=f"{run} · {name}")
+    fig.update_layout(title="Reward and accuracy", xaxis_title="step", hovermode="x unified",
+                      legend=dict(orientation="h", y=-0.25))
+    with c2:
+        ui.plot(fig, key="cmp_curves_fig")
+else:
+    st.caption("No reward or accuracy scalars logged by these runs.")
+
+st.subheader("Summary")
+st.dataframe(pl.concat(summaries, how="diagonal_relaxed"), hide_index=True)

@@ -1,0 +1,90 @@
+"""Divergence by position (CPPO paper Fig. 2, interactive): a statistic of the per-token divergence per
+position bin, the CPPO threshold schedule delta / w_t as an overlay, and the masked fraction by position of
+the applied rule and of rules recomputed on the run."""
+
+from __future__ import annotations
+
+import plotly.graph_objects as go
+import streamlit as st
+
+from app import controls, data, ui
+
+st.title("Divergence by position")
+path = ui.focus_run()
+step_range = controls.step_range(path, key="div_steps")
+
+c1, c2, c3, c4 = st.columns(4)
+kind = c1.selectbox("Divergence", list(controls.DIVERGENCES), format_func=controls.DIVERGENCES.get, key="div_kind")
+stat = c2.selectbox("Statistic", list(controls.STATISTICS), format_func=controls.STATISTICS.get, key="div_stat")
+adv = c3.selectbox("Advantage sign", list(controls.ADV_SIGNS), format_func=controls.ADV_SIGNS.get, key="div_adv")
+relative = c4.radio("Position", ["absolute", "relative"], horizontal=True, key="div_pos") == "relative"
+
+c1, c2, c3, c4 = st.columns(4)
+if relative:
+    n_rel_bins = c1.select_slider("Bins over t / T", [5, 10, 20, 40, 50, 100], value=20, key="div_nrel")
+    bin_width = 64
+else:
+    bin_width = c1.select_slider("Bin width (tokens)", controls.BIN_WIDTHS, value=controls.default_bin_width(path), key="div_bw")
+    n_rel_bins = 20
+surv_x = c2.number_input("Survival at x", min_value=0.0, value=0.1, step=0.05, format="%.3f", key="div_x",
+                         disabled=stat != "surv", help="P(D > x) per bin when the statistic is 'survival at x'")
+overlay = c3.toggle("Overlay δ / w_t", value=True, key="div_overlay",
+                    help="CPPO's per-token threshold schedule (mean over the bin's tokens)")
+defaults = controls.rule_defaults(path)
+delta = c3.number_input("δ", min_value=0.001, value=float(defaults["delta"]), step=0.01, format="%.3f", key="div_delta",
+                        disabled=not overlay)
+w_min = c4.slider("w_min", 0.0, 1.0, float(defaults["w_min"]), 0.05, key="div_wmin", disabled=not overlay)
+
+table = data.analysis(
+    "position_stats", path, metrics=(kind,), bin_width=int(bin_width), relative=relative, n_rel_bins=int(n_rel_bins),
+    step_range=step_range, adv_sign=adv, thresholds=(float(surv_x),),
+    delta=float(delta) if overlay else None, w_min=float(w_min),
+)
+ui.need(table.height > 0, "No tokens match these filters (step range / advantage sign).")
+column = controls.stat_column(stat, surv_x)
+x = table["bin_start"] if not relative else (table["bin_start"] + table["bin_end"]) / 2
+x_title = "position (token index, bin start)" if not relative else "relative position t / T (bin centre)"
+
+fig = go.Figure()
+fig.add_scatter(x=x, y=table[column], mode="lines+markers", name=controls.stat_label(stat, surv_x),
+                customdata=table.select("count", "bin_end").to_numpy(),
+                hovertemplate="bin %{x}–%{customdata[1]}<br>value %{y:.4g}<br>tokens %{customdata[0]}<extra></extra>")
+if stat != "mean":
+    fig.add_scatter(x=x, y=table["mean"], mode="lines", name="mean", line=dict(dash="dot"))
+if overlay and "threshold_mean" in table.columns and kind == "tv":
+    fig.add_scatter(x=x, y=table["threshold_mean"], mode="lines", name=f"δ / w_t (δ={delta:g}, w_min={w_min:g})",
+                    line=dict(dash="dash", color="firebrick"))
+elif overlay and "threshold_mean" in table.columns:
+    fig.add_scatter(x=x, y=table["threshold_mean"], mode="lines", name="δ / w_t (on |π − μ|; other axis)",
+                    yaxis="y2", line=dict(dash="dash", color="firebrick"))
+    fig.update_layout(yaxis2=dict(overlaying="y", side="right", title="δ / w_t"))
+fig.update_layout(title=f"{controls.DIVERGENCES[kind]}: {controls.stat_label(stat, surv_x)} by position",
+                  xaxis_title=x_title, yaxis_title=controls.stat_label(stat, surv_x), hovermode="x unified",
+                  legend=dict(orientation="h", y=-0.2))
+ui.plot(fig, key="div_fig")
+st.caption(f"{int(table['count'].sum()):,} tokens in {table.height} bins. "
+           "Top-decile mean = mean of the tokens at or above the bin's p90 (the paper's caption is vague; "
+           "both p90 and the top-decile mean are offered).")
+
+st.subheader("Masked fraction by position")
+rules = st.multiselect("Rules recomputed on this run", controls.recompute_rules(), default=controls.default_rules(path),
+                       key="div_rules", help="Recomputed offline with the parameters below; the applied mask "
+                       "(keep_applied) is drawn too when the run logged it.")
+params = controls.rule_params_widget(path, key="div_params")
+if rules or controls.has_applied(path):
+    by_pos = data.compare_one(path, rules=tuple(rules), params={r: controls.params_for(r, params) for r in rules},
+                              step_range=step_range,
+                              bin_width=int(bin_width), include_applied=True).by_position
+    if by_pos.height:
+        fig2 = go.Figure()
+        for (rule,), part in by_pos.sort("bin_start").group_by("rule", maintain_order=True):
+            fig2.add_scatter(x=part["bin_start"], y=part["masked_frac"], mode="lines+markers", name=str(rule))
+        fig2.update_layout(xaxis_title="position (token index, bin start)", yaxis_title="masked fraction",
+                           yaxis_tickformat=".1%", hovermode="x unified", legend=dict(orientation="h", y=-0.2))
+        ui.plot(fig2, key="div_masked_fig")
+        if relative:
+            st.caption("Masked fraction is drawn over absolute positions.")
+    else:
+        st.info("No tokens in the step range.")
+else:
+    st.caption("Pick a rule to recompute (this run did not log the applied mask).")

@@ -1,0 +1,143 @@
+"""Token inspector: one response of one step, its tokens coloured by divergence, masked tokens marked with
+their reason, values on hover, and the CPPO internals (w_t, Z_t, c_t, S_t) plotted under the text.
+
+Only the selected step's token rows are read (``data.step_tokens``)."""
+
+from __future__ import annotations
+
+import html
+
+import numpy as np
+import plotly.graph_objects as go
+import polars as pl
+import streamlit as st
+from plotly.subplots import make_subplots
+
+from app import controls, data, ui
+
+st.title("Token inspector")
+path = ui.focus_run()
+steps = data.completed_steps(path) or data.token_steps(path)
+ui.need(bool(steps), "This run has no token rows yet.")
+c1, c2, c3 = st.columns([1, 1, 2])
+step = c1.selectbox("Step", steps[::-1], key="insp_step")
+applied = controls.has_applied(path) and "reason_applied" in data.token_columns(path)
+sources = (["applied mask"] if applied else []) + ["recomputed " + r for r in controls.recompute_rules()
+                                                      if r.startswith("cppo")]
+mark = c2.selectbox("Mark masked tokens by", sources, key="insp_mark")
+defaults = controls.rule_defaults(path)
+params = {k: float(defaults[k]) for k in ("delta", "delta_b", "w_min")}
+if "delta_b_mode" in defaults:
+    params["delta_b_mode"] = defaults["delta_b_mode"]
+c3.caption("CPPO internals use " + ", ".join(f"{k}={v}" for k, v in params.items())
+           + " (the run's parameters when it applied CPPO).")
+
+tokens = data.step_tokens(path, step)
+ui.need(tokens.height > 0, f"Step {step} has no token rows.")
+key = ["update", "rank", "seq_id"]
+mark_rule = "cppo" if mark == "applied mask" else mark.removeprefix("recomputed ")
+internals = data.step_rule(path, step, "cppo", params)
+marks = internals if mark_rule == "cppo" else data.step_rule(path, step, mark_rule, params)
+frame = tokens.join(internals.drop("step"), on=[*key, "pos"], how="left")
+if mark == "applied mask":
+    frame = frame.with_columns(m_keep=pl.col("keep_applied"), m_reason=pl.col("reason_applied"))
+else:
+    frame = frame.join(marks.select(*key, "pos", m_keep="keep", m_reason="reason"), on=[*key, "pos"], how="left")
+frame = frame.with_columns(tv=(pl.col("logp").exp() - pl.col("logp_rollout").exp()).abs())
+
+# -- pick a sequence ---------------------------------------------------------------------------------------
+seqs = frame.group_by(key).agg(
+    length=pl.len(),
+    reward=pl.col("reward").first() if "reward" in frame.columns else pl.lit(None, pl.Float32),
+    masked=(~pl.col("m_keep")).sum(),
+    advantage=pl.col("advantage").first(),
+    max_tv=pl.col("tv").max(),
+).sort(key)
+seq_table = data.step_sequences(path, step)
+if seq_table.height and "reward" in seq_table.columns and seqs["reward"].null_count() == seqs.height:
+    seqs = seqs.drop("reward").join(seq_table.select("seq_id", "reward"), on="seq_id", how="left")
+
+with st.expander("Search sequences", expanded=True):
+    f1, f2, f3, f4 = st.columns(4)
+    lmin, lmax = int(seqs["length"].min()), int(seqs["length"].max())
+    length = f1.slider("Length", lmin, max(lmax, lmin + 1), (lmin, max(lmax, lmin + 1)), key="insp_len")
+    min_masked = f2.number_input("Masked tokens ≥", min_value=0, value=0, key="insp_minmasked")
+    rewards = sorted(v for v in seqs["reward"].unique().to_list() if v is not None)
+    reward_pick = f3.multiselect("Reward", rewards, key="insp_reward", help="empty = any")
+    order = f4.selectbox("Sort by", ["masked", "max_tv", "length", "reward", "seq_id"], key="insp_sort")
+found = seqs.filter(pl.col("length").is_between(*length) & (pl.col("masked") >= min_masked))
+if reward_pick:
+    found = found.filter(pl.col("reward").is_in(reward_pick))
+found = found.sort(order, descending=order != "seq_id", nulls_last=True)
+ui.need(found.height > 0, "No sequence matches the search.")
+multi = frame.select(pl.struct("update", "rank").n_unique()).item() > 1
+labels = {
+    i: (f"seq {r['seq_id']}" + (f" (update {r['update']}, rank {r['rank']})" if multi else "")
+        + f" · len {r['length']} · masked {r['masked']} · reward "
+        + ("–" if r["reward"] is None else f"{r['reward']:.3g}") + f" · max|π−μ| {r['max_tv']:.3f}")
+    for i, r in enumerate(found.iter_rows(named=True))
+}
+pick = st.selectbox(f"Sequence ({found.height} of {seqs.height})", list(labels), format_func=labels.get,
+                    key="insp_seq")
+pick = 0 if pick is None or pick >= found.height else pick
+row = found.row(pick, named=True)
+seq = frame.filter((pl.col("update") == row["update"]) & (pl.col("rank") == row["rank"])
+                   & (pl.col("seq_id") == row["seq_id"])).sort("pos")
+
+# -- text ----------------------------------------------------------------------------------------------------
+texts = None
+if seq_table.height and "tokens" in seq_table.columns:
+    match = seq_table.filter(pl.col("seq_id") == row["seq_id"])
+    if match.height and match["tokens"][0] is not None:
+        texts = list(match["tokens"][0])
+if texts is None or len(texts) < seq.height:
+    ids = seq["token_id"].to_list() if "token_id" in seq.columns else [None] * seq.height
+    texts = [f"⟨{i}⟩" if i is not None else "·" for i in ids]
+
+tv = seq["tv"].to_numpy()
+scale = max(float(np.quantile(frame["tv"].to_numpy(), 0.99)), 1e-6)
+REASON_STYLE = {1: "border-bottom:3px solid #d62728;", 2: "border-bottom:3px dashed #ff7f0e;",
+                3: "outline:1px solid #7f7f7f;"}
+spans = []
+for r in seq.iter_rows(named=True):
+    a = min(float(r["tv"]) / scale, 1.0)
+    reason = int(r["m_reason"] or 0) if r["m_keep"] is not None and not r["m_keep"] else 0
+    title = (f"pos {r['pos']} | π {np.exp(r['logp']):.4f} | μ {np.exp(r['logp_rollout']):.4f} | "
+             f"|π−μ| {r['tv']:.4f} | A {r['advantage']:.3f}")
+    for name, lab in (("w", "w_t"), ("Z", "Z_t"), ("c", "c_t"), ("S", "S_t")):
+        if r.get(name) is not None:
+            title += f" | {lab} {r[name]:.4f}"
+    title += f" | {controls.REASON_LABELS.get(reason, reason)}"
+    text = html.escape(texts[r["pos"]] if r["pos"] < len(texts) else "·").replace("\n", "↵<br>")
+    spans.append(f'<span class="tok r{reason}" title="{html.escape(title)}" '
+                 f'style="background:rgba(31,119,180,{a:.2f});{REASON_STYLE.get(reason, "")}">{text}</span>')
+legend = ('<div class="legend">background: |π − μ| (full colour at the step\'s p99 = '
+          f'{scale:.3g}) · <span style="{REASON_STYLE[1]}">token threshold</span> · '
+          f'<span style="{REASON_STYLE[2]}">prefix budget</span> · hover a token for its values</div>')
+st.html(
+    "<style>.tokens{font-family:monospace;white-space:pre-wrap;line-height:1.9;font-size:0.95rem}"
+    ".tok{padding:1px 0;border-radius:2px}.legend{font-size:0.8rem;color:#666;margin:4px 0}</style>"
+    + legend + '<div class="tokens">' + "".join(spans) + "</div>"
+)
+
+# -- internals under the text --------------------------------------------------------------------------------
+pos = seq["pos"].to_numpy()
+masked = seq["m_keep"].fill_null(True).not_().to_numpy()
+fig = make_subplots(rows=3, cols=1, shared_xaxes=True, vertical_spacing=0.05, row_heights=[0.5, 0.25, 0.25],
+                    subplot_titles=("Z_t = w_t·|π−μ| and the slack c_t", "w_t", "S_t (cumulative Z)"))
+fig.add_scatter(x=pos, y=tv, mode="lines", name="|π−μ|", line=dict(color="#1f77b4", width=1), row=1, col=1)
+if "Z" in seq.columns:
+    fig.add_scatter(x=pos, y=seq["Z"], mode="lines", name="Z_t", line=dict(color="#2ca02c"), row=1, col=1)
+if "c" in seq.columns:
+    fig.add_scatter(x=pos, y=seq["c"], mode="lines", name="c_t", line=dict(color="#ff7f0e", dash="dash"), row=1, col=1)
+if masked.any():
+    fig.add_scatter(x=pos[masked], y=tv[masked], mode="markers", name="masked",
+                    marker=dict(color="#d62728", size=7, symbol="x"), row=1, col=1)
+if "w" in seq.columns:
+    fig.add_scatter(x=pos, y=seq["w"], mode="lines", name="w_t", line=dict(color="#9467bd"), row=2, col=1)
+if "S" in seq.columns:
+    fig.add_scatter(x=pos, y=seq["S"], mode="lines", name="S_t", line=dict(color="#8c564b"), row=3, col=1)
+fig.update_layout(height=520, hovermode="x unified", legend=dict(orientation="h", y=-0.12))
+fig.update_xaxes(title_text="position", row=3, col=1)
+ui.plot(fig, key="insp_fig")
+st.caption(f"{int(masked.sum())} masked of {seq.height} tokens ({mark}); advantage {row['advantage']:.3f}.")

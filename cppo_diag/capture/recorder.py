@@ -1,0 +1,550 @@
+"""``RunRecorder``: record per-token trust-region data from any trainer into a run directory.
+
+Usage::
+
+    from cppo_diag import RunRecorder
+
+    with RunRecorder("runs", name="grpo-qwen", trainer="custom", rule="cppo", config=cfg) as rec:
+        for step in range(start, n_steps):
+            ...
+            rec.log_tokens(step=step, logp=logp, logp_rollout=logp_rollout,   # (B, T) on any device
+                           advantages=adv, response_mask=mask)               # (B,), (B, T)
+            rec.log_scalars(step, {"reward/mean": reward.mean().item()})
+            rec.end_step(step)
+
+Guarantees (see docs/run-format.md):
+
+* **Capture never changes training**: inputs are copied, never modified; with ``on_error="warn"`` (the
+  default) no exception from recording reaches the caller - a warning is emitted once per kind and the
+  dropped records are counted in ``rec.stats``.
+* **No stall**: CUDA tensors are copied with ``non_blocking=True`` into pinned memory and a CUDA event is
+  waited on by the writer thread, never by the training thread. Work happens in a background thread fed
+  by a bounded queue (``queue_size``; when full the caller blocks, or drops with ``on_full="drop"``).
+* **Crash safety**: every file is written to a temp name and renamed; a step's token shards count only once
+  its ``_done`` marker exists, so a crash loses at most the steps in flight.
+* **Resume**: re-opening a run continues it. Steps already done are skipped (``is_done(step)``; logging
+  them warns), and shards/temp files of this rank's unfinished steps are removed.
+* **Multi-rank**: each rank writes its own shards (``rank`` in file names and column), its own scalars file
+  and markers; only rank 0 writes ``meta.json`` (other ranks create it only if it is missing).
+"""
+
+from __future__ import annotations
+
+import atexit
+import datetime as _dt
+import json
+import os
+import threading
+import warnings
+import weakref
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import pyarrow as pa
+
+from cppo_diag.capture.sampling import keep_sequences, keep_step
+from cppo_diag.capture.staging import CaptureInputError, _is_torch, materialize, stage_tokens
+from cppo_diag.capture.writer import BackgroundWriter
+from cppo_diag.storage import layout, schema
+
+
+class RecorderWarning(UserWarning):
+    """Something went wrong while recording; training continues (``on_error='warn'``)."""
+
+
+class RecorderError(RuntimeError):
+    """Recording failed in ``on_error='raise'`` mode (the cause is chained)."""
+
+
+def _utc_now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+class RunRecorder:
+    """Write one rank's share of a run. See the module docstring and docs/run-format.md.
+
+    Args:
+        path: a root directory (with ``name``) or the run directory itself.
+        name: run name; the run directory is ``path / name``. Defaults to ``path``'s basename.
+        config, trainer, rule, rule_params, model, task, anchor: stored in ``meta.json``.
+        rank: data-parallel rank of this process (0 writes ``meta.json``).
+        on_error: ``"warn"`` (never raise into training) or ``"raise"`` (raise ``RecorderError`` /
+            ``CaptureInputError``; in this mode values are also checked synchronously in ``log_tokens``).
+        every_n_steps: record tokens/sequences of steps 0, n, 2n, ... (scalars are recorded every step).
+        seq_fraction: keep this fraction of sequences, chosen by a hash of ``(step, seq_id)`` so all updates
+            of a step (and ``log_sequences``) keep the same ones.
+        resume: continue an existing run (default). ``False`` refuses a directory that already holds a run.
+        queue_size: bounded queue length between the training thread and the writer.
+        on_full: ``"block"`` (default; back-pressure) or ``"drop"`` (count and drop) when the queue is full.
+        shard_rows: buffer a (step, update)'s tokens until this many rows before writing a shard.
+        heartbeat_s: period of the ``_live/rank{r}.json`` heartbeat that marks the run as live.
+        fsync: fsync each shard and marker before renaming (survives power loss, slower).
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        *,
+        name: str | None = None,
+        config: Mapping[str, Any] | None = None,
+        trainer: str = "custom",
+        rule: str | None = None,
+        rule_params: Mapping[str, Any] | None = None,
+        model: str | None = None,
+        task: str | None = None,
+        anchor: str = "rollout",
+        rank: int = 0,
+        on_error: str = "warn",
+        every_n_steps: int = 1,
+        seq_fraction: float = 1.0,
+        resume: bool = True,
+        queue_size: int = 16,
+        on_full: str = "block",
+        shard_rows: int = 1 << 20,
+        heartbeat_s: float = 5.0,
+        fsync: bool = False,
+        compression_level: int | None = None,
+    ):
+        if on_error not in ("warn", "raise"):
+            raise ValueError(f"on_error: expected 'warn' or 'raise', found {on_error!r}")
+        if on_full not in ("block", "drop"):
+            raise ValueError(f"on_full: expected 'block' or 'drop', found {on_full!r}")
+        if int(every_n_steps) < 1:
+            raise ValueError(f"every_n_steps: expected an integer >= 1, found {every_n_steps!r}")
+        if not (0.0 < float(seq_fraction) <= 1.0):
+            raise ValueError(f"seq_fraction: expected a number in (0, 1], found {seq_fraction!r}")
+        if anchor not in ("rollout", "old"):
+            raise ValueError(f"anchor: expected 'rollout' or 'old', found {anchor!r}")
+        self.run_dir = Path(path) / name if name else Path(path)
+        self.name = name or self.run_dir.name
+        self.rank = int(rank)
+        self.on_error = on_error
+        self.every_n_steps = int(every_n_steps)
+        self.seq_fraction = float(seq_fraction)
+        self.on_full = on_full
+        self._lock = threading.Lock()
+        self._warned: dict[str, int] = {}
+        self.stats: dict[str, Any] = {
+            "dropped_records": 0,  # log_* calls (or writer messages) lost to errors / full queue
+            "dropped_sequences_nonfinite": 0,
+            "skipped_done_steps": 0,
+            "warnings": self._warned,  # kind -> number of occurrences (each kind is warned once)
+            # filled by close(): writer_busy_s, bytes_written, rows_written
+        }
+        self._error: BaseException | None = None  # first writer error, re-raised in raise mode
+        self._closed = False
+        self._inert = False  # warn mode: opening failed, behave like NullRecorder
+        self._done_before: set[int] = set()  # steps complete on disk when this session opened
+        self._done: set[int] = set()  # + steps ended in this session
+        self._open_steps: set[int] = set()  # steps with data logged but not yet ended
+        self._writer: BackgroundWriter | None = None
+        self._meta_fields = dict(
+            name=self.name, trainer=trainer, rule=rule, rule_params=dict(rule_params or {}), model=model,
+            task=task, anchor=anchor, config=dict(config or {}),
+        )
+        try:
+            self._open(resume=resume)
+        except Exception as exc:
+            if on_error == "raise":
+                raise
+            self._inert = True
+            self._warn("open", f"cannot open run directory {self.run_dir}: {exc!r}; recording is disabled")
+            return
+        self._writer = BackgroundWriter(
+            self.run_dir, rank=self.rank, queue_size=queue_size, shard_rows=shard_rows,
+            heartbeat_s=heartbeat_s, nonfinite="raise" if on_error == "raise" else "drop",
+            fsync=fsync, compression_level=compression_level,
+            on_error=self._writer_error, on_warning=self._writer_warning,
+        )
+        self._writer.start()
+        ref = weakref.ref(self)
+        self._atexit = lambda: (ref() is not None and ref().close())
+        atexit.register(self._atexit)
+
+    # -- construction helpers -----------------------------------------------------------------------
+    @staticmethod
+    def disabled() -> "NullRecorder":
+        """A recorder that records nothing (same methods, all no-ops)."""
+        from cppo_diag.capture.null import NullRecorder
+
+        return NullRecorder()
+
+    def _open(self, *, resume: bool) -> None:
+        dirs = layout.run_dirs(self.run_dir)
+        meta_path = dirs["meta"]
+        existing = None
+        if meta_path.exists():
+            existing = json.loads(meta_path.read_text())
+            if not resume:
+                raise FileExistsError(
+                    f"run directory {self.run_dir} already holds a run (meta.json); pass resume=True to "
+                    "continue it or choose another name"
+                )
+            found = existing.get("schema_version")
+            if found != schema.SCHEMA_VERSION:
+                raise ValueError(
+                    f"meta.json schema_version: expected {schema.SCHEMA_VERSION}, found {found!r} in {meta_path}"
+                )
+        for key in ("tokens", "sequences", "scalars", "done"):
+            dirs[key].mkdir(parents=True, exist_ok=True)
+        self._write_meta(existing, status="running")
+        self._cleanup_unfinished(dirs)
+
+    def _write_meta(self, existing: dict | None, *, status: str) -> None:
+        meta_path = layout.run_dirs(self.run_dir)["meta"]
+        meta = dict(existing or {})
+        if not existing:
+            meta.update(self._meta_fields)
+            meta["created"] = _utc_now()
+        else:  # resume: fill what this session knows, keep what it does not
+            for k, v in self._meta_fields.items():
+                if v not in (None, {}, "custom") or k not in meta:
+                    meta[k] = v
+        meta["schema_version"] = schema.SCHEMA_VERSION
+        meta["status"] = status
+        meta["updated"] = _utc_now()
+        if self.rank == 0:
+            layout.atomic_write_json(meta_path, meta)
+        elif not meta_path.exists():
+            # Another rank may race us; link() fails if rank 0 got there first, so we never clobber it.
+            tmp = layout.tmp_path_for(meta_path)
+            tmp.write_text(json.dumps(meta, indent=2, sort_keys=True, default=str) + "\n")
+            try:
+                os.link(tmp, meta_path)
+            except FileExistsError:
+                pass
+            finally:
+                tmp.unlink(missing_ok=True)
+
+    def _owned_by_me(self, name: str) -> bool:
+        """Is this file name (or the target of this temp file) written by this rank?"""
+        if name.startswith(layout.TMP_PREFIX):
+            name = name[len(layout.TMP_PREFIX):].rsplit(".", 2)[0]
+            if name == schema.META_FILE:
+                return self.rank == 0
+        parsed = layout.parse_token_shard(name) or layout.parse_sequence_shard(name)
+        if parsed:
+            return parsed[0] == self.rank
+        parsed = layout.parse_done_marker(name)
+        if parsed:
+            return parsed[1] == self.rank
+        return name in (f"rank{self.rank}.json", layout.scalars_file_name(self.rank))
+
+    def _cleanup_unfinished(self, dirs: dict[str, Path]) -> None:
+        """Resume: load this rank's done steps; remove its temp files and shards of unfinished steps."""
+        for p in dirs["done"].iterdir():
+            parsed = layout.parse_done_marker(p.name)
+            if parsed and parsed[1] == self.rank:
+                self._done_before.add(parsed[0])
+        self._done = set(self._done_before)
+        removed = []
+        for p in [self.run_dir, *(d for d in dirs.values() if d.is_dir())]:
+            for f in p.iterdir():
+                if f.is_file() and f.name.startswith(layout.TMP_PREFIX) and self._owned_by_me(f.name):
+                    f.unlink(missing_ok=True)
+                    removed.append(f)
+        for top in (dirs["tokens"], dirs["sequences"]):
+            for step_dir in top.iterdir():
+                step = layout.parse_step_dir(step_dir.name)
+                if step is None or not step_dir.is_dir():
+                    continue
+                for f in step_dir.iterdir():
+                    mine = self._owned_by_me(f.name)
+                    if mine and (f.name.startswith(layout.TMP_PREFIX) or step not in self._done):
+                        f.unlink(missing_ok=True)
+                        removed.append(f)
+                try:
+                    step_dir.rmdir()  # only succeeds when empty
+                except OSError:
+                    pass
+        if removed:
+            self._warn(
+                "resume-cleanup",
+                f"resuming {self.run_dir}: removed {len(removed)} temp/unfinished file(s) of rank {self.rank} "
+                f"(e.g. {removed[0].relative_to(self.run_dir)})",
+            )
+
+    # -- error policy -------------------------------------------------------------------------------
+    def _warn(self, kind: str, message: str) -> None:
+        with self._lock:
+            n = self._warned.get(kind, 0)
+            self._warned[kind] = n + 1
+        if n == 0:
+            warnings.warn(f"cppo-diag recorder ({kind}): {message}", RecorderWarning, stacklevel=3)
+
+    def _fail(self, kind: str, exc: BaseException, n_records: int = 1) -> None:
+        """Handle an error raised while recording: raise (raise mode) or warn once + count (warn mode)."""
+        with self._lock:
+            self.stats["dropped_records"] += n_records
+        if self.on_error == "raise":
+            if isinstance(exc, (CaptureInputError, RecorderError, FileExistsError)):
+                raise exc
+            raise RecorderError(f"recording failed in {kind}: {exc}") from exc
+        self._warn(kind, f"{type(exc).__name__}: {exc} (dropped; further '{kind}' errors are counted in rec.stats)")
+
+    def _writer_error(self, kind: str, exc: BaseException, n_records: int) -> None:
+        with self._lock:
+            self.stats["dropped_records"] += n_records
+            if self.on_error == "raise" and self._error is None:
+                self._error = exc
+        if self.on_error == "warn":
+            self._warn(f"writer/{kind}", f"{type(exc).__name__}: {exc} (dropped)")
+
+    def _writer_warning(self, kind: str, message: str) -> None:
+        if kind == "nonfinite":
+            with self._lock:
+                self.stats["dropped_sequences_nonfinite"] += 1
+        self._warn(kind, message)
+
+    def _raise_pending(self) -> None:
+        if self._error is not None and self.on_error == "raise":
+            exc, self._error = self._error, None
+            if isinstance(exc, CaptureInputError):
+                raise exc
+            raise RecorderError(f"background writer failed: {exc}") from exc
+
+    def _active(self) -> bool:
+        if self._inert:
+            return False
+        if self._closed:
+            self._warn("closed", "recorder is closed; call ignored")
+            return False
+        self._raise_pending()
+        return True
+
+    def _enqueue(self, kind: str, payload: Any) -> None:
+        block = self.on_full == "block"
+        if not self._writer.put(kind, payload, block=block):
+            with self._lock:
+                self.stats["dropped_records"] += 1
+            self._warn("queue-full", f"writer queue full; dropped a '{kind}' record")
+
+    # -- public API ---------------------------------------------------------------------------------
+    def is_done(self, step: int) -> bool:
+        """True when ``step`` is complete for this rank (on disk at open, or ended in this session)."""
+        return int(step) in self._done
+
+    def log_tokens(self, *, step: int, logp, logp_rollout, advantages, response_mask=None, cu_seqlens=None,
+                   update: int = 0, seq_ids=None, logp_old=None, keep_applied=None, reason_applied=None,
+                   token_ids=None, entropy=None, reward=None, group_id=None, topk_ids=None,
+                   topk_logp_rollout=None, topk_logp=None) -> None:
+        """Record one batch of per-token data (see docs/run-format.md for the columns).
+
+        Shapes: padded ``logp``/``logp_rollout`` ``(B, T)`` + ``response_mask`` ``(B, T)`` (default: all
+        valid), or packed ``(N,)`` + ``cu_seqlens`` ``(B+1,)``. ``advantages``/``reward``: ``(B,)`` or per
+        token; ``seq_ids``/``group_id``: ``(B,)`` (``seq_ids`` default ``0..B-1``); ``logp_old``,
+        ``entropy``, ``token_ids``, ``keep_applied``, ``reason_applied``: per token; ``topk_*``: per token
+        plus a trailing K axis. Torch tensors on any device or numpy arrays.
+        """
+        if not self._active():
+            return
+        try:
+            step = int(step)
+            if not keep_step(step, self.every_n_steps):
+                return
+            if step in self._done:
+                with self._lock:
+                    self.stats["skipped_done_steps"] += 1
+                self._warn("done-step", f"step {step} is already complete in {self.run_dir}; log_tokens skipped")
+                return
+            staged = stage_tokens(
+                step=step, update=int(update), rank=self.rank, seq_fraction=self.seq_fraction,
+                response_mask=response_mask, cu_seqlens=cu_seqlens, seq_ids=seq_ids,
+                logp=logp, logp_rollout=logp_rollout, advantages=advantages, logp_old=logp_old,
+                keep_applied=keep_applied, reason_applied=reason_applied, token_ids=token_ids,
+                entropy=entropy, reward=reward, group_id=group_id, topk_ids=topk_ids,
+                topk_logp_rollout=topk_logp_rollout, topk_logp=topk_logp,
+            )
+            if self.on_error == "raise":
+                # Check values now so the error surfaces at the call that caused it (costs a host sync).
+                materialize(_shallow_copy(staged), nonfinite="raise")
+            # A later step implies the trainer finished the earlier ones.
+            for s in sorted(x for x in self._open_steps if x < step):
+                self.end_step(s)
+            self._open_steps.add(step)
+            self._enqueue("tokens", staged)
+        except Exception as exc:
+            self._fail("log_tokens", exc)
+
+    def log_scalars(self, step: int, values: Mapping[str, Any]) -> None:
+        """Append ``{name: value}`` for ``step`` to this rank's scalars (names slash-namespaced)."""
+        if not self._active():
+            return
+        try:
+            step = int(step)
+            if step in self._done_before:
+                with self._lock:
+                    self.stats["skipped_done_steps"] += 1
+                self._warn("done-step", f"step {step} was complete before this session; log_scalars skipped")
+                return
+            if not isinstance(values, Mapping):
+                raise TypeError(f"values: expected a mapping name -> number, found {type(values).__name__}")
+            vals = {}
+            for k, v in values.items():
+                if _is_torch(v):
+                    if v.numel() != 1:
+                        raise CaptureInputError(f"scalar '{k}': expected one element, found shape {tuple(v.shape)}")
+                    v = v.detach().clone()  # .item() happens on the writer thread (no sync here)
+                elif isinstance(v, np.ndarray):
+                    v = v.item()
+                vals[str(k)] = v
+            self._enqueue("scalars", (step, vals))
+        except Exception as exc:
+            self._fail("log_scalars", exc)
+
+    def log_sequences(self, *, step: int, seq_ids, prompts: Sequence[str] | None = None,
+                      completions: Sequence[str] | None = None, tokens: Sequence[Sequence[str]] | None = None,
+                      rewards=None, lengths=None, group_ids=None, correct=None) -> None:
+        """Record per-sequence text and outcomes (one row per ``seq_ids`` entry); sampled like log_tokens."""
+        if not self._active():
+            return
+        try:
+            step = int(step)
+            if not keep_step(step, self.every_n_steps):
+                return
+            if step in self._done_before:
+                with self._lock:
+                    self.stats["skipped_done_steps"] += 1
+                self._warn("done-step", f"step {step} was complete before this session; log_sequences skipped")
+                return
+            table = _sequence_table(step, self.rank, seq_ids, prompts=prompts, completions=completions,
+                                    tokens=tokens, rewards=rewards, lengths=lengths, group_ids=group_ids,
+                                    correct=correct)
+            keep = keep_sequences(step, table.column("seq_id").to_numpy(), self.seq_fraction)
+            if not keep.all():
+                table = table.filter(pa.array(keep))
+            if table.num_rows == 0:
+                return
+            self._open_steps.add(step)
+            self._enqueue("sequences", (step, table))
+        except Exception as exc:
+            self._fail("log_sequences", exc)
+
+    def end_step(self, step: int) -> None:
+        """Mark ``step`` complete for this rank: flush its shards, then write ``_done/step=...rank{r}``."""
+        if not self._active():
+            return
+        try:
+            step = int(step)
+            self._open_steps.discard(step)
+            if step in self._done:
+                return
+            self._done.add(step)
+            if keep_step(step, self.every_n_steps):
+                self._enqueue("end_step", step)
+        except Exception as exc:
+            self._fail("end_step", exc)
+
+    def flush(self, timeout: float | None = None) -> None:
+        """Block until everything logged so far has been processed by the writer."""
+        if self._inert or self._writer is None or not self._writer.is_alive():
+            return
+        ev = threading.Event()
+        self._writer.put("flush", ev)
+        ev.wait(timeout)
+        self._raise_pending()
+
+    def close(self, status: str = "finished") -> None:
+        """End open steps (unless ``status='failed'``), drain the writer, update ``meta.json``."""
+        if self._closed or self._inert:
+            self._closed = True
+            return
+        self._closed = True
+        try:
+            atexit.unregister(self._atexit)
+        except Exception:  # noqa: BLE001
+            pass
+        try:
+            for s in sorted(self._open_steps):
+                if status == "failed":
+                    self._writer.put("drop_step", s)  # a half-logged step must not look complete
+                else:
+                    self._done.add(s)
+                    self._writer.put("end_step", s)
+            self._open_steps.clear()
+            self._writer.stop()
+            self._writer.remove_heartbeat()
+            self.stats.update(writer_busy_s=self._writer.busy_s, bytes_written=self._writer.bytes_written,
+                              rows_written=self._writer.rows_written)
+            if self.rank == 0:
+                meta_path = layout.run_dirs(self.run_dir)["meta"]
+                meta = json.loads(meta_path.read_text()) if meta_path.exists() else None
+                self._write_meta(meta, status=status)
+        except Exception as exc:
+            self._fail("close", exc)
+        self._raise_pending()
+
+    def __enter__(self) -> "RunRecorder":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None and self.on_error == "raise":
+            try:
+                self.close(status="failed")
+            except Exception:  # noqa: BLE001 - do not mask the training exception
+                pass
+            return
+        self.close(status="failed" if exc_type is not None else "finished")
+
+    def __repr__(self) -> str:
+        return f"RunRecorder({str(self.run_dir)!r}, rank={self.rank}, on_error={self.on_error!r})"
+
+
+def _shallow_copy(staged):
+    import copy
+
+    c = copy.copy(staged)
+    c.warnings = []
+    return c
+
+
+def _to_list(name: str, x, n: int | None) -> list | None:
+    if x is None:
+        return None
+    if _is_torch(x):
+        x = x.detach().cpu().tolist()
+    elif isinstance(x, np.ndarray):
+        x = x.tolist()
+    else:
+        x = list(x)
+    if n is not None and len(x) != n:
+        raise CaptureInputError(f"{name}: expected {n} entries (one per seq_ids), found {len(x)}")
+    return x
+
+
+def _sequence_table(step: int, rank: int, seq_ids, **cols) -> pa.Table:
+    ids = _to_list("seq_ids", seq_ids, None)
+    n = len(ids)
+    out = {
+        "step": pa.array([step] * n, type=pa.int64()),
+        "seq_id": pa.array(ids, type=pa.int64()),
+        "rank": pa.array([rank] * n, type=pa.int32()),
+    }
+    spec = {
+        "group_ids": ("group_id", pa.int64()),
+        "prompts": ("prompt", pa.string()),
+        "completions": ("completion", pa.string()),
+        "tokens": ("tokens", pa.list_(pa.string())),
+        "rewards": ("reward", pa.float32()),
+        "lengths": ("length", pa.int32()),
+        "correct": ("correct", pa.bool_()),
+    }
+    for arg, (column, typ) in spec.items():
+        vals = _to_list(arg, cols.get(arg), n)
+        if vals is None:
+            continue
+        if column == "reward":
+            arr = np.asarray(vals, dtype=np.float64)
+            if not np.all(np.isfinite(arr)):
+                bad = int(np.flatnonzero(~np.isfinite(arr))[0])
+                raise CaptureInputError(
+                    f"rewards: {int((~np.isfinite(arr)).sum())} NaN/Inf value(s) at step {step} (first at seq {ids[bad]})"
+                )
+        if column == "tokens":
+            vals = [None if v is None else [str(t) for t in v] for v in vals]
+        try:
+            out[column] = pa.array(vals, type=typ)
+        except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError, ValueError) as exc:
+            raise CaptureInputError(f"{arg}: cannot convert to {typ}: {exc}") from exc
+    return pa.table(out)

@@ -1,0 +1,405 @@
+"""Turn the tensors a trainer hands to ``log_tokens`` into one Arrow table of valid tokens.
+
+Two phases, so the training step never waits on the host:
+
+1. ``stage_tokens`` (caller's thread, cheap): checks shapes and dtypes from metadata only (no device
+   sync), then starts the device->host copies. CUDA tensors are copied with ``non_blocking=True`` into
+   pinned host buffers and one CUDA event is recorded after the last copy; CPU tensors are detached and
+   cloned (the trainer may overwrite them in place); numpy arrays are copied.
+2. ``materialize`` (writer thread): waits on the event, checks values (cu_seqlens, NaN/Inf), applies
+   sequence sampling, drops padding/prompt tokens and builds the table in ``(seq_id, pos)`` order.
+
+Inputs: padded ``(B, T)`` tensors plus an optional ``response_mask`` ``(B, T)`` (left or right padding),
+or packed ``(N,)`` tensors plus ``cu_seqlens`` ``(B + 1,)`` (and an optional ``(N,)`` response_mask for
+prompt tokens inside the packed stream). ``pos`` is the index of a token among its sequence's valid
+tokens, so left padding and packing give the same ``pos`` as right padding.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from cppo_diag.capture.sampling import keep_sequences
+from cppo_diag.storage import schema
+
+try:  # torch is optional for numpy-only users
+    import torch
+except ImportError:  # pragma: no cover - torch is a dependency of the package
+    torch = None
+
+
+class CaptureInputError(ValueError):
+    """A tensor given to the recorder has the wrong shape, dtype or values (the message names it)."""
+
+
+class NonFiniteError(CaptureInputError):
+    """NaN or Inf in a recorded tensor (raised in ``on_error='raise'`` mode)."""
+
+
+# log_tokens keyword -> (column name, kind). kind: token (same shape as logp), seq (B,), seq_or_token,
+# topk (logp.shape + (K,)).
+TOKEN_INPUTS: dict[str, tuple[str, str]] = {
+    "logp": ("logp", "token"),
+    "logp_rollout": ("logp_rollout", "token"),
+    "advantages": ("advantage", "seq_or_token"),
+    "logp_old": ("logp_old", "token"),
+    "keep_applied": ("keep_applied", "token"),
+    "reason_applied": ("reason_applied", "token"),
+    "token_ids": ("token_id", "token"),
+    "entropy": ("entropy", "token"),
+    "reward": ("reward", "seq_or_token"),
+    "group_id": ("group_id", "seq"),
+    "topk_ids": ("topk_ids", "topk"),
+    "topk_logp_rollout": ("topk_logp_rollout", "topk"),
+    "topk_logp": ("topk_logp", "topk"),
+}
+FLOAT_COLUMNS = {"logp", "logp_rollout", "advantage", "logp_old", "entropy", "reward"}
+INT_COLUMNS = {"token_id", "group_id", "reason_applied"}
+BOOL_COLUMNS = {"keep_applied"}
+TOPK_FLOAT_COLUMNS = {"topk_logp_rollout", "topk_logp"}
+
+# Parquet encodings chosen per column (measured in benchmarks/bench_capture.py): per-token floats use
+# BYTE_STREAM_SPLIT (+ zstd), pos is a delta run 0,1,2,.. per sequence, everything constant per
+# sequence (step, seq_id, advantage, reward, ...) compresses to almost nothing with dictionary + RLE.
+BYTE_STREAM_SPLIT_COLUMNS = ("logp", "logp_rollout", "logp_old", "entropy")
+DELTA_COLUMNS = ("pos",)
+
+
+def _is_torch(x) -> bool:
+    return torch is not None and isinstance(x, torch.Tensor)
+
+
+def _shape(x) -> tuple[int, ...]:
+    return tuple(int(s) for s in x.shape)
+
+
+def _kind_of_dtype(x) -> str:
+    """'float' | 'int' | 'bool' | 'other' for a torch tensor or numpy array."""
+    if _is_torch(x):
+        if x.dtype == torch.bool:
+            return "bool"
+        if x.dtype.is_floating_point:
+            return "float"
+        if x.dtype.is_complex:
+            return "other"
+        return "int"
+    dt = np.asarray(x).dtype
+    if dt == np.bool_:
+        return "bool"
+    if np.issubdtype(dt, np.floating):
+        return "float"
+    if np.issubdtype(dt, np.integer):
+        return "int"
+    return "other"
+
+
+def _as_array_like(name: str, x):
+    if _is_torch(x) or isinstance(x, np.ndarray):
+        return x
+    if isinstance(x, (list, tuple, int, float, np.number)) and not isinstance(x, bool):
+        return np.asarray(x)
+    raise CaptureInputError(
+        f"{name}: expected a torch.Tensor or numpy.ndarray, found {type(x).__name__}"
+    )
+
+
+@dataclass
+class StagedTokens:
+    """A ``log_tokens`` call whose tensors are on their way to (or already in) host memory."""
+
+    step: int
+    update: int
+    rank: int
+    layout: str  # "padded" | "packed"
+    arrays: dict[str, Any]  # input name -> host torch tensor / numpy array (maybe still being copied)
+    event: Any = None  # torch.cuda.Event recorded after the last non_blocking copy, or None
+    seq_fraction: float = 1.0
+    n_seqs: int = 0
+    warnings: list[tuple[str, str]] = field(default_factory=list)  # (kind, message) for the recorder
+
+
+LOGPROB_COLUMNS = {"logp", "logp_rollout", "logp_old", "entropy"} | TOPK_FLOAT_COLUMNS
+
+
+def _check_dtype(name: str, column: str, x) -> None:
+    """Raise CaptureInputError naming ``name`` when ``x``'s dtype cannot be stored in ``column``."""
+    kind = _kind_of_dtype(x)
+    dt = str(getattr(x, "dtype", "?"))
+    if column in LOGPROB_COLUMNS:
+        allowed, want = ("float",), "a floating-point dtype"
+    elif column in FLOAT_COLUMNS:  # advantage, reward: integer rewards are fine too
+        allowed, want = ("float", "int"), "a floating-point (or integer) dtype"
+    elif column in BOOL_COLUMNS:
+        allowed, want = ("bool", "int"), "a bool (or 0/1 integer) dtype"
+    else:  # token_id, group_id, reason_applied, topk_ids
+        allowed, want = ("int",), "an integer dtype"
+    if kind not in allowed:
+        raise CaptureInputError(f"{name}: expected {want}, found {dt}")
+
+
+def stage_tokens(
+    *,
+    step: int,
+    update: int,
+    rank: int,
+    seq_fraction: float,
+    response_mask=None,
+    cu_seqlens=None,
+    seq_ids=None,
+    **inputs,
+) -> StagedTokens:
+    """Validate shapes/dtypes (metadata only) and start the host copies. See module docstring."""
+    logp = inputs.get("logp")
+    for required in ("logp", "logp_rollout", "advantages"):
+        if inputs.get(required) is None:
+            raise CaptureInputError(f"{required}: required, found None")
+    arrays: dict[str, Any] = {}
+    for name, x in inputs.items():
+        if x is not None:
+            arrays[name] = _as_array_like(name, x)
+    logp = arrays["logp"]
+    shape = _shape(logp)
+    if len(shape) == 2:
+        layout = "padded"
+        n_seqs = shape[0]
+        if cu_seqlens is not None:
+            raise CaptureInputError(
+                f"cu_seqlens: given with a 2-D logp of shape {shape}; cu_seqlens is for packed 1-D (N,) inputs"
+            )
+    elif len(shape) == 1:
+        layout = "packed"
+        if cu_seqlens is None:
+            raise CaptureInputError(
+                f"logp: 1-D shape {shape} is the packed layout and needs cu_seqlens (B+1,); "
+                "for padded inputs pass logp as (B, T)"
+            )
+        cu_seqlens = _as_array_like("cu_seqlens", cu_seqlens)
+        cu_shape = _shape(cu_seqlens)
+        if len(cu_shape) != 1 or cu_shape[0] < 1:
+            raise CaptureInputError(f"cu_seqlens: expected shape (B+1,), found {cu_shape}")
+        if _kind_of_dtype(cu_seqlens) != "int":
+            raise CaptureInputError(f"cu_seqlens: expected an integer dtype, found {cu_seqlens.dtype}")
+        n_seqs = cu_shape[0] - 1
+        arrays["cu_seqlens"] = cu_seqlens
+    else:
+        raise CaptureInputError(f"logp: expected shape (B, T) or packed (N,), found {shape}")
+
+    for name, x in arrays.items():
+        if name == "cu_seqlens":
+            continue
+        column, kind = TOKEN_INPUTS[name]
+        xs = _shape(x)
+        if kind == "token":
+            ok = xs == shape
+            want = f"{shape} (same as logp)"
+        elif kind == "seq":
+            ok = xs == (n_seqs,)
+            want = f"({n_seqs},) one per sequence"
+        elif kind == "seq_or_token":
+            ok = xs in (shape, (n_seqs,), (n_seqs, 1))
+            if xs == (n_seqs, 1) and len(shape) == 2 and shape[1] != 1:
+                arrays[name] = x = x.reshape(n_seqs)
+            want = f"({n_seqs},) per sequence or {shape} per token"
+        else:  # topk
+            ok = len(xs) == len(shape) + 1 and xs[:-1] == shape
+            want = f"{shape + ('K',)} (logp's shape plus a top-K axis)"
+        if not ok:
+            raise CaptureInputError(f"{name}: expected shape {want}, found {xs}")
+        _check_dtype(name, column, x)
+    topk_ks = {_shape(arrays[n])[-1] for n in ("topk_ids", "topk_logp_rollout", "topk_logp") if n in arrays}
+    if len(topk_ks) > 1:
+        raise CaptureInputError(
+            "topk_ids/topk_logp_rollout/topk_logp: expected the same K, found "
+            + ", ".join(f"{n}={_shape(arrays[n])[-1]}" for n in ("topk_ids", "topk_logp_rollout", "topk_logp") if n in arrays)
+        )
+
+    if response_mask is not None:
+        response_mask = _as_array_like("response_mask", response_mask)
+        if _shape(response_mask) != shape:
+            raise CaptureInputError(f"response_mask: expected shape {shape} (same as logp), found {_shape(response_mask)}")
+        if _kind_of_dtype(response_mask) not in ("bool", "int", "float"):
+            raise CaptureInputError(f"response_mask: expected a bool or 0/1 dtype, found {response_mask.dtype}")
+        arrays["response_mask"] = response_mask
+    if seq_ids is not None:
+        seq_ids = _as_array_like("seq_ids", seq_ids)
+        if _shape(seq_ids) != (n_seqs,):
+            raise CaptureInputError(f"seq_ids: expected shape ({n_seqs},) one per sequence, found {_shape(seq_ids)}")
+        if _kind_of_dtype(seq_ids) != "int":
+            raise CaptureInputError(f"seq_ids: expected an integer dtype, found {seq_ids.dtype}")
+        arrays["seq_ids"] = seq_ids
+
+    host, event = _to_host(arrays)
+    return StagedTokens(
+        step=int(step), update=int(update), rank=int(rank), layout=layout, arrays=host, event=event,
+        seq_fraction=float(seq_fraction), n_seqs=n_seqs,
+    )
+
+
+def _to_host(arrays: dict[str, Any]):
+    """Start device->host copies; return (host arrays, cuda event or None). Never synchronises."""
+    host: dict[str, Any] = {}
+    event = None
+    used_cuda = False
+    for name, x in arrays.items():
+        if _is_torch(x):
+            x = x.detach()
+            if x.device.type == "cuda":
+                buf = torch.empty(x.shape, dtype=x.dtype, pin_memory=True)
+                buf.copy_(x, non_blocking=True)
+                host[name] = buf
+                used_cuda = True
+            elif x.device.type == "cpu":
+                host[name] = x.clone()
+            else:  # mps, xpu, ...: a plain blocking copy is the portable choice
+                host[name] = x.to("cpu", copy=True)
+        else:
+            host[name] = np.array(x, copy=True)
+    if used_cuda:
+        event = torch.cuda.Event()
+        event.record()
+    return host, event
+
+
+def _np(x) -> np.ndarray:
+    if _is_torch(x):
+        if x.dtype in (torch.bfloat16, torch.float16):
+            x = x.float()
+        return x.numpy()
+    return np.asarray(x)
+
+
+def _first_bad(bad_tok: np.ndarray, seq_of_tok: np.ndarray, pos: np.ndarray, seq_ids: np.ndarray) -> str:
+    i = int(np.flatnonzero(bad_tok)[0])
+    return f"seq {int(seq_ids[seq_of_tok[i]])}, pos {int(pos[i])}"
+
+
+def materialize(staged: StagedTokens, *, nonfinite: str) -> pa.Table | None:
+    """Build the table of valid tokens (writer thread). ``nonfinite``: 'raise' or 'drop'.
+
+    With 'drop', sequences holding NaN/Inf in any recorded float column are removed and a warning per
+    tensor is appended to ``staged.warnings`` naming the tensor, step, seq and pos.
+    Returns None when sampling keeps no sequence.
+    """
+    if staged.event is not None:
+        staged.event.synchronize()
+    a = {k: _np(v) for k, v in staged.arrays.items()}
+    B = staged.n_seqs
+    step = staged.step
+    seq_ids = a.get("seq_ids")
+    seq_ids = np.arange(B, dtype=np.int64) if seq_ids is None else seq_ids.astype(np.int64)
+
+    # -- token -> (sequence row, pos) index ------------------------------------------------------------
+    if staged.layout == "padded":
+        B_, T = a["logp"].shape
+        mask = a.get("response_mask")
+        valid = np.ones((B_, T), dtype=bool) if mask is None else mask.astype(bool)  # (B, T)
+        rows, tcols = np.nonzero(valid)  # row-major: (b, t) order
+        pos_grid = np.cumsum(valid, axis=1, dtype=np.int64) - 1  # (B, T)
+        pos = pos_grid[rows, tcols].astype(np.int32)
+        seq_of_tok = rows
+
+        def tok(x):
+            return x[rows, tcols]
+    else:
+        cu = a["cu_seqlens"].astype(np.int64)
+        N = a["logp"].shape[0]
+        if cu[0] != 0 or cu[-1] != N or np.any(np.diff(cu) < 0):
+            raise CaptureInputError(
+                f"cu_seqlens: expected non-decreasing offsets from 0 to N={N}, found "
+                f"first={int(cu[0])}, last={int(cu[-1])}, decreasing={bool(np.any(np.diff(cu) < 0))}"
+            )
+        mask = a.get("response_mask")
+        valid = np.ones(N, dtype=bool) if mask is None else mask.astype(bool)  # (N,)
+        seq_all = np.repeat(np.arange(B), np.diff(cu))  # (N,)
+        csum = np.concatenate([[0], np.cumsum(valid, dtype=np.int64)])  # (N+1,)
+        pos_all = csum[1:] - 1 - csum[cu[:-1]][seq_all]  # (N,)
+        (idx,) = np.nonzero(valid)
+        pos = pos_all[idx].astype(np.int32)
+        seq_of_tok = seq_all[idx]
+
+        def tok(x):
+            return x[idx]
+
+    # -- sampling: keep whole sequences by (step, seq_id) hash ---------------------------------------
+    keep_seq = keep_sequences(step, seq_ids, staged.seq_fraction)  # (B,)
+
+    # -- per-token columns -------------------------------------------------------------------------
+    cols: dict[str, np.ndarray] = {}
+    for name, x in a.items():
+        if name in ("cu_seqlens", "response_mask", "seq_ids"):
+            continue
+        column, kind = TOKEN_INPUTS[name]
+        if kind == "seq" or (kind == "seq_or_token" and x.ndim == 1 and x.shape[0] == B and x.shape != a["logp"].shape):
+            vals = x.reshape(B)[seq_of_tok]
+        else:
+            vals = tok(x)
+        cols[column] = vals
+
+    # -- NaN / Inf policy --------------------------------------------------------------------------
+    bad_seq = np.zeros(B, dtype=bool)
+    for column, vals in cols.items():
+        if column in FLOAT_COLUMNS:
+            bad = ~np.isfinite(vals)
+        elif column in TOPK_FLOAT_COLUMNS:
+            bad = np.isnan(vals).any(axis=-1)  # -inf is a legal top-K log-prob (masked vocab); NaN is not
+        else:
+            continue
+        bad &= keep_seq[seq_of_tok]
+        if bad.any():
+            where = _first_bad(bad, seq_of_tok, pos, seq_ids)
+            n_bad = int(bad.sum())
+            seqs = np.unique(seq_of_tok[bad])
+            msg = (
+                f"column '{column}' has {n_bad} NaN/Inf value(s) at step {step} (first at {where}; "
+                f"{len(seqs)} sequence(s) affected)"
+            )
+            if nonfinite == "raise":
+                raise NonFiniteError(msg)
+            staged.warnings.append(("nonfinite", msg + "; dropping those sequences"))
+            bad_seq[seqs] = True
+    keep_seq &= ~bad_seq
+
+    keep_tok = keep_seq[seq_of_tok]
+    if not keep_tok.any():
+        return None
+    # Rows in (seq_id, pos) order: long runs of equal step/seq_id/advantage and pos = 0,1,2,... per
+    # sequence, which is what the dictionary/RLE/delta encodings compress best.
+    order = np.flatnonzero(keep_tok)
+    if np.any(np.diff(seq_ids) < 0):  # tokens are already in (row, pos) order; re-sort only if rows are not
+        order = order[np.argsort(seq_ids[seq_of_tok[order]], kind="stable")]
+    n = len(order)
+    out = {
+        "step": pa.array(np.full(n, step, dtype=np.int64)),
+        "seq_id": pa.array(seq_ids[seq_of_tok[order]].astype(np.int64)),
+        "pos": pa.array(pos[order].astype(np.int32)),
+    }
+    for column in schema.TOKEN_COLUMNS:
+        if column not in cols:
+            continue
+        vals = cols[column][order]
+        if column in FLOAT_COLUMNS:
+            out[column] = pa.array(vals.astype(np.float32))
+        elif column in ("group_id", "token_id"):
+            out[column] = pa.array(vals.astype(np.int64))
+        elif column == "reason_applied":
+            if vals.size and (vals.min() < 0 or vals.max() > 255):
+                raise CaptureInputError(
+                    f"reason_applied: expected codes in 0..255 (schema.REASONS), found range "
+                    f"{int(vals.min())}..{int(vals.max())} at step {step}"
+                )
+            out[column] = pa.array(vals.astype(np.uint8))
+        elif column == "keep_applied":
+            out[column] = pa.array(vals.astype(bool))
+        elif column in ("topk_ids", "topk_logp_rollout", "topk_logp"):
+            K = vals.shape[-1]
+            dtype = np.int64 if column == "topk_ids" else np.float32
+            flat = pa.array(np.ascontiguousarray(vals, dtype=dtype).reshape(-1))
+            offsets = pa.array(np.arange(0, (n + 1) * K, K, dtype=np.int32))
+            out[column] = pa.ListArray.from_arrays(offsets, flat)
+    out["update"] = pa.array(np.full(n, staged.update, dtype=np.int32))
+    out["rank"] = pa.array(np.full(n, staged.rank, dtype=np.int32))
+    return pa.table(out)

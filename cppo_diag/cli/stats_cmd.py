@@ -1,0 +1,69 @@
+"""Print per-position divergence statistics of a run as CSV or JSON (for scripts).
+
+One row per (metric, position bin): count, mean, p50, p90, p99 (linear-interpolation quantiles, numpy's
+default), top10_mean (mean of the tokens with D >= the bin's P90), surv_<x> = P(D > x), hill_alpha (Hill
+tail index over the exceedances of the bin's P90) and hill_k. Metrics: tv = |pi - mu|, abs_logratio =
+|log pi - log mu|, k3 = rho - 1 - log rho; with --mismatch, |pi_old - mu| and |log pi_old - log mu|.
+
+Examples:
+  cppo-diag stats runs/demo --by position --bin 64 --format csv > pos.csv
+  cppo-diag stats runs/demo --by relative --bin 20 --format json --adv-sign pos
+  cppo-diag stats runs/demo --mismatch --format csv
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+HELP = "per-position divergence statistics of a run as CSV or JSON"
+
+
+def add_arguments(parser) -> None:
+    from analyses.cli_util import add_steps_argument
+
+    parser.add_argument("run", help="run directory")
+    parser.add_argument("--by", choices=["position", "relative"], default="position",
+                        help="absolute position bins (--bin tokens wide) or relative position t/T (--bin equal bins)")
+    parser.add_argument("--bin", type=int, default=64, metavar="N",
+                        help="bin width in tokens (--by position) or number of bins (--by relative); default 64")
+    parser.add_argument("--format", choices=["csv", "json"], default="csv", help="output format (default csv)")
+    parser.add_argument("--metric", action="append", default=None, choices=["tv", "abs_logratio", "k3", "k1"],
+                        help="metric(s) to include, repeatable (default tv, abs_logratio, k3)")
+    parser.add_argument("--adv-sign", choices=["all", "pos", "neg", "zero"], default="all",
+                        help="only tokens with this advantage sign")
+    parser.add_argument("--threshold", type=float, action="append", default=None, metavar="X",
+                        help="survival thresholds P(D > X), repeatable (default 0.05 0.1 0.2 0.5)")
+    parser.add_argument("--delta", type=float, default=None,
+                        help="add threshold_mean = bin mean of CPPO's delta / w_t (with --w-min)")
+    parser.add_argument("--w-min", type=float, default=0.8, help="w_min for --delta (default 0.8)")
+    parser.add_argument("--mismatch", action="store_true", help="train/rollout mismatch |pi_old - mu| instead")
+    add_steps_argument(parser)
+    parser.add_argument("--out", default=None, metavar="FILE", help="write to FILE instead of stdout")
+
+
+def run(args) -> int:
+    from analyses.mismatch import mismatch_by_position
+    from analyses.position import DEFAULT_THRESHOLDS, METRICS, position_stats
+    from analyses.tokens import MissingColumnError
+
+    relative = args.by == "relative"
+    thresholds = tuple(args.threshold) if args.threshold else DEFAULT_THRESHOLDS
+    common = dict(bin_width=args.bin if not relative else 64, relative=relative, n_rel_bins=args.bin,
+                  step_range=args.steps, adv_sign=args.adv_sign, thresholds=thresholds)
+    try:
+        if args.mismatch:
+            table = mismatch_by_position(args.run, **common)
+        else:
+            table = position_stats(args.run, metrics=tuple(args.metric or METRICS), delta=args.delta,
+                                   w_min=args.w_min, **common)
+    except (MissingColumnError, ValueError, FileNotFoundError) as exc:
+        print(f"cppo-diag stats: {exc}", file=sys.stderr)
+        return 2
+    text = table.write_csv() if args.format == "csv" else json.dumps(table.to_dicts(), default=str) + "\n"
+    if args.out:
+        with open(args.out, "w") as fh:
+            fh.write(text)
+    else:
+        sys.stdout.write(text)
+    return 0

@@ -1,0 +1,49 @@
+"""Train a policy with the bundled RLVR trainer and record the run for the app and the analyses.
+
+GRPO-style groups (P prompts x n responses), mu recorded at sampling time, group advantages, several
+minibatch updates per batch, per-token loss from any registered trust-region rule (see `cppo-diag rules`).
+Every token the rule saw is logged with the mask it applied, so `cppo-diag recompute` and the app can check
+and explain it. Settings come from (in increasing precedence) the defaults, --preset, --config FILE
+(TOML/YAML/JSON with the same sections as below) and --section.field options. The run directory is
+<log.out_dir>/<log.name>; re-running the same command resumes it from its last checkpoint.
+
+Examples:
+  cppo-diag train --preset demo                                   # CPPO on the CPU demo task (~2 min)
+  cppo-diag train --preset demo --rule.name dppo --rule.param delta=0.15
+  cppo-diag train --preset demo --rule.name grpo_clip --optim.lr 3e-3 --log.name unstable
+  cppo-diag train --config my.toml --steps 200
+  torchrun --nproc_per_node 2 -m cppo_diag.cli.main train --preset demo     # DDP (gloo on CPU)
+  cppo-diag train --preset table3-qwen3-8b-base --model.path /models/Qwen3-8B-Base --task.path dapo.parquet
+
+Presets: demo, tiny, table3-qwen3-1.7b, table3-qwen3-1.7b-base, table3-qwen3-8b-base, table3-qwen3-30b-a3b-base.
+"""
+
+from __future__ import annotations
+
+import json
+
+HELP = "train with the bundled GRPO-style RLVR trainer (any rule; CPU demo or HF models on CUDA)"
+
+
+def add_arguments(parser) -> None:
+    from cppo_diag.train.config import PRESETS, add_config_arguments
+
+    parser.add_argument("--preset", default=None, choices=sorted(PRESETS), help="named settings to start from")
+    parser.add_argument("--config", default=None, metavar="FILE", help="TOML / YAML / JSON config file")
+    parser.add_argument("--print-config", action="store_true", help="print the resolved config as JSON and exit")
+    add_config_arguments(parser)
+
+
+def run(args) -> int:
+    from cppo_diag.train.config import build_config, overrides_from_args, to_dict
+
+    cfg = build_config(args.preset, args.config, overrides_from_args(args))
+    if args.print_config:
+        print(json.dumps(to_dict(cfg), indent=2))
+        return 0
+    from cppo_diag.train import train
+
+    summary = train(cfg)
+    if summary:
+        print(json.dumps(summary, indent=2))
+    return 0

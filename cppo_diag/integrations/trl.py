@@ -1,0 +1,463 @@
+"""TRL plug-in: per-token capture for ``GRPOTrainer`` and, optionally, any cppo-diag rule as its loss.
+
+Usage (a drop-in replacement for ``trl.GRPOTrainer``)::
+
+    from cppo_diag.integrations.trl import CppoDiagConfig, CppoDiagGRPOTrainer
+
+    trainer = CppoDiagGRPOTrainer(
+        model=model, reward_funcs=reward_fn, args=GRPOConfig(...), train_dataset=ds,
+        cppo_diag=CppoDiagConfig(run_dir="runs", name="grpo-cppo",
+                                 rule="cppo", rule_params={"delta": 0.15}),   # rule=None: TRL's own loss
+    )
+    trainer.train()            # then: cppo_diag.open_run("runs/grpo-cppo").tokens()
+
+If you already subclass ``GRPOTrainer``, put ``CppoDiagGRPOMixin`` first in the bases instead.
+
+What is recorded, per micro-batch that reaches ``_compute_loss`` (training only, not evaluation):
+
+========================  ==================================================================================
+column                    TRL source
+========================  ==================================================================================
+``logp``                  ``per_token_logps`` of the current policy at loss time (detached)
+``logp_rollout``          ``sampling_per_token_logps`` (vLLM, the sampler mu) if present, else
+                          ``old_per_token_logps`` (pi_old = the generating model when TRL samples with
+                          ``model.generate``), else the detached current log-probs (``num_iterations == 1``
+                          without vLLM: TRL skips the old-policy pass because pi_old == pi at that point)
+``logp_old``              ``old_per_token_logps`` when TRL computed it
+``advantage``             ``advantages`` (one value per sequence)
+valid tokens              ``completion_mask`` (times ``tool_mask`` when tools are used)
+``token_id``/``entropy``  ``completion_ids`` / the entropies TRL computes in the same forward pass
+``reward``/``group_id``   the weighted reward sum of each completion and its prompt group (see below)
+``keep_applied``          rule mode: the rule's mask. TRL-loss mode, token-level ``grpo``/``bnpo``/``dr_grpo``/
+                          ``dapo``/``luspo``: False where TRL's clip zeroes the gradient (ratio vs pi_old
+                          outside [1-eps_low, 1+eps_high] on the advantage's side, or above ``args.delta``)
+========================  ==================================================================================
+
+Keys: ``step`` = ``trainer.state.global_step`` (the optimiser step being computed), ``update`` = the index
+of the micro-batch inside that optimiser step (gradient accumulation), ``seq_id`` = ``update * B + row``.
+``meta.json`` records ``anchor`` ("rollout" with vLLM sampler log-probs, else "old") and, under
+``config.logp_rollout_source``, which of the three sources above filled ``logp_rollout``.
+
+Why a ``GRPOTrainer`` subclass and not only a ``TrainerCallback``: callbacks see the state, the model and the
+logged scalars, never the per-token tensors of a loss computation. The plug-in therefore wraps three methods
+that have kept their names and return values across TRL's recent releases (``_compute_loss``,
+``_get_per_token_logps_and_entropies`` and ``_generate_and_score_completions``) and leaves their bodies to TRL:
+in recording mode it only observes (the first ``_get_per_token_logps_and_entropies`` call inside
+``_compute_loss`` is the loss-time forward), so TRL's loss, metrics and gradients are untouched. Step scalars
+(TRL's logged metrics, prefixed ``trl/``) and step completion go through ``CppoDiagCallback``.
+
+Rule mode (``CppoDiagConfig.rule`` set) replaces TRL's clipped surrogate with
+``cppo_diag.masks.compute_mask`` + ``cppo_diag.loss.policy_loss`` anchored to mu (``logp_rollout`` above);
+TRL's ``loss_type``/``epsilon`` are then unused, TRL's separate vLLM importance-sampling correction is not
+applied (the ratio is already taken against the sampler), and a KL term (``beta > 0``) is added as TRL does.
+Options that would silently change which tokens train (``top_entropy_quantile < 1``,
+``off_policy_mask_threshold``, an entropy bonus, sequence-level importance sampling) are refused.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import math
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+try:  # TRL is an optional dependency: the error below names the extra to install.
+    import trl as _trl
+    from transformers import TrainerCallback
+    from trl import GRPOTrainer
+except ImportError as exc:  # pragma: no cover - exercised only without TRL
+    raise ImportError(
+        "cppo_diag.integrations.trl needs TRL and transformers: pip install 'cppo-diag[trl]'"
+    ) from exc
+
+from cppo_diag.capture import NullRecorder, RunRecorder
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["CppoDiagConfig", "CppoDiagGRPOMixin", "CppoDiagGRPOTrainer", "CppoDiagCallback"]
+
+# TRL loss types whose per-token clip we can reproduce as keep_applied (token-level importance sampling).
+_CLIPPED_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo")
+# Multimodal / extra forward inputs that TRL passes from `inputs` to its log-prob forward.
+_FORWARD_EXTRAS = (
+    "pixel_values", "image_grid_thw", "num_images", "pixel_attention_mask", "spatial_shapes", "num_tiles",
+    "image_sizes", "token_type_ids", "mm_token_type_ids", "image_position_ids",
+)
+_GROUP_KEY = "cppo_diag_group_id"
+_REWARD_KEY = "cppo_diag_reward"
+
+
+@dataclass
+class CppoDiagConfig:
+    """Configuration of the TRL plug-in (all fields optional; the defaults record nothing extra).
+
+    Attributes:
+        run_dir: root directory of runs (with ``name``) or the run directory itself. ``None`` disables
+            recording (a ``NullRecorder``); rule mode still works.
+        name: run name (the run directory is ``run_dir / name``).
+        rule: a registered cppo-diag rule (``cppo_diag.masks.list_rules()``) that replaces TRL's clipped
+            loss; ``None`` keeps TRL's loss and only records.
+        rule_params: keyword parameters of the rule (SPEC.md names: ``delta``, ``w_min``, ``eps_high`` ...).
+        agg: loss aggregation of ``cppo_diag.loss.policy_loss`` ("token-mean" | "seq-mean-token-sum-norm").
+        trunc_cap: truncation cap C of the policy loss (None: the loss module's default).
+        record_sequences: also record prompt/completion text, token strings and rewards per sequence.
+        every_n_steps, seq_fraction, on_error: passed to ``RunRecorder``.
+        task: free-form task name stored in ``meta.json``.
+    """
+
+    run_dir: str | Path | None = None
+    name: str | None = None
+    rule: str | None = None
+    rule_params: dict[str, Any] = field(default_factory=dict)
+    agg: str = "token-mean"
+    trunc_cap: float | None = None
+    record_sequences: bool = True
+    every_n_steps: int = 1
+    seq_fraction: float = 1.0
+    on_error: str = "warn"
+    task: str | None = None
+
+
+class CppoDiagCallback(TrainerCallback):
+    """Step bookkeeping for the plug-in: TRL's logged scalars -> ``trl/<name>``, step completion, close.
+
+    Added automatically by ``CppoDiagGRPOMixin``; it only observes (never touches ``control``).
+    """
+
+    def __init__(self, trainer: "CppoDiagGRPOMixin"):
+        self._trainer = trainer
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self._trainer._cd_step_finished(state.global_step - 1)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not logs or state.global_step < 1:
+            return
+        values = {}
+        for key, value in logs.items():
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                continue
+            if isinstance(value, float) and not math.isfinite(value):
+                continue
+            values[f"trl/{key}"] = float(value)
+        if values:
+            self._trainer._cd_recorder.log_scalars(state.global_step - 1, values)
+        self._trainer._cd_end_pending()
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self._trainer._cd_end_pending()
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self._trainer._cd_end_pending()
+        self._trainer._cd_recorder.close()
+
+
+class CppoDiagGRPOMixin:
+    """Mixin for ``GRPOTrainer`` (or a subclass of it): per-token capture + optional cppo-diag rule loss.
+
+    Keyword argument ``cppo_diag``: a ``CppoDiagConfig`` (or a dict of its fields). Everything else goes to
+    the trainer unchanged.
+    """
+
+    def __init__(self, *args, cppo_diag: CppoDiagConfig | dict | None = None, **kwargs):
+        cfg = cppo_diag if isinstance(cppo_diag, CppoDiagConfig) else CppoDiagConfig(**(cppo_diag or {}))
+        self._cd_cfg = cfg
+        self._cd_capture: dict[str, Any] | None = None
+        self._cd_micro = 0
+        self._cd_micro_step = -1
+        self._cd_pending: set[int] = set()
+        self._cd_step_metrics: dict[str, list[float]] = {}
+        self._cd_generation_round = 0
+        self._cd_rewards_per_func: torch.Tensor | None = None
+        self._cd_recorder = NullRecorder()
+        super().__init__(*args, **kwargs)
+        if cfg.rule is not None:
+            from cppo_diag.masks import get_rule
+
+            get_rule(cfg.rule)  # raises with the list of known rules
+            self._cd_check_rule_mode()
+        self._cd_recorder = self._cd_open_recorder()
+        self.add_callback(CppoDiagCallback(self))
+
+    # -- set-up ---------------------------------------------------------------------------------------
+    def _cd_check_rule_mode(self) -> None:
+        args = self.args
+        problems = []
+        if getattr(self, "top_entropy_quantile", 1.0) < 1.0:
+            problems.append(f"top_entropy_quantile: expected 1.0, found {self.top_entropy_quantile}")
+        if getattr(self, "off_policy_mask_threshold", None) is not None:
+            problems.append(f"off_policy_mask_threshold: expected None, found {self.off_policy_mask_threshold}")
+        if getattr(self, "_entropy_bonus_enabled", False):
+            problems.append("entropy bonus: expected disabled (entropy_coef 0, no adaptive entropy)")
+        if getattr(self, "importance_sampling_level", "token") != "token":
+            problems.append(f"importance_sampling_level: expected 'token', found {self.importance_sampling_level!r}")
+        if getattr(args, "use_liger_kernel", False) or getattr(args, "use_liger_loss", False):
+            problems.append("use_liger_kernel: expected False (Liger computes its own fused loss)")
+        if problems:
+            raise ValueError(
+                f"CppoDiagConfig.rule={self._cd_cfg.rule!r} replaces TRL's loss; these GRPOConfig options "
+                "would change which tokens train behind the rule's back: " + "; ".join(problems)
+            )
+
+    def _cd_anchor(self) -> tuple[str, str]:
+        """(meta anchor, description of what fills logp_rollout)."""
+        if getattr(self, "use_vllm", False):
+            return "rollout", "sampling_per_token_logps (vLLM sampler)"
+        return "old", "old_per_token_logps (pi_old = the generating model), or detached logp when TRL skips it"
+
+    def _cd_open_recorder(self):
+        cfg = self._cd_cfg
+        if cfg.run_dir is None:
+            return NullRecorder()
+        anchor, source = self._cd_anchor()
+        model_name = getattr(getattr(self.model, "config", None), "_name_or_path", None) or None
+        config = {
+            "trl_version": getattr(_trl, "__version__", None),
+            "logp_rollout_source": source,
+            "loss": f"cppo-diag rule {cfg.rule}" if cfg.rule else f"trl loss_type={getattr(self, 'loss_type', None)}",
+            "num_generations": getattr(self, "num_generations", None),
+            "num_iterations": getattr(self, "num_iterations", None),
+            "steps_per_generation": getattr(self.args, "steps_per_generation", None),
+            "gradient_accumulation_steps": getattr(self.args, "gradient_accumulation_steps", None),
+            "per_device_train_batch_size": getattr(self.args, "per_device_train_batch_size", None),
+            "max_completion_length": getattr(self, "max_completion_length", None),
+            "epsilon_low": getattr(self, "epsilon_low", None),
+            "epsilon_high": getattr(self, "epsilon_high", None),
+            "beta": getattr(self, "beta", None),
+            "use_vllm": getattr(self, "use_vllm", False),
+            "cppo_diag": {k: v for k, v in asdict(cfg).items() if k not in ("run_dir",)},
+            "keys": "step = optimiser step; update = micro-batch in the step; seq_id = update * B + row",
+        }
+        return RunRecorder(
+            cfg.run_dir, name=cfg.name, config=config, trainer="trl", rule=cfg.rule,
+            rule_params=dict(cfg.rule_params) if cfg.rule else None, model=model_name, task=cfg.task,
+            anchor=anchor, rank=self.accelerator.process_index, on_error=cfg.on_error,
+            every_n_steps=cfg.every_n_steps, seq_fraction=cfg.seq_fraction,
+        )
+
+    # -- step bookkeeping (called by CppoDiagCallback) ------------------------------------------------
+    def _cd_step_finished(self, step: int) -> None:
+        if self._cd_step_metrics:
+            means = {k: sum(v) / len(v) for k, v in self._cd_step_metrics.items() if v}
+            self._cd_recorder.log_scalars(step, means)
+            self._cd_step_metrics = {}
+        self._cd_pending.add(step)
+
+    def _cd_end_pending(self) -> None:
+        for step in sorted(self._cd_pending):
+            self._cd_recorder.end_step(step)
+        self._cd_pending.clear()
+
+    # -- wrapped TRL methods ----------------------------------------------------------------------------
+    def _calculate_rewards(self, *args, **kwargs):
+        rewards_per_func = super()._calculate_rewards(*args, **kwargs)
+        self._cd_rewards_per_func = rewards_per_func
+        return rewards_per_func
+
+    def _generate_and_score_completions(self, *args, **kwargs):
+        output = super()._generate_and_score_completions(*args, **kwargs)
+        try:
+            self._cd_tag_generation(output)
+        except Exception as exc:  # tagging is diagnostics only: never break generation
+            logger.warning("cppo-diag: could not tag generation batch with group ids/rewards: %r", exc)
+        return output
+
+    def _cd_tag_generation(self, output: dict) -> None:
+        """Add per-row group ids and rewards to TRL's batch dict (shuffled/split with it by TRL)."""
+        completion_ids = output["completion_ids"]
+        n_local = completion_ids.shape[0]
+        device = completion_ids.device
+        rank = self.accelerator.process_index
+        world = self.accelerator.num_processes
+        # TRL's sampler puts each prompt's num_generations completions next to each other in the global
+        # batch (rewards are grouped with .view(-1, num_generations)), and this process holds rows
+        # [rank * n_local, (rank + 1) * n_local) of it.
+        global_rows = rank * n_local + torch.arange(n_local, device=device)
+        offset = self._cd_generation_round * world * n_local
+        output[_GROUP_KEY] = (offset + global_rows) // int(self.num_generations)  # (B,)
+        self._cd_generation_round += 1
+        rpf = self._cd_rewards_per_func
+        self._cd_rewards_per_func = None
+        if rpf is not None and rpf.shape[0] == world * n_local:
+            weights = self.reward_weights.to(rpf.device, rpf.dtype)
+            rewards = (rpf * weights.unsqueeze(0)).nansum(dim=1)  # (B_global,)
+            rewards = rewards[rank * n_local:(rank + 1) * n_local]
+            output[_REWARD_KEY] = rewards.to(device=device, dtype=torch.float32)  # (B,)
+
+    def _get_per_token_logps_and_entropies(self, *args, **kwargs):
+        out = super()._get_per_token_logps_and_entropies(*args, **kwargs)
+        cap = self._cd_capture
+        if cap is not None and "logp" not in cap:  # first call inside _compute_loss = loss-time forward
+            cap["logp"] = out[0].detach()
+            cap["entropy"] = out[1].detach() if len(out) > 1 and out[1] is not None else None
+        return out
+
+    def _compute_loss(self, model, inputs):
+        if self._cd_cfg.rule is not None:
+            return self._cd_rule_loss(model, inputs)
+        self._cd_capture = {}
+        try:
+            loss = super()._compute_loss(model, inputs)
+        finally:
+            captured, self._cd_capture = self._cd_capture, None
+        if self.model.training and "logp" in captured:
+            keep = self._cd_trl_keep(captured["logp"], inputs)
+            self._cd_record(inputs, captured["logp"], captured.get("entropy"), keep=keep, reason=None)
+        return loss
+
+    # -- rule mode --------------------------------------------------------------------------------------
+    def _cd_forward_kwargs(self, inputs) -> dict:
+        sig = getattr(self, "_cd_sig", None)
+        if sig is None:
+            sig = self._cd_sig = inspect.signature(super()._get_per_token_logps_and_entropies).parameters
+        kwargs = {k: inputs.get(k) for k in _FORWARD_EXTRAS if k in sig and inputs.get(k) is not None}
+        if "compute_entropy" in sig:
+            kwargs["compute_entropy"] = True
+        if "compute_aux_loss" in sig:
+            kwargs["compute_aux_loss"] = bool(getattr(self, "aux_loss_enabled", False))
+        return kwargs
+
+    def _cd_rule_loss(self, model, inputs):
+        """cppo-diag rule + policy loss in place of TRL's clipped surrogate (SPEC.md "Loss")."""
+        from cppo_diag.loss import policy_loss
+        from cppo_diag.masks import compute_mask
+        from cppo_diag.masks.reduce import masked_mean
+
+        cfg = self._cd_cfg
+        prompt_ids, prompt_mask = inputs["prompt_ids"], inputs["prompt_mask"]
+        completion_ids, completion_mask = inputs["completion_ids"], inputs["completion_mask"]
+        input_ids = torch.cat([prompt_ids, completion_ids], dim=1)  # (B, P+T)
+        attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)  # (B, P+T)
+        logits_to_keep = completion_ids.size(1)
+        mask = completion_mask if "tool_mask" not in inputs else completion_mask * inputs["tool_mask"]
+        mask = mask.bool()  # (B, T)
+        out = super()._get_per_token_logps_and_entropies(
+            model, input_ids, attention_mask, logits_to_keep, **self._cd_forward_kwargs(inputs)
+        )
+        logp = out[0]  # (B, T), carries grad
+        entropy = out[1] if len(out) > 1 else None
+        aux_loss = out[2] if len(out) > 2 else None
+        logp_rollout, logp_old = self._cd_rollout_and_old(logp, inputs)
+        advantages = inputs["advantages"]  # (B,) or (B, T)
+        res = compute_mask(
+            cfg.rule, logp=logp.detach(), logp_rollout=logp_rollout, advantages=advantages,
+            response_mask=mask, logp_old=logp_old, **cfg.rule_params,
+        )
+        loss_kwargs = {"agg": cfg.agg, "max_len": getattr(self, "max_completion_length", None), "rule": cfg.rule}
+        if cfg.trunc_cap is not None:
+            loss_kwargs["trunc_cap"] = cfg.trunc_cap
+        loss, loss_metrics = policy_loss(logp, logp_rollout, advantages, mask, res, **loss_kwargs)
+        mode = "train" if self.model.training else "eval"
+        if getattr(self, "beta", 0.0) != 0.0:
+            ref = inputs["ref_per_token_logps"]  # (B, T)
+            per_token_kl = torch.exp(ref - logp) - (ref - logp) - 1  # k3, as TRL
+            kl = masked_mean(per_token_kl, mask)
+            loss = loss + self.beta * kl
+            self._metrics[mode]["kl"].append(float(kl.detach()))
+        if aux_loss is not None:
+            loss = loss + self.router_aux_loss_coef * aux_loss
+        if mode == "train":  # TRL scales for gradient accumulation itself (HF auto-scaling is off)
+            loss = loss / self.current_gradient_accumulation_steps
+        metrics = {**dict(res.metrics), **{k: float(v) for k, v in dict(loss_metrics).items()}}
+        for key, value in metrics.items():
+            value = float(value)
+            self._metrics[mode][key].append(value)  # shows up in TRL's logs / report_to
+            if mode == "train":
+                self._cd_step_metrics.setdefault(key, []).append(value)
+        if entropy is not None:
+            self._metrics[mode]["entropy"].append(float(masked_mean(entropy.detach(), mask)))
+        if self.model.training:
+            self._cd_record(inputs, logp.detach(), entropy.detach() if entropy is not None else None,
+                            keep=res.keep, reason=res.reason)
+        return loss
+
+    # -- recording --------------------------------------------------------------------------------------
+    def _cd_rollout_and_old(self, logp: torch.Tensor, inputs) -> tuple[torch.Tensor, torch.Tensor | None]:
+        old = inputs.get("old_per_token_logps")
+        sampling = inputs.get("sampling_per_token_logps")
+        if sampling is not None:
+            rollout = sampling
+        elif old is not None:
+            rollout = old
+        else:  # num_iterations == 1 without vLLM: pi_old == pi (TRL skips the pass for this reason)
+            rollout = logp.detach()
+        return rollout, old
+
+    def _cd_trl_keep(self, logp: torch.Tensor, inputs) -> torch.Tensor | None:
+        """The mask TRL's own clip applied (False = zero gradient), for token-level clipped loss types."""
+        if getattr(self, "loss_type", None) not in _CLIPPED_LOSS_TYPES:
+            return None
+        if getattr(self, "importance_sampling_level", "token") != "token":
+            return None
+        old = inputs.get("old_per_token_logps")
+        old = logp if old is None else old
+        with torch.no_grad():
+            ratio = torch.exp(logp - old)  # (B, T)
+            adv = inputs["advantages"]
+            adv = adv.unsqueeze(1) if adv.dim() == 1 else adv  # (B, 1) or (B, T)
+            clipped = ((ratio < 1 - self.epsilon_low) & (adv < 0)) | ((ratio > 1 + self.epsilon_high) & (adv > 0))
+            delta = getattr(self.args, "delta", None)
+            if delta is not None:  # two-sided clipping: the ratio is clamped at delta on the unclipped branch
+                clipped = clipped | ((ratio > delta) & (adv < 0))
+        return ~clipped
+
+    def _cd_record(self, inputs, logp, entropy, *, keep, reason) -> None:
+        rec = self._cd_recorder
+        if not rec:
+            return
+        step = int(self.state.global_step)
+        if step != self._cd_micro_step:
+            self._cd_micro_step, self._cd_micro = step, 0
+        update = self._cd_micro
+        self._cd_micro += 1
+        completion_ids, completion_mask = inputs["completion_ids"], inputs["completion_mask"]
+        mask = completion_mask if "tool_mask" not in inputs else completion_mask * inputs["tool_mask"]
+        mask = mask.bool()  # (B, T)
+        batch = completion_ids.shape[0]
+        seq_ids = update * batch + torch.arange(batch)  # (B,)
+        logp_rollout, logp_old = self._cd_rollout_and_old(logp, inputs)
+        reason_applied = None
+        if keep is not None and reason is None:
+            reason_applied = torch.where(keep, 0, 1).to(torch.uint8)  # TRL's clip is a token threshold
+        elif reason is not None:
+            reason_applied = reason
+        rec.log_tokens(
+            step=step, update=update, seq_ids=seq_ids, logp=logp, logp_rollout=logp_rollout, logp_old=logp_old,
+            advantages=inputs["advantages"], response_mask=mask, token_ids=completion_ids, entropy=entropy,
+            reward=inputs.get(_REWARD_KEY), group_id=inputs.get(_GROUP_KEY), keep_applied=keep,
+            reason_applied=reason_applied,
+        )
+        if self._cd_cfg.record_sequences:
+            self._cd_record_sequences(step, seq_ids, inputs, mask)
+
+    def _cd_record_sequences(self, step: int, seq_ids, inputs, mask) -> None:
+        tok = getattr(self.processing_class, "tokenizer", self.processing_class)
+        try:
+            prompt_ids, prompt_mask = inputs["prompt_ids"].cpu(), inputs["prompt_mask"].bool().cpu()
+            completion_ids, mask = inputs["completion_ids"].cpu(), mask.cpu()
+            prompts, completions, tokens = [], [], []
+            for row in range(completion_ids.shape[0]):
+                p = prompt_ids[row][prompt_mask[row]].tolist()
+                c = completion_ids[row][mask[row]].tolist()
+                prompts.append(tok.decode(p, skip_special_tokens=False))
+                completions.append(tok.decode(c, skip_special_tokens=False))
+                tokens.append([str(t) for t in tok.convert_ids_to_tokens(c)])
+        except Exception as exc:  # text is a convenience; token data is already recorded
+            warnings.warn(f"cppo-diag: could not decode sequences at step {step}: {exc!r}", stacklevel=2)
+            return
+        rewards = inputs.get(_REWARD_KEY)
+        group_ids = inputs.get(_GROUP_KEY)
+        self._cd_recorder.log_sequences(
+            step=step, seq_ids=seq_ids, prompts=prompts, completions=completions, tokens=tokens,
+            rewards=rewards.cpu() if rewards is not None else None, lengths=mask.sum(dim=1),
+            group_ids=group_ids.cpu() if group_ids is not None else None,
+        )
+
+
+class CppoDiagGRPOTrainer(CppoDiagGRPOMixin, GRPOTrainer):
+    """``trl.GRPOTrainer`` with cppo-diag capture (and an optional cppo-diag rule): see the module docstring."""

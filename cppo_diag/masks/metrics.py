@@ -1,0 +1,52 @@
+"""Metric builders shared by the rules (names are slash-namespaced and fixed, see docs/rules.md)."""
+
+from __future__ import annotations
+
+import torch
+
+from cppo_diag.masks.layout import RuleInput
+from cppo_diag.masks.reduce import masked_count, masked_fraction, masked_max, masked_mean, safe_div
+from cppo_diag.masks.result import BUDGET, TOKEN
+
+__all__ = ["mask_metrics", "divergence_metrics", "DIV_SHORT"]
+
+DIV_SHORT = {"binary_tv": "tv", "binary_kl": "kl", "topk_tv": "topk_tv", "topk_kl": "topk_kl"}
+
+
+def mask_metrics(name: str, x: RuleInput, keep: torch.Tensor, reason: torch.Tensor) -> dict[str, torch.Tensor]:
+    """mask/<rule>/{frac, frac_pos_adv, frac_neg_adv, away_frac, budget_share, token_share, seq_frac,
+    n_valid, n_masked}: fractions of valid tokens (``frac_pos_adv``: of the A>0 tokens, ``seq_frac``: of
+    the responses with at least one masked token)."""
+    v = x.valid
+    masked = v & ~keep  # (B, T)
+    n_masked = masked_count(masked)
+    p = f"mask/{name}"
+    return {
+        f"{p}/frac": masked_fraction(masked, v),
+        f"{p}/frac_pos_adv": masked_fraction(masked, v & (x.advantages > 0)),
+        f"{p}/frac_neg_adv": masked_fraction(masked, v & (x.advantages < 0)),
+        f"{p}/away_frac": masked_fraction(x.away, v),
+        f"{p}/budget_share": safe_div(masked_count(reason == BUDGET).to(torch.float64), n_masked),
+        f"{p}/token_share": safe_div(masked_count(reason == TOKEN).to(torch.float64), n_masked),
+        f"{p}/seq_frac": masked_fraction(masked.any(dim=-1), v.any(dim=-1)),
+        f"{p}/n_valid": masked_count(v),
+        f"{p}/n_masked": n_masked,
+    }
+
+
+def divergence_metrics(name: str, d: torch.Tensor, valid: torch.Tensor) -> dict[str, torch.Tensor]:
+    """div/<short>/{mean, p90, max} over valid tokens (p90: the nearest-rank order statistic, via kthvalue)."""
+    short = DIV_SHORT.get(name, name)
+    vals = d[valid]  # (n,)
+    n = vals.numel()
+    if n:
+        k = max(1, min(n, int(round(0.9 * (n - 1))) + 1))
+        p90 = vals.kthvalue(k).values
+    else:
+        p90 = torch.zeros((), dtype=d.dtype, device=d.device)
+    return {
+        f"div/{short}/mean": masked_mean(d, valid),
+        f"div/{short}/p90": p90,
+        f"div/{short}/max": masked_max(d, valid),
+    }
+

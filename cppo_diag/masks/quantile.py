@@ -1,0 +1,117 @@
+"""The adaptive prefix budget delta_b per response (CPPO Eq. 22), without sorting most rows.
+
+delta_b_seq = clamp(k * Quantile_q(D over the response's valid tokens), delta_b_min, cap * delta_b_min),
+with Quantile_q the linear-interpolation quantile (``torch.quantile``/``numpy.quantile`` default):
+h = q (n - 1), lo = floor(h), hi = min(lo + 1, n - 1), Quantile = lerp(x_(lo), x_(hi), h - lo).
+
+Speed (SPEC speed note): because of the clamp, a row whose two order statistics x_(lo), x_(hi) both lie at or
+below delta_b_min / k (counted, not sorted) gets delta_b_min, and a row whose x_(lo) is at or above
+cap * delta_b_min / k gets the cap. Only the remaining rows need the order statistics, taken from a partial
+``topk`` of the top (1 - q) tail of those rows only.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+__all__ = ["adaptive_delta_b", "masked_row_quantile"]
+
+
+def _rank_terms(n: torch.Tensor, q: float):
+    """(lo, hi, frac) per row for n valid values: h = q (n - 1)."""
+    h = q * (n.clamp(min=1) - 1).to(torch.float64)  # (B,)
+    lo = torch.floor(h)
+    frac = h - lo
+    lo = lo.to(torch.int64)
+    hi = torch.minimum(lo + 1, (n - 1).clamp(min=0))
+    return lo, hi, frac
+
+
+def masked_row_quantile(d: torch.Tensor, valid: torch.Tensor, q: float, n: torch.Tensor | None = None) -> torch.Tensor:
+    """(B,) linear-interpolation quantile q of each row's valid values (0 for rows with none).
+
+    Uses a partial ``topk`` of the upper (1 - q) tail: O(T) per row rather than a full sort.
+    """
+    B, T = d.shape
+    if n is None:
+        n = valid.sum(-1)
+    if B == 0 or T == 0:
+        return torch.zeros((B,), dtype=d.dtype, device=d.device)
+    lo, hi, frac = _rank_terms(n, q)
+    k = min(T, int(math.ceil((T - 1) * (1.0 - q))) + 3)
+    neg_inf = torch.full((), float("-inf"), dtype=d.dtype, device=d.device)
+    top = torch.topk(torch.where(valid, d, neg_inf), k, dim=-1, largest=True, sorted=True).values  # (B, k) desc
+    r_lo = (n - 1 - lo).clamp(min=0, max=k - 1)  # descending index of x_(lo)
+    r_hi = (n - 1 - hi).clamp(min=0, max=k - 1)
+    x_lo = top.gather(1, r_lo[:, None])[:, 0]
+    x_hi = top.gather(1, r_hi[:, None])[:, 0]
+    out = torch.lerp(x_lo, x_hi, frac.to(d.dtype))
+    return torch.where(n > 0, out, torch.zeros((), dtype=d.dtype, device=d.device))
+
+
+def adaptive_delta_b(
+    d: torch.Tensor,
+    valid: torch.Tensor,
+    n: torch.Tensor,
+    *,
+    q: float,
+    scale: float,
+    delta_b_min: float,
+    cap: float,
+) -> torch.Tensor:
+    """(B,) delta_b_seq = clamp(scale * Quantile_q(D valid), delta_b_min, cap * delta_b_min) (CPPO Eq. 22).
+
+    d (B, T) divergence, 0 on padding; valid (B, T) bool; n (B,) valid counts. Rows without valid tokens get
+    delta_b_min (they have no token to mask).
+
+    Exact for every row, sorting only what the clamp leaves open. With lo_b = delta_b_min, hi_b = cap * lo_b,
+    x = scale * D and the counts c_le = #{x <= lo_b}, c_lt = #{x < hi_b} over valid tokens, the order
+    statistics x_(lo), x_(hi) that the interpolation needs are: at most lo_b for ranks < c_le (then only the
+    rank c_le - 1 can be needed: the largest such value), at least hi_b for ranks >= c_lt (only rank c_lt:
+    the smallest such value), and the sorted "band" values lo_b < x < hi_b in between. A row with
+    c_le >= hi + 1 is at the minimum, a row with c_lt <= lo at the cap; only the band values of the
+    remaining rows are gathered (one host sync) and sorted.
+    """
+    B, T = d.shape
+    dt, dev = d.dtype, d.device
+    lo_b, hi_b = float(delta_b_min), float(cap) * float(delta_b_min)
+    out = torch.full((B,), lo_b, dtype=dt, device=dev)
+    if B == 0 or T == 0:
+        return out
+    x = d if scale == 1.0 else d * scale  # (B, T), 0 on padding
+    n_pad = T - n  # (B,) padding entries hold x = 0
+    lo, hi, frac = _rank_terms(n, q)
+    c_le = torch.count_nonzero(x <= lo_b, dim=-1) - n_pad  # (B,)  0 <= lo_b: padding counted, then removed
+    c_lt = torch.count_nonzero(x < hi_b, dim=-1) - (n_pad if hi_b > 0 else 0)  # (B,)
+    at_min = (c_le >= hi) | (n == 0)
+    at_cap = (c_lt <= lo) & ~at_min
+    out = torch.where(at_cap, torch.full((), hi_b, dtype=dt, device=dev), out)
+    open_rows = ~(at_min | at_cap)  # (B,)
+    rows = open_rows.nonzero().squeeze(1)  # (R,) the undecided rows (one host sync)
+    if rows.numel() == 0:
+        return out
+    band = (x > lo_b) & (x < hi_b)  # (B, T) excludes padding (x = 0 <= lo_b)
+    band &= open_rows[:, None]
+    vals = d[band]  # (M,) row-major: rows in order
+    m_row = torch.count_nonzero(band, dim=-1)  # (B,)
+    row_of = torch.repeat_interleave(torch.arange(B, device=dev), m_row, output_size=vals.numel())
+    order = torch.sort(vals, stable=True).indices
+    order = order[torch.sort(row_of[order], stable=True).indices]  # by row, then by value
+    band_sorted = vals[order]  # (M,)
+    offset = torch.cumsum(m_row, 0) - m_row  # (B,) start of each row's band values
+    neg_inf = torch.full((), float("-inf"), dtype=dt, device=dev)
+    pos_inf = torch.full((), float("inf"), dtype=dt, device=dev)
+    xr, vr, dr = x.index_select(0, rows), valid.index_select(0, rows), d.index_select(0, rows)  # (R, T)
+    low_max = torch.where(vr & (xr <= lo_b), dr, neg_inf).amax(-1)  # (R,) largest D with x <= lo_b
+    high_min = torch.where(vr & (xr >= hi_b), dr, pos_inf).amin(-1)  # (R,) smallest D with x >= hi_b
+
+    def order_stat(r: torch.Tensor) -> torch.Tensor:  # (R,) value of rank r among the row's valid D
+        cle, clt, off = c_le[rows], c_lt[rows], offset[rows]
+        idx = (off + r - cle).clamp(min=0, max=max(band_sorted.numel() - 1, 0))
+        in_band = band_sorted[idx] if band_sorted.numel() else torch.zeros_like(low_max)
+        return torch.where(r < cle, low_max, torch.where(r >= clt, high_min, in_band))
+
+    qv = torch.lerp(order_stat(lo[rows]), order_stat(hi[rows]), frac[rows].to(dt))  # (R,)
+    return out.index_copy(0, rows, (scale * qv).clamp(min=lo_b, max=hi_b))

@@ -1,0 +1,116 @@
+"""The rule registry: one decorated function per rule, looked up by name.
+
+A rule is a pure function ``fn(x: RuleInput, *, <params with defaults>) -> RuleOutput`` registered with
+``@register_rule("name", equation=...)``. Its keyword-only parameters, and their defaults, are read from the
+signature, so ``cppo-diag rules``, ``docs/rules.md`` and the code cannot drift. Every parameter name must be
+one of ``PARAMETERS`` (SPEC.md's names), so every rule is called through the same keyword signature
+(``compute_mask(rule, *, logp, logp_rollout, advantages, ..., **params)``).
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+__all__ = ["RuleSpec", "PARAMETERS", "register_rule", "get_rule", "list_rules", "UnknownRuleError"]
+
+# Every parameter any rule may take, with its meaning (SPEC.md names; defaults live in each rule's signature).
+PARAMETERS: dict[str, str] = {
+    "delta": "token threshold on D_t (cppo family, dppo); max-KL threshold (trm_max); step size (drpo)",
+    "w_min": "weight of the last position: w_t falls linearly from 1 (t = 1) to w_min (t = T) (CPPO Eq. 9)",
+    "delta_b": "prefix budget per unit weight: the minimum delta_b_min (adaptive mode) or the fixed value",
+    "delta_b_mode": "'adaptive' (Eq. 22: clamp(k * quantile_q(D), delta_b, cap * delta_b) per response) or 'fixed'",
+    "delta_b_quantile": "q of the adaptive budget quantile (linear interpolation over the response's valid D_t)",
+    "delta_b_cap": "cap: the adaptive budget is at most cap * delta_b",
+    "delta_b_scale": "k: the adaptive budget is k * quantile_q(D) before clamping",
+    "weight_length": "which T in w_t: 'sequence' (each response's own valid length) or 'horizon' (T := horizon)",
+    "horizon": "H for weight_length='horizon' (positions beyond H get w_min)",
+    "divergence": "per-token D_t: 'binary_tv', 'binary_kl', 'topk_tv' or 'topk_kl' (topk_* need topk=...)",
+    "eps_low": "lower ratio clip: mask A<0 tokens with rho < 1 - eps_low",
+    "eps_high": "upper ratio clip (grpo_clip: mask A>0 tokens with rho > 1 + eps_high; cispo: weight cap)",
+    "delta_low": "dppo threshold for A<0 tokens (default: delta)",
+    "delta_high": "dppo threshold for A>0 tokens (default: delta)",
+    "delta_avg": "trm_avg threshold on the mean per-token KL of a response",
+    "seed": "seed of cppo_shuffled's weight permutation (with row index and valid length)",
+}
+
+# Parameters handled by compute_mask itself (valid for every rule).
+COMMON_PARAMETERS: dict[str, str] = {
+    "anchor": "'rollout' (mu, default) or 'old' (pi_old = logp_old) as the ratio's and divergence's anchor",
+    "check_finite": "validate that valid positions hold finite values (one host sync); default True",
+}
+
+
+class UnknownRuleError(ValueError):
+    """Unknown rule name; the message lists the registered ones."""
+
+
+@dataclass(frozen=True)
+class RuleSpec:
+    """A registered rule: name, function, parameters (name -> default), paper equation and description."""
+
+    name: str
+    fn: Callable = field(repr=False)
+    params: dict[str, Any]
+    equation: str
+    doc: str
+    family: str
+    reasons: tuple[str, ...]
+    default_notes: dict[str, str] = field(default_factory=dict)
+
+    def describe_default(self, param: str) -> str:
+        return self.default_notes.get(param, repr(self.params[param]))
+
+
+_REGISTRY: dict[str, RuleSpec] = {}
+
+
+def register_rule(
+    name: str,
+    *,
+    equation: str,
+    family: str,
+    reasons: tuple[str, ...] = ("kept",),
+    default_notes: dict[str, str] | None = None,
+):
+    """Decorator: register ``fn(x, *, **params) -> RuleOutput`` under ``name``."""
+
+    def deco(fn: Callable) -> Callable:
+        if name in _REGISTRY:
+            raise ValueError(f"rule {name!r} is already registered (by {_REGISTRY[name].fn.__module__})")
+        sig = inspect.signature(fn)
+        items = list(sig.parameters.values())
+        if not items or items[0].kind not in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD):
+            raise TypeError(f"rule {name!r}: first parameter must be the positional RuleInput")
+        params = {}
+        for p in items[1:]:
+            if p.kind is not inspect.Parameter.KEYWORD_ONLY or p.default is inspect.Parameter.empty:
+                raise TypeError(f"rule {name!r}: parameter {p.name!r} must be keyword-only with a default")
+            if p.name not in PARAMETERS:
+                raise TypeError(f"rule {name!r}: parameter {p.name!r} is not one of PARAMETERS {sorted(PARAMETERS)}")
+            params[p.name] = p.default
+        doc = inspect.cleandoc(fn.__doc__ or "")
+        _REGISTRY[name] = RuleSpec(name, fn, params, equation, doc, family, tuple(reasons), dict(default_notes or {}))
+        return fn
+
+    return deco
+
+
+def _ensure_loaded() -> None:
+    import cppo_diag.masks.rules  # noqa: F401  (registers the built-in rules)
+
+
+def get_rule(name: str) -> RuleSpec:
+    """The spec of a registered rule; raises ``UnknownRuleError`` listing the known names."""
+    _ensure_loaded()
+    try:
+        return _REGISTRY[name]
+    except (KeyError, TypeError):
+        raise UnknownRuleError(f"unknown rule {name!r}; known rules: {', '.join(_REGISTRY)}") from None
+
+
+def list_rules() -> list[RuleSpec]:
+    """All registered rules, in registration order."""
+    _ensure_loaded()
+    return list(_REGISTRY.values())

@@ -1,0 +1,287 @@
+"""Read a run directory: ``open_run(path) -> Run`` and ``list_runs(root)``.
+
+The reader only ever sees whole files (the writer renames temp files into place) and only counts a step's
+token shards once that step's ``_done`` marker exists, so it can read a run that is still being written.
+Each shard's Parquet footer is checked cheaply (magic bytes + footer parse, cached by size/mtime); a
+truncated or corrupt shard is skipped with a warning that names the file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+import warnings
+from pathlib import Path
+
+import polars as pl
+import pyarrow.parquet as pq
+
+from cppo_diag.storage import layout, schema
+
+
+class RunFormatError(ValueError):
+    """The directory is not a readable run (the message says which file and what was expected)."""
+
+
+class RunWarning(UserWarning):
+    """A part of a run was skipped while reading (the message names the file)."""
+
+
+_LIVE_STALE_S = 60.0  # heartbeat older than this from another host => not live
+
+
+class Run:
+    """One run directory. Cheap to construct; every method re-lists the directory (live runs grow)."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        meta_path = self.path / schema.META_FILE
+        if not self.path.is_dir():
+            raise RunFormatError(f"not a run: {self.path} is not a directory")
+        if not meta_path.exists():
+            raise RunFormatError(f"not a run: {self.path} has no {schema.META_FILE}")
+        try:
+            meta = json.loads(meta_path.read_text())
+        except (OSError, ValueError) as exc:
+            raise RunFormatError(f"{meta_path}: cannot parse JSON ({exc})") from exc
+        if not isinstance(meta, dict):
+            raise RunFormatError(f"{meta_path}: expected a JSON object, found {type(meta).__name__}")
+        version = meta.get("schema_version")
+        if version != schema.SCHEMA_VERSION:
+            raise RunFormatError(
+                f"{meta_path}: schema_version expected {schema.SCHEMA_VERSION}, found {version!r}"
+                + (" (written by a newer cppo-diag; upgrade)" if isinstance(version, int) and version > schema.SCHEMA_VERSION else "")
+            )
+        self.meta: dict = meta
+        self.name: str = meta.get("name") or self.path.name
+        self._footer_cache: dict[Path, tuple[tuple[int, int], object]] = {}
+        self._warned: set[str] = set()
+
+    def __repr__(self) -> str:
+        return f"Run({str(self.path)!r}, status={self.meta.get('status')!r})"
+
+    # -- liveness / completeness --------------------------------------------------------------------
+    @property
+    def is_live(self) -> bool:
+        """True while some writer of this run is still open (status 'running' and a fresh heartbeat;
+        on the same host the heartbeat's process must still exist)."""
+        meta = self._reload_meta()
+        if meta.get("status") != "running":
+            return False
+        live_dir = self.path / layout.LIVE_DIR
+        if not live_dir.is_dir():
+            return False
+        host = socket.gethostname()
+        for f in live_dir.glob("rank*.json"):
+            try:
+                beat = json.loads(f.read_text())
+            except (OSError, ValueError):
+                continue
+            if beat.get("host") == host:
+                try:
+                    os.kill(int(beat["pid"]), 0)
+                    return True
+                except ProcessLookupError:
+                    continue
+                except (PermissionError, KeyError, ValueError, TypeError):
+                    return True
+            elif time.time() - float(beat.get("time", 0)) < _LIVE_STALE_S:
+                return True
+        return False
+
+    def _reload_meta(self) -> dict:
+        try:
+            self.meta = json.loads((self.path / schema.META_FILE).read_text())
+        except (OSError, ValueError):
+            pass
+        return self.meta
+
+    def _done_pairs(self) -> set[tuple[int, int]]:
+        done_dir = self.path / schema.DONE_DIR
+        if not done_dir.is_dir():
+            return set()
+        out = set()
+        for f in done_dir.iterdir():
+            parsed = layout.parse_done_marker(f.name)
+            if parsed:
+                out.add(parsed)
+        return out
+
+    def completed_steps(self) -> list[int]:
+        """Steps with a ``_done`` marker from at least one rank, ascending."""
+        return sorted({s for s, _ in self._done_pairs()})
+
+    # -- shard discovery ----------------------------------------------------------------------------
+    def _warn(self, key: str, message: str) -> None:
+        if key in self._warned:
+            return
+        self._warned.add(key)
+        warnings.warn(message, RunWarning, stacklevel=3)
+
+    def _check_shard(self, path: Path):
+        """Return the file's pyarrow schema, or None (with a warning) if truncated/corrupt."""
+        try:
+            st = path.stat()
+        except OSError as exc:
+            self._warn(str(path), f"skipping shard {path}: {exc}")
+            return None
+        key = (st.st_size, st.st_mtime_ns)
+        cached = self._footer_cache.get(path)
+        if cached and cached[0] == key:
+            return cached[1]
+        reason = layout.parquet_footer_ok(path)
+        arrow_schema = None
+        if reason is None:
+            try:
+                arrow_schema = pq.read_schema(path)
+            except Exception as exc:  # noqa: BLE001 - any parse failure means a corrupt footer
+                reason = f"unreadable footer ({exc})"
+        if reason is not None:
+            self._warn(str(path), f"skipping corrupt or truncated shard {path}: {reason}")
+            self._footer_cache[path] = (key, None)
+            return None
+        self._footer_cache[path] = (key, arrow_schema)
+        return arrow_schema
+
+    def _shards(self, kind: str, include_incomplete: bool) -> list[tuple[Path, object]]:
+        top = self.path / (schema.TOKENS_DIR if kind == "tokens" else schema.SEQUENCES_DIR)
+        if not top.is_dir():
+            return []
+        done = self._done_pairs()
+        live = None
+        out = []
+        for step_dir in sorted(top.iterdir()):
+            step = layout.parse_step_dir(step_dir.name)
+            if step is None or not step_dir.is_dir():
+                continue
+            for f in sorted(step_dir.iterdir()):
+                if f.name.startswith(layout.TMP_PREFIX):
+                    if live is None:
+                        live = self.is_live
+                    if not live:
+                        self._warn(str(f), f"ignoring unfinished temp file {f} (a writer stopped mid-write)")
+                    continue
+                parsed = layout.parse_token_shard(f.name) if kind == "tokens" else layout.parse_sequence_shard(f.name)
+                if parsed is None:
+                    continue
+                rank = parsed[0]
+                if kind == "tokens" and not include_incomplete and (step, rank) not in done:
+                    if live is None:
+                        live = self.is_live
+                    if not live:
+                        self._warn(
+                            str(f),
+                            f"ignoring shard {f}: step {step} of rank {rank} was never completed (no _done marker)",
+                        )
+                    continue
+                arrow_schema = self._check_shard(f)
+                if arrow_schema is not None:
+                    out.append((f, arrow_schema))
+        return out
+
+    # -- tables -------------------------------------------------------------------------------------
+    def token_files(self, include_incomplete: bool = False) -> list[Path]:
+        """Token shards that would be read (complete steps only unless ``include_incomplete``)."""
+        return [p for p, _ in self._shards("tokens", include_incomplete)]
+
+    def tokens(self, *, include_incomplete: bool = False, all_columns: bool = False) -> pl.LazyFrame:
+        """All token rows of completed steps as a LazyFrame.
+
+        Columns: the required ones, ``update`` and ``rank`` (0 where a writer did not store them), and
+        every optional column present in any shard (null in shards that lack it). ``all_columns=True``
+        adds every schema column (typed nulls where never recorded).
+        """
+        shards = self._shards("tokens", include_incomplete)
+        return _scan(shards, schema.TOKEN_COLUMNS, schema.REQUIRED_TOKEN_COLUMNS, ("update", "rank"),
+                     all_columns=all_columns, what="token")
+
+    def sequences(self, *, all_columns: bool = False) -> pl.LazyFrame:
+        """Per-sequence rows (prompt/completion text, tokens, reward, length, ...) as a LazyFrame."""
+        shards = self._shards("sequences", True)
+        return _scan(shards, schema.SEQUENCE_COLUMNS, {c: schema.SEQUENCE_COLUMNS[c] for c in schema.REQUIRED_SEQUENCE_COLUMNS},
+                     ("rank",), all_columns=all_columns, what="sequence")
+
+    def steps(self) -> pl.DataFrame:
+        """One row per step: ``step`` plus one column per scalar name (rank 0's value wins on conflicts;
+        a step logged again after a resume keeps the latest value)."""
+        sdir = self.path / schema.SCALARS_DIR
+        rows = []
+        order = 0
+        for f in sorted(sdir.glob("rank*.jsonl")) if sdir.is_dir() else []:
+            try:
+                lines = f.read_text(encoding="utf-8").splitlines()
+            except OSError as exc:
+                self._warn(str(f), f"skipping scalars file {f}: {exc}")
+                continue
+            for i, line in enumerate(lines):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                    int(row["step"])
+                except (ValueError, KeyError, TypeError):
+                    self._warn(f"{f}:{i}", f"skipping malformed line {i + 1} of {f} (partial write?)")
+                    continue
+                row["_order"] = order
+                order += 1
+                rows.append(row)
+        if not rows:
+            return pl.DataFrame(schema={"step": pl.Int64})
+        df = pl.from_dicts(rows, infer_schema_length=None, strict=False)
+        if "rank" not in df.columns:
+            df = df.with_columns(pl.lit(0, pl.Int32).alias("rank"))
+        names = [c for c in df.columns if c not in ("step", "rank", "_order")]
+        # Later writes win, and rank 0 wins over other ranks: sort so those come last, take last non-null.
+        df = df.sort(["step", pl.col("rank") == 0, "_order"])
+        out = df.group_by("step", maintain_order=True).agg([pl.col(c).drop_nulls().last().alias(c) for c in names])
+        return out.with_columns(pl.col("step").cast(pl.Int64)).sort("step")
+
+
+def _scan(shards, dtypes: dict, required: dict, fill_zero: tuple[str, ...], *, all_columns: bool, what: str) -> pl.LazyFrame:
+    present: dict[str, pl.DataType] = {}
+    for path, arrow_schema in shards:
+        names = set(arrow_schema.names)
+        missing = [c for c in required if c not in names]
+        if missing:
+            raise RunFormatError(
+                f"{path}: {what} shard is missing required column(s) {missing}; found {sorted(names)}"
+            )
+        for name in arrow_schema.names:
+            if name in dtypes:
+                present[name] = dtypes[name]
+    columns = list(dtypes) if all_columns else [c for c in dtypes if c in present or c in required or c in fill_zero]
+    target = {c: dtypes[c] for c in columns}
+    if not shards:
+        return pl.LazyFrame(schema=target)
+    lf = pl.scan_parquet(
+        [str(p) for p, _ in shards], schema=target, missing_columns="insert", extra_columns="ignore",
+        hive_partitioning=False, cast_options=pl.ScanCastOptions(integer_cast=["upcast", "allow-float"], float_cast=["upcast", "downcast"]),
+    )
+    return lf.with_columns([pl.col(c).fill_null(0) for c in fill_zero if c in target])
+
+
+def open_run(path: str | os.PathLike) -> Run:
+    """Open the run directory ``path`` (raises ``RunFormatError`` if it is not a run of this schema)."""
+    return Run(path)
+
+
+def list_runs(root: str | os.PathLike) -> list[Run]:
+    """Runs directly under ``root`` (and ``root`` itself if it is a run), sorted by name.
+
+    Directories that are not runs are ignored; runs with an unreadable meta.json or another schema version
+    are skipped with a warning.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"runs root {root} is not a directory")
+    candidates = [root] if (root / schema.META_FILE).exists() else []
+    candidates += sorted(p for p in root.iterdir() if p.is_dir() and (p / schema.META_FILE).exists())
+    runs = []
+    for p in candidates:
+        try:
+            runs.append(Run(p))
+        except RunFormatError as exc:
+            warnings.warn(f"skipping {p}: {exc}", RunWarning, stacklevel=2)
+    return runs

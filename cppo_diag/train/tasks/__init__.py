@@ -1,0 +1,26 @@
+"""Tasks with verifiable rewards: synthetic arithmetic, a JSONL/Parquet math dataset, optional reasoning-gym."""
+
+from __future__ import annotations
+
+from .arithmetic import ArithmeticTask
+from .base import Problem, Task
+from .math_dataset import MathDatasetTask, extract_boxed, normalize_answer
+
+__all__ = ["ArithmeticTask", "MathDatasetTask", "Problem", "Task", "build_task", "extract_boxed", "normalize_answer"]
+
+
+def build_task(cfg) -> Task:
+    """Task from a ``TaskConfig`` (``cppo_diag.train.config``)."""
+    if cfg.kind in ("fib", "add"):
+        return ArithmeticTask(cfg.kind, min_terms=cfg.min_terms, max_terms=cfg.max_terms, digits=cfg.digits,
+                              reward=cfg.reward, eval_size=cfg.eval_size, eval_seed=cfg.eval_seed)
+    if cfg.kind == "dataset":
+        if not cfg.path:
+            raise ValueError("task.path: expected a .jsonl or .parquet file for task.kind='dataset', found ''")
+        return MathDatasetTask(cfg.path, prompt_field=cfg.prompt_field, answer_field=cfg.answer_field,
+                               eval_path=cfg.eval_path, eval_size=cfg.eval_size, eval_seed=cfg.eval_seed)
+    if cfg.kind == "reasoning_gym":
+        from .reasoning_gym_task import ReasoningGymTask
+
+        return ReasoningGymTask(cfg.rg_name, eval_size=cfg.eval_size, seed=cfg.eval_seed)
+    raise ValueError(f"task.kind: expected one of 'fib', 'add', 'dataset', 'reasoning_gym', found {cfg.kind!r}")

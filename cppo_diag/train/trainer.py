@@ -1,0 +1,405 @@
+"""The bundled RLVR trainer: GRPO-style groups, several updates per batch, any registered trust-region rule.
+
+Reads top to bottom (cleanrl / nanoGPT style). Per iteration (SPEC.md "Loss"):
+
+1. sample P prompts x n responses with the rollout policy; record mu (the sampler's log-probs) at sampling time;
+2. reward each response; group advantages A = r - mean(group) (optionally / std); drop zero-variance groups;
+3. for each of ``epochs * updates_per_batch`` minibatch updates: recompute pi, apply the rule through the public
+   ``cppo_diag.masks.compute_mask``, take the loss from ``cppo_diag.loss.policy_loss``, one AdamW step;
+   log the tokens the rule saw (``keep_applied``/``reason_applied``, ``seq_id`` = row in that minibatch) through
+   the public ``cppo_diag.RunRecorder``;
+4. log per-step scalars and per-sequence text; checkpoint.
+
+All randomness derives from (seed, step, rank), so a resumed run replays exactly. Steps the recorder already
+holds (``is_done``) are replayed to rebuild the state but not logged again.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+import warnings
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cppo_diag.capture import NullRecorder, RunRecorder
+from cppo_diag.loss import policy_loss
+from cppo_diag.masks import compute_mask, get_rule
+from cppo_diag.masks.reduce import masked_count, masked_mean, masked_sum
+
+from .checkpoint import drop_checkpoints, list_checkpoints, load_checkpoint, save_checkpoint
+from .config import TrainConfig, to_dict
+from .evaluate import evaluate
+from .models import build_policy
+from .rollout import RolloutBatch, TorchSampler, left_pad
+from .tasks import build_task
+
+
+# -- setup helpers -------------------------------------------------------------------------------------------
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def setup_distributed(device_kind: str) -> Dist:
+    """torchrun sets WORLD_SIZE/RANK/LOCAL_RANK: start a process group (nccl on CUDA, gloo on CPU)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Dist()
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device_kind == "cuda" else "gloo")
+    return Dist(rank=dist.get_rank(), world=dist.get_world_size(), local_rank=int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def resolve_device(cfg: TrainConfig, d: Dist) -> torch.device:
+    if cfg.device == "auto":
+        kind = "cuda" if torch.cuda.is_available() else "cpu"
+    else:
+        kind = cfg.device
+    if kind == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError("device: 'cuda' requested, but torch.cuda.is_available() is False")
+        torch.cuda.set_device(d.local_rank)
+        return torch.device("cuda", d.local_rank)
+    if kind != "cpu":
+        raise ValueError(f"device: expected auto | cpu | cuda, found {cfg.device!r}")
+    return torch.device("cpu")
+
+
+def autocast_dtype(cfg: TrainConfig, device: torch.device):
+    p = cfg.precision
+    if p == "auto":
+        return torch.bfloat16 if device.type == "cuda" else None
+    if p == "bf16":
+        return torch.bfloat16
+    if p == "fp32":
+        return None
+    raise ValueError(f"precision: expected auto | fp32 | bf16, found {p!r}")
+
+
+def lr_lambda(cfg: TrainConfig):
+    warm, total, kind = cfg.optim.warmup_steps, max(cfg.steps, 1), cfg.optim.schedule
+    if kind not in ("constant", "cosine", "linear"):
+        raise ValueError(f"optim.schedule: expected constant | cosine | linear, found {kind!r}")
+
+    def f(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        frac = min(1.0, (step - warm) / max(1, total - warm))
+        if kind == "cosine":
+            return 0.5 * (1 + math.cos(math.pi * frac))
+        if kind == "linear":
+            return 1.0 - frac
+        return 1.0
+
+    return f
+
+
+def default_run_name(cfg: TrainConfig) -> str:
+    return cfg.log.name or f"{cfg.rule.name}-{cfg.task.kind}-s{cfg.seed}"
+
+
+def step_rng(seed: int, step: int, rank: int, purpose: int) -> np.random.Generator:
+    return np.random.default_rng([seed, step, rank, purpose])
+
+
+def torch_gen(seed: int, step: int, rank: int, device) -> torch.Generator:
+    g = torch.Generator(device=device)
+    g.manual_seed(int(np.random.default_rng([seed, step, rank, 7]).integers(2**62)))
+    return g
+
+
+# -- the per-token forward -----------------------------------------------------------------------------------
+def sequence_logprobs(policy, module, batch: RolloutBatch, *, temperature: float, autocast, with_entropy: bool):
+    """pi's log-probs of the sampled tokens (B, T) (carries grad) and, optionally, the entropy (B, T) (no grad).
+
+    Same layout as generation (left-padded prompt, then the response), so pi == mu up to numerics before the
+    first update.
+    """
+    device = batch.response_ids.device
+    p_ids, p_mask = left_pad(batch.prompt_ids, policy.pad_id, device)  # (B, Lp)
+    Lp, T = p_ids.shape[1], batch.response_ids.shape[1]
+    ids = torch.cat([p_ids, batch.response_ids], dim=1)  # (B, Lp + T)
+    attn = torch.cat([p_mask, batch.response_mask], dim=1)  # (B, Lp + T)
+    pos = (attn.long().cumsum(1) - 1).clamp(min=0)  # (B, Lp + T)
+    ctx = torch.autocast(device.type, dtype=autocast) if autocast is not None else nullcontext()
+    with ctx:
+        logits, _ = policy.forward(module, ids, attn, pos)  # (B, Lp + T, V)
+    logits = logits[:, Lp - 1 : Lp - 1 + T].float() / temperature  # (B, T, V): position i predicts token i+1
+    logz = torch.logsumexp(logits, dim=-1)  # (B, T)
+    logp = logits.gather(-1, batch.response_ids.unsqueeze(-1)).squeeze(-1) - logz  # (B, T)
+    entropy = None
+    if with_entropy:
+        with torch.no_grad():
+            probs = (logits - logz.unsqueeze(-1)).exp()
+            entropy = logz - (probs * logits).sum(-1)  # (B, T)
+    return logp.masked_fill(~batch.response_mask, 0.0), entropy
+
+
+def group_advantages(rewards: np.ndarray, n: int, std_norm: bool) -> tuple[np.ndarray, np.ndarray]:
+    """(advantage per response (B,), zero-variance flag per response (B,)) for groups of n consecutive rows."""
+    r = rewards.reshape(-1, n)  # (P, n)
+    adv = r - r.mean(axis=1, keepdims=True)
+    std = r.std(axis=1, keepdims=True)
+    if std_norm:
+        adv = adv / (std + 1e-6)
+    zero = np.repeat(std[:, 0] < 1e-9, n)
+    return adv.reshape(-1).astype(np.float32), zero
+
+
+def index_batch(batch: RolloutBatch, idx: list[int]) -> RolloutBatch:
+    t = torch.as_tensor(idx, dtype=torch.long, device=batch.response_ids.device)
+    return RolloutBatch(prompt_ids=[batch.prompt_ids[i] for i in idx], response_ids=batch.response_ids[t],
+                        response_mask=batch.response_mask[t], logp_rollout=batch.logp_rollout[t])
+
+
+# -- training ------------------------------------------------------------------------------------------------
+def train(cfg: TrainConfig, *, recorder_factory=None) -> dict:
+    """Run RL training; returns the summary scalars (``summary/...``). ``recorder_factory(run_dir_parent, name,
+    **meta) -> recorder`` replaces RunRecorder (benchmarks pass one returning a NullRecorder)."""
+    # ---- setup: processes, device, seeds, model, task, optimiser
+    kind = "cuda" if (cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())) else "cpu"
+    d = setup_distributed(kind)
+    device = resolve_device(cfg, d)
+    amp = autocast_dtype(cfg, device)
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    get_rule(cfg.rule.name)  # unknown rule names raise here, listing the known ones
+    rule_params = dict(cfg.rule.params)
+    if cfg.rule.anchor not in ("rollout", "old"):
+        raise ValueError(f"rule.anchor: expected 'rollout' or 'old', found {cfg.rule.anchor!r}")
+    if cfg.rollout.engine != "torch":
+        raise ValueError(f"rollout.engine: expected 'torch' (the only engine built in), found {cfg.rollout.engine!r}")
+    if cfg.optim.epochs < 1 or cfg.optim.updates_per_batch < 1:
+        raise ValueError(f"optim.epochs / optim.updates_per_batch: expected >= 1, found {cfg.optim.epochs}, {cfg.optim.updates_per_batch}")
+
+    task = build_task(cfg.task)
+    policy = build_policy(cfg.model, cfg.task.kind, device)
+    module = policy.module
+    module.train()
+    if d.world > 1:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        train_module = DDP(module, device_ids=[device.index] if device.type == "cuda" else None)
+    else:
+        train_module = module
+    sampler = TorchSampler(lambda ids, attn, pos, cache: policy.forward(module, ids, attn, pos, cache, use_cache=True),
+                           eos_id=policy.eos_id, pad_id=policy.pad_id, device=device, autocast_dtype=amp,
+                           empty_cache=policy.empty_cache)
+    optimizer = torch.optim.AdamW(module.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay,
+                                  betas=(cfg.optim.beta1, cfg.optim.beta2))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
+
+    # ---- run directory, resume, recorder
+    name = default_run_name(cfg)
+    run_dir = Path(cfg.log.out_dir) / name
+    start, summary = 0, {}
+    ckpts = list_checkpoints(run_dir) if cfg.ckpt.resume else []
+    if ckpts:
+        state = load_checkpoint(ckpts[-1][1], module, optimizer, scheduler)
+        start, summary = state["step"] + 1, dict(state.get("summary", {}))
+    meta = dict(config=to_dict(cfg), trainer="cppo-diag", rule=cfg.rule.name, rule_params=rule_params,
+                model=policy.name, task=task.name, anchor=cfg.rule.anchor, rank=d.rank)
+    if not cfg.log.record:
+        rec = NullRecorder()
+    elif recorder_factory is not None:
+        rec = recorder_factory(cfg.log.out_dir, name, **meta)
+    else:
+        rec = RunRecorder(cfg.log.out_dir, name=name, every_n_steps=cfg.log.every_n_steps,
+                          seq_fraction=cfg.log.seq_fraction, on_error="raise", **meta)
+    null = NullRecorder()
+
+    def run_eval(step: int) -> dict:
+        out = evaluate(policy, sampler, task.eval_set(), task.score, max_new_tokens=cfg.rollout.max_new_tokens,
+                       k=cfg.log.eval_k, temperature=cfg.log.eval_temperature, top_p=cfg.log.eval_top_p,
+                       generator=torch_gen(cfg.seed, step, 10_000 + d.rank, device))
+        return out
+
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=cfg.steps, initial=start, desc=f"train {name}", disable=not (cfg.log.progress and d.main),
+               dynamic_ncols=True)
+    try:
+        if start == 0 and d.main:
+            ev = run_eval(0)
+            summary["summary/greedy_acc_before"] = ev["eval/greedy_acc"]
+            summary["summary/greedy_reward_before"] = ev["eval/greedy_reward"]
+            if not rec.is_done(0):
+                rec.log_scalars(0, ev)
+        n_updates = cfg.optim.epochs * cfg.optim.updates_per_batch
+        for step in range(start, cfg.steps):
+            log = null if rec.is_done(step) else rec  # replayed steps rebuild state without logging twice
+            t_step = time.perf_counter()
+
+            # ---- 1. rollout: P prompts x n responses, mu recorded at sampling time
+            problems = task.sample(cfg.rollout.prompts_per_step, step_rng(cfg.seed, step, d.rank, 0))
+            rows = [p for p in problems for _ in range(cfg.rollout.n)]  # group g = rows g*n .. g*n+n-1
+            module.eval()
+            batch = sampler.generate([policy.encode_prompt(p.prompt) for p in rows],
+                                     max_new_tokens=cfg.rollout.max_new_tokens, temperature=cfg.rollout.temperature,
+                                     top_p=cfg.rollout.top_p, generator=torch_gen(cfg.seed, step, d.rank, device))
+            module.train()
+            ids_list, mask_list = batch.response_ids.tolist(), batch.response_mask.tolist()
+            resp = [[t for t, v in zip(ids, m) if v] for ids, m in zip(ids_list, mask_list)]
+            texts = [policy.decode([t for t in r if t != policy.eos_id]) for r in resp]
+            scored = [task.score(p, c) for p, c in zip(rows, texts)]
+            rewards = np.array([s[0] for s in scored], dtype=np.float32)  # (B,)
+            correct = np.array([s[1] for s in scored], dtype=bool)
+            t_rollout = time.perf_counter() - t_step
+
+            # ---- 2. group advantages; zero-variance groups carry no signal and are dropped
+            adv, zero = group_advantages(rewards, cfg.rollout.n, cfg.optim.adv_std_norm)
+            keep_rows = [i for i in range(len(rows)) if not (cfg.optim.skip_zero_var and zero[i])]
+            n_keep = len(keep_rows)
+            if d.world > 1:  # every rank must take the same number of optimiser steps
+                import torch.distributed as dist
+
+                t = torch.tensor([n_keep], device=device)
+                dist.all_reduce(t)
+                global_keep = int(t.item())
+            else:
+                global_keep = n_keep
+            train_batch = index_batch(batch, keep_rows)
+            adv_t = torch.as_tensor(adv[keep_rows], device=device)  # (B',)
+            group_ids = torch.as_tensor([i // cfg.rollout.n for i in keep_rows], device=device)
+            rew_t = torch.as_tensor(rewards[keep_rows], device=device)
+
+            # ---- per-sequence text (trained rows first in minibatch order, then the dropped ones)
+            order = keep_rows + [i for i in range(len(rows)) if i not in set(keep_rows)]
+            log.log_sequences(step=step, seq_ids=list(range(len(order))), prompts=[rows[i].prompt for i in order],
+                              completions=[texts[i] for i in order],
+                              tokens=[policy.token_strings(resp[i]) for i in order],
+                              rewards=rewards[order], lengths=[len(resp[i]) for i in order],
+                              group_ids=[i // cfg.rollout.n for i in order], correct=correct[order])
+
+            # ---- optional pi_old anchor: recompute the old policy once before any update
+            logp_old_all = None
+            if cfg.rule.anchor == "old" and n_keep:
+                with torch.no_grad():
+                    logp_old_all, _ = sequence_logprobs(policy, module, train_batch, temperature=cfg.rollout.temperature,
+                                                        autocast=amp, with_entropy=False)
+
+            # ---- 3. minibatch updates: the policy leaves mu, the rule decides which tokens still count
+            t_upd = time.perf_counter()
+            acc: dict[str, list[float]] = {}
+            masked_tot = valid_tot = budget_tot = 0
+            u = 0
+            if global_keep > 0:
+                for epoch in range(cfg.optim.epochs):
+                    chunks = np.array_split(np.arange(n_keep), cfg.optim.updates_per_batch)
+                    for chunk in chunks:
+                        idx = chunk.tolist()
+                        if not idx:  # nothing here on this rank: still join DDP's all-reduce with a zero loss
+                            loss = sum(p.sum() * 0.0 for p in train_module.parameters())
+                            optimizer.zero_grad(set_to_none=True)
+                            loss.backward()
+                            optimizer.step()
+                            u += 1
+                            continue
+                        mb = index_batch(train_batch, idx)
+                        mb_adv, mask = adv_t[chunk], mb.response_mask  # (b,), (b, T)
+                        logp, entropy = sequence_logprobs(policy, train_module, mb, temperature=cfg.rollout.temperature,
+                                                          autocast=amp, with_entropy=True)  # (b, T) each
+                        anchor_lp = mb.logp_rollout if logp_old_all is None else logp_old_all[chunk]
+                        res = compute_mask(cfg.rule.name, logp=logp.detach(), logp_rollout=mb.logp_rollout,
+                                           advantages=mb_adv, response_mask=mask,
+                                           logp_old=None if logp_old_all is None else anchor_lp,
+                                           anchor=cfg.rule.anchor, **rule_params)
+                        loss, lmetrics = policy_loss(logp, anchor_lp, mb_adv, mask, res, agg=cfg.optim.agg,
+                                                     trunc_cap=cfg.optim.trunc_cap, max_len=cfg.rollout.max_new_tokens,
+                                                     rule=cfg.rule.name)
+                        optimizer.zero_grad(set_to_none=True)
+                        loss.backward()
+                        gnorm = torch.nn.utils.clip_grad_norm_(module.parameters(),
+                                                               cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf"))
+                        optimizer.step()
+
+                        # diagnostics next to the quantities they describe
+                        with torch.no_grad():
+                            masked = mask & ~res.keep
+                            masked_tot += int(masked_count(masked))
+                            valid_tot += int(masked_count(mask))
+                            budget_tot += int(masked_count(masked & (res.reason == 2)))
+                            tv = (logp.detach().exp() - mb.logp_rollout.exp()).abs()  # (b, T) |pi - mu|
+                            for k, v in {**res.metrics, **lmetrics,
+                                         "div/tv/mean": float(masked_mean(tv, mask)),
+                                         "div/tv/max": float(tv.masked_fill(~mask, 0).max()),
+                                         "policy/entropy": float(masked_mean(entropy, mask)),
+                                         "grad/norm": float(gnorm)}.items():
+                                acc.setdefault(k, []).append(float(v))
+                        log.log_tokens(step=step, update=u, seq_ids=torch.arange(len(idx)), logp=logp.detach(),
+                                       logp_rollout=mb.logp_rollout, advantages=mb_adv, response_mask=mask,
+                                       logp_old=None if logp_old_all is None else anchor_lp,
+                                       keep_applied=res.keep, reason_applied=res.reason, token_ids=mb.response_ids,
+                                       entropy=entropy, reward=rew_t[chunk], group_id=group_ids[chunk])
+                        u += 1
+            with warnings.catch_warnings():  # the lr schedule is per iteration, even one with no update
+                warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step", category=UserWarning)
+                scheduler.step()
+            t_update = time.perf_counter() - t_upd
+
+            # ---- 4. per-step scalars
+            n_tok = int(batch.response_mask.sum())
+            lens = batch.response_mask.sum(1).float()
+            scalars = {
+                "reward/mean": float(rewards.mean()), "reward/std": float(rewards.std()),
+                "acc/mean": float(correct.mean()),
+                "response/len_mean": float(lens.mean()), "response/len_max": float(lens.max()),
+                "batch/kept_seqs": n_keep, "batch/skipped_groups": int(zero.sum()) // cfg.rollout.n,
+                "batch/updates": u,
+                "mask/frac": masked_tot / valid_tot if valid_tot else 0.0,
+                "mask/budget_share": budget_tot / masked_tot if masked_tot else 0.0,
+                "optim/lr": optimizer.param_groups[0]["lr"],
+                "time/rollout_s": t_rollout, "time/update_s": t_update,
+                "time/step_s": time.perf_counter() - t_step,
+                "time/rollout_frac": t_rollout / max(time.perf_counter() - t_step, 1e-9),
+                "throughput/tokens_per_s": n_tok / max(time.perf_counter() - t_step, 1e-9),
+            }
+            scalars.update({k: float(np.mean(v)) for k, v in acc.items()})
+            if d.main and cfg.log.eval_every and (step + 1) % cfg.log.eval_every == 0 and step + 1 < cfg.steps:
+                scalars.update(run_eval(step + 1))
+            if step + 1 == cfg.steps and d.main:
+                ev = run_eval(step + 1)
+                scalars.update(ev)
+                summary["summary/greedy_acc_after"] = ev["eval/greedy_acc"]
+                summary["summary/greedy_reward_after"] = ev["eval/greedy_reward"]
+                scalars.update(summary)
+            log.log_scalars(step, scalars)
+            log.end_step(step)
+
+            # ---- checkpoint (rank 0 writes; all ranks wait)
+            last = step + 1 == cfg.steps
+            if (cfg.ckpt.every and (step + 1) % cfg.ckpt.every == 0) or last:
+                if d.main:
+                    save_checkpoint(run_dir, step, module, optimizer, scheduler,
+                                    extra={"summary": summary, "config": to_dict(cfg)}, keep=max(cfg.ckpt.keep, 1))
+                if d.world > 1:
+                    import torch.distributed as dist
+
+                    dist.barrier()
+            bar.update(1)
+            bar.set_postfix(reward=f"{scalars['reward/mean']:.3f}", acc=f"{scalars['acc/mean']:.2f}",
+                            masked=f"{scalars['mask/frac']:.3f}")
+        if d.main and cfg.ckpt.keep == 0:
+            drop_checkpoints(run_dir)
+        rec.close()
+    except BaseException:
+        rec.close(status="failed")
+        raise
+    finally:
+        bar.close()
+    return summary

@@ -1,0 +1,72 @@
+"""Figure builders (matplotlib and plotly) on real aggregated tables and on empty ones."""
+
+import polars as pl
+import pytest
+
+from analyses import plots_mpl as M
+from analyses import plots_plotly as PP
+from analyses.budget import budget_exhaustion
+from analyses.compare import compare_runs
+from analyses.mismatch import mismatch_by_position
+from analyses.position import position_stats
+from analyses.synthetic import write_synthetic_run
+from analyses.whatif import whatif_sweep
+
+
+@pytest.fixture(scope="module")
+def tables(tmp_path_factory):
+    run = write_synthetic_run(tmp_path_factory.mktemp("runs") / "syn", n_tokens=6_000, seqs_per_step=8,
+                              max_len=120, with_keep_applied="cppo", seed=2)
+    pos = position_stats(run, bin_width=16, delta=0.15)
+    bud = budget_exhaustion(run, bin_width=16, progress=False)
+    cmp = compare_runs([run], ("grpo_clip", "cppo"), bin_width=16, progress=False)
+    return {
+        "position": pos, "budget": bud, "compare": cmp,
+        "whatif": whatif_sweep(run, deltas=(0.1, 0.2), delta_bs=(0.01, 0.02), w_mins=(0.8,), progress=False),
+        "mismatch": mismatch_by_position(run, bin_width=16),
+    }
+
+
+def _calls(t):
+    return [
+        ("fig_position_divergence", t["position"], {"tail": "p90"}),
+        ("fig_position_divergence", t["position"], {"metric": "k3"}),
+        ("fig_position_survival", t["position"], {}),
+        ("fig_position_hill", t["position"], {}),
+        ("fig_masked_by_position", t["compare"].by_position, {}),
+        ("fig_masked_by_step", t["compare"].by_step, {}),
+        ("fig_budget_by_step", t["budget"].by_step, {}),
+        ("fig_first_reject", t["budget"].first_reject, {}),
+        ("fig_slack", t["budget"].slack, {"delta": 0.15}),
+        ("fig_whatif", t["whatif"], {}),
+        ("fig_whatif", t["whatif"], {"value": "budget_share"}),
+        ("fig_mismatch", t["mismatch"], {}),
+        ("fig_compare", t["compare"].summary, {}),
+    ]
+
+
+def test_mpl_figures_have_labelled_axes_and_data(tables, tmp_path):
+    for name, table, kw in _calls(tables):
+        fig = getattr(M, name)(table, **kw)
+        ax = fig.axes[0]
+        assert ax.get_xlabel() and ax.get_ylabel(), name
+        assert ax.lines or ax.images or ax.patches, name
+        M.save_png(fig, tmp_path / f"{name}.png")
+        assert (tmp_path / f"{name}.png").stat().st_size > 5_000
+    fig = M.fig_position_divergence(tables["position"])
+    labels = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+    assert any("top-10% mean" in lab for lab in labels) and any("threshold" in lab for lab in labels)
+
+
+def test_plotly_figures_have_traces(tables):
+    for name, table, kw in _calls(tables):
+        fig = getattr(PP, name)(table, **kw)
+        assert len(fig.data) >= 1, name
+        assert fig.layout.xaxis.title.text, name
+
+
+@pytest.mark.parametrize("module", [M, PP])
+def test_empty_tables_give_a_message_not_an_error(tables, module):
+    for name, table, kw in _calls(tables):
+        fig = getattr(module, name)(table.head(0) if isinstance(table, pl.DataFrame) else table, **kw)
+        assert fig is not None

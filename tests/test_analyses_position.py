@@ -1,0 +1,121 @@
+"""Divergence-by-position statistics against plain numpy on small data (definitions: analyses/position.py)."""
+
+import math
+
+import numpy as np
+import polars as pl
+import pytest
+
+from analyses.position import position_stats, threshold_schedule
+from analyses.tokens import MissingColumnError
+
+
+def _frame(n_steps=3, seqs=6, seed=0, lengths=None):
+    rng = np.random.default_rng(seed)
+    rows = []
+    for step in range(n_steps):
+        for s in range(seqs):
+            T = int(lengths[s]) if lengths is not None else int(rng.integers(5, 60))
+            q = rng.uniform(0.05, 1.0, T)
+            p = np.clip(q + rng.standard_t(3, T) * 0.05, 1e-4, 1.0)
+            adv = float(rng.choice([-1.0, 0.0, 1.0]))
+            for t in range(T):
+                rows.append((step, s, t, math.log(p[t]), math.log(q[t]), adv))
+    df = pl.DataFrame(rows, schema={"step": pl.Int64, "seq_id": pl.Int64, "pos": pl.Int32, "logp": pl.Float32,
+                                    "logp_rollout": pl.Float32, "advantage": pl.Float32}, orient="row")
+    return df
+
+
+def _np_stats(d, thresholds, hill_min_k=5):
+    d = np.asarray(d, dtype=np.float64)
+    p90 = np.quantile(d, 0.9)
+    tail = d[d > p90]
+    xi = np.mean(np.log(tail / p90)) if len(tail) and p90 > 0 else float("nan")
+    return {
+        "count": len(d), "mean": d.mean(), "p50": np.quantile(d, 0.5), "p90": p90, "p99": np.quantile(d, 0.99),
+        "top10_mean": d[d >= p90].mean(),
+        "hill_alpha": (1 / xi) if len(tail) >= hill_min_k and p90 > 0 and xi > 0 else None,
+        "hill_k": len(tail),
+        **{f"surv_{x:g}": float(np.mean(d > x)) for x in thresholds},
+    }
+
+
+def _divs(df):
+    lp = df["logp"].to_numpy().astype(np.float64)
+    lq = df["logp_rollout"].to_numpy().astype(np.float64)
+    k1 = np.clip(lp - lq, -20, 20)
+    return {"tv": np.abs(np.exp(lp) - np.exp(lq)), "abs_logratio": np.abs(k1), "k3": np.exp(k1) - 1 - k1}
+
+
+@pytest.mark.parametrize("bin_width", [1, 7, 16])
+def test_stats_match_numpy(bin_width):
+    df = _frame()
+    thresholds = (0.01, 0.05, 0.2)
+    out = position_stats(df, bin_width=bin_width, thresholds=thresholds)
+    divs = _divs(df)
+    bins = df["pos"].to_numpy() // bin_width
+    assert set(out["metric"].unique()) == {"tv", "abs_logratio", "k3"}
+    for metric, d in divs.items():
+        got = out.filter(pl.col("metric") == metric).sort("bin")
+        assert got["bin"].to_list() == sorted(set(bins.tolist()))
+        for row in got.iter_rows(named=True):
+            exp = _np_stats(d[bins == row["bin"]], thresholds)
+            assert row["bin_start"] == row["bin"] * bin_width and row["bin_end"] == (row["bin"] + 1) * bin_width
+            for k, v in exp.items():
+                if v is None:
+                    assert row[k] is None, (metric, row["bin"], k)
+                else:
+                    # float32 inputs: the divergences are computed in float32 then widened
+                    assert row[k] == pytest.approx(v, rel=2e-4, abs=1e-6), (metric, row["bin"], k)
+
+
+def test_relative_bins_and_threshold_schedule():
+    lengths = [10, 25, 40, 3, 1, 17]
+    df = _frame(n_steps=2, lengths=lengths)
+    out = position_stats(df, metrics=["tv"], relative=True, n_rel_bins=4, delta=0.15, w_min=0.8)
+    pos = df["pos"].to_numpy()
+    T = np.array([lengths[s] for s in df["seq_id"].to_numpy()])
+    rel = (pos + 1) / T
+    bins = np.clip(np.ceil(rel * 4).astype(int), 1, 4) - 1
+    thr = np.array([threshold_schedule([p], delta=0.15, w_min=0.8, length=t)[0] for p, t in zip(pos, T)])
+    d = _divs(df)["tv"]
+    for row in out.iter_rows(named=True):
+        sel = bins == row["bin"]
+        assert row["count"] == sel.sum()
+        assert row["mean"] == pytest.approx(d[sel].mean(), rel=1e-5)
+        assert row["threshold_mean"] == pytest.approx(thr[sel].mean(), rel=1e-9)
+        assert row["bin_start"] == pytest.approx(row["bin"] / 4)
+
+
+def test_threshold_schedule_endpoints():
+    thr = threshold_schedule(np.arange(5), delta=0.2, w_min=0.8, length=5)
+    assert thr[0] == pytest.approx(0.2) and thr[-1] == pytest.approx(0.2 / 0.8)
+    assert threshold_schedule([0], delta=0.2, w_min=0.5, length=1)[0] == pytest.approx(0.2)  # T = 1: w_1 = 1
+
+
+def test_filters_step_range_and_adv_sign():
+    df = _frame(n_steps=4)
+    sub = df.filter((pl.col("step") >= 1) & (pl.col("step") <= 2) & (pl.col("advantage") < 0))
+    a = position_stats(df, metrics=["tv"], bin_width=8, step_range=(1, 2), adv_sign="neg")
+    b = position_stats(sub, metrics=["tv"], bin_width=8)
+    assert a.equals(b)
+    assert position_stats(df, metrics=["tv"], step_range=(None, 0))["count"].sum() == df.filter(pl.col("step") == 0).height
+    with pytest.raises(ValueError, match="adv_sign"):
+        position_stats(df, adv_sign="positive")
+    with pytest.raises(ValueError, match="metrics"):
+        position_stats(df, metrics=["nope"])
+
+
+def test_empty_and_single_token_bins():
+    df = _frame()
+    empty = position_stats(df.head(0))
+    assert empty.is_empty() and {"mean", "p90", "top10_mean", "hill_alpha"} <= set(empty.columns)
+    one = position_stats(df.head(1), metrics=["tv"], bin_width=4)
+    assert one["count"].to_list() == [1] and one["hill_alpha"][0] is None
+    assert one["p50"][0] == pytest.approx(one["mean"][0]) == pytest.approx(one["p99"][0])
+
+
+def test_missing_column_named():
+    df = _frame().drop("advantage")
+    with pytest.raises(MissingColumnError, match="'advantage'"):
+        position_stats(df)

@@ -1,0 +1,155 @@
+"""Offline recompute: equals direct compute_mask calls, agrees 100% with the applied mask, edge cases."""
+
+import numpy as np
+import polars as pl
+import pytest
+import torch
+
+from analyses.recompute import batch_from_frame, iter_batches, recompute, recompute_many
+from analyses.synthetic import empty_run, write_synthetic_run
+from analyses.tokens import MissingColumnError
+from cppo_diag.masks import compute_mask
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    return write_synthetic_run(tmp_path_factory.mktemp("runs") / "syn", n_tokens=12_000, seqs_per_step=12,
+                               max_len=160, updates=2, with_keep_applied="cppo", seed=3)
+
+
+def _loop_batches(df: pl.DataFrame):
+    """Plain-loop reference: one padded batch per (step, update, rank), row = seq_id, column = pos."""
+    out = {}
+    for (step, update, rank), part in df.group_by(["step", "update", "rank"]):
+        B = int(part["seq_id"].max()) + 1
+        T = int(part["pos"].max()) + 1
+        lp, lr, adv = np.zeros((B, T), np.float32), np.zeros((B, T), np.float32), np.zeros((B, T), np.float32)
+        m = np.zeros((B, T), bool)
+        for r in part.iter_rows(named=True):
+            i, t = r["seq_id"], r["pos"]
+            lp[i, t], lr[i, t], adv[i, t], m[i, t] = r["logp"], r["logp_rollout"], r["advantage"], True
+        out[(step, update, rank)] = (torch.from_numpy(lp), torch.from_numpy(lr), torch.from_numpy(adv),
+                                     torch.from_numpy(m))
+    return out
+
+
+@pytest.mark.parametrize("rule,params", [("cppo", {}), ("dppo", {"delta": 0.05}), ("grpo_clip", {}),
+                                         ("cppo_shuffled", {"seed": 7}), ("trm_max", {})])
+def test_recompute_equals_direct_compute_mask(run, tmp_path, rule, params):
+    side = tmp_path / "side.parquet"
+    res = recompute(run, rule, params=params, side_table=side, progress=False)
+    got = pl.read_parquet(side)
+    df = pl.read_parquet(sorted((run / "tokens").glob("*/*.parquet")))
+    assert got.height == df.height == res.overall["n_valid"]
+    n_masked = 0
+    for (step, update, rank), (lp, lr, adv, m) in _loop_batches(df).items():
+        r = compute_mask(rule, logp=lp, logp_rollout=lr, advantages=adv, response_mask=m, **params)
+        mine = got.filter((pl.col("step") == step) & (pl.col("update") == update) & (pl.col("rank") == rank))
+        keep = r.keep.numpy()[mine["seq_id"].to_numpy(), mine["pos"].to_numpy()]
+        reason = r.reason.numpy()[mine["seq_id"].to_numpy(), mine["pos"].to_numpy()]
+        np.testing.assert_array_equal(mine["keep"].to_numpy(), keep)
+        np.testing.assert_array_equal(mine["reason"].to_numpy(), reason)
+        n_masked += int((m & ~r.keep).sum())
+    assert res.overall["n_masked"] == n_masked
+    assert res.by_step["n_masked"].sum() == n_masked == res.by_position["n_masked"].sum()
+    assert res.by_adv_sign["n_masked"].sum() == n_masked
+
+
+def test_agreement_with_applied_mask_is_total(run):
+    res = recompute(run, "cppo", progress=False)
+    assert res.agreement["agreement"] == 1.0 and res.agreement["first_mismatch"] is None
+    other = recompute(run, "cppo", params={"delta": 0.01}, progress=False)
+    assert other.agreement["agreement"] < 1.0 and other.agreement["first_mismatch"] is not None
+
+
+def test_summaries_consistent(run):
+    res = recompute(run, "cppo", bin_width=32, progress=False)
+    o = res.overall
+    assert o["masked_frac"] == pytest.approx(o["n_masked"] / o["n_valid"])
+    assert o["n_token"] + o["n_budget"] + o["n_sequence"] == o["n_masked"]
+    assert o["budget_share"] == pytest.approx(o["n_budget"] / o["n_masked"])
+    assert res.by_position["bin_start"].to_list() == [32.0 * b for b in res.by_position["bin"].to_list()]
+    steps = sorted({int(p.parent.name.split("=")[1]) for p in (run / "tokens").glob("*/*.parquet")})
+    assert res.by_step["step"].to_list() == steps
+    assert "mask/cppo/frac" in res.metrics_by_step.columns
+    sub = recompute(run, "cppo", step_range=(1, 2), progress=False)
+    assert sub.by_step["step"].to_list() == [1, 2]
+
+
+def test_recompute_many_matches_single(run):
+    many = recompute_many(run, {"a": ("cppo", {}), "b": ("dppo", {"delta": 0.1})}, progress=False)
+    assert many["a"].overall == recompute(run, "cppo", progress=False).overall
+    assert many["b"].overall["n_masked"] == recompute(run, "dppo", params={"delta": 0.1}, progress=False).overall["n_masked"]
+
+
+def test_rows_at_seq_id_for_sparse_ids():
+    """Subsampled seq_ids keep their row index (cppo_shuffled depends on it); padding is never valid."""
+    rng = np.random.default_rng(0)
+    rows = []
+    for sid in (1, 4, 5):
+        for t in range(6 + sid):
+            rows.append((0, sid, t, float(np.log(rng.uniform(0.2, 1))), float(np.log(rng.uniform(0.2, 1))), 1.0))
+    df = pl.DataFrame(rows, schema={"step": pl.Int64, "seq_id": pl.Int64, "pos": pl.Int32, "logp": pl.Float32,
+                                    "logp_rollout": pl.Float32, "advantage": pl.Float32}, orient="row").sample(
+        fraction=1.0, shuffle=True, seed=1)
+    (batch,) = list(iter_batches(df))
+    assert batch.seq_ids.tolist() == [-1, 1, -1, -1, 4, 5]
+    assert batch.response_mask.sum(1).tolist() == [0, 7, 0, 0, 10, 11]
+    order_vals = df["logp"].to_numpy()[batch.order]
+    np.testing.assert_array_equal(batch.unpad(batch.logp), order_vals)
+
+
+def test_duplicate_token_rejected():
+    df = pl.DataFrame({"step": [0, 0], "seq_id": [0, 0], "pos": [0, 0], "logp": [-0.1, -0.1],
+                       "logp_rollout": [-0.1, -0.1], "advantage": [1.0, 1.0], "update": [0, 0], "rank": [0, 0]})
+    with pytest.raises(ValueError, match=r"seq_id 0, pos 0\) logged twice"):
+        batch_from_frame(df)
+
+
+def test_empty_run(tmp_path):
+    r = empty_run(tmp_path / "empty")
+    res = recompute(r, "cppo", side_table=tmp_path / "s.parquet", progress=False)
+    assert res.overall["n_valid"] == 0 and res.by_step.is_empty() and res.agreement is None
+    assert pl.read_parquet(tmp_path / "s.parquet").height == 0
+
+
+def test_single_step_minimal_columns(tmp_path):
+    """A frame with only the required columns (no update/rank/logp_old/keep_applied) recomputes."""
+    df = pl.DataFrame({"step": [5] * 4, "seq_id": [0, 0, 1, 1], "pos": [0, 1, 0, 1],
+                       "logp": [-0.1, -2.0, -0.5, -0.05], "logp_rollout": [-0.1, -0.3, -0.5, -0.9],
+                       "advantage": [1.0, 1.0, -1.0, -1.0]})
+    res = recompute(df, "dppo", params={"delta": 0.15}, progress=False)
+    assert res.by_step["step"].to_list() == [5] and res.agreement is None
+    direct = compute_mask("dppo", logp=torch.tensor([[-0.1, -2.0], [-0.5, -0.05]]),
+                          logp_rollout=torch.tensor([[-0.1, -0.3], [-0.5, -0.9]]),
+                          advantages=torch.tensor([1.0, -1.0]), delta=0.15)
+    assert res.overall["n_masked"] == int((~direct.keep).sum())
+    with pytest.raises(MissingColumnError, match="'logp_rollout'"):
+        recompute(df.drop("logp_rollout"), "cppo", progress=False)
+    with pytest.raises(ValueError, match="logp_old"):
+        recompute(df, "cppo", anchor="old", progress=False)
+    with pytest.raises(ValueError, match="unknown rule"):
+        recompute(df, "no_such_rule", progress=False)
+
+
+def test_run_recorded_with_runrecorder(tmp_path):
+    """A run written through the public RunRecorder (left padding) recomputes to the applied mask."""
+    from cppo_diag import RunRecorder
+
+    g = torch.Generator().manual_seed(0)
+    B, T = 6, 30
+    with RunRecorder(tmp_path, name="rec", rule="cppo", on_error="raise") as rec:
+        for step in range(3):
+            mask = torch.zeros(B, T, dtype=torch.bool)
+            for i in range(B):
+                n = int(torch.randint(5, T + 1, (1,), generator=g))
+                mask[i, T - n:] = True  # left padding
+            lr = torch.log(torch.rand(B, T, generator=g) * 0.9 + 0.1)
+            lp = (lr + 0.2 * torch.randn(B, T, generator=g)).clamp(max=0)
+            adv = torch.randn(B, generator=g)
+            res = compute_mask("cppo", logp=lp, logp_rollout=lr, advantages=adv, response_mask=mask)
+            rec.log_tokens(step=step, logp=lp, logp_rollout=lr, advantages=adv, response_mask=mask,
+                           keep_applied=res.keep, reason_applied=res.reason)
+            rec.end_step(step)
+    out = recompute(tmp_path / "rec", "cppo", progress=False)
+    assert out.agreement["agreement"] == 1.0 and out.overall["n_masked"] > 0

@@ -1,0 +1,192 @@
+"""The Streamlit app through ``streamlit.testing.v1.AppTest``: every page renders without exceptions on a
+root of real runs, and its widgets change the data shown."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("streamlit")
+from streamlit.testing.v1 import AppTest  # noqa: E402
+
+from tests.app_fixtures import build_root  # noqa: E402
+
+APP = Path(__file__).resolve().parents[1] / "app" / "streamlit_app.py"
+TIMEOUT = 120
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory) -> Path:
+    r = tmp_path_factory.mktemp("runs")
+    build_root(r)
+    return r
+
+
+@pytest.fixture
+def app(root, monkeypatch):
+    monkeypatch.setenv("CPPO_DIAG_ROOTS", str(root))
+
+    def make(page: str | None = None, select: list[str] | None = None) -> AppTest:
+        at = AppTest.from_file(str(APP), default_timeout=TIMEOUT)
+        at.run()
+        _ok(at)
+        if select is not None:
+            at.multiselect(key="selected_runs").set_value([str((root / n).resolve()) for n in select]).run()
+            _ok(at)
+        if page:
+            at.switch_page(page).run()
+            _ok(at)
+        return at
+
+    return make
+
+
+def _ok(at: AppTest) -> None:
+    assert not at.exception, [e.message for e in at.exception]
+
+
+def charts(at: AppTest) -> list[dict]:
+    return [json.loads(c.proto.spec) for c in at.get("plotly_chart")]
+
+
+def _decode(v):
+    """Plotly >= 6 writes numeric arrays as {"dtype", "bdata" (base64)}: decode them to lists."""
+    if isinstance(v, dict) and "bdata" in v:
+        import base64
+
+        import numpy as np
+
+        a = np.frombuffer(base64.b64decode(v["bdata"]), dtype=np.dtype(v["dtype"]))
+        if "shape" in v:
+            a = a.reshape([int(n) for n in str(v["shape"]).split(",")])
+        return a.tolist()
+    return v
+
+
+def traces(at: AppTest, i: int = 0) -> list[dict]:
+    return [{k: _decode(v) for k, v in t.items()} for t in charts(at)[i]["data"]]
+
+
+def test_runs_page_lists_runs_with_metadata(app):
+    at = app()
+    assert at.title[0].value == "Runs"
+    table = at.dataframe[0].value
+    assert sorted(table["run"]) == ["cppo-run", "dppo-run", "grpo-run"]
+    row = table.set_index("run").loc["cppo-run"]
+    assert row["rule"] == "cppo" and "delta=0.15" in row["rule_params"]
+    assert row["trainer"] == "cppo-diag" and row["model"] == "toy-gpt" and row["task"] == "multi-add"
+    assert row["steps"] == 5 and row["tokens"] > 0 and row["status"] == "finished"
+    assert row["last_reward"] == pytest.approx(row["last_reward"])  # a number, not null
+
+
+def test_selection_is_kept_across_pages(app, root):
+    at = app(select=["dppo-run", "grpo-run"])
+    expected = [str((root / n).resolve()) for n in ("dppo-run", "grpo-run")]
+    assert len(at.expander) == 2  # one details expander per selected run
+    at.switch_page("views/budget.py").run()
+    _ok(at)
+    assert at.multiselect(key="selected_runs").value == expected
+    # Single-run pages offer only the selected runs.
+    assert at.selectbox(key="focus_run").options == ["dppo-run", "grpo-run"]
+    at.switch_page("views/runs.py").run()
+    assert at.multiselect(key="selected_runs").value == expected
+
+
+def test_divergence_page_statistic_and_bins_change_the_chart(app):
+    at = app("views/divergence.py")
+    assert len(charts(at)) == 2  # divergence by position + masked fraction by position
+    mean_y = traces(at)[0]["y"]
+    at.selectbox(key="div_stat").set_value("p90").run()
+    _ok(at)
+    p90_y = traces(at)[0]["y"]
+    assert p90_y != mean_y
+    n_bins = len(traces(at)[0]["x"])
+    at.select_slider(key="div_bw").set_value(16).run()
+    _ok(at)
+    assert len(traces(at)[0]["x"]) < n_bins
+    # Relative positions lie in (0, 1].
+    at.radio(key="div_pos").set_value("relative").run()
+    _ok(at)
+    assert max(traces(at)[0]["x"]) <= 1.0
+    # The masked-fraction chart has the applied mask and the recomputed rule.
+    names = {t["name"] for t in traces(at, 1)}
+    assert any(n.startswith("applied:") for n in names) and "dppo" in names
+
+
+def test_divergence_page_advantage_sign_filters_tokens(app):
+    at = app("views/divergence.py")
+    all_counts = sum(c[0] for c in traces(at)[0]["customdata"])
+    at.selectbox(key="div_adv").set_value("pos").run()
+    _ok(at)
+    pos_counts = sum(c[0] for c in traces(at)[0]["customdata"])
+    assert 0 < pos_counts < all_counts
+
+
+def test_budget_page_recomputes_with_other_parameters(app):
+    at = app("views/budget.py")
+    assert len(charts(at)) == 3
+    before = at.dataframe[0].value["budget_share"].tolist()
+    at.number_input(key="bud_delta_b").set_value(0.0).run()
+    _ok(at)
+    after = at.dataframe[0].value["budget_share"].tolist()
+    assert after != before
+
+
+def test_compare_page_shows_each_chosen_run(app, root):
+    at = app("views/compare.py")
+    at.multiselect(key="cmp_runs").set_value([str((root / n).resolve()) for n in ("cppo-run", "grpo-run")]).run()
+    _ok(at)
+    summary = at.dataframe[0].value
+    assert set(summary["run"]) == {"cppo-run", "grpo-run"}
+    assert {"applied:cppo", "applied:grpo_clip", "cppo", "dppo", "grpo_clip"} <= set(summary["rule"])
+    names = {t["name"] for t in traces(at, 0)}
+    assert "cppo-run · applied:cppo" in names and "grpo-run · cppo" in names
+    curves = {t["name"] for t in traces(at, 2)}
+    assert "cppo-run · reward/mean" in curves
+
+
+def test_inspector_page_marks_tokens_and_escapes_text(app):
+    at = app("views/inspector.py")
+    body = at.get("html")[0].value
+    assert body.count('class="tok') > 8
+    assert " <b>" not in body and "title=" in body  # token text is escaped, values on hover
+    first = body
+    options = at.selectbox(key="insp_seq").options
+    assert len(options) > 1
+    at.selectbox(key="insp_seq").set_value(1).run()
+    _ok(at)
+    assert at.get("html")[0].value != first
+    # Internals under the text: w_t, Z_t, c_t, S_t.
+    names = {t.get("name") for t in traces(at)}
+    assert {"w_t", "Z_t", "c_t", "S_t"} <= names
+
+
+def test_inspector_search_filters_sequences(app):
+    at = app("views/inspector.py")
+    n_all = len(at.selectbox(key="insp_seq").options)
+    at.number_input(key="insp_minmasked").set_value(1).run()
+    _ok(at)
+    n_masked = len(at.selectbox(key="insp_seq").options)
+    assert n_masked <= n_all
+    for label in at.selectbox(key="insp_seq").options:
+        assert "masked 0 " not in label
+
+
+def test_whatif_sliders_change_the_masked_fraction(app):
+    at = app("views/whatif.py")
+    frac = at.metric[0].value
+    at.slider(key="wi_delta").set_value(0.02).run()
+    _ok(at)
+    assert at.metric[0].value != frac
+    at.selectbox(key="wi_rule").set_value("dppo").run()
+    _ok(at)
+    assert "dppo" in at.metric[0].label
+
+
+def test_empty_root_says_so(tmp_path, monkeypatch):
+    monkeypatch.setenv("CPPO_DIAG_ROOTS", str(tmp_path))
+    at = AppTest.from_file(str(APP), default_timeout=TIMEOUT).run()
+    _ok(at)
+    assert "No runs found" in at.info[0].value

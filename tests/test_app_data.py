@@ -1,0 +1,61 @@
+"""app/data.py (roots, confinement) and the `cppo-diag app` command, without a server."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("streamlit")
+
+from app import data  # noqa: E402
+from cppo_diag.cli import app_cmd  # noqa: E402
+
+
+def test_parse_roots_from_args_and_env(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir(), b.mkdir()
+    roots = data.parse_roots(["--root", str(a)], {data.ROOTS_ENV: f"{b}{os.pathsep}{a}"})
+    assert roots == [a.resolve(), b.resolve()]  # args first, duplicates dropped
+    assert data.parse_roots([], {}) == [data.DEFAULT_ROOT.resolve()]
+
+
+def test_confine_rejects_escapes(tmp_path):
+    root = tmp_path / "root"
+    (root / "run1").mkdir(parents=True)
+    (tmp_path / "secret").mkdir()
+    assert data.confine(root / "run1", [root]) == (root / "run1").resolve()
+    assert data.confine("run1", [root]) == (root / "run1").resolve()
+    with pytest.raises(PermissionError, match="outside"):
+        data.confine(tmp_path / "secret", [root])
+    with pytest.raises(PermissionError, match=r"'\.\.'"):
+        data.confine("../secret", [root])
+    with pytest.raises(PermissionError, match="outside"):
+        data.confine(root / "run1" / ".." / ".." / "secret", [root])
+    # A symlink inside the root that points outside is an escape too.
+    (root / "link").symlink_to(tmp_path / "secret")
+    with pytest.raises(PermissionError, match="outside"):
+        data.confine(root / "link", [root])
+
+
+def test_server_command_binds_localhost_and_passes_roots(tmp_path):
+    cmd = app_cmd.server_command([str(tmp_path)], 8765)
+    assert cmd[cmd.index("--server.address") + 1] == "127.0.0.1"
+    assert cmd[cmd.index("--server.port") + 1] == "8765"
+    assert cmd[-2:] == ["--root", str(tmp_path)]
+    assert Path(cmd[4]).name == "streamlit_app.py" and Path(cmd[4]).is_file()
+
+
+def test_launch_rejects_a_missing_root(tmp_path):
+    with pytest.raises(FileNotFoundError, match="--root"):
+        app_cmd.launch([str(tmp_path / "nope")], port=8765)
+
+
+def test_cli_help_lists_options(capsys):
+    from cppo_diag.cli.main import main
+
+    with pytest.raises(SystemExit):
+        main(["app", "--help"])
+    out = capsys.readouterr().out
+    assert "--root" in out and "--port" in out and "--no-browser" in out and "sample_logs" in out

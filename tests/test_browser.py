@@ -1,0 +1,259 @@
+"""The app in a real headless Chromium (Playwright driving the system /usr/bin/chromium).
+
+Starts the server with ``cppo-diag app``'s ``launch`` on a free 127.0.0.1 port over a root of real runs,
+opens every page through the sidebar navigation (one browser session, so the run selection carries over),
+waits for the plotly charts by selector, selects two runs on Compare, changes a widget on each analysis page
+and times the wait from the change until the chart (or text) shows new data. Screenshots go to
+``artifacts/screenshots/`` and the latencies to ``artifacts/app_latency.json`` (CI keeps both).
+
+Bigger data for the speed figures in docs/benchmarks.md: ``CPPO_DIAG_APP_BENCH_TOKENS=5000000`` adds a
+synthetic run of that many tokens (``analyses.write_synthetic_run``) and the latencies are measured on it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.browser
+
+CHROMIUM = "/usr/bin/chromium"
+REPO = Path(__file__).resolve().parents[1]
+ARTIFACTS = REPO / "artifacts"
+SHOTS = ARTIFACTS / "screenshots"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+BENCH_TOKENS = int(os.environ.get("CPPO_DIAG_APP_BENCH_TOKENS", "0"))
+TIMEOUT_MS = 180_000 if BENCH_TOKENS else 90_000
+
+if not Path(CHROMIUM).exists():
+    pytest.skip(f"{CHROMIUM} is missing (install Debian's chromium: apt-get install -y chromium)",
+                allow_module_level=True)
+sync_api = pytest.importorskip("playwright.sync_api", reason="playwright (the Python package) is not installed")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory) -> Path:
+    from tests.app_fixtures import build_root
+
+    r = tmp_path_factory.mktemp("browser_runs")
+    build_root(r, n_steps=6, seqs=16, max_len=64)
+    if BENCH_TOKENS:
+        from analyses import write_synthetic_run
+
+        write_synthetic_run(r / "big-run", n_tokens=BENCH_TOKENS, seqs_per_step=256, max_len=2048,
+                            with_keep_applied="cppo", progress=True)
+    return r
+
+
+@pytest.fixture(scope="module")
+def server(root):
+    from cppo_diag.cli.app_cmd import launch, wait_until_healthy
+
+    port = _free_port()
+    proc = launch([str(root)], port=port, open_browser=False, quiet=True)
+    try:
+        wait_until_healthy(port, proc, timeout=90)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=15)
+        except Exception:  # noqa: BLE001
+            proc.kill()
+
+
+@pytest.fixture(scope="module")
+def page(server, tmp_path_factory):
+    profile = tmp_path_factory.mktemp("chromium-profile")  # fresh --user-data-dir
+    with sync_api.sync_playwright() as p:
+        ctx = p.chromium.launch_persistent_context(
+            str(profile), executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS,
+            viewport={"width": 1500, "height": 1000},
+        )
+        pg = ctx.pages[0] if ctx.pages else ctx.new_page()
+        pg.set_default_timeout(TIMEOUT_MS)
+        errors: list[str] = []
+        pg.on("pageerror", lambda exc: errors.append(str(exc)))
+        pg._cppo_errors = errors  # type: ignore[attr-defined]
+        yield pg
+        ctx.close()
+
+
+# -- helpers ---------------------------------------------------------------------------------------------------
+
+CHART = '[data-testid="stPlotlyChart"] .js-plotly-plot'
+
+
+def wait_idle(page) -> None:
+    """Wait until the script run finished: no 'running' status widget, no stale elements."""
+    page.wait_for_function(
+        "() => !document.querySelector('[data-testid=\"stStatusWidget\"]')"
+        " && !document.querySelector('[data-stale=\"true\"]')",
+        timeout=TIMEOUT_MS,
+    )
+
+
+def wait_charts(page, n: int) -> None:
+    page.wait_for_function(
+        f"() => [...document.querySelectorAll('{CHART}')].filter(g => g.data && g.data.length).length >= {n}",
+        timeout=TIMEOUT_MS,
+    )
+
+
+def chart_signature(page, i: int = 0) -> str:
+    return page.evaluate(
+        f"(i) => {{ const g = document.querySelectorAll('{CHART}')[i];"
+        " return g && g.data ? JSON.stringify(g.data.map(t => [t.name, t.x, t.y])) : ''; }", i)
+
+
+def wait_chart_change(page, i: int, before: str) -> None:
+    page.wait_for_function(
+        f"([i, before]) => {{ const g = document.querySelectorAll('{CHART}')[i];"
+        " return g && g.data && JSON.stringify(g.data.map(t => [t.name, t.x, t.y])) !== before; }",
+        arg=[i, before], timeout=TIMEOUT_MS,
+    )
+
+
+def goto(page, title: str, n_charts: int) -> None:
+    page.locator('[data-testid="stSidebarNav"] a', has_text=title).first.click()
+    page.get_by_role("heading", name=title).first.wait_for()
+    wait_idle(page)
+    if n_charts:
+        wait_charts(page, n_charts)
+    assert page.locator('[data-testid="stException"]').count() == 0, page.locator(
+        '[data-testid="stException"]').first.inner_text()
+
+
+def choose(page, label: str, option: str) -> None:
+    page.get_by_test_id("stSelectbox").filter(has_text=label).first.click()
+    page.get_by_role("option", name=option, exact=False).first.click()
+
+
+def shot(page, name: str) -> None:
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(SHOTS / f"{name}.png"), full_page=True)
+
+
+def timed(latencies: dict, name: str, action, wait) -> None:
+    t0 = time.perf_counter()
+    action()
+    wait()
+    latencies[name] = round(time.perf_counter() - t0, 3)
+
+
+# -- the test ---------------------------------------------------------------------------------------------------
+
+
+def test_every_page_in_chromium(page, server, root):
+    try:
+        _walk_every_page(page, server)
+    except BaseException:
+        shot(page, "failure")
+        raise
+
+
+def _walk_every_page(page, server) -> None:
+    latencies: dict[str, float] = {}
+    t0 = time.perf_counter()
+    page.goto(server + "/")
+    page.get_by_role("heading", name="Runs").first.wait_for()
+    page.get_by_test_id("stDataFrame").first.wait_for()
+    wait_idle(page)
+    latencies["first_load_runs"] = round(time.perf_counter() - t0, 3)
+    focus = "big-run" if BENCH_TOKENS else "cppo-run"
+
+    # Select the run the single-run pages show (sidebar multiselect: type and Enter).
+    box = page.get_by_test_id("stMultiSelect").filter(has_text="Selected runs").first
+    box.locator("input").click()
+    page.keyboard.type(focus)
+    page.keyboard.press("Enter")
+    page.keyboard.press("Escape")
+    wait_idle(page)
+    shot(page, "1_runs")
+
+    t0 = time.perf_counter()
+    goto(page, "Divergence by position", 2)
+    latencies["first_load_divergence"] = round(time.perf_counter() - t0, 3)
+    before = chart_signature(page, 0)
+    timed(latencies, "divergence_statistic", lambda: choose(page, "Statistic", "p90"),
+          lambda: wait_chart_change(page, 0, before))
+    before = chart_signature(page, 0)
+    timed(latencies, "divergence_advantage_sign", lambda: choose(page, "Advantage sign", "A > 0"),
+          lambda: wait_chart_change(page, 0, before))
+    wait_idle(page)
+    shot(page, "2_divergence")
+
+    t0 = time.perf_counter()
+    goto(page, "Budget", 3)
+    latencies["first_load_budget"] = round(time.perf_counter() - t0, 3)
+    shot(page, "3_budget")
+
+    t0 = time.perf_counter()
+    goto(page, "Compare runs", 2)
+    latencies["first_load_compare"] = round(time.perf_counter() - t0, 3)
+    # Select exactly two runs: clear the list (Backspace removes the last tag), then type two names.
+    box = page.get_by_test_id("stMultiSelect").filter(has_text="Runs to compare").first
+    box.locator("input").click()
+    for _ in range(6):
+        page.keyboard.press("Backspace")
+    page.keyboard.press("Escape")
+    wait_idle(page)
+    box.locator("input").click()
+    page.keyboard.type("dppo-run")
+    page.keyboard.press("Enter")
+    page.keyboard.press("Escape")
+    wait_idle(page)
+    before = chart_signature(page, 0)
+    box.locator("input").click()
+    page.keyboard.type("grpo-run")
+    timed(latencies, "compare_add_run", lambda: page.keyboard.press("Enter"),
+          lambda: wait_chart_change(page, 0, before))
+    page.keyboard.press("Escape")
+    wait_idle(page)
+    wait_charts(page, 2)
+    names = page.evaluate(f"() => document.querySelectorAll('{CHART}')[0].data.map(t => t.name)")
+    assert any(n.startswith("dppo-run") for n in names) and any(n.startswith("grpo-run") for n in names)
+    assert not any(n.startswith("cppo-run") for n in names)
+    shot(page, "4_compare")
+
+    t0 = time.perf_counter()
+    goto(page, "Token inspector", 1)
+    latencies["first_load_inspector"] = round(time.perf_counter() - t0, 3)
+    assert page.locator(".tokens .tok").count() > 5
+    first = page.locator(".tokens").first.inner_html()
+    timed(latencies, "inspector_next_sequence",
+          lambda: (page.get_by_test_id("stSelectbox").filter(has_text="Sequence (").first.click(),
+                   page.get_by_role("option").nth(1).click()),
+          lambda: page.wait_for_function(
+              "(before) => { const t = document.querySelector('.tokens'); return t && t.innerHTML !== before; }",
+              arg=first, timeout=TIMEOUT_MS))
+    wait_idle(page)
+    shot(page, "5_inspector")
+
+    t0 = time.perf_counter()
+    goto(page, "What-if", 2)
+    latencies["first_load_whatif"] = round(time.perf_counter() - t0, 3)
+    before = chart_signature(page, 0)
+    slider = page.get_by_test_id("stSlider").filter(has_text="δ_b").first.get_by_role("slider")
+    timed(latencies, "whatif_delta_b_slider", lambda: (slider.focus(), *[slider.press("ArrowRight") for _ in range(10)]),
+          lambda: wait_chart_change(page, 0, before))
+    wait_idle(page)
+    shot(page, "6_whatif")
+
+    assert not page._cppo_errors, page._cppo_errors
+    ARTIFACTS.mkdir(exist_ok=True)
+    record = {"bench_tokens": BENCH_TOKENS, "focus_run": focus, "latency_s": latencies}
+    (ARTIFACTS / "app_latency.json").write_text(json.dumps(record, indent=2))
+    print("\napp latencies (s):", json.dumps(latencies, indent=2))

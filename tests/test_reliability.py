@@ -1,0 +1,268 @@
+"""Reliability: kill -9 mid-run, resume without duplicates, concurrent reader, unwritable disk, multi-rank."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+import warnings
+from pathlib import Path
+
+import polars as pl
+import pytest
+import torch
+
+from cppo_diag import RunRecorder, open_run
+from cppo_diag.capture import RecorderError, RecorderWarning
+from cppo_diag.storage import RunWarning
+
+REPO = Path(__file__).resolve().parents[1]
+B, T = 6, 16
+
+
+def batch(step: int, update: int = 0):
+    """Deterministic batch for (step, update): the child process and the test regenerate the same one."""
+    g = torch.Generator().manual_seed(1000 * step + update)
+    lengths = torch.randint(1, T + 1, (B,), generator=g)
+    return dict(
+        logp=-torch.rand(B, T, generator=g), logp_rollout=-torch.rand(B, T, generator=g),
+        advantages=torch.randn(B, generator=g), response_mask=torch.arange(T)[None] < lengths[:, None],
+    )
+
+
+def expected(steps, updates=1) -> pl.DataFrame:
+    rows = []
+    for s in steps:
+        for u in range(updates):
+            d = batch(s, u)
+            m = d["response_mask"]
+            for b in range(B):
+                n = int(m[b].sum())
+                for t in range(n):
+                    rows.append((s, b, t, float(d["logp"][b, t]), float(d["logp_rollout"][b, t]), float(d["advantages"][b]), u))
+    return pl.DataFrame(rows, schema={"step": pl.Int64, "seq_id": pl.Int64, "pos": pl.Int32, "logp": pl.Float32,
+                                      "logp_rollout": pl.Float32, "advantage": pl.Float32, "update": pl.Int32},
+                        orient="row")
+
+
+def read(run_dir, **kw) -> pl.DataFrame:
+    return (open_run(run_dir).tokens(**kw).collect().drop("rank").sort(["step", "update", "seq_id", "pos"]))
+
+
+CHILD = textwrap.dedent(
+    """
+    import sys, time
+    sys.path.insert(0, {repo!r})
+    sys.path.insert(0, {tests!r})
+    from test_reliability import batch
+    from cppo_diag import RunRecorder
+    rec = RunRecorder({run!r}, on_error="raise", shard_rows=1, heartbeat_s=0.2)
+    for step in range(3):
+        rec.log_tokens(step=step, **batch(step))
+        rec.log_scalars(step, {{"x": float(step)}})
+        rec.end_step(step)
+    rec.flush()
+    # step 3 is in flight: many small shards (shard_rows=1) and never an end_step
+    update = 0
+    while True:
+        rec.log_tokens(step=3, update=update % 50, **batch(3, update % 50))
+        update += 1
+        if update == 5:
+            rec.flush()
+            print("mid-step", flush=True)
+    """
+)
+
+
+@pytest.mark.slow
+def test_kill_9_mid_run_then_resume_without_duplicates(tmp_path):
+    run_dir = tmp_path / "run"
+    script = CHILD.format(repo=str(REPO), tests=str(REPO / "tests"), run=str(run_dir))
+    child = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = child.stdout.readline()
+        assert line.strip() == "mid-step", child.stderr.read()
+        time.sleep(0.05)
+    finally:
+        os.kill(child.pid, signal.SIGKILL)
+        child.wait()
+    assert child.returncode == -signal.SIGKILL
+    assert list((run_dir / "tokens" / "step=000003").glob("rank0-*.parquet")), "step 3 had shards on disk"
+
+    run = open_run(run_dir)
+    assert not run.is_live  # the writer's process is gone
+    assert run.meta["status"] == "running"
+    assert run.completed_steps() == [0, 1, 2]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got = read(run_dir)
+    assert got.equals(expected([0, 1, 2])), "completed steps read back exactly"
+    msgs = [str(w.message) for w in caught if issubclass(w.category, RunWarning)]
+    assert any("step=000003" in m and ("never completed" in m or "temp file" in m) for m in msgs), msgs
+    assert open_run(run_dir).steps()["x"].to_list()[:3] == [0.0, 1.0, 2.0]
+
+    # Resume: finished steps are skipped (with a warning), step 3's leftovers are removed, nothing duplicates.
+    with pytest.warns(RecorderWarning, match="removed .* temp/unfinished file"):
+        rec = RunRecorder(run_dir, on_error="raise")
+    with rec:
+        assert [rec.is_done(s) for s in range(5)] == [True, True, True, False, False]
+        step3 = run_dir / "tokens" / "step=000003"
+        assert not step3.exists() or not any(step3.iterdir())
+        for step in range(5):  # a trainer that replays from step 0 must not duplicate
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RecorderWarning)
+                rec.log_tokens(step=step, **batch(step))
+            rec.end_step(step)
+        assert rec.stats["skipped_done_steps"] == 3
+    assert read(run_dir).equals(expected(range(5)))
+    assert open_run(run_dir).meta["status"] == "finished"
+
+
+def test_resume_skips_done_steps_and_keeps_meta(tmp_path):
+    with RunRecorder(tmp_path, name="r", config={"lr": 1}, rule="cppo") as rec:
+        for s in range(2):
+            rec.log_tokens(step=s, **batch(s))
+    created = open_run(tmp_path / "r").meta["created"]
+    with RunRecorder(tmp_path, name="r") as rec:
+        assert rec.is_done(0) and rec.is_done(1) and not rec.is_done(2)
+        with pytest.warns(RecorderWarning, match="step 1 is already complete"):
+            rec.log_tokens(step=1, **batch(1))
+        rec.log_tokens(step=2, **batch(2))
+    meta = open_run(tmp_path / "r").meta
+    assert meta["created"] == created and meta["config"] == {"lr": 1} and meta["rule"] == "cppo"
+    assert read(tmp_path / "r").equals(expected(range(3)))
+    with pytest.raises(FileExistsError, match="already holds a run"):
+        RunRecorder(tmp_path, name="r", resume=False, on_error="raise")
+
+
+def test_reader_and_writer_on_the_same_run_at_once(tmp_path):
+    n_steps = 12
+    stop = threading.Event()
+    errors = []
+
+    def write():
+        try:
+            with RunRecorder(tmp_path, on_error="raise", heartbeat_s=0.1) as rec:
+                for s in range(n_steps):
+                    for u in range(2):
+                        rec.log_tokens(step=s, update=u, **batch(s, u))
+                    rec.end_step(s)
+                    time.sleep(0.01)
+        except BaseException as exc:  # noqa: BLE001
+            errors.append(exc)
+        finally:
+            stop.set()
+
+    th = threading.Thread(target=write)
+    th.start()
+    seen = 0
+    while not (tmp_path / "meta.json").exists():
+        time.sleep(0.005)
+    while not stop.is_set() or seen == 0:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", RunWarning)  # a live run must read cleanly
+            run = open_run(tmp_path)
+            done = run.completed_steps()
+            df = run.tokens().collect()
+        # Every step the reader sees is complete: exactly its expected rows.
+        assert sorted(df["step"].unique().to_list()) == [s for s in done if s in set(df["step"].to_list())]
+        if done:
+            want = expected(done, updates=2)
+            assert df.drop("rank").sort(["step", "update", "seq_id", "pos"]).filter(pl.col("step").is_in(done)).equals(want)
+        seen += 1
+    th.join()
+    assert not errors, errors
+    assert seen > 1
+    assert read(tmp_path).equals(expected(range(n_steps), updates=2))
+
+
+def test_warn_mode_never_raises_when_the_disk_goes_away(tmp_path):
+    run_dir = tmp_path / "run"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with RunRecorder(run_dir) as rec:
+            rec.log_tokens(step=0, **batch(0))
+            rec.end_step(0)
+            rec.flush()
+            shutil.rmtree(run_dir)
+            run_dir.write_text("now a file: every write under it fails")  # works even as root
+            for s in range(1, 4):
+                rec.log_tokens(step=s, **batch(s))
+                rec.log_scalars(s, {"x": 1.0})
+                rec.log_sequences(step=s, seq_ids=[0], prompts=["p"])
+                rec.end_step(s)
+            rec.flush()
+            assert rec.stats["dropped_records"] > 0
+    assert any(issubclass(w.category, RecorderWarning) for w in caught)
+    # Opening under a file path: the recorder becomes inert instead of raising.
+    with pytest.warns(RecorderWarning, match="recording is disabled"):
+        rec = RunRecorder(run_dir / "sub")
+    rec.log_tokens(step=0, **batch(0))
+    rec.close()
+
+
+def test_raise_mode_surfaces_writer_errors(tmp_path):
+    run_dir = tmp_path / "run"
+    rec = RunRecorder(run_dir, on_error="raise")
+    rec.log_tokens(step=0, **batch(0))
+    rec.flush()
+    shutil.rmtree(run_dir)
+    run_dir.write_text("x")
+    rec.end_step(0)
+    with pytest.raises(RecorderError, match="background writer failed"):
+        rec.flush()
+    rec._closed = True  # the run dir is gone; nothing left to close
+
+
+def test_two_ranks_into_one_run(tmp_path):
+    recs = [RunRecorder(tmp_path, rank=r, on_error="raise", config={"world": 2}) for r in (1, 0)]
+    for s in range(3):
+        for rec in recs:
+            d = batch(s, rec.rank)
+            rec.log_tokens(step=s, seq_ids=torch.arange(B) + B * rec.rank, **d)
+            rec.log_scalars(s, {f"r{rec.rank}": float(s)})
+            rec.end_step(s)
+    for rec in recs:
+        rec.close()
+    run = open_run(tmp_path)
+    assert run.meta["status"] == "finished" and run.meta["config"] == {"world": 2}
+    df = run.tokens().collect()
+    assert sorted(df["rank"].unique().to_list()) == [0, 1]
+    for r in (0, 1):
+        part = df.filter(pl.col("rank") == r).sort(["step", "seq_id", "pos"])
+        want = expected(range(3), updates=2).filter(pl.col("update") == r)
+        assert part["logp"].equals(want["logp"])
+        assert part["seq_id"].min() == B * r
+    files = sorted(p.name for p in (tmp_path / "tokens" / "step=000000").iterdir())
+    assert files == ["rank0-u0-000.parquet", "rank1-u0-000.parquet"]
+    assert sorted(p.name for p in (tmp_path / "_done").iterdir())[:2] == ["step=000000.rank0", "step=000000.rank1"]
+    assert set(run.steps().columns) == {"step", "r0", "r1"}
+
+
+def test_rank1_resume_does_not_touch_rank0_files(tmp_path):
+    r0 = RunRecorder(tmp_path, rank=0)
+    r0.log_tokens(step=0, **batch(0))
+    r0.flush()  # step 0 of rank 0 is in flight (no end_step yet)
+    r1 = RunRecorder(tmp_path, rank=1)  # must not delete rank 0's unfinished work
+    r1.close()
+    r0.close()
+    assert open_run(tmp_path).completed_steps() == [0]
+    assert read(tmp_path).filter(pl.col("step") == 0).height == expected([0]).height
+
+
+def test_full_queue_drop_mode_counts(tmp_path):
+    rec = RunRecorder(tmp_path, queue_size=1, on_full="drop")
+    gate = threading.Event()
+    rec._writer.put("call", gate.wait)  # hold the writer so the queue fills up
+    with warnings.catch_warnings(record=True):
+        warnings.simplefilter("always")
+        for s in range(4):
+            rec.log_tokens(step=s, **batch(s))
+    gate.set()
+    rec.close()
+    assert rec.stats["dropped_records"] >= 3

@@ -1,0 +1,396 @@
+"""Study config loading, the resumable grid runner (with a stand-in training command that writes real runs
+through RunRecorder) and the analysis over those runs."""
+
+from __future__ import annotations
+
+import json
+import re
+import math
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+
+from cppo_diag.study.config import PRESETS, StudyConfigError, load_study
+from cppo_diag.study.runner import STUDY_DIR, TrainerLauncher, cell_state, read_manifest, run_study
+
+# A stand-in for `cppo-diag train`: writes a real run with RunRecorder, held-out accuracy that depends
+# deterministically on (rule, seed, step), a token table with keep_applied / reason_applied, and resumes
+# like the trainer (steps already complete are skipped). FAIL_AT=k kills the process hard after step k.
+FAKE_TRAINER = textwrap.dedent(
+    '''
+    import os, sys
+    import numpy as np
+    from cppo_diag import RunRecorder
+
+
+    def main(argv):
+        root, name, rule, seed, steps = argv[0], argv[1], argv[2], int(argv[3]), int(argv[4])
+        fail_at = int(os.environ.get("FAIL_AT", "-1")) if os.environ.get("FAIL_RUN") == name else -1
+        gain = {"cppo": 0.05, "grpo_clip": 0.03}.get(rule, 0.02)
+        rec = RunRecorder(root, name=name, rule=rule, trainer="fake", config={"seed": seed, "steps": steps},
+                          on_error="raise")
+        for step in range(steps):
+            if rec.is_done(step):
+                continue
+            rng = np.random.default_rng(1000 * seed + step)
+            B, T = 4, 12
+            logp_rollout = np.log(rng.uniform(0.2, 1.0, size=(B, T))).astype(np.float32)
+            logp = np.minimum(logp_rollout + 0.1 * rng.standard_normal((B, T)), 0.0).astype(np.float32)
+            adv = np.array([1.0, -1.0, 0.5, -0.5], dtype=np.float32)
+            tv = np.abs(np.exp(logp) - np.exp(logp_rollout))
+            keep = tv < 0.08
+            reason = np.where(keep, 0, np.where(tv < 0.12, 2, 1)).astype(np.uint8)
+            if rule != "cppo":
+                reason[~keep] = 1
+            rec.log_tokens(step=step, logp=logp, logp_rollout=logp_rollout, advantages=adv,
+                           keep_applied=keep, reason_applied=reason)
+            rec.log_scalars(step, {"eval/accuracy": 0.2 + gain * step + 0.01 * seed, "reward/mean": 0.5})
+            rec.end_step(step)
+            if step == fail_at:
+                rec.flush()
+                os._exit(3)
+        rec.close()
+
+
+    if __name__ == "__main__":
+        main(sys.argv[1:])
+    '''
+)
+
+
+class FakeLauncher:
+    def __init__(self, script: Path):
+        self.script = script
+        self.calls: list[str] = []
+
+    def argv(self, cell, study, root, threads=0):
+        self.calls.append(cell.run_name)
+        return [sys.executable, str(self.script), str(root), cell.run_name, cell.rule, str(cell.seed),
+                str(study.steps)]
+
+
+def fake_accuracy(rule: str, seed: int, step: int) -> float:
+    return 0.2 + {"cppo": 0.05, "grpo_clip": 0.03}.get(rule, 0.02) * step + 0.01 * seed
+
+
+def write_study(tmp_path: Path, body: str, name: str = "study.toml") -> Path:
+    p = tmp_path / name
+    p.write_text(textwrap.dedent(body))
+    return p
+
+
+SMALL = """
+[study]
+name = "small"
+rules = ["cppo", "grpo_clip"]
+seeds = [0, 1, 2]
+
+[trainer]
+steps = 4
+
+[analysis]
+accuracy = "eval/accuracy"
+threshold = 0.3
+reference = "cppo"
+"""
+
+
+# -- config -----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_presets_load_and_expand(preset):
+    study = load_study(preset)
+    cells = study.cells()
+    assert len(cells) == len(study.rules) * len(study.seeds) * len(study.settings)
+    assert len({c.run_name for c in cells}) == len(cells)
+    if preset in ("cpu", "ci-tiny"):
+        assert set(study.rules) == {"grpo_clip", "dppo", "cppo", "cppo_no_weight", "cppo_no_budget", "cppo_shuffled"}
+    if preset == "cpu":
+        assert len(study.seeds) >= 5
+
+
+def test_cells_are_seed_major_with_settings(tmp_path):
+    p = write_study(tmp_path, """
+        [study]
+        rules = ["cppo", "dppo"]
+        seeds = 2
+        [trainer]
+        steps = 3
+        set = { "optim.lr" = 1e-3, log = { eval_every = 2 } }
+        [rule_params.cppo]
+        delta = 0.2
+        [[settings]]
+        name = "a"
+        [[settings]]
+        name = "b"
+        set = { "optim.lr" = 5e-4 }
+        rule_params = { cppo = { w_min = 0.7 } }
+    """)
+    study = load_study(p)
+    cells = study.cells()
+    assert [c.run_name for c in cells[:4]] == ["cppo-a-s0", "dppo-a-s0", "cppo-b-s0", "dppo-b-s0"]
+    assert [c.seed for c in cells] == [0] * 4 + [1] * 4
+    b = cells[2]
+    assert b.overrides == {"optim.lr": 5e-4, "log.eval_every": 2}
+    assert b.rule_params == {"delta": 0.2, "w_min": 0.7}
+    assert b.label == "cppo@b"
+    assert cells[1].rule_params == {}
+
+
+@pytest.mark.parametrize(
+    "body, field",
+    [
+        ('[study]\nrules = []\n[trainer]\nsteps = 2\n', "study.rules"),
+        ('[study]\nrules = ["cppo", "cppo"]\n[trainer]\nsteps = 2\n', "study.rules"),
+        ('[study]\nrules = ["no_such_rule"]\n[trainer]\nsteps = 2\n', "study.rules"),
+        ('[study]\nrules = ["cppo"]\nseeds = 0\n[trainer]\nsteps = 2\n', "study.seeds"),
+        ('[study]\nrules = ["cppo"]\n[trainer]\nsteps = 0\n', "trainer.steps"),
+        ('[study]\nrules = ["cppo"]\n[trainer]\nsteps = 2\nset = { seed = 3 }\n', "trainer.set.seed"),
+        ('[study]\nrules = ["cppo"]\n[trainer]\nsteps = 2\n[analysis]\nprimary = "mean"\n', "analysis.primary"),
+        ('[study]\nrules = ["cppo"]\n[trainer]\nsteps = 2\n[analysis]\nacuracy = "x"\n', "analysis"),
+        ('[study]\nrules = ["cppo"]\n[trainer]\nsteps = 2\n[[settings]]\nname = "a"\n[[settings]]\nname = "a"\n',
+         "settings[].name"),
+        ('[stduy]\nrules = ["cppo"]\n', "<top level>"),
+    ],
+)
+def test_config_errors_name_the_field(tmp_path, body, field):
+    p = write_study(tmp_path, body)
+    with pytest.raises(StudyConfigError, match=re.escape(f"field '{field}'")):
+        load_study(p)
+
+
+def test_unknown_preset_or_missing_file():
+    with pytest.raises(StudyConfigError, match="expected a preset"):
+        load_study("nope-not-a-file.toml")
+
+
+def test_yaml_study(tmp_path):
+    p = write_study(tmp_path, """
+        study: {name: y, rules: [cppo], seeds: [3, 4]}
+        trainer: {steps: 2, preset: demo}
+    """, name="s.yaml")
+    study = load_study(p)
+    assert study.seeds == (3, 4) and study.trainer_preset == "demo"
+
+
+def test_trainer_launcher_command(tmp_path):
+    p = write_study(tmp_path, """
+        [study]
+        rules = ["cppo"]
+        seeds = [7]
+        [trainer]
+        preset = "demo"
+        steps = 5
+        [trainer.set]
+        "log.eval_every" = 2
+        "log.progress" = false
+        [rule_params.cppo]
+        delta = 0.2
+    """)
+    study = load_study(p)
+    argv = TrainerLauncher(python="py").argv(study.cells()[0], study, tmp_path / "root", threads=1)
+    assert argv[:6] == ["py", "-m", "cppo_diag.cli.main", "train", "--preset", "demo"]
+    flat = " ".join(argv)
+    for piece in ("--log.eval_every 2", "--log.progress false", "--rule.name cppo", "--seed 7", "--steps 5",
+                  f"--log.out_dir {tmp_path / 'root'}", "--log.name cppo-s7", "--threads 1",
+                  "--rule.param delta=0.2"):
+        assert piece in flat
+
+
+# -- runner ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def fake(tmp_path_factory):
+    script = tmp_path_factory.mktemp("fake") / "fake_trainer.py"
+    script.write_text(FAKE_TRAINER)
+    return script
+
+
+@pytest.mark.slow
+def test_runner_runs_grid_resumes_and_skips(tmp_path, fake, monkeypatch):
+    from cppo_diag import list_runs
+
+    study = load_study(write_study(tmp_path, SMALL.replace("seeds = [0, 1, 2]", "seeds = [0, 1]")))
+    root = tmp_path / "root"
+
+    # First pass: one run is killed after its step 1 (of 4); the others finish.
+    monkeypatch.setenv("FAIL_RUN", "grpo_clip-s1")
+    monkeypatch.setenv("FAIL_AT", "1")
+    launcher = FakeLauncher(fake)
+    rep = run_study(study, root, workers=2, launcher=launcher, progress=False, poll_s=0.05)
+    assert sorted(launcher.calls) == sorted(c.run_name for c in study.cells())
+    assert list(rep.failed) == ["grpo_clip-s1"] and "exit code 3" in rep.failed["grpo_clip-s1"]
+    assert len(rep.ran) == 3 and not rep.skipped
+    st = cell_state(root / "grpo_clip-s1", study.steps)
+    assert (st.status, st.completed_steps) == ("partial", 2)
+    assert (root / STUDY_DIR / "logs" / "grpo_clip-s1.log").is_file()
+
+    # Second pass: only the killed run is launched again, and it continues where it stopped.
+    monkeypatch.delenv("FAIL_RUN")
+    launcher = FakeLauncher(fake)
+    rep = run_study(study, root, workers=1, launcher=launcher, progress=False, poll_s=0.05)
+    assert launcher.calls == ["grpo_clip-s1"]
+    assert rep.ok and rep.ran == ["grpo_clip-s1"] and len(rep.skipped) == 3
+    from cppo_diag import open_run
+
+    run = open_run(root / "grpo_clip-s1")
+    steps = run.steps()
+    assert steps["step"].to_list() == [0, 1, 2, 3]  # no duplicated or missing step
+    assert run.tokens().select(pl.col("step").unique().sort()).collect()["step"].to_list() == [0, 1, 2, 3]
+
+    # Third pass: everything finished, nothing is launched.
+    launcher = FakeLauncher(fake)
+    rep = run_study(study, root, workers=2, launcher=launcher, progress=False, poll_s=0.05)
+    assert launcher.calls == [] and len(rep.skipped) == 4
+
+    # The root is browsable: every run is listed, the _study folder is not a run.
+    names = sorted(r.name for r in list_runs(root))
+    assert names == sorted(c.run_name for c in study.cells())
+    manifest = read_manifest(root)
+    assert [c["run_name"] for c in manifest["cells"]] == [c.run_name for c in study.cells()]
+
+
+def test_runner_rejects_bad_workers(tmp_path):
+    study = load_study(write_study(tmp_path, SMALL))
+    with pytest.raises(ValueError, match="workers"):
+        run_study(study, tmp_path / "r", workers=0, progress=False)
+
+
+# -- analysis over the runs -----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def fake_study(tmp_path_factory):
+    """The SMALL grid written in-process by the stand-in trainer (no subprocess start-up cost)."""
+    from cppo_diag.study.runner import write_manifest
+
+    tmp_path = tmp_path_factory.mktemp("study")
+    study = load_study(write_study(tmp_path, SMALL))
+    root = tmp_path / "root"
+    ns: dict = {"__name__": "fake_trainer"}
+    exec(FAKE_TRAINER, ns)
+    for c in study.cells():
+        ns["main"]([str(root), c.run_name, c.rule, str(c.seed), str(study.steps)])
+    write_manifest(study, root)
+    assert all(cell_state(root / c.run_name, study.steps).status == "finished" for c in study.cells())
+    return study, root
+
+
+def test_per_seed_metrics_and_table(fake_study):
+    from cppo_diag.study.analysis import collect_study, paired_comparisons, per_seed_metrics, results_table
+
+    study, root = fake_study
+    data = collect_study(root, study.analysis)
+    ps = per_seed_metrics(data).sort("rule", "seed")
+    for row in ps.iter_rows(named=True):
+        r, s = row["rule"], row["seed"]
+        assert row["initial_acc"] == pytest.approx(fake_accuracy(r, s, 0))
+        assert row["final_acc"] == pytest.approx(fake_accuracy(r, s, 3))
+        assert row["best_acc"] == pytest.approx(fake_accuracy(r, s, 3))
+        # First step with accuracy >= 0.3
+        first = next((t for t in range(4) if fake_accuracy(r, s, t) >= 0.3), None)
+        if first is None:  # censored: never reached
+            assert math.isnan(row["steps_to_threshold"])
+        else:
+            assert row["steps_to_threshold"] == first
+        assert 0 < row["masked_frac"] < 1
+        if r == "grpo_clip":
+            assert row["budget_share"] == 0.0
+        assert row["mean_tv"] > 0
+    table = results_table(ps)
+    cppo = next(t for t in table if t["rule"] == "cppo")
+    vals = [fake_accuracy("cppo", s, 3) for s in (0, 1, 2)]
+    assert cppo["final_acc"].mean == pytest.approx(np.mean(vals))
+    assert cppo["final_acc"].n == 3
+    comps = paired_comparisons(ps, reference="cppo", metric="final_acc")
+    assert len(comps) == 1
+    c = comps[0]
+    # Same seed offset on both sides: the difference is the same on every seed (0.02 * 3 steps).
+    assert c.mean_diff == pytest.approx(0.06) and c.wins == 3 and c.losses == 0
+    assert c.p_holm == pytest.approx(c.p_ttest)
+
+
+def test_masked_fraction_matches_tokens(fake_study):
+    from cppo_diag import open_run
+    from cppo_diag.study.analysis import token_summary
+
+    _, root = fake_study
+    run = open_run(root / "cppo-s0")
+    df = run.tokens().collect()
+    s = token_summary(run)
+    masked = (~df["keep_applied"]).sum()
+    assert s["masked_frac"] == pytest.approx(masked / df.height)
+    assert s["budget_share"] == pytest.approx((df["reason_applied"] == 2).sum() / masked)
+    tv = (df["logp"].exp() - df["logp_rollout"].exp()).abs().mean()
+    assert s["mean_tv"] == pytest.approx(tv, rel=1e-5)
+
+
+def test_results_page_and_figures(fake_study, tmp_path):
+    from cppo_diag.study.analysis import analyse_study
+
+    study, root = fake_study
+    page = analyse_study(root, tmp_path / "out" / "results.md", analysis=study.analysis, progress=False,
+                         command="cppo-diag study small.toml --root root")
+    text = page.read_text()
+    figs = tmp_path / "out" / "results"
+    for name in ("learning_curves.png", "ablation.png", "position_cppo.png", "position_grpo_clip.png",
+                 "budget_cppo.png", "budget_grpo_clip.png", "per_seed.csv"):
+        assert (figs / name).stat().st_size > 0, name
+    assert "| `cppo` | 3/3 |" in text and "| `grpo_clip` | 3/3 |" in text
+    assert "## Paired comparison: `cppo` vs each rule, best_acc" in text
+    assert "## Paired comparison: `cppo` vs each rule, final_acc" in text
+    # The comparison row carries the numbers of paired_comparison on the per-seed values.
+    per_seed = pl.read_csv(figs / "per_seed.csv")
+    a = per_seed.filter(pl.col("rule") == "cppo").sort("seed")["best_acc"].to_numpy()
+    b = per_seed.filter(pl.col("rule") == "grpo_clip").sort("seed")["best_acc"].to_numpy()
+    assert f"| `grpo_clip` | 3 | {np.mean(a - b):.3f} [" in text
+    assert "results/learning_curves.png" in text and "cppo-diag study small.toml" in text
+
+
+def test_bundled_trainer_eval_steps_map_to_iterations(tmp_path):
+    """The trainer logs the eval after iteration s on step s and the initial eval on step 0; the curve is
+    against iterations completed, with the initial value from summary/<name>_before when step 0 was an eval."""
+    from cppo_diag import RunRecorder, open_run
+    from cppo_diag.study.analysis import _accuracy_curve
+
+    def write(name, every, steps, evals, before):
+        with RunRecorder(tmp_path, name=name, trainer="cppo-diag",
+                         config={"steps": steps, "log": {"eval_every": every}}) as rec:
+            if before is not None and every != 1:
+                rec.log_scalars(0, {"eval/greedy_acc": before})
+            for s in range(steps):
+                vals = {"reward/mean": 0.1}
+                if s in evals:
+                    vals["eval/greedy_acc"] = evals[s]
+                if s == steps - 1:
+                    vals["summary/greedy_acc_before"] = before
+                rec.log_scalars(s, vals)
+                rec.end_step(s)
+        return open_run(tmp_path / name)
+
+    run = write("a", 2, 5, {1: 0.4, 3: 0.5, 4: 0.6}, 0.3)
+    c = _accuracy_curve(run, "eval/greedy_acc")
+    assert c["step"].to_list() == [0, 2, 4, 5] and c["accuracy"].to_list() == [0.3, 0.4, 0.5, 0.6]
+    run = write("b", 1, 3, {0: 0.4, 1: 0.5, 2: 0.6}, 0.2)
+    c = _accuracy_curve(run, "eval/greedy_acc")
+    assert c["step"].to_list() == [0, 1, 2, 3] and c["accuracy"].to_list() == [0.2, 0.4, 0.5, 0.6]
+    with pytest.raises(KeyError, match="eval/nope"):
+        _accuracy_curve(run, "eval/nope")
+
+
+def test_cli_dry_run_lists_grid(tmp_path, capsys):
+    from cppo_diag.cli.main import main
+
+    p = write_study(tmp_path, SMALL)
+    assert main(["study", str(p), "--root", str(tmp_path / "r"), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "6 runs, 4 steps each" in out and "grpo_clip-s2" in out and "--rule.name cppo" in out
+    assert not (tmp_path / "r").exists()
+    assert main(["study", str(tmp_path / "missing.toml"), "--root", str(tmp_path / "r")]) == 2
+    assert main(["study", str(p), "--root", str(tmp_path / "nope"), "--analyse-only"]) == 2

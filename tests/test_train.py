@@ -1,0 +1,261 @@
+"""The bundled trainer: config, tasks, the tiny GPT's KV cache, mu == pi before the first update, checkpoints,
+an end-to-end run with the offline-recompute parity check, and the CLI."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+import torch
+
+from cppo_diag import compute_mask, open_run
+from cppo_diag.train import build_config, train
+from cppo_diag.train.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+from cppo_diag.train.config import TrainConfig, add_config_arguments, overrides_from_args
+from cppo_diag.train.models import build_policy, warmstart_dir
+from cppo_diag.train.models.tiny_gpt import CharTokenizer, TinyGPT, TinyGPTConfig
+from cppo_diag.train.rollout import TorchSampler, top_p_filter
+from cppo_diag.train.tasks import ArithmeticTask, extract_boxed, normalize_answer
+from cppo_diag.train.trainer import group_advantages, sequence_logprobs
+
+torch.set_num_threads(1)
+
+
+def tiny_cfg(tmp_path, **over):
+    base = {"log": {"out_dir": str(tmp_path), "progress": False}, "threads": 1}
+    for k, v in over.items():
+        if isinstance(v, dict):
+            base.setdefault(k, {}).update(v)
+        else:
+            base[k] = v
+    return build_config("tiny", overrides=base)
+
+
+# -- config --------------------------------------------------------------------------------------------------
+def test_config_precedence_file_and_cli(tmp_path):
+    f = tmp_path / "c.toml"
+    f.write_text('steps = 7\n[rule]\nname = "dppo"\nparams = { delta = 0.1 }\n[optim]\nlr = 0.01\n')
+    import argparse
+
+    p = argparse.ArgumentParser()
+    add_config_arguments(p)
+    args = p.parse_args(["--optim.lr", "0.5", "--rule.param", "delta=0.3", "--rule.param", "w_min=0.9",
+                         "--optim.adv_std_norm", "true"])
+    cfg = build_config("demo", str(f), overrides_from_args(args))
+    assert cfg.steps == 7 and cfg.rule.name == "dppo"
+    assert cfg.optim.lr == 0.5 and cfg.optim.adv_std_norm is True
+    assert cfg.rule.params == {"delta": 0.3, "w_min": 0.9}
+    assert cfg.rollout.n == build_config("demo").rollout.n  # from the preset
+    y = tmp_path / "c.yaml"
+    y.write_text("rollout:\n  n: 3\n")
+    assert build_config(None, str(y)).rollout.n == 3
+
+
+def test_config_errors_name_the_field():
+    with pytest.raises(ValueError, match=r"'optim.lrr' is unknown.*'lr'"):
+        build_config(overrides={"optim": {"lrr": 1}})
+    with pytest.raises(ValueError, match=r"rollout.n: expected an integer, found 'x'"):
+        build_config(overrides={"rollout": {"n": "x"}})
+    with pytest.raises(ValueError, match="preset"):
+        build_config("nope")
+
+
+def test_table3_presets_match_spec():
+    c = build_config("table3-qwen3-30b-a3b-base")
+    assert (c.rollout.prompts_per_step, c.rollout.n, c.optim.updates_per_batch) == (256, 16, 8)
+    assert c.rule.params["delta"] == 0.20 and c.optim.lr == 1e-6
+    c = build_config("table3-qwen3-1.7b")
+    assert c.rule.params["delta_b_mode"] == "fixed" and c.rule.params["delta_b"] == 0.015
+
+
+# -- tasks ---------------------------------------------------------------------------------------------------
+def test_fib_task_answers_and_partial_reward():
+    t = ArithmeticTask("fib", min_terms=8, max_terms=16, digits=1, eval_size=8)
+    for p in t.sample(20, np.random.default_rng(0)):
+        a, b = (int(x) for x in p.prompt.split(";")[0].split(","))
+        k = int(p.prompt.split(";")[1].rstrip("="))
+        terms = [int(x) for x in p.answer.split(",")]
+        assert len(terms) == k and terms[0] == (a + b) % 10 and terms[1] == (b + terms[0]) % 10
+        assert 8 <= k <= 16 and p.prompt not in {e.prompt for e in t.eval_set()}
+    p = t.eval_set()[0]
+    assert t.score(p, p.answer) == (1.0, True)
+    wrong = p.answer.split(",")
+    wrong[-1] = "xx"
+    r, c = t.score(p, ",".join(wrong))
+    assert not c and r == pytest.approx((len(wrong) - 1) / len(wrong))
+    assert ArithmeticTask("fib", reward="exact", eval_size=1).score(p, ",".join(wrong)) == (0.0, False)
+
+
+def test_boxed_extraction_and_normalisation():
+    assert extract_boxed(r"so \boxed{\frac{1}{2}} and then \boxed{x^{2}+1}") == "x^{2}+1"
+    assert extract_boxed(r"\boxed{3") is None and extract_boxed("no box") is None
+    assert normalize_answer(r"\dfrac{3}{4}") == normalize_answer("3/4")
+    assert normalize_answer("1,000") == "1000" and normalize_answer("$5.0$") == "5"
+    assert normalize_answer(r"\text{ 12 }") == "12"
+
+
+# -- model and sampler ---------------------------------------------------------------------------------------
+def _tiny_model(seed=0):
+    torch.manual_seed(seed)
+    tok = CharTokenizer()
+    return tok, TinyGPT(TinyGPTConfig(vocab_size=tok.vocab_size, n_layer=2, n_head=2, n_embd=32, block_size=48)).eval()
+
+
+def test_kv_cache_matches_full_forward_with_left_padding():
+    tok, m = _tiny_model()
+    ids = torch.tensor([[0, 0, 1, 5, 6, 7, 8, 9], [1, 4, 5, 6, 7, 8, 9, 10]])  # row 0 left-padded
+    attn = ids != 0
+    pos = (attn.long().cumsum(1) - 1).clamp(min=0)
+    full, _ = m(ids, attention_mask=attn, position_ids=pos)
+    logits, cache = m(ids[:, :4], attention_mask=attn[:, :4], position_ids=pos[:, :4], cache=m.empty_cache())
+    steps = [logits[:, -1]]
+    for t in range(4, 8):
+        logits, cache = m(ids[:, t : t + 1], attention_mask=attn[:, : t + 1], position_ids=pos[:, t : t + 1], cache=cache)
+        steps.append(logits[:, -1])
+    torch.testing.assert_close(torch.stack(steps[:-1], 1)[0, 1:], full[0, 4:7], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(torch.stack(steps, 1)[:, 1:], full[:, 4:], rtol=1e-5, atol=1e-5)
+
+
+def test_sampler_mu_equals_recomputed_pi_and_stops_at_eos():
+    tok, m = _tiny_model(1)
+
+    class P:
+        pad_id, eos_id = tok.pad_id, tok.eos_id
+        forward = staticmethod(lambda mod, i, a, p, cache=None, use_cache=False: mod(i, attention_mask=a, position_ids=p, cache=cache))
+
+    s = TorchSampler(lambda i, a, p, c: m(i, attention_mask=a, position_ids=p, cache=c), eos_id=tok.eos_id,
+                     pad_id=tok.pad_id, device="cpu", empty_cache=m.empty_cache)
+    g = torch.Generator().manual_seed(0)
+    prompts = [tok.encode_prompt("1,3;12="), tok.encode_prompt("1+2=")]
+    rb = s.generate(prompts * 4, max_new_tokens=20, generator=g)
+    logp, ent = sequence_logprobs(P, m, rb, temperature=1.0, autocast=None, with_entropy=True)
+    torch.testing.assert_close(logp[rb.response_mask], rb.logp_rollout[rb.response_mask], rtol=0, atol=2e-5)
+    assert (ent[rb.response_mask] > 0).all()
+    for ids, mask in zip(rb.response_ids.tolist(), rb.response_mask.tolist()):
+        valid = [t for t, v in zip(ids, mask) if v]
+        assert tok.eos_id not in valid[:-1]  # nothing generated after EOS
+        assert all(t == tok.pad_id for t, v in zip(ids, mask) if not v)
+
+
+def test_top_p_filter_keeps_the_nucleus():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    kept = torch.isfinite(top_p_filter(logits, 0.75))
+    assert kept.tolist() == [[True, True, False, False]]
+    assert torch.isfinite(top_p_filter(logits, 1.0)).all()
+
+
+def test_group_advantages_and_zero_variance():
+    r = np.array([1, 0, 1, 0, 0.5, 0.5, 0.5, 0.5], dtype=np.float32)
+    adv, zero = group_advantages(r, 4, std_norm=False)
+    assert adv[:4].tolist() == [0.5, -0.5, 0.5, -0.5] and (adv[4:] == 0).all()
+    assert zero.tolist() == [False] * 4 + [True] * 4
+    adv, _ = group_advantages(r, 4, std_norm=True)
+    assert adv[0] == pytest.approx(1.0, rel=1e-4)
+
+
+def test_checkpoint_roundtrip_is_exact(tmp_path):
+    tok, m = _tiny_model()
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-3)
+    sch = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (s + 1))
+    m(torch.tensor([[1, 4, 5]]))[0].sum().backward()
+    opt.step()
+    sch.step()
+    save_checkpoint(tmp_path, 3, m, opt, sch, extra={"summary": {"x": 1.0}})
+    save_checkpoint(tmp_path, 4, m, opt, sch, keep=1)
+    assert [s for s, _ in list_checkpoints(tmp_path)] == [4]
+    _, m2 = _tiny_model(seed=5)
+    opt2 = torch.optim.AdamW(m2.parameters(), lr=1e-3)
+    sch2 = torch.optim.lr_scheduler.LambdaLR(opt2, lambda s: 1.0 / (s + 1))
+    state = load_checkpoint(list_checkpoints(tmp_path)[-1][1], m2, opt2, sch2)
+    assert state["step"] == 4
+    for a, b in zip(m.state_dict().values(), m2.state_dict().values()):
+        assert torch.equal(a, b)
+    s1, s2 = opt.state_dict()["state"], opt2.state_dict()["state"]
+    assert all(torch.equal(s1[k]["exp_avg_sq"], s2[k]["exp_avg_sq"]) for k in s1)
+    assert sch2.last_epoch == sch.last_epoch and opt2.param_groups[0]["lr"] == opt.param_groups[0]["lr"]
+    assert not any(p.suffix in (".pt", ".pkl", ".bin") for p in tmp_path.rglob("*"))
+
+
+def test_shipped_warm_start_loads_and_is_small():
+    d = warmstart_dir("fib")
+    assert (d / "model.safetensors").stat().st_size < 5e6
+    meta = json.loads((d / "config.json").read_text())
+    assert 0.0 < meta["measured"]["eval/greedy_acc"] < 1.0  # partial accuracy: headroom for RL
+    pol = build_policy(TrainConfig().model, "fib", "cpu")
+    assert pol.encode_prompt("12,34;6=")[0] == pol.eos_id - 1  # <bos>
+
+
+# -- end to end ----------------------------------------------------------------------------------------------
+def recompute_keep(run) -> tuple[int, int, int]:
+    """Rebuild every (step, update) batch from the logged tokens in seq_id order, rerun the run's rule with
+    compute_mask, and count (tokens, keep mismatches, reason mismatches)."""
+    toks = run.tokens().sort(["step", "update", "seq_id", "pos"]).collect()
+    n = bad_keep = bad_reason = 0
+    for (step, update), g in toks.group_by(["step", "update"], maintain_order=True):
+        seq = g["seq_id"].to_numpy()
+        ids = np.unique(seq)
+        row = np.searchsorted(ids, seq)
+        pos = g["pos"].to_numpy()
+        B, T = len(ids), int(pos.max()) + 1
+        lp, lr = torch.zeros(B, T), torch.zeros(B, T)
+        mask = torch.zeros(B, T, dtype=torch.bool)
+        lp[row, pos] = torch.from_numpy(g["logp"].to_numpy())
+        lr[row, pos] = torch.from_numpy(g["logp_rollout"].to_numpy())
+        mask[row, pos] = True
+        adv = torch.zeros(B)
+        adv[row] = torch.from_numpy(g["advantage"].to_numpy())
+        res = compute_mask(run.meta["rule"], logp=lp, logp_rollout=lr, advantages=adv, response_mask=mask,
+                           anchor=run.meta["anchor"], **run.meta["rule_params"])
+        keep = res.keep[row, pos].numpy()
+        reason = res.reason[row, pos].numpy()
+        n += len(g)
+        bad_keep += int((keep != g["keep_applied"].to_numpy()).sum())
+        bad_reason += int((reason != g["reason_applied"].to_numpy()).sum())
+    return n, bad_keep, bad_reason
+
+
+@pytest.mark.parametrize("rule,params", [("cppo", {"delta": 0.05, "delta_b": 0.01}), ("cppo_shuffled", {"delta": 0.05}),
+                                         ("dppo", {"delta": 0.05})])
+def test_run_logs_tokens_and_offline_recompute_matches_keep_applied(tmp_path, rule, params):
+    cfg = tiny_cfg(tmp_path, rule={"name": rule, "params": params}, optim={"lr": 3e-3, "epochs": 3},
+                   log={"name": "r"})
+    summary = train(cfg)
+    assert 0.0 <= summary["summary/greedy_acc_before"] <= 1.0 and "summary/greedy_acc_after" in summary
+    run = open_run(tmp_path / "r")
+    assert run.meta["rule"] == rule and run.meta["status"] == "finished"
+    assert run.completed_steps() == [0, 1, 2]
+    n, bad_keep, bad_reason = recompute_keep(run)
+    assert n > 0 and bad_keep == 0 and bad_reason == 0
+    toks = run.tokens().collect()
+    assert set(toks["update"].unique().to_list()) == {0, 1, 2}  # epochs=3, full batch: 3 updates
+    assert (~toks["keep_applied"]).sum() > 0  # pi left mu far enough for the rule to act
+    steps = run.steps()
+    for col in ("reward/mean", "acc/mean", "response/len_mean", "policy/entropy", "mask/frac", "mask/budget_share",
+                "div/tv/mean", "optim/lr", "time/rollout_s", "time/update_s"):
+        assert col in steps.columns, col
+    assert steps["mask/frac"].max() > 0
+    seqs = run.sequences().collect()
+    # sequence rows share seq_id with the tokens of update 0 (full-batch updates): same lengths
+    tl = toks.filter(pl.col("update") == 0).group_by("step", "seq_id").agg(pl.len().alias("n"))
+    j = tl.join(seqs.select("step", "seq_id", "length", "tokens"), on=["step", "seq_id"])
+    assert len(j) == len(tl) and (j["n"] == j["length"]).all()
+
+
+def test_train_cli_help_and_run(tmp_path, capsys):
+    from cppo_diag.cli.main import main
+
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    out = capsys.readouterr().out
+    assert "--rule.param KEY=VALUE" in out and "responses sampled per prompt" in out
+    rc = main(["train", "--preset", "tiny", "--steps", "1", "--log.out_dir", str(tmp_path), "--log.name", "c",
+               "--rule.name", "grpo_clip", "--threads", "1"])
+    assert rc == 0 and open_run(tmp_path / "c").meta["rule"] == "grpo_clip"
+
+
+def test_unknown_rule_is_rejected_before_training(tmp_path):
+    with pytest.raises(Exception, match="cppo"):
+        train(tiny_cfg(tmp_path, rule={"name": "not_a_rule"}))
