@@ -24,6 +24,7 @@ import numpy as np
 import polars as pl
 
 from analyses.recompute import Batch, _PosCounter, away_mask, recompute
+from analyses.tokens import run_meta
 
 CPPO_RULES = ("cppo", "cppo_no_weight", "cppo_shuffled", "cppo_soft", "cppo_no_budget")
 
@@ -50,8 +51,8 @@ def _internal(res, name: str, rule: str) -> np.ndarray:
 
 
 class _BudgetAcc:
-    def __init__(self, rule: str, bin_width: int):
-        self.rule = rule
+    def __init__(self, rule: str, bin_width: int, anchor: str = "rollout"):
+        self.rule, self.anchor = rule, anchor
         self.slack = _PosCounter(bin_width)
         self.c_min: dict[int, float] = {}
         self.events = np.zeros(0, dtype=np.int64)  # first budget rejection at pos p
@@ -86,7 +87,8 @@ class _BudgetAcc:
         pos = batch.positions[m]
         bins = pos // self.slack.bin_width
         cv, zv = c[m].astype(np.float64), z[m].astype(np.float64)
-        away = away_mask(batch).numpy()[m]
+        anchor_logp = batch.logp_old if self.anchor == "old" and batch.logp_old is not None else None
+        away = away_mask(batch, anchor_logp).numpy()[m]
         self.slack.add("count", bins)
         self.slack.add("c_sum", bins, cv)
         self.slack.add("n_negative", bins, (cv < 0).astype(np.float64))
@@ -134,7 +136,9 @@ def budget_exhaustion(
     if rule not in CPPO_RULES:
         raise ValueError(f"rule: budget_exhaustion needs a CPPO rule with a prefix budget, expected one of "
                          f"{[r for r in CPPO_RULES if r != 'cppo_no_budget']}, found {rule!r}")
-    acc = _BudgetAcc(rule, bin_width)
+    if anchor is None:
+        anchor = run_meta(source).get("anchor") or "rollout"
+    acc = _BudgetAcc(rule, bin_width, anchor)
     rec = recompute(source, rule, params=params, step_range=step_range, bin_width=bin_width, anchor=anchor,
                     return_internals=True, on_batch=acc, progress=progress)
     if acc.rows:

@@ -73,11 +73,11 @@ def compare_runs(
     ``params``: rule name -> keyword parameters, applied to the rules given by name.
     ``names``: display names of the runs (default the run directory names).
     """
-    params = params or {}
+    params = dict(params or {})
     if isinstance(rules, dict):
         specs = {label: (r, dict(p or {})) for label, (r, p) in rules.items()}
     else:
-        specs = {r: (r, dict(params.get(r, {}))) for r in rules}
+        specs = {r: (r, dict(params.get(r) or {})) for r in rules}
     rows, pos_frames, step_frames = [], [], []
     for i, source in enumerate(sources):
         run = names[i] if names else run_name(source, f"run{i}")

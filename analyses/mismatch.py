@@ -19,9 +19,10 @@ MISMATCH_METRICS = ("mismatch_tv", "mismatch_abs_logratio")
 
 def mismatch_exprs() -> dict[str, pl.Expr]:
     """mismatch_tv = |pi_old - mu|, mismatch_abs_logratio = |clamp(log pi_old - log mu, -20, 20)|."""
-    k1 = (pl.col("logp_old") - pl.col("logp_rollout")).clip(-LOGRATIO_CLAMP, LOGRATIO_CLAMP)
+    lo, lr = pl.col("logp_old").cast(pl.Float64), pl.col("logp_rollout").cast(pl.Float64)
+    k1 = (lo - lr).clip(-LOGRATIO_CLAMP, LOGRATIO_CLAMP)
     return {
-        "mismatch_tv": (pl.col("logp_old").exp() - pl.col("logp_rollout").exp()).abs(),
+        "mismatch_tv": (lo.exp() - lr.exp()).abs(),
         "mismatch_abs_logratio": k1.abs(),
     }
 

@@ -24,6 +24,7 @@ of (0, 1] when ``relative=True`` (``bin_start``/``bin_end`` are then fractions).
 
 from __future__ import annotations
 
+import math
 from typing import Any, Sequence
 
 import numpy as np
@@ -176,14 +177,273 @@ def position_stats(
     )
 
 
+# -- exact bounded-memory statistics: histogram pass + refinement pass ---------------------------------
+# A monotone bucket key per float32 value: for D > 0 the top 16 bits of its IEEE-754 pattern (sign,
+# exponent, 7 mantissa bits: buckets 0.8% wide in relative terms; the bit pattern of a non-negative float is
+# ordered like its value), -1 for D == 0 and -2 for D < 0 (k3 rounding). NaN values are skipped. Pass 1
+# counts n, sum, sum of logs, min and max per (bin, bucket) with numpy bincounts over streamed chunks; every
+# order statistic a quantile needs then lies in a known bucket, and pass 2 streams the run again keeping only
+# the values of those buckets (only when a bucket holds more than one distinct value) to select exactly.
+# The results are the exact order statistics of the float32 divergences, as a full sort would give.
+_KEY_SPAN = 1 << 16  # composite key = bin * _KEY_SPAN + (key + 2)
+_DENSE_SLOTS = 8_000_000  # above this many (bin, bucket) slots per chunk, use np.unique instead of bincount
+QUANTILES = {"p50": 0.5, "p90": 0.9, "p99": 0.99}
+
+
+def _np_keys(d: np.ndarray) -> np.ndarray:
+    """Bucket key of each float32 value (see above); int64."""
+    bits = np.ascontiguousarray(d, dtype=np.float32).view(np.int32)
+    key = (bits >> 16).astype(np.int64)
+    key[d == 0] = -1
+    key[d < 0] = -2
+    return key
+
+
+def _chunk_hist(b: np.ndarray, d: np.ndarray) -> pl.DataFrame:
+    """(ck, n, s, sl, lo, hi) of one chunk: ck = bin * _KEY_SPAN + key + 2."""
+    ok = ~np.isnan(d)
+    if not ok.all():
+        b, d = b[ok], d[ok]
+    if len(d) == 0:
+        return pl.DataFrame(schema={"ck": pl.Int64, "n": pl.Int64, "s": pl.Float64, "sl": pl.Float64,
+                                    "lo": pl.Float32, "hi": pl.Float32})
+    ck = b * _KEY_SPAN + (_np_keys(d) + 2)
+    lo_ck, hi_ck = int(ck.min()), int(ck.max())
+    with np.errstate(divide="ignore", invalid="ignore"):
+        logd = np.log(d)  # float32; summed in float64 by bincount
+    d64 = d
+    if hi_ck - lo_ck + 1 <= _DENSE_SLOTS:
+        idx = ck - lo_ck
+        size = hi_ck - lo_ck + 1
+        uniq = None
+    else:
+        uniq, idx = np.unique(ck, return_inverse=True)
+        size = len(uniq)
+    n = np.bincount(idx, minlength=size)
+    s = np.bincount(idx, weights=d64, minlength=size)
+    with np.errstate(invalid="ignore"):
+        sl = np.bincount(idx, weights=logd, minlength=size)
+    lo = np.full(size, np.inf, dtype=np.float32)
+    hi = np.full(size, -np.inf, dtype=np.float32)
+    np.minimum.at(lo, idx, d)
+    np.maximum.at(hi, idx, d)
+    nz = np.nonzero(n)[0]
+    cks = (nz + lo_ck) if uniq is None else uniq[nz]
+    return pl.DataFrame({"ck": cks.astype(np.int64), "n": n[nz].astype(np.int64), "s": s[nz], "sl": sl[nz],
+                         "lo": lo[nz], "hi": hi[nz]})
+
+
+class _BinHist:
+    """Histogram of one (metric, bin): sorted bucket keys with n, sum, sum of logs, min, max."""
+
+    def __init__(self, keys, n, s, sl, lo, hi):
+        self.keys, self.n, self.s, self.sl, self.lo, self.hi = keys, n, s, sl, lo, hi
+        self.before = np.concatenate([[0], np.cumsum(n)[:-1]])  # values in lower buckets
+        self.total = int(n.sum())
+
+    def bucket_of_rank(self, r: int) -> int:
+        return int(np.searchsorted(self.before, r, side="right") - 1)
+
+
+def _quantile_ranks(n: int) -> set[int]:
+    out = set()
+    for q in QUANTILES.values():
+        h = q * (n - 1)
+        f = int(math.floor(h))
+        out.update({f, min(f + 1, n - 1)})
+    return out
+
+
+def _lerp(a: float, b: float, t: float) -> float:
+    # numpy's linear interpolation (np.quantile method="linear"), including its t >= 0.5 form
+    return b - (b - a) * (1 - t) if t >= 0.5 else a + (b - a) * t
+
+
+def _stats_from_hist(h: _BinHist, values: dict[int, np.ndarray], hill_min_k: int) -> dict:
+    n = h.total
+
+    def order_stat(r: int) -> float:
+        j = h.bucket_of_rank(r)
+        if h.lo[j] == h.hi[j]:
+            return float(h.lo[j])
+        return float(values[int(h.keys[j])][r - int(h.before[j])])
+
+    out = {"count": n, "mean": float(h.s.sum()) / n}
+    for name, q in QUANTILES.items():
+        x = q * (n - 1)
+        f = int(math.floor(x))
+        out[name] = _lerp(order_stat(f), order_stat(min(f + 1, n - 1)), x - f)
+    u = out["p90"]
+    # bucket holding u: every bucket above holds only values > u, every bucket below only values < u
+    j = int(np.searchsorted(h.hi, u, side="left"))  # first bucket whose max >= u
+    j = min(j, len(h.keys) - 1)
+    above = slice(j + 1, None)
+    if h.lo[j] == h.hi[j]:
+        vals = np.full(int(h.n[j]), h.lo[j], dtype=np.float64)
+    else:
+        vals = values[int(h.keys[j])].astype(np.float64)
+    ge, gt = vals[vals >= u], vals[vals > u]
+    n_ge = int(h.n[above].sum()) + len(ge)
+    out["top10_mean"] = (float(h.s[above].sum()) + float(ge.sum())) / n_ge if n_ge else None
+    k = int(h.n[above].sum()) + len(gt)
+    out["hill_k"] = k
+    out["hill_alpha"] = None
+    if k >= hill_min_k and u > 0:
+        xi = (float(h.sl[above].sum()) + float(np.log(gt).sum())) / k - math.log(u)
+        out["hill_alpha"] = 1.0 / xi if xi > 0 else None
+    return out
+
+
+CHUNK_ROWS = 4_000_000  # rows per streamed chunk (bounds memory: ~ CHUNK_ROWS * (8 + 4 * n_metrics) bytes)
+
+
+def _with_lengths(lf: pl.LazyFrame) -> pl.LazyFrame:
+    """Add ``_T`` (valid length of each token's response) with a small per-sequence table joined back
+    (streams; a window over the sequence key would hold the whole run)."""
+    key = list(SEQUENCE_KEY)
+    lengths = lf.group_by(key).agg((pl.col("pos").max() + 1).cast(pl.Float64).alias("_T"))
+    return lf.join(lengths, on=key, how="left")
+
+
+def _isin(ck: np.ndarray, wanted: list[int]) -> np.ndarray:
+    """ck in wanted (NaN values have keys that are never wanted)."""
+    lo, hi = wanted[0], wanted[-1]
+    if hi - lo < 50_000_000:
+        table = np.zeros(hi - lo + 1, dtype=bool)
+        table[np.asarray(wanted) - lo] = True
+        inside = (ck >= lo) & (ck <= hi)
+        out = np.zeros(len(ck), dtype=bool)
+        out[inside] = table[ck[inside] - lo]
+        return out
+    return np.isin(ck, wanted)
+
+
+def _exceed_count(h: "_BinHist", values: dict[int, np.ndarray], x: float) -> int:
+    """#values > x in one bin: whole buckets above x plus the straddling buckets' values."""
+    n = int(h.n[h.lo > x].sum())
+    for j in np.flatnonzero((h.lo <= x) & (h.hi > x)):
+        n += int((values[int(h.keys[j])] > x).sum())
+    return n
+
+
 def aggregate_positions(
     lf: pl.LazyFrame, metric_exprs: dict[str, pl.Expr], *, bin_width: int = 64, relative: bool = False,
     n_rel_bins: int = 20, thresholds: Sequence[float] = DEFAULT_THRESHOLDS, delta: float | None = None,
-    w_min: float = 0.8, hill_min_k: int = 5, engine: str = "streaming",
+    w_min: float = 0.8, hill_min_k: int = 5, engine: str = "streaming", chunk_rows: int = CHUNK_ROWS,
 ) -> pl.DataFrame:
-    """Collect :func:`position_stats_lazy` and reshape it to the long table (shared with mismatch)."""
-    wide = position_stats_lazy(
-        lf, metric_exprs=metric_exprs, bin_width=bin_width, relative=relative, n_rel_bins=n_rel_bins,
-        thresholds=thresholds, delta=delta, w_min=w_min, hill_min_k=hill_min_k,
-    ).collect(engine=engine)
-    return _to_long(wide, list(metric_exprs), thresholds, relative, bin_width, n_rel_bins, delta is not None)
+    """Exact per-bin statistics with bounded memory, reshaped to the long table of :func:`position_stats`
+    (shared with mismatch).
+
+    Pass 1 streams the run in chunks of ``chunk_rows`` rows (polars computes the bins and divergences) and
+    builds, per metric, the (bin, bucket) histogram and the per-bin survival counts (numpy bincounts); pass 2
+    streams it again keeping only the values of the buckets that hold a needed order statistic (see the
+    comment above ``_np_keys``).
+    """
+    if relative or delta is not None:
+        lf = _with_lengths(lf)
+    b, _, _ = _bin_exprs(relative, bin_width, n_rel_bins)
+    cols = [b.alias("bin"), *(e.cast(pl.Float32).alias(n) for n, e in metric_exprs.items())]
+    if delta is not None:
+        t = pl.col("pos").cast(pl.Float64) + 1.0
+        w = 1.0 - (1.0 - w_min) * (t - 1.0) / (pl.col("_T") - 1.0).clip(lower_bound=1.0)
+        cols.append((delta / w).alias("_thr"))
+    base = lf.select(cols)
+    names = list(metric_exprs)
+    # -- pass 1 ---------------------------------------------------------------------------------------
+    hist_parts: dict[str, list[pl.DataFrame]] = {m: [] for m in names}
+    per_bin: dict[str, np.ndarray] = {}
+
+    def add(name: str, arr: np.ndarray):
+        cur = per_bin.get(name)
+        if cur is None or len(cur) < len(arr):
+            cur = np.pad(cur if cur is not None else np.zeros(0), (0, len(arr) - (0 if cur is None else len(cur))))
+        cur[: len(arr)] += arr
+        per_bin[name] = cur
+
+    for chunk in base.collect_batches(chunk_size=chunk_rows, maintain_order=False, engine=engine):
+        if chunk.height == 0:
+            continue
+        bins = chunk["bin"].to_numpy()
+        add("count", np.bincount(bins).astype(np.float64))
+        if delta is not None:
+            add("_thr", np.bincount(bins, weights=chunk["_thr"].to_numpy()))
+        for m in names:
+            hist_parts[m].append(_chunk_hist(bins, chunk[m].to_numpy()))
+    if "count" not in per_bin:
+        return _rows_to_long([], thresholds, relative, bin_width, n_rel_bins, delta is not None)
+    hist_by: dict[str, dict[int, _BinHist]] = {}
+    wanted: dict[str, list[int]] = {}
+    for m in names:
+        hdf = (pl.concat(hist_parts[m]).group_by("ck")
+               .agg(pl.col("n", "s", "sl").sum(), pl.col("lo").min(), pl.col("hi").max()).sort("ck")
+               .with_columns(bin=pl.col("ck") // _KEY_SPAN))
+        hist_by[m], want = {}, set()
+        for (bn,), part in hdf.group_by(["bin"], maintain_order=True):
+            h = _BinHist(part["ck"].to_numpy(), part["n"].to_numpy(), part["s"].to_numpy(), part["sl"].to_numpy(),
+                         part["lo"].to_numpy().astype(np.float64), part["hi"].to_numpy().astype(np.float64))
+            hist_by[m][int(bn)] = h
+            js = {h.bucket_of_rank(r) for r in _quantile_ranks(h.total)}
+            for x in thresholds:  # P(D > x): only a bucket straddling x needs its values
+                js.update(np.flatnonzero((h.lo <= x) & (h.hi > x)).tolist())
+            for j in js:
+                if h.lo[j] != h.hi[j]:
+                    want.add(int(h.keys[j]))
+        wanted[m] = sorted(want)
+    # -- pass 2: values of the multi-valued buckets holding a needed order statistic --------------------
+    values: dict[str, dict[int, np.ndarray]] = {m: {} for m in names}
+    need = [m for m in names if wanted[m]]
+    if need:
+        found: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {m: [] for m in need}
+        for chunk in base.select("bin", *need).collect_batches(chunk_size=chunk_rows, maintain_order=False,
+                                                              engine=engine):
+            if chunk.height == 0:
+                continue
+            bins = chunk["bin"].to_numpy()
+            for m in need:
+                d = chunk[m].to_numpy()
+                ck = bins * _KEY_SPAN + (_np_keys(d) + 2)
+                hit = _isin(ck, wanted[m])
+                if hit.any():
+                    found[m].append((ck[hit], d[hit]))
+        for m in need:
+            if not found[m]:
+                continue
+            ck = np.concatenate([f[0] for f in found[m]])
+            d = np.concatenate([f[1] for f in found[m]])
+            order = np.lexsort((d, ck))
+            ck, d = ck[order], d[order]
+            starts = np.flatnonzero(np.r_[True, ck[1:] != ck[:-1]])
+            for i, st in enumerate(starts):
+                end = starts[i + 1] if i + 1 < len(starts) else len(ck)
+                values[m][int(ck[st])] = d[st:end]
+    rows = []
+    count = per_bin["count"]
+    for m in names:
+        for bn in np.flatnonzero(count):
+            bn = int(bn)
+            h = hist_by[m].get(bn)
+            if h is None:  # every value of this metric in the bin was NaN
+                continue
+            st = _stats_from_hist(h, values[m], hill_min_k)
+            row = {"metric": m, "bin": bn, **st}
+            for x in thresholds:
+                row[surv_name(x)] = _exceed_count(h, values[m], x) / h.total
+            if delta is not None:
+                row["threshold_mean"] = float(per_bin["_thr"][bn] / count[bn])
+            rows.append(row)
+    return _rows_to_long(rows, thresholds, relative, bin_width, n_rel_bins, delta is not None)
+
+
+def _rows_to_long(rows, thresholds, relative, bin_width, n_rel_bins, with_thr) -> pl.DataFrame:
+    _, start, end = _bin_exprs(relative, bin_width, n_rel_bins)
+    schema = {"metric": pl.Utf8, "bin": pl.Int64, "bin_start": pl.Float64, "bin_end": pl.Float64,
+              "count": pl.Int64, **{c: pl.Float64 for c in ("mean", "p50", "p90", "p99", "top10_mean", "hill_alpha")},
+              "hill_k": pl.Int64, **{surv_name(x): pl.Float64 for x in thresholds}}
+    if with_thr:
+        schema["threshold_mean"] = pl.Float64
+    if not rows:
+        return pl.DataFrame(schema=schema)
+    df = pl.DataFrame([{k: r.get(k) for k in schema if k not in ("bin_start", "bin_end")} for r in rows],
+                      schema={k: v for k, v in schema.items() if k not in ("bin_start", "bin_end")})
+    df = df.with_columns(bin_start=start.cast(pl.Float64), bin_end=end.cast(pl.Float64))
+    return df.select(list(schema))

@@ -136,14 +136,16 @@ def filter_tokens(lf: pl.LazyFrame, *, step_range=None, adv_sign: str | None = N
 
 
 def divergence_exprs() -> dict[str, pl.Expr]:
-    """Per-token divergence expressions (SPEC "Per-token divergence"), computed in float32.
+    """Per-token divergence expressions (SPEC "Per-token divergence"), computed in float64 from the logged
+    float32 log-probs (k3 and small |pi - mu| lose most of their digits to cancellation in float32).
 
     tv = |pi - mu|, k1 = log pi - log mu (clamped to +-20), abs_logratio = |k1|,
     k3 = rho - 1 - log rho with rho = exp(k1).
     """
-    k1 = (pl.col("logp") - pl.col("logp_rollout")).clip(-LOGRATIO_CLAMP, LOGRATIO_CLAMP)
+    lp, lr = pl.col("logp").cast(pl.Float64), pl.col("logp_rollout").cast(pl.Float64)
+    k1 = (lp - lr).clip(-LOGRATIO_CLAMP, LOGRATIO_CLAMP)
     return {
-        "tv": (pl.col("logp").exp() - pl.col("logp_rollout").exp()).abs(),
+        "tv": (lp.exp() - lr.exp()).abs(),
         "k1": k1,
         "abs_logratio": k1.abs(),
         "k3": k1.exp() - 1.0 - k1,

@@ -54,10 +54,17 @@ def stat_label(stat: str, x: float) -> str:
     return f"P(D > {x:g})" if stat == "surv" else STATISTICS[stat]
 
 
-def step_range(path: str, key: str, *, default_last: int | None = None, label: str = "Steps") -> tuple[int, int] | None:
+# Default number of tokens the rule-recomputing views start with (the latest steps up to this many tokens).
+# Recomputing a rule costs about 1-3 s per 300k tokens on a 2-core CPU (docs/benchmarks.md, "App"), so the
+# default keeps their first answer short on a 50M-token run; widen the step range to see more.
+RECOMPUTE_TOKENS = 300_000
+
+
+def step_range(path: str, key: str, *, recompute: bool = False, label: str = "Steps") -> tuple[int, int] | None:
     """Inclusive (lo, hi) over the run's completed steps (None: the run has no complete step yet).
 
-    ``default_last``: start with only the last N steps selected (pages that recompute rules).
+    ``recompute``: the view recomputes rules; start with the latest steps up to ``RECOMPUTE_TOKENS`` tokens
+    and say how many tokens the chosen range holds.
     """
     steps = data.completed_steps(path) or data.token_steps(path)
     if not steps:
@@ -66,11 +73,20 @@ def step_range(path: str, key: str, *, default_last: int | None = None, label: s
     if lo == hi:
         st.caption(f"Step {lo} (the only step)")
         return (lo, hi)
-    default = (lo, hi) if default_last is None else (steps[max(0, len(steps) - default_last)], hi)
+    default = (lo, hi)
+    if recompute:
+        default = data.recent_window(path, RECOMPUTE_TOKENS) or default
     value = st.session_state.get(key)
     if not (isinstance(value, tuple) and lo <= value[0] <= value[1] <= hi):
         st.session_state[key] = default
-    return tuple(st.slider(label, min_value=lo, max_value=hi, key=key))
+    chosen = tuple(st.slider(label, min_value=lo, max_value=hi, key=key))
+    if recompute:
+        counts = data.tokens_per_step(path)
+        n = sum(v for s, v in counts.items() if chosen[0] <= s <= chosen[1])
+        st.caption(f"Rules are recomputed on {n:,} tokens of steps {chosen[0]}-{chosen[1]}"
+                   + (" (the latest steps by default; widen the range for more, slower on big runs)."
+                      if chosen != (lo, hi) else "."))
+    return chosen
 
 
 def rule_specs() -> dict[str, Any]:

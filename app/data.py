@@ -437,3 +437,31 @@ def step_rule(path: str, step: int, rule: str, params: dict[str, Any]) -> pl.Dat
     sequence key, pos, keep, reason and the rule's internals (cppo: w, Z, S, c, delta_b)."""
     p = str(confine(path))
     return _step_rule(p, run_version(p), int(step), rule, tuple(sorted(params.items())))
+
+
+@st.cache_data(max_entries=MAX_RUNS, ttl=TTL_S, show_spinner=False)
+def _tokens_per_step(path: str, version: tuple) -> dict[int, int]:
+    df = _open(path, version).tokens().group_by("step").agg(n=pl.len()).collect(engine="streaming")
+    return {int(s): int(n) for s, n in df.iter_rows()}
+
+
+def tokens_per_step(path: str) -> dict[int, int]:
+    """step -> number of token rows (one scan of the ``step`` column, cached per run version)."""
+    p = str(confine(path))
+    return _tokens_per_step(p, run_version(p))
+
+
+def recent_window(path: str, max_tokens: int) -> tuple[int, int] | None:
+    """The latest steps whose tokens add up to at most ``max_tokens`` (at least one step): the default
+    window of the pages that recompute rules, so that their first answer comes fast on big runs."""
+    counts = tokens_per_step(path)
+    if not counts:
+        return None
+    steps = sorted(counts)
+    total, lo = 0, steps[-1]
+    for s in reversed(steps):
+        if total + counts[s] > max_tokens and total > 0:
+            break
+        total += counts[s]
+        lo = s
+    return (lo, steps[-1])

@@ -23,7 +23,7 @@ import streamlit as st  # noqa: E402
 
 from app import data, ui  # noqa: E402
 
-st.set_page_config(page_title="cppo-diag", page_icon=":material/insights:", layout="wide")
+st.set_page_config(page_title="cppo-diag", layout="wide")  # no page_icon: a material icon favicon is fetched from fonts.gstatic.com
 
 PAGES = [
     st.Page("views/runs.py", title="Runs", icon=":material/table_rows:", url_path="runs", default=True),

@@ -97,9 +97,13 @@ def focus_run(label: str = "Run") -> str:
     return st.selectbox(label, options=options, format_func=data.label, key=data.FOCUS)
 
 
-def plot(fig: Any, key: str) -> None:
-    fig.update_layout(margin=dict(l=10, r=10, t=40, b=10))
-    st.plotly_chart(fig, key=key, config=PLOT_CONFIG)
+def plot(fig: Any, key: str, *, tight: bool = True) -> None:
+    """Draw a plotly figure; ``tight=False`` keeps the figure's own margins (the analyses' builders)."""
+    if tight:
+        fig.update_layout(margin=dict(l=10, r=10, t=40, b=10))
+    else:  # the builders put the legend above the plot, where it collides with the title: move it below
+        fig.update_layout(legend=dict(orientation="h", yanchor="top", y=-0.22, x=0), margin=dict(b=110))
+    st.plotly_chart(fig, key=key, config=PLOT_CONFIG, theme="streamlit" if tight else None)
 
 
 def need(condition: bool, message: str) -> None:

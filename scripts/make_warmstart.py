@@ -32,7 +32,7 @@ def main(argv=None) -> int:
     ap.add_argument("--task", default="fib", help="arithmetic task kind: fib | add")
     ap.add_argument("--target", type=float, default=0.3, help="stop at this greedy exact accuracy on the held-out set")
     ap.add_argument("--max-steps", type=int, default=4000, help="SFT steps at most")
-    ap.add_argument("--eval-every", type=int, default=100, help="greedy evaluation every n SFT steps")
+    ap.add_argument("--eval-every", type=int, default=10, help="greedy evaluation every n SFT steps")
     ap.add_argument("--n-layer", type=int, default=3)
     ap.add_argument("--n-embd", type=int, default=128)
     ap.add_argument("--n-head", type=int, default=4)

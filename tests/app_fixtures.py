@@ -40,7 +40,7 @@ def _step_batch(rng: np.random.Generator, seqs: int, max_len: int, noise: float,
 
 
 def write_run(root: Path, name: str, rule: str, params: dict, *, n_steps: int = 5, seqs: int = 16, max_len: int = 48,
-              seed: int = 0, noise: float = 0.3, drift: float = 2.0, close: bool = True):
+              seed: int = 0, noise: float = 0.12, drift: float = 2.0, close: bool = True):
     """Write one run under ``root/name``; returns its path (and the open recorder when ``close=False``)."""
     import torch
 

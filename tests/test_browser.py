@@ -80,7 +80,7 @@ def page(server, tmp_path_factory):
     with sync_api.sync_playwright() as p:
         ctx = p.chromium.launch_persistent_context(
             str(profile), executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS,
-            viewport={"width": 1500, "height": 1000},
+            viewport={"width": 1500, "height": 2000},
         )
         pg = ctx.pages[0] if ctx.pages else ctx.new_page()
         pg.set_default_timeout(TIMEOUT_MS)
@@ -123,6 +123,14 @@ def wait_chart_change(page, i: int, before: str) -> None:
         f"([i, before]) => {{ const g = document.querySelectorAll('{CHART}')[i];"
         " return g && g.data && JSON.stringify(g.data.map(t => [t.name, t.x, t.y])) !== before; }",
         arg=[i, before], timeout=TIMEOUT_MS,
+    )
+
+
+def wait_trace_named(page, i: int, prefix: str) -> None:
+    page.wait_for_function(
+        f"([i, prefix]) => {{ const g = document.querySelectorAll('{CHART}')[i];"
+        " return g && g.data && g.data.some(t => String(t.name).startsWith(prefix)); }",
+        arg=[i, prefix], timeout=TIMEOUT_MS,
     )
 
 
@@ -203,23 +211,21 @@ def _walk_every_page(page, server) -> None:
     t0 = time.perf_counter()
     goto(page, "Compare runs", 2)
     latencies["first_load_compare"] = round(time.perf_counter() - t0, 3)
-    # Select exactly two runs: clear the list (Backspace removes the last tag), then type two names.
+    # Select exactly two runs: clear the list, then type two names.
     box = page.get_by_test_id("stMultiSelect").filter(has_text="Runs to compare").first
-    box.locator("input").click()
-    for _ in range(6):
-        page.keyboard.press("Backspace")
-    page.keyboard.press("Escape")
+    box.get_by_role("button", name="Clear all").click()
+    page.get_by_text("Pick at least one run").first.wait_for()
     wait_idle(page)
     box.locator("input").click()
     page.keyboard.type("dppo-run")
     page.keyboard.press("Enter")
     page.keyboard.press("Escape")
     wait_idle(page)
-    before = chart_signature(page, 0)
+    wait_trace_named(page, 0, "dppo-run")
     box.locator("input").click()
     page.keyboard.type("grpo-run")
     timed(latencies, "compare_add_run", lambda: page.keyboard.press("Enter"),
-          lambda: wait_chart_change(page, 0, before))
+          lambda: wait_trace_named(page, 0, "grpo-run"))
     page.keyboard.press("Escape")
     wait_idle(page)
     wait_charts(page, 2)
@@ -231,6 +237,7 @@ def _walk_every_page(page, server) -> None:
     t0 = time.perf_counter()
     goto(page, "Token inspector", 1)
     latencies["first_load_inspector"] = round(time.perf_counter() - t0, 3)
+    page.locator(".tokens .tok").first.wait_for()
     assert page.locator(".tokens .tok").count() > 5
     first = page.locator(".tokens").first.inner_html()
     timed(latencies, "inspector_next_sequence",
@@ -247,7 +254,7 @@ def _walk_every_page(page, server) -> None:
     latencies["first_load_whatif"] = round(time.perf_counter() - t0, 3)
     before = chart_signature(page, 0)
     slider = page.get_by_test_id("stSlider").filter(has_text="δ_b").first.get_by_role("slider")
-    timed(latencies, "whatif_delta_b_slider", lambda: (slider.focus(), *[slider.press("ArrowRight") for _ in range(10)]),
+    timed(latencies, "whatif_delta_b_slider", lambda: (slider.focus(), slider.press("ArrowRight")),
           lambda: wait_chart_change(page, 0, before))
     wait_idle(page)
     shot(page, "6_whatif")

@@ -419,3 +419,22 @@ def test_cuda_log_tokens_does_not_synchronise(tmp_path):
         torch.cuda.synchronize()
     assert still_busy, "log_tokens waited for the GPU (it must only enqueue a non_blocking copy)"
     assert open_run(tmp_path).tokens().collect().height == int(d["response_mask"].sum())
+
+
+def test_warn_mode_warns_once_per_kind_and_counts_every_drop(tmp_path):
+    with RunRecorder(tmp_path) as rec:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for step in range(3):
+                rec.log_tokens(step=step, logp=torch.zeros(2, 3), logp_rollout=torch.zeros(2, 4), advantages=torch.zeros(2))
+                d, _ = _batch(B=2, T=3, seed=step)
+                d["response_mask"][:] = True
+                d["logp"][0, 0] = float("nan")
+                rec.log_tokens(step=step, **d)
+            rec.flush()
+        kinds = [str(w.message).split(":")[0] for w in caught if issubclass(w.category, RecorderWarning)]
+        assert sorted(kinds) == ["cppo-diag recorder (log_tokens)", "cppo-diag recorder (nonfinite)"]
+        assert rec.stats["dropped_records"] == 3
+        assert rec.stats["dropped_sequences_nonfinite"] == 3
+        assert rec.stats["warnings"] == {"log_tokens": 3, "nonfinite": 3}
+    assert open_run(tmp_path).tokens().collect()["seq_id"].unique().to_list() == [1]

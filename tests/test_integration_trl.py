@@ -131,13 +131,17 @@ def test_grpo_trainer_records_every_step(tmp_path):
 def test_grpo_trainer_trains_with_cppo_rule(tmp_path):
     from cppo_diag.masks import compute_mask
 
-    params = {"delta": 0.05, "w_min": 0.8}
+    params = {"delta": 0.01, "w_min": 0.8, "delta_b": 0.002}  # tiny vocab: |pi - mu| is small
     _train(tmp_path, cppo_diag=CppoDiagConfig(run_dir=tmp_path / "runs", name="trl-cppo", rule="cppo",
                                                rule_params=params))
     run = open_run(tmp_path / "runs" / "trl-cppo")
-    assert run.meta["rule"] == "cppo" and run.meta["rule_params"]["delta"] == 0.05
+    assert run.meta["rule"] == "cppo" and run.meta["rule_params"]["delta"] == 0.01
     tok = run.tokens().collect().sort(["step", "update", "seq_id", "pos"])
     assert "keep_applied" in tok.columns and "reason_applied" in tok.columns
+    assert (~tok["keep_applied"]).sum() > 0  # the rule bites on the second pass over each batch
+    # masked tokens carry a reason (token threshold or prefix budget), kept ones 0
+    assert set(tok.filter(~pl.col("keep_applied"))["reason_applied"].unique().to_list()) <= {1, 2}
+    assert tok.filter(pl.col("keep_applied"))["reason_applied"].unique().to_list() == [0]
     # offline recompute from the recorded columns reproduces the mask the trainer applied
     for (step, update), part in tok.group_by(["step", "update"], maintain_order=True):
         ids = part["seq_id"].unique().sort().to_list()

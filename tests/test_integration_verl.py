@@ -1,7 +1,7 @@
 """The verl plug-in against the real verl package from PyPI.
 
 verl pins transformers to a range that excludes ours, so it lives in an isolated virtual environment built by
-``scripts/verl_env.sh`` (idempotent; about a minute from scratch). The check below runs there in a subprocess:
+``scripts/verl_env.sh`` (idempotent; one to three minutes from scratch). The check below runs there in a subprocess:
 cppo-diag's rules resolve through verl's own ``get_policy_loss_fn``, their output equals
 ``compute_mask`` + ``policy_loss`` (loss and gradient), verl's global-batch normalisation is honoured, verl's
 bypass mode dispatches to a rule anchored to the rollout log-probs, and the recorder writes a readable run.
@@ -189,3 +189,17 @@ def test_verl_env_script_is_idempotent_when_built():
     assert proc.returncode == 0
     assert proc.stdout.strip() == str(venv / "bin" / "python")
     assert "building" not in proc.stderr
+
+
+@pytest.mark.slow
+def test_verl_loads_plugin_from_its_own_hook(verl_python, tmp_path):
+    """No import of cppo_diag in user code: verl's VERL_USE_EXTERNAL_MODULES hook (run in every verl process at
+    ``import verl``) registers the rules, as it would in verl's Ray actor workers."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("CPPO_DIAG_", "VIRTUAL_ENV", "PYTHONPATH"))}
+    env["VERL_USE_EXTERNAL_MODULES"] = "cppo_diag.integrations.verl"
+    code = ("import sys; from verl.trainer.ppo.core_algos import get_policy_loss_fn; "
+            "print(get_policy_loss_fn('cppo').__name__, 'cppo_diag' in ' '.join(sys.modules))")
+    proc = subprocess.run([verl_python, "-c", code], capture_output=True, text=True, timeout=300, env=env,
+                          cwd=str(tmp_path))
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert proc.stdout.split()[-2:] == ["cppo_diag_policy_loss_cppo", "True"]

@@ -580,3 +580,17 @@ def test_cuda_matches_cpu():
 def test_reference_rejects_unknown_rule():
     with pytest.raises(KeyError):
         reference("nope", torch.zeros(1, 1), torch.zeros(1, 1), torch.zeros(1))
+
+
+def test_masked_row_quantile_equals_torch_quantile():
+    from cppo_diag.masks.quantile import masked_row_quantile
+
+    g = torch.Generator().manual_seed(19)
+    d = torch.rand(6, 30, generator=g, dtype=F64)
+    m = torch.rand(6, 30, generator=g) < 0.6
+    m[0] = False
+    for q in (0.0, 0.37, 0.9, 1.0):
+        out = masked_row_quantile(d, m, q)
+        for b in range(6):
+            expect = float(torch.quantile(d[b][m[b]], q)) if m[b].any() else 0.0
+            assert float(out[b]) == pytest.approx(expect, rel=1e-12, abs=1e-15)

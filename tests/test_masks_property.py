@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from reference_loop import ALL_MASK_RULES, assert_matches_reference
 
 NICE_PROBS = [0.01, 0.1, 0.25, 0.5, 0.64, 0.75, 0.9, 0.99, 1.0]
-SETTINGS = settings(max_examples=60, deadline=None, derandomize=True,
+SETTINGS = settings(max_examples=150, deadline=None, derandomize=True,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
 

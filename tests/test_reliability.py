@@ -244,6 +244,21 @@ def test_two_ranks_into_one_run(tmp_path):
     assert set(run.steps().columns) == {"step", "r0", "r1"}
 
 
+def test_two_ranks_with_resume_false_start_in_either_order(tmp_path):
+    for first, second in ((0, 1), (1, 0)):
+        run_dir = tmp_path / f"first{first}"
+        a = RunRecorder(run_dir, rank=first, resume=False, on_error="raise", config={"first": first})
+        b = RunRecorder(run_dir, rank=second, resume=False, on_error="raise", config={"first": first})
+        for rec in (a, b):
+            rec.log_tokens(step=0, **batch(0))
+            rec.close()
+        run = open_run(run_dir)
+        assert "created_by_rank" not in run.meta and run.meta["status"] == "finished"
+        assert sorted(run.tokens().collect()["rank"].unique().to_list()) == [0, 1]
+        with pytest.raises(FileExistsError):
+            RunRecorder(run_dir, rank=0, resume=False, on_error="raise")
+
+
 def test_rank1_resume_does_not_touch_rank0_files(tmp_path):
     r0 = RunRecorder(tmp_path, rank=0)
     r0.log_tokens(step=0, **batch(0))

@@ -156,6 +156,8 @@ def test_cells_are_seed_major_with_settings(tmp_path):
         ('[study]\nrules = ["cppo"]\n[trainer]\nsteps = 2\n[[settings]]\nname = "a"\n[[settings]]\nname = "a"\n',
          "settings[].name"),
         ('[stduy]\nrules = ["cppo"]\n', "<top level>"),
+        ('[study]\nrules = ["cppo"]\n[trainer]\nsteps = 2\n[rule_params.cppo]\ndelat = 0.1\n', "rule_params.cppo"),
+        ('[study]\nrules = ["cppo"]\n[trainer]\nsteps = 2\n[rule_params.dppo]\ndelta = 0.1\n', "rule_params.dppo"),
     ],
 )
 def test_config_errors_name_the_field(tmp_path, body, field):

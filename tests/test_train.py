@@ -202,11 +202,11 @@ def recompute_keep(run) -> tuple[int, int, int]:
         B, T = len(ids), int(pos.max()) + 1
         lp, lr = torch.zeros(B, T), torch.zeros(B, T)
         mask = torch.zeros(B, T, dtype=torch.bool)
-        lp[row, pos] = torch.from_numpy(g["logp"].to_numpy())
-        lr[row, pos] = torch.from_numpy(g["logp_rollout"].to_numpy())
+        lp[row, pos] = torch.tensor(g["logp"].to_numpy())
+        lr[row, pos] = torch.tensor(g["logp_rollout"].to_numpy())
         mask[row, pos] = True
         adv = torch.zeros(B)
-        adv[row] = torch.from_numpy(g["advantage"].to_numpy())
+        adv[row] = torch.tensor(g["advantage"].to_numpy())
         res = compute_mask(run.meta["rule"], logp=lp, logp_rollout=lr, advantages=adv, response_mask=mask,
                            anchor=run.meta["anchor"], **run.meta["rule_params"])
         keep = res.keep[row, pos].numpy()

@@ -11,7 +11,7 @@ st.title("Budget")
 st.caption("CPPO's prefix budget recomputed on the run (SPEC CPPO steps 3-6): budget-mask share = "
            "#tokens masked only by the budget / #masked.")
 path = ui.focus_run()
-step_range = controls.step_range(path, key="bud_steps")
+step_range = controls.step_range(path, key="bud_steps", recompute=True)
 
 defaults = controls.rule_defaults(path)
 cppo_rules = [r for r in controls.recompute_rules() if r.startswith("cppo") and r not in ("cppo_no_budget", "cppo_shuffled")]
@@ -36,9 +36,9 @@ from analyses import plots_plotly as pp  # noqa: E402  (figure builders shared w
 ui.need(res.by_step.height > 0, "No tokens in the selected steps.")
 left, right = st.columns(2)
 with left:
-    ui.plot(pp.fig_budget_by_step(res.by_step), key="bud_by_step")
+    ui.plot(pp.fig_budget_by_step(res.by_step), key="bud_by_step", tight=False)
 with right:
-    ui.plot(pp.fig_first_reject(res.first_reject), key="bud_first_reject")
-ui.plot(pp.fig_slack(res.slack), key="bud_slack")
+    ui.plot(pp.fig_first_reject(res.first_reject), key="bud_first_reject", tight=False)
+ui.plot(pp.fig_slack(res.slack), key="bud_slack", tight=False)
 with st.expander("Per-step table"):
     st.dataframe(res.by_step, hide_index=True)

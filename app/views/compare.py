@@ -21,7 +21,9 @@ c1, c2 = st.columns([3, 1])
 rules = c1.multiselect("Rules recomputed on every run", controls.recompute_rules(),
                        default=[r for r in ("grpo_clip", "dppo", "cppo") if r in controls.recompute_rules()],
                        key="cmp_rules")
-last_n = c2.number_input("Last N steps (0 = all)", min_value=0, value=0, step=1, key="cmp_last")
+window = c2.radio("Steps of each run", ["latest", "all"], horizontal=True, key="cmp_window",
+                  help=f"latest: each run's latest steps up to {controls.RECOMPUTE_TOKENS:,} tokens (fast on big "
+                  "runs); all: every step (recomputing rules on a 50M-token run takes minutes, once)")
 params = controls.rule_params_widget(chosen[0], key="cmp_params")
 bin_width = st.select_slider("Bin width (tokens)", controls.BIN_WIDTHS,
                              value=max(controls.default_bin_width(p) for p in chosen), key="cmp_bw")
@@ -31,7 +33,9 @@ def _range(path: str) -> tuple[int, int] | None:
     steps = data.completed_steps(path) or data.token_steps(path)
     if not steps:
         return None
-    return (steps[max(0, len(steps) - int(last_n))] if last_n else steps[0], steps[-1])
+    if window == "latest":
+        return data.recent_window(path, controls.RECOMPUTE_TOKENS)
+    return (steps[0], steps[-1])
 
 
 summaries, by_pos, by_step = [], [], []
@@ -42,7 +46,7 @@ for i, path in enumerate(chosen):
     if rng is not None:
         res = data.compare_one(path, rules=tuple(rules), params=rule_params, step_range=rng,
                                bin_width=int(bin_width), include_applied=True)
-        summaries.append(res.summary)
+        summaries.append(res.summary.with_columns(steps=pl.lit(f"{rng[0]}-{rng[1]}")))
         by_pos.append(res.by_position)
         by_step.append(res.by_step)
     progress.progress((i + 1) / len(chosen))

@@ -71,9 +71,10 @@ rules = st.multiselect("Rules recomputed on this run", controls.recompute_rules(
                        key="div_rules", help="Recomputed offline with the parameters below; the applied mask "
                        "(keep_applied) is drawn too when the run logged it.")
 params = controls.rule_params_widget(path, key="div_params")
+mask_range = controls.step_range(path, key="div_mask_steps", recompute=True, label="Steps for the masked fraction")
 if rules or controls.has_applied(path):
     by_pos = data.compare_one(path, rules=tuple(rules), params={r: controls.params_for(r, params) for r in rules},
-                              step_range=step_range,
+                              step_range=mask_range,
                               bin_width=int(bin_width), include_applied=True).by_position
     if by_pos.height:
         fig2 = go.Figure()

@@ -138,6 +138,12 @@ if "w" in seq.columns:
 if "S" in seq.columns:
     fig.add_scatter(x=pos, y=seq["S"], mode="lines", name="S_t", line=dict(color="#8c564b"), row=3, col=1)
 fig.update_layout(height=520, hovermode="x unified", legend=dict(orientation="h", y=-0.12))
+# Keep Z_t readable: once the budget is spent c_t can fall far below zero; clip the view (hover keeps values).
+top = max(float(tv.max()), float(params["delta"])) * 1.15
+bottom = -2.0 * float(params["delta"])
+if "c" in seq.columns and seq["c"].min() is not None:
+    bottom = max(min(0.0, float(seq["c"].min())), bottom)
+fig.update_yaxes(range=[bottom * 1.05, top], row=1, col=1)
 fig.update_xaxes(title_text="position", row=3, col=1)
 ui.plot(fig, key="insp_fig")
 st.caption(f"{int(masked.sum())} masked of {seq.height} tokens ({mark}); advantage {row['advantage']:.3f}.")

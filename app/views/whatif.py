@@ -11,8 +11,7 @@ from app import controls, data, ui
 
 st.title("What-if")
 path = ui.focus_run()
-step_range = controls.step_range(path, key="wi_steps", default_last=3,
-                                 label="Steps recomputed (few steps answer fastest)")
+step_range = controls.step_range(path, key="wi_steps", recompute=True, label="Steps recomputed")
 ui.need(step_range is not None, "This run has no token rows yet.")
 applied = controls.applied_rule(path)
 base_rule = applied or "cppo"
@@ -86,4 +85,4 @@ if st.toggle("Sweep a δ × δ_b grid around these values (CPPO)", key="wi_sweep
     sweep = data.analysis("whatif_sweep", path, deltas=deltas, delta_bs=delta_bs, w_mins=(float(w_min),),
                           base_params={k: v for k, v in cppo.items() if k in controls.rule_specs()["cppo"].params},
                           step_range=step_range)
-    ui.plot(pp.fig_whatif(sweep, value="masked_frac", w_min=float(w_min)), key="wi_sweep_fig")
+    ui.plot(pp.fig_whatif(sweep, value="masked_frac", w_min=float(w_min)), key="wi_sweep_fig", tight=False)

@@ -130,7 +130,7 @@ class RunRecorder:
             "dropped_sequences_nonfinite": 0,
             "skipped_done_steps": 0,
             "warnings": self._warned,  # kind -> number of occurrences (each kind is warned once)
-            # filled by close(): writer_busy_s, bytes_written, rows_written
+            # filled by close(): writer_busy_s, writer_cpu_s, bytes_written, rows_written
         }
         self._error: BaseException | None = None  # first writer error, re-raised in raise mode
         self._closed = False
@@ -176,7 +176,9 @@ class RunRecorder:
         existing = None
         if meta_path.exists():
             existing = json.loads(meta_path.read_text())
-            if not resume:
+            # Only rank 0 refuses an existing run: other ranks join the run rank 0 (re)creates, and rank 0
+            # accepts a meta.json that another rank of this launch created moments earlier.
+            if not resume and self.rank == 0 and existing.get("created_by_rank", 0) == 0:
                 raise FileExistsError(
                     f"run directory {self.run_dir} already holds a run (meta.json); pass resume=True to "
                     "continue it or choose another name"
@@ -205,8 +207,10 @@ class RunRecorder:
         meta["status"] = status
         meta["updated"] = _utc_now()
         if self.rank == 0:
+            meta.pop("created_by_rank", None)
             layout.atomic_write_json(meta_path, meta)
         elif not meta_path.exists():
+            meta["created_by_rank"] = self.rank
             # Another rank may race us; link() fails if rank 0 got there first, so we never clobber it.
             tmp = layout.tmp_path_for(meta_path)
             tmp.write_text(json.dumps(meta, indent=2, sort_keys=True, default=str) + "\n")
@@ -292,9 +296,10 @@ class RunRecorder:
             self._warn(f"writer/{kind}", f"{type(exc).__name__}: {exc} (dropped)")
 
     def _writer_warning(self, kind: str, message: str) -> None:
-        if kind == "nonfinite":
+        if kind == "nonfinite-dropped":  # a count, not a message: sequences dropped for NaN/Inf
             with self._lock:
-                self.stats["dropped_sequences_nonfinite"] += 1
+                self.stats["dropped_sequences_nonfinite"] += int(message)
+            return
         self._warn(kind, message)
 
     def _raise_pending(self) -> None:
@@ -465,7 +470,8 @@ class RunRecorder:
             self._open_steps.clear()
             self._writer.stop()
             self._writer.remove_heartbeat()
-            self.stats.update(writer_busy_s=self._writer.busy_s, bytes_written=self._writer.bytes_written,
+            self.stats.update(writer_busy_s=self._writer.busy_s, writer_cpu_s=self._writer.cpu_s,
+                              bytes_written=self._writer.bytes_written,
                               rows_written=self._writer.rows_written)
             if self.rank == 0:
                 meta_path = layout.run_dirs(self.run_dir)["meta"]

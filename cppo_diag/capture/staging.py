@@ -5,7 +5,7 @@ Two phases, so the training step never waits on the host:
 1. ``stage_tokens`` (caller's thread, cheap): checks shapes and dtypes from metadata only (no device
    sync), then starts the device->host copies. CUDA tensors are copied with ``non_blocking=True`` into
    pinned host buffers and one CUDA event is recorded after the last copy; CPU tensors are detached and
-   cloned (the trainer may overwrite them in place); numpy arrays are copied.
+   copied through numpy (the trainer may overwrite them in place); numpy arrays are copied.
 2. ``materialize`` (writer thread): waits on the event, checks values (cu_seqlens, NaN/Inf), applies
    sequence sampling, drops padding/prompt tokens and builds the table in ``(seq_id, pos)`` order.
 
@@ -120,6 +120,7 @@ class StagedTokens:
     seq_fraction: float = 1.0
     n_seqs: int = 0
     warnings: list[tuple[str, str]] = field(default_factory=list)  # (kind, message) for the recorder
+    dropped_nonfinite: int = 0  # sequences dropped because of NaN/Inf (set by materialize)
 
 
 LOGPROB_COLUMNS = {"logp", "logp_rollout", "logp_old", "entropy"} | TOPK_FLOAT_COLUMNS
@@ -253,7 +254,12 @@ def _to_host(arrays: dict[str, Any]):
                 host[name] = buf
                 used_cuda = True
             elif x.device.type == "cpu":
-                host[name] = x.clone()
+                # numpy's memcpy: torch.clone() wakes the intra-op thread pool, which costs far more CPU
+                # than the copy itself on a busy machine (see benchmarks/bench_capture.py).
+                if x.dtype == torch.bfloat16:  # numpy has no bfloat16: copy the bits, widen on the writer
+                    host[name] = _BF16Bits(x.view(torch.int16).numpy().copy())
+                else:
+                    host[name] = x.resolve_conj().resolve_neg().numpy().copy()
             else:  # mps, xpu, ...: a plain blocking copy is the portable choice
                 host[name] = x.to("cpu", copy=True)
         else:
@@ -264,7 +270,22 @@ def _to_host(arrays: dict[str, Any]):
     return host, event
 
 
+class _BF16Bits:
+    """The raw bits of a CPU bfloat16 tensor, held as int16 until the writer thread widens them."""
+
+    __slots__ = ("bits",)
+
+    def __init__(self, bits: np.ndarray):
+        self.bits = bits
+
+    @property
+    def shape(self):
+        return self.bits.shape
+
+
 def _np(x) -> np.ndarray:
+    if isinstance(x, _BF16Bits):
+        return torch.from_numpy(x.bits).view(torch.bfloat16).float().numpy()
     if _is_torch(x):
         if x.dtype in (torch.bfloat16, torch.float16):
             x = x.float()
@@ -362,6 +383,7 @@ def materialize(staged: StagedTokens, *, nonfinite: str) -> pa.Table | None:
             staged.warnings.append(("nonfinite", msg + "; dropping those sequences"))
             bad_seq[seqs] = True
     keep_seq &= ~bad_seq
+    staged.dropped_nonfinite = int(bad_seq.sum())
 
     keep_tok = keep_seq[seq_of_tok]
     if not keep_tok.any():

@@ -102,6 +102,7 @@ class BackgroundWriter(threading.Thread):
         self.bytes_written = 0
         self.rows_written = 0
         self.busy_s = 0.0  # wall time spent handling messages (for benchmarks/bench_capture.py)
+        self.cpu_s = 0.0  # CPU time of this thread spent handling messages
 
     # -- thread loop ------------------------------------------------------------------------------
     def run(self) -> None:
@@ -116,12 +117,13 @@ class BackgroundWriter(threading.Thread):
                 if msg is _STOP:
                     return
                 kind, payload = msg
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.thread_time()
                 try:
                     getattr(self, f"_do_{kind}")(payload)
                 except BaseException as exc:  # noqa: BLE001 - reported through on_error, never kills the thread
                     self.on_error(kind, exc, 1)
                 self.busy_s += time.perf_counter() - t0
+                self.cpu_s += time.thread_time() - c0
                 self._beat()
             finally:
                 self.q.task_done()
@@ -151,6 +153,8 @@ class BackgroundWriter(threading.Thread):
         table = materialize(staged, nonfinite=self.nonfinite)
         for kind, message in staged.warnings:
             self.on_warning(kind, message)
+        if staged.dropped_nonfinite:
+            self.on_warning("nonfinite-dropped", str(staged.dropped_nonfinite))
         if table is None:
             return
         key = (staged.step, staged.update)

@@ -20,7 +20,8 @@ Alignment: NeMo-RL's ``get_logprobs`` prepends a 0 ("Prepend 0 logprob for first
 sequence length as input", ``nemo_rl/models/policy/*_policy_worker.py``) and the loss slices ``[:, 1:]`` of
 logprobs, token mask and advantages together, so index ``i`` of every per-token list belongs to token ``i``.
 The response is the span of ``token_loss_mask``; tokens outside the mask (tool/environment turns inside a
-multi-turn response) are not written and, as everywhere in the run format, ``pos`` counts trained tokens. Step ``N`` of the file name becomes ``step`` as is (recent releases name
+multi-turn response) are not written and, as everywhere in the run format, ``pos`` counts trained tokens.
+Step ``N`` of the file name becomes ``step`` as is (recent releases name
 the file after ``total_steps + 1``, i.e. 1-based).
 
 Which policy is which: the log has no loss-time log-probs, so ``logp`` = ``logp_old`` = ``prev_logprobs``
@@ -89,7 +90,9 @@ def convert_line(row: dict, where: str, *, group_size: int | None, index: int) -
     for key in ("generation_logprobs", "prev_logprobs", "advantages"):
         arr = as_float_array(key, _unwrap(row[key], True), where)
         if arr.shape[0] < min(width, length):
-            raise ImportFormatError(f"{where}: field '{key}': expected {min(width, length)} values, found {arr.shape[0]}")
+            raise ImportFormatError(
+                f"{where}: field '{key}': expected {min(width, length)} values, found {arr.shape[0]}"
+            )
         fields[key] = arr
     mask = mask[:length]
     sample_mask = row.get("sample_loss_mask")

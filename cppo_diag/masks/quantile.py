@@ -6,8 +6,8 @@ h = q (n - 1), lo = floor(h), hi = min(lo + 1, n - 1), Quantile = lerp(x_(lo), x
 
 Speed (SPEC speed note): because of the clamp, a row whose two order statistics x_(lo), x_(hi) both lie at or
 below delta_b_min / k (counted, not sorted) gets delta_b_min, and a row whose x_(lo) is at or above
-cap * delta_b_min / k gets the cap. Only the remaining rows need the order statistics, taken from a partial
-``topk`` of the top (1 - q) tail of those rows only.
+cap * delta_b_min / k gets the cap. Only the remaining rows need order statistics: their values inside the
+band are gathered and sorted (``adaptive_delta_b``). ``masked_row_quantile`` is the plain per-row quantile.
 """
 
 from __future__ import annotations
@@ -17,6 +17,11 @@ import math
 import torch
 
 __all__ = ["adaptive_delta_b", "masked_row_quantile"]
+
+
+def _count(flags: torch.Tensor) -> torch.Tensor:
+    """(B,) int64 number of True per row (bool summed as uint8 into int32: no int64 copy of the batch)."""
+    return flags.view(torch.uint8).sum(-1, dtype=torch.int32).to(torch.int64)
 
 
 def _rank_terms(n: torch.Tensor, q: float):
@@ -83,33 +88,31 @@ def adaptive_delta_b(
     x = d if scale == 1.0 else d * scale  # (B, T), 0 on padding
     n_pad = T - n  # (B,) padding entries hold x = 0
     lo, hi, frac = _rank_terms(n, q)
-    c_le = torch.count_nonzero(x <= lo_b, dim=-1) - n_pad  # (B,)  0 <= lo_b: padding counted, then removed
-    c_lt = torch.count_nonzero(x < hi_b, dim=-1) - (n_pad if hi_b > 0 else 0)  # (B,)
-    at_min = (c_le >= hi) | (n == 0)
+    c_le = _count(x <= lo_b) - n_pad  # (B,)  0 <= lo_b: padding counted, then removed
+    c_lt = _count(x < hi_b) - (n_pad if hi_b > 0 else 0)  # (B,)
+    at_min = (c_le >= hi + 1) | (n == 0)
     at_cap = (c_lt <= lo) & ~at_min
     out = torch.where(at_cap, torch.full((), hi_b, dtype=dt, device=dev), out)
-    open_rows = ~(at_min | at_cap)  # (B,)
-    rows = open_rows.nonzero().squeeze(1)  # (R,) the undecided rows (one host sync)
+    rows = (~(at_min | at_cap)).nonzero().squeeze(1)  # (R,) the undecided rows (one host sync)
     if rows.numel() == 0:
         return out
-    band = (x > lo_b) & (x < hi_b)  # (B, T) excludes padding (x = 0 <= lo_b)
-    band &= open_rows[:, None]
-    vals = d[band]  # (M,) row-major: rows in order
-    m_row = torch.count_nonzero(band, dim=-1)  # (B,)
-    row_of = torch.repeat_interleave(torch.arange(B, device=dev), m_row, output_size=vals.numel())
+    xr, vr, dr = x.index_select(0, rows), valid.index_select(0, rows), d.index_select(0, rows)  # (R, T)
+    band = (xr > lo_b) & (xr < hi_b)  # (R, T) excludes padding (x = 0 <= lo_b)
+    vals = dr[band]  # (M,) row-major: rows in order
+    m_row = _count(band)  # (R,)
+    row_of = torch.repeat_interleave(torch.arange(rows.numel(), device=dev), m_row, output_size=vals.numel())
     order = torch.sort(vals, stable=True).indices
     order = order[torch.sort(row_of[order], stable=True).indices]  # by row, then by value
     band_sorted = vals[order]  # (M,)
-    offset = torch.cumsum(m_row, 0) - m_row  # (B,) start of each row's band values
+    offset = torch.cumsum(m_row, 0) - m_row  # (R,) start of each row's band values
     neg_inf = torch.full((), float("-inf"), dtype=dt, device=dev)
     pos_inf = torch.full((), float("inf"), dtype=dt, device=dev)
-    xr, vr, dr = x.index_select(0, rows), valid.index_select(0, rows), d.index_select(0, rows)  # (R, T)
     low_max = torch.where(vr & (xr <= lo_b), dr, neg_inf).amax(-1)  # (R,) largest D with x <= lo_b
     high_min = torch.where(vr & (xr >= hi_b), dr, pos_inf).amin(-1)  # (R,) smallest D with x >= hi_b
+    cle, clt = c_le[rows], c_lt[rows]
 
     def order_stat(r: torch.Tensor) -> torch.Tensor:  # (R,) value of rank r among the row's valid D
-        cle, clt, off = c_le[rows], c_lt[rows], offset[rows]
-        idx = (off + r - cle).clamp(min=0, max=max(band_sorted.numel() - 1, 0))
+        idx = (offset + r - cle).clamp(min=0, max=max(band_sorted.numel() - 1, 0))
         in_band = band_sorted[idx] if band_sorted.numel() else torch.zeros_like(low_max)
         return torch.where(r < cle, low_max, torch.where(r >= clt, high_min, in_band))
 

@@ -167,7 +167,7 @@ class Run:
                 if parsed is None:
                     continue
                 rank = parsed[0]
-                if kind == "tokens" and not include_incomplete and (step, rank) not in done:
+                if not include_incomplete and (step, rank) not in done:
                     if live is None:
                         live = self.is_live
                     if not live:
@@ -197,9 +197,9 @@ class Run:
         return _scan(shards, schema.TOKEN_COLUMNS, schema.REQUIRED_TOKEN_COLUMNS, ("update", "rank"),
                      all_columns=all_columns, what="token")
 
-    def sequences(self, *, all_columns: bool = False) -> pl.LazyFrame:
-        """Per-sequence rows (prompt/completion text, tokens, reward, length, ...) as a LazyFrame."""
-        shards = self._shards("sequences", True)
+    def sequences(self, *, include_incomplete: bool = False, all_columns: bool = False) -> pl.LazyFrame:
+        """Per-sequence rows (prompt/completion text, tokens, reward, length, ...) of completed steps."""
+        shards = self._shards("sequences", include_incomplete)
         return _scan(shards, schema.SEQUENCE_COLUMNS, {c: schema.SEQUENCE_COLUMNS[c] for c in schema.REQUIRED_SEQUENCE_COLUMNS},
                      ("rank",), all_columns=all_columns, what="sequence")
 

@@ -74,6 +74,7 @@ class RunEntry:
     run: Any = None  # cppo_diag.storage Run, None when the run is missing / unreadable
     status: str = "missing"
     curve: pl.DataFrame | None = None  # (step, accuracy)
+    train_seconds: float = float("nan")  # sum of the trainer's time/step_s scalar, when logged
     tokens: dict = field(default_factory=dict)  # token_summary
 
 
@@ -184,6 +185,9 @@ def collect_study(root: str | Path, analysis: AnalysisConfig | None = None) -> S
             else:
                 e.status = str(e.run.meta.get("status", "unknown"))
                 e.curve = _accuracy_curve(e.run, analysis.accuracy)
+                steps = e.run.steps()
+                if "time/step_s" in steps.columns:
+                    e.train_seconds = float(steps["time/step_s"].drop_nulls().sum())
                 e.tokens = token_summary(e.run)
         entries.append(e)
     return StudyData(root=root, manifest=manifest, analysis=analysis, entries=entries)
@@ -476,6 +480,24 @@ def _verdict(c: PairedComparison, higher_is_better: bool = True) -> str:
     return base + f": the interval includes zero ({tests}), so this study cannot tell the two apart at this scale."
 
 
+_SETTINGS_KEYS = ("steps", "model.kind", "model.init", "model.path", "task.kind", "task.reward", "task.min_terms",
+                  "task.max_terms", "task.eval_size", "rollout.prompts_per_step", "rollout.n",
+                  "rollout.max_new_tokens", "rollout.temperature", "optim.lr", "optim.epochs",
+                  "optim.updates_per_batch", "optim.adv_std_norm", "optim.agg", "log.eval_every", "log.eval_k")
+
+
+def _settings_summary(cfg: dict) -> str:
+    """``key = value`` lines for the bundled trainer's main settings present in a resolved config."""
+    lines = []
+    for key in _SETTINGS_KEYS:
+        node: Any = cfg
+        for part in key.split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+        if node is not None and node != "":
+            lines.append(f"{key} = {node!r}")
+    return "\n".join(lines) if lines else "(no recognised settings)"
+
+
 def write_results(
     data: StudyData,
     out_md: str | Path,
@@ -523,6 +545,15 @@ def write_results(
         "Student-t intervals over seeds.\n"
     )
 
+    cfg = next((e.run.meta.get("config") for e in data.entries if e.run is not None and e.run.meta.get("config")), None)
+    if cfg:
+        L.append("Trainer settings shared by the runs (from the first run's `meta.json`; the full resolved config "
+                 "of every run is in its `meta.json`):\n")
+        L.append("```\n" + _settings_summary(cfg) + "\n```\n")
+    secs = [e.train_seconds for e in data.entries if not math.isnan(e.train_seconds)]
+    if secs:
+        L.append(f"Training time: {sum(secs) / 60:.1f} min summed over {len(secs)} runs "
+                 f"(median {float(np.median(secs)) / 60:.1f} min per run; trainer's `time/step_s`).\n")
     L.append("## Results per rule\n")
     L.append(
         f"| rule | seeds | initial acc | final acc ({conf} CI) | best acc ({conf} CI) | steps to {an.threshold} "

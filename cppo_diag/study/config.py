@@ -179,12 +179,13 @@ def _expect(cond: bool, fld: str, expected: str, found: Any, src: str) -> None:
         raise StudyConfigError(f"{src}: field '{fld}': expected {expected}, found {found!r}")
 
 
-def _known_rules() -> list[str] | None:
+def _known_rules() -> dict[str, dict] | None:
+    """Registered rule name -> its parameters (name -> default)."""
     try:
         from cppo_diag.masks import list_rules
     except ImportError:  # rule library not importable: validated by the trainer instead
         return None
-    return [spec.name for spec in list_rules()]
+    return {spec.name: dict(spec.params) for spec in list_rules()}
 
 
 # Trainer keys the study sets itself for every cell (from study.rules/seeds, trainer.steps and --root).
@@ -209,6 +210,13 @@ def _flatten_overrides(d: dict, fld: str, src: str, prefix: str = "") -> dict[st
         )
         out[key] = v
     return out
+
+
+def _check_rule_params(rule: str, params: dict, fld: str, rules: list, known: dict | None, src: str) -> None:
+    _expect(rule in rules, fld, f"parameters of a rule in study.rules ({', '.join(rules)})", rule, src)
+    if known is not None and rule in known:
+        bad = sorted(set(params) - set(known[rule]))
+        _expect(not bad, fld, f"parameters of {rule} ({', '.join(known[rule]) or 'none'})", bad, src)
 
 
 def load_study(config_or_preset: str | Path, *, validate_rules: bool = True) -> StudyConfig:
@@ -238,11 +246,10 @@ def load_study(config_or_preset: str | Path, *, validate_rules: bool = True) -> 
         src,
     )
     _expect(len(set(rules)) == len(rules), "study.rules", "no duplicates", rules, src)
-    if validate_rules:
-        known = _known_rules()
-        if known is not None:
-            bad = [r for r in rules if r not in known]
-            _expect(not bad, "study.rules", f"registered rules ({', '.join(known)})", bad, src)
+    known = _known_rules() if validate_rules else None
+    if known is not None:
+        bad = [r for r in rules if r not in known]
+        _expect(not bad, "study.rules", f"registered rules ({', '.join(known)})", bad, src)
     seeds = st.get("seeds", 5)
     if isinstance(seeds, int) and not isinstance(seeds, bool):
         _expect(seeds >= 1, "study.seeds", "a positive count or a list of ints", seeds, src)
@@ -279,6 +286,7 @@ def load_study(config_or_preset: str | Path, *, validate_rules: bool = True) -> 
     _expect(isinstance(rule_params, dict), "rule_params", "a table per rule", rule_params, src)
     for r, p in rule_params.items():
         _expect(isinstance(p, dict), f"rule_params.{r}", "a table of rule keyword arguments", p, src)
+        _check_rule_params(r, p, f"rule_params.{r}", rules, known, src)
 
     settings_raw = raw.get("settings") or [{}]
     _expect(isinstance(settings_raw, list), "settings", "an array of tables ([[settings]])", settings_raw, src)
@@ -301,6 +309,9 @@ def load_study(config_or_preset: str | Path, *, validate_rules: bool = True) -> 
         sset = _flatten_overrides(sset, f"settings[{i}].set", src)
         srp = sraw.get("rule_params") or {}
         _expect(isinstance(srp, dict), f"settings[{i}].rule_params", "a table per rule", srp, src)
+        for r, p in srp.items():
+            _expect(isinstance(p, dict), f"settings[{i}].rule_params.{r}", "a table of rule keyword arguments", p, src)
+            _check_rule_params(r, p, f"settings[{i}].rule_params.{r}", rules, known, src)
         settings.append(Setting(name=sname, overrides=dict(sset), rule_params=copy.deepcopy(srp)))
     names = [s.name for s in settings]
     _expect(len(set(names)) == len(names), "settings[].name", "unique names", names, src)

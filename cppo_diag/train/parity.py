@@ -22,18 +22,18 @@ def check_parity(run_path) -> dict[str, int]:
     for _, g in toks.group_by(["step", "update", "rank"], maintain_order=True):
         seq = g["seq_id"].to_numpy()
         ids = np.unique(seq)
-        row, pos = np.searchsorted(ids, seq), g["pos"].to_numpy()
-        B, T = len(ids), int(pos.max()) + 1
+        row, pos = torch.tensor(np.searchsorted(ids, seq)), torch.tensor(g["pos"].to_numpy(), dtype=torch.long)
+        B, T = len(ids), int(pos.max()) + 1  # rebuilt padded batch (B, T)
 
         def dense(col):
             x = torch.zeros(B, T)
-            x[row, pos] = torch.from_numpy(g[col].to_numpy().astype(np.float32))
+            x[row, pos] = torch.tensor(g[col].to_numpy(), dtype=torch.float32)
             return x
 
         mask = torch.zeros(B, T, dtype=torch.bool)
         mask[row, pos] = True
         adv = torch.zeros(B)
-        adv[row] = torch.from_numpy(g["advantage"].to_numpy().astype(np.float32))
+        adv[row] = torch.tensor(g["advantage"].to_numpy(), dtype=torch.float32)
         res = compute_mask(meta["rule"], logp=dense("logp"), logp_rollout=dense("logp_rollout"), advantages=adv,
                            response_mask=mask, logp_old=dense("logp_old") if has_old else None,
                            anchor=meta.get("anchor", "rollout"), **(meta.get("rule_params") or {}))

@@ -53,14 +53,13 @@ def position_weights(x: RuleInput, *, w_min: float, weight_length: str, horizon:
         r -= 1.0  # t - 1
     else:
         r = src_rank.to(dt)
-    r.clamp_(min=0.0)  # positions before the first valid token (left padding) are -1
     if weight_length == "sequence":
         denom = (x.lengths - 1).clamp(min=1).to(dt)[:, None]  # (B, 1)
-        w = r.mul_(1.0 - w_min).div_(denom).neg_().add_(1.0)  # 1 - ((1 - w_min)(t - 1)) / max(T - 1, 1)
+        w = torch.rsub(r.mul_(1.0 - w_min).div_(denom), 1.0)  # 1 - ((1 - w_min)(t - 1)) / max(T - 1, 1)
     else:
         H = int(horizon)
         beyond = r > H - 1  # (B, T)
-        w = r.clamp_(max=H - 1).mul_(1.0 - w_min).div_(float(max(H - 1, 1))).neg_().add_(1.0)
+        w = torch.rsub(r.clamp_(max=H - 1).mul_(1.0 - w_min).div_(float(max(H - 1, 1))), 1.0)
         w.masked_fill_(beyond, w_min)
     return w.masked_fill_(x.invalid, 0.0)
 

@@ -52,7 +52,7 @@ def build_random_hf(arch: str, cfg):
         raise ValueError(f"model.path='config:{arch}': expected one of {sorted(RANDOM_ARCHS)}")
     cls_name, kw = RANDOM_ARCHS[arch]
     tok = CharTokenizer()
-    config = getattr(transformers, cls_name)(vocab_size=128, max_position_embeddings=512, bos_token_id=tok.bos_id,
+    config = getattr(transformers, cls_name)(vocab_size=tok.vocab_size, max_position_embeddings=512, bos_token_id=tok.bos_id,
                                              eos_token_id=tok.eos_id, pad_token_id=tok.pad_id,
                                              tie_word_embeddings=False, **kw)
     module = AutoModelForCausalLM.from_config(config, dtype=_dtype(cfg.dtype))
