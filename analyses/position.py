@@ -101,10 +101,14 @@ def position_stats_lazy(
     w_min: float = 0.8,
     hill_min_k: int = 5,
 ) -> pl.LazyFrame:
-    """The wide lazy aggregation behind :func:`position_stats` (one row per bin, ``metric|stat`` columns)."""
-    need_len = relative or delta is not None
-    if need_len:
-        lf = lf.with_columns(_T=(pl.col("pos").max().over(list(SEQUENCE_KEY)) + 1).cast(pl.Float64))
+    """The same statistics as one lazy polars ``group_by`` (one row per bin, ``metric|stat`` columns).
+
+    Simple, but its quantiles hold and sort every value of the run: use it on small frames or inside a
+    larger lazy query; :func:`position_stats` computes the same numbers in two bounded-memory streaming
+    passes (``tests/test_analyses_position.py`` checks that they agree).
+    """
+    if relative or delta is not None:
+        lf = _with_lengths(lf)
     b, _, _ = _bin_exprs(relative, bin_width, n_rel_bins)
     cols = [b.alias("bin"), *(e.cast(pl.Float64).alias(n) for n, e in metric_exprs.items())]
     if delta is not None:

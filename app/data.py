@@ -336,7 +336,9 @@ def runs_table(paths: Sequence[str]) -> pl.DataFrame:
     for p in paths:
         try:
             r = run_row(p)
-            rows.append({**r.__dict__, "error": ""})
+            # Liveness is re-read on every run (a heartbeat can go stale without any file changing).
+            status = "live" if is_live(p) else (r.status if r.status != "live" else "stopped")
+            rows.append({**r.__dict__, "status": status, "error": ""})
         except Exception as exc:  # a broken run must not hide the others; the table says what is wrong
             rows.append({"path": p, "name": Path(p).name, "status": "unreadable", "error": f"{type(exc).__name__}: {exc}"})
     return pl.DataFrame(rows, infer_schema_length=None) if rows else pl.DataFrame()

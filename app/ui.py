@@ -57,8 +57,8 @@ def sidebar() -> None:
 
 def _safe_live(path: str) -> bool:
     try:
-        return data.run_row(path).status == "live"
-    except Exception:
+        return data.is_live(path)
+    except Exception:  # an unreadable run is reported on the Runs page, not here
         return False
 
 

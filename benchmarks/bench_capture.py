@@ -67,13 +67,13 @@ def train_step(model, opt, ids, mask, adv, logp_rollout, rec, step, extra):
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()
+    kw = {}
+    if extra:  # diagnostics a trainer computes anyway (both variants pay for them; only logging differs)
+        with torch.no_grad():
+            kw = dict(entropy=-(logp_all.exp() * logp_all).sum(-1), token_ids=ids[:, 1:], logp_old=logp.detach())
     t_log = 0.0
     if rec is not None:
         t0 = time.perf_counter()
-        kw = {}
-        if extra:
-            with torch.no_grad():
-                kw = dict(entropy=-(logp_all.exp() * logp_all).sum(-1), token_ids=ids[:, 1:], logp_old=logp)
         rec.log_tokens(step=step, logp=logp, logp_rollout=logp_rollout[:, 1:], advantages=adv, response_mask=m, **kw)
         rec.end_step(step)
         t_log = time.perf_counter() - t0

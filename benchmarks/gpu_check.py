@@ -71,7 +71,7 @@ def main(argv=None) -> int:
     task = build_task(TaskConfig(kind="fib", min_terms=8, max_terms=16, eval_size=16))
     amp = torch.bfloat16 if device == "cuda" else None
     t_sft = time.perf_counter()
-    sft(model, CharTokenizer(), task, steps=sft_steps, batch_size=64, lr=1e-3 if not args.cpu_tiny else 3e-3,
+    sft(model, CharTokenizer(), task, steps=sft_steps, batch_size=64, lr=3e-4 if not args.cpu_tiny else 3e-3,
         logits_fn=lambda x, m: pol.forward(model, x, m, (m.long().cumsum(1) - 1).clamp(min=0))[0],
         device=device, autocast=amp, progress=False)
     t_sft = time.perf_counter() - t_sft
@@ -91,7 +91,7 @@ def main(argv=None) -> int:
         "model": {"kind": "hf", "path": str(ckpt), "dtype": "float32"},
         "task": {"kind": "fib", "reward": "partial", "eval_size": 16},
         "rollout": {"prompts_per_step": P, "n": n, "max_new_tokens": 36},
-        "optim": {"lr": 2e-5, "epochs": 2, "updates_per_batch": 2},
+        "optim": {"lr": 5e-5, "epochs": 2, "updates_per_batch": 2},
         "rule": {"name": "cppo", "params": {}},
         "log": {"out_dir": out_dir, "name": f"gpu-check-{arch}", "progress": True},
         "ckpt": {"every": 0, "keep": 0},

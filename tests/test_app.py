@@ -126,7 +126,7 @@ def test_divergence_page_advantage_sign_filters_tokens(app):
 
 def test_budget_page_recomputes_with_other_parameters(app):
     at = app("views/budget.py")
-    assert len(charts(at)) == 3
+    assert len(charts(at)) == 4  # Fig. 7 recomputed, first rejection, slack, Fig. 7 as logged (cppo-run)
     before = at.dataframe[0].value["budget_share"].tolist()
     at.number_input(key="bud_delta_b").set_value(0.0).run()
     _ok(at)
@@ -190,3 +190,32 @@ def test_empty_root_says_so(tmp_path, monkeypatch):
     at = AppTest.from_file(str(APP), default_timeout=TIMEOUT).run()
     _ok(at)
     assert "No runs found" in at.info[0].value
+
+
+def test_live_run_is_marked_and_refreshes(tmp_path, monkeypatch):
+    from tests.app_fixtures import write_run
+
+    path, rec = write_run(tmp_path, "live-run", "cppo", {"delta": 0.15}, n_steps=2, close=False)
+    try:
+        monkeypatch.setenv("CPPO_DIAG_ROOTS", str(tmp_path))
+        at = AppTest.from_file(str(APP), default_timeout=TIMEOUT).run()
+        _ok(at)
+        row = at.dataframe[0].value.set_index("run").loc["live-run"]
+        assert row["status"] == "live" and row["steps"] == 2
+        assert not at.sidebar.toggle(key="auto_refresh").disabled  # the timer is offered for live runs
+        at.sidebar.toggle(key="auto_refresh").set_value(True).run()
+        _ok(at)
+        # The trainer completes another step; the next rerun (Refresh, or the timer) shows it.
+        import numpy as np
+
+        logp = np.log(np.full((2, 4), 0.5, dtype=np.float32))
+        rec.log_tokens(step=2, logp=logp, logp_rollout=logp, advantages=np.array([1.0, -1.0], dtype=np.float32))
+        rec.end_step(2)
+        rec.flush()
+        at.sidebar.button[0].click().run()
+        _ok(at)
+        assert at.dataframe[0].value.set_index("run").loc["live-run", "steps"] == 3
+    finally:
+        rec.close()
+    at.run()
+    assert at.dataframe[0].value.set_index("run").loc["live-run", "status"] == "finished"

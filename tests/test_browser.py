@@ -6,8 +6,9 @@ waits for the plotly charts by selector, selects two runs on Compare, changes a 
 and times the wait from the change until the chart (or text) shows new data. Screenshots go to
 ``artifacts/screenshots/`` and the latencies to ``artifacts/app_latency.json`` (CI keeps both).
 
-Bigger data for the speed figures in docs/benchmarks.md: ``CPPO_DIAG_APP_BENCH_TOKENS=5000000`` adds a
-synthetic run of that many tokens (``analyses.write_synthetic_run``) and the latencies are measured on it.
+Bigger data for the speed figures in docs/benchmarks.md: ``CPPO_DIAG_APP_BENCH_TOKENS=50000000`` adds a
+synthetic run of that many tokens (``analyses.write_synthetic_run``, CPPO applied) as a second root and the
+latencies are measured on it; ``CPPO_DIAG_APP_BENCH_DIR`` (default ``bench_data/app``) keeps it between runs.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ SHOTS = ARTIFACTS / "screenshots"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 BENCH_TOKENS = int(os.environ.get("CPPO_DIAG_APP_BENCH_TOKENS", "0"))
+BENCH_DIR = Path(os.environ.get("CPPO_DIAG_APP_BENCH_DIR", str(REPO / "bench_data" / "app")))
 TIMEOUT_MS = 180_000 if BENCH_TOKENS else 90_000
 
 if not Path(CHROMIUM).exists():
@@ -49,20 +51,28 @@ def root(tmp_path_factory) -> Path:
 
     r = tmp_path_factory.mktemp("browser_runs")
     build_root(r, n_steps=6, seqs=16, max_len=64)
-    if BENCH_TOKENS:
-        from analyses import write_synthetic_run
-
-        write_synthetic_run(r / "big-run", n_tokens=BENCH_TOKENS, seqs_per_step=256, max_len=2048,
-                            with_keep_applied="cppo", progress=True)
     return r
 
 
 @pytest.fixture(scope="module")
-def server(root):
+def roots(root) -> list[str]:
+    if not BENCH_TOKENS:
+        return [str(root)]
+    big = BENCH_DIR / "big-run"
+    if not (big / "meta.json").exists():
+        from analyses import write_synthetic_run
+
+        write_synthetic_run(big, n_tokens=BENCH_TOKENS, seqs_per_step=256, max_len=2048, with_keep_applied="cppo",
+                            progress=True)
+    return [str(root), str(BENCH_DIR)]
+
+
+@pytest.fixture(scope="module")
+def server(roots):
     from cppo_diag.cli.app_cmd import launch, wait_until_healthy
 
     port = _free_port()
-    proc = launch([str(root)], port=port, open_browser=False, quiet=True)
+    proc = launch(roots, port=port, open_browser=False, quiet=True)
     try:
         wait_until_healthy(port, proc, timeout=90)
         yield f"http://127.0.0.1:{port}"
@@ -85,8 +95,12 @@ def page(server, tmp_path_factory):
         pg = ctx.pages[0] if ctx.pages else ctx.new_page()
         pg.set_default_timeout(TIMEOUT_MS)
         errors: list[str] = []
+        external: list[str] = []
         pg.on("pageerror", lambda exc: errors.append(str(exc)))
+        pg.on("request", lambda req: None if req.url.startswith(("http://127.0.0.1", "data:", "blob:"))
+              else external.append(req.url))
         pg._cppo_errors = errors  # type: ignore[attr-defined]
+        pg._cppo_external = external  # type: ignore[attr-defined]
         yield pg
         ctx.close()
 
@@ -129,7 +143,7 @@ def wait_chart_change(page, i: int, before: str) -> None:
 def wait_trace_named(page, i: int, prefix: str) -> None:
     page.wait_for_function(
         f"([i, prefix]) => {{ const g = document.querySelectorAll('{CHART}')[i];"
-        " return g && g.data && g.data.some(t => String(t.name).startsWith(prefix)); }",
+        " return g && g.data && g.data.some(t => String(t.name).includes(prefix)); }",
         arg=[i, prefix], timeout=TIMEOUT_MS,
     )
 
@@ -164,7 +178,7 @@ def timed(latencies: dict, name: str, action, wait) -> None:
 # -- the test ---------------------------------------------------------------------------------------------------
 
 
-def test_every_page_in_chromium(page, server, root):
+def test_every_page_in_chromium(page, server):
     try:
         _walk_every_page(page, server)
     except BaseException:
@@ -203,9 +217,19 @@ def _walk_every_page(page, server) -> None:
     wait_idle(page)
     shot(page, "2_divergence")
 
+    before = chart_signature(page, 0)
+    timed(latencies, "divergence_kind", lambda: choose(page, "Divergence", "k3"),
+          lambda: wait_chart_change(page, 0, before))
+    wait_idle(page)
+
     t0 = time.perf_counter()
     goto(page, "Budget", 3)
     latencies["first_load_budget"] = round(time.perf_counter() - t0, 3)
+    before = chart_signature(page, 0)
+    field = page.get_by_test_id("stNumberInput").filter(has_text="δ_b (min / fixed)").first.locator("input")
+    timed(latencies, "budget_delta_b", lambda: (field.fill("0.03"), field.press("Enter")),
+          lambda: wait_chart_change(page, 0, before))
+    wait_idle(page)
     shot(page, "3_budget")
 
     t0 = time.perf_counter()
@@ -217,21 +241,22 @@ def _walk_every_page(page, server) -> None:
     page.get_by_text("Pick at least one run").first.wait_for()
     wait_idle(page)
     box.locator("input").click()
+    second = "big-run" if BENCH_TOKENS else "grpo-run"
     page.keyboard.type("dppo-run")
     page.keyboard.press("Enter")
     page.keyboard.press("Escape")
     wait_idle(page)
     wait_trace_named(page, 0, "dppo-run")
     box.locator("input").click()
-    page.keyboard.type("grpo-run")
+    page.keyboard.type(second)
     timed(latencies, "compare_add_run", lambda: page.keyboard.press("Enter"),
-          lambda: wait_trace_named(page, 0, "grpo-run"))
+          lambda: wait_trace_named(page, 0, second))
     page.keyboard.press("Escape")
     wait_idle(page)
     wait_charts(page, 2)
     names = page.evaluate(f"() => document.querySelectorAll('{CHART}')[0].data.map(t => t.name)")
-    assert any(n.startswith("dppo-run") for n in names) and any(n.startswith("grpo-run") for n in names)
-    assert not any(n.startswith("cppo-run") for n in names)
+    assert any("dppo-run" in n for n in names) and any(second in n for n in names)
+    assert not any("cppo-run" in n for n in names)
     shot(page, "4_compare")
 
     t0 = time.perf_counter()
@@ -242,6 +267,14 @@ def _walk_every_page(page, server) -> None:
     first = page.locator(".tokens").first.inner_html()
     timed(latencies, "inspector_next_sequence",
           lambda: (page.get_by_test_id("stSelectbox").filter(has_text="Sequence (").first.click(),
+                   page.get_by_role("option").nth(1).click()),
+          lambda: page.wait_for_function(
+              "(before) => { const t = document.querySelector('.tokens'); return t && t.innerHTML !== before; }",
+              arg=first, timeout=TIMEOUT_MS))
+    wait_idle(page)
+    first = page.locator(".tokens").first.inner_html()
+    timed(latencies, "inspector_other_step",
+          lambda: (page.get_by_test_id("stSelectbox").filter(has_text="Step").first.click(),
                    page.get_by_role("option").nth(1).click()),
           lambda: page.wait_for_function(
               "(before) => { const t = document.querySelector('.tokens'); return t && t.innerHTML !== before; }",
@@ -260,7 +293,9 @@ def _walk_every_page(page, server) -> None:
     shot(page, "6_whatif")
 
     assert not page._cppo_errors, page._cppo_errors
+    assert not page._cppo_external, f"the app requested external resources: {page._cppo_external}"
     ARTIFACTS.mkdir(exist_ok=True)
-    record = {"bench_tokens": BENCH_TOKENS, "focus_run": focus, "latency_s": latencies}
+    record = {"bench_tokens": BENCH_TOKENS, "focus_run": focus, "latency_s": latencies,
+              "load_average": os.getloadavg(), "cpus": os.cpu_count()}
     (ARTIFACTS / "app_latency.json").write_text(json.dumps(record, indent=2))
     print("\napp latencies (s):", json.dumps(latencies, indent=2))

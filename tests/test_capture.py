@@ -212,6 +212,18 @@ def test_multiple_updates_and_microbatches_in_one_step(tmp_path):
     _assert_rows(open_run(tmp_path).tokens().collect(), sorted(rows, key=lambda r: (r["update"], r["seq_id"], r["pos"])))
 
 
+def test_interleaved_microbatches_are_stored_in_seq_id_order(tmp_path):
+    with RunRecorder(tmp_path, on_error="raise") as rec:
+        for ids in ([0, 2, 4], [1, 3, 5]):
+            d, _ = _batch(B=3, T=4, seed=ids[0])
+            rec.log_tokens(step=0, seq_ids=torch.tensor(ids), **d)
+    files = open_run(tmp_path).token_files()
+    assert len(files) == 1
+    df = pl.read_parquet(files[0])
+    assert df["seq_id"].is_sorted() and df.height == df.unique(["seq_id", "pos"]).height
+    assert df.group_by("seq_id").agg(pl.col("pos").diff().drop_nulls().eq(1).all())["pos"].all()
+
+
 def test_auto_end_of_earlier_step_and_close_ends_last(tmp_path):
     with RunRecorder(tmp_path, on_error="raise") as rec:
         for step in range(3):
@@ -408,17 +420,22 @@ def test_cuda_log_tokens_does_not_synchronise(tmp_path):
     cuda = {k: v.cuda() for k, v in d.items()}
     x = torch.randn(4096, 4096, device="cuda")
     with RunRecorder(tmp_path, on_error="warn") as rec:
+        rec.log_tokens(step=0, **cuda)  # warm-up: the first pinned-memory allocation may synchronise
+        rec.flush()
         torch.cuda.synchronize()
         for _ in range(20):  # queue long GPU work; logp depends on it, so its copy waits behind it
             x = x @ x
             x = x / x.norm()
         logp = cuda["logp"] + 0 * x[0, 0]
-        rec.log_tokens(step=0, logp=logp, logp_rollout=cuda["logp_rollout"], advantages=cuda["advantages"],
+        rec.log_tokens(step=1, logp=logp, logp_rollout=cuda["logp_rollout"], advantages=cuda["advantages"],
                        response_mask=cuda["response_mask"])
         still_busy = not torch.cuda.current_stream().query()
         torch.cuda.synchronize()
     assert still_busy, "log_tokens waited for the GPU (it must only enqueue a non_blocking copy)"
-    assert open_run(tmp_path).tokens().collect().height == int(d["response_mask"].sum())
+    df = open_run(tmp_path).tokens().collect()
+    assert df.height == 2 * int(d["response_mask"].sum())
+    step1 = df.filter(pl.col("step") == 1).sort(["seq_id", "pos"])
+    np.testing.assert_array_equal(step1["logp_rollout"].to_numpy(), d["logp_rollout"][d["response_mask"]].numpy())
 
 
 def test_warn_mode_warns_once_per_kind_and_counts_every_drop(tmp_path):
@@ -438,3 +455,42 @@ def test_warn_mode_warns_once_per_kind_and_counts_every_drop(tmp_path):
         assert rec.stats["dropped_sequences_nonfinite"] == 3
         assert rec.stats["warnings"] == {"log_tokens": 3, "nonfinite": 3}
     assert open_run(tmp_path).tokens().collect()["seq_id"].unique().to_list() == [1]
+
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from cppo_diag.capture.staging import materialize, stage_tokens  # noqa: E402
+
+
+@settings(max_examples=60, deadline=None)
+@given(B=st.integers(1, 6), T=st.integers(1, 8), seed=st.integers(0, 10_000), packed=st.booleans(),
+       per_token_adv=st.booleans())
+def test_property_staging_matches_plain_loop(B, T, seed, packed, per_token_adv):
+    rng = np.random.default_rng(seed)
+    mask = rng.random((B, T)) < 0.7  # arbitrary holes: any prompt/padding pattern
+    logp = rng.normal(size=(B, T)).astype(np.float32)
+    lr = rng.normal(size=(B, T)).astype(np.float32)
+    adv = rng.normal(size=(B, T) if per_token_adv else B).astype(np.float32)
+    seq_ids = rng.permutation(100)[:B]
+    if packed:  # every row packed back to back, prompt/padding positions excluded through response_mask
+        cu = np.arange(0, (B + 1) * T, T)
+        kw = dict(logp=logp.reshape(-1), logp_rollout=lr.reshape(-1), response_mask=mask.reshape(-1),
+                  cu_seqlens=cu, advantages=adv.reshape(-1) if per_token_adv else adv)
+    else:
+        kw = dict(logp=logp, logp_rollout=lr, response_mask=mask, advantages=adv)
+    table = materialize(stage_tokens(step=3, update=0, rank=0, seq_fraction=1.0, seq_ids=seq_ids, **kw),
+                        nonfinite="raise")
+    rows = []
+    for b in np.argsort(seq_ids):
+        pos = 0
+        for t in range(T):
+            if mask[b, t]:
+                rows.append((int(seq_ids[b]), pos, logp[b, t], lr[b, t], adv[b, t] if per_token_adv else adv[b]))
+                pos += 1
+    if not rows:
+        assert table is None
+        return
+    got = list(zip(*(table.column(c).to_pylist() for c in ("seq_id", "pos", "logp", "logp_rollout", "advantage"))))
+    assert [g[:2] for g in got] == [r[:2] for r in rows]
+    np.testing.assert_array_equal(np.array([g[2:] for g in got], np.float32), np.array([r[2:] for r in rows], np.float32))

@@ -594,3 +594,19 @@ def test_masked_row_quantile_equals_torch_quantile():
         for b in range(6):
             expect = float(torch.quantile(d[b][m[b]], q)) if m[b].any() else 0.0
             assert float(out[b]) == pytest.approx(expect, rel=1e-12, abs=1e-15)
+
+
+def test_advantages_shapes_are_equivalent():
+    lp, lr, adv, n = random_batch(3, 7, seed=20, drift=0.3, lengths=[7, 5, 2])
+    lp, m = pad(lp, n, 7)
+    lr, _ = pad(lr, n, 7)
+    a = run("cppo", lp, lr, adv, m)
+    for form in (adv[:, None], adv[:, None].expand(3, 7).clone()):
+        assert torch.equal(run("cppo", lp, lr, form, m).keep, a.keep)
+
+
+def test_none_parameter_means_default():
+    lp, lr, adv, n = random_batch(3, 9, seed=21, drift=0.3, lengths=[9, 9, 4])
+    a = run("cppo", lp, lr, adv)
+    b = run("cppo", lp, lr, adv, delta=None, w_min=None, delta_b=None, delta_b_mode=None, horizon=None)
+    assert torch.equal(a.keep, b.keep) and b.params["delta"] == 0.15 and b.params["delta_b_mode"] == "adaptive"

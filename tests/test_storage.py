@@ -54,6 +54,26 @@ def test_shard_missing_required_column_is_a_clear_error(tmp_path):
         run.tokens()
 
 
+def test_shard_with_wrong_column_type_is_a_clear_error(tmp_path):
+    run = _make_run(tmp_path)
+    bad = tmp_path / "tokens" / "step=000000" / "rank0-u0-001.parquet"
+    pq.write_table(pa.table({"step": [0], "seq_id": [0], "pos": pa.array([0], pa.int32()), "logp": ["x"],
+                             "logp_rollout": [0.0], "advantage": [0.0]}), bad)
+    with pytest.raises(RunFormatError, match=r"rank0-u0-001.parquet: token column 'logp' has type string; expected Float32"):
+        run.tokens()
+
+
+def test_compatible_wider_types_are_cast(tmp_path):
+    run = _make_run(tmp_path, steps=(0,))
+    extra = tmp_path / "tokens" / "step=000000" / "rank0-u0-001.parquet"
+    pq.write_table(pa.table({"step": [0], "seq_id": pa.array([99], pa.int32()), "pos": pa.array([0], pa.int64()),
+                             "logp": pa.array([-0.5], pa.float64()), "logp_rollout": [-0.25], "advantage": [1.0],
+                             "token_id": pa.array([7], pa.int32())}), extra)
+    df = open_run(tmp_path).tokens().collect()
+    assert df.schema["pos"] == pl.Int32 and df.schema["logp"] == pl.Float32 and df.schema["token_id"] == pl.Int64
+    assert df.filter(pl.col("seq_id") == 99)["logp"].to_list() == [-0.5]
+
+
 @pytest.mark.parametrize("damage", ["truncate", "garbage", "empty"])
 def test_corrupt_shard_is_skipped_with_a_warning_naming_it(tmp_path, damage):
     run = _make_run(tmp_path)

@@ -3,6 +3,7 @@ first rejects a token (survival over position), and the slack c_t by position.""
 
 from __future__ import annotations
 
+import polars as pl
 import streamlit as st
 
 from app import controls, data, ui
@@ -42,3 +43,12 @@ with right:
 ui.plot(pp.fig_slack(res.slack), key="bud_slack", tight=False)
 with st.expander("Per-step table"):
     st.dataframe(res.by_step, hide_index=True)
+
+# The trainer's own per-step metrics cover every step at no cost (no recompute): show them when logged.
+logged = data.steps(path)
+applied = controls.applied_rule(path) or ""
+share_col, db_col = f"mask/{applied}/budget_share", f"{applied}/delta_b_mean"
+if applied.startswith("cppo") and {share_col, db_col} <= set(logged.columns):
+    fig7 = logged.select("step", pl.col(db_col).alias("delta_b_mean"), pl.col(share_col).alias("budget_share"))
+    ui.plot(pp.fig_budget_by_step(fig7.drop_nulls(), title=f"As logged by the trainer ({applied}, every step)"),
+            key="bud_logged", tight=False)

@@ -116,7 +116,7 @@ class StagedTokens:
     rank: int
     layout: str  # "padded" | "packed"
     arrays: dict[str, Any]  # input name -> host torch tensor / numpy array (maybe still being copied)
-    event: Any = None  # torch.cuda.Event recorded after the last non_blocking copy, or None
+    events: Any = None  # list of torch.cuda.Event (one per device) recorded after the non_blocking copies
     seq_fraction: float = 1.0
     n_seqs: int = 0
     warnings: list[tuple[str, str]] = field(default_factory=list)  # (kind, message) for the recorder
@@ -233,26 +233,25 @@ def stage_tokens(
             raise CaptureInputError(f"seq_ids: expected an integer dtype, found {seq_ids.dtype}")
         arrays["seq_ids"] = seq_ids
 
-    host, event = _to_host(arrays)
+    host, events = _to_host(arrays)
     return StagedTokens(
-        step=int(step), update=int(update), rank=int(rank), layout=layout, arrays=host, event=event,
+        step=int(step), update=int(update), rank=int(rank), layout=layout, arrays=host, events=events,
         seq_fraction=float(seq_fraction), n_seqs=n_seqs,
     )
 
 
 def _to_host(arrays: dict[str, Any]):
-    """Start device->host copies; return (host arrays, cuda event or None). Never synchronises."""
+    """Start device->host copies; return (host arrays, list of cuda events or None). Never synchronises."""
     host: dict[str, Any] = {}
-    event = None
-    used_cuda = False
+    cuda_devices: set = set()
     for name, x in arrays.items():
         if _is_torch(x):
             x = x.detach()
             if x.device.type == "cuda":
                 buf = torch.empty(x.shape, dtype=x.dtype, pin_memory=True)
-                buf.copy_(x, non_blocking=True)
+                buf.copy_(x, non_blocking=True)  # enqueued on x's device's current stream
                 host[name] = buf
-                used_cuda = True
+                cuda_devices.add(x.device)
             elif x.device.type == "cpu":
                 # numpy's memcpy: torch.clone() wakes the intra-op thread pool, which costs far more CPU
                 # than the copy itself on a busy machine (see benchmarks/bench_capture.py).
@@ -264,10 +263,13 @@ def _to_host(arrays: dict[str, Any]):
                 host[name] = x.to("cpu", copy=True)
         else:
             host[name] = np.array(x, copy=True)
-    if used_cuda:
-        event = torch.cuda.Event()
-        event.record()
-    return host, event
+    events = []
+    for device in cuda_devices:  # one event per device: each device's copies run on its own stream
+        with torch.cuda.device(device):
+            ev = torch.cuda.Event()
+            ev.record()
+            events.append(ev)
+    return host, events or None
 
 
 class _BF16Bits:
@@ -305,8 +307,8 @@ def materialize(staged: StagedTokens, *, nonfinite: str) -> pa.Table | None:
     tensor is appended to ``staged.warnings`` naming the tensor, step, seq and pos.
     Returns None when sampling keeps no sequence.
     """
-    if staged.event is not None:
-        staged.event.synchronize()
+    for ev in staged.events or ():
+        ev.synchronize()
     a = {k: _np(v) for k, v in staged.arrays.items()}
     B = staged.n_seqs
     step = staged.step

@@ -170,6 +170,8 @@ class BackgroundWriter(threading.Thread):
             return
         step, update = key
         table = pa.concat_tables(tables, promote_options="default")
+        if len(tables) > 1:  # micro-batches may interleave seq_ids; keep the shard in (seq_id, pos) order
+            table = table.sort_by([("seq_id", "ascending"), ("pos", "ascending")])
         step_dir = self.dirs["tokens"] / layout.step_dir_name(step)
         step_dir.mkdir(parents=True, exist_ok=True)
         part = self._token_parts[key]

@@ -37,7 +37,8 @@ def compute_mask(
     topk         ``TopK`` (or dict) with mu's top-K ids / log-probs for divergence="topk_tv"/"topk_kl".
     params       the rule's parameters (``cppo-diag rules`` lists them with defaults). Any name in
                  ``PARAMETERS`` is accepted by every rule (those a rule does not use are ignored and listed in
-                 ``result.params["ignored"]``); any other name raises.
+                 ``result.params["ignored"]``); any other name raises. A value of None means the
+                 rule's default.
 
     Runs under ``torch.no_grad()``; inputs are detached, never modified. Float16/bfloat16 inputs are computed
     in float32, float64 stays float64. Returns a ``MaskResult`` in the caller's layout.
@@ -49,7 +50,8 @@ def compute_mask(
             f"compute_mask({rule!r}): unknown parameter(s) {unknown}; rule {rule!r} takes {sorted(spec.params)}; "
             f"every rule also accepts (and ignores if unused) {sorted(PARAMETERS)} plus {sorted(COMMON_PARAMETERS)}"
         )
-    used = {k: v for k, v in params.items() if k in spec.params}
+    # None means "the rule's default" (so one config with unset fields can drive any rule).
+    used = {k: (spec.params[k] if v is None else v) for k, v in params.items() if k in spec.params}
     ignored = sorted(k for k in params if k not in spec.params)
     with torch.no_grad():
         x = build_input(

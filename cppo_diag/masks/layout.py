@@ -302,6 +302,8 @@ def build_input(
     _check_same_shape("logp_rollout", logp_rollout, tok_shape)
     _check_same_shape("logp_old", logp_old, tok_shape)
     _check_same_shape("response_mask", response_mask, tok_shape)
+    if not packed and tuple(advantages.shape) == (B, 1) and tok_shape[1] != 1:
+        advantages = advantages[:, 0]  # (B, 1) -> (B,)
     per_seq_adv = tuple(advantages.shape) == (B,) and tuple(advantages.shape) != tok_shape
     if not per_seq_adv and tuple(advantages.shape) != tok_shape:
         raise InputError(

@@ -239,6 +239,37 @@ class Run:
         return out.with_columns(pl.col("step").cast(pl.Int64)).sort("step")
 
 
+def _type_family(t) -> str:
+    """Coarse family of a pyarrow type: the reader casts within a family (int32 -> Int64), never across."""
+    import pyarrow.types as pat
+
+    if pat.is_boolean(t):
+        return "bool"
+    if pat.is_integer(t):
+        return "int"
+    if pat.is_floating(t):
+        return "float"
+    if pat.is_string(t) or pat.is_large_string(t):
+        return "str"
+    if pat.is_list(t) or pat.is_large_list(t):
+        return "list[" + _type_family(t.value_type) + "]"
+    return str(t)
+
+
+def _polars_family(dtype: pl.DataType) -> str:
+    if dtype == pl.Boolean:
+        return "bool"
+    if dtype.is_integer():
+        return "int"
+    if dtype.is_float():
+        return "float"
+    if dtype == pl.Utf8:
+        return "str"
+    if isinstance(dtype, pl.List):
+        return "list[" + _polars_family(dtype.inner) + "]"
+    return str(dtype)
+
+
 def _scan(shards, dtypes: dict, required: dict, fill_zero: tuple[str, ...], *, all_columns: bool, what: str) -> pl.LazyFrame:
     present: dict[str, pl.DataType] = {}
     for path, arrow_schema in shards:
@@ -250,15 +281,30 @@ def _scan(shards, dtypes: dict, required: dict, fill_zero: tuple[str, ...], *, a
             )
         for name in arrow_schema.names:
             if name in dtypes:
+                found = arrow_schema.field(name).type
+                if _type_family(found) != _polars_family(dtypes[name]):
+                    raise RunFormatError(
+                        f"{path}: {what} column '{name}' has type {found}; expected {dtypes[name]}"
+                    )
                 present[name] = dtypes[name]
     columns = list(dtypes) if all_columns else [c for c in dtypes if c in present or c in required or c in fill_zero]
     target = {c: dtypes[c] for c in columns}
     if not shards:
         return pl.LazyFrame(schema=target)
-    lf = pl.scan_parquet(
-        [str(p) for p, _ in shards], schema=target, missing_columns="insert", extra_columns="ignore",
-        hive_partitioning=False, cast_options=pl.ScanCastOptions(integer_cast=["upcast", "allow-float"], float_cast=["upcast", "downcast"]),
-    )
+    # Shards written by one writer share a schema; foreign or older shards may lack optional columns or
+    # use wider types. Scan each distinct schema once, cast to the schema.py dtypes, insert typed nulls.
+    groups: dict[tuple, list[str]] = {}
+    for path, arrow_schema in shards:
+        key = tuple((f.name, str(f.type)) for f in arrow_schema if f.name in target)
+        groups.setdefault(key, []).append(str(path))
+    frames = []
+    for key, files in groups.items():
+        have = {name for name, _ in key}
+        lf = pl.scan_parquet(files, hive_partitioning=False)
+        frames.append(lf.select([
+            (pl.col(c).cast(t) if c in have else pl.lit(None, dtype=t)).alias(c) for c, t in target.items()
+        ]))
+    lf = frames[0] if len(frames) == 1 else pl.concat(frames, how="vertical")
     return lf.with_columns([pl.col(c).fill_null(0) for c in fill_zero if c in target])
 
 

@@ -297,19 +297,53 @@ def _curve_band(curves: pl.DataFrame, label: str, confidence: float):
 
 
 def _plot_curves(ax, curves: pl.DataFrame, labels, confidence: float, threshold: float | None = None):
+    """Mean over seeds per evaluation with its t-interval as a band (clipped to [0, 1]: accuracies)."""
     for label in labels:
         if curves.filter(pl.col("label") == label).height == 0:
             continue
         steps, mean, lo, hi, n = _curve_band(curves, label, confidence)
-        (line,) = ax.plot(steps, mean, label=f"{label} (n={int(n.max()) if n.size else 0})", lw=1.6)
+        (line,) = ax.plot(steps, mean, marker="o", ms=3, label=f"{label} (n={int(n.max()) if n.size else 0})", lw=1.6)
         ok = np.isfinite(lo)
-        ax.fill_between(steps[ok], lo[ok], hi[ok], color=line.get_color(), alpha=0.18, lw=0)
+        ax.fill_between(steps[ok], np.clip(lo[ok], 0, 1), np.clip(hi[ok], 0, 1), color=line.get_color(),
+                        alpha=0.15, lw=0)
     if threshold is not None:
         ax.axhline(threshold, color="0.5", ls=":", lw=1)
-    ax.set_xlabel("training step")
+    ax.set_xlabel("RL iterations completed")
     ax.set_ylabel("held-out accuracy")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
+
+
+def _plot_small_multiples(curves: pl.DataFrame, labels, confidence: float, threshold: float | None):
+    """One panel per rule: every seed as a thin line, the mean and its band on top; shared axes."""
+    import matplotlib.pyplot as plt
+
+    ncol = min(3, max(1, len(labels)))
+    nrow = -(-len(labels) // ncol)
+    fig, axes = plt.subplots(nrow, ncol, figsize=(4.2 * ncol, 3.2 * nrow), sharex=True, sharey=True, squeeze=False)
+    for ax, label in zip(axes.flat, labels):
+        sub = curves.filter(pl.col("label") == label)
+        for (seed,), g in sub.group_by("seed", maintain_order=True):
+            g = g.sort("step")
+            ax.plot(g["step"].to_numpy(), g["accuracy"].to_numpy(), lw=0.8, color="0.6", alpha=0.8)
+        if sub.height:
+            steps, mean, lo, hi, n = _curve_band(curves, label, confidence)
+            ax.plot(steps, mean, lw=2, color="C0")
+            ok = np.isfinite(lo)
+            ax.fill_between(steps[ok], np.clip(lo[ok], 0, 1), np.clip(hi[ok], 0, 1), color="C0", alpha=0.2, lw=0)
+        if threshold is not None:
+            ax.axhline(threshold, color="0.5", ls=":", lw=1)
+        ax.set_title(label, fontsize=10)
+        ax.grid(alpha=0.3)
+    for ax in axes.flat[len(labels):]:
+        ax.set_visible(False)
+    for ax in axes[-1]:
+        ax.set_xlabel("RL iterations completed")
+    for ax in axes[:, 0]:
+        ax.set_ylabel("held-out accuracy")
+    fig.suptitle(f"Per rule: each seed (grey), mean and {confidence:.0%} CI (blue)", fontsize=11)
+    fig.tight_layout()
+    return fig
 
 
 def _pooled_tokens(entries: list[RunEntry]):
@@ -336,13 +370,19 @@ def write_figures(data: StudyData, per_seed: pl.DataFrame, fig_dir: Path, *, pro
     curves = _curves_long(data)
     out: dict[str, Any] = {"position": {}, "budget": {}, "notes": []}
 
-    # Learning curves with seed bands (mean and t-interval across seeds at each evaluated step).
+    # Learning curves with seed bands: the main rules in one panel (the ablations get their own figure),
+    # and every rule in small multiples with its seeds.
+    main = [lab for lab in labels if lab.split("@")[0] not in an.ablation_rules or lab.split("@")[0] == an.reference]
     fig, ax = plt.subplots(figsize=(8, 4.8))
-    _plot_curves(ax, curves, labels, an.confidence, an.threshold)
+    _plot_curves(ax, curves, main or labels, an.confidence, an.threshold)
     ax.set_title(f"Held-out accuracy, mean and {an.confidence:.0%} CI over seeds")
     fig.tight_layout()
     out["curves"] = fig_dir / "learning_curves.png"
     fig.savefig(out["curves"], dpi=120)
+    plt.close(fig)
+    fig = _plot_small_multiples(curves, labels, an.confidence, an.threshold)
+    out["curves_by_rule"] = fig_dir / "learning_curves_by_rule.png"
+    fig.savefig(out["curves_by_rule"], dpi=110)
     plt.close(fig)
 
     # Fig. 5-style ablation: curves of CPPO and its ablations, plus the primary metric per seed.
@@ -598,7 +638,9 @@ def write_results(
         L.append("")
 
     L.append("## Figures\n")
-    L.append(f"Learning curves (mean and {conf} CI band over seeds):\n\n![learning curves]({rel(figs['curves'])})\n")
+    L.append(f"Learning curves (mean and {conf} CI band over seeds, clipped to [0, 1]):\n\n"
+             f"![learning curves]({rel(figs['curves'])})\n")
+    L.append(f"Every rule with its individual seeds:\n\n![learning curves by rule]({rel(figs['curves_by_rule'])})\n")
     if "ablation" in figs:
         L.append(
             "CPPO ablations, paper Fig. 5 style (left: curves; right: per-seed "

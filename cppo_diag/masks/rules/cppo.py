@@ -117,7 +117,6 @@ def cppo_core(
     dt = x.dtype
     n = x.lengths  # (B,)
     d = x.divergence(divergence)  # (B, T), 0 on padding
-    zero = torch.zeros((), dtype=dt, device=x.device)
 
     # -- position weights w_t (Eq. 9) ------------------------------------------------------------------
     if variant == "no_weight":

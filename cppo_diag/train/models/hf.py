@@ -68,10 +68,7 @@ def wrap_char(module, cfg, name: str):
     if cfg.grad_checkpointing:
         module.gradient_checkpointing_enable()
 
-    def forward(m, input_ids, attention_mask, position_ids, cache=None, use_cache=False):
-        out = m(input_ids=input_ids, attention_mask=attention_mask.long(), position_ids=position_ids,
-                past_key_values=cache, use_cache=use_cache or cache is not None)
-        return out.logits, getattr(out, "past_key_values", None)
+    forward = _forward_fn(module)
 
     return Policy(name=name, module=module, forward=forward, empty_cache=lambda: None, encode_prompt=tok.encode_prompt,
                   decode=tok.decode, token_strings=tok.token_strings, eos_id=tok.eos_id, pad_id=tok.pad_id,
@@ -84,6 +81,22 @@ def save_char_model(module, directory: str | Path) -> None:
 
     module.save_pretrained(str(directory), safe_serialization=True)
     (Path(directory) / CHAR_MARKER).write_text(json.dumps({"tokenizer": "cppo_diag.train.models.tiny_gpt.CharTokenizer"}))
+
+
+def _forward_fn(module):
+    """The model adapter; newer transformers name the KV-cache argument ``cache`` (was ``past_key_values``)."""
+    import inspect
+
+    base = module.module if hasattr(module, "module") else module
+    cache_kw = "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+
+    def forward(m, input_ids, attention_mask, position_ids, cache=None, use_cache=False):
+        out = m(input_ids=input_ids, attention_mask=attention_mask.long(), position_ids=position_ids,
+                use_cache=use_cache or cache is not None, **{cache_kw: cache})
+        new = getattr(out, "past_key_values", None)
+        return out.logits, new if new is not None else getattr(out, "cache", None)
+
+    return forward
 
 
 def _dtype(name: str):
@@ -135,10 +148,7 @@ def wrap_hf(module, tok, cfg, name: str):
             return tok(s, add_special_tokens=False)["input_ids"]
         return tok(text)["input_ids"]
 
-    def forward(m, input_ids, attention_mask, position_ids, cache=None, use_cache=False):
-        out = m(input_ids=input_ids, attention_mask=attention_mask.long(), position_ids=position_ids,
-                past_key_values=cache, use_cache=use_cache or cache is not None)
-        return out.logits, getattr(out, "past_key_values", None)
+    forward = _forward_fn(module)
 
     return Policy(name=name, module=module, forward=forward, empty_cache=lambda: None, encode_prompt=encode_prompt,
                   decode=lambda ids: tok.decode(ids, skip_special_tokens=True),
