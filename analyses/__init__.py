@@ -19,21 +19,26 @@ Loading and per-token quantities (``analyses.tokens``)
 Divergence by position, paper Fig. 2 (``analyses.position``)
     position_stats(source, *, metrics=("tv", "abs_logratio", "k3"), bin_width=64, relative=False,
                    n_rel_bins=20, step_range=None, adv_sign=None, thresholds=(0.05, 0.1, 0.2, 0.5),
-                   delta=None, w_min=0.8, hill_min_k=5) -> pl.DataFrame
+                   delta=None, w_min=0.8, hill_min_k=5, progress=False) -> pl.DataFrame
         one row per (metric, bin): bin, bin_start, bin_end, count, mean, p50, p90, p99, top10_mean,
         surv_<x> = P(D > x), hill_alpha, hill_k [, threshold_mean = mean of delta / w_t when delta given]
     threshold_schedule(positions, *, delta, w_min, length) -> np.ndarray     delta / w_t (SPEC CPPO step 1)
+    position_stats_lazy(lf, *, metric_exprs, ...) -> pl.LazyFrame   the same statistics as one lazy group_by
+        (wide: one row per bin, "metric|stat" columns; holds every value - for small frames)
 
 Recompute any rule over a run (``analyses.recompute``)
     iter_batches(source, *, step_range=None, columns=None, progress=False) -> Iterator[Batch]
-    recompute(source, rule, *, params=None, step_range=None, side_table=None, bin_width=64,
-              progress=True, on_batch=None) -> RecomputeResult
+    recompute(source, rule, *, params=None, step_range=None, side_table=None, bin_width=64, anchor=None,
+              return_internals=False, on_batch=None, progress=True) -> RecomputeResult
+    recompute_many(source, {label: (rule, params)}, *, step_range=None, bin_width=64, anchor=None,
+                   progress=True) -> dict[label, RecomputeResult]          several rules, one pass
+    run_rule(batch, rule, params=None, *, anchor="rollout", return_internals=False) -> MaskResult
         RecomputeResult: rule, params, overall (dict), by_step, by_position, by_adv_sign, metrics_by_step
         (pl.DataFrame), agreement (dict or None: fraction of tokens where keep == keep_applied),
         side_table (path or None)
 
 Budget exhaustion, paper Fig. 7 (``analyses.budget``)
-    budget_exhaustion(source, *, params=None, rule="cppo", step_range=None, bin_width=64,
+    budget_exhaustion(source, *, params=None, rule="cppo", step_range=None, bin_width=64, anchor=None,
                       progress=True) -> BudgetResult
         BudgetResult: by_step (step, delta_b_mean, budget_share, masked_frac, ...),
         first_reject (pos, at_risk, events, survival), slack (bin, c_mean, c_p10, c_p50, frac_negative, ...)
@@ -45,12 +50,13 @@ Compare runs x rules (``analyses.compare``)
         by_position (run, rule, bin, bin_start, masked_frac, count)
 
 What-if sweeps (``analyses.whatif``)
-    whatif_sweep(source, *, deltas, delta_bs, w_mins, base_params=None, step_range=None,
+    whatif_sweep(source, *, deltas, delta_bs, w_mins, base_params=None, step_range=None, anchor="rollout",
                  progress=True) -> pl.DataFrame
         one row per (delta, delta_b, w_min): n_valid, n_masked, n_budget, masked_frac, budget_share
 
 Train/rollout mismatch (``analyses.mismatch``)
-    mismatch_by_position(source, *, bin_width=64, step_range=None, relative=False) -> pl.DataFrame
+    mismatch_by_position(source, *, bin_width=64, step_range=None, adv_sign=None, relative=False,
+                         n_rel_bins=20, progress=False) -> pl.DataFrame
         position_stats of |pi_old - mu| ("mismatch_tv") and |log pi_old - log mu| ("mismatch_abs_logratio");
         raises MissingColumnError when the run has no logp_old
 
@@ -65,14 +71,18 @@ Figures: the same builders, taking the aggregated tables above, exist in ``analy
 
 Report and synthetic data
     write_report(sources, out_dir, *, rules=("grpo_clip", "dppo", "cppo"), params=None, bin_width=64,
-                 step_range=None, progress=True) -> pathlib.Path (the HTML file; PNGs beside it)
+                 step_range=None, whatif=True, progress=True, title=...) -> pathlib.Path (the HTML file;
+                 PNGs beside it)
     write_synthetic_run(path, *, n_tokens=100_000, seqs_per_step=64, max_len=512, updates=1, seed=0,
-                        with_logp_old=True, with_keep_applied=None, drift=..., progress=False) -> pathlib.Path
+                        noise=0.01, drift=2.0, burst_frac=0.3, burst_scale=4.0, with_logp_old=True,
+                        with_keep_applied=None, rule_params=None, progress=False) -> pathlib.Path
 """
 
 from __future__ import annotations
 
 import importlib
+import sys
+import types
 
 _LAZY = {
     "load_tokens": "analyses.tokens",
@@ -80,9 +90,12 @@ _LAZY = {
     "require_columns": "analyses.tokens",
     "MissingColumnError": "analyses.tokens",
     "position_stats": "analyses.position",
+    "position_stats_lazy": "analyses.position",
     "threshold_schedule": "analyses.position",
     "iter_batches": "analyses.recompute",
     "recompute": "analyses.recompute",
+    "recompute_many": "analyses.recompute",
+    "run_rule": "analyses.recompute",
     "Batch": "analyses.recompute",
     "RecomputeResult": "analyses.recompute",
     "budget_exhaustion": "analyses.budget",
@@ -109,3 +122,20 @@ def __getattr__(name: str):
 
 def __dir__():
     return sorted(list(globals()) + list(_LAZY))
+
+
+# ``analyses.recompute`` is both a submodule and the public function it defines. Importing the submodule
+# (which ``analyses.budget`` and others do) would make Python set the package attribute ``recompute`` to the
+# module, so ``analyses.recompute(run, "cppo")`` would fail depending on import order. The package keeps the
+# function instead; the module stays importable as ``from analyses.recompute import ...`` (sys.modules).
+_FUNCTION_NAMED_LIKE_MODULE = {"recompute"}
+
+
+class _Package(types.ModuleType):
+    def __setattr__(self, name, value):
+        if name in _FUNCTION_NAMED_LIKE_MODULE and isinstance(value, types.ModuleType):
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package

@@ -37,6 +37,7 @@ def mismatch_by_position(
     n_rel_bins: int = 20,
     metrics: Sequence[str] = MISMATCH_METRICS,
     thresholds: Sequence[float] = DEFAULT_THRESHOLDS,
+    progress: bool = False,
 ) -> pl.DataFrame:
     """Per-position-bin statistics of |pi_old - mu| and |log pi_old - log mu| (long table, as
     :func:`analyses.position.position_stats`). Raises :class:`analyses.tokens.MissingColumnError` when the
@@ -50,4 +51,4 @@ def mismatch_by_position(
     if unknown:
         raise ValueError(f"metrics: expected names from {sorted(exprs)}, found {unknown}")
     return aggregate_positions(lf, {m: exprs[m] for m in metrics}, bin_width=bin_width, relative=relative,
-                               n_rel_bins=n_rel_bins, thresholds=thresholds)
+                               n_rel_bins=n_rel_bins, thresholds=thresholds, progress=progress)

@@ -17,7 +17,7 @@ from matplotlib.figure import Figure
 
 from analyses.position import METRIC_LABELS
 
-FIGSIZE = (6.4, 3.6)
+FIGSIZE = (6.4, 4.0)
 TAIL_LABELS = {"top10_mean": "top-10% mean (mean of D ≥ P90)", "p90": "P90", "p99": "P99"}
 
 
@@ -52,13 +52,15 @@ def _metric_rows(table: pl.DataFrame, metric: str) -> pl.DataFrame:
 
 
 def _legend(ax, *more_axes):
+    """One legend for the axis and its twins, below the plot (never over the data)."""
     handles, labels = ax.get_legend_handles_labels()
     for a in more_axes:
         h, lab = a.get_legend_handles_labels()
         handles += h
         labels += lab
     if handles:
-        ax.legend(handles, labels, loc="best", frameon=False)
+        ncol = 2 if max(len(lab) for lab in labels) > 28 else min(len(labels), 3)
+        ax.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=ncol, frameon=False)
 
 
 def fig_position_divergence(table: pl.DataFrame, *, metric: str = "tv", tail: str = "top10_mean",

@@ -160,6 +160,7 @@ def position_stats(
     w_min: float = 0.8,
     hill_min_k: int = 5,
     engine: str = "streaming",
+    progress: bool = False,
 ) -> pl.DataFrame:
     """Per-position-bin statistics of per-token divergences (definitions in the module docstring).
 
@@ -177,54 +178,65 @@ def position_stats(
     lf = filter_tokens(lf, step_range=step_range, adv_sign=adv_sign)
     return aggregate_positions(
         lf, {m: exprs[m] for m in metrics}, bin_width=bin_width, relative=relative, n_rel_bins=n_rel_bins,
-        thresholds=thresholds, delta=delta, w_min=w_min, hill_min_k=hill_min_k, engine=engine,
+        thresholds=thresholds, delta=delta, w_min=w_min, hill_min_k=hill_min_k, engine=engine, progress=progress,
     )
 
 
 # -- exact bounded-memory statistics: histogram pass + refinement pass ---------------------------------
-# A monotone bucket key per float32 value: for D > 0 the top 16 bits of its IEEE-754 pattern (sign,
-# exponent, 7 mantissa bits: buckets 0.8% wide in relative terms; the bit pattern of a non-negative float is
-# ordered like its value), -1 for D == 0 and -2 for D < 0 (k3 rounding). NaN values are skipped. Pass 1
-# counts n, sum, sum of logs, min and max per (bin, bucket) with numpy bincounts over streamed chunks; every
-# order statistic a quantile needs then lies in a known bucket, and pass 2 streams the run again keeping only
-# the values of those buckets (only when a bucket holds more than one distinct value) to select exactly.
-# The results are the exact order statistics of the float32 divergences, as a full sort would give.
-_KEY_SPAN = 1 << 16  # composite key = bin * _KEY_SPAN + (key + 2)
+# A monotone bucket key per float32 value from its IEEE-754 bit pattern: for D >= 0 the top 16 bits (sign,
+# exponent, 7 mantissa bits: buckets 0.8% wide in relative terms; the pattern of a non-negative float is
+# ordered like its value; 0 -> key 0, normal positives -> keys >= 128), for D < 0 the same of |D| negated
+# (keys <= -129). Values with |D| below float32's smallest normal number (1.18e-38) are taken as 0 and NaN
+# values are skipped. Pass 1 counts n, sum, sum of logs, min and max per (bin, bucket) with numpy bincounts
+# over streamed chunks; every order statistic a quantile needs (and every bucket straddling a survival
+# threshold) then lies in a known bucket, and pass 2 streams the run again keeping only the values of those
+# buckets (only when a bucket holds more than one distinct value) to select exactly. The results are the
+# exact order statistics of the float32 divergences, as a full sort would give.
+_KEY_SPAN = 1 << 16  # composite key ck = bin * _KEY_SPAN + key + _KEY_OFFSET, key in [-32767, 32767]
+_KEY_OFFSET = 1 << 15
+_KEY_INF = 0x7F80  # key of +inf; larger keys (and their negatives) are NaN
+_FLT_MIN = 1.1754943508222875e-38
 _DENSE_SLOTS = 8_000_000  # above this many (bin, bucket) slots per chunk, use np.unique instead of bincount
 QUANTILES = {"p50": 0.5, "p90": 0.9, "p99": 0.99}
 
 
+def _flush_tiny(d: pl.Expr) -> pl.Expr:
+    """|D| < FLT_MIN -> 0 (before the float32 cast, so no subnormal float32 reaches the bucket keys)."""
+    return pl.when(d.abs() < _FLT_MIN).then(0.0).otherwise(d)
+
+
 def _np_keys(d: np.ndarray) -> np.ndarray:
-    """Bucket key of each float32 value (see above); int64."""
+    """Bucket key of each float32 value (see above); int32."""
     bits = np.ascontiguousarray(d, dtype=np.float32).view(np.int32)
-    key = (bits >> 16).astype(np.int64)
-    key[d == 0] = -1
-    key[d < 0] = -2
+    key = bits >> 16
+    if len(key) and key.min() < 0:  # negative values: order by magnitude, reversed
+        neg = bits < 0
+        key[neg] = -((bits[neg] & 0x7FFFFFFF) >> 16)
     return key
 
 
-def _chunk_hist(b: np.ndarray, d: np.ndarray) -> pl.DataFrame:
-    """(ck, n, s, sl, lo, hi) of one chunk: ck = bin * _KEY_SPAN + key + 2."""
-    ok = ~np.isnan(d)
-    if not ok.all():
-        b, d = b[ok], d[ok]
+def _chunk_hist(bs: np.ndarray, d: np.ndarray) -> pl.DataFrame:
+    """(ck, n, s, sl, lo, hi) of one chunk; ``bs`` = bin * _KEY_SPAN + _KEY_OFFSET per value."""
+    key = _np_keys(d)
+    if len(key) and (key.max() > _KEY_INF or key.min() < -_KEY_INF):  # NaN present: skip those values
+        ok = ~np.isnan(d)
+        bs, d, key = bs[ok], d[ok], key[ok]
     if len(d) == 0:
         return pl.DataFrame(schema={"ck": pl.Int64, "n": pl.Int64, "s": pl.Float64, "sl": pl.Float64,
                                     "lo": pl.Float32, "hi": pl.Float32})
-    ck = b * _KEY_SPAN + (_np_keys(d) + 2)
-    lo_ck, hi_ck = int(ck.min()), int(ck.max())
+    idx = bs + key  # (N,) int64 ck
+    lo_ck, hi_ck = int(idx.min()), int(idx.max())
     with np.errstate(divide="ignore", invalid="ignore"):
         logd = np.log(d)  # float32; summed in float64 by bincount
-    d64 = d
     if hi_ck - lo_ck + 1 <= _DENSE_SLOTS:
-        idx = ck - lo_ck
+        idx -= lo_ck
         size = hi_ck - lo_ck + 1
         uniq = None
     else:
-        uniq, idx = np.unique(ck, return_inverse=True)
+        uniq, idx = np.unique(idx, return_inverse=True)
         size = len(uniq)
     n = np.bincount(idx, minlength=size)
-    s = np.bincount(idx, weights=d64, minlength=size)
+    s = np.bincount(idx, weights=d, minlength=size)
     with np.errstate(invalid="ignore"):
         sl = np.bincount(idx, weights=logd, minlength=size)
     lo = np.full(size, np.inf, dtype=np.float32)
@@ -310,15 +322,12 @@ def _with_lengths(lf: pl.LazyFrame) -> pl.LazyFrame:
 
 
 def _isin(ck: np.ndarray, wanted: list[int]) -> np.ndarray:
-    """ck in wanted (NaN values have keys that are never wanted)."""
+    """ck in wanted, by a lookup table over wanted's range with False sentinels at both ends."""
     lo, hi = wanted[0], wanted[-1]
     if hi - lo < 50_000_000:
-        table = np.zeros(hi - lo + 1, dtype=bool)
-        table[np.asarray(wanted) - lo] = True
-        inside = (ck >= lo) & (ck <= hi)
-        out = np.zeros(len(ck), dtype=bool)
-        out[inside] = table[ck[inside] - lo]
-        return out
+        table = np.zeros(hi - lo + 3, dtype=bool)
+        table[np.asarray(wanted) - lo + 1] = True
+        return np.take(table, ck - (lo - 1), mode="clip")
     return np.isin(ck, wanted)
 
 
@@ -334,6 +343,7 @@ def aggregate_positions(
     lf: pl.LazyFrame, metric_exprs: dict[str, pl.Expr], *, bin_width: int = 64, relative: bool = False,
     n_rel_bins: int = 20, thresholds: Sequence[float] = DEFAULT_THRESHOLDS, delta: float | None = None,
     w_min: float = 0.8, hill_min_k: int = 5, engine: str = "streaming", chunk_rows: int = CHUNK_ROWS,
+    progress: bool = False,
 ) -> pl.DataFrame:
     """Exact per-bin statistics with bounded memory, reshaped to the long table of :func:`position_stats`
     (shared with mismatch).
@@ -346,12 +356,12 @@ def aggregate_positions(
     if relative or delta is not None:
         lf = _with_lengths(lf)
     b, _, _ = _bin_exprs(relative, bin_width, n_rel_bins)
-    cols = [b.alias("bin"), *(e.cast(pl.Float32).alias(n) for n, e in metric_exprs.items())]
+    cols = [b.alias("bin"), *(_flush_tiny(e).cast(pl.Float32).alias(n) for n, e in metric_exprs.items())]
     if delta is not None:
         t = pl.col("pos").cast(pl.Float64) + 1.0
         w = 1.0 - (1.0 - w_min) * (t - 1.0) / (pl.col("_T") - 1.0).clip(lower_bound=1.0)
         cols.append((delta / w).alias("_thr"))
-    base = lf.select(cols)
+    base = lf.select(cols).with_columns(_bs=pl.col("bin") * _KEY_SPAN + _KEY_OFFSET)
     names = list(metric_exprs)
     # -- pass 1 ---------------------------------------------------------------------------------------
     hist_parts: dict[str, list[pl.DataFrame]] = {m: [] for m in names}
@@ -364,15 +374,25 @@ def aggregate_positions(
         cur[: len(arr)] += arr
         per_bin[name] = cur
 
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(desc="position stats (pass 1/2)", unit="tok", unit_scale=True)
     for chunk in base.collect_batches(chunk_size=chunk_rows, maintain_order=False, engine=engine):
         if chunk.height == 0:
             continue
+        if bar is not None:
+            bar.update(chunk.height)
         bins = chunk["bin"].to_numpy()
+        bs = chunk["_bs"].to_numpy()
         add("count", np.bincount(bins).astype(np.float64))
         if delta is not None:
             add("_thr", np.bincount(bins, weights=chunk["_thr"].to_numpy()))
         for m in names:
-            hist_parts[m].append(_chunk_hist(bins, chunk[m].to_numpy()))
+            hist_parts[m].append(_chunk_hist(bs, chunk[m].to_numpy()))
+    if bar is not None:
+        bar.close()
     if "count" not in per_bin:
         return _rows_to_long([], thresholds, relative, bin_width, n_rel_bins, delta is not None)
     hist_by: dict[str, dict[int, _BinHist]] = {}
@@ -398,17 +418,26 @@ def aggregate_positions(
     need = [m for m in names if wanted[m]]
     if need:
         found: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {m: [] for m in need}
-        for chunk in base.select("bin", *need).collect_batches(chunk_size=chunk_rows, maintain_order=False,
+        if progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(desc="position stats (pass 2/2)", unit="tok", unit_scale=True,
+                       total=int(per_bin["count"].sum()))
+        for chunk in base.select("_bs", *need).collect_batches(chunk_size=chunk_rows, maintain_order=False,
                                                               engine=engine):
             if chunk.height == 0:
                 continue
-            bins = chunk["bin"].to_numpy()
+            if bar is not None:
+                bar.update(chunk.height)
+            bs = chunk["_bs"].to_numpy()
             for m in need:
                 d = chunk[m].to_numpy()
-                ck = bins * _KEY_SPAN + (_np_keys(d) + 2)
+                ck = bs + _np_keys(d)
                 hit = _isin(ck, wanted[m])
                 if hit.any():
                     found[m].append((ck[hit], d[hit]))
+        if bar is not None:
+            bar.close()
         for m in need:
             if not found[m]:
                 continue

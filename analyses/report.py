@@ -89,8 +89,11 @@ class _Doc:
 def _cppo_params(meta: dict, params: dict) -> dict:
     if "cppo" in params:
         return dict(params["cppo"])
-    if meta.get("rule") == "cppo":
-        return dict(meta.get("rule_params") or {})
+    if str(meta.get("rule") or "").startswith("cppo"):  # the run's own CPPO-family parameters
+        from cppo_diag.masks import get_rule
+
+        known = get_rule("cppo").params
+        return {k: v for k, v in (meta.get("rule_params") or {}).items() if k in known}
     return {}
 
 
@@ -153,7 +156,8 @@ def write_report(
               f"anchor <code>{html.escape(str(meta.get('anchor', 'rollout')))}</code>.")
         cp = _cppo_params(meta, params)
         delta, w_min = float(cp.get("delta", 0.15)), float(cp.get("w_min", 0.8))
-        pos = position_stats(src, bin_width=bin_width, step_range=step_range, delta=delta, w_min=w_min)
+        pos = position_stats(src, bin_width=bin_width, step_range=step_range, delta=delta, w_min=w_min,
+                             progress=progress)
         if pos.is_empty():
             doc.p("This run has no token rows in the selected steps; nothing to analyse.", "note")
             continue
@@ -164,7 +168,7 @@ def write_report(
         doc.fig(P.fig_position_divergence(pos, metric="abs_logratio", tail="p90"), f"{slug}_position_logratio",
                 "|log π − log μ| by position: bin mean and P90.")
         doc.fig(P.fig_position_survival(pos, metric="tv"), f"{slug}_position_survival",
-                "P(|π − μ| > x) by position for several thresholds x.")
+                "P(|π − μ| > x) by position for several thresholds x (log scale: bins where no token exceeds x are not drawn).")
         doc.fig(P.fig_position_hill(pos, metric="tv"), f"{slug}_position_hill",
                 "Hill tail index of |π − μ| per position bin (threshold: the bin's P90).")
         doc.table(pos.filter(pl.col("metric") == "tv").drop("metric"))
@@ -180,7 +184,7 @@ def write_report(
 
         doc.h(3, "Train/rollout mismatch")
         try:
-            mm = mismatch_by_position(src, bin_width=bin_width, step_range=step_range)
+            mm = mismatch_by_position(src, bin_width=bin_width, step_range=step_range, progress=progress)
             doc.fig(P.fig_mismatch(mm), f"{slug}_mismatch", "|π_old − μ| by position.")
         except MissingColumnError as exc:
             doc.p(html.escape(str(exc), quote=False), "note")

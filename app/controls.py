@@ -20,6 +20,7 @@ STATISTICS = {
     "surv": "survival P(D > x)",
 }
 ADV_SIGNS = {"all": "all tokens", "pos": "A > 0", "neg": "A < 0"}
+SURVIVAL_XS = (0.01, 0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0)  # x of the survival statistic P(D > x)
 BIN_WIDTHS = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024]
 REASON_LABELS = {0: "kept", 1: "token threshold", 2: "prefix budget", 3: "sequence"}
 
@@ -54,17 +55,20 @@ def stat_label(stat: str, x: float) -> str:
     return f"P(D > {x:g})" if stat == "surv" else STATISTICS[stat]
 
 
-# Default number of tokens the rule-recomputing views start with (the latest steps up to this many tokens).
-# Recomputing a rule costs about 1-3 s per 300k tokens on a 2-core CPU (docs/benchmarks.md, "App"), so the
-# default keeps their first answer short on a 50M-token run; widen the step range to see more.
+# Default windows (the latest steps up to this many tokens) of the views whose cost grows with the data.
+# Recomputing a rule costs about 1-3 s per 300k tokens on the 2-core dev CPU and the position statistics
+# about 1 s per 5M tokens (docs/benchmarks.md, "App"), so on a 50M-token run the defaults answer in about a
+# second; widen the step range to see more (computed once, then cached).
 RECOMPUTE_TOKENS = 300_000
+AGGREGATE_TOKENS = 5_000_000
 
 
-def step_range(path: str, key: str, *, recompute: bool = False, label: str = "Steps") -> tuple[int, int] | None:
+def step_range(path: str, key: str, *, default_tokens: int | None = None, label: str = "Steps",
+               what: str = "") -> tuple[int, int] | None:
     """Inclusive (lo, hi) over the run's completed steps (None: the run has no complete step yet).
 
-    ``recompute``: the view recomputes rules; start with the latest steps up to ``RECOMPUTE_TOKENS`` tokens
-    and say how many tokens the chosen range holds.
+    ``default_tokens``: start with the latest steps holding at most that many tokens (at least one step)
+    and say how many tokens the chosen range holds (``what`` names the computation in that caption).
     """
     steps = data.completed_steps(path) or data.token_steps(path)
     if not steps:
@@ -74,18 +78,18 @@ def step_range(path: str, key: str, *, recompute: bool = False, label: str = "St
         st.caption(f"Step {lo} (the only step)")
         return (lo, hi)
     default = (lo, hi)
-    if recompute:
-        default = data.recent_window(path, RECOMPUTE_TOKENS) or default
+    if default_tokens is not None:
+        default = data.recent_window(path, default_tokens) or default
     value = st.session_state.get(key)
     if not (isinstance(value, tuple) and lo <= value[0] <= value[1] <= hi):
         st.session_state[key] = default
     chosen = tuple(st.slider(label, min_value=lo, max_value=hi, key=key))
-    if recompute:
+    if default_tokens is not None:
         counts = data.tokens_per_step(path)
         n = sum(v for s, v in counts.items() if chosen[0] <= s <= chosen[1])
-        st.caption(f"Rules are recomputed on {n:,} tokens of steps {chosen[0]}-{chosen[1]}"
-                   + (" (the latest steps by default; widen the range for more, slower on big runs)."
-                      if chosen != (lo, hi) else "."))
+        st.caption(f"{what or 'Computed'} on {n:,} tokens of steps {chosen[0]}-{chosen[1]}"
+                   + (f" (by default the latest steps up to {default_tokens:,} tokens; widen the range for more, "
+                      "slower on big runs)." if chosen != (lo, hi) else "."))
     return chosen
 
 

@@ -410,15 +410,15 @@ def compare_one(path: str, **kwargs: Any):
     return _compare_one(p, run_version(p), label(p), tuple(sorted(kwargs.items())))
 
 
-@st.cache_data(max_entries=MAX_TOKEN_SLICES, ttl=TTL_S, show_spinner=False)
-def _step_rule(path: str, version: tuple, step: int, rule: str, params: tuple) -> pl.DataFrame:
+def _rule_frame(batches, rule: str, params: dict, anchor: str) -> pl.DataFrame:
+    """``analyses.recompute.run_rule`` on each batch, one row per valid token: sequence key, pos, keep,
+    reason and the rule's internals (per-token ones, and per-sequence ones broadcast to their tokens)."""
     import numpy as np
 
-    from analyses.recompute import iter_batches, run_rule
+    from analyses.recompute import run_rule
 
     parts = []
-    anchor = (_open(path, version).meta or {}).get("anchor") or "rollout"
-    for batch in iter_batches(_open(path, version), step_range=(step, step)):
+    for batch in batches:
         res = run_rule(batch, rule, dict(params), anchor=anchor, return_internals=True)
         cols: dict[str, Any] = dict(batch.token_keys())
         cols["keep"] = batch.unpad(res.keep).astype(bool)
@@ -432,6 +432,39 @@ def _step_rule(path: str, version: tuple, step: int, rule: str, params: tuple) -
                 cols[name] = arr[rows].astype(np.float32)  # per-sequence value broadcast to its tokens
         parts.append(pl.DataFrame(cols))
     return pl.concat(parts, how="diagonal_relaxed") if parts else pl.DataFrame()
+
+
+def _anchor(path: str, version: tuple) -> str:
+    return (_open(path, version).meta or {}).get("anchor") or "rollout"
+
+
+@st.cache_data(max_entries=MAX_TOKEN_SLICES, ttl=TTL_S, show_spinner=False)
+def _step_rule(path: str, version: tuple, step: int, rule: str, params: tuple) -> pl.DataFrame:
+    from analyses.recompute import iter_batches
+
+    batches = iter_batches(_open(path, version), step_range=(step, step))
+    return _rule_frame(batches, rule, dict(params), _anchor(path, version))
+
+
+@st.cache_data(max_entries=MAX_AGGREGATES, ttl=TTL_S, show_spinner=False)
+def _sequence_rule(path: str, version: tuple, step: int, update: int, rank: int, seq_id: int, rule: str,
+                   params: tuple) -> pl.DataFrame:
+    from analyses.recompute import batch_from_frame
+
+    frame = _step_tokens(path, version, step).filter(
+        (pl.col("update") == update) & (pl.col("rank") == rank) & (pl.col("seq_id") == seq_id))
+    if frame.height == 0:
+        return pl.DataFrame()
+    return _rule_frame([batch_from_frame(frame)], rule, dict(params), _anchor(path, version))
+
+
+def sequence_rule(path: str, step: int, update: int, rank: int, seq_id: int, rule: str,
+                  params: dict[str, Any]) -> pl.DataFrame:
+    """``rule`` recomputed on one response only (a one-row batch; the CPPO family works per response, and
+    the row keeps its seq_id so ``cppo_shuffled``'s seeded permutation matches), with its internals."""
+    p = str(confine(path))
+    return _sequence_rule(p, run_version(p), int(step), int(update), int(rank), int(seq_id), rule,
+                          tuple(sorted(params.items())))
 
 
 def step_rule(path: str, step: int, rule: str, params: dict[str, Any]) -> pl.DataFrame:

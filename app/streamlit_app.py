@@ -23,15 +23,17 @@ import streamlit as st  # noqa: E402
 
 from app import data, ui  # noqa: E402
 
-st.set_page_config(page_title="cppo-diag", layout="wide")  # no page_icon: a material icon favicon is fetched from fonts.gstatic.com
+st.set_page_config(page_title="cppo-diag", layout="wide")
 
+# No page icons: Streamlit fetches a page's material icon from fonts.gstatic.com to use as the favicon, and
+# the app must load nothing from outside 127.0.0.1 (tests/test_browser.py checks it).
 PAGES = [
-    st.Page("views/runs.py", title="Runs", icon=":material/table_rows:", url_path="runs", default=True),
-    st.Page("views/divergence.py", title="Divergence by position", icon=":material/show_chart:", url_path="divergence"),
-    st.Page("views/budget.py", title="Budget", icon=":material/savings:", url_path="budget"),
-    st.Page("views/compare.py", title="Compare runs", icon=":material/compare_arrows:", url_path="compare"),
-    st.Page("views/inspector.py", title="Token inspector", icon=":material/text_fields:", url_path="inspector"),
-    st.Page("views/whatif.py", title="What-if", icon=":material/tune:", url_path="whatif"),
+    st.Page("views/runs.py", title="Runs", url_path="runs", default=True),
+    st.Page("views/divergence.py", title="Divergence by position", url_path="divergence"),
+    st.Page("views/budget.py", title="Budget", url_path="budget"),
+    st.Page("views/compare.py", title="Compare runs", url_path="compare"),
+    st.Page("views/inspector.py", title="Token inspector", url_path="inspector"),
+    st.Page("views/whatif.py", title="What-if", url_path="whatif"),
 ]
 
 ui.keep_persistent_state()

@@ -45,6 +45,7 @@ def _calls(t):
     ]
 
 
+@pytest.mark.slow
 def test_mpl_figures_have_labelled_axes_and_data(tables, tmp_path):
     for name, table, kw in _calls(tables):
         fig = getattr(M, name)(table, **kw)

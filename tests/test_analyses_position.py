@@ -165,3 +165,21 @@ def test_two_pass_equals_lazy_group_by():
         else:
             np.testing.assert_allclose(lazy[c].to_numpy().astype(float), fast[c].to_numpy().astype(float),
                                        rtol=1e-6, err_msg=c)
+
+
+def test_signed_metric_k1_quantiles():
+    """k1 = log pi - log mu takes both signs: the bucket keys stay monotone through zero."""
+    df = _frame(n_steps=4, seqs=10, seed=9)
+    out = position_stats(df, metrics=["k1"], bin_width=20, thresholds=(-0.1, 0.0, 0.1))
+    lp = df["logp"].to_numpy().astype(np.float64)
+    lq = df["logp_rollout"].to_numpy().astype(np.float64)
+    d = np.clip(lp - lq, -20, 20).astype(np.float32).astype(np.float64)
+    bins = df["pos"].to_numpy() // 20
+    assert (d < 0).any() and (d > 0).any()
+    for row in out.iter_rows(named=True):
+        x = d[bins == row["bin"]]
+        for name, q in (("p50", 0.5), ("p90", 0.9), ("p99", 0.99)):
+            assert row[name] == np.quantile(x, q)
+        assert row["surv_-0.1"] == pytest.approx(np.mean(x > -0.1))
+        assert row["surv_0"] == pytest.approx(np.mean(x > 0))
+        assert row["top10_mean"] == pytest.approx(x[x >= np.quantile(x, 0.9)].mean(), rel=1e-9)

@@ -153,3 +153,17 @@ def test_run_recorded_with_runrecorder(tmp_path):
             rec.end_step(step)
     out = recompute(tmp_path / "rec", "cppo", progress=False)
     assert out.agreement["agreement"] == 1.0 and out.overall["n_masked"] > 0
+
+
+def test_package_attribute_recompute_stays_the_function():
+    """Importing the submodule analyses.recompute (as analyses.budget does) must not shadow the function."""
+    import importlib
+
+    import analyses
+
+    importlib.import_module("analyses.budget")
+    importlib.import_module("analyses.recompute")
+    assert callable(analyses.recompute) and analyses.recompute.__name__ == "recompute"
+    from analyses.recompute import iter_batches as ib
+
+    assert callable(ib)

@@ -106,3 +106,20 @@ def test_mismatch_by_position(run, tmp_path):
     no_old = write_synthetic_run(tmp_path / "noold", n_tokens=500, seqs_per_step=4, max_len=40, with_logp_old=False)
     with pytest.raises(MissingColumnError, match="logp_old"):
         mismatch_by_position(no_old)
+
+
+def test_every_analysis_accepts_an_empty_run(tmp_path):
+    from analyses.compare import compare_runs
+    from analyses.position import position_stats
+    from analyses.report import write_report
+    from analyses.synthetic import empty_run
+
+    r = empty_run(tmp_path / "empty")
+    assert position_stats(r).is_empty()
+    bud = budget_exhaustion(r, progress=False)
+    assert bud.by_step.is_empty() and bud.first_reject.is_empty() and bud.slack.is_empty()
+    sweep = whatif_sweep(r, deltas=(0.1,), delta_bs=(0.02,), w_mins=(0.8,), progress=False)
+    assert sweep["n_valid"].to_list() == [0] and sweep["masked_frac"].to_list() == [None]
+    assert compare_runs([r], ("cppo",), progress=False).summary["n_valid"].to_list() == [0]
+    page = write_report([r], tmp_path / "rep", whatif=False, progress=False).read_text()
+    assert "no token rows" in page

@@ -219,3 +219,19 @@ def test_live_run_is_marked_and_refreshes(tmp_path, monkeypatch):
         rec.close()
     at.run()
     assert at.dataframe[0].value.set_index("run").loc["live-run", "status"] == "finished"
+
+
+def test_divergence_overlay_follows_delta_and_w_min(app):
+    at = app("views/divergence.py")
+
+    def overlay() -> list[float]:
+        return next(t["y"] for t in traces(at) if str(t.get("name", "")).startswith("δ / w_t"))
+
+    base = overlay()
+    assert base[0] == pytest.approx(0.15, rel=0.05)  # w_1 = 1 at the first position
+    at.number_input(key="div_delta").set_value(0.3).run()
+    _ok(at)
+    assert overlay() == pytest.approx([2 * v for v in base])
+    at.slider(key="div_wmin").set_value(0.5).run()
+    _ok(at)
+    assert overlay()[-1] > 2 * base[-1]  # a lower w_min raises delta / w_t at late positions

@@ -59,3 +59,22 @@ def test_cli_help_lists_options(capsys):
         main(["app", "--help"])
     out = capsys.readouterr().out
     assert "--root" in out and "--port" in out and "--no-browser" in out and "sample_logs" in out
+
+
+def test_one_response_recompute_matches_the_whole_step(tmp_path):
+    """The inspector recomputes CPPO on the chosen response alone; it must equal the step-wide recompute."""
+    import numpy as np
+
+    from tests.app_fixtures import write_run
+
+    run = write_run(tmp_path, "r", "cppo", {"delta": 0.15, "w_min": 0.8, "delta_b": 0.02}, n_steps=2, seqs=8)
+    params = {"delta": 0.15, "w_min": 0.8, "delta_b": 0.02}
+    step = data._step_rule(str(run), data.run_version(str(run)), 1, "cppo", tuple(sorted(params.items())))
+    for seq_id in (0, 5):
+        one = data._sequence_rule(str(run), data.run_version(str(run)), 1, 0, 0, seq_id, "cppo",
+                                  tuple(sorted(params.items())))
+        ref = step.filter(step["seq_id"] == seq_id).sort("pos")
+        assert one.height == ref.height > 0
+        for col in ("keep", "reason", "w", "Z", "S", "c"):
+            np.testing.assert_allclose(one[col].to_numpy().astype(float), ref[col].to_numpy().astype(float),
+                                       rtol=1e-6, atol=1e-7, err_msg=col)

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.browser
+pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
 CHROMIUM = "/usr/bin/chromium"
 REPO = Path(__file__).resolve().parents[1]
@@ -299,3 +299,56 @@ def _walk_every_page(page, server) -> None:
               "load_average": os.getloadavg(), "cpus": os.cpu_count()}
     (ARTIFACTS / "app_latency.json").write_text(json.dumps(record, indent=2))
     print("\napp latencies (s):", json.dumps(latencies, indent=2))
+
+
+def test_server_side_latency(roots):
+    """Bench only (CPPO_DIAG_APP_BENCH_TOKENS set): the same interactions through AppTest, which times the
+    script reruns on the server without the browser's rendering, on the big run."""
+    if not BENCH_TOKENS:
+        pytest.skip("bench only: set CPPO_DIAG_APP_BENCH_TOKENS (e.g. 50000000) to time the server side")
+    from streamlit.testing.v1 import AppTest
+
+    os.environ["CPPO_DIAG_ROOTS"] = os.pathsep.join(roots)
+    big = str((BENCH_DIR / "big-run").resolve())
+    res: dict[str, float] = {}
+
+    def run(name: str, at) -> None:
+        t0 = time.perf_counter()
+        at.run()
+        res[name] = round(time.perf_counter() - t0, 3)
+        assert not at.exception, [e.message for e in at.exception]
+
+    at = AppTest.from_file(str(REPO / "app" / "streamlit_app.py"), default_timeout=900)
+    run("first_load_runs", at)
+    at.multiselect(key="selected_runs").set_value([big])
+    run("select_run", at)
+    at.switch_page("views/divergence.py")
+    run("first_load_divergence", at)
+    at.selectbox(key="div_stat").set_value("p90")
+    run("divergence_statistic", at)
+    at.selectbox(key="div_kind").set_value("k3")
+    run("divergence_kind", at)
+    at.selectbox(key="div_adv").set_value("pos")
+    run("divergence_advantage_sign", at)
+    at.select_slider(key="div_bw").set_value(128)
+    run("divergence_bin_width", at)
+    at.switch_page("views/budget.py")
+    run("first_load_budget", at)
+    at.number_input(key="bud_delta_b").set_value(0.03)
+    run("budget_delta_b", at)
+    at.switch_page("views/inspector.py")
+    run("first_load_inspector", at)
+    at.selectbox(key="insp_seq").set_value(1)
+    run("inspector_next_sequence", at)
+    at.selectbox(key="insp_step").set_value(at.selectbox(key="insp_step").options[1])
+    run("inspector_other_step", at)
+    at.switch_page("views/whatif.py")
+    run("first_load_whatif", at)
+    at.slider(key="wi_delta").set_value(0.2)
+    run("whatif_delta", at)
+    at.switch_page("views/compare.py")
+    run("first_load_compare", at)
+    ARTIFACTS.mkdir(exist_ok=True)
+    record = {"bench_tokens": BENCH_TOKENS, "latency_s": res, "load_average": os.getloadavg(), "cpus": os.cpu_count()}
+    (ARTIFACTS / "app_latency_server.json").write_text(json.dumps(record, indent=2))
+    print("\nserver-side latencies (s):", json.dumps(res, indent=2))

@@ -143,6 +143,7 @@ def test_resume_skips_done_steps_and_keeps_meta(tmp_path):
 def test_reader_and_writer_on_the_same_run_at_once(tmp_path):
     n_steps = 12
     stop = threading.Event()
+    read_done = threading.Semaphore(0)  # the writer waits for a read after each step, so they interleave
     errors = []
 
     def write():
@@ -152,7 +153,7 @@ def test_reader_and_writer_on_the_same_run_at_once(tmp_path):
                     for u in range(2):
                         rec.log_tokens(step=s, update=u, **batch(s, u))
                     rec.end_step(s)
-                    time.sleep(0.01)
+                    read_done.acquire(timeout=10)
         except BaseException as exc:  # noqa: BLE001
             errors.append(exc)
         finally:
@@ -175,9 +176,10 @@ def test_reader_and_writer_on_the_same_run_at_once(tmp_path):
             want = expected(done, updates=2)
             assert df.drop("rank").sort(["step", "update", "seq_id", "pos"]).filter(pl.col("step").is_in(done)).equals(want)
         seen += 1
+        read_done.release()
     th.join()
     assert not errors, errors
-    assert seen > 1
+    assert seen >= n_steps
     assert read(tmp_path).equals(expected(range(n_steps), updates=2))
 
 
@@ -185,7 +187,7 @@ def test_warn_mode_never_raises_when_the_disk_goes_away(tmp_path):
     run_dir = tmp_path / "run"
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        with RunRecorder(run_dir) as rec:
+        with RunRecorder(run_dir, heartbeat_s=3600) as rec:  # no heartbeat write racing the rmtree below
             rec.log_tokens(step=0, **batch(0))
             rec.end_step(0)
             rec.flush()
@@ -208,7 +210,7 @@ def test_warn_mode_never_raises_when_the_disk_goes_away(tmp_path):
 
 def test_raise_mode_surfaces_writer_errors(tmp_path):
     run_dir = tmp_path / "run"
-    rec = RunRecorder(run_dir, on_error="raise")
+    rec = RunRecorder(run_dir, on_error="raise", heartbeat_s=3600)
     rec.log_tokens(step=0, **batch(0))
     rec.flush()
     shutil.rmtree(run_dir)

@@ -53,3 +53,8 @@ def test_ci_tiny_study_end_to_end(tmp_path):
     assert "## Paired comparison: `cppo` vs each rule, best_acc" in text
     assert (results.parent / "results" / "learning_curves.png").stat().st_size > 0
     assert (results.parent / "results" / "ablation.png").stat().st_size > 0
+    assert (results.parent / "results" / "learning_curves_by_rule.png").stat().st_size > 0
+    for rule in study.rules:
+        assert (results.parent / "results" / f"position_{rule}.png").stat().st_size > 0
+        assert (results.parent / "results" / f"budget_{rule}.png").stat().st_size > 0
+    assert "## Summary" in text and "- vs `dppo` (Table 1" in text

@@ -396,3 +396,32 @@ def test_cli_dry_run_lists_grid(tmp_path, capsys):
     assert not (tmp_path / "r").exists()
     assert main(["study", str(tmp_path / "missing.toml"), "--root", str(tmp_path / "r")]) == 2
     assert main(["study", str(p), "--root", str(tmp_path / "nope"), "--analyse-only"]) == 2
+
+
+def test_analysis_counts_missing_runs(tmp_path):
+    """A cell whose run never ran stays in the table as a missing seed; comparisons use the complete pairs."""
+    from cppo_diag.study.analysis import analyse_study, collect_study, paired_comparisons, per_seed_metrics
+    from cppo_diag.study.runner import write_manifest
+
+    study = load_study(write_study(tmp_path, SMALL))
+    root = tmp_path / "root"
+    ns: dict = {"__name__": "fake_trainer"}
+    exec(FAKE_TRAINER, ns)
+    for c in study.cells():
+        if c.run_name != "grpo_clip-s2":
+            ns["main"]([str(root), c.run_name, c.rule, str(c.seed), str(study.steps)])
+    # A run that stopped early (status failed) is listed but not compared.
+    meta_path = root / "cppo-s1" / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    meta_path.write_text(json.dumps({**meta, "status": "failed"}))
+    write_manifest(study, root)
+    ps = per_seed_metrics(collect_study(root, study.analysis))
+    missing = ps.filter(pl.col("run") == "grpo_clip-s2").row(0, named=True)
+    assert missing["status"] == "missing" and math.isnan(missing["final_acc"])
+    failed = ps.filter(pl.col("run") == "cppo-s1").row(0, named=True)
+    assert failed["status"] == "failed" and math.isnan(failed["best_acc"]) and math.isnan(failed["masked_frac"])
+    (c,) = paired_comparisons(ps, reference="cppo", metric="final_acc")
+    assert c.n == 1  # only seed 0 has both
+    text = analyse_study(root, tmp_path / "r.md", analysis=study.analysis, progress=False).read_text()
+    assert "| `grpo_clip` | 2/3 |" in text and "| `cppo` | 2/3 |" in text
+    assert "Runs found: 5/6" in text and "missing 1" in text and "failed 1" in text

@@ -185,7 +185,7 @@ def test_shipped_warm_start_loads_and_is_small():
     meta = json.loads((d / "config.json").read_text())
     assert 0.0 < meta["measured"]["eval/greedy_acc"] < 1.0  # partial accuracy: headroom for RL
     pol = build_policy(TrainConfig().model, "fib", "cpu")
-    assert pol.encode_prompt("12,34;6=")[0] == pol.eos_id - 1  # <bos>
+    assert pol.encode_prompt("1,3;12=")[0] == pol.tokenizer.bos_id
 
 
 # -- end to end ----------------------------------------------------------------------------------------------
@@ -198,7 +198,7 @@ def recompute_keep(run) -> tuple[int, int, int]:
         seq = g["seq_id"].to_numpy()
         ids = np.unique(seq)
         row = np.searchsorted(ids, seq)
-        pos = g["pos"].to_numpy()
+        pos = g["pos"].to_numpy().copy()
         B, T = len(ids), int(pos.max()) + 1
         lp, lr = torch.zeros(B, T), torch.zeros(B, T)
         mask = torch.zeros(B, T, dtype=torch.bool)

@@ -12,7 +12,8 @@ st.title("Budget")
 st.caption("CPPO's prefix budget recomputed on the run (SPEC CPPO steps 3-6): budget-mask share = "
            "#tokens masked only by the budget / #masked.")
 path = ui.focus_run()
-step_range = controls.step_range(path, key="bud_steps", recompute=True)
+step_range = controls.step_range(path, key="bud_steps", default_tokens=controls.RECOMPUTE_TOKENS,
+                                 what="CPPO recomputed")
 
 defaults = controls.rule_defaults(path)
 cppo_rules = [r for r in controls.recompute_rules() if r.startswith("cppo") and r not in ("cppo_no_budget", "cppo_shuffled")]

@@ -5,13 +5,15 @@ the applied rule and of rules recomputed on the run."""
 from __future__ import annotations
 
 import plotly.graph_objects as go
+import polars as pl
 import streamlit as st
 
 from app import controls, data, ui
 
 st.title("Divergence by position")
 path = ui.focus_run()
-step_range = controls.step_range(path, key="div_steps")
+step_range = controls.step_range(path, key="div_steps", default_tokens=controls.AGGREGATE_TOKENS,
+                                 what="Position statistics")
 
 c1, c2, c3, c4 = st.columns(4)
 kind = c1.selectbox("Divergence", list(controls.DIVERGENCES), format_func=controls.DIVERGENCES.get, key="div_kind")
@@ -26,8 +28,8 @@ if relative:
 else:
     bin_width = c1.select_slider("Bin width (tokens)", controls.BIN_WIDTHS, value=controls.default_bin_width(path), key="div_bw")
     n_rel_bins = 20
-surv_x = c2.number_input("Survival at x", min_value=0.0, value=0.1, step=0.05, format="%.3f", key="div_x",
-                         disabled=stat != "surv", help="P(D > x) per bin when the statistic is 'survival at x'")
+surv_x = c2.select_slider("Survival at x", controls.SURVIVAL_XS, value=0.1, key="div_x", disabled=stat != "surv",
+                          help="P(D > x) per bin when the statistic is 'survival at x'")
 overlay = c3.toggle("Overlay δ / w_t", value=True, key="div_overlay",
                     help="CPPO's per-token threshold schedule (mean over the bin's tokens)")
 defaults = controls.rule_defaults(path)
@@ -35,11 +37,16 @@ delta = c3.number_input("δ", min_value=0.001, value=float(defaults["delta"]), s
                         disabled=not overlay)
 w_min = c4.slider("w_min", 0.0, 1.0, float(defaults["w_min"]), 0.05, key="div_wmin", disabled=not overlay)
 
+# One query serves every statistic and every survival threshold; the overlay is queried at delta = 1 and
+# scaled, since the mean of delta / w_t over a bin is linear in delta. Only the filters, the binning, the
+# divergence kind and w_min trigger a new pass over the tokens.
 table = data.analysis(
     "position_stats", path, metrics=(kind,), bin_width=int(bin_width), relative=relative, n_rel_bins=int(n_rel_bins),
-    step_range=step_range, adv_sign=adv, thresholds=(float(surv_x),),
-    delta=float(delta) if overlay else None, w_min=float(w_min),
+    step_range=step_range, adv_sign=adv, thresholds=controls.SURVIVAL_XS,
+    delta=1.0 if overlay else None, w_min=float(w_min) if overlay else 0.8,
 )
+if overlay and "threshold_mean" in table.columns:
+    table = table.with_columns(pl.col("threshold_mean") * float(delta))
 ui.need(table.height > 0, "No tokens match these filters (step range / advantage sign).")
 column = controls.stat_column(stat, surv_x)
 x = table["bin_start"] if not relative else (table["bin_start"] + table["bin_end"]) / 2
@@ -71,7 +78,8 @@ rules = st.multiselect("Rules recomputed on this run", controls.recompute_rules(
                        key="div_rules", help="Recomputed offline with the parameters below; the applied mask "
                        "(keep_applied) is drawn too when the run logged it.")
 params = controls.rule_params_widget(path, key="div_params")
-mask_range = controls.step_range(path, key="div_mask_steps", recompute=True, label="Steps for the masked fraction")
+mask_range = controls.step_range(path, key="div_mask_steps", default_tokens=controls.RECOMPUTE_TOKENS,
+                                 label="Steps for the masked fraction", what="Rules recomputed")
 if rules or controls.has_applied(path):
     by_pos = data.compare_one(path, rules=tuple(rules), params={r: controls.params_for(r, params) for r in rules},
                               step_range=mask_range,

@@ -35,14 +35,13 @@ c3.caption("CPPO internals use " + ", ".join(f"{k}={v}" for k, v in params.items
 tokens = data.step_tokens(path, step)
 ui.need(tokens.height > 0, f"Step {step} has no token rows.")
 key = ["update", "rank", "seq_id"]
-mark_rule = "cppo" if mark == "applied mask" else mark.removeprefix("recomputed ")
-internals = data.step_rule(path, step, "cppo", params)
-marks = internals if mark_rule == "cppo" else data.step_rule(path, step, mark_rule, params)
-frame = tokens.join(internals.drop("step"), on=[*key, "pos"], how="left")
+# Masks of the whole step (for the masked counts of the search): the logged one, or a rule recomputed on
+# this step only. The CPPO internals are recomputed below for the chosen response alone.
 if mark == "applied mask":
-    frame = frame.with_columns(m_keep=pl.col("keep_applied"), m_reason=pl.col("reason_applied"))
+    frame = tokens.with_columns(m_keep=pl.col("keep_applied"), m_reason=pl.col("reason_applied"))
 else:
-    frame = frame.join(marks.select(*key, "pos", m_keep="keep", m_reason="reason"), on=[*key, "pos"], how="left")
+    marks = data.step_rule(path, step, mark.removeprefix("recomputed "), params)
+    frame = tokens.join(marks.select(*key, "pos", m_keep="keep", m_reason="reason"), on=[*key, "pos"], how="left")
 frame = frame.with_columns(tv=(pl.col("logp").exp() - pl.col("logp_rollout").exp()).abs())
 
 # -- pick a sequence ---------------------------------------------------------------------------------------
@@ -83,6 +82,10 @@ pick = 0 if pick is None or pick >= found.height else pick
 row = found.row(pick, named=True)
 seq = frame.filter((pl.col("update") == row["update"]) & (pl.col("rank") == row["rank"])
                    & (pl.col("seq_id") == row["seq_id"])).sort("pos")
+internals = data.sequence_rule(path, step, row["update"], row["rank"], row["seq_id"], "cppo", params)
+if internals.height:
+    seq = seq.join(internals.select("pos", *[c for c in ("w", "Z", "S", "c", "delta_b") if c in internals.columns]),
+                   on="pos", how="left")
 
 # -- text ----------------------------------------------------------------------------------------------------
 texts = None

@@ -11,7 +11,8 @@ from app import controls, data, ui
 
 st.title("What-if")
 path = ui.focus_run()
-step_range = controls.step_range(path, key="wi_steps", recompute=True, label="Steps recomputed")
+step_range = controls.step_range(path, key="wi_steps", default_tokens=controls.RECOMPUTE_TOKENS,
+                                 label="Steps recomputed", what="Rules recomputed")
 ui.need(step_range is not None, "This run has no token rows yet.")
 applied = controls.applied_rule(path)
 base_rule = applied or "cppo"

@@ -35,6 +35,7 @@ import datetime as _dt
 import json
 import os
 import threading
+import time
 import warnings
 import weakref
 from pathlib import Path
@@ -319,8 +320,13 @@ class RunRecorder:
         return True
 
     def _enqueue(self, kind: str, payload: Any) -> None:
-        block = self.on_full == "block"
-        if not self._writer.put(kind, payload, block=block):
+        if self.on_full == "block":
+            # Wait in slices so a writer thread that died can never hang the training loop.
+            while self._writer.is_alive():
+                if self._writer.put(kind, payload, block=True, timeout=1.0):
+                    return
+            raise RecorderError("the background writer thread is not running")
+        if not self._writer.put(kind, payload, block=False):
             with self._lock:
                 self.stats["dropped_records"] += 1
             self._warn("queue-full", f"writer queue full; dropped a '{kind}' record")
@@ -446,8 +452,11 @@ class RunRecorder:
         if self._inert or self._writer is None or not self._writer.is_alive():
             return
         ev = threading.Event()
-        self._writer.put("flush", ev)
-        ev.wait(timeout)
+        if self._writer.put("flush", ev):
+            deadline = None if timeout is None else time.monotonic() + timeout
+            while not ev.wait(0.5) and self._writer.is_alive():
+                if deadline is not None and time.monotonic() > deadline:
+                    break
         self._raise_pending()
 
     def close(self, status: str = "finished") -> None:

@@ -234,12 +234,25 @@ class BackgroundWriter(threading.Thread):
 
     # -- producer side ----------------------------------------------------------------------------
     def put(self, kind: str, payload: Any, *, block: bool = True, timeout: float | None = None) -> bool:
-        try:
-            self.q.put((kind, payload), block=block, timeout=timeout)
-            return True
-        except queue.Full:
-            return False
+        """Enqueue a message; False if the queue stayed full (or the thread is gone). Never hangs forever
+        on a dead thread: an unbounded wait is done in 1 s slices that check the thread is alive."""
+        return self._put((kind, payload), block=block, timeout=timeout)
+
+    def _put(self, item: Any, *, block: bool, timeout: float | None) -> bool:
+        if not block or timeout is not None:
+            try:
+                self.q.put(item, block=block, timeout=timeout)
+                return True
+            except queue.Full:
+                return False
+        while self.is_alive():
+            try:
+                self.q.put(item, timeout=1.0)
+                return True
+            except queue.Full:
+                continue
+        return False
 
     def stop(self, timeout: float | None = None) -> None:
-        self.q.put(_STOP)
-        self.join(timeout)
+        if self._put(_STOP, block=True, timeout=None):
+            self.join(timeout)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -135,6 +136,11 @@ def run(args: argparse.Namespace) -> int:
         print(f"cppo-diag app: {exc}", file=sys.stderr)
         return 2
     print(f"cppo-diag app: serving on http://{HOST}:{args.port} (Ctrl-C to stop)", file=sys.stderr)
+
+    def _stop(signum, frame):  # SIGTERM: stop the server too, do not leave it orphaned
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, _stop)
     try:
         return proc.wait()
     except KeyboardInterrupt:

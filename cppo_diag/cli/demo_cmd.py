@@ -3,7 +3,7 @@
 What happens:
   1. the app starts on sample_logs/ and runs/ at once (http://127.0.0.1:8501), so there is data to browse
      immediately;
-  2. a fresh CPPO run trains on the CPU demo task (Fibonacci-style sums mod 100, answers of 18-27 tokens,
+  2. a fresh CPPO run trains on the CPU demo task (Fibonacci-style sums mod 10, answers of 16-32 tokens,
      partial-credit reward, from the shipped SFT warm start) into runs/demo-cppo-<time>/ and appears in the app
      live (about two minutes on 2 cores);
   3. with --compare, GRPO (ratio clip) and DPPO runs follow on the same seed, for side-by-side comparison;

@@ -16,6 +16,7 @@ Examples:
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 HELP = "recompute a rule's mask over a recorded run (summaries; optional per-token side table)"
@@ -34,6 +35,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--bin", type=int, default=64, metavar="N", help="position bin width in tokens (default 64)")
     parser.add_argument("--anchor", choices=["rollout", "old"], default=None,
                         help="anchor of the ratio and divergence (default: the run's meta, else rollout)")
+    parser.add_argument("--defaults", action="store_true",
+                        help="use the rule's default parameters even when the run applied the same rule (without "
+                             "--param and --defaults, a run's own rule is recomputed with the run's rule_params)")
     parser.add_argument("--json", action="store_true", help="print the summaries as one JSON object")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
@@ -46,22 +50,37 @@ def run(args) -> int:
     from analyses.cli_util import parse_params
     from analyses.recompute import recompute
 
+    from analyses.tokens import run_meta
+
     try:
         params = parse_params(args.param)
+        meta = run_meta(args.run)
+        from_run = not args.param and not args.defaults and meta.get("rule") == args.rule
+        if from_run:
+            params = dict(meta.get("rule_params") or {})
         res = recompute(args.run, args.rule, params=params, step_range=args.steps, side_table=args.out,
                         bin_width=args.bin, anchor=args.anchor, progress=not args.no_progress)
     except (ValueError, TypeError, KeyError, FileNotFoundError) as exc:
         print(f"cppo-diag recompute: {exc}", file=sys.stderr)
         return 2
+    try:
+        _print(args, res, from_run)
+    except BrokenPipeError:  # e.g. piped into `head`: stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return 0
+
+
+def _print(args, res, from_run: bool) -> None:
     if args.json:
         print(json.dumps({
             "rule": res.rule, "params": res.params, "overall": res.overall, "agreement": res.agreement,
             "by_step": res.by_step.to_dicts(), "by_position": res.by_position.to_dicts(),
             "by_adv_sign": res.by_adv_sign.to_dicts(), "side_table": str(res.side_table) if res.side_table else None,
         }, default=str))
-        return 0
+        return
     o = res.overall
-    print(f"rule {res.rule} {res.params or '(defaults)'} on {args.run}")
+    print(f"rule {res.rule} {res.params or '(defaults)'} on {args.run}"
+          + (" (parameters from the run's meta.json)" if from_run else ""))
     print(f"  tokens {o['n_valid']}, masked {o['n_masked']} ({_pct(o['masked_frac'])}); "
           f"reasons: token {o['n_token']}, budget {o['n_budget']}, sequence {o['n_sequence']}; "
           f"budget share {_pct(o['budget_share'])}; away {_pct(o['away_frac'])}")
@@ -80,4 +99,3 @@ def run(args) -> int:
           .to_pandas().to_string(index=False, float_format=lambda v: f"{v:.4f}"))
     if res.side_table:
         print(f"\nper-token side table: {res.side_table}")
-    return 0

@@ -40,6 +40,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--mismatch", action="store_true", help="train/rollout mismatch |pi_old - mu| instead")
     add_steps_argument(parser)
     parser.add_argument("--out", default=None, metavar="FILE", help="write to FILE instead of stdout")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bars (shown on stderr)")
 
 
 def run(args) -> int:
@@ -50,7 +51,8 @@ def run(args) -> int:
     relative = args.by == "relative"
     thresholds = tuple(args.threshold) if args.threshold else DEFAULT_THRESHOLDS
     common = dict(bin_width=args.bin if not relative else 64, relative=relative, n_rel_bins=args.bin,
-                  step_range=args.steps, adv_sign=args.adv_sign, thresholds=thresholds)
+                  step_range=args.steps, adv_sign=args.adv_sign, thresholds=thresholds,
+                  progress=not args.no_progress)
     try:
         if args.mismatch:
             table = mismatch_by_position(args.run, **common)

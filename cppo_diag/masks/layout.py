@@ -196,7 +196,10 @@ class RuleInput:
     @cached_property
     def away(self) -> torch.Tensor:
         """(B, T) bool, valid tokens with A_t * (rho_t - 1) > 0 (SPEC "Away test")."""
-        t = self.rho - 1.0  # (B, T)
+        if "rho" in self.__dict__:
+            t = self.rho - 1.0  # (B, T)
+        else:  # rho not cached: compute it into the buffer that becomes rho - 1 (rho is recomputed if asked for)
+            t = torch.exp(self.log_ratio).sub_(1.0)
         t.mul_(self.advantages)
         away = t > 0
         away &= self.valid

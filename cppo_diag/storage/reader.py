@@ -160,7 +160,8 @@ class Run:
                 if f.name.startswith(layout.TMP_PREFIX):
                     if live is None:
                         live = self.is_live
-                    if not live:
+                    # Re-check existence: a writer that just finished renamed it (not a leftover).
+                    if not live and f.exists():
                         self._warn(str(f), f"ignoring unfinished temp file {f} (a writer stopped mid-write)")
                     continue
                 parsed = layout.parse_token_shard(f.name) if kind == "tokens" else layout.parse_sequence_shard(f.name)
@@ -170,12 +171,14 @@ class Run:
                 if not include_incomplete and (step, rank) not in done:
                     if live is None:
                         live = self.is_live
-                    if not live:
-                        self._warn(
-                            str(f),
-                            f"ignoring shard {f}: step {step} of rank {rank} was never completed (no _done marker)",
-                        )
-                    continue
+                    if live or not (self.path / schema.DONE_DIR / layout.done_marker_name(step, rank)).exists():
+                        if not live:
+                            self._warn(
+                                str(f),
+                                f"ignoring shard {f}: step {step} of rank {rank} was never completed (no _done marker)",
+                            )
+                        continue
+                    # the marker appeared while we were listing: the step completed, read it
                 arrow_schema = self._check_shard(f)
                 if arrow_schema is not None:
                     out.append((f, arrow_schema))

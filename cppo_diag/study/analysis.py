@@ -201,7 +201,7 @@ def per_seed_metrics(data: StudyData) -> pl.DataFrame:
     for e in data.entries:
         row = {"label": e.label, "rule": e.rule, "setting": e.setting, "seed": e.seed, "run": e.run_name,
                "status": e.status}
-        c = e.curve
+        c = e.curve if e.status == "finished" else None  # a killed or running run is not comparable yet
         if c is not None and c.height:
             acc = c["accuracy"].to_numpy()
             steps = c["step"].to_numpy()
@@ -212,10 +212,11 @@ def per_seed_metrics(data: StudyData) -> pl.DataFrame:
             )
         else:
             row.update(initial_acc=nan, final_acc=nan, best_acc=nan, steps_to_threshold=nan, last_step=None)
+        tok = e.tokens if e.status == "finished" else {}
         row.update(
-            masked_frac=e.tokens.get("masked_frac", nan),
-            budget_share=e.tokens.get("budget_share", nan),
-            mean_tv=e.tokens.get("mean_tv", nan),
+            masked_frac=tok.get("masked_frac", nan),
+            budget_share=tok.get("budget_share", nan),
+            mean_tv=tok.get("mean_tv", nan),
         )
         rows.append(row)
     return pl.DataFrame(rows, schema_overrides={m: pl.Float64 for m in METRICS} | {"last_step": pl.Int64})
@@ -279,7 +280,7 @@ def _curves_long(data: StudyData) -> pl.DataFrame:
     frames = [
         e.curve.with_columns(pl.lit(e.label).alias("label"), pl.lit(e.seed).alias("seed"))
         for e in data.entries
-        if e.curve is not None and e.curve.height
+        if e.status == "finished" and e.curve is not None and e.curve.height
     ]
     if not frames:
         return pl.DataFrame(schema={"step": pl.Int64, "accuracy": pl.Float64, "label": pl.Utf8, "seed": pl.Int64})
@@ -416,8 +417,10 @@ def write_figures(data: StudyData, per_seed: pl.DataFrame, fig_dir: Path, *, pro
     from analyses import plots_mpl
 
     ref_params = {**CPPO_DEFAULTS, **_params_of(data, "cppo")}
-    for label in tqdm(labels, desc="study figures", disable=not progress):
-        entries = [e for e in data.entries if e.label == label and e.run is not None]
+    n_runs = sum(e.run is not None and e.status == "finished" for e in data.entries)
+    bar = tqdm(total=n_runs, desc="study figures (Fig. 2 / Fig. 7 per run)", unit="run", disable=not progress)
+    for label in labels:
+        entries = [e for e in data.entries if e.label == label and e.run is not None and e.status == "finished"]
         if not entries:
             continue
         rule = entries[0].rule
@@ -440,10 +443,11 @@ def write_figures(data: StudyData, per_seed: pl.DataFrame, fig_dir: Path, *, pro
 
         budget_rule = rule if rule in BUDGET_RULES else "cppo"
         budget_params = dict(entries[0].rule_params if rule in BUDGET_RULES else _params_of(data, "cppo"))
-        by_step = [
-            budget_exhaustion(e.run, params=budget_params or None, rule=budget_rule, progress=False).by_step
-            for e in entries
-        ]
+        by_step = []
+        for e in entries:
+            by_step.append(budget_exhaustion(e.run, params=budget_params or None, rule=budget_rule,
+                                             progress=False).by_step)
+            bar.update(1)
         fig = plots_mpl.fig_budget_by_step(
             pool_budget_by_step(by_step),
             title=(f"{label}: prefix budget (Fig. 7 style)\n"
@@ -453,6 +457,7 @@ def write_figures(data: StudyData, per_seed: pl.DataFrame, fig_dir: Path, *, pro
         out["budget"][label] = fig_dir / f"budget_{slug}.png"
         fig.savefig(out["budget"][label], dpi=120)
         plt.close(fig)
+    bar.close()
     return out
 
 
@@ -538,6 +543,55 @@ def _settings_summary(cfg: dict) -> str:
     return "\n".join(lines) if lines else "(no recognised settings)"
 
 
+# What the CPPO paper reports for "CPPO minus X" (Table 1: CPPO > DPPO > GRPO on every model; Fig. 5: each
+# ablation below full CPPO). Used only to say whether this study agrees, not as a target.
+PAPER_DIRECTION = {
+    "grpo_clip": "Table 1: CPPO above GRPO on all four models",
+    "dppo": "Table 1: CPPO above DPPO on all four models",
+    "cppo_no_weight": "Fig. 5: removing the position weight hurts",
+    "cppo_no_budget": "Fig. 5: removing the prefix budget hurts",
+    "cppo_shuffled": "Fig. 5: shuffling the position weights hurts",
+}
+
+
+def _summary_lines(table: list[dict], comps: list[PairedComparison], an: AnalysisConfig) -> list[str]:
+    """The plain-words summary: ranking, and for each paired comparison whether it agrees with the paper."""
+    metric = f"{an.primary}_acc"
+    L = ["## Summary\n"]
+    ranked = sorted((r for r in table if r[metric].n), key=lambda r: -r[metric].mean)
+    if ranked:
+        L.append(
+            f"Ranking by mean {an.primary} held-out accuracy: "
+            + ", ".join(f"`{r['label']}` {r[metric].mean:.3f}" for r in ranked)
+            + ". Differences between these means are only meaningful where the paired comparisons below "
+            "exclude zero.\n"
+        )
+    if an.reference == "cppo" and comps:
+        L.append(f"Against the paper, on the {an.primary} accuracy (CPPO minus each rule, paired by seed):\n")
+        for c in comps:
+            rule = c.b.split("@")[0]
+            claim = PAPER_DIRECTION.get(rule)
+            if claim is None:
+                continue
+            if c.n < 2 or math.isnan(c.ci_lo):
+                verdict = f"too few paired seeds ({c.n}) to compare"
+            elif c.ci_lo > 0:
+                verdict = f"**agrees**: CPPO higher by {_f(c.mean_diff)} (95% CI {_f(c.ci_lo)} to {_f(c.ci_hi)})"
+            elif c.ci_hi < 0:
+                verdict = (f"**contradicts**: CPPO lower by {_f(-c.mean_diff)} "
+                           f"(95% CI {_f(c.ci_lo)} to {_f(c.ci_hi)})")
+            else:
+                verdict = (f"**inconclusive**: difference {_f(c.mean_diff)}, 95% CI {_f(c.ci_lo)} to {_f(c.ci_hi)} "
+                           "includes zero")
+            L.append(f"- vs `{c.b}` ({claim}): {verdict}.")
+        L.append(
+            "\nThe paper's runs are Qwen3 models (1.7B-30B) with 8k-16k-token answers on competition math; a result "
+            "from another model, task or scale (see the settings above) neither confirms nor refutes the paper in "
+            "its own setting. It says what these rules did here.\n"
+        )
+    return L
+
+
 def write_results(
     data: StudyData,
     out_md: str | Path,
@@ -594,6 +648,7 @@ def write_results(
     if secs:
         L.append(f"Training time: {sum(secs) / 60:.1f} min summed over {len(secs)} runs "
                  f"(median {float(np.median(secs)) / 60:.1f} min per run; trainer's `time/step_s`).\n")
+    L += _summary_lines(table, comps[f"{an.primary}_acc"], an)
     L.append("## Results per rule\n")
     L.append(
         f"| rule | seeds | initial acc | final acc ({conf} CI) | best acc ({conf} CI) | steps to {an.threshold} "

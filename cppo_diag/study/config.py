@@ -54,7 +54,7 @@ __all__ = [
     "preset_path",
 ]
 
-PRESETS = ("cpu", "ci-tiny", "gpu")
+PRESETS = ("cpu", "ci-tiny", "gpu", "gpu-smoke")
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
@@ -220,7 +220,7 @@ def _check_rule_params(rule: str, params: dict, fld: str, rules: list, known: di
 
 
 def load_study(config_or_preset: str | Path, *, validate_rules: bool = True) -> StudyConfig:
-    """Load a study from a preset name (``cpu``, ``ci-tiny``, ``gpu``) or a TOML/YAML path."""
+    """Load a study from a preset name (``cpu``, ``ci-tiny``, ``gpu``, ``gpu-smoke``) or a TOML/YAML path."""
     s = str(config_or_preset)
     path = preset_path(s) if s in PRESETS else Path(s)
     if not path.is_file():

@@ -133,7 +133,7 @@ PRESETS: dict[str, dict] = {
     "demo": {
         "steps": 60,
         "rollout": {"prompts_per_step": 8, "n": 8, "max_new_tokens": 36},
-        "optim": {"lr": 3e-4, "epochs": 4, "updates_per_batch": 1},
+        "optim": {"lr": 3e-4, "epochs": 2, "updates_per_batch": 1},
         "rule": {"name": "cppo", "params": {}},
         "task": {"kind": "fib", "reward": "partial"},
     },

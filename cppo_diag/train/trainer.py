@@ -297,6 +297,7 @@ def train(cfg: TrainConfig, *, recorder_factory=None) -> dict:
             t_upd = time.perf_counter()
             acc: dict[str, list[float]] = {}
             masked_tot = valid_tot = budget_tot = 0
+            t_rule = t_log = 0.0
             u = 0
             if global_keep > 0:
                 for epoch in range(cfg.optim.epochs):
@@ -304,7 +305,10 @@ def train(cfg: TrainConfig, *, recorder_factory=None) -> dict:
                     for chunk in chunks:
                         idx = chunk.tolist()
                         if not idx:  # nothing here on this rank: still join DDP's all-reduce with a zero loss
-                            loss = sum(p.sum() * 0.0 for p in train_module.parameters())
+                            lp0, _ = sequence_logprobs(policy, train_module, index_batch(batch, [0]),
+                                                       temperature=cfg.rollout.temperature, autocast=amp,
+                                                       with_entropy=False)
+                            loss = lp0.sum() * 0.0
                             optimizer.zero_grad(set_to_none=True)
                             loss.backward()
                             optimizer.step()
@@ -315,6 +319,7 @@ def train(cfg: TrainConfig, *, recorder_factory=None) -> dict:
                         logp, entropy = sequence_logprobs(policy, train_module, mb, temperature=cfg.rollout.temperature,
                                                           autocast=amp, with_entropy=True)  # (b, T) each
                         anchor_lp = mb.logp_rollout if logp_old_all is None else logp_old_all[chunk]
+                        t0 = time.perf_counter()
                         res = compute_mask(cfg.rule.name, logp=logp.detach(), logp_rollout=mb.logp_rollout,
                                            advantages=mb_adv, response_mask=mask,
                                            logp_old=None if logp_old_all is None else anchor_lp,
@@ -322,6 +327,7 @@ def train(cfg: TrainConfig, *, recorder_factory=None) -> dict:
                         loss, lmetrics = policy_loss(logp, anchor_lp, mb_adv, mask, res, agg=cfg.optim.agg,
                                                      trunc_cap=cfg.optim.trunc_cap, max_len=cfg.rollout.max_new_tokens,
                                                      rule=cfg.rule.name)
+                        t_rule += time.perf_counter() - t0
                         optimizer.zero_grad(set_to_none=True)
                         loss.backward()
                         gnorm = torch.nn.utils.clip_grad_norm_(module.parameters(),
@@ -341,11 +347,13 @@ def train(cfg: TrainConfig, *, recorder_factory=None) -> dict:
                                          "policy/entropy": float(masked_mean(entropy, mask)),
                                          "grad/norm": float(gnorm)}.items():
                                 acc.setdefault(k, []).append(float(v))
+                        t0 = time.perf_counter()
                         log.log_tokens(step=step, update=u, seq_ids=torch.arange(len(idx)), logp=logp.detach(),
                                        logp_rollout=mb.logp_rollout, advantages=mb_adv, response_mask=mask,
                                        logp_old=None if logp_old_all is None else anchor_lp,
                                        keep_applied=res.keep, reason_applied=res.reason, token_ids=mb.response_ids,
                                        entropy=entropy, reward=rew_t[chunk], group_id=group_ids[chunk])
+                        t_log += time.perf_counter() - t0
                         u += 1
             with warnings.catch_warnings():  # the lr schedule is per iteration, even one with no update
                 warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step", category=UserWarning)
@@ -364,7 +372,7 @@ def train(cfg: TrainConfig, *, recorder_factory=None) -> dict:
                 "mask/frac": masked_tot / valid_tot if valid_tot else 0.0,
                 "mask/budget_share": budget_tot / masked_tot if masked_tot else 0.0,
                 "optim/lr": optimizer.param_groups[0]["lr"],
-                "time/rollout_s": t_rollout, "time/update_s": t_update,
+                "time/rollout_s": t_rollout, "time/update_s": t_update, "time/rule_s": t_rule, "time/log_tokens_s": t_log,
                 "time/step_s": time.perf_counter() - t_step,
                 "time/rollout_frac": t_rollout / max(time.perf_counter() - t_step, 1e-9),
                 "throughput/tokens_per_s": n_tok / max(time.perf_counter() - t_step, 1e-9),

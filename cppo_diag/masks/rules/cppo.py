@@ -49,7 +49,9 @@ def position_weights(x: RuleInput, *, w_min: float, weight_length: str, horizon:
     """
     dt = x.dtype
     if src_rank is None:
-        r = torch.cumsum(x.valid, dim=-1, dtype=dt)  # (B, T) t (exact integers)
+        # t as exact integers: counted in int32 over the uint8 view (cheaper than a float cumsum of the bool
+        # mask), converted to the batch dtype, then t - 1 in that dtype (the same operations and roundings).
+        r = torch.cumsum(x.valid.view(torch.uint8), dim=-1, dtype=torch.int32).to(dt)  # (B, T) t
         r -= 1.0  # t - 1
     else:
         r = src_rank.to(dt)
@@ -124,9 +126,9 @@ def cppo_core(
     else:
         src = None
         if variant == "shuffled":
-            from cppo_diag.masks.shuffle import permuted_ranks
+            from cppo_diag.masks.shuffle import permuted_positions
 
-            src = permuted_ranks(x.rank, n, v, seed=seed)
+            src = permuted_positions(n, v, seed=seed)  # (B, T) perm[rank] on valid tokens (padding: 0, masked below)
         w = position_weights(x, w_min=w_min, weight_length=weight_length, horizon=horizon, src_rank=src)
     z = w * d  # (B, T) Z_t, 0 on padding
     internals = {"w": w, "D": d, "Z": z, "away": x.away}
@@ -165,8 +167,10 @@ def cppo_core(
         masked = z > c  # (B, T)
         masked &= x.away  # only tokens moving away from mu (away implies valid)
         keep = v ^ masked  # valid and not masked
-        reason = masked.to(torch.uint8).mul_(BUDGET)  # 2 = budget ...
-        reason.sub_((masked & (z > delta)).to(torch.uint8))  # ... 1 = token where Z_t > delta alone rejects it
+        reason = masked.view(torch.uint8) * BUDGET  # 2 = budget ...  (bool viewed as 0/1 bytes: no copy)
+        token = z > delta
+        token &= masked
+        reason -= token.view(torch.uint8)  # ... 1 = token where Z_t > delta alone rejects it
         weight = None
 
     def metrics():
