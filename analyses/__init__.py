@@ -29,9 +29,9 @@ Divergence by position, paper Fig. 2 (``analyses.position``)
 Recompute any rule over a run (``analyses.recompute``)
     iter_batches(source, *, step_range=None, columns=None, progress=False) -> Iterator[Batch]
     recompute(source, rule, *, params=None, step_range=None, side_table=None, bin_width=64, anchor=None,
-              return_internals=False, on_batch=None, progress=True) -> RecomputeResult
+              return_internals=False, on_batch=None, rule_metrics=True, progress=True) -> RecomputeResult
     recompute_many(source, {label: (rule, params)}, *, step_range=None, bin_width=64, anchor=None,
-                   progress=True) -> dict[label, RecomputeResult]          several rules, one pass
+                   rule_metrics=False, progress=True) -> dict[label, RecomputeResult]   several rules, one pass
     run_rule(batch, rule, params=None, *, anchor="rollout", return_internals=False) -> MaskResult
         RecomputeResult: rule, params, overall (dict), by_step, by_position, by_adv_sign, metrics_by_step
         (pl.DataFrame), agreement (dict or None: fraction of tokens where keep == keep_applied),

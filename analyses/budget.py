@@ -140,7 +140,7 @@ def budget_exhaustion(
         anchor = run_meta(source).get("anchor") or "rollout"
     acc = _BudgetAcc(rule, bin_width, anchor)
     rec = recompute(source, rule, params=params, step_range=step_range, bin_width=bin_width, anchor=anchor,
-                    return_internals=True, on_batch=acc, progress=progress)
+                    return_internals=True, on_batch=acc, rule_metrics=False, progress=progress)
     if acc.rows:
         db = (pl.DataFrame(acc.rows).group_by("step").agg(pl.col("n_resp", "delta_b_sum", "n_resp_rejected").sum())
               .with_columns(delta_b_mean=pl.col("delta_b_sum") / pl.col("n_resp"),

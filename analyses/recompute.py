@@ -310,8 +310,10 @@ def _frac(num, den):
 class _Accumulator:
     """Running summaries of one rule's masks over the batches of a run."""
 
-    def __init__(self, rule: str, params: dict, bin_width: int, side_path: Path | None = None):
+    def __init__(self, rule: str, params: dict, bin_width: int, side_path: Path | None = None,
+                 rule_metrics: bool = True):
         self.rule, self.params, self.bin_width, self.side_path = rule, params, bin_width, side_path
+        self.rule_metrics = rule_metrics
         self.pos_counter = _PosCounter(bin_width)
         self.step_rows: list[dict] = []
         self.metric_rows: list[dict] = []
@@ -354,8 +356,9 @@ class _Accumulator:
                 self.agree["first_mismatch"] = {k: int(v[i]) for k, v in keys.items()} | {
                     "keep_applied": bool(applied[i]), "keep_recomputed": bool(keep[i])}
         self.step_rows.append(row)
-        self.metric_rows.append({"step": batch.step, "update": batch.update, "rank": batch.rank,
-                                 **{k: float(v) for k, v in (res.metrics or {}).items()}})
+        if self.rule_metrics:  # evaluating res.metrics costs the rule a few reductions (and a sort)
+            self.metric_rows.append({"step": batch.step, "update": batch.update, "rank": batch.rank,
+                                     **{k: float(v) for k, v in (res.metrics or {}).items()}})
         if self.side_path is not None:
             self._write_side(batch, keep, reason, res)
 
@@ -402,16 +405,21 @@ def recompute_many(
     step_range=None,
     bin_width: int = 64,
     anchor: str | None = None,
+    rule_metrics: bool = False,
     progress: bool = True,
 ) -> dict[str, "RecomputeResult"]:
-    """Several rules over one pass of the run: ``specs`` maps a label to (rule name, params)."""
+    """Several rules over one pass of the run: ``specs`` maps a label to (rule name, params).
+
+    ``rule_metrics``: also collect each rule's own ``res.metrics`` per batch into ``metrics_by_step``
+    (off by default here: it costs the rule extra reductions)."""
     if anchor is None:
         anchor = run_meta(source).get("anchor") or "rollout"
     from cppo_diag.masks import get_rule  # raises, listing the known rules, on an unknown name
 
     for rule, _ in specs.values():
         get_rule(rule)
-    accs = {label: _Accumulator(rule, dict(params or {}), bin_width) for label, (rule, params) in specs.items()}
+    accs = {label: _Accumulator(rule, dict(params or {}), bin_width, rule_metrics=rule_metrics)
+            for label, (rule, params) in specs.items()}
     for batch in iter_batches(source, step_range=step_range, progress=progress):
         for label, (rule, params) in specs.items():
             accs[label].add(batch, run_rule(batch, rule, params, anchor=anchor), anchor)
@@ -429,6 +437,7 @@ def recompute(
     anchor: str | None = None,
     return_internals: bool = False,
     on_batch: Callable[[Batch, Any], None] | None = None,
+    rule_metrics: bool = True,
     progress: bool = True,
 ) -> RecomputeResult:
     """Recompute ``rule`` (a registered name of ``cppo_diag.masks``) with ``params`` over a run.
@@ -441,6 +450,7 @@ def recompute(
     first mismatch). ``side_table``: write per-token keep/reason(/weight) with the sequence key and pos to
     this parquet file. ``anchor``: "rollout" or "old"; default the run's meta anchor (else "rollout").
     ``on_batch(batch, mask_result)`` is called for every batch (used by the budget analysis).
+    ``rule_metrics=False`` skips evaluating the rule's own metrics (``metrics_by_step`` stays empty).
     """
     params = dict(params or {})
     if anchor is None:
@@ -448,7 +458,7 @@ def recompute(
     from cppo_diag.masks import get_rule  # raises, listing the known rules, on an unknown name
 
     get_rule(rule)
-    acc = _Accumulator(rule, params, bin_width, Path(side_table) if side_table else None)
+    acc = _Accumulator(rule, params, bin_width, Path(side_table) if side_table else None, rule_metrics=rule_metrics)
     try:
         for batch in iter_batches(source, step_range=step_range, progress=progress):
             res = run_rule(batch, rule, params, anchor=anchor, return_internals=return_internals)

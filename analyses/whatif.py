@@ -83,19 +83,36 @@ def sweep_batch(batch, grid: list[tuple[float, float, float]], base: dict, *, an
             rho = torch.exp((batch.logp - (batch.logp_old if anchor == "old" else batch.logp_rollout)).clamp(-20, 20))
             away = (batch.advantages * (rho - 1.0) > 0) & valid
         away = away.to(torch.bool)
-        for delta_b in sorted({g[1] for g in grid if g[2] == w_min}):
+
+        def budget_of(delta_b):
             if base["delta_b_mode"] == "adaptive":
-                db = adaptive_delta_b(d, valid, n, q=base["delta_b_quantile"], scale=base["delta_b_scale"],
-                                      delta_b_min=delta_b, cap=base["delta_b_cap"])  # (B,)
-            else:
-                db = torch.full((z.shape[0],), delta_b, dtype=z.dtype)  # (B,)
-            budget_w = w_prev * db[:, None]  # (B, T) delta_b W_{t-1}
+                return adaptive_delta_b(d, valid, n, q=base["delta_b_quantile"], scale=base["delta_b_scale"],
+                                        delta_b_min=delta_b, cap=base["delta_b_cap"])  # (B,)
+            return torch.full((z.shape[0],), delta_b, dtype=z.dtype)  # (B,)
+
+        def slack(delta, budget_w):
+            return ((budget_w + delta) - s_prev).clamp_(max=delta)  # (B, T) c_t (Eq. 10)
+
+        # Self-check against the rule: the grid point the rule just computed must give its c_t bit for bit;
+        # if the rule library ever changes its operation order, fall back to one rule call per grid point.
+        c_rule = it.get("c")
+        exact = c_rule is not None and bool(
+            (slack(first[0], w_prev * budget_of(first[1])[:, None]) == _np_or_t(c_rule))[valid].all())
+        for delta_b in sorted({g[1] for g in grid if g[2] == w_min}):
+            budget_w = w_prev * budget_of(delta_b)[:, None] if exact else None  # (B, T) delta_b W_{t-1}
             for delta in sorted({g[0] for g in grid if g[1] == delta_b and g[2] == w_min}):
                 if delta < 0:
                     raise ValueError(f"deltas: expected values >= 0, found {delta}")
-                c = ((budget_w + delta) - s_prev).clamp_(max=delta)  # (B, T) c_t (Eq. 10)
-                masked = away & (z > c)  # (B, T)
-                n_m, n_t = int(masked.sum()), int((masked & (z > delta)).sum())
+                if exact:
+                    masked = away & (z > slack(delta, budget_w))  # (B, T)
+                    token = masked & (z > delta)
+                else:
+                    r = compute_mask("cppo", logp=batch.logp, logp_rollout=batch.logp_rollout,
+                                     advantages=batch.advantages, response_mask=valid, logp_old=batch.logp_old,
+                                     anchor=anchor, **{**kwargs, "delta": delta, "delta_b": delta_b, "w_min": w_min})
+                    masked = valid & ~r.keep
+                    token = r.reason == 1
+                n_m, n_t = int(masked.sum()), int(token.sum())
                 out[index[(delta, delta_b, w_min)], 1:] = (n_m, n_m - n_t, n_t)
     return out
 

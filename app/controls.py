@@ -104,9 +104,9 @@ def recompute_rules() -> list[str]:
 
 
 def default_rules(path: str) -> list[str]:
-    applied = applied_rule(path)
-    pick = ["cppo"] if applied != "cppo" else ["dppo"]
-    return [r for r in pick if r in rule_specs()]
+    """GRPO clip, DPPO and CPPO, less the rule the run applied when its mask was logged (drawn as applied)."""
+    applied = applied_rule(path) if has_applied(path) else None
+    return [r for r in ("grpo_clip", "dppo", "cppo") if r in rule_specs() and r != applied]
 
 
 def applied_rule(path: str) -> str | None:
@@ -153,6 +153,15 @@ def params_for(rule: str, flat: dict[str, Any]) -> dict[str, Any]:
     """The subset of ``flat`` parameters that ``rule`` accepts (its registered parameter names)."""
     spec = rule_specs().get(rule)
     return {k: v for k, v in flat.items() if spec is None or k in spec.params}
+
+
+def bin_width(auto: int, key: str, container: Any = st) -> int:
+    """Bin-width picker whose first option, "auto", follows the runs shown (``auto`` tokens: about 40 bins
+    over the longest response), so switching to a longer run does not keep a bin width meant for a short one."""
+    options = ["auto", *BIN_WIDTHS]
+    choice = container.select_slider("Bin width (tokens)", options, value="auto", key=key,
+                                     format_func=lambda v: f"auto ({auto})" if v == "auto" else str(v))
+    return int(auto if choice == "auto" else choice)
 
 
 def default_bin_width(path: str) -> int:

@@ -3,7 +3,6 @@
 import numpy as np
 import polars as pl
 import pytest
-import torch
 
 from analyses.budget import budget_exhaustion
 from analyses.mismatch import mismatch_by_position
@@ -123,3 +122,29 @@ def test_every_analysis_accepts_an_empty_run(tmp_path):
     assert compare_runs([r], ("cppo",), progress=False).summary["n_valid"].to_list() == [0]
     page = write_report([r], tmp_path / "rep", whatif=False, progress=False).read_text()
     assert "no token rows" in page
+
+
+def test_sweep_falls_back_to_rule_calls_if_its_arithmetic_drifts(run, monkeypatch):
+    """If the rule's c_t ever differs from the sweep's re-derivation, every grid point is a rule call."""
+    import cppo_diag.masks as masks
+
+    real = masks.compute_mask
+
+    class Perturbed:
+        def __init__(self, res):
+            self._res, self.keep, self.reason = res, res.keep, res.reason
+            self.internals = {**res.internals, "c": res.internals["c"] + 1e-3}
+
+    plain_calls = []
+
+    def fake(rule, **kw):
+        res = real(rule, **kw)
+        if not kw.get("return_internals"):
+            plain_calls.append(kw["delta"])
+        return Perturbed(res) if kw.get("return_internals") else res
+
+    grid = dict(deltas=(0.05, 0.15), delta_bs=(0.005, 0.02), w_mins=(0.8,))
+    expected = whatif_sweep(run, progress=False, **grid)
+    monkeypatch.setattr(masks, "compute_mask", fake)
+    assert whatif_sweep(run, progress=False, **grid).equals(expected)
+    assert len(plain_calls) >= 4  # the fallback ran (one rule call per grid point and batch)

@@ -301,14 +301,14 @@ def _walk_every_page(page, server) -> None:
     print("\napp latencies (s):", json.dumps(latencies, indent=2))
 
 
-def test_server_side_latency(roots):
+def test_server_side_latency(roots, monkeypatch):
     """Bench only (CPPO_DIAG_APP_BENCH_TOKENS set): the same interactions through AppTest, which times the
     script reruns on the server without the browser's rendering, on the big run."""
     if not BENCH_TOKENS:
         pytest.skip("bench only: set CPPO_DIAG_APP_BENCH_TOKENS (e.g. 50000000) to time the server side")
     from streamlit.testing.v1 import AppTest
 
-    os.environ["CPPO_DIAG_ROOTS"] = os.pathsep.join(roots)
+    monkeypatch.setenv("CPPO_DIAG_ROOTS", os.pathsep.join(roots))
     big = str((BENCH_DIR / "big-run").resolve())
     res: dict[str, float] = {}
 
@@ -340,7 +340,7 @@ def test_server_side_latency(roots):
     run("first_load_inspector", at)
     at.selectbox(key="insp_seq").set_value(1)
     run("inspector_next_sequence", at)
-    at.selectbox(key="insp_step").set_value(at.selectbox(key="insp_step").options[1])
+    at.selectbox(key="insp_step").set_value(int(at.selectbox(key="insp_step").options[1]))
     run("inspector_other_step", at)
     at.switch_page("views/whatif.py")
     run("first_load_whatif", at)

@@ -9,10 +9,13 @@ import numpy as np
 import polars as pl
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from cppo_diag import RunRecorder, open_run
 from cppo_diag.capture import CaptureInputError, NonFiniteError, NullRecorder, RecorderWarning
 from cppo_diag.capture.sampling import keep_sequences
+from cppo_diag.capture.staging import materialize, stage_tokens
 from cppo_diag.storage import schema
 
 
@@ -456,11 +459,6 @@ def test_warn_mode_warns_once_per_kind_and_counts_every_drop(tmp_path):
         assert rec.stats["warnings"] == {"log_tokens": 3, "nonfinite": 3}
     assert open_run(tmp_path).tokens().collect()["seq_id"].unique().to_list() == [1]
 
-
-from hypothesis import given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
-
-from cppo_diag.capture.staging import materialize, stage_tokens  # noqa: E402
 
 
 @settings(max_examples=60, deadline=None)

@@ -124,7 +124,7 @@ def test_kill_9_mid_run_then_resume_without_duplicates(tmp_path):
 
 
 def test_resume_skips_done_steps_and_keeps_meta(tmp_path):
-    with RunRecorder(tmp_path, name="r", config={"lr": 1}, rule="cppo") as rec:
+    with RunRecorder(tmp_path, name="r", config={"lr": 1}, rule="cppo", trainer="trl", anchor="old") as rec:
         for s in range(2):
             rec.log_tokens(step=s, **batch(s))
     created = open_run(tmp_path / "r").meta["created"]
@@ -135,6 +135,7 @@ def test_resume_skips_done_steps_and_keeps_meta(tmp_path):
         rec.log_tokens(step=2, **batch(2))
     meta = open_run(tmp_path / "r").meta
     assert meta["created"] == created and meta["config"] == {"lr": 1} and meta["rule"] == "cppo"
+    assert meta["trainer"] == "trl" and meta["anchor"] == "old"  # defaults of the resuming call do not override
     assert read(tmp_path / "r").equals(expected(range(3)))
     with pytest.raises(FileExistsError, match="already holds a run"):
         RunRecorder(tmp_path, name="r", resume=False, on_error="raise")

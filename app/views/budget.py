@@ -26,8 +26,7 @@ delta_b = c3.number_input("δ_b (min / fixed)", min_value=0.0, max_value=0.5, va
 w_min = c4.slider("w_min", 0.0, 1.0, float(defaults["w_min"]), 0.05, key="bud_wmin")
 mode = c5.radio("δ_b mode", ["adaptive", "fixed"], horizontal=True, key="bud_mode",
                 index=0 if defaults.get("delta_b_mode", "adaptive") == "adaptive" else 1)
-bin_width = st.select_slider("Bin width (tokens)", controls.BIN_WIDTHS, value=controls.default_bin_width(path),
-                             key="bud_bw")
+bin_width = controls.bin_width(controls.default_bin_width(path), key="bud_bw")
 params = {"delta": float(delta), "delta_b": float(delta_b), "w_min": float(w_min), "delta_b_mode": mode}
 
 res = data.analysis("budget_exhaustion", path, params=params, rule=rule, step_range=step_range,

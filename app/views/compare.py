@@ -25,8 +25,7 @@ window = c2.radio("Steps of each run", ["latest", "all"], horizontal=True, key="
                   help=f"latest: each run's latest steps up to {controls.RECOMPUTE_TOKENS:,} tokens (fast on big "
                   "runs); all: every step (recomputing rules on a 50M-token run takes minutes, once)")
 params = controls.rule_params_widget(chosen[0], key="cmp_params")
-bin_width = st.select_slider("Bin width (tokens)", controls.BIN_WIDTHS,
-                             value=max(controls.default_bin_width(p) for p in chosen), key="cmp_bw")
+bin_width = controls.bin_width(max(controls.default_bin_width(p) for p in chosen), key="cmp_bw")
 
 
 def _range(path: str) -> tuple[int, int] | None:
@@ -54,15 +53,18 @@ progress.empty()
 ui.need(bool(summaries), "The chosen runs have no tokens yet.")
 
 DASH = ["solid", "dash", "dot", "dashdot", "longdash", "longdashdot"]
+COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf"]
+RUN_COLOR = {data.label(p): COLORS[i % len(COLORS)] for i, p in enumerate(chosen)}  # one colour per run
 
 
 def _lines(frame: pl.DataFrame, x: str, y: str, title: str, x_title: str, y_fmt: str = ".1%") -> go.Figure:
     fig = go.Figure()
     for (run, rule), part in frame.sort(x).group_by("run", "rule", maintain_order=True):
         dash = "solid" if str(rule).startswith("applied") else DASH[1 + rules.index(rule) % 5] if rule in rules else "dot"
-        fig.add_scatter(x=part[x], y=part[y], mode="lines", name=f"{run} · {rule}", line=dict(dash=dash),
-                        legendgroup=str(run))
-    fig.update_layout(title=title, xaxis_title=x_title, yaxis_title=y, yaxis_tickformat=y_fmt,
+        fig.add_scatter(x=part[x], y=part[y], mode="lines+markers", marker=dict(size=4), name=f"{run} · {rule}",
+                        line=dict(dash=dash, color=RUN_COLOR.get(str(run))), legendgroup=str(run))
+    fig.update_layout(title=f"{title} (colour: run; dash: rule, solid = applied mask)", xaxis_title=x_title,
+                      yaxis_title=y, yaxis_tickformat=y_fmt,
                       hovermode="x unified", legend=dict(orientation="h", y=-0.25))
     return fig
 
@@ -86,17 +88,16 @@ for path in chosen:
 if curves:
     cur = pl.concat(curves, how="diagonal_relaxed")
     names = [c for c in cur.columns if c not in ("step", "run")]
-    c1, c2 = st.columns([1, 3])
     default = [n for n in names if n in ("reward/mean", "accuracy/mean")] or names[:2]
-    picked = c1.multiselect("Curves", names, default=default, key="cmp_curves")
+    picked = st.multiselect("Curves", names, default=default, key="cmp_curves")
     fig = go.Figure()
-    for name in picked:
+    for j, name in enumerate(picked):
         for (run,), part in cur.select("step", "run", name).drop_nulls().sort("step").group_by("run", maintain_order=True):
-            fig.add_scatter(x=part["step"], y=part[name], mode="lines", name=f"{run} · {name}")
-    fig.update_layout(title="Reward and accuracy", xaxis_title="step", hovermode="x unified",
-                      legend=dict(orientation="h", y=-0.25))
-    with c2:
-        ui.plot(fig, key="cmp_curves_fig")
+            fig.add_scatter(x=part["step"], y=part[name], mode="lines", name=f"{run} · {name}",
+                            line=dict(color=RUN_COLOR.get(str(run)), dash=DASH[j % len(DASH)]))
+    fig.update_layout(title="Reward and accuracy (colour: run; dash: curve)", xaxis_title="step",
+                      hovermode="x unified", legend=dict(orientation="h", y=-0.25))
+    ui.plot(fig, key="cmp_curves_fig")
 else:
     st.caption("No reward or accuracy scalars logged by these runs.")
 

@@ -26,7 +26,7 @@ if relative:
     n_rel_bins = c1.select_slider("Bins over t / T", [5, 10, 20, 40, 50, 100], value=20, key="div_nrel")
     bin_width = 64
 else:
-    bin_width = c1.select_slider("Bin width (tokens)", controls.BIN_WIDTHS, value=controls.default_bin_width(path), key="div_bw")
+    bin_width = controls.bin_width(controls.default_bin_width(path), key="div_bw", container=c1)
     n_rel_bins = 20
 surv_x = c2.select_slider("Survival at x", controls.SURVIVAL_XS, value=0.1, key="div_x", disabled=stat != "surv",
                           help="P(D > x) per bin when the statistic is 'survival at x'")

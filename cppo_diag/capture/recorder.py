@@ -200,9 +200,10 @@ class RunRecorder:
         if not existing:
             meta.update(self._meta_fields)
             meta["created"] = _utc_now()
-        else:  # resume: fill what this session knows, keep what it does not
+        else:  # resume: fill what this session knows, keep what it does not (defaults never override)
+            defaults = {"trainer": "custom", "anchor": "rollout"}
             for k, v in self._meta_fields.items():
-                if v not in (None, {}, "custom") or k not in meta:
+                if k not in meta or (v not in (None, {}) and v != defaults.get(k)):
                     meta[k] = v
         meta["schema_version"] = schema.SCHEMA_VERSION
         meta["status"] = status

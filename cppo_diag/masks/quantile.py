@@ -17,6 +17,8 @@ import math
 import numpy as np
 import torch
 
+from cppo_diag.masks import shuffle
+
 __all__ = ["adaptive_delta_b", "masked_row_quantile"]
 
 _INT_VIEW = {torch.float64: torch.int64, torch.float32: torch.int32, torch.float16: torch.int16,
@@ -44,9 +46,9 @@ def _sort_within_rows(vals: torch.Tensor, m_row: torch.Tensor) -> torch.Tensor:
         span = int(bits.amax() - base)  # host sync
         sbits = max(span, 1).bit_length()
         rbits = max(R - 1, 1).bit_length()
-        if sbits + rbits <= 63:
-            key = (row_of << sbits).bitwise_or_(bits.sub_(base))  # (M,)
-            if dev.type == "cpu":
+        if sbits + rbits <= shuffle.KEY_BITS:
+            key = (row_of << sbits).bitwise_or_(bits - base)  # (M,) (bits may alias vals: not in place)
+            if shuffle.use_numpy(dev):
                 key = torch.from_numpy(np.sort(key.numpy()))
             else:
                 key = torch.sort(key).values
@@ -136,7 +138,7 @@ def adaptive_delta_b(
         return out
     xr, vr, dr = x.index_select(0, rows), valid.index_select(0, rows), d.index_select(0, rows)  # (R, T)
     band = (xr > lo_b) & (xr < hi_b)  # (R, T) excludes padding (x = 0 <= lo_b)
-    vals = dr[band]  # (M,) row-major: rows in order
+    vals = torch.masked_select(dr, band)  # (M,) row-major: rows in order
     m_row = _count(band)  # (R,)
     band_sorted = _sort_within_rows(vals, m_row)  # (M,) each row's band values ascending, rows in order
     offset = torch.cumsum(m_row, 0) - m_row  # (R,) start of each row's band values

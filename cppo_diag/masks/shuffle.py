@@ -55,6 +55,14 @@ def shuffle_permutation(seed: int, row: int, length: int) -> list[int]:
     return [j for _, j in sorted(keys)]
 
 
+KEY_BITS = 63  # bits available to the composite sort key (a module constant so tests can force the fallback)
+
+
+def use_numpy(device: torch.device) -> bool:
+    """Whether the 1-D key sorts run in numpy (CPU tensors: numpy's SIMD sort) rather than ``torch.sort``."""
+    return device.type == "cpu"
+
+
 def _row_hash(seed: int, n: torch.Tensor) -> torch.Tensor:
     """(B,) int64 in [0, 2**32): the key prefix mix32(mix32(mix32(fold(seed) ^ GOLDEN) ^ row) ^ n) of each row."""
     rows = torch.arange(n.shape[0], device=n.device, dtype=torch.int64)
@@ -88,11 +96,11 @@ def _perm_packed(seed: int, n: torch.Tensor) -> torch.Tensor | None:
     t_max = int(n.max()) if B else 0  # host sync (as the sort needs anyway)
     jbits = max(t_max - 1, 1).bit_length()
     rbits = max(B - 1, 1).bit_length()
-    if rbits + 32 + jbits > 63:
+    if rbits + 32 + jbits > KEY_BITS:
         return None
     h_rows = _row_hash(seed, n)  # (B,)
     jmask = (1 << jbits) - 1
-    if n.device.type == "cpu":
+    if use_numpy(n.device):
         n_np = n.numpy()
         N = int(n_np.sum())
         start = np.cumsum(n_np) - n_np
