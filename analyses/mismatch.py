@@ -11,7 +11,7 @@ from typing import Any, Sequence
 
 import polars as pl
 
-from analyses.position import DEFAULT_THRESHOLDS, aggregate_positions
+from analyses.position import DEFAULT_THRESHOLDS, aggregate_positions, length_parts
 from analyses.tokens import LOGRATIO_CLAMP, filter_tokens, load_tokens, require_columns
 
 MISMATCH_METRICS = ("mismatch_tv", "mismatch_abs_logratio")
@@ -45,10 +45,14 @@ def mismatch_by_position(
     lf = load_tokens(source)
     require_columns(lf, ["logp_old"], "mismatch_by_position (train/rollout mismatch |pi_old - mu|)")
     require_columns(lf, ["step", "pos", "logp_rollout", "advantage"], "mismatch_by_position")
+    parts = None
+    if relative:  # response lengths: one step at a time
+        parts = length_parts(source, step_range=step_range, adv_sign=adv_sign,
+                             extra_filter=pl.col("logp_old").is_not_null())
     lf = filter_tokens(lf, step_range=step_range, adv_sign=adv_sign).filter(pl.col("logp_old").is_not_null())
     exprs = mismatch_exprs()
     unknown = [m for m in metrics if m not in exprs]
     if unknown:
         raise ValueError(f"metrics: expected names from {sorted(exprs)}, found {unknown}")
     return aggregate_positions(lf, {m: exprs[m] for m in metrics}, bin_width=bin_width, relative=relative,
-                               n_rel_bins=n_rel_bins, thresholds=thresholds, progress=progress)
+                               n_rel_bins=n_rel_bins, thresholds=thresholds, progress=progress, parts=parts)

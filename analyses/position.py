@@ -108,7 +108,7 @@ def position_stats_lazy(
     passes (``tests/test_analyses_position.py`` checks that they agree).
     """
     if relative or delta is not None:
-        lf = _with_lengths(lf)
+        lf = with_lengths(lf)
     b, _, _ = _bin_exprs(relative, bin_width, n_rel_bins)
     cols = [b.alias("bin"), *(e.cast(pl.Float64).alias(n) for n, e in metric_exprs.items())]
     if delta is not None:
@@ -175,10 +175,14 @@ def position_stats(
         raise ValueError(f"metrics: expected names from {sorted(exprs)}, found {unknown}")
     lf = load_tokens(source)
     require_columns(lf, ["step", "pos", "logp", "logp_rollout", "advantage"], "position_stats")
+    parts = None
+    if relative or delta is not None:  # response lengths: one step at a time
+        parts = length_parts(source, step_range=step_range, adv_sign=adv_sign)
     lf = filter_tokens(lf, step_range=step_range, adv_sign=adv_sign)
     return aggregate_positions(
         lf, {m: exprs[m] for m in metrics}, bin_width=bin_width, relative=relative, n_rel_bins=n_rel_bins,
         thresholds=thresholds, delta=delta, w_min=w_min, hill_min_k=hill_min_k, engine=engine, progress=progress,
+        parts=parts,
     )
 
 
@@ -313,12 +317,26 @@ def _stats_from_hist(h: _BinHist, values: dict[int, np.ndarray], hill_min_k: int
 CHUNK_ROWS = 4_000_000  # rows per streamed chunk (bounds memory: ~ CHUNK_ROWS * (8 + 4 * n_metrics) bytes)
 
 
-def _with_lengths(lf: pl.LazyFrame) -> pl.LazyFrame:
-    """Add ``_T`` (valid length of each token's response) with a small per-sequence table joined back
-    (streams; a window over the sequence key would hold the whole run)."""
-    key = list(SEQUENCE_KEY)
-    lengths = lf.group_by(key).agg((pl.col("pos").max() + 1).cast(pl.Float64).alias("_T"))
-    return lf.join(lengths, on=key, how="left")
+def with_lengths(lf: pl.LazyFrame) -> pl.LazyFrame:
+    """Add ``_T``, the valid length of each token's response (max(pos) + 1 over the sequence key). A window
+    over the sequence key: apply it to one step at a time (sequences never span steps), see
+    :func:`length_parts`."""
+    return lf.with_columns(_T=(pl.col("pos").max().over(list(SEQUENCE_KEY)) + 1).cast(pl.Float64))
+
+
+def length_parts(source: Any, *, step_range=None, adv_sign: str | None = None, require=(),
+                 analysis: str = "position_stats", extra_filter: pl.Expr | None = None) -> list[pl.LazyFrame]:
+    """LazyFrames of consecutive whole steps (about 2 M rows each) with ``_T`` computed before the token
+    filters (bounded memory: each part is collected on its own)."""
+    from analyses.tokens import step_group_lazyframes
+
+    parts = []
+    for part in step_group_lazyframes(source, step_range=step_range):
+        part = filter_tokens(with_lengths(part), adv_sign=adv_sign)
+        if extra_filter is not None:
+            part = part.filter(extra_filter)
+        parts.append(part)
+    return parts
 
 
 def _isin(ck: np.ndarray, wanted: list[int]) -> np.ndarray:
@@ -343,7 +361,7 @@ def aggregate_positions(
     lf: pl.LazyFrame, metric_exprs: dict[str, pl.Expr], *, bin_width: int = 64, relative: bool = False,
     n_rel_bins: int = 20, thresholds: Sequence[float] = DEFAULT_THRESHOLDS, delta: float | None = None,
     w_min: float = 0.8, hill_min_k: int = 5, engine: str = "streaming", chunk_rows: int = CHUNK_ROWS,
-    progress: bool = False,
+    progress: bool = False, parts: list[pl.LazyFrame] | None = None,
 ) -> pl.DataFrame:
     """Exact per-bin statistics with bounded memory, reshaped to the long table of :func:`position_stats`
     (shared with mismatch).
@@ -351,17 +369,34 @@ def aggregate_positions(
     Pass 1 streams the run in chunks of ``chunk_rows`` rows (polars computes the bins and divergences) and
     builds, per metric, the (bin, bucket) histogram and the per-bin survival counts (numpy bincounts); pass 2
     streams it again keeping only the values of the buckets that hold a needed order statistic (see the
-    comment above ``_np_keys``).
+    comment above ``_np_keys``). Relative bins and the delta / w_t overlay need each response's length:
+    then the data come from ``parts`` (one LazyFrame per step with ``_T``, see :func:`length_parts`), each
+    collected on its own; without ``parts``, ``lf`` is processed as one part.
     """
-    if relative or delta is not None:
-        lf = _with_lengths(lf)
+    per_part = relative or delta is not None
+    if per_part and parts is None:
+        parts = [with_lengths(lf)]
     b, _, _ = _bin_exprs(relative, bin_width, n_rel_bins)
     cols = [b.alias("bin"), *(_flush_tiny(e).cast(pl.Float32).alias(n) for n, e in metric_exprs.items())]
     if delta is not None:
         t = pl.col("pos").cast(pl.Float64) + 1.0
         w = 1.0 - (1.0 - w_min) * (t - 1.0) / (pl.col("_T") - 1.0).clip(lower_bound=1.0)
         cols.append((delta / w).alias("_thr"))
-    base = lf.select(cols).with_columns(_bs=pl.col("bin") * _KEY_SPAN + _KEY_OFFSET)
+    bs_expr = (pl.col("bin") * _KEY_SPAN + _KEY_OFFSET).alias("_bs")
+
+    def chunks(keep: list[str] | None = None):
+        """Frames with bin, _bs, the metrics (and _thr); ``keep`` selects columns."""
+        if per_part:
+            for part in parts:
+                frame = part.select(cols).with_columns(bs_expr)
+                frame = (frame.select(keep) if keep else frame).collect(engine=engine)
+                if frame.height:
+                    yield frame
+        else:
+            frame = lf.select(cols).with_columns(bs_expr)
+            yield from (frame.select(keep) if keep else frame).collect_batches(
+                chunk_size=chunk_rows, maintain_order=False, engine=engine)
+
     names = list(metric_exprs)
     # -- pass 1 ---------------------------------------------------------------------------------------
     hist_parts: dict[str, list[pl.DataFrame]] = {m: [] for m in names}
@@ -379,7 +414,7 @@ def aggregate_positions(
         from tqdm.auto import tqdm
 
         bar = tqdm(desc="position stats (pass 1/2)", unit="tok", unit_scale=True)
-    for chunk in base.collect_batches(chunk_size=chunk_rows, maintain_order=False, engine=engine):
+    for chunk in chunks():
         if chunk.height == 0:
             continue
         if bar is not None:
@@ -423,8 +458,7 @@ def aggregate_positions(
 
             bar = tqdm(desc="position stats (pass 2/2)", unit="tok", unit_scale=True,
                        total=int(per_bin["count"].sum()))
-        for chunk in base.select("_bs", *need).collect_batches(chunk_size=chunk_rows, maintain_order=False,
-                                                              engine=engine):
+        for chunk in chunks(["_bs", *need]):
             if chunk.height == 0:
                 continue
             if bar is not None:

@@ -21,7 +21,7 @@ import numpy as np
 import polars as pl
 import torch
 
-from analyses.tokens import _open_run, filter_tokens, load_tokens, require_columns, run_meta
+from analyses.tokens import _open_run, _scan_step_files, _step_files, load_tokens, require_columns, run_meta, step_lazyframes  # noqa: F401
 from cppo_diag.storage import schema
 
 BASE_COLUMNS = ("step", "update", "rank", "seq_id", "pos", "logp", "logp_rollout", "advantage")
@@ -158,59 +158,19 @@ def _topk(frame: pl.DataFrame, order, rows, cols, shape) -> dict:
     return out
 
 
-def _step_files(run: Any) -> dict[int, list[Path]] | None:
-    """step -> token shard files of a run in the standard layout (lets the per-step scan open only that
-    step's files). Uses the reader's ``token_files()`` (completed steps, intact shards) when it has one."""
-    from cppo_diag.storage import layout
-
-    if hasattr(run, "token_files"):
-        paths = [Path(f) for f in run.token_files()]
-    else:
-        path = getattr(run, "path", None)
-        if path is None or not (Path(path) / schema.TOKENS_DIR).is_dir():
-            return None
-        paths = sorted((Path(path) / schema.TOKENS_DIR).glob("step=*/*.parquet"))
-    out: dict[int, list[Path]] = {}
-    for f in paths:
-        step = layout.parse_step_dir(f.parent.name)
-        if step is None:
-            return None  # not the standard layout: fall back to filtering the LazyFrame
-        out.setdefault(step, []).append(f)
-    return out
-
-
-def _scan_step_files(files: list[Path]) -> pl.LazyFrame:
-    return load_tokens(pl.scan_parquet(files, hive_partitioning=False, missing_columns="insert"))
-
-
 def iter_step_frames(source: Any, *, step_range=None, columns: Sequence[str] | None = None,
                      progress: bool = False, desc: str = "steps") -> Iterator[tuple[int, pl.DataFrame]]:
     """Yield (step, DataFrame of that step's tokens) in step order, one step in memory at a time."""
-    if isinstance(source, (str, Path)):
-        source = _open_run(Path(source))
-    lf = load_tokens(source)
-    names = lf.collect_schema().names()
-    cols = [c for c in (columns or names) if c in names]
-    files = _step_files(source) if not isinstance(source, (pl.LazyFrame, pl.DataFrame)) else None
-    if files is not None:
-        steps = sorted(files)
-        lo, hi = step_range if step_range is not None else (None, None)
-        steps = [s for s in steps if (lo is None or s >= lo) and (hi is None or s <= hi)]
-    else:
-        steps = (filter_tokens(lf, step_range=step_range).select(pl.col("step").unique().sort())
-                 .collect(engine="streaming")["step"].to_list())
-    it = steps
+    parts = step_lazyframes(source, step_range=step_range)
+    it = parts
     if progress:
         from tqdm.auto import tqdm
 
-        it = tqdm(steps, desc=desc, unit="step")
-    for step in it:
-        if files is not None:
-            sub = _scan_step_files(files[step])
-            sub_names = sub.collect_schema().names()
-            frame = sub.filter(pl.col("step") == step).select([c for c in cols if c in sub_names]).collect()
-        else:
-            frame = lf.filter(pl.col("step") == step).select(cols).collect()
+        it = tqdm(parts, desc=desc, unit="step")
+    for step, sub in it:
+        names = sub.collect_schema().names()
+        cols = [c for c in (columns or names) if c in names]
+        frame = sub.select(cols).collect()
         if frame.height:
             yield step, frame
 

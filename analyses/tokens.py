@@ -106,6 +106,74 @@ def run_name(source: Any, default: str = "run") -> str:
     return default
 
 
+def _step_files(run: Any) -> dict[int, list[Path]] | None:
+    """step -> token shard files of a run in the standard layout (lets a per-step scan open only that
+    step's files). Uses the reader's ``token_files()`` (completed steps, intact shards) when it has one."""
+    from cppo_diag.storage import layout
+
+    if hasattr(run, "token_files"):
+        paths = [Path(f) for f in run.token_files()]
+    else:
+        path = getattr(run, "path", None)
+        if path is None or not (Path(path) / schema.TOKENS_DIR).is_dir():
+            return None
+        paths = sorted((Path(path) / schema.TOKENS_DIR).glob("step=*/*.parquet"))
+    out: dict[int, list[Path]] = {}
+    for f in paths:
+        step = layout.parse_step_dir(f.parent.name)
+        if step is None:
+            return None  # not the standard layout: fall back to filtering the LazyFrame
+        out.setdefault(step, []).append(f)
+    return out
+
+
+def _scan_step_files(files: list[Path]) -> pl.LazyFrame:
+    return load_tokens(pl.scan_parquet(files, hive_partitioning=False, missing_columns="insert"))
+
+
+def step_lazyframes(source: Any, *, step_range=None) -> list[tuple[int, pl.LazyFrame]]:
+    """(step, LazyFrame of that step's tokens) in step order. For a run directory each LazyFrame scans only
+    that step's shard files; otherwise it filters the source's LazyFrame."""
+    if isinstance(source, (str, Path)):
+        source = _open_run(Path(source))
+    lo, hi = step_range if step_range is not None else (None, None)
+    files = _step_files(source) if not isinstance(source, (pl.LazyFrame, pl.DataFrame)) else None
+    if files is not None:
+        steps = [s for s in sorted(files) if (lo is None or s >= lo) and (hi is None or s <= hi)]
+        return [(s, _scan_step_files(files[s]).filter(pl.col("step") == s)) for s in steps]
+    lf = load_tokens(source)
+    steps = (filter_tokens(lf, step_range=step_range).select(pl.col("step").unique().sort())
+             .collect(engine="streaming")["step"].to_list())
+    return [(s, lf.filter(pl.col("step") == s)) for s in steps]
+
+
+def step_group_lazyframes(source: Any, *, step_range=None, target_rows: int = 2_000_000) -> list[pl.LazyFrame]:
+    """Like :func:`step_lazyframes`, but consecutive steps are grouped until a group holds about
+    ``target_rows`` rows (from the parquet footers), so runs with many small steps do not pay a scan per
+    step. Sequences never span steps, so per-sequence windows stay exact within a group."""
+    if isinstance(source, (str, Path)):
+        source = _open_run(Path(source))
+    files = _step_files(source) if not isinstance(source, (pl.LazyFrame, pl.DataFrame)) else None
+    if files is None:
+        return [lf for _, lf in step_lazyframes(source, step_range=step_range)]
+    import pyarrow.parquet as pq
+
+    lo, hi = step_range if step_range is not None else (None, None)
+    groups, cur, rows = [], [], 0
+    for s in sorted(files):
+        if (lo is not None and s < lo) or (hi is not None and s > hi):
+            continue
+        cur.append(s)
+        rows += sum(pq.ParquetFile(f).metadata.num_rows for f in files[s])
+        if rows >= target_rows:
+            groups.append(cur)
+            cur, rows = [], 0
+    if cur:
+        groups.append(cur)
+    return [_scan_step_files([f for s in g for f in files[s]]).filter(pl.col("step").is_between(g[0], g[-1]))
+            for g in groups]
+
+
 def columns_of(lf: pl.LazyFrame) -> list[str]:
     return lf.collect_schema().names()
 

@@ -21,7 +21,7 @@ if _REPO not in sys.path:
 
 import streamlit as st  # noqa: E402
 
-from app import data, ui  # noqa: E402
+from app import ui  # noqa: E402
 
 st.set_page_config(page_title="cppo-diag", layout="wide")
 

@@ -6,7 +6,6 @@ Pages stay UI-only: data comes from :mod:`app.data` (which calls the reader and 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import streamlit as st
@@ -111,7 +110,3 @@ def need(condition: bool, message: str) -> None:
     if not condition:
         st.info(message)
         st.stop()
-
-
-def run_dir_name(path: str) -> str:
-    return Path(path).name

@@ -16,6 +16,12 @@ lands at its minimum, at its cap and in between (the share of each is printed).
   python benchmarks/bench_rules.py                      # B=256, T=4096, CPU, float32
   python benchmarks/bench_rules.py --threads 1 --clock cpu   # steadier on a shared machine
   python benchmarks/bench_rules.py --device cuda --quick
+
+Before/after in one run: export an older version of the rules library and time it interleaved with the
+current one (same process, same data; its results are checked equal to the current ones):
+
+  mkdir -p /tmp/old && git archive <older commit> cppo_diag/masks | tar -x -C /tmp/old
+  python benchmarks/bench_rules.py --threads 1 --clock cpu --baseline /tmp/old
 """
 
 from __future__ import annotations
@@ -65,6 +71,36 @@ def cppo_loop(lp, lr, adv, lengths, *, delta=0.15, w_min=0.8, delta_b=0.02, q=0.
     return keep
 
 
+def load_baseline(root: str):
+    """``compute_mask`` of an older copy of the rules library (``ROOT/cppo_diag/masks``), imported under the
+    package name ``cppo_baseline`` so that it runs beside the current one in this process."""
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    src = Path(root) / "cppo_diag" / "masks"
+    if not (src / "__init__.py").is_file():
+        raise SystemExit(f"--baseline: expected {src}/__init__.py (a tree holding cppo_diag/masks), found none")
+    tmp = Path(tempfile.mkdtemp(prefix="bench_rules_baseline_"))
+    shutil.copytree(src, tmp / "cppo_baseline" / "masks", ignore=shutil.ignore_patterns("__pycache__"))
+    (tmp / "cppo_baseline" / "__init__.py").write_text("")
+    for f in (tmp / "cppo_baseline").rglob("*.py"):
+        f.write_text(f.read_text().replace("cppo_diag.masks", "cppo_baseline.masks"))
+    sys.path.insert(0, str(tmp))
+    import importlib
+
+    return importlib.import_module("cppo_baseline.masks").compute_mask
+
+
+def _same(a, b) -> bool:
+    """Identical keep, reason and weight (bit for bit)."""
+    if not (torch.equal(a.keep, b.keep) and torch.equal(a.reason, b.reason)):
+        return False
+    if (a.weight is None) != (b.weight is None):
+        return False
+    return a.weight is None or torch.equal(a.weight, b.weight)
+
+
 def timer(device: str, clock: str = "wall"):
     if device == "cuda":
         def run(fn, repeats):
@@ -107,6 +143,9 @@ def main(argv=None) -> int:
                          "use with --threads 1)")
     ap.add_argument("--rules", nargs="*", default=None, help="rules to time (default: all)")
     ap.add_argument("--quick", action="store_true", help="B=32, T=1024, 3 repeats: a smoke run of every code path")
+    ap.add_argument("--baseline", metavar="DIR", default=None,
+                    help="also time the rules library found in DIR/cppo_diag/masks (an older version), interleaved "
+                         "with the current one, and check that both give identical results")
     args = ap.parse_args(argv)
     if args.quick:
         args.batch, args.seq_len, args.repeats, args.loop_repeats = 32, 1024, 3, 1
@@ -132,12 +171,27 @@ def main(argv=None) -> int:
     floor = record("floor (one read pass)", run(lambda: lp.sum() + lr.sum() + adv.sum() + mask.sum(), args.repeats))
     names = args.rules or [s.name for s in list_rules()]
     extra = {"cispo": {"eps_high": 0.28}}
-    best = {}
+    base_fn = load_baseline(args.baseline) if args.baseline else None
+    best, before = {}, {}
     for name in names:
-        def fn(name=name):
-            return compute_mask(name, logp=lp, logp_rollout=lr, advantages=adv, response_mask=mask, **extra.get(name, {}))
+        def fn(name=name, cm=compute_mask):
+            return cm(name, logp=lp, logp_rollout=lr, advantages=adv, response_mask=mask, **extra.get(name, {}))
 
-        best[name] = record(name, run(fn, args.repeats))
+        if base_fn is None:
+            best[name] = record(name, run(fn, args.repeats))
+            continue
+        try:
+            fn(cm=base_fn)
+        except Exception as exc:  # noqa: BLE001 - an older library may lack a rule
+            print(f"baseline: {name} failed ({exc}); timing the current version only")
+            best[name] = record(name, run(fn, args.repeats))
+            continue
+        t_old, t_new = [], []
+        for _ in range(args.repeats):  # interleaved, so both see the same machine load
+            t_old += run(lambda: fn(cm=base_fn), 1)
+            t_new += run(fn, 1)
+        before[name] = (min(t_old), statistics.median(t_old), _same(fn(cm=base_fn), fn()))
+        best[name] = record(name, t_new)
     loop_t = record("cppo-loop (per sequence, torch.quantile)", run(lambda: cppo_loop(lp, lr, adv, lengths), args.loop_repeats))
 
     res = compute_mask("cppo", logp=lp, logp_rollout=lr, advantages=adv, response_mask=mask, return_internals=True)
@@ -150,6 +204,11 @@ def main(argv=None) -> int:
     print(f"\n{'entry':<{w}}  {'best ms':>9}  {'median ms':>9}  {'x floor':>8}")
     for name, b, med in rows:
         print(f"{name:<{w}}  {b:9.2f}  {med:9.2f}  {b / floor:8.1f}")
+    if before:
+        print(f"\nbefore/after (--baseline {args.baseline}; interleaved, best of {args.repeats}):")
+        print(f"{'rule':<{w}}  {'before ms':>9}  {'after ms':>9}  {'speed-up':>8}  identical results")
+        for name, (b_best, _b_med, same) in before.items():
+            print(f"{name:<{w}}  {b_best:9.2f}  {best[name]:9.2f}  {b_best / best[name]:7.2f}x  {'yes' if same else 'NO'}")
     print(f"\nadaptive delta_b: {at_min:.0%} of responses at the minimum, {at_cap:.0%} at the cap, "
           f"{1 - at_min - at_cap:.0%} in between (exact selection)")
     print(f"masked fraction (cppo): {res.metrics['mask/cppo/frac']:.4f}; loop vs vectorised keep: {mismatch} of "

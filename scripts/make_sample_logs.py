@@ -9,10 +9,10 @@ last, the learning rate):
   cppo-fib       cppo (paper defaults: delta 0.15, w_min 0.8, adaptive delta_b >= 0.02)
   unstable-fib   grpo_clip at 10x the learning rate: divergence tails blow up
 
-To stay a few MB in all, tokens are recorded every 2nd step for half of the sequences (scalars every step);
-checkpoints are dropped at the end.
+To stay a few MB in all, tokens and texts are recorded every 5th step for 35% of the sequences (scalars every
+step); checkpoints are dropped at the end.
 
-    python scripts/make_sample_logs.py                    # about 15-25 minutes on 2 busy cores
+    python scripts/make_sample_logs.py                    # about 10 minutes on 2 cores (much more when busy)
     python scripts/make_sample_logs.py --steps 10 --out /tmp/s
 """
 
@@ -33,7 +33,7 @@ RUNS = [
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "sample_logs"), help="output root")
-    ap.add_argument("--steps", type=int, default=30, help="RL iterations per run")
+    ap.add_argument("--steps", type=int, default=150, help="RL iterations per run (the demo preset's)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--only", default="", help="comma-separated run names to (re)make")
     args = ap.parse_args(argv)
@@ -51,8 +51,8 @@ def main(argv=None) -> int:
         cfg = build_config("demo", overrides={
             "steps": args.steps, "seed": args.seed, "rule": {"name": rule, "params": params},
             "optim": {"lr": base.optim.lr * lr_mult},
-            "log": {"out_dir": str(out), "name": name, "every_n_steps": 2, "seq_fraction": 0.5, "eval_every": 10},
-            "ckpt": {"every": 10, "keep": 0}})
+            "log": {"out_dir": str(out), "name": name, "every_n_steps": 5, "seq_fraction": 0.35, "eval_every": 25},
+            "ckpt": {"every": 25, "keep": 0}})
         print(f"== {name}: rule={rule} lr={cfg.optim.lr:g}")
         summary = train(cfg)
         print(f"   greedy accuracy {summary['summary/greedy_acc_before']:.3f} -> {summary['summary/greedy_acc_after']:.3f}")

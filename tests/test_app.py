@@ -147,6 +147,11 @@ def test_compare_page_shows_each_chosen_run(app, root):
     assert "cppo-run · reward/mean" in curves
 
 
+def _seq_value(label: str) -> str:
+    """The selectbox value ("update:rank:seq_id") of an inspector option label (fixtures: update 0, rank 0)."""
+    return f"0:0:{int(label.split(' · ')[0].removeprefix('seq '))}"
+
+
 def test_inspector_page_marks_tokens_and_escapes_text(app):
     at = app("views/inspector.py")
     body = at.get("html")[0].value
@@ -155,7 +160,7 @@ def test_inspector_page_marks_tokens_and_escapes_text(app):
     first = body
     options = at.selectbox(key="insp_seq").options
     assert len(options) > 1
-    at.selectbox(key="insp_seq").set_value(1).run()
+    at.selectbox(key="insp_seq").set_value(_seq_value(options[1])).run()
     _ok(at)
     assert at.get("html")[0].value != first
     # Internals under the text: w_t, Z_t, c_t, S_t.
@@ -235,3 +240,25 @@ def test_divergence_overlay_follows_delta_and_w_min(app):
     at.slider(key="div_wmin").set_value(0.5).run()
     _ok(at)
     assert overlay()[-1] > 2 * base[-1]  # a lower w_min raises delta / w_t at late positions
+
+
+def test_whatif_sweep_draws_the_grid(app):
+    at = app("views/whatif.py")
+    n = len(charts(at))
+    at.toggle(key="wi_sweep").set_value(True).run()
+    _ok(at)
+    assert len(charts(at)) == n + 1
+
+
+def test_inspector_label_matches_the_shown_response_after_a_step_change(app):
+    at = app("views/inspector.py")
+    box = at.selectbox(key="insp_seq")
+    box.set_value(_seq_value(box.options[2])).run()
+    _ok(at)
+    at.selectbox(key="insp_step").select_index(1).run()
+    _ok(at)
+    box = at.selectbox(key="insp_seq")
+    label = box.options[box.index]
+    length = int(label.split(" · len ")[1].split(" ")[0])
+    masked = int(label.split(" · masked ")[1].split(" ")[0])
+    assert f"{masked} masked of {length} tokens" in at.main.caption[-1].value

@@ -36,7 +36,7 @@ TIMEOUT_MS = 180_000 if BENCH_TOKENS else 90_000
 if not Path(CHROMIUM).exists():
     pytest.skip(f"{CHROMIUM} is missing (install Debian's chromium: apt-get install -y chromium)",
                 allow_module_level=True)
-sync_api = pytest.importorskip("playwright.sync_api", reason="playwright (the Python package) is not installed")
+from playwright import sync_api  # noqa: E402  (a dev dependency: missing it is an error, not a skip)
 
 
 def _free_port() -> int:
@@ -178,12 +178,14 @@ def timed(latencies: dict, name: str, action, wait) -> None:
 # -- the test ---------------------------------------------------------------------------------------------------
 
 
-def test_every_page_in_chromium(page, server):
+def test_every_page_in_chromium(page, server, roots, monkeypatch):
     try:
         _walk_every_page(page, server)
     except BaseException:
         shot(page, "failure")
         raise
+    if BENCH_TOKENS:
+        _server_side_latency(roots, monkeypatch)
 
 
 def _walk_every_page(page, server) -> None:
@@ -301,11 +303,9 @@ def _walk_every_page(page, server) -> None:
     print("\napp latencies (s):", json.dumps(latencies, indent=2))
 
 
-def test_server_side_latency(roots, monkeypatch):
+def _server_side_latency(roots: list[str], monkeypatch) -> None:
     """Bench only (CPPO_DIAG_APP_BENCH_TOKENS set): the same interactions through AppTest, which times the
     script reruns on the server without the browser's rendering, on the big run."""
-    if not BENCH_TOKENS:
-        pytest.skip("bench only: set CPPO_DIAG_APP_BENCH_TOKENS (e.g. 50000000) to time the server side")
     from streamlit.testing.v1 import AppTest
 
     monkeypatch.setenv("CPPO_DIAG_ROOTS", os.pathsep.join(roots))
@@ -338,7 +338,8 @@ def test_server_side_latency(roots, monkeypatch):
     run("budget_delta_b", at)
     at.switch_page("views/inspector.py")
     run("first_load_inspector", at)
-    at.selectbox(key="insp_seq").set_value(1)
+    box = at.selectbox(key="insp_seq")
+    box.set_value(f"0:0:{int(box.options[1].split(' · ')[0].removeprefix('seq '))}")
     run("inspector_next_sequence", at)
     at.selectbox(key="insp_step").set_value(int(at.selectbox(key="insp_step").options[1]))
     run("inspector_other_step", at)

@@ -45,3 +45,16 @@ def test_cuda_flag_without_cuda_is_a_clear_error(capsys):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_quick_run(capsys):
     assert _load().main(["--device", "cuda", "--quick", "--rules", "cppo"]) == 0
+
+
+def test_bench_baseline_runs_side_by_side(capsys):
+    """--baseline loads a copy of a rules library under another package name and times it interleaved; here the
+    copy is the current library, so every rule must report identical results."""
+    bench = _load()
+    root = str(BENCH.parents[1])
+    assert bench.main(["-B", "5", "-T", "48", "--repeats", "1", "--loop-repeats", "1", "--clock", "cpu",
+                       "--rules", "cppo", "cppo_shuffled", "--baseline", root]) == 0
+    out = capsys.readouterr().out
+    assert "before/after" in out
+    lines = [ln for ln in out.splitlines() if ln.startswith(("cppo ", "cppo_shuffled ")) and ln.rstrip().endswith(("yes", "NO"))]
+    assert len(lines) == 2 and all(ln.rstrip().endswith("yes") for ln in lines), out

@@ -44,7 +44,7 @@ def _masks(seed: int, count: int = 40):
 @pytest.fixture(params=["numpy", "torch"])
 def sort_backend(request, monkeypatch):
     if request.param == "torch":
-        monkeypatch.setattr(shuffle, "use_numpy", lambda device: False)
+        monkeypatch.setattr(shuffle, "host_paths", lambda device: False)
     return request.param
 
 
@@ -54,7 +54,11 @@ def test_shuffle_permutation_fast_path_equals_rowsort(sort_backend):
         for seed in (0, 5, 2**40 + 3, 2**64 - 1):
             ref = shuffle._permuted_ranks_rowsort(rank, n, m, seed=seed)
             assert torch.equal(shuffle.permuted_ranks(rank, n, m, seed=seed), ref), (m.shape, seed)
-            assert torch.equal(shuffle.permuted_positions(n, m, seed=seed), torch.where(m, ref, 0)), (m.shape, seed)
+            pos = shuffle.permuted_positions(n, m, seed=seed)
+            assert torch.equal(pos, torch.where(m, ref, 0)), (m.shape, seed)
+            for b in range(m.shape[0]):  # the plain-Python definition (sorted hash keys, ties by j)
+                perm = shuffle.shuffle_permutation(seed, b, int(n[b]))
+                assert pos[b][m[b]].tolist() == perm and ref[b][m[b]].tolist() == perm, (m.shape, seed, b)
 
 
 def test_shuffle_permutation_matches_the_python_definition(sort_backend):
@@ -69,7 +73,7 @@ def test_shuffle_falls_back_when_the_key_does_not_fit(monkeypatch):
     monkeypatch.setattr(shuffle, "KEY_BITS", 33)  # forces the per-row sort for any T > 2
     m = _masks(2, 8)[-1]
     rank, n = torch.cumsum(m, -1) - 1, m.sum(-1)
-    assert shuffle._perm_packed(3, n) is None or int(n.max()) <= 2
+    assert shuffle._perm_packed_numpy(3, n) is None
     assert torch.equal(shuffle.permuted_ranks(rank, n, m, seed=3), shuffle._permuted_ranks_rowsort(rank, n, m, seed=3))
 
 
@@ -114,14 +118,23 @@ def test_adaptive_delta_b_both_backends_agree(monkeypatch, dtype):
     lr, _ = pad(q.log().to(dtype), lengths, 64, "left")
     x = build_input(logp=lp, logp_rollout=lr, advantages=torch.ones(B, dtype=dtype), response_mask=m)
     d = x.divergence("binary_tv")
-    kw = dict(q=0.9, scale=1.0, delta_b_min=0.02, cap=2.0)
-    a = Q.adaptive_delta_b(d, m, x.lengths, **kw)
-    monkeypatch.setattr(shuffle, "use_numpy", lambda device: False)
-    b = Q.adaptive_delta_b(d, m, x.lengths, **kw)
-    monkeypatch.setattr(shuffle, "KEY_BITS", 2)
-    c = Q.adaptive_delta_b(d, m, x.lengths, **kw)
-    assert torch.equal(a, b) and torch.equal(a, c)
-    assert bool(((a > 0.02) & (a < 0.04)).any())  # some rows took the exact (band) path
+    settings = [dict(q=0.9, scale=1.0, delta_b_min=0.02, cap=2.0), dict(q=0.5, scale=1.0, delta_b_min=0.02, cap=2.0),
+                dict(q=0.0, scale=3.0, delta_b_min=0.02, cap=5.0), dict(q=1.0, scale=0.5, delta_b_min=0.01, cap=2.0),
+                dict(q=0.9, scale=1.0, delta_b_min=0.02, cap=1.0), dict(q=0.73, scale=1.0, delta_b_min=0.0, cap=2.0)]
+    host = [Q.adaptive_delta_b(d, m, x.lengths, **kw) for kw in settings]
+    assert bool(((host[0] > 0.02) & (host[0] < 0.04)).any())  # some rows took the exact (band) path
+    monkeypatch.setattr(shuffle, "host_paths", lambda device: False)  # torch.sort, no row subsets (as on CUDA)
+    for kw, a in zip(settings, host):
+        assert torch.equal(a, Q.adaptive_delta_b(d, m, x.lengths, **kw)), kw
+    monkeypatch.setattr(shuffle, "KEY_BITS", 2)  # two stable sorts
+    for kw, a in zip(settings, host):
+        assert torch.equal(a, Q.adaptive_delta_b(d, m, x.lengths, **kw)), kw
+    for kw, a in zip(settings, host):  # and the plain quantile-then-clamp definition
+        for b in range(B):
+            vals = d[b][m[b]]
+            expect = float(torch.quantile(vals.double(), kw["q"])) * kw["scale"]
+            expect = min(max(expect, kw["delta_b_min"]), kw["cap"] * kw["delta_b_min"])
+            assert float(a[b]) == pytest.approx(expect, rel=1e-6 if dtype == torch.float32 else 1e-12, abs=1e-12)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -173,10 +186,25 @@ def test_cppo_family_is_the_same_with_either_sort_backend(monkeypatch, rule):
     lr, _ = pad(lr, lengths, 55, "left")
     kw = dict(logp=lp, logp_rollout=lr, advantages=adv, response_mask=m, return_internals=True)
     a = compute_mask(rule, **kw)
-    monkeypatch.setattr(shuffle, "use_numpy", lambda device: False)
+    monkeypatch.setattr(shuffle, "host_paths", lambda device: False)
     b = compute_mask(rule, **kw)
     assert torch.equal(a.keep, b.keep) and torch.equal(a.reason, b.reason)
     assert (a.weight is None) == (b.weight is None) and (a.weight is None or torch.equal(a.weight, b.weight))
     for k in a.internals:
         assert torch.equal(a.internals[k], b.internals[k]), k
     assert a.metrics == b.metrics
+
+
+def test_fast_paths_accept_non_contiguous_masks():
+    lp, lr, adv, _ = random_batch(6, 40, seed=3, drift=0.2, dtype=torch.float32)
+    g = torch.Generator().manual_seed(0)
+    m = (torch.rand(40, 6, generator=g) < 0.7).t()  # (6, 40) view with strides (1, 6)
+    assert not m.is_contiguous()
+    n = m.sum(-1)
+    assert torch.equal(shuffle.permuted_positions(n, m, seed=2), shuffle.permuted_positions(n, m.contiguous(), seed=2))
+    for rule in ("cppo", "cppo_shuffled", "cppo_soft"):
+        a = compute_mask(rule, logp=lp, logp_rollout=lr, advantages=adv, response_mask=m, return_internals=True)
+        b = compute_mask(rule, logp=lp, logp_rollout=lr, advantages=adv, response_mask=m.contiguous(),
+                         return_internals=True)
+        assert torch.equal(a.keep, b.keep) and torch.equal(a.reason, b.reason), rule
+        assert all(torch.equal(a.internals[k], b.internals[k]) for k in a.internals), rule

@@ -8,7 +8,6 @@ from __future__ import annotations
 import html
 
 import numpy as np
-import plotly.graph_objects as go
 import polars as pl
 import streamlit as st
 from plotly.subplots import make_subplots
@@ -70,19 +69,26 @@ if reward_pick:
 found = found.sort(order, descending=order != "seq_id", nulls_last=True)
 ui.need(found.height > 0, "No sequence matches the search.")
 multi = frame.select(pl.struct("update", "rank").n_unique()).item() > 1
+# Options are sequence identities, not list positions: a position would silently point at another response
+# (under a stale label) when the step, the marks or the search change.
 labels = {
-    i: (f"seq {r['seq_id']}" + (f" (update {r['update']}, rank {r['rank']})" if multi else "")
+    f"{r['update']}:{r['rank']}:{r['seq_id']}": (
+        f"seq {r['seq_id']}" + (f" (update {r['update']}, rank {r['rank']})" if multi else "")
         + f" · len {r['length']} · masked {r['masked']} · reward "
         + ("–" if r["reward"] is None else f"{r['reward']:.3g}") + f" · max|π−μ| {r['max_tv']:.3f}")
-    for i, r in enumerate(found.iter_rows(named=True))
+    for r in found.iter_rows(named=True)
 }
+context = (path, step, mark)
+if st.session_state.get("_insp_context") != context or st.session_state.get("insp_seq") not in labels:
+    st.session_state["_insp_context"] = context
+    st.session_state["insp_seq"] = next(iter(labels))
 pick = st.selectbox(f"Sequence ({found.height} of {seqs.height})", list(labels), format_func=labels.get,
                     key="insp_seq")
-pick = 0 if pick is None or pick >= found.height else pick
-row = found.row(pick, named=True)
-seq = frame.filter((pl.col("update") == row["update"]) & (pl.col("rank") == row["rank"])
-                   & (pl.col("seq_id") == row["seq_id"])).sort("pos")
-internals = data.sequence_rule(path, step, row["update"], row["rank"], row["seq_id"], "cppo", params)
+update, rank, seq_id = (int(v) for v in pick.split(":"))
+row = found.filter((pl.col("update") == update) & (pl.col("rank") == rank) & (pl.col("seq_id") == seq_id)).row(
+    0, named=True)
+seq = frame.filter((pl.col("update") == update) & (pl.col("rank") == rank) & (pl.col("seq_id") == seq_id)).sort("pos")
+internals = data.sequence_rule(path, step, update, rank, seq_id, "cppo", params)
 if internals.height:
     seq = seq.join(internals.select("pos", *[c for c in ("w", "Z", "S", "c", "delta_b") if c in internals.columns]),
                    on="pos", how="left")
@@ -119,7 +125,7 @@ legend = ('<div class="legend">background: |π − μ| (full colour at the step\
           f'<span style="{REASON_STYLE[2]}">prefix budget</span> · hover a token for its values</div>')
 st.html(
     "<style>.tokens{font-family:monospace;white-space:pre-wrap;line-height:1.9;font-size:0.95rem}"
-    ".tok{padding:1px 0;border-radius:2px}.legend{font-size:0.8rem;color:#666;margin:4px 0}</style>"
+    ".tokens{overflow-wrap:anywhere;word-break:break-all}.tok{padding:1px 0;border-radius:2px}.legend{font-size:0.8rem;color:#666;margin:4px 0}</style>"
     + legend + '<div class="tokens">' + "".join(spans) + "</div>"
 )
 

@@ -48,7 +48,6 @@ st.caption(
 )
 
 for path in selected:
-    row = data.run_row(path)
     with st.expander(f"{data.label(path)} - metadata and scalars"):
         run = data.get_run(path)
         st.json(run.meta, expanded=False)

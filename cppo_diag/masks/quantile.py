@@ -48,7 +48,7 @@ def _sort_within_rows(vals: torch.Tensor, m_row: torch.Tensor) -> torch.Tensor:
         rbits = max(R - 1, 1).bit_length()
         if sbits + rbits <= shuffle.KEY_BITS:
             key = (row_of << sbits).bitwise_or_(bits - base)  # (M,) (bits may alias vals: not in place)
-            if shuffle.use_numpy(dev):
+            if shuffle.host_paths(dev):
                 key = torch.from_numpy(np.sort(key.numpy()))
             else:
                 key = torch.sort(key).values
@@ -144,9 +144,22 @@ def adaptive_delta_b(
     offset = torch.cumsum(m_row, 0) - m_row  # (R,) start of each row's band values
     neg_inf = torch.full((), float("-inf"), dtype=dt, device=dev)
     pos_inf = torch.full((), float("inf"), dtype=dt, device=dev)
-    low_max = torch.where(vr & (xr <= lo_b), dr, neg_inf).amax(-1)  # (R,) largest D with x <= lo_b
-    high_min = torch.where(vr & (xr >= hi_b), dr, pos_inf).amin(-1)  # (R,) smallest D with x >= hi_b
     cle, clt = c_le[rows], c_lt[rows]
+    # The values just outside the band are read only by rows whose rank lo falls below it (lo < c_le) or whose
+    # rank hi falls above it (hi >= c_lt); on the CPU (where a host sync is free) only those rows are scanned.
+    sub = None
+    if shuffle.host_paths(dev):
+        sub = ((lo[rows] < cle) | (hi[rows] >= clt)).nonzero().squeeze(1)  # (R',)
+    if sub is None or sub.numel() == rows.numel():
+        low_max = torch.where(vr & (xr <= lo_b), dr, neg_inf).amax(-1)  # (R,) largest D with x <= lo_b
+        high_min = torch.where(vr & (xr >= hi_b), dr, pos_inf).amin(-1)  # (R,) smallest D with x >= hi_b
+    else:
+        low_max = torch.full((rows.numel(),), float("-inf"), dtype=dt, device=dev)  # unread where not set
+        high_min = torch.full((rows.numel(),), float("inf"), dtype=dt, device=dev)
+        if sub.numel():
+            xs, vs, ds = xr.index_select(0, sub), vr.index_select(0, sub), dr.index_select(0, sub)  # (R', T)
+            low_max.index_copy_(0, sub, torch.where(vs & (xs <= lo_b), ds, neg_inf).amax(-1))
+            high_min.index_copy_(0, sub, torch.where(vs & (xs >= hi_b), ds, pos_inf).amin(-1))
 
     def order_stat(r: torch.Tensor) -> torch.Tensor:  # (R,) value of rank r among the row's valid D
         idx = (offset + r - cle).clamp(min=0, max=max(band_sorted.numel() - 1, 0))

@@ -10,9 +10,9 @@ Speed: the first three mixes depend only on (seed, row, n) and are computed once
 token. Keys are made unique by appending j, ``composite = row << (32 + jbits) | key << jbits | j``, so ONE
 unstable 1-D sort of the valid tokens' composites orders every row by (key, j) at once (the rows come out
 back to back, i.e. in packed order) and the permutation is read from the low bits; no indices, no per-row
-sort. On CPU the sort is numpy's (SIMD quicksort, ~8x torch's int64 sort here), elsewhere ``torch.sort``.
-When the composite does not fit 63 bits (B * T_max beyond ~2**31) the per-row stable sort is used
-(``_permuted_ranks_rowsort``, also the reference the tests compare with).
+sort. That path runs on the CPU with numpy's sort (SIMD quicksort, ~8x torch's int64 sort on this machine).
+Elsewhere (CUDA: no host synchronisation wanted), or when the composite does not fit 63 bits (B * T_max
+beyond ~2**31), a stable per-row ``torch.sort`` of the keys is used (``_permuted_ranks_rowsort``).
 """
 
 from __future__ import annotations
@@ -58,8 +58,10 @@ def shuffle_permutation(seed: int, row: int, length: int) -> list[int]:
 KEY_BITS = 63  # bits available to the composite sort key (a module constant so tests can force the fallback)
 
 
-def use_numpy(device: torch.device) -> bool:
-    """Whether the 1-D key sorts run in numpy (CPU tensors: numpy's SIMD sort) rather than ``torch.sort``."""
+def host_paths(device: torch.device) -> bool:
+    """Whether the CPU-specific fast paths run for tensors on ``device``: 1-D key sorts in numpy (its SIMD sort)
+    rather than ``torch.sort``, and data-dependent row subsets that need a host sync (free on the CPU). Off the
+    CPU the sync-free formulation is used. Both give identical results (tests switch this to check)."""
     return device.type == "cpu"
 
 
@@ -88,70 +90,57 @@ def _mix32_inplace(h: torch.Tensor) -> torch.Tensor:
     return h
 
 
-def _perm_packed(seed: int, n: torch.Tensor) -> torch.Tensor | None:
-    """(N,) int64, N = sum(n): row b's permutation perm_b[0..n_b-1], rows back to back; None if the composite
-    key does not fit 63 bits."""
+def _perm_packed_numpy(seed: int, n: torch.Tensor) -> torch.Tensor | None:
+    """(N,) int64, N = sum(n), on the CPU: row b's permutation perm_b[0..n_b-1], rows back to back; None if
+    the composite key does not fit ``KEY_BITS`` bits."""
     B = n.shape[0]
-    n = n.to(torch.int64)
-    t_max = int(n.max()) if B else 0  # host sync (as the sort needs anyway)
+    n_np = n.to(torch.int64).numpy()
+    t_max = int(n_np.max()) if B else 0
     jbits = max(t_max - 1, 1).bit_length()
     rbits = max(B - 1, 1).bit_length()
     if rbits + 32 + jbits > KEY_BITS:
         return None
-    h_rows = _row_hash(seed, n)  # (B,)
-    jmask = (1 << jbits) - 1
-    if use_numpy(n.device):
-        n_np = n.numpy()
-        N = int(n_np.sum())
-        start = np.cumsum(n_np) - n_np
-        j = np.arange(N, dtype=np.int64) - np.repeat(start, n_np)  # (N,) position within the row
-        keys = np.repeat(h_rows.numpy().astype(np.uint32), n_np) ^ j.astype(np.uint32)
-        _mix32_inplace(keys)  # (N,) uint32: the same last mix as ``_key``
-        comp = keys.astype(np.uint64) << np.uint64(jbits)
-        comp |= j.astype(np.uint64)
-        comp |= np.repeat(np.arange(B, dtype=np.uint64) << np.uint64(32 + jbits), n_np)
-        comp.sort()  # unique values: any sort gives the same order
-        comp &= np.uint64(jmask)
-        return torch.from_numpy(comp.view(np.int64))
-    N = int(n.sum())
-    row_of = torch.repeat_interleave(torch.arange(B, device=n.device), n, output_size=N)  # (N,)
-    start = torch.cumsum(n, 0) - n
-    j = torch.arange(N, device=n.device, dtype=torch.int64) - torch.repeat_interleave(start, n, output_size=N)
-    keys = _mix32_inplace(h_rows.repeat_interleave(n, output_size=N) ^ j)  # (N,)
-    keys <<= jbits
-    keys |= j
-    keys |= row_of << (32 + jbits)
-    comp = torch.sort(keys).values
-    return comp.bitwise_and_(jmask)
+    h_rows = _row_hash(seed, n).numpy().astype(np.uint32)  # (B,)
+    N = int(n_np.sum())
+    start = np.cumsum(n_np) - n_np
+    j = np.arange(N, dtype=np.int64) - np.repeat(start, n_np)  # (N,) position within the row
+    keys = np.repeat(h_rows, n_np) ^ j.astype(np.uint32)
+    _mix32_inplace(keys)  # (N,) uint32: the last mix of ``_key``
+    comp = keys.astype(np.uint64) << np.uint64(jbits)
+    comp |= j.astype(np.uint64)
+    comp |= np.repeat(np.arange(B, dtype=np.uint64) << np.uint64(32 + jbits), n_np)
+    comp.sort()  # unique values: any sort algorithm gives this order
+    comp &= np.uint64((1 << jbits) - 1)
+    return torch.from_numpy(comp.view(np.int64))
 
 
 def permuted_positions(n: torch.Tensor, valid: torch.Tensor, *, seed: int) -> torch.Tensor:
     """(B, T) int64: for the valid token of rank r (0-based, among its row's valid tokens) the source position
     perm[r]; 0 on padding."""
-    perm = _perm_packed(seed, n)
+    perm = _perm_packed_numpy(seed, n) if host_paths(valid.device) else None
     if perm is None:
         rank = torch.cumsum(valid, dim=-1) - 1
         return _permuted_ranks_rowsort(rank, n, valid, seed=seed).masked_fill_(~valid, 0)
     # Valid tokens in row-major order are exactly the packed order (row, rank).
-    return torch.zeros(valid.shape, dtype=torch.int64, device=valid.device).masked_scatter_(valid, perm.to(valid.device))
+    return torch.zeros(valid.shape, dtype=torch.int64, device=valid.device).masked_scatter_(valid, perm)
 
 
 def permuted_ranks(rank: torch.Tensor, n: torch.Tensor, valid: torch.Tensor, *, seed: int) -> torch.Tensor:
     """(B, T) int64: for each valid token at 0-based position rank, the source position perm[rank] (``rank``
     itself elsewhere)."""
-    perm = _perm_packed(seed, n)
+    perm = _perm_packed_numpy(seed, n) if host_paths(valid.device) else None
     if perm is None:
         return _permuted_ranks_rowsort(rank, n, valid, seed=seed)
-    return rank.masked_scatter(valid, perm.to(rank.device))
+    return rank.masked_scatter(valid, perm)
 
 
 def _permuted_ranks_rowsort(rank: torch.Tensor, n: torch.Tensor, valid: torch.Tensor, *, seed: int) -> torch.Tensor:
-    """``permuted_ranks`` by a stable per-row sort of all keys (any size; slow)."""
+    """``permuted_ranks`` by a stable per-row sort of the keys: any size, no host synchronisation (the path
+    used off the CPU)."""
     B, T = rank.shape
     dev = rank.device
-    j = torch.arange(T, device=dev, dtype=torch.int64)[None, :].expand(B, T)  # (B, T) candidate positions
-    rows = torch.arange(B, device=dev, dtype=torch.int64)[:, None]  # (B, 1)
-    keys = _key(seed, rows, n[:, None].to(torch.int64), j)  # (B, T) in [0, 2**32)
-    keys = torch.where(j < n[:, None], keys, torch.full((), 1 << 33, dtype=torch.int64, device=dev))
+    j = torch.arange(T, device=dev, dtype=torch.int64)  # (T,) candidate positions
+    keys = _mix32_inplace(_row_hash(seed, n.to(dev))[:, None] ^ j)  # (B, T) in [0, 2**32): ``_key``
+    keys.masked_fill_(j >= n.to(dev)[:, None], 1 << 33)  # positions >= n sort last
     order = torch.sort(keys, dim=-1, stable=True).indices  # (B, T) perm for positions < n
     return torch.where(valid, order.gather(1, rank.clamp(min=0)), rank)

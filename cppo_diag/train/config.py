@@ -131,7 +131,8 @@ class TrainConfig:
 # "table3-*": the CPPO paper's Table 3 per-model settings (SPEC.md); model.path must point at the local model.
 PRESETS: dict[str, dict] = {
     "demo": {
-        "steps": 60,
+        "steps": 150,
+        "log": {"eval_every": 25},
         "rollout": {"prompts_per_step": 8, "n": 8, "max_new_tokens": 36},
         "optim": {"lr": 3e-4, "epochs": 2, "updates_per_batch": 1},
         "rule": {"name": "cppo", "params": {}},

@@ -156,9 +156,10 @@ def cppo_core(
 
     if variant == "soft":
         # App. C: x_t = max(Z_t / delta, S_t / (delta + delta_b W_{t-1})), gate min(1, 1/x_t) on away tokens.
-        ratio = torch.maximum(z / delta, s_incl / slack)  # (B, T)
-        gate = torch.reciprocal(ratio).clamp_(max=1.0)  # (B, T); 1/0 = inf -> 1
-        gate.masked_fill_(~x.away, 1.0).masked_fill_(x.invalid, 0.0)
+        ratio = z / delta  # (B, T)
+        torch.maximum(ratio, s_incl / slack, out=ratio)
+        gate = ratio.reciprocal_().clamp_(max=1.0)  # (B, T); 1/0 = inf -> 1
+        gate = torch.where(x.away, gate, v)  # not away: 1 if valid, 0 on padding (away implies valid)
         keep = v.clone()
         reason = torch.zeros(x.shape, dtype=torch.uint8, device=x.device)
         internals["gate"] = gate
