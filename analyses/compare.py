@@ -29,9 +29,11 @@ def _applied_tables(lf: pl.LazyFrame, run: str, label: str, bin_width: int):
     lf = lf.filter(pl.col("keep_applied").is_not_null())
     masked = (~pl.col("keep_applied")).cast(pl.Int64)
     budget = (pl.col("reason_applied") == 2).cast(pl.Int64) if "reason_applied" in columns_of(lf) else pl.lit(None)
-    k1 = pl.col("logp") - pl.col("logp_rollout")
+    # SPEC away test A (rho - 1) > 0 in float32, as the rule library evaluates it (a tiny log-ratio gives rho == 1)
+    lp, lr = pl.col("logp").cast(pl.Float32), pl.col("logp_rollout").cast(pl.Float32)
+    rho = (lp - lr).clip(-20.0, 20.0).exp()
     base = lf.select("step", "pos", masked.alias("m"), budget.alias("b"),
-                     (pl.col("advantage") * k1 > 0).cast(pl.Int64).alias("away"),
+                     (pl.col("advantage").cast(pl.Float32) * (rho - 1.0) > 0).cast(pl.Int64).alias("away"),
                      (pl.col("advantage") > 0).alias("ap"), (pl.col("advantage") < 0).alias("an"))
     tot = base.select(
         n_valid=pl.len(), n_masked=pl.col("m").sum(), n_budget=pl.col("b").sum(), n_away=pl.col("away").sum(),

@@ -29,7 +29,7 @@ body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;max
      padding:0 1em;color:#222;line-height:1.45}
 h1{font-size:1.6em} h2{border-bottom:1px solid #ddd;padding-bottom:.2em;margin-top:2em} h3{margin-top:1.5em}
 figure{margin:1em 0} figure img{max-width:100%;border:1px solid #eee} figcaption{font-size:.9em;color:#555}
-table{border-collapse:collapse;font-size:.85em;margin:.5em 0} th,td{border:1px solid #ddd;padding:3px 7px;
+table{border-collapse:collapse;font-size:.85em;margin:.5em 0;display:block;overflow-x:auto;max-width:100%} th,td{border:1px solid #ddd;padding:3px 7px;
      text-align:right} th{background:#f5f5f5} td.l,th.l{text-align:left} .note{color:#8a5a00;background:#fff8e6;
      padding:.4em .7em;border-left:3px solid #f0b400} code{background:#f4f4f4;padding:0 3px}
 """

@@ -78,3 +78,17 @@ def test_one_response_recompute_matches_the_whole_step(tmp_path):
         for col in ("keep", "reason", "w", "Z", "S", "c"):
             np.testing.assert_allclose(one[col].to_numpy().astype(float), ref[col].to_numpy().astype(float),
                                        rtol=1e-6, atol=1e-7, err_msg=col)
+
+
+def test_launch_can_wait_for_a_root_a_trainer_will_create(tmp_path, monkeypatch):
+    started = {}
+
+    class FakePopen:
+        def __init__(self, cmd, env, stdout, stderr):
+            started.update(cmd=cmd, env=env)
+
+    monkeypatch.setattr(app_cmd.subprocess, "Popen", FakePopen)
+    later = tmp_path / "runs"
+    app_cmd.launch([str(later)], port=8766, allow_missing=True)
+    assert started["env"][app_cmd.ROOTS_ENV] == str(later.resolve())
+    assert started["cmd"][-2:] == ["--root", str(later.resolve())]

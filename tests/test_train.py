@@ -259,3 +259,35 @@ def test_train_cli_help_and_run(tmp_path, capsys):
 def test_unknown_rule_is_rejected_before_training(tmp_path):
     with pytest.raises(Exception, match="cppo"):
         train(tiny_cfg(tmp_path, rule={"name": "not_a_rule"}))
+
+
+def test_math_dataset_task_from_jsonl_and_parquet(tmp_path):
+    from cppo_diag.train.config import TaskConfig
+    from cppo_diag.train.tasks import build_task
+
+    rows = [{"prompt": f"What is {i} + {i}?", "answer": str(2 * i)} for i in range(20)]
+    rows[0]["prompt"] = [{"role": "user", "content": "What is 0 + 0?"}]  # DAPO-style chat prompt
+    f = tmp_path / "m.jsonl"
+    f.write_text("\n".join(json.dumps(r) for r in rows))
+    t = build_task(TaskConfig(kind="dataset", path=str(f), eval_size=4))
+    assert len(t.eval_set()) == 4 and "\\boxed{}" in t.eval_set()[0].prompt
+    p = t.sample(1, np.random.default_rng(0))[0]
+    assert t.score(p, f"so the answer is \\boxed{{{p.answer}}}.") == (1.0, True)
+    assert t.score(p, "no box here") == (0.0, False)
+    pq = tmp_path / "m.parquet"
+    pl.DataFrame({"question": ["1+1?", "2+2?", "3+3?", "4+4?", "5+5?"], "sol": ["2", "4", "6", "8", "10"]}).write_parquet(pq)
+    t2 = build_task(TaskConfig(kind="dataset", path=str(pq), prompt_field="question", answer_field="sol"))
+    assert len(t2.eval_set()) == 1
+    with pytest.raises(ValueError, match="has no field 'prompt'"):
+        build_task(TaskConfig(kind="dataset", path=str(pq)))
+
+
+def test_reasoning_gym_task_scores_with_its_checker():
+    pytest.importorskip("reasoning_gym")
+    from cppo_diag.train.config import TaskConfig
+    from cppo_diag.train.tasks import build_task
+
+    t = build_task(TaskConfig(kind="reasoning_gym", rg_name="basic_arithmetic", eval_size=4))
+    p = t.sample(1, np.random.default_rng(0))[0]
+    assert t.score(p, f"\\boxed{{{p.answer}}}")[1] is True
+    assert t.score(p, "\\boxed{not a number}")[1] is False

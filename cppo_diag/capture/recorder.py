@@ -272,12 +272,12 @@ class RunRecorder:
             )
 
     # -- error policy -------------------------------------------------------------------------------
-    def _warn(self, kind: str, message: str) -> None:
+    def _warn(self, kind: str, message: str, stacklevel: int = 3) -> None:
         with self._lock:
             n = self._warned.get(kind, 0)
             self._warned[kind] = n + 1
         if n == 0:
-            warnings.warn(f"cppo-diag recorder ({kind}): {message}", RecorderWarning, stacklevel=3)
+            warnings.warn(f"cppo-diag recorder ({kind}): {message}", RecorderWarning, stacklevel=stacklevel)
 
     def _fail(self, kind: str, exc: BaseException, n_records: int = 1) -> None:
         """Handle an error raised while recording: raise (raise mode) or warn once + count (warn mode)."""
@@ -320,6 +320,15 @@ class RunRecorder:
         self._raise_pending()
         return True
 
+    def _skip_done(self, step: int, done: set[int], why: str) -> bool:
+        """True (counted, warned once) when ``step`` is in ``done``: the caller skips the record."""
+        if step not in done:
+            return False
+        with self._lock:
+            self.stats["skipped_done_steps"] += 1
+        self._warn("done-step", f"step {step} {why}", stacklevel=4)  # point at the trainer's log_* call
+        return True
+
     def _enqueue(self, kind: str, payload: Any) -> None:
         if self.on_full == "block":
             # Wait in slices so a writer thread that died can never hang the training loop.
@@ -355,10 +364,7 @@ class RunRecorder:
             step = int(step)
             if not keep_step(step, self.every_n_steps):
                 return
-            if step in self._done:
-                with self._lock:
-                    self.stats["skipped_done_steps"] += 1
-                self._warn("done-step", f"step {step} is already complete in {self.run_dir}; log_tokens skipped")
+            if self._skip_done(step, self._done, f"is already complete in {self.run_dir}; log_tokens skipped"):
                 return
             staged = stage_tokens(
                 step=step, update=int(update), rank=self.rank, seq_fraction=self.seq_fraction,
@@ -385,10 +391,7 @@ class RunRecorder:
             return
         try:
             step = int(step)
-            if step in self._done_before:
-                with self._lock:
-                    self.stats["skipped_done_steps"] += 1
-                self._warn("done-step", f"step {step} was complete before this session; log_scalars skipped")
+            if self._skip_done(step, self._done_before, "was complete before this session; log_scalars skipped"):
                 return
             if not isinstance(values, Mapping):
                 raise TypeError(f"values: expected a mapping name -> number, found {type(values).__name__}")
@@ -415,10 +418,7 @@ class RunRecorder:
             step = int(step)
             if not keep_step(step, self.every_n_steps):
                 return
-            if step in self._done_before:
-                with self._lock:
-                    self.stats["skipped_done_steps"] += 1
-                self._warn("done-step", f"step {step} was complete before this session; log_sequences skipped")
+            if self._skip_done(step, self._done_before, "was complete before this session; log_sequences skipped"):
                 return
             table = _sequence_table(step, self.rank, seq_ids, prompts=prompts, completions=completions,
                                     tokens=tokens, rewards=rewards, lengths=lengths, group_ids=group_ids,

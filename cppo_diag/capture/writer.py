@@ -41,8 +41,7 @@ def write_parquet_atomic(table: pa.Table, path: Path, *, compression_level: int 
     encoding = {c: "BYTE_STREAM_SPLIT" for c in bss}
     encoding.update({c: "DELTA_BINARY_PACKED" for c in delta})
     dictionary = [c for c in names if c not in encoding]
-    tmp = layout.tmp_path_for(path)
-    try:
+    with layout.atomic_replace(path) as tmp:
         pq.write_table(
             table, tmp, compression="zstd", compression_level=compression_level,
             use_dictionary=dictionary, column_encoding=encoding or None, write_statistics=True,
@@ -51,14 +50,7 @@ def write_parquet_atomic(table: pa.Table, path: Path, *, compression_level: int 
             with open(tmp, "rb") as fh:
                 os.fsync(fh.fileno())
         size = os.path.getsize(tmp)
-        os.replace(tmp, path)
-        return size
-    except BaseException:
-        try:
-            tmp.unlink()
-        except OSError:
-            pass
-        raise
+    return size
 
 
 def _json_value(v: Any):
@@ -68,10 +60,7 @@ def _json_value(v: Any):
     if isinstance(v, bool) or v is None or isinstance(v, str):
         return v
     if isinstance(v, (int, float)):
-        v = float(v) if isinstance(v, float) else v
-        if isinstance(v, float) and not math.isfinite(v):
-            return None
-        return v
+        return None if isinstance(v, float) and not math.isfinite(v) else v
     raise TypeError(f"expected a number, bool or str, found {type(v).__name__}")
 
 

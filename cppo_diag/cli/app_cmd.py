@@ -51,12 +51,14 @@ def default_root() -> Path:
     )
 
 
-def _check_roots(roots: list[str]) -> list[str]:
+def _check_roots(roots: list[str], allow_missing: bool = False) -> list[str]:
     out = []
     for r in roots:
         p = Path(r).expanduser().resolve()
-        if not p.is_dir():
-            raise FileNotFoundError(f"--root {r!r}: expected an existing directory, found {'a file' if p.exists() else 'nothing'} at {p}")
+        if p.exists() and not p.is_dir():
+            raise FileNotFoundError(f"--root {r!r}: expected a directory, found a file at {p}")
+        if not p.exists() and not allow_missing:
+            raise FileNotFoundError(f"--root {r!r}: expected an existing directory, found nothing at {p}")
         out.append(str(p))
     return out
 
@@ -95,14 +97,17 @@ def wait_until_healthy(port: int, proc: subprocess.Popen | None = None, timeout:
     raise TimeoutError(f"streamlit server did not answer {url} within {timeout:.0f} s")
 
 
-def launch(roots: list[str], port: int = 8501, open_browser: bool = False, *, quiet: bool = False) -> subprocess.Popen:
+def launch(roots: list[str], port: int = 8501, open_browser: bool = False, *, quiet: bool = False,
+           allow_missing: bool = False) -> subprocess.Popen:
     """Start the app server on 127.0.0.1:``port`` over ``roots`` and return the process (not waited on).
 
     ``roots`` empty -> the bundled sample_logs/.  The roots travel in the ``CPPO_DIAG_ROOTS`` environment
-    variable and as ``--root`` script arguments.  With ``open_browser`` the default browser is opened once
-    the server answers.  The caller owns the process (``proc.terminate()`` to stop it).
+    variable and as ``--root`` script arguments.  ``allow_missing``: accept roots that do not exist yet (a
+    trainer about to write into them; the app lists them once they appear, on Refresh or the Auto timer).
+    With ``open_browser`` the default browser is opened once the server answers.  ``quiet`` discards the
+    server's output.  The caller owns the process (``proc.terminate()`` to stop it).
     """
-    roots = _check_roots(roots) if roots else [str(default_root())]
+    roots = _check_roots(roots, allow_missing) if roots else [str(default_root())]
     env = dict(os.environ)
     env[ROOTS_ENV] = os.pathsep.join(roots)
     env.setdefault("STREAMLIT_BROWSER_GATHER_USAGE_STATS", "false")

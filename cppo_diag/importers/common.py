@@ -65,22 +65,22 @@ def natural_key(path: Path):
     return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", str(path))]
 
 
-def as_float_array(name: str, value, where: str) -> np.ndarray:
+def _as_array(name: str, value, where: str, dtype, expected: str) -> np.ndarray:
+    """``value`` (a list, numpy array or torch tensor) as a flat numpy array of ``dtype``."""
     try:
-        arr = np.asarray(value.detach().cpu().numpy() if hasattr(value, "detach") else value, dtype=np.float64)
+        arr = np.asarray(value.detach().cpu().numpy() if hasattr(value, "detach") else value, dtype=dtype)
     except (TypeError, ValueError) as exc:
-        raise ImportFormatError(f"{where}: field '{name}': expected a list of numbers, found {type(value).__name__}"
+        raise ImportFormatError(f"{where}: field '{name}': expected {expected}, found {type(value).__name__}"
                                 f" ({exc})") from None
     return arr.reshape(-1)
 
 
+def as_float_array(name: str, value, where: str) -> np.ndarray:
+    return _as_array(name, value, where, np.float64, "a list of numbers")
+
+
 def as_int_array(name: str, value, where: str) -> np.ndarray:
-    try:
-        arr = np.asarray(value.detach().cpu().numpy() if hasattr(value, "detach") else value, dtype=np.int64)
-    except (TypeError, ValueError) as exc:
-        raise ImportFormatError(f"{where}: field '{name}': expected a list of integers, found "
-                                f"{type(value).__name__} ({exc})") from None
-    return arr.reshape(-1)
+    return _as_array(name, value, where, np.int64, "a list of integers")
 
 
 def check_length(name: str, arr: np.ndarray, n: int, where: str) -> None:

@@ -22,6 +22,8 @@ import os
 import re
 import struct
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from cppo_diag.storage import schema
@@ -82,16 +84,13 @@ def tmp_path_for(path: Path) -> Path:
     return path.with_name(f"{TMP_PREFIX}{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}")
 
 
-def atomic_write_bytes(path: Path, data: bytes, *, fsync: bool = False) -> None:
-    """Write ``data`` to ``path`` via a temp file + ``os.replace``: readers see all of it or nothing."""
-    path = Path(path)
-    tmp = tmp_path_for(path)
+@contextmanager
+def atomic_replace(path: Path) -> Iterator[Path]:
+    """Yield a temp sibling of ``path`` to write; on success it replaces ``path`` (``os.replace``, so readers
+    see all of it or nothing), on any error it is removed and the error propagates."""
+    tmp = tmp_path_for(Path(path))
     try:
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-            if fsync:
-                fh.flush()
-                os.fsync(fh.fileno())
+        yield tmp
         os.replace(tmp, path)
     except BaseException:
         try:
@@ -99,6 +98,15 @@ def atomic_write_bytes(path: Path, data: bytes, *, fsync: bool = False) -> None:
         except OSError:
             pass
         raise
+
+
+def atomic_write_bytes(path: Path, data: bytes, *, fsync: bool = False) -> None:
+    """Write ``data`` to ``path`` atomically (``atomic_replace``)."""
+    with atomic_replace(path) as tmp, open(tmp, "wb") as fh:
+        fh.write(data)
+        if fsync:
+            fh.flush()
+            os.fsync(fh.fileno())
 
 
 def atomic_write_json(path: Path, obj, *, fsync: bool = False) -> None:
