@@ -58,9 +58,10 @@ TOKEN_INPUTS: dict[str, tuple[str, str]] = {
     "topk_logp": ("topk_logp", "topk"),
 }
 FLOAT_COLUMNS = {"logp", "logp_rollout", "advantage", "logp_old", "entropy", "reward"}
-INT_COLUMNS = {"token_id", "group_id", "reason_applied"}
 BOOL_COLUMNS = {"keep_applied"}
 TOPK_FLOAT_COLUMNS = {"topk_logp_rollout", "topk_logp"}
+LOGPROB_COLUMNS = {"logp", "logp_rollout", "logp_old", "entropy"} | TOPK_FLOAT_COLUMNS  # must be floating point
+# every other column (token_id, group_id, reason_applied, topk_ids) holds integers
 
 # Parquet encodings chosen per column (measured in benchmarks/bench_capture.py): per-token floats use
 # BYTE_STREAM_SPLIT (+ zstd), pos is a delta run 0,1,2,.. per sequence, everything constant per
@@ -121,9 +122,6 @@ class StagedTokens:
     n_seqs: int = 0
     warnings: list[tuple[str, str]] = field(default_factory=list)  # (kind, message) for the recorder
     dropped_nonfinite: int = 0  # sequences dropped because of NaN/Inf (set by materialize)
-
-
-LOGPROB_COLUMNS = {"logp", "logp_rollout", "logp_old", "entropy"} | TOPK_FLOAT_COLUMNS
 
 
 def _check_dtype(name: str, column: str, x) -> None:

@@ -97,21 +97,22 @@ def cppo_core(
     *,
     variant: str,
     delta: float,
-    w_min: float,
-    delta_b: float,
-    delta_b_mode: str,
-    delta_b_quantile: float,
-    delta_b_cap: float,
-    delta_b_scale: float,
-    weight_length: str,
-    horizon: int | None,
     divergence: str,
+    w_min: float = 0.8,
+    delta_b: float = 0.02,
+    delta_b_mode: str = "fixed",
+    delta_b_quantile: float = 0.9,
+    delta_b_cap: float = 2.0,
+    delta_b_scale: float = 1.0,
+    weight_length: str = "sequence",
+    horizon: int | None = None,
     seed: int = 0,
 ) -> RuleOutput:
     """CPPO and its ablations on the canonical batch.
 
     variant: "full" (cppo), "no_weight" (w = 1, budget kept), "no_budget" (c_t = delta, weights kept),
     "shuffled" (no_budget with each response's weights permuted), "soft" (App. C gate in ``weight``).
+    Parameters a variant does not use keep their (valid) defaults; the rules' defaults live in their signatures.
     """
     _check_common(delta, w_min, delta_b, delta_b_mode, delta_b_quantile, delta_b_cap, delta_b_scale,
                   weight_length, horizon, divergence)

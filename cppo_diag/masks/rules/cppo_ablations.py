@@ -27,9 +27,9 @@ def cppo_no_weight(
     divergence: str = "binary_tv",
 ) -> RuleOutput:
     """CPPO without position weights (w = 1 everywhere); the prefix budget is kept."""
-    return cppo_core(x, "cppo_no_weight", variant="no_weight", delta=delta, w_min=1.0, delta_b=delta_b,
+    return cppo_core(x, "cppo_no_weight", variant="no_weight", delta=delta, delta_b=delta_b,
                      delta_b_mode=delta_b_mode, delta_b_quantile=delta_b_quantile, delta_b_cap=delta_b_cap,
-                     delta_b_scale=delta_b_scale, weight_length="sequence", horizon=None, divergence=divergence)
+                     delta_b_scale=delta_b_scale, divergence=divergence)
 
 
 @register_rule(
@@ -49,8 +49,7 @@ def cppo_no_budget(
     divergence: str = "binary_tv",
 ) -> RuleOutput:
     """CPPO without the prefix budget: only the position-weighted threshold (every masked token is "token")."""
-    return cppo_core(x, "cppo_no_budget", variant="no_budget", delta=delta, w_min=w_min, delta_b=0.02,
-                     delta_b_mode="fixed", delta_b_quantile=0.9, delta_b_cap=2.0, delta_b_scale=1.0,
+    return cppo_core(x, "cppo_no_budget", variant="no_budget", delta=delta, w_min=w_min,
                      weight_length=weight_length, horizon=horizon, divergence=divergence)
 
 
@@ -75,8 +74,7 @@ def cppo_shuffled(
     permutation depends only on (seed, row index, valid length) (``cppo_diag.masks.shuffle``)."""
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise ValueError(f"seed: expected an int, found {seed!r}")
-    return cppo_core(x, "cppo_shuffled", variant="shuffled", delta=delta, w_min=w_min, delta_b=0.02,
-                     delta_b_mode="fixed", delta_b_quantile=0.9, delta_b_cap=2.0, delta_b_scale=1.0,
+    return cppo_core(x, "cppo_shuffled", variant="shuffled", delta=delta, w_min=w_min,
                      weight_length=weight_length, horizon=horizon, divergence=divergence, seed=seed)
 
 

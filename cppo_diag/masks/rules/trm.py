@@ -15,8 +15,12 @@ from cppo_diag.masks.rules.common import check_choice, check_nonneg
 _NOTES = {"divergence": "'binary_kl' (per-token KL(mu || pi); 'topk_kl' with topk=...)"}
 
 
-def _sequence_mask(x: RuleInput, name: str, stat: torch.Tensor, bad: torch.Tensor, d: torch.Tensor, divergence: str):
+def _sequence_mask(x: RuleInput, name: str, stat: torch.Tensor, threshold: float, d: torch.Tensor,
+                   divergence: str) -> RuleOutput:
+    """Reject every valid token of the non-empty responses whose statistic ``stat`` (B,) exceeds ``threshold``."""
     v = x.valid
+    nonempty = v.any(dim=-1)  # (B,)
+    bad = (stat > threshold) & nonempty  # (B,)
     masked = bad[:, None] & v  # (B, T) every valid token of a rejected response
     keep = v & ~masked
     reason = torch.where(masked, SEQUENCE, KEPT).to(torch.uint8)
@@ -24,8 +28,8 @@ def _sequence_mask(x: RuleInput, name: str, stat: torch.Tensor, bad: torch.Tenso
     def metrics():
         m = mask_metrics(name, x, keep, reason)
         m.update(divergence_metrics(divergence, d, v))
-        m[f"mask/{name}/seq_frac"] = masked_fraction(bad, v.any(dim=-1))
-        m[f"{name}/stat_mean"] = masked_mean(stat, v.any(dim=-1))
+        m[f"mask/{name}/seq_frac"] = masked_fraction(bad, nonempty)
+        m[f"{name}/stat_mean"] = masked_mean(stat, nonempty)
         return m
 
     return RuleOutput(keep, reason, metrics=metrics, internals={"D": d, "seq_stat": stat, "seq_masked": bad})
@@ -45,7 +49,7 @@ def trm_max(x: RuleInput, *, delta: float = 0.05, divergence: str = "binary_kl")
     check_nonneg("delta", delta)
     d = x.divergence(divergence)  # (B, T)
     stat = masked_max(d, x.valid, dim=-1)  # (B,)
-    return _sequence_mask(x, "trm_max", stat, (stat > delta) & x.valid.any(dim=-1), d, divergence)
+    return _sequence_mask(x, "trm_max", stat, delta, d, divergence)
 
 
 @register_rule(
@@ -62,4 +66,4 @@ def trm_avg(x: RuleInput, *, delta_avg: float = 0.001, divergence: str = "binary
     check_nonneg("delta_avg", delta_avg)
     d = x.divergence(divergence)  # (B, T)
     stat = masked_mean(d, x.valid, dim=-1)  # (B,)
-    return _sequence_mask(x, "trm_avg", stat, (stat > delta_avg) & x.valid.any(dim=-1), d, divergence)
+    return _sequence_mask(x, "trm_avg", stat, delta_avg, d, divergence)
