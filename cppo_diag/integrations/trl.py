@@ -334,8 +334,7 @@ class CppoDiagGRPOMixin:
         input_ids = torch.cat([prompt_ids, completion_ids], dim=1)  # (B, P+T)
         attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)  # (B, P+T)
         logits_to_keep = completion_ids.size(1)
-        mask = completion_mask if "tool_mask" not in inputs else completion_mask * inputs["tool_mask"]
-        mask = mask.bool()  # (B, T)
+        mask = _response_mask(inputs)  # (B, T)
         out = super()._get_per_token_logps_and_entropies(
             model, input_ids, attention_mask, logits_to_keep, **self._cd_forward_kwargs(inputs)
         )
@@ -363,8 +362,7 @@ class CppoDiagGRPOMixin:
             loss = loss + self.router_aux_loss_coef * aux_loss
         if mode == "train":  # TRL scales for gradient accumulation itself (HF auto-scaling is off)
             loss = loss / self.current_gradient_accumulation_steps
-        metrics = {**dict(res.metrics), **{k: float(v) for k, v in dict(loss_metrics).items()}}
-        for key, value in metrics.items():
+        for key, value in {**res.metrics, **loss_metrics}.items():
             value = float(value)
             self._metrics[mode][key].append(value)  # shows up in TRL's logs / report_to
             if mode == "train":
@@ -415,17 +413,14 @@ class CppoDiagGRPOMixin:
             self._cd_micro_step, self._cd_micro = step, 0
         update = self._cd_micro
         self._cd_micro += 1
-        completion_ids, completion_mask = inputs["completion_ids"], inputs["completion_mask"]
-        mask = completion_mask if "tool_mask" not in inputs else completion_mask * inputs["tool_mask"]
-        mask = mask.bool()  # (B, T)
+        completion_ids = inputs["completion_ids"]  # (B, T)
+        mask = _response_mask(inputs)  # (B, T)
         batch = completion_ids.shape[0]
         seq_ids = update * batch + torch.arange(batch)  # (B,)
         logp_rollout, logp_old = self._cd_rollout_and_old(logp, inputs)
-        reason_applied = None
-        if keep is not None and reason is None:
+        reason_applied = reason
+        if reason is None and keep is not None:
             reason_applied = torch.where(keep, 0, 1).to(torch.uint8)  # TRL's clip is a token threshold
-        elif reason is not None:
-            reason_applied = reason
         rec.log_tokens(
             step=step, update=update, seq_ids=seq_ids, logp=logp, logp_rollout=logp_rollout, logp_old=logp_old,
             advantages=inputs["advantages"], response_mask=mask, token_ids=completion_ids, entropy=entropy,
@@ -457,6 +452,14 @@ class CppoDiagGRPOMixin:
             rewards=rewards.cpu() if rewards is not None else None, lengths=mask.sum(dim=1),
             group_ids=group_ids.cpu() if group_ids is not None else None,
         )
+
+
+def _response_mask(inputs) -> torch.Tensor:
+    """(B, T) bool: the completion tokens TRL trains on (``completion_mask`` times ``tool_mask`` if present)."""
+    mask = inputs["completion_mask"]
+    if "tool_mask" in inputs:
+        mask = mask * inputs["tool_mask"]
+    return mask.bool()
 
 
 class CppoDiagGRPOTrainer(CppoDiagGRPOMixin, GRPOTrainer):

@@ -63,6 +63,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without verl
 from cppo_diag.capture import NullRecorder, RunRecorder
 from cppo_diag.loss import policy_loss
 from cppo_diag.masks import compute_mask, get_rule, list_rules
+from cppo_diag.masks.reduce import masked_mean
 
 logger = logging.getLogger(__name__)
 
@@ -233,9 +234,8 @@ class _Capture:
             self.explicit_step = step
 
     def _advance(self, new_step: int) -> None:
-        if self.recorder is not None and new_step != self.step:
-            self._flush_metrics()
         if new_step != self.step:
+            self._flush_metrics()
             self.step, self.update = new_step, 0
 
     def tick(self) -> tuple[int, int]:
@@ -254,7 +254,8 @@ class _Capture:
             self.update += 1
             return step, update
 
-    def add_metrics(self, step: int, metrics: dict[str, float]) -> None:
+    def add_metrics(self, metrics: dict[str, float]) -> None:
+        """Accumulate this loss call's metrics; their mean over the step's calls is logged when it ends."""
         with self.lock:
             for k, v in metrics.items():
                 self.metric_sums.setdefault(k, []).append(float(v))
@@ -320,7 +321,7 @@ def _rule_loss(rule: str, old_log_prob, log_prob, advantages, response_mask, los
     metrics = {**res.metrics, **loss_metrics}
     # verl's dashboards read these two names for every policy loss
     metrics["actor/pg_clipfrac"] = 1.0 - float(loss_metrics.get("loss/kept_frac", 1.0))
-    metrics["actor/ppo_kl"] = float(((mu - log_prob.detach()) * mask).sum() / mask.sum().clamp(min=1))
+    metrics["actor/ppo_kl"] = float(masked_mean(mu - log_prob.detach(), mask))
     rec = _CAPTURE.open(anchor=anchor, rule=rule, params=params)
     if rec:
         step, update = _CAPTURE.tick()
@@ -330,7 +331,7 @@ def _rule_loss(rule: str, old_log_prob, log_prob, advantages, response_mask, los
             logp_rollout=mu, advantages=advantages, response_mask=mask, keep_applied=res.keep,
             reason_applied=res.reason,
         )
-        _CAPTURE.add_metrics(step, metrics)
+        _CAPTURE.add_metrics(metrics)
     return loss, metrics
 
 
