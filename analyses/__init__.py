@@ -29,9 +29,13 @@ Divergence by position, paper Fig. 2 (``analyses.position``)
 Recompute any rule over a run (``analyses.recompute``)
     iter_batches(source, *, step_range=None, columns=None, progress=False) -> Iterator[Batch]
     recompute(source, rule, *, params=None, step_range=None, side_table=None, bin_width=64, anchor=None,
-              return_internals=False, on_batch=None, rule_metrics=True, progress=True) -> RecomputeResult
+              return_internals=False, on_batch=None, rule_metrics=True, progress=True, relative=False,
+              n_rel_bins=20) -> RecomputeResult
     recompute_many(source, {label: (rule, params)}, *, step_range=None, bin_width=64, anchor=None,
-                   rule_metrics=False, progress=True) -> dict[label, RecomputeResult]   several rules, one pass
+                   rule_metrics=False, progress=True, relative=False, n_rel_bins=20)
+        -> dict[label, RecomputeResult]   several rules, one pass
+    load_batches(source, *, step_range=None, progress=False) -> BatchSet   a step range's batches, rebuilt
+        once and held in memory; a BatchSet is a token source for recompute / recompute_many (sliders)
     run_rule(batch, rule, params=None, *, anchor="rollout", return_internals=False) -> MaskResult
         RecomputeResult: rule, params, overall (dict), by_step, by_position, by_adv_sign, metrics_by_step
         (pl.DataFrame), agreement (dict or None: fraction of tokens where keep == keep_applied),
@@ -45,7 +49,8 @@ Budget exhaustion, paper Fig. 7 (``analyses.budget``)
 
 Compare runs x rules (``analyses.compare``)
     compare_runs(sources, rules=("grpo_clip", "dppo", "cppo"), *, params=None, names=None,
-                 step_range=None, bin_width=64, include_applied=True, progress=True) -> CompareResult
+                 step_range=None, bin_width=64, include_applied=True, progress=True, relative=False,
+                 n_rel_bins=20) -> CompareResult       relative=True: by_position over t / T bins
         CompareResult: summary (run, rule, masked_frac, budget_share, frac_pos_adv, frac_neg_adv, ...),
         by_position (run, rule, bin, bin_start, masked_frac, count)
 
@@ -96,7 +101,9 @@ _LAZY = {
     "recompute": "analyses.recompute",
     "recompute_many": "analyses.recompute",
     "run_rule": "analyses.recompute",
+    "load_batches": "analyses.recompute",
     "Batch": "analyses.recompute",
+    "BatchSet": "analyses.recompute",
     "RecomputeResult": "analyses.recompute",
     "budget_exhaustion": "analyses.budget",
     "BudgetResult": "analyses.budget",

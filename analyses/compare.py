@@ -11,6 +11,7 @@ from typing import Any, Sequence
 
 import polars as pl
 
+from analyses.position import _bin_exprs
 from analyses.recompute import recompute_many
 from analyses.tokens import columns_of, filter_tokens, load_tokens, run_meta, run_name
 
@@ -25,14 +26,18 @@ class CompareResult:
     by_step: pl.DataFrame  # run, rule, step, masked_frac, budget_share
 
 
-def _applied_tables(lf: pl.LazyFrame, run: str, label: str, bin_width: int):
+def _applied_tables(lf: pl.LazyFrame, run: str, label: str, bin_width: int, relative: bool = False,
+                    n_rel_bins: int = 20):
+    if relative:  # T = max(pos) + 1 of each response, over all its logged tokens (before the null filter)
+        lf = lf.with_columns(_T=(pl.col("pos").max() + 1).over(["step", "update", "rank", "seq_id"]))
     lf = lf.filter(pl.col("keep_applied").is_not_null())
     masked = (~pl.col("keep_applied")).cast(pl.Int64)
     budget = (pl.col("reason_applied") == 2).cast(pl.Int64) if "reason_applied" in columns_of(lf) else pl.lit(None)
     # SPEC away test A (rho - 1) > 0 in float32, as the rule library evaluates it (a tiny log-ratio gives rho == 1)
     lp, lr = pl.col("logp").cast(pl.Float32), pl.col("logp_rollout").cast(pl.Float32)
     rho = (lp - lr).clip(-20.0, 20.0).exp()
-    base = lf.select("step", "pos", masked.alias("m"), budget.alias("b"),
+    pos_bin, bin_start, bin_end = _bin_exprs(relative, bin_width, n_rel_bins)
+    base = lf.select("step", pos_bin.alias("bin"), masked.alias("m"), budget.alias("b"),
                      (pl.col("advantage").cast(pl.Float32) * (rho - 1.0) > 0).cast(pl.Int64).alias("away"),
                      (pl.col("advantage") > 0).alias("ap"), (pl.col("advantage") < 0).alias("an"))
     tot = base.select(
@@ -48,10 +53,9 @@ def _applied_tables(lf: pl.LazyFrame, run: str, label: str, bin_width: int):
         "away_frac": tot["n_away"] / tot["n_valid"],
         "masked_frac_pos_adv": tot["mp"], "masked_frac_neg_adv": tot["mn"],
     }
-    by_pos = (base.group_by((pl.col("pos") // bin_width).cast(pl.Int64).alias("bin"))
+    by_pos = (base.group_by("bin")
               .agg(n_valid=pl.len(), masked_frac=pl.col("m").mean()).sort("bin").collect(engine="streaming")
-              .with_columns(bin_start=(pl.col("bin") * bin_width).cast(pl.Float64),
-                            bin_end=((pl.col("bin") + 1) * bin_width).cast(pl.Float64)))
+              .with_columns(bin_start=bin_start.cast(pl.Float64), bin_end=bin_end.cast(pl.Float64)))
     by_step = (base.group_by("step").agg(masked_frac=pl.col("m").mean(),
                                           budget_share=pl.col("b").sum() / pl.col("m").sum())
                .sort("step").collect(engine="streaming"))
@@ -68,9 +72,13 @@ def compare_runs(
     bin_width: int = 64,
     include_applied: bool = True,
     progress: bool = True,
+    relative: bool = False,
+    n_rel_bins: int = 20,
 ) -> CompareResult:
     """Masked fraction (overall, by position bin, by step) of each rule on each run.
 
+    ``relative=True``: ``by_position`` over the relative position t / T in ``n_rel_bins`` equal bins of
+    (0, 1], as ``position_stats(relative=True)`` (``bin_start``/``bin_end`` are then fractions).
     ``rules``: rule names, or a dict label -> (rule name, params) to compare parameterisations of one rule.
     ``params``: rule name -> keyword parameters, applied to the rules given by name.
     ``names``: display names of the runs (default the run directory names).
@@ -83,7 +91,8 @@ def compare_runs(
     rows, pos_frames, step_frames = [], [], []
     for i, source in enumerate(sources):
         run = names[i] if names else run_name(source, f"run{i}")
-        results = recompute_many(source, specs, step_range=step_range, bin_width=bin_width, progress=progress)
+        results = recompute_many(source, specs, step_range=step_range, bin_width=bin_width, progress=progress,
+                                 relative=relative, n_rel_bins=n_rel_bins)
         for label, res in results.items():
             rows.append({"run": run, "rule": label, "applied": False,
                          **{k: res.overall.get(k) for k in SUMMARY_KEYS}})
@@ -95,7 +104,8 @@ def compare_runs(
         lf = load_tokens(source)
         if include_applied and "keep_applied" in columns_of(lf):
             meta_rule = run_meta(source).get("rule") or "?"
-            got = _applied_tables(filter_tokens(lf, step_range=step_range), run, f"applied:{meta_rule}", bin_width)
+            got = _applied_tables(filter_tokens(lf, step_range=step_range), run, f"applied:{meta_rule}", bin_width,
+                                  relative, n_rel_bins)
             if got is not None:
                 summary, by_pos, by_step = got
                 rows.append(summary)

@@ -13,8 +13,22 @@ from plotly.subplots import make_subplots
 from analyses.plots_mpl import TAIL_LABELS, _centres, _label, _metric_rows, _pos_xlabel, _series_keys
 from analyses.position import METRIC_LABELS
 
-LAYOUT = dict(template="plotly_white", height=420, margin=dict(l=60, r=60, t=50, b=50),
-              legend=dict(orientation="h", yanchor="bottom", y=1.02, x=0))
+# The legend goes under the plot (below the x-axis title), in the bottom margin: above the plot it collides
+# with the title as soon as it wraps onto a second row.
+LAYOUT = dict(template="plotly_white", height=460, margin=dict(l=60, r=60, t=50, b=120),
+              legend=dict(orientation="h", yanchor="top", y=-0.2, x=0))
+
+
+def _value_range(values, *, floor: float = 0.0, pad: float = 0.15) -> list[float] | None:
+    """[floor, max + pad * span] over the finite values (None when there are none): plotly's autorange pads
+    a single point by +-0.5 or so, which squeezes values of a few hundredths into one pixel row."""
+    v = np.asarray(values, dtype=float)
+    v = v[np.isfinite(v)]
+    if v.size == 0:
+        return None
+    lo, hi = min(floor, float(v.min())), float(v.max())
+    span = hi - lo if hi > lo else max(abs(hi), 1e-6)
+    return [lo, hi + pad * span]
 
 
 def _empty(msg: str) -> go.Figure:
@@ -107,7 +121,8 @@ def fig_budget_by_step(by_step: pl.DataFrame, *, title: str | None = None) -> go
                              name="mean realised δ_b per response"))
     fig.add_trace(go.Scatter(x=x, y=100 * by_step["budget_share"].cast(pl.Float64).to_numpy(), mode="lines+markers",
                              name="budget-mask share"), secondary_y=True)
-    fig.update_yaxes(title_text="δ_b (probability per unit weight)", secondary_y=False)
+    fig.update_yaxes(title_text="δ_b (probability per unit weight)", secondary_y=False,
+                     range=_value_range(by_step["delta_b_mean"].cast(pl.Float64).to_numpy()))
     fig.update_yaxes(title_text="budget-masked / masked tokens (%)", range=[0, 100], secondary_y=True)
     fig.update_layout(**LAYOUT, title=title or "Prefix budget per step (CPPO Fig. 7)", xaxis_title="training step")
     return fig

@@ -175,9 +175,40 @@ def iter_step_frames(source: Any, *, step_range=None, columns: Sequence[str] | N
             yield step, frame
 
 
+@dataclass
+class BatchSet:
+    """The batches of a step range, rebuilt once and held in memory, so that rules can be recomputed on them
+    many times without reading the run again (the app's What-if sliders). Any function that takes a token
+    source and streams it through :func:`iter_batches` (``recompute``, ``recompute_many``,
+    ``budget_exhaustion``) accepts one; ``meta`` and ``name`` stand in for the run's."""
+
+    batches: list[Batch]
+    meta: dict = field(default_factory=dict)
+    name: str | None = None
+    step_range: tuple | None = None
+
+    @property
+    def n_tokens(self) -> int:
+        return sum(b.n_tokens for b in self.batches)
+
+
+def load_batches(source: Any, *, step_range=None, progress: bool = False) -> BatchSet:
+    """:func:`iter_batches` collected into a :class:`BatchSet` (memory: every batch of ``step_range``)."""
+    if isinstance(source, (str, Path)):
+        source = _open_run(Path(source))
+    return BatchSet(list(iter_batches(source, step_range=step_range, progress=progress)), meta=run_meta(source),
+                    name=getattr(source, "name", None), step_range=step_range)
+
+
 def iter_batches(source: Any, *, step_range=None, columns: Sequence[str] | None = None,
                  progress: bool = False) -> Iterator[Batch]:
-    """Yield one :class:`Batch` per (step, update, rank), in (step, update, rank) order."""
+    """Yield one :class:`Batch` per (step, update, rank), in (step, update, rank) order.
+
+    ``source`` may be a :class:`BatchSet` (its batches inside ``step_range`` are yielded as they are)."""
+    if isinstance(source, BatchSet):
+        lo, hi = step_range if step_range is not None else (None, None)
+        yield from (b for b in source.batches if (lo is None or b.step >= lo) and (hi is None or b.step <= hi))
+        return
     if isinstance(source, (str, Path)):
         source = _open_run(Path(source))
     lf = load_tokens(source)
@@ -231,13 +262,33 @@ class RecomputeResult:
     side_table: Path | None = None
     bin_width: int = 64
     extra: dict = field(default_factory=dict)
+    relative: bool = False  # by_position bins are t / T fractions (n_rel_bins of them) instead of positions
+    n_rel_bins: int = 20
+
+
+def position_bins(batch: Batch, *, bin_width: int = 64, relative: bool = False, n_rel_bins: int = 20) -> np.ndarray:
+    """(N,) int64 position bin of each valid token (row-major order), as ``analyses.position_stats`` bins:
+    ``pos // bin_width``, or with ``relative=True`` the bin of t / T in ``n_rel_bins`` equal bins of (0, 1]
+    (t = pos + 1, T = max(pos) + 1 of the response: ``ceil(n_rel_bins * t / T)`` clipped to 1..n, minus 1)."""
+    pos = batch.unpad(batch.positions).astype(np.int64)  # (N,)
+    if not relative:
+        if bin_width < 1:
+            raise ValueError(f"bin_width: expected an integer >= 1, found {bin_width}")
+        return pos // bin_width
+    if n_rel_bins < 1:
+        raise ValueError(f"n_rel_bins: expected an integer >= 1, found {n_rel_bins}")
+    mask = batch.response_mask.numpy()  # (B, T)
+    length = np.where(mask, batch.positions, -1).max(axis=1) + 1  # (B,) T of each row
+    rows = np.nonzero(mask)[0]  # (N,)
+    rel = (pos + 1).astype(np.float64) / length[rows]
+    return np.clip(np.ceil(rel * n_rel_bins), 1, n_rel_bins).astype(np.int64) - 1
 
 
 class _PosCounter:
     """Running per-position-bin counts (numpy bincount, grows as needed)."""
 
-    def __init__(self, bin_width: int):
-        self.bin_width = bin_width
+    def __init__(self, bin_width: int, relative: bool = False, n_rel_bins: int = 20):
+        self.bin_width, self.relative, self.n_rel_bins = bin_width, relative, n_rel_bins
         self.counts: dict[str, np.ndarray] = {}
 
     def add(self, name: str, bins: np.ndarray, weights: np.ndarray | None = None):
@@ -257,6 +308,9 @@ class _PosCounter:
             v = self.counts.get(k, np.zeros(0))
             data[k] = np.pad(v, (0, n - len(v)))
         df = pl.DataFrame(data)
+        if self.relative:  # fractions of the response length, as position_stats(relative=True)
+            return df.with_columns(bin_start=pl.col("bin") / self.n_rel_bins,
+                                   bin_end=(pl.col("bin") + 1) / self.n_rel_bins)
         return df.with_columns(
             bin_start=(pl.col("bin") * self.bin_width).cast(pl.Float64),
             bin_end=((pl.col("bin") + 1) * self.bin_width).cast(pl.Float64),
@@ -271,10 +325,10 @@ class _Accumulator:
     """Running summaries of one rule's masks over the batches of a run."""
 
     def __init__(self, rule: str, params: dict, bin_width: int, side_path: Path | None = None,
-                 rule_metrics: bool = True):
+                 rule_metrics: bool = True, relative: bool = False, n_rel_bins: int = 20):
         self.rule, self.params, self.bin_width, self.side_path = rule, params, bin_width, side_path
         self.rule_metrics = rule_metrics
-        self.pos_counter = _PosCounter(bin_width)
+        self.pos_counter = _PosCounter(bin_width, relative, n_rel_bins)
         self.step_rows: list[dict] = []
         self.metric_rows: list[dict] = []
         self.sign_counts = {s: np.zeros(3) for s in ("pos", "neg", "zero")}  # valid, masked, budget
@@ -286,7 +340,6 @@ class _Accumulator:
         reason = batch.unpad(res.reason).astype(np.uint8)
         masked = ~keep
         adv = batch.unpad(batch.advantages)
-        pos = batch.unpad(batch.positions)
         anchor_logp = batch.logp_old if anchor == "old" and batch.logp_old is not None else batch.logp_rollout
         away = batch.unpad(away_mask(batch, anchor_logp))
         n, n_m = keep.shape[0], int(masked.sum())
@@ -299,7 +352,8 @@ class _Accumulator:
             self.sign_counts[s] += (sel.sum(), (masked & sel).sum(), ((reason == 2) & sel).sum())
             row[f"n_valid_{s}_adv"] = int(sel.sum())
             row[f"n_masked_{s}_adv"] = int((masked & sel).sum())
-        bins = (pos // self.bin_width).astype(np.int64)
+        pc = self.pos_counter
+        bins = position_bins(batch, bin_width=self.bin_width, relative=pc.relative, n_rel_bins=pc.n_rel_bins)
         self.pos_counter.add("n_valid", bins)
         self.pos_counter.add("n_masked", bins, masked.astype(np.float64))
         self.pos_counter.add("n_budget", bins, (reason == 2).astype(np.float64))
@@ -354,8 +408,10 @@ class _Accumulator:
                 "reason": pa.array([], pa.uint8())}), self.side_path)
 
     def result(self) -> "RecomputeResult":
-        return _summarise(self.rule, self.params, self.step_rows, self.metric_rows, self.pos_counter,
-                          self.sign_counts, self.agree, self.side_path, self.bin_width)
+        res = _summarise(self.rule, self.params, self.step_rows, self.metric_rows, self.pos_counter,
+                         self.sign_counts, self.agree, self.side_path, self.bin_width)
+        res.relative, res.n_rel_bins = self.pos_counter.relative, self.pos_counter.n_rel_bins
+        return res
 
 
 def recompute_many(
@@ -367,18 +423,22 @@ def recompute_many(
     anchor: str | None = None,
     rule_metrics: bool = False,
     progress: bool = True,
+    relative: bool = False,
+    n_rel_bins: int = 20,
 ) -> dict[str, "RecomputeResult"]:
     """Several rules over one pass of the run: ``specs`` maps a label to (rule name, params).
 
     ``rule_metrics``: also collect each rule's own ``res.metrics`` per batch into ``metrics_by_step``
-    (off by default here: it costs the rule extra reductions)."""
+    (off by default here: it costs the rule extra reductions). ``relative``: ``by_position`` over t / T
+    in ``n_rel_bins`` bins (see :func:`position_bins`)."""
     if anchor is None:
         anchor = run_meta(source).get("anchor") or "rollout"
     from cppo_diag.masks import get_rule  # raises, listing the known rules, on an unknown name
 
     for rule, _ in specs.values():
         get_rule(rule)
-    accs = {label: _Accumulator(rule, dict(params or {}), bin_width, rule_metrics=rule_metrics)
+    accs = {label: _Accumulator(rule, dict(params or {}), bin_width, rule_metrics=rule_metrics, relative=relative,
+                                n_rel_bins=n_rel_bins)
             for label, (rule, params) in specs.items()}
     for batch in iter_batches(source, step_range=step_range, progress=progress):
         for label, (rule, params) in specs.items():
@@ -399,6 +459,8 @@ def recompute(
     on_batch: Callable[[Batch, Any], None] | None = None,
     rule_metrics: bool = True,
     progress: bool = True,
+    relative: bool = False,
+    n_rel_bins: int = 20,
 ) -> RecomputeResult:
     """Recompute ``rule`` (a registered name of ``cppo_diag.masks``) with ``params`` over a run.
 
@@ -411,6 +473,9 @@ def recompute(
     this parquet file. ``anchor``: "rollout" or "old"; default the run's meta anchor (else "rollout").
     ``on_batch(batch, mask_result)`` is called for every batch (used by the budget analysis).
     ``rule_metrics=False`` skips evaluating the rule's own metrics (``metrics_by_step`` stays empty).
+    ``relative=True``: ``by_position`` bins are t / T in ``n_rel_bins`` equal bins of (0, 1], as
+    ``position_stats(relative=True)`` (``bin_start``/``bin_end`` are fractions).
+    ``source`` may be a :class:`BatchSet` (:func:`load_batches`) to recompute without re-reading the run.
     """
     params = dict(params or {})
     if anchor is None:
@@ -418,7 +483,8 @@ def recompute(
     from cppo_diag.masks import get_rule  # raises, listing the known rules, on an unknown name
 
     get_rule(rule)
-    acc = _Accumulator(rule, params, bin_width, Path(side_table) if side_table else None, rule_metrics=rule_metrics)
+    acc = _Accumulator(rule, params, bin_width, Path(side_table) if side_table else None, rule_metrics=rule_metrics,
+                       relative=relative, n_rel_bins=n_rel_bins)
     try:
         for batch in iter_batches(source, step_range=step_range, progress=progress):
             res = run_rule(batch, rule, params, anchor=anchor, return_internals=return_internals)

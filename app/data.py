@@ -182,16 +182,14 @@ def _collect(out: Any) -> Any:
 
 
 def _analysis_fn(name: str):
-    """The public function ``analyses.<name>``, looked up through the package's export table: once the
-    submodule ``analyses.recompute`` is imported, the attribute ``analyses.recompute`` is that module, not
-    the function of the same name."""
-    import importlib
+    """The public function ``analyses.<name>`` (the package keeps ``analyses.recompute`` bound to the
+    function even after the submodule of that name is imported)."""
+    import types
 
     import analyses
 
-    module = getattr(analyses, "_LAZY", {}).get(name)
-    fn = getattr(importlib.import_module(module), name) if module else getattr(analyses, name)
-    if not callable(fn):
+    fn = getattr(analyses, name)
+    if not callable(fn) or isinstance(fn, types.ModuleType):
         raise TypeError(f"analyses.{name}: expected a function, found {type(fn).__name__}")
     return fn
 
@@ -212,6 +210,42 @@ def analysis(name: str, path: str, **kwargs: Any) -> Any:
     """
     p = str(confine(path))
     return _analysis(name, p, run_version(p), tuple(sorted(kwargs.items())))
+
+
+# What-if: the batches of the chosen steps are rebuilt once and kept (bounded by tokens and entries), so a slider
+# move only re-runs the rule on them instead of reading and re-padding the steps again.
+WHATIF_BATCH_TOKENS = 2_000_000
+MAX_BATCH_SETS = 2
+
+
+@st.cache_resource(max_entries=MAX_BATCH_SETS, ttl=TTL_S, show_spinner=False)
+def _batch_set(path: str, version: tuple, step_range: tuple | None):
+    from analyses.recompute import load_batches
+
+    return load_batches(_open(path, version), step_range=step_range)
+
+
+@st.cache_data(max_entries=MAX_AGGREGATES, ttl=TTL_S, show_spinner=False)
+def _recompute_steps(path: str, version: tuple, step_range: tuple | None, kwargs: tuple) -> Any:
+    import analyses
+
+    counts = _tokens_per_step(path, version)
+    lo, hi = step_range if step_range is not None else (None, None)
+    n = sum(v for s, v in counts.items() if (lo is None or s >= lo) and (hi is None or s <= hi))
+    source = _batch_set(path, version, step_range) if n <= WHATIF_BATCH_TOKENS else _open(path, version)
+    kw = dict(kwargs)
+    kw["params"] = dict(kw["params"])
+    return analyses.recompute(source, step_range=step_range, rule_metrics=False, progress=False, **kw)
+
+
+def recompute_steps(path: str, *, rule: str, params: dict[str, Any], step_range: tuple[int, int] | None,
+                    bin_width: int) -> Any:
+    """``analyses.recompute(run, rule, params=...)`` on ``step_range`` for slider-driven pages: the steps'
+    batches are read and rebuilt once (up to ``WHATIF_BATCH_TOKENS`` tokens; larger ranges stream from disk)
+    and each new parameter value only re-runs the rule. The rule's own per-batch metrics are skipped."""
+    p = str(confine(path))
+    kw = (("bin_width", int(bin_width)), ("params", tuple(sorted(params.items()))), ("rule", rule))
+    return _recompute_steps(p, run_version(p), None if step_range is None else tuple(step_range), kw)
 
 
 @st.cache_data(max_entries=MAX_TOKEN_SLICES, ttl=TTL_S, show_spinner=False)
@@ -357,9 +391,10 @@ def selected() -> list[str]:
 
 def clear_all_caches() -> None:
     discover.clear()
-    for fn in (_analysis, _step_tokens, _step_sequences, _steps, _completed, _run_row):
+    for fn in (_analysis, _recompute_steps, _step_tokens, _step_sequences, _steps, _completed, _run_row):
         fn.clear()
     _open.clear()
+    _batch_set.clear()
 
 
 # -- small per-run facts -----------------------------------------------------------------------------------

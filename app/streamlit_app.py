@@ -2,7 +2,7 @@
 
 The pages folder is deliberately not named ``pages/``: Streamlit 1.67 still switches to its legacy
 multipage mode when a ``pages/`` folder sits next to the main script, and then runs a page file directly
-(without this router and its sidebar) when a session starts on that page's URL.
+(without this router and its sidebar) when a session starts on that page's URL (details in docs/app.md).
 
 Run it with ``cppo-diag app [--root DIR ...]`` (or ``streamlit run app/streamlit_app.py -- --root DIR``).
 The sidebar built here is shared by every page: the run roots, the selected runs (kept in session state

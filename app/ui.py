@@ -5,6 +5,7 @@ Pages stay UI-only: data comes from :mod:`app.data` (which calls the reader and 
 
 from __future__ import annotations
 
+import html
 from collections.abc import Sequence
 from typing import Any
 
@@ -100,8 +101,6 @@ def plot(fig: Any, key: str, *, tight: bool = True) -> None:
     """Draw a plotly figure; ``tight=False`` keeps the figure's own margins (the analyses' builders)."""
     if tight:
         fig.update_layout(margin=dict(l=10, r=10, t=40, b=10))
-    else:  # the builders put the legend above the plot, where it collides with the title: move it below
-        fig.update_layout(legend=dict(orientation="h", yanchor="top", y=-0.22, x=0), margin=dict(b=110))
     st.plotly_chart(fig, key=key, config=PLOT_CONFIG, theme="streamlit" if tight else None)
 
 
@@ -110,3 +109,11 @@ def need(condition: bool, message: str) -> None:
     if not condition:
         st.info(message)
         st.stop()
+
+
+def token_span(text: str, *, title: str, css_class: str, style: str) -> str:
+    """One token of the inspector as an HTML ``<span>``: ``text`` (the raw token string) and ``title`` are
+    HTML-escaped exactly once here, so the browser shows the token as written ('&' as '&', '<b>' as text);
+    a newline is shown as '↵' and breaks the line. ``css_class`` and ``style`` are the app's own markup."""
+    shown = html.escape(text, quote=True).replace("\n", "↵<br>")
+    return f'<span class="{css_class}" title="{html.escape(title, quote=True)}" style="{style}">{shown}</span>'

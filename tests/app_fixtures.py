@@ -18,7 +18,9 @@ DEFAULT_RUNS = (
     ("grpo-run", "grpo_clip", {}),
 )
 # Token strings, including characters that must be escaped in the inspector's HTML.
-VOCAB = ["the", " sum", " is", " 12", "+", "34", "=", "46", ",", " <b>", "&amp;", "\n", " \"q\"", " 'x'", " 7", " 9"]
+# The inspector must show each exactly as written (escaped once): '&' as '&', '<script>' as text, not as markup.
+VOCAB = ["the", " sum", " is", " 12", "+", "34", "=", "46", ",", " <b>", " &", "\n", " \"q\"", " 'x'", " 7",
+         "<script>alert(1)</script>"]
 
 
 def _step_batch(rng: np.random.Generator, seqs: int, max_len: int, noise: float, drift: float):

@@ -71,3 +71,24 @@ def test_empty_tables_give_a_message_not_an_error(tables, module):
     for name, table, kw in _calls(tables):
         fig = getattr(module, name)(table.head(0) if isinstance(table, pl.DataFrame) else table, **kw)
         assert fig is not None
+
+
+def test_plotly_legends_sit_below_the_plot_not_on_the_title(tables):
+    """A legend anchored above the plot area (y > 1) collides with the title once it wraps."""
+    for name, table, kw in _calls(tables):
+        fig = getattr(PP, name)(table, **kw)
+        legend = fig.layout.legend
+        assert legend.y is not None and legend.y < 0 and legend.yanchor == "top", name
+        assert fig.layout.margin.b >= 100, name  # room for the x-axis title and the legend
+
+
+@pytest.mark.parametrize("values", [[0.031], [0.028, 0.033, 0.03], [0.0, 0.0]])
+def test_plotly_budget_axis_fits_small_delta_b(values):
+    """One step (or a few) of delta_b near 0.03: the axis spans 0..just above the largest value, instead of
+    plotly's autorange around a single point (about -0.5..1), which flattens the curve."""
+    by_step = pl.DataFrame({"step": list(range(len(values))), "delta_b_mean": values,
+                            "budget_share": [0.4] * len(values)})
+    fig = PP.fig_budget_by_step(by_step)
+    lo, hi = fig.layout.yaxis.range
+    assert lo == 0 and max(values) <= hi <= max(max(values) * 1.5, 1e-5)
+    assert fig.layout.yaxis2.range == (0, 100)

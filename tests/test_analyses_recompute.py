@@ -167,3 +167,67 @@ def test_package_attribute_recompute_stays_the_function():
     from analyses.recompute import iter_batches as ib
 
     assert callable(ib)
+
+
+def test_relative_position_bins_match_a_plain_loop_and_position_stats(run):
+    """relative=True: bin = ceil(n * t / T) - 1 with t = pos + 1, T = the response's max(pos) + 1, as in
+    position_stats(relative=True) (same token counts per bin)."""
+    from analyses.position import position_stats
+
+    n_bins = 10
+    res = recompute(run, "dppo", params={"delta": 0.05}, relative=True, n_rel_bins=n_bins, progress=False)
+    df = pl.read_parquet(sorted((run / "tokens").glob("*/*.parquet")))
+    key = ["step", "update", "rank", "seq_id"]
+    T = df.group_by(key).agg(T=pl.col("pos").max() + 1)
+    counts = np.zeros(n_bins)
+    for pos, t_len in df.join(T, on=key).select("pos", "T").iter_rows():
+        counts[min(max(int(np.ceil(n_bins * (pos + 1) / t_len)), 1), n_bins) - 1] += 1
+    bp = res.by_position.sort("bin")
+    np.testing.assert_array_equal(bp["n_valid"].to_numpy(), counts)
+    assert bp["bin_start"].to_list() == pytest.approx([i / n_bins for i in range(n_bins)])
+    assert res.relative and res.by_position["n_masked"].sum() == res.overall["n_masked"]
+    ps = position_stats(run, metrics=("tv",), relative=True, n_rel_bins=n_bins).sort("bin")
+    np.testing.assert_array_equal(ps["count"].to_numpy(), counts)
+
+
+def test_batch_set_gives_the_same_results_as_the_run(run):
+    from analyses.recompute import BatchSet, load_batches
+
+    steps = sorted(pl.read_parquet(sorted((run / "tokens").glob("*/*.parquet")))["step"].unique().to_list())
+    sr = (steps[1], steps[-1])
+    bs = load_batches(run, step_range=sr)
+    assert isinstance(bs, BatchSet) and bs.n_tokens > 0 and bs.meta.get("rule") == "cppo"
+    for params in ({"delta": 0.1}, {"delta": 0.2, "delta_b": 0.05}):
+        a = recompute(run, "cppo", params=params, step_range=sr, progress=False)
+        b = recompute(bs, "cppo", params=params, step_range=sr, progress=False)
+        assert a.overall == b.overall and a.agreement == b.agreement
+        assert a.by_position.equals(b.by_position) and a.by_step.equals(b.by_step)
+    # A narrower step range on the set yields only its steps.
+    c = recompute(bs, "cppo", step_range=(steps[-1], steps[-1]), progress=False)
+    assert c.by_step["step"].to_list() == [steps[-1]]
+
+
+def test_compare_runs_relative_positions(run):
+    """compare_runs(relative=True): the recomputed rules' by_position equals recompute(relative=True), and
+    the applied mask's row is binned by t / T too (checked against a plain computation)."""
+    from analyses.compare import compare_runs
+
+    n_bins = 8
+    cmp = compare_runs([run], ("dppo",), params={"dppo": {"delta": 0.05}}, relative=True, n_rel_bins=n_bins,
+                       progress=False)
+    rec = recompute(run, "dppo", params={"delta": 0.05}, relative=True, n_rel_bins=n_bins, progress=False)
+    mine = cmp.by_position.filter(pl.col("rule") == "dppo").sort("bin")
+    np.testing.assert_allclose(mine["masked_frac"].to_numpy(), rec.by_position.sort("bin")["masked_frac"].to_numpy())
+    assert float(cmp.by_position["bin_end"].max()) == pytest.approx(1.0)
+
+    df = pl.read_parquet(sorted((run / "tokens").glob("*/*.parquet")))
+    key = ["step", "update", "rank", "seq_id"]
+    df = df.join(df.group_by(key).agg(T=pl.col("pos").max() + 1), on=key)
+    b = np.clip(np.ceil(n_bins * (df["pos"].to_numpy() + 1) / df["T"].to_numpy()), 1, n_bins).astype(int) - 1
+    masked = ~df["keep_applied"].to_numpy()
+    expect = [masked[b == i].mean() for i in range(n_bins)]
+    applied = cmp.by_position.filter(pl.col("rule").str.starts_with("applied:")).sort("bin")
+    assert applied["bin"].to_list() == list(range(n_bins))
+    np.testing.assert_allclose(applied["masked_frac"].to_numpy(), expect)
+    # Absolute bins stay the default.
+    assert float(compare_runs([run], ("dppo",), progress=False).by_position["bin_end"].max()) > 1

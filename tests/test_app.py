@@ -113,6 +113,7 @@ def test_divergence_page_statistic_and_bins_change_the_chart(app):
     # The masked-fraction chart has the applied mask and the recomputed rule.
     names = {t["name"] for t in traces(at, 1)}
     assert any(n.startswith("applied:") for n in names) and "dppo" in names
+    assert max(x for t in traces(at, 1) for x in t["x"]) < 1.0  # masked fraction over t / T too
 
 
 def test_divergence_page_advantage_sign_filters_tokens(app):
@@ -147,6 +148,22 @@ def test_compare_page_shows_each_chosen_run(app, root):
     assert "cppo-run · reward/mean" in curves
 
 
+def test_compare_page_relative_positions(app, root):
+    at = app("views/compare.py")
+    at.multiselect(key="cmp_runs").set_value([str((root / n).resolve()) for n in ("cppo-run", "dppo-run")]).run()
+    _ok(at)
+    xs = [x for t in traces(at, 1) for x in t["x"]]
+    assert max(xs) > 1  # absolute: bin starts in token positions
+    at.radio(key="cmp_pos").set_value("relative").run()
+    _ok(at)
+    spec = charts(at)[1]
+    xs = [x for t in traces(at, 1) for x in t["x"]]
+    assert 0 <= min(xs) and max(xs) < 1 and len(set(xs)) > 5  # t / T bins
+    assert "relative" in spec["layout"]["xaxis"]["title"]["text"]
+    names = {t["name"] for t in traces(at, 1)}
+    assert "cppo-run · applied:cppo" in names and "dppo-run · cppo" in names
+
+
 def _seq_value(label: str) -> str:
     """The selectbox value ("update:rank:seq_id") of an inspector option label (fixtures: update 0, rank 0)."""
     return f"0:0:{int(label.split(' · ')[0].removeprefix('seq '))}"
@@ -157,6 +174,8 @@ def test_inspector_page_marks_tokens_and_escapes_text(app):
     body = at.get("html")[0].value
     assert body.count('class="tok') > 8
     assert " <b>" not in body and "title=" in body  # token text is escaped, values on hover
+    assert "<script" not in body and "&amp;amp;" not in body  # escaped exactly once
+    assert "&lt;script&gt;" in body or " &amp;" in body
     first = body
     options = at.selectbox(key="insp_seq").options
     assert len(options) > 1
@@ -166,6 +185,49 @@ def test_inspector_page_marks_tokens_and_escapes_text(app):
     # Internals under the text: w_t, Z_t, c_t, S_t.
     names = {t.get("name") for t in traces(at)}
     assert {"w_t", "Z_t", "c_t", "S_t"} <= names
+
+
+def test_inspector_slack_has_its_own_axis_with_its_full_range(app):
+    """c_t falls far below zero once the budget is spent: it gets its own panel, whose y range is not
+    clipped (an unset range autoscales to every value), and the panel is labelled."""
+    at = app("views/inspector.py")
+    spec = charts(at)[0]
+    c = next(t for t in spec["data"] if t.get("name") == "c_t")
+    z = next(t for t in spec["data"] if t.get("name") == "Z_t")
+    assert c.get("yaxis", "y") != z.get("yaxis", "y")
+    axis = spec["layout"]["yaxis" + c["yaxis"][1:]]
+    assert "range" not in axis and axis["title"]["text"] == "c_t"
+    titles = [a["text"] for a in spec["layout"]["annotations"]]
+    assert any(t.startswith("slack c_t") for t in titles)
+
+
+def test_token_span_escapes_exactly_once():
+    from html.parser import HTMLParser
+
+    from app.ui import token_span
+
+    class Collect(HTMLParser):
+        def __init__(self):
+            super().__init__(convert_charrefs=True)
+            self.text, self.tags, self.attrs = "", [], {}
+
+        def handle_starttag(self, tag, attrs):
+            self.tags.append(tag)
+            if tag == "span":
+                self.attrs = dict(attrs)
+
+        def handle_data(self, data):
+            self.text += data
+
+    for raw in ("<script>alert(1)</script>", "&", "&amp;", '"q"', "a\"b' onmouseover='x", "<b>", "plain"):
+        parsed = Collect()
+        parsed.feed(token_span(raw, title=f'pos 1 | {raw}', css_class="tok r0", style="color:red"))
+        assert parsed.text == raw  # what the browser shows is the token as written
+        assert parsed.tags == ["span"]  # no markup injected
+        assert parsed.attrs["title"] == f"pos 1 | {raw}" and parsed.attrs["class"] == "tok r0"
+    parsed = Collect()
+    parsed.feed(token_span("a\nb", title="t", css_class="tok", style=""))
+    assert parsed.text == "a↵b" and parsed.tags == ["span", "br"]
 
 
 def test_inspector_search_filters_sequences(app):

@@ -92,3 +92,20 @@ def test_launch_can_wait_for_a_root_a_trainer_will_create(tmp_path, monkeypatch)
     app_cmd.launch([str(later)], port=8766, allow_missing=True)
     assert started["env"][app_cmd.ROOTS_ENV] == str(later.resolve())
     assert started["cmd"][-2:] == ["--root", str(later.resolve())]
+
+
+def test_analysis_functions_resolve_to_functions_after_submodule_imports():
+    """``analyses.recompute`` is both a submodule and a function; the app gets the function either way."""
+    import analyses.recompute  # noqa: F401  (the submodule import must not shadow the function)
+    from app import data
+
+    for name in ("recompute", "position_stats", "compare_runs", "budget_exhaustion", "whatif_sweep"):
+        fn = data._analysis_fn(name)
+        assert callable(fn) and fn.__name__ == name
+
+
+def test_pages_folder_is_views_not_pages():
+    """A `pages/` folder next to streamlit_app.py would switch Streamlit to its legacy multipage mode
+    (docs/app.md, "Layout of app/")."""
+    app_dir = Path(data.__file__).resolve().parent
+    assert (app_dir / "views").is_dir() and not (app_dir / "pages").exists()

@@ -266,6 +266,12 @@ def _walk_every_page(page, server) -> None:
     latencies["first_load_inspector"] = round(time.perf_counter() - t0, 3)
     page.locator(".tokens .tok").first.wait_for()
     assert page.locator(".tokens .tok").count() > 5
+    if not BENCH_TOKENS:  # the fixture's token strings are shown exactly as written ('&', '<script>' as text)
+        from tests.app_fixtures import VOCAB
+
+        shown = page.evaluate("() => [...document.querySelectorAll('.tokens .tok')].map(s => s.textContent)")
+        assert set(shown) <= {v.replace("\n", "↵") for v in VOCAB}, set(shown) - set(VOCAB)
+        assert page.locator(".tokens script, .tokens b").count() == 0
     first = page.locator(".tokens").first.inner_html()
     timed(latencies, "inspector_next_sequence",
           lambda: (page.get_by_test_id("stSelectbox").filter(has_text="Sequence (").first.click(),

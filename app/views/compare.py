@@ -9,6 +9,8 @@ import streamlit as st
 
 from app import controls, data, ui
 
+N_REL_BINS = 20  # bins of t / T in (0, 1] when the position is relative (as on Divergence by position)
+
 st.title("Compare runs")
 runs = ui.runs_or_stop()
 if "cmp_runs" not in st.session_state:
@@ -17,15 +19,20 @@ st.session_state["cmp_runs"] = [p for p in st.session_state["cmp_runs"] if p in 
 chosen = st.multiselect("Runs to compare", runs, format_func=data.label, key="cmp_runs")
 ui.need(len(chosen) >= 1, "Pick at least one run (two or more to compare).")
 
-c1, c2 = st.columns([3, 1])
+c1, c2, c3 = st.columns([3, 1, 1])
 rules = c1.multiselect("Rules recomputed on every run", controls.recompute_rules(),
                        default=[r for r in ("grpo_clip", "dppo", "cppo") if r in controls.recompute_rules()],
                        key="cmp_rules")
 window = c2.radio("Steps of each run", ["latest", "all"], horizontal=True, key="cmp_window",
                   help=f"latest: each run's latest steps up to {controls.RECOMPUTE_TOKENS:,} tokens (fast on big "
                   "runs); all: every step (recomputing rules on a 50M-token run takes minutes, once)")
+position = c3.radio("Position", ["absolute", "relative"], horizontal=True, key="cmp_pos",
+                    help="relative: the masked fraction over t / T (t = pos + 1, T = the response length) in "
+                    f"{N_REL_BINS} equal bins, so responses of different lengths line up")
+relative = position != "absolute"
 params = controls.rule_params_widget(chosen[0], key="cmp_params")
-bin_width = controls.bin_width(max(controls.default_bin_width(p) for p in chosen), key="cmp_bw")
+bin_width = 64 if relative else controls.bin_width(max(controls.default_bin_width(p) for p in chosen),
+                                                    key="cmp_bw")
 
 
 def _range(path: str) -> tuple[int, int] | None:
@@ -44,7 +51,8 @@ for i, path in enumerate(chosen):
     rng = _range(path)
     if rng is not None:
         res = data.compare_one(path, rules=tuple(rules), params=rule_params, step_range=rng,
-                               bin_width=int(bin_width), include_applied=True)
+                               bin_width=int(bin_width), include_applied=True, relative=relative,
+                               n_rel_bins=N_REL_BINS)
         summaries.append(res.summary.with_columns(steps=pl.lit(f"{rng[0]}-{rng[1]}")))
         by_pos.append(res.by_position)
         by_step.append(res.by_step)
@@ -74,7 +82,8 @@ if by_step:
                    "step"), key="cmp_by_step")
 pos = pl.concat(by_pos, how="diagonal_relaxed")
 if pos.height:
-    ui.plot(_lines(pos, "bin_start", "masked_frac", "Masked fraction by position", "position (bin start)"),
+    ui.plot(_lines(pos, "bin_start", "masked_frac", "Masked fraction by position",
+                   "relative position t / T (bin start)" if relative else "position (bin start)"),
             key="cmp_by_pos")
 
 curves = []

@@ -82,17 +82,16 @@ mask_range = controls.step_range(path, key="div_mask_steps", default_tokens=cont
                                  label="Steps for the masked fraction", what="Rules recomputed")
 if rules or controls.has_applied(path):
     by_pos = data.compare_one(path, rules=tuple(rules), params={r: controls.params_for(r, params) for r in rules},
-                              step_range=mask_range,
-                              bin_width=int(bin_width), include_applied=True).by_position
+                              step_range=mask_range, bin_width=int(bin_width), include_applied=True,
+                              relative=relative, n_rel_bins=int(n_rel_bins)).by_position
     if by_pos.height:
         fig2 = go.Figure()
         for (rule,), part in by_pos.sort("bin_start").group_by("rule", maintain_order=True):
-            fig2.add_scatter(x=part["bin_start"], y=part["masked_frac"], mode="lines+markers", name=str(rule))
-        fig2.update_layout(xaxis_title="position (token index, bin start)", yaxis_title="masked fraction",
+            xs = (part["bin_start"] + part["bin_end"]) / 2 if relative else part["bin_start"]
+            fig2.add_scatter(x=xs, y=part["masked_frac"], mode="lines+markers", name=str(rule))
+        fig2.update_layout(xaxis_title=x_title, yaxis_title="masked fraction",
                            yaxis_tickformat=".1%", hovermode="x unified", legend=dict(orientation="h", y=-0.2))
         ui.plot(fig2, key="div_masked_fig")
-        if relative:
-            st.caption("Masked fraction is drawn over absolute positions.")
     else:
         st.info("No tokens in the step range.")
 else:

@@ -5,8 +5,6 @@ Only the selected step's token rows are read (``data.step_tokens``)."""
 
 from __future__ import annotations
 
-import html
-
 import numpy as np
 import polars as pl
 import streamlit as st
@@ -117,9 +115,9 @@ for r in seq.iter_rows(named=True):
         if r.get(name) is not None:
             title += f" | {lab} {r[name]:.4f}"
     title += f" | {controls.REASON_LABELS.get(reason, reason)}"
-    text = html.escape(texts[r["pos"]] if r["pos"] < len(texts) else "·").replace("\n", "↵<br>")
-    spans.append(f'<span class="tok r{reason}" title="{html.escape(title)}" '
-                 f'style="background:rgba(31,119,180,{a:.2f});{REASON_STYLE.get(reason, "")}">{text}</span>')
+    spans.append(ui.token_span(texts[r["pos"]] if r["pos"] < len(texts) else "·", title=title,
+                               css_class=f"tok r{reason}",
+                               style=f"background:rgba(31,119,180,{a:.2f});{REASON_STYLE.get(reason, '')}"))
 legend = ('<div class="legend">background: |π − μ| (full colour at the step\'s p99 = '
           f'{scale:.3g}) · <span style="{REASON_STYLE[1]}">token threshold</span> · '
           f'<span style="{REASON_STYLE[2]}">prefix budget</span> · hover a token for its values</div>')
@@ -132,27 +130,33 @@ st.html(
 # -- internals under the text --------------------------------------------------------------------------------
 pos = seq["pos"].to_numpy()
 masked = seq["m_keep"].fill_null(True).not_().to_numpy()
-fig = make_subplots(rows=3, cols=1, shared_xaxes=True, vertical_spacing=0.05, row_heights=[0.5, 0.25, 0.25],
-                    subplot_titles=("Z_t = w_t·|π−μ| and the slack c_t", "w_t", "S_t (cumulative Z)"))
+# c_t gets its own panel: once the budget is spent it falls far below zero (it is unbounded below), which
+# would squeeze Z_t into a flat line if both shared an axis.
+fig = make_subplots(rows=4, cols=1, shared_xaxes=True, vertical_spacing=0.06, row_heights=[0.34, 0.28, 0.19, 0.19],
+                    subplot_titles=("|π−μ| and Z_t = w_t·|π−μ| (× = masked)",
+                                    "slack c_t (budget left; < 0: every away token is masked)", "weight w_t",
+                                    "S_t (cumulative Z)"))
 fig.add_scatter(x=pos, y=tv, mode="lines", name="|π−μ|", line=dict(color="#1f77b4", width=1), row=1, col=1)
 if "Z" in seq.columns:
     fig.add_scatter(x=pos, y=seq["Z"], mode="lines", name="Z_t", line=dict(color="#2ca02c"), row=1, col=1)
-if "c" in seq.columns:
-    fig.add_scatter(x=pos, y=seq["c"], mode="lines", name="c_t", line=dict(color="#ff7f0e", dash="dash"), row=1, col=1)
 if masked.any():
     fig.add_scatter(x=pos[masked], y=tv[masked], mode="markers", name="masked",
                     marker=dict(color="#d62728", size=7, symbol="x"), row=1, col=1)
+fig.add_hline(y=float(params["delta"]), line=dict(color="#7f7f7f", dash="dot", width=1), row=1, col=1,
+              annotation_text="δ", annotation_position="top right")
+if "c" in seq.columns:
+    fig.add_scatter(x=pos, y=seq["c"], mode="lines", name="c_t", line=dict(color="#ff7f0e"), row=2, col=1)
+    fig.add_hline(y=0.0, line=dict(color="black", width=1), row=2, col=1)
 if "w" in seq.columns:
-    fig.add_scatter(x=pos, y=seq["w"], mode="lines", name="w_t", line=dict(color="#9467bd"), row=2, col=1)
+    fig.add_scatter(x=pos, y=seq["w"], mode="lines", name="w_t", line=dict(color="#9467bd"), row=3, col=1)
 if "S" in seq.columns:
-    fig.add_scatter(x=pos, y=seq["S"], mode="lines", name="S_t", line=dict(color="#8c564b"), row=3, col=1)
-fig.update_layout(height=520, hovermode="x unified", legend=dict(orientation="h", y=-0.12))
-# Keep Z_t readable: once the budget is spent c_t can fall far below zero; clip the view (hover keeps values).
-top = max(float(tv.max()), float(params["delta"])) * 1.15
-bottom = -2.0 * float(params["delta"])
-if "c" in seq.columns and seq["c"].min() is not None:
-    bottom = max(min(0.0, float(seq["c"].min())), bottom)
-fig.update_yaxes(range=[bottom * 1.05, top], row=1, col=1)
-fig.update_xaxes(title_text="position", row=3, col=1)
+    fig.add_scatter(x=pos, y=seq["S"], mode="lines", name="S_t", line=dict(color="#8c564b"), row=4, col=1)
+fig.update_layout(height=640, hovermode="x unified", legend=dict(orientation="h", yanchor="top", y=-0.08))
+fig.update_yaxes(title_text="probability", range=[0, max(float(tv.max()), float(params["delta"])) * 1.15],
+                 row=1, col=1)
+fig.update_yaxes(title_text="c_t", zeroline=True, row=2, col=1)  # full range: negative values stay visible
+fig.update_yaxes(title_text="w_t", row=3, col=1)
+fig.update_yaxes(title_text="S_t", row=4, col=1)
+fig.update_xaxes(title_text="position", row=4, col=1)
 ui.plot(fig, key="insp_fig")
 st.caption(f"{int(masked.sum())} masked of {seq.height} tokens ({mark}); advantage {row['advantage']:.3f}.")

@@ -1,5 +1,9 @@
 """What-if: recompute a rule with other parameters (delta, delta_b, w_min) on the selected steps and set
-its masked fraction and budget share against the rule the run applied."""
+its masked fraction and budget share against the rule the run applied.
+
+Speed: the sliders and everything they drive live in one ``st.fragment``, so a slider move reruns only that
+part of the page (not the sidebar, the run discovery or the step range), and ``data.recompute_steps`` keeps
+the chosen steps' batches in memory, so a new value only re-runs the rule on them (docs/benchmarks.md, "App")."""
 
 from __future__ import annotations
 
@@ -18,26 +22,8 @@ applied = controls.applied_rule(path)
 base_rule = applied or "cppo"
 base = controls.rule_defaults(path, base_rule)
 cppo = controls.rule_defaults(path, "cppo")
-
 rules = controls.recompute_rules()
-c1, c2, c3, c4 = st.columns(4)
-rule = c1.selectbox("Rule", rules, index=rules.index("cppo") if "cppo" in rules else 0, key="wi_rule")
-delta = c2.slider("δ", 0.01, 0.5, float(cppo["delta"]), 0.005, key="wi_delta")
-delta_b = c3.slider("δ_b", 0.0, 0.1, float(cppo["delta_b"]), 0.001, format="%.3f", key="wi_delta_b")
-w_min = c4.slider("w_min", 0.0, 1.0, float(cppo["w_min"]), 0.05, key="wi_wmin")
-spec = controls.rule_specs()[rule]
-params = {k: v for k, v in {"delta": delta, "delta_b": delta_b, "w_min": w_min}.items() if k in spec.params}
-if "eps_high" in spec.params or "eps_low" in spec.params:
-    e1, e2 = st.columns(2)
-    params["eps_low"] = e1.slider("eps_low", 0.0, 1.0, float(spec.params.get("eps_low") or 0.2), 0.01, key="wi_eps_low")
-    params["eps_high"] = e2.slider("eps_high", 0.0, 5.0, float(spec.params.get("eps_high") or 0.28), 0.01,
-                                   key="wi_eps_high")
 bin_width = controls.default_bin_width(path)
-
-new = data.analysis("recompute", path, rule=rule, params=params, step_range=step_range, bin_width=bin_width)
-base_params = {k: v for k, v in base.items() if k in controls.rule_specs()[base_rule].params}
-ref = data.analysis("recompute", path, rule=base_rule, params=base_params, step_range=step_range,
-                    bin_width=bin_width)
 ref_name = f"applied: {applied}" if applied else "reference: cppo (defaults)"
 
 
@@ -45,45 +31,71 @@ def _pct(v) -> str:
     return "–" if v is None else f"{100 * v:.2f}%"
 
 
-m1, m2, m3, m4 = st.columns(4)
-nf, rf = new.overall.get("masked_frac"), ref.overall.get("masked_frac")
-nb, rb = new.overall.get("budget_share"), ref.overall.get("budget_share")
-m1.metric(f"masked fraction ({rule})", _pct(nf),
-          delta=None if nf is None or rf is None else f"{100 * (nf - rf):+.2f} pp vs {ref_name}", delta_color="off")
-m2.metric(f"budget share ({rule})", _pct(nb),
-          delta=None if nb is None or rb is None else f"{100 * (nb - rb):+.2f} pp", delta_color="off")
-m3.metric(f"masked fraction ({ref_name})", _pct(rf))
-m4.metric("tokens recomputed", f"{new.overall.get('n_valid', 0):,}")
-if ref.agreement:
-    st.caption(f"The reference recompute agrees with the logged mask on {100 * ref.agreement['agreement']:.3f}% "
-               "of tokens.")
+@st.fragment
+def whatif() -> None:
+    """The parameter widgets and everything they drive: a widget change reruns this function only."""
+    c1, c2, c3, c4 = st.columns(4)
+    rule = c1.selectbox("Rule", rules, index=rules.index("cppo") if "cppo" in rules else 0, key="wi_rule")
+    delta = c2.slider("δ", 0.01, 0.5, float(cppo["delta"]), 0.005, key="wi_delta")
+    delta_b = c3.slider("δ_b", 0.0, 0.1, float(cppo["delta_b"]), 0.001, format="%.3f", key="wi_delta_b")
+    w_min = c4.slider("w_min", 0.0, 1.0, float(cppo["w_min"]), 0.05, key="wi_wmin")
+    spec = controls.rule_specs()[rule]
+    params = {k: v for k, v in {"delta": delta, "delta_b": delta_b, "w_min": w_min}.items() if k in spec.params}
+    if "eps_high" in spec.params or "eps_low" in spec.params:
+        e1, e2 = st.columns(2)
+        params["eps_low"] = e1.slider("eps_low", 0.0, 1.0, float(spec.params.get("eps_low") or 0.2), 0.01,
+                                      key="wi_eps_low")
+        params["eps_high"] = e2.slider("eps_high", 0.0, 5.0, float(spec.params.get("eps_high") or 0.28), 0.01,
+                                       key="wi_eps_high")
 
-fig = go.Figure()
-for name, res in ((f"{rule} (what-if)", new), (ref_name, ref)):
-    bp = res.by_position.sort("bin_start") if "bin_start" in res.by_position.columns else res.by_position
-    x = bp["bin_start"] if "bin_start" in bp.columns else bp["bin"] * res.bin_width
-    fig.add_scatter(x=x, y=bp["masked_frac"], mode="lines+markers", name=name)
-fig.update_layout(title="Masked fraction by position", xaxis_title="position (bin start)", yaxis_tickformat=".1%",
-                  hovermode="x unified", legend=dict(orientation="h", y=-0.2))
-ui.plot(fig, key="wi_by_pos")
+    new = data.recompute_steps(path, rule=rule, params=params, step_range=step_range, bin_width=bin_width)
+    base_params = {k: v for k, v in base.items() if k in controls.rule_specs()[base_rule].params}
+    ref = data.recompute_steps(path, rule=base_rule, params=base_params, step_range=step_range, bin_width=bin_width)
 
-steps_tbl = pl.concat([
-    new.by_step.select("step", "masked_frac", "budget_share").with_columns(rule=pl.lit(f"{rule} (what-if)")),
-    ref.by_step.select("step", "masked_frac", "budget_share").with_columns(rule=pl.lit(ref_name)),
-])
-fig2 = go.Figure()
-for (name,), part in steps_tbl.sort("step").group_by("rule", maintain_order=True):
-    fig2.add_bar(x=part["step"], y=part["masked_frac"], name=str(name))
-fig2.update_layout(title="Masked fraction by step", xaxis_title="step", yaxis_tickformat=".1%", barmode="group",
-                   legend=dict(orientation="h", y=-0.2))
-ui.plot(fig2, key="wi_by_step")
+    m1, m2, m3, m4 = st.columns(4)
+    nf, rf = new.overall.get("masked_frac"), ref.overall.get("masked_frac")
+    nb, rb = new.overall.get("budget_share"), ref.overall.get("budget_share")
+    m1.metric(f"masked fraction ({rule})", _pct(nf),
+              delta=None if nf is None or rf is None else f"{100 * (nf - rf):+.2f} pp vs {ref_name}",
+              delta_color="off")
+    m2.metric(f"budget share ({rule})", _pct(nb),
+              delta=None if nb is None or rb is None else f"{100 * (nb - rb):+.2f} pp", delta_color="off")
+    m3.metric(f"masked fraction ({ref_name})", _pct(rf))
+    m4.metric("tokens recomputed", f"{new.overall.get('n_valid', 0):,}")
+    if ref.agreement:
+        st.caption(f"The reference recompute agrees with the logged mask on {100 * ref.agreement['agreement']:.3f}% "
+                   "of tokens.")
 
-if st.toggle("Sweep a δ × δ_b grid around these values (CPPO)", key="wi_sweep"):
-    from analyses import plots_plotly as pp
+    fig = go.Figure()
+    for name, res in ((f"{rule} (what-if)", new), (ref_name, ref)):
+        bp = res.by_position.sort("bin_start") if "bin_start" in res.by_position.columns else res.by_position
+        x = bp["bin_start"] if "bin_start" in bp.columns else bp["bin"] * res.bin_width
+        fig.add_scatter(x=x, y=bp["masked_frac"], mode="lines+markers", name=name)
+    fig.update_layout(title="Masked fraction by position", xaxis_title="position (bin start)",
+                      yaxis_tickformat=".1%", hovermode="x unified", legend=dict(orientation="h", y=-0.2))
+    ui.plot(fig, key="wi_by_pos")
 
-    deltas = tuple(sorted({round(delta * f, 4) for f in (0.5, 0.75, 1.0, 1.5, 2.0)}))
-    delta_bs = tuple(sorted({round(delta_b * f, 4) for f in (0.0, 0.5, 1.0, 2.0, 4.0)}))
-    sweep = data.analysis("whatif_sweep", path, deltas=deltas, delta_bs=delta_bs, w_mins=(float(w_min),),
-                          base_params={k: v for k, v in cppo.items() if k in controls.rule_specs()["cppo"].params},
-                          step_range=step_range)
-    ui.plot(pp.fig_whatif(sweep, value="masked_frac", w_min=float(w_min)), key="wi_sweep_fig", tight=False)
+    steps_tbl = pl.concat([
+        new.by_step.select("step", "masked_frac", "budget_share").with_columns(rule=pl.lit(f"{rule} (what-if)")),
+        ref.by_step.select("step", "masked_frac", "budget_share").with_columns(rule=pl.lit(ref_name)),
+    ])
+    fig2 = go.Figure()
+    for (name,), part in steps_tbl.sort("step").group_by("rule", maintain_order=True):
+        fig2.add_bar(x=part["step"], y=part["masked_frac"], name=str(name))
+    fig2.update_layout(title="Masked fraction by step", xaxis_title="step", yaxis_tickformat=".1%",
+                       barmode="group", legend=dict(orientation="h", y=-0.2))
+    ui.plot(fig2, key="wi_by_step")
+
+    if st.toggle("Sweep a δ × δ_b grid around these values (CPPO)", key="wi_sweep"):
+        from analyses import plots_plotly as pp
+
+        deltas = tuple(sorted({round(delta * f, 4) for f in (0.5, 0.75, 1.0, 1.5, 2.0)}))
+        delta_bs = tuple(sorted({round(delta_b * f, 4) for f in (0.0, 0.5, 1.0, 2.0, 4.0)}))
+        sweep = data.analysis("whatif_sweep", path, deltas=deltas, delta_bs=delta_bs, w_mins=(float(w_min),),
+                              base_params={k: v for k, v in cppo.items()
+                                           if k in controls.rule_specs()["cppo"].params},
+                              step_range=step_range)
+        ui.plot(pp.fig_whatif(sweep, value="masked_frac", w_min=float(w_min)), key="wi_sweep_fig", tight=False)
+
+
+whatif()

@@ -255,15 +255,12 @@ class RunRecorder:
                 step = layout.parse_step_dir(step_dir.name)
                 if step is None or not step_dir.is_dir():
                     continue
+                # Step directories stay, even empty: another rank may have just created one to write into.
                 for f in step_dir.iterdir():
                     mine = self._owned_by_me(f.name)
                     if mine and (f.name.startswith(layout.TMP_PREFIX) or step not in self._done):
                         f.unlink(missing_ok=True)
                         removed.append(f)
-                try:
-                    step_dir.rmdir()  # only succeeds when empty
-                except OSError:
-                    pass
         if removed:
             self._warn(
                 "resume-cleanup",

@@ -92,6 +92,14 @@ _GROUP_KEY = "cppo_diag_group_id"
 _REWARD_KEY = "cppo_diag_reward"
 
 
+def _response_mask(inputs) -> torch.Tensor:
+    """(B, T) bool: the completion tokens TRL trains on (``completion_mask`` times ``tool_mask`` if present)."""
+    mask = inputs["completion_mask"]
+    if "tool_mask" in inputs:
+        mask = mask * inputs["tool_mask"]
+    return mask.bool()
+
+
 @dataclass
 class CppoDiagConfig:
     """Configuration of the TRL plug-in (all fields optional; the defaults record nothing extra).
@@ -452,14 +460,6 @@ class CppoDiagGRPOMixin:
             rewards=rewards.cpu() if rewards is not None else None, lengths=mask.sum(dim=1),
             group_ids=group_ids.cpu() if group_ids is not None else None,
         )
-
-
-def _response_mask(inputs) -> torch.Tensor:
-    """(B, T) bool: the completion tokens TRL trains on (``completion_mask`` times ``tool_mask`` if present)."""
-    mask = inputs["completion_mask"]
-    if "tool_mask" in inputs:
-        mask = mask * inputs["tool_mask"]
-    return mask.bool()
 
 
 class CppoDiagGRPOTrainer(CppoDiagGRPOMixin, GRPOTrainer):
