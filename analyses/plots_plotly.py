@@ -18,6 +18,10 @@ from analyses.position import METRIC_LABELS
 LAYOUT = dict(template="plotly_white", height=460, margin=dict(l=60, r=60, t=50, b=120),
               legend=dict(orientation="h", yanchor="top", y=-0.2, x=0))
 
+# Right-hand axes get their own round ticks (plotly.js otherwise syncs them to the left axis' gridlines, which
+# gives ticks like 14.5, 29, 43.5 %) and no gridlines of their own (the left axis' grid stays the only one).
+RIGHT_AXIS = dict(tickmode="auto", showgrid=False)
+
 
 def _value_range(values, *, floor: float = 0.0, pad: float = 0.15) -> list[float] | None:
     """[floor, max + pad * span] over the finite values (None when there are none): plotly's autorange pads
@@ -51,7 +55,7 @@ def fig_position_divergence(table: pl.DataFrame, *, metric: str = "tv", tail: st
     if has_thr:
         fig.add_trace(go.Scatter(x=x, y=df["threshold_mean"].to_numpy(), mode="lines", name="CPPO threshold δ / w_t",
                                  line=dict(dash="dash", color="gray")), secondary_y=True)
-        fig.update_yaxes(title_text="threshold δ / w_t on D (probability)", secondary_y=True)
+        fig.update_yaxes(title_text="threshold δ / w_t on D (probability)", secondary_y=True, **RIGHT_AXIS)
     fig.update_yaxes(title_text=METRIC_LABELS.get(metric, metric), secondary_y=False)
     fig.update_layout(**LAYOUT, title=title or f"Divergence by position ({metric}; tail = {TAIL_LABELS.get(tail, tail)})",
                       xaxis_title=_pos_xlabel(df))
@@ -123,7 +127,7 @@ def fig_budget_by_step(by_step: pl.DataFrame, *, title: str | None = None) -> go
                              name="budget-mask share"), secondary_y=True)
     fig.update_yaxes(title_text="δ_b (probability per unit weight)", secondary_y=False,
                      range=_value_range(by_step["delta_b_mean"].cast(pl.Float64).to_numpy()))
-    fig.update_yaxes(title_text="budget-masked / masked tokens (%)", range=[0, 100], secondary_y=True)
+    fig.update_yaxes(title_text="budget-masked / masked tokens (%)", range=[0, 100], secondary_y=True, **RIGHT_AXIS)
     fig.update_layout(**LAYOUT, title=title or "Prefix budget per step (CPPO Fig. 7)", xaxis_title="training step")
     return fig
 
@@ -155,7 +159,7 @@ def fig_slack(slack: pl.DataFrame, *, delta: float | None = None, title: str | N
     if delta is not None:
         fig.add_hline(y=delta, line_dash="dash", line_color="gray", annotation_text="δ")
     fig.update_yaxes(title_text="slack c_t (probability)", secondary_y=False)
-    fig.update_yaxes(title_text="tokens with c_t < 0 (%)", secondary_y=True, rangemode="tozero")
+    fig.update_yaxes(title_text="tokens with c_t < 0 (%)", secondary_y=True, rangemode="tozero", **RIGHT_AXIS)
     fig.update_layout(**LAYOUT, title=title or "CPPO prefix-budget slack by position", xaxis_title=_pos_xlabel(slack))
     return fig
 
