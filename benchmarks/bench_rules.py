@@ -62,7 +62,7 @@ def cppo_loop(lp, lr, adv, lengths, *, delta=0.15, w_min=0.8, delta_b=0.02, q=0.
         d = (lpb.exp() - lrb.exp()).abs()
         w = 1 - (1 - w_min) * torch.arange(n, device=lp.device, dtype=lp.dtype) / max(n - 1, 1)
         z = w * d
-        db = torch.quantile(d, q).clamp(delta_b, cap * delta_b)
+        db = torch.quantile(d.float(), q).to(d.dtype).clamp(delta_b, cap * delta_b)  # quantile needs fp32/fp64
         zero = z.new_zeros(1)
         s_prev = torch.cat([zero, torch.cumsum(z, 0)[:-1]])  # S_{t-1}
         w_prev = torch.cat([zero, torch.cumsum(w, 0)[:-1]])  # W_{t-1}
