@@ -191,11 +191,15 @@ def position_stats(
 # exponent, 7 mantissa bits: buckets 0.8% wide in relative terms; the pattern of a non-negative float is
 # ordered like its value; 0 -> key 0, normal positives -> keys >= 128), for D < 0 the same of |D| negated
 # (keys <= -129). Values with |D| below float32's smallest normal number (1.18e-38) are taken as 0 and NaN
-# values are skipped. Pass 1 counts n, sum, sum of logs, min and max per (bin, bucket) with numpy bincounts
-# over streamed chunks; every order statistic a quantile needs (and every bucket straddling a survival
-# threshold) then lies in a known bucket, and pass 2 streams the run again keeping only the values of those
-# buckets (only when a bucket holds more than one distinct value) to select exactly. The results are the
-# exact order statistics of the float32 divergences, as a full sort would give.
+# values are skipped, so key 0 holds only 0 and key +-_KEY_INF only +-inf ("single-valued" keys).
+#
+# Pass 1 counts values per (bin, bucket) (one integer bincount per chunk and metric) and sums them per bin.
+# Every order statistic a quantile needs then lies in a known bucket, every bucket wholly above a bin's p90
+# bucket is in its tail, and a survival threshold x splits at most one bucket (from the key's value range).
+# Pass 2 streams the run again and keeps (a) the values of the few buckets holding a needed order statistic
+# or straddling a threshold and (b) per-bin sums of D and log D over the tail buckets (the top-decile mean
+# and the Hill estimate). The results are the exact order statistics of the float32 divergences, as a full
+# sort would give.
 _KEY_SPAN = 1 << 16  # composite key ck = bin * _KEY_SPAN + key + _KEY_OFFSET, key in [-32767, 32767]
 _KEY_OFFSET = 1 << 15
 _KEY_INF = 0x7F80  # key of +inf; larger keys (and their negatives) are NaN
@@ -219,59 +223,43 @@ def _np_keys(d: np.ndarray) -> np.ndarray:
     return key
 
 
-def _chunk_hist(bs: np.ndarray, d: np.ndarray) -> pl.DataFrame:
-    """(ck, n, s, sl, lo, hi) of one chunk; ``bs`` = bin * _KEY_SPAN + _KEY_OFFSET per value."""
-    key = _np_keys(d)
-    if len(key) and (key.max() > _KEY_INF or key.min() < -_KEY_INF):  # NaN present: skip those values
-        ok = ~np.isnan(d)
-        bs, d, key = bs[ok], d[ok], key[ok]
-    if len(d) == 0:
-        return pl.DataFrame(schema={"ck": pl.Int64, "n": pl.Int64, "s": pl.Float64, "sl": pl.Float64,
-                                    "lo": pl.Float32, "hi": pl.Float32})
-    idx = bs + key  # (N,) int64 ck
-    lo_ck, hi_ck = int(idx.min()), int(idx.max())
-    with np.errstate(divide="ignore", invalid="ignore"):
-        logd = np.log(d)  # float32; summed in float64 by bincount
-    if hi_ck - lo_ck + 1 <= _DENSE_SLOTS:
-        idx -= lo_ck
-        size = hi_ck - lo_ck + 1
-        uniq = None
+def _key_bounds(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(lo, hi, single) per bucket key: every float32 of the bucket lies in [lo, hi] (float64); ``single``
+    marks the keys holding one value only (0 and +-inf)."""
+    k = np.asarray(keys, dtype=np.int64)
+    a = np.minimum(np.abs(k), _KEY_INF)
+    small = (a << 16).astype(np.uint32).view(np.float32).astype(np.float64)
+    big = ((a << 16) | 0xFFFF).astype(np.uint32).view(np.float32).astype(np.float64)
+    single = (a == 0) | (a == _KEY_INF)
+    small[a == 0] = 0.0
+    big[single] = small[single]
+    lo = np.where(k >= 0, small, -big)
+    hi = np.where(k >= 0, big, -small)
+    return lo, hi, single
+
+
+def _chunk_counts(ck: np.ndarray, d: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(distinct ck, count, sum of d) of one chunk's composite keys (sums 0 without ``d``)."""
+    lo_ck, hi_ck = int(ck.min()), int(ck.max())
+    if hi_ck + 1 <= _DENSE_SLOTS:  # small keys: index directly
+        idx, lo_ck = ck, 0
+    elif hi_ck - lo_ck + 1 <= _DENSE_SLOTS:
+        idx = ck - lo_ck
     else:
-        uniq, idx = np.unique(idx, return_inverse=True)
-        size = len(uniq)
-    n = np.bincount(idx, minlength=size)
-    s = np.bincount(idx, weights=d, minlength=size)
-    with np.errstate(invalid="ignore"):
-        sl = np.bincount(idx, weights=logd, minlength=size)
-    lo = np.full(size, np.inf, dtype=np.float32)
-    hi = np.full(size, -np.inf, dtype=np.float32)
-    np.minimum.at(lo, idx, d)
-    np.maximum.at(hi, idx, d)
-    nz = np.nonzero(n)[0]
-    cks = (nz + lo_ck) if uniq is None else uniq[nz]
-    return pl.DataFrame({"ck": cks.astype(np.int64), "n": n[nz].astype(np.int64), "s": s[nz], "sl": sl[nz],
-                         "lo": lo[nz], "hi": hi[nz]})
+        uniq, idx = np.unique(ck, return_inverse=True)
+        n = np.bincount(idx, minlength=len(uniq))
+        return uniq, n, (np.bincount(idx, weights=d, minlength=len(uniq)) if d is not None else np.zeros(len(uniq)))
+    n = np.bincount(idx)
+    nz = np.flatnonzero(n)
+    s = np.bincount(idx, weights=d)[nz] if d is not None else np.zeros(len(nz))
+    return nz + lo_ck, n[nz], s
 
 
-class _BinHist:
-    """Histogram of one (metric, bin): sorted bucket keys with n, sum, sum of logs, min, max."""
-
-    def __init__(self, keys, n, s, sl, lo, hi):
-        self.keys, self.n, self.s, self.sl, self.lo, self.hi = keys, n, s, sl, lo, hi
-        self.before = np.concatenate([[0], np.cumsum(n)[:-1]])  # values in lower buckets
-        self.total = int(n.sum())
-
-    def bucket_of_rank(self, r: int) -> int:
-        return int(np.searchsorted(self.before, r, side="right") - 1)
-
-
-def _quantile_ranks(n: int) -> set[int]:
-    out = set()
-    for q in QUANTILES.values():
-        h = q * (n - 1)
-        f = int(math.floor(h))
-        out.update({f, min(f + 1, n - 1)})
-    return out
+def _valid(d: np.ndarray, key: np.ndarray) -> np.ndarray | None:
+    """Mask of the non-NaN values, or None when all are valid."""
+    if key.max() > _KEY_INF or key.min() < -_KEY_INF:
+        return ~np.isnan(d)
+    return None
 
 
 def _lerp(a: float, b: float, t: float) -> float:
@@ -279,38 +267,85 @@ def _lerp(a: float, b: float, t: float) -> float:
     return b - (b - a) * (1 - t) if t >= 0.5 else a + (b - a) * t
 
 
-def _stats_from_hist(h: _BinHist, values: dict[int, np.ndarray], hill_min_k: int) -> dict:
+class _BinHist:
+    """Histogram of one (metric, bin): sorted composite keys ``cks`` with counts ``n``; bucket bounds."""
+
+    def __init__(self, cks: np.ndarray, n: np.ndarray):
+        self.cks, self.n = cks, n
+        self.keys = (cks % _KEY_SPAN) - _KEY_OFFSET
+        self.lo, self.hi, self.single = _key_bounds(self.keys)
+        self.cum = np.cumsum(n)
+        self.before = self.cum - n  # values in lower buckets
+        self.total = int(self.cum[-1])
+
+    def bucket_of_rank(self, r: int) -> int:
+        return int(np.searchsorted(self.cum, r, side="right"))
+
+    def quantile_ranks(self) -> dict[str, tuple[int, int, float]]:
+        out = {}
+        for name, q in QUANTILES.items():
+            h = q * (self.total - 1)
+            f = int(math.floor(h))
+            out[name] = (f, min(f + 1, self.total - 1), h - f)
+        return out
+
+    def needed_buckets(self, thresholds: Sequence[float]) -> set[int]:
+        """Buckets (indices) whose values pass 2 must fetch: multi-valued ones holding a quantile's order
+        statistic or straddling a survival threshold."""
+        js = set()
+        for f, f1, _ in self.quantile_ranks().values():
+            js.update((self.bucket_of_rank(f), self.bucket_of_rank(f1)))
+        for x in thresholds:
+            js.update(np.flatnonzero((self.lo <= x) & (self.hi > x)).tolist())
+        return {j for j in js if not self.single[j]}
+
+    def values(self, j: int, fetched: dict[int, np.ndarray]) -> np.ndarray:
+        """Sorted values of bucket j (float32)."""
+        if self.single[j]:
+            return np.full(int(self.n[j]), self.lo[j], dtype=np.float32)
+        return fetched[int(self.cks[j])]
+
+    def order_stat(self, r: int, fetched: dict[int, np.ndarray]) -> float:
+        j = self.bucket_of_rank(r)
+        if self.single[j]:
+            return float(self.lo[j])
+        return float(fetched[int(self.cks[j])][r - int(self.before[j])])
+
+    def tail_bucket(self) -> int:
+        """Index of the highest bucket holding p90's order statistics: every bucket above holds only
+        values > p90, every bucket below the lower one only values < p90."""
+        f, f1, _ = self.quantile_ranks()["p90"]
+        return self.bucket_of_rank(f1)
+
+
+def _bin_stats(h: _BinHist, fetched: dict[int, np.ndarray], tail_s: float, tail_sl: float, total_s: float,
+               thresholds: Sequence[float], hill_min_k: int) -> dict:
     n = h.total
-
-    def order_stat(r: int) -> float:
-        j = h.bucket_of_rank(r)
-        if h.lo[j] == h.hi[j]:
-            return float(h.lo[j])
-        return float(values[int(h.keys[j])][r - int(h.before[j])])
-
-    out = {"count": n, "mean": float(h.s.sum()) / n}
-    for name, q in QUANTILES.items():
-        x = q * (n - 1)
-        f = int(math.floor(x))
-        out[name] = _lerp(order_stat(f), order_stat(min(f + 1, n - 1)), x - f)
+    out: dict[str, Any] = {"count": n, "mean": total_s / n}
+    for name, (f, f1, t) in h.quantile_ranks().items():
+        out[name] = _lerp(h.order_stat(f, fetched), h.order_stat(f1, fetched), t)
     u = out["p90"]
-    # bucket holding u: every bucket above holds only values > u, every bucket below only values < u
-    j = int(np.searchsorted(h.hi, u, side="left"))  # first bucket whose max >= u
-    j = min(j, len(h.keys) - 1)
-    above = slice(j + 1, None)
-    if h.lo[j] == h.hi[j]:
-        vals = np.full(int(h.n[j]), h.lo[j], dtype=np.float64)
-    else:
-        vals = values[int(h.keys[j])].astype(np.float64)
+    jt = h.tail_bucket()
+    jf = h.bucket_of_rank(h.quantile_ranks()["p90"][0])
+    # buckets jf..jt: explicit values (any bucket strictly between holds no value); above jt: the tail sums
+    n_above = int(h.total - h.cum[jt])
+    vals = np.concatenate([h.values(j, fetched) for j in range(jf, jt + 1) if h.n[j]]).astype(np.float64)
     ge, gt = vals[vals >= u], vals[vals > u]
-    n_ge = int(h.n[above].sum()) + len(ge)
-    out["top10_mean"] = (float(h.s[above].sum()) + float(ge.sum())) / n_ge if n_ge else None
-    k = int(h.n[above].sum()) + len(gt)
+    n_ge = n_above + len(ge)
+    out["top10_mean"] = (tail_s + float(ge.sum())) / n_ge if n_ge else None
+    k = n_above + len(gt)
     out["hill_k"] = k
     out["hill_alpha"] = None
     if k >= hill_min_k and u > 0:
-        xi = (float(h.sl[above].sum()) + float(np.log(gt).sum())) / k - math.log(u)
+        with np.errstate(divide="ignore"):
+            logs = float(np.log(gt.astype(np.float32)).astype(np.float64).sum())
+        xi = (tail_sl + logs) / k - math.log(u)
         out["hill_alpha"] = 1.0 / xi if xi > 0 else None
+    for x in thresholds:
+        above = int(h.n[h.lo > x].sum())
+        for j in np.flatnonzero((h.lo <= x) & (h.hi > x)):
+            above += int((h.values(j, fetched) > x).sum())
+        out[surv_name(x)] = above / n
     return out
 
 
@@ -349,29 +384,99 @@ def _isin(ck: np.ndarray, wanted: list[int]) -> np.ndarray:
     return np.isin(ck, wanted)
 
 
-def _exceed_count(h: "_BinHist", values: dict[int, np.ndarray], x: float) -> int:
-    """#values > x in one bin: whole buckets above x plus the straddling buckets' values."""
-    n = int(h.n[h.lo > x].sum())
-    for j in np.flatnonzero((h.lo <= x) & (h.hi > x)):
-        n += int((values[int(h.keys[j])] > x).sum())
-    return n
+
+def _key_expr(d: pl.Expr) -> pl.Expr:
+    """Bucket key of a float32 expression, computed by polars (the same integers as :func:`_np_keys`)."""
+    bits = d.reinterpret(dtype=pl.Int32)
+    mag = (bits & 0x7FFFFFFF) // _KEY_SPAN
+    return pl.when(bits < 0).then(-mag).otherwise(mag)
+
+
+def _merge_counts(pieces: list[tuple[np.ndarray, np.ndarray, np.ndarray]]
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Sorted distinct composite keys with their total counts and sums, NaN keys dropped."""
+    if not pieces:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0)
+    cks = np.concatenate([p[0] for p in pieces]).astype(np.int64)
+    ns = np.concatenate([p[1] for p in pieces]).astype(np.int64)
+    ss = np.concatenate([p[2] for p in pieces])
+    real = np.abs(cks % _KEY_SPAN - _KEY_OFFSET) <= _KEY_INF  # drop the NaN keys (their sums are NaN)
+    cks, ns, ss = cks[real], ns[real], ss[real]
+    if len(cks) and np.any(cks[1:] <= cks[:-1]):  # several chunks: merge equal keys
+        cks, inv = np.unique(cks, return_inverse=True)
+        ns = np.bincount(inv, weights=ns, minlength=len(cks)).astype(np.int64)  # exact below 2**53
+        ss = np.bincount(inv, weights=ss, minlength=len(cks))
+    return cks, ns, ss
+
+
+def _bin_hists(cks: np.ndarray, ns: np.ndarray) -> dict[int, _BinHist]:
+    bin_of = cks // _KEY_SPAN
+    edges = np.flatnonzero(np.r_[True, bin_of[1:] != bin_of[:-1], True]) if len(cks) else np.zeros(1, int)
+    return {int(bin_of[edges[i]]): _BinHist(cks[edges[i]:edges[i + 1]], ns[edges[i]:edges[i + 1]])
+            for i in range(len(edges) - 1)}
+
+
+LAST_PASSES: dict[str, int] = {}  # metric -> passes over the data the last aggregate_positions call needed
+PILOT_ROWS = 2_000_000  # rows read first to guess, per bin, the buckets the exact statistics will need
+PILOT_MIN_BIN = 2_000  # bins with fewer pilot tokens (or absent from the pilot) keep all their values
+_GUESS_EPS = 0.02  # keep the buckets within +-2 percentile points of each pilot quantile
+_MAX_KEPT = 25_000_000  # per metric: above this many kept values the guess is abandoned (pass 2 instead)
+
+
+def _guess(pilot: dict[int, _BinHist], thresholds: Sequence[float]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """From the pilot's histograms: (composite keys to keep, per-bin lowest tail key, per-bin keep-all flag)."""
+    n_b = (max(pilot) + 1) if pilot else 0
+    keep_all = np.ones(n_b + 1, dtype=bool)  # last entry: bins beyond the pilot's
+    tail_lo = np.zeros(n_b + 1, dtype=np.int64)
+    thr_keys = set()
+    for x in thresholds:  # buckets that may straddle x, in every bin
+        k = int(_np_keys(np.array([x], dtype=np.float32))[0])
+        thr_keys.update((k - 1, k, k + 1))
+    want: list[np.ndarray] = []
+    for bn, h in pilot.items():
+        if h.total < PILOT_MIN_BIN:
+            continue
+        keep_all[bn] = False
+        base = bn * _KEY_SPAN + _KEY_OFFSET
+        for q in QUANTILES.values():
+            lo = h.bucket_of_rank(int(math.floor(max(q - _GUESS_EPS, 0.0) * (h.total - 1))))
+            hi = h.bucket_of_rank(int(math.ceil(min(q + _GUESS_EPS, 1.0) * (h.total - 1))))
+            want.append(np.arange(int(h.cks[lo]) - 2, int(h.cks[hi]) + 3))
+        want.append(np.array(sorted(base + k for k in thr_keys)))
+        tail_lo[bn] = int(h.cks[h.bucket_of_rank(int(math.floor((0.9 - _GUESS_EPS) * (h.total - 1))))]) - 2
+    keys = np.unique(np.concatenate(want)) if want else np.zeros(0, np.int64)
+    return keys.astype(np.int64), tail_lo, keep_all
+
+
+def _pack(ck: np.ndarray, d: np.ndarray) -> np.ndarray:
+    """(ck, sortable float bits) packed in one int64: sorting it orders by bucket, then by value."""
+    bits = d.view(np.int32)
+    sortable = np.where(bits < 0, bits ^ 0x7FFFFFFF, bits).astype(np.int64) + (1 << 31)
+    return (ck.astype(np.int64) << 32) | sortable
+
+
+def _unpack(packed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    ck = packed >> 32
+    d = ((packed & 0xFFFFFFFF) - (1 << 31)).astype(np.int32)
+    return ck, np.where(d < 0, d ^ 0x7FFFFFFF, d).astype(np.int32).view(np.float32)
 
 
 def aggregate_positions(
     lf: pl.LazyFrame, metric_exprs: dict[str, pl.Expr], *, bin_width: int = 64, relative: bool = False,
     n_rel_bins: int = 20, thresholds: Sequence[float] = DEFAULT_THRESHOLDS, delta: float | None = None,
     w_min: float = 0.8, hill_min_k: int = 5, engine: str = "streaming", chunk_rows: int = CHUNK_ROWS,
-    progress: bool = False, parts: list[pl.LazyFrame] | None = None,
+    progress: bool = False, parts: list[pl.LazyFrame] | None = None, pilot_rows: int = PILOT_ROWS,
 ) -> pl.DataFrame:
     """Exact per-bin statistics with bounded memory, reshaped to the long table of :func:`position_stats`
     (shared with mismatch).
 
-    Pass 1 streams the run in chunks of ``chunk_rows`` rows (polars computes the bins and divergences) and
-    builds, per metric, the (bin, bucket) histogram and the per-bin survival counts (numpy bincounts); pass 2
-    streams it again keeping only the values of the buckets that hold a needed order statistic (see the
-    comment above ``_np_keys``). Relative bins and the delta / w_t overlay need each response's length:
-    then the data come from ``parts`` (one LazyFrame per step with ``_T``, see :func:`length_parts`), each
-    collected on its own; without ``parts``, ``lf`` is processed as one part.
+    Pass 1 streams the run in chunks of ``chunk_rows`` rows (polars decodes only the needed columns and
+    computes the bins, the divergences as float32 and ``bin * _KEY_SPAN``) and counts, per metric, the values
+    of each (bin, bucket) with one numpy bincount per chunk; pass 2 streams it again keeping only the values
+    of the buckets that hold a needed order statistic and the per-bin tail sums (see the comment above
+    ``_np_keys``). Relative bins and the delta / w_t overlay need each response's length: then the data come
+    from ``parts`` (one LazyFrame per group of steps with ``_T``, see :func:`length_parts`), each collected
+    on its own; without ``parts``, ``lf`` is processed as one part.
     """
     per_part = relative or delta is not None
     if per_part and parts is None:
@@ -382,119 +487,216 @@ def aggregate_positions(
         t = pl.col("pos").cast(pl.Float64) + 1.0
         w = 1.0 - (1.0 - w_min) * (t - 1.0) / (pl.col("_T") - 1.0).clip(lower_bound=1.0)
         cols.append((delta / w).alias("_thr"))
-    bs_expr = (pl.col("bin") * _KEY_SPAN + _KEY_OFFSET).alias("_bs")
+    # composite key per metric, computed in the (multi-threaded) engine; NaN / null values get a key beyond
+    # +-_KEY_INF (counted in the bin's token count, dropped from the metric's statistics)
+    ck_exprs = [(pl.col("bin") * _KEY_SPAN + _KEY_OFFSET
+                 + _key_expr(pl.col(n).fill_null(float("nan"))).cast(pl.Int64)).alias(f"ck|{n}") for n in metric_exprs]
 
-    def chunks(keep: list[str] | None = None):
-        """Frames with bin, _bs, the metrics (and _thr); ``keep`` selects columns."""
+    def chunks(post=None):
+        """Frames with bin, the metrics, their ``ck|`` keys (and _thr); ``post`` maps the LazyFrame first."""
         if per_part:
             for part in parts:
-                frame = part.select(cols).with_columns(bs_expr)
-                frame = (frame.select(keep) if keep else frame).collect(engine=engine)
+                frame = part.select(cols).with_columns(ck_exprs)
+                frame = (post(frame) if post else frame).collect(engine=engine)
                 if frame.height:
                     yield frame
         else:
-            frame = lf.select(cols).with_columns(bs_expr)
-            yield from (frame.select(keep) if keep else frame).collect_batches(
+            frame = lf.select(cols).with_columns(ck_exprs)
+            yield from (post(frame) if post else frame).collect_batches(
                 chunk_size=chunk_rows, maintain_order=False, engine=engine)
 
-    names = list(metric_exprs)
-    # -- pass 1 ---------------------------------------------------------------------------------------
-    hist_parts: dict[str, list[pl.DataFrame]] = {m: [] for m in names}
-    per_bin: dict[str, np.ndarray] = {}
-
-    def add(name: str, arr: np.ndarray):
-        cur = per_bin.get(name)
+    def binsum(acc: dict, name: str, bins: np.ndarray, weights: np.ndarray | None = None):
+        arr = np.bincount(bins, weights=weights)
+        cur = acc.get(name)
         if cur is None or len(cur) < len(arr):
             cur = np.pad(cur if cur is not None else np.zeros(0), (0, len(arr) - (0 if cur is None else len(cur))))
         cur[: len(arr)] += arr
-        per_bin[name] = cur
+        acc[name] = cur
 
+    names = list(metric_exprs)
+    # -- pilot: guess the buckets pass 2 would need, so that pass 1 can keep their values already ---------
+    guess: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+    spec_cols: list[pl.Expr] = []
+    if not per_part and pilot_rows > 0:
+        pilot = lf.select(cols).with_columns(ck_exprs).head(pilot_rows).collect(engine=engine)
+        for m in names:
+            ck = pilot[f"ck|{m}"].to_numpy()
+            guess[m] = _guess(_bin_hists(*_merge_counts([_chunk_counts(ck)] if len(ck) else [])[:2]), thresholds)
+            keys, tail_lo, keep_all = guess[m]
+            last = len(keep_all) - 1
+            slot = pl.col("bin").clip(0, last)
+            ck_m = pl.col(f"ck|{m}")
+            spec_cols += [
+                ((ck_m.is_in(pl.Series(keys, dtype=pl.Int64).implode()) | pl.lit(pl.Series(keep_all)).gather(slot)
+                 ).cast(pl.UInt8)  # 1: keep the value; 2: in the guessed tail
+                 + (ck_m >= pl.lit(pl.Series(tail_lo)).gather(slot)).cast(pl.UInt8) * 2).alias(f"_flag|{m}"),
+            ]
+    kept: dict[str, list[np.ndarray]] = {m: [] for m in guess}
+    n_kept: dict[str, int] = {m: 0 for m in guess}
+    tail_pieces: dict[str, list[tuple[np.ndarray, np.ndarray, np.ndarray]]] = {m: [] for m in guess}
+    # -- pass 1: (bin, bucket) counts and per-bin sums (and the guessed buckets' values, tail sums) -------
+    pieces: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {m: [] for m in names}
+    per_bin: dict[str, np.ndarray] = {}
     bar = None
     if progress:
         from tqdm.auto import tqdm
 
         bar = tqdm(desc="position stats (pass 1/2)", unit="tok", unit_scale=True)
-    for chunk in chunks():
+    for chunk in chunks((lambda f: f.with_columns(spec_cols)) if spec_cols else None):
         if chunk.height == 0:
             continue
         if bar is not None:
             bar.update(chunk.height)
-        bins = chunk["bin"].to_numpy()
-        bs = chunk["_bs"].to_numpy()
-        add("count", np.bincount(bins).astype(np.float64))
         if delta is not None:
-            add("_thr", np.bincount(bins, weights=chunk["_thr"].to_numpy()))
+            binsum(per_bin, "_thr", chunk["bin"].to_numpy(), chunk["_thr"].to_numpy())
         for m in names:
-            hist_parts[m].append(_chunk_hist(bs, chunk[m].to_numpy()))
+            ck = chunk[f"ck|{m}"].to_numpy()
+            d = chunk[m].to_numpy()
+            pieces[m].append(_chunk_counts(ck, d))  # NaN values have their own (dropped) keys
+            if m in kept:
+                flag = chunk[f"_flag|{m}"].to_numpy()
+                rows = np.flatnonzero(flag)  # the ~20% of rows kept or in the guessed tail
+                flag, ck, d = flag[rows], ck[rows], d[rows]
+                hit = (flag & 1).view(bool)
+                n_kept[m] += int(np.count_nonzero(hit))
+                if n_kept[m] > _MAX_KEPT:  # the pilot was a poor guess: give up, pass 2 will do it
+                    del kept[m], tail_pieces[m]
+                else:
+                    kept[m].append(_pack(ck[hit], d[hit]))
+                    tail = flag >= 2
+                    ct, dt = ck[tail], d[tail]
+                    if len(ct):
+                        lo_ck = int(ct.min())
+                        idx = ct - lo_ck
+                        nt = np.bincount(idx)
+                        nz = np.flatnonzero(nt)
+                        with np.errstate(divide="ignore", invalid="ignore"):
+                            sl_ = np.bincount(idx, weights=np.log(dt))[nz]  # float32 logs, summed in float64
+                        tail_pieces[m].append((nz + lo_ck, np.bincount(idx, weights=dt)[nz], sl_))
     if bar is not None:
         bar.close()
-    if "count" not in per_bin:
+    if pieces[names[0]]:  # tokens per bin (NaN keys included) from the first metric's counts
+        ck0 = np.concatenate([p[0] for p in pieces[names[0]]])
+        binsum(per_bin, "count", ck0 // _KEY_SPAN, np.concatenate([p[1] for p in pieces[names[0]]]).astype(np.float64))
+    if "count" not in per_bin or per_bin["count"].sum() == 0:
         return _rows_to_long([], thresholds, relative, bin_width, n_rel_bins, delta is not None)
+    n_bins = len(per_bin["count"])
     hist_by: dict[str, dict[int, _BinHist]] = {}
-    wanted: dict[str, list[int]] = {}
+    wanted: dict[str, np.ndarray] = {}
+    tail_ck: dict[str, np.ndarray] = {}  # per bin: composite keys above this are in the p90 tail
     for m in names:
-        hdf = (pl.concat(hist_parts[m]).group_by("ck")
-               .agg(pl.col("n", "s", "sl").sum(), pl.col("lo").min(), pl.col("hi").max()).sort("ck")
-               .with_columns(bin=pl.col("ck") // _KEY_SPAN))
-        hist_by[m], want = {}, set()
-        for (bn,), part in hdf.group_by(["bin"], maintain_order=True):
-            h = _BinHist(part["ck"].to_numpy(), part["n"].to_numpy(), part["s"].to_numpy(), part["sl"].to_numpy(),
-                         part["lo"].to_numpy().astype(np.float64), part["hi"].to_numpy().astype(np.float64))
-            hist_by[m][int(bn)] = h
-            js = {h.bucket_of_rank(r) for r in _quantile_ranks(h.total)}
-            for x in thresholds:  # P(D > x): only a bucket straddling x needs its values
-                js.update(np.flatnonzero((h.lo <= x) & (h.hi > x)).tolist())
-            for j in js:
-                if h.lo[j] != h.hi[j]:
-                    want.add(int(h.keys[j]))
-        wanted[m] = sorted(want)
-    # -- pass 2: values of the multi-valued buckets holding a needed order statistic --------------------
-    values: dict[str, dict[int, np.ndarray]] = {m: {} for m in names}
-    need = [m for m in names if wanted[m]]
-    if need:
-        found: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {m: [] for m in need}
-        if progress:
-            from tqdm.auto import tqdm
-
-            bar = tqdm(desc="position stats (pass 2/2)", unit="tok", unit_scale=True,
-                       total=int(per_bin["count"].sum()))
-        for chunk in chunks(["_bs", *need]):
-            if chunk.height == 0:
+        hist_by[m] = {}
+        if not pieces[m] or not any(len(p[0]) for p in pieces[m]):
+            wanted[m], tail_ck[m] = np.zeros(0, np.int64), np.full(n_bins, np.iinfo(np.int64).max)
+            continue
+        cks, ns, ss = _merge_counts(pieces[m])
+        pieces[m] = []
+        if not len(cks):  # every value NaN
+            wanted[m], tail_ck[m] = np.zeros(0, np.int64), np.full(n_bins, np.iinfo(np.int64).max)
+            continue
+        binsum(per_bin, f"s|{m}", cks // _KEY_SPAN, ss)
+        bin_of = cks // _KEY_SPAN
+        edges = np.flatnonzero(np.r_[True, bin_of[1:] != bin_of[:-1], True])
+        tk = np.full(n_bins, np.iinfo(np.int64).max)  # absent bins: no tail
+        want: list[int] = []
+        for i in range(len(edges) - 1):
+            sl = slice(edges[i], edges[i + 1])
+            h = _BinHist(cks[sl], ns[sl])
+            bn = int(bin_of[edges[i]])
+            hist_by[m][bn] = h
+            want.extend(int(h.cks[j]) for j in h.needed_buckets(thresholds))
+            tk[bn] = h.cks[h.tail_bucket()]
+        wanted[m], tail_ck[m] = np.array(sorted(set(want)), dtype=np.int64), tk
+    # -- did the pilot's guess cover every needed bucket and the whole p90 tail? ------------------------
+    fetched: dict[str, dict[int, np.ndarray]] = {m: {} for m in names}
+    tails: dict[str, np.ndarray] = {}
+    found: dict[str, list[np.ndarray]] = {m: [] for m in names}
+    done: set[str] = set()
+    for m in kept:
+        keys, tail_lo, keep_all = guess[m]
+        last = len(keep_all) - 1
+        ok = True
+        for bn, h in hist_by[m].items():
+            slot = min(bn, last)
+            if keep_all[slot]:
                 continue
+            if tail_lo[slot] > tail_ck[m][bn] + 1 or not np.isin(
+                    np.array([h.cks[j] for j in h.needed_buckets(thresholds)], dtype=np.int64), keys).all():
+                ok = False
+                break
+        if not ok:
+            continue
+        found[m] = kept[m]
+        tp = tail_pieces[m]
+        if tp:
+            ct = np.concatenate([t[0] for t in tp])
+            above = ct > tail_ck[m][ct // _KEY_SPAN]
+            bt = ct[above] // _KEY_SPAN
+            binsum(tails, f"s|{m}", bt, np.concatenate([t[1] for t in tp])[above])
+            binsum(tails, f"sl|{m}", bt, np.concatenate([t[2] for t in tp])[above])
+        done.add(m)
+    kept.clear()
+    tail_pieces.clear()
+    LAST_PASSES.clear()
+    LAST_PASSES.update({m: (1 if m in done else 2) for m in names if hist_by[m]})
+    # -- pass 2 (metrics the guess missed): values of the needed buckets, tail sums -----------------------
+    need = [m for m in names if hist_by[m] and m not in done]
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(desc="position stats (pass 2/2)", unit="tok", unit_scale=True,
+                   total=int(per_bin["count"].sum()) * len(need))
+    for m in need:  # one streamed query per metric, which keeps only the rows pass 2 needs
+        tk = pl.lit(pl.Series(np.r_[tail_ck[m], np.iinfo(np.int64).max])).gather(
+            pl.col("bin").clip(0, n_bins))  # per row: its bin's tail key (never above an absent bin's)
+        hit = pl.col(f"ck|{m}").is_in(pl.Series(wanted[m], dtype=pl.Int64).implode()) if len(wanted[m]) else pl.lit(False)
+        ck_m = pl.col(f"ck|{m}")
+        real = ((ck_m % _KEY_SPAN) - _KEY_OFFSET).abs() <= _KEY_INF
+
+        def post(f: pl.LazyFrame, ck_m=ck_m, hit=hit, tk=tk, real=real, m=m) -> pl.LazyFrame:
+            return (f.select("bin", m, ck_m, (ck_m > tk).alias("_tail"), hit.alias("_hit"))
+                    .filter(real & (pl.col("_tail") | pl.col("_hit"))))
+
+        for chunk in chunks(post):
             if bar is not None:
                 bar.update(chunk.height)
-            bs = chunk["_bs"].to_numpy()
-            for m in need:
-                d = chunk[m].to_numpy()
-                ck = bs + _np_keys(d)
-                hit = _isin(ck, wanted[m])
-                if hit.any():
-                    found[m].append((ck[hit], d[hit]))
-        if bar is not None:
-            bar.close()
-        for m in need:
-            if not found[m]:
-                continue
-            ck = np.concatenate([f[0] for f in found[m]])
-            d = np.concatenate([f[1] for f in found[m]])
-            order = np.lexsort((d, ck))
-            ck, d = ck[order], d[order]
-            starts = np.flatnonzero(np.r_[True, ck[1:] != ck[:-1]])
-            for i, st in enumerate(starts):
-                end = starts[i + 1] if i + 1 < len(starts) else len(ck)
-                values[m][int(ck[st])] = d[st:end]
+            bins = chunk["bin"].to_numpy()
+            d = chunk[m].to_numpy()
+            tail = chunk["_tail"].to_numpy()
+            hit = chunk["_hit"].to_numpy()
+            if hit.any():
+                found[m].append(_pack(chunk[f"ck|{m}"].to_numpy()[hit], d[hit]))
+            dt, bt = d[tail], bins[tail]
+            binsum(tails, f"s|{m}", bt, dt)
+            with np.errstate(divide="ignore", invalid="ignore"):
+                binsum(tails, f"sl|{m}", bt, np.log(dt))  # float32 logs, summed in float64
+    if bar is not None:
+        bar.close()
+    for m in names:
+        if not found[m]:
+            continue
+        ck, d = _unpack(np.sort(np.concatenate(found[m])))
+        found[m] = []
+        starts = np.searchsorted(ck, wanted[m], side="left")
+        ends = np.searchsorted(ck, wanted[m], side="right")
+        for c, a, e in zip(wanted[m].tolist(), starts.tolist(), ends.tolist()):
+            fetched[m][c] = d[a:e]
     rows = []
     count = per_bin["count"]
+
+    def at(acc: dict, name: str, bn: int) -> float:
+        arr = acc.get(name)
+        return float(arr[bn]) if arr is not None and bn < len(arr) else 0.0
+
     for m in names:
         for bn in np.flatnonzero(count):
             bn = int(bn)
             h = hist_by[m].get(bn)
             if h is None:  # every value of this metric in the bin was NaN
                 continue
-            st = _stats_from_hist(h, values[m], hill_min_k)
+            st = _bin_stats(h, fetched[m], at(tails, f"s|{m}", bn), at(tails, f"sl|{m}", bn),
+                            at(per_bin, f"s|{m}", bn), thresholds, hill_min_k)
             row = {"metric": m, "bin": bn, **st}
-            for x in thresholds:
-                row[surv_name(x)] = _exceed_count(h, values[m], x) / h.total
             if delta is not None:
                 row["threshold_mean"] = float(per_bin["_thr"][bn] / count[bn])
             rows.append(row)
@@ -514,3 +716,4 @@ def _rows_to_long(rows, thresholds, relative, bin_width, n_rel_bins, with_thr) -
                       schema={k: v for k, v in schema.items() if k not in ("bin_start", "bin_end")})
     df = df.with_columns(bin_start=start.cast(pl.Float64), bin_end=end.cast(pl.Float64))
     return df.select(list(schema))
+

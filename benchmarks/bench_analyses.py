@@ -50,10 +50,18 @@ def _files(run: Path, max_tokens: int | None = None) -> list[Path]:
     return out
 
 
-def worker_ours(run: Path, metrics, bin_width: int, max_tokens: int | None) -> dict:
+def worker_ours(run: Path, metrics, bin_width: int, max_tokens: int | None, impl: Path | None = None) -> dict:
     import polars as pl
 
-    from analyses.position import position_stats
+    if impl is None:
+        from analyses.position import position_stats
+    else:  # another implementation of analyses/position.py (e.g. a saved copy of an older version)
+        import importlib.util
+
+        spec = importlib.util.spec_from_file_location("position_baseline", impl)
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        position_stats = mod.position_stats
 
     source = run if max_tokens is None else pl.scan_parquet(_files(run, max_tokens))
     t0, c0 = time.perf_counter(), time.process_time()
@@ -141,6 +149,32 @@ def _agree(a: list[dict], b: list[dict]) -> tuple[bool, float]:
     return worst < 1e-4, worst
 
 
+def _compare_baseline(args, common: list[str]) -> int:
+    """Baseline and ours alternately, each in its own subprocess; wall, CPU, peak RSS of every run."""
+    runs: dict[str, list[dict]] = {"baseline": [], "ours": []}
+    for _ in range(args.repeats):
+        for name in ("baseline", "ours"):
+            extra = ["--impl", str(args.baseline.resolve())] if name == "baseline" else []
+            r = _run_worker(["--worker", "ours", *common, *extra])
+            r["load"] = os.getloadavg()[0]
+            runs[name].append(r)
+            print(f"{name:<9} {r['tokens']:>13,} tokens  wall {r['wall_s']:6.2f} s  CPU {r['cpu_s']:6.2f} s  "
+                  f"{r['tokens'] / r['wall_s'] / 1e6:5.1f} M tok/s wall  {r['tokens'] / r['cpu_s'] / 1e6:5.1f} M tok/CPU-s  "
+                  f"peak RSS {r['peak_rss_mb']:5.0f} MB  (load {r['load']:.1f})", flush=True)
+    b, o = runs["baseline"][-1]["table"], runs["ours"][-1]["table"]
+    ok, worst = _agree(o, b)
+    print(f"results agree with the baseline: {ok} (worst relative difference {worst:.2e})")
+    for name, rs in runs.items():
+        best_w = min(r["wall_s"] for r in rs)
+        best_c = min(r["cpu_s"] for r in rs)
+        print(f"{name}: best wall {best_w:.2f} s, best CPU {best_c:.2f} s, max peak RSS "
+              f"{max(r['peak_rss_mb'] for r in rs):.0f} MB")
+    bw = min(r["wall_s"] for r in runs["baseline"]) / min(r["wall_s"] for r in runs["ours"])
+    bc = min(r["cpu_s"] for r in runs["baseline"]) / min(r["cpu_s"] for r in runs["ours"])
+    print(f"speed-up (best of each): {bw:.2f}x wall, {bc:.2f}x CPU")
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tokens", type=lambda s: int(float(s)), default=100_000_000, help="tokens in the synthetic run")
@@ -152,6 +186,12 @@ def main() -> int:
     ap.add_argument("--bin", type=int, default=64)
     ap.add_argument("--data-dir", type=Path, default=None, help="where the synthetic run lives (default bench_data/)")
     ap.add_argument("--skip-pandas", action="store_true")
+    ap.add_argument("--skip-recompute", action="store_true")
+    ap.add_argument("--baseline", type=Path, default=None,
+                    help="a saved copy of an older analyses/position.py: run it and ours alternately (--repeats "
+                         "times each, interleaved, same box) and print both, with identical-results check")
+    ap.add_argument("--repeats", type=int, default=1, help="with --baseline: alternations (default 1)")
+    ap.add_argument("--impl", type=Path, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--worker", choices=["ours", "pandas", "recompute"], help=argparse.SUPPRESS)
     ap.add_argument("--run", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--max-tokens", type=int, default=None, help=argparse.SUPPRESS)
@@ -160,7 +200,7 @@ def main() -> int:
 
     if args.worker:
         if args.worker == "ours":
-            res = worker_ours(args.run, metrics, args.bin, args.max_tokens)
+            res = worker_ours(args.run, metrics, args.bin, args.max_tokens, args.impl)
         elif args.worker == "pandas":
             res = worker_pandas(args.run, metrics, args.bin, args.max_tokens)
         else:
@@ -181,13 +221,18 @@ def main() -> int:
           f"CPU seconds are less noisy than wall seconds)")
     common = ["--run", str(run), "--metrics", ",".join(metrics), "--bin", str(args.bin)]
     sub = ["--max-tokens", str(args.pandas_tokens)] if args.pandas_tokens else []
+    if args.baseline is not None:
+        return _compare_baseline(args, common)
     results = {"ours": _run_worker(["--worker", "ours", *common])}
     if not args.skip_pandas:
         if sub:  # side by side on the same subset
             results["ours (subset)"] = _run_worker(["--worker", "ours", *common, *sub])
         results["pandas"] = _run_worker(["--worker", "pandas", *common, *sub])
-    results["recompute"] = _run_worker(["--worker", "recompute", "--run", str(run), "--max-tokens",
-                                        str(args.recompute_tokens)])
+    if args.skip_recompute:
+        results["recompute"] = None
+    else:
+        results["recompute"] = _run_worker(["--worker", "recompute", "--run", str(run), "--max-tokens",
+                                            str(args.recompute_tokens)])
 
     print(f"\nposition statistics, metrics {', '.join(metrics)}, bins of {args.bin} tokens:")
     print(f"{'variant':<14} {'tokens':>13} {'wall s':>8} {'cpu s':>8} {'M tok/s (wall)':>15} {'M tok/s/cpu-s':>14} "
@@ -212,6 +257,8 @@ def main() -> int:
         print(f"target >= 3x pandas: {'met' if speed >= 3 else 'NOT met'} ({speed:.2f}x wall, "
               f"{pd_r['cpu_s'] / ours['cpu_s']:.2f}x CPU; pandas peak RSS {pd_r['peak_rss_mb']:.0f} MB)")
     rc = results["recompute"]
+    if rc is None:
+        return 0
     print(f"\nrecompute cppo over {rc['tokens']:,} tokens ({rc['steps']} steps): {rc['wall_s']:.1f} s wall, "
           f"{rc['cpu_s']:.1f} s CPU, {rc['tokens'] / rc['wall_s'] / 1e6:.2f} M tokens/s, peak RSS "
           f"{rc['peak_rss_mb']:.0f} MB, masked {100 * rc['masked_frac']:.2f}%")

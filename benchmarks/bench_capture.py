@@ -12,13 +12,24 @@ it. The script reports median step times (wall and process CPU), their ratios, t
 
 Targets (docs/benchmarks.md, section Capture): overhead <= 3% of step time, <= 16 bytes/token.
 
+``--writer-only`` measures the background writer alone, for several writer settings side by side: the
+same recorded batch is logged ``--writer-steps`` times (``log_tokens`` + ``end_step``, no model), then
+``flush()``; sustained throughput = tokens / wall time from the first call to the end of the flush, so
+it is bounded by whichever is slower, the training-thread call or the writer. Each setting opens a fresh
+run and writes one untimed warm-up step first; settings are interleaved over ``--repeats`` (medians
+reported). Columns: tokens/s (wall), writer CPU per step (all writer threads), bytes/token (required
+columns; whole shard).
+
     python benchmarks/bench_capture.py                 # defaults: B=64, T=1024, 16 repeats x 1 step
     python benchmarks/bench_capture.py --repeats 3 --steps 2 --extra-columns
+    python benchmarks/bench_capture.py --writer-only --repeats 5              # codec / thread table
+    python benchmarks/bench_capture.py --writer-only --settings lz4,lz4-t2 --device cuda
 """
 
 from __future__ import annotations
 
 import argparse
+import shutil
 import statistics
 import sys
 import tempfile
@@ -94,6 +105,75 @@ def required_bytes(files) -> tuple[int, int, int]:
     return n, req_b, total
 
 
+# --writer-only settings: name -> RunRecorder keyword arguments ({} = the shipped defaults)
+WRITER_SETTINGS: dict[str, dict] = {
+    "default": {},
+    "zstd": {"compression": "zstd"},
+    "zstd-3": {"compression": "zstd", "compression_level": 3},
+    "lz4": {"compression": "lz4"},
+    "snappy": {"compression": "snappy"},
+    "none": {"compression": "none"},
+    "lz4-t2": {"compression": "lz4", "writer_threads": 2},
+    "lz4-t4": {"compression": "lz4", "writer_threads": 4},
+}
+
+
+def writer_only(args, logp, logp_rollout, adv, mask) -> int:
+    """Throughput of the background writer per setting, interleaved over repeats (see module docstring)."""
+    names = [n.strip() for n in args.settings.split(",") if n.strip()]
+    unknown = [n for n in names if n not in WRITER_SETTINGS]
+    if unknown:
+        raise SystemExit(f"--settings: unknown {unknown}; expected names from {list(WRITER_SETTINGS)}")
+    tokens_per_step = int(mask.sum())
+    results: dict[str, list[tuple[float, float, float, float]]] = {n: [] for n in names}
+    tmp = tempfile.TemporaryDirectory() if args.out is None else None
+    root = Path(tmp.name) if tmp else args.out
+    bar = tqdm(total=args.repeats * len(names), desc="writer bench", unit="setting")
+    for r in range(args.repeats):
+        for name in (names if r % 2 == 0 else names[::-1]):
+            run_dir = root / f"writer-{name}-{r}"
+            try:
+                rec = RunRecorder(run_dir, trainer="bench", on_error="raise", **WRITER_SETTINGS[name])
+            except TypeError as exc:  # an older RunRecorder without this keyword
+                raise SystemExit(f"setting {name!r}: {exc}") from exc
+            rec.log_tokens(step=0, logp=logp, logp_rollout=logp_rollout, advantages=adv, response_mask=mask)
+            rec.end_step(0)
+            rec.flush()  # untimed warm-up step
+            cpu0 = rec._writer.cpu_s
+            w0 = time.perf_counter()
+            for step in range(1, args.writer_steps + 1):
+                rec.log_tokens(step=step, logp=logp, logp_rollout=logp_rollout, advantages=adv, response_mask=mask)
+                rec.end_step(step)
+            rec.flush()
+            wall = time.perf_counter() - w0
+            cpu = rec._writer.cpu_s - cpu0
+            rec.close()
+            files = open_run(run_dir).token_files()
+            n, req_b, total = required_bytes(files)
+            results[name].append((tokens_per_step * args.writer_steps / wall, cpu / args.writer_steps,
+                                  req_b / n, total / n))
+            shutil.rmtree(run_dir, ignore_errors=True)
+            bar.update(1)
+    bar.close()
+    print()
+    print(f"writer only: device={logp.device} valid tokens/step={tokens_per_step} steps/setting={args.writer_steps} "
+          f"repeats={args.repeats} (medians; settings interleaved)")
+    base = statistics.median(x[0] for x in results[names[0]])
+    print(f"| setting | RunRecorder kwargs | M tokens/s (wall) | vs {names[0]} | writer CPU ms/step "
+          f"| bytes/token required | bytes/token whole shard |")
+    print("|---|---|---|---|---|---|---|")
+    for name in names:
+        rows = results[name]
+        tps = statistics.median(x[0] for x in rows)
+        print(f"| {name} | `{WRITER_SETTINGS[name] or 'defaults'}` | {tps / 1e6:.2f} "
+              f"(min {min(x[0] for x in rows) / 1e6:.2f}) | {tps / base:.2f}x "
+              f"| {statistics.median(x[1] for x in rows) * 1e3:.2f} | {statistics.median(x[2] for x in rows):.2f} "
+              f"| {statistics.median(x[3] for x in rows):.2f} |")
+    if tmp:
+        tmp.cleanup()
+    return 0
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--batch", type=int, default=64, help="sequences per step B (default 64)")
@@ -108,6 +188,13 @@ def main(argv=None) -> int:
                    "'cuda' exercises the pinned non_blocking copy path)")
     p.add_argument("--extra-columns", action="store_true", help="also record entropy, token_id, logp_old")
     p.add_argument("--out", type=Path, default=None, help="run directory root (default: a temp dir)")
+    p.add_argument("--writer-only", action="store_true",
+                   help="measure the background writer's throughput per setting (no training step)")
+    p.add_argument("--settings", default=",".join(WRITER_SETTINGS),
+                   help="--writer-only: comma-separated settings to compare, from: " + ", ".join(
+                       f"{k} ({v or 'RunRecorder defaults'})" for k, v in WRITER_SETTINGS.items()))
+    p.add_argument("--writer-steps", type=int, default=20,
+                   help="--writer-only: timed steps per setting and repeat (default 20)")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -123,6 +210,10 @@ def main(argv=None) -> int:
         logp_rollout = torch.cat([torch.zeros(args.batch, 1), lp[:, :-1].gather(-1, ids[:, 1:, None]).squeeze(-1)], 1)
         logp_rollout += 0.01 * torch.randn(logp_rollout.shape, generator=gen)
     ids, mask, adv, logp_rollout = (x.to(device) for x in (ids, mask, adv, logp_rollout))
+    if args.writer_only:
+        with torch.no_grad():
+            logp = torch.log_softmax(model(ids[:, :-1]).float(), -1).gather(-1, ids[:, 1:, None]).squeeze(-1)
+        return writer_only(args, logp, logp_rollout[:, 1:], adv, mask[:, 1:])
 
     def sync():  # a real loop syncs once per step (loss.item()); do the same so wall times are comparable
         if device.type == "cuda":
@@ -136,6 +227,7 @@ def main(argv=None) -> int:
         train_step(model, opt, ids, mask, adv, logp_rollout, rec, step_counter, args.extra_columns)
         step_counter += 1
     rec.flush()
+    warm_cpu, warm_busy, warm_steps = rec._writer.cpu_s, rec._writer.busy_s, step_counter
 
     # Blocks of `steps` steps alternate off/on (off-on, on-off, ...). An "on" block ends with rec.flush(),
     # so background work it caused is charged to it, not to the next "off" block.
@@ -186,9 +278,10 @@ def main(argv=None) -> int:
     print(f"process CPU per step     : off {cpu_off * 1e3:.0f} ms, on {cpu_on * 1e3:.0f} ms, "
           f"ratio {cpu_on / cpu_off:.3f}  (all threads; less sensitive to other load)")
     print(f"log_tokens+end_step call : median {statistics.median(log_times) * 1e3:.2f} ms on the training thread")
-    n_on = max(1, step_counter)
-    busy = rec.stats["writer_busy_s"] / n_on
-    wcpu = rec.stats["writer_cpu_s"] / n_on
+    # per timed step: the warm-up steps (and any one-time import they triggered) are excluded
+    n_on = max(1, step_counter - warm_steps)
+    busy = (rec.stats["writer_busy_s"] - warm_busy) / n_on
+    wcpu = (rec.stats["writer_cpu_s"] - warm_cpu) / n_on
     print(f"writer thread            : {wcpu * 1e3:.1f} ms CPU/step ({100 * wcpu / off:.2f}% of the off step time), "
           f"{busy * 1e3:.1f} ms wall/step in the background")
     print(f"drain at close           : {drain * 1e3:.0f} ms")

@@ -20,7 +20,7 @@ import torch
 
 from cppo_diag.train.config import TaskConfig
 from cppo_diag.train.evaluate import evaluate
-from cppo_diag.train.models import build_tiny, warmstart_dir
+from cppo_diag.train.models import warmstart_dir
 from cppo_diag.train.models.tiny_gpt import CharTokenizer, TinyGPT, TinyGPTConfig
 from cppo_diag.train.rollout import TorchSampler
 from cppo_diag.train.sft import sft

@@ -183,3 +183,85 @@ def test_signed_metric_k1_quantiles():
         assert row["surv_-0.1"] == pytest.approx(np.mean(x > -0.1))
         assert row["surv_0"] == pytest.approx(np.mean(x > 0))
         assert row["top10_mean"] == pytest.approx(x[x >= np.quantile(x, 0.9)].mean(), rel=1e-9)
+
+
+def _big_frame(n=60_000, seed=3, shift_after=None):
+    """One step of tokens at positions 0..99 (bins of 25); after row ``shift_after`` the divergences are
+    ~10x larger (a drift the pilot cannot foresee)."""
+    rng = np.random.default_rng(seed)
+    pos = np.tile(np.arange(100, dtype=np.int32), n // 100)
+    lq = np.log(rng.uniform(0.05, 1.0, len(pos)))
+    noise = rng.standard_t(3, len(pos)) * 0.05
+    if shift_after is not None:
+        noise[shift_after:] *= 10
+    lp = np.log(np.clip(np.exp(lq) + noise, 1e-4, 1.0))
+    return pl.DataFrame({"step": np.zeros(len(pos), np.int64), "seq_id": np.arange(len(pos)) // 100, "pos": pos,
+                         "logp": lp.astype(np.float32), "logp_rollout": lq.astype(np.float32),
+                         "advantage": np.ones(len(pos), np.float32)})
+
+
+def _exact_check(out, df, metrics, thresholds, bin_width):
+    divs = _divs(df)
+    bins = df["pos"].to_numpy() // bin_width
+    for m in metrics:
+        d = divs[m].astype(np.float32).astype(np.float64)
+        got = out.filter(pl.col("metric") == m)
+        assert got["bin"].to_list() == sorted(set(bins.tolist()))
+        for row in got.iter_rows(named=True):
+            x = d[bins == row["bin"]]
+            exp = _np_stats(x, thresholds)
+            for name in ("p50", "p90", "p99"):  # exact order statistics of the float32 values
+                assert row[name] == exp[name], (m, row["bin"], name)
+            assert row["count"] == exp["count"] and row["hill_k"] == exp["hill_k"]
+            for k in ("mean", "top10_mean", "hill_alpha", *(f"surv_{x:g}" for x in thresholds)):
+                assert row[k] == pytest.approx(exp[k], rel=1e-9), (m, row["bin"], k)
+
+
+@pytest.mark.parametrize("case", ["single_pass", "pilot_off", "guess_missed", "too_many_kept"])
+def test_single_pass_guess_and_fallback_are_exact(monkeypatch, case):
+    """The pilot-guided single pass, the plain two passes, a pilot whose guess misses (the distribution
+    drifts after the pilot rows) and an abandoned guess (too many kept values) all give numpy's exact
+    statistics, and take the number of passes they should."""
+    from analyses import position
+    from analyses.tokens import divergence_exprs, load_tokens
+
+    df = _big_frame(shift_after=20_000 if case == "guess_missed" else None)
+    monkeypatch.setattr(position, "PILOT_MIN_BIN", 500)
+    if case == "too_many_kept":
+        monkeypatch.setattr(position, "_MAX_KEPT", 100)
+    metrics, thresholds = ["tv", "k3"], (0.01, 0.05, 0.2)
+    out = position.aggregate_positions(
+        load_tokens(df), {m: divergence_exprs()[m] for m in metrics}, bin_width=25, thresholds=thresholds,
+        chunk_rows=7_000, pilot_rows=0 if case == "pilot_off" else 10_000)
+    _exact_check(out, df, metrics, thresholds, 25)
+    expected = {"single_pass": 1, "pilot_off": 2, "guess_missed": 2, "too_many_kept": 2}[case]
+    assert position.LAST_PASSES == {m: expected for m in metrics}
+
+
+def test_nan_divergences_are_skipped_in_both_paths():
+    """Null / NaN divergences are left out of every statistic (``count`` included), in the single-pass and
+    the two-pass path alike."""
+    from analyses import position
+    from analyses.tokens import divergence_exprs, load_tokens
+
+    df = _big_frame(n=20_000)
+    lp = df["logp"].to_numpy().copy()
+    lp[::7] = np.nan
+    df = df.with_columns(logp=pl.Series(lp)).with_columns(
+        logp=pl.when(pl.col("pos") == 3).then(None).otherwise(pl.col("logp")))
+    outs = [position.aggregate_positions(load_tokens(df), {"tv": divergence_exprs()["tv"]}, bin_width=25,
+                                         thresholds=(0.05,), pilot_rows=p, chunk_rows=5_000) for p in (0, 4_000)]
+    assert outs[0].columns == outs[1].columns and outs[0].height == outs[1].height
+    for c in outs[0].columns:
+        if outs[0][c].dtype == pl.Float64:  # tail sums are added in another order in the two paths
+            np.testing.assert_allclose(outs[0][c].to_numpy(), outs[1][c].to_numpy(), rtol=1e-12, err_msg=c)
+        else:
+            assert outs[0][c].to_list() == outs[1][c].to_list(), c
+    d = _divs(df)["tv"].astype(np.float32).astype(np.float64)
+    ok = ~np.isnan(d)
+    bins = df["pos"].to_numpy() // 25
+    for row in outs[0].iter_rows(named=True):
+        x = d[ok & (bins == row["bin"])]
+        assert row["count"] == len(x)
+        assert row["p50"] == np.quantile(x, 0.5) and row["p99"] == np.quantile(x, 0.99)
+        assert row["mean"] == pytest.approx(x.mean(), rel=1e-9)

@@ -492,3 +492,138 @@ def test_property_staging_matches_plain_loop(B, T, seed, packed, per_token_adv):
     got = list(zip(*(table.column(c).to_pylist() for c in ("seq_id", "pos", "logp", "logp_rollout", "advantage"))))
     assert [g[:2] for g in got] == [r[:2] for r in rows]
     np.testing.assert_array_equal(np.array([g[2:] for g in got], np.float32), np.array([r[2:] for r in rows], np.float32))
+
+
+# -- writer settings: codecs, encodings, writer pool ------------------------------------------------------
+
+
+@pytest.mark.parametrize("compression,threads", [("lz4", 1), ("zstd", 1), ("snappy", 1), ("none", 1),
+                                                 ("lz4", 2), ("zstd", 3)])
+def test_codecs_and_writer_threads_roundtrip_value_for_value(tmp_path, compression, threads):
+    batches = {}
+    with RunRecorder(tmp_path, name="r", on_error="raise", compression=compression, writer_threads=threads,
+                     shard_rows=8) as rec:  # shard_rows=8: a shard per call, several in flight at once
+        for step in range(6):
+            for update in range(2):
+                d, _ = _batch(B=7, T=11, seed=10 * step + update)
+                batches[step, update] = d
+                for half in (slice(0, 4), slice(4, 7)):  # two micro-batches -> two parts
+                    rec.log_tokens(step=step, update=update, seq_ids=np.arange(7)[half],
+                                   **{k: v[half] for k, v in d.items()})
+            rec.end_step(step)
+        rec.flush()  # flush = on disk: every ended step has its marker, also with a pool
+        assert rec.is_done(5)
+        assert open_run(tmp_path / "r").completed_steps() == list(range(6))
+    run = open_run(tmp_path / "r")
+    files = run.token_files()
+    assert len(files) == 6 * 2 * 2  # step x update x part
+    import pyarrow.parquet as pq
+
+    md = pq.read_metadata(files[0])
+    codec = {"lz4": "LZ4_RAW", "zstd": "ZSTD", "snappy": "SNAPPY", "none": "UNCOMPRESSED"}[compression]
+    names = [md.schema.column(i).name for i in range(md.num_columns)]
+    cols = {n: md.row_group(0).column(i) for i, n in enumerate(names)}
+    assert cols["logp"].compression in (codec, "LZ4" if compression == "lz4" else codec)
+    assert "BYTE_STREAM_SPLIT" in cols["logp"].encodings and "DELTA_BINARY_PACKED" in cols["pos"].encodings
+    step_dict = any("DICTIONARY" in e for e in cols["step"].encodings)
+    assert step_dict == (compression == "zstd")  # PLAIN with the fast codecs, dictionary with zstd
+    assert cols["step"].statistics is not None and cols["logp"].statistics is None
+    rows = [r for (s, u), d in batches.items() for r in _expected_rows(s, d, update=u)]
+    _assert_rows(run.tokens().collect(), rows)
+
+
+def test_writer_pool_all_columns_match_single_thread(tmp_path):
+    rng = np.random.default_rng(1)
+    B, T, K = 6, 13, 2  # 13: bool columns whose length is not a multiple of 8
+    mask = rng.random((B, T)) < 0.7
+    d = dict(
+        logp=rng.normal(size=(B, T)).astype(np.float32), logp_rollout=rng.normal(size=(B, T)),
+        advantages=rng.normal(size=B), response_mask=mask, keep_applied=rng.random((B, T)) < 0.5,
+        reason_applied=rng.integers(0, 4, (B, T)), token_ids=rng.integers(0, 9, (B, T)),
+        entropy=rng.random((B, T)).astype(np.float16), reward=rng.integers(0, 2, B),
+        group_id=np.arange(B) // 2, topk_ids=rng.integers(0, 9, (B, T, K)),
+        topk_logp=rng.normal(size=(B, T, K)).astype(np.float32),
+    )
+    frames = []
+    for i, kw in enumerate([dict(compression="zstd"), dict(writer_threads=3, shard_rows=5)]):
+        with RunRecorder(tmp_path / str(i), on_error="raise", **kw) as rec:
+            for step in range(3):
+                rec.log_tokens(step=step, seq_ids=np.array([5, 4, 3, 2, 1, 0]), **d)
+        frames.append(open_run(tmp_path / str(i)).tokens().collect().sort(["step", "seq_id", "pos"]))
+    assert frames[0].height == 3 * int(mask.sum())
+    assert frames[0].equals(frames[1])
+    assert frames[0]["keep_applied"].to_list() == [bool(x) for s in range(3) for b in range(5, -1, -1)
+                                                   for x in d["keep_applied"][b][mask[b]]]
+
+
+def test_writer_setting_errors_name_the_argument(tmp_path):
+    with pytest.raises(ValueError, match=r"compression: expected one of .*found 'gzip'"):
+        RunRecorder(tmp_path, compression="gzip")
+    for bad in (0, 1.5, True):
+        with pytest.raises(ValueError, match=f"writer_threads: expected an integer >= 1, found {bad!r}"):
+            RunRecorder(tmp_path, writer_threads=bad)
+
+
+def test_writer_does_not_import_pandas(tmp_path):
+    """pa.array(ndarray) imports pandas on first use (~0.25 s of writer CPU once per process); the writer
+    builds Arrow arrays from numpy buffers instead."""
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent(f"""
+        import sys, numpy as np
+        from cppo_diag import RunRecorder
+        before = 'pandas' in sys.modules
+        with RunRecorder({str(tmp_path)!r}, on_error="raise") as rec:
+            rec.log_tokens(step=0, logp=np.zeros((2, 3), np.float32), logp_rollout=np.zeros((2, 3)),
+                           advantages=np.ones(2), keep_applied=np.ones((2, 3), bool))
+            rec.end_step(0)
+            rec.flush()
+        print(before, 'pandas' in sys.modules)
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    if out[0] == "True":
+        pytest.skip("pandas is imported by cppo_diag itself; nothing to check")
+    assert out == ["False", "False"]
+
+
+def test_writer_pool_splits_a_step_at_sequence_boundaries(tmp_path, monkeypatch):
+    import pyarrow.parquet as pq
+
+    from cppo_diag.capture import writer
+
+    monkeypatch.setattr(writer, "MIN_PART_ROWS", 8)
+    batches = {}
+    with RunRecorder(tmp_path, on_error="raise", writer_threads=3) as rec:
+        for step in range(4):
+            d, _ = _batch(B=9, T=12, seed=step)
+            batches[step] = d
+            rec.log_tokens(step=step, **d)
+            rec.end_step(step)
+    run = open_run(tmp_path)
+    assert run.completed_steps() == [0, 1, 2, 3]
+    files = run.token_files()
+    assert len(files) == 4 * 3  # each step's shard split into 3 parts
+    owner = {}
+    for f in files:
+        t = pq.read_table(f)
+        assert t.num_rows >= 8 or t.num_rows == 0
+        for s, q in set(zip(t["step"].to_pylist(), t["seq_id"].to_pylist())):
+            assert (s, q) not in owner, f"sequence {(s, q)} spans {owner.get((s, q))} and {f.name}"
+            owner[s, q] = f.name
+    _assert_rows(run.tokens().collect(), [r for s, d in batches.items() for r in _expected_rows(s, d)])
+
+
+def test_split_by_sequence_edge_cases():
+    import pyarrow as pa
+
+    from cppo_diag.capture.writer import split_by_sequence
+
+    t = pa.table({"seq_id": [0] * 10 + [1] * 2 + [2] * 8})
+    assert [p.num_rows for p in split_by_sequence(t, 1, 1)] == [20]
+    assert [p.num_rows for p in split_by_sequence(t, 4, 100)] == [20]  # too small to split
+    assert [p.num_rows for p in split_by_sequence(t, 2, 5)] == [10, 10]  # cut moved back to seq 1's start
+    assert [p.num_rows for p in split_by_sequence(pa.table({"seq_id": [7] * 20}), 4, 2)] == [20]  # one sequence
+    parts = split_by_sequence(t, 3, 2)
+    assert sum(p.num_rows for p in parts) == 20 and pa.concat_tables(parts).equals(t)

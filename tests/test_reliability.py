@@ -61,7 +61,7 @@ CHILD = textwrap.dedent(
     sys.path.insert(0, {tests!r})
     from test_reliability import batch
     from cppo_diag import RunRecorder
-    rec = RunRecorder({run!r}, on_error="raise", shard_rows=1, heartbeat_s=0.2)
+    rec = RunRecorder({run!r}, on_error="raise", shard_rows=1, heartbeat_s=0.2, writer_threads={threads})
     for step in range(3):
         rec.log_tokens(step=step, **batch(step))
         rec.log_scalars(step, {{"x": float(step)}})
@@ -80,9 +80,10 @@ CHILD = textwrap.dedent(
 
 
 @pytest.mark.slow
-def test_kill_9_mid_run_then_resume_without_duplicates(tmp_path):
+@pytest.mark.parametrize("threads", [1, 3])  # 3: shards are encoded by a writer pool
+def test_kill_9_mid_run_then_resume_without_duplicates(tmp_path, threads):
     run_dir = tmp_path / "run"
-    script = CHILD.format(repo=str(REPO), tests=str(REPO / "tests"), run=str(run_dir))
+    script = CHILD.format(repo=str(REPO), tests=str(REPO / "tests"), run=str(run_dir), threads=threads)
     child = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         line = child.stdout.readline()
@@ -226,6 +227,29 @@ def test_raise_mode_surfaces_writer_errors(tmp_path):
     rec._closed = True  # the run dir is gone; nothing left to close
 
 
+def test_writer_pool_failed_shard_leaves_its_step_unmarked(tmp_path):
+    run_dir = tmp_path / "run"
+    rec = RunRecorder(run_dir, on_error="raise", writer_threads=2, heartbeat_s=3600)
+    real = rec._writer._write_shard
+
+    def flaky(table, path):
+        if "step=000001" in str(path):
+            raise OSError("disk full (injected)")
+        return real(table, path)
+
+    rec._writer._write_shard = flaky
+    for s in range(3):
+        rec.log_tokens(step=s, **batch(s))
+        rec.end_step(s)
+    with pytest.raises(RecorderError, match=r"background writer failed: disk full \(injected\)"):
+        rec.flush()
+    rec.close()  # the error was reported once; the other steps carry on
+    run = open_run(run_dir)
+    assert run.completed_steps() == [0, 2]
+    assert read(run_dir).equals(expected([0, 2]))
+    assert not list((run_dir / "tokens").rglob(".tmp-*"))
+
+
 def test_two_ranks_into_one_run(tmp_path):
     recs = [RunRecorder(tmp_path, rank=r, on_error="raise", config={"world": 2}) for r in (1, 0)]
     for s in range(3):
@@ -306,3 +330,24 @@ def test_full_queue_drop_mode_counts(tmp_path):
     gate.set()
     rec.close()
     assert rec.stats["dropped_records"] >= 3
+
+
+def test_writer_pool_recorder_left_open_is_closed_at_exit(tmp_path):
+    """A trainer that never calls close(): the atexit close still writes the last step's shards and marker,
+    although the interpreter has shut the encoding pool down by then."""
+    run_dir = tmp_path / "run"
+    code = textwrap.dedent(f"""
+        import sys
+        sys.path.insert(0, {str(REPO)!r}); sys.path.insert(0, {str(REPO / 'tests')!r})
+        from test_reliability import batch
+        from cppo_diag import RunRecorder
+        rec = RunRecorder({str(run_dir)!r}, on_error="raise", writer_threads=2)
+        for step in range(2):
+            rec.log_tokens(step=step, **batch(step))
+        # no end_step(1), no close()
+    """)
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+    run = open_run(run_dir)
+    assert run.meta["status"] == "finished"
+    assert run.completed_steps() == [0, 1]
+    assert read(run_dir).equals(expected([0, 1]))

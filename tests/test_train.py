@@ -4,7 +4,6 @@ an end-to-end run with the offline-recompute parity check, and the CLI."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import polars as pl
@@ -256,9 +255,12 @@ def test_train_cli_help_and_run(tmp_path, capsys):
     assert rc == 0 and open_run(tmp_path / "c").meta["rule"] == "grpo_clip"
 
 
-def test_unknown_rule_is_rejected_before_training(tmp_path):
+def test_unknown_rule_or_parameter_is_rejected_before_training(tmp_path):
     with pytest.raises(Exception, match="cppo"):
         train(tiny_cfg(tmp_path, rule={"name": "not_a_rule"}))
+    with pytest.raises(ValueError, match=r"rule.params: unknown parameter\(s\) \['detla'\].*'delta'"):
+        train(tiny_cfg(tmp_path, rule={"name": "cppo", "params": {"detla": 0.1}}))
+    assert not (tmp_path / "cppo-fib-s0").exists()
 
 
 def test_math_dataset_task_from_jsonl_and_parquet(tmp_path):
@@ -291,3 +293,20 @@ def test_reasoning_gym_task_scores_with_its_checker():
     p = t.sample(1, np.random.default_rng(0))[0]
     assert t.score(p, f"\\boxed{{{p.answer}}}")[1] is True
     assert t.score(p, "\\boxed{not a number}")[1] is False
+
+
+def test_hf_model_kv_cache_rollout_matches_recomputed_pi():
+    pytest.importorskip("transformers")
+    from cppo_diag.train.config import ModelConfig
+    from cppo_diag.train.models.hf import build_random_hf
+
+    torch.manual_seed(0)
+    pol = build_random_hf("llama-tiny", ModelConfig(kind="hf"))
+    m = pol.module.eval()
+    s = TorchSampler(lambda i, a, p, c: pol.forward(m, i, a, p, c, use_cache=True), eos_id=pol.eos_id,
+                     pad_id=pol.pad_id, device="cpu", empty_cache=pol.empty_cache)
+    prompts = [pol.encode_prompt("1,2;9="), pol.encode_prompt("3+4,5+6=")] * 2  # different lengths: left padding
+    rb = s.generate(prompts, max_new_tokens=12, generator=torch.Generator().manual_seed(0))
+    logp, _ = sequence_logprobs(pol, m, rb, temperature=1.0, autocast=None, with_entropy=False)
+    assert rb.response_mask.sum() > 8
+    torch.testing.assert_close(logp[rb.response_mask], rb.logp_rollout[rb.response_mask], rtol=0, atol=1e-5)

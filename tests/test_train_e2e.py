@@ -29,11 +29,12 @@ def train_cmd(out, name, *extra):
 KEY = ["step", "update", "rank", "seq_id", "pos"]
 
 
-def test_killed_run_resumes_without_duplicate_or_missing_steps(tmp_path):
-    args = ["--steps", "6", "--ckpt.every", "2", "--optim.epochs", "2"]
+@pytest.mark.parametrize("every", [1, 2])
+def test_killed_run_resumes_without_duplicate_or_missing_steps(tmp_path, every):
+    args = ["--steps", "6", "--ckpt.every", "2", "--optim.epochs", "2", "--log.every_n_steps", str(every)]
     proc = subprocess.Popen(train_cmd(tmp_path, "killed", *args), env=ENV, cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    marker = tmp_path / "killed" / "_done" / "step=000003.rank0"
+    marker = tmp_path / "killed" / "_done" / f"step=00000{4 if every == 2 else 3}.rank0"
     deadline = time.time() + 240
     while not marker.exists():
         assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
@@ -42,15 +43,19 @@ def test_killed_run_resumes_without_duplicate_or_missing_steps(tmp_path):
     os.kill(proc.pid, signal.SIGKILL)  # mid step 4 (or right after step 3)
     proc.wait()
     assert open_run(tmp_path / "killed").completed_steps()[-1] < 5
+    assert list(tmp_path.glob("killed/checkpoints/step=*")), "no checkpoint before the kill"
     subprocess.run(train_cmd(tmp_path, "killed", *args), env=ENV, cwd=ROOT, check=True, capture_output=True)
     subprocess.run(train_cmd(tmp_path, "ref", *args), env=ENV, cwd=ROOT, check=True, capture_output=True)
 
     run, ref = open_run(tmp_path / "killed"), open_run(tmp_path / "ref")
-    assert run.completed_steps() == list(range(6)) and run.meta["status"] == "finished"
+    assert run.completed_steps() == list(range(0, 6, every)) and run.meta["status"] == "finished"
     toks = run.tokens().collect()
     assert toks.select(KEY).is_duplicated().sum() == 0
-    assert sorted(toks["step"].unique().to_list()) == list(range(6))
+    assert sorted(toks["step"].unique().to_list()) == list(range(0, 6, every))
     assert run.steps()["step"].to_list() == list(range(6))
+    lines = [l for f in (tmp_path / "killed" / "scalars").glob("*.jsonl") for l in f.read_text().splitlines()]
+    per_step = __import__("collections").Counter(__import__("json").loads(l)["step"] for l in lines)
+    assert max(per_step.values()) <= 2 and per_step[0] == 2 and all(per_step[s] == 1 for s in range(1, 6))
     # exact resume: the interrupted run logged the same tokens and scalars as an uninterrupted one
     a = toks.sort(KEY).select(*KEY, "logp", "logp_rollout", "advantage", "keep_applied")
     b = ref.tokens().collect().sort(KEY).select(*KEY, "logp", "logp_rollout", "advantage", "keep_applied")
@@ -136,3 +141,12 @@ def test_gpu_check_refuses_without_cuda():
         pytest.skip("CUDA present")
     res = subprocess.run([sys.executable, "benchmarks/gpu_check.py"], env=ENV, cwd=ROOT, capture_output=True, text=True)
     assert res.returncode == 2 and "CUDA is not available" in res.stderr
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs CUDA")
+def test_gpu_check_on_cuda(tmp_path):
+    res = subprocess.run([sys.executable, "benchmarks/gpu_check.py", "--steps", "2", "--sft-steps", "50",
+                          "--out", str(tmp_path)], env=ENV, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, (res.stdout + res.stderr)[-3000:]
+    assert "gpu_check: PASS" in res.stdout

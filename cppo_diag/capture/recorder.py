@@ -46,7 +46,7 @@ import pyarrow as pa
 
 from cppo_diag.capture.sampling import keep_sequences, keep_step
 from cppo_diag.capture.staging import CaptureInputError, _is_torch, materialize, stage_tokens
-from cppo_diag.capture.writer import BackgroundWriter
+from cppo_diag.capture.writer import COMPRESSIONS, BackgroundWriter
 from cppo_diag.storage import layout, schema
 
 
@@ -81,6 +81,12 @@ class RunRecorder:
         shard_rows: buffer a (step, update)'s tokens until this many rows before writing a shard.
         heartbeat_s: period of the ``_live/rank{r}.json`` heartbeat that marks the run as live.
         fsync: fsync each shard and marker before renaming (survives power loss, slower).
+        compression: Parquet page codec of the shards: ``"lz4"`` (default, fastest to write), ``"zstd"``
+            (~4 % smaller, ~1.3x slower to write), ``"snappy"`` or ``"none"``. Readers handle all of them.
+        compression_level: zstd level (None = Arrow's default); ignored by the other codecs.
+        writer_threads: threads that encode and write token shards (default 1). More help when one
+            thread cannot keep up with the trainer (pyarrow releases the GIL while encoding); see
+            ``benchmarks/bench_capture.py --writer-only``.
     """
 
     def __init__(
@@ -106,6 +112,8 @@ class RunRecorder:
         heartbeat_s: float = 5.0,
         fsync: bool = False,
         compression_level: int | None = None,
+        compression: str = "lz4",
+        writer_threads: int = 1,
     ):
         if on_error not in ("warn", "raise"):
             raise ValueError(f"on_error: expected 'warn' or 'raise', found {on_error!r}")
@@ -117,6 +125,10 @@ class RunRecorder:
             raise ValueError(f"seq_fraction: expected a number in (0, 1], found {seq_fraction!r}")
         if anchor not in ("rollout", "old"):
             raise ValueError(f"anchor: expected 'rollout' or 'old', found {anchor!r}")
+        if compression not in COMPRESSIONS:
+            raise ValueError(f"compression: expected one of {COMPRESSIONS}, found {compression!r}")
+        if isinstance(writer_threads, bool) or int(writer_threads) != writer_threads or int(writer_threads) < 1:
+            raise ValueError(f"writer_threads: expected an integer >= 1, found {writer_threads!r}")
         self.run_dir = Path(path) / name if name else Path(path)
         self.name = name or self.run_dir.name
         self.rank = int(rank)
@@ -155,8 +167,8 @@ class RunRecorder:
         self._writer = BackgroundWriter(
             self.run_dir, rank=self.rank, queue_size=queue_size, shard_rows=shard_rows,
             heartbeat_s=heartbeat_s, nonfinite="raise" if on_error == "raise" else "drop",
-            fsync=fsync, compression_level=compression_level,
-            on_error=self._writer_error, on_warning=self._writer_warning,
+            fsync=fsync, compression_level=compression_level, compression=compression,
+            threads=int(writer_threads), on_error=self._writer_error, on_warning=self._writer_warning,
         )
         self._writer.start()
         ref = weakref.ref(self)

