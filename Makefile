@@ -5,7 +5,7 @@ PY    := $(VENV)/bin/python
 #   make setup TORCH_SPEC=   (empty: use whatever torch is already installed in the venv)
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: setup test test-fast demo rules bench clean
+.PHONY: setup test test-fast demo rules study clean
 
 setup: $(VENV)/.installed
 
@@ -31,3 +31,8 @@ rules: setup
 
 clean:
 	rm -rf build dist *.egg-info .pytest_cache
+
+# The CPU reproduction study (issue 7): 6 rules x 5 seeds on the demo task, ~25 min on an idle 2-core box;
+# regenerates docs/results.md and docs/results/*.png. Resumable: rerun to continue.
+study: setup
+	$(VENV)/bin/cppo-diag study cpu --root runs/study-cpu --workers 2 --results docs/results.md

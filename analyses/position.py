@@ -448,6 +448,19 @@ def _guess(pilot: dict[int, _BinHist], thresholds: Sequence[float]) -> tuple[np.
     return keys.astype(np.int64), tail_lo, keep_all
 
 
+def _flag_table(keys: np.ndarray, tail_lo: np.ndarray, keep_all: np.ndarray) -> np.ndarray:
+    """Per composite key below (bins of the pilot + 1) * _KEY_SPAN: 1 if its values are kept, + 2 if it is
+    in the guessed tail; the last entry (every key beyond, i.e. bins the pilot did not see) is 3."""
+    n_b = len(keep_all) - 1
+    ck = np.arange((n_b + 1) * _KEY_SPAN, dtype=np.int64)
+    table = (ck >= np.repeat(tail_lo, _KEY_SPAN)).astype(np.uint8) * 2
+    table[keys[(keys >= 0) & (keys < len(table))]] |= 1
+    table |= np.repeat(keep_all, _KEY_SPAN).astype(np.uint8) * 3
+    table[np.abs(ck % _KEY_SPAN - _KEY_OFFSET) > _KEY_INF] = 0  # NaN keys: neither (their sums are NaN)
+    table[-1] = 3
+    return table
+
+
 def _pack(ck: np.ndarray, d: np.ndarray) -> np.ndarray:
     """(ck, sortable float bits) packed in one int64: sorting it orders by bucket, then by value."""
     bits = d.view(np.int32)
@@ -522,15 +535,10 @@ def aggregate_positions(
         for m in names:
             ck = pilot[f"ck|{m}"].to_numpy()
             guess[m] = _guess(_bin_hists(*_merge_counts([_chunk_counts(ck)] if len(ck) else [])[:2]), thresholds)
-            keys, tail_lo, keep_all = guess[m]
-            last = len(keep_all) - 1
-            slot = pl.col("bin").clip(0, last)
+            # one uint8 per composite key (bit 1: keep the value, bit 2: in the guessed tail), read by a gather
+            table = _flag_table(*guess[m])
             ck_m = pl.col(f"ck|{m}")
-            spec_cols += [
-                ((ck_m.is_in(pl.Series(keys, dtype=pl.Int64).implode()) | pl.lit(pl.Series(keep_all)).gather(slot)
-                 ).cast(pl.UInt8)  # 1: keep the value; 2: in the guessed tail
-                 + (ck_m >= pl.lit(pl.Series(tail_lo)).gather(slot)).cast(pl.UInt8) * 2).alias(f"_flag|{m}"),
-            ]
+            spec_cols.append(pl.lit(pl.Series(table)).gather(ck_m.clip(0, len(table) - 1)).alias(f"_flag|{m}"))
     kept: dict[str, list[np.ndarray]] = {m: [] for m in guess}
     n_kept: dict[str, int] = {m: 0 for m in guess}
     tail_pieces: dict[str, list[tuple[np.ndarray, np.ndarray, np.ndarray]]] = {m: [] for m in guess}

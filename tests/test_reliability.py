@@ -229,7 +229,7 @@ def test_raise_mode_surfaces_writer_errors(tmp_path):
 
 def test_writer_pool_failed_shard_leaves_its_step_unmarked(tmp_path):
     run_dir = tmp_path / "run"
-    rec = RunRecorder(run_dir, on_error="raise", writer_threads=2, heartbeat_s=3600)
+    rec = RunRecorder(run_dir, on_error="warn", writer_threads=2, heartbeat_s=3600)
     real = rec._writer._write_shard
 
     def flaky(table, path):
@@ -238,16 +238,32 @@ def test_writer_pool_failed_shard_leaves_its_step_unmarked(tmp_path):
         return real(table, path)
 
     rec._writer._write_shard = flaky
-    for s in range(3):
-        rec.log_tokens(step=s, **batch(s))
-        rec.end_step(s)
-    with pytest.raises(RecorderError, match=r"background writer failed: disk full \(injected\)"):
+    with pytest.warns(RecorderWarning, match=r"OSError: disk full \(injected\)"):
+        for s in range(3):
+            rec.log_tokens(step=s, **batch(s))
+            rec.end_step(s)
         rec.flush()
-    rec.close()  # the error was reported once; the other steps carry on
+    rec.close()
+    assert rec.stats["dropped_records"] == 1
     run = open_run(run_dir)
     assert run.completed_steps() == [0, 2]
     assert read(run_dir).equals(expected([0, 2]))
     assert not list((run_dir / "tokens").rglob(".tmp-*"))
+
+
+def test_writer_pool_error_surfaces_in_raise_mode(tmp_path):
+    rec = RunRecorder(tmp_path / "run", on_error="raise", writer_threads=2, heartbeat_s=3600)
+
+    def broken(table, path):
+        raise OSError("disk full (injected)")
+
+    rec._writer._write_shard = broken
+    rec.log_tokens(step=0, **batch(0))
+    rec.end_step(0)
+    with pytest.raises(RecorderError, match=r"background writer failed: disk full \(injected\)"):
+        rec.flush()
+    rec.close()
+    assert open_run(tmp_path / "run").completed_steps() == []
 
 
 def test_two_ranks_into_one_run(tmp_path):

@@ -6,8 +6,8 @@ a Fig. 5-style ablation figure and, per rule, the paper's Fig. 2 and Fig. 7 diag
 
 CONFIG_OR_PRESET is a study file (TOML or YAML; format in docs/study.md) or a preset:
 
-  cpu       grpo_clip, dppo, cppo and its three ablations x 8 seeds x 120 steps on the demo task
-            (answers of tens of tokens); about 40 minutes with --workers 2 on an idle 2-core CPU
+  cpu       grpo_clip, dppo, cppo and its three ablations x 5 seeds x 120 steps on the demo task
+            (answers of tens of tokens); about 25 minutes with --workers 2 on an idle 2-core CPU
   ci-tiny   the same rules x 2 seeds, a few seconds per run (used by the test suite)
   gpu       the paper's Table 3 settings for a local Hugging Face model and a math dataset file
             (edit the model/dataset paths first; see docs/study.md)
