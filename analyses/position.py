@@ -193,13 +193,14 @@ def position_stats(
 # (keys <= -129). Values with |D| below float32's smallest normal number (1.18e-38) are taken as 0 and NaN
 # values are skipped, so key 0 holds only 0 and key +-_KEY_INF only +-inf ("single-valued" keys).
 #
-# Pass 1 counts values per (bin, bucket) (one integer bincount per chunk and metric) and sums them per bin.
-# Every order statistic a quantile needs then lies in a known bucket, every bucket wholly above a bin's p90
-# bucket is in its tail, and a survival threshold x splits at most one bucket (from the key's value range).
-# Pass 2 streams the run again and keeps (a) the values of the few buckets holding a needed order statistic
-# or straddling a threshold and (b) per-bin sums of D and log D over the tail buckets (the top-decile mean
-# and the Hill estimate). The results are the exact order statistics of the float32 divergences, as a full
-# sort would give.
+# Pass 1 counts and sums the values per (bin, bucket) (numpy bincounts on keys polars computes). Every order
+# statistic a quantile needs then lies in a known bucket, every bucket wholly above a bin's p90 bucket is in
+# its tail, and a survival threshold x splits at most one bucket (from the key's value range). What remains
+# is (a) the values of the few buckets holding a needed order statistic or straddling a threshold and (b)
+# per-bin sums of D and log D over the tail buckets (the top-decile mean and the Hill estimate): pass 1
+# keeps them when a pilot guessed those buckets right, else pass 2 streams the run again for them (see
+# ``aggregate_positions``). The results are the exact order statistics of the float32 divergences, as a
+# full sort would give.
 _KEY_SPAN = 1 << 16  # composite key ck = bin * _KEY_SPAN + key + _KEY_OFFSET, key in [-32767, 32767]
 _KEY_OFFSET = 1 << 15
 _KEY_INF = 0x7F80  # key of +inf; larger keys (and their negatives) are NaN
@@ -349,7 +350,7 @@ def _bin_stats(h: _BinHist, fetched: dict[int, np.ndarray], tail_s: float, tail_
     return out
 
 
-CHUNK_ROWS = 4_000_000  # rows per streamed chunk (bounds memory: ~ CHUNK_ROWS * (8 + 4 * n_metrics) bytes)
+CHUNK_ROWS = 2_000_000  # rows per streamed chunk (bounds memory: ~ CHUNK_ROWS * 13 bytes per metric)
 
 
 def with_lengths(lf: pl.LazyFrame) -> pl.LazyFrame:
@@ -483,13 +484,23 @@ def aggregate_positions(
     """Exact per-bin statistics with bounded memory, reshaped to the long table of :func:`position_stats`
     (shared with mismatch).
 
-    Pass 1 streams the run in chunks of ``chunk_rows`` rows (polars decodes only the needed columns and
-    computes the bins, the divergences as float32 and ``bin * _KEY_SPAN``) and counts, per metric, the values
-    of each (bin, bucket) with one numpy bincount per chunk; pass 2 streams it again keeping only the values
-    of the buckets that hold a needed order statistic and the per-bin tail sums (see the comment above
-    ``_np_keys``). Relative bins and the delta / w_t overlay need each response's length: then the data come
-    from ``parts`` (one LazyFrame per group of steps with ``_T``, see :func:`length_parts`), each collected
-    on its own; without ``parts``, ``lf`` is processed as one part.
+    Pass 1 streams the run in chunks of ``chunk_rows`` rows; polars decodes only the needed columns and
+    computes, in its multi-threaded engine, the bins, the divergences as float32 and each value's composite
+    bucket key; numpy counts and sums the values of each (bin, bucket) with dense bincounts. Pass 2 streams
+    it again keeping only the values of the buckets that hold a needed order statistic (or straddle a
+    survival threshold) and the per-bin sums over the p90 tail (see the comment above ``_np_keys``).
+
+    Usually pass 2 is not needed: a *pilot* (the first ``pilot_rows`` rows, read once more) gives per bin
+    rough quantiles, and pass 1 already keeps the values of the buckets within +-``_GUESS_EPS`` of each
+    pilot quantile (and of the buckets that may straddle a threshold) and per-bucket sums from a little
+    below the pilot's p90 upwards. After pass 1 the exact histogram tells whether every needed bucket was
+    kept and the kept tail reaches below the p90 bucket; the metrics for which it does not (the data drifted
+    after the pilot rows, or more than ``_MAX_KEPT`` values would have been kept) get pass 2. Either way the
+    results are the same exact statistics; ``LAST_PASSES`` records which path each metric took.
+
+    Relative bins and the delta / w_t overlay need each response's length: then the data come from
+    ``parts`` (one LazyFrame per group of steps with ``_T``, see :func:`length_parts`), each collected on its
+    own, always in two passes; without ``parts``, ``lf`` is processed as one part.
     """
     per_part = relative or delta is not None
     if per_part and parts is None:
@@ -543,14 +554,19 @@ def aggregate_positions(
     n_kept: dict[str, int] = {m: 0 for m in guess}
     tail_pieces: dict[str, list[tuple[np.ndarray, np.ndarray, np.ndarray]]] = {m: [] for m in guess}
     # -- pass 1: (bin, bucket) counts and per-bin sums (and the guessed buckets' values, tail sums) -------
-    pieces: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {m: [] for m in names}
+    pieces: dict[str, list[tuple[np.ndarray, np.ndarray, np.ndarray]]] = {m: [] for m in names}
+    dense: dict[str, tuple[np.ndarray, np.ndarray]] = {m: (np.zeros(0, np.int64), np.zeros(0)) for m in names}
     per_bin: dict[str, np.ndarray] = {}
     bar = None
     if progress:
         from tqdm.auto import tqdm
 
         bar = tqdm(desc="position stats (pass 1/2)", unit="tok", unit_scale=True)
-    for chunk in chunks((lambda f: f.with_columns(spec_cols)) if spec_cols else None):
+    def first_pass(f: pl.LazyFrame) -> pl.LazyFrame:
+        f = f.with_columns(spec_cols) if spec_cols else f
+        return f if delta is not None else f.drop("bin")  # bins are in the composite keys
+
+    for chunk in chunks(first_pass):
         if chunk.height == 0:
             continue
         if bar is not None:
@@ -560,10 +576,22 @@ def aggregate_positions(
         for m in names:
             ck = chunk[f"ck|{m}"].to_numpy()
             d = chunk[m].to_numpy()
-            pieces[m].append(_chunk_counts(ck, d))  # NaN values have their own (dropped) keys
+            # counts and sums per composite key (NaN values have their own keys, dropped later)
+            if m in dense and len(ck) and int(ck.max()) < _DENSE_SLOTS:  # dense accumulators
+                n = np.bincount(ck)
+                sm = np.bincount(ck, weights=d)
+                acc_n, acc_s = dense[m]
+                if len(acc_n) < len(n):
+                    acc_n = np.pad(acc_n, (0, len(n) - len(acc_n)))
+                    acc_s = np.pad(acc_s, (0, len(n) - len(acc_s)))
+                acc_n[: len(n)] += n
+                acc_s[: len(n)] += sm
+                dense[m] = (acc_n, acc_s)
+            elif len(ck):
+                pieces[m].append(_chunk_counts(ck, d))
             if m in kept:
                 flag = chunk[f"_flag|{m}"].to_numpy()
-                rows = np.flatnonzero(flag)  # the ~20% of rows kept or in the guessed tail
+                rows = np.flatnonzero(flag != 0)  # the ~20% of rows kept or in the guessed tail
                 flag, ck, d = flag[rows], ck[rows], d[rows]
                 hit = (flag & 1).view(bool)
                 n_kept[m] += int(np.count_nonzero(hit))
@@ -583,6 +611,11 @@ def aggregate_positions(
                         tail_pieces[m].append((nz + lo_ck, np.bincount(idx, weights=dt)[nz], sl_))
     if bar is not None:
         bar.close()
+    for m in names:  # dense accumulators -> one more piece
+        acc_n, acc_s = dense.pop(m)
+        nz = np.flatnonzero(acc_n)
+        if len(nz):
+            pieces[m].append((nz, acc_n[nz], acc_s[nz]))
     if pieces[names[0]]:  # tokens per bin (NaN keys included) from the first metric's counts
         ck0 = np.concatenate([p[0] for p in pieces[names[0]]])
         binsum(per_bin, "count", ck0 // _KEY_SPAN, np.concatenate([p[1] for p in pieces[names[0]]]).astype(np.float64))
@@ -638,7 +671,7 @@ def aggregate_positions(
         tp = tail_pieces[m]
         if tp:
             ct = np.concatenate([t[0] for t in tp])
-            above = ct > tail_ck[m][ct // _KEY_SPAN]
+            above = (ct > tail_ck[m][ct // _KEY_SPAN]) & (np.abs(ct % _KEY_SPAN - _KEY_OFFSET) <= _KEY_INF)
             bt = ct[above] // _KEY_SPAN
             binsum(tails, f"s|{m}", bt, np.concatenate([t[1] for t in tp])[above])
             binsum(tails, f"sl|{m}", bt, np.concatenate([t[2] for t in tp])[above])

@@ -17,6 +17,7 @@ from typing import Any, Sequence
 import polars as pl
 
 from analyses import plots_mpl as P
+from analyses.binning import auto_bin_width, max_response_length
 from analyses.budget import budget_exhaustion
 from analyses.compare import compare_runs
 from analyses.mismatch import mismatch_by_position
@@ -103,7 +104,7 @@ def write_report(
     *,
     rules: Sequence[str] = ("grpo_clip", "dppo", "cppo"),
     params: dict | None = None,
-    bin_width: int = 64,
+    bin_width: int | None = None,
     step_range=None,
     whatif: bool = True,
     progress: bool = True,
@@ -113,11 +114,14 @@ def write_report(
 
     ``rules``: rules recomputed on every run for the comparison; ``params``: rule name -> parameters
     (the CPPO figures use ``params["cppo"]``, else the run's own parameters when it trained with cppo, else
-    the defaults). Returns the path of the HTML file.
+    the defaults); ``bin_width``: position bin width in tokens, None for ``auto_bin_width`` over the longest
+    response. Returns the path of the HTML file.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     params = dict(params or {})
+    if bin_width is None:  # about 40 bins over the longest response of these runs
+        bin_width = auto_bin_width(max_response_length(sources))
     doc = _Doc(out)
     names = []
     for i, src in enumerate(sources):

@@ -10,6 +10,7 @@ from typing import Any
 
 import streamlit as st
 
+from analyses.binning import BIN_WIDTHS, auto_bin_width
 from app import data
 
 STATISTICS = {
@@ -21,7 +22,6 @@ STATISTICS = {
 }
 ADV_SIGNS = {"all": "all tokens", "pos": "A > 0", "neg": "A < 0"}
 SURVIVAL_XS = (0.01, 0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0)  # x of the survival statistic P(D > x)
-BIN_WIDTHS = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024]
 REASON_LABELS = {0: "kept", 1: "token threshold", 2: "prefix budget", 3: "sequence"}
 
 # Parameters the What-if and recompute widgets expose (name -> (min, max, step)).
@@ -165,8 +165,4 @@ def bin_width(auto: int, key: str, container: Any = st) -> int:
 
 
 def default_bin_width(path: str) -> int:
-    n = data.max_position(path) + 1
-    for w in BIN_WIDTHS:
-        if n / w <= 40:
-            return w
-    return BIN_WIDTHS[-1]
+    return auto_bin_width(data.max_position(path) + 1)

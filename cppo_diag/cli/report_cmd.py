@@ -29,7 +29,8 @@ def add_arguments(parser) -> None:
                         help="rules to recompute and compare (default grpo_clip dppo cppo)")
     parser.add_argument("--param", action="append", default=[], metavar="RULE:NAME=VALUE",
                         help="parameter of one rule, repeatable (e.g. --param cppo:delta=0.2)")
-    parser.add_argument("--bin", type=int, default=64, metavar="N", help="position bin width in tokens (default 64)")
+    parser.add_argument("--bin", type=int, default=None, metavar="N",
+                        help="position bin width in tokens (default: auto, about 40 bins over the longest response)")
     add_steps_argument(parser)
     parser.add_argument("--no-whatif", action="store_true", help="skip the what-if sweep (faster)")
     parser.add_argument("--title", default="cppo-diag report", help="HTML title")
