@@ -256,13 +256,6 @@ def _chunk_counts(ck: np.ndarray, d: np.ndarray | None = None) -> tuple[np.ndarr
     return nz + lo_ck, n[nz], s
 
 
-def _valid(d: np.ndarray, key: np.ndarray) -> np.ndarray | None:
-    """Mask of the non-NaN values, or None when all are valid."""
-    if key.max() > _KEY_INF or key.min() < -_KEY_INF:
-        return ~np.isnan(d)
-    return None
-
-
 def _lerp(a: float, b: float, t: float) -> float:
     # numpy's linear interpolation (np.quantile method="linear"), including its t >= 0.5 form
     return b - (b - a) * (1 - t) if t >= 0.5 else a + (b - a) * t
@@ -375,17 +368,6 @@ def length_parts(source: Any, *, step_range=None, adv_sign: str | None = None, r
     return parts
 
 
-def _isin(ck: np.ndarray, wanted: list[int]) -> np.ndarray:
-    """ck in wanted, by a lookup table over wanted's range with False sentinels at both ends."""
-    lo, hi = wanted[0], wanted[-1]
-    if hi - lo < 50_000_000:
-        table = np.zeros(hi - lo + 3, dtype=bool)
-        table[np.asarray(wanted) - lo + 1] = True
-        return np.take(table, ck - (lo - 1), mode="clip")
-    return np.isin(ck, wanted)
-
-
-
 def _key_expr(d: pl.Expr) -> pl.Expr:
     """Bucket key of a float32 expression, computed by polars (the same integers as :func:`_np_keys`)."""
     bits = d.reinterpret(dtype=pl.Int32)
@@ -420,7 +402,7 @@ def _bin_hists(cks: np.ndarray, ns: np.ndarray) -> dict[int, _BinHist]:
 LAST_PASSES: dict[str, int] = {}  # metric -> passes over the data the last aggregate_positions call needed
 PILOT_ROWS = 2_000_000  # rows read first to guess, per bin, the buckets the exact statistics will need
 PILOT_MIN_BIN = 2_000  # bins with fewer pilot tokens (or absent from the pilot) keep all their values
-_GUESS_EPS = 0.02  # keep the buckets within +-2 percentile points of each pilot quantile
+_GUESS_EPS = 0.01  # keep the buckets within +-1 percentile point of each pilot quantile
 _MAX_KEPT = 25_000_000  # per metric: above this many kept values the guess is abandoned (pass 2 instead)
 
 
