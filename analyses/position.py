@@ -403,7 +403,7 @@ LAST_PASSES: dict[str, int] = {}  # metric -> passes over the data the last aggr
 PILOT_ROWS = 2_000_000  # rows read first to guess, per bin, the buckets the exact statistics will need
 PILOT_MIN_BIN = 2_000  # bins with fewer pilot tokens (or absent from the pilot) keep all their values
 _GUESS_EPS = 0.01  # keep the buckets within +-1 percentile point of each pilot quantile
-_MAX_KEPT = 25_000_000  # per metric: above this many kept values the guess is abandoned (pass 2 instead)
+_MAX_KEPT = 20_000_000  # per metric (160 MB): above this many kept values the guess is abandoned (pass 2 instead)
 
 
 def _guess(pilot: dict[int, _BinHist], thresholds: Sequence[float]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
