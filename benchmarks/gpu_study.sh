@@ -11,8 +11,8 @@
 #   OUT=/tmp/out bash benchmarks/gpu_study.sh --cpu-tiny    # the same commands, tiny sizes, CPU, ~1 minute
 #
 # Environment: OUT (default: a new temp dir), PYTHON (default python3), PYTHONPATH must reach the repo root
-# (the script adds it) and polars. STUDY_CAP_S (default 150 GPU / 120 CPU) caps the training phase,
-# SFT_SECONDS (default 40) the warm start. Outputs: $OUT/results.md, $OUT/results/ (figures, per_seed.csv),
+# (the script adds it) and polars. STUDY_CAP_S (default 130 GPU / 120 CPU) caps the training phase,
+# SFT_SECONDS (default 35) the warm start. Outputs: $OUT/results.md, $OUT/results/ (figures, per_seed.csv),
 # $OUT/study/ (the runs; browse with `cppo-diag app`), $OUT/warmstart.json, $OUT/gpu-smoke.toml, $OUT/timing.txt.
 # The training/analysis path imports torch, transformers, tokenizers, numpy, polars, pyarrow, scipy, matplotlib,
 # tqdm, safetensors; never streamlit, plotly or msgspec (--cpu-tiny runs with those imports blocked).
@@ -59,9 +59,9 @@ PYEOF
   WORKERS=1
   THREADS=(--threads 1)
 else
-  DATA_ARGS=(--n-train 4000 --n-eval 32 --sft-steps 1500 --sft-seconds "${SFT_SECONDS:-40}" --device cuda
+  DATA_ARGS=(--n-train 4000 --n-eval 32 --sft-steps 3000 --sft-batch 128 --sft-seconds "${SFT_SECONDS:-35}" --device cuda
              --no-progress)
-  CAP="${STUDY_CAP_S:-150}"
+  CAP="${STUDY_CAP_S:-130}"
   WORKERS=3
   THREADS=()
 fi
@@ -145,6 +145,12 @@ for d in sorted(p for p in root.iterdir() if (p / "meta.json").is_file()):
     meta = json.loads((d / "meta.json").read_text())
     n = len(list((d / "_done").glob("step=*"))) if (d / "_done").is_dir() else 0
     print(f"  {d.name:<16} status={meta.get('status')} steps_done={n}")
+logs = root / "_study" / "logs"
+for log in sorted(logs.glob("*.log")) if logs.is_dir() else []:
+    meta = log.parent.parent.parent / log.stem / "meta.json"
+    if not meta.is_file() or json.loads(meta.read_text()).get("status") != "finished":
+        print(f"-- {log.stem} did not finish; last lines of {log}:")
+        print("\n".join(log.read_text(errors="replace").splitlines()[-15:]))
 PYEOF
 if [ -f "$OUT/results/per_seed.csv" ]; then echo "-- per_seed.csv"; cat "$OUT/results/per_seed.csv"; fi
 if [ -f "$OUT/results.md" ]; then echo "-- results.md (head)"; head -40 "$OUT/results.md"; fi

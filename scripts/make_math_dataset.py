@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Write a small offline math dataset in the trainer's format, and optionally a local Hugging Face model for it.
 
-The dataset: multi-step arithmetic word problems with integer answers ("Mia has 7 shells. She finds 5 more.
+The dataset: multi-step arithmetic word problems with integer answers ("Mia has 7 shells. She gets 5 more.
 Then she doubles what she has. How many shells does Mia have now?"), one JSON object per line with
 
     {"prompt": "...", "answer": "24", "solution": "7 + 5 = 12. 12 * 2 = 24. The answer is \\boxed{24}.",

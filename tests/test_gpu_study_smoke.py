@@ -106,6 +106,9 @@ def test_gpu_study_script_cpu_tiny(tmp_path):
     assert "gpu-smoke" in page and "eval/avg@2" in page
     rows = (out / "results" / "per_seed.csv").read_text().strip().splitlines()
     assert len(rows) == 1 + 6 and all(",finished," in r for r in rows[1:])
+    # figures drawn with streamlit / plotly / msgspec blocked (matplotlib only)
+    for fig in ("learning_curves.png", "position_cppo.png", "budget_cppo.png"):
+        assert (out / "results" / fig).stat().st_size > 0
     # the generated study file points at the generated data and runs on the CPU
     import tomllib
 
