@@ -367,3 +367,32 @@ def test_writer_pool_recorder_left_open_is_closed_at_exit(tmp_path):
     assert run.meta["status"] == "finished"
     assert run.completed_steps() == [0, 1]
     assert read(run_dir).equals(expected([0, 1]))
+
+
+def test_rank0_opening_while_another_rank_links_meta_does_not_break_it(tmp_path, monkeypatch):
+    # Rank 1 finds no meta.json, writes a temp file and link()s it into place. Rank 0 opening the run at that
+    # moment (its resume cleanup removes its own stale meta temps) must not delete rank 1's temp: that race
+    # crashed rank 1 with FileNotFoundError in the DDP test.
+    import os
+
+    from cppo_diag import RunRecorder
+
+    run = tmp_path / "run"
+    real_link = os.link
+    opened = []
+
+    def link_after_rank0_opens(src, dst, *a, **k):
+        if not opened:
+            opened.append(RunRecorder(run, rank=0, resume=True))
+        return real_link(src, dst, *a, **k)
+
+    monkeypatch.setattr(os, "link", link_after_rank0_opens)
+    rank1 = RunRecorder(run, rank=1, resume=True, on_error="raise")
+    monkeypatch.setattr(os, "link", real_link)
+    rank1.close()
+    opened[0].close()
+    assert (run / "meta.json").exists()
+    stale = run / ".tmp-meta.json.4242.deadbeef"  # rank 0's own leftover from a crash: removed on resume
+    stale.write_text("{}")
+    RunRecorder(run, rank=0, resume=True).close()
+    assert not stale.exists()
