@@ -5,7 +5,7 @@ What happens:
      immediately;
   2. a fresh CPPO run trains on the CPU demo task (Fibonacci-style sums mod 10, answers of 16-32 tokens,
      partial-credit reward, from the shipped SFT warm start) into runs/demo-cppo-<time>/ and appears in the app
-     live (about two minutes on 2 cores);
+     live (35 s on an idle 2-core CPU, several minutes on a busy one);
   3. with --compare, GRPO (ratio clip) and DPPO runs follow on the same seed, for side-by-side comparison;
   4. the greedy accuracy on the held-out set before and after RL is printed (also in each run's scalars as
      summary/greedy_acc_before / summary/greedy_acc_after). The app keeps running until Ctrl-C.
@@ -21,7 +21,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-HELP = "train a fresh CPPO run on CPU (~2 min) and open the app on sample_logs/ + runs/ while it trains"
+HELP = "train a fresh CPPO run on CPU (~35 s idle) and open the app on sample_logs/ + runs/ while it trains"
 
 COMPARE = [("grpo", "grpo_clip", {}), ("dppo", "dppo", {})]
 
