@@ -236,6 +236,22 @@ def greedy_accuracy(model, tok, rows: list[dict], *, device: str, max_new_tokens
     return float(np.mean(hits)) if hits else float("nan")
 
 
+def check_reload(tok, model_dir: Path, texts: list[str]) -> None:
+    """Fail unless the trainer's loader (``model.kind='hf'``) encodes ``texts`` as the warm start did.
+
+    transformers 5's AutoTokenizer gives every ``qwen2`` checkpoint Qwen2's own pre-tokenizer (one token per
+    digit); the trainer's ``load_tokenizer`` keeps the saved ``tokenizer.json``. This guards that contract.
+    """
+    from cppo_diag.train.models.hf import load_tokenizer
+
+    loaded = load_tokenizer(str(model_dir))
+    for t in texts:
+        a, b = tok(t)["input_ids"], loaded(t)["input_ids"]
+        if a != b:
+            raise RuntimeError(f"{model_dir}: the trainer's tokenizer encodes {t!r} as {b[:16]}..., "
+                               f"expected the warm start's {a[:16]}... ({type(loaded).__name__})")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, required=True, help="directory for train.jsonl and eval.jsonl")
@@ -292,6 +308,7 @@ def main(argv=None) -> int:
     args.model_dir.mkdir(parents=True, exist_ok=True)
     model.to("cpu").save_pretrained(str(args.model_dir), safe_serialization=True)
     tok.save_pretrained(str(args.model_dir))
+    check_reload(tok, args.model_dir, [r["prompt"] + DEFAULT_SUFFIX for r in ev] + [r["solution"] for r in ev])
     (args.model_dir / "warmstart.json").write_text(json.dumps(info, indent=2) + "\n")
     print(f"model: {n_params / 1e6:.1f} M parameters, vocab {len(tok)} -> {args.model_dir} "
           + " ".join(f"{k}={v}" for k, v in info.items() if k.startswith(("sft", "greedy"))))

@@ -627,3 +627,68 @@ def test_split_by_sequence_edge_cases():
     assert [p.num_rows for p in split_by_sequence(pa.table({"seq_id": [7] * 20}), 4, 2)] == [20]  # one sequence
     parts = split_by_sequence(t, 3, 2)
     assert sum(p.num_rows for p in parts) == 20 and pa.concat_tables(parts).equals(t)
+
+
+def test_updates_of_a_step_share_one_shard_and_read_back_per_update(tmp_path):
+    import pyarrow.parquet as pq
+
+    want = []
+    with RunRecorder(tmp_path, on_error="raise") as rec:
+        for step in range(2):
+            for u in (0, 1, 2):
+                d, _ = _batch(B=4, T=7, seed=10 * step + u)
+                rec.log_tokens(step=step, update=u, **d)
+                want += _expected_rows(step, d, update=u)
+            # two micro-batches of one update with interleaved seq_ids are still sorted inside the shard
+            d, _ = _batch(B=2, T=7, seed=99 + step)
+            rec.log_tokens(step=step, update=3, seq_ids=torch.tensor([3, 1]), **d)
+            want += _expected_rows(step, d, update=3, seq_ids=[3, 1])
+            d, _ = _batch(B=2, T=7, seed=199 + step)
+            rec.log_tokens(step=step, update=3, seq_ids=torch.tensor([2, 0]), **d)
+            want += _expected_rows(step, d, update=3, seq_ids=[2, 0])
+            rec.end_step(step)
+    run = open_run(tmp_path)
+    files = run.token_files()
+    assert [f.name for f in files] == ["rank0-u0-000.parquet"] * 2  # one file per step, named by its first update
+    t = pq.read_table(files[0]).to_pydict()
+    keys = list(zip(t["update"], t["seq_id"], t["pos"]))
+    assert keys == sorted(keys) and sorted(set(t["update"])) == [0, 1, 2, 3]
+    _assert_rows(run.tokens().collect(), sorted(want, key=lambda r: (r["step"], r["update"], r["seq_id"], r["pos"])))
+
+
+def test_shard_rows_still_bounds_a_step_buffer(tmp_path):
+    with RunRecorder(tmp_path, on_error="raise", shard_rows=10) as rec:
+        for u in range(3):
+            d, _ = _batch(B=4, T=7, seed=u)
+            d["response_mask"][:] = True  # 28 rows per call >= shard_rows: written at once
+            rec.log_tokens(step=0, update=u, **d)
+        rec.end_step(0)
+    names = sorted(f.name for f in open_run(tmp_path).token_files())
+    assert names == ["rank0-u0-000.parquet", "rank0-u1-000.parquet", "rank0-u2-000.parquet"]
+
+
+def test_raise_mode_fast_check_falls_back_to_exact_errors(tmp_path):
+    from cppo_diag.capture.staging import values_ok
+
+    d, _ = _batch(B=3, T=6, seed=4)
+    staged = stage_tokens(step=0, update=0, rank=0, seq_fraction=1.0, **d)
+    assert values_ok(staged)
+    d["logp"][~d["response_mask"]] = float("-inf")  # padding junk: not proven by the fast check ...
+    staged = stage_tokens(step=0, update=0, rank=0, seq_fraction=1.0, **d)
+    assert not values_ok(staged)
+    assert materialize(staged, nonfinite="raise") is not None  # ... and fine in the full check
+    d, _ = _batch(B=3, T=6, seed=4)
+    d["reason_applied"] = torch.full((3, 6), 300, dtype=torch.int32)
+    staged = stage_tokens(step=0, update=0, rank=0, seq_fraction=1.0, **d)
+    assert not values_ok(staged)
+    with RunRecorder(tmp_path, on_error="raise") as rec:
+        with pytest.raises(CaptureInputError, match=r"reason_applied: expected codes in 0..255"):
+            rec.log_tokens(step=0, **d)
+
+
+def test_sequence_tokens_fast_path_matches_str_conversion(tmp_path):
+    with RunRecorder(tmp_path, on_error="raise") as rec:
+        rec.log_sequences(step=0, seq_ids=[0, 1, 2], tokens=[["a", "b"], [1, 2.5], ["x", None]])
+        rec.log_sequences(step=1, seq_ids=[0, 1], tokens=[["a"], None])
+    seqs = open_run(tmp_path).sequences().collect().sort(["step", "seq_id"])
+    assert seqs["tokens"].to_list() == [["a", "b"], ["1", "2.5"], ["x", "None"], ["a"], None]

@@ -75,6 +75,33 @@ def test_local_model_loads_through_the_trainer_hf_path(tmp_path):
     assert policy.eos_id == policy.tokenizer.eos_token_id != policy.pad_id
 
 
+def test_trainer_tokenizer_encodes_like_the_warm_start(tmp_path):
+    """Regression: transformers 5's AutoTokenizer gives a qwen2 checkpoint Qwen2's pre-tokenizer (one token per
+    digit), so the trainer fed the warm-started model ids it was never trained on (greedy 0.81 in the script,
+    Avg@4 ~0.1 in the study). The trainer's loader must encode as the saved tokenizer.json does."""
+    from tokenizers import Tokenizer
+
+    from cppo_diag.train.config import ModelConfig
+    from cppo_diag.train.models.hf import build_hf
+    from cppo_diag.train.tasks import MathDatasetTask
+
+    rc = mmd.main(["--out", str(tmp_path), "--n-train", "300", "--n-eval", "8", "--model-dir", str(tmp_path / "m"),
+                   "--hidden", "32", "--layers", "1", "--heads", "2", "--vocab-size", "400", "--device", "cpu",
+                   "--threads", "1", "--no-progress"])
+    assert rc == 0
+    disk = Tokenizer.from_file(str(tmp_path / "m" / "tokenizer.json"))
+    policy = build_hf(ModelConfig(kind="hf", path=str(tmp_path / "m")))
+    task = MathDatasetTask(str(tmp_path / "train.jsonl"), eval_path=str(tmp_path / "eval.jsonl"))
+    texts = [p.prompt for p in task.eval_set()] + ["12 + 34 = 46. The answer is \\boxed{46}."]
+    multi_digit = 0
+    for t in texts:
+        ids = policy.encode_prompt(t)
+        assert ids == disk.encode(t).ids, t
+        multi_digit += sum(any(c.isdigit() for c in s) and sum(c.isdigit() for c in s) > 1
+                           for s in policy.token_strings(ids))
+    assert multi_digit > 0  # the BPE merged digits, so a per-digit pre-tokenizer would change the ids
+
+
 def test_gpu_smoke_preset_mirrors_table3_shortened():
     from cppo_diag.study.config import load_study
 

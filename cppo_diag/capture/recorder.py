@@ -45,7 +45,7 @@ import numpy as np
 import pyarrow as pa
 
 from cppo_diag.capture.sampling import keep_sequences, keep_step
-from cppo_diag.capture.staging import CaptureInputError, _is_torch, materialize, stage_tokens
+from cppo_diag.capture.staging import CaptureInputError, _is_torch, materialize, stage_tokens, values_ok
 from cppo_diag.capture.writer import COMPRESSIONS, BackgroundWriter
 from cppo_diag.storage import layout, schema
 
@@ -387,7 +387,10 @@ class RunRecorder:
             )
             if self.on_error == "raise":
                 # Check values now so the error surfaces at the call that caused it (costs a host sync).
-                materialize(_shallow_copy(staged), nonfinite="raise")
+                # values_ok: one fused pass per float tensor; the full build only when it cannot prove
+                # the values fine (so the error raised is materialize's, naming column, seq and pos).
+                if not values_ok(staged):
+                    materialize(_shallow_copy(staged), nonfinite="raise")
             # A later step implies the trainer finished the earlier ones.
             for s in sorted(x for x in self._open_steps if x < step):
                 self.end_step(s)
@@ -569,9 +572,26 @@ def _sequence_table(step: int, rank: int, seq_ids, **cols) -> pa.Table:
                     f"rewards: {int((~np.isfinite(arr)).sum())} NaN/Inf value(s) at step {step} (first at seq {ids[bad]})"
                 )
         if column == "tokens":
-            vals = [None if v is None else [str(t) for t in v] for v in vals]
+            out[column] = _token_strings(arg, vals, typ)
+            continue
         try:
             out[column] = pa.array(vals, type=typ)
         except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError, ValueError) as exc:
             raise CaptureInputError(f"{arg}: cannot convert to {typ}: {exc}") from exc
     return pa.table(out)
+
+
+def _token_strings(arg: str, vals: list, typ: pa.DataType) -> pa.Array:
+    """``tokens`` (one list of token strings per sequence) as list<string>: converted in Arrow when every
+    token already is a str (the common case; no Python loop over tokens), else each token via ``str()``."""
+    try:
+        arr = pa.array(vals, type=typ)
+        if arr.values.null_count == 0:  # a None token would become null here but "None" via str()
+            return arr
+    except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError, ValueError):
+        pass
+    vals = [None if v is None else [str(t) for t in v] for v in vals]
+    try:
+        return pa.array(vals, type=typ)
+    except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError, ValueError) as exc:
+        raise CaptureInputError(f"{arg}: cannot convert to {typ}: {exc}") from exc

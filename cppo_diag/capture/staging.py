@@ -305,6 +305,31 @@ def _first_bad(bad_tok: np.ndarray, seq_of_tok: np.ndarray, pos: np.ndarray, seq
     return f"seq {int(seq_ids[seq_of_tok[i]])}, pos {int(pos[i])}"
 
 
+def values_ok(staged: StagedTokens) -> bool:
+    """Fast check (no table built) that ``materialize(staged, nonfinite='raise')`` cannot raise: padded
+    layout, every float column finite and top-K log-probs NaN-free over the WHOLE array (padding too), and
+    ``reason_applied`` within 0..255. False means "not proven": call ``materialize`` for the exact error
+    (padding may legitimately hold NaN/-inf, which materialize ignores). Waits for device copies."""
+    if staged.layout != "padded":
+        return False
+    for ev in staged.events or ():
+        ev.synchronize()
+    for name, v in staged.arrays.items():
+        column = TOKEN_INPUTS.get(name, (None,))[0]
+        if column in FLOAT_COLUMNS:
+            x = _np(v)
+            if x.dtype.kind == "f" and not np.isfinite(x).all():
+                return False
+        elif column in TOPK_FLOAT_COLUMNS:
+            if np.isnan(_np(v)).any():
+                return False
+        elif column == "reason_applied":
+            x = _np(v)
+            if x.size and (x.min() < 0 or x.max() > 255):
+                return False
+    return True
+
+
 def materialize(staged: StagedTokens, *, nonfinite: str) -> pa.Table | None:
     """Build the table of valid tokens (writer thread). ``nonfinite``: 'raise' or 'drop'.
 

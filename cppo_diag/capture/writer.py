@@ -224,18 +224,50 @@ class BackgroundWriter(threading.Thread):
         key = (staged.step, staged.update)
         self._buffers[key].append(table)
         self._buffer_rows[key] += table.num_rows
-        if self._buffer_rows[key] >= self.shard_rows:
+        if self._pool is None:
+            # One thread: a step's updates share a shard (one file per step, not per update: the per-file
+            # cost of Parquet dominates small steps); write early only when the step's buffer is full.
+            if sum(r for k, r in self._buffer_rows.items() if k[0] == staged.step) >= self.shard_rows:
+                self._flush_step(staged.step)
+        elif self._buffer_rows[key] >= self.shard_rows:
             self._flush_buffer(key)
 
-    def _flush_buffer(self, key: tuple[int, int]) -> None:
+    def _key_table(self, key: tuple[int, int]) -> pa.Table | None:
+        """Pop the buffered tables of (step, update) as one table in (seq_id, pos) order."""
         tables = self._buffers.pop(key, [])
         self._buffer_rows.pop(key, None)
         if not tables:
-            return
-        step, update = key
-        table = pa.concat_tables(tables, promote_options="default")
+            return None
+        table = tables[0] if len(tables) == 1 else pa.concat_tables(tables, promote_options="default")
         if len(tables) > 1:  # micro-batches may interleave seq_ids; keep the shard in (seq_id, pos) order
             table = table.sort_by([("seq_id", "ascending"), ("pos", "ascending")])
+        return table
+
+    def _flush_step(self, step: int) -> None:
+        """Write every buffered update of ``step``: one shard (pool mode: per update, see _flush_buffer).
+
+        The shard holds the updates in increasing order, each in (seq_id, pos) order, and is named after
+        its first update (``rank{r}-u{first}-{part}``); readers take ``update`` from the column."""
+        keys = sorted(k for k in self._buffers if k[0] == step)
+        if self._pool is not None:
+            for key in keys:
+                self._flush_buffer(key)
+            return
+        tables = [t for t in (self._key_table(k) for k in keys) if t is not None]
+        if not tables:
+            return
+        table = tables[0] if len(tables) == 1 else pa.concat_tables(tables, promote_options="default")
+        step_dir = self.dirs["tokens"] / layout.step_dir_name(step)
+        step_dir.mkdir(parents=True, exist_ok=True)
+        path = self._next_shard_path(keys[0], step_dir)
+        self.bytes_written += self._write_shard(table, path)
+        self.rows_written += table.num_rows
+
+    def _flush_buffer(self, key: tuple[int, int]) -> None:
+        table = self._key_table(key)
+        if table is None:
+            return
+        step, update = key
         step_dir = self.dirs["tokens"] / layout.step_dir_name(step)
         step_dir.mkdir(parents=True, exist_ok=True)
         if self._pool is None:
@@ -329,6 +361,12 @@ class BackgroundWriter(threading.Thread):
 
     def _do_end_step(self, step: int) -> None:
         errors = []
+        if self._pool is None:
+            try:
+                self._flush_step(step)
+            except BaseException as exc:  # noqa: BLE001
+                errors.append(exc)
+                self._do_drop_step(step)
         for key in [k for k in self._buffers if k[0] == step]:
             try:
                 self._flush_buffer(key)

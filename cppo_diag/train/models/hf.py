@@ -103,8 +103,43 @@ def _dtype(name: str):
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 
+def _pipeline(backend) -> tuple[str, str]:
+    """(normalizer, pre-tokenizer) of a ``tokenizers.Tokenizer`` as JSON: what decides how text is split."""
+    import json
+
+    d = json.loads(backend.to_str())
+    return json.dumps(d.get("normalizer"), sort_keys=True), json.dumps(d.get("pre_tokenizer"), sort_keys=True)
+
+
+def load_tokenizer(path: str, gguf: str | None = None):
+    """The tokenizer of a local checkpoint, encoding exactly as its ``tokenizer.json`` says.
+
+    ``AutoTokenizer`` picks the class from the model type, and in transformers 5 some classes rebuild the
+    pipeline instead of reading it from ``tokenizer.json``: a ``qwen2`` checkpoint always gets ``Qwen2Tokenizer``
+    (the hub's ``tokenizer_class`` is ignored for that type), which replaces the pre-tokenizer with Qwen2's
+    regex (one token per digit) and adds an NFC normaliser. That is meant for real Qwen checkpoints; for a
+    checkpoint with its own BPE (``scripts/make_math_dataset.py --model-dir``) it silently changes the
+    token ids the model was trained on (" 11" -> " ", "1", "1"). When the loaded normaliser / pre-tokenizer
+    differ from the file's, the file wins (``PreTrainedTokenizerFast`` reads it as is).
+    """
+    from transformers import AutoTokenizer
+
+    kwargs = {"gguf_file": gguf} if gguf else {}
+    tok = AutoTokenizer.from_pretrained(path, local_files_only=True, **kwargs)
+    f = Path(path) / "tokenizer.json"
+    if gguf or not f.exists() or getattr(tok, "backend_tokenizer", None) is None:
+        return tok
+    from tokenizers import Tokenizer
+
+    if _pipeline(Tokenizer.from_file(str(f))) == _pipeline(tok.backend_tokenizer):
+        return tok
+    from transformers import PreTrainedTokenizerFast
+
+    return PreTrainedTokenizerFast.from_pretrained(path, local_files_only=True)
+
+
 def build_hf(cfg):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     path = cfg.path
     gguf = cfg.gguf_file or None
@@ -123,7 +158,7 @@ def build_hf(cfg):
     if not Path(path).exists():
         raise FileNotFoundError(f"model.path: no such directory {path} (models are never downloaded)")
     kwargs = {"gguf_file": gguf} if gguf else {}
-    tok = AutoTokenizer.from_pretrained(path, local_files_only=True, **kwargs)
+    tok = load_tokenizer(path, gguf)
     module = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=_dtype(cfg.dtype), **kwargs)
     return wrap_hf(module, tok, cfg, name=Path(path).name + (f"/{gguf}" if gguf else ""))
 
