@@ -78,7 +78,8 @@ class RunRecorder:
         resume: continue an existing run (default). ``False`` refuses a directory that already holds a run.
         queue_size: bounded queue length between the training thread and the writer.
         on_full: ``"block"`` (default; back-pressure) or ``"drop"`` (count and drop) when the queue is full.
-        shard_rows: buffer a (step, update)'s tokens until this many rows before writing a shard.
+        shard_rows: buffer a step's tokens (all its updates: one shard per step) until ``end_step`` or this
+            many rows before writing a shard (``writer_threads > 1``: per (step, update)).
         heartbeat_s: period of the ``_live/rank{r}.json`` heartbeat that marks the run as live.
         fsync: fsync each shard and marker before renaming (survives power loss, slower).
         compression: Parquet page codec of the shards: ``"lz4"`` (default, fastest to write), ``"zstd"``
