@@ -232,6 +232,24 @@ def fig_slack(slack: pl.DataFrame, *, delta: float | None = None, title: str | N
     return fig
 
 
+
+def whatif_grid(sweep: pl.DataFrame, value: str, w_min: float | None) -> tuple[np.ndarray, list, list, float]:
+    """The what-if surface at one w_min as a (delta_b, delta) grid of percentages (NaN where missing).
+
+    ``w_min`` None picks the swept value closest to 0.8. Returns (grid, deltas, delta_bs, w_min used); shared by
+    the matplotlib and plotly heatmaps.
+    """
+    wm = sorted(set(sweep["w_min"].to_list()))
+    w_sel = w_min if w_min is not None else min(wm, key=lambda v: abs(v - 0.8))
+    df = sweep.filter((pl.col("w_min") - w_sel).abs() < 1e-12)
+    deltas = sorted(set(df["delta"].to_list()))
+    dbs = sorted(set(df["delta_b"].to_list()))
+    grid = np.full((len(dbs), len(deltas)), np.nan)  # (n_delta_b, n_delta)
+    for r in df.iter_rows(named=True):
+        v = r[value]
+        grid[dbs.index(r["delta_b"]), deltas.index(r["delta"])] = np.nan if v is None else 100 * v
+    return grid, deltas, dbs, w_sel
+
 def fig_whatif(sweep: pl.DataFrame, *, value: str = "masked_frac", w_min: float | None = None,
                title: str | None = None) -> Figure:
     """Heatmap of ``value`` ("masked_frac" or "budget_share", in %) over (delta, delta_b) at one w_min
@@ -240,15 +258,7 @@ def fig_whatif(sweep: pl.DataFrame, *, value: str = "masked_frac", w_min: float 
     ax.grid(False)
     if sweep.is_empty():
         return _empty(fig, ax, "empty sweep")
-    wm = sorted(set(sweep["w_min"].to_list()))
-    w_sel = w_min if w_min is not None else min(wm, key=lambda v: abs(v - 0.8))
-    df = sweep.filter((pl.col("w_min") - w_sel).abs() < 1e-12)
-    deltas = sorted(set(df["delta"].to_list()))
-    dbs = sorted(set(df["delta_b"].to_list()))
-    grid = np.full((len(dbs), len(deltas)), np.nan)
-    for r in df.iter_rows(named=True):
-        v = r[value]
-        grid[dbs.index(r["delta_b"]), deltas.index(r["delta"])] = np.nan if v is None else 100 * v
+    grid, deltas, dbs, w_sel = whatif_grid(sweep, value, w_min)
     im = ax.imshow(grid, origin="lower", aspect="auto", cmap="viridis")
     ax.set_xticks(range(len(deltas)), [f"{d:g}" for d in deltas])
     ax.set_yticks(range(len(dbs)), [f"{d:g}" for d in dbs])

@@ -10,7 +10,8 @@ import plotly.graph_objects as go
 import polars as pl
 from plotly.subplots import make_subplots
 
-from analyses.plots_mpl import TAIL_LABELS, _centres, _label, _metric_rows, _pos_xlabel, _series_keys
+from analyses.plots_mpl import (TAIL_LABELS, _centres, _label, _metric_rows, _pos_xlabel, _series_keys,
+                                whatif_grid)
 from analyses.position import METRIC_LABELS
 
 # The legend goes under the plot (below the x-axis title), in the bottom margin: above the plot it collides
@@ -168,15 +169,7 @@ def fig_whatif(sweep: pl.DataFrame, *, value: str = "masked_frac", w_min: float 
                title: str | None = None) -> go.Figure:
     if sweep.is_empty():
         return _empty("empty sweep")
-    wm = sorted(set(sweep["w_min"].to_list()))
-    w_sel = w_min if w_min is not None else min(wm, key=lambda v: abs(v - 0.8))
-    df = sweep.filter((pl.col("w_min") - w_sel).abs() < 1e-12)
-    deltas = sorted(set(df["delta"].to_list()))
-    dbs = sorted(set(df["delta_b"].to_list()))
-    grid = np.full((len(dbs), len(deltas)), np.nan)
-    for r in df.iter_rows(named=True):
-        v = r[value]
-        grid[dbs.index(r["delta_b"]), deltas.index(r["delta"])] = np.nan if v is None else 100 * v
+    grid, deltas, dbs, w_sel = whatif_grid(sweep, value, w_min)
     label = {"masked_frac": "masked tokens (%)", "budget_share": "budget-masked / masked (%)"}.get(value, value)
     fig = go.Figure(go.Heatmap(z=grid, x=[f"{d:g}" for d in deltas], y=[f"{d:g}" for d in dbs], colorscale="Viridis",
                                colorbar=dict(title=label), texttemplate="%{z:.2f}"))
