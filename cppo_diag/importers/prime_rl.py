@@ -364,8 +364,9 @@ def import_token_export(files: list[Path], src, dst, *, name=None, group_size=No
         if unstable:
             notes.append(f"step(s) {unstable} have no STABLE marker (prime-rl was still writing them): skipped")
     if not by_step:
-        raise ImportFormatError(f"{src}: no finished prime-rl token export step (every step_<n>/ lacks STABLE)")
-    legacy = [p for p in iter_files(Path(src), ("rank_*.bin", "rollouts.bin")) if _STEP_DIR.search(p.parent.name)]
+        raise ImportFormatError(f"{src}: no prime-rl token export files token_exports/step_<n>/rank_<r>.jsonl")
+    legacy = [p for p in iter_files(Path(src), ("rank_*.bin", "rollouts.bin"))
+              if p.suffix == ".bin" and _STEP_DIR.search(p.parent.name)]
     if legacy:
         notes.append(f"{len(legacy)} rollouts/ transport file(s) ignored: the token export holds the same samples "
                      "with the trainer's log-probs")
