@@ -58,17 +58,24 @@ def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def _require(module: str, extra: str):
+    """Import ``module``; when it is missing, say which extra installs it."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        raise ImportError(f"{exc} (install it with: pip install 'cppo-diag[{extra}]')") from exc
+
+
 class TensorBoardSink:
     """Scalars into ``RUN/tensorboard/``; ``meta.json`` as a text summary and as HParams."""
 
     name = "tensorboard"
 
     def __init__(self, run_dir: Path, meta: Mapping[str, Any]):
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-            from torch.utils.tensorboard.summary import hparams
-        except ImportError as exc:
-            raise ImportError(f"{exc} (install the tensorboard package: pip install 'cppo-diag[tensorboard]')") from exc
+        SummaryWriter = _require("torch.utils.tensorboard", "tensorboard").SummaryWriter
+        hparams = _require("torch.utils.tensorboard.summary", "tensorboard").hparams
         self.log_dir = Path(run_dir) / TENSORBOARD_DIR
         self._writer = SummaryWriter(log_dir=str(self.log_dir), flush_secs=10)
         text = json.dumps(dict(meta), indent=2, sort_keys=True, default=str)
@@ -128,10 +135,7 @@ class WandbSink:
     name = "wandb"
 
     def __init__(self, run_dir: Path, meta: Mapping[str, Any]):
-        try:
-            import wandb
-        except ImportError as exc:
-            raise ImportError(f"{exc} (install the wandb package: pip install 'cppo-diag[wandb]')") from exc
+        wandb = _require("wandb", "wandb")
         self.mode = wandb_mode()
         self.dir = Path(run_dir)
         # create_new: never finish or replace a W&B run the trainer itself has open (TRL report_to="wandb").
