@@ -100,6 +100,8 @@ class LogConfig:
     eval_temperature: float = F(0.7, "Avg@k sampling temperature")
     eval_top_p: float = F(0.95, "Avg@k nucleus")
     progress: bool = F(True, "tqdm progress bar")
+    tensorboard: bool = F(False, "also write step scalars to a TensorBoard event file in RUN/tensorboard/")
+    wandb: bool = F(False, "also log step scalars to W&B, meta.json as config (offline without a key)")
 
 
 @dataclass

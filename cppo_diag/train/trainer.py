@@ -218,13 +218,16 @@ def train(cfg: TrainConfig, *, recorder_factory=None) -> dict:
         start, summary = state["step"] + 1, dict(state.get("summary", {}))
     meta = dict(config=to_dict(cfg), trainer="cppo-diag", rule=cfg.rule.name, rule_params=rule_params,
                 model=policy.name, task=task.name, anchor=cfg.rule.anchor, rank=d.rank)
+    sinks = [n for n, on in (("tensorboard", cfg.log.tensorboard), ("wandb", cfg.log.wandb)) if on]
+    if sinks and not cfg.log.record:
+        raise ValueError(f"log.{sinks[0]}: mirrors the recorder's scalars, so it needs log.record true (found false)")
     if not cfg.log.record:
         rec = NullRecorder()
     elif recorder_factory is not None:
         rec = recorder_factory(cfg.log.out_dir, name, **meta)
     else:
         rec = RunRecorder(cfg.log.out_dir, name=name, every_n_steps=cfg.log.every_n_steps,
-                          seq_fraction=cfg.log.seq_fraction, on_error="raise", **meta)
+                          seq_fraction=cfg.log.seq_fraction, on_error="raise", sinks=sinks, **meta)
     null = NullRecorder()
     # Steps the recorder does not sample (every_n_steps > 1) never get a done marker; on resume, a step whose
     # scalars are already on disk was logged before the interruption and is replayed without logging.
