@@ -122,3 +122,16 @@ def select_updates(source: Any, updates: str, *, step_range=None):
             return (b for b in iter_batches(source, step_range=step_range) if keeps_update(b.update, updates))
 
     return _Streamed()
+
+
+def add_updates_argument(parser, *, default: str = "auto") -> None:
+    """``--updates {auto,all,first,after_first}`` for the analyses commands (auto: the run's default)."""
+    parser.add_argument("--updates", choices=["auto", *UPDATES], default=default,
+                        help="optimiser updates to pool: all, first (update 0 of each batch, where pi = mu), "
+                             "after_first (updates 1, 2, ...); auto (default): after_first for runs with several "
+                             "updates per batch, else all")
+
+
+def updates_arg(value: str) -> str | None:
+    """The ``--updates`` value as the analyses take it (None for auto)."""
+    return None if value == "auto" else value

@@ -177,3 +177,50 @@ def test_compare_offers_profiles_and_they_differ_on_short_answers(run2):
     assert s["cppo[paper]"]["masked_frac"] == s["applied:cppo"]["masked_frac"]
     # T = the longest response for every response keeps w_t near 1 on short answers: fewer masks
     assert s["cppo[verl-pr6731]"]["masked_frac"] != s["cppo[paper]"]["masked_frac"]
+
+
+# -- command line ----------------------------------------------------------------------------------------
+
+
+def test_recompute_cli_profile_and_updates(run2, capsys):
+    from cppo_diag.cli.main import main
+
+    assert main(["recompute", str(run2), "--rule", "cppo", "--profile", "verl-pr6731", "--json", "--no-progress"]) == 0
+    data = __import__("json").loads(capsys.readouterr().out)
+    longest = int(A.load_tokens(run2).select(pl.col("pos").max()).collect().item()) + 1
+    assert data["profile"] == "verl-pr6731" and data["updates"] == "all"
+    assert data["params"]["weight_length"] == "horizon" and data["params"]["horizon"] == longest
+    assert data["params"]["delta_b_cap"] == 5.0
+    assert main(["recompute", str(run2), "--rule", "cppo", "--profile", "unirl", "--param", "delta=0.15",
+                 "--updates", "after_first", "--json", "--no-progress"]) == 0
+    data = __import__("json").loads(capsys.readouterr().out)
+    assert data["params"]["delta"] == 0.15 and data["updates"] == "after_first"
+    assert data["overall"]["n_valid"] == _only(run2, pl.col("update") > 0).height
+    assert data["agreement"]["agreement"] == 1.0  # unirl = the paper's mask = what the run applied
+    assert main(["recompute", str(run2), "--rule", "cppo", "--profile", "verl", "--no-progress"]) == 2
+    assert "known profiles: paper, unirl, verl-pr6731" in capsys.readouterr().err
+
+
+def test_stats_cli_updates(run2, capsys):
+    from cppo_diag.cli.main import main
+
+    def mean(*extra):
+        assert main(["stats", str(run2), "--metric", "tv", "--bin", "1024", "--format", "json", "--no-progress",
+                     *extra]) == 0
+        return __import__("json").loads(capsys.readouterr().out)[0]["mean"]
+
+    auto, after, every = mean(), mean("--updates", "after_first"), mean("--updates", "all")
+    assert auto == after and after > 1.8 * every
+    assert mean("--updates", "first") == 0.0
+
+
+@pytest.mark.slow
+def test_report_says_which_updates_and_draws_profiles(run2, tmp_path):
+    from cppo_diag.cli.main import main
+
+    out = tmp_path / "rep"
+    assert main(["report", str(run2), "--out", str(out), "--bin", "16", "--no-progress", "--no-whatif",
+                 "--rules", "dppo", "--profile", "verl-pr6731"]) == 0
+    page = (out / "report.html").read_text()
+    assert "updates after the first of each batch" in page and "cppo[verl-pr6731]" in page
+    assert "two_position_hill.png" in {p.name for p in out.glob("*.png")}
