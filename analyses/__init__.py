@@ -74,6 +74,18 @@ Figures: the same builders, taking the aggregated tables above, exist in ``analy
     fig_slack(budget.slack)                          fig_whatif(sweep, *, value="masked_frac", w_min=None)
     fig_mismatch(mismatch_table)                     fig_compare(compare.summary)
 
+Which updates are pooled (``analyses.updates``): every position, masked-fraction and budget analysis above
+takes ``updates="all" | "first" | "after_first"`` (None: the run's default)
+    default_updates(source) -> "after_first" for runs with several updates per batch (pi = mu in the first),
+                               else "all"
+    select_updates(source, updates, *, step_range=None) -> a token source of those updates' batches
+
+CPPO's named parameter sets on a run (``analyses.profiles``; the sets live in ``cppo_diag.masks.registry``)
+    run_profile_params(source, rule, profile) -> dict     e.g. ("cppo", "verl-pr6731"): horizon = the run's
+                                                          maximum response length
+    run_max_response_length(source) -> int | None
+    compare_runs(..., profiles=("unirl", "verl-pr6731")) adds rows "cppo[unirl]", "cppo[verl-pr6731]"
+
 Report and synthetic data
     write_report(sources, out_dir, *, rules=("grpo_clip", "dppo", "cppo"), params=None, bin_width=64,
                  step_range=None, whatif=True, progress=True, title=...) -> pathlib.Path (the HTML file;
@@ -111,6 +123,10 @@ _LAZY = {
     "CompareResult": "analyses.compare",
     "whatif_sweep": "analyses.whatif",
     "mismatch_by_position": "analyses.mismatch",
+    "default_updates": "analyses.updates",
+    "select_updates": "analyses.updates",
+    "run_max_response_length": "analyses.profiles",
+    "run_profile_params": "analyses.profiles",
     "write_report": "analyses.report",
     "write_synthetic_run": "analyses.synthetic",
 }
