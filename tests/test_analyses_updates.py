@@ -102,12 +102,12 @@ def test_study_pools_seeds_keyed_by_run(tmp_path):
                                    min_len=max_len, seed=seed)
         entries.append(RunEntry(run_name=f"s{seed}", rule="cppo", seed=seed, setting="", label="cppo",
                                 rule_params={}, path=path, run=open_run(path)))
-    pooled = _pooled_tokens(entries)
-    got = A.position_stats(pooled, metrics=("tv",), bin_width=1, delta=0.15, w_min=0.8)
-    toks = pooled.select("run", "pos").collect()
-    T = np.where(toks["run"].to_numpy() == "s0", 12, 40)
-    w = 1.0 - 0.2 * toks["pos"].to_numpy() / (T - 1)
-    thr = pl.DataFrame({"bin": toks["pos"].cast(pl.Int64), "thr": 0.15 / w}).group_by("bin").agg(pl.col("thr").mean())
+    got = A.position_stats(_pooled_tokens(entries), metrics=("tv",), bin_width=1, delta=0.15, w_min=0.8)
+    pos = [A.load_tokens(e.run).select("pos").collect()["pos"].to_numpy() for e in entries]  # each run's own
+    T = np.concatenate([np.full(len(p), length) for p, length in zip(pos, (12, 40))])
+    pos = np.concatenate(pos)
+    w = 1.0 - 0.2 * pos / (T - 1)
+    thr = pl.DataFrame({"bin": pos.astype(np.int64), "thr": 0.15 / w}).group_by("bin").agg(pl.col("thr").mean())
     joined = got.join(thr, on="bin")
     assert joined.height == 40
     assert np.allclose(joined["threshold_mean"].to_numpy(), joined["thr"].to_numpy(), rtol=1e-12)
