@@ -101,6 +101,10 @@ def test_whatif_offers_the_cppo_parameter_sets(page):
     _ok(at)
     table = at.dataframe[0].value
     assert list(table["parameter set"]) == ["paper", "unirl", "verl-pr6731"]
+    n = len(charts(at))
+    at.toggle(key="wi_sweep").set_value(True).run()  # the grid sweeps under the chosen parameter set
+    _ok(at)
+    assert len(charts(at)) == n + 1
 
 
 def test_compare_offers_the_cppo_parameter_sets(page, root):
