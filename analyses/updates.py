@@ -128,8 +128,8 @@ def add_updates_argument(parser, *, default: str = "auto") -> None:
     """``--updates {auto,all,first,after_first}`` for the analyses commands (auto: the run's default)."""
     parser.add_argument("--updates", choices=["auto", *UPDATES], default=default,
                         help="optimiser updates to pool: all, first (update 0 of each batch, where pi = mu), "
-                             "after_first (updates 1, 2, ...); auto (default): after_first for runs with several "
-                             "updates per batch, else all")
+                             "after_first (updates 1, 2, ...), auto (after_first for runs with several updates per "
+                             f"batch, else all); default {default}")
 
 
 def updates_arg(value: str) -> str | None:
