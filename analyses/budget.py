@@ -25,6 +25,7 @@ import polars as pl
 
 from analyses.recompute import Batch, _PosCounter, away_mask, recompute
 from analyses.tokens import run_meta
+from analyses.updates import resolve_updates, select_updates
 
 CPPO_RULES = ("cppo", "cppo_no_weight", "cppo_shuffled", "cppo_soft", "cppo_no_budget")
 
@@ -37,6 +38,7 @@ class BudgetResult:
     overall: dict
     rule: str
     params: dict
+    updates: str = "all"
 
 
 def _internal(res, name: str, rule: str) -> np.ndarray:
@@ -126,12 +128,13 @@ def budget_exhaustion(
     step_range=None,
     bin_width: int = 64,
     anchor: str | None = None,
+    updates: str | None = "all",
     progress: bool = True,
 ) -> BudgetResult:
     """Budget exhaustion tables of a CPPO-family ``rule`` recomputed over a run (see the module docstring).
 
     ``params``: keyword parameters of the rule (SPEC names: delta, w_min, delta_b, delta_b_mode, ...);
-    default the rule's defaults.
+    default the rule's defaults. ``updates``: "all", "first" or "after_first" (``analyses.updates``).
     """
     if rule not in CPPO_RULES:
         raise ValueError(f"rule: budget_exhaustion needs a CPPO rule with a prefix budget, expected one of "
@@ -139,6 +142,8 @@ def budget_exhaustion(
     if anchor is None:
         anchor = run_meta(source).get("anchor") or "rollout"
     acc = _BudgetAcc(rule, bin_width, anchor)
+    updates = resolve_updates(source, updates)
+    source = select_updates(source, updates, step_range=step_range)
     rec = recompute(source, rule, params=params, step_range=step_range, bin_width=bin_width, anchor=anchor,
                     return_internals=True, on_batch=acc, rule_metrics=False, progress=progress)
     if acc.rows:
@@ -171,4 +176,4 @@ def budget_exhaustion(
         "resp_rejected_frac": (int(acc.events.sum()) / n_resp) if n_resp else float("nan"),
     }
     return BudgetResult(by_step=by_step, first_reject=first, slack=slack, overall=overall, rule=rule,
-                        params=dict(params or {}))
+                        params=dict(params or {}), updates=updates)

@@ -2,6 +2,9 @@
 
 One pass over each run evaluates all rules (``analyses.recompute.recompute_many``). When a run logged
 ``keep_applied``, a row labelled ``applied:<meta rule>`` summarises the mask the trainer actually used.
+``profiles`` adds CPPO under named parameter sets of implementations in the field (``cppo[verl-pr6731]``,
+resolved on each run: see ``analyses.profiles``); ``updates`` selects which optimiser updates are pooled
+(``analyses.updates``; None: each run's default).
 """
 
 from __future__ import annotations
@@ -13,7 +16,9 @@ import polars as pl
 
 from analyses.position import _bin_exprs
 from analyses.recompute import recompute_many
+from analyses.profiles import profile_specs
 from analyses.tokens import columns_of, filter_tokens, load_tokens, run_meta, run_name
+from analyses.updates import filter_updates, resolve_updates, select_updates
 
 SUMMARY_KEYS = ("n_valid", "n_masked", "masked_frac", "budget_share", "away_frac", "masked_frac_pos_adv",
                 "masked_frac_neg_adv")
@@ -21,7 +26,7 @@ SUMMARY_KEYS = ("n_valid", "n_masked", "masked_frac", "budget_share", "away_frac
 
 @dataclass
 class CompareResult:
-    summary: pl.DataFrame  # run, rule, applied (bool), n_valid, n_masked, masked_frac, budget_share, ...
+    summary: pl.DataFrame  # run, rule, applied (bool), updates, n_valid, n_masked, masked_frac, budget_share, ...
     by_position: pl.DataFrame  # run, rule, bin, bin_start, bin_end, n_valid, masked_frac
     by_step: pl.DataFrame  # run, rule, step, masked_frac, budget_share
 
@@ -74,6 +79,8 @@ def compare_runs(
     progress: bool = True,
     relative: bool = False,
     n_rel_bins: int = 20,
+    updates: str | None = "all",
+    profiles: Sequence[str] = (),
 ) -> CompareResult:
     """Masked fraction (overall, by position bin, by step) of each rule on each run.
 
@@ -82,6 +89,9 @@ def compare_runs(
     ``rules``: rule names, or a dict label -> (rule name, params) to compare parameterisations of one rule.
     ``params``: rule name -> keyword parameters, applied to the rules given by name.
     ``names``: display names of the runs (default the run directory names).
+    ``updates``: "all", "first", "after_first" or None (each run's ``default_updates``); the summary's
+    ``updates`` column says which. ``profiles``: names of CPPO profiles (``cppo-diag rules``; e.g. "paper",
+    "unirl", "verl-pr6731"), each recomputed as the rule ``cppo[<profile>]``.
     """
     params = dict(params or {})
     if isinstance(rules, dict):
@@ -91,10 +101,13 @@ def compare_runs(
     rows, pos_frames, step_frames = [], [], []
     for i, source in enumerate(sources):
         run = names[i] if names else run_name(source, f"run{i}")
-        results = recompute_many(source, specs, step_range=step_range, bin_width=bin_width, progress=progress,
-                                 relative=relative, n_rel_bins=n_rel_bins)
+        upd = resolve_updates(source, updates)
+        run_specs = {**specs, **profile_specs(source, "cppo", profiles)}
+        results = recompute_many(select_updates(source, upd, step_range=step_range), run_specs,
+                                 step_range=step_range, bin_width=bin_width, progress=progress, relative=relative,
+                                 n_rel_bins=n_rel_bins)
         for label, res in results.items():
-            rows.append({"run": run, "rule": label, "applied": False,
+            rows.append({"run": run, "rule": label, "applied": False, "updates": upd,
                          **{k: res.overall.get(k) for k in SUMMARY_KEYS}})
             pos_frames.append(res.by_position.select(
                 pl.lit(run).alias("run"), pl.lit(label).alias("rule"), "bin", "bin_start", "bin_end",
@@ -104,16 +117,16 @@ def compare_runs(
         lf = load_tokens(source)
         if include_applied and "keep_applied" in columns_of(lf):
             meta_rule = run_meta(source).get("rule") or "?"
-            got = _applied_tables(filter_tokens(lf, step_range=step_range), run, f"applied:{meta_rule}", bin_width,
-                                  relative, n_rel_bins)
+            got = _applied_tables(filter_updates(filter_tokens(lf, step_range=step_range), upd), run,
+                                  f"applied:{meta_rule}", bin_width, relative, n_rel_bins)
             if got is not None:
                 summary, by_pos, by_step = got
-                rows.append(summary)
+                rows.append({**summary, "updates": upd})
                 pos_frames.append(by_pos.select(pl.lit(run).alias("run"), pl.lit(summary["rule"]).alias("rule"),
                                                 "bin", "bin_start", "bin_end", "n_valid", "masked_frac"))
                 step_frames.append(by_step.select(pl.lit(run).alias("run"), pl.lit(summary["rule"]).alias("rule"),
                                                   "step", "masked_frac", "budget_share"))
-    summary_schema = {"run": pl.Utf8, "rule": pl.Utf8, "applied": pl.Boolean, "n_valid": pl.Int64,
+    summary_schema = {"run": pl.Utf8, "rule": pl.Utf8, "applied": pl.Boolean, "updates": pl.Utf8, "n_valid": pl.Int64,
                       "n_masked": pl.Int64, **{k: pl.Float64 for k in SUMMARY_KEYS[2:]}}
     summary = pl.DataFrame(rows, schema=summary_schema) if rows else pl.DataFrame(schema=summary_schema)
     pos_schema = {"run": pl.Utf8, "rule": pl.Utf8, "bin": pl.Int64, "bin_start": pl.Float64, "bin_end": pl.Float64,

@@ -5,8 +5,12 @@ default), top10_mean (mean of the tokens with D >= the bin's P90), surv_<x> = P(
 tail index over the exceedances of the bin's P90) and hill_k. Metrics: tv = |pi - mu|, abs_logratio =
 |log pi - log mu|, k3 = rho - 1 - log rho; with --mismatch, |pi_old - mu| and |log pi_old - log mu|.
 
+For runs with several optimiser updates per batch the statistics pool the updates after the first (in the
+first, pi = mu); --updates all|first|after_first chooses. hill_alpha is null for the bounded |pi - mu|.
+
 Examples:
   cppo-diag stats runs/demo --by position --bin 64 --format csv > pos.csv
+  cppo-diag stats runs/demo --updates all --format csv
   cppo-diag stats runs/demo --by relative --bin 20 --format json --adv-sign pos
   cppo-diag stats runs/demo --mismatch --format csv
 """
@@ -21,6 +25,7 @@ HELP = "per-position divergence statistics of a run as CSV or JSON"
 
 def add_arguments(parser) -> None:
     from analyses.cli_util import add_steps_argument
+    from analyses.updates import add_updates_argument
 
     parser.add_argument("run", help="run directory")
     parser.add_argument("--by", choices=["position", "relative"], default="position",
@@ -39,6 +44,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--w-min", type=float, default=0.8, help="w_min for --delta (default 0.8)")
     parser.add_argument("--mismatch", action="store_true", help="train/rollout mismatch |pi_old - mu| instead")
     add_steps_argument(parser)
+    add_updates_argument(parser)
     parser.add_argument("--out", default=None, metavar="FILE", help="write to FILE instead of stdout")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bars (shown on stderr)")
 
@@ -47,6 +53,7 @@ def run(args) -> int:
     from analyses.mismatch import mismatch_by_position
     from analyses.position import DEFAULT_THRESHOLDS, METRICS, position_stats
     from analyses.tokens import MissingColumnError
+    from analyses.updates import updates_arg
 
     relative = args.by == "relative"
     thresholds = tuple(args.threshold) if args.threshold else DEFAULT_THRESHOLDS
@@ -54,11 +61,11 @@ def run(args) -> int:
                   step_range=args.steps, adv_sign=args.adv_sign, thresholds=thresholds,
                   progress=not args.no_progress)
     try:
-        if args.mismatch:
+        if args.mismatch:  # |pi_old - mu| does not change between the updates of a batch
             table = mismatch_by_position(args.run, **common)
         else:
             table = position_stats(args.run, metrics=tuple(args.metric or METRICS), delta=args.delta,
-                                   w_min=args.w_min, **common)
+                                   w_min=args.w_min, updates=updates_arg(args.updates), **common)
     except (MissingColumnError, ValueError, FileNotFoundError) as exc:
         print(f"cppo-diag stats: {exc}", file=sys.stderr)
         return 2

@@ -15,9 +15,14 @@ Per-seed metrics (one value per run):
   paper's Table 1 reports; note it is biased upward by evaluation noise, equally for every rule).
 * ``steps_to_threshold``: first evaluated step with accuracy >= threshold; NaN (censored) if never.
   The table gives how many seeds reached it and the mean over those that did.
-* ``masked_frac``: masked / valid tokens over all updates (``keep_applied``).
+* ``masked_frac``: masked / valid tokens (``keep_applied``).
 * ``budget_share``: budget-masked / masked (``reason_applied == 2``), NaN when nothing was masked.
-* ``mean_tv``: mean |pi - mu| over all logged tokens.
+* ``mean_tv``: mean |pi - mu| over the logged tokens.
+
+The token metrics and the Fig. 2 / Fig. 7 diagnostics pool the updates ``analyses.updates.default_updates``
+selects: for runs with several updates per batch only the updates after the first (in the first, pi = mu, and
+pooling it would halve mean |pi - mu| and the masked fraction), else every update. The results page says
+which. Pooled token frames carry a ``run`` column, so responses of different seeds never merge.
 """
 
 from __future__ import annotations
@@ -92,11 +97,14 @@ class StudyData:
         return list(seen)
 
 
-def token_summary(source) -> dict[str, float]:
-    """Masked fraction, budget share and mean |pi - mu| of one run's token table (one lazy query)."""
+def token_summary(source, updates: str | None = None) -> dict[str, Any]:
+    """Masked fraction, budget share and mean |pi - mu| of one run's token table (one lazy query) over the
+    updates ``updates`` selects (None: the run's ``default_updates``); ``updates`` in the result says which."""
     from analyses import load_tokens, with_divergences
+    from analyses.updates import filter_updates, resolve_updates
 
-    lf = with_divergences(load_tokens(source))
+    updates = resolve_updates(source, updates)
+    lf = with_divergences(filter_updates(load_tokens(source), updates))
     cols = lf.collect_schema().names()
     aggs = [pl.len().alias("n_tokens"), pl.col("tv").mean().alias("mean_tv")]
     if "keep_applied" in cols:
@@ -109,6 +117,7 @@ def token_summary(source) -> dict[str, float]:
     n_budget = row.get("n_budget")
     nan = float("nan")
     return {
+        "updates": updates,
         "n_tokens": float(n),
         "mean_tv": float(row["mean_tv"]) if row["mean_tv"] is not None else nan,
         "masked_frac": (n_masked / n) if (n_masked is not None and n) else nan,
@@ -214,12 +223,14 @@ def per_seed_metrics(data: StudyData) -> pl.DataFrame:
             row.update(initial_acc=nan, final_acc=nan, best_acc=nan, steps_to_threshold=nan, last_step=None)
         tok = e.tokens if e.status == "finished" else {}
         row.update(
+            updates=tok.get("updates"),
             masked_frac=tok.get("masked_frac", nan),
             budget_share=tok.get("budget_share", nan),
             mean_tv=tok.get("mean_tv", nan),
         )
         rows.append(row)
-    return pl.DataFrame(rows, schema_overrides={m: pl.Float64 for m in METRICS} | {"last_step": pl.Int64})
+    return pl.DataFrame(rows, schema_overrides={m: pl.Float64 for m in METRICS} | {"last_step": pl.Int64,
+                                                                                   "updates": pl.Utf8})
 
 
 def results_table(per_seed: pl.DataFrame, confidence: float = 0.95) -> list[dict[str, Any]]:
@@ -348,9 +359,13 @@ def _plot_small_multiples(curves: pl.DataFrame, labels, confidence: float, thres
 
 
 def _pooled_tokens(entries: list[RunEntry]):
+    """The token rows of several runs (seeds) in one LazyFrame, keyed by run: a ``run`` column (the run
+    name) tells apart responses that share (step, update, rank, seq_id), so each keeps its own length T in
+    the delta / w_t overlay (``analyses.position.sequence_key``)."""
     from analyses import load_tokens
+    from analyses.position import RUN_KEY
 
-    frames = [load_tokens(e.run) for e in entries if e.run is not None]
+    frames = [load_tokens(e.run).with_columns(pl.lit(e.run_name).alias(RUN_KEY)) for e in entries if e.run is not None]
     if not frames:
         return None
     return pl.concat(frames, how="diagonal_relaxed")
@@ -415,6 +430,7 @@ def write_figures(data: StudyData, per_seed: pl.DataFrame, fig_dir: Path, *, pro
     # Per rule: Fig. 2 (pooled over seeds) and Fig. 7 (mean over seeds of the per-step table).
     from analyses import budget_exhaustion, position_stats
     from analyses import plots_mpl
+    from analyses.updates import UPDATE_LABELS, default_updates
 
     ref_params = {**CPPO_DEFAULTS, **_params_of(data, "cppo")}
     n_runs = sum(e.run is not None and e.status == "finished" for e in data.entries)
@@ -431,11 +447,13 @@ def write_figures(data: StudyData, per_seed: pl.DataFrame, fig_dir: Path, *, pro
         if rule == "cppo_no_weight":
             params["w_min"] = 1.0
         pooled = _pooled_tokens(entries)
+        updates = default_updates(pooled)
         table = position_stats(pooled, metrics=("tv",), bin_width=an.position_bin_width,
-                               delta=params["delta"], w_min=params["w_min"])
+                               delta=params["delta"], w_min=params["w_min"], updates=updates)
         fig = plots_mpl.fig_position_divergence(
             table, metric="tv", tail="top10_mean",
-            title=f"{label}: |pi - mu| by position (Fig. 2 style)\n{len(entries)} seeds pooled, all steps",
+            title=(f"{label}: |pi - mu| by position (Fig. 2 style)\n{len(entries)} seeds pooled, all steps, "
+                   f"{UPDATE_LABELS[updates]}"),
         )
         out["position"][label] = fig_dir / f"position_{slug}.png"
         fig.savefig(out["position"][label], dpi=120)
@@ -446,13 +464,13 @@ def write_figures(data: StudyData, per_seed: pl.DataFrame, fig_dir: Path, *, pro
         by_step = []
         for e in entries:
             by_step.append(budget_exhaustion(e.run, params=budget_params or None, rule=budget_rule,
-                                             progress=False).by_step)
+                                             updates=updates, progress=False).by_step)
             bar.update(1)
         fig = plots_mpl.fig_budget_by_step(
             pool_budget_by_step(by_step),
             title=(f"{label}: prefix budget (Fig. 7 style)\n"
                    + ("as the trainer applied it" if rule in BUDGET_RULES else "CPPO recomputed offline on these rollouts")
-                   + f", {len(entries)} seeds pooled"),
+                   + f", {len(entries)} seeds pooled, {UPDATE_LABELS[updates]}"),
         )
         out["budget"][label] = fig_dir / f"budget_{slug}.png"
         fig.savefig(out["budget"][label], dpi=120)
@@ -505,6 +523,21 @@ def _p(x: float) -> str:
     if x is None or math.isnan(x):
         return "n/a"
     return "<0.001" if x < 0.001 else f"{x:.3f}"
+
+
+def _updates_sentence(data: StudyData) -> str:
+    """Which optimiser updates the token metrics and the Fig. 2 / Fig. 7 panels pool (per run's default)."""
+    from analyses.updates import UPDATE_LABELS
+
+    used = sorted({e.tokens.get("updates") for e in data.entries if e.tokens.get("updates")})
+    if not used:
+        return ""
+    if used == ["after_first"]:
+        return ("These token metrics and the Fig. 2 / Fig. 7 panels pool the updates after the first of each "
+                "batch: the runs take several updates per batch, and in the first one pi = mu (nothing to mask), "
+                "so pooling it would dilute both.")
+    return ("These token metrics and the Fig. 2 / Fig. 7 panels pool: "
+            + "; ".join(f"{u}: {UPDATE_LABELS[u]}" for u in used) + ".")
 
 
 def _verdict(c: PairedComparison, higher_is_better: bool = True) -> str:
@@ -663,10 +696,11 @@ def write_results(
             f"{r['masked_frac'].fmt(4)} | {r['budget_share'].fmt(3)} | {r['mean_tv'].fmt(4)} |"
         )
     L.append(
-        "\n*masked frac*: tokens the trainer masked / valid tokens, over all updates (`keep_applied`). "
+        "\n*masked frac*: tokens the trainer masked / valid tokens (`keep_applied`). "
         "*budget share*: of the masked tokens, those masked by the prefix budget only (`reason_applied` = "
-        "budget; CPPO paper Fig. 7). *mean abs(pi - mu)*: mean over all logged tokens of the current-vs-rollout "
-        f"probability gap. Per-seed values: [`{rel(fig_dir / 'per_seed.csv')}`]({rel(fig_dir / 'per_seed.csv')}).\n"
+        "budget; CPPO paper Fig. 7). *mean abs(pi - mu)*: mean over the logged tokens of the current-vs-rollout "
+        f"probability gap. {_updates_sentence(data)} "
+        f"Per-seed values: [`{rel(fig_dir / 'per_seed.csv')}`]({rel(fig_dir / 'per_seed.csv')}).\n"
     )
 
     for metric, cs in comps.items():
