@@ -399,3 +399,98 @@ def test_confine_admits_listed_links_only(linked_root, tmp_path):
     (root / "not-a-run").symlink_to(tmp_path, target_is_directory=True)  # a link, but not to a run
     with pytest.raises(PermissionError, match="outside"):
         data.confine(root / "not-a-run", [root])
+
+
+# -- the app server's lifetime under `cppo-diag demo` (issue 11, item 10) --------------------------------------
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _port_freed(port: int, within: float) -> bool:
+    import time
+
+    from cppo_diag.cli import app_cmd
+
+    deadline = time.monotonic() + within
+    while True:
+        try:
+            app_cmd.check_port_free(port)
+            return True
+        except app_cmd.PortInUseError:
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.2)
+
+
+def _demo(tmp_path, port: int, *extra: str):
+    import os
+    import subprocess
+    import sys
+
+    (tmp_path / "no-samples").mkdir(exist_ok=True)
+    cmd = [sys.executable, "-m", "cppo_diag.cli.main", "demo", "--no-browser", "--out", str(tmp_path / "out"),
+           "--samples", str(tmp_path / "no-samples"), "--port", str(port), *extra]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM", "SIGHUP", "SIGKILL"])
+def test_demo_stopped_by_a_signal_frees_the_app_port(tmp_path, sig):
+    """However the demo process ends, its Streamlit child ends with it and the port is free for the next
+    `make demo` (today SIGTERM and SIGKILL leave the server serving; SIGINT is ignored by a demo started as
+    a background job). SIGKILL reaches no handler: the server learns it from the kernel (PR_SET_PDEATHSIG)."""
+    import signal
+    import subprocess
+
+    from cppo_diag.cli import app_cmd
+
+    port = _free_port()
+    proc = _demo(tmp_path, port, "--steps", "500")  # trains far longer than the test waits
+    try:
+        app_cmd.wait_until_healthy(port, timeout=120)
+        proc.send_signal(getattr(signal, sig))
+        proc.wait(timeout=60)
+        assert _port_freed(port, within=20), f"the app still holds port {port} after the demo got {sig}"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        try:
+            proc.communicate(timeout=5)
+        except subprocess.TimeoutExpired:
+            pass
+
+
+def test_demo_reports_a_port_in_use_before_training(tmp_path):
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        proc = _demo(tmp_path, port, "--steps", "1")
+        out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 2, err[-2000:]
+    assert f"port {port} on 127.0.0.1 is already in use" in err and "--port" in err
+    assert "Traceback" not in err and not list((tmp_path / "out").iterdir())  # nothing trained
+
+
+@pytest.mark.slow
+def test_serving_stops_the_server_when_the_block_raises(root):
+    from cppo_diag.cli import app_cmd
+
+    port = _free_port()
+    with pytest.raises(RuntimeError, match="boom"):
+        with app_cmd.serving([str(root)], port=port, quiet=True) as proc:
+            app_cmd.wait_until_healthy(port, proc, timeout=120)
+            raise RuntimeError("boom")
+    assert proc.poll() is not None and _port_freed(port, within=20)
