@@ -61,14 +61,15 @@ def verl_rollout_corr_scalars(logp: torch.Tensor, logp_rollout: torch.Tensor,
     (B, T). Responses without a valid token are left out of the per-response means.
     """
     mask = response_mask.bool()
-    maskf = mask.float()
-    logp, mu = logp.float(), logp_rollout.float()
-    log_ratio = torch.where(mask, logp - mu, torch.zeros_like(logp))  # (B, T)
+    zero = torch.zeros((), dtype=torch.float32, device=logp.device)
+    logp = torch.where(mask, logp.float(), zero)  # (B, T); padding may hold anything (NaN included)
+    mu = torch.where(mask, logp_rollout.float(), zero)  # (B, T)
+    log_ratio = logp - mu  # (B, T), 0 on padding
     rho = torch.exp(log_ratio.clamp(-SAFETY_BOUND, SAFETY_BOUND))  # (B, T)
     has = mask.any(dim=-1)  # (B,)
-    n = maskf.sum(dim=-1).clamp(min=1.0)  # (B,)
-    mean_logp = ((logp * maskf).sum(dim=-1) / n)[has]  # (B',)
-    mean_mu = ((mu * maskf).sum(dim=-1) / n)[has]  # (B',)
+    n = mask.sum(dim=-1).clamp(min=1).float()  # (B,)
+    mean_logp = (logp.sum(dim=-1) / n)[has]  # (B',) per-response mean log-prob
+    mean_mu = (mu.sum(dim=-1) / n)[has]  # (B',)
     return {
         "rollout_corr/kl": float(masked_mean(-log_ratio, mask)),
         "rollout_corr/k3_kl": float(masked_mean(torch.exp(log_ratio) - log_ratio - 1.0, mask)),
