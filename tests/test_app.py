@@ -494,3 +494,17 @@ def test_serving_stops_the_server_when_the_block_raises(root):
             app_cmd.wait_until_healthy(port, proc, timeout=120)
             raise RuntimeError("boom")
     assert proc.poll() is not None and _port_freed(port, within=20)
+
+
+def test_app_command_reports_a_port_in_use(root, capsys):
+    import socket
+
+    from cppo_diag.cli.main import main
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        assert main(["app", "--root", str(root), "--port", str(port), "--no-browser"]) == 2
+    err = capsys.readouterr().err
+    assert f"port {port} on 127.0.0.1 is already in use" in err and "--port" in err
