@@ -406,7 +406,8 @@ def runs_table(paths: Sequence[str]) -> pl.DataFrame:
             status = "live" if is_live(p) else (r.status if r.status != "live" else "stopped")
             rows.append({**r.__dict__, "status": status, "error": ""})
         except Exception as exc:  # a broken run must not hide the others; the table says what is wrong
-            rows.append({"path": p, "name": Path(p).name, "status": "unreadable", "error": f"{type(exc).__name__}: {exc}"})
+            error = str(exc) if isinstance(exc, PermissionError) else f"{type(exc).__name__}: {exc}"  # refusals: one sentence
+            rows.append({"path": p, "name": Path(p).name, "status": "unreadable", "error": error})
     return pl.DataFrame(rows, infer_schema_length=None) if rows else pl.DataFrame()
 
 
