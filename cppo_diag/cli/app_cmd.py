@@ -124,13 +124,17 @@ def check_port_free(port: int) -> None:
 def _die_with_parent(parent: int):
     """``preexec_fn`` of the server (Linux): the kernel sends it SIGTERM when the process that started it
     ends, however it ends (even SIGKILL, which no handler sees). Elsewhere a no-op: :func:`serving` still
-    stops the server on signals and exceptions."""
+    stops the server on signals and exceptions. ``prctl`` is looked up here, in the parent, so the child
+    (between fork and exec) only makes the call."""
+    prctl = None
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):
+            prctl = ctypes.CDLL(None, use_errno=True).prctl
 
     def set_pdeathsig() -> None:
-        if not sys.platform.startswith("linux"):
+        if prctl is None:
             return
-        with contextlib.suppress(OSError, AttributeError):
-            ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM))
+        prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM))
         if os.getppid() != parent:  # the parent ended before prctl took effect
             os._exit(1)
 
