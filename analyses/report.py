@@ -116,7 +116,7 @@ def write_report(
     """Write PNGs and ``report.html`` for ``sources`` (runs or run directories) into ``out_dir``.
 
     ``rules``: rules recomputed on every run for the comparison; ``params``: rule name -> parameters
-    (the CPPO figures use ``params["cppo"]``, else the run's own parameters when it trained with cppo, else
+    (a rule given no parameters that a run applied gets that run's recorded ``rule_params``; the CPPO figures use ``params["cppo"]``, else the run's own parameters when it trained with cppo, else
     the defaults); ``bin_width``: position bin width in tokens, None for ``auto_bin_width`` over the longest
     response; ``updates``: which optimiser updates every analysis pools ("all", "first", "after_first"; None:
     each run's ``default_updates``, i.e. the updates after the first for runs with several per batch);
@@ -126,6 +126,10 @@ def write_report(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     params = dict(params or {})
+    for src in sources:  # a compared rule that a run applied, without --param: the parameters it recorded
+        meta = run_meta(src)
+        if meta.get("rule") in rules and meta["rule"] not in params and meta.get("rule_params"):
+            params[meta["rule"]] = dict(meta["rule_params"])
     if bin_width is None:  # about 40 bins over the longest response of these runs
         bin_width = auto_bin_width(max_response_length(sources))
     doc = _Doc(out)

@@ -106,7 +106,7 @@ for path in chosen:
 if curves:
     cur = pl.concat(curves, how="diagonal_relaxed")
     names = [c for c in cur.columns if c not in ("step", "run")]
-    default = [n for n in names if n in ("reward/mean", "acc/mean", "accuracy/mean")] or names[:2]
+    default = [n for n in names if n in ("reward/mean", "acc/mean")] or names[:2]  # the trainer's names
     picked = st.multiselect("Curves", names, default=default, key="cmp_curves")
     fig = go.Figure()
     for j, name in enumerate(picked):

@@ -7,6 +7,7 @@ overall, by advantage sign, by step and by position bin, the budget-mask share, 
 trainer recomputed with the same rule and parameters).
 
 Examples:
+  cppo-diag recompute runs/demo                 # the rule the run applied, with its recorded parameters
   cppo-diag recompute runs/demo --rule cppo
   cppo-diag recompute runs/demo --rule dppo --param delta=0.2 --out dppo_side.parquet
   cppo-diag recompute runs/demo --rule cppo --param delta_b_mode=fixed --param delta_b=0.015 --steps 10:50
@@ -34,7 +35,8 @@ def add_arguments(parser) -> None:
     from analyses.updates import add_updates_argument
 
     parser.add_argument("run", help="run directory")
-    parser.add_argument("--rule", required=True, help="registered rule name (see `cppo-diag rules`)")
+    parser.add_argument("--rule", default=None,
+                        help="registered rule name (see `cppo-diag rules`; default: the rule the run applied)")
     parser.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
                         help="rule parameter, repeatable (e.g. --param delta=0.2 --param delta_b_mode=fixed)")
     parser.add_argument("--profile", default=None, metavar="NAME",
@@ -68,6 +70,9 @@ def run(args) -> int:
     try:
         params = parse_params(args.param)
         meta = run_meta(args.run)
+        args.rule = args.rule or meta.get("rule")
+        if not args.rule:
+            raise ValueError(f"--rule: {args.run}/meta.json names no applied rule; pass --rule NAME")
         from_run = not args.param and not args.defaults and not args.profile and meta.get("rule") == args.rule
         if from_run:
             params = dict(meta.get("rule_params") or {})
