@@ -50,8 +50,8 @@ class TaskConfig:
     answer_field: str = F("answer", "dataset: reference answer column, compared with the last \\boxed{} after normalisation")
     eval_path: str = F("", "dataset: separate held-out file (default: a fixed random slice of task.path)")
     rg_name: str = F("basic_arithmetic", "reasoning_gym: generator name")
-    eval_size: int = F(128, "held-out problems for evaluation")
-    eval_seed: int = F(12345, "seed of the held-out set (training prompts never repeat it for arithmetic)")
+    eval_size: int = F(128, "held-out problems for evaluation: distinct prompts, drawn without replacement")
+    eval_seed: int = F(12345, "seed of the held-out set (training never uses a held-out prompt)")
 
 
 @dataclass
