@@ -373,7 +373,8 @@ def train(cfg: TrainConfig, *, recorder_factory=None) -> dict:
                 scheduler.step()
             t_update = time.perf_counter() - t_upd
 
-            # ---- 4. per-step scalars
+            # ---- 4. per-step scalars (the rule's and the loss's over the step's pooled updates)
+            pooled = pool.scalars()
             n_tok = int(batch.response_mask.sum())
             lens = batch.response_mask.sum(1).float()
             scalars = {
@@ -388,7 +389,7 @@ def train(cfg: TrainConfig, *, recorder_factory=None) -> dict:
                 "time/rollout_frac": t_rollout / max(time.perf_counter() - t_step, 1e-9),
                 "throughput/tokens_per_s": n_tok / max(time.perf_counter() - t_step, 1e-9),
             }
-            scalars.update(pool.scalars())
+            scalars.update(pooled)
             if d.main and cfg.log.eval_every and (step + 1) % cfg.log.eval_every == 0 and step + 1 < cfg.steps:
                 scalars.update(run_eval(step + 1))
             if step + 1 == cfg.steps and d.main:
