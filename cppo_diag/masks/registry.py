@@ -33,7 +33,7 @@ PARAMETERS: dict[str, str] = {
     "delta_low": "dppo threshold for A<0 tokens (default: delta)",
     "delta_high": "dppo threshold for A>0 tokens (default: delta)",
     "delta_avg": "trm_avg threshold on the mean per-token KL of a response",
-    "seed": "seed of cppo_shuffled's weight permutation (with row index and valid length)",
+    "seed": "seed of cppo_shuffled's weight permutation (with compute_mask's step and seq_ids, and the valid length)",
 }
 
 # Parameters handled by compute_mask itself (valid for every rule).

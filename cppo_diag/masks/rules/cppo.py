@@ -129,7 +129,8 @@ def cppo_core(
         if variant == "shuffled":
             from cppo_diag.masks.shuffle import permuted_positions
 
-            src = permuted_positions(n, v, seed=seed)  # (B, T) perm[rank] on valid tokens (padding: 0, masked below)
+            # (B, T) perm[rank] on valid tokens (padding: 0, masked below), keyed on (seed, step, seq_id, T)
+            src = permuted_positions(n, v, seed=seed, seq_ids=x.seq_ids, step=x.step)
         w = position_weights(x, w_min=w_min, weight_length=weight_length, horizon=horizon, src_rank=src)
     z = w * d  # (B, T) Z_t, 0 on padding
     internals = {"w": w, "D": d, "Z": z, "away": x.away}
