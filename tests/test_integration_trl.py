@@ -248,3 +248,25 @@ def test_reusing_a_run_name_is_refused_unless_told(tmp_path):
                        max_steps=1)
     trainer._cd_recorder.close()
     assert "x" not in open_run(tmp_path / "taken").steps().columns  # the old run was replaced
+
+
+@pytest.mark.slow
+def test_cppo_shuffled_through_trl_recomputes_offline(tmp_path, capsys):
+    """The plug-in gives compute_mask the step and seq_ids it logs, so cppo_shuffled's permutation (keyed on
+    them) is reproduced by the offline recompute on every token."""
+    import json
+
+    from cppo_diag.cli.main import main
+
+    params = {"delta": 0.002, "w_min": 0.5}  # tiny vocab: |pi - mu| is small
+    _train(tmp_path, cppo_diag=CppoDiagConfig(run_dir=tmp_path / "runs", name="trl-shuf", rule="cppo_shuffled",
+                                               rule_params=params), grad_acc=2)
+    path = tmp_path / "runs" / "trl-shuf"
+    tok = open_run(path).tokens().collect()
+    assert (~tok["keep_applied"]).sum() >= 5  # the rule bites, so the permutation matters
+    assert tok["update"].max() > 0  # several micro-batches per step: seq_id is not the row
+    capsys.readouterr()
+    assert main(["recompute", str(path), "--json", "--no-progress"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["rule"] == "cppo_shuffled"
+    assert res["agreement"]["agreement"] == 1.0 and res["agreement"]["n_compared"] == tok.height

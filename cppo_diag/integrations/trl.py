@@ -446,9 +446,10 @@ class CppoDiagGRPOMixin:
         aux_loss = out[2] if len(out) > 2 else None
         logp_rollout, logp_old = self._cd_rollout_and_old(logp, inputs)
         advantages = inputs["advantages"]  # (B,) or (B, T)
+        step, seq_ids = self._cd_next_ids(logp.shape[0])  # the keys _cd_record will log (cppo_shuffled seeds)
         res = compute_mask(
             cfg.rule, logp=logp.detach(), logp_rollout=logp_rollout, advantages=advantages,
-            response_mask=mask, logp_old=logp_old, **cfg.rule_params,
+            response_mask=mask, logp_old=logp_old, seq_ids=seq_ids, step=step, **cfg.rule_params,
         )
         loss_kwargs = {"agg": cfg.agg, "max_len": getattr(self, "max_completion_length", None), "rule": cfg.rule}
         if cfg.trunc_cap is not None:
@@ -509,6 +510,12 @@ class CppoDiagGRPOMixin:
             if delta is not None:  # two-sided clipping: the ratio is clamped at delta on the unclipped branch
                 clipped = clipped | ((ratio > delta) & (adv < 0))
         return ~clipped
+
+    def _cd_next_ids(self, batch: int):
+        """(step, seq_ids (B,)) that the next ``_cd_record`` call will log, without advancing the counter."""
+        step = int(self.state.global_step)
+        update = self._cd_micro if step == self._cd_micro_step else 0
+        return step, update * batch + torch.arange(batch)
 
     def _cd_record(self, inputs, logp, entropy, *, keep, reason) -> None:
         rec = self._cd_recorder

@@ -311,8 +311,12 @@ def _rule_loss(rule: str, old_log_prob, log_prob, advantages, response_mask, los
     mask = response_mask.to(torch.bool)  # (B, T)
     params = _rule_params(rule, config)
     mu = old_log_prob.detach()  # (B, T): the anchor verl provides (pi_old, or mu in bypass mode)
+    batch = log_prob.shape[0]
+    rec = _CAPTURE.open(anchor=anchor, rule=rule, params=params)
+    step, update = _CAPTURE.tick() if rec else (None, 0)
+    seq_ids = update * batch + torch.arange(batch)  # (B,): the keys logged below (cppo_shuffled seeds on them)
     res = compute_mask(rule, logp=log_prob.detach(), logp_rollout=mu, advantages=advantages,
-                       response_mask=mask, **params)
+                       response_mask=mask, seq_ids=seq_ids, step=step, **params)
     if rollout_is_weights is not None:  # verl's rollout correction (TIS/MIS) multiplies the per-token loss
         w = rollout_is_weights.detach().to(log_prob.dtype)
         if res.loss_form == "drpo":
@@ -332,12 +336,9 @@ def _rule_loss(rule: str, old_log_prob, log_prob, advantages, response_mask, los
     metrics["actor/ppo_kl"] = float(masked_mean(mu - log_prob.detach(), mask))
     if anchor == "rollout":  # bypass mode: verl's own bypass loss reports these off-policy diagnostics
         metrics.update(verl_rollout_corr_scalars(log_prob.detach(), mu, mask))
-    rec = _CAPTURE.open(anchor=anchor, rule=rule, params=params)
     if rec:
-        step, update = _CAPTURE.tick()
-        batch = log_prob.shape[0]
         rec.log_tokens(
-            step=step, update=update, seq_ids=update * batch + torch.arange(batch), logp=log_prob.detach(),
+            step=step, update=update, seq_ids=seq_ids, logp=log_prob.detach(),
             logp_rollout=mu, advantages=advantages, response_mask=mask, keep_applied=res.keep,
             reason_applied=res.reason,
         )
