@@ -639,8 +639,8 @@ def _updates_sentence(data: StudyData) -> str:
         return ("These token metrics and the Fig. 2 / Fig. 7 panels pool the updates after the first of each "
                 "batch: the runs take several updates per batch, and in the first one pi = mu (nothing to mask), "
                 "so pooling it would dilute both.")
-    return ("These token metrics and the Fig. 2 / Fig. 7 panels pool: "
-            + "; ".join(f"{u}: {UPDATE_LABELS[u]}" for u in used) + ".")
+    return ("These token metrics and the Fig. 2 / Fig. 7 panels pool "
+            + "; ".join(f"{UPDATE_LABELS[u]} (`{u}`)" for u in used) + ".")
 
 
 def _significant(c, holm: float) -> bool:
@@ -737,7 +737,11 @@ def headline(per_seed: pl.DataFrame, table: list[dict], ctab: ComparisonTable, a
         else:
             verdict = "is inconclusive"
         missing = [r for r in PAPER_DIRECTION if r not in {c.b.split("@")[0] for c in comps}]
-        scope = "" if not missing else f" (not tested here: {', '.join(f'`{r}`' for r in missing)})"
+        scope = ""
+        if missing:  # a partial grid tests only part of the ordering: say which part
+            if verdict == "holds":
+                verdict = "holds for the rules this study ran"
+            scope = f" (not run here: {', '.join(f'`{r}`' for r in missing)})"
         effects = "; ".join(
             f"vs `{c.b}` {c.mean_diff:+.3f} [{_f(c.ci_lo)}, {_f(c.ci_hi)}], Holm p {_p(c.p_holm)} ({s})"
             for c, s in zip(comps, status)
