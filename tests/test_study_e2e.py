@@ -67,7 +67,7 @@ def test_ci_tiny_study_end_to_end(tmp_path):
     assert "n/a (< 10 pairs)" in text and "percentile" not in text.lower()
     assert "Holm adjusts every row of this table together** (" in text
     figs = results.parent / "results"
-    for name in ("learning_curves.png", "ablation.png", "learning_curves_by_rule.png", "per_seed.csv"):
+    for name in ("learning_curves.png", "ablation.png", "effects.png", "learning_curves_by_rule.png", "per_seed.csv"):
         assert (figs / name).stat().st_size > 0, name
     for rule in study.rules:
         assert (figs / f"position_{rule}.png").stat().st_size > 0

@@ -445,7 +445,7 @@ def test_results_page_and_figures(fake_study, tmp_path):
                          command="cppo-diag study small.toml --root root")
     text = page.read_text()
     figs = tmp_path / "out" / "results"
-    for name in ("learning_curves.png", "ablation.png", "position_cppo.png", "position_grpo_clip.png",
+    for name in ("learning_curves.png", "ablation.png", "effects.png", "position_cppo.png", "position_grpo_clip.png",
                  "budget_cppo.png", "budget_grpo_clip.png", "per_seed.csv"):
         assert (figs / name).stat().st_size > 0, name
     assert "| `cppo` | 3/3 |" in text and "| `grpo_clip` | 3/3 |" in text

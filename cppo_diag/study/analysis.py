@@ -70,6 +70,7 @@ __all__ = [
     "threshold_horizon",
     "headline",
     "write_figures",
+    "write_effects_figure",
     "pool_budget_by_step",
     "write_results",
     "analyse_study",
@@ -571,15 +572,56 @@ def write_figures(data: StudyData, per_seed: pl.DataFrame, fig_dir: Path, *, pro
             bar.update(1)
         fig = plots_mpl.fig_budget_by_step(
             pool_budget_by_step(by_step),
-            title=(f"{label}: prefix budget (Fig. 7 style)\n"
+            title=(f"{label}: prefix budget (Fig. 7 style), {len(entries)} seeds pooled\n"
                    + ("as the trainer applied it" if rule in BUDGET_RULES else "CPPO recomputed offline on these rollouts")
-                   + f", {len(entries)} seeds pooled, {UPDATE_LABELS[updates]}"),
+                   + f"; {_SHORT_UPDATES[updates]}"),
         )
         out["budget"][label] = fig_dir / f"budget_{slug}.png"
         fig.savefig(out["budget"][label], dpi=120)
         plt.close(fig)
     bar.close()
     return out
+
+
+def write_effects_figure(ctab: ComparisonTable, an: AnalysisConfig, path: Path) -> Path | None:
+    """Forest plot of the accuracy comparisons: reference minus each rule with its t interval, one panel per
+    metric (primary first), the Holm p (whole table) beside each row. None when there is nothing to draw."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metrics = [m for m in ctab.metrics if ctab.by_metric(m)]
+    if not metrics:
+        return None
+    n = max(len(ctab.by_metric(m)) for m in metrics)
+    fig, axes = plt.subplots(1, len(metrics), figsize=(5.2 * len(metrics), 0.55 * n + 1.6), sharey=True,
+                             squeeze=False)
+    for ax, metric in zip(axes[0], metrics):
+        comps = ctab.by_metric(metric)
+        y = np.arange(len(comps))[::-1]
+        for yi, c in zip(y, comps):
+            ok = math.isfinite(c.ci_lo)
+            color = "C2" if ok and c.ci_lo > 0 else ("C3" if ok and c.ci_hi < 0 else "0.35")
+            if ok:
+                ax.plot([c.ci_lo, c.ci_hi], [yi, yi], color=color, lw=2)
+            ax.plot([c.mean_diff], [yi], "o", color=color, ms=6)
+            ax.annotate(f"Holm p {_p(c.p_holm)}", (1.0, yi), xycoords=("axes fraction", "data"),
+                        xytext=(4, 0), textcoords="offset points", va="center", fontsize=7)
+        ax.axvline(0, color="0.5", lw=1, ls=":")
+        ax.set_yticks(y, [f"vs {c.b} (n={c.n})" for c in comps], fontsize=8)
+        ax.set_xlabel(f"{an.reference} minus rule, {metric}")
+        ax.set_title(_METRIC_NAMES.get(metric, metric), fontsize=10)
+        ax.grid(alpha=0.3, axis="x")
+    fig.suptitle(f"Paired differences, mean and {an.confidence:.0%} t interval over seeds", fontsize=11)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+_SHORT_UPDATES = {"all": "all updates", "first": "first updates only", "after_first": "updates after the first"}
 
 
 def pool_budget_by_step(tables: list[pl.DataFrame]) -> pl.DataFrame:
@@ -878,6 +920,7 @@ def write_results(
     ctab = comparison_table(per_seed, reference=an.reference, metrics=(f"{an.primary}_acc", secondary),
                             confidence=an.confidence, n_boot=an.n_boot)
     tau = threshold_horizon(per_seed)
+    effects = write_effects_figure(ctab, an, fig_dir / "effects.png")
     per_seed.write_csv(fig_dir / "per_seed.csv")
     rel = lambda p: f"{fig_dir.name}/{Path(p).name}"  # noqa: E731
     m = data.manifest
@@ -944,6 +987,10 @@ def write_results(
     L += _comparison_lines(ctab, an, tau)
 
     L.append("## Figures\n")
+    if effects is not None:
+        L.append(f"Effect sizes: `{an.reference}` minus each rule, paired by seed, with the {conf} t interval (green: "
+                 "above zero, red: below, grey: includes zero) and the Holm p over the whole comparison table:\n\n"
+                 f"![effect sizes]({rel(effects)})\n")
     L.append(f"Learning curves (mean and {conf} CI band over seeds, clipped to [0, 1]):\n\n"
              f"![learning curves]({rel(figs['curves'])})\n")
     L.append(f"Every rule with its individual seeds:\n\n![learning curves by rule]({rel(figs['curves_by_rule'])})\n")
