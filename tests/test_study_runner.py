@@ -507,6 +507,18 @@ def test_cli_dry_run_lists_grid(tmp_path, capsys):
     assert main(["study", str(p), "--root", str(tmp_path / "nope"), "--analyse-only"]) == 2
 
 
+def test_cli_refuses_an_unknown_trainer_preset_before_launching(tmp_path, capsys):
+    from cppo_diag.cli.main import main
+
+    p = write_study(tmp_path, SMALL.replace("[trainer]\n", '[trainer]\npreset = "no-such-preset"\n'))
+    root = tmp_path / "r"
+    assert main(["study", str(p), "--root", str(root), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "field 'trainer.preset'" in err and "'no-such-preset'" in err and "demo" in err
+    assert not root.exists()  # nothing launched, nothing written
+    assert main(["study", str(p), "--root", str(root), "--dry-run"]) == 0  # the grid can still be listed
+
+
 def test_analysis_counts_missing_runs(tmp_path):
     """A cell whose run never ran stays in the table as a missing seed; comparisons use the complete pairs."""
     from cppo_diag.study.analysis import analyse_study, collect_study, paired_comparisons, per_seed_metrics

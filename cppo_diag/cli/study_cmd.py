@@ -57,6 +57,18 @@ def add_arguments(parser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
+def _unknown_trainer_preset(study) -> str | None:
+    """Why the study's trainer preset cannot run (before any of its runs is launched), or None."""
+    if not study.trainer_preset:
+        return None
+    from cppo_diag.train.config import PRESETS
+
+    if study.trainer_preset in PRESETS:
+        return None
+    return (f"{study.source}: field 'trainer.preset': expected a preset of the bundled trainer "
+            f"({', '.join(sorted(PRESETS))}), found {study.trainer_preset!r}")
+
+
 def run(args) -> int:
     from cppo_diag.study.config import StudyConfigError, load_study
     from cppo_diag.study.runner import STUDY_DIR, TrainerLauncher, cell_state, run_study, write_manifest
@@ -84,6 +96,10 @@ def run(args) -> int:
 
     rc = 0
     if not args.analyse_only:
+        problem = _unknown_trainer_preset(study)
+        if problem:
+            print(f"cppo-diag study: {problem}", file=sys.stderr)
+            return 2
         report = run_study(study, root, workers=args.workers, threads_per_worker=args.threads,
                            progress=not args.no_progress)
         print(
