@@ -153,7 +153,8 @@ def bca_mean_ci(x, *, confidence: float = 0.95, n_resamples: int = 10_000, seed:
     them, so both give the same interval for the same generator. Bias correction
     ``z0 = Phi^-1(share of resampled means below the mean, ties half)``; acceleration from the jackknife
     ``a = sum(u^3) / (6 sum(u^2)^1.5)`` with ``u_i = mean(jackknife) - jackknife_i``; the interval is the
-    resampled means' quantiles at ``Phi(z0 + (z0 + z) / (1 - a (z0 + z)))`` for ``z = Phi^-1(alpha/2), Phi^-1(1 - alpha/2)``.
+    resampled means' quantiles at ``Phi(z0 + (z0 + z) / (1 - a (z0 + z)))`` for
+    ``z = Phi^-1(alpha/2), Phi^-1(1 - alpha/2)`` (Efron & Tibshirani 1993, ch. 14).
     """
     _check_confidence(confidence)
     v = _clean(x, "x")
