@@ -1,0 +1,220 @@
+"""Mergeable partial aggregates (analyses/aggregate.py): merge = one pass, accuracy against the exact
+statistics, the update / advantage-sign keys, the cache beside the run and the CLI."""
+
+import json
+import shutil
+
+import numpy as np
+import polars as pl
+import pytest
+
+from analyses import aggregate as agg
+from analyses.aggregate import (AggSpec, Partial, aggregate_files, aggregate_run, position_summary, relative_accuracy_of,
+                                stats_table)
+from analyses.position import position_stats
+from analyses.synthetic import write_synthetic_run
+from cppo_diag.storage import layout
+
+STATS = ("mean", "p50", "p90", "p99", "top10_mean", "threshold_mean")
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    # two updates per batch (update class key), group-normalised advantages (all three signs), 8 steps
+    return write_synthetic_run(tmp_path_factory.mktemp("agg") / "run", n_tokens=40_000, seqs_per_step=16,
+                               max_len=200, updates=2, seed=3)
+
+
+def _files(run):
+    return sorted(str(f) for f in (run / "tokens").glob("step=*/*.parquet"))
+
+
+def _close(a: float | None, b: float | None, rel: float) -> bool:
+    if a is None or b is None:
+        return a is None and b is None
+    return abs(a - b) <= rel * max(abs(a), abs(b), 1e-300)
+
+
+def _assert_tables_close(a: pl.DataFrame, b: pl.DataFrame, rel: float, cols=None):
+    assert a.columns == b.columns
+    assert a.select("metric", "bin", "count").equals(b.select("metric", "bin", "count"))
+    cols = cols or [c for c in a.columns if c not in ("metric", "bin", "count", "bin_start", "bin_end")]
+    for c in cols:
+        for x, y in zip(a[c].to_list(), b[c].to_list()):
+            assert _close(x, y, rel), (c, x, y)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_any_split_merges_into_one_pass(run_dir, seed):
+    """Partials of an arbitrary split of the shards (here: random groups, any order) merge by addition
+    into the one-pass partial: counts identical, sums and the statistics within 1e-9 relative."""
+    spec = AggSpec(metrics=("tv", "k3", "k1"), bin_width=32, delta=0.15)
+    files = _files(run_dir)
+    # delta needs whole steps per call: split by steps, in a random grouping and order
+    by_step: dict[str, list[str]] = {}
+    for f in files:
+        by_step.setdefault(f.split("step=")[1][:6], []).append(f)
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 1 + seed, size=len(by_step))
+    groups = [[f for s, lab in zip(by_step, labels) if lab == k for f in by_step[s]] for k in range(1 + seed)]
+    parts = [aggregate_files(g, spec) for g in groups if g]
+    rng.shuffle(parts)
+    merged = parts[0].merge(*parts[1:])
+    one = aggregate_files(files, spec)
+    assert np.array_equal(merged.tokens, one.tokens)
+    assert merged.steps == one.steps
+    for m in spec.metrics:
+        assert np.array_equal(merged.sketch[m][0], one.sketch[m][0])
+        assert np.array_equal(merged.sketch[m][1], one.sketch[m][1])
+        np.testing.assert_allclose(merged.sums[m], one.sums[m], rtol=1e-9)
+    np.testing.assert_allclose(merged.thr_sum, one.thr_sum, rtol=1e-9)
+    for updates in ("all", "after_first"):
+        _assert_tables_close(stats_table(merged, updates=updates), stats_table(one, updates=updates), 1e-9)
+
+
+def test_split_within_steps_merges(run_dir):
+    """Splitting the files of one step (ranks, updates) apart is fine without response lengths."""
+    spec = AggSpec(metrics=("tv",), bin_width=16)
+    files = _files(run_dir)
+    parts = [aggregate_files([f], spec) for f in files]
+    merged = Partial(spec).merge(*parts)
+    one = aggregate_files(files, spec)
+    assert np.array_equal(merged.sketch["tv"][1], one.sketch["tv"][1])
+    _assert_tables_close(stats_table(merged), stats_table(one), 1e-9)
+
+
+@pytest.mark.parametrize("updates,adv_sign", [("all", None), ("after_first", None), ("first", "pos"),
+                                              ("after_first", "neg")])
+def test_sketch_within_stated_accuracy_of_exact(run_dir, updates, adv_sign):
+    """Counts and means exact; quantiles and the top-decile mean within the stated relative accuracy."""
+    kw = dict(metrics=("tv", "abs_logratio", "k3"), bin_width=32, updates=updates, adv_sign=adv_sign)
+    exact = position_stats(run_dir, **kw)
+    got = position_summary(run_dir, cache=False, workers=1, **kw)
+    alpha = relative_accuracy_of(agg.mantissa_bits_for(0.01))
+    assert alpha <= 0.01
+    _assert_tables_close(got, exact, 1e-5, cols=["mean"])
+    _assert_tables_close(got, exact, alpha * (1 + 1e-6), cols=["p50", "p90", "p99", "top10_mean"])
+    # survival: off by at most the mass of the bucket straddling x
+    for c in ("surv_0.05", "surv_0.1"):
+        assert (got[c] - exact[c]).abs().max() < 0.01
+
+
+def test_signed_metric_and_relative_bins_with_threshold(run_dir):
+    """k1 has negative values (mirrored buckets); relative bins and delta / w_t need response lengths."""
+    kw = dict(metrics=("k1",), relative=True, n_rel_bins=5, delta=0.15, updates="all")
+    exact = position_stats(run_dir, **kw)
+    got = position_summary(run_dir, cache=False, workers=1, **kw)
+    assert (got["p50"] < 0).any() or (got["p90"] > 0).any()
+    _assert_tables_close(got, exact, 1e-9, cols=["threshold_mean"])
+    _assert_tables_close(got, exact, relative_accuracy_of(6) * (1 + 1e-6), cols=["p50", "p90", "p99"])
+
+
+def test_frame_source_equals_run_directory(run_dir):
+    spec = AggSpec(metrics=("tv",), bin_width=64)
+    lf = pl.scan_parquet(_files(run_dir))
+    a = stats_table(aggregate_run(lf, spec, cache=False))
+    b = stats_table(aggregate_run(run_dir, spec, cache=False, workers=1))
+    _assert_tables_close(a, b, 1e-9)
+
+
+def test_partial_save_load_roundtrip(run_dir, tmp_path):
+    spec = AggSpec(metrics=("tv", "k3"), bin_width=64, delta=0.2)
+    p = aggregate_files(_files(run_dir), spec)
+    p.save(tmp_path / "p.npz")
+    q = Partial.load(tmp_path / "p.npz")
+    assert q.spec == spec and q.steps == p.steps
+    assert stats_table(q).equals(stats_table(p))
+
+
+def test_merge_refuses_other_spec(run_dir):
+    a = aggregate_files(_files(run_dir)[:1], AggSpec(metrics=("tv",), bin_width=64))
+    b = aggregate_files(_files(run_dir)[:1], AggSpec(metrics=("tv",), bin_width=32))
+    with pytest.raises(ValueError, match="same spec"):
+        a.merge(b)
+
+
+def test_bad_arguments_name_the_field(run_dir):
+    with pytest.raises(ValueError, match="relative_accuracy"):
+        position_summary(run_dir, relative_accuracy=0.0)
+    with pytest.raises(ValueError, match="metrics"):
+        AggSpec(metrics=("nope",))
+    with pytest.raises(ValueError, match="engine"):
+        position_summary(run_dir, engine="spark", cache=False)
+    with pytest.raises(ValueError, match="adv_sign"):
+        position_summary(run_dir, adv_sign="up", cache=False, workers=1)
+
+
+def test_cache_aggregates_only_new_steps(tmp_path):
+    """A cached run that grows by one step is aggregated for that step only, with the same result as a
+    fresh pass; a rewritten shard invalidates its block."""
+    kw = dict(n_tokens=20_000, seqs_per_step=8, max_len=160, updates=2, seed=5)
+    full = write_synthetic_run(tmp_path / "full", **kw)  # steps 0..N-1
+    n = len(list((full / "tokens").iterdir()))
+    grow = tmp_path / "grow"
+    shutil.copytree(full, grow)
+    last = layout.step_dir_name(n - 1)
+    shutil.rmtree(grow / "tokens" / last)
+    (grow / "_done" / layout.done_marker_name(n - 1, 0)).unlink()
+    spec = AggSpec(metrics=("tv",), bin_width=32)
+    first = aggregate_run(grow, spec, workers=1)
+    assert agg.LAST_INFO.steps_aggregated == list(range(n - 1)) and agg.LAST_INFO.blocks_written >= 1
+    aggregate_run(grow, spec, workers=1)
+    assert agg.LAST_INFO.steps_aggregated == [] and agg.LAST_INFO.steps_cached == list(range(n - 1))
+    # the trainer finishes one more step
+    shutil.copytree(full / "tokens" / last, grow / "tokens" / last)
+    (grow / "_done" / layout.done_marker_name(n - 1, 0)).touch()
+    grown = aggregate_run(grow, spec, workers=1)
+    assert agg.LAST_INFO.steps_aggregated == [n - 1]
+    assert grown.n_tokens > first.n_tokens
+    _assert_tables_close(stats_table(grown), stats_table(aggregate_run(full, spec, cache=False, workers=1)), 1e-9)
+    # a step range inside the cached blocks aggregates what no whole block covers
+    aggregate_run(grow, spec, workers=1, step_range=(0, 0))
+    assert agg.LAST_INFO.steps_aggregated in ([], [0])
+    # rewriting a shard (new size/mtime) makes its block stale
+    f = sorted((grow / "tokens" / layout.step_dir_name(0)).glob("*.parquet"))[0]
+    pl.read_parquet(f).head(10).write_parquet(f)
+    aggregate_run(grow, spec, workers=1)
+    assert 0 in agg.LAST_INFO.steps_aggregated and n - 1 not in agg.LAST_INFO.steps_aggregated
+
+
+def test_cache_compacts_many_blocks(tmp_path):
+    run = write_synthetic_run(tmp_path / "r", n_tokens=20_000, seqs_per_step=8, max_len=160, seed=1)
+    spec = AggSpec(metrics=("tv",), bin_width=32)
+    n = len(list((run / "tokens").iterdir()))
+    for s in range(n):  # one block per step, as a run polled after every step would leave
+        aggregate_run(run, spec, workers=1, step_range=(s, s))
+    cache = run / agg.CACHE_DIR / spec.key()
+    assert len(list(cache.glob("*.npz"))) == n
+    before = stats_table(aggregate_run(run, spec, workers=1, max_blocks=2))
+    assert len(list(cache.glob("*.npz"))) == 1
+    after = stats_table(aggregate_run(run, spec, workers=1))
+    assert agg.LAST_INFO.steps_aggregated == []
+    _assert_tables_close(before, after, 1e-9)
+
+
+def test_local_engine_processes_equal_one_process(run_dir):
+    spec = AggSpec(metrics=("tv", "k3"), bin_width=32)
+    one = stats_table(aggregate_run(run_dir, spec, cache=False, workers=1))
+    two = stats_table(aggregate_run(run_dir, spec, cache=False, workers=2))
+    _assert_tables_close(one, two, 1e-9)
+
+
+def test_cli_stats_sketch_exact_and_updates(run_dir, tmp_path, capsys):
+    from cppo_diag.cli.main import main
+
+    def stats(*extra):
+        out = tmp_path / "o.json"
+        assert main(["stats", str(run_dir), "--format", "json", "--metric", "tv", "--no-progress", "--workers", "1",
+                     "--out", str(out), *extra]) == 0
+        return pl.DataFrame(json.loads(out.read_text()))
+
+    sketch, exact = stats(), stats("--exact")
+    assert sketch["count"].to_list() == exact["count"].to_list()
+    assert ((sketch["p90"] - exact["p90"]).abs() / exact["p90"]).max() <= relative_accuracy_of(6)
+    # --updates keeps working on the update-class key: first + after_first = all, and auto = after_first on
+    # this two-update run
+    first, later, both = stats("--updates", "first"), stats("--updates", "after_first"), stats("--updates", "all")
+    assert (first["count"] + later["count"]).to_list() == both["count"].to_list()
+    assert sketch["count"].to_list() == later["count"].to_list()
+    assert main(["stats", str(run_dir), "--engine", "local", "--relative-accuracy", "2"]) == 2
+    assert "relative_accuracy" in capsys.readouterr().err
