@@ -50,7 +50,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 import polars as pl
 
-from analyses.position import BOUNDED_METRICS, DEFAULT_THRESHOLDS, _rows_to_long
+from analyses.position import BOUNDED_METRICS, DEFAULT_THRESHOLDS, _bin_exprs, _rows_to_long
 from analyses.tokens import LOGRATIO_CLAMP
 from analyses.updates import check_updates
 
@@ -199,6 +199,11 @@ class Partial:
 
     Key index g = (bin * 4 + sign) * 2 + update_class. ``tokens``, ``sums[metric]`` and ``thr_sum`` are
     dense over g; ``sketch[metric]`` is sparse: sorted keys g * n_slots + slot with their counts.
+
+    When the shards logged the trainer's mask (``keep_applied``, ``reason_applied``), ``mask`` holds dense
+    counts over g: ``n`` (tokens with a logged mask), ``masked``, ``budget`` (reason "budget") and ``away``
+    (A (rho - 1) > 0, SPEC away test, in float32 as the rule library evaluates it); ``mask_steps`` the same
+    ``n``, ``masked``, ``budget`` over step * 2 + update class. Empty when no mask was logged.
     """
 
     spec: AggSpec
@@ -207,6 +212,8 @@ class Partial:
     sketch: dict = field(default_factory=dict)
     thr_sum: np.ndarray = field(default_factory=lambda: np.zeros(0))
     steps: frozenset = frozenset()
+    mask: dict = field(default_factory=dict)
+    mask_steps: dict = field(default_factory=dict)
 
     @property
     def n_tokens(self) -> int:
@@ -230,6 +237,10 @@ class Partial:
             out.sums[m] = acc if acc is not None else np.zeros(0)
             out.sketch[m] = _merge_sparse([p.sketch[m] for p in parts if m in p.sketch])
         out.steps = frozenset().union(*(p.steps for p in parts))
+        for attr in ("mask", "mask_steps"):
+            for p in parts:
+                for name, arr in getattr(p, attr).items():
+                    getattr(out, attr)[name] = _grow_add(getattr(out, attr).get(name), arr)
         return out
 
     # -- (de)serialisation: one .npz per partial ---------------------------------------------------
@@ -240,6 +251,8 @@ class Partial:
         for m in self.spec.metrics:
             arrays[f"sum|{m}"] = self.sums.get(m, np.zeros(0))
             arrays[f"keys|{m}"], arrays[f"counts|{m}"] = self.sketch.get(m, (np.zeros(0, np.int64),) * 2)
+        arrays.update({f"mask|{k}": v for k, v in self.mask.items()})
+        arrays.update({f"mask_steps|{k}": v for k, v in self.mask_steps.items()})
         arrays["spec"] = np.frombuffer(json.dumps(asdict(self.spec)).encode(), dtype=np.uint8)
         with atomic_replace(Path(path)) as tmp:
             with open(tmp, "wb") as fh:
@@ -254,12 +267,17 @@ class Partial:
             for m in spec.metrics:
                 p.sums[m] = z[f"sum|{m}"]
                 p.sketch[m] = (z[f"keys|{m}"], z[f"counts|{m}"])
+            for name in z.files:
+                attr, _, k = name.partition("|")
+                if attr in ("mask", "mask_steps"):
+                    getattr(p, attr)[k] = z[name]
         return p
 
 
 # -- one pass over some tokens -> a Partial -----------------------------------------------------------
 COLUMNS = ("step", "pos", "logp", "logp_rollout", "advantage", "update")
 LENGTH_COLUMNS = ("seq_id", "rank")
+MASK_COLUMNS = ("keep_applied", "reason_applied")
 
 
 class _Accumulator:
@@ -275,6 +293,8 @@ class _Accumulator:
         self.dense: dict = {m: None for m in spec.metrics}
         self.pieces: dict = {m: [] for m in spec.metrics}
         self.steps: set[int] = set()
+        self.mask: dict = {}
+        self.mask_steps: dict = {}
 
     def add(self, cols: dict[str, np.ndarray]) -> None:
         """Add one chunk: ``pos``, ``logp``, ``logp_rollout``, ``advantage`` (float32, NaN for null),
@@ -315,6 +335,8 @@ class _Accumulator:
             wt = 1.0 - (1.0 - spec.w_min) * (t - 1.0) / np.maximum(cols["_T"] - 1.0, 1.0)
             self.thr = _grow_add(self.thr, np.bincount(g, weights=spec.delta / wt))
         lp, lr = cols["logp"], cols["logp_rollout"]
+        if "keep_applied" in cols:
+            self._add_mask(cols, g)
         wide = (int(g.max()) + 1) * spec.n_slots >= 1 << 31
         for m in spec.metrics:
             d = _metric_values(m, lp, lr)
@@ -334,9 +356,26 @@ class _Accumulator:
                 uniq, inv = np.unique(key, return_inverse=True)
                 self.pieces[m].append((uniq.astype(np.int64), np.bincount(inv).astype(np.int64)))
 
+    def _add_mask(self, cols: dict, g: np.ndarray) -> None:
+        # (N,) bool each: mask logged, masked, reason "budget", reason logged, away
+        has, masked, budget, reason, away = cols["keep_applied"]
+        if not has.any():
+            return
+        step, upd = cols["step"], cols["update"]
+        if not has.all():
+            g, masked, budget, reason, away = g[has], masked[has], budget[has], reason[has], away[has]
+            step, upd = step[has], upd[has]
+        for name, w in (("n", None), ("masked", masked), ("budget", budget), ("reason", reason), ("away", away)):
+            self.mask[name] = _grow_add(self.mask.get(name), np.bincount(g, weights=w).astype(np.int64))
+        if step.min() < 0:
+            raise ValueError(f"column 'step': expected steps >= 0, found {int(step.min())}")
+        sk = step.astype(np.int64) * N_UCLS + (upd > 0)
+        for name, w in (("n", None), ("masked", masked), ("budget", budget), ("reason", reason)):
+            self.mask_steps[name] = _grow_add(self.mask_steps.get(name), np.bincount(sk, weights=w).astype(np.int64))
+
     def partial(self) -> Partial:
         spec = self.spec
-        p = Partial(spec, steps=frozenset(self.steps))
+        p = Partial(spec, steps=frozenset(self.steps), mask=self.mask, mask_steps=self.mask_steps)
         p.tokens = self.tokens if self.tokens is not None else np.zeros(0, np.int64)
         p.thr_sum = self.thr if self.thr is not None else np.zeros(0)
         for m in spec.metrics:
@@ -358,6 +397,17 @@ def _frame_columns(df: pl.DataFrame, spec: AggSpec) -> dict[str, np.ndarray]:
     }
     if spec.needs_lengths:
         cols["_T"] = df["_T"].to_numpy()
+    if "keep_applied" in df.columns:
+        keep = df["keep_applied"]
+        reason = df["reason_applied"] if "reason_applied" in df.columns else pl.Series([None] * df.height, dtype=pl.UInt8)
+        # SPEC away test A (rho - 1) > 0 in float32, evaluated as analyses.compare always has (a tiny log-ratio
+        # gives rho == 1; numpy's and polars' float32 exp differ in the last bit there)
+        lp, lr = pl.col("logp").cast(pl.Float32), pl.col("logp_rollout").cast(pl.Float32)
+        away = df.select(pl.col("advantage").cast(pl.Float32) * ((lp - lr).clip(-20.0, 20.0).exp() - 1.0) > 0)
+        cols["keep_applied"] = (keep.is_not_null().to_numpy(), (~keep).fill_null(False).to_numpy(),
+                                (reason == 2).fill_null(False).to_numpy(), reason.is_not_null().to_numpy(),
+                                away.to_series().fill_null(False).to_numpy())
+        cols["step"] = df["step"].to_numpy()
     return cols
 
 
@@ -369,7 +419,7 @@ def _with_lengths(df: pl.DataFrame) -> pl.DataFrame:
 
 def _read_file(path: str, spec: AggSpec) -> pl.DataFrame:
     names = pl.read_parquet_schema(path)
-    want = list(COLUMNS) + (list(LENGTH_COLUMNS) if spec.needs_lengths else [])
+    want = list(COLUMNS) + list(MASK_COLUMNS) + (list(LENGTH_COLUMNS) if spec.needs_lengths else [])
     missing = [c for c in ("step", "pos", "logp", "logp_rollout", "advantage") if c not in names]
     if missing:
         raise ValueError(f"{path}: token shard is missing required column(s) {missing}; found {sorted(names)}")
@@ -410,7 +460,7 @@ def aggregate_frame(lf: pl.LazyFrame | pl.DataFrame, spec: AggSpec, chunk_rows: 
     lf = load_tokens(lf)
     acc = _Accumulator(spec)
     names = lf.collect_schema().names()
-    sel = [c for c in COLUMNS if c in names] + ([c for c in LENGTH_COLUMNS if c in names] if spec.needs_lengths else [])
+    sel = [c for c in (*COLUMNS, *MASK_COLUMNS) if c in names] + ([c for c in LENGTH_COLUMNS if c in names] if spec.needs_lengths else [])
     lf = lf.select(sel)
     acc.steps.update(lf.select(pl.col("step").unique()).collect()["step"].to_list())
     if spec.needs_lengths:
@@ -865,3 +915,60 @@ def position_summary(
     if updates is None:
         updates = "after_first" if has_later_updates(part) else "all"
     return stats_table(part, adv_sign=adv_sign, updates=updates, thresholds=thresholds, hill_min_k=hill_min_k)
+
+
+# -- the trainer's logged mask from the same partials ---------------------------------------------------
+def applied_mask_tables(part: Partial, run: str, label: str, *, updates: str = "all"
+                        ) -> tuple[dict, pl.DataFrame, pl.DataFrame] | None:
+    """(summary, by_position, by_step) of the logged mask (``keep_applied``) in ``part``, as
+    ``analyses.compare`` reports it: masked fraction overall, by advantage sign, by position bin and by
+    step, the budget-mask share #budget / #masked (paper Fig. 7) and the fraction of ``away`` tokens.
+    None when no token of the selected updates has a logged mask."""
+    spec = part.spec
+    if not part.mask or not len(part.mask.get("n", ())):
+        return None
+    n_groups = len(part.mask["n"])
+    keep = _selected_groups(n_groups, None, updates)
+
+    def tot(name: str, sign: int | None = None) -> int:
+        arr = part.mask[name][:n_groups]
+        sel = keep[: len(arr)] & (((np.arange(len(arr)) // N_UCLS) % N_SIGNS == sign) if sign is not None else True)
+        return int(arr[sel].sum())
+
+    n_valid = tot("n")
+    if not n_valid:
+        return None
+    n_masked, n_budget = tot("masked"), (tot("budget") if tot("reason") else None)
+    frac = lambda sign: (tot("masked", sign) / tot("n", sign)) if tot("n", sign) else None  # noqa: E731
+    summary = {"run": run, "rule": label, "applied": True, "n_valid": n_valid, "n_masked": n_masked,
+               "masked_frac": n_masked / n_valid, "budget_share": (n_budget / n_masked) if n_masked and n_budget is not None else None,
+               "away_frac": tot("away") / n_valid, "masked_frac_pos_adv": frac(2), "masked_frac_neg_adv": frac(0)}
+    nb, mb = _by_bin(part.mask["n"], keep), _by_bin(part.mask["masked"], keep)
+    bins = np.flatnonzero(nb)
+    _, start, end = _bin_exprs(spec.relative, spec.bin_width, spec.n_rel_bins)
+    by_pos = pl.DataFrame({"bin": bins.astype(np.int64), "n_valid": nb[bins].astype(np.int64),
+                           "masked_frac": mb[bins] / nb[bins]}).with_columns(
+        bin_start=start.cast(pl.Float64), bin_end=end.cast(pl.Float64))
+    ucls = np.arange(len(part.mask_steps["n"])) % N_UCLS
+    sel = ucls >= 0 if updates == "all" else ucls == (0 if updates == "first" else 1)
+    per_step = {k: np.bincount(np.arange(len(v))[sel[: len(v)]] // N_UCLS, weights=v[sel[: len(v)]])
+                for k, v in part.mask_steps.items()}
+    steps = np.flatnonzero(per_step["n"])
+    with np.errstate(invalid="ignore", divide="ignore"):
+        by_step = pl.DataFrame({
+            "step": steps.astype(np.int64), "masked_frac": per_step["masked"][steps] / per_step["n"][steps],
+            "budget_share": np.where((per_step["masked"][steps] > 0) & (per_step["reason"][steps] > 0),
+                                     per_step["budget"][steps] / np.maximum(per_step["masked"][steps], 1), np.nan),
+        }).with_columns(pl.col("budget_share").fill_nan(None))
+    return summary, by_pos, by_step
+
+
+def applied_mask(source: Any, run: str, label: str, *, bin_width: int = 64, relative: bool = False,
+                 n_rel_bins: int = 20, step_range=None, updates: str = "all", cache: bool = True,
+                 workers: int | None = 1) -> tuple[dict, pl.DataFrame, pl.DataFrame] | None:
+    """:func:`applied_mask_tables` of ``source`` (aggregated, and cached beside a run directory, with the
+    |pi - mu| sketch of the same pass: ``stats_table`` of the same partial gives its position statistics)."""
+    spec = AggSpec(metrics=("tv",), bin_width=bin_width if not relative else 64, relative=relative,
+                   n_rel_bins=n_rel_bins)
+    part = aggregate_run(source, spec, step_range=step_range, cache=cache, workers=workers)
+    return applied_mask_tables(part, run, label, updates=updates)

@@ -218,3 +218,72 @@ def test_cli_stats_sketch_exact_and_updates(run_dir, tmp_path, capsys):
     assert sketch["count"].to_list() == later["count"].to_list()
     assert main(["stats", str(run_dir), "--engine", "local", "--relative-accuracy", "2"]) == 2
     assert "relative_accuracy" in capsys.readouterr().err
+
+
+def _reference_applied(lf: pl.LazyFrame, bin_width: int) -> tuple[dict, pl.DataFrame, pl.DataFrame]:
+    """The logged mask's tables by one plain polars query (what analyses.compare computed before)."""
+    lf = lf.filter(pl.col("keep_applied").is_not_null())
+    lp, lr = pl.col("logp").cast(pl.Float32), pl.col("logp_rollout").cast(pl.Float32)
+    rho = (lp - lr).clip(-20.0, 20.0).exp()
+    base = lf.select("step", (pl.col("pos") // bin_width).alias("bin"), (~pl.col("keep_applied")).cast(pl.Int64).alias("m"),
+                     (pl.col("reason_applied") == 2).cast(pl.Int64).alias("b"),
+                     (pl.col("advantage").cast(pl.Float32) * (rho - 1.0) > 0).cast(pl.Int64).alias("away"),
+                     (pl.col("advantage") > 0).alias("ap"), (pl.col("advantage") < 0).alias("an")).collect()
+    tot = base.select(n=pl.len(), m=pl.col("m").sum(), b=pl.col("b").sum(), away=pl.col("away").sum(),
+                      mp=pl.col("m").filter(pl.col("ap")).mean(), mn=pl.col("m").filter(pl.col("an")).mean()).row(0, named=True)
+    summary = {"n_valid": tot["n"], "n_masked": tot["m"], "masked_frac": tot["m"] / tot["n"],
+               "budget_share": tot["b"] / tot["m"], "away_frac": tot["away"] / tot["n"],
+               "masked_frac_pos_adv": tot["mp"], "masked_frac_neg_adv": tot["mn"]}
+    by_pos = base.group_by("bin").agg(n_valid=pl.len(), masked_frac=pl.col("m").mean()).sort("bin")
+    by_step = base.group_by("step").agg(masked_frac=pl.col("m").mean(),
+                                        budget_share=pl.col("b").sum() / pl.col("m").sum()).sort("step")
+    return summary, by_pos, by_step
+
+
+@pytest.fixture(scope="module")
+def masked_run(tmp_path_factory):
+    return write_synthetic_run(tmp_path_factory.mktemp("aggm") / "run", n_tokens=30_000, seqs_per_step=16,
+                               max_len=200, updates=2, seed=4, noise=0.05, with_keep_applied="cppo")
+
+
+@pytest.mark.parametrize("updates", ["all", "after_first", "first"])
+def test_applied_mask_from_partials_equals_plain_query(masked_run, updates):
+    from analyses.updates import filter_updates
+
+    got = agg.applied_mask(masked_run, "r", "applied:cppo", bin_width=32, updates=updates, cache=False)
+    ref = _reference_applied(filter_updates(pl.scan_parquet(_files(masked_run)), updates), 32)
+    assert got[0]["n_masked"] > 0
+    for k, v in ref[0].items():
+        assert _close(got[0][k], v, 1e-12), k
+    assert got[1].select("bin", "n_valid").equals(ref[1].select("bin", pl.col("n_valid").cast(pl.Int64)))
+    np.testing.assert_allclose(got[1]["masked_frac"], ref[1]["masked_frac"], rtol=1e-12)
+    assert got[2]["step"].to_list() == ref[2]["step"].to_list()
+    np.testing.assert_allclose(got[2]["masked_frac"], ref[2]["masked_frac"], rtol=1e-12)
+    np.testing.assert_allclose(got[2]["budget_share"].fill_null(np.nan), ref[2]["budget_share"].fill_nan(None)
+                               .fill_null(np.nan), rtol=1e-12)
+
+
+def test_compare_applied_row_is_cached_and_grows_by_new_steps(masked_run, tmp_path):
+    """compare_runs' applied-mask row comes from the cached partials: a second call reads no shard, and a
+    run that grows by a step aggregates that step only."""
+    from analyses.compare import compare_runs
+
+    run = tmp_path / "run"
+    shutil.copytree(masked_run, run)
+    n = len(list((run / "tokens").iterdir()))
+    last = layout.step_dir_name(n - 1)
+    held = tmp_path / "held"
+    shutil.move(str(run / "tokens" / last), held)
+    (run / "_done" / layout.done_marker_name(n - 1, 0)).unlink()
+    kw = dict(rules=("dppo",), progress=False, bin_width=32, updates="all")
+    compare_runs([run], **kw)
+    assert agg.LAST_INFO.steps_aggregated == list(range(n - 1))
+    compare_runs([run], **kw)
+    assert agg.LAST_INFO.steps_aggregated == []
+    shutil.move(str(held), run / "tokens" / last)
+    (run / "_done" / layout.done_marker_name(n - 1, 0)).touch()
+    res = compare_runs([run], **kw)
+    assert agg.LAST_INFO.steps_aggregated == [n - 1]
+    row = res.summary.filter(pl.col("applied")).row(0, named=True)
+    ref = _reference_applied(pl.scan_parquet(_files(masked_run)), 32)[0]
+    assert row["n_masked"] == ref["n_masked"] and _close(row["masked_frac"], ref["masked_frac"], 1e-12)
