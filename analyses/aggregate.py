@@ -329,7 +329,6 @@ class _Accumulator:
         nan_adv = np.isnan(adv)
         if nan_adv.any():
             g[nan_adv] += 4
-        self.tokens = _grow_add(self.tokens, np.bincount(g))
         if spec.delta is not None:
             t = pos + 1.0
             wt = 1.0 - (1.0 - spec.w_min) * (t - 1.0) / np.maximum(cols["_T"] - 1.0, 1.0)
@@ -338,11 +337,13 @@ class _Accumulator:
         if "keep_applied" in cols:
             self._add_mask(cols, g)
         wide = (int(g.max()) + 1) * spec.n_slots >= 1 << 31
-        for m in spec.metrics:
+        for i, m in enumerate(spec.metrics):
             d = _metric_values(m, lp, lr)
             gm = g
             nan = np.isnan(d)
             if nan.any():
+                if i == 0:  # tokens per key = the first metric's histogram counts + its NaN values
+                    self.tokens = _grow_add(self.tokens, np.bincount(g[nan]))
                 d, gm = d[~nan], g[~nan]
             if not len(d):
                 continue
@@ -376,7 +377,6 @@ class _Accumulator:
     def partial(self) -> Partial:
         spec = self.spec
         p = Partial(spec, steps=frozenset(self.steps), mask=self.mask, mask_steps=self.mask_steps)
-        p.tokens = self.tokens if self.tokens is not None else np.zeros(0, np.int64)
         p.thr_sum = self.thr if self.thr is not None else np.zeros(0)
         for m in spec.metrics:
             p.sums[m] = self.sums[m] if self.sums[m] is not None else np.zeros(0)
@@ -385,6 +385,9 @@ class _Accumulator:
                 nz = np.flatnonzero(self.dense[m])
                 pieces.append((nz.astype(np.int64), self.dense[m][nz].astype(np.int64)))
             p.sketch[m] = _merge_sparse(pieces)
+        keys, counts = p.sketch[spec.metrics[0]]
+        hist = np.bincount(keys // spec.n_slots, weights=counts).astype(np.int64) if len(keys) else np.zeros(0, np.int64)
+        p.tokens = _grow_add(hist, self.tokens) if self.tokens is not None else hist
         return p
 
 
@@ -420,6 +423,8 @@ def _with_lengths(df: pl.DataFrame) -> pl.DataFrame:
 def _read_file(path: str, spec: AggSpec) -> pl.DataFrame:
     names = pl.read_parquet_schema(path)
     want = list(COLUMNS) + list(MASK_COLUMNS) + (list(LENGTH_COLUMNS) if spec.needs_lengths else [])
+    if "keep_applied" not in names and not spec.needs_lengths:
+        want.remove("step")  # steps come from the file names; per-step counts only for a logged mask
     missing = [c for c in ("step", "pos", "logp", "logp_rollout", "advantage") if c not in names]
     if missing:
         raise ValueError(f"{path}: token shard is missing required column(s) {missing}; found {sorted(names)}")
