@@ -687,12 +687,8 @@ def aggregate_run(
     valid: list[tuple[Path, int, int]] = []
     if cache and cache_dir.is_dir():
         wanted = set(steps)
-        for f in sorted(cache_dir.glob("s*-*-*.npz")):
-            try:
-                rng, fp = f.stem[1:].rsplit("-", 1)
-                b_lo, b_hi = (int(x) for x in rng.split("-"))
-            except ValueError:
-                continue
+        for f, b_lo, b_hi in _cached_blocks(cache_dir):
+            fp = f.stem.rsplit("-", 1)[1]
             block = [s for s in files if b_lo <= s <= b_hi]
             if not block or _fingerprint([p for s in block for p in files[s]], _done_of(run, block)) != fp:
                 try:  # stale: a shard of the block changed (or vanished)
@@ -709,7 +705,20 @@ def aggregate_run(
     info.steps_aggregated = todo
     if todo:
         workers_n = max(1, int(workers or os.cpu_count() or 1))
-        groups = _group_steps(files, todo, n_groups=workers_n * 2 if len(todo) > 1 else 1)
+        # runs of steps not interrupted by a covered step, each split into shard groups (so a group's
+        # block of steps [first, last] holds every completed step in between, and can be cached)
+        import bisect
+
+        cov = sorted(covered)
+        segments, cur = [], []
+        for s in todo:
+            if cur and bisect.bisect_left(cov, s) != bisect.bisect_right(cov, cur[-1]):
+                segments.append(cur)
+                cur = []
+            cur.append(s)
+        segments.append(cur)
+        per = max(1, round(workers_n * 2 / len(segments))) if len(todo) > 1 else 1
+        groups = [g for seg in segments for g in _group_steps(files, seg, n_groups=per)]
         new = run_groups([[str(p) for s in g for p in files[s]] for g in groups], spec, engine=engine,
                          workers=workers_n, ray_address=ray_address, progress=progress)
         parts.extend(new)
@@ -730,6 +739,19 @@ def aggregate_run(
     return parts[0].merge(*parts[1:]) if len(parts) > 1 else parts[0]
 
 
+def _cached_blocks(cache_dir: Path) -> list[tuple[Path, int, int]]:
+    """(file, first step, last step) of the cached blocks, in step order (so merges add in a fixed order)."""
+    out = []
+    for f in cache_dir.glob("s*-*-*.npz"):
+        try:
+            rng, _ = f.stem[1:].rsplit("-", 1)
+            b_lo, b_hi = (int(x) for x in rng.split("-"))
+        except ValueError:
+            continue
+        out.append((f, b_lo, b_hi))
+    return sorted(out, key=lambda t: (t[1], t[2]))
+
+
 def _save_block(cache_dir: Path, run, files, steps: list[int], part: Partial) -> bool:
     block = [s for s in files if steps[0] <= s <= steps[-1]]
     fp = _fingerprint([p for s in block for p in files[s]], _done_of(run, block))
@@ -743,12 +765,14 @@ def _save_block(cache_dir: Path, run, files, steps: list[int], part: Partial) ->
 
 def _compact(cache_dir: Path, run, files) -> None:
     """Merge every cached block into one (partials add), so a run polled while it grows keeps few files."""
-    blocks = sorted(cache_dir.glob("s*-*-*.npz"))
+    blocks = [f for f, _, _ in _cached_blocks(cache_dir)]
     parts = [Partial.load(f) for f in blocks]
     if len(parts) < 2:
         return
     merged = parts[0].merge(*parts[1:])
     steps = sorted(merged.steps)
+    if set(steps) != {s for s in files if steps[0] <= s <= steps[-1]}:
+        return  # the blocks leave gaps (steps never aggregated): one block would claim them
     if _save_block(cache_dir, run, files, [steps[0], steps[-1]], merged):
         keep = next(iter(sorted(cache_dir.glob(f"s{steps[0]}-{steps[-1]}-*.npz"))), None)
         for f in blocks:

@@ -192,6 +192,22 @@ def test_cache_compacts_many_blocks(tmp_path):
     _assert_tables_close(before, after, 1e-9)
 
 
+def test_cache_fills_gaps_between_blocks(tmp_path):
+    """Steps between two cached blocks are aggregated as their own block, so the next call reads nothing."""
+    run = write_synthetic_run(tmp_path / "r", n_tokens=20_000, seqs_per_step=8, max_len=160, seed=2)
+    n = len(list((run / "tokens").iterdir()))
+    assert n >= 6
+    spec = AggSpec(metrics=("tv",), bin_width=32)
+    aggregate_run(run, spec, workers=1, step_range=(0, 1))
+    aggregate_run(run, spec, workers=1, step_range=(4, None))
+    full = aggregate_run(run, spec, workers=1)
+    assert agg.LAST_INFO.steps_aggregated == [2, 3] and agg.LAST_INFO.blocks_written >= 1
+    again = aggregate_run(run, spec, workers=1)
+    assert agg.LAST_INFO.steps_aggregated == []
+    _assert_tables_close(stats_table(again), stats_table(full), 1e-9)
+    _assert_tables_close(stats_table(again), stats_table(aggregate_run(run, spec, workers=1, cache=False)), 1e-9)
+
+
 def test_local_engine_processes_equal_one_process(run_dir):
     spec = AggSpec(metrics=("tv", "k3"), bin_width=32)
     one = stats_table(aggregate_run(run_dir, spec, cache=False, workers=1))
