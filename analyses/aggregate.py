@@ -62,6 +62,7 @@ SKETCH_METRICS = ("tv", "abs_logratio", "k3", "k1")
 ENGINES = ("local", "ray")
 CACHE_DIR = "_cache/aggregates"  # inside the run directory
 FORMAT_VERSION = 1
+AUTO_BYTES_PER_WORKER = 256 << 20  # engine "local", workers=None: one process per this many bytes of shards
 
 
 def mantissa_bits_for(relative_accuracy: float) -> int:
@@ -498,7 +499,8 @@ def run_groups(groups: Sequence[Sequence[str]], spec: AggSpec, *, engine: str = 
                ray_address: str | None = None, progress: bool = False) -> list[Partial]:
     """One partial per shard group, computed by ``engine``:
 
-    * ``"local"``: ``workers`` processes on this machine (default: its CPU count; 1 runs in this process);
+    * ``"local"``: ``workers`` processes on this machine (1 runs in this process; :func:`aggregate_run`'s
+      default: one per ``AUTO_BYTES_PER_WORKER`` of shards, at most the CPU count);
     * ``"ray"``: one Ray task per group on the cluster at ``ray_address`` (default: a local cluster with
       ``workers`` CPUs, started here and shut down afterwards). The workers read the shard files by path,
       so every node must see the run directory (a shared file system) and have cppo-diag installed.
@@ -538,7 +540,12 @@ def _run_local(tasks: list, workers: int, bar) -> list[Partial]:
     old = os.environ.get("POLARS_MAX_THREADS")
     os.environ["POLARS_MAX_THREADS"] = "1"
     try:
-        with ProcessPoolExecutor(max_workers=min(workers, len(tasks)), mp_context=mp.get_context("spawn")) as ex:
+        # forkserver: a fresh single-threaded server (it imports this module once, before polars starts any
+        # thread) forks the workers: they start fast, and safely (a plain fork of a process whose polars
+        # threads may hold locks can deadlock). The caller's __main__ still needs its guard.
+        ctx = mp.get_context("forkserver")
+        ctx.set_forkserver_preload([__name__])
+        with ProcessPoolExecutor(max_workers=min(workers, len(tasks)), mp_context=ctx) as ex:
             futures = [ex.submit(_aggregate_group, t) for t in tasks]
             out = []
             for fut in futures:
@@ -704,7 +711,11 @@ def aggregate_run(
     info.steps_cached = sorted(covered)
     info.steps_aggregated = todo
     if todo:
-        workers_n = max(1, int(workers or os.cpu_count() or 1))
+        if workers is None and engine == "local":  # a worker process costs ~1 s to start: ~256 MB of shards each
+            size = sum(p.stat().st_size for s in todo for p in files[s])
+            workers_n = max(1, min(os.cpu_count() or 1, size // AUTO_BYTES_PER_WORKER))
+        else:
+            workers_n = max(1, int(workers or os.cpu_count() or 1))
         # runs of steps not interrupted by a covered step, each split into shard groups (so a group's
         # block of steps [first, last] holds every completed step in between, and can be cached)
         import bisect

@@ -86,6 +86,12 @@ def worker_ours(run: Path, metrics, bin_width: int, max_tokens: int | None, impl
         position_stats = mod.position_stats
 
     source = run if max_tokens is None else pl.scan_parquet(_files(run, max_tokens))
+    if cached:  # start cold
+        import shutil
+
+        from analyses.aggregate import CACHE_DIR
+
+        shutil.rmtree(run / CACHE_DIR, ignore_errors=True)
     if mode == "sketch" and max_tokens is not None:  # a subset: a copy of the run's first shards as a run
         source = _subset_run(run, max_tokens)
     try:

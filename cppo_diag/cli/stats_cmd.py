@@ -61,7 +61,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--ray-address", default=None, metavar="ADDR",
                         help="with --engine ray: join this cluster (e.g. auto, ray://host:10001); default a local one")
     parser.add_argument("--workers", type=int, default=None, metavar="N",
-                        help="processes (local) or CPUs of the local Ray cluster; default the CPU count")
+                        help="processes (local; default one per 256 MB of shards, at most the CPU count) or CPUs "
+                             "of the local Ray cluster (default the CPU count)")
     parser.add_argument("--relative-accuracy", type=float, default=0.01, metavar="A",
                         help="largest relative error of the sketch's quantiles (default 0.01)")
     parser.add_argument("--no-cache", action="store_true", help="do not read or write RUN/_cache/aggregates/")
