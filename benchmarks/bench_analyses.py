@@ -301,6 +301,7 @@ def main() -> int:
                          "tokens only (pandas needs ~60 bytes of RAM per token); default all")
     ap.add_argument("--recompute-tokens", type=lambda s: int(float(s)), default=0,
                     help="also time recompute(run, 'cppo') over the first N tokens (default 0: skip)")
+    ap.add_argument("--skip-recompute", action="store_true", help="(the default; kept for older command lines)")
     ap.add_argument("--metrics", default="tv", help="comma-separated metrics (default tv: one divergence)")
     ap.add_argument("--bin", type=int, default=64)
     ap.add_argument("--workers", default="1,2", help="worker counts of the sketch rows (default 1,2)")
