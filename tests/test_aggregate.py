@@ -303,3 +303,11 @@ def test_compare_applied_row_is_cached_and_grows_by_new_steps(masked_run, tmp_pa
     row = res.summary.filter(pl.col("applied")).row(0, named=True)
     ref = _reference_applied(pl.scan_parquet(_files(masked_run)), 32)[0]
     assert row["n_masked"] == ref["n_masked"] and _close(row["masked_frac"], ref["masked_frac"], 1e-12)
+
+
+def test_run_object_source_as_the_app_passes_it(run_dir):
+    """The app hands analyses a ``cppo_diag.open_run`` object: it is aggregated (and cached) like its path."""
+    from cppo_diag import open_run
+
+    kw = dict(metrics=("tv",), bin_width=64, updates="all", workers=1)
+    _assert_tables_close(position_summary(open_run(run_dir), **kw), position_summary(run_dir, cache=False, **kw), 1e-9)
