@@ -505,34 +505,42 @@ def run_groups(groups: Sequence[Sequence[str]], spec: AggSpec, *, engine: str = 
       ``workers`` CPUs, started here and shut down afterwards). The workers read the shard files by path,
       so every node must see the run directory (a shared file system) and have cppo-diag installed.
     """
+    tasks = [([str(f) for f in g], asdict(spec)) for g in groups if len(g)]
+    return map_tasks(_aggregate_group, tasks, engine=engine, workers=workers, ray_address=ray_address,
+                     progress="aggregate" if progress else None)
+
+
+def map_tasks(fn, tasks: Sequence, *, engine: str = "local", workers: int | None = None,
+              ray_address: str | None = None, progress: str | None = None) -> list:
+    """``[fn(t) for t in tasks]`` by ``engine`` (see :func:`run_groups`), in task order. ``fn`` must be a
+    module-level function (it is pickled by reference); ``progress``: a tqdm label, or None."""
     if engine not in ENGINES:
         raise ValueError(f"engine: expected one of {list(ENGINES)}, found {engine!r}")
     workers = max(1, int(workers or os.cpu_count() or 1))
-    tasks = [([str(f) for f in g], asdict(spec)) for g in groups if len(g)]
     if not tasks:
         return []
     bar = None
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=len(tasks), desc=f"aggregate ({engine})", unit="group")
+        bar = tqdm(total=len(tasks), desc=f"{progress} ({engine})", unit="group")
     try:
         if engine == "ray":
-            return _run_ray(tasks, workers, ray_address, bar)
+            return _run_ray(fn, tasks, workers, ray_address, bar)
         if workers == 1 or len(tasks) == 1:
             out = []
             for t in tasks:
-                out.append(_aggregate_group(t))
+                out.append(fn(t))
                 if bar is not None:
                     bar.update(1)
             return out
-        return _run_local(tasks, workers, bar)
+        return _run_local(fn, tasks, workers, bar)
     finally:
         if bar is not None:
             bar.close()
 
 
-def _run_local(tasks: list, workers: int, bar) -> list[Partial]:
+def _run_local(fn, tasks: list, workers: int, bar) -> list:
     import multiprocessing as mp
     from concurrent.futures import ProcessPoolExecutor
 
@@ -544,9 +552,9 @@ def _run_local(tasks: list, workers: int, bar) -> list[Partial]:
         # thread) forks the workers: they start fast, and safely (a plain fork of a process whose polars
         # threads may hold locks can deadlock). The caller's __main__ still needs its guard.
         ctx = mp.get_context("forkserver")
-        ctx.set_forkserver_preload([__name__])
+        ctx.set_forkserver_preload([__name__, fn.__module__])
         with ProcessPoolExecutor(max_workers=min(workers, len(tasks)), mp_context=ctx) as ex:
-            futures = [ex.submit(_aggregate_group, t) for t in tasks]
+            futures = [ex.submit(fn, t) for t in tasks]
             out = []
             for fut in futures:
                 out.append(fut.result())
@@ -560,7 +568,7 @@ def _run_local(tasks: list, workers: int, bar) -> list[Partial]:
             os.environ["POLARS_MAX_THREADS"] = old
 
 
-def _run_ray(tasks: list, workers: int, ray_address: str | None, bar) -> list[Partial]:
+def _run_ray(fn, tasks: list, workers: int, ray_address: str | None, bar) -> list:
     try:
         import ray
     except ImportError as exc:
@@ -577,7 +585,7 @@ def _run_ray(tasks: list, workers: int, ray_address: str | None, bar) -> list[Pa
             ray.init(address=ray_address, log_to_driver=False, runtime_env={"env_vars": env})
         started = True
     try:
-        task = ray.remote(num_cpus=1)(_aggregate_group)
+        task = ray.remote(num_cpus=1)(fn)
         refs = [task.remote(t) for t in tasks]
         out = ray.get(refs)
         if bar is not None:

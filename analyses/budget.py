@@ -13,10 +13,16 @@ Three tables:
 * ``slack``: the slack c_t = min(delta, delta + delta_b W_{t-1} - S_{t-1}) (SPEC CPPO step 4) by position bin:
   mean, minimum, fraction of tokens with c_t < 0 (every ``away`` token masked there), mean Z_t = w_t D_t, and
   the fraction of ``away`` tokens masked by the budget.
+
+Every table derives from counts and sums that add (and per-bin minima that merge by ``min``): a result
+keeps them in ``raw``, so results over disjoint groups of whole steps merge into the one-pass result
+(:func:`merge_budget`). ``engine="local"|"ray"`` splits the steps of a run directory into such groups and
+recomputes them in parallel (``analyses.aggregate.map_tasks``).
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,6 +45,8 @@ class BudgetResult:
     rule: str
     params: dict
     updates: str = "all"
+    # the additive state behind the tables (merge_budget): events, censored, slack sums, c_min, counts
+    raw: dict | None = None
 
 
 def _internal(res, name: str, rule: str) -> np.ndarray:
@@ -130,17 +138,28 @@ def budget_exhaustion(
     anchor: str | None = None,
     updates: str | None = "all",
     progress: bool = True,
+    engine: str | None = None,
+    workers: int | None = None,
+    ray_address: str | None = None,
 ) -> BudgetResult:
     """Budget exhaustion tables of a CPPO-family ``rule`` recomputed over a run (see the module docstring).
 
     ``params``: keyword parameters of the rule (SPEC names: delta, w_min, delta_b, delta_b_mode, ...);
     default the rule's defaults. ``updates``: "all", "first" or "after_first" (``analyses.updates``).
+    ``engine``: None recomputes in this process, step after step; "local" or "ray" recompute groups of
+    whole steps of a run directory in ``workers`` processes / Ray tasks and merge them (:func:`merge_budget`:
+    the same tables, sums up to the order of float additions).
     """
     if rule not in CPPO_RULES:
         raise ValueError(f"rule: budget_exhaustion needs a CPPO rule with a prefix budget, expected one of "
                          f"{[r for r in CPPO_RULES if r != 'cppo_no_budget']}, found {rule!r}")
     if anchor is None:
         anchor = run_meta(source).get("anchor") or "rollout"
+    if engine is not None:
+        return _budget_by_groups(source, dict(params=params, rule=rule, bin_width=bin_width, anchor=anchor,
+                                              updates=resolve_updates(source, updates)),
+                                 step_range=step_range, engine=engine, workers=workers, ray_address=ray_address,
+                                 progress=progress)
     acc = _BudgetAcc(rule, bin_width, anchor)
     updates = resolve_updates(source, updates)
     source = select_updates(source, updates, step_range=step_range)
@@ -158,22 +177,114 @@ def budget_exhaustion(
                                        "n_budget": pl.Int64, "masked_frac": pl.Float64, "budget_share": pl.Float64,
                                        "n_resp": pl.Int64, "n_resp_rejected": pl.Int64,
                                        "delta_b_mean": pl.Float64, "resp_rejected_frac": pl.Float64})
+    c_min = np.full(len(acc.slack.counts.get("count", ())), np.inf)
+    for b, v in acc.c_min.items():
+        c_min[b] = v
+    raw = {"events": acc.events, "censored": acc.censored, "slack": dict(acc.slack.counts), "c_min": c_min,
+           "counts": {k: int(v) for k, v in rec.overall.items() if k.startswith("n_")},
+           "signs": {r["adv_sign"]: (int(r["n_valid"]), int(r["n_masked"])) for r in rec.by_adv_sign.to_dicts()}}
+    return _assemble(by_step, raw, rule=rule, params=dict(params or {}), updates=updates, bin_width=bin_width)
+
+
+def _frac(num, den) -> float:
+    return float(num) / float(den) if den else float("nan")
+
+
+def _assemble(by_step: pl.DataFrame, raw: dict, *, rule: str, params: dict, updates: str, bin_width: int
+              ) -> BudgetResult:
+    """The three tables and ``overall`` from ``by_step`` and the additive state ``raw``."""
+    slack_counter = _PosCounter(bin_width)
+    slack_counter.counts = dict(raw["slack"])
     names = ["count", "c_sum", "n_negative", "z_sum", "n_away", "n_away_budget"]
-    slack = acc.slack.frame(names)
+    slack = slack_counter.frame(names)
+    c_min = raw["c_min"]
     slack = slack.with_columns(
-        c_min=pl.Series([acc.c_min.get(b, None) for b in slack["bin"].to_list()], dtype=pl.Float64),
+        c_min=pl.Series([float(c_min[b]) if b < len(c_min) and np.isfinite(c_min[b]) else None
+                         for b in slack["bin"].to_list()], dtype=pl.Float64),
     ).select(
         "bin", "bin_start", "bin_end", pl.col("count").cast(pl.Int64),
         c_mean=pl.col("c_sum") / pl.col("count"), c_min=pl.col("c_min"),
         frac_negative=pl.col("n_negative") / pl.col("count"), z_mean=pl.col("z_sum") / pl.col("count"),
         away_budget_frac=pl.when(pl.col("n_away") > 0).then(pl.col("n_away_budget") / pl.col("n_away")),
     ).filter(pl.col("count") > 0)
-    first = _survival(acc.events, acc.censored)
+    first = _survival(raw["events"], raw["censored"])
     n_resp = int(by_step["n_resp"].sum()) if by_step.height else 0
+    tot, signs = raw["counts"], raw["signs"]
     overall = {
-        **rec.overall,
+        **tot,
+        "masked_frac": _frac(tot.get("n_masked", 0), tot.get("n_valid", 0)),
+        "budget_share": _frac(tot.get("n_budget", 0), tot.get("n_masked", 0)),
+        "away_frac": _frac(tot.get("n_away", 0), tot.get("n_valid", 0)),
+        "masked_frac_pos_adv": _frac(signs.get("pos", (0, 0))[1], signs.get("pos", (0, 0))[0]),
+        "masked_frac_neg_adv": _frac(signs.get("neg", (0, 0))[1], signs.get("neg", (0, 0))[0]),
         "delta_b_mean": float(by_step["delta_b_mean"].mean()) if by_step.height else float("nan"),
-        "resp_rejected_frac": (int(acc.events.sum()) / n_resp) if n_resp else float("nan"),
+        "resp_rejected_frac": (int(np.sum(raw["events"])) / n_resp) if n_resp else float("nan"),
     }
     return BudgetResult(by_step=by_step, first_reject=first, slack=slack, overall=overall, rule=rule,
-                        params=dict(params or {}), updates=updates)
+                        params=params, updates=updates, raw=raw)
+
+
+def _add_padded(a: np.ndarray, b: np.ndarray, fill: float = 0.0, op=np.add) -> np.ndarray:
+    n = max(len(a), len(b))
+    a = np.pad(np.asarray(a, dtype=np.float64 if fill else a.dtype), (0, n - len(a)), constant_values=fill)
+    b = np.pad(np.asarray(b, dtype=a.dtype), (0, n - len(b)), constant_values=fill)
+    return op(a, b)
+
+
+def merge_budget(results: list[BudgetResult], *, bin_width: int) -> BudgetResult:
+    """One result from results over disjoint groups of whole steps (same rule, parameters and updates):
+    counts and sums add, per-bin minima take the minimum, ``by_step`` rows concatenate."""
+    results = [r for r in results if r is not None]
+    if not results:
+        raise ValueError("merge_budget: expected at least one BudgetResult, found none")
+    first = results[0]
+    raw: dict = {"events": np.zeros(0, np.int64), "censored": np.zeros(0, np.int64), "slack": {},
+                 "c_min": np.zeros(0), "counts": {}, "signs": {}}
+    for r in results:
+        if (r.rule, r.params, r.updates) != (first.rule, first.params, first.updates):
+            raise ValueError(f"merge_budget: expected results of one rule, parameters and updates, found "
+                             f"{(first.rule, first.params, first.updates)} and {(r.rule, r.params, r.updates)}")
+        if r.raw is None:
+            raise ValueError("merge_budget: a result without its raw counts (made by an older version)")
+        raw["events"] = _add_padded(raw["events"], r.raw["events"])
+        raw["censored"] = _add_padded(raw["censored"], r.raw["censored"])
+        for k, v in r.raw["slack"].items():
+            raw["slack"][k] = _add_padded(raw["slack"].get(k, np.zeros(0)), v)
+        raw["c_min"] = _add_padded(raw["c_min"], r.raw["c_min"], fill=np.inf, op=np.minimum)
+        for k, v in r.raw["counts"].items():
+            raw["counts"][k] = raw["counts"].get(k, 0) + v
+        for k, (n, m) in r.raw["signs"].items():
+            n0, m0 = raw["signs"].get(k, (0, 0))
+            raw["signs"][k] = (n0 + n, m0 + m)
+    by_step = pl.concat([r.by_step for r in results], how="vertical_relaxed").sort("step")
+    return _assemble(by_step, raw, rule=first.rule, params=first.params, updates=first.updates, bin_width=bin_width)
+
+
+
+
+def _budget_task(task: tuple) -> BudgetResult:
+    path, step_range, kwargs = task
+    return budget_exhaustion(path, step_range=step_range, progress=False, **kwargs)
+
+
+def _budget_by_groups(source: Any, kwargs: dict, *, step_range, engine: str, workers: int | None,
+                      ray_address: str | None, progress: bool) -> BudgetResult:
+    """``budget_exhaustion`` over groups of whole steps of a run directory, by ``engine``, merged."""
+    from pathlib import Path
+
+    from analyses.aggregate import _group_steps, _run_files, map_tasks
+    from analyses.tokens import _open_run
+
+    run = _open_run(Path(source)) if isinstance(source, (str, Path)) else source
+    if not hasattr(run, "token_files") or not hasattr(run, "path"):
+        raise ValueError(f"engine: {engine!r} needs a run directory (its shard files), found "
+                         f"{type(source).__name__}; use engine=None for frames")
+    files = _run_files(run)
+    lo, hi = step_range if step_range is not None else (None, None)
+    steps = [s for s in sorted(files) if (lo is None or s >= lo) and (hi is None or s <= hi)]
+    n = max(1, int(workers or os.cpu_count() or 1))
+    groups = _group_steps(files, steps, n_groups=2 * n) or [[]]
+    tasks = [(str(run.path), (g[0], g[-1]) if g else (0, -1), kwargs) for g in groups]
+    parts = map_tasks(_budget_task, tasks, engine=engine, workers=n, ray_address=ray_address,
+                      progress="budget" if progress else None)
+    return merge_budget(parts, bin_width=kwargs["bin_width"])

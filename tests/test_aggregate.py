@@ -311,3 +311,33 @@ def test_run_object_source_as_the_app_passes_it(run_dir):
 
     kw = dict(metrics=("tv",), bin_width=64, updates="all", workers=1)
     _assert_tables_close(position_summary(open_run(run_dir), **kw), position_summary(run_dir, cache=False, **kw), 1e-9)
+
+
+def _assert_budget_equal(a, b, rel=1e-12):
+    from polars.testing import assert_frame_equal
+
+    assert_frame_equal(a.by_step, b.by_step, check_exact=False, rel_tol=rel)
+    assert_frame_equal(a.first_reject, b.first_reject, check_exact=False, rel_tol=rel)
+    assert_frame_equal(a.slack, b.slack, check_exact=False, rel_tol=rel)
+    assert a.overall.keys() == b.overall.keys()
+    for k, v in a.overall.items():
+        w = b.overall[k]
+        assert (np.isnan(v) and np.isnan(w)) or _close(v, w, rel), (k, v, w)
+
+
+def test_budget_merges_over_step_groups(masked_run):
+    """Budget exhaustion over groups of whole steps merges into the one-pass tables (merge_budget), and the
+    local engine (2 processes) gives them too."""
+    from analyses.budget import budget_exhaustion, merge_budget
+
+    kw = dict(bin_width=32, updates="after_first", progress=False)
+    one = budget_exhaustion(masked_run, **kw)
+    assert one.overall["n_masked"] > 0 and one.first_reject.height > 0
+    n = len(list((masked_run / "tokens").iterdir()))
+    parts = [budget_exhaustion(masked_run, step_range=r, **kw) for r in ((0, 1), (2, 2), (3, None))]
+    assert n > 3
+    _assert_budget_equal(merge_budget(parts[::-1], bin_width=32), one)
+    _assert_budget_equal(budget_exhaustion(masked_run, engine="local", workers=2, **kw), one)
+    with pytest.raises(ValueError, match="rule, parameters and updates"):
+        merge_budget([one, budget_exhaustion(masked_run, step_range=(0, 0), bin_width=32, updates="all",
+                                             progress=False)], bin_width=32)
