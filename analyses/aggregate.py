@@ -680,6 +680,8 @@ def aggregate_run(
     global LAST_INFO
     from analyses.tokens import _open_run
 
+    if engine not in ENGINES:
+        raise ValueError(f"engine: expected one of {list(ENGINES)}, found {engine!r}")
     if isinstance(source, (pl.LazyFrame, pl.DataFrame)):
         from analyses.tokens import filter_tokens
 
@@ -695,9 +697,57 @@ def aggregate_run(
     files = _run_files(run)
     lo, hi = step_range if step_range is not None else (None, None)
     steps = [s for s in sorted(files) if (lo is None or s >= lo) and (hi is None or s <= hi)]
+
+    def n_groups_for(todo: list[int]) -> int:
+        return 2 * _local_workers(files, todo, engine, workers)
+
+    def compute(groups: list[list[int]]) -> list[Partial]:
+        n = _local_workers(files, [s for g in groups for s in g], engine, workers)
+        return run_groups([[str(p) for s in g for p in files[s]] for g in groups], spec, engine=engine,
+                          workers=n, ray_address=ray_address, progress=progress)
+
+    store = BlockStore(key=spec.key(), load=Partial.load, save=lambda part, path: part.save(path),
+                       merge=lambda parts: parts[0].merge(*parts[1:]), steps_of=lambda part: set(part.steps))
+    parts, LAST_INFO = cached_map(run, files, steps, store, compute, n_groups_for=n_groups_for, cache=cache,
+                                  max_blocks=max_blocks)
+    if not parts:
+        return Partial(spec)
+    return parts[0].merge(*parts[1:]) if len(parts) > 1 else parts[0]
+
+
+def _local_workers(files: dict, steps: list[int], engine: str, workers: int | None) -> int:
+    """``workers``, or for the local engine by default one process per ``AUTO_BYTES_PER_WORKER`` of the
+    shards to read (a worker process costs about a second to start), at most the CPU count."""
+    if workers is None and engine == "local":
+        size = sum(p.stat().st_size for s in steps for p in files[s])
+        return max(1, min(os.cpu_count() or 1, size // AUTO_BYTES_PER_WORKER))
+    return max(1, int(workers or os.cpu_count() or 1))
+
+
+@dataclass
+class BlockStore:
+    """How one kind of mergeable state is cached as blocks of steps beside a run (:func:`cached_map`)."""
+
+    key: str  # its folder under RUN/_cache/aggregates/ (a hash of everything the state depends on)
+    load: Any  # Path -> state
+    save: Any  # (state, Path) -> None
+    merge: Any  # [state, ...] -> state
+    steps_of: Any  # state -> set of the steps it covers
+
+
+def cached_map(run, files: dict[int, list[Path]], steps: list[int], store: BlockStore, compute, *, n_groups_for,
+               cache: bool = True, max_blocks: int = 32) -> tuple[list, AggregateInfo]:
+    """The states covering ``steps`` of ``run``: cached blocks still valid, plus ``compute(groups)`` (one
+    state per group of whole steps) for the steps no valid block covers, saved as new blocks.
+
+    A block ``s<lo>-<hi>-<fingerprint>.npz`` covers every completed step in [lo, hi]; its fingerprint hashes
+    those steps' shard files (name, size, mtime) and done markers, so a changed shard makes it stale (it is
+    deleted). Blocks are used when they lie wholly inside ``steps``. New groups never straddle a cached
+    block, so each new block can be saved. More than ``max_blocks`` valid blocks are merged into one.
+    """
     info = AggregateInfo()
-    parts: list[Partial] = []
-    cache_dir = Path(run.path) / CACHE_DIR / spec.key()
+    parts: list = []
+    cache_dir = Path(run.path) / CACHE_DIR / store.key
     covered: set[int] = set()
     valid: list[tuple[Path, int, int]] = []
     if cache and cache_dir.is_dir():
@@ -713,19 +763,14 @@ def aggregate_run(
                 continue
             valid.append((f, b_lo, b_hi))
             if set(block) <= wanted and not (set(block) & covered):
-                parts.append(Partial.load(f))
+                parts.append(store.load(f))
                 covered.update(block)
     todo = [s for s in steps if s not in covered]
     info.steps_cached = sorted(covered)
     info.steps_aggregated = todo
     if todo:
-        if workers is None and engine == "local":  # a worker process costs ~1 s to start: ~256 MB of shards each
-            size = sum(p.stat().st_size for s in todo for p in files[s])
-            workers_n = max(1, min(os.cpu_count() or 1, size // AUTO_BYTES_PER_WORKER))
-        else:
-            workers_n = max(1, int(workers or os.cpu_count() or 1))
-        # runs of steps not interrupted by a covered step, each split into shard groups (so a group's
-        # block of steps [first, last] holds every completed step in between, and can be cached)
+        # runs of steps not interrupted by a covered step, each split into groups (so a group's block of
+        # steps [first, last] holds every completed step in between, and can be cached)
         import bisect
 
         cov = sorted(covered)
@@ -736,26 +781,22 @@ def aggregate_run(
                 cur = []
             cur.append(s)
         segments.append(cur)
-        per = max(1, round(workers_n * 2 / len(segments))) if len(todo) > 1 else 1
+        per = max(1, round(n_groups_for(todo) / len(segments))) if len(todo) > 1 else 1
         groups = [g for seg in segments for g in _group_steps(files, seg, n_groups=per)]
-        new = run_groups([[str(p) for s in g for p in files[s]] for g in groups], spec, engine=engine,
-                         workers=workers_n, ray_address=ray_address, progress=progress)
+        new = compute(groups)
         parts.extend(new)
-        # cache only blocks that do not overlap a valid block (a narrower step_range can leave such gaps)
+        # cache only blocks that do not overlap a valid block (a narrower step range can leave such gaps)
         taken = {s for _, b_lo, b_hi in valid for s in files if b_lo <= s <= b_hi}
         if cache:
             for g, part in zip(groups, new):
                 if set(range(g[0], g[-1] + 1)) & taken:
                     continue
-                if _save_block(cache_dir, run, files, g, part):
+                if _save_block(cache_dir, run, files, g, part, store):
                     info.blocks_written += 1
                     valid.append((cache_dir / "?", g[0], g[-1]))
     if cache and len(valid) > max_blocks and not todo:
-        _compact(cache_dir, run, files)
-    LAST_INFO = info
-    if not parts:
-        return Partial(spec)
-    return parts[0].merge(*parts[1:]) if len(parts) > 1 else parts[0]
+        _compact(cache_dir, run, files, store)
+    return parts, info
 
 
 def _cached_blocks(cache_dir: Path) -> list[tuple[Path, int, int]]:
@@ -771,28 +812,28 @@ def _cached_blocks(cache_dir: Path) -> list[tuple[Path, int, int]]:
     return sorted(out, key=lambda t: (t[1], t[2]))
 
 
-def _save_block(cache_dir: Path, run, files, steps: list[int], part: Partial) -> bool:
+def _save_block(cache_dir: Path, run, files, steps: list[int], part, store: BlockStore) -> bool:
     block = [s for s in files if steps[0] <= s <= steps[-1]]
     fp = _fingerprint([p for s in block for p in files[s]], _done_of(run, block))
     try:
         cache_dir.mkdir(parents=True, exist_ok=True)
-        part.save(cache_dir / f"s{steps[0]}-{steps[-1]}-{fp}.npz")
+        store.save(part, cache_dir / f"s{steps[0]}-{steps[-1]}-{fp}.npz")
         return True
     except OSError:  # a read-only run: no cache
         return False
 
 
-def _compact(cache_dir: Path, run, files) -> None:
-    """Merge every cached block into one (partials add), so a run polled while it grows keeps few files."""
+def _compact(cache_dir: Path, run, files, store: BlockStore) -> None:
+    """Merge every cached block into one (states add), so a run polled while it grows keeps few files."""
     blocks = [f for f, _, _ in _cached_blocks(cache_dir)]
-    parts = [Partial.load(f) for f in blocks]
+    parts = [store.load(f) for f in blocks]
     if len(parts) < 2:
         return
-    merged = parts[0].merge(*parts[1:])
-    steps = sorted(merged.steps)
+    merged = store.merge(parts)
+    steps = sorted(store.steps_of(merged))
     if set(steps) != {s for s in files if steps[0] <= s <= steps[-1]}:
         return  # the blocks leave gaps (steps never aggregated): one block would claim them
-    if _save_block(cache_dir, run, files, [steps[0], steps[-1]], merged):
+    if _save_block(cache_dir, run, files, [steps[0], steps[-1]], merged, store):
         keep = next(iter(sorted(cache_dir.glob(f"s{steps[0]}-{steps[-1]}-*.npz"))), None)
         for f in blocks:
             if f != keep:

@@ -34,6 +34,9 @@ from analyses.tokens import run_meta
 from analyses.updates import resolve_updates, select_updates
 
 CPPO_RULES = ("cppo", "cppo_no_weight", "cppo_shuffled", "cppo_soft", "cppo_no_budget")
+_BY_STEP_SCHEMA = {"step": pl.Int64, "n_valid": pl.Int64, "n_masked": pl.Int64, "n_budget": pl.Int64,
+                   "masked_frac": pl.Float64, "budget_share": pl.Float64, "n_resp": pl.Int64,
+                   "n_resp_rejected": pl.Int64, "delta_b_mean": pl.Float64, "resp_rejected_frac": pl.Float64}
 
 
 @dataclass
@@ -47,6 +50,8 @@ class BudgetResult:
     updates: str = "all"
     # the additive state behind the tables (merge_budget): events, censored, slack sums, c_min, counts
     raw: dict | None = None
+    # with an engine: which steps were recomputed and which came from the cache (analyses.aggregate.AggregateInfo)
+    cache_info: Any = None
 
 
 def _internal(res, name: str, rule: str) -> np.ndarray:
@@ -141,6 +146,7 @@ def budget_exhaustion(
     engine: str | None = None,
     workers: int | None = None,
     ray_address: str | None = None,
+    cache: bool = True,
 ) -> BudgetResult:
     """Budget exhaustion tables of a CPPO-family ``rule`` recomputed over a run (see the module docstring).
 
@@ -148,7 +154,8 @@ def budget_exhaustion(
     default the rule's defaults. ``updates``: "all", "first" or "after_first" (``analyses.updates``).
     ``engine``: None recomputes in this process, step after step; "local" or "ray" recompute groups of
     whole steps of a run directory in ``workers`` processes / Ray tasks and merge them (:func:`merge_budget`:
-    the same tables, sums up to the order of float additions).
+    the same tables, sums up to the order of float additions); with ``cache`` each group's state is saved
+    beside the run (``analyses.aggregate.cached_map``), so a growing run is recomputed for its new steps only.
     """
     if rule not in CPPO_RULES:
         raise ValueError(f"rule: budget_exhaustion needs a CPPO rule with a prefix budget, expected one of "
@@ -159,7 +166,7 @@ def budget_exhaustion(
         return _budget_by_groups(source, dict(params=params, rule=rule, bin_width=bin_width, anchor=anchor,
                                               updates=resolve_updates(source, updates)),
                                  step_range=step_range, engine=engine, workers=workers, ray_address=ray_address,
-                                 progress=progress)
+                                 progress=progress, cache=cache)
     acc = _BudgetAcc(rule, bin_width, anchor)
     updates = resolve_updates(source, updates)
     source = select_updates(source, updates, step_range=step_range)
@@ -173,14 +180,12 @@ def budget_exhaustion(
         by_step = rec.by_step.select("step", "n_valid", "n_masked", "n_budget", "masked_frac", "budget_share").join(
             db, on="step", how="left").sort("step")
     else:
-        by_step = pl.DataFrame(schema={"step": pl.Int64, "n_valid": pl.Int64, "n_masked": pl.Int64,
-                                       "n_budget": pl.Int64, "masked_frac": pl.Float64, "budget_share": pl.Float64,
-                                       "n_resp": pl.Int64, "n_resp_rejected": pl.Int64,
-                                       "delta_b_mean": pl.Float64, "resp_rejected_frac": pl.Float64})
+        by_step = pl.DataFrame(schema=_BY_STEP_SCHEMA)
     c_min = np.full(len(acc.slack.counts.get("count", ())), np.inf)
     for b, v in acc.c_min.items():
         c_min[b] = v
     raw = {"events": acc.events, "censored": acc.censored, "slack": dict(acc.slack.counts), "c_min": c_min,
+           "steps": set(by_step["step"].to_list()),
            "counts": {k: int(v) for k, v in rec.overall.items() if k.startswith("n_")},
            "signs": {r["adv_sign"]: (int(r["n_valid"]), int(r["n_masked"])) for r in rec.by_adv_sign.to_dicts()}}
     return _assemble(by_step, raw, rule=rule, params=dict(params or {}), updates=updates, bin_width=bin_width)
@@ -239,7 +244,7 @@ def merge_budget(results: list[BudgetResult], *, bin_width: int) -> BudgetResult
         raise ValueError("merge_budget: expected at least one BudgetResult, found none")
     first = results[0]
     raw: dict = {"events": np.zeros(0, np.int64), "censored": np.zeros(0, np.int64), "slack": {},
-                 "c_min": np.zeros(0), "counts": {}, "signs": {}}
+                 "c_min": np.zeros(0), "counts": {}, "signs": {}, "steps": set()}
     for r in results:
         if (r.rule, r.params, r.updates) != (first.rule, first.params, first.updates):
             raise ValueError(f"merge_budget: expected results of one rule, parameters and updates, found "
@@ -256,6 +261,7 @@ def merge_budget(results: list[BudgetResult], *, bin_width: int) -> BudgetResult
         for k, (n, m) in r.raw["signs"].items():
             n0, m0 = raw["signs"].get(k, (0, 0))
             raw["signs"][k] = (n0 + n, m0 + m)
+        raw["steps"] = raw["steps"] | set(r.raw.get("steps", ()))
     by_step = pl.concat([r.by_step for r in results], how="vertical_relaxed").sort("step")
     return _assemble(by_step, raw, rule=first.rule, params=first.params, updates=first.updates, bin_width=bin_width)
 
@@ -268,11 +274,14 @@ def _budget_task(task: tuple) -> BudgetResult:
 
 
 def _budget_by_groups(source: Any, kwargs: dict, *, step_range, engine: str, workers: int | None,
-                      ray_address: str | None, progress: bool) -> BudgetResult:
-    """``budget_exhaustion`` over groups of whole steps of a run directory, by ``engine``, merged."""
+                      ray_address: str | None, progress: bool, cache: bool) -> BudgetResult:
+    """``budget_exhaustion`` over groups of whole steps of a run directory, by ``engine``, merged; each
+    group's state cached beside the run."""
+    import hashlib
+    import json
     from pathlib import Path
 
-    from analyses.aggregate import _group_steps, _run_files, map_tasks
+    from analyses.aggregate import BlockStore, _run_files, cached_map, map_tasks
     from analyses.tokens import _open_run
 
     run = _open_run(Path(source)) if isinstance(source, (str, Path)) else source
@@ -283,8 +292,69 @@ def _budget_by_groups(source: Any, kwargs: dict, *, step_range, engine: str, wor
     lo, hi = step_range if step_range is not None else (None, None)
     steps = [s for s in sorted(files) if (lo is None or s >= lo) and (hi is None or s <= hi)]
     n = max(1, int(workers or os.cpu_count() or 1))
-    groups = _group_steps(files, steps, n_groups=2 * n) or [[]]
-    tasks = [(str(run.path), (g[0], g[-1]) if g else (0, -1), kwargs) for g in groups]
-    parts = map_tasks(_budget_task, tasks, engine=engine, workers=n, ray_address=ray_address,
-                      progress="budget" if progress else None)
-    return merge_budget(parts, bin_width=kwargs["bin_width"])
+    bin_width = kwargs["bin_width"]
+
+    def compute(groups: list[list[int]]) -> list[BudgetResult]:
+        tasks = [(str(run.path), (g[0], g[-1]), kwargs) for g in groups]
+        parts = map_tasks(_budget_task, tasks, engine=engine, workers=n, ray_address=ray_address,
+                          progress="budget" if progress else None)
+        for g, part in zip(groups, parts):
+            part.raw["steps"] = set(g)  # the group's steps, with or without tokens of the selected updates
+        return parts
+
+    spec = {"kind": "budget", "v": 1, **{k: kwargs[k] for k in ("rule", "bin_width", "anchor", "updates")},
+            "params": kwargs["params"] or {}}
+    key = "budget-" + hashlib.sha1(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    store = BlockStore(key=key, load=lambda path: _load_budget(path, bin_width), save=_save_budget,
+                       merge=lambda parts: merge_budget(parts, bin_width=bin_width),
+                       steps_of=lambda part: set(part.raw["steps"]))
+    parts, info = cached_map(run, files, steps, store, compute, n_groups_for=lambda todo: 2 * n, cache=cache)
+    if not parts:  # no completed step in the range
+        raw = {"events": np.zeros(0, np.int64), "censored": np.zeros(0, np.int64), "slack": {}, "c_min": np.zeros(0),
+               "counts": {}, "signs": {}, "steps": set()}
+        out = _assemble(pl.DataFrame(schema=_BY_STEP_SCHEMA), raw, rule=kwargs["rule"],
+                        params=dict(kwargs["params"] or {}), updates=kwargs["updates"], bin_width=bin_width)
+    else:
+        out = merge_budget(parts, bin_width=bin_width)
+    out.cache_info = info
+    return out
+
+
+def _save_budget(result: BudgetResult, path) -> None:
+    """A BudgetResult's additive state and ``by_step`` as one .npz (no pickle)."""
+    import json
+
+    from cppo_diag.storage.layout import atomic_replace
+
+    raw = result.raw
+    meta = {"rule": result.rule, "params": result.params, "updates": result.updates, "counts": raw["counts"],
+            "signs": raw["signs"], "by_step": {c: str(t) for c, t in result.by_step.schema.items()}}
+    arrays = {"events": raw["events"], "censored": raw["censored"], "c_min": raw["c_min"],
+              "steps": np.array(sorted(raw["steps"]), np.int64),
+              "meta": np.frombuffer(json.dumps(meta, default=str).encode(), dtype=np.uint8)}
+    arrays.update({f"slack|{k}": v for k, v in raw["slack"].items()})
+    for c in result.by_step.columns:
+        col = result.by_step[c]
+        arrays[f"by_step|{c}"] = col.fill_null(0).to_numpy()
+        arrays[f"by_step_valid|{c}"] = col.is_not_null().to_numpy()
+    with atomic_replace(path) as tmp:
+        with open(tmp, "wb") as fh:
+            np.savez(fh, **arrays)
+
+
+def _load_budget(path, bin_width: int) -> BudgetResult:
+    import json
+
+    with np.load(path) as z:
+        meta = json.loads(bytes(z["meta"]).decode())
+        dtypes = {"Int64": pl.Int64, "Float64": pl.Float64, "Int32": pl.Int32, "UInt32": pl.UInt32}
+        by_step = pl.DataFrame({
+            c: pl.Series(c, z[f"by_step|{c}"]).cast(dtypes.get(t, pl.Float64)).scatter(
+                np.flatnonzero(~z[f"by_step_valid|{c}"]), None)
+            for c, t in meta["by_step"].items()})
+        raw = {"events": z["events"], "censored": z["censored"], "c_min": z["c_min"],
+               "steps": set(z["steps"].tolist()), "counts": meta["counts"],
+               "signs": {k: tuple(v) for k, v in meta["signs"].items()},
+               "slack": {name.split("|", 1)[1]: z[name] for name in z.files if name.startswith("slack|")}}
+    return _assemble(by_step, raw, rule=meta["rule"], params=meta["params"], updates=meta["updates"],
+                     bin_width=bin_width)

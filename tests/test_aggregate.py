@@ -286,6 +286,7 @@ def test_compare_applied_row_is_cached_and_grows_by_new_steps(masked_run, tmp_pa
 
     run = tmp_path / "run"
     shutil.copytree(masked_run, run)
+    shutil.rmtree(run / "_cache", ignore_errors=True)
     n = len(list((run / "tokens").iterdir()))
     last = layout.step_dir_name(n - 1)
     held = tmp_path / "held"
@@ -337,7 +338,32 @@ def test_budget_merges_over_step_groups(masked_run):
     parts = [budget_exhaustion(masked_run, step_range=r, **kw) for r in ((0, 1), (2, 2), (3, None))]
     assert n > 3
     _assert_budget_equal(merge_budget(parts[::-1], bin_width=32), one)
-    _assert_budget_equal(budget_exhaustion(masked_run, engine="local", workers=2, **kw), one)
+    _assert_budget_equal(budget_exhaustion(masked_run, engine="local", workers=2, cache=False, **kw), one)
     with pytest.raises(ValueError, match="rule, parameters and updates"):
         merge_budget([one, budget_exhaustion(masked_run, step_range=(0, 0), bin_width=32, updates="all",
                                              progress=False)], bin_width=32)
+
+
+def test_budget_engine_cache_recomputes_only_new_steps(masked_run, tmp_path):
+    """With an engine, each group's budget state is cached beside the run: a second call recomputes
+    nothing, a new step is recomputed alone, and the tables equal a one-pass recompute."""
+    from analyses.budget import budget_exhaustion
+
+    run = tmp_path / "run"
+    shutil.copytree(masked_run, run)
+    shutil.rmtree(run / "_cache", ignore_errors=True)
+    n = len(list((run / "tokens").iterdir()))
+    last = layout.step_dir_name(n - 1)
+    held = tmp_path / "held"
+    shutil.move(str(run / "tokens" / last), held)
+    (run / "_done" / layout.done_marker_name(n - 1, 0)).unlink()
+    kw = dict(bin_width=32, updates="after_first", progress=False, engine="local", workers=1)
+    assert budget_exhaustion(run, **kw).cache_info.steps_aggregated == list(range(n - 1))
+    cached = budget_exhaustion(run, **kw)
+    assert cached.cache_info.steps_aggregated == []
+    _assert_budget_equal(cached, budget_exhaustion(run, bin_width=32, updates="after_first", progress=False))
+    shutil.move(str(held), run / "tokens" / last)
+    (run / "_done" / layout.done_marker_name(n - 1, 0)).touch()
+    grown = budget_exhaustion(run, **kw)
+    assert grown.cache_info.steps_aggregated == [n - 1]
+    _assert_budget_equal(grown, budget_exhaustion(masked_run, bin_width=32, updates="after_first", progress=False))
