@@ -20,7 +20,10 @@ def _ray_children() -> list[str]:
             cmd = " ".join(p.cmdline())
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             continue
-        if "ray" in p.name().lower() or "/ray/" in cmd or "raylet" in cmd or "gcs_server" in cmd:
+        # Ray's daemons and workers; not multiprocessing's forkserver, whose sys.path merely names ray/
+        ray_like = ("/ray/_private/", "/ray/dashboard/", "/ray/core/", "/ray/autoscaler/", "default_worker.py")
+        if (p.name() in ("raylet", "gcs_server") or cmd.startswith("ray::") or p.name().startswith("ray::")
+                or any(r in cmd for r in ray_like)):
             out.append(f"{p.pid} {p.name()} {cmd[:120]}")
     return out
 
