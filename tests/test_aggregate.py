@@ -262,6 +262,25 @@ def masked_run(tmp_path_factory):
                                max_len=200, updates=2, seed=4, noise=0.05, with_keep_applied="cppo")
 
 
+def _without_last_step(src, tmp_path):
+    """A copy of the run ``src`` (no cache) whose last step is not completed yet, its step count, and a
+    function that completes that step (its shards and done marker appear, as a trainer writes them)."""
+    run = tmp_path / "run"
+    shutil.copytree(src, run)
+    shutil.rmtree(run / "_cache", ignore_errors=True)
+    n = len(list((run / "tokens").iterdir()))
+    last = layout.step_dir_name(n - 1)
+    held = tmp_path / "held"
+    shutil.move(str(run / "tokens" / last), held)
+    (run / "_done" / layout.done_marker_name(n - 1, 0)).unlink()
+
+    def finish_last_step():
+        shutil.move(str(held), run / "tokens" / last)
+        (run / "_done" / layout.done_marker_name(n - 1, 0)).touch()
+
+    return run, n, finish_last_step
+
+
 @pytest.mark.parametrize("updates", ["all", "after_first", "first"])
 def test_applied_mask_from_partials_equals_plain_query(masked_run, updates):
     from analyses.updates import filter_updates
@@ -284,21 +303,13 @@ def test_compare_applied_row_is_cached_and_grows_by_new_steps(masked_run, tmp_pa
     run that grows by a step aggregates that step only."""
     from analyses.compare import compare_runs
 
-    run = tmp_path / "run"
-    shutil.copytree(masked_run, run)
-    shutil.rmtree(run / "_cache", ignore_errors=True)
-    n = len(list((run / "tokens").iterdir()))
-    last = layout.step_dir_name(n - 1)
-    held = tmp_path / "held"
-    shutil.move(str(run / "tokens" / last), held)
-    (run / "_done" / layout.done_marker_name(n - 1, 0)).unlink()
+    run, n, finish_last_step = _without_last_step(masked_run, tmp_path)
     kw = dict(rules=("dppo",), progress=False, bin_width=32, updates="all")
     compare_runs([run], **kw)
     assert agg.LAST_INFO.steps_aggregated == list(range(n - 1))
     compare_runs([run], **kw)
     assert agg.LAST_INFO.steps_aggregated == []
-    shutil.move(str(held), run / "tokens" / last)
-    (run / "_done" / layout.done_marker_name(n - 1, 0)).touch()
+    finish_last_step()
     res = compare_runs([run], **kw)
     assert agg.LAST_INFO.steps_aggregated == [n - 1]
     row = res.summary.filter(pl.col("applied")).row(0, named=True)
@@ -349,21 +360,13 @@ def test_budget_engine_cache_recomputes_only_new_steps(masked_run, tmp_path):
     nothing, a new step is recomputed alone, and the tables equal a one-pass recompute."""
     from analyses.budget import budget_exhaustion
 
-    run = tmp_path / "run"
-    shutil.copytree(masked_run, run)
-    shutil.rmtree(run / "_cache", ignore_errors=True)
-    n = len(list((run / "tokens").iterdir()))
-    last = layout.step_dir_name(n - 1)
-    held = tmp_path / "held"
-    shutil.move(str(run / "tokens" / last), held)
-    (run / "_done" / layout.done_marker_name(n - 1, 0)).unlink()
+    run, n, finish_last_step = _without_last_step(masked_run, tmp_path)
     kw = dict(bin_width=32, updates="after_first", progress=False, engine="local", workers=1)
     assert budget_exhaustion(run, **kw).cache_info.steps_aggregated == list(range(n - 1))
     cached = budget_exhaustion(run, **kw)
     assert cached.cache_info.steps_aggregated == []
     _assert_budget_equal(cached, budget_exhaustion(run, bin_width=32, updates="after_first", progress=False))
-    shutil.move(str(held), run / "tokens" / last)
-    (run / "_done" / layout.done_marker_name(n - 1, 0)).touch()
+    finish_last_step()
     grown = budget_exhaustion(run, **kw)
     assert grown.cache_info.steps_aggregated == [n - 1]
     _assert_budget_equal(grown, budget_exhaustion(masked_run, bin_width=32, updates="after_first", progress=False))
