@@ -370,3 +370,11 @@ def test_budget_engine_cache_recomputes_only_new_steps(masked_run, tmp_path):
     grown = budget_exhaustion(run, **kw)
     assert grown.cache_info.steps_aggregated == [n - 1]
     _assert_budget_equal(grown, budget_exhaustion(masked_run, bin_width=32, updates="after_first", progress=False))
+
+
+def test_empty_run_gives_the_empty_table(tmp_path):
+    from analyses.synthetic import empty_run
+
+    run = empty_run(tmp_path / "empty")
+    got = position_summary(run, workers=1)
+    assert got.is_empty() and got.columns == position_stats(run).columns
