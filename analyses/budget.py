@@ -22,7 +22,6 @@ recomputes them in parallel (``analyses.aggregate.map_tasks``).
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -153,7 +152,8 @@ def budget_exhaustion(
     ``params``: keyword parameters of the rule (SPEC names: delta, w_min, delta_b, delta_b_mode, ...);
     default the rule's defaults. ``updates``: "all", "first" or "after_first" (``analyses.updates``).
     ``engine``: None recomputes in this process, step after step; "local" or "ray" recompute groups of
-    whole steps of a run directory in ``workers`` processes / Ray tasks and merge them (:func:`merge_budget`:
+    whole steps of a run directory (other sources: as None) in ``workers`` processes / Ray tasks (local
+    default: one per 256 MB of shards, at most the CPU count) and merge them (:func:`merge_budget`:
     the same tables, sums up to the order of float additions); with ``cache`` each group's state is saved
     beside the run (``analyses.aggregate.cached_map``), so a growing run is recomputed for its new steps only.
     """
@@ -162,7 +162,7 @@ def budget_exhaustion(
                          f"{[r for r in CPPO_RULES if r != 'cppo_no_budget']}, found {rule!r}")
     if anchor is None:
         anchor = run_meta(source).get("anchor") or "rollout"
-    if engine is not None:
+    if engine is not None and _is_run_dir(source):
         return _budget_by_groups(source, dict(params=params, rule=rule, bin_width=bin_width, anchor=anchor,
                                               updates=resolve_updates(source, updates)),
                                  step_range=step_range, engine=engine, workers=workers, ray_address=ray_address,
@@ -281,17 +281,14 @@ def _budget_by_groups(source: Any, kwargs: dict, *, step_range, engine: str, wor
     import json
     from pathlib import Path
 
-    from analyses.aggregate import BlockStore, _run_files, cached_map, map_tasks
+    from analyses.aggregate import BlockStore, _local_workers, _run_files, cached_map, map_tasks
     from analyses.tokens import _open_run
 
     run = _open_run(Path(source)) if isinstance(source, (str, Path)) else source
-    if not hasattr(run, "token_files") or not hasattr(run, "path"):
-        raise ValueError(f"engine: {engine!r} needs a run directory (its shard files), found "
-                         f"{type(source).__name__}; use engine=None for frames")
     files = _run_files(run)
     lo, hi = step_range if step_range is not None else (None, None)
     steps = [s for s in sorted(files) if (lo is None or s >= lo) and (hi is None or s <= hi)]
-    n = max(1, int(workers or os.cpu_count() or 1))
+    n = _local_workers(files, steps, engine, workers)
     bin_width = kwargs["bin_width"]
 
     def compute(groups: list[list[int]]) -> list[BudgetResult]:
@@ -358,3 +355,12 @@ def _load_budget(path, bin_width: int) -> BudgetResult:
                "slack": {name.split("|", 1)[1]: z[name] for name in z.files if name.startswith("slack|")}}
     return _assemble(by_step, raw, rule=meta["rule"], params=meta["params"], updates=meta["updates"],
                      bin_width=bin_width)
+
+
+def _is_run_dir(source: Any) -> bool:
+    """Whether ``source`` is a run directory (a path or a reader object with shard files)."""
+    from pathlib import Path
+
+    if isinstance(source, (str, Path)):
+        return Path(source).is_dir()
+    return hasattr(source, "token_files") and hasattr(source, "path")

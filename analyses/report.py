@@ -193,7 +193,7 @@ def write_report(
 
         doc.h(3, "CPPO prefix budget (paper Fig. 7)")
         bud = budget_exhaustion(src, params=cp, step_range=step_range, bin_width=bin_width, updates=upd,
-                                progress=progress)
+                                progress=progress, engine="local")  # groups of steps, cached beside the run
         doc.fig(P.fig_budget_by_step(bud.by_step), f"{slug}_budget_by_step",
                 "Mean realised δ_b per response and the share of masks due to the prefix budget, per step.")
         doc.fig(P.fig_first_reject(bud.first_reject), f"{slug}_first_reject",

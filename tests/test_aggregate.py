@@ -350,6 +350,9 @@ def test_budget_merges_over_step_groups(masked_run):
     assert n > 3
     _assert_budget_equal(merge_budget(parts[::-1], bin_width=32), one)
     _assert_budget_equal(budget_exhaustion(masked_run, engine="local", workers=2, cache=False, **kw), one)
+    # a frame has no shard files to group: the engine falls back to one in-process pass
+    frame = pl.scan_parquet(_files(masked_run))
+    _assert_budget_equal(budget_exhaustion(frame, engine="local", **kw), budget_exhaustion(frame, **kw))
     with pytest.raises(ValueError, match="rule, parameters and updates"):
         merge_budget([one, budget_exhaustion(masked_run, step_range=(0, 0), bin_width=32, updates="all",
                                              progress=False)], bin_width=32)
