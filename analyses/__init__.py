@@ -27,6 +27,10 @@ Divergence by position, paper Fig. 2 (``analyses.position``)
     threshold_schedule(positions, *, delta, w_min, length) -> np.ndarray     delta / w_t (SPEC CPPO step 1)
     position_stats_lazy(lf, *, metric_exprs, ...) -> pl.LazyFrame   the same statistics as one lazy group_by
         (wide: one row per bin, "metric|stat" columns; holds every value - for small frames)
+    position_summary(source, *, ..., exact=False, engine="local", workers=None, ray_address=None, cache=True)
+        position_stats from mergeable partial aggregates (analyses.aggregate: log-bucket sketch, cached
+        beside the run, only new steps aggregated); aggregate_run(source, AggSpec(...)) -> Partial,
+        stats_table(partial, adv_sign=, updates=) -> the same long table
 
 Recompute any rule over a run (``analyses.recompute``)
     iter_batches(source, *, step_range=None, columns=None, progress=False) -> Iterator[Batch]
@@ -112,6 +116,9 @@ _LAZY = {
     "position_stats": "analyses.position",
     "position_stats_lazy": "analyses.position",
     "threshold_schedule": "analyses.position",
+    "position_summary": "analyses.aggregate",
+    "aggregate_run": "analyses.aggregate",
+    "stats_table": "analyses.aggregate",
     "iter_batches": "analyses.recompute",
     "recompute": "analyses.recompute",
     "recompute_many": "analyses.recompute",

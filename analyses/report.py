@@ -21,7 +21,7 @@ from analyses.binning import auto_bin_width, max_response_length
 from analyses.budget import budget_exhaustion
 from analyses.compare import compare_runs
 from analyses.mismatch import mismatch_by_position
-from analyses.position import position_stats
+from analyses.aggregate import position_summary
 from analyses.tokens import MissingColumnError, columns_of, load_tokens, run_meta, run_name
 from analyses.updates import UPDATE_LABELS, resolve_updates, updates_note
 from analyses.whatif import whatif_sweep
@@ -177,7 +177,7 @@ def write_report(
         doc.p(f"Updates: <b>{html.escape(UPDATE_LABELS[upd])}</b>. {html.escape(updates_note(upd))}", "note")
         cp = _cppo_params(meta, params)
         delta, w_min = float(cp.get("delta", 0.15)), float(cp.get("w_min", 0.8))
-        pos = position_stats(src, bin_width=bin_width, step_range=step_range, delta=delta, w_min=w_min,
+        pos = position_summary(src, bin_width=bin_width, step_range=step_range, delta=delta, w_min=w_min,
                              updates=upd, progress=progress)
         if pos.is_empty():
             doc.p("This run has no token rows in the selected steps; nothing to analyse.", "note")
@@ -197,7 +197,7 @@ def write_report(
 
         doc.h(3, "CPPO prefix budget (paper Fig. 7)")
         bud = budget_exhaustion(src, params=cp, step_range=step_range, bin_width=bin_width, updates=upd,
-                                progress=progress)
+                                progress=progress, engine="local")  # groups of steps, cached beside the run
         doc.fig(P.fig_budget_by_step(bud.by_step), f"{slug}_budget_by_step",
                 "Mean realised δ_b per response and the share of masks due to the prefix budget, per step.")
         doc.fig(P.fig_first_reject(bud.first_reject), f"{slug}_first_reject",
