@@ -31,7 +31,7 @@ bin_width = controls.bin_width(controls.default_bin_width(path), key="bud_bw")
 params = {"delta": float(delta), "delta_b": float(delta_b), "w_min": float(w_min), "delta_b_mode": mode}
 
 res = data.analysis("budget_exhaustion", path, params=params, rule=rule, step_range=step_range,
-                    bin_width=int(bin_width), updates=updates)
+                    bin_width=int(bin_width), updates=updates, engine="local", workers=1)  # cached per step group
 
 from analyses import plots_plotly as pp  # noqa: E402  (figure builders shared with the report)
 

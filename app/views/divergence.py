@@ -41,8 +41,9 @@ w_min = c4.slider("w_min", 0.0, 1.0, float(defaults["w_min"]), 0.05, key="div_wm
 # One query serves every statistic and every survival threshold; the overlay is queried at delta = 1 and
 # scaled, since the mean of delta / w_t over a bin is linear in delta. Only the filters, the binning, the
 # divergence kind and w_min trigger a new pass over the tokens.
-table = data.analysis(
-    "position_stats", path, metrics=(kind,), bin_width=int(bin_width), relative=relative, n_rel_bins=int(n_rel_bins),
+table = data.analysis(  # mergeable partial aggregates, cached beside the run (analyses.aggregate); in-process
+    "position_summary", path, workers=1, metrics=(kind,), bin_width=int(bin_width), relative=relative,
+    n_rel_bins=int(n_rel_bins),
     step_range=step_range, adv_sign=adv, thresholds=controls.SURVIVAL_XS, updates=updates,
     delta=1.0 if overlay else None, w_min=float(w_min) if overlay else 0.8,
 )
