@@ -183,7 +183,7 @@ def test_demo_trainer_with_log_tensorboard_writes_the_same_values(tmp_path):
     ours = _ours(run_dir)
     _, tb = _tensorboard(run_dir / sinks_mod.TENSORBOARD_DIR)
     assert set(tb) == set(ours)
-    assert {"reward/mean", "mask/frac", "summary/greedy_acc_after", "eval/greedy_acc"} <= {k for _, k in tb}
+    assert {"reward/mean", "mask/cppo/frac", "summary/greedy_acc_after", "eval/greedy_acc"} <= {k for _, k in tb}
     for key, v in ours.items():
         assert tb[key] == pytest.approx(v, rel=1e-6, abs=1e-30), key
 
