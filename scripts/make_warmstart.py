@@ -8,6 +8,8 @@ teacher forcing on the synthetic task and stops as soon as greedy exact accuracy
 
     python scripts/make_warmstart.py                 # fib task, about 3-5 minutes on 2 cores
     python scripts/make_warmstart.py --task add --target 0.3
+    python scripts/make_warmstart.py --task chain --min-terms 128 --max-terms 192 --block-size 224 \
+        --target 0.4 --eval-every 50      # the long preset's warm start (chain task, answers of 128-192 digits)
 """
 
 from __future__ import annotations
@@ -29,7 +31,12 @@ from cppo_diag.train.tasks import build_task
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--task", default="fib", help="arithmetic task kind: fib | add")
+    ap.add_argument("--task", default="fib", help="synthetic task kind: fib | add | chain")
+    ap.add_argument("--min-terms", type=int, default=None, help="task.min_terms (chain: fewest answer digits)")
+    ap.add_argument("--max-terms", type=int, default=None, help="task.max_terms (chain: most answer digits)")
+    ap.add_argument("--batch-size", type=int, default=64, help="SFT sequences per step")
+    ap.add_argument("--lr", type=float, default=3e-3, help="SFT peak learning rate")
+    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
     ap.add_argument("--target", type=float, default=0.3, help="stop at this greedy exact accuracy on the held-out set")
     ap.add_argument("--max-steps", type=int, default=4000, help="SFT steps at most")
     ap.add_argument("--eval-every", type=int, default=10, help="greedy evaluation every n SFT steps")
@@ -42,7 +49,15 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     torch.manual_seed(args.seed)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     tcfg = TaskConfig(kind=args.task)
+    if args.min_terms is not None:
+        tcfg.min_terms = args.min_terms
+    if args.max_terms is not None:
+        tcfg.max_terms = args.max_terms
+    # the longest answer in characters, plus EOS (fib/add: the demo's 40 tokens)
+    max_new = tcfg.max_terms + 1 if args.task == "chain" else 40
     task = build_task(tcfg)
     tok = CharTokenizer()
     model = TinyGPT(TinyGPTConfig(vocab_size=tok.vocab_size, n_layer=args.n_layer, n_head=args.n_head,
@@ -54,12 +69,12 @@ def main(argv=None) -> int:
         module, encode_prompt, decode, eos_id = model, tok.encode_prompt, tok.decode, tok.eos_id
 
     def greedy(m):
-        return evaluate(_P, sampler, task.eval_set(), task.score, max_new_tokens=40)["eval/greedy_acc"]
+        return evaluate(_P, sampler, task.eval_set(), task.score, max_new_tokens=max_new)["eval/greedy_acc"]
 
     t0 = time.time()
     sft(model, tok, task, steps=args.max_steps, eval_fn=greedy, log_every=args.eval_every, stop_at=args.target,
-        seed=args.seed)
-    res = evaluate(_P, sampler, task.eval_set(), task.score, max_new_tokens=40)
+        seed=args.seed, batch_size=args.batch_size, lr=args.lr)
+    res = evaluate(_P, sampler, task.eval_set(), task.score, max_new_tokens=max_new)
     out = args.out or str(warmstart_dir(args.task))
     model.save(out, extra={"task": {"kind": args.task, "min_terms": tcfg.min_terms, "max_terms": tcfg.max_terms,
                                     "digits": tcfg.digits},

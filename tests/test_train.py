@@ -17,8 +17,9 @@ from cppo_diag.train.config import TrainConfig, add_config_arguments, overrides_
 from cppo_diag.train.models import build_policy, warmstart_dir
 from cppo_diag.train.models.tiny_gpt import CharTokenizer, TinyGPT, TinyGPTConfig
 from cppo_diag.train.rollout import TorchSampler, top_p_filter
-from cppo_diag.train.tasks import ArithmeticTask, extract_boxed, normalize_answer
-from cppo_diag.train.trainer import group_advantages, sequence_logprobs
+from cppo_diag.train.tasks import ArithmeticTask, ChainTask, extract_boxed, normalize_answer
+from cppo_diag.train.tasks.chain import SEED_LEN, chain_digits
+from cppo_diag.train.trainer import group_advantages, pack_queue, sequence_logprobs, unpack_queue
 
 torch.set_num_threads(1)
 
@@ -86,6 +87,27 @@ def test_fib_task_answers_and_partial_reward():
     r, c = t.score(p, ",".join(wrong))
     assert not c and r == pytest.approx((len(wrong) - 1) / len(wrong))
     assert ArithmeticTask("fib", reward="exact", eval_size=1).score(p, ",".join(wrong)) == (0.0, False)
+
+
+def test_chain_task_recurrence_prefix_reward_and_disjoint_held_out():
+    t = ChainTask(min_len=128, max_len=192, eval_size=300, eval_seed=3)
+    ev = {p.prompt for p in t.eval_set()}
+    assert len(ev) == 300  # drawn without replacement
+    for p in t.sample(50, np.random.default_rng(0)):
+        seed, n = p.prompt.rstrip("=").split(";")
+        xs = [int(c) for c in seed + p.answer]
+        assert len(seed) == SEED_LEN and len(p.answer) == int(n) and 128 <= int(n) <= 192
+        assert all(xs[i] == (xs[i - 1] + xs[i - SEED_LEN]) % 10 for i in range(SEED_LEN, len(xs)))
+        assert p.prompt not in ev
+    assert chain_digits([0, 0, 0, 0, 0, 1], 3) == [1, 1, 1]
+    p = t.eval_set()[0]
+    assert t.score(p, p.answer) == (1.0, True)
+    slip = p.answer[:40] + str((int(p.answer[40]) + 1) % 10) + p.answer[41:]
+    assert t.score(p, slip) == (pytest.approx(40 / len(p.answer)), False)  # credit = correct prefix only
+    assert t.score(p, p.answer + "12")[0] == pytest.approx(len(p.answer) / (len(p.answer) + 2))
+    assert ChainTask(reward="exact", eval_size=1).score(p, slip) == (0.0, False)
+    with pytest.raises(ValueError, match="task.min_terms/max_terms"):
+        ChainTask(min_len=10, max_len=5)
 
 
 def test_boxed_extraction_and_normalisation():
@@ -176,6 +198,48 @@ def test_checkpoint_roundtrip_is_exact(tmp_path):
     assert all(torch.equal(s1[k]["exp_avg_sq"], s2[k]["exp_avg_sq"]) for k in s1)
     assert sch2.last_epoch == sch.last_epoch and opt2.param_groups[0]["lr"] == opt.param_groups[0]["lr"]
     assert not any(p.suffix in (".pt", ".pkl", ".bin") for p in tmp_path.rglob("*"))
+
+
+def test_queued_rollouts_roundtrip_through_safetensors(tmp_path):
+    from cppo_diag.train.rollout import RolloutBatch
+
+    g = torch.Generator().manual_seed(0)
+    b = RolloutBatch(prompt_ids=[[1, 5, 6], [1, 7]], response_ids=torch.randint(3, 20, (2, 4), generator=g),
+                     response_mask=torch.tensor([[True] * 4, [True, True, False, False]]),
+                     logp_rollout=-torch.rand(2, 4, generator=g))
+    tok, m = _tiny_model()
+    opt = torch.optim.AdamW(m.parameters())
+    save_checkpoint(tmp_path, 0, m, opt, None, queue=pack_queue({3: (b, 1), 4: (b, 2)}))
+    from cppo_diag.train.checkpoint import load_queue
+
+    q = unpack_queue(load_queue(list_checkpoints(tmp_path)[-1][1], 0, "cpu"))
+    assert sorted(q) == [3, 4] and q[3][1] == 1 and q[4][1] == 2
+    for k in ("response_ids", "response_mask", "logp_rollout"):
+        assert torch.equal(getattr(q[4][0], k), getattr(b, k))
+    assert q[3][0].prompt_ids == b.prompt_ids
+    with pytest.raises(FileNotFoundError, match="queue.rank1"):
+        load_queue(list_checkpoints(tmp_path)[-1][1], 1, "cpu")
+
+
+def test_staleness_and_bf16_rollouts_in_a_run(tmp_path):
+    cfg = tiny_cfg(tmp_path, steps=4, rollout={"staleness": 2, "precision": "bf16"}, log={"name": "st"},
+                   rule={"name": "dppo", "params": {"delta": 0.05}})
+    train(cfg)
+    run = open_run(tmp_path / "st")
+    assert run.steps()["rollout/staleness"].to_list() == [0, 1, 2, 2]
+    assert run.meta["config"]["rollout"]["staleness"] == 2 and run.meta["config"]["rollout"]["precision"] == "bf16"
+    toks = run.tokens().filter(pl.col("update") == 0).collect()
+    # update 0 of step 0 is on-policy but sampled in bf16: mu != pi in the low bits; later steps are 1-2 rounds old
+    d0 = (toks.filter(pl.col("step") == 0)["logp"] - toks.filter(pl.col("step") == 0)["logp_rollout"]).abs()
+    assert 0 < d0.max() < 0.2
+    d3 = (toks.filter(pl.col("step") == 3)["logp"] - toks.filter(pl.col("step") == 3)["logp_rollout"]).abs()
+    assert d3.mean() > d0.mean()
+    n, bad_keep, _ = recompute_keep(run)
+    assert n > 0 and bad_keep == 0
+    with pytest.raises(ValueError, match="rollout.precision"):
+        train(tiny_cfg(tmp_path, rollout={"precision": "fp16"}))
+    with pytest.raises(ValueError, match="rollout.staleness"):
+        train(tiny_cfg(tmp_path, rollout={"staleness": -1}))
 
 
 def test_shipped_warm_start_loads_and_is_small():

@@ -62,6 +62,12 @@ class RolloutConfig:
     max_new_tokens: int = F(40, "longest response; longer ones are cut (no EOS, reward as scored)")
     temperature: float = F(1.0, "sampling temperature (the trainer's pi uses the same one)")
     top_p: float = F(1.0, "nucleus sampling; mu is logged before truncation")
+    staleness: int = F(0, "k: iteration t trains on the batch sampled by the policy of iteration t-k (asynchronous RL; "
+                          "mu stays the sampler's log-probs, k optimiser rounds old; the first k iterations use the lag "
+                          "available, logged as rollout/staleness); 0 = on-policy sampling")
+    precision: str = F("auto", "sampler numerics: auto (same as the trainer's precision) | fp32 | bf16 (bf16 autocast "
+                               "while sampling, also on CPU; training keeps its own precision: the sampler/trainer "
+                               "mismatch of vLLM vs FSDP)")
 
 
 @dataclass

@@ -1,0 +1,90 @@
+"""A long-horizon task: a lagged Fibonacci chain mod 10 (the ``long`` preset's task).
+
+The prompt gives ``SEED_LEN`` random seed digits and the number of digits to write, e.g. ``402917;160=``; the
+answer continues the sequence for that many digits with ``x[t] = (x[t-1] + x[t-SEED_LEN]) mod 10``, starting
+after the seed (so the first answer digit is ``seed[-1] + seed[0]``). Answers are 128-192 digits (+ EOS) with
+the defaults, and every digit depends on the whole prefix: one slip changes the digit after it and, through the
+lag, digits further on, so an early mistake propagates to the end of the answer.
+
+Domain: 10**SEED_LEN - 1 seeds (the all-zero seed is excluded) times the lengths, so held-out and training
+prompts are distinct problems, not the same sequence at another length. The held-out set is drawn without
+replacement; training prompts are drawn from the rest (a held-out prompt is never trained on).
+
+Rewards: ``exact`` (1 iff the whole answer is right) or ``partial`` = the length of the correct prefix over the
+answer length (over the longer of answer and completion, so extra digits dilute): a slip at position s earns
+s / L, whatever the digits after it happen to match.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .base import Problem
+
+SEED_LEN = 6
+
+
+def chain_digits(seed: list[int], n: int) -> list[int]:
+    """n digits continuing ``seed`` with x[t] = (x[t-1] + x[t-len(seed)]) mod 10."""
+    xs = list(seed)
+    m = len(seed)
+    for _ in range(n):
+        xs.append((xs[-1] + xs[-m]) % 10)
+    return xs[m:]
+
+
+class ChainTask:
+    def __init__(self, *, min_len: int = 128, max_len: int = 192, reward: str = "partial", eval_size: int = 128,
+                 eval_seed: int = 12345, seed_len: int = SEED_LEN):
+        if reward not in ("exact", "partial"):
+            raise ValueError(f"task.reward: expected 'exact' or 'partial', found {reward!r}")
+        if not 1 <= min_len <= max_len <= 999:
+            raise ValueError(f"task.min_terms/max_terms (chain: answer digits): expected 1 <= min <= max <= 999, "
+                             f"found {min_len}, {max_len}")
+        self.seed_len = seed_len
+        domain = (10**seed_len - 1) * (max_len - min_len + 1)
+        if eval_size > domain // 2:
+            raise ValueError(f"task.eval_size: expected at most {domain // 2} (half the chain domain), found {eval_size}")
+        self.min_len, self.max_len, self.reward = min_len, max_len, reward
+        self.name = "chain"
+        rng = np.random.default_rng(eval_seed)
+        self._eval: list[Problem] = []
+        self._eval_prompts: set[str] = set()
+        while len(self._eval) < eval_size:  # without replacement: distinct held-out prompts
+            p = self._one(rng)
+            if p.prompt not in self._eval_prompts:
+                self._eval.append(p)
+                self._eval_prompts.add(p.prompt)
+
+    def _one(self, rng: np.random.Generator) -> Problem:
+        while True:
+            seed = [int(x) for x in rng.integers(0, 10, size=self.seed_len)]
+            if any(seed):
+                break
+        n = int(rng.integers(self.min_len, self.max_len + 1))
+        ans = "".join(str(d) for d in chain_digits(seed, n))
+        return Problem(f"{''.join(map(str, seed))};{n:03d}=", ans, {"terms": n})
+
+    def sample(self, n: int, rng: np.random.Generator) -> list[Problem]:
+        out = []
+        while len(out) < n:
+            p = self._one(rng)
+            if p.prompt not in self._eval_prompts:
+                out.append(p)
+        return out
+
+    def eval_set(self) -> list[Problem]:
+        return self._eval
+
+    def score(self, problem: Problem, completion: str) -> tuple[float, bool]:
+        got, want = completion.strip(), problem.answer
+        if got == want:
+            return 1.0, True
+        if self.reward == "exact":
+            return 0.0, False
+        prefix = 0
+        for g, w in zip(got, want):
+            if g != w:
+                break
+            prefix += 1
+        return prefix / max(len(want), len(got)), False
