@@ -97,9 +97,9 @@ def test_chain_task_recurrence_prefix_reward_and_disjoint_held_out():
         seed, n = p.prompt.rstrip("=").split(";")
         xs = [int(c) for c in seed + p.answer]
         assert len(seed) == SEED_LEN and len(p.answer) == int(n) and 128 <= int(n) <= 192
-        assert all(xs[i] == (xs[i - 1] + xs[i - SEED_LEN]) % 10 for i in range(SEED_LEN, len(xs)))
+        assert all(xs[i] == (xs[i - 1] + 1 + xs[i - SEED_LEN] % 2) % 10 for i in range(SEED_LEN, len(xs)))
         assert p.prompt not in ev
-    assert chain_digits([0, 0, 0, 0, 0, 1], 3) == [1, 1, 1]
+    assert chain_digits([1, 0, 0, 0, 0, 9], 3) == [1, 2, 3]
     p = t.eval_set()[0]
     assert t.score(p, p.answer) == (1.0, True)
     slip = p.answer[:40] + str((int(p.answer[40]) + 1) % 10) + p.answer[41:]
@@ -242,13 +242,18 @@ def test_staleness_and_bf16_rollouts_in_a_run(tmp_path):
         train(tiny_cfg(tmp_path, rollout={"staleness": -1}))
 
 
-def test_shipped_warm_start_loads_and_is_small():
-    d = warmstart_dir("fib")
+@pytest.mark.parametrize("kind", ["fib", "chain"])
+def test_shipped_warm_start_loads_and_is_small(kind):
+    d = warmstart_dir(kind)
     assert (d / "model.safetensors").stat().st_size < 5e6
     meta = json.loads((d / "config.json").read_text())
     assert 0.0 < meta["measured"]["eval/greedy_acc"] < 1.0  # partial accuracy: headroom for RL
-    pol = build_policy(TrainConfig().model, "fib", "cpu")
+    pol = build_policy(TrainConfig().model, kind, "cpu")
     assert pol.encode_prompt("1,3;12=")[0] == pol.tokenizer.bos_id
+    if kind == "chain":  # the long preset's answers fit the model's context
+        cfg = build_config("long")
+        assert meta["task"]["max_terms"] == cfg.task.max_terms and 0.3 <= meta["measured"]["eval/greedy_acc"] <= 0.6
+        assert pol.module.cfg.block_size >= 1 + 6 + 5 + cfg.rollout.max_new_tokens
 
 
 # -- end to end ----------------------------------------------------------------------------------------------

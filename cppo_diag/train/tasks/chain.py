@@ -1,10 +1,14 @@
-"""A long-horizon task: a lagged Fibonacci chain mod 10 (the ``long`` preset's task).
+"""A long-horizon task: a lagged digit chain (the ``long`` preset's task).
 
 The prompt gives ``SEED_LEN`` random seed digits and the number of digits to write, e.g. ``402917;160=``; the
-answer continues the sequence for that many digits with ``x[t] = (x[t-1] + x[t-SEED_LEN]) mod 10``, starting
-after the seed (so the first answer digit is ``seed[-1] + seed[0]``). Answers are 128-192 digits (+ EOS) with
-the defaults, and every digit depends on the whole prefix: one slip changes the digit after it and, through the
-lag, digits further on, so an early mistake propagates to the end of the answer.
+answer continues the sequence for that many digits (lengths are ``min_len + 32 j`` up to ``max_len``) with ``x[t] = (x[t-1] + 1 + x[t-SEED_LEN] mod 2) mod 10``
+(each digit is the one before plus 1, plus 1 more when the digit ``SEED_LEN`` places back is odd), starting after
+the seed. Answers are 128-192 digits (+ EOS) with the defaults, and every digit depends on the whole prefix: one
+slip shifts every digit after it, so an early mistake propagates to the end of the answer.
+
+Why this rule and not a lagged Fibonacci sum ``x[t-1] + x[t-6]``: in a sum mod 10 neither input alone says
+anything about the output, and the tiny GPT sat at chance loss for hundreds of SFT steps; here the previous
+digit narrows the next one to two values, so SFT finds the rule in about 200 short-answer steps.
 
 Domain: 10**SEED_LEN - 1 seeds (the all-zero seed is excluded) times the lengths, so held-out and training
 prompts are distinct problems, not the same sequence at another length. The held-out set is drawn without
@@ -22,14 +26,16 @@ import numpy as np
 from .base import Problem
 
 SEED_LEN = 6
+LEN_STEP = 32  # answer lengths are min_len, min_len + 32, ... <= max_len: the tiny GPT (learned absolute
+# positions) must stop exactly at the length the prompt names, and it learns a few stop positions reliably, not 65
 
 
 def chain_digits(seed: list[int], n: int) -> list[int]:
-    """n digits continuing ``seed`` with x[t] = (x[t-1] + x[t-len(seed)]) mod 10."""
+    """n digits continuing ``seed`` with x[t] = (x[t-1] + 1 + x[t-len(seed)] mod 2) mod 10."""
     xs = list(seed)
     m = len(seed)
     for _ in range(n):
-        xs.append((xs[-1] + xs[-m]) % 10)
+        xs.append((xs[-1] + 1 + xs[-m] % 2) % 10)
     return xs[m:]
 
 
@@ -42,7 +48,7 @@ class ChainTask:
             raise ValueError(f"task.min_terms/max_terms (chain: answer digits): expected 1 <= min <= max <= 999, "
                              f"found {min_len}, {max_len}")
         self.seed_len = seed_len
-        domain = (10**seed_len - 1) * (max_len - min_len + 1)
+        domain = (10**seed_len - 1) * ((max_len - min_len) // LEN_STEP + 1)
         if eval_size > domain // 2:
             raise ValueError(f"task.eval_size: expected at most {domain // 2} (half the chain domain), found {eval_size}")
         self.min_len, self.max_len, self.reward = min_len, max_len, reward
@@ -61,7 +67,7 @@ class ChainTask:
             seed = [int(x) for x in rng.integers(0, 10, size=self.seed_len)]
             if any(seed):
                 break
-        n = int(rng.integers(self.min_len, self.max_len + 1))
+        n = self.min_len + LEN_STEP * int(rng.integers(0, (self.max_len - self.min_len) // LEN_STEP + 1))
         ans = "".join(str(d) for d in chain_digits(seed, n))
         return Problem(f"{''.join(map(str, seed))};{n:03d}=", ans, {"terms": n})
 
