@@ -5,7 +5,7 @@ PY    := $(VENV)/bin/python
 #   make setup TORCH_SPEC=   (empty: use whatever torch is already installed in the venv)
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: setup test test-fast demo rules study clean
+.PHONY: setup test test-fast demo rules study study-long study-ci clean
 
 setup: $(VENV)/.installed
 
@@ -32,7 +32,18 @@ rules: setup
 clean:
 	rm -rf build dist *.egg-info .pytest_cache
 
-# The CPU reproduction study (issue 7): 6 rules x 5 seeds on the demo task, ~25 min on an idle 2-core box;
-# regenerates docs/results.md and docs/results/*.png. Resumable: rerun to continue.
+# The long-horizon study (issue 12): 6 rules x 8 seeds on the trainer's `long` preset, budget ~2 hours with
+# 2 workers on the 2-core box; writes docs/results.md and docs/results/*.png from the runs. Resumable: rerun
+# to continue (finished runs are skipped, interrupted ones resume from their last checkpoint).
+study-long: setup
+	$(VENV)/bin/cppo-diag study long --root runs/study-long --workers 2 --results docs/results.md
+
+# The CPU study of the short regime (issue 7): 6 rules x 5 seeds on the demo task, ~25 min on an idle 2-core
+# box. Its page goes to docs/results-cpu.md (docs/results.md is the long study's). Resumable.
 study: setup
-	$(VENV)/bin/cppo-diag study cpu --root runs/study-cpu --workers 2 --results docs/results.md
+	$(VENV)/bin/cppo-diag study cpu --root runs/study-cpu --workers 2 --results docs/results-cpu.md
+
+# The long study's machinery at tiny sizes (what tests/test_study_e2e.py runs): about a minute.
+study-ci: setup
+	rm -rf runs/study-ci-tiny
+	$(VENV)/bin/cppo-diag study ci-tiny --root runs/study-ci-tiny --workers 2 --results runs/study-ci-tiny/results.md --no-progress

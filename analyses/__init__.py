@@ -18,13 +18,19 @@ Loading and per-token quantities (``analyses.tokens``)
 
 Divergence by position, paper Fig. 2 (``analyses.position``)
     position_stats(source, *, metrics=("tv", "abs_logratio", "k3"), bin_width=64, relative=False,
-                   n_rel_bins=20, step_range=None, adv_sign=None, thresholds=(0.05, 0.1, 0.2, 0.5),
+                   n_rel_bins=20, step_range=None, adv_sign=None, updates="all", thresholds=(0.05, 0.1, 0.2, 0.5),
                    delta=None, w_min=0.8, hill_min_k=5, progress=False) -> pl.DataFrame
-        one row per (metric, bin): bin, bin_start, bin_end, count, mean, p50, p90, p99, top10_mean,
-        surv_<x> = P(D > x), hill_alpha, hill_k [, threshold_mean = mean of delta / w_t when delta given]
+        one row per (metric, bin): bin, bin_start, bin_end, count, mean, p50, p90, p99 (linear interpolation,
+        the one p90 estimator of cppo-diag), top10_mean, surv_<x> = P(D > x), hill_alpha, hill_k (null for the
+        bounded |pi - mu|) [, threshold_mean = mean of delta / w_t when delta given]; a frame pooling several
+        runs keys responses by its "run" column
     threshold_schedule(positions, *, delta, w_min, length) -> np.ndarray     delta / w_t (SPEC CPPO step 1)
     position_stats_lazy(lf, *, metric_exprs, ...) -> pl.LazyFrame   the same statistics as one lazy group_by
         (wide: one row per bin, "metric|stat" columns; holds every value - for small frames)
+    position_summary(source, *, ..., exact=False, engine="local", workers=None, ray_address=None, cache=True)
+        position_stats from mergeable partial aggregates (analyses.aggregate: log-bucket sketch, cached
+        beside the run, only new steps aggregated); aggregate_run(source, AggSpec(...)) -> Partial,
+        stats_table(partial, adv_sign=, updates=) -> the same long table
 
 Recompute any rule over a run (``analyses.recompute``)
     iter_batches(source, *, step_range=None, columns=None, progress=False) -> Iterator[Batch]
@@ -43,20 +49,21 @@ Recompute any rule over a run (``analyses.recompute``)
 
 Budget exhaustion, paper Fig. 7 (``analyses.budget``)
     budget_exhaustion(source, *, params=None, rule="cppo", step_range=None, bin_width=64, anchor=None,
-                      progress=True) -> BudgetResult
+                      updates="all", progress=True) -> BudgetResult
         BudgetResult: by_step (step, delta_b_mean, budget_share, masked_frac, ...),
         first_reject (pos, at_risk, events, survival), slack (bin, c_mean, c_p10, c_p50, frac_negative, ...)
 
 Compare runs x rules (``analyses.compare``)
     compare_runs(sources, rules=("grpo_clip", "dppo", "cppo"), *, params=None, names=None,
                  step_range=None, bin_width=64, include_applied=True, progress=True, relative=False,
-                 n_rel_bins=20) -> CompareResult       relative=True: by_position over t / T bins
-        CompareResult: summary (run, rule, masked_frac, budget_share, frac_pos_adv, frac_neg_adv, ...),
+                 n_rel_bins=20, updates="all", profiles=()) -> CompareResult
+                                                       relative=True: by_position over t / T bins
+        CompareResult: summary (run, rule, updates, masked_frac, budget_share, frac_pos_adv, frac_neg_adv, ...),
         by_position (run, rule, bin, bin_start, masked_frac, count)
 
 What-if sweeps (``analyses.whatif``)
     whatif_sweep(source, *, deltas, delta_bs, w_mins, base_params=None, step_range=None, anchor="rollout",
-                 progress=True) -> pl.DataFrame
+                 updates="all", progress=True) -> pl.DataFrame
         one row per (delta, delta_b, w_min): n_valid, n_masked, n_budget, masked_frac, budget_share
 
 Train/rollout mismatch (``analyses.mismatch``)
@@ -74,10 +81,22 @@ Figures: the same builders, taking the aggregated tables above, exist in ``analy
     fig_slack(budget.slack)                          fig_whatif(sweep, *, value="masked_frac", w_min=None)
     fig_mismatch(mismatch_table)                     fig_compare(compare.summary)
 
+Which updates are pooled (``analyses.updates``): every position, masked-fraction and budget analysis above
+takes ``updates="all" | "first" | "after_first"`` (None: the run's default)
+    default_updates(source) -> "after_first" for runs with several updates per batch (pi = mu in the first),
+                               else "all"
+    select_updates(source, updates, *, step_range=None) -> a token source of those updates' batches
+
+CPPO's named parameter sets on a run (``analyses.profiles``; the sets live in ``cppo_diag.masks.registry``)
+    run_profile_params(source, rule, profile) -> dict     e.g. ("cppo", "verl-pr6731"): horizon = the run's
+                                                          maximum response length
+    run_max_response_length(source) -> int | None
+    compare_runs(..., profiles=("unirl", "verl-pr6731")) adds rows "cppo[unirl]", "cppo[verl-pr6731]"
+
 Report and synthetic data
     write_report(sources, out_dir, *, rules=("grpo_clip", "dppo", "cppo"), params=None, bin_width=64,
-                 step_range=None, whatif=True, progress=True, title=...) -> pathlib.Path (the HTML file;
-                 PNGs beside it)
+                 step_range=None, whatif=True, progress=True, title=..., updates=None, profiles=())
+                 -> pathlib.Path (the HTML file; PNGs beside it); updates None: each run's default
     write_synthetic_run(path, *, n_tokens=100_000, seqs_per_step=64, max_len=512, updates=1, seed=0,
                         noise=0.01, drift=2.0, burst_frac=0.3, burst_scale=4.0, with_logp_old=True,
                         with_keep_applied=None, rule_params=None, progress=False) -> pathlib.Path
@@ -97,6 +116,9 @@ _LAZY = {
     "position_stats": "analyses.position",
     "position_stats_lazy": "analyses.position",
     "threshold_schedule": "analyses.position",
+    "position_summary": "analyses.aggregate",
+    "aggregate_run": "analyses.aggregate",
+    "stats_table": "analyses.aggregate",
     "iter_batches": "analyses.recompute",
     "recompute": "analyses.recompute",
     "recompute_many": "analyses.recompute",
@@ -111,6 +133,10 @@ _LAZY = {
     "CompareResult": "analyses.compare",
     "whatif_sweep": "analyses.whatif",
     "mismatch_by_position": "analyses.mismatch",
+    "default_updates": "analyses.updates",
+    "select_updates": "analyses.updates",
+    "run_max_response_length": "analyses.profiles",
+    "run_profile_params": "analyses.profiles",
     "write_report": "analyses.report",
     "write_synthetic_run": "analyses.synthetic",
 }

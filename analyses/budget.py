@@ -13,6 +13,11 @@ Three tables:
 * ``slack``: the slack c_t = min(delta, delta + delta_b W_{t-1} - S_{t-1}) (SPEC CPPO step 4) by position bin:
   mean, minimum, fraction of tokens with c_t < 0 (every ``away`` token masked there), mean Z_t = w_t D_t, and
   the fraction of ``away`` tokens masked by the budget.
+
+Every table derives from counts and sums that add (and per-bin minima that merge by ``min``): a result
+keeps them in ``raw``, so results over disjoint groups of whole steps merge into the one-pass result
+(:func:`merge_budget`). ``engine="local"|"ray"`` splits the steps of a run directory into such groups and
+recomputes them in parallel (``analyses.aggregate.map_tasks``).
 """
 
 from __future__ import annotations
@@ -25,8 +30,12 @@ import polars as pl
 
 from analyses.recompute import Batch, _PosCounter, away_mask, recompute
 from analyses.tokens import run_meta
+from analyses.updates import resolve_updates, select_updates
 
 CPPO_RULES = ("cppo", "cppo_no_weight", "cppo_shuffled", "cppo_soft", "cppo_no_budget")
+_BY_STEP_SCHEMA = {"step": pl.Int64, "n_valid": pl.Int64, "n_masked": pl.Int64, "n_budget": pl.Int64,
+                   "masked_frac": pl.Float64, "budget_share": pl.Float64, "n_resp": pl.Int64,
+                   "n_resp_rejected": pl.Int64, "delta_b_mean": pl.Float64, "resp_rejected_frac": pl.Float64}
 
 
 @dataclass
@@ -37,6 +46,11 @@ class BudgetResult:
     overall: dict
     rule: str
     params: dict
+    updates: str = "all"
+    # the additive state behind the tables (merge_budget): events, censored, slack sums, c_min, counts
+    raw: dict | None = None
+    # with an engine: which steps were recomputed and which came from the cache (analyses.aggregate.AggregateInfo)
+    cache_info: Any = None
 
 
 def _internal(res, name: str, rule: str) -> np.ndarray:
@@ -126,19 +140,36 @@ def budget_exhaustion(
     step_range=None,
     bin_width: int = 64,
     anchor: str | None = None,
+    updates: str | None = "all",
     progress: bool = True,
+    engine: str | None = None,
+    workers: int | None = None,
+    ray_address: str | None = None,
+    cache: bool = True,
 ) -> BudgetResult:
     """Budget exhaustion tables of a CPPO-family ``rule`` recomputed over a run (see the module docstring).
 
     ``params``: keyword parameters of the rule (SPEC names: delta, w_min, delta_b, delta_b_mode, ...);
-    default the rule's defaults.
+    default the rule's defaults. ``updates``: "all", "first" or "after_first" (``analyses.updates``).
+    ``engine``: None recomputes in this process, step after step; "local" or "ray" recompute groups of
+    whole steps of a run directory (other sources: as None) in ``workers`` processes / Ray tasks (local
+    default: one per 256 MB of shards, at most the CPU count) and merge them (:func:`merge_budget`:
+    the same tables, sums up to the order of float additions); with ``cache`` each group's state is saved
+    beside the run (``analyses.aggregate.cached_map``), so a growing run is recomputed for its new steps only.
     """
     if rule not in CPPO_RULES:
         raise ValueError(f"rule: budget_exhaustion needs a CPPO rule with a prefix budget, expected one of "
                          f"{[r for r in CPPO_RULES if r != 'cppo_no_budget']}, found {rule!r}")
     if anchor is None:
         anchor = run_meta(source).get("anchor") or "rollout"
+    if engine is not None and _is_run_dir(source):
+        return _budget_by_groups(source, dict(params=params, rule=rule, bin_width=bin_width, anchor=anchor,
+                                              updates=resolve_updates(source, updates)),
+                                 step_range=step_range, engine=engine, workers=workers, ray_address=ray_address,
+                                 progress=progress, cache=cache)
     acc = _BudgetAcc(rule, bin_width, anchor)
+    updates = resolve_updates(source, updates)
+    source = select_updates(source, updates, step_range=step_range)
     rec = recompute(source, rule, params=params, step_range=step_range, bin_width=bin_width, anchor=anchor,
                     return_internals=True, on_batch=acc, rule_metrics=False, progress=progress)
     if acc.rows:
@@ -149,26 +180,187 @@ def budget_exhaustion(
         by_step = rec.by_step.select("step", "n_valid", "n_masked", "n_budget", "masked_frac", "budget_share").join(
             db, on="step", how="left").sort("step")
     else:
-        by_step = pl.DataFrame(schema={"step": pl.Int64, "n_valid": pl.Int64, "n_masked": pl.Int64,
-                                       "n_budget": pl.Int64, "masked_frac": pl.Float64, "budget_share": pl.Float64,
-                                       "n_resp": pl.Int64, "n_resp_rejected": pl.Int64,
-                                       "delta_b_mean": pl.Float64, "resp_rejected_frac": pl.Float64})
+        by_step = pl.DataFrame(schema=_BY_STEP_SCHEMA)
+    c_min = np.full(len(acc.slack.counts.get("count", ())), np.inf)
+    for b, v in acc.c_min.items():
+        c_min[b] = v
+    raw = {"events": acc.events, "censored": acc.censored, "slack": dict(acc.slack.counts), "c_min": c_min,
+           "steps": set(by_step["step"].to_list()),
+           "counts": {k: int(v) for k, v in rec.overall.items() if k.startswith("n_")},
+           "signs": {r["adv_sign"]: (int(r["n_valid"]), int(r["n_masked"])) for r in rec.by_adv_sign.to_dicts()}}
+    return _assemble(by_step, raw, rule=rule, params=dict(params or {}), updates=updates, bin_width=bin_width)
+
+
+def _frac(num, den) -> float:
+    return float(num) / float(den) if den else float("nan")
+
+
+def _assemble(by_step: pl.DataFrame, raw: dict, *, rule: str, params: dict, updates: str, bin_width: int
+              ) -> BudgetResult:
+    """The three tables and ``overall`` from ``by_step`` and the additive state ``raw``."""
+    slack_counter = _PosCounter(bin_width)
+    slack_counter.counts = dict(raw["slack"])
     names = ["count", "c_sum", "n_negative", "z_sum", "n_away", "n_away_budget"]
-    slack = acc.slack.frame(names)
+    slack = slack_counter.frame(names)
+    c_min = raw["c_min"]
     slack = slack.with_columns(
-        c_min=pl.Series([acc.c_min.get(b, None) for b in slack["bin"].to_list()], dtype=pl.Float64),
+        c_min=pl.Series([float(c_min[b]) if b < len(c_min) and np.isfinite(c_min[b]) else None
+                         for b in slack["bin"].to_list()], dtype=pl.Float64),
     ).select(
         "bin", "bin_start", "bin_end", pl.col("count").cast(pl.Int64),
         c_mean=pl.col("c_sum") / pl.col("count"), c_min=pl.col("c_min"),
         frac_negative=pl.col("n_negative") / pl.col("count"), z_mean=pl.col("z_sum") / pl.col("count"),
         away_budget_frac=pl.when(pl.col("n_away") > 0).then(pl.col("n_away_budget") / pl.col("n_away")),
     ).filter(pl.col("count") > 0)
-    first = _survival(acc.events, acc.censored)
+    first = _survival(raw["events"], raw["censored"])
     n_resp = int(by_step["n_resp"].sum()) if by_step.height else 0
+    tot, signs = raw["counts"], raw["signs"]
     overall = {
-        **rec.overall,
+        **tot,
+        "masked_frac": _frac(tot.get("n_masked", 0), tot.get("n_valid", 0)),
+        "budget_share": _frac(tot.get("n_budget", 0), tot.get("n_masked", 0)),
+        "away_frac": _frac(tot.get("n_away", 0), tot.get("n_valid", 0)),
+        "masked_frac_pos_adv": _frac(signs.get("pos", (0, 0))[1], signs.get("pos", (0, 0))[0]),
+        "masked_frac_neg_adv": _frac(signs.get("neg", (0, 0))[1], signs.get("neg", (0, 0))[0]),
         "delta_b_mean": float(by_step["delta_b_mean"].mean()) if by_step.height else float("nan"),
-        "resp_rejected_frac": (int(acc.events.sum()) / n_resp) if n_resp else float("nan"),
+        "resp_rejected_frac": (int(np.sum(raw["events"])) / n_resp) if n_resp else float("nan"),
     }
     return BudgetResult(by_step=by_step, first_reject=first, slack=slack, overall=overall, rule=rule,
-                        params=dict(params or {}))
+                        params=params, updates=updates, raw=raw)
+
+
+def _add_padded(a: np.ndarray, b: np.ndarray, fill: float = 0.0, op=np.add) -> np.ndarray:
+    n = max(len(a), len(b))
+    a = np.pad(np.asarray(a, dtype=np.float64 if fill else a.dtype), (0, n - len(a)), constant_values=fill)
+    b = np.pad(np.asarray(b, dtype=a.dtype), (0, n - len(b)), constant_values=fill)
+    return op(a, b)
+
+
+def merge_budget(results: list[BudgetResult], *, bin_width: int) -> BudgetResult:
+    """One result from results over disjoint groups of whole steps (same rule, parameters and updates):
+    counts and sums add, per-bin minima take the minimum, ``by_step`` rows concatenate."""
+    results = [r for r in results if r is not None]
+    if not results:
+        raise ValueError("merge_budget: expected at least one BudgetResult, found none")
+    first = results[0]
+    raw: dict = {"events": np.zeros(0, np.int64), "censored": np.zeros(0, np.int64), "slack": {},
+                 "c_min": np.zeros(0), "counts": {}, "signs": {}, "steps": set()}
+    for r in results:
+        if (r.rule, r.params, r.updates) != (first.rule, first.params, first.updates):
+            raise ValueError(f"merge_budget: expected results of one rule, parameters and updates, found "
+                             f"{(first.rule, first.params, first.updates)} and {(r.rule, r.params, r.updates)}")
+        if r.raw is None:
+            raise ValueError("merge_budget: a result without its raw counts (made by an older version)")
+        raw["events"] = _add_padded(raw["events"], r.raw["events"])
+        raw["censored"] = _add_padded(raw["censored"], r.raw["censored"])
+        for k, v in r.raw["slack"].items():
+            raw["slack"][k] = _add_padded(raw["slack"].get(k, np.zeros(0)), v)
+        raw["c_min"] = _add_padded(raw["c_min"], r.raw["c_min"], fill=np.inf, op=np.minimum)
+        for k, v in r.raw["counts"].items():
+            raw["counts"][k] = raw["counts"].get(k, 0) + v
+        for k, (n, m) in r.raw["signs"].items():
+            n0, m0 = raw["signs"].get(k, (0, 0))
+            raw["signs"][k] = (n0 + n, m0 + m)
+        raw["steps"] = raw["steps"] | set(r.raw.get("steps", ()))
+    by_step = pl.concat([r.by_step for r in results], how="vertical_relaxed").sort("step")
+    return _assemble(by_step, raw, rule=first.rule, params=first.params, updates=first.updates, bin_width=bin_width)
+
+
+
+
+def _budget_task(task: tuple) -> BudgetResult:
+    path, step_range, kwargs = task
+    return budget_exhaustion(path, step_range=step_range, progress=False, **kwargs)
+
+
+def _budget_by_groups(source: Any, kwargs: dict, *, step_range, engine: str, workers: int | None,
+                      ray_address: str | None, progress: bool, cache: bool) -> BudgetResult:
+    """``budget_exhaustion`` over groups of whole steps of a run directory, by ``engine``, merged; each
+    group's state cached beside the run."""
+    import hashlib
+    import json
+    from pathlib import Path
+
+    from analyses.aggregate import BlockStore, _local_workers, _run_files, cached_map, map_tasks
+    from analyses.tokens import _open_run
+
+    run = _open_run(Path(source)) if isinstance(source, (str, Path)) else source
+    files = _run_files(run)
+    lo, hi = step_range if step_range is not None else (None, None)
+    steps = [s for s in sorted(files) if (lo is None or s >= lo) and (hi is None or s <= hi)]
+    n = _local_workers(files, steps, engine, workers)
+    bin_width = kwargs["bin_width"]
+
+    def compute(groups: list[list[int]]) -> list[BudgetResult]:
+        tasks = [(str(run.path), (g[0], g[-1]), kwargs) for g in groups]
+        parts = map_tasks(_budget_task, tasks, engine=engine, workers=n, ray_address=ray_address,
+                          progress="budget" if progress else None)
+        for g, part in zip(groups, parts):
+            part.raw["steps"] = set(g)  # the group's steps, with or without tokens of the selected updates
+        return parts
+
+    spec = {"kind": "budget", "v": 1, **{k: kwargs[k] for k in ("rule", "bin_width", "anchor", "updates")},
+            "params": kwargs["params"] or {}}
+    key = "budget-" + hashlib.sha1(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    store = BlockStore(key=key, load=lambda path: _load_budget(path, bin_width), save=_save_budget,
+                       merge=lambda parts: merge_budget(parts, bin_width=bin_width),
+                       steps_of=lambda part: set(part.raw["steps"]))
+    parts, info = cached_map(run, files, steps, store, compute, n_groups_for=lambda todo: 2 * n, cache=cache)
+    if not parts:  # no completed step in the range
+        raw = {"events": np.zeros(0, np.int64), "censored": np.zeros(0, np.int64), "slack": {}, "c_min": np.zeros(0),
+               "counts": {}, "signs": {}, "steps": set()}
+        out = _assemble(pl.DataFrame(schema=_BY_STEP_SCHEMA), raw, rule=kwargs["rule"],
+                        params=dict(kwargs["params"] or {}), updates=kwargs["updates"], bin_width=bin_width)
+    else:
+        out = merge_budget(parts, bin_width=bin_width)
+    out.cache_info = info
+    return out
+
+
+def _save_budget(result: BudgetResult, path) -> None:
+    """A BudgetResult's additive state and ``by_step`` as one .npz (no pickle)."""
+    import json
+
+    from cppo_diag.storage.layout import atomic_replace
+
+    raw = result.raw
+    meta = {"rule": result.rule, "params": result.params, "updates": result.updates, "counts": raw["counts"],
+            "signs": raw["signs"], "by_step": {c: str(t) for c, t in result.by_step.schema.items()}}
+    arrays = {"events": raw["events"], "censored": raw["censored"], "c_min": raw["c_min"],
+              "steps": np.array(sorted(raw["steps"]), np.int64),
+              "meta": np.frombuffer(json.dumps(meta, default=str).encode(), dtype=np.uint8)}
+    arrays.update({f"slack|{k}": v for k, v in raw["slack"].items()})
+    for c in result.by_step.columns:
+        col = result.by_step[c]
+        arrays[f"by_step|{c}"] = col.fill_null(0).to_numpy()
+        arrays[f"by_step_valid|{c}"] = col.is_not_null().to_numpy()
+    with atomic_replace(path) as tmp:
+        with open(tmp, "wb") as fh:
+            np.savez(fh, **arrays)
+
+
+def _load_budget(path, bin_width: int) -> BudgetResult:
+    import json
+
+    with np.load(path) as z:
+        meta = json.loads(bytes(z["meta"]).decode())
+        dtypes = {"Int64": pl.Int64, "Float64": pl.Float64, "Int32": pl.Int32, "UInt32": pl.UInt32}
+        by_step = pl.DataFrame({
+            c: pl.Series(c, z[f"by_step|{c}"]).cast(dtypes.get(t, pl.Float64)).scatter(
+                np.flatnonzero(~z[f"by_step_valid|{c}"]), None)
+            for c, t in meta["by_step"].items()})
+        raw = {"events": z["events"], "censored": z["censored"], "c_min": z["c_min"],
+               "steps": set(z["steps"].tolist()), "counts": meta["counts"],
+               "signs": {k: tuple(v) for k, v in meta["signs"].items()},
+               "slack": {name.split("|", 1)[1]: z[name] for name in z.files if name.startswith("slack|")}}
+    return _assemble(by_step, raw, rule=meta["rule"], params=meta["params"], updates=meta["updates"],
+                     bin_width=bin_width)
+
+
+def _is_run_dir(source: Any) -> bool:
+    """Whether ``source`` is a run directory (a path or a reader object with shard files)."""
+    from pathlib import Path
+
+    if isinstance(source, (str, Path)):
+        return Path(source).is_dir()
+    return hasattr(source, "token_files") and hasattr(source, "path")

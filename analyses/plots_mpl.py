@@ -15,10 +15,34 @@ import numpy as np
 import polars as pl
 from matplotlib.figure import Figure
 
-from analyses.position import METRIC_LABELS
+from analyses.position import BOUNDED_METRICS, METRIC_LABELS
 
 FIGSIZE = (6.4, 4.0)
 TAIL_LABELS = {"top10_mean": "top-10% mean (mean of D ≥ P90)", "p90": "P90", "p99": "P99"}
+# CPPO's threshold delta / w_t bounds D = |pi - mu|: it shares an axis with the probability metrics only.
+PROBABILITY_METRICS = frozenset({"tv", "mismatch_tv"})
+THRESHOLD_LABEL = "CPPO threshold δ / w_t"
+
+
+def hill_message(df: pl.DataFrame, metric: str, hill_min_k: int = 5) -> str | None:
+    """Why a Hill figure of ``metric`` has nothing to draw (None when it has): a bounded metric has no
+    tail index, and a bin needs at least ``hill_min_k`` tokens above its P90."""
+    label = METRIC_LABELS.get(metric, metric)
+    if metric in BOUNDED_METRICS:
+        return (f"No Hill tail index for {label}: it is bounded in [0, 1], so it has no power-law tail. "
+                "Choose |log π − log μ| or k3.")
+    if df.is_empty():
+        return f"no tokens for metric {metric!r}"
+    if df["hill_alpha"].null_count() == df.height:
+        return (f"Too few tokens above each bin's P90 for a Hill estimate of {label} (at least {hill_min_k} "
+                "exceedances per bin are needed): widen the bins or the step range.")
+    return None
+
+
+def threshold_drawn(df: pl.DataFrame, metric: str) -> bool:
+    """Whether Fig. 2 draws delta / w_t: the table has it and the metric is a probability like it."""
+    return (metric in PROBABILITY_METRICS and "threshold_mean" in df.columns
+            and df["threshold_mean"].null_count() < df.height)
 
 
 def _fig(figsize=FIGSIZE) -> tuple[Figure, object]:
@@ -29,7 +53,7 @@ def _fig(figsize=FIGSIZE) -> tuple[Figure, object]:
 
 
 def _empty(fig: Figure, ax, msg: str) -> Figure:
-    ax.text(0.5, 0.5, msg, ha="center", va="center", transform=ax.transAxes, fontsize=10, color="0.4")
+    ax.text(0.5, 0.5, msg, ha="center", va="center", transform=ax.transAxes, fontsize=10, color="0.4", wrap=True)
     ax.set_xticks([])
     ax.set_yticks([])
     return fig
@@ -66,8 +90,9 @@ def _legend(ax, *more_axes):
 def fig_position_divergence(table: pl.DataFrame, *, metric: str = "tv", tail: str = "top10_mean",
                             title: str | None = None) -> Figure:
     """Paper Fig. 2: bin mean and tail (``tail`` = "top10_mean", "p90" or "p99", named in the legend) of
-    ``metric`` against position, with CPPO's threshold delta / w_t (``threshold_mean``) on a right axis
-    when the table has it."""
+    ``metric`` against position, with CPPO's threshold delta / w_t (``threshold_mean``) on the **same** axis
+    when the table has it and ``metric`` is a probability (|pi - mu|): both are probabilities, and a second
+    axis would make the curves seem to cross where they do not. For other metrics the threshold is not drawn."""
     fig, ax = _fig()
     df = _metric_rows(table, metric)
     if df.is_empty():
@@ -76,15 +101,14 @@ def fig_position_divergence(table: pl.DataFrame, *, metric: str = "tv", tail: st
     ax.plot(x, df["mean"].to_numpy(), marker="o", ms=3, lw=1.5, color="C0", label=f"bin mean of {metric}")
     ax.plot(x, df[tail].to_numpy(), marker="s", ms=3, lw=1.5, color="C3", label=f"{TAIL_LABELS.get(tail, tail)}")
     ax.set_xlabel(_pos_xlabel(df))
-    ax.set_ylabel(METRIC_LABELS.get(metric, metric))
-    axes = []
-    if "threshold_mean" in df.columns and df["threshold_mean"].null_count() < df.height:
-        ax2 = ax.twinx()
-        ax2.plot(x, df["threshold_mean"].to_numpy(), ls="--", lw=1.2, color="0.3", label=r"CPPO threshold $\delta / w_t$")
-        ax2.set_ylabel(r"threshold $\delta / w_t$ on D (probability)")
-        axes.append(ax2)
+    ylabel = METRIC_LABELS.get(metric, metric)
+    if threshold_drawn(df, metric):
+        ax.plot(x, df["threshold_mean"].to_numpy(), ls="--", lw=1.2, color="0.3", label=r"CPPO threshold $\delta / w_t$")
+        ax.set_ylim(bottom=0)
+        ylabel = f"{ylabel}; threshold δ / w_t"
+    ax.set_ylabel(ylabel)
     ax.set_title(title or f"Divergence by position ({metric}; tail = {TAIL_LABELS.get(tail, tail)})")
-    _legend(ax, *axes)
+    _legend(ax)
     return fig
 
 
@@ -108,12 +132,14 @@ def fig_position_survival(table: pl.DataFrame, *, metric: str = "tv", title: str
     return fig
 
 
-def fig_position_hill(table: pl.DataFrame, *, metric: str = "tv", title: str | None = None) -> Figure:
-    """Hill tail index (threshold at the bin's P90) against position; smaller = heavier tail."""
+def fig_position_hill(table: pl.DataFrame, *, metric: str = "abs_logratio", title: str | None = None) -> Figure:
+    """Hill tail index (threshold at the bin's P90) against position; smaller = heavier tail. Unbounded
+    metrics only; a message instead of a blank plot when no bin has enough exceedances."""
     fig, ax = _fig()
     df = _metric_rows(table, metric)
-    if df.is_empty():
-        return _empty(fig, ax, f"no tokens for metric {metric!r}")
+    msg = hill_message(df, metric)
+    if msg is not None:
+        return _empty(fig, ax, msg)
     x = _centres(df)
     y = df["hill_alpha"].cast(pl.Float64).to_numpy()
     ax.plot(x, y, marker="o", ms=3, lw=1.5, color="C2", label="Hill α̂ (exceedances over P90)")

@@ -5,13 +5,16 @@ Same builder names and arguments as the matplotlib module; each returns a ``plot
 
 from __future__ import annotations
 
+import html
+import textwrap
+
 import numpy as np
 import plotly.graph_objects as go
 import polars as pl
 from plotly.subplots import make_subplots
 
 from analyses.plots_mpl import (TAIL_LABELS, _centres, _label, _metric_rows, _pos_xlabel, _series_keys,
-                                whatif_grid)
+                                hill_message, threshold_drawn, whatif_grid)
 from analyses.position import METRIC_LABELS
 
 # The legend goes under the plot (below the x-axis title), in the bottom margin: above the plot it collides
@@ -38,7 +41,8 @@ def _value_range(values, *, floor: float = 0.0, pad: float = 0.15) -> list[float
 
 def _empty(msg: str) -> go.Figure:
     fig = go.Figure()
-    fig.add_annotation(text=msg, x=0.5, y=0.5, xref="paper", yref="paper", showarrow=False)
+    text = "<br>".join(textwrap.wrap(html.escape(msg), 80))  # plotly does not wrap annotations
+    fig.add_annotation(text=text, x=0.5, y=0.5, xref="paper", yref="paper", showarrow=False)
     fig.update_layout(**LAYOUT, xaxis_visible=False, yaxis_visible=False)
     return fig
 
@@ -49,15 +53,16 @@ def fig_position_divergence(table: pl.DataFrame, *, metric: str = "tv", tail: st
     if df.is_empty():
         return _empty(f"no tokens for metric {metric!r}")
     x = _centres(df)
-    has_thr = "threshold_mean" in df.columns and df["threshold_mean"].null_count() < df.height
-    fig = make_subplots(specs=[[{"secondary_y": has_thr}]])
+    fig = go.Figure()  # one y-axis: delta / w_t and |pi - mu| are both probabilities (see plots_mpl)
     fig.add_trace(go.Scatter(x=x, y=df["mean"].to_numpy(), mode="lines+markers", name=f"bin mean of {metric}"))
     fig.add_trace(go.Scatter(x=x, y=df[tail].to_numpy(), mode="lines+markers", name=TAIL_LABELS.get(tail, tail)))
-    if has_thr:
+    ylabel = METRIC_LABELS.get(metric, metric)
+    if threshold_drawn(df, metric):
         fig.add_trace(go.Scatter(x=x, y=df["threshold_mean"].to_numpy(), mode="lines", name="CPPO threshold δ / w_t",
-                                 line=dict(dash="dash", color="gray")), secondary_y=True)
-        fig.update_yaxes(title_text="threshold δ / w_t on D (probability)", secondary_y=True, **RIGHT_AXIS)
-    fig.update_yaxes(title_text=METRIC_LABELS.get(metric, metric), secondary_y=False)
+                                 line=dict(dash="dash", color="gray")))
+        ylabel = f"{ylabel}; threshold δ / w_t"
+        fig.update_yaxes(rangemode="tozero")
+    fig.update_yaxes(title_text=ylabel)
     fig.update_layout(**LAYOUT, title=title or f"Divergence by position ({metric}; tail = {TAIL_LABELS.get(tail, tail)})",
                       xaxis_title=_pos_xlabel(df))
     return fig
@@ -78,10 +83,11 @@ def fig_position_survival(table: pl.DataFrame, *, metric: str = "tv", title: str
     return fig
 
 
-def fig_position_hill(table: pl.DataFrame, *, metric: str = "tv", title: str | None = None) -> go.Figure:
+def fig_position_hill(table: pl.DataFrame, *, metric: str = "abs_logratio", title: str | None = None) -> go.Figure:
     df = _metric_rows(table, metric)
-    if df.is_empty():
-        return _empty(f"no tokens for metric {metric!r}")
+    msg = hill_message(df, metric)
+    if msg is not None:
+        return _empty(msg)
     fig = go.Figure(go.Scatter(x=_centres(df), y=df["hill_alpha"].cast(pl.Float64).to_numpy(), mode="lines+markers",
                                name="Hill α̂ (exceedances over P90)"))
     fig.update_layout(**LAYOUT, title=title or f"Tail heaviness by position ({metric}; smaller α̂ = heavier tail)",

@@ -12,10 +12,20 @@ over the n tokens D_1..D_n that fall in the bin:
 * ``surv_<x>`` = P(D > x) = fraction of the bin's tokens strictly above the threshold x.
 * ``hill_alpha``: Hill tail-index estimate with the threshold at the bin's p90:
   u = p90, the k tokens with D > u, xi = (1/k) sum log(D_i / u), ``hill_alpha`` = 1 / xi (heavier tail ->
-  smaller alpha). ``hill_k`` = k. Null when k < ``hill_min_k``, u <= 0 or xi == 0.
+  smaller alpha). ``hill_k`` = k. Null when k < ``hill_min_k``, u <= 0 or xi == 0. A tail index describes a
+  power-law tail, which a **bounded** metric cannot have: for |pi - mu| and |pi_old - mu| (both in [0, 1],
+  ``BOUNDED_METRICS``) ``hill_alpha`` and ``hill_k`` are always null; they are reported for the unbounded
+  log-ratio metrics only.
 * ``threshold_mean`` (only when ``delta`` is given): mean over the bin's tokens of CPPO's per-token
   threshold on D, delta / w_t, w_t = 1 - (1 - w_min)(t - 1) / max(T - 1, 1) with t = pos + 1 and T the
   response's valid length (SPEC CPPO step 1, "sequence" mode): the paper's Fig. 2 overlay.
+
+Updates: ``updates="all" | "first" | "after_first"`` pools every logged update, only the first of each
+batch (pi = mu there) or only the later ones (``analyses.updates``); lengths T are taken per response, so the
+filter never changes a response's t / T or delta / w_t.
+
+Pooled frames of several runs (the study pools seeds) must carry a ``run`` column: responses are then keyed
+by (run, step, update, rank, seq_id), so two runs' responses that share a sequence key keep their own T.
 
 Binning: absolute position ``bin = pos // bin_width`` (``bin_start = bin * bin_width`` inclusive,
 ``bin_end`` exclusive, in 0-based positions), or relative position ``t / T`` in ``n_rel_bins`` equal bins
@@ -31,7 +41,10 @@ import numpy as np
 import polars as pl
 
 from analyses.tokens import divergence_exprs, filter_tokens, load_tokens, require_columns
+from analyses.updates import filter_updates, resolve_updates
 from cppo_diag.storage.schema import SEQUENCE_KEY
+
+RUN_KEY = "run"  # column that tells runs apart in a frame pooling several runs (see with_lengths)
 
 METRICS = ("tv", "abs_logratio", "k3")
 METRIC_LABELS = {
@@ -42,6 +55,8 @@ METRIC_LABELS = {
     "mismatch_tv": "|π_old − μ| (probability)",
     "mismatch_abs_logratio": "|log π_old − log μ| (nats)",
 }
+# Metrics bounded in [0, 1]: no power-law tail, so no Hill tail index (module docstring).
+BOUNDED_METRICS = frozenset({"tv", "mismatch_tv"})
 DEFAULT_THRESHOLDS = (0.05, 0.1, 0.2, 0.5)
 STAT_COLUMNS = ("count", "mean", "p50", "p90", "p99", "top10_mean", "hill_alpha", "hill_k")
 
@@ -75,6 +90,11 @@ def _aggs(name: str, d: pl.Expr, thresholds: Sequence[float], hill_min_k: int) -
     tail = d.filter(d > p90)
     hill_k = tail.len()
     xi = tail.log().mean() - p90.log()
+    if name in BOUNDED_METRICS:  # no tail index for a bounded metric
+        hill = [pl.lit(None, pl.Float64).alias(f"{name}|hill_alpha"), pl.lit(None, pl.Int64).alias(f"{name}|hill_k")]
+    else:
+        hill = [pl.when((hill_k >= hill_min_k) & (p90 > 0) & (xi > 0)).then(1.0 / xi).otherwise(None)
+                .alias(f"{name}|hill_alpha"), hill_k.alias(f"{name}|hill_k")]
     aggs = [
         d.len().alias(f"{name}|count"),
         d.mean().alias(f"{name}|mean"),
@@ -82,8 +102,7 @@ def _aggs(name: str, d: pl.Expr, thresholds: Sequence[float], hill_min_k: int) -
         p90.alias(f"{name}|p90"),
         d.quantile(0.99, interpolation="linear").alias(f"{name}|p99"),
         d.filter(d >= p90).mean().alias(f"{name}|top10_mean"),
-        pl.when((hill_k >= hill_min_k) & (p90 > 0) & (xi > 0)).then(1.0 / xi).otherwise(None).alias(f"{name}|hill_alpha"),
-        hill_k.alias(f"{name}|hill_k"),
+        *hill,
     ]
     aggs += [(d > x).mean().alias(f"{name}|{surv_name(x)}") for x in thresholds]
     return aggs
@@ -155,6 +174,7 @@ def position_stats(
     n_rel_bins: int = 20,
     step_range: tuple[int | None, int | None] | None = None,
     adv_sign: str | None = None,
+    updates: str | None = "all",
     thresholds: Sequence[float] = DEFAULT_THRESHOLDS,
     delta: float | None = None,
     w_min: float = 0.8,
@@ -165,7 +185,8 @@ def position_stats(
     """Per-position-bin statistics of per-token divergences (definitions in the module docstring).
 
     ``metrics`` from {"tv", "abs_logratio", "k3", "k1"} (SPEC "Per-token divergence"); ``step_range`` an
-    inclusive (lo, hi) with None for open ends; ``adv_sign`` None/"all", "pos", "neg" or "zero".
+    inclusive (lo, hi) with None for open ends; ``adv_sign`` None/"all", "pos", "neg" or "zero";
+    ``updates`` "all", "first", "after_first" (``analyses.updates``) or None for the run's default.
     Returns a long table, one row per (metric, bin), sorted by metric then bin; empty (with the same
     columns) when no token passes the filters.
     """
@@ -175,10 +196,11 @@ def position_stats(
         raise ValueError(f"metrics: expected names from {sorted(exprs)}, found {unknown}")
     lf = load_tokens(source)
     require_columns(lf, ["step", "pos", "logp", "logp_rollout", "advantage"], "position_stats")
+    updates = resolve_updates(source, updates)
     parts = None
     if relative or delta is not None:  # response lengths: one step at a time
-        parts = length_parts(source, step_range=step_range, adv_sign=adv_sign)
-    lf = filter_tokens(lf, step_range=step_range, adv_sign=adv_sign)
+        parts = [filter_updates(p, updates) for p in length_parts(source, step_range=step_range, adv_sign=adv_sign)]
+    lf = filter_updates(filter_tokens(lf, step_range=step_range, adv_sign=adv_sign), updates)
     return aggregate_positions(
         lf, {m: exprs[m] for m in metrics}, bin_width=bin_width, relative=relative, n_rel_bins=n_rel_bins,
         thresholds=thresholds, delta=delta, w_min=w_min, hill_min_k=hill_min_k, engine=engine, progress=progress,
@@ -346,11 +368,17 @@ def _bin_stats(h: _BinHist, fetched: dict[int, np.ndarray], tail_s: float, tail_
 CHUNK_ROWS = 2_000_000  # rows per streamed chunk (bounds memory: ~ CHUNK_ROWS * 13 bytes per metric)
 
 
+def sequence_key(lf: pl.LazyFrame) -> list[str]:
+    """The columns that identify a response in ``lf``: ``SEQUENCE_KEY``, preceded by ``run`` when the frame
+    pools several runs (two runs' responses may share a (step, update, rank, seq_id))."""
+    return ([RUN_KEY] if RUN_KEY in lf.collect_schema().names() else []) + list(SEQUENCE_KEY)
+
+
 def with_lengths(lf: pl.LazyFrame) -> pl.LazyFrame:
-    """Add ``_T``, the valid length of each token's response (max(pos) + 1 over the sequence key). A window
-    over the sequence key: apply it to one step at a time (sequences never span steps), see
-    :func:`length_parts`."""
-    return lf.with_columns(_T=(pl.col("pos").max().over(list(SEQUENCE_KEY)) + 1).cast(pl.Float64))
+    """Add ``_T``, the valid length of each token's response (max(pos) + 1 over the sequence key, with the
+    run key when present). A window over the sequence key: apply it to one step at a time (sequences never
+    span steps), see :func:`length_parts`."""
+    return lf.with_columns(_T=(pl.col("pos").max().over(sequence_key(lf)) + 1).cast(pl.Float64))
 
 
 def length_parts(source: Any, *, step_range=None, adv_sign: str | None = None, require=(),
@@ -720,6 +748,8 @@ def aggregate_positions(
             st = _bin_stats(h, fetched[m], at(tails, f"s|{m}", bn), at(tails, f"sl|{m}", bn),
                             at(per_bin, f"s|{m}", bn), thresholds, hill_min_k)
             row = {"metric": m, "bin": bn, **st}
+            if m in BOUNDED_METRICS:  # no tail index for a bounded metric
+                row["hill_alpha"] = row["hill_k"] = None
             if delta is not None:
                 row["threshold_mean"] = float(per_bin["_thr"][bn] / count[bn])
             rows.append(row)

@@ -1,12 +1,11 @@
 """Recompute any registered trust-region rule over a recorded run, one training step at a time.
 
 Batch reconstruction (the conventions of ``cppo_diag.storage.schema``): tokens are grouped by
-``(step, update, rank)``; inside a group each sequence becomes one row of a right-padded (B, T) batch and
-each token sits at column ``pos``. Rows follow ``seq_id`` order, and when the seq_ids are small
-non-negative integers (``max(seq_id) < 8 * n_sequences + 1024``, always true for the bundled trainer's
-0..B-1) sequence ``seq_id`` is placed at **row seq_id** - rows of sequences that were not logged stay empty -
-so row-dependent rules (``cppo_shuffled``'s seeded permutation) see the same row index the trainer gave
-them. Otherwise rows are the seq_ids' rank order. A position that was not logged is padding.
+``(step, update, rank)``; inside a group each sequence becomes one row of a right-padded (B, T) batch, in
+``seq_id`` order, and each token sits at column ``pos``. A position that was not logged is padding. The rules
+work per response, and the one with per-response randomness (``cppo_shuffled``) is keyed on the response's
+``(step, seq_id)``, which ``run_rule`` passes to ``compute_mask``: so the rows need not be ``0..B-1`` (the
+bundled trainer's minibatches hold any subset of a step's seq_ids) and sampled-out sequences leave no gap.
 
 Memory: one (step, update, rank) group is materialised at a time; summaries are running counts.
 """
@@ -27,7 +26,6 @@ from cppo_diag.storage import schema
 BASE_COLUMNS = ("step", "update", "rank", "seq_id", "pos", "logp", "logp_rollout", "advantage")
 OPTIONAL_BATCH_COLUMNS = ("logp_old", "keep_applied", "reason_applied", "token_id", "topk_ids", "topk_logp_rollout",
                           "topk_logp")
-ROW_AT_SEQ_ID_SLACK = (8, 1024)  # seq_id is used as the row index when max(seq_id) < 8 * n + 1024
 
 
 @dataclass
@@ -35,7 +33,7 @@ class Batch:
     """One (step, update, rank) group rebuilt as a padded batch.
 
     ``logp``, ``logp_rollout``, ``advantages`` (B, T) float32; ``response_mask`` (B, T) bool;
-    ``positions`` (B, T) int64 (pos, 0 on padding); ``seq_ids`` (B,) int64 (-1 for empty rows);
+    ``positions`` (B, T) int64 (pos, 0 on padding); ``seq_ids`` (B,) int64, increasing;
     ``order`` (N,) int64: for each valid token in row-major order, its row index in the source frame.
     Optional (B, T) tensors: ``logp_old``, ``keep_applied``, ``reason_applied``; ``topk`` dict of
     (B, T, K) tensors (keys "ids", "logp_rollout", "logp") plus (B, T) "token_ids" when the run logged
@@ -106,18 +104,9 @@ def batch_from_frame(frame: pl.DataFrame) -> Batch:
         i = int(np.argmax(dup))
         raise ValueError(f"step {step} update {update} rank {rank}: token (seq_id {seq_s[i]}, pos {pos_s[i]}) "
                          f"logged twice; expected one row per (step, update, rank, seq_id, pos)")
-    uniq, rows_s = np.unique(seq_s, return_inverse=True)
-    a, b = ROW_AT_SEQ_ID_SLACK
-    if uniq[-1] < a * len(uniq) + b:
-        rows_s = seq_s
-        n_rows = int(uniq[-1]) + 1
-        seq_ids = np.full(n_rows, -1, dtype=np.int64)
-        seq_ids[uniq] = uniq
-    else:
-        n_rows = len(uniq)
-        seq_ids = uniq
-    width = int(pos_s.max()) + 1
-    shape = (n_rows, width)
+    seq_ids, rows_s = np.unique(seq_s, return_inverse=True)  # row b holds sequence seq_ids[b]
+    rows_s = rows_s.reshape(-1)
+    shape = (len(seq_ids), int(pos_s.max()) + 1)
 
     def col(name, dtype, fill=0):
         return _pad(frame[name].to_numpy()[order], rows_s, pos_s, shape, dtype, fill)
@@ -222,7 +211,8 @@ def iter_batches(source: Any, *, step_range=None, columns: Sequence[str] | None 
 
 def run_rule(batch: Batch, rule: str, params: dict | None = None, *, anchor: str = "rollout",
              return_internals: bool = False):
-    """``cppo_diag.masks.compute_mask`` on one batch. ``anchor="old"`` anchors to pi_old (logp_old)."""
+    """``cppo_diag.masks.compute_mask`` on one batch. ``anchor="old"`` anchors to pi_old (logp_old). The
+    batch's step and seq_ids go with it (they key ``cppo_shuffled``'s permutation, as in the trainer)."""
     from cppo_diag.masks import compute_mask
 
     if anchor not in ("rollout", "old"):
@@ -235,7 +225,8 @@ def run_rule(batch: Batch, rule: str, params: dict | None = None, *, anchor: str
     return compute_mask(
         rule, logp=batch.logp, logp_rollout=batch.logp_rollout, advantages=batch.advantages,
         response_mask=batch.response_mask, logp_old=batch.logp_old, return_internals=return_internals,
-        anchor=anchor, **kwargs,
+        anchor=anchor, seq_ids=torch.from_numpy(np.asarray(batch.seq_ids, dtype=np.int64)), step=int(batch.step),
+        **kwargs,
     )
 
 

@@ -21,8 +21,9 @@ from analyses.binning import auto_bin_width, max_response_length
 from analyses.budget import budget_exhaustion
 from analyses.compare import compare_runs
 from analyses.mismatch import mismatch_by_position
-from analyses.position import position_stats
+from analyses.aggregate import position_summary
 from analyses.tokens import MissingColumnError, columns_of, load_tokens, run_meta, run_name
+from analyses.updates import UPDATE_LABELS, resolve_updates, updates_note
 from analyses.whatif import whatif_sweep
 
 CSS = """
@@ -109,17 +110,26 @@ def write_report(
     whatif: bool = True,
     progress: bool = True,
     title: str = "cppo-diag report",
+    updates: str | None = None,
+    profiles: Sequence[str] = (),
 ) -> Path:
     """Write PNGs and ``report.html`` for ``sources`` (runs or run directories) into ``out_dir``.
 
     ``rules``: rules recomputed on every run for the comparison; ``params``: rule name -> parameters
-    (the CPPO figures use ``params["cppo"]``, else the run's own parameters when it trained with cppo, else
+    (a rule given no parameters that a run applied gets that run's recorded ``rule_params``; the CPPO figures use ``params["cppo"]``, else the run's own parameters when it trained with cppo, else
     the defaults); ``bin_width``: position bin width in tokens, None for ``auto_bin_width`` over the longest
-    response. Returns the path of the HTML file.
+    response; ``updates``: which optimiser updates every analysis pools ("all", "first", "after_first"; None:
+    each run's ``default_updates``, i.e. the updates after the first for runs with several per batch);
+    ``profiles``: CPPO profiles recomputed beside ``rules`` (``cppo[<profile>]`` rows). Returns the path of
+    the HTML file.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     params = dict(params or {})
+    for src in sources:  # a compared rule that a run applied, without --param: the parameters it recorded
+        meta = run_meta(src)
+        if meta.get("rule") in rules and meta["rule"] not in params and meta.get("rule_params"):
+            params[meta["rule"]] = dict(meta["rule_params"])
     if bin_width is None:  # about 40 bins over the longest response of these runs
         bin_width = auto_bin_width(max_response_length(sources))
     doc = _Doc(out)
@@ -136,14 +146,19 @@ def write_report(
     doc.p("Statistics: quantiles use linear interpolation between order statistics (numpy's default); the "
           "<b>tail drawn in the divergence figures is the top-10% mean</b>, the mean of the tokens with D &ge; "
           "the bin's P90 (the tables also give P90 and P99); the Hill index uses the exceedances over the bin's "
-          "P90; the CPPO threshold overlay is the bin mean of &delta; / w<sub>t</sub>.")
+          "P90 and is reported only for the unbounded |log &pi; &minus; log &mu;| (|&pi; &minus; &mu;| lies in [0, 1]: "
+          "it has no power-law tail); the CPPO threshold overlay is the bin mean of &delta; / w<sub>t</sub>, drawn "
+          "on the same axis as |&pi; &minus; &mu;| (both are probabilities). For runs with several optimiser "
+          "updates per batch every table and figure pools the updates after the first of each batch unless "
+          "stated otherwise: in the first, &pi; = &mu;, which would dilute the divergence and the masked fraction.")
 
     # -- comparison across runs and rules -------------------------------------------------------------
     cmp = compare_runs(sources, rules, params=params, names=names, step_range=step_range, bin_width=bin_width,
-                       progress=progress)
+                       progress=progress, updates=updates, profiles=profiles)
     doc.h(2, "Runs × rules")
     doc.p("Every rule recomputed on the same logged tokens (<code>applied:&lt;rule&gt;</code> rows: the mask the "
-          "trainer logged in <code>keep_applied</code>).")
+          "trainer logged in <code>keep_applied</code>; <code>cppo[&lt;profile&gt;]</code> rows: CPPO under a named "
+          "parameter set). The <code>updates</code> column says which optimiser updates each row pools.")
     doc.table(cmp.summary)
     doc.fig(P.fig_compare(cmp.summary), "compare_masked_frac", "Masked fraction of each rule on each run.")
     doc.fig(P.fig_masked_by_position(cmp.by_position), "compare_masked_by_position",
@@ -155,30 +170,34 @@ def write_report(
         meta = run_meta(src)
         lf = load_tokens(src)
         doc.h(2, f"Run {name}")
+        upd = resolve_updates(src, updates)
         doc.p(f"trainer <code>{html.escape(str(meta.get('trainer')))}</code>, applied rule "
               f"<code>{html.escape(str(meta.get('rule')))}</code> {html.escape(str(meta.get('rule_params') or ''))}, "
               f"anchor <code>{html.escape(str(meta.get('anchor', 'rollout')))}</code>.")
+        doc.p(f"Updates: <b>{html.escape(UPDATE_LABELS[upd])}</b>. {html.escape(updates_note(upd))}", "note")
         cp = _cppo_params(meta, params)
         delta, w_min = float(cp.get("delta", 0.15)), float(cp.get("w_min", 0.8))
-        pos = position_stats(src, bin_width=bin_width, step_range=step_range, delta=delta, w_min=w_min,
-                             progress=progress)
+        pos = position_summary(src, bin_width=bin_width, step_range=step_range, delta=delta, w_min=w_min,
+                             updates=upd, progress=progress)
         if pos.is_empty():
             doc.p("This run has no token rows in the selected steps; nothing to analyse.", "note")
             continue
         doc.h(3, "Divergence by position (paper Fig. 2)")
         doc.fig(P.fig_position_divergence(pos, metric="tv", tail="top10_mean"), f"{slug}_position_tv",
                 f"|π − μ| by position: bin mean and top-10% mean, with CPPO's threshold δ / w<sub>t</sub> "
-                f"(δ = {delta:g}, w_min = {w_min:g}) on the right axis.")
+                f"(δ = {delta:g}, w_min = {w_min:g}) on the same axis (all three are probabilities).")
         doc.fig(P.fig_position_divergence(pos, metric="abs_logratio", tail="p90"), f"{slug}_position_logratio",
                 "|log π − log μ| by position: bin mean and P90.")
         doc.fig(P.fig_position_survival(pos, metric="tv"), f"{slug}_position_survival",
                 "P(|π − μ| > x) by position for several thresholds x (log scale: bins where no token exceeds x are not drawn).")
-        doc.fig(P.fig_position_hill(pos, metric="tv"), f"{slug}_position_hill",
-                "Hill tail index of |π − μ| per position bin (threshold: the bin's P90).")
+        doc.fig(P.fig_position_hill(pos, metric="abs_logratio"), f"{slug}_position_hill",
+                "Hill tail index of |log π − log μ| per position bin (threshold: the bin's P90; not reported for "
+                "the bounded |π − μ|).")
         doc.table(pos.filter(pl.col("metric") == "tv").drop("metric"))
 
         doc.h(3, "CPPO prefix budget (paper Fig. 7)")
-        bud = budget_exhaustion(src, params=cp, step_range=step_range, bin_width=bin_width, progress=progress)
+        bud = budget_exhaustion(src, params=cp, step_range=step_range, bin_width=bin_width, updates=upd,
+                                progress=progress, engine="local")  # groups of steps, cached beside the run
         doc.fig(P.fig_budget_by_step(bud.by_step), f"{slug}_budget_by_step",
                 "Mean realised δ_b per response and the share of masks due to the prefix budget, per step.")
         doc.fig(P.fig_first_reject(bud.first_reject), f"{slug}_first_reject",
@@ -189,14 +208,15 @@ def write_report(
         doc.h(3, "Train/rollout mismatch")
         try:
             mm = mismatch_by_position(src, bin_width=bin_width, step_range=step_range, progress=progress)
-            doc.fig(P.fig_mismatch(mm), f"{slug}_mismatch", "|π_old − μ| by position.")
+            doc.fig(P.fig_mismatch(mm), f"{slug}_mismatch",
+                    "|π_old − μ| by position, over all updates (π_old is fixed for a batch's updates).")
         except MissingColumnError as exc:
             doc.p(html.escape(str(exc), quote=False), "note")
 
         if whatif:
             doc.h(3, "What-if: CPPO parameters")
             base = {k: v for k, v in cp.items() if k not in ("delta", "delta_b", "w_min")}
-            sweep = whatif_sweep(src, base_params=base, step_range=step_range, progress=progress)
+            sweep = whatif_sweep(src, base_params=base, step_range=step_range, updates=upd, progress=progress)
             doc.fig(P.fig_whatif(sweep, value="masked_frac", w_min=w_min), f"{slug}_whatif_masked",
                     f"Masked fraction over (δ, δ_b) at w_min = {w_min:g}.")
             doc.fig(P.fig_whatif(sweep, value="budget_share", w_min=w_min), f"{slug}_whatif_budget",

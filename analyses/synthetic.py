@@ -158,3 +158,38 @@ def empty_run(path, *, name: str | None = None) -> Path:
             "rule": None, "rule_params": {}, "anchor": "rollout", "config": {}, "status": "finished"}
     (dirs["meta"]).write_text(json.dumps(meta))
     return run
+
+
+def write_recorded_run(path, *, n_tokens: int = 1_000_000, seqs_per_step: int = 512, max_len: int = 1024,
+                       min_len: int | None = None, updates: int = 1, seed: int = 0, noise: float = 0.01,
+                       drift: float = 2.0, progress: bool = False) -> Path:
+    """Like :func:`write_synthetic_run` (same model of the data), but written through
+    ``cppo_diag.RunRecorder.log_tokens`` (packed tokens + ``cu_seqlens``), so the shards, their
+    compression and the done markers are exactly what a trainer's recorder leaves (benchmarks, scale tests)."""
+    from cppo_diag import RunRecorder
+
+    min_len = max(1, max_len // 4) if min_len is None else min_len
+    rng = np.random.default_rng(seed)
+    per_step = seqs_per_step * (min_len + max_len) / 2 * updates
+    n_steps = max(1, int(round(n_tokens / per_step))) if n_tokens > 0 else 0
+    steps = range(n_steps)
+    if progress:
+        from tqdm.auto import tqdm
+
+        steps = tqdm(steps, desc="recorded synthetic run", unit="step")
+    rec = RunRecorder(path, trainer="synthetic", task="synthetic", on_error="raise", resume=False,
+                      config={"n_tokens": n_tokens, "seqs_per_step": seqs_per_step, "max_len": max_len,
+                              "min_len": min_len, "updates": updates, "seed": seed, "noise": noise, "drift": drift})
+    try:
+        for step in steps:
+            for update in range(updates):
+                frame, info = _step_frame(rng, step, update, seqs_per_step, max_len, min_len, noise, drift, 8, True)
+                lengths = info["lengths"]
+                cu = np.r_[0, np.cumsum(lengths)].astype(np.int64)  # (B+1,)
+                rec.log_tokens(step=step, update=update, logp=frame["logp"].to_numpy(),
+                               logp_rollout=frame["logp_rollout"].to_numpy(), cu_seqlens=cu,
+                               advantages=frame["advantage"].to_numpy()[cu[:-1]], logp_old=frame["logp_old"].to_numpy())
+            rec.end_step(step)
+    finally:
+        rec.close()
+    return Path(path)

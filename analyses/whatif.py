@@ -24,6 +24,7 @@ import polars as pl
 import torch
 
 from analyses.recompute import iter_batches
+from analyses.updates import resolve_updates, select_updates
 
 SWEEP_PARAMS = ("delta_b_mode", "delta_b_quantile", "delta_b_cap", "delta_b_scale", "weight_length", "horizon",
                 "divergence")
@@ -126,12 +127,14 @@ def whatif_sweep(
     base_params: dict | None = None,
     step_range=None,
     anchor: str = "rollout",
+    updates: str | None = "all",
     progress: bool = True,
 ) -> pl.DataFrame:
     """CPPO over the grid deltas x delta_bs x w_mins on a run (or a step range of it).
 
     ``base_params``: the other CPPO parameters (delta_b_mode, delta_b_quantile, delta_b_cap, delta_b_scale,
-    weight_length, horizon, divergence; default the rule's defaults). Returns one row per grid point:
+    weight_length, horizon, divergence; default the rule's defaults). ``updates``: "all", "first" or
+    "after_first" (``analyses.updates``). Returns one row per grid point:
     delta, delta_b, w_min, n_valid, n_masked, n_budget, n_token, masked_frac = n_masked / n_valid,
     budget_share = n_budget / n_masked (null when nothing is masked).
     """
@@ -140,6 +143,8 @@ def whatif_sweep(
     if not grid:
         raise ValueError("whatif_sweep: expected at least one value in each of deltas, delta_bs, w_mins")
     total = np.zeros((len(grid), 4), dtype=np.int64)
+    updates = resolve_updates(source, updates)
+    source = select_updates(source, updates, step_range=step_range)
     for batch in iter_batches(source, step_range=step_range, progress=progress):
         total += sweep_batch(batch, grid, base, anchor=anchor)
     g = np.asarray(grid)

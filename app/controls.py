@@ -166,3 +166,94 @@ def bin_width(auto: int, key: str, container: Any = st) -> int:
 
 def default_bin_width(path: str) -> int:
     return auto_bin_width(data.max_position(path) + 1)
+
+
+# -- which optimiser updates a page pools (analyses.updates) ---------------------------------------------------
+
+
+def run_default_updates(path: str) -> str:
+    """The run's default: "after_first" when it logged several updates per batch, else "all" (cached)."""
+    return data.analysis("default_updates", path)
+
+
+def updates_widget(paths: str | list[str], key: str, container: Any = st) -> str | None:
+    """Which updates the page pools. Shown only when a run logged several updates per batch (then the default
+    is the updates after the first, where pi != mu); with one run the choice is returned, with several None
+    means "each run's default". A caption says what is pooled."""
+    from analyses.updates import UPDATE_LABELS, UPDATES, updates_note
+
+    many = isinstance(paths, list)
+    defaults = [run_default_updates(p) for p in (paths if many else [paths])]
+    if "after_first" not in defaults:
+        return None if many else "all"
+    options = (["auto"] if many else []) + list(UPDATES)
+    labels = {"auto": "each run's default", **UPDATE_LABELS}
+    if st.session_state.get(key) not in options:
+        st.session_state[key] = "auto" if many else "after_first"
+    choice = container.radio("Updates", options, format_func=labels.get, horizontal=True, key=key,
+                             help="A run with several optimiser updates per batch logs each update's tokens; in the "
+                                  "first update of a batch pi = mu, so nothing can be masked there.")
+    if choice == "auto":
+        container.caption("Runs with several updates per batch: the updates after the first; other runs: all.")
+        return None
+    container.caption(updates_note(choice))
+    return choice
+
+
+@st.cache_resource(max_entries=data.MAX_BATCH_SETS, ttl=data.TTL_S, show_spinner=False)
+def _update_batch_set(path: str, version: tuple, step_range: tuple | None, updates: str):
+    from analyses.recompute import load_batches
+    from analyses.updates import select_updates
+
+    return select_updates(load_batches(data.get_run(path), step_range=step_range), updates)
+
+
+@st.cache_data(max_entries=data.MAX_AGGREGATES, ttl=data.TTL_S, show_spinner=False)
+def _recompute_updates(path: str, version: tuple, step_range: tuple | None, updates: str, rule: str,
+                       params: tuple, bin_width: int) -> Any:
+    import analyses
+    from analyses.updates import select_updates
+
+    lo, hi = step_range if step_range is not None else (None, None)
+    n = sum(v for s, v in data.tokens_per_step(path).items() if (lo is None or s >= lo) and (hi is None or s <= hi))
+    if n <= data.WHATIF_BATCH_TOKENS:
+        source = _update_batch_set(path, version, step_range, updates)
+    else:
+        source = select_updates(data.get_run(path), updates, step_range=step_range)
+    return analyses.recompute(source, rule, params=dict(params), step_range=step_range, bin_width=bin_width,
+                              rule_metrics=False, progress=False)
+
+
+def recompute_steps(path: str, *, rule: str, params: dict[str, Any], step_range: tuple[int, int] | None,
+                    bin_width: int, updates: str = "all") -> Any:
+    """``data.recompute_steps`` restricted to the updates ``updates`` selects (the batches of the chosen steps
+    and updates are rebuilt once, so a slider move only re-runs the rule)."""
+    if updates == "all":
+        return data.recompute_steps(path, rule=rule, params=params, step_range=step_range, bin_width=bin_width)
+    p = str(data.confine(path))
+    return _recompute_updates(p, data.run_version(p), None if step_range is None else tuple(step_range), updates,
+                              rule, tuple(sorted(params.items())), int(bin_width))
+
+
+# -- named parameter sets of CPPO (cppo_diag.masks.registry profiles) ------------------------------------------
+
+
+def cppo_profiles() -> list[str]:
+    from cppo_diag.masks.registry import list_profiles
+
+    return [p.name for p in list_profiles("cppo")]
+
+
+def profile_params(path: str, profile: str) -> dict[str, Any]:
+    """Every CPPO parameter under ``profile`` on this run (verl-pr6731: horizon = the run's max length)."""
+    return dict(data.analysis("run_profile_params", path, rule="cppo", profile=profile))
+
+
+def profile_caption(path: str, profile: str) -> str:
+    """What a profile reproduces and the parameters it sets on this run, in one line."""
+    from cppo_diag.masks.registry import get_profile, get_rule
+
+    spec, params, defaults = get_profile("cppo", profile), profile_params(path, profile), get_rule("cppo").params
+    diff = {k: v for k, v in params.items() if v != defaults.get(k)}
+    return f"**{profile}**: {spec.source}. " + (
+        "Sets " + ", ".join(f"{k} = {v}" for k, v in diff.items()) + "." if diff else "The rule's defaults.")

@@ -14,8 +14,12 @@ Caching
 
 Security
 --------
-* Every path a page hands in is resolved (symlinks and ``..`` included) and must lie inside one of the roots
-  (:func:`confine`); anything else raises ``PermissionError``.
+* One rule decides which paths the app reads (:func:`confine`): a path is read when it resolves (symlinks
+  included) inside a root, or inside the target of a run the listing found in a root. A run directory that
+  is a symbolic link the user placed inside a root therefore counts as inside, while any other path, from
+  the browser or elsewhere, that resolves outside is refused with ``PermissionError`` (one plain sentence,
+  shown as such by the router). The listing and the pages use the same snapshot of the roots, so every
+  listed run opens on every page; a link re-pointed after the listing is refused until Refresh.
 * Nothing is ever unpickled: runs are parquet / JSON / JSONL read through the reader.
 """
 
@@ -79,13 +83,20 @@ def roots() -> list[Path]:
     return [Path(p) for p in st.session_state["_roots"]]
 
 
-def confine(path: str | os.PathLike, allowed: Sequence[Path] | None = None) -> Path:
-    """Resolve ``path`` and check that it lies inside one of the roots.
+def _inside(path: Path, dirs: Sequence[Path]) -> bool:
+    return any(path == d or path.is_relative_to(d) for d in dirs)
 
-    Relative paths are taken relative to the first root and may not contain ``..``.  Raises
-    ``PermissionError`` naming the path and the roots otherwise.
+
+def confine(path: str | os.PathLike, allowed: Sequence[Path] | None = None) -> Path:
+    """The path the app may read for ``path``, or ``PermissionError`` (see "Security" above).
+
+    Relative paths are taken relative to the first root and may not contain ``..``. Allowed: ``path``
+    resolves inside a root, or inside the target of a run that the listing of the roots found as a link
+    (:func:`discover`). Returns the path as the listing names it (through the link, not its target), so
+    cache keys and labels agree with the Runs page.
     """
-    allowed = [Path(r).resolve() for r in (roots() if allowed is None else allowed)]
+    from_session = allowed is None
+    allowed = [Path(r).resolve() for r in (roots() if from_session else allowed)]
     if not allowed:
         raise PermissionError("no run roots configured")
     p = Path(path)
@@ -94,11 +105,17 @@ def confine(path: str | os.PathLike, allowed: Sequence[Path] | None = None) -> P
             raise PermissionError(f"path {str(path)!r}: '..' is not allowed in a relative run path")
         p = allowed[0] / p
     resolved = p.resolve()
-    for root in allowed:
-        if resolved == root or resolved.is_relative_to(root):
-            return resolved
+    lexical = Path(os.path.abspath(p))
+    listed_here = ".." not in p.parts and _inside(lexical, allowed)
+    if _inside(resolved, allowed):
+        return lexical if listed_here else resolved
+    links = dict((discover(tuple(map(str, allowed))) if from_session else _scan(tuple(map(str, allowed))))[1])
+    for link, target in links.items():
+        if _inside(resolved, [Path(target)]):
+            return Path(link) / resolved.relative_to(target)
     raise PermissionError(
-        f"path {str(path)!r} resolves to {resolved}, outside the app's roots {[str(r) for r in allowed]}"
+        f"path {str(path)!r} resolves to {resolved}, outside the app's roots ({', '.join(map(str, allowed))}) "
+        "and outside every run linked into them, so it was not opened (press Refresh if the link is new)."
     )
 
 
@@ -123,24 +140,39 @@ def run_version(path: str) -> tuple:
     return tuple(parts)
 
 
-@st.cache_data(ttl=30, max_entries=16, show_spinner=False)
-def discover(root_strs: tuple[str, ...]) -> list[str]:
-    """Paths (str) of the runs under each root, in root order then name order."""
+def _scan(root_strs: tuple[str, ...]) -> tuple[tuple[str, ...], tuple[tuple[str, str], ...]]:
+    """The runs under each root (in root order, then name order) as the listing names them - a run that is
+    a symbolic link inside a root keeps its link path - and, for the runs that resolve outside every root,
+    (link path, resolved target) pairs: the targets :func:`confine` also admits."""
     from cppo_diag import list_runs
 
+    dirs = [Path(r) for r in root_strs]
     found: list[str] = []
-    for r in root_strs:
-        if not Path(r).is_dir():
+    links: list[tuple[str, str]] = []
+    for r in dirs:
+        if not r.is_dir():
             continue
         for run in list_runs(r):
-            p = str(Path(run.path).resolve())
-            if p not in found:
-                found.append(p)
-    return found
+            p = os.path.abspath(run.path)
+            if p in found:
+                continue
+            found.append(p)
+            target = Path(p).resolve()
+            if not _inside(target, dirs):
+                links.append((p, str(target)))
+    return tuple(found), tuple(links)
+
+
+@st.cache_data(ttl=30, max_entries=16, show_spinner=False)
+def discover(root_strs: tuple[str, ...]) -> tuple[tuple[str, ...], tuple[tuple[str, str], ...]]:
+    """:func:`_scan`, cached: the one snapshot of the roots that the listing and :func:`confine` share
+    (re-scanned every 30 s and on Refresh)."""
+    return _scan(root_strs)
 
 
 def all_runs() -> list[str]:
-    return discover(tuple(str(r) for r in roots()))
+    """Paths (str) of the listed runs, as the listing names them."""
+    return list(discover(tuple(str(r) for r in roots()))[0])
 
 
 def label(path: str) -> str:
@@ -374,7 +406,8 @@ def runs_table(paths: Sequence[str]) -> pl.DataFrame:
             status = "live" if is_live(p) else (r.status if r.status != "live" else "stopped")
             rows.append({**r.__dict__, "status": status, "error": ""})
         except Exception as exc:  # a broken run must not hide the others; the table says what is wrong
-            rows.append({"path": p, "name": Path(p).name, "status": "unreadable", "error": f"{type(exc).__name__}: {exc}"})
+            error = str(exc) if isinstance(exc, PermissionError) else f"{type(exc).__name__}: {exc}"  # refusals: one sentence
+            rows.append({"path": p, "name": Path(p).name, "status": "unreadable", "error": error})
     return pl.DataFrame(rows, infer_schema_length=None) if rows else pl.DataFrame()
 
 

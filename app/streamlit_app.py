@@ -6,7 +6,8 @@ multipage mode when a ``pages/`` folder sits next to the main script, and then r
 
 Run it with ``cppo-diag app [--root DIR ...]`` (or ``streamlit run app/streamlit_app.py -- --root DIR``).
 The sidebar built here is shared by every page: the run roots, the selected runs (kept in session state
-across pages), and the refresh controls for runs still being written.
+across pages), and the refresh controls for runs still being written. A path that ``app/data.py`` refuses
+(outside the roots and the runs linked into them) is shown as its one-sentence message, not a traceback.
 """
 
 from __future__ import annotations
@@ -39,4 +40,7 @@ PAGES = [
 ui.keep_persistent_state()
 ui.sidebar()
 page = st.navigation(PAGES)
-page.run()
+try:
+    page.run()
+except PermissionError as exc:  # a path app/data.py refused (see its "Security"): one sentence, no traceback
+    st.error(str(exc))

@@ -63,8 +63,9 @@ def main(argv=None) -> int:
     import polars as pl
 
     st = pl.concat([open_run(p).steps() for p in runs], how="diagonal_relaxed")
+    masked = f"mask/{open_run(runs[0]).meta['rule']}/frac"  # the masked fraction, pooled over each step's updates
     mean = {c: float(st[c].mean()) for c in ("time/step_s", "time/rollout_s", "time/update_s", "time/rule_s",
-                                             "time/log_tokens_s", "throughput/tokens_per_s", "mask/frac")}
+                                             "time/log_tokens_s", "throughput/tokens_per_s", masked)}
     step = mean["time/step_s"]
     fwd_bwd = mean["time/update_s"] - mean["time/rule_s"] - mean["time/log_tokens_s"]
     print("\ndemo step-time breakdown (recorder on, mean over steps):")
@@ -73,7 +74,7 @@ def main(argv=None) -> int:
                      ("log_tokens (RunRecorder, enqueue)", mean["time/log_tokens_s"]),
                      ("rest (rewards, sequences, scalars)", step - mean["time/rollout_s"] - mean["time/update_s"])]:
         print(f"  {label:42s} {v:7.3f} s  {100 * v / step:5.1f}%")
-    print(f"  {'step':42s} {step:7.3f} s   ({mean['throughput/tokens_per_s']:.0f} sampled tokens/s, masked fraction {mean['mask/frac']:.3f})")
+    print(f"  {'step':42s} {step:7.3f} s   ({mean['throughput/tokens_per_s']:.0f} sampled tokens/s, masked fraction {mean[masked]:.3f})")
     return 0
 
 

@@ -113,7 +113,7 @@ def main(argv=None) -> int:
         "arch": arch, "params_M": round(n_params / 1e6, 1), "device": device, "steps": steps,
         "tokens_per_s": round(mean("throughput/tokens_per_s"), 1),
         "rollout_s_per_step": round(mean("time/rollout_s"), 3), "update_s_per_step": round(mean("time/update_s"), 3),
-        "rollout_frac": round(mean("time/rollout_frac"), 3), "mask_frac": round(mean("mask/frac"), 5),
+        "rollout_frac": round(mean("time/rollout_frac"), 3), "mask_frac": round(mean("mask/cppo/frac"), 5),
         "div_tv_mean": mean("div/tv/mean"), "reward_mean": round(mean("reward/mean"), 4),
         "parity": par, "keep_mismatch_frac": frac, "train_s": round(t_train, 1), "sft_s": round(t_sft, 1),
         "peak_mem_GiB": round(torch.cuda.max_memory_allocated() / 2**30, 2) if device == "cuda" else None,

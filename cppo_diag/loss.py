@@ -22,7 +22,7 @@ import torch
 
 from cppo_diag.masks.reduce import masked_count, masked_mean, masked_sum, safe_div
 
-__all__ = ["policy_loss", "AGG_MODES"]
+__all__ = ["policy_loss", "applied_weight", "AGG_MODES"]
 
 AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 
@@ -35,6 +35,22 @@ def _rows(x: torch.Tensor, cu_seqlens: torch.Tensor | None) -> torch.Tensor:
     lengths = cu[1:] - cu[:-1]
     row = torch.repeat_interleave(torch.arange(lengths.numel(), device=x.device), lengths, output_size=x.numel())
     return torch.zeros(lengths.numel(), dtype=x.dtype, device=x.device).index_add(0, row, x)
+
+
+def applied_weight(mask_result, trunc_cap: float | None = None) -> torch.Tensor | None:
+    """The detached per-token weight ``policy_loss`` multiplies a kept token's term by, or None when there is
+    none (the loss then uses ``keep`` alone: every masking rule, and drpo's own functional form).
+
+    Loss form "ratio": the rule's ``weight`` g_t (the cppo_soft gate). Loss form "is_weight" (cispo): the IS
+    weight w_t = min(rho_t, 1 + eps_high), clamped at ``trunc_cap`` when given (as the loss does).
+    Shape and layout of ``mask_result.keep``; 0 on padding.
+    """
+    if mask_result is None or mask_result.loss_form == "drpo" or mask_result.weight is None:
+        return None
+    w = mask_result.weight.detach()
+    if mask_result.loss_form == "is_weight" and trunc_cap is not None:
+        w = w.clamp(max=trunc_cap)
+    return w
 
 
 def policy_loss(

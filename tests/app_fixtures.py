@@ -64,7 +64,7 @@ def write_run(root: Path, name: str, rule: str, params: dict, *, n_steps: int = 
                           completions=["".join(t) for t in toks], tokens=toks, rewards=rewards,
                           lengths=lengths, group_ids=groups, correct=rewards > 0.5)
         rec.log_scalars(step, {"reward/mean": float(rewards.mean()) + 0.05 * step,
-                               "accuracy/mean": float((rewards > 0.5).mean()),
+                               "acc/mean": float((rewards > 0.5).mean()),  # the trainer's name
                                **{k: float(v) for k, v in res.metrics.items()}})
         rec.end_step(step)
     if close:

@@ -122,7 +122,9 @@ def _weight(i: int, n: int, w_min: float, weight_length: str, horizon) -> float:
     return 1 - (1 - w_min) * (t - 1) / max(horizon - 1, 1)
 
 
-def reference(rule, logp, logp_rollout, advantages, response_mask=None, topk=None, **params):
+def reference(rule, logp, logp_rollout, advantages, response_mask=None, topk=None, seq_ids=None, step=None,
+              **params):
+    """``seq_ids`` (list of B ints, default the row index) and ``step`` key cppo_shuffled's permutation."""
     if rule not in DEFAULTS:
         raise KeyError(rule)
     P = dict(DEFAULTS[rule])
@@ -191,7 +193,7 @@ def reference(rule, logp, logp_rollout, advantages, response_mask=None, topk=Non
         else:
             ws = [_weight(i, n, P["w_min"], P["weight_length"], P["horizon"]) for i in range(n)]
             if rule == "cppo_shuffled":
-                perm = shuffle_permutation(P["seed"], b, n)
+                perm = shuffle_permutation(P["seed"], b if seq_ids is None else int(seq_ids[b]), n, step)
                 ws = [ws[perm[i]] for i in range(n)]
         budget = rule in ("cppo", "cppo_no_weight", "cppo_soft")
         if budget:

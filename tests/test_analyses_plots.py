@@ -33,6 +33,7 @@ def _calls(t):
         ("fig_position_divergence", t["position"], {"metric": "k3"}),
         ("fig_position_survival", t["position"], {}),
         ("fig_position_hill", t["position"], {}),
+        ("fig_position_hill", t["position"], {"metric": "k3"}),
         ("fig_masked_by_position", t["compare"].by_position, {}),
         ("fig_masked_by_step", t["compare"].by_step, {}),
         ("fig_budget_by_step", t["budget"].by_step, {}),
@@ -66,11 +67,53 @@ def test_plotly_figures_have_traces(tables):
         assert fig.layout.xaxis.title.text, name
 
 
+def _message(fig) -> str:
+    """The text a figure shows instead of data ('' when it shows none)."""
+    if isinstance(fig, M.Figure):
+        return " ".join(t.get_text() for ax in fig.axes for t in ax.texts)
+    return " ".join(a.text or "" for a in fig.layout.annotations)
+
+
 @pytest.mark.parametrize("module", [M, PP])
 def test_empty_tables_give_a_message_not_an_error(tables, module):
     for name, table, kw in _calls(tables):
         fig = getattr(module, name)(table.head(0) if isinstance(table, pl.DataFrame) else table, **kw)
-        assert fig is not None
+        msg = _message(fig)
+        assert msg.strip(), name  # a sentence, not a blank figure
+        assert any(w in msg for w in ("no ", "nothing", "empty", "No ")), (name, msg)
+
+
+@pytest.mark.parametrize("module", [M, PP])
+def test_fig2_threshold_shares_the_divergence_axis(tables, module):
+    """|pi - mu| and delta / w_t are both probabilities: one y-axis, so a crossing on the figure is a real one."""
+    fig = module.fig_position_divergence(tables["position"], metric="tv")
+    if module is M:
+        assert len(fig.axes) == 1
+        labels = [ln.get_label() for ln in fig.axes[0].lines]
+        assert any("threshold" in lab for lab in labels)
+        lo, hi = fig.axes[0].get_ylim()
+        thr = tables["position"].filter(pl.col("metric") == "tv")["threshold_mean"].to_numpy()
+        assert lo <= thr.min() and thr.max() <= hi
+    else:
+        assert any("threshold" in (t.name or "") for t in fig.data)
+        assert all(t.yaxis in (None, "y") for t in fig.data)
+        assert "yaxis2" not in fig.to_dict()["layout"]
+    # the threshold bounds |pi - mu|, not a log-ratio: not drawn beside k3
+    fig = module.fig_position_divergence(tables["position"], metric="k3")
+    names = [ln.get_label() for ln in fig.axes[0].lines] if module is M else [t.name for t in fig.data]
+    assert not any("threshold" in (n or "") for n in names)
+
+
+@pytest.mark.parametrize("module", [M, PP])
+def test_hill_figure_explains_bounded_metric_and_too_few_exceedances(tables, module):
+    pos = tables["position"]
+    assert pos.filter(pl.col("metric") == "tv")["hill_alpha"].null_count() == pos.filter(pl.col("metric") == "tv").height
+    assert "bounded" in _message(module.fig_position_hill(pos, metric="tv"))
+    drawn = module.fig_position_hill(pos, metric="abs_logratio")
+    assert not _message(drawn)
+    # too few tokens above the tail threshold in every bin: a sentence saying so, not a blank plot
+    few = pos.with_columns(pl.lit(None, pl.Float64).alias("hill_alpha"), pl.lit(2, pl.Int64).alias("hill_k"))
+    assert "Too few tokens" in _message(module.fig_position_hill(few, metric="abs_logratio"))
 
 
 def test_plotly_legends_sit_below_the_plot_not_on_the_title(tables):

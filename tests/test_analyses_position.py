@@ -6,7 +6,7 @@ import numpy as np
 import polars as pl
 import pytest
 
-from analyses.position import position_stats, threshold_schedule
+from analyses.position import BOUNDED_METRICS as BOUNDED, position_stats, threshold_schedule
 from analyses.tokens import MissingColumnError
 
 
@@ -26,7 +26,8 @@ def _frame(n_steps=3, seqs=6, seed=0, lengths=None):
     return df
 
 
-def _np_stats(d, thresholds, hill_min_k=5):
+def _np_stats(d, thresholds, hill_min_k=5, metric="abs_logratio"):
+    """numpy's statistics of one bin; no Hill tail index for the bounded metrics (|pi - mu|)."""
     d = np.asarray(d, dtype=np.float64)
     p90 = np.quantile(d, 0.9)
     tail = d[d > p90]
@@ -34,8 +35,8 @@ def _np_stats(d, thresholds, hill_min_k=5):
     return {
         "count": len(d), "mean": d.mean(), "p50": np.quantile(d, 0.5), "p90": p90, "p99": np.quantile(d, 0.99),
         "top10_mean": d[d >= p90].mean(),
-        "hill_alpha": (1 / xi) if len(tail) >= hill_min_k and p90 > 0 and xi > 0 else None,
-        "hill_k": len(tail),
+        "hill_alpha": (1 / xi) if len(tail) >= hill_min_k and p90 > 0 and xi > 0 and metric not in BOUNDED else None,
+        "hill_k": len(tail) if metric not in BOUNDED else None,
         **{f"surv_{x:g}": float(np.mean(d > x)) for x in thresholds},
     }
 
@@ -59,7 +60,7 @@ def test_stats_match_numpy(bin_width):
         got = out.filter(pl.col("metric") == metric).sort("bin")
         assert got["bin"].to_list() == sorted(set(bins.tolist()))
         for row in got.iter_rows(named=True):
-            exp = _np_stats(d[bins == row["bin"]], thresholds)
+            exp = _np_stats(d[bins == row["bin"]], thresholds, metric=metric)
             assert row["bin_start"] == row["bin"] * bin_width and row["bin_end"] == (row["bin"] + 1) * bin_width
             for k, v in exp.items():
                 if v is None:
@@ -209,14 +210,17 @@ def _exact_check(out, df, metrics, thresholds, bin_width):
         assert got["bin"].to_list() == sorted(set(bins.tolist()))
         for row in got.iter_rows(named=True):
             x = d[bins == row["bin"]]
-            exp = _np_stats(x, thresholds)
+            exp = _np_stats(x, thresholds, metric=m)
             for name in ("p50", "p90", "p99"):  # exact order statistics of the float32 values
                 assert row[name] == exp[name], (m, row["bin"], name)
             assert row["count"] == exp["count"] and row["hill_k"] == exp["hill_k"]
             for k in ("mean", "top10_mean", *(f"surv_{x:g}" for x in thresholds)):
                 assert row[k] == pytest.approx(exp[k], rel=1e-9), (m, row["bin"], k)
             # Hill: sums of float32 logs (numpy here: float64 logs)
-            assert row["hill_alpha"] == pytest.approx(exp["hill_alpha"], rel=1e-5), (m, row["bin"])
+            if exp["hill_alpha"] is None:
+                assert row["hill_alpha"] is None, (m, row["bin"])
+            else:
+                assert row["hill_alpha"] == pytest.approx(exp["hill_alpha"], rel=1e-5), (m, row["bin"])
 
 
 @pytest.mark.parametrize("case", ["single_pass", "pilot_off", "guess_missed", "too_many_kept"])

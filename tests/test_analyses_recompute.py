@@ -43,7 +43,8 @@ def test_recompute_equals_direct_compute_mask(run, tmp_path, rule, params):
     assert got.height == df.height == res.overall["n_valid"]
     n_masked = 0
     for (step, update, rank), (lp, lr, adv, m) in _loop_batches(df).items():
-        r = compute_mask(rule, logp=lp, logp_rollout=lr, advantages=adv, response_mask=m, **params)
+        r = compute_mask(rule, logp=lp, logp_rollout=lr, advantages=adv, response_mask=m,
+                         seq_ids=torch.arange(lp.shape[0]), step=step, **params)  # row = seq_id
         mine = got.filter((pl.col("step") == step) & (pl.col("update") == update) & (pl.col("rank") == rank))
         keep = r.keep.numpy()[mine["seq_id"].to_numpy(), mine["pos"].to_numpy()]
         reason = r.reason.numpy()[mine["seq_id"].to_numpy(), mine["pos"].to_numpy()]
@@ -82,21 +83,37 @@ def test_recompute_many_matches_single(run):
     assert many["b"].overall["n_masked"] == recompute(run, "dppo", params={"delta": 0.1}, progress=False).overall["n_masked"]
 
 
-def test_rows_at_seq_id_for_sparse_ids():
-    """Subsampled seq_ids keep their row index (cppo_shuffled depends on it); padding is never valid."""
+def test_sparse_seq_ids_give_compact_rows_and_the_same_shuffled_mask():
+    """seq_ids that are not 0..B-1 (a minibatch of the step's responses, or sampled-out sequences) become
+    compact rows in seq_id order; cppo_shuffled, keyed on (step, seq_id), masks each response as it does in
+    the full batch; padding is never valid."""
     rng = np.random.default_rng(0)
     rows = []
-    for sid in (1, 4, 5):
-        for t in range(6 + sid):
-            rows.append((0, sid, t, float(np.log(rng.uniform(0.2, 1))), float(np.log(rng.uniform(0.2, 1))), 1.0))
-    df = pl.DataFrame(rows, schema={"step": pl.Int64, "seq_id": pl.Int64, "pos": pl.Int32, "logp": pl.Float32,
-                                    "logp_rollout": pl.Float32, "advantage": pl.Float32}, orient="row").sample(
-        fraction=1.0, shuffle=True, seed=1)
+    for sid in range(8):
+        for t in range(20 + sid):
+            rows.append((3, sid, t, float(np.log(rng.uniform(0.05, 1))), float(np.log(rng.uniform(0.05, 1))),
+                         1.0 if sid % 2 else -1.0))
+    full = pl.DataFrame(rows, schema={"step": pl.Int64, "seq_id": pl.Int64, "pos": pl.Int32, "logp": pl.Float32,
+                                      "logp_rollout": pl.Float32, "advantage": pl.Float32}, orient="row")
+    df = full.filter(pl.col("seq_id").is_in([1, 4, 5])).sample(fraction=1.0, shuffle=True, seed=1)
     (batch,) = list(iter_batches(df))
-    assert batch.seq_ids.tolist() == [-1, 1, -1, -1, 4, 5]
-    assert batch.response_mask.sum(1).tolist() == [0, 7, 0, 0, 10, 11]
+    assert batch.seq_ids.tolist() == [1, 4, 5]
+    assert batch.response_mask.sum(1).tolist() == [21, 24, 25]
     order_vals = df["logp"].to_numpy()[batch.order]
     np.testing.assert_array_equal(batch.unpad(batch.logp), order_vals)
+    key = ["seq_id", "pos"]
+    params = {"seed": 2, "delta": 0.05}
+    a = pl.DataFrame(recompute_rows(df, params)).sort(key)
+    b = pl.DataFrame(recompute_rows(full, params)).sort(key).filter(pl.col("seq_id").is_in([1, 4, 5]))
+    assert a["keep"].to_list() == b["keep"].to_list() and (~a["keep"]).sum() > 0
+
+
+def recompute_rows(df, params):
+    (batch,) = list(iter_batches(df))
+    from analyses.recompute import run_rule
+
+    res = run_rule(batch, "cppo_shuffled", params)
+    return {**{k: v for k, v in batch.token_keys().items() if k in ("seq_id", "pos")}, "keep": batch.unpad(res.keep)}
 
 
 def test_duplicate_token_rejected():

@@ -69,7 +69,7 @@ def traces(at: AppTest, i: int = 0) -> list[dict]:
     return [{k: _decode(v) for k, v in t.items()} for t in charts(at)[i]["data"]]
 
 
-def test_runs_page_lists_runs_with_metadata(app):
+def test_runs_page_lists_runs_with_metadata(app, root):
     at = app()
     assert at.title[0].value == "Runs"
     table = at.dataframe[0].value
@@ -78,7 +78,10 @@ def test_runs_page_lists_runs_with_metadata(app):
     assert row["rule"] == "cppo" and "delta=0.15" in row["rule_params"]
     assert row["trainer"] == "cppo-diag" and row["model"] == "toy-gpt" and row["task"] == "multi-add"
     assert row["steps"] == 5 and row["tokens"] > 0 and row["status"] == "finished"
-    assert row["last_reward"] == pytest.approx(row["last_reward"])  # a number, not null
+    from cppo_diag import open_run
+
+    logged = open_run(root / "cppo-run").steps()["reward/mean"].to_list()
+    assert row["last_reward"] == pytest.approx(logged[-1]) and logged[-1] != pytest.approx(logged[0])
 
 
 def test_selection_is_kept_across_pages(app, root):
@@ -144,8 +147,11 @@ def test_compare_page_shows_each_chosen_run(app, root):
     assert {"applied:cppo", "applied:grpo_clip", "cppo", "dppo", "grpo_clip"} <= set(summary["rule"])
     names = {t["name"] for t in traces(at, 0)}
     assert "cppo-run · applied:cppo" in names and "grpo-run · cppo" in names
+    # The reward and accuracy curves are drawn by default, under the names the trainer logs
+    # (cppo_diag/train/trainer.py: "reward/mean", "acc/mean").
+    assert at.multiselect(key="cmp_curves").value == ["reward/mean", "acc/mean"]
     curves = {t["name"] for t in traces(at, 2)}
-    assert "cppo-run · reward/mean" in curves
+    assert {"cppo-run · reward/mean", "cppo-run · acc/mean", "grpo-run · acc/mean"} <= curves
 
 
 def test_compare_page_relative_positions(app, root):
@@ -324,3 +330,181 @@ def test_inspector_label_matches_the_shown_response_after_a_step_change(app):
     length = int(label.split(" · len ")[1].split(" ")[0])
     masked = int(label.split(" · masked ")[1].split(" ")[0])
     assert f"{masked} masked of {length} tokens" in at.main.caption[-1].value
+
+
+# -- runs linked into a root (issue 11, item 11) -------------------------------------------------------------
+
+
+@pytest.fixture
+def linked_root(tmp_path, monkeypatch):
+    """A root whose only run is a symbolic link to a run on "shared storage" outside every root."""
+    from tests.app_fixtures import write_run
+
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    for i, name in enumerate(("far-run", "other-run")):
+        write_run(shared, name, "cppo", {"delta": 0.15, "w_min": 0.8, "delta_b": 0.02}, n_steps=2, seed=i)
+    root = tmp_path / "root"
+    root.mkdir()
+    (root / "linked").symlink_to(shared / "far-run", target_is_directory=True)
+    monkeypatch.setenv("CPPO_DIAG_ROOTS", str(root))
+    return root, shared
+
+
+def test_run_linked_into_a_root_opens_on_every_page(linked_root):
+    """A link the user placed inside a root counts as inside: listed under its link name, and every page
+    opens it (today the listing shows it and the pages raise PermissionError)."""
+    root, _ = linked_root
+    at = AppTest.from_file(str(APP), default_timeout=TIMEOUT).run()
+    _ok(at)
+    (row,) = at.dataframe[0].value.to_dict("records")
+    assert row["status"] == "finished" and row["steps"] == 2
+    for page in ("views/divergence.py", "views/budget.py", "views/inspector.py", "views/compare.py",
+                 "views/whatif.py"):
+        at.switch_page(page).run()
+        _ok(at)
+        assert not at.error, (page, [e.value for e in at.error])
+        assert charts(at), page
+    assert row["run"] == "linked"  # listed under the name the user gave the link
+    assert at.multiselect(key="selected_runs").options == ["linked"]  # the labels
+
+
+def test_link_repointed_after_the_listing_is_refused_in_one_sentence(linked_root):
+    """The pages admit what the listing admitted: a link re-pointed elsewhere after the listing is refused
+    until Refresh, with one plain sentence on the page instead of a traceback."""
+    root, shared = linked_root
+    at = AppTest.from_file(str(APP), default_timeout=TIMEOUT).run()
+    _ok(at)
+    (root / "linked").unlink()
+    (root / "linked").symlink_to(shared / "other-run", target_is_directory=True)
+    at.switch_page("views/divergence.py").run()
+    _ok(at)
+    (msg,) = [e.value for e in at.error]
+    assert "outside the app's roots" in msg and "Traceback" not in msg and msg.count(". ") == 0
+    at.sidebar.button[0].click().run()  # Refresh: the new target is the listed run now
+    _ok(at)
+    assert not at.error and charts(at)
+
+
+def test_confine_admits_listed_links_only(linked_root, tmp_path):
+    from app import data
+
+    root, shared = linked_root
+    assert data.confine(root / "linked", [root]) == root / "linked"  # named as listed, not by its target
+    assert data.confine(shared / "far-run" / "meta.json", [root]) == root / "linked" / "meta.json"
+    assert data.confine("linked", [root]) == root / "linked"
+    for outside in (shared / "other-run", shared, root / "linked" / ".." / "other-run"):
+        with pytest.raises(PermissionError, match="outside the app's roots"):
+            data.confine(outside, [root])
+    (root / "not-a-run").symlink_to(tmp_path, target_is_directory=True)  # a link, but not to a run
+    with pytest.raises(PermissionError, match="outside"):
+        data.confine(root / "not-a-run", [root])
+
+
+# -- the app server's lifetime under `cppo-diag demo` (issue 11, item 10) --------------------------------------
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _port_freed(port: int, within: float) -> bool:
+    import time
+
+    from cppo_diag.cli import app_cmd
+
+    deadline = time.monotonic() + within
+    while True:
+        try:
+            app_cmd.check_port_free(port)
+            return True
+        except app_cmd.PortInUseError:
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.2)
+
+
+def _demo(tmp_path, port: int, *extra: str):
+    import os
+    import subprocess
+    import sys
+
+    (tmp_path / "no-samples").mkdir(exist_ok=True)
+    cmd = [sys.executable, "-m", "cppo_diag.cli.main", "demo", "--no-browser", "--out", str(tmp_path / "out"),
+           "--samples", str(tmp_path / "no-samples"), "--port", str(port), *extra]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM", "SIGHUP", "SIGKILL"])
+def test_demo_stopped_by_a_signal_frees_the_app_port(tmp_path, sig):
+    """However the demo process ends, its Streamlit child ends with it and the port is free for the next
+    `make demo` (today SIGTERM and SIGKILL leave the server serving; SIGINT is ignored by a demo started as
+    a background job). SIGKILL reaches no handler: the server learns it from the kernel (PR_SET_PDEATHSIG)."""
+    import signal
+    import subprocess
+
+    from cppo_diag.cli import app_cmd
+
+    port = _free_port()
+    proc = _demo(tmp_path, port, "--steps", "500")  # trains far longer than the test waits
+    try:
+        app_cmd.wait_until_healthy(port, timeout=120)
+        proc.send_signal(getattr(signal, sig))
+        proc.wait(timeout=60)
+        assert _port_freed(port, within=20), f"the app still holds port {port} after the demo got {sig}"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        try:
+            proc.communicate(timeout=5)
+        except subprocess.TimeoutExpired:
+            pass
+
+
+def test_demo_reports_a_port_in_use_before_training(tmp_path):
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        proc = _demo(tmp_path, port, "--steps", "1")
+        out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 2, err[-2000:]
+    assert f"port {port} on 127.0.0.1 is already in use" in err and "--port" in err
+    assert "Traceback" not in err and not list((tmp_path / "out").iterdir())  # nothing trained
+
+
+@pytest.mark.slow
+def test_serving_stops_the_server_when_the_block_raises(root):
+    from cppo_diag.cli import app_cmd
+
+    port = _free_port()
+    with pytest.raises(RuntimeError, match="boom"):
+        with app_cmd.serving([str(root)], port=port, quiet=True) as proc:
+            app_cmd.wait_until_healthy(port, proc, timeout=120)
+            raise RuntimeError("boom")
+    assert proc.poll() is not None and _port_freed(port, within=20)
+
+
+def test_app_command_reports_a_port_in_use(root, capsys):
+    import socket
+
+    from cppo_diag.cli.main import main
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        assert main(["app", "--root", str(root), "--port", str(port), "--no-browser"]) == 2
+    err = capsys.readouterr().err
+    assert f"port {port} on 127.0.0.1 is already in use" in err and "--port" in err

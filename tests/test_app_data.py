@@ -84,7 +84,7 @@ def test_launch_can_wait_for_a_root_a_trainer_will_create(tmp_path, monkeypatch)
     started = {}
 
     class FakePopen:
-        def __init__(self, cmd, env, stdout, stderr):
+        def __init__(self, cmd, env, stdout, stderr, **kwargs):
             started.update(cmd=cmd, env=env)
 
     monkeypatch.setattr(app_cmd.subprocess, "Popen", FakePopen)

@@ -147,7 +147,7 @@ def test_numpy_inputs_and_all_optional_columns(tmp_path):
         token_ids=rng.integers(0, 50000, (B, T)), reward=rng.normal(size=B).astype(np.float32),
         group_id=np.array([0, 0, 1, 1]), topk_ids=rng.integers(0, 100, (B, T, K)),
         topk_logp_rollout=rng.normal(size=(B, T, K)).astype(np.float32),
-        topk_logp=rng.normal(size=(B, T, K)).astype(np.float32),
+        topk_logp=rng.normal(size=(B, T, K)).astype(np.float32), loss_weight=rng.random((B, T)).astype(np.float32),
     )
     seq_ids = np.array([3, 1, 2, 0])  # rows are written in seq_id order
     with RunRecorder(tmp_path, on_error="raise") as rec:
@@ -167,6 +167,7 @@ def test_numpy_inputs_and_all_optional_columns(tmp_path):
     np.testing.assert_array_equal(df["advantage"].to_numpy(), d["advantages"][bs, ts])
     np.testing.assert_array_equal(df["logp_old"].to_numpy(), d["logp_old"][bs, ts])
     np.testing.assert_array_equal(df["entropy"].to_numpy(), d["entropy"][bs, ts])
+    np.testing.assert_array_equal(df["loss_weight"].to_numpy(), d["loss_weight"][bs, ts])
     np.testing.assert_array_equal(df["keep_applied"].to_numpy(), d["keep_applied"][bs, ts])
     np.testing.assert_array_equal(df["reason_applied"].to_numpy(), d["reason_applied"][bs, ts])
     np.testing.assert_array_equal(df["token_id"].to_numpy(), d["token_ids"][bs, ts])
@@ -395,7 +396,7 @@ def test_null_recorder_has_the_same_methods():
     assert list(sig.parameters)[1:] == [
         "step", "logp", "logp_rollout", "advantages", "response_mask", "cu_seqlens", "update", "seq_ids",
         "logp_old", "keep_applied", "reason_applied", "token_ids", "entropy", "reward", "group_id", "topk_ids",
-        "topk_logp_rollout", "topk_logp"]
+        "topk_logp_rollout", "topk_logp", "loss_weight"]
 
 
 def test_constructor_argument_errors(tmp_path):

@@ -65,6 +65,75 @@ def test_prime_rl_micro_batches_and_training_batch(dumps, tmp_path):
     assert stats.sequences == len(expected["prime-rl"])
 
 
+def _check_token_export_extras(tok: pl.DataFrame, expected: dict) -> None:
+    for (step, rank, update, seq_id), part in tok.group_by(["step", "rank", "update", "seq_id"], maintain_order=True):
+        exp = expected[(step, rank, update, seq_id)]
+        np.testing.assert_allclose(part["entropy"].to_numpy(), exp["entropy"], rtol=0, atol=1e-6)
+        assert part["keep_applied"].to_list() == exp["keep_applied"], (step, rank, update, seq_id)
+        assert part["reason_applied"].to_list() == [0 if k else 1 for k in exp["keep_applied"]]
+
+
+def test_prime_rl_token_export_has_the_trainer_logprobs_in_logp(dumps, tmp_path, capsys):
+    """Done-when of issue 16: the token export imports with trainer_logprobs in logp, prime-rl's mask in
+    keep_applied, and meta.json saying so; our dppo rule (binary TV) recomputes prime-rl's mask exactly."""
+    root, expected = dumps
+    exp = expected["prime-rl-token-export"]
+    rc = cli_main(["import", "--from", "prime-rl", str(root / "prime-rl-token-export"), str(tmp_path),
+                   "--name", "te", "--no-progress"])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "step(s) [2] have no STABLE marker" in out  # step 2 is still being written
+    assert "4 sample(s) without an RL loss" in out  # the CE-only sample of each (step 0/1, rank 0/1) file
+    assert "matches its default thresholds 0.2/0.2" in out
+    run, tok = _check_run(tmp_path / "te", exp, trainer="prime-rl", has_old=False, has_reward=True)
+    _check_token_export_extras(tok, exp)
+    cfg = run.meta["config"]
+    assert cfg["logp_source"].startswith("prime-rl trainer_logprobs")
+    assert cfg["logp_rollout_source"].startswith("prime-rl inference_logprobs")
+    assert cfg["keep_applied_source"].startswith("not is_masked")
+    assert run.meta["rule"] == "dppo"
+    assert run.meta["rule_params"] == {"divergence": "binary_tv", "delta_low": 0.2, "delta_high": 0.2}
+    assert (tok["logp"] - tok["logp_rollout"]).abs().max() > 0.5  # a real divergence, not a copy of mu
+    assert 0 < (~tok["keep_applied"]).sum() < tok.height
+    assert sorted(tok["rank"].unique().to_list()) == [0, 1] and sorted(tok["update"].unique().to_list()) == [0, 1]
+
+    rc = cli_main(["recompute", str(tmp_path / "te"), "--rule", "dppo", "--json"])
+    assert rc == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["agreement"]["agreement"] == 1.0 and report["agreement"]["n_compared"] == tok.height
+
+
+def test_prime_rl_token_export_first_revision_and_transport_files_beside_it(dumps, tmp_path):
+    """The export as first released (no loss channels, export_step, run_id or STABLE; an sft micro-batch with
+    null mask fields) imports too, and transport files next to an export are ignored, not mixed in."""
+    root, expected = dumps
+    src = root / "prime-rl-token-export-first"
+    step = src / "rollouts" / "step_3"
+    step.mkdir(parents=True, exist_ok=True)
+    import msgspec
+
+    (step / "rank_0.bin").write_bytes(msgspec.msgpack.encode([[[1, 2], [True, True], [0.5, 0.5], [-1.0, -1.0]]]))
+    run_dir, stats = import_run("prime-rl", src, tmp_path, name="first", progress=False)
+    exp = expected["prime-rl-token-export-first"]
+    run, tok = _check_run(run_dir, exp, trainer="prime-rl", has_old=False, has_reward=False)
+    _check_token_export_extras(tok, exp)
+    assert stats.skipped_sequences == 3  # the sft micro-batch
+    assert any("transport file(s) ignored" in n for n in stats.notes)
+
+
+def test_prime_rl_token_export_errors_name_the_line_and_field(tmp_path):
+    step = tmp_path / "token_exports" / "step_0"
+    step.mkdir(parents=True)
+    rec = {"schema_version": 1, "token_ids": [1, 2, 3], "loss_mask": [False, True, True],
+           "inference_logprobs": [0.0, -1.0, -2.0], "trainer_logprobs": [-3.0, -1.1], "advantages": [0.0, 1.0, 1.0]}
+    (step / "rank_0.jsonl").write_text(json.dumps(rec) + "\n")
+    with pytest.raises(ImportFormatError, match=r"rank_0\.jsonl:1: field 'trainer_logprobs': expected 3 values"):
+        import_run("prime-rl", tmp_path, tmp_path / "out", name="bad", progress=False)
+    (step / "rank_0.jsonl").write_text(json.dumps({**rec, "schema_version": 2}) + "\n")
+    with pytest.raises(ImportFormatError, match=r"rank_0\.jsonl:1: schema_version: expected 1 .* found 2"):
+        import_run("prime-rl", tmp_path, tmp_path / "out", name="bad2", progress=False)
+
+
 def test_slime_train_dumps(dumps, tmp_path):
     root, expected = dumps
     run_dir, stats = import_run("slime", root / "slime", tmp_path, name="slime", group_size=5, progress=False)

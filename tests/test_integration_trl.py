@@ -51,7 +51,7 @@ def _count_ones(completions, **kwargs):
     return [float(str(c).count("1")) for c in completions]
 
 
-def _train(tmp_path, *, cppo_diag: CppoDiagConfig, max_steps=4, grad_acc=1):
+def _trainer(tmp_path, *, cppo_diag, max_steps=4, grad_acc=1, num_iterations=2, **grpo):
     from datasets import Dataset
     from trl import GRPOConfig
 
@@ -59,14 +59,18 @@ def _train(tmp_path, *, cppo_diag: CppoDiagConfig, max_steps=4, grad_acc=1):
     ds = Dataset.from_dict({"prompt": [f"{a}+{b}=" for a in range(4) for b in range(4)]})
     args = GRPOConfig(
         output_dir=str(tmp_path / "trl_out"), use_cpu=True, bf16=False, per_device_train_batch_size=4,
-        gradient_accumulation_steps=grad_acc, num_generations=4, max_completion_length=8, num_iterations=2,
-        max_steps=max_steps, logging_steps=1, report_to="none", save_strategy="no", learning_rate=5e-2,
-        seed=0, disable_tqdm=True,
+        gradient_accumulation_steps=grad_acc, num_generations=4, max_completion_length=8,
+        num_iterations=num_iterations, max_steps=max_steps, logging_steps=1, report_to="none", save_strategy="no",
+        learning_rate=5e-2, seed=0, disable_tqdm=True, **grpo,
     )
-    trainer = CppoDiagGRPOTrainer(
+    return CppoDiagGRPOTrainer(
         model=_model(len(tok)), reward_funcs=_count_ones, args=args, train_dataset=ds, processing_class=tok,
         cppo_diag=cppo_diag,
     )
+
+
+def _train(tmp_path, **kwargs):
+    trainer = _trainer(tmp_path, **kwargs)
     trainer.train()
     return trainer
 
@@ -77,7 +81,7 @@ def test_grpo_trainer_records_every_step(tmp_path):
     run = open_run(tmp_path / "runs" / "trl-rec")
     assert run.meta["trainer"] == "trl"
     assert run.meta["anchor"] == "old"  # no vLLM: logp_rollout is TRL's old_per_token_logps
-    assert run.meta["rule"] is None
+    assert "trl loss_type=dapo" in run.meta["config"]["loss"]
     assert "old_per_token_logps" in run.meta["config"]["logp_rollout_source"]
     assert run.completed_steps() == [0, 1, 2, 3]
 
@@ -111,9 +115,13 @@ def test_grpo_trainer_records_every_step(tmp_path):
     # rewards recorded per token equal the toy reward of the decoded completion
     seq_tab = run.sequences().collect()
     assert {"prompt", "completion", "tokens", "reward", "length"} <= set(seq_tab.columns)
-    for row in seq_tab.head(8).iter_rows(named=True):
+    for row in seq_tab.iter_rows(named=True):
         assert row["reward"] == pytest.approx(float(row["completion"].count("1")))
         assert len(row["tokens"]) == row["length"]
+        # the completion is the text the reward saw: no special tokens (the EOS keeps its token row)
+        assert "<eos>" not in row["completion"] and "<pad>" not in row["completion"]
+        assert "<bos>" not in row["prompt"] and "<pad>" not in row["prompt"]
+    assert any(row["tokens"][-1] == "<eos>" for row in seq_tab.iter_rows(named=True))
     # TRL's own metrics arrive as step scalars
     steps = run.steps()
     assert "trl/loss" in steps.columns and steps.height == 4
@@ -124,6 +132,13 @@ def test_grpo_trainer_records_every_step(tmp_path):
                  .agg((1.0 - pl.col("keep_applied").cast(pl.Float64).mean()).alias("clip")))
     assert per_micro["clip"].mean() == pytest.approx(clip_logged, abs=1e-6)
     assert per_micro["clip"].max() > 0  # the second pass really clips something
+    # Beside TRL's own values (trl/...), the same quantities under TRL's names, computed from the recorded
+    # mask: they agree with TRL's dashboard on every step.
+    for name in ("clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean"):
+        np.testing.assert_allclose(steps[name].to_numpy(), steps[f"trl/{name}"].to_numpy(), atol=1e-6)
+    assert steps["clip_ratio/region_mean"].max() > 0
+    # TRL's clip is grpo_clip at TRL's epsilons (epsilon=0.2, epsilon_high unset -> 0.2), anchored to pi_old
+    assert run.meta["rule"] == "grpo_clip" and run.meta["rule_params"] == {"eps_low": 0.2, "eps_high": 0.2}
     assert trainer.state.global_step == 4
 
 
@@ -163,7 +178,8 @@ def test_grpo_trainer_trains_with_cppo_rule(tmp_path):
     # the rule's metrics are logged as step scalars (and through TRL's logs)
     steps = run.steps()
     assert "mask/cppo/frac" in steps.columns
-    assert "trl/mask/cppo/frac" in steps.columns
+    assert not [c for c in steps.columns if c.startswith("trl/mask/")]  # not recorded twice
+    assert run.meta["anchor"] == "rollout"  # the rule's ratio is taken against logp_rollout
 
 
 def test_unknown_rule_is_refused(tmp_path):
@@ -177,3 +193,80 @@ def test_unknown_rule_is_refused(tmp_path):
         CppoDiagGRPOTrainer(model=_model(len(tok)), reward_funcs=_count_ones, args=args,
                             train_dataset=Dataset.from_dict({"prompt": ["1+1="] * 4}), processing_class=tok,
                             cppo_diag=CppoDiagConfig(rule="no_such_rule"))
+
+
+@pytest.mark.slow
+def test_record_only_default_iterations_reports_and_recomputes_without_options(tmp_path, capsys):
+    """TRL's defaults (num_iterations=1, no vLLM): TRL skips pi_old (== pi). The run still names what its
+    clip used, so `cppo-diag recompute RUN` and `cppo-diag report RUN --out DIR` work with no options, and the
+    recomputed grpo_clip (at TRL's epsilon, from meta.json) agrees with TRL's mask on every token."""
+    import json
+
+    from cppo_diag.cli.main import main
+
+    _train(tmp_path, cppo_diag=CppoDiagConfig(run_dir=tmp_path / "runs", name="trl-n1"), num_iterations=1,
+           max_steps=2)
+    path = tmp_path / "runs" / "trl-n1"
+    run = open_run(path)
+    assert run.meta["anchor"] == "old" and run.meta["rule"] == "grpo_clip"
+    tok = run.tokens().collect()
+    assert (tok["logp_old"] == tok["logp"]).all()  # what TRL's ratio used: pi_old := pi
+
+    capsys.readouterr()  # drop the trainer's log lines
+    assert main(["recompute", str(path), "--json", "--no-progress"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["rule"] == "grpo_clip" and res["params"] == {"eps_low": 0.2, "eps_high": 0.2}
+    assert res["agreement"]["agreement"] == 1.0 and res["agreement"]["n_compared"] == tok.height
+
+    assert main(["report", str(path), "--out", str(tmp_path / "report"), "--no-progress"]) == 0
+    page = (tmp_path / "report" / "report.html").read_text()
+    assert "applied:grpo_clip" in page and "applied:?" not in page
+
+
+def test_bad_plugin_options_fail_when_the_trainer_is_built(tmp_path):
+    bad = [
+        (dict(rule="cppo", rule_params={"delt": 0.1}), r"rule_params: rule 'cppo' takes .*unknown key\(s\) \['delt'\]"),
+        (dict(rule="cppo", rule_params={"delta": -1}), r"rule_params of rule 'cppo': delta: expected >= 0"),
+        (dict(rule="cppo", agg="mean"), r"CppoDiagConfig.agg: expected one of"),
+        (dict(rule_params={"delta": 0.1}), r"rule_params: expected \{\} when rule is None"),
+        (dict(if_exists="append"), r"if_exists: expected one of \['error', 'overwrite', 'resume'\]"),
+    ]
+    for kwargs, message in bad:
+        with pytest.raises(ValueError, match=message):
+            CppoDiagGRPOTrainer(cppo_diag=CppoDiagConfig(run_dir=tmp_path, name="x", **kwargs))  # before TRL
+    assert not (tmp_path / "x").exists()
+
+
+def test_reusing_a_run_name_is_refused_unless_told(tmp_path):
+    from cppo_diag import RunRecorder
+
+    with RunRecorder(tmp_path, name="taken", trainer="trl") as rec:
+        rec.log_scalars(0, {"x": 1.0})
+    with pytest.raises(FileExistsError, match="if_exists='overwrite'.*if_exists='resume'"):
+        _trainer(tmp_path, cppo_diag=CppoDiagConfig(run_dir=tmp_path, name="taken"), max_steps=1)
+    trainer = _trainer(tmp_path, cppo_diag=CppoDiagConfig(run_dir=tmp_path, name="taken", if_exists="overwrite"),
+                       max_steps=1)
+    trainer._cd_recorder.close()
+    assert "x" not in open_run(tmp_path / "taken").steps().columns  # the old run was replaced
+
+
+@pytest.mark.slow
+def test_cppo_shuffled_through_trl_recomputes_offline(tmp_path, capsys):
+    """The plug-in gives compute_mask the step and seq_ids it logs, so cppo_shuffled's permutation (keyed on
+    them) is reproduced by the offline recompute on every token."""
+    import json
+
+    from cppo_diag.cli.main import main
+
+    params = {"delta": 0.002, "w_min": 0.5}  # tiny vocab: |pi - mu| is small
+    _train(tmp_path, cppo_diag=CppoDiagConfig(run_dir=tmp_path / "runs", name="trl-shuf", rule="cppo_shuffled",
+                                               rule_params=params), grad_acc=2)
+    path = tmp_path / "runs" / "trl-shuf"
+    tok = open_run(path).tokens().collect()
+    assert (~tok["keep_applied"]).sum() >= 5  # the rule bites, so the permutation matters
+    assert tok["update"].max() > 0  # several micro-batches per step: seq_id is not the row
+    capsys.readouterr()
+    assert main(["recompute", str(path), "--json", "--no-progress"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["rule"] == "cppo_shuffled"
+    assert res["agreement"]["agreement"] == 1.0 and res["agreement"]["n_compared"] == tok.height

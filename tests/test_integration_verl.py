@@ -89,7 +89,12 @@ out["is_weights"] = [float(loss_w), float(agg_loss(loss_mat=-adv * rho * w, loss
 # bypass mode: loss_type=<rule> runs the rule; verl's own loss types still reach verl
 bypass = get_policy_loss_fn("bypass_mode")
 c = cfg("bypass_mode", rollout_correction=RolloutCorrectionConfig(bypass_mode=True, loss_type="cppo"))
-loss_b, _ = bypass(mu, logp, adv, mask, loss_agg_mode="token-mean", config=c)
+loss_b, metrics_b = bypass(mu, logp, adv, mask, loss_agg_mode="token-mean", config=c)
+# verl's own off-policy diagnostics of the same tensors, as its bypass loss computes them
+from verl.trainer.ppo.rollout_corr_helper import compute_offpolicy_metrics
+verl_corr = compute_offpolicy_metrics(old_log_prob=logp.detach(), rollout_log_prob=mu, response_mask=mask)
+out["rollout_corr"] = {k: [metrics_b[k], float(verl_corr[k.split("/", 1)[1]])]
+                       for k in metrics_b if k.startswith("rollout_corr/")}
 c2 = cfg("bypass_mode", rollout_correction=RolloutCorrectionConfig(bypass_mode=True, loss_type="ppo_clip",
                                                                    rollout_is=None))
 loss_p, _ = bypass(mu, logp, adv, mask, loss_agg_mode="token-mean", config=c2)
@@ -168,6 +173,10 @@ def test_rules_through_verl_registry(verl_python, tmp_path):
 
     b = out["bypass"]
     assert b["cppo"] == pytest.approx(b["cppo_ref"], rel=1e-6)
+    # a rule in bypass mode reports verl's rollout_corr/* diagnostics, equal to verl's own
+    assert {"rollout_corr/kl", "rollout_corr/k3_kl", "rollout_corr/chi2_token"} <= set(out["rollout_corr"])
+    for name, (ours, verls) in out["rollout_corr"].items():
+        assert ours == pytest.approx(verls, rel=1e-5, abs=1e-6), name
     assert b["ppo_clip"] == pytest.approx(b["vanilla"], rel=1e-6)
 
     cap = out["capture"]
@@ -203,3 +212,87 @@ def test_verl_loads_plugin_from_its_own_hook(verl_python, tmp_path):
                           cwd=str(tmp_path))
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert proc.stdout.split()[-2:] == ["cppo_diag_policy_loss_cppo", "True"]
+
+
+# -- verl's scalar names, at the unit level (no verl needed) -------------------------------------------------
+
+
+def _loop_rollout_corr(logp, mu, mask):
+    """verl's rollout_corr/* definitions written as plain loops over valid tokens and responses."""
+    import math
+
+    toks = [(float(logp[i, t]), float(mu[i, t])) for i in range(mask.shape[0]) for t in range(mask.shape[1]) if mask[i, t]]
+    n = len(toks)
+    seqs = []
+    for i in range(mask.shape[0]):
+        row = [(float(logp[i, t]), float(mu[i, t])) for t in range(mask.shape[1]) if mask[i, t]]
+        if row:
+            seqs.append((sum(a for a, _ in row) / len(row), sum(b for _, b in row) / len(row)))
+    return {
+        "rollout_corr/kl": sum(b - a for a, b in toks) / n,
+        "rollout_corr/k3_kl": sum(math.exp(a - b) - (a - b) - 1 for a, b in toks) / n,
+        "rollout_corr/training_ppl": sum(math.exp(-a) for a, _ in seqs) / len(seqs),
+        "rollout_corr/rollout_ppl": sum(math.exp(-b) for _, b in seqs) / len(seqs),
+        "rollout_corr/log_ppl_diff": sum(b - a for a, b in seqs) / len(seqs),
+        "rollout_corr/chi2_token": sum(math.exp(2 * max(min(a - b, 20.0), -20.0)) for a, b in toks) / n - 1,
+    }
+
+
+def test_rollout_corr_names_match_a_plain_loop():
+    import torch
+
+    from cppo_diag.integrations.names import verl_rollout_corr_scalars
+
+    torch.manual_seed(1)
+    B, T = 5, 9
+    mu = -torch.rand(B, T) * 3.0
+    logp = (mu + 0.3 * torch.randn(B, T)).clamp(max=-1e-4)
+    mask = torch.ones(B, T, dtype=torch.bool)
+    for i, n in enumerate([9, 4, 0, 7, 1]):  # one response without a valid token
+        mask[i, n:] = False
+    logp[~mask] = float("nan")  # padding holds anything: it must not leak into the means
+    ours = verl_rollout_corr_scalars(logp, mu, mask)
+    ref = _loop_rollout_corr(torch.nan_to_num(logp), mu, mask)
+    assert set(ours) == set(ref)
+    for name in ref:
+        assert ours[name] == pytest.approx(ref[name], rel=1e-5, abs=1e-6), name
+
+
+def test_pg_clipfrac_and_rollout_corr_in_the_loss_metrics(monkeypatch):
+    """Without verl: the loss core the plug-in registers, called as verl calls it, returns verl's names beside
+    ours; bypass mode (anchor = rollout) adds rollout_corr/*, decoupled mode does not."""
+    import sys
+    import types
+
+    import torch
+
+    fake = types.ModuleType("verl.trainer.ppo.core_algos")  # only what the plug-in touches at import
+    fake.POLICY_LOSS_REGISTRY = {}
+    fake.register_policy_loss = lambda name: (lambda fn: fake.POLICY_LOSS_REGISTRY.setdefault(name, fn))
+    for mod in ("verl", "verl.trainer", "verl.trainer.ppo"):
+        monkeypatch.setitem(sys.modules, mod, types.ModuleType(mod))
+    monkeypatch.setitem(sys.modules, "verl.trainer.ppo.core_algos", fake)
+    sys.modules["verl.trainer.ppo"].core_algos = fake
+    monkeypatch.setitem(sys.modules, "cppo_diag.integrations.verl", None)  # restored (or removed) afterwards
+    del sys.modules["cppo_diag.integrations.verl"]  # import it afresh, against the stand-in above
+    monkeypatch.delenv("CPPO_DIAG_RUN_DIR", raising=False)
+    monkeypatch.setenv("CPPO_DIAG_RULE_PARAMS", '{"delta": 0.05}')
+    import cppo_diag.integrations.verl as cv
+    from cppo_diag.masks import compute_mask
+
+    torch.manual_seed(0)
+    mu = -torch.rand(4, 6) * 2.0
+    logp = (mu + 0.4 * torch.randn(4, 6)).clamp(max=-1e-4)
+    adv = torch.randn(4)[:, None].expand(4, 6).contiguous()
+    mask = torch.ones(4, 6, dtype=torch.bool)
+    mask[1, 3:] = False
+    res = compute_mask("dppo", logp=logp, logp_rollout=mu, advantages=adv, response_mask=mask, delta=0.05)
+    masked_frac = float((~res.keep & mask).sum() / mask.sum())
+    for anchor in ("old", "rollout"):
+        _, metrics = cv._rule_loss("dppo", mu, logp.clone().requires_grad_(), adv, mask, "token-mean", None, None,
+                                   anchor=anchor)
+        assert metrics["actor/pg_clipfrac"] == pytest.approx(masked_frac) and masked_frac > 0
+        assert metrics["mask/dppo/frac"] == pytest.approx(masked_frac)
+        has_corr = any(k.startswith("rollout_corr/") for k in metrics)
+        assert has_corr == (anchor == "rollout")
+    assert metrics["rollout_corr/kl"] == pytest.approx(_loop_rollout_corr(logp, mu, mask)["rollout_corr/kl"], rel=1e-5)

@@ -565,6 +565,38 @@ def test_shuffled_weights_are_a_permutation_of_the_row_weights():
             assert w[b][m[b]].tolist() == [base[b][m[b]][i].item() for i in perm]
 
 
+def test_shuffled_permutation_is_keyed_on_seq_id_and_step_not_the_row():
+    """Issue 11 item 2: the permutation follows the response (its seq_id), whatever row it sits in, and a new
+    step draws a new permutation; the vectorised rule equals the plain loop with the same keys."""
+    from reference_loop import reference
+
+    lp, lr, adv, n = random_batch(4, 30, seed=19, drift=0.3, lengths=[30, 25, 28, 20])
+    lp, m = pad(lp, n, 30)
+    lr, _ = pad(lr, n, 30)
+    ids = torch.tensor([40, 7, 13, 2])
+    kw = dict(delta=0.02, seed=3, return_internals=True)
+    a = run("cppo_shuffled", lp, lr, adv, m, seq_ids=ids, step=5, **kw)
+    flip = torch.tensor([3, 2, 1, 0])
+    b = run("cppo_shuffled", lp[flip], lr[flip], adv[flip], m[flip], seq_ids=ids[flip], step=5, **kw)
+    assert torch.equal(a.internals["w"][flip], b.internals["w"]) and torch.equal(a.keep[flip], b.keep)
+    c = run("cppo_shuffled", lp, lr, adv, m, seq_ids=ids, step=6, **kw)
+    assert not torch.equal(a.internals["w"], c.internals["w"])  # the step is mixed into the seed
+    for step in (None, 5):
+        res = run("cppo_shuffled", lp, lr, adv, m, seq_ids=ids, step=step, **kw)
+        ref = reference("cppo_shuffled", lp, lr, adv, m, seq_ids=ids.tolist(), step=step, delta=0.02, seed=3)
+        assert res.keep.tolist() == ref["keep"] and res.reason.tolist() == ref["reason"]
+    from cppo_diag.masks import shuffle
+
+    rank = torch.cumsum(m, -1) - 1
+    assert torch.equal(shuffle.permuted_ranks(rank, n, m, seed=3, seq_ids=ids, step=5),  # numpy fast path
+                       shuffle._permuted_ranks_rowsort(rank, n, m, seed=3, seq_ids=ids, step=5))
+    # no ids, no step: the row index and no step (the key of callers that give neither)
+    assert torch.equal(run("cppo_shuffled", lp, lr, adv, m, **kw).internals["w"],
+                       run("cppo_shuffled", lp, lr, adv, m, seq_ids=torch.arange(4), **kw).internals["w"])
+    with pytest.raises(ValueError, match=r"seq_ids: expected an integer tensor of shape \(4,\)"):
+        run("cppo_shuffled", lp, lr, adv, m, seq_ids=torch.arange(3))
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_matches_cpu():
     lp, lr, adv, n = random_batch(8, 64, seed=18, drift=0.2)

@@ -108,7 +108,7 @@ def test_presets_load_and_expand(preset):
     cells = study.cells()
     assert len(cells) == len(study.rules) * len(study.seeds) * len(study.settings)
     assert len({c.run_name for c in cells}) == len(cells)
-    if preset in ("cpu", "ci-tiny"):
+    if preset in ("cpu", "long", "ci-tiny"):
         assert set(study.rules) == {"grpo_clip", "dppo", "cppo", "cppo_no_weight", "cppo_no_budget", "cppo_shuffled"}
     if preset == "cpu":
         assert len(study.seeds) >= 5
@@ -285,7 +285,9 @@ def fake_study(tmp_path_factory):
 
 
 def test_per_seed_metrics_and_table(fake_study):
-    from cppo_diag.study.analysis import collect_study, paired_comparisons, per_seed_metrics, results_table
+    from cppo_diag.study.analysis import (collect_study, comparison_table, paired_comparisons, per_seed_metrics,
+                                          results_table)
+    from cppo_diag.study.stats import km_restricted_mean
 
     study, root = fake_study
     data = collect_study(root, study.analysis)
@@ -293,29 +295,131 @@ def test_per_seed_metrics_and_table(fake_study):
     for row in ps.iter_rows(named=True):
         r, s = row["rule"], row["seed"]
         assert row["initial_acc"] == pytest.approx(fake_accuracy(r, s, 0))
-        assert row["final_acc"] == pytest.approx(fake_accuracy(r, s, 3))
+        # Primary: the mean of the last 3 evaluations after the initial one (steps 1, 2, 3).
+        assert row["final_acc"] == pytest.approx(np.mean([fake_accuracy(r, s, t) for t in (1, 2, 3)]))
+        assert row["final_steps"] == "1,2,3"
+        assert row["last_acc"] == pytest.approx(fake_accuracy(r, s, 3))
         assert row["best_acc"] == pytest.approx(fake_accuracy(r, s, 3))
         # First step with accuracy >= 0.3
         first = next((t for t in range(4) if fake_accuracy(r, s, t) >= 0.3), None)
-        if first is None:  # censored: never reached
-            assert math.isnan(row["steps_to_threshold"])
+        if first is None:  # censored: never reached, followed up to the last evaluation
+            assert math.isnan(row["steps_to_threshold"]) and row["reached"] is False
         else:
-            assert row["steps_to_threshold"] == first
+            assert row["steps_to_threshold"] == first and row["reached"] is True
+        assert row["followup"] == 3
         assert 0 < row["masked_frac"] < 1
         if r == "grpo_clip":
             assert row["budget_share"] == 0.0
         assert row["mean_tv"] > 0
     table = results_table(ps)
-    cppo = next(t for t in table if t["rule"] == "cppo")
-    vals = [fake_accuracy("cppo", s, 3) for s in (0, 1, 2)]
-    assert cppo["final_acc"].mean == pytest.approx(np.mean(vals))
-    assert cppo["final_acc"].n == 3
+    for rule in ("cppo", "grpo_clip"):
+        got = next(t for t in table if t["rule"] == rule)
+        vals = [np.mean([fake_accuracy(rule, s, t) for t in (1, 2, 3)]) for s in (0, 1, 2)]
+        assert got["final_acc"].mean == pytest.approx(np.mean(vals)) and got["final_acc"].n == 3
+        # Steps to 0.3 as a Kaplan-Meier restricted mean to step 3: unreached seeds censored at step 3.
+        times, events = [], []
+        for s in (0, 1, 2):
+            first = next((t for t in range(4) if fake_accuracy(rule, s, t) >= 0.3), None)
+            times.append(3.0 if first is None else float(first))
+            events.append(first is not None)
+        want = km_restricted_mean(times, events, tau=3)
+        assert got["rmst"].rmst == pytest.approx(want.rmst) and got["rmst"].se == pytest.approx(want.se)
+        assert got["reached"] == sum(events)
     comps = paired_comparisons(ps, reference="cppo", metric="final_acc")
     assert len(comps) == 1
     c = comps[0]
-    # Same seed offset on both sides: the difference is the same on every seed (0.02 * 3 steps).
-    assert c.mean_diff == pytest.approx(0.06) and c.wins == 3 and c.losses == 0
+    # Same seed offset on both sides: the difference is the same on every seed (0.02 * mean(1, 2, 3)).
+    assert c.mean_diff == pytest.approx(0.04) and c.wins == 3 and c.losses == 0
     assert c.p_holm == pytest.approx(c.p_ttest)
+    ctab = comparison_table(ps, reference="cppo")
+    assert [x.metric for x in ctab.paired] == ["final_acc", "best_acc"] and len(ctab.steps) == 1
+    assert ctab.steps[0].diff < 0  # CPPO reaches 0.3 sooner
+
+
+def _synthetic_per_seed(values: dict[str, list[float]], *, seed: int = 0, steps: dict | None = None) -> pl.DataFrame:
+    """A per-seed frame as per_seed_metrics writes it, from final accuracies per rule (best = final + noise)."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for rule, vals in values.items():
+        for s, v in enumerate(vals):
+            st = (steps or {}).get(rule, [None] * len(vals))[s]
+            rows.append(dict(label=rule, rule=rule, setting="", seed=s, run=f"{rule}-s{s}", status="finished",
+                             initial_acc=0.3, final_acc=v, last_acc=v, best_acc=v + abs(rng.normal(0, 0.02)),
+                             steps_to_threshold=float("nan") if st is None else float(st), reached=st is not None,
+                             followup=80, final_steps="60,70,80", updates="after_first",
+                             masked_frac={"cppo": 0.031}.get(rule, 0.012),
+                             budget_share={"cppo": 0.25}.get(rule, 0.0), mean_tv=0.01))
+    return pl.DataFrame(rows)
+
+
+def test_holm_runs_over_every_comparison_and_metric():
+    from cppo_diag.study.analysis import comparison_table
+    from cppo_diag.study.stats import holm_adjust
+
+    rng = np.random.default_rng(5)
+    base = rng.normal(0.5, 0.05, size=8)
+    ps = _synthetic_per_seed({"cppo": list(base + 0.03), "grpo_clip": list(base + rng.normal(0, 0.02, 8)),
+                              "dppo": list(base + rng.normal(0.01, 0.02, 8))},
+                             steps={"cppo": [20, 30, 30, 40, None, 20, 30, 50],
+                                    "grpo_clip": [40, None, None, 60, 70, 40, None, 30],
+                                    "dppo": [30, 40, None, 50, 30, 60, 70, None]})
+    ctab = comparison_table(ps, reference="cppo")
+    assert len(ctab.paired) == 4 and len(ctab.steps) == 2 and ctab.family_size == 6
+    raw = [c.p_ttest for c in ctab.paired] + [c.p for c in ctab.steps]
+    np.testing.assert_allclose([c.p_holm for c in ctab.paired] + [c.p_holm for c in ctab.steps], holm_adjust(raw))
+    raw_sf = [c.p_sign_flip for c in ctab.paired] + [c.p for c in ctab.steps]
+    np.testing.assert_allclose([c.p_holm_sign_flip for c in ctab.paired], holm_adjust(raw_sf)[:4])
+    # Not per metric: the smallest final_acc p is multiplied by the whole family (6), not by 2.
+    final = ctab.by_metric("final_acc")
+    smallest = min(final, key=lambda c: c.p_ttest)
+    assert smallest.p_holm == pytest.approx(min(1.0, 6 * min(raw)) if smallest.p_ttest == min(raw) else
+                                            holm_adjust(raw)[raw.index(smallest.p_ttest)])
+    assert smallest.p_holm > holm_adjust([c.p_ttest for c in final])[final.index(smallest)] or smallest.p_holm == 1.0
+    assert all(math.isnan(c.bca_lo) for c in ctab.paired)  # 8 pairs: no bootstrap interval
+
+
+@pytest.mark.parametrize(
+    "shift, verdict",
+    [
+        (0.05, "holds"),  # CPPO clearly above every rule
+        (-0.05, "does not hold"),  # CPPO clearly below
+        (0.0, "is inconclusive"),  # no difference beyond the noise
+    ],
+)
+def test_headline_says_whether_the_ordering_holds(shift, verdict):
+    from cppo_diag.study.analysis import comparison_table, headline, results_table
+    from cppo_diag.study.config import AnalysisConfig
+
+    rng = np.random.default_rng(11)
+    base = rng.normal(0.5, 0.05, size=8)
+    rules = ["grpo_clip", "dppo", "cppo_no_weight", "cppo_no_budget", "cppo_shuffled"]
+    values = {"cppo": list(base + shift)} | {r: list(base + rng.normal(0, 0.004, 8)) for r in rules}
+    ps = _synthetic_per_seed(values)
+    an = AnalysisConfig()
+    ctab = comparison_table(ps, reference="cppo")
+    text = headline(ps, results_table(ps), ctab, an)
+    assert text.startswith(f"**In this regime CPPO's ordering (above GRPO-clip and DPPO; each ablation below CPPO) "
+                           f"{verdict}**")
+    assert "mean of the last 3 evaluations, steps 60, 70, 80" in text
+    c = next(c for c in ctab.by_metric("final_acc") if c.b == "dppo")
+    assert f"vs `dppo` {c.mean_diff:+.3f} [{c.ci_lo:.3f}, {c.ci_hi:.3f}]" in text
+    assert f"all {ctab.family_size} comparisons" in text
+    assert "`cppo` 3.10% (budget share 25%)" in text and "`dppo` 1.20% (no budget masking)" in text
+    assert "updates after the first of each batch" in text
+
+
+def test_headline_without_the_reference_or_with_missing_rules():
+    from cppo_diag.study.analysis import comparison_table, headline, results_table
+    from cppo_diag.study.config import AnalysisConfig
+
+    ps = _synthetic_per_seed({"cppo": [0.6, 0.62, 0.61], "dppo": [0.5, 0.52, 0.5]})
+    text = headline(ps, results_table(ps), comparison_table(ps, reference="cppo"), AnalysisConfig())
+    assert text.startswith("**In this regime CPPO's ordering (above GRPO-clip and DPPO; each ablation below CPPO) "
+                           "holds for the rules this study ran** (not run here: `grpo_clip`, `cppo_no_weight`, "
+                           "`cppo_no_budget`, `cppo_shuffled`)")
+    ps = _synthetic_per_seed({"grpo_clip": [0.6, 0.62], "dppo": [0.5, 0.52]})
+    text = headline(ps, results_table(ps), comparison_table(ps, reference="dppo"), AnalysisConfig(reference="dppo"))
+    assert text.startswith("This study does not test CPPO's ordering")
 
 
 def test_masked_fraction_matches_tokens(fake_study):
@@ -341,17 +445,22 @@ def test_results_page_and_figures(fake_study, tmp_path):
                          command="cppo-diag study small.toml --root root")
     text = page.read_text()
     figs = tmp_path / "out" / "results"
-    for name in ("learning_curves.png", "ablation.png", "position_cppo.png", "position_grpo_clip.png",
+    for name in ("learning_curves.png", "ablation.png", "effects.png", "position_cppo.png", "position_grpo_clip.png",
                  "budget_cppo.png", "budget_grpo_clip.png", "per_seed.csv"):
         assert (figs / name).stat().st_size > 0, name
     assert "| `cppo` | 3/3 |" in text and "| `grpo_clip` | 3/3 |" in text
-    assert "## Paired comparison: `cppo` vs each rule, best_acc" in text
-    assert "## Paired comparison: `cppo` vs each rule, final_acc" in text
-    # The comparison row carries the numbers of paired_comparison on the per-seed values.
+    assert "## Comparisons: `cppo` vs each rule" in text
+    # The first paragraph after the title is the verdict on CPPO's ordering.
+    assert text.split("\n\n")[1].startswith("**In this regime CPPO's ordering")
+    # The comparison rows carry the numbers of paired_comparison on the per-seed values.
     per_seed = pl.read_csv(figs / "per_seed.csv")
-    a = per_seed.filter(pl.col("rule") == "cppo").sort("seed")["best_acc"].to_numpy()
-    b = per_seed.filter(pl.col("rule") == "grpo_clip").sort("seed")["best_acc"].to_numpy()
-    assert f"| `grpo_clip` | 3 | {np.mean(a - b):.3f} [" in text
+    for metric, name in (("final_acc", "final acc (primary)"), ("best_acc", "best-so-far acc (secondary, biased")):
+        a = per_seed.filter(pl.col("rule") == "cppo").sort("seed")[metric].to_numpy()
+        b = per_seed.filter(pl.col("rule") == "grpo_clip").sort("seed")[metric].to_numpy()
+        assert f"| {name}" in text and f"| `grpo_clip` | 3 | {np.mean(a - b):.3f} [" in text
+    assert "| steps to 0.3 (KM restricted mean to step 3) | `grpo_clip` | 3/3 seeds |" in text
+    # 3 pairs: no bootstrap interval of any kind, and never a percentile one.
+    assert "n/a (< 10 pairs)" in text and "percentile" not in text.lower()
     assert "results/learning_curves.png" in text and "cppo-diag study small.toml" in text
 
 
@@ -398,6 +507,18 @@ def test_cli_dry_run_lists_grid(tmp_path, capsys):
     assert main(["study", str(p), "--root", str(tmp_path / "nope"), "--analyse-only"]) == 2
 
 
+def test_cli_refuses_an_unknown_trainer_preset_before_launching(tmp_path, capsys):
+    from cppo_diag.cli.main import main
+
+    p = write_study(tmp_path, SMALL.replace("[trainer]\n", '[trainer]\npreset = "no-such-preset"\n'))
+    root = tmp_path / "r"
+    assert main(["study", str(p), "--root", str(root), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "field 'trainer.preset'" in err and "'no-such-preset'" in err and "demo" in err
+    assert not root.exists()  # nothing launched, nothing written
+    assert main(["study", str(p), "--root", str(root), "--dry-run"]) == 0  # the grid can still be listed
+
+
 def test_analysis_counts_missing_runs(tmp_path):
     """A cell whose run never ran stays in the table as a missing seed; comparisons use the complete pairs."""
     from cppo_diag.study.analysis import analyse_study, collect_study, paired_comparisons, per_seed_metrics
@@ -425,3 +546,56 @@ def test_analysis_counts_missing_runs(tmp_path):
     text = analyse_study(root, tmp_path / "r.md", analysis=study.analysis, progress=False).read_text()
     assert "| `grpo_clip` | 2/3 |" in text and "| `cppo` | 2/3 |" in text
     assert "Runs found: 5/6" in text and "missing 1" in text and "failed 1" in text
+
+
+def _resolve_trainer_config(study, preset: str | None = None):
+    """The bundled trainer's config of the study's first cell (its preset, then the study's overrides)."""
+    from cppo_diag.train.config import build_config
+
+    cell = study.cells()[0]
+    nested: dict = {"steps": study.steps, "seed": cell.seed, "rule": {"name": cell.rule, "params": cell.rule_params}}
+    for key, value in cell.overrides.items():
+        node = nested
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return build_config(preset or study.trainer_preset, overrides=nested)
+
+
+@pytest.mark.parametrize("preset", ["cpu", "ci-tiny", "long"])
+def test_study_presets_resolve_against_the_trainer(preset):
+    """Every override of the CPU-trainer study presets is a key the trainer knows, on its named preset."""
+    from cppo_diag.train.config import PRESETS as TRAIN_PRESETS
+
+    study = load_study(preset)
+    if study.trainer_preset not in TRAIN_PRESETS:
+        pytest.skip(f"trainer preset {study.trainer_preset!r} is not on this branch yet (issue 10)")
+    cfg = _resolve_trainer_config(study)
+    assert cfg.steps == study.steps
+    if preset in ("ci-tiny", "long"):
+        # The long regime's shape: several updates per batch, so the analysis pools the updates after the first.
+        assert cfg.optim.epochs * cfg.optim.updates_per_batch >= 2
+        assert cfg.log.eval_every >= 1 and study.steps // cfg.log.eval_every >= study.analysis.final_window
+
+
+def test_long_study_preset():
+    study = load_study("long")
+    assert study.trainer_preset == "long"
+    assert set(study.rules) == {"grpo_clip", "dppo", "cppo", "cppo_no_weight", "cppo_no_budget", "cppo_shuffled"}
+    assert len(study.seeds) >= 8 and len(study.cells()) == 6 * len(study.seeds)
+    assert study.analysis.primary == "final" and study.analysis.final_window == 3
+    ci = load_study("ci-tiny")
+    assert ci.rules == study.rules and ci.rule_params == study.rule_params
+    assert (ci.analysis.primary, ci.analysis.final_window, ci.analysis.accuracy) == (
+        study.analysis.primary, study.analysis.final_window, study.analysis.accuracy)
+
+
+def test_ci_tiny_overrides_shrink_the_long_trainer_preset():
+    """Once the trainer's `long` preset exists, ci-tiny's overrides must apply to it (switch its preset then)."""
+    from cppo_diag.train.config import PRESETS as TRAIN_PRESETS
+
+    if "long" not in TRAIN_PRESETS:
+        pytest.skip("trainer preset 'long' is not on this branch yet (issue 10)")
+    cfg = _resolve_trainer_config(load_study("ci-tiny"), preset="long")
+    assert cfg.steps == 4 and cfg.rollout.prompts_per_step * cfg.rollout.n <= 16

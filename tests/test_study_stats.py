@@ -9,8 +9,12 @@ import pytest
 from scipy import stats
 
 from cppo_diag.study.stats import (
-    bootstrap_mean_ci,
+    MIN_BOOT_PAIRS,
+    bca_mean_ci,
+    compare_restricted_means,
     holm_adjust,
+    kaplan_meier,
+    km_restricted_mean,
     paired_comparison,
     sign_flip_pvalue,
     t_interval,
@@ -67,7 +71,9 @@ def test_paired_comparison_matches_scipy_ttest_rel():
     assert c.cohens_dz == pytest.approx(d.mean() / d.std(ddof=1))
     assert c.t_stat == pytest.approx(c.cohens_dz * math.sqrt(6))
     assert (c.wins, c.losses) == (5, 1)
-    assert c.boot_lo < c.mean_diff < c.boot_hi
+    # 6 pairs: below MIN_BOOT_PAIRS, so no bootstrap interval at all (a percentile one would be too narrow).
+    assert math.isnan(c.bca_lo) and math.isnan(c.bca_hi)
+    assert c.sign_flip_exact
 
 
 def test_paired_comparison_drops_incomplete_pairs():
@@ -117,15 +123,88 @@ def test_sign_flip_monte_carlo_close_to_exact():
     assert sign_flip_pvalue(d, exact_max_n=10, seed=1) == sign_flip_pvalue(d, exact_max_n=10, seed=1)
 
 
-def test_bootstrap_close_to_scipy_percentile_and_seeded():
+def test_bca_equals_scipy_bootstrap_on_the_same_resamples():
     rng = np.random.default_rng(0)
-    x = rng.normal(1.0, 2.0, size=40)
-    lo, hi = bootstrap_mean_ci(x, n_resamples=40_000, seed=5)
-    ref = stats.bootstrap((x,), np.mean, method="percentile", n_resamples=40_000, rng=np.random.default_rng(7))
-    assert lo == pytest.approx(ref.confidence_interval.low, abs=0.05)
-    assert hi == pytest.approx(ref.confidence_interval.high, abs=0.05)
-    assert bootstrap_mean_ci(x, seed=2) == bootstrap_mean_ci(x, seed=2)
-    assert all(math.isnan(v) for v in bootstrap_mean_ci([1.0]))
+    x = rng.normal(0.02, 0.05, size=12)
+    lo, hi = bca_mean_ci(x, n_resamples=5000, seed=7)
+    ref = stats.bootstrap((x,), np.mean, method="BCa", n_resamples=5000, rng=np.random.default_rng(7))
+    assert lo == pytest.approx(ref.confidence_interval.low, rel=1e-9)
+    assert hi == pytest.approx(ref.confidence_interval.high, rel=1e-9)
+    # Skewed data: BCa differs from the percentile interval of the same resamples (it is not a relabelling).
+    y = rng.exponential(1.0, size=15)
+    means = y[np.random.default_rng(3).integers(0, 15, (4000, 15))].mean(axis=1)
+    assert bca_mean_ci(y, n_resamples=4000, seed=3) != pytest.approx(tuple(np.percentile(means, [2.5, 97.5])))
+
+
+def test_no_bootstrap_below_ten_pairs():
+    assert MIN_BOOT_PAIRS == 10
+    assert all(math.isnan(v) for v in bca_mean_ci(np.arange(9.0)))
+    assert all(math.isfinite(v) for v in bca_mean_ci(np.arange(10.0)))
+    c = paired_comparison(np.arange(10.0) + 0.3, np.arange(10.0) + np.linspace(0, 0.5, 10))
+    assert c.bca_lo <= c.mean_diff <= c.bca_hi
+
+
+def test_sign_flip_exact_at_study_sizes():
+    """8 and 20 pairs are enumerated exactly (meet in the middle); 8 same-sign pairs give 2 / 2**8."""
+    assert sign_flip_pvalue(np.linspace(0.01, 0.08, 8)) == pytest.approx(2 / 256)
+    d = np.random.default_rng(4).normal(0.05, 0.1, size=20)
+    # By brute force over all 2**20 assignments, in blocks.
+    h = np.array(list(__import__("itertools").product((1.0, -1.0), repeat=10)))
+    lo, hi = h @ d[:10], h @ d[10:]
+    brute = np.mean(np.abs(lo[:, None] + hi[None, :]) >= abs(d.sum()) - 1e-12)
+    assert sign_flip_pvalue(d) == pytest.approx(brute, abs=1e-15)
+    assert paired_comparison(d, np.zeros(20)).sign_flip_exact
+
+
+# Hand example for the restricted mean: six seeds, four reach the threshold (steps 2, 4, 4, 6), two never do
+# (censored at their last evaluation, step 8). Horizon tau = 8.
+KM_T = np.array([2.0, 4.0, 4.0, 6.0, 8.0, 8.0])
+KM_E = np.array([True, True, True, True, False, False])
+
+
+def test_kaplan_meier_hand_values():
+    ut, y, d, s = kaplan_meier(KM_T, KM_E)
+    np.testing.assert_allclose(ut, [2, 4, 6])
+    np.testing.assert_allclose(y, [6, 5, 3])
+    np.testing.assert_allclose(d, [1, 2, 1])
+    np.testing.assert_allclose(s, [5 / 6, 1 / 2, 1 / 3])
+
+
+def test_restricted_mean_hand_values():
+    r = km_restricted_mean(KM_T, KM_E, tau=8)
+    # Area under S on [0, 8]: 1 * 2 + 5/6 * 2 + 1/2 * 2 + 1/3 * 2.
+    assert r.rmst == pytest.approx(2 + 5 / 3 + 1 + 2 / 3)
+    # Greenwood-type variance: A_j = area after t_j; sum A_j^2 d_j / (Y_j (Y_j - d_j)).
+    var = (10 / 3) ** 2 * 1 / (6 * 5) + (5 / 3) ** 2 * 2 / (5 * 3) + (2 / 3) ** 2 * 1 / (3 * 2)
+    assert r.se == pytest.approx(math.sqrt(var))
+    assert r.lo == pytest.approx(r.rmst - 1.959963984540054 * r.se)
+    assert (r.n, r.n_events, r.tau) == (6, 4, 8.0)
+    # The seeds that never reached count: the mean over only those that did (4.0) is smaller.
+    assert r.rmst > KM_T[KM_E].mean()
+
+
+def test_restricted_mean_without_censoring_is_the_mean_of_min_t_tau():
+    t = np.array([1.0, 3.0, 5.0, 10.0])
+    r = km_restricted_mean(t, np.ones(4, bool), tau=6)
+    assert r.rmst == pytest.approx(np.minimum(t, 6).mean())
+    none = km_restricted_mean([8.0, 8.0, 8.0], [False, False, False], tau=8)
+    assert none.rmst == 8.0 and none.se == 0.0 and none.n_events == 0
+    with pytest.raises(ValueError, match="tau"):
+        km_restricted_mean(t, np.ones(4, bool), tau=0)
+    with pytest.raises(ValueError, match="equal length"):
+        km_restricted_mean(t, np.ones(3, bool), tau=5)
+
+
+def test_compare_restricted_means():
+    a = km_restricted_mean(KM_T, KM_E, tau=8)
+    b = km_restricted_mean([4.0, 6.0, 8.0, 8.0], [True, True, False, False], tau=8)
+    c = compare_restricted_means(a, b, name_a="cppo", name_b="dppo")
+    assert c.diff == pytest.approx(a.rmst - b.rmst)
+    assert c.se == pytest.approx(math.hypot(a.se, b.se))
+    assert c.p == pytest.approx(2 * stats.norm.sf(abs(c.diff) / c.se))
+    assert c.ci_lo < c.diff < c.ci_hi
+    with pytest.raises(ValueError, match="same tau"):
+        compare_restricted_means(a, km_restricted_mean(KM_T, KM_E, tau=6))
 
 
 def test_holm_hand_values():

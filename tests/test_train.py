@@ -234,8 +234,10 @@ def test_staleness_and_bf16_rollouts_in_a_run(tmp_path):
     assert 0 < d0.max() < 0.2
     d3 = (toks.filter(pl.col("step") == 3)["logp"] - toks.filter(pl.col("step") == 3)["logp_rollout"]).abs()
     assert d3.mean() > d0.mean()
-    n, bad_keep, _ = recompute_keep(run)
-    assert n > 0 and bad_keep == 0
+    from cppo_diag.train.parity import check_parity
+
+    parity = check_parity(tmp_path / "st")
+    assert parity["tokens"] > 0 and parity["keep_mismatch"] == 0 and parity["reason_mismatch"] == 0
     with pytest.raises(ValueError, match="rollout.precision"):
         train(tiny_cfg(tmp_path, rollout={"precision": "fp16"}))
     with pytest.raises(ValueError, match="rollout.staleness"):
@@ -257,37 +259,11 @@ def test_shipped_warm_start_loads_and_is_small(kind):
 
 
 # -- end to end ----------------------------------------------------------------------------------------------
-def recompute_keep(run) -> tuple[int, int, int]:
-    """Rebuild every (step, update) batch from the logged tokens in seq_id order, rerun the run's rule with
-    compute_mask, and count (tokens, keep mismatches, reason mismatches)."""
-    toks = run.tokens().sort(["step", "update", "seq_id", "pos"]).collect()
-    n = bad_keep = bad_reason = 0
-    for (step, update), g in toks.group_by(["step", "update"], maintain_order=True):
-        seq = g["seq_id"].to_numpy()
-        ids = np.unique(seq)
-        row = np.searchsorted(ids, seq)
-        pos = g["pos"].to_numpy().copy()
-        B, T = len(ids), int(pos.max()) + 1
-        lp, lr = torch.zeros(B, T), torch.zeros(B, T)
-        mask = torch.zeros(B, T, dtype=torch.bool)
-        lp[row, pos] = torch.tensor(g["logp"].to_numpy())
-        lr[row, pos] = torch.tensor(g["logp_rollout"].to_numpy())
-        mask[row, pos] = True
-        adv = torch.zeros(B)
-        adv[row] = torch.tensor(g["advantage"].to_numpy())
-        res = compute_mask(run.meta["rule"], logp=lp, logp_rollout=lr, advantages=adv, response_mask=mask,
-                           anchor=run.meta["anchor"], **run.meta["rule_params"])
-        keep = res.keep[row, pos].numpy()
-        reason = res.reason[row, pos].numpy()
-        n += len(g)
-        bad_keep += int((keep != g["keep_applied"].to_numpy()).sum())
-        bad_reason += int((reason != g["reason_applied"].to_numpy()).sum())
-    return n, bad_keep, bad_reason
-
-
 @pytest.mark.parametrize("rule,params", [("cppo", {"delta": 0.05, "delta_b": 0.01}), ("cppo_shuffled", {"delta": 0.05}),
                                          ("dppo", {"delta": 0.05})])
 def test_run_logs_tokens_and_offline_recompute_matches_keep_applied(tmp_path, rule, params):
+    from cppo_diag.train.parity import check_parity
+
     cfg = tiny_cfg(tmp_path, rule={"name": rule, "params": params}, optim={"lr": 3e-3, "epochs": 3},
                    log={"name": "r"})
     summary = train(cfg)
@@ -295,19 +271,20 @@ def test_run_logs_tokens_and_offline_recompute_matches_keep_applied(tmp_path, ru
     run = open_run(tmp_path / "r")
     assert run.meta["rule"] == rule and run.meta["status"] == "finished"
     assert run.completed_steps() == [0, 1, 2]
-    n, bad_keep, bad_reason = recompute_keep(run)
-    assert n > 0 and bad_keep == 0 and bad_reason == 0
+    parity = check_parity(tmp_path / "r")
+    assert parity["tokens"] > 0 and parity["keep_mismatch"] == 0 and parity["reason_mismatch"] == 0
     toks = run.tokens().collect()
     assert set(toks["update"].unique().to_list()) == {0, 1, 2}  # epochs=3, full batch: 3 updates
     assert (~toks["keep_applied"]).sum() > 0  # pi left mu far enough for the rule to act
     steps = run.steps()
-    for col in ("reward/mean", "acc/mean", "response/len_mean", "policy/entropy", "mask/frac", "mask/budget_share",
-                "div/tv/mean", "optim/lr", "time/rollout_s", "time/update_s"):
+    for col in ("reward/mean", "acc/mean", "response/len_mean", "policy/entropy", f"mask/{rule}/frac",
+                "div/tv/mean", "optim/lr", "time/rollout_s", "time/update_s", "eval/heldout_size"):
         assert col in steps.columns, col
-    assert steps["mask/frac"].max() > 0
+    assert "mask/frac" not in steps.columns  # one name per quantity: mask/<rule>/frac
+    assert steps[f"mask/{rule}/frac"].max() > 0
     seqs = run.sequences().collect()
-    # sequence rows share seq_id with the tokens of update 0 (full-batch updates): same lengths
-    tl = toks.filter(pl.col("update") == 0).group_by("step", "seq_id").agg(pl.len().alias("n"))
+    # every update's token rows name the sequence row of the same response: same length
+    tl = toks.group_by("step", "update", "seq_id").agg(pl.len().alias("n"))
     j = tl.join(seqs.select("step", "seq_id", "length", "tokens"), on=["step", "seq_id"])
     assert len(j) == len(tl) and (j["n"] == j["length"]).all()
 
@@ -379,3 +356,212 @@ def test_hf_model_kv_cache_rollout_matches_recomputed_pi():
     logp, _ = sequence_logprobs(pol, m, rb, temperature=1.0, autocast=None, with_entropy=False)
     assert rb.response_mask.sum() > 8
     torch.testing.assert_close(logp[rb.response_mask], rb.logp_rollout[rb.response_mask], rtol=0, atol=1e-5)
+
+
+# -- issue 11 "numbers you can trust": the done-when run ------------------------------------------------------
+def _pooled_fractions(g: pl.DataFrame, rule_params: dict, trunc_cap: float) -> dict[str, float]:
+    """Every fraction and share of one step, recomputed from its pooled token rows (all updates, or the updates
+    after the first) with plain loops: the reference CPPO loop for delta_b, and c_t written out per token."""
+    from reference_loop import DEFAULTS, _weight, reference
+
+    P = {**DEFAULTS["cppo"], **rule_params}
+    n = g.height
+    keep = g["keep_applied"].to_numpy()
+    reason = g["reason_applied"].to_numpy()
+    adv = g["advantage"].to_numpy()
+    lp = torch.tensor(g["logp"].to_numpy())
+    lr = torch.tensor(g["logp_rollout"].to_numpy())
+    rho = torch.exp((lp - lr).clamp(-20, 20)).numpy()  # float32, as the rule and the loss compute it
+    masked = ~keep
+    n_m = int(masked.sum())
+    resp = g.group_by("update", "seq_id", maintain_order=True).agg("pos", "logp", "logp_rollout", "advantage",
+                                                                     "keep_applied")
+    n_resp = len(resp)
+    db_min = db_cap = c_neg = 0
+    db_sum = 0.0
+    for r in resp.iter_rows(named=True):
+        order = np.argsort(r["pos"])
+        lp_r = torch.tensor(np.asarray(r["logp"], np.float32)[order])[None]
+        lr_r = torch.tensor(np.asarray(r["logp_rollout"], np.float32)[order])[None]
+        ref = reference("cppo", lp_r, lr_r, torch.tensor([r["advantage"][0]]), **rule_params)
+        db = ref["delta_b"][0]
+        db_sum += db
+        db_min += db <= P["delta_b"]
+        db_cap += db >= P["delta_b"] * P["delta_b_cap"]
+        T = len(order)
+        S = W = 0.0
+        for i in range(T):
+            w = _weight(i, T, P["w_min"], "sequence", None)
+            d = abs(float(torch.exp(lp_r[0, i])) - float(torch.exp(lr_r[0, i])))
+            c_neg += min(P["delta"], P["delta"] + db * W - S) < 0
+            S += w * d
+            W += w
+    return {
+        "mask/cppo/frac": n_m / n,
+        "mask/cppo/frac_pos_adv": int((masked & (adv > 0)).sum()) / int((adv > 0).sum()),
+        "mask/cppo/frac_neg_adv": int((masked & (adv < 0)).sum()) / int((adv < 0).sum()),
+        "mask/cppo/away_frac": int((adv * (rho - 1) > 0).sum()) / n,
+        "mask/cppo/budget_share": int((reason == 2).sum()) / n_m if n_m else 0.0,
+        "mask/cppo/token_share": int((reason == 1).sum()) / n_m if n_m else 0.0,
+        "mask/cppo/seq_frac": sum(not all(k) for k in resp["keep_applied"].to_list()) / n_resp,
+        "cppo/delta_b_mean": db_sum / n_resp,
+        "cppo/delta_b_at_min_frac": db_min / n_resp,
+        "cppo/delta_b_at_cap_frac": db_cap / n_resp,
+        "cppo/c_neg_frac": c_neg / n,
+        "loss/kept_frac": int(keep.sum()) / n,
+        "loss/trunc_frac": int((rho > trunc_cap).sum()) / n,
+    }
+
+
+def test_demo_preset_with_minibatches_logs_numbers_you_can_trust(tmp_path):
+    """Issue 11's done-when run: the demo preset (CPPO), shortened, with 2 minibatches x 2 epochs.
+
+    1. keep_applied equals SPEC's CPPO computed token by token (tests/reference_loop.py) on each update's rows;
+    2. every fraction and share in the step scalars equals its value recomputed from the step's pooled tokens
+       (all updates; and ``after_first/`` over the updates after the first);
+    3. every token row names the sequence row of its response, of the same length (one seq_id per response)."""
+    from reference_loop import reference
+
+    from cppo_diag.cli.main import main
+
+    rc = main(["train", "--preset", "demo", "--steps", "3", "--optim.updates_per_batch", "2", "--optim.epochs", "2",
+               "--rollout.prompts_per_step", "4", "--task.eval_size", "8", "--log.eval_every", "0",
+               "--log.out_dir", str(tmp_path), "--log.name", "d", "--log.progress", "false", "--threads", "1"])
+    assert rc == 0
+    run = open_run(tmp_path / "d")
+    params = run.meta["rule_params"]
+    assert run.meta["rule"] == "cppo"
+    toks = run.tokens().sort("step", "update", "seq_id", "pos").collect()
+    assert sorted(toks["update"].unique().to_list()) == [0, 1, 2, 3]
+
+    # 1. the mask the trainer applied is SPEC's CPPO, token by token
+    for _, g in toks.group_by("step", "update", maintain_order=True):
+        for _, r in g.group_by("seq_id", maintain_order=True):
+            lp = torch.tensor(r["logp"].to_numpy())[None]
+            lr = torch.tensor(r["logp_rollout"].to_numpy())[None]
+            ref = reference("cppo", lp, lr, torch.tensor([r["advantage"][0]]), **params)
+            assert ref["keep"][0] == r["keep_applied"].to_list()
+            assert ref["reason"][0] == r["reason_applied"].to_list()
+    assert (~toks["keep_applied"]).sum() > 0
+
+    # 2. every fraction and share in the step scalars = recomputed from the step's pooled tokens
+    steps = run.steps().filter(pl.col("mask/cppo/frac").is_not_null()).sort("step")
+    names = [c for c in steps.columns if ("frac" in c or "share" in c) and c != "time/rollout_frac"]
+    trunc_cap = run.meta["config"]["optim"]["trunc_cap"]
+    checked = set()
+    for row in steps.iter_rows(named=True):
+        g = toks.filter(pl.col("step") == row["step"])
+        for prefix, part in (("", g), ("after_first/", g.filter(pl.col("update") > 0))):
+            for k, v in _pooled_fractions(part, params, trunc_cap).items():
+                assert row[prefix + k] == pytest.approx(v, rel=1e-6, abs=1e-9), (row["step"], prefix + k)  # float32 sums
+                checked.add(prefix + k)
+    assert set(names) <= checked, sorted(set(names) - checked)  # no fraction left unchecked
+
+    # 3. one seq_id per response per step: token rows of every update name a sequence row of the same length
+    seqs = run.sequences().collect()
+    assert seqs.group_by("step").agg(pl.col("seq_id").n_unique()).sort("step")["seq_id"].to_list() == [32] * 3
+    per = toks.group_by("step", "update", "seq_id").agg(pl.len().alias("n"), pl.col("group_id").first())
+    j = per.join(seqs.select("step", "seq_id", "length", "group_id"), on=["step", "seq_id"], how="left")
+    assert j["length"].null_count() == 0
+    assert (j["n"] == j["length"]).all() and (j["group_id"] == j["group_id_right"]).all()
+    assert (per.group_by("step", "seq_id").len()["len"] == 2).all()  # each trained response: once per epoch
+
+
+def test_minibatch_tokens_and_sampled_sequences_share_seq_ids(tmp_path):
+    """Issue 11 item 2: with several minibatches and seq_fraction < 1, both tables keep the same responses and
+    every token row names the sequence row of its response (same length, same group)."""
+    cfg = tiny_cfg(tmp_path, steps=1, optim={"updates_per_batch": 2, "epochs": 1}, log={"name": "s", "seq_fraction": 0.6},
+                   rollout={"prompts_per_step": 4, "n": 4})
+    train(cfg)
+    run = open_run(tmp_path / "s")
+    toks = run.tokens().group_by("step", "update", "seq_id").agg(pl.len().alias("n"), pl.col("group_id").first()).collect()
+    seqs = run.sequences().collect()
+    assert set(toks["update"].to_list()) == {0, 1} and 0 < len(seqs) < 16
+    j = toks.join(seqs, on=["step", "seq_id"], how="left")
+    assert j["length"].null_count() == 0 and (j["n"] == j["length"]).all() and (j["group_id"] == j["group_id_right"]).all()
+
+
+def test_soft_and_cispo_runs_log_the_weight_the_loss_applied(tmp_path):
+    """Issue 11 item 7: keep_applied is all-valid for cppo_soft and cispo; loss_weight holds the gate / the
+    truncated IS weight the loss multiplied each token by (recomputed here from the logged tokens)."""
+    from analyses.recompute import iter_batches, run_rule
+
+    for rule, params in (("cppo_soft", {"delta": 0.05}), ("cispo", {"eps_high": 0.1})):
+        train(tiny_cfg(tmp_path, steps=1, optim={"lr": 3e-3, "epochs": 3}, rule={"name": rule, "params": params},
+                       log={"name": rule}))
+        run = open_run(tmp_path / rule)
+        toks = run.tokens().collect()
+        assert toks["keep_applied"].all() and "loss_weight" in toks.columns
+        assert toks.filter(pl.col("update") > 0)["loss_weight"].min() < 1.0  # some tokens were down-weighted
+        for batch in iter_batches(run):
+            res = run_rule(batch, rule, params)
+            np.testing.assert_allclose(batch.unpad(res.weight), toks.filter(
+                (pl.col("step") == batch.step) & (pl.col("update") == batch.update)).sort("seq_id", "pos")["loss_weight"],
+                rtol=1e-6)
+    train(tiny_cfg(tmp_path, steps=1, log={"name": "plain"}))
+    assert "loss_weight" not in open_run(tmp_path / "plain").tokens().collect_schema().names()  # cppo: keep alone
+
+
+def test_top_p_mu_is_the_truncated_distribution(tmp_path):
+    """Issue 11 item 8: with top_p < 1 the recorded mu is the log-prob under the nucleus, renormalised (the
+    distribution actually sampled from), not the full softmax."""
+    tok, m = _tiny_model(2)
+    s = TorchSampler(lambda i, a, p, c: m(i, attention_mask=a, position_ids=p, cache=c), eos_id=tok.eos_id,
+                     pad_id=tok.pad_id, device="cpu", empty_cache=m.empty_cache)
+    prompts = [tok.encode_prompt("1,3;12=")] * 6
+    rb = s.generate(prompts, max_new_tokens=6, top_p=0.5, generator=torch.Generator().manual_seed(0))
+
+    class P:
+        pad_id, eos_id = tok.pad_id, tok.eos_id
+        forward = staticmethod(lambda mod, i, a, p, cache=None, use_cache=False: mod(i, attention_mask=a, position_ids=p, cache=cache))
+
+    full, _ = sequence_logprobs(P, m, rb, temperature=1.0, autocast=None, with_entropy=False)  # untruncated pi
+    ids = torch.cat([torch.tensor(prompts), rb.response_ids], 1)
+    logits, _ = m(ids)
+    Lp = len(prompts[0])
+    for t in range(rb.response_ids.shape[1]):
+        kept = top_p_filter(logits[:, Lp - 1 + t].float(), 0.5).log_softmax(-1)  # (B, V) the nucleus, renormalised
+        want = kept.gather(1, rb.response_ids[:, t:t + 1]).squeeze(1)
+        v = rb.response_mask[:, t]
+        torch.testing.assert_close(rb.logp_rollout[v, t], want[v], rtol=0, atol=2e-5)
+    assert (rb.logp_rollout[rb.response_mask] >= full[rb.response_mask] - 1e-5).all()
+    assert (rb.logp_rollout[rb.response_mask] > full[rb.response_mask] + 1e-3).any()  # truncation mattered
+    with pytest.raises(ValueError, match=r"rollout.top_p: expected a value in \(0, 1\], found 1.5"):
+        train(tiny_cfg(tmp_path, rollout={"top_p": 1.5}))
+
+
+def test_held_out_set_is_distinct_disjoint_and_sized(tmp_path):
+    """Issue 11 item 4: the held-out prompts are drawn without replacement, never trained on, and the domain
+    size is stated next to the accuracy."""
+    t = ArithmeticTask("fib", eval_size=512)  # 900 distinct prompts with the defaults
+    held = {p.prompt for p in t.eval_set()}
+    assert t.domain_size == 900 and len(held) == len(t.eval_set()) == 512
+    rng = np.random.default_rng(0)
+    assert not held & {p.prompt for p in t.sample(2000, rng)}
+    with pytest.raises(ValueError, match="task.eval_size: expected fewer held-out problems than the task's 900"):
+        ArithmeticTask("fib", eval_size=900)
+    from cppo_diag.train.config import TaskConfig
+    from cppo_diag.train.tasks import build_task
+
+    rows = [{"prompt": f"q{i % 30}", "answer": str(i % 30)} for i in range(120)]  # every prompt 4 times
+    f = tmp_path / "dup.jsonl"
+    f.write_text("\n".join(json.dumps(r) for r in rows))
+    d = build_task(TaskConfig(kind="dataset", path=str(f), eval_size=6))
+    ev = {p.prompt for p in d.eval_set()}
+    assert len(ev) == len(d.eval_set()) == 6 and d.domain_size == 30
+    assert not ev & {p.prompt for p in d.sample(500, rng)}  # duplicates of a held-out prompt never train
+    summary = train(tiny_cfg(tmp_path, steps=1, log={"name": "h"}))
+    assert summary["summary/heldout_size"] == 16 and summary["summary/domain_size"] == 900
+    ev_rows = open_run(tmp_path / "h").steps().filter(pl.col("eval/greedy_acc").is_not_null())
+    assert (ev_rows["eval/heldout_size"] == 16).all() and (ev_rows["eval/domain_size"] == 900).all()
+
+
+def test_help_escapes_percent_signs(capsys):
+    """Issue 11 item 9: a '%' in a field doc is printed as is, not %-formatted into argparse's dict."""
+    from cppo_diag.cli.main import main
+
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "gradient checkpointing (less memory, ~30% slower updates) [default: False]" in out
+    assert "option_strings" not in out

@@ -14,6 +14,7 @@ st.caption("CPPO's prefix budget recomputed on the run (SPEC CPPO steps 3-6): bu
 path = ui.focus_run()
 step_range = controls.step_range(path, key="bud_steps", default_tokens=controls.RECOMPUTE_TOKENS,
                                  what="CPPO recomputed")
+updates = controls.updates_widget(path, key="bud_updates")
 
 defaults = controls.rule_defaults(path)
 cppo_rules = [r for r in controls.recompute_rules() if r.startswith("cppo") and r not in ("cppo_no_budget", "cppo_shuffled")]
@@ -30,7 +31,7 @@ bin_width = controls.bin_width(controls.default_bin_width(path), key="bud_bw")
 params = {"delta": float(delta), "delta_b": float(delta_b), "w_min": float(w_min), "delta_b_mode": mode}
 
 res = data.analysis("budget_exhaustion", path, params=params, rule=rule, step_range=step_range,
-                    bin_width=int(bin_width))
+                    bin_width=int(bin_width), updates=updates, engine="local", workers=1)  # cached per step group
 
 from analyses import plots_plotly as pp  # noqa: E402  (figure builders shared with the report)
 
@@ -52,3 +53,6 @@ if applied.startswith("cppo") and {share_col, db_col} <= set(logged.columns):
     fig7 = logged.select("step", pl.col(db_col).alias("delta_b_mean"), pl.col(share_col).alias("budget_share"))
     ui.plot(pp.fig_budget_by_step(fig7.drop_nulls(), title=f"As logged by the trainer ({applied}, every step)"),
             key="bud_logged", tight=False)
+    if updates != "all":
+        st.caption("The trainer's step scalars cover every update of the step, the first included; the figures "
+                   "above recompute the chosen updates only.")

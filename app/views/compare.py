@@ -30,6 +30,14 @@ position = c3.radio("Position", ["absolute", "relative"], horizontal=True, key="
                     help="relative: the masked fraction over t / T (t = pos + 1, T = the response length) in "
                     f"{N_REL_BINS} equal bins, so responses of different lengths line up")
 relative = position != "absolute"
+profiles = st.multiselect(
+    "CPPO parameter sets recomputed on every run", controls.cppo_profiles(), default=[], key="cmp_profiles",
+    help="Named parameter sets of implementations in the field (docs/rules.md): paper = the defaults, unirl = the "
+         "authors' code, verl-pr6731 = T in w_t is the run's maximum response length and the budget cap 5. Each "
+         "is drawn as cppo[<name>], so you see how far the variants' masks differ on these runs.")
+for name in profiles:
+    st.caption(controls.profile_caption(chosen[0], name))
+updates = controls.updates_widget(chosen, key="cmp_updates")
 params = controls.rule_params_widget(chosen[0], key="cmp_params")
 bin_width = 64 if relative else controls.bin_width(max(controls.default_bin_width(p) for p in chosen),
                                                     key="cmp_bw")
@@ -52,7 +60,7 @@ for i, path in enumerate(chosen):
     if rng is not None:
         res = data.compare_one(path, rules=tuple(rules), params=rule_params, step_range=rng,
                                bin_width=int(bin_width), include_applied=True, relative=relative,
-                               n_rel_bins=N_REL_BINS)
+                               n_rel_bins=N_REL_BINS, updates=updates, profiles=tuple(profiles))
         summaries.append(res.summary.with_columns(steps=pl.lit(f"{rng[0]}-{rng[1]}")))
         by_pos.append(res.by_position)
         by_step.append(res.by_step)
@@ -67,8 +75,9 @@ RUN_COLOR = {data.label(p): COLORS[i % len(COLORS)] for i, p in enumerate(chosen
 
 def _lines(frame: pl.DataFrame, x: str, y: str, title: str, x_title: str, y_fmt: str = ".1%") -> go.Figure:
     fig = go.Figure()
+    labels = [*rules, *(f"cppo[{p}]" for p in profiles)]
     for (run, rule), part in frame.sort(x).group_by("run", "rule", maintain_order=True):
-        dash = "solid" if str(rule).startswith("applied") else DASH[1 + rules.index(rule) % 5] if rule in rules else "dot"
+        dash = "solid" if str(rule).startswith("applied") else DASH[1 + labels.index(rule) % 5] if rule in labels else "dot"
         fig.add_scatter(x=part[x], y=part[y], mode="lines+markers", marker=dict(size=4), name=f"{run} · {rule}",
                         line=dict(dash=dash, color=RUN_COLOR.get(str(run))), legendgroup=str(run))
     fig.update_layout(title=f"{title} (colour: run; dash: rule, solid = applied mask)", xaxis_title=x_title,
@@ -97,7 +106,7 @@ for path in chosen:
 if curves:
     cur = pl.concat(curves, how="diagonal_relaxed")
     names = [c for c in cur.columns if c not in ("step", "run")]
-    default = [n for n in names if n in ("reward/mean", "accuracy/mean")] or names[:2]
+    default = [n for n in names if n in ("reward/mean", "acc/mean")] or names[:2]  # the trainer's names
     picked = st.multiselect("Curves", names, default=default, key="cmp_curves")
     fig = go.Figure()
     for j, name in enumerate(picked):

@@ -14,6 +14,7 @@ st.title("Divergence by position")
 path = ui.focus_run()
 step_range = controls.step_range(path, key="div_steps", default_tokens=controls.AGGREGATE_TOKENS,
                                  what="Position statistics")
+updates = controls.updates_widget(path, key="div_updates")
 
 c1, c2, c3, c4 = st.columns(4)
 kind = c1.selectbox("Divergence", list(controls.DIVERGENCES), format_func=controls.DIVERGENCES.get, key="div_kind")
@@ -40,9 +41,10 @@ w_min = c4.slider("w_min", 0.0, 1.0, float(defaults["w_min"]), 0.05, key="div_wm
 # One query serves every statistic and every survival threshold; the overlay is queried at delta = 1 and
 # scaled, since the mean of delta / w_t over a bin is linear in delta. Only the filters, the binning, the
 # divergence kind and w_min trigger a new pass over the tokens.
-table = data.analysis(
-    "position_stats", path, metrics=(kind,), bin_width=int(bin_width), relative=relative, n_rel_bins=int(n_rel_bins),
-    step_range=step_range, adv_sign=adv, thresholds=controls.SURVIVAL_XS,
+table = data.analysis(  # mergeable partial aggregates, cached beside the run (analyses.aggregate); in-process
+    "position_summary", path, workers=1, metrics=(kind,), bin_width=int(bin_width), relative=relative,
+    n_rel_bins=int(n_rel_bins),
+    step_range=step_range, adv_sign=adv, thresholds=controls.SURVIVAL_XS, updates=updates,
     delta=1.0 if overlay else None, w_min=float(w_min) if overlay else 0.8,
 )
 if overlay and "threshold_mean" in table.columns:
@@ -58,20 +60,21 @@ fig.add_scatter(x=x, y=table[column], mode="lines+markers", name=controls.stat_l
                 hovertemplate="bin %{x}–%{customdata[1]}<br>value %{y:.4g}<br>tokens %{customdata[0]}<extra></extra>")
 if stat != "mean":
     fig.add_scatter(x=x, y=table["mean"], mode="lines", name="mean", line=dict(dash="dot"))
-if overlay and "threshold_mean" in table.columns and kind == "tv":
+# delta / w_t is a threshold on |pi - mu|: drawn on the same (probability) axis, and only beside |pi - mu|.
+threshold_shown = overlay and "threshold_mean" in table.columns and kind == "tv" and stat != "surv"
+if threshold_shown:
     fig.add_scatter(x=x, y=table["threshold_mean"], mode="lines", name=f"δ / w_t (δ={delta:g}, w_min={w_min:g})",
                     line=dict(dash="dash", color="firebrick"))
-elif overlay and "threshold_mean" in table.columns:
-    fig.add_scatter(x=x, y=table["threshold_mean"], mode="lines", name="δ / w_t (on |π − μ|; other axis)",
-                    yaxis="y2", line=dict(dash="dash", color="firebrick"))
-    fig.update_layout(yaxis2=dict(overlaying="y", side="right", title="δ / w_t"))
 fig.update_layout(title=f"{controls.DIVERGENCES[kind]}: {controls.stat_label(stat, surv_x)} by position",
                   xaxis_title=x_title, yaxis_title=controls.stat_label(stat, surv_x), hovermode="x unified",
                   legend=dict(orientation="h", y=-0.2))
 ui.plot(fig, key="div_fig")
 st.caption(f"{int(table['count'].sum()):,} tokens in {table.height} bins. "
            "Top-decile mean = mean of the tokens at or above the bin's p90 (the paper's caption is vague; "
-           "both p90 and the top-decile mean are offered).")
+           "both p90 and the top-decile mean are offered). Quantiles interpolate linearly between order "
+           "statistics, as every p90 in cppo-diag."
+           + (" The δ / w_t overlay is a threshold on |π − μ|: pick that divergence (and a statistic other than "
+              "survival) to see it on the same axis." if overlay and not threshold_shown else ""))
 
 st.subheader("Masked fraction by position")
 rules = st.multiselect("Rules recomputed on this run", controls.recompute_rules(), default=controls.default_rules(path),
@@ -83,7 +86,7 @@ mask_range = controls.step_range(path, key="div_mask_steps", default_tokens=cont
 if rules or controls.has_applied(path):
     by_pos = data.compare_one(path, rules=tuple(rules), params={r: controls.params_for(r, params) for r in rules},
                               step_range=mask_range, bin_width=int(bin_width), include_applied=True,
-                              relative=relative, n_rel_bins=int(n_rel_bins)).by_position
+                              relative=relative, n_rel_bins=int(n_rel_bins), updates=updates).by_position
     if by_pos.height:
         fig2 = go.Figure()
         for (rule,), part in by_pos.sort("bin_start").group_by("rule", maintain_order=True):

@@ -1,5 +1,6 @@
 """Token inspector: one response of one step, its tokens coloured by divergence, masked tokens marked with
-their reason, values on hover, and the CPPO internals (w_t, Z_t, c_t, S_t) plotted under the text.
+their reason, values on hover, and the CPPO internals (w_t, Z_t, c_t, S_t) plotted under the text. For rules
+that weight the loss instead of masking (cppo_soft, cispo), the logged ``loss_weight`` is shown too.
 
 Only the selected step's token rows are read (``data.step_tokens``)."""
 
@@ -114,6 +115,8 @@ for r in seq.iter_rows(named=True):
     for name, lab in (("w", "w_t"), ("Z", "Z_t"), ("c", "c_t"), ("S", "S_t")):
         if r.get(name) is not None:
             title += f" | {lab} {r[name]:.4f}"
+    if r.get("loss_weight") is not None:
+        title += f" | loss weight {r['loss_weight']:.4f}"
     title += f" | {controls.REASON_LABELS.get(reason, reason)}"
     spans.append(ui.token_span(texts[r["pos"]] if r["pos"] < len(texts) else "·", title=title,
                                css_class=f"tok r{reason}",
@@ -134,7 +137,8 @@ masked = seq["m_keep"].fill_null(True).not_().to_numpy()
 # would squeeze Z_t into a flat line if both shared an axis.
 fig = make_subplots(rows=4, cols=1, shared_xaxes=True, vertical_spacing=0.06, row_heights=[0.34, 0.28, 0.19, 0.19],
                     subplot_titles=("|π−μ| and Z_t = w_t·|π−μ| (× = masked)",
-                                    "slack c_t (budget left; < 0: every away token is masked)", "weight w_t",
+                                    "slack c_t (budget left; < 0: every away token is masked)",
+                                    "weight w_t" + (" and the loss weight applied" if "loss_weight" in seq.columns else ""),
                                     "S_t (cumulative Z)"))
 fig.add_scatter(x=pos, y=tv, mode="lines", name="|π−μ|", line=dict(color="#1f77b4", width=1), row=1, col=1)
 if "Z" in seq.columns:
@@ -149,6 +153,9 @@ if "c" in seq.columns:
     fig.add_hline(y=0.0, line=dict(color="black", width=1), row=2, col=1)
 if "w" in seq.columns:
     fig.add_scatter(x=pos, y=seq["w"], mode="lines", name="w_t", line=dict(color="#9467bd"), row=3, col=1)
+if "loss_weight" in seq.columns:  # what the loss multiplied each token by (gate / IS weight), as logged
+    fig.add_scatter(x=pos, y=seq["loss_weight"], mode="lines+markers", name="loss weight",
+                    line=dict(color="#e377c2"), marker=dict(size=4), row=3, col=1)
 if "S" in seq.columns:
     fig.add_scatter(x=pos, y=seq["S"], mode="lines", name="S_t", line=dict(color="#8c564b"), row=4, col=1)
 fig.update_layout(height=640, hovermode="x unified", legend=dict(orientation="h", yanchor="top", y=-0.08))
@@ -159,4 +166,9 @@ fig.update_yaxes(title_text="w_t", row=3, col=1)
 fig.update_yaxes(title_text="S_t", row=4, col=1)
 fig.update_xaxes(title_text="position", row=4, col=1)
 ui.plot(fig, key="insp_fig")
-st.caption(f"{int(masked.sum())} masked of {seq.height} tokens ({mark}); advantage {row['advantage']:.3f}.")
+weight_note = ""
+if "loss_weight" in seq.columns and seq["loss_weight"].null_count() < seq.height:
+    lw = seq["loss_weight"]
+    weight_note = f" Loss weight applied: mean {lw.mean():.3f}, min {lw.min():.3f}, below 1 on {int((lw < 1).sum())} tokens."
+st.caption(f"{int(masked.sum())} masked of {seq.height} tokens ({mark}); advantage {row['advantage']:.3f}."
+           + weight_note)

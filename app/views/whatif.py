@@ -18,6 +18,7 @@ path = ui.focus_run()
 step_range = controls.step_range(path, key="wi_steps", default_tokens=controls.RECOMPUTE_TOKENS,
                                  label="Steps recomputed", what="Rules recomputed")
 ui.need(step_range is not None, "This run has no token rows yet.")
+updates = controls.updates_widget(path, key="wi_updates")
 applied = controls.applied_rule(path)
 base_rule = applied or "cppo"
 base = controls.rule_defaults(path, base_rule)
@@ -40,7 +41,16 @@ def whatif() -> None:
     delta_b = c3.slider("δ_b", 0.0, 0.1, float(cppo["delta_b"]), 0.001, format="%.3f", key="wi_delta_b")
     w_min = c4.slider("w_min", 0.0, 1.0, float(cppo["w_min"]), 0.05, key="wi_wmin")
     spec = controls.rule_specs()[rule]
-    params = {k: v for k, v in {"delta": delta, "delta_b": delta_b, "w_min": w_min}.items() if k in spec.params}
+    profile = None
+    if rule == "cppo":
+        names = controls.cppo_profiles()
+        profile = st.selectbox("CPPO parameter set", names, index=names.index("paper"), key="wi_profile",
+                               help="Implementations in the field as named parameter sets (docs/rules.md); the "
+                                    "sliders above set δ, δ_b and w_min on top of it.")
+        st.caption(controls.profile_caption(path, profile))
+    base_set = controls.profile_params(path, profile) if profile else {}
+    params = {**base_set, **{k: v for k, v in {"delta": delta, "delta_b": delta_b, "w_min": w_min}.items()
+                             if k in spec.params}}
     if "eps_high" in spec.params or "eps_low" in spec.params:
         e1, e2 = st.columns(2)
         params["eps_low"] = e1.slider("eps_low", 0.0, 1.0, float(spec.params.get("eps_low") or 0.2), 0.01,
@@ -48,9 +58,11 @@ def whatif() -> None:
         params["eps_high"] = e2.slider("eps_high", 0.0, 5.0, float(spec.params.get("eps_high") or 0.28), 0.01,
                                        key="wi_eps_high")
 
-    new = data.recompute_steps(path, rule=rule, params=params, step_range=step_range, bin_width=bin_width)
+    new = controls.recompute_steps(path, rule=rule, params=params, step_range=step_range, bin_width=bin_width,
+                                   updates=updates)
     base_params = {k: v for k, v in base.items() if k in controls.rule_specs()[base_rule].params}
-    ref = data.recompute_steps(path, rule=base_rule, params=base_params, step_range=step_range, bin_width=bin_width)
+    ref = controls.recompute_steps(path, rule=base_rule, params=base_params, step_range=step_range,
+                                   bin_width=bin_width, updates=updates)
 
     m1, m2, m3, m4 = st.columns(4)
     nf, rf = new.overall.get("masked_frac"), ref.overall.get("masked_frac")
@@ -86,15 +98,27 @@ def whatif() -> None:
                        barmode="group", legend=dict(orientation="h", y=-0.2))
     ui.plot(fig2, key="wi_by_step")
 
+    if rule == "cppo" and st.toggle("Every CPPO parameter set at these δ, δ_b, w_min", key="wi_profiles"):
+        rows = []
+        for name in controls.cppo_profiles():
+            pp_params = {**controls.profile_params(path, name), "delta": delta, "delta_b": delta_b, "w_min": w_min}
+            r = controls.recompute_steps(path, rule="cppo", params=pp_params, step_range=step_range,
+                                         bin_width=bin_width, updates=updates)
+            rows.append({"parameter set": name, "masked fraction": r.overall.get("masked_frac"),
+                         "budget share": r.overall.get("budget_share"), "tokens": r.overall.get("n_valid")})
+        st.dataframe(pl.DataFrame(rows), hide_index=True,
+                     column_config={"masked fraction": st.column_config.NumberColumn(format="percent"),
+                                    "budget share": st.column_config.NumberColumn(format="percent")})
+
     if st.toggle("Sweep a δ × δ_b grid around these values (CPPO)", key="wi_sweep"):
         from analyses import plots_plotly as pp
 
         deltas = tuple(sorted({round(delta * f, 4) for f in (0.5, 0.75, 1.0, 1.5, 2.0)}))
         delta_bs = tuple(sorted({round(delta_b * f, 4) for f in (0.0, 0.5, 1.0, 2.0, 4.0)}))
         sweep = data.analysis("whatif_sweep", path, deltas=deltas, delta_bs=delta_bs, w_mins=(float(w_min),),
-                              base_params={k: v for k, v in cppo.items()
+                              base_params={k: v for k, v in {**cppo, **base_set}.items()
                                            if k in controls.rule_specs()["cppo"].params},
-                              step_range=step_range)
+                              step_range=step_range, updates=updates)
         ui.plot(pp.fig_whatif(sweep, value="masked_frac", w_min=float(w_min)), key="wi_sweep_fig", tight=False)
 
 

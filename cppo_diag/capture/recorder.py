@@ -26,6 +26,8 @@ Guarantees (see docs/run-format.md):
   them warns), and shards/temp files of this rank's unfinished steps are removed.
 * **Multi-rank**: each rank writes its own shards (``rank`` in file names and column), its own scalars file
   and markers; only rank 0 writes ``meta.json`` (other ranks create it only if it is missing).
+* **Scalar sinks** (``sinks=["tensorboard", "wandb"]``, rank 0 only): step scalars are mirrored to TensorBoard /
+  W&B from the writer thread (``cppo_diag.capture.sinks``); a failing sink warns once and is switched off.
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ import numpy as np
 import pyarrow as pa
 
 from cppo_diag.capture.sampling import keep_sequences, keep_step
+from cppo_diag.capture.sinks import ScalarSinks, check_sink_names
 from cppo_diag.capture.staging import CaptureInputError, _is_torch, materialize, stage_tokens, values_ok
 from cppo_diag.capture.writer import COMPRESSIONS, BackgroundWriter
 from cppo_diag.storage import layout, schema
@@ -88,6 +91,9 @@ class RunRecorder:
         writer_threads: threads that encode and write token shards (default 1). More help when one
             thread cannot keep up with the trainer (pyarrow releases the GIL while encoding); see
             ``benchmarks/bench_capture.py --writer-only``.
+        sinks: also send every step scalar to these (``"tensorboard"``, ``"wandb"``; see
+            ``cppo_diag.capture.sinks``), rank 0 only, with ``meta.json`` as config. A sink that fails warns
+            once and is switched off, in either ``on_error`` mode; unknown names raise ``ValueError``.
     """
 
     def __init__(
@@ -115,6 +121,7 @@ class RunRecorder:
         compression_level: int | None = None,
         compression: str = "lz4",
         writer_threads: int = 1,
+        sinks: Sequence[str] | None = None,
     ):
         if on_error not in ("warn", "raise"):
             raise ValueError(f"on_error: expected 'warn' or 'raise', found {on_error!r}")
@@ -130,6 +137,7 @@ class RunRecorder:
             raise ValueError(f"compression: expected one of {COMPRESSIONS}, found {compression!r}")
         if isinstance(writer_threads, bool) or int(writer_threads) != writer_threads or int(writer_threads) < 1:
             raise ValueError(f"writer_threads: expected an integer >= 1, found {writer_threads!r}")
+        sink_names = check_sink_names(sinks)
         self.run_dir = Path(path) / name if name else Path(path)
         self.name = name or self.run_dir.name
         self.rank = int(rank)
@@ -153,6 +161,7 @@ class RunRecorder:
         self._done: set[int] = set()  # + steps ended in this session
         self._open_steps: set[int] = set()  # steps with data logged but not yet ended
         self._writer: BackgroundWriter | None = None
+        self._sinks: ScalarSinks | None = None
         self._meta_fields = dict(
             name=self.name, trainer=trainer, rule=rule, rule_params=dict(rule_params or {}), model=model,
             task=task, anchor=anchor, config=dict(config or {}),
@@ -172,6 +181,9 @@ class RunRecorder:
             threads=int(writer_threads), on_error=self._writer_error, on_warning=self._writer_warning,
         )
         self._writer.start()
+        if sink_names and self.rank == 0:
+            meta = json.loads(layout.run_dirs(self.run_dir)["meta"].read_text())
+            self._sinks = ScalarSinks(sink_names, self.run_dir, meta, warn=self._warn) or None
         ref = weakref.ref(self)
         self._atexit = lambda: (ref() is not None and ref().close())
         atexit.register(self._atexit)
@@ -361,13 +373,13 @@ class RunRecorder:
     def log_tokens(self, *, step: int, logp, logp_rollout, advantages, response_mask=None, cu_seqlens=None,
                    update: int = 0, seq_ids=None, logp_old=None, keep_applied=None, reason_applied=None,
                    token_ids=None, entropy=None, reward=None, group_id=None, topk_ids=None,
-                   topk_logp_rollout=None, topk_logp=None) -> None:
+                   topk_logp_rollout=None, topk_logp=None, loss_weight=None) -> None:
         """Record one batch of per-token data (see docs/run-format.md for the columns).
 
         Shapes: padded ``logp``/``logp_rollout`` ``(B, T)`` + ``response_mask`` ``(B, T)`` (default: all
         valid), or packed ``(N,)`` + ``cu_seqlens`` ``(B+1,)``. ``advantages``/``reward``: ``(B,)`` or per
         token; ``seq_ids``/``group_id``: ``(B,)`` (``seq_ids`` default ``0..B-1``); ``logp_old``,
-        ``entropy``, ``token_ids``, ``keep_applied``, ``reason_applied``: per token; ``topk_*``: per token
+        ``entropy``, ``token_ids``, ``keep_applied``, ``reason_applied``, ``loss_weight``: per token; ``topk_*``: per token
         plus a trailing K axis. Torch tensors on any device or numpy arrays.
         """
         if not self._active():
@@ -384,7 +396,7 @@ class RunRecorder:
                 logp=logp, logp_rollout=logp_rollout, advantages=advantages, logp_old=logp_old,
                 keep_applied=keep_applied, reason_applied=reason_applied, token_ids=token_ids,
                 entropy=entropy, reward=reward, group_id=group_id, topk_ids=topk_ids,
-                topk_logp_rollout=topk_logp_rollout, topk_logp=topk_logp,
+                topk_logp_rollout=topk_logp_rollout, topk_logp=topk_logp, loss_weight=loss_weight,
             )
             if self.on_error == "raise":
                 # Check values now so the error surfaces at the call that caused it (costs a host sync).
@@ -420,6 +432,8 @@ class RunRecorder:
                     v = v.item()
                 vals[str(k)] = v
             self._enqueue("scalars", (step, vals))
+            if self._sinks is not None:  # on the writer thread, after our own record of the same values
+                self._enqueue("call", lambda: self._sinks.log(step, vals))
         except Exception as exc:
             self._fail("log_scalars", exc)
 
@@ -504,6 +518,8 @@ class RunRecorder:
                 self._write_meta(meta, status=status)
         except Exception as exc:
             self._fail("close", exc)
+        if self._sinks is not None:  # after the writer drained: every queued scalar has reached them
+            self._sinks.close()
         self._raise_pending()
 
     def __enter__(self) -> "RunRecorder":

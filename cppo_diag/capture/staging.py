@@ -51,16 +51,17 @@ TOKEN_INPUTS: dict[str, tuple[str, str]] = {
     "reason_applied": ("reason_applied", "token"),
     "token_ids": ("token_id", "token"),
     "entropy": ("entropy", "token"),
+    "loss_weight": ("loss_weight", "token"),
     "reward": ("reward", "seq_or_token"),
     "group_id": ("group_id", "seq"),
     "topk_ids": ("topk_ids", "topk"),
     "topk_logp_rollout": ("topk_logp_rollout", "topk"),
     "topk_logp": ("topk_logp", "topk"),
 }
-FLOAT_COLUMNS = {"logp", "logp_rollout", "advantage", "logp_old", "entropy", "reward"}
+FLOAT_COLUMNS = {"logp", "logp_rollout", "advantage", "logp_old", "entropy", "reward", "loss_weight"}
 BOOL_COLUMNS = {"keep_applied"}
 TOPK_FLOAT_COLUMNS = {"topk_logp_rollout", "topk_logp"}
-LOGPROB_COLUMNS = {"logp", "logp_rollout", "logp_old", "entropy"} | TOPK_FLOAT_COLUMNS  # must be floating point
+LOGPROB_COLUMNS = {"logp", "logp_rollout", "logp_old", "entropy", "loss_weight"} | TOPK_FLOAT_COLUMNS  # must be float
 # every other column (token_id, group_id, reason_applied, topk_ids) holds integers
 
 # Parquet encodings chosen per column (measured in benchmarks/bench_capture.py --writer-only): per-token
@@ -69,7 +70,7 @@ LOGPROB_COLUMNS = {"logp", "logp_rollout", "logp_old", "entropy"} | TOPK_FLOAT_C
 # are PLAIN - their long runs of equal values cost almost nothing after the page codec, and PLAIN is ~2x
 # cheaper to encode than dictionary + RLE. Other columns (token_id, group_id, keep/reason, top-K) keep
 # dictionary + RLE. Statistics are written for the key columns only.
-BYTE_STREAM_SPLIT_COLUMNS = ("logp", "logp_rollout", "logp_old", "entropy")
+BYTE_STREAM_SPLIT_COLUMNS = ("logp", "logp_rollout", "logp_old", "entropy", "loss_weight")
 DELTA_COLUMNS = ("pos",)
 PLAIN_COLUMNS = ("step", "seq_id", "advantage", "reward", "update", "rank")
 STATS_COLUMNS = ("step", "seq_id", "pos", "update", "rank")

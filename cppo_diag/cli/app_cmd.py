@@ -16,20 +16,30 @@ Examples:
 from __future__ import annotations
 
 import argparse
+import contextlib
+import ctypes
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
 import urllib.error
 import urllib.request
 import webbrowser
+from collections.abc import Iterator
 from pathlib import Path
 
 HELP = "open the browser app (Streamlit) on run roots; default: the bundled sample_logs/"
 
 ROOTS_ENV = "CPPO_DIAG_ROOTS"  # os.pathsep-separated run roots read by app/data.py
 HOST = "127.0.0.1"
+STOP_SIGNALS = tuple(getattr(signal, n) for n in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, n))
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+class PortInUseError(OSError):
+    """The app's port on 127.0.0.1 is taken (often by an app server a previous command left running)."""
 
 
 def app_script() -> Path:
@@ -97,6 +107,40 @@ def wait_until_healthy(port: int, proc: subprocess.Popen | None = None, timeout:
     raise TimeoutError(f"streamlit server did not answer {url} within {timeout:.0f} s")
 
 
+def check_port_free(port: int) -> None:
+    """Raise :class:`PortInUseError` with what to do when ``HOST:port`` cannot be bound (the same bind the
+    server makes, with ``SO_REUSEADDR`` as Tornado sets it, so a closed server's TIME_WAIT does not count)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((HOST, port))
+        except OSError as exc:
+            raise PortInUseError(
+                f"port {port} on {HOST} is already in use ({exc.strerror}); another `cppo-diag app` or "
+                f"`cppo-diag demo` may still be running: stop it, or pass --port with a free port"
+            ) from exc
+
+
+def _die_with_parent(parent: int):
+    """``preexec_fn`` of the server (Linux): the kernel sends it SIGTERM when the process that started it
+    ends, however it ends (even SIGKILL, which no handler sees). Elsewhere a no-op: :func:`serving` still
+    stops the server on signals and exceptions. ``prctl`` is looked up here, in the parent, so the child
+    (between fork and exec) only makes the call."""
+    prctl = None
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):
+            prctl = ctypes.CDLL(None, use_errno=True).prctl
+
+    def set_pdeathsig() -> None:
+        if prctl is None:
+            return
+        prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM))
+        if os.getppid() != parent:  # the parent ended before prctl took effect
+            os._exit(1)
+
+    return set_pdeathsig
+
+
 def launch(roots: list[str], port: int = 8501, open_browser: bool = False, *, quiet: bool = False,
            allow_missing: bool = False) -> subprocess.Popen:
     """Start the app server on 127.0.0.1:``port`` over ``roots`` and return the process (not waited on).
@@ -105,21 +149,82 @@ def launch(roots: list[str], port: int = 8501, open_browser: bool = False, *, qu
     variable and as ``--root`` script arguments.  ``allow_missing``: accept roots that do not exist yet (a
     trainer about to write into them; the app lists them once they appear, on Refresh or the Auto timer).
     With ``open_browser`` the default browser is opened once the server answers.  ``quiet`` discards the
-    server's output.  The caller owns the process (``proc.terminate()`` to stop it).
+    server's output.  Raises :class:`PortInUseError` when the port is taken.  The caller owns the process:
+    prefer :func:`serving`, which stops it on every way out; on Linux the server also gets SIGTERM when the
+    calling thread's process ends.
     """
     roots = _check_roots(roots, allow_missing) if roots else [str(default_root())]
+    check_port_free(port)
     env = dict(os.environ)
     env[ROOTS_ENV] = os.pathsep.join(roots)
     env.setdefault("STREAMLIT_BROWSER_GATHER_USAGE_STATS", "false")
     out = subprocess.DEVNULL if quiet else None
-    proc = subprocess.Popen(server_command(roots, port), env=env, stdout=out, stderr=out)
+    proc = subprocess.Popen(server_command(roots, port), env=env, stdout=out, stderr=out,
+                            preexec_fn=_die_with_parent(os.getpid()))
     if open_browser:
-        try:
-            wait_until_healthy(port, proc)
-            webbrowser.open(f"http://{HOST}:{port}")
-        except (RuntimeError, TimeoutError) as exc:
-            print(f"cppo-diag app: {exc}", file=sys.stderr)
+        open_when_ready(port, proc)
     return proc
+
+
+def open_when_ready(port: int, proc: subprocess.Popen) -> None:
+    """Open the default browser on the app once the server answers (a message, not an error, if it never does)."""
+    try:
+        wait_until_healthy(port, proc)
+        webbrowser.open(f"http://{HOST}:{port}")
+    except (RuntimeError, TimeoutError) as exc:
+        print(f"cppo-diag app: {exc}", file=sys.stderr)
+
+
+def stop(proc: subprocess.Popen, timeout: float = 10.0) -> None:
+    """Terminate the server (SIGTERM: Streamlit shuts down and frees its port), kill it after ``timeout``."""
+    if proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+@contextlib.contextmanager
+def interrupt_on_signals() -> Iterator[None]:
+    """SIGINT, SIGTERM and SIGHUP raise ``KeyboardInterrupt`` inside the block, so ``finally`` clauses run
+    when the process is stopped by Ctrl-C, ``kill``, a service manager or a closed terminal; the previous
+    handlers come back afterwards. SIGINT is caught even where the shell started the process with it
+    ignored (a background job of a non-interactive shell: ``cmd &`` in a script), which otherwise makes
+    ``kill -INT`` do nothing; a SIGHUP that ``nohup`` ignores stays ignored. Main thread only (elsewhere
+    the block runs unchanged)."""
+    def _raise(signum, frame):
+        raise KeyboardInterrupt(f"stopped by {signal.Signals(signum).name}")
+
+    previous = {}
+    try:
+        for sig in STOP_SIGNALS:
+            if sig != signal.SIGINT and signal.getsignal(sig) == signal.SIG_IGN:
+                continue
+            previous[sig] = signal.signal(sig, _raise)
+    except ValueError:  # not the main thread
+        pass
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+@contextlib.contextmanager
+def serving(roots: list[str], port: int = 8501, open_browser: bool = False, **kwargs) -> Iterator[subprocess.Popen]:
+    """:func:`launch` the server for the duration of the block and stop it on every way the block ends:
+    normally, by an exception, by SIGINT, SIGTERM or SIGHUP (see :func:`interrupt_on_signals`)."""
+    with interrupt_on_signals():
+        proc = launch(roots, port=port, **kwargs)
+        try:
+            if open_browser:
+                open_when_ready(port, proc)
+            yield proc
+        finally:
+            stop(proc)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -136,25 +241,15 @@ def run(args: argparse.Namespace) -> int:
         print("cppo-diag app: streamlit is not installed (pip install streamlit)", file=sys.stderr)
         return 1
     try:
-        proc = launch(args.root, port=args.port, open_browser=not args.no_browser)
-    except FileNotFoundError as exc:
+        with serving(args.root, port=args.port, open_browser=not args.no_browser) as proc:
+            print(f"cppo-diag app: serving on http://{HOST}:{args.port} (Ctrl-C to stop)", file=sys.stderr)
+            try:
+                return proc.wait()
+            except KeyboardInterrupt:
+                return 0
+    except (FileNotFoundError, PortInUseError) as exc:
         print(f"cppo-diag app: {exc}", file=sys.stderr)
         return 2
-    print(f"cppo-diag app: serving on http://{HOST}:{args.port} (Ctrl-C to stop)", file=sys.stderr)
-
-    def _stop(signum, frame):  # SIGTERM: stop the server too, do not leave it orphaned
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, _stop)
-    try:
-        return proc.wait()
-    except KeyboardInterrupt:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        return 0
 
 
 def _has_streamlit() -> bool:

@@ -10,6 +10,10 @@ What happens:
   4. the greedy accuracy on the held-out set before and after RL is printed (also in each run's scalars as
      summary/greedy_acc_before / summary/greedy_acc_after). The app keeps running until Ctrl-C.
 
+The app server is stopped on every way the demo ends: Ctrl-C (SIGINT), SIGTERM, SIGHUP, an error, and on
+Linux even SIGKILL (the kernel signals the server when its parent dies). A port already in use is reported
+before training starts; pass --port to use another.
+
 Examples:
   cppo-diag demo                      # CPPO + app
   cppo-diag demo --compare            # CPPO, then GRPO and DPPO on the same seed
@@ -18,6 +22,8 @@ Examples:
 
 from __future__ import annotations
 
+import contextlib
+import sys
 import time
 from pathlib import Path
 
@@ -54,26 +60,30 @@ def run(args) -> int:
     out.mkdir(parents=True, exist_ok=True)
     samples = _sample_logs(args.samples)
     roots = [str(p) for p in (samples, out) if p is not None]
-    proc = None
+    app_cmd = None
     if not args.no_app:
         try:
-            from cppo_diag.cli.app_cmd import launch
+            from cppo_diag.cli import app_cmd
         except ImportError:
-            launch = None
             print("the app is not installed in this checkout; training only")
-        if launch is not None:
-            proc = launch(roots, port=args.port, open_browser=not args.no_browser)
+    with contextlib.ExitStack() as stack:
+        proc = None
+        if app_cmd is not None:
+            try:  # the server is stopped when this block ends, however it ends
+                proc = stack.enter_context(app_cmd.serving(roots, port=args.port, open_browser=not args.no_browser))
+            except app_cmd.PortInUseError as exc:
+                print(f"cppo-diag demo: {exc}", file=sys.stderr)
+                return 2
             print(f"app: http://127.0.0.1:{args.port}  (roots: {', '.join(roots)})")
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    plan = [("cppo", "cppo", {})] + (COMPARE if args.compare else [])
-    results = {}
-    try:
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        plan = [("cppo", "cppo", {})] + (COMPARE if args.compare else [])
+        results = {}
         for label, rule, params in plan:
             over = {"seed": args.seed, "rule": {"name": rule, "params": params},
                     "log": {"out_dir": str(out), "name": f"demo-{label}-{stamp}"}}
             if args.steps is not None:
                 over["steps"] = args.steps
-            print(f"training {label} -> {out / over['log']['name']}")
+            print(f"training {label} -> {out / over['log']['name']}", flush=True)
             results[label] = train(build_config("demo", overrides=over))
         for label, s in results.items():
             print(f"{label:5s} greedy accuracy on held-out problems: {s.get('summary/greedy_acc_before', float('nan')):.3f}"
@@ -84,13 +94,6 @@ def run(args) -> int:
             return 0
         if args.exit_when_done:
             return 0
-        print("training done; the app keeps running (Ctrl-C to stop)")
+        print("training done; the app keeps running (Ctrl-C to stop)", flush=True)
         proc.wait()
         return 0
-    finally:
-        if proc is not None and proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout=10)
-            except Exception:
-                proc.kill()

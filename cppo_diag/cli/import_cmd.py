@@ -2,10 +2,12 @@
 
 Sources and what is read (each importer's module docstring has the details and the upstream files):
 
-  prime-rl  SRC = prime-rl's output dir (or its rollouts/ dir, a step_<n>/ dir, one file): the filesystem
-            transport's rollouts/step_<n>/rank_<r>.bin micro-batches (packed samples, split at position_ids
-            == 0) or rollouts.bin. prime-rl writes only the inference engine's log-probs: logp is a copy of
-            logp_rollout (flagged in meta.json), so divergences are zero in such runs.
+  prime-rl  SRC = prime-rl's output dir (or a step_<n>/ dir, one file). Preferred: the trainer's token export
+            token_exports/step_<n>/rank_<r>.jsonl: logp = trainer_logprobs (pi at loss time), logp_rollout =
+            inference_logprobs, keep_applied = not is_masked (prime-rl's mask), entropy; steps without STABLE
+            are skipped. Without it: the filesystem transport's rollouts/step_<n>/rank_<r>.bin micro-batches
+            (packed samples, split at position_ids == 0) or rollouts.bin, which hold only the inference
+            engine's log-probs: logp is a copy of logp_rollout (flagged in meta.json).
   slime     SRC = a .pt file or a directory of them written by --save-debug-train-data; logp = logp_old =
             the actor's recomputed log_probs (pi_old), logp_rollout = rollout_log_probs (SGLang).
   nemo-rl   SRC = a log directory holding train_data_step<N>.jsonl (NeMo-RL GRPO); logp = logp_old =

@@ -11,6 +11,10 @@ Examples:
   cppo-diag report runs/cppo runs/grpo --out report/
   cppo-diag report runs/demo --out report/ --rules grpo_clip dppo cppo cppo_no_budget --bin 32
   cppo-diag report runs/demo --out report/ --param cppo:delta=0.2 --steps 100:
+  cppo-diag report runs/demo --out report/ --updates all --profile unirl --profile verl-pr6731
+
+For runs with several optimiser updates per batch every figure pools the updates after the first (in the first,
+pi = mu, so it would dilute |pi - mu| and the masked fraction); the report says so. --updates chooses.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ HELP = "write PNG figures and a self-contained HTML report for one or more runs"
 
 def add_arguments(parser) -> None:
     from analyses.cli_util import add_steps_argument
+    from analyses.updates import add_updates_argument
 
     parser.add_argument("runs", nargs="+", metavar="RUN", help="run directories")
     parser.add_argument("--out", required=True, metavar="DIR", help="output directory (created)")
@@ -32,6 +37,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--bin", type=int, default=None, metavar="N",
                         help="position bin width in tokens (default: auto, about 40 bins over the longest response)")
     add_steps_argument(parser)
+    add_updates_argument(parser)
+    parser.add_argument("--profile", action="append", default=[], metavar="NAME",
+                        help="also recompute CPPO under a named parameter set, repeatable (paper, unirl, verl-pr6731)")
     parser.add_argument("--no-whatif", action="store_true", help="skip the what-if sweep (faster)")
     parser.add_argument("--title", default="cppo-diag report", help="HTML title")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
@@ -40,6 +48,7 @@ def add_arguments(parser) -> None:
 def run(args) -> int:
     from analyses.cli_util import parse_params
     from analyses.report import write_report
+    from analyses.updates import updates_arg
 
     params: dict[str, dict] = {}
     for item in args.param:
@@ -51,7 +60,7 @@ def run(args) -> int:
     try:
         path = write_report(args.runs, args.out, rules=args.rules, params=params, bin_width=args.bin,
                             step_range=args.steps, whatif=not args.no_whatif, progress=not args.no_progress,
-                            title=args.title)
+                            title=args.title, updates=updates_arg(args.updates), profiles=tuple(args.profile))
     except (ValueError, TypeError, KeyError, FileNotFoundError) as exc:
         print(f"cppo-diag report: {exc}", file=sys.stderr)
         return 2

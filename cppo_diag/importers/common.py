@@ -32,6 +32,8 @@ class ImportedSequence:
     logp          (T,) float: current policy (pi); importers without it copy what they document
     logp_rollout  (T,) float: the sampler's log-probs (mu)
     advantage     (T,) float or a float: per-token or per-sequence advantage
+    entropy, keep_applied (bool), reason_applied (uint8 ``schema.REASONS``): (T,) or None
+    seq_id        the source's own sequence index (default: running index within the batch's (step, rank))
     """
 
     valid: np.ndarray
@@ -40,6 +42,10 @@ class ImportedSequence:
     advantage: Any
     logp_old: np.ndarray | None = None
     token_ids: np.ndarray | None = None
+    entropy: np.ndarray | None = None
+    keep_applied: np.ndarray | None = None
+    reason_applied: np.ndarray | None = None
+    seq_id: int | None = None
     reward: float | None = None
     group_id: int | None = None
     prompt: str | None = None
@@ -92,15 +98,16 @@ class RunWriter:
     """Writes imported sequences into a run directory, one ``RunRecorder`` per source rank."""
 
     def __init__(self, dst: str | Path, *, name: str | None, trainer: str, config: dict, anchor: str,
-                 model: str | None = None, task: str | None = None, overwrite: bool = False):
+                 model: str | None = None, task: str | None = None, overwrite: bool = False,
+                 rule: str | None = None, rule_params: dict | None = None):
         run_dir = Path(dst) / name if name else Path(dst)
         if (run_dir / "meta.json").exists():
             if not overwrite:
                 raise FileExistsError(f"{run_dir} already holds a run; pass overwrite=True (--overwrite) to replace it")
             shutil.rmtree(run_dir)
         self.run_dir = run_dir
-        self._kwargs = dict(config=config, trainer=trainer, anchor=anchor, model=model, task=task,
-                            on_error="raise", resume=False)
+        self._kwargs = dict(config=config, trainer=trainer, anchor=anchor, model=model, task=task, rule=rule,
+                            rule_params=rule_params, on_error="raise", resume=False)
         self._recorders: dict[int, RunRecorder] = {}
         self.stats = ImportStats()
         self._recorder(0)  # rank 0 writes meta.json
@@ -127,28 +134,32 @@ class RunWriter:
         logp = np.zeros((batch, width), dtype=np.float32)
         mu = np.zeros((batch, width), dtype=np.float32)
         adv = np.zeros((batch, width), dtype=np.float32)
-        has_old = all(s.logp_old is not None for s in seqs)
-        has_ids = all(s.token_ids is not None for s in seqs)
-        old = np.zeros((batch, width), dtype=np.float32) if has_old else None
-        ids = np.zeros((batch, width), dtype=np.int64) if has_ids else None
+        # optional per-token columns: written when every sequence of the batch has them
+        optional = {"logp_old": np.float32, "token_ids": np.int64, "entropy": np.float32, "keep_applied": bool,
+                    "reason_applied": np.uint8}
+        cols = {name: np.zeros((batch, width), dtype=dtype) for name, dtype in optional.items()
+                if all(getattr(s, name) is not None for s in seqs)}
+        if "keep_applied" in cols:
+            cols["keep_applied"][:] = True  # padding: never read (response_mask False)
         for i, s in enumerate(seqs):
             n = s.valid.shape[0]
             mask[i, :n] = s.valid
             logp[i, :n] = s.logp
             mu[i, :n] = s.logp_rollout
             adv[i, :n] = s.advantage
-            if old is not None:
-                old[i, :n] = s.logp_old
-            if ids is not None:
-                ids[i, :n] = s.token_ids
+            for name, arr in cols.items():
+                arr[i, :n] = getattr(s, name)
         rewards = [s.reward for s in seqs]
         reward = np.asarray(rewards, dtype=np.float32) if all(r is not None for r in rewards) else None
         groups = [s.group_id for s in seqs]
         group_id = np.asarray(groups, dtype=np.int64) if all(g is not None for g in groups) else None
-        seq_ids = seq_id_offset + np.arange(batch, dtype=np.int64)
+        if all(s.seq_id is not None for s in seqs):
+            seq_ids = np.asarray([s.seq_id for s in seqs], dtype=np.int64)
+        else:
+            seq_ids = seq_id_offset + np.arange(batch, dtype=np.int64)
         rec = self._recorder(rank)
         rec.log_tokens(step=step, update=update, seq_ids=seq_ids, logp=logp, logp_rollout=mu, advantages=adv,
-                       response_mask=mask, logp_old=old, token_ids=ids, reward=reward, group_id=group_id)
+                       response_mask=mask, reward=reward, group_id=group_id, **cols)
         prompts = [s.prompt for s in seqs]
         completions = [s.completion for s in seqs]
         rec.log_sequences(

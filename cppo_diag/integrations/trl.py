@@ -23,7 +23,9 @@ column                    TRL source
                           ``old_per_token_logps`` (pi_old = the generating model when TRL samples with
                           ``model.generate``), else the detached current log-probs (``num_iterations == 1``
                           without vLLM: TRL skips the old-policy pass because pi_old == pi at that point)
-``logp_old``              ``old_per_token_logps`` when TRL computed it
+``logp_old``              TRL-loss mode: the pi_old TRL's ratio used (``old_per_token_logps``, or the detached
+                          current log-probs where TRL skips that pass, exactly as TRL substitutes them); rule
+                          mode: ``old_per_token_logps`` when TRL computed it
 ``advantage``             ``advantages`` (one value per sequence)
 valid tokens              ``completion_mask`` (times ``tool_mask`` when tools are used)
 ``token_id``/``entropy``  ``completion_ids`` / the entropies TRL computes in the same forward pass
@@ -35,8 +37,23 @@ valid tokens              ``completion_mask`` (times ``tool_mask`` when tools ar
 
 Keys: ``step`` = ``trainer.state.global_step`` (the optimiser step being computed), ``update`` = the index
 of the micro-batch inside that optimiser step (gradient accumulation), ``seq_id`` = ``update * B + row``.
-``meta.json`` records ``anchor`` ("rollout" with vLLM sampler log-probs, else "old") and, under
-``config.logp_rollout_source``, which of the three sources above filled ``logp_rollout``.
+``meta.json`` records what the applied mask was anchored to, so ``cppo-diag report`` / ``recompute`` work on
+the run without options: in TRL-loss mode ``anchor`` is "old" (TRL's clip ratio is taken against pi_old,
+always written as ``logp_old``) and, for token-level clipped losses without ``delta``, ``rule`` is
+``grpo_clip`` with TRL's own ``epsilon_low`` / ``epsilon_high`` as ``rule_params`` (TRL's clip *is* that rule;
+``config.loss`` names TRL's loss type); in rule mode ``anchor`` is "rollout" (the rule's ratio is taken
+against ``logp_rollout``). ``config.logp_rollout_source`` says which source filled ``logp_rollout``.
+
+Step scalars: cppo-diag's own metrics (rule mode: the rule's ``mask/<rule>/*`` and the loss's ``loss/*``);
+beside them, under TRL's names, ``clip_ratio/{low,high,region}_mean`` computed from the recorded mask
+whenever it is a ratio clip (``cppo_diag.integrations.names``), so they can be laid next to TRL's dashboard;
+and TRL's own logged values under ``trl/<name>`` (``trl/clip_ratio/region_mean`` ...), except those that
+only echo cppo-diag's metrics back (rule mode), which are not recorded twice. With several processes ours
+are this process's shares, TRL's are pooled over processes.
+
+An existing run directory is refused unless ``CppoDiagConfig.if_exists`` says "overwrite" (replace it) or
+"resume" (append to it, e.g. with ``resume_from_checkpoint``). Rule names, ``rule_params`` keys and values,
+``agg`` and ``trunc_cap`` are checked when the trainer is built, before any generation.
 
 Why a ``GRPOTrainer`` subclass and not only a ``TrainerCallback``: callbacks see the state, the model and the
 logged scalars, never the per-token tensors of a loss computation. The plug-in therefore wraps three methods
@@ -76,6 +93,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without TRL
     ) from exc
 
 from cppo_diag.capture import NullRecorder, RunRecorder
+from cppo_diag.integrations.names import clip_ratio_scalars
 
 logger = logging.getLogger(__name__)
 
@@ -88,6 +106,7 @@ _FORWARD_EXTRAS = (
     "pixel_values", "image_grid_thw", "num_images", "pixel_attention_mask", "spatial_shapes", "num_tiles",
     "image_sizes", "token_type_ids", "mm_token_type_ids", "image_position_ids",
 )
+IF_EXISTS = ("error", "overwrite", "resume")
 _GROUP_KEY = "cppo_diag_group_id"
 _REWARD_KEY = "cppo_diag_reward"
 
@@ -116,6 +135,9 @@ class CppoDiagConfig:
         record_sequences: also record prompt/completion text, token strings and rewards per sequence.
         every_n_steps, seq_fraction, on_error: passed to ``RunRecorder``.
         task: free-form task name stored in ``meta.json``.
+        if_exists: what to do when the run directory already holds a run: "error" (default: refuse, naming
+            the two other choices), "overwrite" (delete that run first) or "resume" (append to it; steps it
+            already completed are not written again).
     """
 
     run_dir: str | Path | None = None
@@ -129,6 +151,35 @@ class CppoDiagConfig:
     seq_fraction: float = 1.0
     on_error: str = "warn"
     task: str | None = None
+    if_exists: str = "error"
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming the field, the expected and the found value (before any training)."""
+        from cppo_diag.loss import AGG_MODES
+        from cppo_diag.masks import compute_mask, get_rule
+
+        if self.if_exists not in IF_EXISTS:
+            raise ValueError(f"CppoDiagConfig.if_exists: expected one of {list(IF_EXISTS)}, found {self.if_exists!r}")
+        if self.agg not in AGG_MODES:
+            raise ValueError(f"CppoDiagConfig.agg: expected one of {list(AGG_MODES)}, found {self.agg!r}")
+        if self.trunc_cap is not None and not (isinstance(self.trunc_cap, (int, float)) and self.trunc_cap > 0):
+            raise ValueError(f"CppoDiagConfig.trunc_cap: expected None or a number > 0, found {self.trunc_cap!r}")
+        if self.rule is None:
+            if self.rule_params:
+                raise ValueError("CppoDiagConfig.rule_params: expected {} when rule is None (TRL's own loss), "
+                                 f"found {dict(self.rule_params)!r}; set rule to apply them")
+            return
+        accepted = get_rule(self.rule).params  # raises, listing the known rules
+        unknown = sorted(set(self.rule_params) - set(accepted))
+        if unknown:
+            raise ValueError(f"CppoDiagConfig.rule_params: rule {self.rule!r} takes {sorted(accepted)}, "
+                             f"found unknown key(s) {unknown}")
+        try:  # the values: run the rule once on a two-token batch
+            compute_mask(self.rule, logp=torch.zeros(1, 2), logp_rollout=torch.zeros(1, 2),
+                         advantages=torch.ones(1), response_mask=torch.ones(1, 2, dtype=torch.bool),
+                         **self.rule_params)
+        except (ValueError, TypeError) as exc:
+            raise ValueError(f"CppoDiagConfig.rule_params of rule {self.rule!r}: {exc}") from None
 
 
 class CppoDiagCallback(TrainerCallback):
@@ -147,7 +198,10 @@ class CppoDiagCallback(TrainerCallback):
         if not logs or state.global_step < 1:
             return
         values = {}
+        echoed = self._trainer._cd_echoed
         for key, value in logs.items():
+            if key in echoed:  # rule mode: our own metric that TRL logs back; already recorded per step
+                continue
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 continue
             if isinstance(value, float) and not math.isfinite(value):
@@ -174,7 +228,9 @@ class CppoDiagGRPOMixin:
 
     def __init__(self, *args, cppo_diag: CppoDiagConfig | dict | None = None, **kwargs):
         cfg = cppo_diag if isinstance(cppo_diag, CppoDiagConfig) else CppoDiagConfig(**(cppo_diag or {}))
+        cfg.validate()  # before the model loads and long before the first generation
         self._cd_cfg = cfg
+        self._cd_echoed: set[str] = set()  # our metrics pushed into TRL's logs (rule mode)
         self._cd_capture: dict[str, Any] | None = None
         self._cd_micro = 0
         self._cd_micro_step = -1
@@ -185,9 +241,6 @@ class CppoDiagGRPOMixin:
         self._cd_recorder = NullRecorder()
         super().__init__(*args, **kwargs)
         if cfg.rule is not None:
-            from cppo_diag.masks import get_rule
-
-            get_rule(cfg.rule)  # raises with the list of known rules
             self._cd_check_rule_mode()
         self._cd_recorder = self._cd_open_recorder()
         self.add_callback(CppoDiagCallback(self))
@@ -213,21 +266,57 @@ class CppoDiagGRPOMixin:
             )
 
     def _cd_anchor(self) -> tuple[str, str]:
-        """(meta anchor, description of what fills logp_rollout)."""
+        """(meta anchor, description of what fills logp_rollout): what the applied mask's ratio used."""
         if getattr(self, "use_vllm", False):
-            return "rollout", "sampling_per_token_logps (vLLM sampler)"
-        return "old", "old_per_token_logps (pi_old = the generating model), or detached logp when TRL skips it"
+            source = "sampling_per_token_logps (vLLM sampler)"
+        else:
+            source = ("old_per_token_logps (pi_old = the generating model), or the detached current log-probs "
+                      "where TRL skips that pass (pi_old == pi)")
+        return ("rollout" if self._cd_cfg.rule is not None else "old"), source
+
+    def _cd_trl_clip_is_grpo_clip(self) -> bool:
+        """TRL's own loss masks exactly what cppo-diag's ``grpo_clip`` masks (anchored to pi_old)."""
+        return (self._cd_cfg.rule is None and getattr(self, "loss_type", None) in _CLIPPED_LOSS_TYPES
+                and getattr(self, "importance_sampling_level", "token") == "token"
+                and getattr(self.args, "delta", None) is None)
+
+    def _cd_applied_rule(self) -> tuple[str | None, dict | None]:
+        """(meta rule, rule_params): the cppo-diag rule, or ``grpo_clip`` at TRL's epsilons for TRL's clip."""
+        cfg = self._cd_cfg
+        if cfg.rule is not None:
+            return cfg.rule, dict(cfg.rule_params)
+        if self._cd_trl_clip_is_grpo_clip():
+            return "grpo_clip", {"eps_low": float(self.epsilon_low), "eps_high": float(self.epsilon_high)}
+        return None, None
+
+    def _cd_prepare_run_dir(self, run_dir: Path) -> None:
+        """Apply ``if_exists`` to an existing run (every process checks before any opens its recorder)."""
+        mode = self._cd_cfg.if_exists
+        exists = (run_dir / "meta.json").exists()
+        if exists and mode == "error":
+            raise FileExistsError(
+                f"CppoDiagConfig: run directory {run_dir} already holds a run; pass if_exists='overwrite' to "
+                "replace it, if_exists='resume' to append to it (e.g. with resume_from_checkpoint), or another name"
+            )
+        if exists and mode == "overwrite" and self.accelerator.is_main_process:
+            import shutil
+
+            shutil.rmtree(run_dir)
+        self.accelerator.wait_for_everyone()
 
     def _cd_open_recorder(self):
         cfg = self._cd_cfg
         if cfg.run_dir is None:
             return NullRecorder()
         anchor, source = self._cd_anchor()
+        rule, rule_params = self._cd_applied_rule()
+        self._cd_prepare_run_dir(Path(cfg.run_dir) / cfg.name if cfg.name else Path(cfg.run_dir))
         model_name = getattr(getattr(self.model, "config", None), "_name_or_path", None) or None
         config = {
             "trl_version": getattr(_trl, "__version__", None),
             "logp_rollout_source": source,
-            "loss": f"cppo-diag rule {cfg.rule}" if cfg.rule else f"trl loss_type={getattr(self, 'loss_type', None)}",
+            "loss": f"cppo-diag rule {cfg.rule}" if cfg.rule else f"trl loss_type={getattr(self, 'loss_type', None)}"
+                    + (" (its clip = grpo_clip at TRL's epsilons)" if rule and not cfg.rule else ""),
             "num_generations": getattr(self, "num_generations", None),
             "num_iterations": getattr(self, "num_iterations", None),
             "steps_per_generation": getattr(self.args, "steps_per_generation", None),
@@ -242,10 +331,9 @@ class CppoDiagGRPOMixin:
             "keys": "step = optimiser step; update = micro-batch in the step; seq_id = update * B + row",
         }
         return RunRecorder(
-            cfg.run_dir, name=cfg.name, config=config, trainer="trl", rule=cfg.rule,
-            rule_params=dict(cfg.rule_params) if cfg.rule else None, model=model_name, task=cfg.task,
-            anchor=anchor, rank=self.accelerator.process_index, on_error=cfg.on_error,
-            every_n_steps=cfg.every_n_steps, seq_fraction=cfg.seq_fraction,
+            cfg.run_dir, name=cfg.name, config=config, trainer="trl", rule=rule, rule_params=rule_params,
+            model=model_name, task=cfg.task, anchor=anchor, rank=self.accelerator.process_index,
+            on_error=cfg.on_error, every_n_steps=cfg.every_n_steps, seq_fraction=cfg.seq_fraction,
         )
 
     # -- step bookkeeping (called by CppoDiagCallback) ------------------------------------------------
@@ -315,8 +403,15 @@ class CppoDiagGRPOMixin:
             captured, self._cd_capture = self._cd_capture, None
         if self.model.training and "logp" in captured:
             keep = self._cd_trl_keep(captured["logp"], inputs)
+            if keep is not None and self._cd_trl_clip_is_grpo_clip():
+                self._cd_add_step_metrics(clip_ratio_scalars(keep, inputs["advantages"], _response_mask(inputs)))
             self._cd_record(inputs, captured["logp"], captured.get("entropy"), keep=keep, reason=None)
         return loss
+
+    def _cd_add_step_metrics(self, metrics: dict[str, float]) -> None:
+        """Metrics of one training micro-batch; their mean over the step is logged when it ends."""
+        for key, value in metrics.items():
+            self._cd_step_metrics.setdefault(key, []).append(float(value))
 
     # -- rule mode --------------------------------------------------------------------------------------
     def _cd_forward_kwargs(self, inputs) -> dict:
@@ -351,9 +446,10 @@ class CppoDiagGRPOMixin:
         aux_loss = out[2] if len(out) > 2 else None
         logp_rollout, logp_old = self._cd_rollout_and_old(logp, inputs)
         advantages = inputs["advantages"]  # (B,) or (B, T)
+        step, seq_ids = self._cd_next_ids(logp.shape[0])  # the keys _cd_record will log (cppo_shuffled seeds)
         res = compute_mask(
             cfg.rule, logp=logp.detach(), logp_rollout=logp_rollout, advantages=advantages,
-            response_mask=mask, logp_old=logp_old, **cfg.rule_params,
+            response_mask=mask, logp_old=logp_old, seq_ids=seq_ids, step=step, **cfg.rule_params,
         )
         loss_kwargs = {"agg": cfg.agg, "max_len": getattr(self, "max_completion_length", None), "rule": cfg.rule}
         if cfg.trunc_cap is not None:
@@ -373,8 +469,11 @@ class CppoDiagGRPOMixin:
         for key, value in {**res.metrics, **loss_metrics}.items():
             value = float(value)
             self._metrics[mode][key].append(value)  # shows up in TRL's logs / report_to
+            self._cd_echoed.add(key)
             if mode == "train":
                 self._cd_step_metrics.setdefault(key, []).append(value)
+        if mode == "train" and cfg.rule == "grpo_clip":  # TRL's names for the same clip
+            self._cd_add_step_metrics(clip_ratio_scalars(res.keep, advantages, mask))
         if entropy is not None:
             self._metrics[mode]["entropy"].append(float(masked_mean(entropy.detach(), mask)))
         if self.model.training:
@@ -412,6 +511,12 @@ class CppoDiagGRPOMixin:
                 clipped = clipped | ((ratio > delta) & (adv < 0))
         return ~clipped
 
+    def _cd_next_ids(self, batch: int):
+        """(step, seq_ids (B,)) that the next ``_cd_record`` call will log, without advancing the counter."""
+        step = int(self.state.global_step)
+        update = self._cd_micro if step == self._cd_micro_step else 0
+        return step, update * batch + torch.arange(batch)
+
     def _cd_record(self, inputs, logp, entropy, *, keep, reason) -> None:
         rec = self._cd_recorder
         if not rec:
@@ -426,6 +531,8 @@ class CppoDiagGRPOMixin:
         batch = completion_ids.shape[0]
         seq_ids = update * batch + torch.arange(batch)  # (B,)
         logp_rollout, logp_old = self._cd_rollout_and_old(logp, inputs)
+        if self._cd_cfg.rule is None and logp_old is None:
+            logp_old = logp  # TRL's pi_old when it skips that pass (pi_old == pi): what its clip ratio used
         reason_applied = reason
         if reason is None and keep is not None:
             reason_applied = torch.where(keep, 0, 1).to(torch.uint8)  # TRL's clip is a token threshold
@@ -447,8 +554,10 @@ class CppoDiagGRPOMixin:
             for row in range(completion_ids.shape[0]):
                 p = prompt_ids[row][prompt_mask[row]].tolist()
                 c = completion_ids[row][mask[row]].tolist()
-                prompts.append(tok.decode(p, skip_special_tokens=False))
-                completions.append(tok.decode(c, skip_special_tokens=False))
+                # The text the reward functions saw (TRL decodes with skip_special_tokens=True); the token
+                # strings keep every trained token (the EOS too: it has a token row).
+                prompts.append(tok.decode(p, skip_special_tokens=True))
+                completions.append(tok.decode(c, skip_special_tokens=True))
                 tokens.append([str(t) for t in tok.convert_ids_to_tokens(c)])
         except Exception as exc:  # text is a convenience; token data is already recorded
             warnings.warn(f"cppo-diag: could not decode sequences at step {step}: {exc!r}", stacklevel=2)

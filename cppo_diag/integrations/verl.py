@@ -40,6 +40,13 @@ is, in order of preference: the value given to ``set_step(step)`` (call it from 
 mini-batches x micro-batches, fixed without dynamic batch sizes); else a new step starts when no loss call
 happened for ``CPPO_DIAG_STEP_GAP_S`` seconds (default 10: the rollout phase between updates). ``update`` is
 the index of the call within the step and ``seq_id = update * B + row``. ``meta.json`` names the method used.
+
+Scalars under verl's names. Each loss call returns to verl (its dashboards) and records, beside cppo-diag's
+``mask/<rule>/*`` and ``loss/*``: ``actor/pg_clipfrac`` (share of valid tokens the rule masked, what verl's
+clipped losses report there) and ``actor/ppo_kl``; in bypass mode also verl's ``rollout_corr/*`` off-policy
+diagnostics of the ratio against the rollout log-probs (``kl``, ``k3_kl``, ``training_ppl``, ``rollout_ppl``,
+``log_ppl_diff``, ``chi2_token``; ``cppo_diag.integrations.names``), which verl's own bypass loss reports and
+a rule in its place would otherwise drop. Recorded step scalars are the mean over the step's loss calls.
 """
 
 from __future__ import annotations
@@ -61,6 +68,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without verl
     raise ImportError("cppo_diag.integrations.verl needs verl: pip install verl") from exc
 
 from cppo_diag.capture import NullRecorder, RunRecorder
+from cppo_diag.integrations.names import verl_rollout_corr_scalars
 from cppo_diag.loss import policy_loss
 from cppo_diag.masks import compute_mask, get_rule, list_rules
 from cppo_diag.masks.reduce import masked_mean
@@ -303,8 +311,12 @@ def _rule_loss(rule: str, old_log_prob, log_prob, advantages, response_mask, los
     mask = response_mask.to(torch.bool)  # (B, T)
     params = _rule_params(rule, config)
     mu = old_log_prob.detach()  # (B, T): the anchor verl provides (pi_old, or mu in bypass mode)
+    batch = log_prob.shape[0]
+    rec = _CAPTURE.open(anchor=anchor, rule=rule, params=params)
+    step, update = _CAPTURE.tick() if rec else (None, 0)
+    seq_ids = update * batch + torch.arange(batch)  # (B,): the keys logged below (cppo_shuffled seeds on them)
     res = compute_mask(rule, logp=log_prob.detach(), logp_rollout=mu, advantages=advantages,
-                       response_mask=mask, **params)
+                       response_mask=mask, seq_ids=seq_ids, step=step, **params)
     if rollout_is_weights is not None:  # verl's rollout correction (TIS/MIS) multiplies the per-token loss
         w = rollout_is_weights.detach().to(log_prob.dtype)
         if res.loss_form == "drpo":
@@ -322,12 +334,11 @@ def _rule_loss(rule: str, old_log_prob, log_prob, advantages, response_mask, los
     # verl's dashboards read these two names for every policy loss
     metrics["actor/pg_clipfrac"] = 1.0 - float(loss_metrics.get("loss/kept_frac", 1.0))
     metrics["actor/ppo_kl"] = float(masked_mean(mu - log_prob.detach(), mask))
-    rec = _CAPTURE.open(anchor=anchor, rule=rule, params=params)
+    if anchor == "rollout":  # bypass mode: verl's own bypass loss reports these off-policy diagnostics
+        metrics.update(verl_rollout_corr_scalars(log_prob.detach(), mu, mask))
     if rec:
-        step, update = _CAPTURE.tick()
-        batch = log_prob.shape[0]
         rec.log_tokens(
-            step=step, update=update, seq_ids=update * batch + torch.arange(batch), logp=log_prob.detach(),
+            step=step, update=update, seq_ids=seq_ids, logp=log_prob.detach(),
             logp_rollout=mu, advantages=advantages, response_mask=mask, keep_applied=res.keep,
             reason_applied=res.reason,
         )

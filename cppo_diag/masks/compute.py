@@ -24,6 +24,8 @@ def compute_mask(
     return_internals: bool = False,
     anchor: str = "rollout",
     check_finite: bool = True,
+    seq_ids=None,
+    step: int | None = None,
     **params,
 ) -> MaskResult:
     """Apply the trust-region rule ``rule`` to a batch of responses (SPEC.md "Rules").
@@ -35,6 +37,10 @@ def compute_mask(
     advantages   (B,) one per response, or the same shape as logp (per token).
     logp_old     pi_old's log-probs (same shape as logp); used as the anchor with ``anchor="old"``.
     topk         ``TopK`` (or dict) with mu's top-K ids / log-probs for divergence="topk_tv"/"topk_kl".
+    seq_ids      (B,) int, one id per response (default: the row index), and ``step`` (int or None): the key
+                 of per-response randomness. Only ``cppo_shuffled`` uses them: its permutation is seeded by
+                 (seed, step, seq_id, valid length), so pass the ids and step you log and a recompute
+                 reproduces it whatever the row order (``cppo_diag.masks.shuffle``).
     params       the rule's parameters (``cppo-diag rules`` lists them with defaults). Any name in
                  ``PARAMETERS`` is accepted by every rule (those a rule does not use are ignored and listed in
                  ``result.params["ignored"]``); any other name raises. A value of None means the
@@ -64,6 +70,8 @@ def compute_mask(
             cu_seqlens=cu_seqlens,
             anchor=anchor,
             check_finite=check_finite,
+            seq_ids=seq_ids,
+            step=step,
         )
         out = spec.fn(x, **used)
         resolved = {**spec.params, **used, **getattr(out, "resolved", {}), "anchor": x.anchor}

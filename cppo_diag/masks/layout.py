@@ -143,6 +143,8 @@ class RuleInput:
     advantages   (B, T) A_t per token, or (B, 1) when given per sequence (broadcasts)
     valid        (B, T) bool, m_t
     topk         TopK in (B, T, K) layout, or None
+    seq_ids      (B,) int64 id of each response, or None (= the row index); keys per-response randomness
+    step         training step, or None; mixed into per-response randomness when given (cppo_shuffled)
     """
 
     logp: torch.Tensor
@@ -152,6 +154,8 @@ class RuleInput:
     topk: TopK | None
     anchor: str
     layout: _Layout = field(repr=False)
+    seq_ids: torch.Tensor | None = None
+    step: int | None = None
 
     @property
     def shape(self) -> tuple:
@@ -242,6 +246,8 @@ def build_input(
     cu_seqlens=None,
     anchor: str = "rollout",
     check_finite: bool = True,
+    seq_ids=None,
+    step: int | None = None,
 ) -> RuleInput:
     """Validate the caller's tensors and build the canonical (B, T) ``RuleInput``."""
     if logp is None:
@@ -351,7 +357,16 @@ def build_input(
             token_ids=layout.to_padded(tok_ids.to(torch.int64), batch_shape, fill=-1),
         )
 
-    x = RuleInput(lp, la, adv, valid, tk, anchor, layout)
+    ids = None
+    if seq_ids is not None:
+        ids = _as_tensor("seq_ids", seq_ids, device)
+        if ids.is_floating_point() or ids.dtype == torch.bool or tuple(ids.shape) != (B,):
+            raise InputError(f"seq_ids: expected an integer tensor of shape ({B},) (one id per response), "
+                             f"found shape {_shape(ids)} dtype {ids.dtype}")
+        ids = ids.to(torch.int64)
+    if step is not None and (isinstance(step, bool) or int(step) != step):
+        raise InputError(f"step: expected an integer or None, found {step!r}")
+    x = RuleInput(lp, la, adv, valid, tk, anchor, layout, seq_ids=ids, step=None if step is None else int(step))
     if check_finite:
         _check_finite(x, per_seq_adv, advantages, anchor)
     return x

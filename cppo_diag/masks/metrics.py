@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from cppo_diag.masks.layout import RuleInput
+from cppo_diag.masks.quantile import masked_row_quantile
 from cppo_diag.masks.reduce import masked_count, masked_fraction, masked_max, masked_mean, safe_div
 from cppo_diag.masks.result import BUDGET, TOKEN
 
@@ -35,15 +36,15 @@ def mask_metrics(name: str, x: RuleInput, keep: torch.Tensor, reason: torch.Tens
 
 
 def divergence_metrics(name: str, d: torch.Tensor, valid: torch.Tensor) -> dict[str, torch.Tensor]:
-    """div/<short>/{mean, p90, max} over valid tokens (p90: the nearest-rank order statistic, via kthvalue)."""
+    """div/<short>/{mean, p90, max} over valid tokens.
+
+    p90 is the project's one quantile estimator: linear interpolation between order statistics (numpy's and
+    ``torch.quantile``'s default; h = 0.9 (n - 1), lerp(x_(floor h), x_(floor h + 1), h - floor h)), the same
+    as the adaptive budget's Quantile_q (Eq. 22) and the analyses' ``p90`` column. 0 without valid tokens.
+    """
     short = DIV_SHORT.get(name, name)
     vals = d[valid]  # (n,)
-    n = vals.numel()
-    if n:
-        k = max(1, min(n, int(round(0.9 * (n - 1))) + 1))
-        p90 = vals.kthvalue(k).values
-    else:
-        p90 = torch.zeros((), dtype=d.dtype, device=d.device)
+    p90 = masked_row_quantile(vals[None, :], torch.ones_like(vals, dtype=torch.bool)[None, :], 0.9)[0]  # ()
     return {
         f"div/{short}/mean": masked_mean(d, valid),
         f"div/{short}/p90": p90,

@@ -13,7 +13,8 @@ import inspect
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-__all__ = ["RuleSpec", "PARAMETERS", "register_rule", "get_rule", "list_rules", "UnknownRuleError"]
+__all__ = ["RuleSpec", "PARAMETERS", "register_rule", "get_rule", "list_rules", "UnknownRuleError", "RuleProfile",
+           "register_profile", "get_profile", "list_profiles", "profile_params", "UnknownProfileError"]
 
 # Every parameter any rule may take, with its meaning (SPEC.md names; defaults live in each rule's signature).
 PARAMETERS: dict[str, str] = {
@@ -32,7 +33,7 @@ PARAMETERS: dict[str, str] = {
     "delta_low": "dppo threshold for A<0 tokens (default: delta)",
     "delta_high": "dppo threshold for A>0 tokens (default: delta)",
     "delta_avg": "trm_avg threshold on the mean per-token KL of a response",
-    "seed": "seed of cppo_shuffled's weight permutation (with row index and valid length)",
+    "seed": "seed of cppo_shuffled's weight permutation (with compute_mask's step and seq_ids, and the valid length)",
 }
 
 # Parameters handled by compute_mask itself (valid for every rule).
@@ -114,3 +115,84 @@ def list_rules() -> list[RuleSpec]:
     """All registered rules, in registration order."""
     _ensure_loaded()
     return list(_REGISTRY.values())
+
+
+# -- named parameter sets ("profiles") ------------------------------------------------------------------------
+# A profile names one combination of a rule's parameters used by an implementation in the field (SPEC.md
+# "Implementations in the field"), so a user can recompute a run under each and see how far the masks differ.
+# Profiles live beside the rule that defines the defaults (``rules/cppo.py`` registers CPPO's).
+
+
+class UnknownProfileError(ValueError):
+    """Unknown profile name; the message lists the rule's registered profiles."""
+
+
+@dataclass(frozen=True)
+class RuleProfile:
+    """A named parameter set of one rule.
+
+    ``params``: the parameters that differ from, or are pinned against, the rule's defaults. ``from_run``:
+    parameter -> name of a fact read from the run it is applied to (e.g. ``{"horizon": "max_response_length"}``),
+    supplied to :meth:`resolve` as keyword arguments. ``source``: what the set reproduces, with the facts behind it.
+    """
+
+    rule: str
+    name: str
+    params: dict[str, Any]
+    source: str
+    from_run: dict[str, str] = field(default_factory=dict)
+
+    def resolve(self, **run_facts: Any) -> dict[str, Any]:
+        """Every parameter of the rule: its defaults, overridden by the profile's values and the run facts."""
+        out = dict(get_rule(self.rule).params)
+        out.update(self.params)
+        for param, fact in self.from_run.items():
+            value = run_facts.get(fact)
+            if value is None:
+                raise ValueError(f"profile {self.name!r} of rule {self.rule!r}: parameter {param!r} needs the run's "
+                                 f"{fact}, found none (pass {fact}=...)")
+            out[param] = value
+        return out
+
+
+_PROFILES: dict[str, dict[str, RuleProfile]] = {}
+
+
+def register_profile(rule: str, name: str, *, params: dict[str, Any], source: str,
+                     from_run: dict[str, str] | None = None) -> RuleProfile:
+    """Register a named parameter set of ``rule``; its parameter names are checked against the rule's."""
+    spec = _REGISTRY.get(rule)
+    if spec is None:
+        raise UnknownRuleError(f"profile {name!r}: unknown rule {rule!r}; known rules: {', '.join(_REGISTRY)}")
+    bad = sorted((set(params) | set(from_run or {})) - set(spec.params))
+    if bad:
+        raise TypeError(f"profile {name!r} of rule {rule!r}: parameters {bad} are not among the rule's "
+                        f"{sorted(spec.params)}")
+    profiles = _PROFILES.setdefault(rule, {})
+    if name in profiles:
+        raise ValueError(f"profile {name!r} of rule {rule!r} is already registered")
+    profiles[name] = RuleProfile(rule, name, dict(params), source, dict(from_run or {}))
+    return profiles[name]
+
+
+def list_profiles(rule: str) -> list[RuleProfile]:
+    """The registered profiles of ``rule`` in registration order (empty when it has none)."""
+    _ensure_loaded()
+    get_rule(rule)
+    return list(_PROFILES.get(rule, {}).values())
+
+
+def get_profile(rule: str, name: str) -> RuleProfile:
+    """A registered profile; raises ``UnknownProfileError`` listing the rule's known profiles."""
+    _ensure_loaded()
+    get_rule(rule)
+    known = _PROFILES.get(rule, {})
+    if name not in known:
+        raise UnknownProfileError(f"unknown profile {name!r} of rule {rule!r}; known profiles: "
+                                  f"{', '.join(known) or '(none)'}")
+    return known[name]
+
+
+def profile_params(rule: str, name: str, **run_facts: Any) -> dict[str, Any]:
+    """Every parameter of ``rule`` under profile ``name`` (see :meth:`RuleProfile.resolve`)."""
+    return get_profile(rule, name).resolve(**run_facts)

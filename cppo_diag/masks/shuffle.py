@@ -1,13 +1,16 @@
 """The seeded weight permutation of ``cppo_shuffled`` (CPPO paper Fig. 5 ablation).
 
-For response row b with n valid tokens, the permutation of positions 0..n-1 sorts the keys
-``hash(seed, b, n, j)`` for j = 0..n-1 (ties broken by j). The hash is counter-based (a 32-bit integer mix,
-below), so the permutation depends only on (seed, row index, valid length): never on the padded width, the
-padding side, the device, or the other rows. An offline recompute that rebuilds the batch in seq_id order
-reproduces the trainer's permutation. ``shuffle_permutation`` gives it for one row in plain Python.
+For a response with id ``seq_id`` and n valid tokens, at training step ``step``, the permutation of positions
+0..n-1 sorts the keys ``hash(seed, step, seq_id, n, j)`` for j = 0..n-1 (ties broken by j). The hash is
+counter-based (a 32-bit integer mix, below), so the permutation depends only on (seed, step, seq_id, valid
+length): never on the row the response occupies in a batch, the padded width, the padding side, the device or
+the other rows. An offline recompute that knows each token's (step, seq_id) reproduces the trainer's
+permutation however it rebuilds the batch, and a new step draws new permutations. ``seq_ids`` default to the
+row index and ``step=None`` leaves the step out of the key (the key of a caller that gives neither).
+``shuffle_permutation`` gives the permutation for one response in plain Python.
 
-Speed: the first three mixes depend only on (seed, row, n) and are computed once per row; only the last is per
-token. Keys are made unique by appending j, ``composite = row << (32 + jbits) | key << jbits | j``, so ONE
+Speed: the first mixes depend only on (seed, step, seq_id, n) and are computed once per row; only the last is
+per token. Keys are made unique by appending j, ``composite = row << (32 + jbits) | key << jbits | j``, so ONE
 unstable 1-D sort of the valid tokens' composites orders every row by (key, j) at once (the rows come out
 back to back, i.e. in packed order) and the permutation is read from the low bits; no indices, no per-row
 sort. That path runs on the CPU with numpy's sort (SIMD quicksort, ~8x torch's int64 sort on this machine).
@@ -42,16 +45,22 @@ def _fold(seed: int) -> int:
     return (seed ^ (seed >> 32)) & _M32
 
 
-def _key(seed: int, row, n, j):
+def _seed_hash(seed: int, step: int | None) -> int:
+    """The key prefix of (seed, step): mix32(fold(seed) ^ GOLDEN), with the step mixed in when given."""
     h = mix32(_fold(seed) ^ _GOLDEN)
-    h = mix32(h ^ (row & _M32))
+    return h if step is None else mix32(h ^ _fold(step))
+
+
+def _key(seed: int, seq_id, n, j, step: int | None = None):
+    h = mix32(_seed_hash(seed, step) ^ _fold(seq_id))
     h = mix32(h ^ (n & _M32))
     return mix32(h ^ (j & _M32))
 
 
-def shuffle_permutation(seed: int, row: int, length: int) -> list[int]:
-    """perm (list of 0-based positions): the weight at position i of row ``row`` is w at ``perm[i]``."""
-    keys = [(_key(seed, row, length, j), j) for j in range(length)]
+def shuffle_permutation(seed: int, seq_id: int, length: int, step: int | None = None) -> list[int]:
+    """perm (list of 0-based positions): the weight at position i of response ``seq_id`` (at ``step``) is w at
+    ``perm[i]``."""
+    keys = [(_key(seed, seq_id, length, j, step), j) for j in range(length)]
     return [j for _, j in sorted(keys)]
 
 
@@ -65,10 +74,15 @@ def host_paths(device: torch.device) -> bool:
     return device.type == "cpu"
 
 
-def _row_hash(seed: int, n: torch.Tensor) -> torch.Tensor:
-    """(B,) int64 in [0, 2**32): the key prefix mix32(mix32(mix32(fold(seed) ^ GOLDEN) ^ row) ^ n) of each row."""
-    rows = torch.arange(n.shape[0], device=n.device, dtype=torch.int64)
-    h = mix32(rows ^ mix32(_fold(seed) ^ _GOLDEN))
+def _row_hash(seed: int, n: torch.Tensor, seq_ids: torch.Tensor | None = None, step: int | None = None) -> torch.Tensor:
+    """(B,) int64 in [0, 2**32): the key prefix mix32(mix32(seed_hash(seed, step) ^ fold(seq_id)) ^ n) of each
+    row (``seq_ids`` default: the row index)."""
+    if seq_ids is None:
+        ids = torch.arange(n.shape[0], device=n.device, dtype=torch.int64)
+    else:
+        ids = seq_ids.to(device=n.device, dtype=torch.int64)
+        ids = (ids ^ (ids >> 32)) & _M32  # fold, as ``_fold`` on a Python int
+    h = mix32(ids ^ _seed_hash(seed, step))
     return mix32(h ^ (n.to(torch.int64) & _M32))
 
 
@@ -90,7 +104,7 @@ def _mix32_inplace(h: torch.Tensor) -> torch.Tensor:
     return h
 
 
-def _perm_packed_numpy(seed: int, n: torch.Tensor) -> torch.Tensor | None:
+def _perm_packed_numpy(seed: int, n: torch.Tensor, seq_ids=None, step=None) -> torch.Tensor | None:
     """(N,) int64, N = sum(n), on the CPU: row b's permutation perm_b[0..n_b-1], rows back to back; None if
     the composite key does not fit ``KEY_BITS`` bits."""
     B = n.shape[0]
@@ -100,7 +114,7 @@ def _perm_packed_numpy(seed: int, n: torch.Tensor) -> torch.Tensor | None:
     rbits = max(B - 1, 1).bit_length()
     if rbits + 32 + jbits > KEY_BITS:
         return None
-    h_rows = _row_hash(seed, n).numpy().astype(np.uint32)  # (B,)
+    h_rows = _row_hash(seed, n, seq_ids, step).numpy().astype(np.uint32)  # (B,)
     N = int(n_np.sum())
     start = np.cumsum(n_np) - n_np
     j = np.arange(N, dtype=np.int64) - np.repeat(start, n_np)  # (N,) position within the row
@@ -114,33 +128,37 @@ def _perm_packed_numpy(seed: int, n: torch.Tensor) -> torch.Tensor | None:
     return torch.from_numpy(comp.view(np.int64))
 
 
-def permuted_positions(n: torch.Tensor, valid: torch.Tensor, *, seed: int) -> torch.Tensor:
+def permuted_positions(n: torch.Tensor, valid: torch.Tensor, *, seed: int, seq_ids: torch.Tensor | None = None,
+                       step: int | None = None) -> torch.Tensor:
     """(B, T) int64: for the valid token of rank r (0-based, among its row's valid tokens) the source position
-    perm[r]; 0 on padding."""
-    perm = _perm_packed_numpy(seed, n) if host_paths(valid.device) else None
+    perm[r]; 0 on padding. ``seq_ids`` (B,) key each row's permutation (default: the row index); ``step``
+    is mixed into the seed when given."""
+    perm = _perm_packed_numpy(seed, n, seq_ids, step) if host_paths(valid.device) else None
     if perm is None:
         rank = torch.cumsum(valid, dim=-1) - 1
-        return _permuted_ranks_rowsort(rank, n, valid, seed=seed).masked_fill_(~valid, 0)
+        return _permuted_ranks_rowsort(rank, n, valid, seed=seed, seq_ids=seq_ids, step=step).masked_fill_(~valid, 0)
     # Valid tokens in row-major order are exactly the packed order (row, rank).
     return torch.zeros(valid.shape, dtype=torch.int64, device=valid.device).masked_scatter_(valid, perm)
 
 
-def permuted_ranks(rank: torch.Tensor, n: torch.Tensor, valid: torch.Tensor, *, seed: int) -> torch.Tensor:
+def permuted_ranks(rank: torch.Tensor, n: torch.Tensor, valid: torch.Tensor, *, seed: int,
+                   seq_ids: torch.Tensor | None = None, step: int | None = None) -> torch.Tensor:
     """(B, T) int64: for each valid token at 0-based position rank, the source position perm[rank] (``rank``
-    itself elsewhere)."""
-    perm = _perm_packed_numpy(seed, n) if host_paths(valid.device) else None
+    itself elsewhere). ``seq_ids`` and ``step`` as in :func:`permuted_positions`."""
+    perm = _perm_packed_numpy(seed, n, seq_ids, step) if host_paths(valid.device) else None
     if perm is None:
-        return _permuted_ranks_rowsort(rank, n, valid, seed=seed)
+        return _permuted_ranks_rowsort(rank, n, valid, seed=seed, seq_ids=seq_ids, step=step)
     return rank.masked_scatter(valid, perm)
 
 
-def _permuted_ranks_rowsort(rank: torch.Tensor, n: torch.Tensor, valid: torch.Tensor, *, seed: int) -> torch.Tensor:
+def _permuted_ranks_rowsort(rank: torch.Tensor, n: torch.Tensor, valid: torch.Tensor, *, seed: int,
+                            seq_ids: torch.Tensor | None = None, step: int | None = None) -> torch.Tensor:
     """``permuted_ranks`` by a stable per-row sort of the keys: any size, no host synchronisation (the path
     used off the CPU)."""
     B, T = rank.shape
     dev = rank.device
     j = torch.arange(T, device=dev, dtype=torch.int64)  # (T,) candidate positions
-    keys = _mix32_inplace(_row_hash(seed, n.to(dev))[:, None] ^ j)  # (B, T) in [0, 2**32): ``_key``
+    keys = _mix32_inplace(_row_hash(seed, n.to(dev), seq_ids, step)[:, None] ^ j)  # (B, T) in [0, 2**32): ``_key``
     keys.masked_fill_(j >= n.to(dev)[:, None], 1 << 33)  # positions >= n sort last
     order = torch.sort(keys, dim=-1, stable=True).indices  # (B, T) perm for positions < n
     return torch.where(valid, order.gather(1, rank.clamp(min=0)), rank)

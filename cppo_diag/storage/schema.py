@@ -9,9 +9,11 @@ Conventions
 * One row per **valid** response token (prompt and padding are never written).
 * ``pos`` is the 0-based index of the token inside its response, so SPEC.md's ``t`` is ``pos + 1`` and a
   response's valid length ``T`` is ``max(pos) + 1``.
-* A sequence is identified by ``(step, update, rank, seq_id)``; ``seq_id`` is the row of the sequence in the
-  batch the rule saw (the bundled trainer logs ``0..B-1`` per update), so a recompute can rebuild the batch
-  in the same row order.
+* A token's sequence is identified by ``(step, update, rank, seq_id)``; ``seq_id`` names one response of the
+  step (the bundled trainer: its row in the step's rollout batch, the same id in every update and in the
+  sequence table, so token rows join sequence rows on ``(step, rank, seq_id)``). A recompute rebuilds each
+  (step, update, rank) batch in ``seq_id`` order and passes ``step`` and ``seq_ids`` to ``compute_mask``
+  (they key ``cppo_shuffled``'s permutation).
 * All log-probs are natural-log probabilities of the *sampled* token; ``logp`` is the current policy at
   loss time (pi), ``logp_rollout`` the sampler's value (mu), ``logp_old`` the trainer's recomputed old
   policy (pi_old), when it has one.
@@ -53,6 +55,10 @@ OPTIONAL_TOKEN_COLUMNS: dict[str, pl.DataType] = {
     "reward": pl.Float32,  # sequence reward broadcast to tokens
     "keep_applied": pl.Boolean,  # the mask the trainer actually used
     "reason_applied": pl.UInt8,  # REASONS code of what the trainer did
+    # the per-token weight the loss multiplied a kept token's term by, for rules that weight rather than mask
+    # (cppo_soft's gate, cispo's truncated IS weight; ``cppo_diag.loss.applied_weight``); absent when the
+    # loss used keep_applied alone
+    "loss_weight": pl.Float32,
     "topk_ids": pl.List(pl.Int64),  # top-K ids of mu at this position
     "topk_logp_rollout": pl.List(pl.Float32),  # mu's log-probs at topk_ids
     "topk_logp": pl.List(pl.Float32),  # pi's log-probs at topk_ids

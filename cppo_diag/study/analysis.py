@@ -11,17 +11,30 @@ builders); nothing here re-implements them.
 Per-seed metrics (one value per run):
 
 * ``initial_acc``: held-out accuracy at the first evaluated step (before or at the start of RL).
-* ``final_acc``: at the last evaluated step. ``best_acc``: the maximum over evaluated steps (what the
-  paper's Table 1 reports; note it is biased upward by evaluation noise, equally for every rule).
-* ``steps_to_threshold``: first evaluated step with accuracy >= threshold; NaN (censored) if never.
-  The table gives how many seeds reached it and the mean over those that did.
-* ``masked_frac``: masked / valid tokens over all updates (``keep_applied``).
+* ``final_acc`` (the primary metric): the mean of the last ``[analysis] final_window`` (3) evaluations
+  after the initial one. ``last_acc``: the last evaluation alone.
+* ``best_acc`` (secondary, biased): the maximum over evaluated steps, what the paper's Table 1 reports; a
+  maximum over noisy evaluations is biased upward and hides a late decline.
+* ``steps_to_threshold``: first evaluated step with accuracy >= threshold; NaN if never, and then the run
+  is right-censored at its last evaluation (``followup``). The table gives a Kaplan-Meier restricted mean
+  up to the common horizon, so the seeds that never reach the threshold count.
+* ``masked_frac``: masked / valid tokens (``keep_applied``).
 * ``budget_share``: budget-masked / masked (``reason_applied == 2``), NaN when nothing was masked.
-* ``mean_tv``: mean |pi - mu| over all logged tokens.
+* ``mean_tv``: mean |pi - mu| over the logged tokens.
+
+The token metrics and the Fig. 2 / Fig. 7 diagnostics pool the updates ``analyses.updates.default_updates``
+selects: for runs with several updates per batch only the updates after the first (in the first, pi = mu, and
+pooling it would halve mean |pi - mu| and the masked fraction), else every update. The results page says
+which. Pooled token frames carry a ``run`` column, so responses of different seeds never merge.
+
+Comparisons (:func:`comparison_table`): the reference rule against every other rule, paired by seed (t interval,
+paired t-test, exact sign-flip test, d_z, BCa bootstrap from 10 pairs on) on ``final_acc`` and ``best_acc``, and
+the restricted mean steps to the threshold; Holm adjusts every row of that table as one family.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from dataclasses import dataclass, field
@@ -33,7 +46,17 @@ import polars as pl
 
 from cppo_diag.study.config import AnalysisConfig
 from cppo_diag.study.runner import read_manifest
-from cppo_diag.study.stats import Interval, PairedComparison, holm_adjust, paired_comparison, t_interval
+from cppo_diag.study.stats import (
+    MIN_BOOT_PAIRS,
+    PairedComparison,
+    RestrictedMean,
+    RestrictedMeanComparison,
+    compare_restricted_means,
+    holm_adjust,
+    km_restricted_mean,
+    paired_comparison,
+    t_interval,
+)
 
 __all__ = [
     "StudyData",
@@ -42,13 +65,19 @@ __all__ = [
     "per_seed_metrics",
     "results_table",
     "paired_comparisons",
+    "comparison_table",
+    "ComparisonTable",
+    "threshold_horizon",
+    "headline",
     "write_figures",
+    "write_effects_figure",
     "pool_budget_by_step",
     "write_results",
     "analyse_study",
 ]
 
-METRICS = ("initial_acc", "final_acc", "best_acc", "steps_to_threshold", "masked_frac", "budget_share", "mean_tv")
+METRICS = ("initial_acc", "final_acc", "last_acc", "best_acc", "steps_to_threshold", "masked_frac", "budget_share",
+           "mean_tv")
 REASON_BUDGET = 2  # cppo_diag.storage.schema.REASONS
 CPPO_DEFAULTS = {"delta": 0.15, "w_min": 0.8}  # SPEC.md CPPO defaults, for the Fig. 2 overlay
 BUDGET_RULES = ("cppo", "cppo_no_weight")  # rules whose mask has a prefix budget (Fig. 7 of their own run)
@@ -92,11 +121,14 @@ class StudyData:
         return list(seen)
 
 
-def token_summary(source) -> dict[str, float]:
-    """Masked fraction, budget share and mean |pi - mu| of one run's token table (one lazy query)."""
+def token_summary(source, updates: str | None = None) -> dict[str, Any]:
+    """Masked fraction, budget share and mean |pi - mu| of one run's token table (one lazy query) over the
+    updates ``updates`` selects (None: the run's ``default_updates``); ``updates`` in the result says which."""
     from analyses import load_tokens, with_divergences
+    from analyses.updates import filter_updates, resolve_updates
 
-    lf = with_divergences(load_tokens(source))
+    updates = resolve_updates(source, updates)
+    lf = with_divergences(filter_updates(load_tokens(source), updates))
     cols = lf.collect_schema().names()
     aggs = [pl.len().alias("n_tokens"), pl.col("tv").mean().alias("mean_tv")]
     if "keep_applied" in cols:
@@ -109,6 +141,7 @@ def token_summary(source) -> dict[str, float]:
     n_budget = row.get("n_budget")
     nan = float("nan")
     return {
+        "updates": updates,
         "n_tokens": float(n),
         "mean_tv": float(row["mean_tv"]) if row["mean_tv"] is not None else nan,
         "masked_frac": (n_masked / n) if (n_masked is not None and n) else nan,
@@ -194,8 +227,11 @@ def collect_study(root: str | Path, analysis: AnalysisConfig | None = None) -> S
 
 
 def per_seed_metrics(data: StudyData) -> pl.DataFrame:
-    """One row per grid cell: label, rule, setting, seed, status and the metrics of ``METRICS``."""
+    """One row per grid cell: label, rule, setting, seed, status and the metrics of ``METRICS``, plus
+    ``reached`` (the threshold was reached), ``followup`` (last evaluated step, where an unreached run is
+    censored) and ``final_steps`` (the evaluations averaged into ``final_acc``)."""
     thr = data.analysis.threshold
+    window = data.analysis.final_window
     rows = []
     nan = float("nan")
     for e in data.entries:
@@ -206,25 +242,54 @@ def per_seed_metrics(data: StudyData) -> pl.DataFrame:
             acc = c["accuracy"].to_numpy()
             steps = c["step"].to_numpy()
             hit = np.flatnonzero(acc >= thr)
+            # final: the last `window` evaluations after the initial one (the initial one only if it is all).
+            later = np.flatnonzero(steps > steps[0])
+            tail = later[-window:] if later.size else np.arange(acc.size)[-1:]
             row.update(
-                initial_acc=float(acc[0]), final_acc=float(acc[-1]), best_acc=float(acc.max()),
-                steps_to_threshold=float(steps[hit[0]]) if hit.size else nan, last_step=int(steps[-1]),
+                initial_acc=float(acc[0]), final_acc=float(acc[tail].mean()), last_acc=float(acc[-1]),
+                best_acc=float(acc.max()), steps_to_threshold=float(steps[hit[0]]) if hit.size else nan,
+                reached=bool(hit.size), followup=int(steps[-1]),
+                final_steps=",".join(str(int(x)) for x in steps[tail]),
             )
         else:
-            row.update(initial_acc=nan, final_acc=nan, best_acc=nan, steps_to_threshold=nan, last_step=None)
+            row.update(initial_acc=nan, final_acc=nan, last_acc=nan, best_acc=nan, steps_to_threshold=nan,
+                       reached=None, followup=None, final_steps=None)
         tok = e.tokens if e.status == "finished" else {}
         row.update(
+            updates=tok.get("updates"),
             masked_frac=tok.get("masked_frac", nan),
             budget_share=tok.get("budget_share", nan),
             mean_tv=tok.get("mean_tv", nan),
         )
         rows.append(row)
-    return pl.DataFrame(rows, schema_overrides={m: pl.Float64 for m in METRICS} | {"last_step": pl.Int64})
+    return pl.DataFrame(rows, schema_overrides={m: pl.Float64 for m in METRICS} | {
+        "followup": pl.Int64, "reached": pl.Boolean, "updates": pl.Utf8, "final_steps": pl.Utf8})
+
+
+def threshold_horizon(per_seed: pl.DataFrame) -> float:
+    """The restricted-mean horizon tau: the last step every finished run was evaluated at (so each run is
+    observed up to tau), NaN without finished runs."""
+    f = per_seed["followup"].drop_nulls()
+    return float(f.min()) if f.len() else float("nan")
+
+
+def _restricted_mean(sub: pl.DataFrame, tau: float, confidence: float) -> RestrictedMean:
+    """Kaplan-Meier restricted mean steps-to-threshold of one label's seeds: unreached seeds censored at
+    their last evaluation."""
+    ok = sub.filter(pl.col("reached").is_not_null())
+    times = np.where(ok["reached"].to_numpy(), ok["steps_to_threshold"].to_numpy(),
+                     ok["followup"].to_numpy().astype(float))
+    if not math.isfinite(tau) or tau <= 0:
+        nan = float("nan")
+        return RestrictedMean(nan, nan, nan, nan, tau, 0, 0, confidence)
+    return km_restricted_mean(times.astype(float), ok["reached"].to_numpy().astype(bool), tau, confidence)
 
 
 def results_table(per_seed: pl.DataFrame, confidence: float = 0.95) -> list[dict[str, Any]]:
-    """Per label: n runs with data, a t-interval per metric, and seeds reaching the threshold."""
+    """Per label: n runs with data, a t-interval per metric, seeds reaching the threshold and the
+    restricted mean steps to it (``rmst``, Kaplan-Meier, up to :func:`threshold_horizon`)."""
     out = []
+    tau = threshold_horizon(per_seed)
     for label in per_seed["label"].unique(maintain_order=True):
         sub = per_seed.filter(pl.col("label") == label)
         row: dict[str, Any] = {
@@ -236,41 +301,91 @@ def results_table(per_seed: pl.DataFrame, confidence: float = 0.95) -> list[dict
         }
         for m in METRICS:
             row[m] = t_interval(sub[m].to_numpy(), confidence)
-        row["reached"] = int(sub["steps_to_threshold"].is_not_nan().sum())
+        row["reached"] = int(sub["reached"].fill_null(False).sum())
+        row["rmst"] = _restricted_mean(sub, tau, confidence)
         out.append(row)
     return out
 
 
-def paired_comparisons(
-    per_seed: pl.DataFrame, *, reference: str, metric: str, confidence: float = 0.95, n_boot: int = 10_000
-) -> list[PairedComparison]:
-    """``reference`` vs every other rule of the same setting on ``metric``, paired by seed, Holm-adjusted
-    over the family of comparisons of that setting."""
-    out: list[PairedComparison] = []
+@dataclass
+class ComparisonTable:
+    """Every comparison of the results page, Holm-adjusted as one family: the paired comparisons of each
+    accuracy metric and the restricted-mean steps-to-threshold comparisons."""
+
+    paired: list[PairedComparison]
+    steps: list[RestrictedMeanComparison]
+    metrics: tuple[str, ...]
+
+    @property
+    def family_size(self) -> int:
+        return sum(not math.isnan(c.p_ttest) for c in self.paired) + sum(not math.isnan(c.p) for c in self.steps)
+
+    def by_metric(self, metric: str) -> list[PairedComparison]:
+        return [c for c in self.paired if c.metric == metric]
+
+
+def _pairs(per_seed: pl.DataFrame, reference: str):
+    """(setting, reference label, other rule, other label, ref rows, other rows) for each comparison."""
     for setting in per_seed["setting"].unique(maintain_order=True):
         sub = per_seed.filter(pl.col("setting") == setting)
         ref = sub.filter(pl.col("rule") == reference)
         if ref.height == 0:
             continue
-        family = []
         for rule in sub["rule"].unique(maintain_order=True):
             if rule == reference:
                 continue
-            other = sub.filter(pl.col("rule") == rule)
+            ref_label = f"{reference}@{setting}" if setting else reference
+            other_label = f"{rule}@{setting}" if setting else rule
+            yield ref_label, other_label, ref, sub.filter(pl.col("rule") == rule)
+
+
+def comparison_table(
+    per_seed: pl.DataFrame,
+    *,
+    reference: str,
+    metrics: tuple[str, ...] = ("final_acc", "best_acc"),
+    steps: bool = True,
+    confidence: float = 0.95,
+    n_boot: int = 10_000,
+) -> ComparisonTable:
+    """``reference`` vs every other rule of the same setting: paired by seed on each of ``metrics``, and (with
+    ``steps``) restricted mean steps to the threshold. Holm adjusts every row of the table together."""
+    paired: list[PairedComparison] = []
+    rm: list[RestrictedMeanComparison] = []
+    tau = threshold_horizon(per_seed)
+    for metric in metrics:
+        for ref_label, other_label, ref, other in _pairs(per_seed, reference):
             joined = ref.select("seed", pl.col(metric).alias("a")).join(
                 other.select("seed", pl.col(metric).alias("b")), on="seed", how="inner"
             ).sort("seed")
-            ref_label = f"{reference}@{setting}" if setting else reference
-            other_label = f"{rule}@{setting}" if setting else rule
-            family.append(
-                paired_comparison(
-                    joined["a"].to_numpy(), joined["b"].to_numpy(), name_a=ref_label, name_b=other_label,
-                    metric=metric, confidence=confidence, n_boot=n_boot,
-                )
-            )
-        adj = holm_adjust([c.p_ttest for c in family])
-        out += [PairedComparison(**{**c.as_dict(), "p_holm": float(p)}) for c, p in zip(family, adj)]
-    return out
+            paired.append(paired_comparison(
+                joined["a"].to_numpy(), joined["b"].to_numpy(), name_a=ref_label, name_b=other_label,
+                metric=metric, confidence=confidence, n_boot=n_boot,
+            ))
+    if steps and math.isfinite(tau) and tau > 0:
+        for ref_label, other_label, ref, other in _pairs(per_seed, reference):
+            ra, rb = _restricted_mean(ref, tau, confidence), _restricted_mean(other, tau, confidence)
+            if ra.n and rb.n:
+                rm.append(compare_restricted_means(ra, rb, name_a=ref_label, name_b=other_label))
+    # One family: the t-test (z-test for the restricted means) p of every row; the sign-flip column gets the
+    # same family with the restricted-mean rows' z-test p standing in (they have no permutation test).
+    p_t = [c.p_ttest for c in paired] + [c.p for c in rm]
+    p_sf = [c.p_sign_flip for c in paired] + [c.p for c in rm]
+    adj_t, adj_sf = holm_adjust(p_t), holm_adjust(p_sf)
+    k = len(paired)
+    paired = [dataclasses.replace(c, p_holm=float(adj_t[i]), p_holm_sign_flip=float(adj_sf[i]))
+              for i, c in enumerate(paired)]
+    rm = [dataclasses.replace(c, p_holm=float(adj_t[k + i])) for i, c in enumerate(rm)]
+    return ComparisonTable(paired=paired, steps=rm, metrics=tuple(metrics))
+
+
+def paired_comparisons(
+    per_seed: pl.DataFrame, *, reference: str, metric: str, confidence: float = 0.95, n_boot: int = 10_000
+) -> list[PairedComparison]:
+    """``reference`` vs every other rule on one ``metric``, paired by seed, Holm-adjusted over that metric's
+    comparisons only. The results page uses :func:`comparison_table` (Holm over the whole table)."""
+    return comparison_table(per_seed, reference=reference, metrics=(metric,), steps=False, confidence=confidence,
+                            n_boot=n_boot).paired
 
 
 # -- figures ------------------------------------------------------------------------------------------
@@ -348,9 +463,13 @@ def _plot_small_multiples(curves: pl.DataFrame, labels, confidence: float, thres
 
 
 def _pooled_tokens(entries: list[RunEntry]):
+    """The token rows of several runs (seeds) in one LazyFrame, keyed by run: a ``run`` column (the run
+    name) tells apart responses that share (step, update, rank, seq_id), so each keeps its own length T in
+    the delta / w_t overlay (``analyses.position.sequence_key``)."""
     from analyses import load_tokens
+    from analyses.position import RUN_KEY
 
-    frames = [load_tokens(e.run) for e in entries if e.run is not None]
+    frames = [load_tokens(e.run).with_columns(pl.lit(e.run_name).alias(RUN_KEY)) for e in entries if e.run is not None]
     if not frames:
         return None
     return pl.concat(frames, how="diagonal_relaxed")
@@ -415,6 +534,7 @@ def write_figures(data: StudyData, per_seed: pl.DataFrame, fig_dir: Path, *, pro
     # Per rule: Fig. 2 (pooled over seeds) and Fig. 7 (mean over seeds of the per-step table).
     from analyses import budget_exhaustion, position_stats
     from analyses import plots_mpl
+    from analyses.updates import UPDATE_LABELS, default_updates
 
     ref_params = {**CPPO_DEFAULTS, **_params_of(data, "cppo")}
     n_runs = sum(e.run is not None and e.status == "finished" for e in data.entries)
@@ -431,11 +551,13 @@ def write_figures(data: StudyData, per_seed: pl.DataFrame, fig_dir: Path, *, pro
         if rule == "cppo_no_weight":
             params["w_min"] = 1.0
         pooled = _pooled_tokens(entries)
+        updates = default_updates(pooled)
         table = position_stats(pooled, metrics=("tv",), bin_width=an.position_bin_width,
-                               delta=params["delta"], w_min=params["w_min"])
+                               delta=params["delta"], w_min=params["w_min"], updates=updates)
         fig = plots_mpl.fig_position_divergence(
             table, metric="tv", tail="top10_mean",
-            title=f"{label}: |pi - mu| by position (Fig. 2 style)\n{len(entries)} seeds pooled, all steps",
+            title=(f"{label}: |pi - mu| by position (Fig. 2 style)\n{len(entries)} seeds pooled, all steps, "
+                   f"{UPDATE_LABELS[updates]}"),
         )
         out["position"][label] = fig_dir / f"position_{slug}.png"
         fig.savefig(out["position"][label], dpi=120)
@@ -446,19 +568,60 @@ def write_figures(data: StudyData, per_seed: pl.DataFrame, fig_dir: Path, *, pro
         by_step = []
         for e in entries:
             by_step.append(budget_exhaustion(e.run, params=budget_params or None, rule=budget_rule,
-                                             progress=False).by_step)
+                                             updates=updates, progress=False).by_step)
             bar.update(1)
         fig = plots_mpl.fig_budget_by_step(
             pool_budget_by_step(by_step),
-            title=(f"{label}: prefix budget (Fig. 7 style)\n"
+            title=(f"{label}: prefix budget (Fig. 7 style), {len(entries)} seeds pooled\n"
                    + ("as the trainer applied it" if rule in BUDGET_RULES else "CPPO recomputed offline on these rollouts")
-                   + f", {len(entries)} seeds pooled"),
+                   + f"; {_SHORT_UPDATES[updates]}"),
         )
         out["budget"][label] = fig_dir / f"budget_{slug}.png"
         fig.savefig(out["budget"][label], dpi=120)
         plt.close(fig)
     bar.close()
     return out
+
+
+def write_effects_figure(ctab: ComparisonTable, an: AnalysisConfig, path: Path) -> Path | None:
+    """Forest plot of the accuracy comparisons: reference minus each rule with its t interval, one panel per
+    metric (primary first), the Holm p (whole table) beside each row. None when there is nothing to draw."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metrics = [m for m in ctab.metrics if ctab.by_metric(m)]
+    if not metrics:
+        return None
+    n = max(len(ctab.by_metric(m)) for m in metrics)
+    fig, axes = plt.subplots(1, len(metrics), figsize=(5.2 * len(metrics), 0.55 * n + 1.6), sharey=True,
+                             squeeze=False)
+    for ax, metric in zip(axes[0], metrics):
+        comps = ctab.by_metric(metric)
+        y = np.arange(len(comps))[::-1]
+        for yi, c in zip(y, comps):
+            ok = math.isfinite(c.ci_lo)
+            color = "C2" if ok and c.ci_lo > 0 else ("C3" if ok and c.ci_hi < 0 else "0.35")
+            if ok:
+                ax.plot([c.ci_lo, c.ci_hi], [yi, yi], color=color, lw=2)
+            ax.plot([c.mean_diff], [yi], "o", color=color, ms=6)
+            ax.annotate(f"Holm p {_p(c.p_holm)}", (1.0, yi), xycoords=("axes fraction", "data"),
+                        xytext=(4, 0), textcoords="offset points", va="center", fontsize=7)
+        ax.axvline(0, color="0.5", lw=1, ls=":")
+        ax.set_yticks(y, [f"vs {c.b} (n={c.n})" for c in comps], fontsize=8)
+        ax.set_xlabel(f"{an.reference} minus rule, {metric}")
+        ax.set_title(_METRIC_NAMES.get(metric, metric), fontsize=10)
+        ax.grid(alpha=0.3, axis="x")
+    fig.suptitle(f"Paired differences, mean and {an.confidence:.0%} t interval over seeds", fontsize=11)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+_SHORT_UPDATES = {"all": "all updates", "first": "first updates only", "after_first": "updates after the first"}
 
 
 def pool_budget_by_step(tables: list[pl.DataFrame]) -> pl.DataFrame:
@@ -507,28 +670,49 @@ def _p(x: float) -> str:
     return "<0.001" if x < 0.001 else f"{x:.3f}"
 
 
-def _verdict(c: PairedComparison, higher_is_better: bool = True) -> str:
+def _updates_sentence(data: StudyData) -> str:
+    """Which optimiser updates the token metrics and the Fig. 2 / Fig. 7 panels pool (per run's default)."""
+    from analyses.updates import UPDATE_LABELS
+
+    used = sorted({e.tokens.get("updates") for e in data.entries if e.tokens.get("updates")})
+    if not used:
+        return ""
+    if used == ["after_first"]:
+        return ("These token metrics and the Fig. 2 / Fig. 7 panels pool the updates after the first of each "
+                "batch: the runs take several updates per batch, and in the first one pi = mu (nothing to mask), "
+                "so pooling it would dilute both.")
+    return ("These token metrics and the Fig. 2 / Fig. 7 panels pool "
+            + "; ".join(f"{UPDATE_LABELS[u]} (`{u}`)" for u in used) + ".")
+
+
+def _significant(c, holm: float) -> bool:
+    return not math.isnan(holm) and holm < 0.05
+
+
+def _verdict(c: PairedComparison) -> str:
     if c.n < 2 or math.isnan(c.ci_lo):
         return f"{c.a} vs {c.b}: too few paired seeds ({c.n}) to say anything."
-    diff = c.mean_diff if higher_is_better else -c.mean_diff
-    direction = "higher" if diff > 0 else "lower"
+    direction = "higher" if c.mean_diff > 0 else "lower"
     base = (
         f"{c.a} vs {c.b} ({c.metric}): {c.a} is {_f(abs(c.mean_diff))} {direction} on average over {c.n} seeds "
-        f"(95% CI {_f(c.ci_lo)} to {_f(c.ci_hi)}; {c.wins} wins, {c.losses} losses; d_z = {_f(c.cohens_dz, 2)})"
+        f"({c.confidence:.0%} CI {_f(c.ci_lo)} to {_f(c.ci_hi)}; {c.wins} wins, {c.losses} losses; "
+        f"d_z = {_f(c.cohens_dz, 2)})"
     )
-    tests = f"paired t-test p = {_p(c.p_ttest)}, Holm {_p(c.p_holm)}, sign-flip p = {_p(c.p_sign_flip)}"
+    tests = (f"paired t-test p = {_p(c.p_ttest)}, Holm {_p(c.p_holm)}; sign-flip p = {_p(c.p_sign_flip)}, "
+             f"Holm {_p(c.p_holm_sign_flip)}")
     if c.ci_lo > 0 or c.ci_hi < 0:
         strength = f"the interval excludes zero ({tests})"
-        if not math.isnan(c.p_holm) and c.p_holm >= 0.05:
-            strength += ", but the difference does not survive the Holm correction over the family"
+        if not _significant(c, c.p_holm):
+            strength += ", but the difference does not survive the Holm correction over the whole table"
         return base + f": {strength}."
     return base + f": the interval includes zero ({tests}), so this study cannot tell the two apart at this scale."
 
 
 _SETTINGS_KEYS = ("steps", "model.kind", "model.init", "model.path", "task.kind", "task.reward", "task.min_terms",
                   "task.max_terms", "task.eval_size", "rollout.prompts_per_step", "rollout.n",
-                  "rollout.max_new_tokens", "rollout.temperature", "optim.lr", "optim.epochs",
-                  "optim.updates_per_batch", "optim.adv_std_norm", "optim.agg", "log.eval_every", "log.eval_k")
+                  "rollout.max_new_tokens", "rollout.temperature", "rollout.staleness", "rollout.precision",
+                  "optim.lr", "optim.epochs", "optim.updates_per_batch", "optim.adv_std_norm", "optim.agg",
+                  "log.eval_every", "log.eval_k")
 
 
 def _settings_summary(cfg: dict) -> str:
@@ -554,41 +738,165 @@ PAPER_DIRECTION = {
 }
 
 
-def _summary_lines(table: list[dict], comps: list[PairedComparison], an: AnalysisConfig) -> list[str]:
-    """The plain-words summary: ranking, and for each paired comparison whether it agrees with the paper."""
+def _ordering_status(c: PairedComparison) -> str:
+    """"agrees" / "reversed" / "inconclusive" / "too few" for one CPPO-minus-X comparison: agreement or
+    reversal needs the t interval to exclude zero *and* the Holm-adjusted p (whole table) below 0.05."""
+    if c.n < 2 or math.isnan(c.ci_lo):
+        return "too few"
+    if c.ci_lo > 0 and _significant(c, c.p_holm):
+        return "agrees"
+    if c.ci_hi < 0 and _significant(c, c.p_holm):
+        return "reversed"
+    return "inconclusive"
+
+
+def _primary_label(per_seed: pl.DataFrame, an: AnalysisConfig) -> str:
+    if an.primary == "best":
+        return "best-so-far held-out accuracy (a maximum over evaluations: biased upward)"
+    steps = per_seed["final_steps"].drop_nulls().unique()
+    where = f", steps {steps[0].replace(',', ', ')}" if steps.len() == 1 else ""
+    n = len(steps[0].split(",")) if steps.len() == 1 else an.final_window
+    return f"final held-out accuracy (mean of the last {n} evaluations{where})"
+
+
+def headline(per_seed: pl.DataFrame, table: list[dict], ctab: ComparisonTable, an: AnalysisConfig) -> str:
+    """The page's first paragraph: whether CPPO's ordering (above GRPO-clip and DPPO; each ablation below
+    CPPO) holds, the effects with their intervals and Holm p, and each rule's masked fraction and budget share."""
+    conf = f"{an.confidence:.0%}"
+    primary = f"{an.primary}_acc"
+    comps = [c for c in ctab.by_metric(primary) if c.b.split("@")[0] in PAPER_DIRECTION]
+    if an.reference != "cppo" or not comps:
+        opening = ("This study does not test CPPO's ordering: it needs `cppo` as the reference and at least one of "
+                   f"{', '.join(f'`{r}`' for r in PAPER_DIRECTION)}.")
+    else:
+        status = [_ordering_status(c) for c in comps]
+        if "too few" in status:
+            verdict = "cannot be assessed (too few paired seeds)"
+        elif all(s == "agrees" for s in status):
+            verdict = "holds"
+        elif "reversed" in status:
+            verdict = "does not hold"
+        else:
+            verdict = "is inconclusive"
+        missing = [r for r in PAPER_DIRECTION if r not in {c.b.split("@")[0] for c in comps}]
+        scope = ""
+        if missing:  # a partial grid tests only part of the ordering: say which part
+            if verdict == "holds":
+                verdict = "holds for the rules this study ran"
+            scope = f" (not run here: {', '.join(f'`{r}`' for r in missing)})"
+        effects = "; ".join(
+            f"vs `{c.b}` {c.mean_diff:+.3f} [{_f(c.ci_lo)}, {_f(c.ci_hi)}], Holm p {_p(c.p_holm)} ({s})"
+            for c, s in zip(comps, status)
+        )
+        n_pairs = sorted({c.n for c in comps})
+        opening = (
+            f"**In this regime CPPO's ordering (above GRPO-clip and DPPO; each ablation below CPPO) {verdict}**"
+            f"{scope}, on the {_primary_label(per_seed, an)}. CPPO minus each rule, paired over "
+            f"{'/'.join(map(str, n_pairs))} seeds, with the {conf} t interval and the Holm-adjusted p over all "
+            f"{ctab.family_size} comparisons of the table: {effects}."
+        )
+    rules = []
+    for r in table:
+        mf, bs = r["masked_frac"], r["budget_share"]
+        if not mf.n:
+            continue
+        share = f"budget share {bs.mean:.0%}" if bs.n and bs.mean > 0 else "no budget masking"
+        rules.append(f"`{r['label']}` {mf.mean:.2%} ({share})")
+    upd = sorted({u for u in per_seed["updates"].drop_nulls().unique()})
+    pooled = "updates after the first of each batch" if upd == ["after_first"] else "all updates"
+    doing = (f" What the rules did (masked fraction of the tokens, mean over seeds, {pooled}; of the masked tokens, "
+             f"the share masked by the prefix budget alone): {'; '.join(rules)}.") if rules else ""
+    return opening + doing
+
+
+def _summary_lines(per_seed: pl.DataFrame, table: list[dict], ctab: ComparisonTable,
+                   an: AnalysisConfig) -> list[str]:
+    """The plain-words summary: ranking, and for each comparison on the primary metric whether it agrees with
+    the paper (interval excluding zero and Holm p < 0.05 over the whole table)."""
     metric = f"{an.primary}_acc"
     L = ["## Summary\n"]
     ranked = sorted((r for r in table if r[metric].n), key=lambda r: -r[metric].mean)
     if ranked:
         L.append(
-            f"Ranking by mean {an.primary} held-out accuracy: "
+            f"Ranking by mean {_primary_label(per_seed, an)}: "
             + ", ".join(f"`{r['label']}` {r[metric].mean:.3f}" for r in ranked)
-            + ". Differences between these means are only meaningful where the paired comparisons below "
-            "exclude zero.\n"
+            + ". Differences between these means are only meaningful where the comparisons below exclude zero "
+            "and survive the Holm correction.\n"
         )
+    comps = ctab.by_metric(metric)
     if an.reference == "cppo" and comps:
-        L.append(f"Against the paper, on the {an.primary} accuracy (CPPO minus each rule, paired by seed):\n")
+        L.append(f"Against the paper, on the primary metric (CPPO minus each rule, paired by seed):\n")
+        words = {"agrees": "**agrees**", "reversed": "**contradicts**", "inconclusive": "**inconclusive**"}
         for c in comps:
-            rule = c.b.split("@")[0]
-            claim = PAPER_DIRECTION.get(rule)
+            claim = PAPER_DIRECTION.get(c.b.split("@")[0])
             if claim is None:
                 continue
-            if c.n < 2 or math.isnan(c.ci_lo):
+            s = _ordering_status(c)
+            if s == "too few":
                 verdict = f"too few paired seeds ({c.n}) to compare"
-            elif c.ci_lo > 0:
-                verdict = f"**agrees**: CPPO higher by {_f(c.mean_diff)} (95% CI {_f(c.ci_lo)} to {_f(c.ci_hi)})"
-            elif c.ci_hi < 0:
-                verdict = (f"**contradicts**: CPPO lower by {_f(-c.mean_diff)} "
-                           f"(95% CI {_f(c.ci_lo)} to {_f(c.ci_hi)})")
             else:
-                verdict = (f"**inconclusive**: difference {_f(c.mean_diff)}, 95% CI {_f(c.ci_lo)} to {_f(c.ci_hi)} "
-                           "includes zero")
+                verdict = (f"{words[s]}: difference {c.mean_diff:+.3f} ({c.confidence:.0%} CI {_f(c.ci_lo)} to "
+                           f"{_f(c.ci_hi)}; Holm p {_p(c.p_holm)})")
             L.append(f"- vs `{c.b}` ({claim}): {verdict}.")
         L.append(
             "\nThe paper's runs are Qwen3 models (1.7B-30B) with 8k-16k-token answers on competition math; a result "
             "from another model, task or scale (see the settings above) neither confirms nor refutes the paper in "
             "its own setting. It says what these rules did here.\n"
         )
+    return L
+
+
+_METRIC_NAMES = {
+    "final_acc": "final acc (primary)",
+    "best_acc": "best-so-far acc (secondary, biased upward)",
+    "last_acc": "last evaluation acc",
+}
+
+
+def _comparison_lines(ctab: ComparisonTable, an: AnalysisConfig, tau: float) -> list[str]:
+    conf = f"{an.confidence:.0%}"
+    n_max = max((c.n for c in ctab.paired), default=0)
+    m = ctab.family_size
+    L = [f"## Comparisons: `{an.reference}` vs each rule\n"]
+    floor = 2.0 / 2**n_max if n_max else float("nan")
+    sf_note = (
+        f" With {n_max} pairs the exact sign-flip test's smallest p is {_p(floor)}; times the {m} comparisons of "
+        f"the family that is {_p(min(1.0, m * floor))}"
+        + (", so no sign-flip comparison can survive Holm at 0.05 here." if m * floor >= 0.05 else ".")
+        if n_max else ""
+    )
+    L.append(
+        "Same seeds, so each pair shares its initial model and prompts. diff = reference minus other "
+        f"(positive: `{an.reference}` higher; for steps, negative: `{an.reference}` gets there sooner). "
+        f"t CI: {conf} Student-t interval of the paired differences; t: paired two-sided t-test; sign-flip: exact "
+        "permutation test of the paired differences (all 2^n sign assignments), free of the normality assumption; "
+        f"BCa: bias-corrected and accelerated bootstrap interval, given only from {MIN_BOOT_PAIRS} pairs on (below "
+        "that every bootstrap interval is too narrow); d_z = mean(diff) / sd(diff). **Holm adjusts every row of "
+        f"this table together** ({m} comparisons: every rule, every metric); the steps rows use a z-test in both "
+        f"Holm columns.{sf_note}\n"
+    )
+    L.append(f"| metric | vs | pairs | mean diff ({conf} t CI) | BCa CI | p (t) | p (sign-flip) | Holm p (t) | "
+             "Holm p (sign-flip) | d_z | wins/losses |")
+    L.append("|---|---|---|---|---|---|---|---|---|---|---|")
+    for c in ctab.paired:
+        bca = (f"[{_f(c.bca_lo)}, {_f(c.bca_hi)}]" if not math.isnan(c.bca_lo)
+               else (f"n/a (< {MIN_BOOT_PAIRS} pairs)" if c.n < MIN_BOOT_PAIRS else "n/a"))
+        sf = _p(c.p_sign_flip) + ("" if c.sign_flip_exact else " (Monte Carlo)")
+        L.append(
+            f"| {_METRIC_NAMES.get(c.metric, c.metric)} | `{c.b}` | {c.n} | {_f(c.mean_diff)} [{_f(c.ci_lo)}, "
+            f"{_f(c.ci_hi)}] | {bca} | {_p(c.p_ttest)} | {sf} | {_p(c.p_holm)} | {_p(c.p_holm_sign_flip)} | "
+            f"{_f(c.cohens_dz, 2)} | {c.wins}/{c.losses} |"
+        )
+    for c in ctab.steps:
+        L.append(
+            f"| steps to {an.threshold} (KM restricted mean to step {tau:g}) | `{c.b}` | {c.n_a}/{c.n_b} seeds | "
+            f"{_f(c.diff, 1)} [{_f(c.ci_lo, 1)}, {_f(c.ci_hi, 1)}] (z) | - | {_p(c.p)} (z) | - | {_p(c.p_holm)} | "
+            f"{_p(c.p_holm)} | - | - |"
+        )
+    L.append("")
+    for c in ctab.by_metric(f"{an.primary}_acc"):
+        L.append(f"- {_verdict(c)}")
+    L.append("")
     return L
 
 
@@ -608,10 +916,11 @@ def write_results(
     per_seed = per_seed if per_seed is not None else per_seed_metrics(data)
     table = results_table(per_seed, an.confidence)
     figs = write_figures(data, per_seed, fig_dir, progress=progress)
-    comps = {
-        m: paired_comparisons(per_seed, reference=an.reference, metric=m, confidence=an.confidence, n_boot=an.n_boot)
-        for m in (f"{an.primary}_acc", "final_acc" if an.primary == "best" else "best_acc")
-    }
+    secondary = "best_acc" if an.primary == "final" else "final_acc"
+    ctab = comparison_table(per_seed, reference=an.reference, metrics=(f"{an.primary}_acc", secondary),
+                            confidence=an.confidence, n_boot=an.n_boot)
+    tau = threshold_horizon(per_seed)
+    effects = write_effects_figure(ctab, an, fig_dir / "effects.png")
     per_seed.write_csv(fig_dir / "per_seed.csv")
     rel = lambda p: f"{fig_dir.name}/{Path(p).name}"  # noqa: E731
     m = data.manifest
@@ -623,10 +932,11 @@ def write_results(
 
     L: list[str] = []
     L.append(f"# Study results: `{m['study']}`\n")
+    L.append(headline(per_seed, table, ctab, an) + "\n")
     L.append(
         "Generated by `cppo-diag study` from the runs under "
-        f"`{data.root}` on {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}. Every number below comes "
-        "from those runs; nothing is typed in by hand.\n"
+        f"`{data.root}` on {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}. Every number on this page, the "
+        "paragraph above included, comes from those runs; nothing is typed in by hand.\n"
         + (f"\nReproduce with:\n\n```bash\n{command}\n```\n" if command else "")
     )
     if m.get("description"):
@@ -635,8 +945,11 @@ def write_results(
         f"Grid: rules {', '.join(f'`{r}`' for r in m['rules'])} x seeds {m['seeds']} "
         f"({len(m['cells'])} runs, {m['steps']} steps each). Runs found: {n_present}/{len(m['cells'])} "
         f"(status: {', '.join(f'{k} {v}' for k, v in sorted(statuses.items()))}). Held-out accuracy is the "
-        f"scalar `{an.accuracy}`; threshold for 'steps to reach' = {an.threshold}. Intervals are {conf} "
-        "Student-t intervals over seeds.\n"
+        f"scalar `{an.accuracy}`. The primary metric is the {_primary_label(per_seed, an)}; the best-so-far "
+        "accuracy is secondary and biased upward (a maximum over noisy evaluations). Steps to "
+        f"{an.threshold}: Kaplan-Meier restricted mean up to step {_f(tau, 0)}, a seed that never reaches it "
+        f"counted as censored at its last evaluation. Intervals are {conf} Student-t intervals over seeds unless "
+        "said otherwise.\n"
     )
 
     cfg = next((e.run.meta.get("config") for e in data.entries if e.run is not None and e.run.meta.get("config")), None)
@@ -648,51 +961,36 @@ def write_results(
     if secs:
         L.append(f"Training time: {sum(secs) / 60:.1f} min summed over {len(secs)} runs "
                  f"(median {float(np.median(secs)) / 60:.1f} min per run; trainer's `time/step_s`).\n")
-    L += _summary_lines(table, comps[f"{an.primary}_acc"], an)
+    L += _summary_lines(per_seed, table, ctab, an)
     L.append("## Results per rule\n")
     L.append(
-        f"| rule | seeds | initial acc | final acc ({conf} CI) | best acc ({conf} CI) | steps to {an.threshold} "
-        "(reached; mean over those) | masked frac | budget share | mean abs(pi - mu) |"
+        f"| rule | seeds | initial acc | final acc, primary ({conf} CI) | best-so-far acc, biased ({conf} CI) | "
+        f"steps to {an.threshold}: reached; KM restricted mean ({conf} CI) | masked frac | budget share | "
+        "mean abs(pi - mu) |"
     )
     L.append("|---|---|---|---|---|---|---|---|---|")
     for r in table:
-        st = r["steps_to_threshold"]
         L.append(
             f"| `{r['label']}` | {r['n_with_data']}/{r['n_runs']} | {r['initial_acc'].fmt()} | {r['final_acc'].fmt()} | "
-            f"{r['best_acc'].fmt()} | {r['reached']}/{r['n_with_data']}; {st.fmt(1) if st.n else 'never'} | "
+            f"{r['best_acc'].fmt()} | {r['reached']}/{r['n_with_data']}; {r['rmst'].fmt(1)} | "
             f"{r['masked_frac'].fmt(4)} | {r['budget_share'].fmt(3)} | {r['mean_tv'].fmt(4)} |"
         )
     L.append(
-        "\n*masked frac*: tokens the trainer masked / valid tokens, over all updates (`keep_applied`). "
+        "\n*masked frac*: tokens the trainer masked / valid tokens (`keep_applied`). "
         "*budget share*: of the masked tokens, those masked by the prefix budget only (`reason_applied` = "
-        "budget; CPPO paper Fig. 7). *mean abs(pi - mu)*: mean over all logged tokens of the current-vs-rollout "
-        f"probability gap. Per-seed values: [`{rel(fig_dir / 'per_seed.csv')}`]({rel(fig_dir / 'per_seed.csv')}).\n"
+        "budget; CPPO paper Fig. 7). *mean abs(pi - mu)*: mean over the logged tokens of the current-vs-rollout "
+        f"probability gap. {_updates_sentence(data)} *KM restricted mean*: area under the Kaplan-Meier curve of "
+        f"'not yet at {an.threshold}' up to step {_f(tau, 0)} (normal interval, Greenwood-type variance); equal "
+        "to the mean first step at the threshold when every seed gets there. "
+        f"Per-seed values: [`{rel(fig_dir / 'per_seed.csv')}`]({rel(fig_dir / 'per_seed.csv')}).\n"
     )
-
-    for metric, cs in comps.items():
-        L.append(f"## Paired comparison: `{an.reference}` vs each rule, {metric}\n")
-        L.append(
-            "Same seeds, so each pair shares its initial model and prompts. diff = reference minus other "
-            f"(positive: `{an.reference}` higher). t-test: paired, two-sided; Holm: adjusted over this table's "
-            "family; sign-flip: exact permutation test on the paired differences, free of the normality "
-            f"assumption (with {max((c.n for c in cs), default=0)} pairs its smallest possible p is "
-            f"{_p(2.0 / 2 ** max((c.n for c in cs), default=1))}); bootstrap: percentile interval of the mean "
-            "difference; d_z = mean(diff) / sd(diff).\n"
-        )
-        L.append(f"| vs | pairs | mean diff ({conf} t CI) | bootstrap CI | p (t) | p (Holm) | p (sign-flip) | d_z | wins/losses |")
-        L.append("|---|---|---|---|---|---|---|---|---|")
-        for c in cs:
-            L.append(
-                f"| `{c.b}` | {c.n} | {_f(c.mean_diff)} [{_f(c.ci_lo)}, {_f(c.ci_hi)}] | [{_f(c.boot_lo)}, "
-                f"{_f(c.boot_hi)}] | {_p(c.p_ttest)} | {_p(c.p_holm)} | {_p(c.p_sign_flip)} | {_f(c.cohens_dz, 2)} | "
-                f"{c.wins}/{c.losses} |"
-            )
-        L.append("")
-        for c in cs:
-            L.append(f"- {_verdict(c)}")
-        L.append("")
+    L += _comparison_lines(ctab, an, tau)
 
     L.append("## Figures\n")
+    if effects is not None:
+        L.append(f"Effect sizes: `{an.reference}` minus each rule, paired by seed, with the {conf} t interval (green: "
+                 "above zero, red: below, grey: includes zero) and the Holm p over the whole comparison table:\n\n"
+                 f"![effect sizes]({rel(effects)})\n")
     L.append(f"Learning curves (mean and {conf} CI band over seeds, clipped to [0, 1]):\n\n"
              f"![learning curves]({rel(figs['curves'])})\n")
     L.append(f"Every rule with its individual seeds:\n\n![learning curves by rule]({rel(figs['curves_by_rule'])})\n")
@@ -703,10 +1001,10 @@ def write_results(
         )
     L.append(
         "Per rule, paper Fig. 2 style: |pi - mu| by token position, mean and top-decile mean (tokens pooled "
-        "over seeds and all steps), beside CPPO's per-position threshold delta / w_t; and paper Fig. 7 style: "
-        "per step, the realised delta_b and the budget-mask share (mean over seeds). For rules without a prefix "
-        "budget the Fig. 7 panel shows what CPPO's budget would have done on that rule's own rollouts "
-        "(offline recompute), not something the trainer applied.\n"
+        "over seeds and all steps, keyed by run), with CPPO's per-position threshold delta / w_t on the same axis; "
+        "and paper Fig. 7 style: per step, the realised delta_b and the budget-mask share (pooled over seeds). "
+        f"{_updates_sentence(data)} For rules without a prefix budget the Fig. 7 panel shows what CPPO's budget "
+        "would have done on that rule's own rollouts (offline recompute), not something the trainer applied.\n"
     )
     for label in figs["position"]:
         L.append(f"### `{label}`\n")
@@ -727,8 +1025,10 @@ def write_results(
     L.append(
         "- Few seeds give wide intervals; an interval that includes zero means *no evidence either way at this "
         "scale*, not *no difference*.\n"
-        "- *best* accuracy is a maximum over noisy evaluations and is biased upward for every rule alike; "
-        "*final* is unbiased but noisier.\n"
+        "- *best-so-far* accuracy is a maximum over noisy evaluations and is biased upward (and hides a late "
+        "decline); it is tabled as a secondary metric only. *final* averages the last evaluations.\n"
+        "- Holm controls the family-wise error over the whole comparison table; the t intervals themselves are "
+        "not widened for multiplicity.\n"
         "- Each rule was run at the study config's parameters; no rule was tuned on these results.\n"
     )
     out_md.parent.mkdir(parents=True, exist_ok=True)

@@ -26,7 +26,8 @@ A study file (see ``docs/study.md`` and the presets in ``cppo_diag/study/presets
     accuracy = "eval/accuracy"        # scalar holding held-out accuracy
     threshold = 0.5                   # "steps to reach" this accuracy
     reference = "cppo"                # paired comparisons: reference vs every other rule
-    primary = "best"                  # "best" or "final": the metric the comparisons lead with
+    primary = "final"                 # "final" (mean of the last final_window evaluations) or "best" (biased)
+    final_window = 3                  # evaluations averaged into final_acc
 
 Cells are ordered seed-major (all rules for seed 0, then seed 1, ...) so that a study stopped early
 still has complete paired comparisons for the seeds it finished.
@@ -54,7 +55,7 @@ __all__ = [
     "preset_path",
 ]
 
-PRESETS = ("cpu", "ci-tiny", "gpu", "gpu-smoke")
+PRESETS = ("cpu", "long", "ci-tiny", "gpu", "gpu-smoke")
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
@@ -68,7 +69,8 @@ class AnalysisConfig:
     accuracy: str = "eval/accuracy"  # per-step scalar with held-out accuracy
     threshold: float = 0.5  # steps to first reach this held-out accuracy
     reference: str = "cppo"  # the rule compared against every other rule (paired, same seeds)
-    primary: str = "best"  # "best" | "final": lead metric of the comparisons
+    primary: str = "final"  # "final" | "best": lead metric (best-so-far is biased upward: secondary by default)
+    final_window: int = 3  # final_acc = mean of the last final_window evaluations after the initial one
     confidence: float = 0.95
     ablation_rules: tuple[str, ...] = ("cppo", "cppo_no_weight", "cppo_no_budget", "cppo_shuffled")
     position_bin_width: int = 8  # token-position bin of the Fig. 2-style plots
@@ -220,7 +222,7 @@ def _check_rule_params(rule: str, params: dict, fld: str, rules: list, known: di
 
 
 def load_study(config_or_preset: str | Path, *, validate_rules: bool = True) -> StudyConfig:
-    """Load a study from a preset name (``cpu``, ``ci-tiny``, ``gpu``, ``gpu-smoke``) or a TOML/YAML path."""
+    """Load a study from a preset name (:data:`PRESETS`) or a TOML/YAML path."""
     s = str(config_or_preset)
     path = preset_path(s) if s in PRESETS else Path(s)
     if not path.is_file():
@@ -326,6 +328,14 @@ def load_study(config_or_preset: str | Path, *, validate_rules: bool = True) -> 
         an = {**an, "ablation_rules": tuple(an["ablation_rules"])}
     analysis = AnalysisConfig(**{**defaults.__dict__, **an})
     _expect(analysis.primary in ("best", "final"), "analysis.primary", "'best' or 'final'", analysis.primary, src)
+    _expect(
+        isinstance(analysis.final_window, int) and not isinstance(analysis.final_window, bool)
+        and analysis.final_window >= 1,
+        "analysis.final_window",
+        "a positive int (evaluations averaged into final_acc)",
+        analysis.final_window,
+        src,
+    )
     _expect(
         isinstance(analysis.threshold, (int, float)) and math.isfinite(analysis.threshold),
         "analysis.threshold",

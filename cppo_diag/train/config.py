@@ -51,8 +51,8 @@ class TaskConfig:
     answer_field: str = F("answer", "dataset: reference answer column, compared with the last \\boxed{} after normalisation")
     eval_path: str = F("", "dataset: separate held-out file (default: a fixed random slice of task.path)")
     rg_name: str = F("basic_arithmetic", "reasoning_gym: generator name")
-    eval_size: int = F(128, "held-out problems for evaluation")
-    eval_seed: int = F(12345, "seed of the held-out set (training prompts never repeat it for arithmetic)")
+    eval_size: int = F(128, "held-out problems for evaluation: distinct prompts, drawn without replacement")
+    eval_seed: int = F(12345, "seed of the held-out set (training never uses a held-out prompt)")
 
 
 @dataclass
@@ -62,7 +62,7 @@ class RolloutConfig:
     n: int = F(8, "n: responses sampled per prompt (one GRPO group)")
     max_new_tokens: int = F(40, "longest response; longer ones are cut (no EOS, reward as scored)")
     temperature: float = F(1.0, "sampling temperature (the trainer's pi uses the same one)")
-    top_p: float = F(1.0, "nucleus sampling; mu is logged before truncation")
+    top_p: float = F(1.0, "nucleus sampling in (0, 1]; mu is the log-prob under the truncated, renormalised distribution")
     staleness: int = F(0, "k: iteration t trains on the batch sampled by the policy of iteration t-k (asynchronous RL; "
                           "mu stays the sampler's log-probs, k optimiser rounds old; the first k iterations use the lag "
                           "available, logged as rollout/staleness); 0 = on-policy sampling")
@@ -107,6 +107,8 @@ class LogConfig:
     eval_temperature: float = F(0.7, "Avg@k sampling temperature")
     eval_top_p: float = F(0.95, "Avg@k nucleus")
     progress: bool = F(True, "tqdm progress bar")
+    tensorboard: bool = F(False, "also write step scalars to a TensorBoard event file in RUN/tensorboard/")
+    wandb: bool = F(False, "also log step scalars to W&B, meta.json as config (offline without a key)")
 
 
 @dataclass
@@ -298,10 +300,11 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
         g = groups.setdefault(section, parser.add_argument_group(f"{section} settings"))
         if dotted == "rule.params":
             g.add_argument("--rule.param", dest="rule.param", action="append", default=None, metavar="KEY=VALUE",
-                           help=f"{doc} (repeatable)")
+                           help=f"{doc} (repeatable)".replace("%", "%%"))
             continue
         tname = {bool: "BOOL", int: "INT", float: "FLOAT", str: "STR"}.get(typ, "VALUE")
-        g.add_argument(f"--{dotted}", dest=dotted, default=None, metavar=tname, help=f"{doc} [default: {default!r}]")
+        text = f"{doc} [default: {default!r}]".replace("%", "%%")  # argparse %-formats help strings
+        g.add_argument(f"--{dotted}", dest=dotted, default=None, metavar=tname, help=text)
 
 
 def overrides_from_args(args: argparse.Namespace) -> dict:

@@ -1,7 +1,9 @@
 """Offline check that a run's logged ``keep_applied`` is what its rule gives on the logged tokens.
 
-Rebuilds every (step, update, rank) batch from the token table in ``seq_id`` order (the row order the rule
-saw), reruns the run's rule through the public ``compute_mask`` on the CPU and counts disagreements.
+Rebuilds every (step, update, rank) batch from the token table in ``seq_id`` order (any subset of a step's
+seq_ids; rows are compact), reruns the run's rule through the public ``compute_mask`` on the CPU with the
+batch's ``step`` and ``seq_ids`` (which key ``cppo_shuffled``'s permutation, as in the trainer) and counts
+disagreements.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ def check_parity(run_path) -> dict[str, int]:
     toks = run.tokens().sort(["step", "update", "rank", "seq_id", "pos"]).collect()
     out = {"tokens": 0, "keep_mismatch": 0, "reason_mismatch": 0, "masked": 0}
     has_old = "logp_old" in toks.columns and toks["logp_old"].null_count() < len(toks)
-    for _, g in toks.group_by(["step", "update", "rank"], maintain_order=True):
+    for (step, _, _), g in toks.group_by(["step", "update", "rank"], maintain_order=True):
         seq = g["seq_id"].to_numpy()
         ids = np.unique(seq)
         row, pos = torch.tensor(np.searchsorted(ids, seq)), torch.tensor(g["pos"].to_numpy(), dtype=torch.long)
@@ -36,7 +38,8 @@ def check_parity(run_path) -> dict[str, int]:
         adv[row] = torch.tensor(g["advantage"].to_numpy(), dtype=torch.float32)
         res = compute_mask(meta["rule"], logp=dense("logp"), logp_rollout=dense("logp_rollout"), advantages=adv,
                            response_mask=mask, logp_old=dense("logp_old") if has_old else None,
-                           anchor=meta.get("anchor", "rollout"), **(meta.get("rule_params") or {}))
+                           anchor=meta.get("anchor", "rollout"), seq_ids=torch.from_numpy(ids.astype(np.int64)),
+                           step=int(step), **(meta.get("rule_params") or {}))
         keep = res.keep[row, pos].numpy()
         out["tokens"] += len(g)
         out["masked"] += int((~g["keep_applied"].to_numpy()).sum())

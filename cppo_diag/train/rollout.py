@@ -55,8 +55,10 @@ class TorchSampler:
     """Autoregressive sampling with the model's KV cache.
 
     ``forward(input_ids, attention_mask, position_ids, cache) -> (logits, cache)`` is the model adapter (see
-    ``cppo_diag.train.models``). mu is the log-softmax of ``logits / temperature`` at the sampled id (before
-    top-p truncation, which is how the trainer's pi is computed too; document if you change it).
+    ``cppo_diag.train.models``). mu is the log-probability of the sampled id under the distribution actually
+    sampled from: the log-softmax of ``logits / temperature``, after top-p truncation and renormalisation when
+    ``top_p < 1`` (so mu is the behaviour policy; the trainer's pi is the untruncated tempered softmax, and
+    pi / mu carries the truncation). With ``top_p = 1`` the two coincide.
     """
 
     def __init__(self, forward: Callable, *, eos_id: int, pad_id: int, device, autocast_dtype=None,
@@ -86,12 +88,13 @@ class TorchSampler:
             with self._autocast():
                 logits, cache = self.forward(step_in, attn, step_pos, cache)
             logits = logits[:, -1].float() / max(temperature, 1e-6)  # (B, V)
-            logp_all = logits.log_softmax(-1)  # (B, V)
             if greedy:
+                logp_all = logits.log_softmax(-1)  # (B, V)
                 tok = logits.argmax(-1)  # (B,)
             else:
-                probs = top_p_filter(logits, top_p).softmax(-1)
-                tok = torch.multinomial(probs, 1, generator=generator).squeeze(1)  # (B,)
+                kept = top_p_filter(logits, top_p)  # (B, V) -inf outside the nucleus
+                logp_all = kept.log_softmax(-1)  # (B, V) the distribution sampled from: mu
+                tok = torch.multinomial(kept.softmax(-1), 1, generator=generator).squeeze(1)  # (B,)
             tok = torch.where(done, torch.full_like(tok, self.pad_id), tok)
             out_ids[:, t] = tok
             out_lp[:, t] = torch.where(done, 0.0, logp_all.gather(1, tok[:, None]).squeeze(1))

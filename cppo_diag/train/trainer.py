@@ -8,9 +8,13 @@ Reads top to bottom (cleanrl / nanoGPT style). Per iteration (SPEC.md "Loss"):
 2. reward each response; group advantages A = r - mean(group) (optionally / std); drop zero-variance groups;
 3. for each of ``epochs * updates_per_batch`` minibatch updates: recompute pi, apply the rule through the public
    ``cppo_diag.masks.compute_mask``, take the loss from ``cppo_diag.loss.policy_loss``, one AdamW step;
-   log the tokens the rule saw (``keep_applied``/``reason_applied``, ``seq_id`` = row in that minibatch) through
-   the public ``cppo_diag.RunRecorder``;
-4. log per-step scalars and per-sequence text; checkpoint.
+   log the tokens the rule saw (``keep_applied``/``reason_applied``, ``loss_weight`` where the rule weights the
+   loss) through the public ``cppo_diag.RunRecorder``;
+4. log per-step scalars (pooled over the step's updates, ``step_stats.StepPool``) and per-sequence text;
+   checkpoint.
+
+``seq_id`` is the response's row in the step's rollout batch (0..P*n-1, group = seq_id // n): the same id in
+the token table (every update), the sequence table, and the key of ``cppo_shuffled``'s permutation.
 
 All randomness derives from (seed, step, rank), so a resumed run replays exactly. Steps the recorder already
 holds (``is_done``) are replayed to rebuild the state but not logged again.
@@ -30,16 +34,17 @@ import numpy as np
 import torch
 
 from cppo_diag.capture import NullRecorder, RunRecorder
-from cppo_diag.loss import policy_loss
+from cppo_diag.loss import applied_weight, policy_loss
 from cppo_diag.masks import PARAMETERS, compute_mask, get_rule
-from cppo_diag.masks.reduce import masked_count, masked_mean
 
 from .checkpoint import drop_checkpoints, list_checkpoints, load_checkpoint, load_queue, queue_file, save_checkpoint
 from .config import TrainConfig, to_dict
 from .evaluate import evaluate
 from .models import build_policy
 from .rollout import RolloutBatch, TorchSampler, left_pad
+from .step_stats import StepPool
 from .tasks import build_task
+from .tasks.base import heldout_scalars
 
 
 # -- setup helpers -------------------------------------------------------------------------------------------
@@ -227,6 +232,8 @@ def train(cfg: TrainConfig, *, recorder_factory=None) -> dict:
         raise ValueError(f"rule.anchor: expected 'rollout' or 'old', found {cfg.rule.anchor!r}")
     if cfg.rollout.engine != "torch":
         raise ValueError(f"rollout.engine: expected 'torch' (the only engine built in), found {cfg.rollout.engine!r}")
+    if not 0.0 < cfg.rollout.top_p <= 1.0:
+        raise ValueError(f"rollout.top_p: expected a value in (0, 1], found {cfg.rollout.top_p!r}")
     if cfg.rollout.staleness < 0:
         raise ValueError(f"rollout.staleness: expected an integer >= 0, found {cfg.rollout.staleness}")
     if cfg.optim.epochs < 1 or cfg.optim.updates_per_batch < 1:
@@ -269,13 +276,16 @@ def train(cfg: TrainConfig, *, recorder_factory=None) -> dict:
             queue = unpack_queue(load_queue(ckpts[-1][1], d.rank, device))
     meta = dict(config=to_dict(cfg), trainer="cppo-diag", rule=cfg.rule.name, rule_params=rule_params,
                 model=policy.name, task=task.name, anchor=cfg.rule.anchor, rank=d.rank)
+    sinks = [n for n, on in (("tensorboard", cfg.log.tensorboard), ("wandb", cfg.log.wandb)) if on]
+    if sinks and not cfg.log.record:
+        raise ValueError(f"log.{sinks[0]}: mirrors the recorder's scalars, so it needs log.record true (found false)")
     if not cfg.log.record:
         rec = NullRecorder()
     elif recorder_factory is not None:
         rec = recorder_factory(cfg.log.out_dir, name, **meta)
     else:
         rec = RunRecorder(cfg.log.out_dir, name=name, every_n_steps=cfg.log.every_n_steps,
-                          seq_fraction=cfg.log.seq_fraction, on_error="raise", **meta)
+                          seq_fraction=cfg.log.seq_fraction, on_error="raise", sinks=sinks, **meta)
     null = NullRecorder()
     # Steps the recorder does not sample (every_n_steps > 1) never get a done marker; on resume, a step whose
     # scalars are already on disk was logged before the interruption and is replayed without logging.
@@ -289,7 +299,7 @@ def train(cfg: TrainConfig, *, recorder_factory=None) -> dict:
         out = evaluate(policy, eval_sampler, task.eval_set(), task.score, max_new_tokens=cfg.rollout.max_new_tokens,
                        k=cfg.log.eval_k, temperature=cfg.log.eval_temperature, top_p=cfg.log.eval_top_p,
                        generator=torch_gen(cfg.seed, step, 10_000 + d.rank, device))
-        return out
+        return {**out, **heldout_scalars(task)}  # every accuracy is logged with the size of its held-out set
 
     def sample_batch(j: int) -> RolloutBatch:
         """Iteration j's rollout batch from the current weights: prompts and sampling noise derive from (seed, j, rank)."""
@@ -311,6 +321,7 @@ def train(cfg: TrainConfig, *, recorder_factory=None) -> dict:
             ev = run_eval(0)
             summary["summary/greedy_acc_before"] = ev["eval/greedy_acc"]
             summary["summary/greedy_reward_before"] = ev["eval/greedy_reward"]
+            summary.update(heldout_scalars(task, prefix="summary/"))
             if not rec.is_done(0):
                 rec.log_scalars(0, ev)
         n_updates = cfg.optim.epochs * cfg.optim.updates_per_batch
@@ -353,13 +364,13 @@ def train(cfg: TrainConfig, *, recorder_factory=None) -> dict:
             group_ids = torch.as_tensor([i // cfg.rollout.n for i in keep_rows], device=device)
             rew_t = torch.as_tensor(rewards[keep_rows], device=device)
 
-            # ---- per-sequence text (trained rows first in minibatch order, then the dropped ones)
-            order = keep_rows + [i for i in range(len(rows)) if i not in set(keep_rows)]
-            log.log_sequences(step=step, seq_ids=list(range(len(order))), prompts=[rows[i].prompt for i in order],
-                              completions=[texts[i] for i in order],
-                              tokens=[policy.token_strings(resp[i]) for i in order],
-                              rewards=rewards[order], lengths=[len(resp[i]) for i in order],
-                              group_ids=[i // cfg.rollout.n for i in order], correct=correct[order])
+            seq_t = torch.as_tensor(keep_rows, dtype=torch.long, device=device)  # (B',) seq_id of each trained row
+
+            # ---- per-sequence text: seq_id = row in the rollout batch (dropped zero-variance rows included)
+            log.log_sequences(step=step, seq_ids=list(range(len(rows))), prompts=[p.prompt for p in rows],
+                              completions=texts, tokens=[policy.token_strings(r) for r in resp], rewards=rewards,
+                              lengths=[len(r) for r in resp], group_ids=[i // cfg.rollout.n for i in range(len(rows))],
+                              correct=correct)
 
             # ---- optional pi_old anchor: recompute the old policy once before any update
             logp_old_all = None
@@ -370,8 +381,8 @@ def train(cfg: TrainConfig, *, recorder_factory=None) -> dict:
 
             # ---- 3. minibatch updates: the policy leaves mu, the rule decides which tokens still count
             t_upd = time.perf_counter()
-            acc: dict[str, list[float]] = {}
-            masked_tot = valid_tot = budget_tot = 0
+            pool = StepPool(cfg.rule.name, rule_params, anchor=cfg.rule.anchor, step=step, agg=cfg.optim.agg,
+                            trunc_cap=cfg.optim.trunc_cap, max_len=cfg.rollout.max_new_tokens)
             t_rule = t_log = 0.0
             u = 0
             if global_keep > 0:
@@ -398,7 +409,7 @@ def train(cfg: TrainConfig, *, recorder_factory=None) -> dict:
                         res = compute_mask(cfg.rule.name, logp=logp.detach(), logp_rollout=mb.logp_rollout,
                                            advantages=mb_adv, response_mask=mask,
                                            logp_old=None if logp_old_all is None else anchor_lp,
-                                           anchor=cfg.rule.anchor, **rule_params)
+                                           anchor=cfg.rule.anchor, seq_ids=seq_t[chunk], step=step, **rule_params)
                         loss, lmetrics = policy_loss(logp, anchor_lp, mb_adv, mask, res, agg=cfg.optim.agg,
                                                      trunc_cap=cfg.optim.trunc_cap, max_len=cfg.rollout.max_new_tokens,
                                                      rule=cfg.rule.name)
@@ -409,25 +420,18 @@ def train(cfg: TrainConfig, *, recorder_factory=None) -> dict:
                                                                cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf"))
                         optimizer.step()
 
-                        # diagnostics next to the quantities they describe
-                        with torch.no_grad():
-                            masked = mask & ~res.keep
-                            masked_tot += int(masked_count(masked))
-                            valid_tot += int(masked_count(mask))
-                            budget_tot += int(masked_count(masked & (res.reason == 2)))
-                            tv = (logp.detach().exp() - mb.logp_rollout.exp()).abs()  # (b, T) |pi - mu|
-                            for k, v in {**res.metrics, **lmetrics,
-                                         "div/tv/mean": float(masked_mean(tv, mask)),
-                                         "div/tv/max": float(tv.masked_fill(~mask, 0).max()),
-                                         "policy/entropy": float(masked_mean(entropy, mask)),
-                                         "grad/norm": float(gnorm)}.items():
-                                acc.setdefault(k, []).append(float(v))
+                        # the step's scalars are computed once over all its updates (pooled, step_stats)
+                        pool.add(update=u, logp=logp, logp_rollout=mb.logp_rollout,
+                                 logp_old=None if logp_old_all is None else anchor_lp, advantages=mb_adv, mask=mask,
+                                 seq_ids=seq_t[chunk], keep=res.keep, entropy=entropy, loss=lmetrics["loss/policy"],
+                                 grad_norm=float(gnorm))
                         t0 = time.perf_counter()
-                        log.log_tokens(step=step, update=u, seq_ids=torch.arange(len(idx)), logp=logp.detach(),
+                        log.log_tokens(step=step, update=u, seq_ids=seq_t[chunk], logp=logp.detach(),
                                        logp_rollout=mb.logp_rollout, advantages=mb_adv, response_mask=mask,
                                        logp_old=None if logp_old_all is None else anchor_lp,
                                        keep_applied=res.keep, reason_applied=res.reason, token_ids=mb.response_ids,
-                                       entropy=entropy, reward=rew_t[chunk], group_id=group_ids[chunk])
+                                       entropy=entropy, reward=rew_t[chunk], group_id=group_ids[chunk],
+                                       loss_weight=applied_weight(res, cfg.optim.trunc_cap))
                         t_log += time.perf_counter() - t0
                         u += 1
             with warnings.catch_warnings():  # the lr schedule is per iteration, even one with no update
@@ -435,7 +439,8 @@ def train(cfg: TrainConfig, *, recorder_factory=None) -> dict:
                 scheduler.step()
             t_update = time.perf_counter() - t_upd
 
-            # ---- 4. per-step scalars
+            # ---- 4. per-step scalars (the rule's and the loss's over the step's pooled updates)
+            pooled = pool.scalars()
             n_tok = int(batch.response_mask.sum())
             lens = batch.response_mask.sum(1).float()
             scalars = {
@@ -444,15 +449,13 @@ def train(cfg: TrainConfig, *, recorder_factory=None) -> dict:
                 "response/len_mean": float(lens.mean()), "response/len_max": float(lens.max()),
                 "batch/kept_seqs": n_keep, "batch/skipped_groups": int(zero.sum()) // cfg.rollout.n,
                 "batch/updates": u, "rollout/staleness": step - version,
-                "mask/frac": masked_tot / valid_tot if valid_tot else 0.0,
-                "mask/budget_share": budget_tot / masked_tot if masked_tot else 0.0,
                 "optim/lr": optimizer.param_groups[0]["lr"],
                 "time/rollout_s": t_rollout, "time/update_s": t_update, "time/rule_s": t_rule, "time/log_tokens_s": t_log,
                 "time/step_s": time.perf_counter() - t_step,
                 "time/rollout_frac": t_rollout / max(time.perf_counter() - t_step, 1e-9),
                 "throughput/tokens_per_s": n_tok / max(time.perf_counter() - t_step, 1e-9),
             }
-            scalars.update({k: float(np.mean(v)) for k, v in acc.items()})
+            scalars.update(pooled)
             if d.main and cfg.log.eval_every and (step + 1) % cfg.log.eval_every == 0 and step + 1 < cfg.steps:
                 scalars.update(run_eval(step + 1))
             if step + 1 == cfg.steps and d.main:
@@ -493,7 +496,7 @@ def train(cfg: TrainConfig, *, recorder_factory=None) -> dict:
                     dist.barrier()
             bar.update(1)
             bar.set_postfix(reward=f"{scalars['reward/mean']:.3f}", acc=f"{scalars['acc/mean']:.2f}",
-                            masked=f"{scalars['mask/frac']:.3f}")
+                            masked=f"{scalars.get(f'mask/{cfg.rule.name}/frac', 0.0):.3f}")
         if d.main and cfg.ckpt.keep == 0:
             drop_checkpoints(run_dir)
         rec.close()

@@ -22,11 +22,11 @@ from cppo_diag.masks.layout import RuleInput
 from cppo_diag.masks.metrics import divergence_metrics, mask_metrics
 from cppo_diag.masks.quantile import adaptive_delta_b
 from cppo_diag.masks.reduce import masked_fraction, masked_mean
-from cppo_diag.masks.registry import register_rule
+from cppo_diag.masks.registry import register_profile, register_rule
 from cppo_diag.masks.result import BUDGET, RuleOutput
 from cppo_diag.masks.rules.common import check_choice, check_nonneg, check_positive, check_range
 
-__all__ = ["cppo", "cppo_core", "position_weights", "CPPO_EQUATION", "CPPO_NOTES"]
+__all__ = ["cppo", "cppo_core", "position_weights", "CPPO_EQUATION", "CPPO_NOTES", "CPPO_PROFILES"]
 
 CPPO_EQUATION = (
     "w_t = 1 - (1 - w_min)(t - 1)/max(T - 1, 1); Z_t = w_t D_t; c_t = min(delta, delta + delta_b W_{t-1} - S_{t-1}); "
@@ -129,7 +129,8 @@ def cppo_core(
         if variant == "shuffled":
             from cppo_diag.masks.shuffle import permuted_positions
 
-            src = permuted_positions(n, v, seed=seed)  # (B, T) perm[rank] on valid tokens (padding: 0, masked below)
+            # (B, T) perm[rank] on valid tokens (padding: 0, masked below), keyed on (seed, step, seq_id, T)
+            src = permuted_positions(n, v, seed=seed, seq_ids=x.seq_ids, step=x.step)
         w = position_weights(x, w_min=w_min, weight_length=weight_length, horizon=horizon, src_rank=src)
     z = w * d  # (B, T) Z_t, 0 on padding
     internals = {"w": w, "D": d, "Z": z, "away": x.away}
@@ -216,3 +217,25 @@ def cppo(
     return cppo_core(x, "cppo", variant="full", delta=delta, w_min=w_min, delta_b=delta_b, delta_b_mode=delta_b_mode,
                      delta_b_quantile=delta_b_quantile, delta_b_cap=delta_b_cap, delta_b_scale=delta_b_scale,
                      weight_length=weight_length, horizon=horizon, divergence=divergence)
+
+
+# -- implementations in the field as named parameter sets (SPEC.md "Implementations in the field", read
+# 2026-11-29). Only mask parameters: a loss setting such as an IS cap is not part of the rule. ----------------
+CPPO_PROFILES = (
+    register_profile(
+        "cppo", "paper", params={},
+        source="the paper's defaults (Eq. 9 with each response's own T, Eq. 22 adaptive delta_b, cap 2; "
+               "delta 0.15, w_min 0.8, delta_b_min 0.02)"),
+    register_profile(
+        "cppo", "unirl",
+        params={"weight_length": "sequence", "delta_b_mode": "adaptive", "delta_b_cap": 2.0, "divergence": "binary_tv"},
+        source="the authors' UniRL code: T per response, adaptive delta_b with cap 2, Binary-TV (it also has no "
+               "IS cap, a loss setting: the mask equals the paper's)"),
+    register_profile(
+        "cppo", "verl-pr6731",
+        params={"weight_length": "horizon", "delta_b_mode": "adaptive", "delta_b_cap": 5.0, "divergence": "binary_tv"},
+        from_run={"horizon": "max_response_length"},
+        source="verl PR #6731 (open): T = the padded response width, i.e. the run's maximum response length "
+               "for every response (w_t stays near 1 on short answers), adaptive cap 5 * delta_b, Binary-TV only "
+               "(anchored to mu only in verl's bypass mode)"),
+)

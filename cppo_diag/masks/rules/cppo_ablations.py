@@ -71,7 +71,8 @@ def cppo_shuffled(
     seed: int = 0,
 ) -> RuleOutput:
     """The no-budget variant with each response's weight multiset {w_1..w_T} permuted at random. The
-    permutation depends only on (seed, row index, valid length) (``cppo_diag.masks.shuffle``)."""
+    permutation depends only on (seed, step, seq_id, valid length), with ``step`` and ``seq_ids`` given to
+    ``compute_mask`` (default: no step, seq_id = row index) (``cppo_diag.masks.shuffle``)."""
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise ValueError(f"seed: expected an int, found {seed!r}")
     return cppo_core(x, "cppo_shuffled", variant="shuffled", delta=delta, w_min=w_min,

@@ -11,13 +11,17 @@ and position matters.
 
 Rewards: ``exact`` (1 if the whole answer matches, else 0) or ``partial`` (fraction of terms right at their
 place; 1 exactly when the whole answer is right) - the dense option the demo uses.
+
+Held-out set: ``eval_size`` distinct prompts drawn without replacement (``base.draw_distinct``); training
+draws skip them. ``domain_size`` counts the distinct prompts: ``fib`` has (10**digits)**2 seed pairs times the
+number of term counts (900 with the defaults), ``add`` sum over k of (10**digits)**(2k).
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from .base import Problem
+from .base import Problem, draw_distinct
 
 
 class ArithmeticTask:
@@ -31,7 +35,9 @@ class ArithmeticTask:
             raise ValueError(f"task.min_terms/max_terms: expected 1 <= min <= max, found {min_terms}, {max_terms}")
         self.kind, self.min_terms, self.max_terms, self.digits, self.reward = kind, min_terms, max_terms, digits, reward
         self.name = f"arith-{kind}"
-        self._eval = self._draw(eval_size, np.random.default_rng(eval_seed))
+        mod, counts = 10**digits, range(min_terms, max_terms + 1)
+        self.domain_size = len(counts) * mod**2 if kind == "fib" else sum(mod ** (2 * k) for k in counts)
+        self._eval = draw_distinct(self._one, eval_size, np.random.default_rng(eval_seed), domain_size=self.domain_size)
         self._eval_prompts = {p.prompt for p in self._eval}
 
     def _one(self, rng: np.random.Generator) -> Problem:
@@ -47,9 +53,6 @@ class ArithmeticTask:
         pairs = rng.integers(0, mod, size=(k, 2))
         prompt = ",".join(f"{a}+{b}" for a, b in pairs) + "="
         return Problem(prompt, ",".join(str(int(a + b)) for a, b in pairs), {"terms": k})
-
-    def _draw(self, n: int, rng: np.random.Generator) -> list[Problem]:
-        return [self._one(rng) for _ in range(n)]
 
     def sample(self, n: int, rng: np.random.Generator) -> list[Problem]:
         out = []

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .base import Problem
+from .base import Problem, draw_distinct
 
 SEED_LEN = 6
 LEN_STEP = 32  # answer lengths are min_len, min_len + 32, ... <= max_len: the tiny GPT (learned absolute
@@ -48,19 +48,12 @@ class ChainTask:
             raise ValueError(f"task.min_terms/max_terms (chain: answer digits): expected 1 <= min <= max <= 999, "
                              f"found {min_len}, {max_len}")
         self.seed_len = seed_len
-        domain = (10**seed_len - 1) * ((max_len - min_len) // LEN_STEP + 1)
-        if eval_size > domain // 2:
-            raise ValueError(f"task.eval_size: expected at most {domain // 2} (half the chain domain), found {eval_size}")
+        self.domain_size = (10**seed_len - 1) * ((max_len - min_len) // LEN_STEP + 1)
         self.min_len, self.max_len, self.reward = min_len, max_len, reward
         self.name = "chain"
-        rng = np.random.default_rng(eval_seed)
-        self._eval: list[Problem] = []
-        self._eval_prompts: set[str] = set()
-        while len(self._eval) < eval_size:  # without replacement: distinct held-out prompts
-            p = self._one(rng)
-            if p.prompt not in self._eval_prompts:
-                self._eval.append(p)
-                self._eval_prompts.add(p.prompt)
+        # held-out: distinct prompts drawn without replacement (base.draw_distinct); training draws skip them
+        self._eval = draw_distinct(self._one, eval_size, np.random.default_rng(eval_seed), domain_size=self.domain_size)
+        self._eval_prompts = {p.prompt for p in self._eval}
 
     def _one(self, rng: np.random.Generator) -> Problem:
         while True:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .base import Problem
+from .base import Problem, distinct_prompts, exclude_prompts, split_distinct
 
 DEFAULT_SUFFIX = "\nPlease reason step by step, and put your final answer within \\boxed{}."
 
@@ -57,16 +57,17 @@ class MathDatasetTask:
                 if f not in r:
                     raise ValueError(f"task.path {path}: row {i} has no field {f!r} (found {sorted(r)})")
         problems = [Problem(self._text(r[prompt_field]) + suffix, str(r[answer_field]), {}) for r in rows]
-        if eval_path:
-            self._eval = [Problem(self._text(r[prompt_field]) + suffix, str(r[answer_field]), {}) for r in self._read(eval_path)]
-            self._train = problems
-        else:  # hold out a fixed random slice
-            order = np.random.default_rng(eval_seed).permutation(len(problems))
-            k = min(eval_size, len(problems) // 5)
-            self._eval = [problems[i] for i in order[:k]]
-            self._train = [problems[i] for i in order[k:]]
+        if eval_path:  # a separate held-out file: its distinct prompts, none of them trained on
+            held = [Problem(self._text(r[prompt_field]) + suffix, str(r[answer_field]), {}) for r in self._read(eval_path)]
+            self._eval = distinct_prompts(held)
+            self._train = exclude_prompts(problems, self._eval)
+        else:  # hold out a fixed random set of distinct prompts (at most a fifth of them)
+            k = min(eval_size, len({p.prompt for p in problems}) // 5)
+            self._eval, self._train = split_distinct(problems, k, np.random.default_rng(eval_seed))
         if not self._train:
-            raise ValueError(f"task.path {path}: expected at least one training row, found {len(rows)} rows in all")
+            raise ValueError(f"task.path {path}: expected at least one training row whose prompt is not held out, "
+                             f"found {len(rows)} rows in all")
+        self.domain_size = len({p.prompt for p in self._eval} | {p.prompt for p in self._train})
         self.name = f"math:{Path(path).name}"
 
     @staticmethod

@@ -20,7 +20,15 @@ class ReasoningGymTask:
             raise ImportError("task.kind='reasoning_gym' needs the optional package: pip install reasoning-gym") from exc
         self._ds = reasoning_gym.create_dataset(name, size=size + eval_size, seed=seed)
         entries = list(self._ds)
-        self._eval_entries, self._train_entries = entries[:eval_size], entries[eval_size:]
+        held: dict[str, dict] = {}
+        for e in entries[:eval_size]:  # distinct questions; none of them is trained on
+            held.setdefault(e["question"], e)
+        self._eval_entries = list(held.values())
+        banned = set(held)
+        self._train_entries = [e for e in entries[eval_size:] if e["question"] not in banned]
+        if not self._train_entries:
+            raise ValueError(f"task.eval_size: the {size + eval_size} generated problems leave none for training")
+        self.domain_size = len(banned | {e["question"] for e in self._train_entries})
         self.name = f"rg:{name}"
 
     def _problem(self, e) -> Problem:
