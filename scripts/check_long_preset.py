@@ -48,10 +48,11 @@ def long_criteria(run_path) -> dict:
     first, last = top_decile_mean(tv[rel <= 1 / 3]), top_decile_mean(tv[rel > 2 / 3])
     steps = run.steps()
     length = float(steps["response/len_mean"].mean())
-    before = steps["summary/greedy_acc_before"].drop_nulls()
-    after = steps["summary/greedy_acc_after"].drop_nulls()
-    acc_before = float(before[-1]) if len(before) else float("nan")
-    acc_after = float(after[-1]) if len(after) else float("nan")
+    finished = "summary/greedy_acc_after" in steps.columns
+    # an unfinished run: its first and latest held-out evaluations instead of the summary
+    evals = steps.select("eval/greedy_acc", "eval/greedy_reward").drop_nulls()
+    acc_before, acc_after = (float(evals["eval/greedy_acc"][0]), float(evals["eval/greedy_acc"][-1])) if len(evals) else (float("nan"),) * 2
+    rew_before, rew_after = (float(evals["eval/greedy_reward"][0]), float(evals["eval/greedy_reward"][-1])) if len(evals) else (float("nan"),) * 2
     step_s = steps["time/step_s"].to_numpy()
     out = {
         "run": str(run_path), "rule": run.meta.get("rule"), "steps": int(len(steps)),
@@ -60,8 +61,7 @@ def long_criteria(run_path) -> dict:
         "masked_frac_step_max": float(per_step.max()) if len(per_step) else float("nan"),
         "tv_top10_first_third": first, "tv_top10_last_third": last, "tv_top10_ratio": last / first if first > 0 else float("inf"),
         "response_len_mean": length, "greedy_acc_before": acc_before, "greedy_acc_after": acc_after,
-        "greedy_reward_before": float(steps["summary/greedy_reward_before"].drop_nulls()[-1]) if "summary/greedy_reward_before" in steps.columns else None,
-        "greedy_reward_after": float(steps["summary/greedy_reward_after"].drop_nulls()[-1]) if "summary/greedy_reward_after" in steps.columns else None,
+        "greedy_reward_before": rew_before, "greedy_reward_after": rew_after, "finished": finished,
         "step_s_median": float(np.median(step_s)), "train_s_total": float(step_s.sum()),
     }
     out["pass"] = {
@@ -77,7 +77,8 @@ def report(c: dict) -> str:
     p = c["pass"]
     tag = lambda ok: "PASS" if ok else "FAIL"  # noqa: E731
     return "\n".join([
-        f"{c['run']} (rule {c['rule']}, {c['steps']} steps, median {c['step_s_median']:.1f} s/step)",
+        f"{c['run']} (rule {c['rule']}, {c['steps']} steps{'' if c['finished'] else ', UNFINISHED'}, "
+        f"median {c['step_s_median']:.1f} s/step)",
         f"  [{tag(p['masked'])}] masked after the first update: {c['masked_frac_after_first_update']:.1%} of tokens "
         f"(per step: median {c['masked_frac_median_step']:.1%}, min {c['masked_frac_step_min']:.1%}, "
         f"max {c['masked_frac_step_max']:.1%}); want 2-40%",

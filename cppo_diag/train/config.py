@@ -152,7 +152,7 @@ PRESETS: dict[str, dict] = {
         "log": {"eval_every": 20},
         "task": {"kind": "chain", "reward": "partial", "min_terms": 160, "max_terms": 160},
         "rollout": {"prompts_per_step": 8, "n": 8, "max_new_tokens": 161, "staleness": 2, "precision": "bf16"},
-        "optim": {"lr": 3e-4, "epochs": 1, "updates_per_batch": 2},
+        "optim": {"lr": 5e-5, "epochs": 2, "updates_per_batch": 2},
         "rule": {"name": "dppo", "params": {}},
     },
     "tiny": {  # tests: seconds
