@@ -22,6 +22,7 @@ from cppo_diag.train.tasks.chain import SEED_LEN, chain_digits
 from cppo_diag.train.trainer import group_advantages, pack_queue, sequence_logprobs, unpack_queue
 
 torch.set_num_threads(1)
+ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
 
 
 def tiny_cfg(tmp_path, **over):
@@ -565,3 +566,22 @@ def test_help_escapes_percent_signs(capsys):
     out = " ".join(capsys.readouterr().out.split())
     assert "gradient checkpointing (less memory, ~30% slower updates) [default: False]" in out
     assert "option_strings" not in out
+
+
+def test_long_preset_runs_and_check_script_reads_it(tmp_path):
+    import importlib.util
+
+    cfg = build_config("long")
+    assert (cfg.task.kind, cfg.rollout.staleness, cfg.rollout.precision, cfg.rule.name) == ("chain", 2, "bf16", "dppo")
+    run_cfg = build_config("long", overrides={
+        "steps": 3, "threads": 1, "rollout": {"prompts_per_step": 2, "n": 4}, "task": {"eval_size": 8},
+        "log": {"out_dir": str(tmp_path), "name": "long", "progress": False, "eval_every": 0}, "ckpt": {"every": 0}})
+    train(run_cfg)
+    spec = importlib.util.spec_from_file_location("check_long_preset", ROOT / "scripts" / "check_long_preset.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    c = mod.long_criteria(tmp_path / "long")
+    assert c["finished"] and c["steps"] == 3 and set(c["pass"]) == {"masked", "tails", "length", "accuracy"}
+    assert c["response_len_mean"] > 128 and 0.0 <= c["masked_frac_after_first_update"] <= 1.0
+    assert c["tv_top10_first_third"] >= 0 and "want >= 1.5x" in mod.report(c)
+    assert mod.top_decile_mean(np.array([0.0] * 9 + [1.0])) == 1.0
