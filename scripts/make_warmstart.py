@@ -8,8 +8,8 @@ teacher forcing on the synthetic task and stops as soon as greedy exact accuracy
 
     python scripts/make_warmstart.py                 # fib task, about 3-5 minutes on 2 cores
     python scripts/make_warmstart.py --task add --target 0.3
-    python scripts/make_warmstart.py --task chain --min-terms 128 --max-terms 192 --block-size 224 \
-        --short-steps 200 --target 0.35 --eval-every 20   # the long preset's warm start (answers of 128-192 digits)
+    python scripts/make_warmstart.py --task chain --min-terms 160 --max-terms 160 --block-size 192 \
+        --short-steps 200 --target 0.35 --eval-every 2 --threads 1   # the long preset's warm start (160 digits)
 """
 
 from __future__ import annotations
