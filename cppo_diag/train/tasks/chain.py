@@ -1,10 +1,11 @@
 """A long-horizon task: a lagged digit chain (the ``long`` preset's task).
 
 The prompt gives ``SEED_LEN`` random seed digits and the number of digits to write, e.g. ``402917;160=``; the
-answer continues the sequence for that many digits (lengths are ``min_len + 32 j`` up to ``max_len``) with ``x[t] = (x[t-1] + 1 + x[t-SEED_LEN] mod 2) mod 10``
-(each digit is the one before plus 1, plus 1 more when the digit ``SEED_LEN`` places back is odd), starting after
-the seed. Answers are 128-192 digits (+ EOS) with the defaults, and every digit depends on the whole prefix: one
-slip shifts every digit after it, so an early mistake propagates to the end of the answer.
+answer continues the sequence for that many digits (lengths are ``min_len + 32 j`` up to ``max_len``) with
+``x[t] = (x[t-1] + 1 + x[t-SEED_LEN] mod 2) mod 10`` (each digit is the one before plus 1, plus 1 more when the
+digit ``SEED_LEN`` places back is odd), starting after the seed. The ``long`` preset writes 160 digits (+ EOS).
+Every digit depends on the whole prefix: one slip shifts every digit after it, so an early mistake propagates
+to the end of the answer.
 
 Why this rule and not a lagged Fibonacci sum ``x[t-1] + x[t-6]``: in a sum mod 10 neither input alone says
 anything about the output, and the tiny GPT sat at chance loss for hundreds of SFT steps; here the previous
@@ -12,7 +13,7 @@ digit narrows the next one to two values, so SFT finds the rule in about 200 sho
 
 Domain: 10**SEED_LEN - 1 seeds (the all-zero seed is excluded) times the lengths, so held-out and training
 prompts are distinct problems, not the same sequence at another length. The held-out set is drawn without
-replacement; training prompts are drawn from the rest (a held-out prompt is never trained on).
+replacement; training prompts never use a held-out seed (at any length), so no held-out sequence is trained on.
 
 Rewards: ``exact`` (1 iff the whole answer is right) or ``partial`` = the length of the correct prefix over the
 answer length (over the longer of answer and completion, so extra digits dilute): a slip at position s earns
@@ -53,7 +54,8 @@ class ChainTask:
         self.name = "chain"
         # held-out: distinct prompts drawn without replacement (base.draw_distinct); training draws skip them
         self._eval = draw_distinct(self._one, eval_size, np.random.default_rng(eval_seed), domain_size=self.domain_size)
-        self._eval_prompts = {p.prompt for p in self._eval}
+        # training skips every held-out *seed*, at any length: the same seed at another length is the same sequence
+        self._eval_seeds = {p.prompt.split(";")[0] for p in self._eval}
 
     def _one(self, rng: np.random.Generator) -> Problem:
         while True:
@@ -68,7 +70,7 @@ class ChainTask:
         out = []
         while len(out) < n:
             p = self._one(rng)
-            if p.prompt not in self._eval_prompts:
+            if p.prompt.split(";")[0] not in self._eval_seeds:
                 out.append(p)
         return out
 
