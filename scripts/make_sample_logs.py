@@ -1,19 +1,24 @@
 #!/usr/bin/env python
-"""Regenerate ``sample_logs/``: small runs of the bundled trainer for a fresh clone to browse.
+"""Regenerate ``sample_logs/``: runs of the bundled trainer in the long-horizon, off-policy regime (the ``long``
+preset: 160-digit chain answers, rollouts sampled in bf16 by a policy a few iterations old) for a fresh clone
+to browse.
 
-Four runs of the CPU demo task from the shipped warm start, same seed, differing only in the rule (and, for the
-last, the learning rate):
+Same seed and settings, differing only in the rule (and, for the unstable run, the learning-rate schedule):
 
-  grpo-fib       grpo_clip (eps_low 0.2, eps_high 0.28)
-  dppo-fib       dppo (binary TV, delta 0.15)
-  cppo-fib       cppo (paper defaults: delta 0.15, w_min 0.8, adaptive delta_b >= 0.02)
-  unstable-fib   grpo_clip at 10x the learning rate: divergence tails blow up
+  cppo-long       cppo (paper defaults: delta 0.15, w_min 0.8, adaptive delta_b >= 0.02)
+  grpo-long       grpo_clip (eps_low 0.2, eps_high 0.28)
+  dppo-long       dppo (binary TV, delta 0.15)
+  unstable-long   grpo_clip with the learning rate rising linearly from 0 to UNSTABLE_LR over the run
+                  (optim.warmup_steps = steps): it trains while the step size is small, then collapses
+                  (issue 15's definition: the 5-step moving average of reward/mean falls below half its
+                  running maximum)
 
-To stay a few MB in all, tokens and texts are recorded every 5th step for 35% of the sequences (scalars every
-step); checkpoints are dropped at the end.
+To stay under 10 MB in all, tokens are recorded every ``--every`` iterations for a ``--seq-fraction`` of the
+sequences (scalars and evaluations every iteration); checkpoints are dropped at the end. After each run the
+offline recompute is checked against the logged ``keep_applied`` (``cppo_diag.train.parity.check_parity``).
 
-    python scripts/make_sample_logs.py                    # about 10 minutes on 2 cores (much more when busy)
-    python scripts/make_sample_logs.py --steps 10 --out /tmp/s
+    python scripts/make_sample_logs.py                    # 4 runs of the long preset, ~5 min each on 2 cores
+    python scripts/make_sample_logs.py --only dppo-long --steps 10 --out /tmp/s
 """
 
 from __future__ import annotations
@@ -22,40 +27,52 @@ import argparse
 import shutil
 from pathlib import Path
 
-RUNS = [
-    ("grpo-fib", "grpo_clip", {}, 1.0),
-    ("dppo-fib", "dppo", {}, 1.0),
-    ("cppo-fib", "cppo", {}, 1.0),
-    ("unstable-fib", "grpo_clip", {}, 10.0),
+UNSTABLE_LR = 2e-3
+RUNS = [  # name, rule, rule params, extra overrides
+    ("cppo-long", "cppo", {}, {}),
+    ("grpo-long", "grpo_clip", {}, {}),
+    ("dppo-long", "dppo", {}, {}),
+    ("unstable-long", "grpo_clip", {}, {"optim": {"lr": UNSTABLE_LR, "warmup_steps": "STEPS"}}),
 ]
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "sample_logs"), help="output root")
-    ap.add_argument("--steps", type=int, default=150, help="RL iterations per run (the demo preset's)")
+    ap.add_argument("--preset", default="long", help="trainer preset the runs start from")
+    ap.add_argument("--steps", type=int, default=None, help="RL iterations per run (default: the preset's)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=2, help="torch CPU threads (figures depend on it)")
+    ap.add_argument("--every", type=int, default=3, help="record tokens every n iterations")
+    ap.add_argument("--seq-fraction", type=float, default=0.25, help="fraction of sequences whose tokens are recorded")
     ap.add_argument("--only", default="", help="comma-separated run names to (re)make")
     args = ap.parse_args(argv)
 
     from cppo_diag.train import build_config, train
+    from cppo_diag.train.parity import check_parity
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     only = set(filter(None, args.only.split(",")))
-    for name, rule, params, lr_mult in RUNS:
+    steps = args.steps or build_config(args.preset).steps
+    for name, rule, params, extra in RUNS:
         if only and name not in only:
             continue
         shutil.rmtree(out / name, ignore_errors=True)
-        base = build_config("demo")
-        cfg = build_config("demo", overrides={
-            "steps": args.steps, "seed": args.seed, "rule": {"name": rule, "params": params},
-            "optim": {"lr": base.optim.lr * lr_mult},
-            "log": {"out_dir": str(out), "name": name, "every_n_steps": 5, "seq_fraction": 0.35, "eval_every": 25},
-            "ckpt": {"every": 25, "keep": 0}})
-        print(f"== {name}: rule={rule} lr={cfg.optim.lr:g}")
+        over = {"steps": steps, "seed": args.seed, "threads": args.threads, "rule": {"name": rule, "params": params},
+                "log": {"out_dir": str(out), "name": name, "every_n_steps": args.every,
+                        "seq_fraction": args.seq_fraction, "progress": False},
+                "ckpt": {"every": 10, "keep": 0}}
+        for section, values in extra.items():
+            over.setdefault(section, {}).update({k: steps if v == "STEPS" else v for k, v in values.items()})
+        cfg = build_config(args.preset, overrides=over)
+        print(f"== {name}: rule={rule} lr={cfg.optim.lr:g} warmup={cfg.optim.warmup_steps}", flush=True)
         summary = train(cfg)
-        print(f"   greedy accuracy {summary['summary/greedy_acc_before']:.3f} -> {summary['summary/greedy_acc_after']:.3f}")
+        parity = check_parity(out / name)
+        print(f"   greedy accuracy {summary['summary/greedy_acc_before']:.3f} -> {summary['summary/greedy_acc_after']:.3f};"
+              f" parity: {parity}", flush=True)
+        if parity["keep_mismatch"] or parity["reason_mismatch"]:
+            raise SystemExit(f"{name}: the offline recompute disagrees with keep_applied: {parity}")
     return 0
 
 

@@ -17,10 +17,12 @@ from cppo_diag.train.config import TrainConfig, add_config_arguments, overrides_
 from cppo_diag.train.models import build_policy, warmstart_dir
 from cppo_diag.train.models.tiny_gpt import CharTokenizer, TinyGPT, TinyGPTConfig
 from cppo_diag.train.rollout import TorchSampler, top_p_filter
-from cppo_diag.train.tasks import ArithmeticTask, extract_boxed, normalize_answer
-from cppo_diag.train.trainer import group_advantages, sequence_logprobs
+from cppo_diag.train.tasks import ArithmeticTask, ChainTask, extract_boxed, normalize_answer
+from cppo_diag.train.tasks.chain import SEED_LEN, chain_digits
+from cppo_diag.train.trainer import group_advantages, pack_queue, sequence_logprobs, unpack_queue
 
 torch.set_num_threads(1)
+ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
 
 
 def tiny_cfg(tmp_path, **over):
@@ -86,6 +88,27 @@ def test_fib_task_answers_and_partial_reward():
     r, c = t.score(p, ",".join(wrong))
     assert not c and r == pytest.approx((len(wrong) - 1) / len(wrong))
     assert ArithmeticTask("fib", reward="exact", eval_size=1).score(p, ",".join(wrong)) == (0.0, False)
+
+
+def test_chain_task_recurrence_prefix_reward_and_disjoint_held_out():
+    t = ChainTask(min_len=128, max_len=192, eval_size=300, eval_seed=3)
+    ev = {p.prompt for p in t.eval_set()}
+    assert len(ev) == 300  # drawn without replacement
+    for p in t.sample(50, np.random.default_rng(0)):
+        seed, n = p.prompt.rstrip("=").split(";")
+        xs = [int(c) for c in seed + p.answer]
+        assert len(seed) == SEED_LEN and len(p.answer) == int(n) and 128 <= int(n) <= 192
+        assert all(xs[i] == (xs[i - 1] + 1 + xs[i - SEED_LEN] % 2) % 10 for i in range(SEED_LEN, len(xs)))
+        assert p.prompt not in ev and seed not in {e.split(";")[0] for e in ev}
+    assert chain_digits([1, 0, 0, 0, 0, 9], 3) == [1, 2, 3]
+    p = t.eval_set()[0]
+    assert t.score(p, p.answer) == (1.0, True)
+    slip = p.answer[:40] + str((int(p.answer[40]) + 1) % 10) + p.answer[41:]
+    assert t.score(p, slip) == (pytest.approx(40 / len(p.answer)), False)  # credit = correct prefix only
+    assert t.score(p, p.answer + "12")[0] == pytest.approx(len(p.answer) / (len(p.answer) + 2))
+    assert ChainTask(reward="exact", eval_size=1).score(p, slip) == (0.0, False)
+    with pytest.raises(ValueError, match="task.min_terms/max_terms"):
+        ChainTask(min_len=10, max_len=5)
 
 
 def test_boxed_extraction_and_normalisation():
@@ -178,13 +201,62 @@ def test_checkpoint_roundtrip_is_exact(tmp_path):
     assert not any(p.suffix in (".pt", ".pkl", ".bin") for p in tmp_path.rglob("*"))
 
 
-def test_shipped_warm_start_loads_and_is_small():
-    d = warmstart_dir("fib")
+def test_queued_rollouts_roundtrip_through_safetensors(tmp_path):
+    from cppo_diag.train.rollout import RolloutBatch
+
+    g = torch.Generator().manual_seed(0)
+    b = RolloutBatch(prompt_ids=[[1, 5, 6], [1, 7]], response_ids=torch.randint(3, 20, (2, 4), generator=g),
+                     response_mask=torch.tensor([[True] * 4, [True, True, False, False]]),
+                     logp_rollout=-torch.rand(2, 4, generator=g))
+    tok, m = _tiny_model()
+    opt = torch.optim.AdamW(m.parameters())
+    save_checkpoint(tmp_path, 0, m, opt, None, queue=pack_queue({3: (b, 1), 4: (b, 2)}))
+    from cppo_diag.train.checkpoint import load_queue
+
+    q = unpack_queue(load_queue(list_checkpoints(tmp_path)[-1][1], 0, "cpu"))
+    assert sorted(q) == [3, 4] and q[3][1] == 1 and q[4][1] == 2
+    for k in ("response_ids", "response_mask", "logp_rollout"):
+        assert torch.equal(getattr(q[4][0], k), getattr(b, k))
+    assert q[3][0].prompt_ids == b.prompt_ids
+    with pytest.raises(FileNotFoundError, match="queue.rank1"):
+        load_queue(list_checkpoints(tmp_path)[-1][1], 1, "cpu")
+
+
+def test_staleness_and_bf16_rollouts_in_a_run(tmp_path):
+    cfg = tiny_cfg(tmp_path, steps=4, rollout={"staleness": 2, "precision": "bf16"}, log={"name": "st"},
+                   rule={"name": "dppo", "params": {"delta": 0.05}})
+    train(cfg)
+    run = open_run(tmp_path / "st")
+    assert run.steps()["rollout/staleness"].to_list() == [0, 1, 2, 2]
+    assert run.meta["config"]["rollout"]["staleness"] == 2 and run.meta["config"]["rollout"]["precision"] == "bf16"
+    toks = run.tokens().filter(pl.col("update") == 0).collect()
+    # update 0 of step 0 is on-policy but sampled in bf16: mu != pi in the low bits; later steps are 1-2 rounds old
+    d0 = (toks.filter(pl.col("step") == 0)["logp"] - toks.filter(pl.col("step") == 0)["logp_rollout"]).abs()
+    assert 0 < d0.max() < 0.2
+    d3 = (toks.filter(pl.col("step") == 3)["logp"] - toks.filter(pl.col("step") == 3)["logp_rollout"]).abs()
+    assert d3.mean() > d0.mean()
+    from cppo_diag.train.parity import check_parity
+
+    parity = check_parity(tmp_path / "st")
+    assert parity["tokens"] > 0 and parity["keep_mismatch"] == 0 and parity["reason_mismatch"] == 0
+    with pytest.raises(ValueError, match="rollout.precision"):
+        train(tiny_cfg(tmp_path, rollout={"precision": "fp16"}))
+    with pytest.raises(ValueError, match="rollout.staleness"):
+        train(tiny_cfg(tmp_path, rollout={"staleness": -1}))
+
+
+@pytest.mark.parametrize("kind", ["fib", "chain"])
+def test_shipped_warm_start_loads_and_is_small(kind):
+    d = warmstart_dir(kind)
     assert (d / "model.safetensors").stat().st_size < 5e6
     meta = json.loads((d / "config.json").read_text())
     assert 0.0 < meta["measured"]["eval/greedy_acc"] < 1.0  # partial accuracy: headroom for RL
-    pol = build_policy(TrainConfig().model, "fib", "cpu")
+    pol = build_policy(TrainConfig().model, kind, "cpu")
     assert pol.encode_prompt("1,3;12=")[0] == pol.tokenizer.bos_id
+    if kind == "chain":  # the long preset's answers fit the model's context
+        cfg = build_config("long")
+        assert meta["task"]["max_terms"] == cfg.task.max_terms and 0.3 <= meta["measured"]["eval/greedy_acc"] <= 0.6
+        assert pol.module.cfg.block_size >= 1 + 6 + 5 + cfg.rollout.max_new_tokens
 
 
 # -- end to end ----------------------------------------------------------------------------------------------
@@ -494,3 +566,22 @@ def test_help_escapes_percent_signs(capsys):
     out = " ".join(capsys.readouterr().out.split())
     assert "gradient checkpointing (less memory, ~30% slower updates) [default: False]" in out
     assert "option_strings" not in out
+
+
+def test_long_preset_runs_and_check_script_reads_it(tmp_path):
+    import importlib.util
+
+    cfg = build_config("long")
+    assert (cfg.task.kind, cfg.rollout.staleness, cfg.rollout.precision, cfg.rule.name) == ("chain", 2, "bf16", "dppo")
+    run_cfg = build_config("long", overrides={
+        "steps": 3, "threads": 1, "rollout": {"prompts_per_step": 2, "n": 4}, "task": {"eval_size": 8},
+        "log": {"out_dir": str(tmp_path), "name": "long", "progress": False, "eval_every": 0}, "ckpt": {"every": 0}})
+    train(run_cfg)
+    spec = importlib.util.spec_from_file_location("check_long_preset", ROOT / "scripts" / "check_long_preset.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    c = mod.long_criteria(tmp_path / "long")
+    assert c["finished"] and c["steps"] == 3 and set(c["pass"]) == {"masked", "tails", "length", "accuracy"}
+    assert c["response_len_mean"] > 128 and 0.0 <= c["masked_frac_after_first_update"] <= 1.0
+    assert c["tv_top10_first_third"] >= 0 and "want >= 1.5x" in mod.report(c)
+    assert mod.top_decile_mean(np.array([0.0] * 9 + [1.0])) == 1.0

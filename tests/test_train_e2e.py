@@ -29,9 +29,11 @@ def train_cmd(out, name, *extra):
 KEY = ["step", "update", "rank", "seq_id", "pos"]
 
 
-@pytest.mark.parametrize("every", [1, 2])
-def test_killed_run_resumes_without_duplicate_or_missing_steps(tmp_path, every):
-    args = ["--steps", "6", "--ckpt.every", "2", "--optim.epochs", "2", "--log.every_n_steps", str(every)]
+@pytest.mark.parametrize("every,staleness", [(1, 0), (2, 0), (1, 2)])
+def test_killed_run_resumes_without_duplicate_or_missing_steps(tmp_path, every, staleness):
+    # staleness 2: the checkpoint after step 1 holds the batches of steps 2 and 3, sampled by older policies
+    args = ["--steps", "6", "--ckpt.every", "2", "--optim.epochs", "2", "--log.every_n_steps", str(every),
+            "--rollout.staleness", str(staleness)]
     proc = subprocess.Popen(train_cmd(tmp_path, "killed", *args), env=ENV, cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     marker = tmp_path / "killed" / "_done" / f"step=00000{4 if every == 2 else 3}.rank0"
@@ -62,6 +64,7 @@ def test_killed_run_resumes_without_duplicate_or_missing_steps(tmp_path, every):
     assert a.equals(b)
     ra, rb = run.steps(), ref.steps()
     assert ra["reward/mean"].to_list() == rb["reward/mean"].to_list()
+    assert ra["rollout/staleness"].to_list() == [min(s, staleness) for s in range(6)]
     assert ra["summary/greedy_acc_after"].drop_nulls().to_list() == rb["summary/greedy_acc_after"].drop_nulls().to_list()
 
 

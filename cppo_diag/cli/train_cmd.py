@@ -11,11 +11,13 @@ Examples:
   cppo-diag train --preset demo                                   # CPPO on the CPU demo task (~2 min)
   cppo-diag train --preset demo --rule.name dppo --rule.param delta=0.15
   cppo-diag train --preset demo --rule.name grpo_clip --optim.lr 3e-3 --log.name unstable
+  cppo-diag train --preset long                                   # 160-digit answers, 2-step-stale bf16 rollouts
+  cppo-diag train --preset demo --rollout.staleness 1 --rollout.precision bf16   # off-policy knobs
   cppo-diag train --config my.toml --steps 200
   torchrun --nproc_per_node 2 -m cppo_diag.cli.main train --preset demo     # DDP (gloo on CPU)
   cppo-diag train --preset table3-qwen3-8b-base --model.path /models/Qwen3-8B-Base --task.path dapo.parquet
 
-Presets: demo, tiny, table3-qwen3-1.7b, table3-qwen3-1.7b-base, table3-qwen3-8b-base, table3-qwen3-30b-a3b-base.
+Presets: demo, long, tiny, table3-qwen3-1.7b, table3-qwen3-1.7b-base, table3-qwen3-8b-base, table3-qwen3-30b-a3b-base.
 """
 
 from __future__ import annotations

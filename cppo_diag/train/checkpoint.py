@@ -6,10 +6,14 @@ Layout inside the run directory::
                             optim.safetensors   AdamW state tensors, keys "state.<param index>.<name>"
                             state.json          step, optimiser param groups and scalar state, lr scheduler,
                                                 summary values, the resolved config
+                            queue.rank<r>.safetensors   with rollout.staleness > 0: the rollout batches of
+                                                rank r already sampled for later iterations (state.json
+                                                -> "queue" lists them with the policy version that sampled them)
 
 A checkpoint is written to a temporary directory and renamed into place, so a kill mid-write never leaves a
 half checkpoint that resume would pick up. All randomness in the trainer derives from (seed, step, rank), so
-weights + optimiser + scheduler + step are the whole state needed for an exact resume.
+weights + optimiser + scheduler + step (+ the queued batches of an off-policy run) are the whole state
+needed for an exact resume.
 """
 
 from __future__ import annotations
@@ -34,8 +38,15 @@ def list_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
+def queue_file(rank: int) -> str:
+    return f"queue.rank{rank}.safetensors"
+
+
 def save_checkpoint(run_dir: str | Path, step: int, module: torch.nn.Module, optimizer, scheduler, *,
-                    extra: dict | None = None, keep: int = 1) -> Path:
+                    extra: dict | None = None, keep: int = 1, queue: dict[str, torch.Tensor] | None = None,
+                    move_in: list[Path] | None = None) -> Path:
+    """``queue`` (this rank's queued batches) go to ``queue.rank0.safetensors``; ``move_in`` are files other
+    ranks wrote beforehand (moved into the checkpoint before it is renamed into place, so it appears whole)."""
     from safetensors.torch import save_file, save_model
 
     root = Path(run_dir) / CKPT_DIR
@@ -56,6 +67,10 @@ def save_checkpoint(run_dir: str | Path, step: int, module: torch.nn.Module, opt
     save_file(tensors, str(tmp / "optim.safetensors"))
     state = {"step": step, "optimizer": {"param_groups": osd["param_groups"], "scalars": scalars},
              "scheduler": scheduler.state_dict() if scheduler is not None else None, **(extra or {})}
+    if queue is not None:
+        save_file({k: v.detach().cpu().contiguous() for k, v in queue.items()}, str(tmp / queue_file(0)))
+    for f in move_in or []:
+        os.replace(f, tmp / Path(f).name)
     (tmp / "state.json").write_text(json.dumps(state, indent=1, default=str))
     if final.exists():
         shutil.rmtree(final)
@@ -91,6 +106,16 @@ def load_checkpoint(path: str | Path, module: torch.nn.Module, optimizer=None, s
     if scheduler is not None and state.get("scheduler") is not None:
         scheduler.load_state_dict(state["scheduler"])
     return state
+
+
+def load_queue(path: str | Path, rank: int, device) -> dict[str, torch.Tensor]:
+    """The queued-batch tensors rank ``rank`` saved in checkpoint ``path`` (see ``queue_file``)."""
+    from safetensors.torch import load_file
+
+    f = Path(path) / queue_file(rank)
+    if not f.exists():
+        raise FileNotFoundError(f"checkpoint {path}: rollout.staleness > 0 but {f.name} (the queued batches) is missing")
+    return load_file(str(f), device=str(device))
 
 
 def drop_checkpoints(run_dir: str | Path) -> None:

@@ -40,10 +40,11 @@ class ModelConfig:
 
 @dataclass
 class TaskConfig:
-    kind: str = F("fib", "'fib' | 'add' (synthetic arithmetic), 'dataset' (JSONL/Parquet math), 'reasoning_gym'")
-    reward: str = F("partial", "arithmetic: 'exact' (0/1) or 'partial' (fraction of terms right; 1 iff exact)")
-    min_terms: int = F(8, "arithmetic: fewest terms in an answer")
-    max_terms: int = F(16, "arithmetic: most terms in an answer")
+    kind: str = F("fib", "'fib' | 'add' (synthetic arithmetic), 'chain' (long digit chain), 'dataset' (JSONL/Parquet math), 'reasoning_gym'")
+    reward: str = F("partial", "arithmetic/chain: 'exact' (0/1) or 'partial' (fraction of terms right; chain: "
+                               "correct prefix fraction; 1 iff exact)")
+    min_terms: int = F(8, "arithmetic: fewest terms in an answer (chain: fewest answer digits)")
+    max_terms: int = F(16, "arithmetic: most terms in an answer (chain: most answer digits)")
     digits: int = F(1, "arithmetic: digits per number (fib: terms are mod 10**digits, zero-padded)")
     path: str = F("", "dataset: .jsonl or .parquet file of rows with a prompt and an answer")
     prompt_field: str = F("prompt", "dataset: prompt column (a string or a chat list)")
@@ -62,6 +63,12 @@ class RolloutConfig:
     max_new_tokens: int = F(40, "longest response; longer ones are cut (no EOS, reward as scored)")
     temperature: float = F(1.0, "sampling temperature (the trainer's pi uses the same one)")
     top_p: float = F(1.0, "nucleus sampling in (0, 1]; mu is the log-prob under the truncated, renormalised distribution")
+    staleness: int = F(0, "k: iteration t trains on the batch sampled by the policy of iteration t-k (asynchronous RL; "
+                          "mu stays the sampler's log-probs, k optimiser rounds old; the first k iterations use the lag "
+                          "available, logged as rollout/staleness); 0 = on-policy sampling")
+    precision: str = F("auto", "sampler numerics: auto (same as the trainer's precision) | fp32 | bf16 (bf16 autocast "
+                               "while sampling, also on CPU; training keeps its own precision: the sampler/trainer "
+                               "mismatch of vLLM vs FSDP)")
 
 
 @dataclass
@@ -139,6 +146,14 @@ PRESETS: dict[str, dict] = {
         "optim": {"lr": 3e-4, "epochs": 2, "updates_per_batch": 1},
         "rule": {"name": "cppo", "params": {}},
         "task": {"kind": "fib", "reward": "partial"},
+    },
+    "long": {  # the long-horizon, off-policy regime (docs/trainer.md "The long preset"): ~5 min on 2 cores
+        "steps": 60,
+        "log": {"eval_every": 20},
+        "task": {"kind": "chain", "reward": "partial", "min_terms": 160, "max_terms": 160},
+        "rollout": {"prompts_per_step": 8, "n": 8, "max_new_tokens": 161, "staleness": 2, "precision": "bf16"},
+        "optim": {"lr": 5e-5, "epochs": 2, "updates_per_batch": 2},
+        "rule": {"name": "dppo", "params": {}},
     },
     "tiny": {  # tests: seconds
         "steps": 3,

@@ -3,6 +3,8 @@
 Reads top to bottom (cleanrl / nanoGPT style). Per iteration (SPEC.md "Loss"):
 
 1. sample P prompts x n responses with the rollout policy; record mu (the sampler's log-probs) at sampling time;
+   with ``rollout.staleness = k`` the batch trained at iteration t was sampled by the policy of iteration t - k
+   (asynchronous RL: the sampler runs k iterations ahead; the queued batches are part of the checkpoint);
 2. reward each response; group advantages A = r - mean(group) (optionally / std); drop zero-variance groups;
 3. for each of ``epochs * updates_per_batch`` minibatch updates: recompute pi, apply the rule through the public
    ``cppo_diag.masks.compute_mask``, take the loss from ``cppo_diag.loss.policy_loss``, one AdamW step;
@@ -35,7 +37,7 @@ from cppo_diag.capture import NullRecorder, RunRecorder
 from cppo_diag.loss import applied_weight, policy_loss
 from cppo_diag.masks import PARAMETERS, compute_mask, get_rule
 
-from .checkpoint import drop_checkpoints, list_checkpoints, load_checkpoint, save_checkpoint
+from .checkpoint import drop_checkpoints, list_checkpoints, load_checkpoint, load_queue, queue_file, save_checkpoint
 from .config import TrainConfig, to_dict
 from .evaluate import evaluate
 from .models import build_policy
@@ -93,6 +95,18 @@ def autocast_dtype(cfg: TrainConfig, device: torch.device):
     if p == "fp32":
         return None
     raise ValueError(f"precision: expected auto | fp32 | bf16, found {p!r}")
+
+
+def rollout_autocast_dtype(cfg: TrainConfig, amp):
+    """The sampler's autocast dtype: ``rollout.precision`` auto (the trainer's ``amp``) | fp32 | bf16."""
+    p = cfg.rollout.precision
+    if p == "auto":
+        return amp
+    if p == "bf16":
+        return torch.bfloat16
+    if p == "fp32":
+        return None
+    raise ValueError(f"rollout.precision: expected auto | fp32 | bf16, found {p!r}")
 
 
 def lr_lambda(cfg: TrainConfig):
@@ -165,6 +179,31 @@ def group_advantages(rewards: np.ndarray, n: int, std_norm: bool) -> tuple[np.nd
     return adv.reshape(-1).astype(np.float32), zero
 
 
+def pack_queue(queue: dict[int, tuple[RolloutBatch, int]]) -> dict[str, torch.Tensor]:
+    """Queued batches {iteration: (batch, policy version that sampled it)} as flat tensors for safetensors."""
+    out: dict[str, torch.Tensor] = {}
+    for j, (b, version) in queue.items():
+        lens = torch.tensor([len(p) for p in b.prompt_ids], dtype=torch.long)  # (B,)
+        prompts = torch.zeros((len(lens), int(lens.max())), dtype=torch.long)  # (B, Lp) right-padded
+        for i, p in enumerate(b.prompt_ids):
+            prompts[i, : len(p)] = torch.tensor(p, dtype=torch.long)
+        out.update({f"{j}.prompt_ids": prompts, f"{j}.prompt_len": lens,
+                    **{f"{j}.{k}": getattr(b, k).detach().cpu().clone() for k in ("response_ids", "response_mask", "logp_rollout")},
+                    f"{j}.version": torch.tensor([version], dtype=torch.long)})
+    return out
+
+
+def unpack_queue(tensors: dict[str, torch.Tensor]) -> dict[int, tuple[RolloutBatch, int]]:
+    """Inverse of ``pack_queue``."""
+    queue = {}
+    for j in sorted({int(k.split(".")[0]) for k in tensors}):
+        t = {k.split(".", 1)[1]: v for k, v in tensors.items() if k.split(".")[0] == str(j)}
+        prompts = [row[:n].tolist() for row, n in zip(t["prompt_ids"].cpu(), t["prompt_len"].tolist())]
+        queue[j] = (RolloutBatch(prompt_ids=prompts, response_ids=t["response_ids"], response_mask=t["response_mask"].bool(),
+                                 logp_rollout=t["logp_rollout"]), int(t["version"][0]))
+    return queue
+
+
 def index_batch(batch: RolloutBatch, idx: list[int]) -> RolloutBatch:
     t = torch.as_tensor(idx, dtype=torch.long, device=batch.response_ids.device)
     return RolloutBatch(prompt_ids=[batch.prompt_ids[i] for i in idx], response_ids=batch.response_ids[t],
@@ -195,6 +234,8 @@ def train(cfg: TrainConfig, *, recorder_factory=None) -> dict:
         raise ValueError(f"rollout.engine: expected 'torch' (the only engine built in), found {cfg.rollout.engine!r}")
     if not 0.0 < cfg.rollout.top_p <= 1.0:
         raise ValueError(f"rollout.top_p: expected a value in (0, 1], found {cfg.rollout.top_p!r}")
+    if cfg.rollout.staleness < 0:
+        raise ValueError(f"rollout.staleness: expected an integer >= 0, found {cfg.rollout.staleness}")
     if cfg.optim.epochs < 1 or cfg.optim.updates_per_batch < 1:
         raise ValueError(f"optim.epochs / optim.updates_per_batch: expected >= 1, found {cfg.optim.epochs}, {cfg.optim.updates_per_batch}")
 
@@ -208,9 +249,15 @@ def train(cfg: TrainConfig, *, recorder_factory=None) -> dict:
         train_module = DDP(module, device_ids=[device.index] if device.type == "cuda" else None)
     else:
         train_module = module
-    sampler = TorchSampler(lambda ids, attn, pos, cache: policy.forward(module, ids, attn, pos, cache, use_cache=True),
-                           eos_id=policy.eos_id, pad_id=policy.pad_id, device=device, autocast_dtype=amp,
-                           empty_cache=policy.empty_cache)
+    rollout_amp = rollout_autocast_dtype(cfg, amp)
+
+    def make_sampler(dtype):
+        return TorchSampler(lambda ids, attn, pos, cache: policy.forward(module, ids, attn, pos, cache, use_cache=True),
+                            eos_id=policy.eos_id, pad_id=policy.pad_id, device=device, autocast_dtype=dtype,
+                            empty_cache=policy.empty_cache)
+
+    sampler = make_sampler(rollout_amp)  # the rollout engine (rollout.precision)
+    eval_sampler = sampler if rollout_amp == amp else make_sampler(amp)  # evaluation in the trainer's numerics
     optimizer = torch.optim.AdamW(module.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay,
                                   betas=(cfg.optim.beta1, cfg.optim.beta2))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
@@ -219,10 +266,14 @@ def train(cfg: TrainConfig, *, recorder_factory=None) -> dict:
     name = default_run_name(cfg)
     run_dir = Path(cfg.log.out_dir) / name
     start, summary = 0, {}
+    # rollout queue for rollout.staleness = k: {iteration j: (batch sampled for j, policy version that sampled it)}
+    queue: dict[int, tuple[RolloutBatch, int]] = {}
     ckpts = list_checkpoints(run_dir) if cfg.ckpt.resume else []
     if ckpts:
         state = load_checkpoint(ckpts[-1][1], module, optimizer, scheduler)
         start, summary = state["step"] + 1, dict(state.get("summary", {}))
+        if cfg.rollout.staleness > 0 and state.get("queue"):
+            queue = unpack_queue(load_queue(ckpts[-1][1], d.rank, device))
     meta = dict(config=to_dict(cfg), trainer="cppo-diag", rule=cfg.rule.name, rule_params=rule_params,
                 model=policy.name, task=task.name, anchor=cfg.rule.anchor, rank=d.rank)
     sinks = [n for n, on in (("tensorboard", cfg.log.tensorboard), ("wandb", cfg.log.wandb)) if on]
@@ -245,10 +296,21 @@ def train(cfg: TrainConfig, *, recorder_factory=None) -> dict:
         scalar_steps = set(open_run(run_dir).steps()["step"].to_list())
 
     def run_eval(step: int) -> dict:
-        out = evaluate(policy, sampler, task.eval_set(), task.score, max_new_tokens=cfg.rollout.max_new_tokens,
+        out = evaluate(policy, eval_sampler, task.eval_set(), task.score, max_new_tokens=cfg.rollout.max_new_tokens,
                        k=cfg.log.eval_k, temperature=cfg.log.eval_temperature, top_p=cfg.log.eval_top_p,
                        generator=torch_gen(cfg.seed, step, 10_000 + d.rank, device))
         return {**out, **heldout_scalars(task)}  # every accuracy is logged with the size of its held-out set
+
+    def sample_batch(j: int) -> RolloutBatch:
+        """Iteration j's rollout batch from the current weights: prompts and sampling noise derive from (seed, j, rank)."""
+        problems = task.sample(cfg.rollout.prompts_per_step, step_rng(cfg.seed, j, d.rank, 0))
+        rows = [p for p in problems for _ in range(cfg.rollout.n)]
+        module.eval()
+        b = sampler.generate([policy.encode_prompt(p.prompt) for p in rows], max_new_tokens=cfg.rollout.max_new_tokens,
+                             temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
+                             generator=torch_gen(cfg.seed, j, d.rank, device))
+        module.train()
+        return b
 
     from tqdm.auto import tqdm
 
@@ -268,14 +330,15 @@ def train(cfg: TrainConfig, *, recorder_factory=None) -> dict:
             log = null if logged else rec  # replayed steps rebuild state without logging twice
             t_step = time.perf_counter()
 
-            # ---- 1. rollout: P prompts x n responses, mu recorded at sampling time
+            # ---- 1. rollout: P prompts x n responses, mu recorded at sampling time. With staleness k the sampler
+            # runs k iterations ahead: the current policy samples iteration step+k's batch now, and this iteration
+            # trains on the batch sampled k iterations ago (fewer at the start: the lag available).
+            for j in range(step, min(step + cfg.rollout.staleness, cfg.steps - 1) + 1):
+                if j not in queue:
+                    queue[j] = (sample_batch(j), step)
+            batch, version = queue.pop(step)
             problems = task.sample(cfg.rollout.prompts_per_step, step_rng(cfg.seed, step, d.rank, 0))
             rows = [p for p in problems for _ in range(cfg.rollout.n)]  # group g = rows g*n .. g*n+n-1
-            module.eval()
-            batch = sampler.generate([policy.encode_prompt(p.prompt) for p in rows],
-                                     max_new_tokens=cfg.rollout.max_new_tokens, temperature=cfg.rollout.temperature,
-                                     top_p=cfg.rollout.top_p, generator=torch_gen(cfg.seed, step, d.rank, device))
-            module.train()
             ids_list, mask_list = batch.response_ids.tolist(), batch.response_mask.tolist()
             resp = [[t for t, v in zip(ids, m) if v] for ids, m in zip(ids_list, mask_list)]
             texts = [policy.decode([t for t in r if t != policy.eos_id]) for r in resp]
@@ -385,7 +448,7 @@ def train(cfg: TrainConfig, *, recorder_factory=None) -> dict:
                 "acc/mean": float(correct.mean()),
                 "response/len_mean": float(lens.mean()), "response/len_max": float(lens.max()),
                 "batch/kept_seqs": n_keep, "batch/skipped_groups": int(zero.sum()) // cfg.rollout.n,
-                "batch/updates": u,
+                "batch/updates": u, "rollout/staleness": step - version,
                 "optim/lr": optimizer.param_groups[0]["lr"],
                 "time/rollout_s": t_rollout, "time/update_s": t_update, "time/rule_s": t_rule, "time/log_tokens_s": t_log,
                 "time/step_s": time.perf_counter() - t_step,
@@ -407,9 +470,26 @@ def train(cfg: TrainConfig, *, recorder_factory=None) -> dict:
             # ---- checkpoint (rank 0 writes; all ranks wait)
             last = step + 1 == cfg.steps
             if (cfg.ckpt.every and (step + 1) % cfg.ckpt.every == 0) or last:
+                qt = pack_queue(queue) if queue else None  # batches already sampled for later iterations
+                move_in = []
+                if qt is not None and d.world > 1:  # other ranks' queues go in before rank 0 renames the checkpoint
+                    import torch.distributed as dist
+
+                    qdir = run_dir / "checkpoints" / f".queue-step={step:06d}"
+                    if not d.main:
+                        from safetensors.torch import save_file
+
+                        qdir.mkdir(parents=True, exist_ok=True)
+                        save_file(qt, str(qdir / queue_file(d.rank)))
+                    dist.barrier()
+                    move_in = [qdir / queue_file(r) for r in range(1, d.world)]
                 if d.main:
                     save_checkpoint(run_dir, step, module, optimizer, scheduler,
-                                    extra={"summary": summary, "config": to_dict(cfg)}, keep=max(cfg.ckpt.keep, 1))
+                                    extra={"summary": summary, "config": to_dict(cfg),
+                                           "queue": [[j, v] for j, (_, v) in sorted(queue.items())]},
+                                    keep=max(cfg.ckpt.keep, 1), queue=qt, move_in=move_in)
+                    if move_in:
+                        move_in[0].parent.rmdir()
                 if d.world > 1:
                     import torch.distributed as dist
 

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from .arithmetic import ArithmeticTask
 from .base import Problem, Task
+from .chain import ChainTask
 from .math_dataset import MathDatasetTask, extract_boxed, normalize_answer
 
-__all__ = ["ArithmeticTask", "MathDatasetTask", "Problem", "Task", "build_task", "extract_boxed", "normalize_answer"]
+__all__ = ["ArithmeticTask", "ChainTask", "MathDatasetTask", "Problem", "Task", "build_task", "extract_boxed", "normalize_answer"]
 
 
 def build_task(cfg) -> Task:
@@ -14,6 +15,9 @@ def build_task(cfg) -> Task:
     if cfg.kind in ("fib", "add"):
         return ArithmeticTask(cfg.kind, min_terms=cfg.min_terms, max_terms=cfg.max_terms, digits=cfg.digits,
                               reward=cfg.reward, eval_size=cfg.eval_size, eval_seed=cfg.eval_seed)
+    if cfg.kind == "chain":
+        return ChainTask(min_len=cfg.min_terms, max_len=cfg.max_terms, reward=cfg.reward, eval_size=cfg.eval_size,
+                         eval_seed=cfg.eval_seed)
     if cfg.kind == "dataset":
         if not cfg.path:
             raise ValueError("task.path: expected a .jsonl or .parquet file for task.kind='dataset', found ''")
@@ -23,4 +27,4 @@ def build_task(cfg) -> Task:
         from .reasoning_gym_task import ReasoningGymTask
 
         return ReasoningGymTask(cfg.rg_name, eval_size=cfg.eval_size, seed=cfg.eval_seed)
-    raise ValueError(f"task.kind: expected one of 'fib', 'add', 'dataset', 'reasoning_gym', found {cfg.kind!r}")
+    raise ValueError(f"task.kind: expected one of 'fib', 'add', 'chain', 'dataset', 'reasoning_gym', found {cfg.kind!r}")
