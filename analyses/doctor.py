@@ -633,3 +633,96 @@ def findings_table(findings: Sequence[Finding]) -> pl.DataFrame:
         schema={"severity": pl.Utf8, "id": pl.Utf8, "first_step": pl.Int64, "message": pl.Utf8, "page": pl.Utf8,
                 "steps": pl.Utf8},
     )
+
+
+# -- report section -----------------------------------------------------------------------------------------------
+
+
+def _mismatch_summary(source) -> pl.DataFrame:
+    """The mismatch family pooled over the run, one row per update filter (report table)."""
+    from analyses.mismatch import mismatch_metrics
+
+    rows = []
+    for updates in ("first", "after_first"):
+        df = mismatch_metrics(source, by="step", updates=updates)
+        if not df.height:
+            continue
+        w = df["n_tokens"].cast(pl.Float64)
+        row = {"updates": updates, "steps": df.height, "tokens": int(w.sum())}
+        for c in ("kl_k1", "kl_k3", "chi2_token", "ess_token", "is_frac_gt_2", "is_frac_lt_0.5", "toward_mu_frac",
+                  "masked_frac_pos_adv", "masked_frac_neg_adv", "chi2_seq", "ess_seq", "log_ppl_diff"):
+            v = df[c]
+            row[c] = float((v * w).sum() / w.filter(v.is_not_null()).sum()) if v.is_not_null().any() else None
+        rows.append(row)
+    return pl.DataFrame(rows)
+
+
+def _mismatch_figure(source, path: Path) -> str | None:
+    from analyses.mismatch import mismatch_metrics
+
+    series = {u: mismatch_metrics(source, by="step", updates=u) for u in ("first", "after_first")}
+
+    def draw(fig, ax):
+        for u, df in series.items():
+            if df.height:
+                ax.plot(df["step"], df["kl_k3"].clip(lower_bound=1e-12), marker="o", ms=3,
+                        label=f"k3 KL(μ‖π), {u.replace('_', ' ')} update(s)")
+        ax.set_yscale("log")
+        ax.set_xlabel("training step")
+        ax.set_ylabel("mean k3 (nats, log scale)")
+        ax.set_title("Mismatch per step: first update (π = μ) vs later updates")
+
+    return _figure(path, draw)
+
+
+def report_section(sources: Sequence[Any], names: Sequence[str], out_dir, *, progress: bool = False) -> str:
+    """HTML for ``write_report``: each run's doctor findings (with their figures embedded) and its mismatch
+    metric family pooled by update filter."""
+    import base64
+    import html
+
+    out = Path(out_dir)
+    parts = ["<h2>Doctor: findings</h2>",
+             "<p>What <code>cppo-diag doctor</code> finds in each run (statistics: docs/analyses.md, \"Doctor\"). "
+             "Severity <b>critical</b>: the run failed; <b>warning</b>: a sustained change that precedes failures; "
+             "<b>info</b>: a property of the run, or something the logs cannot tell.</p>"]
+    for name, src in zip(names, sources):
+        parts.append(f"<h3>{html.escape(name)}</h3>")
+        try:
+            fs = diagnose(src, out_dir=out, name=name, progress=progress)
+        except ValueError as exc:
+            parts.append(f"<p class='note'>{html.escape(str(exc))}</p>")
+            continue
+        if not fs:
+            parts.append("<p>No finding: nothing looks wrong in what this run logged.</p>")
+        for f in fs:
+            at = f" from step {f.first_step}" if f.first_step is not None else ""
+            where = f" See the app's <i>{html.escape(f.page)}</i> page" + (
+                f", steps {f.steps[0]}–{f.steps[1]}." if f.steps else ".")
+            parts.append(f"<p><b>[{f.severity.upper()}] {html.escape(f.id)}</b>{at}: {html.escape(f.message)}{where}</p>")
+            ev = ", ".join(f"{html.escape(str(k))} = {html.escape(str(v))}" for k, v in f.to_json()["evidence"].items())
+            if ev:
+                parts.append(f"<p style='font-size:.85em;color:#555'>evidence: {ev}</p>")
+            if f.figure:
+                data = base64.b64encode(Path(f.figure).read_bytes()).decode("ascii")
+                parts.append(f"<figure><img alt='{html.escape(f.id)}' src='data:image/png;base64,{data}'></figure>")
+        try:
+            summary = _mismatch_summary(src)
+        except Exception as exc:  # noqa: BLE001 - e.g. no logp_rollout: the findings above already say so
+            parts.append(f"<p class='note'>Mismatch metrics: {html.escape(str(exc))}</p>")
+            continue
+        if summary.height:
+            parts.append("<p>Mismatch metric family over the run (token-weighted means of the per-step values; "
+                         "definitions and the trainers' names in docs/analyses.md):</p>")
+            head = "".join(f"<th>{html.escape(c)}</th>" for c in summary.columns)
+            body = "".join("<tr>" + "".join(
+                f"<td>{v:.4g}</td>" if isinstance(v, float) else f"<td>{html.escape(str(v))}</td>" for v in r) + "</tr>"
+                for r in summary.iter_rows())
+            parts.append(f"<table><tr>{head}</tr>{body}</table>")
+            slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_") or "run"
+            fig = _mismatch_figure(src, out / f"{slug}_mismatch_by_step.png")
+            if fig:
+                data = base64.b64encode(Path(fig).read_bytes()).decode("ascii")
+                parts.append(f"<figure><img alt='mismatch by step' src='data:image/png;base64,{data}'>"
+                             "<figcaption>Mean k3 per step, first update vs later updates.</figcaption></figure>")
+    return "".join(parts)

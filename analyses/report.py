@@ -138,6 +138,10 @@ def write_report(
           "the bin's P90 (the tables also give P90 and P99); the Hill index uses the exceedances over the bin's "
           "P90; the CPPO threshold overlay is the bin mean of &delta; / w<sub>t</sub>.")
 
+    from analyses.doctor import report_section  # doctor findings and the mismatch metric family
+
+    doc.parts.append(report_section(sources, names, out, progress=progress))
+
     # -- comparison across runs and rules -------------------------------------------------------------
     cmp = compare_runs(sources, rules, params=params, names=names, step_range=step_range, bin_width=bin_width,
                        progress=progress)

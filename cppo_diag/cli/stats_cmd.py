@@ -9,6 +9,7 @@ Examples:
   cppo-diag stats runs/demo --by position --bin 64 --format csv > pos.csv
   cppo-diag stats runs/demo --by relative --bin 20 --format json --adv-sign pos
   cppo-diag stats runs/demo --mismatch --format csv
+  cppo-diag stats runs/demo --family mismatch --by step --format csv   (k1/k2/k3, chi2, ESS, ... per step)
 """
 
 from __future__ import annotations
@@ -23,8 +24,13 @@ def add_arguments(parser) -> None:
     from analyses.cli_util import add_steps_argument
 
     parser.add_argument("run", help="run directory")
-    parser.add_argument("--by", choices=["position", "relative"], default="position",
-                        help="absolute position bins (--bin tokens wide) or relative position t/T (--bin equal bins)")
+    parser.add_argument("--by", choices=["position", "relative", "step"], default="position",
+                        help="absolute position bins (--bin tokens wide), relative position t/T (--bin equal bins), "
+                             "or training step (--family mismatch only)")
+    parser.add_argument("--family", choices=["divergence", "mismatch"], default="divergence",
+                        help="divergence (default): the statistics above; mismatch: the mismatch metric family "
+                             "(k1/k2/k3 KL, chi2 per token and sequence, ESS, IS-weight tails, log-ppl difference, "
+                             "toward-mu and masked fractions; docs/analyses.md) by step or position bin")
     parser.add_argument("--bin", type=int, default=64, metavar="N",
                         help="bin width in tokens (--by position) or number of bins (--by relative); default 64")
     parser.add_argument("--format", choices=["csv", "json"], default="csv", help="output format (default csv)")
@@ -54,7 +60,17 @@ def run(args) -> int:
                   step_range=args.steps, adv_sign=args.adv_sign, thresholds=thresholds,
                   progress=not args.no_progress)
     try:
-        if args.mismatch:
+        if args.family == "mismatch":
+            if relative:
+                raise ValueError("--by: the mismatch family is by 'step' or 'position', found 'relative'")
+            from analyses.mismatch import mismatch_metrics
+
+            table = mismatch_metrics(args.run, by="step" if args.by == "step" else "position", bin_width=args.bin,
+                                     updates=getattr(args, "updates", None) or "all", step_range=args.steps,
+                                     adv_sign=args.adv_sign)
+        elif args.by == "step":
+            raise ValueError("--by step needs --family mismatch")
+        elif args.mismatch:
             table = mismatch_by_position(args.run, **common)
         else:
             table = position_stats(args.run, metrics=tuple(args.metric or METRICS), delta=args.delta,
