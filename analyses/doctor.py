@@ -33,9 +33,9 @@ from analyses.tokens import LOGRATIO_CLAMP, columns_of, load_tokens, run_meta, r
 SEVERITIES = ("info", "warning", "critical")
 
 # Statistics and their defaults (docs/analyses.md, "Doctor").
-MIN_STEPS = 8  # logged steps a per-step trend test needs
-CUSUM_WARMUP = 5  # points that only form the reference before the test starts
-CUSUM_K = 0.5  # allowance, in robust standard deviations
+MIN_STEPS = 10  # logged steps a per-step trend test needs
+CUSUM_WARMUP = 8  # points that only form the reference before the test starts
+CUSUM_K = 1.0  # allowance, in robust standard deviations
 CUSUM_H = 5.0  # decision interval, in robust standard deviations
 CUSUM_Z_CAP = 3.0  # one point adds at most this much: a single outlier never raises an alarm alone
 LOG_SCALE_FLOOR = 0.1  # smallest robust sd of a log-series (changes under ~10% are not a change)
