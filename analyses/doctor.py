@@ -6,7 +6,8 @@ The checks read only what any trainer can log (token log-probs, advantages, the 
 
 The early warning is not a threshold on a level: it is a one-sided CUSUM change-point test on per-step
 statistics, each point standardised against the run's own earlier steps (median and MAD), so that it adapts to
-each run's scale:
+each run's scale, together with a sequential Mann-Kendall trend test (one-sided p < 0.001, Theil-Sen fit at least
+doubling) for rises too gradual for a change point:
 
 * ``divergence_tails_rising``: the top-decile mean of |log pi - log mu| over the tokens of the updates after
   the first (where the policy has moved away from the sampler);
@@ -44,6 +45,9 @@ COLLAPSE_WINDOW = 5
 COLLAPSE_FRACTION = 0.5
 COLLAPSE_MIN_STEP = 10
 ALPHA = 0.01  # significance level of the Mann-Kendall trend tests
+TREND_ALPHA = 0.001  # one-sided level of the sequential Mann-Kendall early warning (one look per step)
+TREND_WINDOW = 60  # the sequential trend test looks at the latest this many logged steps
+TREND_MIN_RISE = math.log(2.0)  # ... and needs the Theil-Sen fit to at least double over that window
 ENTROPY_COLLAPSE_FRACTION = 0.1  # entropy below 10% of its early level
 BUDGET_EARLY_FRACTION = 0.25  # median first budget rejection within the first quarter of the response
 
@@ -152,6 +156,25 @@ def cusum_up(y: Sequence[float], *, warmup: int = CUSUM_WARMUP, k: float = CUSUM
         if cur > h:
             return {"alarm": i, "start": start if start is not None else i, "S": S, "z": z, "ref": med, "scale": sd}
     return {"alarm": None, "start": None, "S": S, "z": z, "ref": ref, "scale": scale}
+
+
+def trend_up(steps: Sequence[int], y: Sequence[float], *, alpha: float = TREND_ALPHA, window: int = TREND_WINDOW,
+             min_rise: float = TREND_MIN_RISE, min_points: int = MIN_STEPS) -> dict:
+    """Sequential trend test: the first index i (>= ``min_points`` - 1) at which the latest ``window`` points up to
+    i show a Mann-Kendall increasing trend with one-sided p < ``alpha`` and a Theil-Sen fit that rises by at least
+    ``min_rise`` (in y's units; log 2 = doubling on a log-series) over those points. Returns {"alarm": index or
+    None, "start": first index of the window, "p", "z", "rise"}."""
+    steps, y = np.asarray(steps, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    for i in range(min_points - 1, y.size):
+        lo = max(0, i + 1 - window)
+        ys, xs = y[lo:i + 1], steps[lo:i + 1]
+        mk = mann_kendall(ys)
+        if mk["p_increasing"] >= alpha:
+            continue
+        rise = theil_sen(xs, ys) * (xs[-1] - xs[0])
+        if rise >= min_rise:
+            return {"alarm": i, "start": lo, "p": mk["p_increasing"], "z": mk["z"], "rise": rise}
+    return {"alarm": None, "start": None, "p": None, "z": None, "rise": None}
 
 
 def mann_kendall(y: Sequence[float]) -> dict:
@@ -306,26 +329,38 @@ def _span(steps: np.ndarray) -> tuple[int, int] | None:
 
 def _drift_check(fid: str, steps: np.ndarray, values: np.ndarray, *, what: str, unit_label: str, page: str,
                  fig_path, collapse: int | None, severity: str = "warning", extra_evidence: dict | None = None):
-    """CUSUM on log(values); returns a Finding when it alarms."""
+    """Change-point (CUSUM) and sequential trend (Mann-Kendall + Theil-Sen) tests on log(values); a Finding at
+    the first step either fires."""
     ok = np.isfinite(values) & (values > 0)
     steps, values = steps[ok], values[ok]
     if steps.size < MIN_STEPS:
         return None
     y = np.log(values)
-    res = cusum_up(y)
-    if res["alarm"] is None:
+    cs = cusum_up(y)
+    tr = trend_up(steps, y)
+    fired = [(r["alarm"], name, r) for name, r in (("cusum", cs), ("trend", tr)) if r["alarm"] is not None]
+    if not fired:
         return None
-    a, s0 = res["alarm"], res["start"]
+    a, test, res = min(fired, key=lambda t: t[0])
+    s0 = res["start"]
     alarm_step, start_step = int(steps[a]), int(steps[s0])
-    mk = mann_kendall(values[: a + 1])
-    ref = float(math.exp(res["ref"]))
-    ev = {"alarm_step": alarm_step, "change_start_step": start_step, "value_at_alarm": float(values[a]),
+    ref = float(np.median(values[s0:a])) if a > s0 else float(values[s0])
+    if test == "cusum":
+        ref = float(math.exp(cs["ref"]))
+    mk = mann_kendall(y[s0:a + 1])
+    ev = {"alarm_step": alarm_step, "test": test, "change_start_step": start_step, "value_at_alarm": float(values[a]),
           "reference_median": ref, "ratio_to_reference": float(values[a]) / ref if ref > 0 else None,
-          "cusum": float(res["S"][a]), "cusum_h": CUSUM_H, "cusum_k": CUSUM_K,
-          "mann_kendall_z_to_alarm": mk["z"], "mann_kendall_p_to_alarm": mk["p_increasing"],
+          "cusum_alarm_step": None if cs["alarm"] is None else int(steps[cs["alarm"]]),
+          "trend_alarm_step": None if tr["alarm"] is None else int(steps[tr["alarm"]]),
+          "cusum_h": CUSUM_H, "cusum_k": CUSUM_K, "trend_alpha": TREND_ALPHA,
+          "mann_kendall_z": mk["z"], "mann_kendall_p": mk["p_increasing"],
+          "theil_sen_rise_factor": float(math.exp(theil_sen(steps[s0:a + 1], y[s0:a + 1]) * (steps[a] - steps[s0]))),
           "logged_steps": int(steps.size), **(extra_evidence or {})}
-    msg = (f"{what} rose from about {ref:.3g} to {values[a]:.3g} ({ev['ratio_to_reference']:.1f}x its earlier "
-           f"median) between steps {start_step} and {alarm_step}, a sustained upward change (one-sided CUSUM).")
+    how = ("a sustained upward change (one-sided CUSUM)" if test == "cusum" else
+           f"a significant upward trend (Mann-Kendall p = {mk['p_increasing']:.1g}, Theil-Sen fit x"
+           f"{ev['theil_sen_rise_factor']:.1f})")
+    msg = (f"{what} rose from about {ref:.3g} to {values[a]:.3g} between steps {start_step} and {alarm_step}: "
+           f"{how}.")
     fig = _series_figure(fig_path, steps, values, ylabel=unit_label, title=f"{what} per step", alarm_step=alarm_step,
                          start_step=start_step, log=True, collapse=collapse)
     return Finding(fid, severity, alarm_step, msg, ev, fig, page, (start_step, int(steps[-1])))

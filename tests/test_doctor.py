@@ -69,6 +69,22 @@ def test_cusum_alarms_on_a_sustained_rise_not_on_noise_or_one_spike():
     assert D.cusum_up(-y)["alarm"] is None
 
 
+def test_sequential_trend_finds_a_gradual_rise_and_stays_quiet_on_noise():
+    rng = np.random.default_rng(3)
+    steps = np.arange(60)
+    quiet = sum(D.trend_up(steps, rng.normal(0, 0.5, 60))["alarm"] is not None for _ in range(100))
+    assert quiet <= 3
+    # falling series (healthy runs: tails shrink as the policy sharpens) never alarm
+    assert D.trend_up(steps, -0.03 * steps + rng.normal(0, 0.2, 60))["alarm"] is None
+    # a slow rise, too gradual for a change-point test: log doubles every 10 steps
+    y = 0.07 * steps + rng.normal(0, 0.2, 60)
+    res = D.trend_up(steps, y)
+    assert res["alarm"] is not None and res["alarm"] < 20 and res["p"] < D.TREND_ALPHA
+    assert res["rise"] >= D.TREND_MIN_RISE
+    # a significant but tiny trend (less than a doubling over the window) is not an alarm
+    assert D.trend_up(steps, 0.005 * steps + rng.normal(0, 0.02, 60))["alarm"] is None
+
+
 # -- synthetic runs ---------------------------------------------------------------------------------------------
 
 

@@ -6,8 +6,8 @@ behind it ("evidence") and a figure that shows it (a PNG written under --out). C
   reward_collapse           critical: the 5-step moving average of reward/mean fell below half of its running
                             maximum (the collapse step)
   divergence_tails_rising   warning: the top-decile mean of |log pi - log mu| (updates after the first) rose
-                            for several steps (one-sided CUSUM against the run's own earlier steps) - the early
-                            warning
+                            for several steps (one-sided CUSUM against the run's own earlier steps, or a
+                            sequential Mann-Kendall trend at 0.1% that at least doubles it) - the early warning
   mismatch_drift            warning: the train/inference mismatch (first update's pi vs mu, or pi_old vs mu)
                             drifts upward (same test)
   entropy_surge / entropy_collapse
