@@ -451,7 +451,8 @@ def diagnose(
     # -- divergence tails over steps (the early warning) -------------------------------------------------------
     tail = info["tail"]
     tsteps, tvals = tail["step"].to_numpy(), tail["tail_top10"].to_numpy().astype(np.float64)
-    f = _drift_check("divergence_tails_rising", tsteps, tvals,
+    # a step whose tail is at float32 rounding level (pi = mu) carries no information about the policy's movement
+    f = _drift_check("divergence_tails_rising", tsteps, np.where(tvals >= MISMATCH_FLOOR, tvals, np.nan),
                      what="The top-decile mean of |log pi - log mu|",
                      unit_label="top-decile mean |log π − log μ| (nats)", page=PAGE_DIVERGENCE,
                      fig_path=fig_path("divergence_tails_rising"), collapse=collapse,
@@ -519,7 +520,9 @@ def diagnose(
         mf = tail["masked_frac"].to_numpy().astype(np.float64)
         n_tok = int(tail["n_tokens"].sum())
         n_masked = float(np.nansum(mf * tail["n_tokens"].to_numpy()))
-        if rule not in (None, "pg_is", "cispo") and n_masked == 0 and n_tok >= 1000:
+        # with one update per batch pi = mu and no rule can mask anything: single_update already says so
+        if (rule not in (None, "pg_is", "cispo") and n_masked == 0 and n_tok >= 1000
+                and info["tail_updates"] == "after_first"):
             findings.append(Finding("rule_never_binds", "warning", int(tsteps[0]),
                                     f"The applied rule '{rule}' masked no token in {n_tok:,} tokens of the updates "
                                     f"after the first: its parameters {meta.get('rule_params') or {}} never bind, so "

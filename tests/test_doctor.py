@@ -89,7 +89,7 @@ def test_sequential_trend_finds_a_gradual_rise_and_stays_quiet_on_noise():
 
 
 def _write(root: Path, name: str, *, n_steps=40, collapse_at=None, drift_from=None, seed=0, rule="grpo_clip",
-           entropy=True, keep=True, rollout_copy=False):
+           entropy=True, keep=True, rollout_copy=False, updates=(0, 1)):
     """A run through RunRecorder: 2 updates per step; update 0 has pi = mu (+ float noise), update 1 moves by a
     t(3) log-ratio of scale 0.1, growing x1.25 per step from ``drift_from``; reward/mean 0.6 + noise, dropping to
     0.05 from ``collapse_at``."""
@@ -107,7 +107,7 @@ def _write(root: Path, name: str, *, n_steps=40, collapse_at=None, drift_from=No
         rewards = rng.integers(0, 2, size=B).astype(np.float32)
         adv = (rewards - rewards.mean()).astype(np.float32)
         scale = 0.1 * (1.25 ** max(0, step - drift_from) if drift_from is not None else 1.0)
-        for u in (0, 1):
+        for u in updates:
             noise = 1e-7 if u == 0 else scale
             lp = np.minimum(lq + noise * rng.standard_t(3, size=(B, T)), 0.0).astype(np.float32)
             if rollout_copy:
@@ -138,6 +138,7 @@ def runs(tmp_path_factory):
         "short": _write(root, "short", n_steps=4, seed=3),
         "bare": _write(root, "bare", seed=4, entropy=False, keep=False, n_steps=10),
         "copy": _write(root, "copy", seed=5, rollout_copy=True, n_steps=10),
+        "single": _write(root, "single", seed=6, updates=(0,), n_steps=30),
     }
 
 
@@ -169,6 +170,8 @@ def test_logs_that_cannot_support_a_finding_are_info_findings(runs):
     assert short["too_few_steps"].severity == "info" and short["too_few_steps"].evidence["logged_steps"] == 4
     bare = {f.id for f in D.diagnose(runs["bare"], budget=False)}
     assert {"no_entropy", "no_applied_mask"} <= bare
+    single = D.diagnose(runs["single"], budget=False)  # pi = mu up to float32 rounding: nothing to test
+    assert "single_update" in {f.id for f in single} and not _alarms(single)
     copy = D.diagnose(runs["copy"], budget=False)
     assert [f.id for f in copy if f.id == "no_rollout_logprobs"] and not _alarms(copy)
 
