@@ -89,7 +89,7 @@ def test_sequential_trend_finds_a_gradual_rise_and_stays_quiet_on_noise():
 
 
 def _write(root: Path, name: str, *, n_steps=40, collapse_at=None, drift_from=None, seed=0, rule="grpo_clip",
-           entropy=True, keep=True, rollout_copy=False, updates=(0, 1)):
+           entropy=True, keep=True, rollout_copy=False, updates=(0, 1), params=None):
     """A run through RunRecorder: 2 updates per step; update 0 has pi = mu (+ float noise), update 1 moves by a
     t(3) log-ratio of scale 0.1, growing x1.25 per step from ``drift_from``; reward/mean 0.6 + noise, dropping to
     0.05 from ``collapse_at``."""
@@ -98,7 +98,8 @@ def _write(root: Path, name: str, *, n_steps=40, collapse_at=None, drift_from=No
     from cppo_diag import RunRecorder, compute_mask
 
     rng = np.random.default_rng(seed)
-    rec = RunRecorder(root, name=name, trainer="cppo-diag", rule=rule, rule_params={}, config={})
+    params = dict(params or {})
+    rec = RunRecorder(root, name=name, trainer="cppo-diag", rule=rule, rule_params=params, config={})
     B, T = 16, 32
     for step in range(n_steps):
         lengths = rng.integers(8, T + 1, size=B)
@@ -115,7 +116,7 @@ def _write(root: Path, name: str, *, n_steps=40, collapse_at=None, drift_from=No
             kw = {}
             if keep:
                 res = compute_mask(rule, logp=torch.from_numpy(lp), logp_rollout=torch.from_numpy(lq),
-                                   advantages=torch.from_numpy(adv), response_mask=torch.from_numpy(mask))
+                                   advantages=torch.from_numpy(adv), response_mask=torch.from_numpy(mask), **params)
                 kw["keep_applied"] = res.keep.numpy()
             if entropy:
                 kw["entropy"] = np.full((B, T), 0.3 + 0.01 * rng.normal(), dtype=np.float32)
@@ -139,6 +140,7 @@ def runs(tmp_path_factory):
         "bare": _write(root, "bare", seed=4, entropy=False, keep=False, n_steps=10),
         "copy": _write(root, "copy", seed=5, rollout_copy=True, n_steps=10),
         "single": _write(root, "single", seed=6, updates=(0,), n_steps=30),
+        "loose": _write(root, "loose", seed=7, rule="dppo", params={"delta": 2.0}, n_steps=12),
     }
 
 
@@ -172,6 +174,8 @@ def test_logs_that_cannot_support_a_finding_are_info_findings(runs):
     assert {"no_entropy", "no_applied_mask"} <= bare
     single = D.diagnose(runs["single"], budget=False)  # pi = mu up to float32 rounding: nothing to test
     assert "single_update" in {f.id for f in single} and not _alarms(single)
+    loose = {f.id: f for f in D.diagnose(runs["loose"], budget=False)}
+    assert loose["rule_never_binds"].severity == "warning" and loose["rule_never_binds"].evidence["rule"] == "dppo"
     copy = D.diagnose(runs["copy"], budget=False)
     assert [f.id for f in copy if f.id == "no_rollout_logprobs"] and not _alarms(copy)
 
