@@ -265,3 +265,19 @@ def test_app_doctor_page(runs, monkeypatch):
     text = " ".join(m.value for m in at.markdown)
     assert "reward_collapse" in text and "divergence_tails_rising" in text
     assert at.get("plotly_chart")  # the mismatch metric family chart
+
+
+def test_position_findings_on_a_run_drifting_along_the_response(tmp_path):
+    """The app fixtures' policy drifts more at late positions (sigma grows x3 along the response) and CPPO's
+    budget (delta_b 0.02) runs out early there: both info findings appear, each with its figure."""
+    from tests.app_fixtures import write_run
+
+    run = write_run(tmp_path, "drift", "cppo", {"delta": 0.15}, n_steps=3, max_len=64)
+    fs = {f.id: f for f in D.diagnose(run, out_dir=tmp_path / "figs")}
+    along = fs["tails_along_sequence"]
+    assert along.severity == "info" and along.evidence["ratio"] > 1.2 and along.evidence["mann_kendall_p"] < D.ALPHA
+    bud = fs["budget_exhausted_early"]
+    assert bud.severity == "info" and bud.page == "Budget"
+    assert bud.evidence["median_first_budget_rejection_pos"] < D.BUDGET_EARLY_FRACTION * bud.evidence["median_response_length"]
+    assert Path(along.figure).exists() and Path(bud.figure).exists()
+    assert "too_few_steps" in fs and not _alarms(fs.values())
