@@ -300,13 +300,13 @@ def _figure(path: Path | None, draw) -> str | None:
 
 
 def _series_figure(path, steps, values, *, ylabel, title, alarm_step=None, start_step=None, log=False,
-                   collapse=None, extra=None):
+                   collapse=None, extra=None, span_label="steps the test used"):
     def draw(fig, ax):
         ax.plot(steps, values, marker="o", ms=3, lw=1.2, color="C0", label=ylabel)
         if extra is not None:
             ax.plot(extra[0], extra[1], lw=1.2, ls="--", color="C2", label=extra[2])
         if start_step is not None and alarm_step is not None:
-            ax.axvspan(start_step, alarm_step, color="C1", alpha=0.15, label="CUSUM rising")
+            ax.axvspan(start_step, alarm_step, color="C1", alpha=0.15, label=span_label)
         if alarm_step is not None:
             ax.axvline(alarm_step, color="C1", lw=1.5, label=f"alarm at step {alarm_step}")
         if collapse is not None:
@@ -328,9 +328,11 @@ def _span(steps: np.ndarray) -> tuple[int, int] | None:
 
 
 def _drift_check(fid: str, steps: np.ndarray, values: np.ndarray, *, what: str, unit_label: str, page: str,
-                 fig_path, collapse: int | None, severity: str = "warning", extra_evidence: dict | None = None):
+                 fig_path, collapse: int | None, severity: str = "warning", extra_evidence: dict | None = None,
+                 title: str | None = None):
     """Change-point (CUSUM) and sequential trend (Mann-Kendall + Theil-Sen) tests on log(values); a Finding at
     the first step either fires."""
+    title = title or what
     ok = np.isfinite(values) & (values > 0)
     steps, values = steps[ok], values[ok]
     if steps.size < MIN_STEPS:
@@ -361,8 +363,9 @@ def _drift_check(fid: str, steps: np.ndarray, values: np.ndarray, *, what: str, 
            f"{ev['theil_sen_rise_factor']:.1f})")
     msg = (f"{what} rose from about {ref:.3g} to {values[a]:.3g} between steps {start_step} and {alarm_step}: "
            f"{how}.")
-    fig = _series_figure(fig_path, steps, values, ylabel=unit_label, title=f"{what} per step", alarm_step=alarm_step,
-                         start_step=start_step, log=True, collapse=collapse)
+    fig = _series_figure(fig_path, steps, values, ylabel=unit_label, title=f"{title} per step",
+                         alarm_step=alarm_step, start_step=start_step, log=True, collapse=collapse,
+                         span_label="CUSUM rising" if test == "cusum" else "trend-test window")
     return Finding(fid, severity, alarm_step, msg, ev, fig, page, (start_step, int(steps[-1])))
 
 
@@ -455,6 +458,7 @@ def diagnose(
     f = _drift_check("divergence_tails_rising", tsteps, np.where(tvals >= MISMATCH_FLOOR, tvals, np.nan),
                      what="The top-decile mean of |log pi - log mu|",
                      unit_label="top-decile mean |log π − log μ| (nats)", page=PAGE_DIVERGENCE,
+                     title="Top-decile mean of |log π − log μ| (updates after the first)",
                      fig_path=fig_path("divergence_tails_rising"), collapse=collapse,
                      extra_evidence={"updates": info["tail_updates"]})
     if f is not None:
@@ -470,6 +474,7 @@ def diagnose(
             f = _drift_check("mismatch_drift", msteps, np.where(abs_lr >= MISMATCH_FLOOR, k3, np.nan),
                              what=f"The train/inference mismatch (mean k3 of {info['mismatch_pair']})",
                              unit_label="mean k3 (nats)", page=PAGE_DOCTOR, fig_path=fig_path("mismatch_drift"),
+                             title="Train/inference mismatch (mean k3)",
                              collapse=collapse, extra_evidence={"pair": info["mismatch_pair"]})
             if f is not None:
                 findings.append(f)
