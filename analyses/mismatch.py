@@ -1,4 +1,7 @@
-"""Train/rollout mismatch by position: |pi_old - mu| when the trainer logged its recomputed old policy.
+"""Train/rollout mismatch: |pi_old - mu| by position (``mismatch_by_position``, when the trainer logged its
+recomputed old policy) and the mismatch metric family of the large trainers - k1/k2/k3 KL, chi-square, ESS,
+IS-weight tails, log-perplexity difference, toward-mu and masked fractions - by step or position, with an update
+filter (``mismatch_metrics``).
 
 The gap between the trainer's pi_old and the sampler's mu (different kernels, precision, batch shapes) is
 there before any optimisation step; a rule anchored to mu counts it against the trust region. Uses the
