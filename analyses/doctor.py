@@ -48,6 +48,7 @@ ALPHA = 0.01  # significance level of the Mann-Kendall trend tests
 TREND_ALPHA = 0.001  # one-sided level of the sequential Mann-Kendall early warning (one look per step)
 TREND_WINDOW = 60  # the sequential trend test looks at the latest this many logged steps
 TREND_MIN_RISE = math.log(2.0)  # ... and needs the Theil-Sen fit to at least double over that window
+TREND_MIN_SNR = 2.0  # ... and to rise by at least twice the robust sd of the points around the fit
 ENTROPY_COLLAPSE_FRACTION = 0.1  # entropy below 10% of its early level
 BUDGET_EARLY_FRACTION = 0.25  # median first budget rejection within the first quarter of the response
 
@@ -159,11 +160,12 @@ def cusum_up(y: Sequence[float], *, warmup: int = CUSUM_WARMUP, k: float = CUSUM
 
 
 def trend_up(steps: Sequence[int], y: Sequence[float], *, alpha: float = TREND_ALPHA, window: int = TREND_WINDOW,
-             min_rise: float = TREND_MIN_RISE, min_points: int = MIN_STEPS) -> dict:
+             min_rise: float = TREND_MIN_RISE, min_snr: float = TREND_MIN_SNR, min_points: int = MIN_STEPS) -> dict:
     """Sequential trend test: the first index i (>= ``min_points`` - 1) at which the latest ``window`` points up to
-    i show a Mann-Kendall increasing trend with one-sided p < ``alpha`` and a Theil-Sen fit that rises by at least
-    ``min_rise`` (in y's units; log 2 = doubling on a log-series) over those points. Returns {"alarm": index or
-    None, "start": first index of the window, "p", "z", "rise"}."""
+    i show a Mann-Kendall increasing trend with one-sided p < ``alpha`` and a Theil-Sen fit whose rise over those
+    points is at least ``min_rise`` (in y's units; log 2 = doubling on a log-series) and at least ``min_snr`` robust
+    standard deviations (1.4826 MAD) of the points around the fit. Returns {"alarm": index or None, "start": first
+    index of the window, "p", "z", "rise", "noise"}."""
     steps, y = np.asarray(steps, dtype=np.float64), np.asarray(y, dtype=np.float64)
     for i in range(min_points - 1, y.size):
         lo = max(0, i + 1 - window)
@@ -171,10 +173,13 @@ def trend_up(steps: Sequence[int], y: Sequence[float], *, alpha: float = TREND_A
         mk = mann_kendall(ys)
         if mk["p_increasing"] >= alpha:
             continue
-        rise = theil_sen(xs, ys) * (xs[-1] - xs[0])
-        if rise >= min_rise:
-            return {"alarm": i, "start": lo, "p": mk["p_increasing"], "z": mk["z"], "rise": rise}
-    return {"alarm": None, "start": None, "p": None, "z": None, "rise": None}
+        slope = theil_sen(xs, ys)
+        rise = slope * (xs[-1] - xs[0])
+        resid = ys - slope * xs
+        noise = 1.4826 * float(np.median(np.abs(resid - np.median(resid))))
+        if rise >= max(min_rise, min_snr * noise):
+            return {"alarm": i, "start": lo, "p": mk["p_increasing"], "z": mk["z"], "rise": rise, "noise": noise}
+    return {"alarm": None, "start": None, "p": None, "z": None, "rise": None, "noise": None}
 
 
 def mann_kendall(y: Sequence[float]) -> dict:

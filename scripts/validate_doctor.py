@@ -74,7 +74,8 @@ def judge(findings, kind: str) -> dict:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="/tmp/doctor-val", help="directory of the runs and results")
-    ap.add_argument("--seeds", type=int, default=10, help="runs of each kind (seeds 1..N)")
+    ap.add_argument("--seeds", type=int, default=10, help="runs of each kind (seeds FIRST..FIRST+N-1)")
+    ap.add_argument("--first-seed", type=int, default=1, help="first seed (default 1)")
     ap.add_argument("--steps", type=int, default=60, help="training steps per run")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--no-train", action="store_true", help="only diagnose the runs already under --out")
@@ -87,7 +88,7 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
     rows = []
     for kind in args.kinds.split(","):
-        for seed in range(1, args.seeds + 1):
+        for seed in range(args.first_seed, args.first_seed + args.seeds):
             if kind == "collapse":
                 name, targs = f"collapse-s{seed}", collapse_args(args.steps)
             else:

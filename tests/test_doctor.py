@@ -83,6 +83,9 @@ def test_sequential_trend_finds_a_gradual_rise_and_stays_quiet_on_noise():
     assert res["rise"] >= D.TREND_MIN_RISE
     # a significant but tiny trend (less than a doubling over the window) is not an alarm
     assert D.trend_up(steps, 0.005 * steps + rng.normal(0, 0.02, 60))["alarm"] is None
+    # nor a rise smaller than twice the scatter around the fit, however significant
+    y = 0.025 * steps + np.random.default_rng(6).normal(0, 0.6, 60)
+    assert D.trend_up(steps, y, min_snr=0.0)["alarm"] is not None and D.trend_up(steps, y)["alarm"] is None
 
 
 # -- synthetic runs ---------------------------------------------------------------------------------------------
