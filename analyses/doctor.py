@@ -540,27 +540,10 @@ def diagnose(
                                     {"rule": rule, "rule_params": meta.get("rule_params") or {}, "tokens": n_tok},
                                     None, PAGE_COMPARE, _span(tsteps)))
         # arcsine-square-root puts a fraction on a scale where binomial noise is about constant
-        f_steps = tsteps[np.isfinite(mf)]
-        y = np.arcsin(np.sqrt(np.clip(mf[np.isfinite(mf)], 0, 1)))
-        if f_steps.size >= MIN_STEPS:
-            res = cusum_up(y, scale_floor=0.05)
-            mk = mann_kendall(mf[np.isfinite(mf)])
-            if res["alarm"] is not None and mk["p_increasing"] < ALPHA:
-                a = res["alarm"]
-                vals = mf[np.isfinite(mf)]
-                ref = float(np.median(vals[:a]))
-                ev = {"alarm_step": int(f_steps[a]), "masked_frac_at_alarm": float(vals[a]), "reference_median": ref,
-                      "mann_kendall_z": mk["z"], "mann_kendall_p": mk["p_increasing"], "alpha": ALPHA,
-                      "theil_sen_slope_per_step": theil_sen(f_steps, vals), "rule": rule}
-                fig = _series_figure(fig_path("masked_frac_rising"), f_steps, vals, ylabel="masked fraction",
-                                     title=f"Masked fraction of '{rule}' per step (updates after the first)",
-                                     alarm_step=int(f_steps[a]), start_step=int(f_steps[res["start"]]),
-                                     collapse=collapse)
-                findings.append(Finding("masked_frac_rising", "warning", int(f_steps[a]),
-                                        f"The share of tokens the rule masks rose from about {ref:.2%} to "
-                                        f"{vals[a]:.2%} by step {int(f_steps[a])} and keeps rising (Mann-Kendall "
-                                        f"p = {mk['p_increasing']:.2g}): the policy moves further from the sampler "
-                                        "every step.", ev, fig, PAGE_COMPARE, (int(f_steps[res['start']]), int(f_steps[-1]))))
+        f = _masked_rising(tsteps[np.isfinite(mf)], mf[np.isfinite(mf)], rule, fig_path("masked_frac_rising"),
+                           collapse)
+        if f is not None:
+            findings.append(f)
 
     # -- tails along the sequence -----------------------------------------------------------------------------
     findings.extend(_along_sequence(source, info, fig_path("tails_along_sequence"), progress))
@@ -571,6 +554,40 @@ def diagnose(
         if f is not None:
             findings.append(f)
     return _sorted(findings)
+
+
+def _masked_rising(f_steps: np.ndarray, vals: np.ndarray, rule, fig_path, collapse) -> Finding | None:
+    """The masked fraction rises: the first step where the CUSUM or the sequential trend test (on the arcsine-square-
+    root of the fraction) alarms, confirmed, on the steps up to that one, by a Mann-Kendall increasing trend at
+    ``ALPHA`` and a Theil-Sen rise that at least doubles the earlier median and exceeds twice the scatter around
+    the fit."""
+    if f_steps.size < MIN_STEPS:
+        return None
+    y = np.arcsin(np.sqrt(np.clip(vals, 0, 1)))
+    cands = [r["alarm"] for r in (cusum_up(y, scale_floor=0.05), trend_up(f_steps, y, min_rise=0.0))
+             if r["alarm"] is not None]
+    for a in sorted(set(cands)):
+        xs, ys = f_steps[: a + 1], vals[: a + 1]
+        mk = mann_kendall(ys)
+        slope = theil_sen(xs, ys)
+        rise = slope * (xs[-1] - xs[0])
+        resid = ys - slope * xs
+        noise = 1.4826 * float(np.median(np.abs(resid - np.median(resid))))
+        ref = float(np.median(ys[:-1]))
+        if mk["p_increasing"] >= ALPHA or rise < max(ref, TREND_MIN_SNR * noise):
+            continue
+        step = int(f_steps[a])
+        ev = {"alarm_step": step, "masked_frac_at_alarm": float(vals[a]), "reference_median": ref,
+              "theil_sen_rise": rise, "scatter": noise, "mann_kendall_z": mk["z"], "mann_kendall_p": mk["p_increasing"],
+              "alpha": ALPHA, "rule": rule}
+        fig = _series_figure(fig_path, f_steps, vals, ylabel="masked fraction",
+                             title=f"Masked fraction of '{rule}' per step (updates after the first)", alarm_step=step,
+                             collapse=collapse)
+        return Finding("masked_frac_rising", "warning", step,
+                       f"The share of tokens the rule masks rose from about {ref:.2%} to {vals[a]:.2%} by step {step} "
+                       f"(Theil-Sen rise {rise:.2%}, Mann-Kendall p = {mk['p_increasing']:.2g}): the policy moves "
+                       "further from the sampler every step.", ev, fig, PAGE_COMPARE, (int(f_steps[0]), int(f_steps[-1])))
+    return None
 
 
 def _sorted(findings: list[Finding]) -> list[Finding]:

@@ -12,7 +12,7 @@ behind it ("evidence") and a figure that shows it (a PNG written under --out). C
                             drifts upward (same test)
   entropy_surge / entropy_collapse
                             warning: entropy rose (same test) or fell under 10% of its early level
-  masked_frac_rising        warning: the applied rule masks more and more (CUSUM + Mann-Kendall at 1%)
+  masked_frac_rising        warning: the applied rule masks more and more (same tests + Mann-Kendall at 1%)
   rule_never_binds          warning: the applied rule masked nothing at all
   tails_along_sequence      info: the divergence tail grows along the response (Mann-Kendall at 1%)
   budget_exhausted_early    info: CPPO's prefix budget rejects early in the response
