@@ -165,6 +165,9 @@ def test_collapsing_run_warns_before_the_collapse(runs, tmp_path):
     assert tail.severity == "warning" and 18 <= tail.first_step < col.first_step
     assert tail.evidence["updates"] == "after_first" and tail.evidence["ratio_to_reference"] > 1.5
     assert tail.page == "Divergence by position" and tail.steps[0] <= tail.first_step
+    masked = by_id["masked_frac_rising"]  # grpo_clip masks more as the ratio spreads
+    assert masked.severity == "warning" and tail.first_step <= masked.first_step < col.first_step
+    assert masked.evidence["mann_kendall_p"] < D.ALPHA and masked.evidence["theil_sen_rise"] >= masked.evidence["reference_median"]
     for f in (col, tail):  # a figure beside the report for each
         assert f.figure and Path(f.figure).exists() and Path(f.figure).stat().st_size > 1000
     assert fs[0].severity == "critical"  # most severe first
