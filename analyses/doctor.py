@@ -248,14 +248,17 @@ def step_series(source: Any) -> dict:
         aggs.append((~pl.col("keep_applied")).cast(pl.Float64).mean().alias("masked_frac"))
     info["tail"] = sub.filter(pl.col("logp_rollout").is_not_null()).group_by("step").agg(aggs).sort("step").collect()
     # mismatch: pi_old vs mu when logged, else the first update's pi (= the sampling weights) vs mu
-    mm_col = "logp_old" if "logp_old" in cols and lf.select(pl.col("logp_old").is_not_null().any()).collect().item() else "logp"
+    has_old = "logp_old" in cols and lf.select(pl.col("logp_old").is_not_null().any()).collect().item()
+    mm_col = "logp_old" if has_old else "logp"
     lr = _lr(mm_col)
     info["mismatch_pair"] = "pi_old / mu" if mm_col == "logp_old" else "pi / mu in the first update"
-    info["mismatch"] = (lf.filter((pl.col("update") == 0) & pl.col(mm_col).is_not_null() & pl.col("logp_rollout").is_not_null())
+    first = (pl.col("update") == 0) & pl.col(mm_col).is_not_null() & pl.col("logp_rollout").is_not_null()
+    info["mismatch"] = (lf.filter(first)
                         .group_by("step").agg(pl.len().alias("n_tokens"), (lr.exp() - 1.0 - lr).mean().alias("k3"),
                                               lr.abs().mean().alias("abs_lr_mean"))
                         .sort("step").collect())
-    info["identical_rollout"] = bool(lf.select(((pl.col("logp") == pl.col("logp_rollout")) | pl.col("logp_rollout").is_null()).all()).collect().item())
+    same = (pl.col("logp") == pl.col("logp_rollout")) | pl.col("logp_rollout").is_null()
+    info["identical_rollout"] = bool(lf.select(same.all()).collect().item())
     if "entropy" in cols:
         info["entropy"] = (lf.filter((pl.col("update") == 0) & pl.col("entropy").is_not_null()).group_by("step")
                            .agg(pl.col("entropy").cast(pl.Float64).mean().alias("entropy")).sort("step").collect())
@@ -283,7 +286,8 @@ def _reward_series(source: Any, scalars: pl.DataFrame | None, info: dict) -> tup
         if df.height:
             return df["step"].to_numpy(), df["reward/mean"].to_numpy().astype(np.float64), "reward/mean (scalars)"
     if "reward" in info["columns"]:  # token table: one reward per sequence, its first update
-        df = (load_tokens(source).filter((pl.col("update") == 0) & (pl.col("pos") == 0) & pl.col("reward").is_not_null())
+        one_per_seq = (pl.col("update") == 0) & (pl.col("pos") == 0) & pl.col("reward").is_not_null()
+        df = (load_tokens(source).filter(one_per_seq)
               .group_by("step").agg(pl.col("reward").cast(pl.Float64).mean()).sort("step").collect())
         if df.height:
             return df["step"].to_numpy(), df["reward"].to_numpy(), "token column 'reward' (logged steps only)"
@@ -586,7 +590,8 @@ def _masked_rising(f_steps: np.ndarray, vals: np.ndarray, rule, fig_path, collap
         return Finding("masked_frac_rising", "warning", step,
                        f"The share of tokens the rule masks rose from about {ref:.2%} to {vals[a]:.2%} by step {step} "
                        f"(Theil-Sen rise {rise:.2%}, Mann-Kendall p = {mk['p_increasing']:.2g}): the policy moves "
-                       "further from the sampler every step.", ev, fig, PAGE_COMPARE, (int(f_steps[0]), int(f_steps[-1])))
+                       "further from the sampler every step.", ev, fig, PAGE_COMPARE,
+                       (int(f_steps[0]), int(f_steps[-1])))
     return None
 
 
@@ -764,7 +769,8 @@ def report_section(sources: Sequence[Any], names: Sequence[str], out_dir, *, pro
             at = f" from step {f.first_step}" if f.first_step is not None else ""
             where = f" See the app's <i>{html.escape(f.page)}</i> page" + (
                 f", steps {f.steps[0]}–{f.steps[1]}." if f.steps else ".")
-            parts.append(f"<p><b>[{f.severity.upper()}] {html.escape(f.id)}</b>{at}: {html.escape(f.message)}{where}</p>")
+            parts.append(f"<p><b>[{f.severity.upper()}] {html.escape(f.id)}</b>{at}: "
+                         f"{html.escape(f.message)}{where}</p>")
             ev = ", ".join(f"{html.escape(str(k))} = {html.escape(str(v))}" for k, v in f.to_json()["evidence"].items())
             if ev:
                 parts.append(f"<p style='font-size:.85em;color:#555'>evidence: {ev}</p>")

@@ -178,7 +178,8 @@ def mismatch_metrics(
                .group_by("bin").agg(aggs).sort("bin")
                .with_columns((pl.col("bin") * bin_width).alias("bin_start"),
                              ((pl.col("bin") + 1) * bin_width).alias("bin_end")))
-        return out.collect(engine="streaming").select("bin", "bin_start", "bin_end", pl.exclude("bin", "bin_start", "bin_end"))
+        first = ("bin", "bin_start", "bin_end")
+        return out.collect(engine="streaming").select(*first, pl.exclude(*first))
     tokens = lf.group_by("step").agg(aggs)
     w = pl.col("_L").clip(-LOGRATIO_CLAMP, LOGRATIO_CLAMP).exp()
     seqs = (lf.group_by("step", "update", "rank", "seq_id")

@@ -62,7 +62,8 @@ updates = c2.radio("Updates", ["after_first", "first", "all"], horizontal=True, 
 bin_width = c3.number_input("Bin width (tokens)", min_value=1, max_value=4096, value=16, key="doc_mm_bin",
                             disabled=by != "position")
 table = data.analysis("mismatch_metrics", path, by=by, updates=updates, bin_width=int(bin_width))
-ui.need(table.height > 0, "No tokens for this update filter (a run with one update per batch has none after the first).")
+ui.need(table.height > 0,
+        "No tokens for this update filter (a run with one update per batch has none after the first).")
 metrics = [c for c in table.columns if c not in ("step", "bin", "bin_start", "bin_end", "n_tokens", "n_seqs")]
 chosen = st.multiselect("Metrics", metrics, default=["kl_k3", "chi2_token"], key="doc_mm_metrics")
 x = table["step"] if by == "step" else table["bin_start"]
