@@ -71,6 +71,16 @@ Train/rollout mismatch (``analyses.mismatch``)
                          n_rel_bins=20, progress=False) -> pl.DataFrame
         position_stats of |pi_old - mu| ("mismatch_tv") and |log pi_old - log mu| ("mismatch_abs_logratio");
         raises MissingColumnError when the run has no logp_old
+    mismatch_metrics(source, *, by="step"|"position", updates="all"|"first"|"after_first", pair="pi"|"old",
+                     bin_width=64, step_range=None, adv_sign=None, is_high=(1.2, 2, 5), is_low=(0.8, 0.5, 0.2))
+        -> pl.DataFrame   the mismatch metric family (k1/k2/k3 KL, chi2 per token and sequence, ESS, IS-weight
+        tail fractions, log-perplexity difference, toward-mu fraction, masked fraction by advantage sign)
+
+Doctor (``analyses.doctor``)
+    diagnose(source, *, out_dir=None, name=None, budget=True, progress=False) -> list[Finding]
+        Finding: id, severity ("info"|"warning"|"critical"), first_step, message, evidence (dict),
+        figure (PNG path or None), page and steps (where the app shows it)
+    diagnose_runs(sources, *, out_dir=None, names=None, budget=True) -> {"runs": [{"run", "findings"}]}
 
 Figures: the same builders, taking the aggregated tables above, exist in ``analyses.plots_mpl``
 (matplotlib Figure) and ``analyses.plots_plotly`` (plotly go.Figure):
@@ -137,6 +147,10 @@ _LAZY = {
     "select_updates": "analyses.updates",
     "run_max_response_length": "analyses.profiles",
     "run_profile_params": "analyses.profiles",
+    "mismatch_metrics": "analyses.mismatch",
+    "diagnose": "analyses.doctor",
+    "diagnose_runs": "analyses.doctor",
+    "Finding": "analyses.doctor",
     "write_report": "analyses.report",
     "write_synthetic_run": "analyses.synthetic",
 }

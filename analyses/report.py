@@ -152,6 +152,10 @@ def write_report(
           "updates per batch every table and figure pools the updates after the first of each batch unless "
           "stated otherwise: in the first, &pi; = &mu;, which would dilute the divergence and the masked fraction.")
 
+    from analyses.doctor import report_section  # doctor findings and the mismatch metric family
+
+    doc.parts.append(report_section(sources, names, out, progress=progress))
+
     # -- comparison across runs and rules -------------------------------------------------------------
     cmp = compare_runs(sources, rules, params=params, names=names, step_range=step_range, bin_width=bin_width,
                        progress=progress, updates=updates, profiles=profiles)

@@ -35,6 +35,7 @@ PAGES = [
     st.Page("views/compare.py", title="Compare runs", url_path="compare"),
     st.Page("views/inspector.py", title="Token inspector", url_path="inspector"),
     st.Page("views/whatif.py", title="What-if", url_path="whatif"),
+    st.Page("views/doctor.py", title="Doctor", url_path="doctor"),
 ]
 
 ui.keep_persistent_state()

@@ -24,6 +24,7 @@ SUBCOMMANDS = [
     "report",
     "recompute",
     "stats",
+    "doctor",
     "import",
     "app",
     "study",

@@ -21,6 +21,7 @@ Examples:
   cppo-diag stats runs/demo --mismatch --format csv
   cppo-diag stats runs/big --engine ray --ray-address auto --metric tv
   cppo-diag stats runs/demo --exact
+  cppo-diag stats runs/demo --family mismatch --by step --format csv   (k1/k2/k3, chi2, ESS, ... per step)
 """
 
 from __future__ import annotations
@@ -36,8 +37,13 @@ def add_arguments(parser) -> None:
     from analyses.updates import add_updates_argument
 
     parser.add_argument("run", help="run directory")
-    parser.add_argument("--by", choices=["position", "relative"], default="position",
-                        help="absolute position bins (--bin tokens wide) or relative position t/T (--bin equal bins)")
+    parser.add_argument("--by", choices=["position", "relative", "step"], default="position",
+                        help="absolute position bins (--bin tokens wide), relative position t/T (--bin equal bins), "
+                             "or training step (--family mismatch only)")
+    parser.add_argument("--family", choices=["divergence", "mismatch"], default="divergence",
+                        help="divergence (default): the statistics above; mismatch: the mismatch metric family "
+                             "(k1/k2/k3 KL, chi2 per token and sequence, ESS, IS-weight tails, log-ppl difference, "
+                             "toward-mu and masked fractions; docs/analyses.md) by step or position bin")
     parser.add_argument("--bin", type=int, default=64, metavar="N",
                         help="bin width in tokens (--by position) or number of bins (--by relative); default 64")
     parser.add_argument("--format", choices=["csv", "json"], default="csv", help="output format (default csv)")
@@ -75,7 +81,7 @@ def run(args) -> int:
     from analyses.mismatch import mismatch_by_position
     from analyses.position import DEFAULT_THRESHOLDS, METRICS
     from analyses.tokens import MissingColumnError
-    from analyses.updates import updates_arg
+    from analyses.updates import resolve_updates, updates_arg
 
     relative = args.by == "relative"
     thresholds = tuple(args.threshold) if args.threshold else DEFAULT_THRESHOLDS
@@ -83,7 +89,17 @@ def run(args) -> int:
                   step_range=args.steps, adv_sign=args.adv_sign, thresholds=thresholds,
                   progress=not args.no_progress)
     try:
-        if args.mismatch:  # |pi_old - mu| does not change between the updates of a batch
+        if args.family == "mismatch":
+            if relative:
+                raise ValueError("--by: the mismatch family is by 'step' or 'position', found 'relative'")
+            from analyses.mismatch import mismatch_metrics
+
+            updates = resolve_updates(args.run, updates_arg(args.updates))
+            table = mismatch_metrics(args.run, by="step" if args.by == "step" else "position", bin_width=args.bin,
+                                     updates=updates, step_range=args.steps, adv_sign=args.adv_sign)
+        elif args.by == "step":
+            raise ValueError("--by step needs --family mismatch")
+        elif args.mismatch:  # |pi_old - mu| does not change between the updates of a batch
             table = mismatch_by_position(args.run, **common)
         else:
             table = position_summary(

@@ -1,0 +1,799 @@
+"""``diagnose``: plain-language findings about a recorded run, each with the numbers behind it and a figure.
+
+A finding says what is wrong (or what the logs cannot tell), from which step it holds, and where to look.
+The checks read only what any trainer can log (token log-probs, advantages, the applied mask, entropy,
+``reward/mean``); each one is listed in docs/analyses.md, "Doctor", with its statistic.
+
+The early warning is not a threshold on a level: it is a one-sided CUSUM change-point test on per-step
+statistics, each point standardised against the run's own earlier steps (median and MAD), so that it adapts to
+each run's scale, together with a sequential Mann-Kendall trend test (one-sided p < 0.001, Theil-Sen fit at least
+doubling) for rises too gradual for a change point:
+
+* ``divergence_tails_rising``: the top-decile mean of |log pi - log mu| over the tokens of the updates after
+  the first (where the policy has moved away from the sampler);
+* ``mismatch_drift``: mean k3 of the first update's tokens (pi = mu up to the train/inference mismatch), or of
+  pi_old against mu when the run logged ``logp_old``.
+
+The collapse step (``collapse_step``) is the first step at which the 5-step moving average of ``reward/mean``
+falls below half of its running maximum.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import polars as pl
+
+from analyses.tokens import LOGRATIO_CLAMP, columns_of, load_tokens, run_meta, run_name
+
+SEVERITIES = ("info", "warning", "critical")
+
+# Statistics and their defaults (docs/analyses.md, "Doctor").
+MIN_STEPS = 10  # logged steps a per-step trend test needs
+CUSUM_WARMUP = 8  # points that only form the reference before the test starts
+CUSUM_K = 1.0  # allowance, in robust standard deviations
+CUSUM_H = 5.0  # decision interval, in robust standard deviations
+CUSUM_Z_CAP = 3.0  # one point adds at most this much: a single outlier never raises an alarm alone
+LOG_SCALE_FLOOR = 0.1  # smallest robust sd of a log-series (changes under ~10% are not a change)
+MISMATCH_FLOOR = 1e-5  # mean |log x - log mu| below this is float32 rounding of log-probs, not a mismatch
+COLLAPSE_WINDOW = 5
+COLLAPSE_FRACTION = 0.5
+COLLAPSE_MIN_STEP = 10
+ALPHA = 0.01  # significance level of the Mann-Kendall trend tests
+TREND_ALPHA = 0.001  # one-sided level of the sequential Mann-Kendall early warning (one look per step)
+TREND_WINDOW = 60  # the sequential trend test looks at the latest this many logged steps
+TREND_MIN_RISE = math.log(2.0)  # ... and needs the Theil-Sen fit to at least double over that window
+TREND_MIN_SNR = 2.0  # ... and to rise by at least twice the robust sd of the points around the fit
+ENTROPY_COLLAPSE_FRACTION = 0.1  # entropy below 10% of its early level
+BUDGET_EARLY_FRACTION = 0.25  # median first budget rejection within the first quarter of the response
+
+# Pages of the app that show each finding's evidence (app/streamlit_app.py titles).
+PAGE_DIVERGENCE = "Divergence by position"
+PAGE_BUDGET = "Budget"
+PAGE_RUNS = "Runs"
+PAGE_DOCTOR = "Doctor"
+PAGE_COMPARE = "Compare runs"
+
+
+@dataclass
+class Finding:
+    """One finding. ``evidence``: the numbers behind the sentence; ``figure``: the PNG that shows it (None
+    when figures were not written); ``page`` / ``steps``: where in the app to look (inclusive step range)."""
+
+    id: str
+    severity: str
+    first_step: int | None
+    message: str
+    evidence: dict = field(default_factory=dict)
+    figure: str | None = None
+    page: str = PAGE_DOCTOR
+    steps: tuple[int, int] | None = None
+
+    def to_json(self) -> dict:
+        """The JSON object of ``cppo-diag doctor --format json`` (id, severity, first_step, message,
+        evidence, figure)."""
+        d = asdict(self)
+        return {k: _jsonable(d[k]) for k in ("id", "severity", "first_step", "message", "evidence", "figure")}
+
+
+def _jsonable(v):
+    if isinstance(v, dict):
+        return {str(k): _jsonable(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_jsonable(x) for x in v]
+    if isinstance(v, (np.integer,)):
+        return int(v)
+    if isinstance(v, (float, np.floating)):
+        f = float(v)
+        return None if not math.isfinite(f) else round(f, 6)
+    return v
+
+
+# -- statistics -------------------------------------------------------------------------------------------------
+
+
+def moving_average(x: Sequence[float], window: int = COLLAPSE_WINDOW) -> np.ndarray:
+    """Trailing mean over the last ``window`` values (over the values so far for the first ``window - 1``
+    points, so a run that collapses at its very start is seen collapsing there)."""
+    x = np.asarray(x, dtype=np.float64)
+    c = np.cumsum(np.insert(x, 0, 0.0))
+    i = np.arange(1, x.size + 1)
+    lo = np.maximum(i - window, 0)
+    return (c[i] - c[lo]) / (i - lo)
+
+
+def collapse_step(steps: Sequence[int], reward: Sequence[float], *, window: int = COLLAPSE_WINDOW,
+                  fraction: float = COLLAPSE_FRACTION) -> dict:
+    """First step where the ``window``-step trailing mean of the reward is below ``fraction`` times its running
+    maximum (steps with a null reward are dropped first). Returns {"step": int or None, "ma", "running_max",
+    "peak_step"} (the arrays over ``steps``)."""
+    steps = np.asarray(steps, dtype=np.int64)
+    r = np.asarray(reward, dtype=np.float64)
+    ok = np.isfinite(r)
+    steps, r = steps[ok], r[ok]
+    ma = moving_average(r, window)
+    run_max = np.fmax.accumulate(np.where(np.isnan(ma), -np.inf, ma)) if ma.size else ma
+    hit = np.flatnonzero(np.isfinite(ma) & (run_max > 0) & (ma < fraction * run_max))
+    step = int(steps[hit[0]]) if hit.size else None
+    peak = None
+    if hit.size:
+        upto = ma[: hit[0] + 1]
+        peak = int(steps[int(np.nanargmax(upto))])
+    return {"step": step, "steps": steps, "ma": ma, "running_max": run_max, "peak_step": peak}
+
+
+def cusum_up(y: Sequence[float], *, warmup: int = CUSUM_WARMUP, k: float = CUSUM_K, h: float = CUSUM_H,
+             z_cap: float = CUSUM_Z_CAP, scale_floor: float = LOG_SCALE_FLOOR) -> dict:
+    """Self-starting one-sided (upward) CUSUM with a robust reference.
+
+    Point i >= ``warmup`` is standardised against the points before it: z_i = (y_i - median(y_<i)) / s_i with
+    s_i = max(1.4826 MAD(y_<i), ``scale_floor``), capped at ``z_cap``; S_i = max(0, S_{i-1} + z_i - k), and the
+    alarm is the first i with S_i > h. Returns {"alarm": index or None, "start": index where the CUSUM last
+    left 0 before the alarm (the estimated change point), "S": array, "z": array, "ref", "scale" at the alarm}.
+    """
+    y = np.asarray(y, dtype=np.float64)
+    n = y.size
+    S = np.zeros(n)
+    z = np.full(n, np.nan)
+    s_prev, start, ref, scale = 0.0, None, None, None
+    for i in range(warmup, n):
+        past = y[:i][np.isfinite(y[:i])]
+        if past.size < warmup or not np.isfinite(y[i]):
+            S[i] = s_prev
+            continue
+        med = float(np.median(past))
+        sd = max(1.4826 * float(np.median(np.abs(past - med))), scale_floor)
+        z[i] = min((y[i] - med) / sd, z_cap)
+        cur = max(0.0, s_prev + z[i] - k)
+        if s_prev == 0.0 and cur > 0.0:
+            start = i
+        S[i] = cur
+        s_prev = cur
+        if cur > h:
+            return {"alarm": i, "start": start if start is not None else i, "S": S, "z": z, "ref": med, "scale": sd}
+    return {"alarm": None, "start": None, "S": S, "z": z, "ref": ref, "scale": scale}
+
+
+def trend_up(steps: Sequence[int], y: Sequence[float], *, alpha: float = TREND_ALPHA, window: int = TREND_WINDOW,
+             min_rise: float = TREND_MIN_RISE, min_snr: float = TREND_MIN_SNR, min_points: int = MIN_STEPS) -> dict:
+    """Sequential trend test: the first index i (>= ``min_points`` - 1) at which the latest ``window`` points up to
+    i show a Mann-Kendall increasing trend with one-sided p < ``alpha`` and a Theil-Sen fit whose rise over those
+    points is at least ``min_rise`` (in y's units; log 2 = doubling on a log-series) and at least ``min_snr`` robust
+    standard deviations (1.4826 MAD) of the points around the fit. Returns {"alarm": index or None, "start": first
+    index of the window, "p", "z", "rise", "noise"}."""
+    steps, y = np.asarray(steps, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    for i in range(min_points - 1, y.size):
+        lo = max(0, i + 1 - window)
+        ys, xs = y[lo:i + 1], steps[lo:i + 1]
+        mk = mann_kendall(ys)
+        if mk["p_increasing"] >= alpha:
+            continue
+        slope = theil_sen(xs, ys)
+        rise = slope * (xs[-1] - xs[0])
+        resid = ys - slope * xs
+        noise = 1.4826 * float(np.median(np.abs(resid - np.median(resid))))
+        if rise >= max(min_rise, min_snr * noise):
+            return {"alarm": i, "start": lo, "p": mk["p_increasing"], "z": mk["z"], "rise": rise, "noise": noise}
+    return {"alarm": None, "start": None, "p": None, "z": None, "rise": None, "noise": None}
+
+
+def mann_kendall(y: Sequence[float]) -> dict:
+    """Mann-Kendall trend test (normal approximation with the tie correction): statistic S, z and the one-sided
+    p-values of an increasing and of a decreasing trend. NaN values are dropped."""
+    y = np.asarray(y, dtype=np.float64)
+    y = y[np.isfinite(y)]
+    n = y.size
+    if n < 3:
+        return {"n": n, "S": 0, "z": 0.0, "p_increasing": 1.0, "p_decreasing": 1.0}
+    diff = np.sign(y[None, :] - y[:, None])
+    s = float(np.triu(diff, 1).sum())
+    _, counts = np.unique(y, return_counts=True)
+    var = (n * (n - 1) * (2 * n + 5) - float(np.sum(counts * (counts - 1) * (2 * counts + 5)))) / 18.0
+    zval = 0.0 if var <= 0 else (s - np.sign(s)) / math.sqrt(var)
+    return {"n": n, "S": int(s), "z": zval, "p_increasing": 0.5 * math.erfc(zval / math.sqrt(2)),
+            "p_decreasing": 0.5 * math.erfc(-zval / math.sqrt(2))}
+
+
+def theil_sen(x: Sequence[float], y: Sequence[float]) -> float:
+    """Median of the pairwise slopes (y_j - y_i) / (x_j - x_i), i < j, x_j != x_i."""
+    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    ok = np.isfinite(x) & np.isfinite(y)
+    x, y = x[ok], y[ok]
+    i, j = np.triu_indices(x.size, 1)
+    dx = x[j] - x[i]
+    keep = dx != 0
+    return float(np.median((y[j] - y[i])[keep] / dx[keep])) if keep.any() else float("nan")
+
+
+# -- per-step series from the tokens ----------------------------------------------------------------------------
+
+
+def _lr(x: str) -> pl.Expr:
+    return (pl.col(x).cast(pl.Float64) - pl.col("logp_rollout").cast(pl.Float64)).clip(-LOGRATIO_CLAMP, LOGRATIO_CLAMP)
+
+
+def _top_decile_mean(d: pl.Expr) -> pl.Expr:
+    """Mean of the values >= their P90 (linear interpolation): analyses.position's ``top10_mean``."""
+    return d.filter(d >= d.quantile(0.9, interpolation="linear")).mean()
+
+
+def step_series(source: Any) -> dict:
+    """Per-step statistics the checks use, as one table per token subset, plus what the run logged."""
+    lf = load_tokens(source)
+    cols = columns_of(lf)
+    for c in ("step", "pos", "logp", "advantage"):
+        if c not in cols:
+            raise ValueError(f"doctor: the token table needs column '{c}'; found {sorted(cols)}")
+    info: dict[str, Any] = {"columns": cols}
+    has_mu = "logp_rollout" in cols
+    if has_mu:
+        n_mu = lf.select(pl.col("logp_rollout").is_not_null().sum()).collect().item()
+        has_mu = bool(n_mu)
+    info["has_rollout"] = has_mu
+    counts = lf.group_by("step").agg(pl.len().alias("n"), (pl.col("update") > 0).sum().alias("n_after"))
+    info["counts"] = counts.sort("step").collect()
+    if not has_mu:
+        return info
+    after_exists = bool(info["counts"]["n_after"].sum())
+    info["tail_updates"] = "after_first" if after_exists else "all"
+    sub = lf.filter(pl.col("update") > 0) if after_exists else lf
+    d = _lr("logp").abs()
+    aggs = [pl.len().alias("n_tokens"), _top_decile_mean(d).alias("tail_top10"), d.mean().alias("abs_lr_mean")]
+    if "keep_applied" in cols:
+        aggs.append((~pl.col("keep_applied")).cast(pl.Float64).mean().alias("masked_frac"))
+    info["tail"] = sub.filter(pl.col("logp_rollout").is_not_null()).group_by("step").agg(aggs).sort("step").collect()
+    # mismatch: pi_old vs mu when logged, else the first update's pi (= the sampling weights) vs mu
+    has_old = "logp_old" in cols and lf.select(pl.col("logp_old").is_not_null().any()).collect().item()
+    mm_col = "logp_old" if has_old else "logp"
+    lr = _lr(mm_col)
+    info["mismatch_pair"] = "pi_old / mu" if mm_col == "logp_old" else "pi / mu in the first update"
+    first = (pl.col("update") == 0) & pl.col(mm_col).is_not_null() & pl.col("logp_rollout").is_not_null()
+    info["mismatch"] = (lf.filter(first)
+                        .group_by("step").agg(pl.len().alias("n_tokens"), (lr.exp() - 1.0 - lr).mean().alias("k3"),
+                                              lr.abs().mean().alias("abs_lr_mean"))
+                        .sort("step").collect())
+    same = (pl.col("logp") == pl.col("logp_rollout")) | pl.col("logp_rollout").is_null()
+    info["identical_rollout"] = bool(lf.select(same.all()).collect().item())
+    if "entropy" in cols:
+        info["entropy"] = (lf.filter((pl.col("update") == 0) & pl.col("entropy").is_not_null()).group_by("step")
+                           .agg(pl.col("entropy").cast(pl.Float64).mean().alias("entropy")).sort("step").collect())
+    return info
+
+
+def _scalar_series(source: Any) -> pl.DataFrame | None:
+    run = source
+    if isinstance(source, (str, Path)):
+        from cppo_diag import open_run
+
+        run = open_run(source)
+    if not hasattr(run, "steps"):
+        return None
+    try:
+        df = run.steps()
+    except Exception:  # noqa: BLE001 - scalars are optional; token checks still run
+        return None
+    return df if df.height else None
+
+
+def _reward_series(source: Any, scalars: pl.DataFrame | None, info: dict) -> tuple[np.ndarray, np.ndarray, str] | None:
+    if scalars is not None and "reward/mean" in scalars.columns:
+        df = scalars.select("step", "reward/mean").drop_nulls().sort("step")
+        if df.height:
+            return df["step"].to_numpy(), df["reward/mean"].to_numpy().astype(np.float64), "reward/mean (scalars)"
+    if "reward" in info["columns"]:  # token table: one reward per sequence, its first update
+        one_per_seq = (pl.col("update") == 0) & (pl.col("pos") == 0) & pl.col("reward").is_not_null()
+        df = (load_tokens(source).filter(one_per_seq)
+              .group_by("step").agg(pl.col("reward").cast(pl.Float64).mean()).sort("step").collect())
+        if df.height:
+            return df["step"].to_numpy(), df["reward"].to_numpy(), "token column 'reward' (logged steps only)"
+    return None
+
+
+# -- figures ----------------------------------------------------------------------------------------------------
+
+
+def _figure(path: Path | None, draw) -> str | None:
+    if path is None:
+        return None
+    from analyses import plots_mpl as P
+
+    fig, ax = P._fig()
+    draw(fig, ax)
+    P._legend(ax)
+    return str(P.save_png(fig, path))
+
+
+def _series_figure(path, steps, values, *, ylabel, title, alarm_step=None, start_step=None, log=False,
+                   collapse=None, extra=None, span_label="steps the test used"):
+    def draw(fig, ax):
+        ax.plot(steps, values, marker="o", ms=3, lw=1.2, color="C0", label=ylabel)
+        if extra is not None:
+            ax.plot(extra[0], extra[1], lw=1.2, ls="--", color="C2", label=extra[2])
+        if start_step is not None and alarm_step is not None:
+            ax.axvspan(start_step, alarm_step, color="C1", alpha=0.15, label=span_label)
+        if alarm_step is not None:
+            ax.axvline(alarm_step, color="C1", lw=1.5, label=f"alarm at step {alarm_step}")
+        if collapse is not None:
+            ax.axvline(collapse, color="C3", lw=1.5, ls=":", label=f"reward collapse at step {collapse}")
+        if log and np.all(np.asarray(values, dtype=float)[np.isfinite(values)] > 0):
+            ax.set_yscale("log")
+        ax.set_xlabel("training step")
+        ax.set_ylabel(ylabel)
+        ax.set_title(title)
+
+    return _figure(path, draw)
+
+
+# -- the checks -------------------------------------------------------------------------------------------------
+
+
+def _span(steps: np.ndarray) -> tuple[int, int] | None:
+    return (int(steps[0]), int(steps[-1])) if len(steps) else None
+
+
+def _drift_check(fid: str, steps: np.ndarray, values: np.ndarray, *, what: str, unit_label: str, page: str,
+                 fig_path, collapse: int | None, severity: str = "warning", extra_evidence: dict | None = None,
+                 title: str | None = None):
+    """Change-point (CUSUM) and sequential trend (Mann-Kendall + Theil-Sen) tests on log(values); a Finding at
+    the first step either fires."""
+    title = title or what
+    ok = np.isfinite(values) & (values > 0)
+    steps, values = steps[ok], values[ok]
+    if steps.size < MIN_STEPS:
+        return None
+    y = np.log(values)
+    cs = cusum_up(y)
+    tr = trend_up(steps, y)
+    fired = [(r["alarm"], name, r) for name, r in (("cusum", cs), ("trend", tr)) if r["alarm"] is not None]
+    if not fired:
+        return None
+    a, test, res = min(fired, key=lambda t: t[0])
+    s0 = res["start"]
+    alarm_step, start_step = int(steps[a]), int(steps[s0])
+    ref = float(np.median(values[s0:a])) if a > s0 else float(values[s0])
+    if test == "cusum":
+        ref = float(math.exp(cs["ref"]))
+    mk = mann_kendall(y[s0:a + 1])
+    ev = {"alarm_step": alarm_step, "test": test, "change_start_step": start_step, "value_at_alarm": float(values[a]),
+          "reference_median": ref, "ratio_to_reference": float(values[a]) / ref if ref > 0 else None,
+          "cusum_alarm_step": None if cs["alarm"] is None else int(steps[cs["alarm"]]),
+          "trend_alarm_step": None if tr["alarm"] is None else int(steps[tr["alarm"]]),
+          "cusum_h": CUSUM_H, "cusum_k": CUSUM_K, "trend_alpha": TREND_ALPHA,
+          "mann_kendall_z": mk["z"], "mann_kendall_p": mk["p_increasing"],
+          "theil_sen_rise_factor": float(math.exp(theil_sen(steps[s0:a + 1], y[s0:a + 1]) * (steps[a] - steps[s0]))),
+          "logged_steps": int(steps.size), **(extra_evidence or {})}
+    how = ("a sustained upward change (one-sided CUSUM)" if test == "cusum" else
+           f"a significant upward trend (Mann-Kendall p = {mk['p_increasing']:.1g}, Theil-Sen fit x"
+           f"{ev['theil_sen_rise_factor']:.1f})")
+    msg = (f"{what} rose from about {ref:.3g} to {values[a]:.3g} between steps {start_step} and {alarm_step}: "
+           f"{how}.")
+    fig = _series_figure(fig_path, steps, values, ylabel=unit_label, title=f"{title} per step",
+                         alarm_step=alarm_step, start_step=start_step, log=True, collapse=collapse,
+                         span_label="CUSUM rising" if test == "cusum" else "trend-test window")
+    return Finding(fid, severity, alarm_step, msg, ev, fig, page, (start_step, int(steps[-1])))
+
+
+def diagnose(
+    source: Any,
+    *,
+    out_dir=None,
+    name: str | None = None,
+    budget: bool = True,
+    progress: bool = False,
+) -> list[Finding]:
+    """Findings about one run (most severe first, then by first step). ``out_dir``: where the figures go
+    (``<name>_<finding id>.png``; None writes none). ``budget=False`` skips the CPPO budget recomputation (the
+    slowest check). Raises ``ValueError`` naming the field when the token table lacks a required column."""
+    name = name or run_name(source)
+    slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_") or "run"
+    out = Path(out_dir) if out_dir is not None else None
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+
+    def fig_path(fid: str):
+        return out / f"{slug}_{fid}.png" if out is not None else None
+
+    meta = run_meta(source)
+    info = step_series(source)
+    scalars = _scalar_series(source)
+    findings: list[Finding] = []
+    token_steps = info["counts"]["step"].to_numpy()
+    if token_steps.size == 0:
+        raise ValueError(f"doctor: run '{name}' has no token rows (field 'tokens/'): nothing to diagnose")
+
+    # -- reward collapse ---------------------------------------------------------------------------------------
+    collapse = None
+    rew = _reward_series(source, scalars, info)
+    if rew is None:
+        findings.append(Finding("no_reward", "info", None,
+                                "The run logged no reward (scalar 'reward/mean' or token column 'reward'), so a "
+                                "reward collapse cannot be detected.", {"looked_for": ["reward/mean", "reward"]},
+                                None, PAGE_RUNS, None))
+    else:
+        rs, rv, rsrc = rew
+        col = collapse_step(rs, rv)
+        collapse = col["step"]
+        if collapse is not None:
+            i = int(np.flatnonzero(col["steps"] == collapse)[0])
+            healthy = collapse >= COLLAPSE_MIN_STEP
+            ev = {"collapse_step": collapse, "peak_step": col["peak_step"], "moving_average": float(col["ma"][i]),
+                  "running_max": float(col["running_max"][i]), "window": COLLAPSE_WINDOW,
+                  "fraction": COLLAPSE_FRACTION, "source": rsrc, "healthy_phase": healthy}
+            msg = (f"The reward collapsed at step {collapse}: its {COLLAPSE_WINDOW}-step moving average "
+                   f"({ev['moving_average']:.3g}) fell below half of its best value so far ({ev['running_max']:.3g}, "
+                   f"step {col['peak_step']}).")
+            if not healthy:
+                msg += f" It collapsed before step {COLLAPSE_MIN_STEP}, so the run never had a healthy phase."
+            fig = _series_figure(fig_path("reward_collapse"), col["steps"], rv[np.isfinite(rv)],
+                                 ylabel="reward/mean", title="Reward per step", collapse=collapse,
+                                 extra=(col["steps"], col["ma"], f"{COLLAPSE_WINDOW}-step moving average"))
+            findings.append(Finding("reward_collapse", "critical", collapse, msg, ev, fig, PAGE_RUNS,
+                                    (int(col["peak_step"]), int(col["steps"][-1]))))
+
+    # -- what the logs can support ----------------------------------------------------------------------------
+    n_steps = int(token_steps.size)
+    if n_steps < MIN_STEPS:
+        findings.append(Finding("too_few_steps", "info", int(token_steps[0]),
+                                f"Only {n_steps} step(s) have token logs; the trend tests need at least {MIN_STEPS}, "
+                                "so divergence, mismatch, entropy and masked-fraction trends were not tested.",
+                                {"logged_steps": n_steps, "needed": MIN_STEPS}, None, PAGE_RUNS, _span(token_steps)))
+    if not info["has_rollout"]:
+        findings.append(Finding("no_rollout_logprobs", "info", None,
+                                "The run has no rollout log-probs (column 'logp_rollout' is missing or empty), so "
+                                "no divergence, tail or mismatch finding is possible.",
+                                {"column": "logp_rollout"}, None, PAGE_RUNS, None))
+        return _sorted(findings)
+    if info["identical_rollout"]:
+        findings.append(Finding("no_rollout_logprobs", "info", None,
+                                "Every logged 'logp_rollout' equals 'logp' exactly: the rollout log-probs look like "
+                                "a copy of the trainer's, so divergence and mismatch cannot be measured.",
+                                {"column": "logp_rollout"}, None, PAGE_RUNS, None))
+        return _sorted(findings)
+    if info["tail_updates"] == "all":
+        findings.append(Finding("single_update", "info", int(token_steps[0]),
+                                "Every batch was trained with one update, so pi never moves away from the sampler "
+                                "within a batch; the tail statistics use all updates (mismatch only).",
+                                {"updates": "all"}, None, PAGE_DOCTOR, _span(token_steps)))
+
+    # -- divergence tails over steps (the early warning) -------------------------------------------------------
+    tail = info["tail"]
+    tsteps, tvals = tail["step"].to_numpy(), tail["tail_top10"].to_numpy().astype(np.float64)
+    # a step whose tail is at float32 rounding level (pi = mu) carries no information about the policy's movement
+    f = _drift_check("divergence_tails_rising", tsteps, np.where(tvals >= MISMATCH_FLOOR, tvals, np.nan),
+                     what="The top-decile mean of |log pi - log mu|",
+                     unit_label="top-decile mean |log π − log μ| (nats)", page=PAGE_DIVERGENCE,
+                     title="Top-decile mean of |log π − log μ| (updates after the first)",
+                     fig_path=fig_path("divergence_tails_rising"), collapse=collapse,
+                     extra_evidence={"updates": info["tail_updates"]})
+    if f is not None:
+        findings.append(f)
+
+    # -- train/inference mismatch -------------------------------------------------------------------------------
+    mm = info["mismatch"]
+    if mm.height:
+        msteps, k3, abs_lr = mm["step"].to_numpy(), mm["k3"].to_numpy(), mm["abs_lr_mean"].to_numpy()
+        if np.nanmax(abs_lr) < MISMATCH_FLOOR:
+            pass  # at float32 rounding of the log-probs: nothing to drift
+        else:
+            f = _drift_check("mismatch_drift", msteps, np.where(abs_lr >= MISMATCH_FLOOR, k3, np.nan),
+                             what=f"The train/inference mismatch (mean k3 of {info['mismatch_pair']})",
+                             unit_label="mean k3 (nats)", page=PAGE_DOCTOR, fig_path=fig_path("mismatch_drift"),
+                             title="Train/inference mismatch (mean k3)",
+                             collapse=collapse, extra_evidence={"pair": info["mismatch_pair"]})
+            if f is not None:
+                findings.append(f)
+
+    # -- entropy ----------------------------------------------------------------------------------------------
+    ent = info.get("entropy")
+    ent_src = "token column 'entropy' (first update)"
+    if (ent is None or ent.height == 0) and scalars is not None:
+        for c in ("policy/entropy", "entropy/mean", "actor/entropy"):
+            if c in scalars.columns:
+                ent = scalars.select("step", pl.col(c).alias("entropy")).drop_nulls().sort("step")
+                ent_src = f"scalar '{c}'"
+                break
+    if ent is None or ent.height == 0:
+        findings.append(Finding("no_entropy", "info", None,
+                                "The run logged no entropy (token column 'entropy' or scalar 'policy/entropy'), so "
+                                "entropy collapse or surge cannot be detected.", {}, None, PAGE_RUNS, None))
+    else:
+        esteps, evals = ent["step"].to_numpy(), ent["entropy"].to_numpy().astype(np.float64)
+        f = _drift_check("entropy_surge", esteps, evals, what="The policy entropy", unit_label="mean entropy (nats)",
+                         page=PAGE_RUNS, fig_path=fig_path("entropy_surge"), collapse=collapse,
+                         extra_evidence={"source": ent_src})
+        if f is not None:
+            findings.append(f)
+        if evals.size >= MIN_STEPS:
+            early = float(np.nanmedian(evals[:CUSUM_WARMUP]))
+            low = np.flatnonzero(evals < ENTROPY_COLLAPSE_FRACTION * early)
+            if early > 0 and low.size:
+                s = int(esteps[low[0]])
+                ev = {"early_median": early, "value": float(evals[low[0]]), "fraction": ENTROPY_COLLAPSE_FRACTION,
+                      "source": ent_src, "step": s}
+                fig = _series_figure(fig_path("entropy_collapse"), esteps, evals, ylabel="mean entropy (nats)",
+                                     title="Policy entropy per step", alarm_step=s, log=True, collapse=collapse)
+                findings.append(Finding("entropy_collapse", "warning", s,
+                                        f"The policy entropy fell to {ev['value']:.3g} at step {s}, under "
+                                        f"{ENTROPY_COLLAPSE_FRACTION:.0%} of its early level ({early:.3g}): the "
+                                        "policy has become nearly deterministic.", ev, fig, PAGE_RUNS,
+                                        (int(esteps[0]), int(esteps[-1]))))
+
+    # -- the applied mask -------------------------------------------------------------------------------------
+    rule = meta.get("rule")
+    if "masked_frac" not in tail.columns:
+        findings.append(Finding("no_applied_mask", "info", None,
+                                "The run did not log the applied mask (column 'keep_applied'), so masked-fraction "
+                                "findings are not possible; `cppo-diag recompute` can rebuild it.",
+                                {"column": "keep_applied"}, None, PAGE_COMPARE, None))
+    else:
+        mf = tail["masked_frac"].to_numpy().astype(np.float64)
+        n_tok = int(tail["n_tokens"].sum())
+        n_masked = float(np.nansum(mf * tail["n_tokens"].to_numpy()))
+        # with one update per batch pi = mu and no rule can mask anything: single_update already says so
+        if (rule not in (None, "pg_is", "cispo") and n_masked == 0 and n_tok >= 1000
+                and info["tail_updates"] == "after_first"):
+            findings.append(Finding("rule_never_binds", "warning", int(tsteps[0]),
+                                    f"The applied rule '{rule}' masked no token in {n_tok:,} tokens of the updates "
+                                    f"after the first: its parameters {meta.get('rule_params') or {}} never bind, so "
+                                    "it ran as an unconstrained policy gradient.",
+                                    {"rule": rule, "rule_params": meta.get("rule_params") or {}, "tokens": n_tok},
+                                    None, PAGE_COMPARE, _span(tsteps)))
+        # arcsine-square-root puts a fraction on a scale where binomial noise is about constant
+        f = _masked_rising(tsteps[np.isfinite(mf)], mf[np.isfinite(mf)], rule, fig_path("masked_frac_rising"),
+                           collapse)
+        if f is not None:
+            findings.append(f)
+
+    # -- tails along the sequence -----------------------------------------------------------------------------
+    findings.extend(_along_sequence(source, info, fig_path("tails_along_sequence"), progress))
+
+    # -- prefix budget ----------------------------------------------------------------------------------------
+    if budget:
+        f = _budget_check(source, meta, fig_path("budget_exhausted_early"), progress)
+        if f is not None:
+            findings.append(f)
+    return _sorted(findings)
+
+
+def _masked_rising(f_steps: np.ndarray, vals: np.ndarray, rule, fig_path, collapse) -> Finding | None:
+    """The masked fraction rises: the first step where the CUSUM or the sequential trend test (on the arcsine-square-
+    root of the fraction) alarms, confirmed, on the steps up to that one, by a Mann-Kendall increasing trend at
+    ``ALPHA`` and a Theil-Sen rise that at least doubles the earlier median and exceeds twice the scatter around
+    the fit."""
+    if f_steps.size < MIN_STEPS:
+        return None
+    y = np.arcsin(np.sqrt(np.clip(vals, 0, 1)))
+    cands = [r["alarm"] for r in (cusum_up(y, scale_floor=0.05), trend_up(f_steps, y, min_rise=0.0))
+             if r["alarm"] is not None]
+    for a in sorted(set(cands)):
+        xs, ys = f_steps[: a + 1], vals[: a + 1]
+        mk = mann_kendall(ys)
+        slope = theil_sen(xs, ys)
+        rise = slope * (xs[-1] - xs[0])
+        resid = ys - slope * xs
+        noise = 1.4826 * float(np.median(np.abs(resid - np.median(resid))))
+        ref = float(np.median(ys[:-1]))
+        if mk["p_increasing"] >= ALPHA or rise < max(ref, TREND_MIN_SNR * noise):
+            continue
+        step = int(f_steps[a])
+        ev = {"alarm_step": step, "masked_frac_at_alarm": float(vals[a]), "reference_median": ref,
+              "theil_sen_rise": rise, "scatter": noise, "mann_kendall_z": mk["z"], "mann_kendall_p": mk["p_increasing"],
+              "alpha": ALPHA, "rule": rule}
+        fig = _series_figure(fig_path, f_steps, vals, ylabel="masked fraction",
+                             title=f"Masked fraction of '{rule}' per step (updates after the first)", alarm_step=step,
+                             collapse=collapse)
+        return Finding("masked_frac_rising", "warning", step,
+                       f"The share of tokens the rule masks rose from about {ref:.2%} to {vals[a]:.2%} by step {step} "
+                       f"(Theil-Sen rise {rise:.2%}, Mann-Kendall p = {mk['p_increasing']:.2g}): the policy moves "
+                       "further from the sampler every step.", ev, fig, PAGE_COMPARE,
+                       (int(f_steps[0]), int(f_steps[-1])))
+    return None
+
+
+def _sorted(findings: list[Finding]) -> list[Finding]:
+    rank = {s: i for i, s in enumerate(reversed(SEVERITIES))}
+    return sorted(findings, key=lambda f: (rank[f.severity], f.first_step if f.first_step is not None else -1))
+
+
+N_REL_BINS = 10
+
+
+def _along_sequence(source, info, fig_path, progress) -> list[Finding]:
+    from analyses.position import position_stats
+
+    updates = info["tail_updates"]
+    lf = load_tokens(source)
+    if updates == "after_first":
+        lf = lf.filter(pl.col("update") > 0)
+    table = position_stats(lf, metrics=("tv",), relative=True, n_rel_bins=N_REL_BINS, progress=progress)
+    table = table.filter(pl.col("count") > 0).sort("bin")
+    if table.height < 5:
+        return []
+    top = table["top10_mean"].to_numpy().astype(np.float64)
+    mk = mann_kendall(top)
+    if mk["p_increasing"] >= ALPHA:
+        return []
+    third = max(1, table.height // 3)
+    first, last = float(np.nanmean(top[:third])), float(np.nanmean(top[-third:]))
+    ratio = last / first if first > 0 else float("inf")
+    ev = {"updates": updates, "n_rel_bins": N_REL_BINS, "top10_mean_first_third": first,
+          "top10_mean_last_third": last, "ratio": ratio, "mann_kendall_z": mk["z"],
+          "mann_kendall_p": mk["p_increasing"], "alpha": ALPHA}
+    tsteps = info["counts"]["step"].to_numpy()
+
+    def draw(fig, ax):
+        x = ((table["bin_start"] + table["bin_end"]) / 2).to_numpy()
+        ax.plot(x, table["mean"].to_numpy(), marker="o", ms=3, label="bin mean")
+        ax.plot(x, top, marker="o", ms=3, label="top-10% mean (mean of D ≥ P90)")
+        ax.set_xlabel("relative position t / T (bin centre)")
+        ax.set_ylabel("|π − μ| (probability)")
+        ax.set_title("Divergence along the response")
+
+    fig = _figure(fig_path, draw)
+    return [Finding("tails_along_sequence", "info", int(tsteps[0]),
+                    f"The divergence tail grows along the response: the top-decile mean of |pi - mu| is "
+                    f"{ratio:.1f}x larger in the last third of positions than in the first (Mann-Kendall p = "
+                    f"{mk['p_increasing']:.2g}); a position-aware trust region (CPPO) addresses exactly this.",
+                    ev, fig, PAGE_DIVERGENCE, _span(tsteps))]
+
+
+def _budget_check(source, meta, fig_path, progress) -> Finding | None:
+    from analyses import plots_mpl as P
+    from analyses.budget import budget_exhaustion
+    from cppo_diag.masks import get_rule
+
+    rule = str(meta.get("rule") or "")
+    params = {}
+    if rule.startswith("cppo"):
+        known = get_rule("cppo").params
+        params = {k: v for k, v in (meta.get("rule_params") or {}).items() if k in known}
+    lf = load_tokens(source)
+    if bool(lf.select((pl.col("update") > 0).any()).collect().item()):
+        lf = lf.filter(pl.col("update") > 0)
+    bud = budget_exhaustion(lf, params=params, progress=progress)
+    fr = bud.first_reject
+    if fr.is_empty() or not bud.by_step.height:
+        return None
+    lengths = (lf.group_by("step", "update", "rank", "seq_id").agg(pl.col("pos").max() + 1).collect()["pos"])
+    median_len = float(lengths.median())
+    below = fr.filter(pl.col("survival") <= 0.5)
+    if below.is_empty():
+        return None
+    median_first = int(below["pos"][0])
+    if median_first >= BUDGET_EARLY_FRACTION * median_len:
+        return None
+    steps = bud.by_step["step"].to_numpy()
+    ev = {"median_first_budget_rejection_pos": median_first, "median_response_length": median_len,
+          "fraction": BUDGET_EARLY_FRACTION, "budget_share": bud.overall.get("budget_share"),
+          "resp_rejected_frac": bud.overall.get("resp_rejected_frac"), "params": params or "defaults"}
+    fig = None
+    if fig_path is not None:
+        fig = str(P.save_png(P.fig_first_reject(fr), fig_path))
+    applied = "as applied" if rule.startswith("cppo") else "recomputed with its defaults"
+    return Finding("budget_exhausted_early", "info", int(steps[0]),
+                   f"CPPO's prefix budget ({applied}) runs out early: half of the responses have their first "
+                   f"budget rejection by position {median_first}, within the first {BUDGET_EARLY_FRACTION:.0%} of a "
+                   f"median response ({median_len:.0f} tokens); later away tokens are then masked by the budget.",
+                   ev, fig, PAGE_BUDGET, _span(steps))
+
+
+def diagnose_runs(sources: Sequence[Any], *, out_dir=None, names: Sequence[str] | None = None, budget: bool = True,
+                  progress: bool = False) -> dict:
+    """``{"runs": [{"run": NAME, "findings": [...]}]}`` for several runs (the JSON of ``cppo-diag doctor``)."""
+    runs = []
+    for i, src in enumerate(sources):
+        name = names[i] if names else run_name(src, f"run{i}")
+        fs = diagnose(src, out_dir=out_dir, name=name, budget=budget, progress=progress)
+        runs.append({"run": name, "findings": [f.to_json() for f in fs]})
+    return {"runs": runs}
+
+
+def findings_table(findings: Sequence[Finding]) -> pl.DataFrame:
+    """One row per finding: severity, id, first_step, message, page, steps (for the report and the app)."""
+    return pl.DataFrame(
+        {"severity": [f.severity for f in findings], "id": [f.id for f in findings],
+         "first_step": [f.first_step for f in findings], "message": [f.message for f in findings],
+         "page": [f.page for f in findings],
+         "steps": ["" if f.steps is None else f"{f.steps[0]}-{f.steps[1]}" for f in findings]},
+        schema={"severity": pl.Utf8, "id": pl.Utf8, "first_step": pl.Int64, "message": pl.Utf8, "page": pl.Utf8,
+                "steps": pl.Utf8},
+    )
+
+
+# -- report section -----------------------------------------------------------------------------------------------
+
+
+def _mismatch_summary(source) -> pl.DataFrame:
+    """The mismatch family pooled over the run, one row per update filter (report table)."""
+    from analyses.mismatch import mismatch_metrics
+
+    rows = []
+    for updates in ("first", "after_first"):
+        df = mismatch_metrics(source, by="step", updates=updates)
+        if not df.height:
+            continue
+        w = df["n_tokens"].cast(pl.Float64)
+        row = {"updates": updates, "steps": df.height, "tokens": int(w.sum())}
+        for c in ("kl_k1", "kl_k3", "chi2_token", "ess_token", "is_frac_gt_2", "is_frac_lt_0.5", "toward_mu_frac",
+                  "masked_frac_pos_adv", "masked_frac_neg_adv", "chi2_seq", "ess_seq", "log_ppl_diff"):
+            v = df[c]
+            row[c] = float((v * w).sum() / w.filter(v.is_not_null()).sum()) if v.is_not_null().any() else None
+        rows.append(row)
+    return pl.DataFrame(rows)
+
+
+def _mismatch_figure(source, path: Path) -> str | None:
+    from analyses.mismatch import mismatch_metrics
+
+    series = {u: mismatch_metrics(source, by="step", updates=u) for u in ("first", "after_first")}
+
+    def draw(fig, ax):
+        for u, df in series.items():
+            if df.height:
+                ax.plot(df["step"], df["kl_k3"].clip(lower_bound=1e-12), marker="o", ms=3,
+                        label=f"k3 KL(μ‖π), {u.replace('_', ' ')} update(s)")
+        ax.set_yscale("log")
+        ax.set_xlabel("training step")
+        ax.set_ylabel("mean k3 (nats, log scale)")
+        ax.set_title("Mismatch per step: first update (π = μ) vs later updates")
+
+    return _figure(path, draw)
+
+
+def report_section(sources: Sequence[Any], names: Sequence[str], out_dir, *, progress: bool = False) -> str:
+    """HTML for ``write_report``: each run's doctor findings (with their figures embedded) and its mismatch
+    metric family pooled by update filter."""
+    import base64
+    import html
+
+    out = Path(out_dir)
+    parts = ["<h2>Doctor: findings</h2>",
+             "<p>What <code>cppo-diag doctor</code> finds in each run (statistics: docs/analyses.md, \"Doctor\"). "
+             "Severity <b>critical</b>: the run failed; <b>warning</b>: a sustained change that precedes failures; "
+             "<b>info</b>: a property of the run, or something the logs cannot tell.</p>"]
+    for name, src in zip(names, sources):
+        parts.append(f"<h3>{html.escape(name)}</h3>")
+        try:
+            fs = diagnose(src, out_dir=out, name=name, progress=progress)
+        except ValueError as exc:
+            parts.append(f"<p class='note'>{html.escape(str(exc))}</p>")
+            continue
+        if not fs:
+            parts.append("<p>No finding: nothing looks wrong in what this run logged.</p>")
+        for f in fs:
+            at = f" from step {f.first_step}" if f.first_step is not None else ""
+            where = f" See the app's <i>{html.escape(f.page)}</i> page" + (
+                f", steps {f.steps[0]}–{f.steps[1]}." if f.steps else ".")
+            parts.append(f"<p><b>[{f.severity.upper()}] {html.escape(f.id)}</b>{at}: "
+                         f"{html.escape(f.message)}{where}</p>")
+            ev = ", ".join(f"{html.escape(str(k))} = {html.escape(str(v))}" for k, v in f.to_json()["evidence"].items())
+            if ev:
+                parts.append(f"<p style='font-size:.85em;color:#555'>evidence: {ev}</p>")
+            if f.figure:
+                data = base64.b64encode(Path(f.figure).read_bytes()).decode("ascii")
+                parts.append(f"<figure><img alt='{html.escape(f.id)}' src='data:image/png;base64,{data}'></figure>")
+        try:
+            summary = _mismatch_summary(src)
+        except Exception as exc:  # noqa: BLE001 - e.g. no logp_rollout: the findings above already say so
+            parts.append(f"<p class='note'>Mismatch metrics: {html.escape(str(exc))}</p>")
+            continue
+        if summary.height:
+            parts.append("<p>Mismatch metric family over the run (token-weighted means of the per-step values; "
+                         "definitions and the trainers' names in docs/analyses.md):</p>")
+            head = "".join(f"<th>{html.escape(c)}</th>" for c in summary.columns)
+            body = "".join("<tr>" + "".join(
+                f"<td>{v:.4g}</td>" if isinstance(v, float) else f"<td>{html.escape(str(v))}</td>" for v in r) + "</tr>"
+                for r in summary.iter_rows())
+            parts.append(f"<table><tr>{head}</tr>{body}</table>")
+            slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_") or "run"
+            fig = _mismatch_figure(src, out / f"{slug}_mismatch_by_step.png")
+            if fig:
+                data = base64.b64encode(Path(fig).read_bytes()).decode("ascii")
+                parts.append(f"<figure><img alt='mismatch by step' src='data:image/png;base64,{data}'>"
+                             "<figcaption>Mean k3 per step, first update vs later updates.</figcaption></figure>")
+    return "".join(parts)

@@ -1,0 +1,77 @@
+"""Doctor: the findings of ``cppo-diag doctor`` for each selected run, each naming the page and step range
+that shows it, and the mismatch metric family (k1/k2/k3 KL, chi-square, ESS, ...) by step or position."""
+
+from __future__ import annotations
+
+import plotly.graph_objects as go
+import streamlit as st
+
+from app import data, ui
+
+# Finding.page -> the page file of this app (app/streamlit_app.py).
+PAGE_FILES = {
+    "Divergence by position": "views/divergence.py",
+    "Budget": "views/budget.py",
+    "Runs": "views/runs.py",
+    "Compare runs": "views/compare.py",
+    "Doctor": "views/doctor.py",
+}
+BADGE = {"critical": "🟥 critical", "warning": "🟧 warning", "info": "🟦 info"}
+
+st.title("Doctor")
+st.caption("Plain-language findings about each run, with the numbers behind them (the same checks as "
+           "`cppo-diag doctor`; statistics in docs/analyses.md, \"Doctor\"). The early warning is a one-sided "
+           "CUSUM change-point test on the divergence tails and the mismatch, against each run's own earlier steps.")
+runs = ui.runs_or_stop()
+paths = data.selected() or runs[:1]
+budget = st.toggle("Include the CPPO prefix-budget check (recomputes CPPO over the run: slower)", value=False,
+                   key="doc_budget")
+
+for path in paths:
+    st.subheader(data.label(path))
+    try:
+        findings = data.analysis("diagnose", path, budget=bool(budget))
+    except ValueError as exc:
+        st.error(str(exc))
+        continue
+    if not findings:
+        st.success("No finding: nothing looks wrong in what this run logged.")
+    for i, f in enumerate(findings):
+        at = f" from step {f.first_step}" if f.first_step is not None else ""
+        st.markdown(f"**{BADGE.get(f.severity, f.severity)} · `{f.id}`**{at}: {f.message}")
+        where = f"{f.page}" + (f", steps {f.steps[0]}–{f.steps[1]}" if f.steps else "")
+        target = PAGE_FILES.get(f.page)
+        if target and target != "views/doctor.py":
+            st.page_link(target, label=f"Shown on: {where}")
+        else:
+            st.caption(f"Shown on: {where}")
+        with st.expander("Evidence", expanded=False):
+            st.json(f.to_json()["evidence"], expanded=True)
+
+st.divider()
+st.subheader("Mismatch metric family")
+st.caption("Per training step or position bin, from the logged log-probs: lr = log x − log μ (x = π), ρ = exp(lr). "
+           "In the first update of a batch π is still the sampler's policy, so π / μ is the train/inference "
+           "mismatch alone; later updates add the policy's own movement. Names in verl, TRL, slime, NeMo-RL and "
+           "AReaL: docs/analyses.md.")
+path = ui.focus_run()
+c1, c2, c3 = st.columns(3)
+by = c1.radio("By", ["step", "position"], horizontal=True, key="doc_mm_by")
+updates = c2.radio("Updates", ["after_first", "first", "all"], horizontal=True, key="doc_mm_updates",
+                   format_func={"after_first": "after the first", "first": "first (π = μ)", "all": "all"}.get)
+bin_width = c3.number_input("Bin width (tokens)", min_value=1, max_value=4096, value=16, key="doc_mm_bin",
+                            disabled=by != "position")
+table = data.analysis("mismatch_metrics", path, by=by, updates=updates, bin_width=int(bin_width))
+ui.need(table.height > 0,
+        "No tokens for this update filter (a run with one update per batch has none after the first).")
+metrics = [c for c in table.columns if c not in ("step", "bin", "bin_start", "bin_end", "n_tokens", "n_seqs")]
+chosen = st.multiselect("Metrics", metrics, default=["kl_k3", "chi2_token"], key="doc_mm_metrics")
+x = table["step"] if by == "step" else table["bin_start"]
+fig = go.Figure()
+for m in chosen:
+    fig.add_scatter(x=x, y=table[m], mode="lines+markers", name=m)
+fig.update_layout(xaxis_title="training step" if by == "step" else "position (token index, bin start)",
+                  yaxis_title="value", hovermode="x unified", legend=dict(orientation="h", y=-0.2))
+ui.plot(fig, key="doc_mm_fig")
+with st.expander("Table"):
+    st.dataframe(table, hide_index=True)
