@@ -14,7 +14,8 @@ Same seed and settings, differing only in the rule (and, for the unstable run, t
                   running maximum)
 
 To stay under 10 MB in all, tokens are recorded every ``--every`` iterations for a ``--seq-fraction`` of the
-sequences (scalars and evaluations every iteration); checkpoints are dropped at the end. After each run the
+sequences (scalars and evaluations every iteration; the unstable run records tokens every iteration, for
+the doctor's early warning); checkpoints are dropped at the end. After each run the
 offline recompute is checked against the logged ``keep_applied`` (``cppo_diag.train.parity.check_parity``).
 
     python scripts/make_sample_logs.py                    # 4 runs of the long preset, ~5 min each on 2 cores
@@ -32,7 +33,9 @@ RUNS = [  # name, rule, rule params, extra overrides
     ("cppo-long", "cppo", {}, {}),
     ("grpo-long", "grpo_clip", {}, {}),
     ("dppo-long", "dppo", {}, {}),
-    ("unstable-long", "grpo_clip", {}, {"optim": {"lr": UNSTABLE_LR, "warmup_steps": "STEPS"}}),
+    # tokens every iteration: the doctor's early warning needs a per-step series before the collapse
+    ("unstable-long", "grpo_clip", {}, {"optim": {"lr": UNSTABLE_LR, "warmup_steps": "STEPS"},
+                                        "log": {"every_n_steps": 1}}),
 ]
 
 
@@ -42,7 +45,7 @@ def main(argv=None) -> int:
     ap.add_argument("--preset", default="long", help="trainer preset the runs start from")
     ap.add_argument("--steps", type=int, default=None, help="RL iterations per run (default: the preset's)")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--threads", type=int, default=2, help="torch CPU threads (figures depend on it)")
+    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (figures depend on it)")
     ap.add_argument("--every", type=int, default=3, help="record tokens every n iterations")
     ap.add_argument("--seq-fraction", type=float, default=0.25, help="fraction of sequences whose tokens are recorded")
     ap.add_argument("--only", default="", help="comma-separated run names to (re)make")

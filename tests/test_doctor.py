@@ -231,11 +231,17 @@ def test_help_explains(capsys):
         assert word in text
 
 
-def test_sample_logs_healthy_runs_are_quiet():
+def test_sample_logs_healthy_runs_are_quiet_and_the_unstable_one_warns_before_it_collapses():
+    """Issue 15's done-when on the shipped sample logs (the long regime)."""
     root = Path(__file__).resolve().parents[1] / "sample_logs"
-    for name in ("cppo-fib", "dppo-fib", "grpo-fib"):
-        if (root / name).exists():
-            assert _alarms(D.diagnose(root / name, budget=name == "cppo-fib")) == [], name
+    for name in ("cppo-long", "dppo-long", "grpo-long"):
+        fs = D.diagnose(root / name, budget=name == "cppo-long")
+        assert _alarms(fs) == [], (name, [(f.id, f.message) for f in fs])
+    fs = D.diagnose(root / "unstable-long", budget=False)
+    (col,) = [f for f in fs if f.id == "reward_collapse"]
+    assert col.severity == "critical" and col.evidence["healthy_phase"]
+    early = [f for f in _alarms(fs) if f.id != "reward_collapse" and f.first_step < col.first_step]
+    assert early, [(f.id, f.first_step) for f in fs]
 
 
 def test_stats_family_mismatch(runs, capsys):

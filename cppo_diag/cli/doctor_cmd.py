@@ -23,7 +23,7 @@ Statistics and thresholds: docs/analyses.md, section "Doctor". Exit code 0 when 
 the findings), 2 on unusable input (the message names the run and the field).
 
 Examples:
-  cppo-diag doctor sample_logs/unstable-fib
+  cppo-diag doctor sample_logs/unstable-long
   cppo-diag doctor runs/a runs/b --format json --out doctor/ > findings.json
   cppo-diag doctor runs/a --no-budget --no-figures
 """
