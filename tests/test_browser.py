@@ -163,6 +163,17 @@ def choose(page, label: str, option: str) -> None:
     page.get_by_role("option", name=option, exact=False).first.click()
 
 
+def select_runs(page, *names: str) -> None:
+    """Add runs to the sidebar's "Selected runs" multiselect (type the name, Enter)."""
+    for name in names:
+        box = page.get_by_test_id("stMultiSelect").filter(has_text="Selected runs").first
+        box.locator("input").click()
+        page.keyboard.type(name)
+        page.keyboard.press("Enter")
+        page.keyboard.press("Escape")
+        wait_idle(page)
+
+
 def shot(page, name: str) -> None:
     SHOTS.mkdir(parents=True, exist_ok=True)
     page.screenshot(path=str(SHOTS / f"{name}.png"), full_page=True)
@@ -198,13 +209,7 @@ def _walk_every_page(page, server) -> None:
     latencies["first_load_runs"] = round(time.perf_counter() - t0, 3)
     focus = "big-run" if BENCH_TOKENS else "cppo-run"
 
-    # Select the run the single-run pages show (sidebar multiselect: type and Enter).
-    box = page.get_by_test_id("stMultiSelect").filter(has_text="Selected runs").first
-    box.locator("input").click()
-    page.keyboard.type(focus)
-    page.keyboard.press("Enter")
-    page.keyboard.press("Escape")
-    wait_idle(page)
+    select_runs(page, focus)  # the run the single-run pages show
     shot(page, "1_runs")
 
     t0 = time.perf_counter()
@@ -384,13 +389,7 @@ def test_sample_logs_in_chromium(tmp_path_factory):
                 pg.get_by_role("heading", name="Runs").first.wait_for()
                 pg.get_by_test_id("stDataFrame").first.wait_for()
                 wait_idle(pg)
-                for name in ("cppo-long", "unstable-long"):  # select both runs in the sidebar
-                    box = pg.get_by_test_id("stMultiSelect").filter(has_text="Selected runs").first
-                    box.locator("input").click()
-                    pg.keyboard.type(name)
-                    pg.keyboard.press("Enter")
-                    pg.keyboard.press("Escape")
-                    wait_idle(pg)
+                select_runs(pg, "cppo-long", "unstable-long")
 
                 goto(pg, "Divergence by position", 2)
                 choose(pg, "Run", "cppo-long")
