@@ -14,7 +14,9 @@ Per optimiser step, each side is split into
     rule; TRL: the whole optimiser step, timed by a callback, minus its rollout).
 Throughputs are response tokens per second of each phase. Rounds alternate the order (A/B, B/A, ...); each run
 trains ``--steps`` steps and the first step of every run is dropped as warm-up. Prints per-round ratios
-bundled / TRL (> 1: the bundled trainer is faster) and their medians.
+bundled / TRL (> 1: the bundled trainer is faster) and their medians. ``--clock cpu`` times both with this
+process's CPU time instead of wall time (the bundled trainer's timers are pointed at it), which a loaded machine
+disturbs far less when ``--threads 1``.
 
     python benchmarks/bench_trainer_vs_trl.py --threads 1            # ~1 minute on 2 cores
     python benchmarks/bench_trainer_vs_trl.py --quick                # smoke run, seconds
@@ -33,6 +35,18 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 ARCH = "llama-tiny"
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}  # cpu: this process's CPU time (robust to load)
+
+
+class _TrainerClock:
+    """Stands in for the ``time`` module inside ``cppo_diag.train.trainer`` so that its own phase timers
+    (``time/rollout_s``, ``time/update_s``) read the chosen clock."""
+
+    def __init__(self, clock):
+        self.perf_counter = clock
+
+    def __getattr__(self, name):
+        return getattr(time, name)
 
 
 def task_prompts(n: int, seed: int) -> list[str]:
@@ -87,11 +101,11 @@ def run_bundled(args, out_dir: Path) -> list[tuple[float, float, int]]:
         pol.eos_id = -1
         return pol
 
-    trainer_mod.build_policy = build_fixed_length
+    trainer_mod.build_policy, trainer_mod.time = build_fixed_length, _TrainerClock(CLOCKS[args.clock])
     try:
         train(cfg, recorder_factory=lambda *a, **kw: rec)
     finally:
-        trainer_mod.build_policy = real_build
+        trainer_mod.build_policy, trainer_mod.time = real_build, time
     # update minus the token-logging time (its recorder keeps nothing; TRL records nothing)
     return [(s["time/rollout_s"], s["time/update_s"] - s["time/log_tokens_s"], round(s["response/len_mean"] * args.prompts * args.group))
             for s in rec.steps if "time/rollout_s" in s]  # (evaluation scalars come on their own)
@@ -112,19 +126,11 @@ def _char_tokenizer():
 
 
 def _trl_model():
-    """The same architecture ``model.path='config:llama-tiny'`` builds (``RANDOM_ARCHS``), randomly initialised."""
-    import transformers
-    from transformers import AutoModelForCausalLM
+    """The module ``model.path='config:llama-tiny'`` builds for the bundled trainer, randomly initialised."""
+    from cppo_diag.train.config import ModelConfig
+    from cppo_diag.train.models.hf import build_random_hf
 
-    from cppo_diag.train.models.hf import RANDOM_ARCHS
-    from cppo_diag.train.models.tiny_gpt import CharTokenizer
-
-    ct = CharTokenizer()
-    cls_name, kw = RANDOM_ARCHS[ARCH]
-    config = getattr(transformers, cls_name)(vocab_size=ct.vocab_size, max_position_embeddings=512,
-                                             bos_token_id=ct.bos_id, eos_token_id=ct.eos_id, pad_token_id=ct.pad_id,
-                                             tie_word_embeddings=False, **kw)
-    return AutoModelForCausalLM.from_config(config)
+    return build_random_hf(ARCH, ModelConfig(kind="hf", path=f"config:{ARCH}", dtype="float32")).module
 
 
 def run_trl(args, out_dir: Path) -> list[tuple[float, float, int]]:
@@ -136,20 +142,21 @@ def run_trl(args, out_dir: Path) -> list[tuple[float, float, int]]:
     from trl import GRPOConfig, GRPOTrainer
 
     rows: list[list] = []  # per step: [rollout s, tokens, step s]
+    clock = CLOCKS[args.clock]
 
     class Timed(GRPOTrainer):
         def _generate_and_score_completions(self, inputs):
-            t0 = time.perf_counter()
+            t0 = clock()
             out = super()._generate_and_score_completions(inputs)
-            rows.append([time.perf_counter() - t0, int(out["completion_mask"].sum()), None])
+            rows.append([clock() - t0, int(out["completion_mask"].sum()), None])
             return out
 
     class StepClock(TrainerCallback):
         def on_step_begin(self, a, state, control, **kw):
-            self.t0 = time.perf_counter()
+            self.t0 = clock()
 
         def on_step_end(self, a, state, control, **kw):
-            rows[-1][2] = time.perf_counter() - self.t0
+            rows[-1][2] = clock() - self.t0
 
     torch.manual_seed(0)
     tok = _char_tokenizer()
@@ -181,6 +188,8 @@ def main(argv=None) -> int:
     ap.add_argument("--group", type=int, default=8, help="responses per prompt (GRPO group size)")
     ap.add_argument("--length", type=int, default=64, help="response length in tokens (fixed)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads")
+    ap.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
+                    help="wall: perf_counter; cpu: process CPU time (with --threads 1, robust to a loaded machine)")
     ap.add_argument("--trl-grad-ckpt", action="store_true",
                     help="keep TRL's default gradient checkpointing (off by default here, as in the bundled trainer)")
     ap.add_argument("--quick", action="store_true", help="smoke run: 1 round, 2 steps, 2 x 4 responses of 8 tokens")
@@ -197,7 +206,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     tmp = Path(tempfile.mkdtemp(prefix="bench_trl_"))
     print(f"model config:{ARCH}, {args.prompts} prompts x {args.group} responses x {args.length} tokens, "
-          f"{args.steps} steps per run (first dropped), threads {args.threads}, "
+          f"{args.steps} steps per run (first dropped), threads {args.threads}, clock {args.clock}, "
           f"TRL gradient checkpointing {'on' if args.trl_grad_ckpt else 'off'}, torch {torch.__version__}, "
           f"transformers {transformers.__version__}, trl {trl.__version__}")
 

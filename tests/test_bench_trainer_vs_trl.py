@@ -1,5 +1,5 @@
-"""Smoke test of ``benchmarks/bench_trainer_vs_trl.py --quick``: both trainers run and the ratio lines print.
-No timing assertions (these machines are noisy)."""
+"""Smoke test of ``benchmarks/bench_trainer_vs_trl.py --quick --clock cpu``: both trainers run and the ratio
+lines print. No timing assertions (these machines are noisy)."""
 
 from __future__ import annotations
 
@@ -20,7 +20,8 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.mark.slow
 def test_quick_run_prints_ratios():
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_trainer_vs_trl.py"), "--quick"],
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_trainer_vs_trl.py"), "--quick",
+                          "--clock", "cpu"],
                          capture_output=True, text=True, env=env, timeout=300, cwd=ROOT)
     assert out.returncode == 0, out.stderr[-3000:]
     text = out.stdout
