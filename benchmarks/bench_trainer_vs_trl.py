@@ -49,15 +49,14 @@ class _TrainerClock:
         return getattr(time, name)
 
 
-def task_prompts(n: int, seed: int) -> list[str]:
-    """``n`` prompts of the bundled ``fib`` task (the trainer samples from the same generator)."""
-    import numpy as np
-
+def task_prompts(args) -> list[str]:
+    """The prompts the bundled trainer draws in a run of ``args.steps`` steps (``fib`` task, seed 0, rank 0)."""
     from cppo_diag.train.config import TaskConfig
     from cppo_diag.train.tasks import build_task
+    from cppo_diag.train.trainer import step_rng
 
     task = build_task(TaskConfig(kind="fib", eval_size=8))
-    return [p.prompt for p in task.sample(n, np.random.default_rng(seed))]
+    return [p.prompt for step in range(args.steps) for p in task.sample(args.prompts, step_rng(0, step, 0, 0))]
 
 
 class _Scalars:
@@ -161,7 +160,7 @@ def run_trl(args, out_dir: Path) -> list[tuple[float, float, int]]:
     torch.manual_seed(0)
     tok = _char_tokenizer()
     B = args.prompts * args.group
-    prompts = task_prompts(args.prompts * args.steps, seed=1)
+    prompts = task_prompts(args)  # TRL's sampler orders them its own way
     cfg = GRPOConfig(
         output_dir=str(out_dir), use_cpu=True, bf16=False, per_device_train_batch_size=B,
         gradient_accumulation_steps=1, num_generations=args.group, max_completion_length=args.length,
