@@ -10,8 +10,8 @@ that never occurs, TRL gets ``min_new_tokens = max_completion_length``; tokens a
 Per optimiser step, each side is split into
   * rollout: generation + decoding + rewards + advantages (bundled: ``time/rollout_s``; TRL: its
     ``_generate_and_score_completions``, timed in a subclass);
-  * update: loss forward + backward + clip + optimiser step (bundled: ``time/update_s``, which also holds the
-    rule; TRL: the whole optimiser step, timed by a callback, minus its rollout).
+  * update: loss forward + backward + clip + optimiser step (bundled: ``time/update_s``, rule included, minus
+    ``time/log_tokens_s``; TRL: the whole optimiser step, timed by a callback, minus its rollout).
 Throughputs are response tokens per second of each phase. Rounds alternate the order (A/B, B/A, ...); each run
 trains ``--steps`` steps and the first step of every run is dropped as warm-up. Prints per-round ratios
 bundled / TRL (> 1: the bundled trainer is faster) and their medians. ``--clock cpu`` times both with this
@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import statistics
 import tempfile
 import time
@@ -227,6 +228,7 @@ def main(argv=None) -> int:
         print(f"round {i} ({'/'.join(order)}): tokens/step bundled {bn} trl {tn} | rollout tok/s bundled {bro:.0f} "
               f"trl {tro:.0f} ratio {bro / tro:.2f} | update tok/s bundled {bup:.0f} trl {tup:.0f} "
               f"ratio {bup / tup:.2f}")
+    shutil.rmtree(tmp, ignore_errors=True)
     print(f"rollout ratio bundled/trl: median {statistics.median(r_roll):.2f} "
           f"({', '.join(f'{x:.2f}' for x in r_roll)})")
     print(f"update ratio bundled/trl: median {statistics.median(r_upd):.2f} "
