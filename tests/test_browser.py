@@ -13,6 +13,7 @@ latencies are measured on it; ``CPPO_DIAG_APP_BENCH_DIR`` (default ``bench_data/
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -67,8 +68,9 @@ def roots(root) -> list[str]:
     return [str(root), str(BENCH_DIR)]
 
 
-@pytest.fixture(scope="module")
-def server(roots):
+@contextlib.contextmanager
+def app_server(roots: list[str]):
+    """The app on a free 127.0.0.1 port, serving ``roots``; yields its URL and always stops it."""
     from cppo_diag.cli.app_cmd import launch, wait_until_healthy
 
     port = _free_port()
@@ -82,6 +84,12 @@ def server(roots):
             proc.wait(timeout=15)
         except Exception:  # noqa: BLE001
             proc.kill()
+
+
+@pytest.fixture(scope="module")
+def server(roots):
+    with app_server(roots) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")

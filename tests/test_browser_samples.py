@@ -14,7 +14,7 @@ from tests.test_browser import (  # noqa: F401  (skips this module too when Chro
     CHROMIUM_ARGS,
     REPO,
     TIMEOUT_MS,
-    _free_port,
+    app_server,
     chart_signature,
     choose,
     goto,
@@ -32,12 +32,7 @@ def test_sample_logs_in_chromium(tmp_path_factory):
     """The shipped sample logs (long regime) in a real browser: the divergence of `cppo-long` by position, its
     budget, and the Doctor's findings on `unstable-long`, saved as screenshots for a reader to check the effect
     (``artifacts/screenshots/sample_*.png``)."""
-    from cppo_diag.cli.app_cmd import launch, wait_until_healthy
-
-    port = _free_port()
-    proc = launch([str(REPO / "sample_logs")], port=port, open_browser=False, quiet=True)
-    try:
-        wait_until_healthy(port, proc, timeout=90)
+    with app_server([str(REPO / "sample_logs")]) as url:
         profile = tmp_path_factory.mktemp("chromium-profile-samples")
         with sync_api.sync_playwright() as p:
             ctx = p.chromium.launch_persistent_context(
@@ -47,12 +42,11 @@ def test_sample_logs_in_chromium(tmp_path_factory):
             try:
                 pg = ctx.pages[0] if ctx.pages else ctx.new_page()
                 pg.set_default_timeout(TIMEOUT_MS)
-                pg.goto(f"http://127.0.0.1:{port}/")
+                pg.goto(url + "/")
                 pg.get_by_role("heading", name="Runs").first.wait_for()
                 pg.get_by_test_id("stDataFrame").first.wait_for()
                 wait_idle(pg)
                 select_runs(pg, "cppo-long", "unstable-long")
-
                 try:
                     _walk(pg)
                 except BaseException:
@@ -60,12 +54,6 @@ def test_sample_logs_in_chromium(tmp_path_factory):
                     raise
             finally:
                 ctx.close()
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except Exception:  # noqa: BLE001
-            proc.kill()
 
 
 def _walk(pg) -> None:
