@@ -28,7 +28,7 @@ from cppo_diag.train.models import warmstart_dir
 from cppo_diag.train.models.tiny_gpt import CharTokenizer, TinyGPT, TinyGPTConfig
 from cppo_diag.train.rollout import TorchSampler
 from cppo_diag.train.sft import sft
-from cppo_diag.train.tasks import build_task
+from cppo_diag.train.tasks import build_task, warmstart_key
 
 
 def main(argv=None) -> int:
@@ -36,6 +36,8 @@ def main(argv=None) -> int:
     ap.add_argument("--task", default="fib", help="synthetic task kind: fib | add | chain")
     ap.add_argument("--min-terms", type=int, default=None, help="task.min_terms (chain: fewest answer digits)")
     ap.add_argument("--max-terms", type=int, default=None, help="task.max_terms (chain: most answer digits)")
+    ap.add_argument("--forks", type=float, default=0.0,
+                    help="task.forks (chain: fork density at the last digit; saved as warmstart_chain_forks)")
     ap.add_argument("--short-steps", type=int, default=0,
                     help="curriculum: first train this many steps on short answers (--short-terms), then on the task")
     ap.add_argument("--short-terms", default="16,48", help="MIN,MAX answer terms of the curriculum's first phase")
@@ -57,7 +59,7 @@ def main(argv=None) -> int:
     torch.manual_seed(args.seed)
     if args.threads:
         torch.set_num_threads(args.threads)
-    tcfg = TaskConfig(kind=args.task)
+    tcfg = TaskConfig(kind=args.task, forks=args.forks)
     if args.min_terms is not None:
         tcfg.min_terms = args.min_terms
     if args.max_terms is not None:
@@ -78,7 +80,7 @@ def main(argv=None) -> int:
     class _P:  # the bits of a Policy that evaluate() uses
         module, encode_prompt, decode, eos_id = model, tok.encode_prompt, tok.decode, tok.eos_id
 
-    out = args.out or str(warmstart_dir(args.task))
+    out = args.out or str(warmstart_dir(warmstart_key(tcfg)))
 
     def greedy(m):
         res = evaluate(_P, sampler, task.eval_set(), task.score, max_new_tokens=max_new)
@@ -89,14 +91,15 @@ def main(argv=None) -> int:
     t0 = time.time()
     if args.short_steps:  # learn the rule on short answers first (cheap steps), then the positions of long ones
         lo, hi = (int(x) for x in args.short_terms.split(","))
-        short = build_task(TaskConfig(kind=args.task, min_terms=lo, max_terms=hi, digits=tcfg.digits, eval_size=8))
+        short = build_task(TaskConfig(kind=args.task, min_terms=lo, max_terms=hi, digits=tcfg.digits, eval_size=8,
+                                      forks=tcfg.forks))
         sft(model, tok, short, steps=args.short_steps, seed=args.seed + 1, batch_size=args.batch_size, lr=args.lr)
     sft(model, tok, task, steps=args.max_steps, eval_fn=greedy, log_every=args.eval_every, stop_at=args.target,
         seed=args.seed, batch_size=args.batch_size, lr=args.lr)
     res = evaluate(_P, sampler, task.eval_set(), task.score, max_new_tokens=max_new)
     shutil.rmtree(out + ".last", ignore_errors=True)
     model.save(out, extra={"task": {"kind": args.task, "min_terms": tcfg.min_terms, "max_terms": tcfg.max_terms,
-                                    "digits": tcfg.digits},
+                                    "digits": tcfg.digits, "forks": tcfg.forks},
                            "sft": {"short_steps": args.short_steps, "short_terms": args.short_terms,
                                    "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed},
                            "measured": {**res, "sft_seconds": round(time.time() - t0, 1)},

@@ -46,6 +46,8 @@ class TaskConfig:
     min_terms: int = F(8, "arithmetic: fewest terms in an answer (chain: fewest answer digits)")
     max_terms: int = F(16, "arithmetic: most terms in an answer (chain: most answer digits)")
     digits: int = F(1, "arithmetic: digits per number (fib: terms are mod 10**digits, zero-padded)")
+    forks: float = F(0.0, "chain: fork density at the last digit (0 = none); at a fork two digits are right, the "
+                          "density rising linearly along the answer (the long preset: 0.5)")
     path: str = F("", "dataset: .jsonl or .parquet file of rows with a prompt and an answer")
     prompt_field: str = F("prompt", "dataset: prompt column (a string or a chat list)")
     answer_field: str = F("answer", "dataset: reference answer column, compared with the last \\boxed{} after normalisation")
@@ -150,7 +152,7 @@ PRESETS: dict[str, dict] = {
     "long": {  # the long-horizon, off-policy regime (docs/trainer.md "The long preset"): ~5 min on 2 cores
         "steps": 60,
         "log": {"eval_every": 20},
-        "task": {"kind": "chain", "reward": "partial", "min_terms": 160, "max_terms": 160},
+        "task": {"kind": "chain", "reward": "partial", "min_terms": 160, "max_terms": 160, "forks": 0.5},
         "rollout": {"prompts_per_step": 8, "n": 8, "max_new_tokens": 161, "staleness": 2, "precision": "bf16"},
         "optim": {"lr": 5e-5, "epochs": 2, "updates_per_batch": 2},
         "rule": {"name": "dppo", "params": {}},

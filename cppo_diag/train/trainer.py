@@ -43,7 +43,7 @@ from .evaluate import evaluate
 from .models import build_policy
 from .rollout import RolloutBatch, TorchSampler, left_pad
 from .step_stats import StepPool
-from .tasks import build_task
+from .tasks import build_task, warmstart_key
 from .tasks.base import heldout_scalars
 
 
@@ -240,7 +240,7 @@ def train(cfg: TrainConfig, *, recorder_factory=None) -> dict:
         raise ValueError(f"optim.epochs / optim.updates_per_batch: expected >= 1, found {cfg.optim.epochs}, {cfg.optim.updates_per_batch}")
 
     task = build_task(cfg.task)
-    policy = build_policy(cfg.model, cfg.task.kind, device)
+    policy = build_policy(cfg.model, warmstart_key(cfg.task), device)
     module = policy.module
     module.train()
     if d.world > 1:

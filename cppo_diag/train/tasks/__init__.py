@@ -7,7 +7,13 @@ from .base import Problem, Task
 from .chain import ChainTask
 from .math_dataset import MathDatasetTask, extract_boxed, normalize_answer
 
-__all__ = ["ArithmeticTask", "ChainTask", "MathDatasetTask", "Problem", "Task", "build_task", "extract_boxed", "normalize_answer"]
+__all__ = ["ArithmeticTask", "ChainTask", "MathDatasetTask", "Problem", "Task", "build_task", "extract_boxed", "warmstart_key", "normalize_answer"]
+
+
+def warmstart_key(cfg) -> str:
+    """The shipped warm start a ``TaskConfig`` trains from: ``assets/warmstart_<key>`` (the chain task with forks
+    has its own, trained on answers that branch at the forks)."""
+    return "chain_forks" if cfg.kind == "chain" and cfg.forks > 0 else cfg.kind
 
 
 def build_task(cfg) -> Task:
@@ -17,7 +23,7 @@ def build_task(cfg) -> Task:
                               reward=cfg.reward, eval_size=cfg.eval_size, eval_seed=cfg.eval_seed)
     if cfg.kind == "chain":
         return ChainTask(min_len=cfg.min_terms, max_len=cfg.max_terms, reward=cfg.reward, eval_size=cfg.eval_size,
-                         eval_seed=cfg.eval_seed)
+                         eval_seed=cfg.eval_seed, forks=cfg.forks)
     if cfg.kind == "dataset":
         if not cfg.path:
             raise ValueError("task.path: expected a .jsonl or .parquet file for task.kind='dataset', found ''")

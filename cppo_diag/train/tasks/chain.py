@@ -31,24 +31,59 @@ LEN_STEP = 32  # answer lengths are min_len, min_len + 32, ... <= max_len: the t
 # positions) must stop exactly at the length the prompt names, and it learns a few stop positions reliably, not 65
 
 
-def chain_digits(seed: list[int], n: int) -> list[int]:
-    """n digits continuing ``seed`` with x[t] = (x[t-1] + 1 + x[t-len(seed)] mod 2) mod 10."""
+def chain_digits(seed: list[int], n: int, *, forks: float = 0.0, rng: np.random.Generator | None = None) -> list[int]:
+    """n digits continuing ``seed`` with x[t] = (x[t-1] + 1 + x[t-len(seed)] mod 2) mod 10; at the fork
+    positions (``fork_positions(n, forks)``) the digit is the rule's value or that value + 5 (mod 10), drawn
+    uniformly with ``rng`` (without one: always the rule's value)."""
     xs = list(seed)
     m = len(seed)
-    for _ in range(n):
-        xs.append((xs[-1] + 1 + xs[-m] % 2) % 10)
+    at = fork_positions(n, forks)
+    for t in range(n):
+        v = (xs[-1] + 1 + xs[-m] % 2) % 10
+        if t in at and rng is not None and rng.random() < 0.5:
+            v = (v + 5) % 10
+        xs.append(v)
     return xs[m:]
+
+
+def fork_positions(n: int, forks: float) -> frozenset[int]:
+    """The 0-based answer positions where two digits are right: the fork density rises linearly from 0 at the
+    first digit to ``forks`` at the last (cumulative count ``forks * t**2 / (2 n)`` after t digits), so about
+    ``forks * n / 2`` forks in all, 1/9 of them in the first third of the answer and 5/9 in the last."""
+    if forks <= 0:
+        return frozenset()
+    count = [int(forks * t * t / (2 * n)) for t in range(n + 1)]
+    return frozenset(t - 1 for t in range(1, n + 1) if count[t] > count[t - 1])
+
+
+def valid_prefix(seed: list[int], digits: str, n: int, forks: float) -> int:
+    """Length of the longest prefix of ``digits`` that follows the chain from ``seed`` (at a fork either of the
+    two right digits continues it, and the rule goes on from the digit written)."""
+    xs = list(seed)
+    m = len(seed)
+    at = fork_positions(n, forks)
+    for t, ch in enumerate(digits[:n]):
+        if not ch.isdigit():
+            return t
+        v, d = (xs[-1] + 1 + xs[-m] % 2) % 10, int(ch)
+        if d != v and not (t in at and d == (v + 5) % 10):
+            return t
+        xs.append(d)
+    return min(len(digits), n)
 
 
 class ChainTask:
     def __init__(self, *, min_len: int = 128, max_len: int = 192, reward: str = "partial", eval_size: int = 128,
-                 eval_seed: int = 12345, seed_len: int = SEED_LEN):
+                 eval_seed: int = 12345, seed_len: int = SEED_LEN, forks: float = 0.0):
         if reward not in ("exact", "partial"):
             raise ValueError(f"task.reward: expected 'exact' or 'partial', found {reward!r}")
         if not 1 <= min_len <= max_len <= 999:
             raise ValueError(f"task.min_terms/max_terms (chain: answer digits): expected 1 <= min <= max <= 999, "
                              f"found {min_len}, {max_len}")
-        self.seed_len = seed_len
+        if not 0.0 <= forks <= 1.0:
+            raise ValueError(f"task.forks (chain: fork density at the last digit): expected a number in [0, 1], "
+                             f"found {forks}")
+        self.seed_len, self.forks = seed_len, float(forks)
         self.domain_size = (10**seed_len - 1) * ((max_len - min_len) // LEN_STEP + 1)
         self.min_len, self.max_len, self.reward = min_len, max_len, reward
         self.name = "chain"
@@ -63,7 +98,9 @@ class ChainTask:
             if any(seed):
                 break
         n = self.min_len + LEN_STEP * int(rng.integers(0, (self.max_len - self.min_len) // LEN_STEP + 1))
-        ans = "".join(str(d) for d in chain_digits(seed, n))
+        # with forks, the reference answer takes a random branch at each fork (one of 2**forks right answers):
+        # SFT on these answers gives a warm start that is unsure at the forks and sure elsewhere
+        ans = "".join(str(d) for d in chain_digits(seed, n, forks=self.forks, rng=rng if self.forks else None))
         return Problem(f"{''.join(map(str, seed))};{n:03d}=", ans, {"terms": n})
 
     def sample(self, n: int, rng: np.random.Generator) -> list[Problem]:
@@ -81,11 +118,17 @@ class ChainTask:
         got, want = completion.strip(), problem.answer
         if got == want:
             return 1.0, True
+        if self.forks:  # any branch at the forks is right: check the rule along the completion itself
+            seed = [int(c) for c in problem.prompt.split(";")[0]]
+            prefix = valid_prefix(seed, got, len(want), self.forks)
+            if prefix == len(want) == len(got):
+                return 1.0, True
+        else:
+            prefix = 0
+            for g, w in zip(got, want):
+                if g != w:
+                    break
+                prefix += 1
         if self.reward == "exact":
             return 0.0, False
-        prefix = 0
-        for g, w in zip(got, want):
-            if g != w:
-                break
-            prefix += 1
         return prefix / max(len(want), len(got)), False
