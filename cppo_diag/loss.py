@@ -35,6 +35,7 @@ from typing import Callable
 
 import torch
 
+from cppo_diag import metric_names as M
 from cppo_diag.masks.reduce import masked_count, masked_mean, masked_sum, safe_div
 
 __all__ = ["policy_loss", "applied_weight", "agg_loss", "AGG_MODES", "LOSS_FORMS", "AGGREGATIONS",
@@ -303,17 +304,17 @@ def policy_loss(
 
     with torch.no_grad():
         stats = {
-            "loss/policy": loss.detach(),
-            "loss/ratio_mean": masked_mean(rho.detach(), valid),
-            "loss/ratio_max": torch.where(valid, rho.detach(), zero).amax() if rho.numel() else zero,
-            "loss/kept_frac": masked_mean(keep.to(dt), valid),
-            "loss/kl_k3": masked_mean(rho.detach() - 1.0 - log_ratio.detach(), valid),
-            "loss/adv_mean": masked_mean(adv, valid),
+            M.LOSS_POLICY: loss.detach(),
+            M.LOSS_RATIO_MEAN: masked_mean(rho.detach(), valid),
+            M.LOSS_RATIO_MAX: torch.where(valid, rho.detach(), zero).amax() if rho.numel() else zero,
+            M.LOSS_KEPT_FRAC: masked_mean(keep.to(dt), valid),
+            M.LOSS_KL_K3: masked_mean(rho.detach() - 1.0 - log_ratio.detach(), valid),
+            M.LOSS_ADV_MEAN: masked_mean(adv, valid),
         }
         if weight is not None:
-            stats["loss/weight_mean"] = masked_mean(weight, valid)
+            stats[M.LOSS_WEIGHT_MEAN] = masked_mean(weight, valid)
         if trunc is not None:
-            stats["loss/trunc_frac"] = masked_mean(trunc.to(dt), valid)
+            stats[M.LOSS_TRUNC_FRAC] = masked_mean(trunc.to(dt), valid)
         names = list(stats)
         values = torch.stack([stats[k].to(torch.float64).reshape(()) for k in names]).cpu().tolist()
     return loss, dict(zip(names, values))

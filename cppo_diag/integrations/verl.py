@@ -68,6 +68,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without verl
     raise ImportError("cppo_diag.integrations.verl needs verl: pip install verl") from exc
 
 from cppo_diag.capture import NullRecorder, RunRecorder
+from cppo_diag import metric_names as M
 from cppo_diag.integrations.names import verl_rollout_corr_scalars
 from cppo_diag.loss import AGG_MODES, policy_loss
 from cppo_diag.masks import compute_mask, get_rule, list_rules
@@ -314,7 +315,7 @@ def _rule_loss(rule: str, old_log_prob, log_prob, advantages, response_mask, los
                                      **_verl_agg_kwargs(mask, loss_agg_mode, config))
     metrics = {**res.metrics, **loss_metrics}
     # verl's dashboards read these two names for every policy loss
-    metrics["actor/pg_clipfrac"] = 1.0 - float(loss_metrics.get("loss/kept_frac", 1.0))
+    metrics["actor/pg_clipfrac"] = 1.0 - float(loss_metrics.get(M.LOSS_KEPT_FRAC, 1.0))
     metrics["actor/ppo_kl"] = float(masked_mean(mu - log_prob.detach(), mask))
     if anchor == "rollout":  # bypass mode: verl's own bypass loss reports these off-policy diagnostics
         metrics.update(verl_rollout_corr_scalars(log_prob.detach(), mu, mask))
