@@ -84,7 +84,8 @@ class OptimConfig:
     epochs: int = F(4, "passes over the batch; total updates per iteration = epochs * updates_per_batch")
     adv_std_norm: bool = F(False, "divide group advantages by the group std (GRPO); off = mean-centred only (Dr. GRPO)")
     skip_zero_var: bool = F(True, "drop groups whose rewards are all equal (no signal; mask_std_0)")
-    agg: str = F("token-mean", "loss aggregation: token-mean | seq-mean-token-sum-norm")
+    agg: str = F("token-mean", "loss aggregation (cppo_diag.loss.AGG_MODES): token-mean | token-sum | seq-mean-token-sum | "
+                               "seq-mean-token-mean | seq-mean-token-sum-norm")
     trunc_cap: float = F(20.0, "truncation cap C on rho in the loss (SPEC.md 'Loss'; large = off)")
 
 
