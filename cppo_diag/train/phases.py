@@ -15,7 +15,6 @@ the token table (every update), the sequence table, and the key of ``cppo_shuffl
 
 from __future__ import annotations
 
-import time
 import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -196,7 +195,7 @@ def update(run: Run, step: int, ro: Rollout, tb: TrainBatch, log, clock: StepClo
     step's pool of updates and their count; then the lr schedule steps (per iteration, even one with no update)."""
     cfg = run.cfg
     logp_old = _recompute_old(run, tb)
-    t_start = time.perf_counter()
+    t_start = clock.now()
     pool = StepPool(cfg.rule.name, run.rule_params, anchor=cfg.rule.anchor, step=step, agg=cfg.optim.agg,
                     trunc_cap=cfg.optim.trunc_cap, max_len=cfg.rollout.max_new_tokens)
     u = 0
@@ -211,7 +210,7 @@ def update(run: Run, step: int, ro: Rollout, tb: TrainBatch, log, clock: StepClo
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step", category=UserWarning)
         run.scheduler.step()
-    clock.update_s = time.perf_counter() - t_start
+    clock.update_s = clock.now() - t_start
     return pool, u
 
 
@@ -236,13 +235,13 @@ def _minibatch_update(run: Run, step: int, u: int, chunk: np.ndarray, tb: TrainB
                                       autocast=run.amp, with_entropy=True)  # (b, T) each
     old = None if logp_old is None else logp_old[chunk]  # (b, T)
     anchor_lp = mb.logp_rollout if old is None else old
-    t0 = time.perf_counter()
+    t0 = clock.now()
     res = compute_mask(cfg.rule.name, logp=logp.detach(), logp_rollout=mb.logp_rollout, advantages=adv,
                        response_mask=mask, logp_old=old, anchor=cfg.rule.anchor, seq_ids=seq_ids, step=step,
                        **run.rule_params)
     loss, lmetrics = policy_loss(logp, anchor_lp, adv, mask, res, agg=cfg.optim.agg, trunc_cap=cfg.optim.trunc_cap,
                                  max_len=cfg.rollout.max_new_tokens, rule=cfg.rule.name)
-    clock.rule_s += time.perf_counter() - t0
+    clock.rule_s += clock.now() - t0
     run.optimizer.zero_grad(set_to_none=True)
     loss.backward()
     gnorm = torch.nn.utils.clip_grad_norm_(run.module.parameters(),
@@ -251,12 +250,12 @@ def _minibatch_update(run: Run, step: int, u: int, chunk: np.ndarray, tb: TrainB
 
     pool.add(update=u, logp=logp, logp_rollout=mb.logp_rollout, logp_old=old, advantages=adv, mask=mask,
              seq_ids=seq_ids, keep=res.keep, entropy=entropy, loss=lmetrics[M.LOSS_POLICY], grad_norm=float(gnorm))
-    t0 = time.perf_counter()
+    t0 = clock.now()
     log.log_tokens(step=step, update=u, seq_ids=seq_ids, logp=logp.detach(), logp_rollout=mb.logp_rollout,
                    advantages=adv, response_mask=mask, logp_old=old, keep_applied=res.keep, reason_applied=res.reason,
                    token_ids=mb.response_ids, entropy=entropy, reward=tb.rewards[chunk], group_id=tb.group_ids[chunk],
                    loss_weight=applied_weight(res, cfg.optim.trunc_cap))
-    clock.log_tokens_s += time.perf_counter() - t0
+    clock.log_tokens_s += clock.now() - t0
 
 
 def _zero_loss_update(run: Run, batch: RolloutBatch) -> None:

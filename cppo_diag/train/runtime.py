@@ -129,16 +129,20 @@ def torch_gen(seed: int, step: int, rank: int, device) -> torch.Generator:
 # -- the run -------------------------------------------------------------------------------------------------
 @dataclass
 class StepClock:
-    """The time split of one iteration (``time/*`` scalars)."""
+    """The time split of one iteration (``time/*`` scalars). Every phase timer reads ``now()``."""
 
-    start: float = field(default_factory=time.perf_counter)
+    start: float = field(default_factory=lambda: StepClock.now())
     rollout_s: float = 0.0
     update_s: float = 0.0
     rule_s: float = 0.0
     log_tokens_s: float = 0.0
 
+    @staticmethod
+    def now() -> float:
+        return time.perf_counter()
+
     def elapsed(self) -> float:
-        return time.perf_counter() - self.start
+        return self.now() - self.start
 
 
 @dataclass
