@@ -26,8 +26,8 @@ from cppo_diag import metric_names as M
 from . import phases
 from .checkpoint import drop_checkpoints
 from .config import TrainConfig
-from .phases import group_advantages, index_batch, pack_queue, sequence_logprobs, unpack_queue  # noqa: F401
-from .runtime import StepClock, start_run, step_rng, torch_gen  # noqa: F401
+from .phases import group_advantages, pack_queue, sequence_logprobs, unpack_queue  # noqa: F401  (tests, benchmarks)
+from .runtime import StepClock, start_run, step_rng  # noqa: F401  (step_rng: benchmarks)
 
 __all__ = ["train"]
 
