@@ -30,6 +30,7 @@ import numpy as np
 import polars as pl
 
 from analyses.tokens import LOGRATIO_CLAMP, columns_of, load_tokens, run_meta, run_name
+from cppo_diag import metric_names as M
 
 SEVERITIES = ("info", "warning", "critical")
 
@@ -281,10 +282,10 @@ def _scalar_series(source: Any) -> pl.DataFrame | None:
 
 
 def _reward_series(source: Any, scalars: pl.DataFrame | None, info: dict) -> tuple[np.ndarray, np.ndarray, str] | None:
-    if scalars is not None and "reward/mean" in scalars.columns:
-        df = scalars.select("step", "reward/mean").drop_nulls().sort("step")
+    if scalars is not None and M.REWARD_MEAN in scalars.columns:
+        df = scalars.select("step", M.REWARD_MEAN).drop_nulls().sort("step")
         if df.height:
-            return df["step"].to_numpy(), df["reward/mean"].to_numpy().astype(np.float64), "reward/mean (scalars)"
+            return df["step"].to_numpy(), df[M.REWARD_MEAN].to_numpy().astype(np.float64), f"{M.REWARD_MEAN} (scalars)"
     if "reward" in info["columns"]:  # token table: one reward per sequence, its first update
         one_per_seq = (pl.col("update") == 0) & (pl.col("pos") == 0) & pl.col("reward").is_not_null()
         df = (load_tokens(source).filter(one_per_seq)
@@ -492,7 +493,7 @@ def diagnose(
     ent = info.get("entropy")
     ent_src = "token column 'entropy' (first update)"
     if (ent is None or ent.height == 0) and scalars is not None:
-        for c in ("policy/entropy", "entropy/mean", "actor/entropy"):
+        for c in (M.POLICY_ENTROPY, "entropy/mean", "actor/entropy"):
             if c in scalars.columns:
                 ent = scalars.select("step", pl.col(c).alias("entropy")).drop_nulls().sort("step")
                 ent_src = f"scalar '{c}'"

@@ -40,7 +40,7 @@ CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}  # cpu: this proc
 
 
 class _TrainerClock:
-    """Stands in for the ``time`` module inside ``cppo_diag.train.trainer`` so that its own phase timers
+    """Stands in for the ``time`` module inside ``cppo_diag.train.runtime`` so that the trainer's phase timers
     (``time/rollout_s``, ``time/update_s``) read the chosen clock."""
 
     def __init__(self, clock):
@@ -79,7 +79,7 @@ class _Scalars:
 
 def run_bundled(args, out_dir: Path) -> list[tuple[float, float, int]]:
     """(rollout s, update s, response tokens) per step of one bundled training run."""
-    import cppo_diag.train.trainer as trainer_mod
+    import cppo_diag.train.runtime as runtime_mod
     from cppo_diag.train import build_config, train
 
     cfg = build_config("demo", overrides={
@@ -94,18 +94,18 @@ def run_bundled(args, out_dir: Path) -> list[tuple[float, float, int]]:
         "log": {"out_dir": str(out_dir), "name": "bundled", "record": True, "progress": False},
         "ckpt": {"every": 0, "keep": 0, "resume": False}})
     rec = _Scalars()
-    real_build = trainer_mod.build_policy
+    real_build = runtime_mod.build_policy
 
     def build_fixed_length(*a, **kw):  # fixed response length: an EOS id the sampler never draws
         pol = real_build(*a, **kw)
         pol.eos_id = -1
         return pol
 
-    trainer_mod.build_policy, trainer_mod.time = build_fixed_length, _TrainerClock(CLOCKS[args.clock])
+    runtime_mod.build_policy, runtime_mod.time = build_fixed_length, _TrainerClock(CLOCKS[args.clock])
     try:
         train(cfg, recorder_factory=lambda *a, **kw: rec)
     finally:
-        trainer_mod.build_policy, trainer_mod.time = real_build, time
+        runtime_mod.build_policy, runtime_mod.time = real_build, time
     # update minus the token-logging time (its recorder keeps nothing; TRL records nothing)
     return [(s["time/rollout_s"], s["time/update_s"] - s["time/log_tokens_s"], round(s["response/len_mean"] * args.prompts * args.group))
             for s in rec.steps if "time/rollout_s" in s]  # (evaluation scalars come on their own)

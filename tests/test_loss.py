@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from reference_loop import pack, pad, random_batch
-from cppo_diag.loss import AGG_MODES, policy_loss
+from cppo_diag.loss import (AGG_MODES, AGGREGATIONS, LOSS_FORMS, agg_loss, get_aggregation, get_loss_form,
+                            policy_loss)
 from cppo_diag.masks import compute_mask
 
 F64 = torch.float64
@@ -44,6 +45,10 @@ def loop_loss(lp, lr, adv, m, keep, weight, agg, max_len=None, trunc=None):
             per_seq.append(s / c)
     if agg == "token-mean":
         return tot / max(cnt, 1)
+    if agg == "token-sum":
+        return tot
+    if agg == "seq-mean-token-sum":
+        return tot / max(len(per_seq), 1)
     if agg == "seq-mean-token-mean":
         return sum(per_seq) / len(per_seq) if per_seq else 0.0
     H = max_len if max_len is not None else longest
@@ -151,3 +156,82 @@ def test_empty_and_all_masked_batches_are_finite():
     for agg in AGG_MODES:
         loss, _ = policy_loss(lp, lr, adv, none, None, agg=agg)
         assert float(loss) == 0.0
+
+
+# -- the registries: each loss form and each aggregation against its formula written out ---------------------
+def _random_inputs(seed):
+    g = torch.Generator().manual_seed(seed)
+    B, T = 5, 7
+    lp = -torch.rand(B, T, generator=g, dtype=F64) * 2  # (B, T)
+    lr = (lp + 0.5 * torch.randn(B, T, generator=g, dtype=F64)).clamp(max=-1e-3)  # (B, T)
+    adv = torch.randn(B, T, generator=g, dtype=F64)  # (B, T) token-level
+    w = torch.rand(B, T, generator=g, dtype=F64) * 1.5  # (B, T)
+    m = torch.rand(B, T, generator=g) > 0.3  # (B, T)
+    m[3] = False  # a response with no valid token
+    return lp, lr, adv, w, m
+
+
+def test_registries_hold_the_documented_names():
+    assert set(LOSS_FORMS) == {"ratio", "is_weight", "drpo"}
+    assert AGG_MODES == tuple(AGGREGATIONS) == ("token-mean", "token-sum", "seq-mean-token-sum",
+                                                "seq-mean-token-mean", "seq-mean-token-sum-norm")
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_each_loss_form_equals_its_formula(seed):
+    lp, lr, adv, w, _ = _random_inputs(seed)
+    rho = torch.exp((lp - lr).clamp(-20, 20))
+    kw = dict(adv=adv, rho=rho, logp=lp, logp_rollout=lr)
+    cases = {  # (form, weight, cap, params): l_t written out (SPEC "Loss")
+        ("ratio", None, None): -adv * rho,
+        ("ratio", "w", None): -adv * rho * w,
+        ("ratio", "w", 1.3): -adv * rho.clamp(max=1.3) * lp * w,
+        ("is_weight", None, None): -adv * rho * lp,
+        ("is_weight", "w", 1.1): -adv * w.clamp(max=1.1) * lp,
+        ("drpo", None, None): -(rho * adv - adv.abs() / (2 * 0.2) * torch.exp(lr) * (rho - 1) ** 2),
+    }
+    for (form, weight, cap), expect in cases.items():
+        per_tok, trunc = get_loss_form(form)(**kw, weight=w if weight else None, trunc_cap=cap,
+                                             params={"delta": 0.2})
+        torch.testing.assert_close(per_tok, expect, rtol=1e-14, atol=0)
+        if cap is not None:
+            assert torch.equal(trunc, (rho if form == "ratio" else w) > cap)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_each_aggregation_equals_its_formula(seed):
+    _, _, l, _, m = _random_inputs(seed)  # any per-token values
+    lm = torch.where(m, l, 0.0)
+    S, n_tok, has = lm.sum(), m.sum(), m.any(1)
+    row_means = lm.sum(1)[has] / m.sum(1)[has]
+    longest = m.sum(1).max()
+    expect = {
+        "token-mean": S / n_tok,
+        "token-sum": S,
+        "seq-mean-token-sum": S / has.sum(),
+        "seq-mean-token-mean": row_means.mean(),
+        "seq-mean-token-sum-norm": S / (m.shape[0] * longest),
+    }
+    for mode, value in expect.items():
+        assert float(agg_loss(l, m, mode)) == pytest.approx(float(value), rel=1e-13), mode
+    # global denominators (verl's global_batch_info) replace the local counts; dp_size scales
+    glob = dict(dp_size=4, batch_num_tokens=100, global_batch_size=16)
+    g_expect = {
+        "token-mean": S / 100 * 4, "token-sum": S * 4, "seq-mean-token-sum": S / 16 * 4,
+        "seq-mean-token-mean": row_means.sum() / 16 * 4, "seq-mean-token-sum-norm": S / (16 * 9) * 4,
+    }
+    for mode, value in g_expect.items():
+        got = agg_loss(l, m, mode, max_len=9, **glob)
+        assert float(got) == pytest.approx(float(value), rel=1e-13), mode
+
+
+def test_unknown_form_or_mode_names_the_known_ones():
+    with pytest.raises(ValueError, match=r"loss form: expected one of \['drpo', 'is_weight', 'ratio'\], found 'clip'"):
+        get_loss_form("clip")
+    with pytest.raises(ValueError, match=r"agg: expected one of \['token-mean', .*found 'mean'"):
+        get_aggregation("mean")
+    lp, lr, adv, _, m = _random_inputs(2)
+    res = compute_mask("pg_is", logp=lp, logp_rollout=lr, advantages=adv, response_mask=m)
+    res.loss_form = "clip"
+    with pytest.raises(ValueError, match="loss form"):
+        policy_loss(lp, lr, adv, m, res)

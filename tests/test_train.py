@@ -64,6 +64,35 @@ def test_config_errors_name_the_field():
         build_config("nope")
 
 
+@pytest.mark.parametrize("over, message", [
+    ({"device": "tpu"}, "device: expected auto | cpu | cuda, found 'tpu'"),
+    ({"precision": "fp16"}, "precision: expected auto | fp32 | bf16, found 'fp16'"),
+    ({"rollout": {"precision": "int8"}}, "rollout.precision: expected auto | fp32 | bf16, found 'int8'"),
+    ({"rollout": {"engine": "vllm"}}, "rollout.engine: expected torch, found 'vllm'"),
+    ({"rollout": {"n": 0}}, "rollout.n: expected an integer >= 1, found 0"),
+    ({"rollout": {"top_p": 1.5}}, r"rollout.top_p: expected a value in \(0, 1\], found 1.5"),
+    ({"rollout": {"staleness": -1}}, "rollout.staleness: expected an integer >= 0, found -1"),
+    ({"optim": {"epochs": 0}}, "optim.epochs: expected an integer >= 1, found 0"),
+    ({"optim": {"updates_per_batch": 0}}, "optim.updates_per_batch: expected an integer >= 1, found 0"),
+    ({"optim": {"schedule": "step"}}, "optim.schedule: expected constant | cosine | linear, found 'step'"),
+    ({"optim": {"agg": "mean"}}, "optim.agg: expected token-mean | .* found 'mean'"),
+    ({"optim": {"trunc_cap": 0}}, "optim.trunc_cap: expected a number > 0, found 0"),
+    ({"log": {"every_n_steps": 0}}, "log.every_n_steps: expected an integer >= 1, found 0"),
+    ({"log": {"record": False, "tensorboard": True}}, "log.tensorboard: .*needs log.record true"),
+    ({"rule": {"anchor": "pi_old"}}, "rule.anchor: expected rollout | old, found 'pi_old'"),
+    ({"rule": {"name": "cppo", "params": {"detla": 0.1}}}, r"rule.params: unknown parameter\(s\) \['detla'\]"),
+])
+def test_config_validate_names_field_expected_and_found(over, message):
+    cfg = build_config("tiny", overrides=over)  # building merges; validate() judges the whole config
+    with pytest.raises(ValueError, match=message):
+        cfg.validate()
+    assert build_config("tiny").validate().steps == 3  # a valid config passes and is returned
+    from cppo_diag.train import PRESETS
+
+    for preset in PRESETS:  # every shipped preset is valid
+        build_config(preset).validate()
+
+
 def test_table3_presets_match_spec():
     c = build_config("table3-qwen3-30b-a3b-base")
     assert (c.rollout.prompts_per_step, c.rollout.n, c.optim.updates_per_batch) == (256, 16, 8)

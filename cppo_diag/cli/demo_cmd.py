@@ -28,6 +28,8 @@ import sys
 import time
 from pathlib import Path
 
+from cppo_diag import metric_names as M
+
 HELP = "train a fresh CPPO run on CPU (long regime, a few minutes) and open the app on sample_logs/ + runs/"
 
 COMPARE = [("grpo", "grpo_clip", {}), ("dppo", "dppo", {})]
@@ -92,9 +94,9 @@ def run(args) -> int:
             print(f"training {label} -> {out / over['log']['name']}", flush=True)
             results[label] = train(build_config(args.preset, overrides=over))
         for label, s in results.items():
-            print(f"{label:5s} greedy accuracy on held-out problems: {s.get('summary/greedy_acc_before', float('nan')):.3f}"
-                  f" -> {s.get('summary/greedy_acc_after', float('nan')):.3f}  (partial-credit reward "
-                  f"{s.get('summary/greedy_reward_before', float('nan')):.3f} -> {s.get('summary/greedy_reward_after', float('nan')):.3f})")
+            print(f"{label:5s} greedy accuracy on held-out problems: {s.get(M.SUMMARY_GREEDY_ACC_BEFORE, float('nan')):.3f}"
+                  f" -> {s.get(M.SUMMARY_GREEDY_ACC_AFTER, float('nan')):.3f}  (partial-credit reward "
+                  f"{s.get(M.SUMMARY_GREEDY_REWARD_BEFORE, float('nan')):.3f} -> {s.get(M.SUMMARY_GREEDY_REWARD_AFTER, float('nan')):.3f})")
         if proc is None:
             print(f"open the runs with: cppo-diag app --root {out}" + (f" --root {samples}" if samples else ""))
             return 0

@@ -68,8 +68,9 @@ except ImportError as exc:  # pragma: no cover - exercised only without verl
     raise ImportError("cppo_diag.integrations.verl needs verl: pip install verl") from exc
 
 from cppo_diag.capture import NullRecorder, RunRecorder
+from cppo_diag import metric_names as M
 from cppo_diag.integrations.names import verl_rollout_corr_scalars
-from cppo_diag.loss import policy_loss
+from cppo_diag.loss import AGG_MODES, policy_loss
 from cppo_diag.masks import compute_mask, get_rule, list_rules
 from cppo_diag.masks.reduce import masked_mean
 
@@ -142,46 +143,27 @@ def _rule_params(rule: str, config) -> dict[str, Any]:
     return params
 
 
-# -- aggregation as verl does it (agg_loss), from cppo-diag's local loss -------------------------------------
-def _verl_aggregate(logp, mu, advantages, mask, res, loss_agg_mode: str, config, *, rule: str):
-    """cppo-diag's ``policy_loss`` re-normalised the way verl's ``agg_loss`` normalises across the global batch.
+# -- aggregation as verl does it (agg_loss) ----------------------------------------------------------------
+def _verl_agg_kwargs(mask: torch.Tensor, loss_agg_mode: str, config) -> dict[str, Any]:
+    """``policy_loss`` keywords that make ``cppo_diag.loss.agg_loss`` normalise as verl's ``agg_loss`` does.
 
-    ``policy_loss`` normalises locally; verl divides by global counts (``config.global_batch_info``:
-    dp_size, batch_num_tokens, global_batch_size, loss_scale_factor) so the loss is invariant to how a
-    mini-batch is split. Local sums are recovered exactly from the local means.
+    verl divides by global counts (``config.global_batch_info``: dp_size, batch_num_tokens, global_batch_size,
+    loss_scale_factor) so the loss is invariant to how a mini-batch is split; without them, by this batch's.
+    For "seq-mean-token-sum-norm" verl's N is the responses with a valid token and H the padded width (or
+    ``loss_scale_factor``).
     """
+    if loss_agg_mode not in AGG_MODES:
+        raise ValueError(f"loss_agg_mode: expected one of {list(AGG_MODES)}, found {loss_agg_mode!r}")
     info = dict(_config_get(config, "global_batch_info", None) or {})
-    dp_size = int(info.get("dp_size") or 1)
-    n_tok = mask.sum()
-    has = mask.any(dim=-1)  # (B,) responses with >= 1 valid token
-    if loss_agg_mode in ("token-mean", "token-sum", "seq-mean-token-sum", "seq-mean-token-sum-norm"):
-        local_mean, metrics = policy_loss(logp, mu, advantages, mask, res, agg="token-mean", rule=rule)
-        local_sum = local_mean * n_tok.clamp(min=1).to(local_mean.dtype)  # sum over valid tokens of l_t
-        if loss_agg_mode == "token-mean":
-            denom = info.get("batch_num_tokens")
-            denom = n_tok.clamp(min=1) if denom is None else denom
-            loss = local_sum / denom * dp_size
-        elif loss_agg_mode == "token-sum":
-            loss = local_sum * dp_size
-        else:
-            gbs = info.get("global_batch_size")
-            gbs = has.sum().clamp(min=1) if gbs is None else gbs
-            loss = local_sum / gbs * dp_size
-            if loss_agg_mode == "seq-mean-token-sum-norm":
-                scale = info.get("loss_scale_factor")
-                loss = loss / (mask.shape[-1] if scale is None else scale)
-    elif loss_agg_mode == "seq-mean-token-mean":
-        local_mean, metrics = policy_loss(logp, mu, advantages, mask, res, agg="seq-mean-token-mean", rule=rule)
-        local_sum = local_mean * has.sum().clamp(min=1).to(local_mean.dtype)  # sum of per-response means
-        gbs = info.get("global_batch_size")
-        gbs = has.sum().clamp(min=1) if gbs is None else gbs
-        loss = local_sum / gbs * dp_size
-    else:
-        raise ValueError(
-            f"loss_agg_mode: expected one of token-mean, token-sum, seq-mean-token-sum, seq-mean-token-mean, "
-            f"seq-mean-token-sum-norm, found {loss_agg_mode!r}"
-        )
-    return loss, metrics
+    kw: dict[str, Any] = dict(agg=loss_agg_mode, dp_size=int(info.get("dp_size") or 1),
+                              batch_num_tokens=info.get("batch_num_tokens"),
+                              global_batch_size=info.get("global_batch_size"))
+    if loss_agg_mode == "seq-mean-token-sum-norm":
+        scale = info.get("loss_scale_factor")
+        kw["max_len"] = mask.shape[-1] if scale is None else scale
+        if kw["global_batch_size"] is None:
+            kw["global_batch_size"] = mask.any(dim=-1).sum().clamp(min=1)
+    return kw
 
 
 # -- step clock and recorder (one per process) ------------------------------------------------------------
@@ -329,10 +311,11 @@ def _rule_loss(rule: str, old_log_prob, log_prob, advantages, response_mask, los
             res.weight = rho * w
         else:
             res.weight = w
-    loss, loss_metrics = _verl_aggregate(log_prob, mu, advantages, mask, res, loss_agg_mode, config, rule=rule)
+    loss, loss_metrics = policy_loss(log_prob, mu, advantages, mask, res, rule=rule,
+                                     **_verl_agg_kwargs(mask, loss_agg_mode, config))
     metrics = {**res.metrics, **loss_metrics}
     # verl's dashboards read these two names for every policy loss
-    metrics["actor/pg_clipfrac"] = 1.0 - float(loss_metrics.get("loss/kept_frac", 1.0))
+    metrics["actor/pg_clipfrac"] = 1.0 - float(loss_metrics.get(M.LOSS_KEPT_FRAC, 1.0))
     metrics["actor/ppo_kl"] = float(masked_mean(mu - log_prob.detach(), mask))
     if anchor == "rollout":  # bypass mode: verl's own bypass loss reports these off-policy diagnostics
         metrics.update(verl_rollout_corr_scalars(log_prob.detach(), mu, mask))

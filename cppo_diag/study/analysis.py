@@ -44,6 +44,7 @@ from typing import Any
 import numpy as np
 import polars as pl
 
+from cppo_diag import metric_names as M
 from cppo_diag.study.config import AnalysisConfig
 from cppo_diag.study.runner import read_manifest
 from cppo_diag.study.stats import (
@@ -185,7 +186,7 @@ def _accuracy_curve(run, scalar: str) -> pl.DataFrame:
         .with_columns(pl.when(pl.col("_eval")).then(pl.col("step") + 1).otherwise(pl.col("step")).alias("step"))
         .drop("_eval")
     )
-    before = f"summary/{scalar.split('/', 1)[-1]}_before"
+    before = M.summary_name(scalar, "before")
     if before in steps.columns and not (curve["step"] == 0).any():
         value = steps[before].drop_nulls()
         if value.len():
@@ -219,8 +220,8 @@ def collect_study(root: str | Path, analysis: AnalysisConfig | None = None) -> S
                 e.status = str(e.run.meta.get("status", "unknown"))
                 e.curve = _accuracy_curve(e.run, analysis.accuracy)
                 steps = e.run.steps()
-                if "time/step_s" in steps.columns:
-                    e.train_seconds = float(steps["time/step_s"].drop_nulls().sum())
+                if M.TIME_STEP_S in steps.columns:
+                    e.train_seconds = float(steps[M.TIME_STEP_S].drop_nulls().sum())
                 e.tokens = token_summary(e.run)
         entries.append(e)
     return StudyData(root=root, manifest=manifest, analysis=analysis, entries=entries)

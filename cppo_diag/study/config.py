@@ -23,7 +23,7 @@ A study file (see ``docs/study.md`` and the presets in ``cppo_diag/study/presets
     rule_params = { cppo = { w_min = 0.7 } }
 
     [analysis]
-    accuracy = "eval/accuracy"        # scalar holding held-out accuracy
+    accuracy = "eval/greedy_acc"      # scalar holding held-out accuracy (the default)
     threshold = 0.5                   # "steps to reach" this accuracy
     reference = "cppo"                # paired comparisons: reference vs every other rule
     primary = "final"                 # "final" (mean of the last final_window evaluations) or "best" (biased)
@@ -43,6 +43,8 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any
+
+from cppo_diag import metric_names as M
 
 __all__ = [
     "PRESETS",
@@ -66,7 +68,7 @@ class StudyConfigError(ValueError):
 
 @dataclass(frozen=True)
 class AnalysisConfig:
-    accuracy: str = "eval/accuracy"  # per-step scalar with held-out accuracy
+    accuracy: str = M.EVAL_GREEDY_ACC  # per-step scalar with held-out accuracy (the trainer's greedy accuracy)
     threshold: float = 0.5  # steps to first reach this held-out accuracy
     reference: str = "cppo"  # the rule compared against every other rule (paired, same seeds)
     primary: str = "final"  # "final" | "best": lead metric (best-so-far is biased upward: secondary by default)

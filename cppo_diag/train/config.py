@@ -86,7 +86,8 @@ class OptimConfig:
     epochs: int = F(4, "passes over the batch; total updates per iteration = epochs * updates_per_batch")
     adv_std_norm: bool = F(False, "divide group advantages by the group std (GRPO); off = mean-centred only (Dr. GRPO)")
     skip_zero_var: bool = F(True, "drop groups whose rewards are all equal (no signal; mask_std_0)")
-    agg: str = F("token-mean", "loss aggregation: token-mean | seq-mean-token-sum-norm")
+    agg: str = F("token-mean", "loss aggregation (cppo_diag.loss.AGG_MODES): token-mean | token-sum | seq-mean-token-sum | "
+                               "seq-mean-token-mean | seq-mean-token-sum-norm")
     trunc_cap: float = F(20.0, "truncation cap C on rho in the loss (SPEC.md 'Loss'; large = off)")
 
 
@@ -134,6 +135,47 @@ class TrainConfig:
     rule: RuleConfig = field(default_factory=RuleConfig)
     log: LogConfig = field(default_factory=LogConfig)
     ckpt: CkptConfig = field(default_factory=CkptConfig)
+
+    def validate(self) -> TrainConfig:
+        """Raise ``ValueError`` naming the field, the expected and the found on the first value the trainer
+        cannot use; returns the config. ``train`` calls it first, before any work."""
+        from cppo_diag.loss import AGG_MODES
+        from cppo_diag.masks import PARAMETERS, get_rule
+
+        def need(ok: bool, name: str, expected: str, found) -> None:
+            if not ok:
+                raise ValueError(f"{name}: expected {expected}, found {found!r}")
+
+        def choice(name: str, value, options) -> None:
+            need(value in options, name, " | ".join(options), value)
+
+        choice("device", self.device, ("auto", "cpu", "cuda"))
+        choice("precision", self.precision, ("auto", "fp32", "bf16"))
+        choice("rollout.precision", self.rollout.precision, ("auto", "fp32", "bf16"))
+        choice("rollout.engine", self.rollout.engine, ("torch",))
+        for name in ("prompts_per_step", "n", "max_new_tokens"):
+            need(getattr(self.rollout, name) >= 1, f"rollout.{name}", "an integer >= 1", getattr(self.rollout, name))
+        need(0.0 < self.rollout.top_p <= 1.0, "rollout.top_p", "a value in (0, 1]", self.rollout.top_p)
+        need(self.rollout.staleness >= 0, "rollout.staleness", "an integer >= 0", self.rollout.staleness)
+        need(self.optim.epochs >= 1, "optim.epochs", "an integer >= 1", self.optim.epochs)
+        need(self.optim.updates_per_batch >= 1, "optim.updates_per_batch", "an integer >= 1",
+             self.optim.updates_per_batch)
+        need(self.optim.warmup_steps >= 0, "optim.warmup_steps", "an integer >= 0", self.optim.warmup_steps)
+        choice("optim.schedule", self.optim.schedule, ("constant", "cosine", "linear"))
+        choice("optim.agg", self.optim.agg, AGG_MODES)
+        need(self.optim.trunc_cap is None or self.optim.trunc_cap > 0, "optim.trunc_cap", "a number > 0",
+             self.optim.trunc_cap)
+        need(self.log.every_n_steps >= 1, "log.every_n_steps", "an integer >= 1", self.log.every_n_steps)
+        for sink in ("tensorboard", "wandb"):
+            if getattr(self.log, sink) and not self.log.record:
+                raise ValueError(f"log.{sink}: mirrors the recorder's scalars, so it needs log.record true (found false)")
+        rule = get_rule(self.rule.name)  # an unknown rule raises here, listing the known ones
+        unknown = sorted(set(self.rule.params) - set(PARAMETERS))
+        if unknown:
+            raise ValueError(f"rule.params: unknown parameter(s) {unknown} for rule {self.rule.name!r}; "
+                             f"rule parameters are {sorted(rule.params)} (see `cppo-diag rules`)")
+        choice("rule.anchor", self.rule.anchor, ("rollout", "old"))
+        return self
 
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from cppo_diag import metric_names as M
+
 from .tasks.base import Problem
 
 
@@ -24,8 +26,8 @@ def evaluate(policy, sampler, problems: list[Problem], score, *, max_new_tokens:
             r, c = score(p, policy.decode([t for t, v in zip(ids, m) if v and t != policy.eos_id]))
             accs.append(c)
             rewards.append(r)
-    out["eval/greedy_acc"] = float(np.mean(accs))
-    out["eval/greedy_reward"] = float(np.mean(rewards))
+    out[M.EVAL_GREEDY_ACC] = float(np.mean(accs))
+    out[M.EVAL_GREEDY_REWARD] = float(np.mean(rewards))
     if k > 0:
         hits = []
         for i in range(0, len(problems), max(1, batch_size // k)):
@@ -35,6 +37,6 @@ def evaluate(policy, sampler, problems: list[Problem], score, *, max_new_tokens:
                                   generator=generator)
             for j, (ids, m) in enumerate(zip(rb.response_ids.tolist(), rb.response_mask.tolist())):
                 hits.append(score(chunk[j // k], policy.decode([t for t, v in zip(ids, m) if v and t != policy.eos_id]))[1])
-        out[f"eval/avg@{k}"] = float(np.mean(hits))
+        out[M.eval_avg_at(k)] = float(np.mean(hits))
     policy.module.train(was_training)
     return out

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from cppo_diag import metric_names as M
 from cppo_diag.loss import policy_loss
 from cppo_diag.masks import compute_mask
 from cppo_diag.masks.metrics import divergence_metrics
@@ -29,7 +30,7 @@ from cppo_diag.masks.reduce import masked_mean
 
 __all__ = ["StepPool", "AFTER_FIRST"]
 
-AFTER_FIRST = "after_first/"
+AFTER_FIRST = M.AFTER_FIRST
 
 
 @dataclass
@@ -76,7 +77,7 @@ class StepPool:
         with torch.no_grad():
             tv = (logp.exp() - lr.exp()).abs()  # (N_rows, T) |pi - mu| of the sampled tokens
             out = {k: float(v) for k, v in divergence_metrics("binary_tv", tv, mask).items()}
-            out["policy/entropy"] = float(masked_mean(cat("entropy"), mask))
+            out[M.POLICY_ENTROPY] = float(masked_mean(cat("entropy"), mask))
         out.update(loss_metrics)
         out.update(res.metrics)  # the rule's own names win (its div/* are over the rule's anchor)
         return out
@@ -89,13 +90,13 @@ class StepPool:
         if not parts:
             return {}
         out = self._pooled(parts)
-        out["loss/policy"] = float(np.mean([u.loss for u in parts]))
-        out["grad/norm"] = float(np.mean([u.grad_norm for u in parts]))
-        out["grad/norm_max"] = float(np.max([u.grad_norm for u in parts]))
+        out[M.LOSS_POLICY] = float(np.mean([u.loss for u in parts]))
+        out[M.GRAD_NORM] = float(np.mean([u.grad_norm for u in parts]))
+        out[M.GRAD_NORM_MAX] = float(np.max([u.grad_norm for u in parts]))
         later = [u for u in parts if u.update > 0]
         if later and len(later) < len(parts):
             for k, v in self._pooled(later).items():
-                if k.startswith("div/") or "frac" in k or "share" in k or k.endswith("delta_b_mean"):
-                    out[AFTER_FIRST + k] = v
+                if M.is_after_first_kind(k):
+                    out[M.after_first(k)] = v
         return out
 
