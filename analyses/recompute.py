@@ -21,8 +21,8 @@ import polars as pl
 import torch
 
 from analyses.tokens import _open_run, _scan_step_files, _step_files, load_tokens, require_columns, run_meta, step_lazyframes  # noqa: F401
-from cppo_diag.storage import layout, schema  # noqa: F401
-from cppo_diag.storage.batches import BASE_COLUMNS, BATCH_COLUMNS, OPTIONAL_BATCH_COLUMNS, Batch, batch_from_frame, batches_from_frame  # noqa: F401
+from cppo_diag.storage import layout
+from cppo_diag.storage.batches import BATCH_COLUMNS, Batch, batches_from_frame
 
 def iter_step_frames(source: Any, *, step_range=None, columns: Sequence[str] | None = None,
                      progress: bool = False, desc: str = "steps") -> Iterator[tuple[int, pl.DataFrame]]:
