@@ -70,7 +70,9 @@ def iter_batches(source: Any, *, step_range=None, columns: Sequence[str] | None 
                  progress: bool = False) -> Iterator[Batch]:
     """Yield one :class:`Batch` per (step, update, rank), in (step, update, rank) order.
 
-    ``source`` may be a :class:`BatchSet` (its batches inside ``step_range`` are yielded as they are)."""
+    ``source``: a run or run directory (the reader's ``Run.batches()``), a token frame (rebuilt a step at a
+    time by ``cppo_diag.storage.batches_from_frame``) or a :class:`BatchSet` (its batches inside
+    ``step_range`` are yielded as they are)."""
     if isinstance(source, BatchSet):
         lo, hi = step_range if step_range is not None else (None, None)
         yield from (b for b in source.batches if (lo is None or b.step >= lo) and (hi is None or b.step <= hi))
