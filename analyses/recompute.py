@@ -1,9 +1,9 @@
 """Recompute any registered trust-region rule over a recorded run, one training step at a time.
 
-Batch reconstruction (the conventions of ``cppo_diag.storage.schema``): tokens are grouped by
-``(step, update, rank)``; inside a group each sequence becomes one row of a right-padded (B, T) batch, in
-``seq_id`` order, and each token sits at column ``pos``. A position that was not logged is padding. The rules
-work per response, and the one with per-response randomness (``cppo_shuffled``) is keyed on the response's
+Batch reconstruction is the storage layer's (``cppo_diag.storage.batches``; ``Run.batches()``): tokens are
+grouped by ``(step, update, rank)``; inside a group each sequence becomes one row of a right-padded (B, T)
+batch, in ``seq_id`` order, and each token sits at column ``pos``. A position that was not logged is padding.
+The rules work per response, and the one with per-response randomness (``cppo_shuffled``) is keyed on the response's
 ``(step, seq_id)``, which ``run_rule`` passes to ``compute_mask``: so the rows need not be ``0..B-1`` (the
 bundled trainer's minibatches hold any subset of a step's seq_ids) and sampled-out sequences leave no gap.
 
@@ -21,131 +21,8 @@ import polars as pl
 import torch
 
 from analyses.tokens import _open_run, _scan_step_files, _step_files, load_tokens, require_columns, run_meta, step_lazyframes  # noqa: F401
-from cppo_diag.storage import schema
-
-BASE_COLUMNS = ("step", "update", "rank", "seq_id", "pos", "logp", "logp_rollout", "advantage")
-OPTIONAL_BATCH_COLUMNS = ("logp_old", "keep_applied", "reason_applied", "token_id", "topk_ids", "topk_logp_rollout",
-                          "topk_logp")
-
-
-@dataclass
-class Batch:
-    """One (step, update, rank) group rebuilt as a padded batch.
-
-    ``logp``, ``logp_rollout``, ``advantages`` (B, T) float32; ``response_mask`` (B, T) bool;
-    ``positions`` (B, T) int64 (pos, 0 on padding); ``seq_ids`` (B,) int64, increasing;
-    ``order`` (N,) int64: for each valid token in row-major order, its row index in the source frame.
-    Optional (B, T) tensors: ``logp_old``, ``keep_applied``, ``reason_applied``; ``topk`` dict of
-    (B, T, K) tensors (keys "ids", "logp_rollout", "logp") plus (B, T) "token_ids" when the run logged
-    them (the mapping ``cppo_diag.masks`` accepts as ``topk``).
-    """
-
-    step: int
-    update: int
-    rank: int
-    seq_ids: np.ndarray
-    logp: torch.Tensor
-    logp_rollout: torch.Tensor
-    advantages: torch.Tensor
-    response_mask: torch.Tensor
-    positions: np.ndarray
-    order: np.ndarray
-    logp_old: torch.Tensor | None = None
-    keep_applied: torch.Tensor | None = None
-    reason_applied: torch.Tensor | None = None
-    topk: dict | None = None
-
-    @property
-    def n_tokens(self) -> int:
-        return int(self.order.shape[0])
-
-    def unpad(self, x) -> np.ndarray:
-        """Valid entries of a (B, T) tensor/array in row-major order, as numpy (N,)."""
-        if isinstance(x, torch.Tensor):
-            x = x.detach().cpu().numpy()
-        return np.asarray(x)[self.response_mask.numpy()]
-
-    def token_keys(self) -> dict[str, np.ndarray]:
-        """step, update, rank, seq_id, pos of the valid tokens in row-major order."""
-        m = self.response_mask.numpy()
-        rows = np.nonzero(m)[0]
-        n = rows.shape[0]
-        return {
-            "step": np.full(n, self.step, dtype=np.int64),
-            "update": np.full(n, self.update, dtype=np.int32),
-            "rank": np.full(n, self.rank, dtype=np.int32),
-            "seq_id": self.seq_ids[rows],
-            "pos": self.positions[m].astype(np.int32),
-        }
-
-
-def _pad(values: np.ndarray, rows: np.ndarray, cols: np.ndarray, shape, dtype, fill=0) -> np.ndarray:
-    out = np.full(shape, fill, dtype=dtype)
-    out[rows, cols] = values
-    return out
-
-
-def batch_from_frame(frame: pl.DataFrame) -> Batch:
-    """Rebuild one (step, update, rank) group (a DataFrame with BASE_COLUMNS) as a padded :class:`Batch`."""
-    if frame.height == 0:
-        raise ValueError("batch_from_frame: expected at least one token row, found 0")
-    step = int(frame["step"][0])
-    update = int(frame["update"][0]) if "update" in frame.columns else 0
-    rank = int(frame["rank"][0]) if "rank" in frame.columns else 0
-    seq = frame["seq_id"].to_numpy().astype(np.int64)
-    pos = frame["pos"].to_numpy().astype(np.int64)
-    if seq.min() < 0 or pos.min() < 0:
-        raise ValueError(f"step {step}: expected non-negative seq_id and pos, found min seq_id {seq.min()}, "
-                         f"min pos {pos.min()}")
-    order = np.lexsort((pos, seq))  # sort by seq_id, then pos
-    seq_s, pos_s = seq[order], pos[order]
-    dup = (np.diff(seq_s) == 0) & (np.diff(pos_s) == 0)
-    if dup.any():
-        i = int(np.argmax(dup))
-        raise ValueError(f"step {step} update {update} rank {rank}: token (seq_id {seq_s[i]}, pos {pos_s[i]}) "
-                         f"logged twice; expected one row per (step, update, rank, seq_id, pos)")
-    seq_ids, rows_s = np.unique(seq_s, return_inverse=True)  # row b holds sequence seq_ids[b]
-    rows_s = rows_s.reshape(-1)
-    shape = (len(seq_ids), int(pos_s.max()) + 1)
-
-    def col(name, dtype, fill=0):
-        return _pad(frame[name].to_numpy()[order], rows_s, pos_s, shape, dtype, fill)
-
-    mask = _pad(np.ones(len(order), dtype=bool), rows_s, pos_s, shape, bool, False)
-    positions = _pad(pos_s, rows_s, pos_s, shape, np.int64)
-    logp = col("logp", np.float32)
-    batch = Batch(
-        step=step, update=update, rank=rank, seq_ids=seq_ids,
-        logp=torch.from_numpy(logp), logp_rollout=torch.from_numpy(col("logp_rollout", np.float32)),
-        advantages=torch.from_numpy(col("advantage", np.float32)), response_mask=torch.from_numpy(mask),
-        positions=positions, order=order,
-    )
-    cols = set(frame.columns)
-    if "logp_old" in cols and frame["logp_old"].null_count() < frame.height:
-        batch.logp_old = torch.from_numpy(col("logp_old", np.float32))
-    if "keep_applied" in cols and frame["keep_applied"].null_count() == 0:
-        batch.keep_applied = torch.from_numpy(col("keep_applied", bool, False))
-    if "reason_applied" in cols and frame["reason_applied"].null_count() == 0:
-        batch.reason_applied = torch.from_numpy(col("reason_applied", np.uint8))
-    if {"topk_ids", "topk_logp_rollout", "topk_logp", "token_id"} <= cols and frame["topk_ids"].null_count() == 0:
-        batch.topk = _topk(frame, order, rows_s, pos_s, shape)
-        batch.topk["token_ids"] = torch.from_numpy(col("token_id", np.int64))
-    return batch
-
-
-def _topk(frame: pl.DataFrame, order, rows, cols, shape) -> dict:
-    k = int(frame["topk_ids"].list.len().max())
-    out = {}
-    for key, name, dtype, fill in (("ids", "topk_ids", np.int64, 0), ("logp_rollout", "topk_logp_rollout",
-                                                                      np.float32, -np.inf),
-                                   ("logp", "topk_logp", np.float32, -np.inf)):
-        vals = np.stack([np.pad(np.asarray(v, dtype=dtype), (0, k - len(v)), constant_values=fill)
-                         for v in frame[name].to_list()])[order]
-        arr = np.full((*shape, k), fill, dtype=dtype)
-        arr[rows, cols] = vals
-        out[key] = torch.from_numpy(arr)
-    return out
-
+from cppo_diag.storage import layout
+from cppo_diag.storage.batches import BATCH_COLUMNS, Batch, batches_from_frame
 
 def iter_step_frames(source: Any, *, step_range=None, columns: Sequence[str] | None = None,
                      progress: bool = False, desc: str = "steps") -> Iterator[tuple[int, pl.DataFrame]]:
@@ -193,20 +70,24 @@ def iter_batches(source: Any, *, step_range=None, columns: Sequence[str] | None 
                  progress: bool = False) -> Iterator[Batch]:
     """Yield one :class:`Batch` per (step, update, rank), in (step, update, rank) order.
 
-    ``source`` may be a :class:`BatchSet` (its batches inside ``step_range`` are yielded as they are)."""
+    ``source``: a run or run directory (the reader's ``Run.batches()``), a token frame (rebuilt a step at a
+    time by ``cppo_diag.storage.batches_from_frame``) or a :class:`BatchSet` (its batches inside
+    ``step_range`` are yielded as they are)."""
     if isinstance(source, BatchSet):
         lo, hi = step_range if step_range is not None else (None, None)
         yield from (b for b in source.batches if (lo is None or b.step >= lo) and (hi is None or b.step <= hi))
         return
     if isinstance(source, (str, Path)):
         source = _open_run(Path(source))
+    if callable(getattr(source, "batches", None)):  # a run: the reader rebuilds its batches
+        yield from source.batches(step_range=step_range, columns=columns, progress=progress)
+        return
     lf = load_tokens(source)
     require_columns(lf, ["step", "seq_id", "pos", "logp", "logp_rollout", "advantage"], "recompute")
     names = lf.collect_schema().names()
-    cols = list(columns) if columns else [c for c in (*BASE_COLUMNS, *OPTIONAL_BATCH_COLUMNS) if c in names]
+    cols = list(columns) if columns else [c for c in BATCH_COLUMNS if c in names]
     for _, frame in iter_step_frames(source, step_range=step_range, columns=cols, progress=progress):
-        for _, part in sorted(frame.partition_by(["update", "rank"], as_dict=True).items()):
-            yield batch_from_frame(part)
+        yield from batches_from_frame(frame)
 
 
 def run_rule(batch: Batch, rule: str, params: dict | None = None, *, anchor: str = "rollout",
@@ -324,7 +205,8 @@ class _Accumulator:
         self.metric_rows: list[dict] = []
         self.sign_counts = {s: np.zeros(3) for s in ("pos", "neg", "zero")}  # valid, masked, budget
         self.agree = {"n_compared": 0, "n_agree": 0, "first_mismatch": None}
-        self.writer = None
+        self.writer = None  # the side table's ParquetWriter, open on a temp file until close()
+        self._side = None
 
     def add(self, batch: Batch, res, anchor: str = "rollout") -> None:
         keep = batch.unpad(res.keep)  # (N,)
@@ -368,8 +250,9 @@ class _Accumulator:
             self._write_side(batch, keep, reason, res)
 
     def _write_side(self, batch, keep, reason, res) -> None:
+        import contextlib
+
         import pyarrow as pa
-        import pyarrow.parquet as pq
 
         cols = {k: pa.array(v) for k, v in batch.token_keys().items()}
         cols["keep"] = pa.array(keep)
@@ -379,20 +262,26 @@ class _Accumulator:
         table = pa.table(cols)
         if self.writer is None:
             self.side_path.parent.mkdir(parents=True, exist_ok=True)
-            self.writer = pq.ParquetWriter(self.side_path, table.schema)
+            self._side = contextlib.ExitStack()
+            self.writer = self._side.enter_context(layout.atomic_parquet_writer(self.side_path, table.schema))
         elif not table.schema.equals(self.writer.schema):
             table = table.select([n for n in self.writer.schema.names if n in table.column_names])
         self.writer.write_table(table)
 
-    def close(self) -> None:
+    def close(self, error: BaseException | None = None) -> None:
+        """Finish the side table: renamed into place whole, or, after ``error``, its temp file removed (a
+        failed recompute leaves no side table, and an earlier one at that path untouched)."""
         if self.writer is not None:
-            self.writer.close()
-        elif self.side_path is not None:  # no tokens: still write an empty, typed side table
+            side, self._side, self.writer = self._side, None, None
+            if error is None:
+                side.close()
+            else:
+                side.__exit__(type(error), error, error.__traceback__)
+        elif self.side_path is not None and error is None:  # no tokens: still write an empty, typed side table
             import pyarrow as pa
-            import pyarrow.parquet as pq
 
             self.side_path.parent.mkdir(parents=True, exist_ok=True)
-            pq.write_table(pa.table({
+            layout.atomic_write_parquet(pa.table({
                 "step": pa.array([], pa.int64()), "update": pa.array([], pa.int32()),
                 "rank": pa.array([], pa.int32()), "seq_id": pa.array([], pa.int64()),
                 "pos": pa.array([], pa.int32()), "keep": pa.array([], pa.bool_()),
@@ -482,8 +371,10 @@ def recompute(
             if on_batch is not None:
                 on_batch(batch, res)
             acc.add(batch, res, anchor)
-    finally:
-        acc.close()
+    except BaseException as exc:
+        acc.close(exc)
+        raise
+    acc.close()
     return acc.result()
 
 

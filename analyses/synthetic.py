@@ -1,7 +1,8 @@
 """A synthetic run generator for tests, demos of the figures and benchmarks.
 
 It writes a real run directory in the on-disk layout of ``cppo_diag.storage.layout`` (``meta.json``,
-``tokens/step=NNNNNN/rank0-u<U>-000.parquet``, ``_done`` markers), fast enough for 100 M tokens, with the
+``tokens/step=NNNNNN/rank0-u<U>-000.parquet``, ``_done`` markers), every file through the layout's atomic
+writers, fast enough for 100 M tokens, with the
 dtypes of ``cppo_diag.storage.schema``. The model of the data (not of any real trainer):
 
 * mu(y_t) ~ a Beta(2, 0.3) draw per token (most sampled tokens are likely, some are not);
@@ -15,7 +16,6 @@ dtypes of ``cppo_diag.storage.schema``. The model of the data (not of any real t
 
 from __future__ import annotations
 
-import json
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -68,17 +68,14 @@ def _step_frame(rng: np.random.Generator, step: int, update: int, seqs: int, max
 
 
 def _applied(frame: pl.DataFrame, rule: str, params: dict) -> pl.DataFrame:
-    """keep_applied / reason_applied from the rule library, batch rebuilt as the recompute does."""
-    from analyses.recompute import batch_from_frame, run_rule
+    """keep_applied / reason_applied from the rule library, on the batch the reader rebuilds from ``frame``."""
+    from analyses.recompute import run_rule
+    from cppo_diag.storage.batches import batch_from_frame
 
     batch = batch_from_frame(frame)
     res = run_rule(batch, rule, params)
-    keep, reason = batch.unpad(res.keep), batch.unpad(res.reason)
-    order = batch.order  # row order of `frame` -> batch token order
-    keep_col = np.empty(len(frame), dtype=bool)
-    reason_col = np.empty(len(frame), dtype=np.uint8)
-    keep_col[order], reason_col[order] = keep, reason
-    return frame.with_columns(keep_applied=pl.Series(keep_col), reason_applied=pl.Series(reason_col, dtype=pl.UInt8))
+    return frame.with_columns(keep_applied=pl.Series(batch.frame_values(res.keep).astype(bool)),
+                              reason_applied=pl.Series(batch.frame_values(res.reason).astype(np.uint8), dtype=pl.UInt8))
 
 
 def write_synthetic_run(
@@ -143,8 +140,8 @@ def write_synthetic_run(
                                    with_logp_old, burst_frac, burst_scale)
             if with_keep_applied:
                 frame = _applied(frame, with_keep_applied, rule_params or {})
-            frame.write_parquet(step_dir / layout.token_shard_name(0, update, 0), statistics=True)
-        (dirs["done"] / layout.done_marker_name(step, 0)).touch()
+            layout.atomic_write_parquet(frame, step_dir / layout.token_shard_name(0, update, 0), compression="zstd")
+        layout.write_done_marker(dirs["done"], step, 0)
     layout.atomic_write_json(dirs["meta"], meta)
     return run
 
@@ -156,7 +153,7 @@ def empty_run(path, *, name: str | None = None) -> Path:
     dirs["tokens"].mkdir(parents=True, exist_ok=True)
     meta = {"schema_version": schema.SCHEMA_VERSION, "name": name or run.name, "trainer": "synthetic",
             "rule": None, "rule_params": {}, "anchor": "rollout", "config": {}, "status": "finished"}
-    (dirs["meta"]).write_text(json.dumps(meta))
+    layout.atomic_write_json(dirs["meta"], meta)
     return run
 
 

@@ -479,26 +479,20 @@ def compare_one(path: str, **kwargs: Any):
 
 
 def _rule_frame(batches, rule: str, params: dict, anchor: str) -> pl.DataFrame:
-    """``analyses.recompute.run_rule`` on each batch, one row per valid token: sequence key, pos, keep,
-    reason and the rule's internals (per-token ones, and per-sequence ones broadcast to their tokens)."""
+    """``analyses.recompute.run_rule`` on each batch, one row per valid token (``Batch.token_frame``): sequence
+    key, pos, keep, reason and the rule's internals (per-token ones, and per-sequence ones broadcast to their
+    tokens; internals of other shapes are left out)."""
     import numpy as np
+    import torch
 
     from analyses.recompute import run_rule
 
     parts = []
     for batch in batches:
         res = run_rule(batch, rule, dict(params), anchor=anchor, return_internals=True)
-        cols: dict[str, Any] = dict(batch.token_keys())
-        cols["keep"] = batch.unpad(res.keep).astype(bool)
-        cols["reason"] = batch.unpad(res.reason).astype(np.uint8)
-        rows = np.nonzero(batch.response_mask.numpy())[0]
-        for name, t in (res.internals or {}).items():
-            arr = t.detach().cpu().numpy()
-            if arr.shape == tuple(batch.response_mask.shape):
-                cols[name] = batch.unpad(arr).astype(np.float32)
-            elif arr.ndim == 1 and arr.shape[0] == batch.response_mask.shape[0]:
-                cols[name] = arr[rows].astype(np.float32)  # per-sequence value broadcast to its tokens
-        parts.append(pl.DataFrame(cols))
+        internals = {name: t.detach().cpu().numpy().astype(np.float32) for name, t in (res.internals or {}).items()}
+        parts.append(batch.token_frame({"keep": res.keep.bool(), "reason": res.reason.to(torch.uint8), **internals},
+                                       skip_other_shapes=True))
     return pl.concat(parts, how="diagonal_relaxed") if parts else pl.DataFrame()
 
 
@@ -508,16 +502,14 @@ def _anchor(path: str, version: tuple) -> str:
 
 @st.cache_data(max_entries=MAX_TOKEN_SLICES, ttl=TTL_S, show_spinner=False)
 def _step_rule(path: str, version: tuple, step: int, rule: str, params: tuple) -> pl.DataFrame:
-    from analyses.recompute import iter_batches
-
-    batches = iter_batches(_open(path, version), step_range=(step, step))
+    batches = _open(path, version).batches(step_range=(step, step))
     return _rule_frame(batches, rule, dict(params), _anchor(path, version))
 
 
 @st.cache_data(max_entries=MAX_AGGREGATES, ttl=TTL_S, show_spinner=False)
 def _sequence_rule(path: str, version: tuple, step: int, update: int, rank: int, seq_id: int, rule: str,
                    params: tuple) -> pl.DataFrame:
-    from analyses.recompute import batch_from_frame
+    from cppo_diag.storage import batch_from_frame
 
     frame = _step_tokens(path, version, step).filter(
         (pl.col("update") == update) & (pl.col("rank") == rank) & (pl.col("seq_id") == seq_id))

@@ -5,10 +5,11 @@ import polars as pl
 import pytest
 import torch
 
-from analyses.recompute import batch_from_frame, iter_batches, recompute, recompute_many
+from analyses.recompute import iter_batches, recompute, recompute_many
 from analyses.synthetic import empty_run, write_synthetic_run
 from analyses.tokens import MissingColumnError
 from cppo_diag.masks import compute_mask
+from cppo_diag.storage import batch_from_frame
 
 
 @pytest.fixture(scope="module")

@@ -239,16 +239,9 @@ class RunRecorder:
         elif not meta_path.exists():
             meta["created_by_rank"] = self.rank
             # Another rank may race us; link() fails if rank 0 got there first, so we never clobber it.
-            # The temp name carries the rank ('.tmp-meta.json.rank1.<pid>.<hex>'): rank 0's resume cleanup removes
-            # only its own meta temps, so it cannot delete this file between our write and our link().
-            tmp = layout.tmp_path_for(meta_path.with_name(f"{meta_path.name}.rank{self.rank}"))
-            tmp.write_text(json.dumps(meta, indent=2, sort_keys=True, default=str) + "\n")
-            try:
-                os.link(tmp, meta_path)
-            except FileExistsError:
-                pass
-            finally:
-                tmp.unlink(missing_ok=True)
+            # create_json_if_absent never clobbers rank 0's file. The temp name carries the rank
+            # ('.tmp-meta.json.rank1.<pid>.<hex>'): rank 0's resume cleanup removes only its own meta temps.
+            layout.create_json_if_absent(meta_path, meta, tag=f"rank{self.rank}")
 
     def _owned_by_me(self, name: str) -> bool:
         """Is this file name (or the target of this temp file) written by this rank?"""

@@ -21,7 +21,6 @@ from typing import Any, Callable
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from cppo_diag.capture.staging import (
     BYTE_STREAM_SPLIT_COLUMNS,
@@ -71,13 +70,7 @@ def write_parquet_atomic(table: pa.Table, path: Path, *, compression: str = DEFA
     """Write ``table`` to ``path`` (per-column encodings, ``parquet_write_options``) via temp + rename;
     return bytes written."""
     opts = parquet_write_options(table.column_names, compression=compression, compression_level=compression_level)
-    with layout.atomic_replace(path) as tmp:
-        pq.write_table(table, tmp, **opts)
-        if fsync:
-            with open(tmp, "rb") as fh:
-                os.fsync(fh.fileno())
-        size = os.path.getsize(tmp)
-    return size
+    return layout.atomic_write_parquet(table, path, fsync=fsync, **opts)
 
 
 def _json_value(v: Any):
@@ -384,9 +377,7 @@ class BackgroundWriter(threading.Thread):
         self._write_marker(step)
 
     def _write_marker(self, step: int) -> None:
-        self.dirs["done"].mkdir(parents=True, exist_ok=True)
-        marker = self.dirs["done"] / layout.done_marker_name(step, self.rank)
-        layout.atomic_write_json(marker, {"step": step, "rank": self.rank, "time": time.time()}, fsync=self.fsync)
+        layout.write_done_marker(self.dirs["done"], step, self.rank, fsync=self.fsync)
 
     def _do_drop_step(self, step: int) -> None:
         for key in [k for k in self._buffers if k[0] == step]:

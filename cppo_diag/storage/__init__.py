@@ -1,8 +1,12 @@
-"""Storage: the run format (schema.py, layout.py) and the reader (reader.py).
+"""Storage: the run format (schema.py, layout.py), the reader (reader.py) and the batch convention (batches.py).
 
-``open_run(path) -> Run`` and ``list_runs(root)`` are the public entry points.
+``open_run(path) -> Run`` and ``list_runs(root)`` are the public entry points; ``Run.batches()`` rebuilds the
+padded (step, update, rank) batches a rule saw, ``batch_from_frame`` does it for token rows in memory.
+Every file of a run directory is written through ``layout``'s atomic helpers.
 """
 
+from cppo_diag.storage.batches import Batch, batch_from_frame, batches_from_frame
 from cppo_diag.storage.reader import Run, RunFormatError, RunWarning, list_runs, open_run
 
-__all__ = ["Run", "RunFormatError", "RunWarning", "list_runs", "open_run"]
+__all__ = ["Batch", "Run", "RunFormatError", "RunWarning", "batch_from_frame", "batches_from_frame", "list_runs",
+           "open_run"]

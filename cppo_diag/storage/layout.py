@@ -12,7 +12,10 @@ Layout (see ``docs/run-format.md``)::
     RUN/_done/step=000012.rank0                      marker: every token shard of (step, rank) is complete
     RUN/_live/rank0.json                             heartbeat of an open writer (pid, host, time)
 
-Temporary files start with ``.tmp-`` and are never read.
+Temporary files start with ``.tmp-`` and are never read. Every writer of a run directory (the recorder, the
+synthetic-run generator, the recompute's side table) writes through the atomic helpers here:
+``atomic_write_json``, ``create_json_if_absent``, ``atomic_write_parquet``, ``atomic_parquet_writer`` and
+``write_done_marker`` (all built on ``atomic_replace``).
 """
 
 from __future__ import annotations
@@ -109,8 +112,73 @@ def atomic_write_bytes(path: Path, data: bytes, *, fsync: bool = False) -> None:
             os.fsync(fh.fileno())
 
 
+def _json_bytes(obj) -> bytes:
+    return (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode()
+
+
 def atomic_write_json(path: Path, obj, *, fsync: bool = False) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode(), fsync=fsync)
+    """Write ``obj`` as JSON (indented, sorted keys) to ``path`` atomically."""
+    atomic_write_bytes(path, _json_bytes(obj), fsync=fsync)
+
+
+def create_json_if_absent(path: Path, obj, *, tag: str = "") -> bool:
+    """Write ``obj`` as JSON to ``path`` only if no file is there, atomically: the whole file is written under
+    a temp name (carrying ``tag``, e.g. the writer's rank, so a cleanup can tell whose temp it is) and then
+    hard-linked into place, which fails if another process created ``path`` first, so it never clobbers.
+    Returns True when this call created the file."""
+    path = Path(path)
+    tmp = tmp_path_for(path.with_name(f"{path.name}.{tag}") if tag else path)
+    try:
+        tmp.write_bytes(_json_bytes(obj))
+        os.link(tmp, path)
+        return True
+    except FileExistsError:
+        return False
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def atomic_write_parquet(table, path: Path, *, fsync: bool = False, **write_options) -> int:
+    """Write ``table`` (a ``pyarrow.Table`` or a ``polars.DataFrame``) to ``path`` atomically with
+    ``pyarrow.parquet.write_table(**write_options)``; return the bytes written."""
+    import polars as pl
+    import pyarrow.parquet as pq
+
+    if isinstance(table, pl.DataFrame):
+        table = table.to_arrow()
+    with atomic_replace(path) as tmp:
+        pq.write_table(table, tmp, **write_options)
+        if fsync:
+            with open(tmp, "rb") as fh:
+                os.fsync(fh.fileno())
+        return os.path.getsize(tmp)
+
+
+@contextmanager
+def atomic_parquet_writer(path: Path, arrow_schema, **write_options):
+    """A ``pyarrow.parquet.ParquetWriter`` for tables written one after another (``writer.write_table``) into
+    a temp sibling of ``path``: when the ``with`` block ends normally the file is closed and renamed to
+    ``path``; when it raises, the temp file is removed (``path`` is never left half written)."""
+    import pyarrow.parquet as pq
+
+    with atomic_replace(path) as tmp:
+        writer = pq.ParquetWriter(tmp, arrow_schema, **write_options)
+        try:
+            yield writer
+        finally:
+            writer.close()
+
+
+def write_done_marker(done_dir: Path, step: int, rank: int, *, fsync: bool = False) -> Path:
+    """Mark (step, rank) complete: ``done_dir/step=....rank{r}`` holding {step, rank, time}, written
+    atomically. Write it only after every shard of that step and rank is in place."""
+    import time
+
+    done_dir = Path(done_dir)
+    done_dir.mkdir(parents=True, exist_ok=True)
+    marker = done_dir / done_marker_name(step, rank)
+    atomic_write_json(marker, {"step": int(step), "rank": int(rank), "time": time.time()}, fsync=fsync)
+    return marker
 
 
 def parquet_footer_ok(path: Path) -> str | None:

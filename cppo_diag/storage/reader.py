@@ -3,7 +3,8 @@
 The reader only ever sees whole files (the writer renames temp files into place) and only counts a step's
 token shards once that step's ``_done`` marker exists, so it can read a run that is still being written.
 Each shard's Parquet footer is checked cheaply (magic bytes + footer parse, cached by size/mtime); a
-truncated or corrupt shard is skipped with a warning that names the file.
+truncated or corrupt shard is skipped with a warning that names the file. ``Run.batches()`` rebuilds the
+padded batches a rule saw (``cppo_diag.storage.batches``).
 """
 
 from __future__ import annotations
@@ -13,12 +14,14 @@ import os
 import socket
 import time
 import warnings
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import polars as pl
 import pyarrow.parquet as pq
 
 from cppo_diag.storage import layout, schema
+from cppo_diag.storage.batches import BATCH_COLUMNS, Batch, batches_from_frame
 
 
 class RunFormatError(ValueError):
@@ -205,6 +208,33 @@ class Run:
         shards = self._shards("sequences", include_incomplete)
         return _scan(shards, schema.SEQUENCE_COLUMNS, {c: schema.SEQUENCE_COLUMNS[c] for c in schema.REQUIRED_SEQUENCE_COLUMNS},
                      ("rank",), all_columns=all_columns, what="sequence")
+
+    def batches(self, step_range: tuple[int | None, int | None] | None = None, *,
+                columns: Sequence[str] | None = None, include_incomplete: bool = False,
+                progress: bool = False) -> Iterator[Batch]:
+        """The batches the rule saw: one :class:`~cppo_diag.storage.batches.Batch` per (step, update, rank),
+        in that order, each the padded (B, T) tensors of the group's responses in ``seq_id`` order
+        (``cppo_diag.storage.batches``). ``batch.rule_inputs()`` are the arguments of ``compute_mask``.
+
+        ``step_range``: (lo, hi), inclusive, None for open ends. ``columns``: the token columns to read
+        (default ``batches.BATCH_COLUMNS`` that the run has; the required ones must be among them). One step's
+        shards are read at a time (memory: one step). ``progress``: a tqdm bar over the steps.
+        """
+        by_step: dict[int, list] = {}
+        for shard in self._shards("tokens", include_incomplete):
+            by_step.setdefault(layout.parse_step_dir(shard[0].parent.name), []).append(shard)
+        lo, hi = step_range if step_range is not None else (None, None)
+        steps = [s for s in sorted(by_step) if (lo is None or s >= lo) and (hi is None or s <= hi)]
+        if progress:
+            from tqdm.auto import tqdm
+
+            steps = tqdm(steps, desc="steps", unit="step")
+        for step in steps:
+            lf = _scan(by_step[step], schema.TOKEN_COLUMNS, schema.REQUIRED_TOKEN_COLUMNS, ("update", "rank"),
+                       all_columns=False, what="token")
+            names = lf.collect_schema().names()
+            cols = [c for c in (columns or BATCH_COLUMNS) if c in names]
+            yield from batches_from_frame(lf.filter(pl.col("step") == step).select(cols).collect())
 
     def steps(self) -> pl.DataFrame:
         """One row per step: ``step`` plus one column per scalar name (rank 0's value wins on conflicts;
