@@ -8,8 +8,9 @@ builders for the interactive app.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import polars as pl
@@ -340,6 +341,131 @@ def fig_compare(summary: pl.DataFrame, *, value: str = "masked_frac", title: str
     ax.set_ylabel({"masked_frac": "masked tokens (% of valid)"}.get(value, f"{value} (%)"))
     ax.set_title(title or "Masked fraction: runs × rules (same logged tokens)")
     _legend(ax)
+    return fig
+
+
+# -- study figures (cppo_diag.study.analysis): learning curves over seeds, the ablation, paired effects ---------
+
+
+def _draw_curve_bands(ax, bands: pl.DataFrame, labels: Sequence[str], threshold: float | None) -> None:
+    """Per label: the mean accuracy over seeds per evaluation (legend: the most seeds at any step) and its
+    interval as a band clipped to [0, 1] (accuracies); ``threshold`` as a dotted line."""
+    for label in labels:
+        band = bands.filter(pl.col("label") == label).sort("step")
+        if band.height == 0:
+            continue
+        steps, mean, lo, hi = (band[c].cast(pl.Float64).to_numpy() for c in ("step", "mean", "lo", "hi"))
+        (line,) = ax.plot(steps, mean, marker="o", ms=3, label=f"{label} (n={int(band['n'].max())})", lw=1.6)
+        ok = np.isfinite(lo)
+        ax.fill_between(steps[ok], np.clip(lo[ok], 0, 1), np.clip(hi[ok], 0, 1), color=line.get_color(),
+                        alpha=0.15, lw=0)
+    if threshold is not None:
+        ax.axhline(threshold, color="0.5", ls=":", lw=1)
+    ax.set_xlabel("RL iterations completed")
+    ax.set_ylabel("held-out accuracy")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+
+
+def fig_learning_curves(bands: pl.DataFrame, labels: Sequence[str], *, threshold: float | None = None,
+                        title: str | None = None) -> Figure:
+    """Held-out accuracy of several rules in one panel: mean over seeds with its interval as a band.
+    ``bands``: label, step, mean, lo, hi, n (``cppo_diag.study.analysis.curve_bands``)."""
+    fig = Figure(figsize=(8, 4.8))
+    ax = fig.add_subplot()
+    _draw_curve_bands(ax, bands, labels, threshold)
+    ax.set_title(title or "Held-out accuracy, mean over seeds")
+    fig.tight_layout()
+    return fig
+
+
+def fig_curves_by_rule(curves: pl.DataFrame, bands: pl.DataFrame, labels: Sequence[str], *, confidence: float,
+                       threshold: float | None = None) -> Figure:
+    """One panel per rule (shared axes): every seed's accuracy curve as a thin grey line (``curves``: label,
+    seed, step, accuracy), the mean and its ``confidence`` interval (``bands``) on top."""
+    ncol = min(3, max(1, len(labels)))
+    nrow = -(-len(labels) // ncol)
+    fig = Figure(figsize=(4.2 * ncol, 3.2 * nrow))
+    axes = fig.subplots(nrow, ncol, sharex=True, sharey=True, squeeze=False)
+    for ax, label in zip(axes.flat, labels):
+        sub = curves.filter(pl.col("label") == label)
+        for (seed,), g in sub.group_by("seed", maintain_order=True):
+            g = g.sort("step")
+            ax.plot(g["step"].to_numpy(), g["accuracy"].to_numpy(), lw=0.8, color="0.6", alpha=0.8)
+        band = bands.filter(pl.col("label") == label).sort("step")
+        if sub.height and band.height:
+            steps, mean, lo, hi = (band[c].cast(pl.Float64).to_numpy() for c in ("step", "mean", "lo", "hi"))
+            ax.plot(steps, mean, lw=2, color="C0")
+            ok = np.isfinite(lo)
+            ax.fill_between(steps[ok], np.clip(lo[ok], 0, 1), np.clip(hi[ok], 0, 1), color="C0", alpha=0.2, lw=0)
+        if threshold is not None:
+            ax.axhline(threshold, color="0.5", ls=":", lw=1)
+        ax.set_title(label, fontsize=10)
+        ax.grid(alpha=0.3)
+    for ax in axes.flat[len(labels):]:
+        ax.set_visible(False)
+    for ax in axes[-1]:
+        ax.set_xlabel("RL iterations completed")
+    for ax in axes[:, 0]:
+        ax.set_ylabel("held-out accuracy")
+    fig.suptitle(f"Per rule: each seed (grey), mean and {confidence:.0%} CI (blue)", fontsize=11)
+    fig.tight_layout()
+    return fig
+
+
+def fig_ablation(bands: pl.DataFrame, labels: Sequence[str], per_seed: Mapping[str, np.ndarray],
+                 intervals: Mapping[str, Any], *, metric_label: str, confidence: float,
+                 threshold: float | None = None) -> Figure:
+    """CPPO paper Fig. 5 style: the accuracy curves of CPPO and its ablations (left) and one metric per seed
+    with its mean and ``confidence`` interval (right). ``per_seed``: label -> the seeds' values;
+    ``intervals``: label -> an object with mean, lo, hi, n (``cppo_diag.study.stats.t_interval``)."""
+    fig = Figure(figsize=(11, 4.5))
+    ax1, ax2 = fig.subplots(1, 2, gridspec_kw={"width_ratios": [3, 2]})
+    _draw_curve_bands(ax1, bands, labels, threshold)
+    ax1.set_title("CPPO ablations (paper Fig. 5 style)")
+    for i, lab in enumerate(labels):
+        vals = np.asarray(per_seed[lab], dtype=float)
+        iv = intervals[lab]
+        ok = ~np.isnan(vals)
+        ax2.scatter(np.full(ok.sum(), i) + np.linspace(-0.12, 0.12, max(ok.sum(), 1))[: ok.sum()], vals[ok],
+                    s=14, color="0.4", zorder=3)
+        if iv.n:
+            err = None if iv.n < 2 else [[iv.mean - iv.lo], [iv.hi - iv.mean]]
+            ax2.errorbar([i], [iv.mean], yerr=err, fmt="o", ms=8, capsize=6, lw=2, zorder=4)
+    ax2.set_xticks(range(len(labels)), labels, rotation=20, fontsize=8)
+    ax2.set_xlim(-0.6, len(labels) - 0.4)
+    ax2.set_ylabel(f"{metric_label} held-out accuracy")
+    ax2.set_title(f"{metric_label} accuracy per seed, mean and {confidence:.0%} CI")
+    ax2.grid(alpha=0.3, axis="y")
+    fig.tight_layout()
+    return fig
+
+
+def fig_effects(panels: Sequence[Mapping[str, Any]], *, confidence: float) -> Figure:
+    """Forest plot of paired differences, one panel per metric (shared rows). Each panel: ``title``,
+    ``xlabel`` and ``rows``, each row a mapping with label, mean, lo, hi (the interval; NaN: none) and note
+    (text beside the row, e.g. the adjusted p). Green: interval above 0, red: below, grey: across or none."""
+    n = max(len(p["rows"]) for p in panels)
+    fig = Figure(figsize=(5.2 * len(panels), 0.55 * n + 1.6))
+    axes = fig.subplots(1, len(panels), sharey=True, squeeze=False)
+    for ax, panel in zip(axes[0], panels):
+        rows = panel["rows"]
+        y = np.arange(len(rows))[::-1]
+        for yi, r in zip(y, rows):
+            ok = np.isfinite(r["lo"])
+            color = "C2" if ok and r["lo"] > 0 else ("C3" if ok and r["hi"] < 0 else "0.35")
+            if ok:
+                ax.plot([r["lo"], r["hi"]], [yi, yi], color=color, lw=2)
+            ax.plot([r["mean"]], [yi], "o", color=color, ms=6)
+            ax.annotate(r["note"], (1.0, yi), xycoords=("axes fraction", "data"), xytext=(4, 0),
+                        textcoords="offset points", va="center", fontsize=7)
+        ax.axvline(0, color="0.5", lw=1, ls=":")
+        ax.set_yticks(y, [r["label"] for r in rows], fontsize=8)
+        ax.set_xlabel(panel["xlabel"])
+        ax.set_title(panel["title"], fontsize=10)
+        ax.grid(alpha=0.3, axis="x")
+    fig.suptitle(f"Paired differences, mean and {confidence:.0%} t interval over seeds", fontsize=11)
+    fig.tight_layout()
     return fig
 
 
