@@ -67,4 +67,5 @@ def test_effects_figure_colours_the_interval_by_sign():
     points = [ln for ln in ax.lines if ln.get_marker() == "o"]
     assert [p.get_color() for p in points] == ["C2", "C3", "0.35"]  # above 0, below 0, no interval
     assert [t.get_text() for t in ax.texts] == ["Holm p 0.03", "Holm p 0.04", "Holm p 1"]
-    assert [t.get_text() for t in ax.get_yticklabels()] == ["vs c", "vs b", "vs a"]
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["vs a", "vs b", "vs c"]
+    assert list(ax.get_yticks()) == [2, 1, 0]  # the first row on top
