@@ -344,6 +344,65 @@ def fig_compare(summary: pl.DataFrame, *, value: str = "masked_frac", title: str
     return fig
 
 
+# -- doctor figures (analyses.doctor) ---------------------------------------------------------------------------
+
+
+def fig_step_series(steps, values, *, ylabel: str, title: str, alarm_step: int | None = None,
+                    start_step: int | None = None, log: bool = False, collapse: int | None = None,
+                    extra: tuple | None = None, span_label: str = "steps the test used") -> Figure:
+    """A per-step series behind a doctor finding: the values, an optional second series ``extra`` = (steps,
+    values, label) dashed, the steps a change-point test used (``start_step``..``alarm_step``, shaded), the
+    alarm and a reward collapse as vertical lines; log scale when ``log`` and every value is positive."""
+    fig, ax = _fig()
+    ax.plot(steps, values, marker="o", ms=3, lw=1.2, color="C0", label=ylabel)
+    if extra is not None:
+        ax.plot(extra[0], extra[1], lw=1.2, ls="--", color="C2", label=extra[2])
+    if start_step is not None and alarm_step is not None:
+        ax.axvspan(start_step, alarm_step, color="C1", alpha=0.15, label=span_label)
+    if alarm_step is not None:
+        ax.axvline(alarm_step, color="C1", lw=1.5, label=f"alarm at step {alarm_step}")
+    if collapse is not None:
+        ax.axvline(collapse, color="C3", lw=1.5, ls=":", label=f"reward collapse at step {collapse}")
+    if log and np.all(np.asarray(values, dtype=float)[np.isfinite(values)] > 0):
+        ax.set_yscale("log")
+    ax.set_xlabel("training step")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    _legend(ax)
+    return fig
+
+
+def fig_divergence_along_response(table: pl.DataFrame) -> Figure:
+    """|pi - mu| along the response in relative-position bins (a ``position_stats(..., relative=True)`` table of
+    metric tv): bin mean and top-10% mean."""
+    fig, ax = _fig()
+    x = _centres(table)
+    ax.plot(x, table["mean"].to_numpy(), marker="o", ms=3, label="bin mean")
+    ax.plot(x, table["top10_mean"].to_numpy().astype(np.float64), marker="o", ms=3, label=TAIL_LABELS["top10_mean"])
+    ax.set_xlabel("relative position t / T (bin centre)")
+    ax.set_ylabel("|π − μ| (probability)")
+    ax.set_title("Divergence along the response")
+    _legend(ax)
+    return fig
+
+
+def fig_mismatch_by_update(series: Mapping[str, pl.DataFrame]) -> Figure:
+    """Mean k3 per step (log scale) for each update filter (``"first"``, ``"after_first"`` ->
+    ``mismatch_metrics(..., by="step", updates=...)``): the first update measures the train/rollout mismatch
+    alone (pi = mu), later ones add the policy's own movement."""
+    fig, ax = _fig()
+    for u, df in series.items():
+        if df.height:
+            ax.plot(df["step"], df["kl_k3"].clip(lower_bound=1e-12), marker="o", ms=3,
+                    label=f"k3 KL(μ‖π), {u.replace('_', ' ')} update(s)")
+    ax.set_yscale("log")
+    ax.set_xlabel("training step")
+    ax.set_ylabel("mean k3 (nats, log scale)")
+    ax.set_title("Mismatch per step: first update (π = μ) vs later updates")
+    _legend(ax)
+    return fig
+
+
 # -- study figures (cppo_diag.study.analysis): learning curves over seeds, the ablation, paired effects ---------
 
 

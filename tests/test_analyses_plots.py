@@ -207,3 +207,30 @@ def test_sequence_internals_panels():
     assert names == ["|π−μ|", "Z_t", "masked", "c_t", "w_t", "S_t"]
     assert list(fig.data[2].x) == [1]  # only the masked token is crossed (a null keep is not a mask)
     assert fig.layout.yaxis.range == (0, 0.4 * 1.15)
+
+
+# -- the doctor's figures ------------------------------------------------------------------------------------
+
+
+def test_doctor_figures(tables, tmp_path):
+    import numpy as np
+
+    steps = np.arange(10)
+    fig = M.fig_step_series(steps, np.exp(steps / 3), ylabel="mean k3", title="t", alarm_step=7, start_step=4,
+                            log=True, collapse=8, extra=(steps, np.ones(10), "reference"))
+    ax = fig.axes[0]
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert labels == ["mean k3", "reference", "steps the test used", "alarm at step 7", "reward collapse at step 8"]
+    assert ax.get_yscale() == "log"
+    assert M.fig_step_series(steps, steps - 1.0, ylabel="v", title="t", log=True).axes[0].get_yscale() == "linear"
+    from analyses.position import position_stats
+
+    along = position_stats(tables["run"], metrics=("tv",), relative=True, n_rel_bins=10).filter(pl.col("count") > 0)
+    fig = M.fig_divergence_along_response(along)
+    assert [ln.get_label() for ln in fig.axes[0].lines] == ["bin mean", "top-10% mean (mean of D ≥ P90)"]
+    from analyses.mismatch import mismatch_metrics
+
+    series = {u: mismatch_metrics(tables["run"], by="step", updates=u) for u in ("first", "after_first")}
+    fig = M.fig_mismatch_by_update(series)
+    assert len(fig.axes[0].lines) == sum(df.height > 0 for df in series.values()) >= 1
+    assert M.save_png(fig, tmp_path / "mm.png").stat().st_size > 5_000
