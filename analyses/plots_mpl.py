@@ -1,9 +1,11 @@
-"""Matplotlib figures (publication quality) built from the aggregated tables of ``analyses``.
+"""Matplotlib figures: every static figure of cppo-diag, one builder per figure.
 
-Every builder takes a table (``pl.DataFrame``) produced by an analysis and returns a
+Every builder takes the tables (``pl.DataFrame``) an analysis produces and returns a
 ``matplotlib.figure.Figure`` (no pyplot global state: safe in Streamlit and threads). Sizes suit a paper
-column (6.4 x 3.6 in); ``save_png(fig, path)`` writes 200 dpi PNGs. ``analyses.plots_plotly`` has the same
-builders for the interactive app.
+column (6.4 x 4.0 in); ``save_png(fig, path)`` writes 200 dpi PNGs. Users: the HTML report
+(``analyses.report``), the doctor's finding figures (``analyses.doctor``) and the study's results page
+(``cppo_diag.study.analysis``). The app's interactive figures are ``analyses.plots_plotly``, where the
+Budget and What-if twins of the report's figures keep these names and arguments.
 """
 
 from __future__ import annotations
@@ -22,7 +24,6 @@ FIGSIZE = (6.4, 4.0)
 TAIL_LABELS = {"top10_mean": "top-10% mean (mean of D ≥ P90)", "p90": "P90", "p99": "P99"}
 # CPPO's threshold delta / w_t bounds D = |pi - mu|: it shares an axis with the probability metrics only.
 PROBABILITY_METRICS = frozenset({"tv", "mismatch_tv"})
-THRESHOLD_LABEL = "CPPO threshold δ / w_t"
 
 
 def hill_message(df: pl.DataFrame, metric: str, hill_min_k: int = 5) -> str | None:
