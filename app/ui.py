@@ -1,6 +1,7 @@
 """Small UI helpers shared by the pages: the sidebar, the run picker, charts, messages.
 
-Pages stay UI-only: data comes from :mod:`app.data` (which calls the reader and ``analyses``).
+Pages stay UI-only: data comes from :mod:`app.data` (which calls the reader and ``analyses``), figures from
+the builders of ``analyses.plots_plotly``, drawn with :func:`plot`.
 """
 
 from __future__ import annotations
