@@ -82,14 +82,25 @@ Doctor (``analyses.doctor``)
         figure (PNG path or None), page and steps (where the app shows it)
     diagnose_runs(sources, *, out_dir=None, names=None, budget=True) -> {"runs": [{"run", "findings"}]}
 
-Figures: the same builders, taking the aggregated tables above, exist in ``analyses.plots_mpl``
-(matplotlib Figure) and ``analyses.plots_plotly`` (plotly go.Figure):
-    fig_position_divergence(table, *, metric="tv", tail="top10_mean", delta=None, title=None)
-    fig_position_survival(table, *, metric="tv")     fig_position_hill(table, *, metric="tv")
+Figures: one builder per figure, taking the aggregated tables above (docs/analyses.md, "Figures").
+``analyses.plots_mpl`` (matplotlib Figure; static figures: the report, the doctor, the study):
+    fig_position_divergence(table, *, metric="tv", tail="top10_mean", title=None)
+    fig_position_survival(table, *, metric="tv")     fig_position_hill(table, *, metric="abs_logratio")
     fig_masked_by_step(result_by_step)               fig_masked_by_position(compare_by_position)
     fig_budget_by_step(budget.by_step)               fig_first_reject(budget.first_reject)
     fig_slack(budget.slack)                          fig_whatif(sweep, *, value="masked_frac", w_min=None)
     fig_mismatch(mismatch_table)                     fig_compare(compare.summary)
+    fig_step_series, fig_divergence_along_response, fig_mismatch_by_update           (doctor)
+    fig_learning_curves, fig_curves_by_rule, fig_ablation, fig_effects                (study)
+``analyses.plots_plotly`` (plotly go.Figure; the app's pages): fig_budget_by_step, fig_first_reject, fig_slack,
+    fig_whatif (same arguments as above), fig_position_statistic, fig_masked_by_rule, fig_runs_by_rule,
+    fig_run_curves, fig_metric_family, fig_whatif_by_position, fig_whatif_by_step, fig_sequence_internals
+
+Per-run facts (``analyses.run_summary``) and one step's responses (``analyses.responses``), for the app
+    run_summary(run) -> dict (the Runs page's row)   tokens_per_step(run)   recent_window(counts, max_tokens)
+    reward_curves(steps) / logged_budget_by_step(steps, rule): tables of the trainer's per-step scalars
+    marked_tokens(tokens, marks=None), response_table(frame, sequences), find_responses(seqs, ...),
+    token_texts(seq, sequences, seq_id): the token inspector's tables
 
 Which updates are pooled (``analyses.updates``): every position, masked-fraction and budget analysis above
 takes ``updates="all" | "first" | "after_first"`` (None: the run's default)

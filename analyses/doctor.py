@@ -298,36 +298,21 @@ def _reward_series(source: Any, scalars: pl.DataFrame | None, info: dict) -> tup
 # -- figures ----------------------------------------------------------------------------------------------------
 
 
-def _figure(path: Path | None, draw) -> str | None:
+def _figure(path: Path | None, build) -> str | None:
+    """Write the figure ``build()`` returns (an ``analyses.plots_mpl`` builder) to ``path``; None without a path
+    (nothing is drawn)."""
     if path is None:
         return None
     from analyses import plots_mpl as P
 
-    fig, ax = P._fig()
-    draw(fig, ax)
-    P._legend(ax)
-    return str(P.save_png(fig, path))
+    return str(P.save_png(build(), path))
 
 
-def _series_figure(path, steps, values, *, ylabel, title, alarm_step=None, start_step=None, log=False,
-                   collapse=None, extra=None, span_label="steps the test used"):
-    def draw(fig, ax):
-        ax.plot(steps, values, marker="o", ms=3, lw=1.2, color="C0", label=ylabel)
-        if extra is not None:
-            ax.plot(extra[0], extra[1], lw=1.2, ls="--", color="C2", label=extra[2])
-        if start_step is not None and alarm_step is not None:
-            ax.axvspan(start_step, alarm_step, color="C1", alpha=0.15, label=span_label)
-        if alarm_step is not None:
-            ax.axvline(alarm_step, color="C1", lw=1.5, label=f"alarm at step {alarm_step}")
-        if collapse is not None:
-            ax.axvline(collapse, color="C3", lw=1.5, ls=":", label=f"reward collapse at step {collapse}")
-        if log and np.all(np.asarray(values, dtype=float)[np.isfinite(values)] > 0):
-            ax.set_yscale("log")
-        ax.set_xlabel("training step")
-        ax.set_ylabel(ylabel)
-        ax.set_title(title)
+def _series_figure(path, steps, values, **kw) -> str | None:
+    """``plots_mpl.fig_step_series(steps, values, **kw)`` written to ``path``."""
+    from analyses import plots_mpl as P
 
-    return _figure(path, draw)
+    return _figure(path, lambda: P.fig_step_series(steps, values, **kw))
 
 
 # -- the checks -------------------------------------------------------------------------------------------------
@@ -627,15 +612,9 @@ def _along_sequence(source, info, fig_path, progress) -> list[Finding]:
           "mann_kendall_p": mk["p_increasing"], "alpha": ALPHA}
     tsteps = info["counts"]["step"].to_numpy()
 
-    def draw(fig, ax):
-        x = ((table["bin_start"] + table["bin_end"]) / 2).to_numpy()
-        ax.plot(x, table["mean"].to_numpy(), marker="o", ms=3, label="bin mean")
-        ax.plot(x, top, marker="o", ms=3, label="top-10% mean (mean of D ≥ P90)")
-        ax.set_xlabel("relative position t / T (bin centre)")
-        ax.set_ylabel("|π − μ| (probability)")
-        ax.set_title("Divergence along the response")
+    from analyses import plots_mpl as P
 
-    fig = _figure(fig_path, draw)
+    fig = _figure(fig_path, lambda: P.fig_divergence_along_response(table))
     return [Finding("tails_along_sequence", "info", int(tsteps[0]),
                     f"The divergence tail grows along the response: the top-decile mean of |pi - mu| is "
                     f"{ratio:.1f}x larger in the last third of positions than in the first (Mann-Kendall p = "
@@ -733,17 +712,9 @@ def _mismatch_figure(source, path: Path) -> str | None:
 
     series = {u: mismatch_metrics(source, by="step", updates=u) for u in ("first", "after_first")}
 
-    def draw(fig, ax):
-        for u, df in series.items():
-            if df.height:
-                ax.plot(df["step"], df["kl_k3"].clip(lower_bound=1e-12), marker="o", ms=3,
-                        label=f"k3 KL(μ‖π), {u.replace('_', ' ')} update(s)")
-        ax.set_yscale("log")
-        ax.set_xlabel("training step")
-        ax.set_ylabel("mean k3 (nats, log scale)")
-        ax.set_title("Mismatch per step: first update (π = μ) vs later updates")
+    from analyses import plots_mpl as P
 
-    return _figure(path, draw)
+    return _figure(path, lambda: P.fig_mismatch_by_update(series))
 
 
 def report_section(sources: Sequence[Any], names: Sequence[str], out_dir, *, progress: bool = False) -> str:

@@ -1,15 +1,18 @@
-"""Matplotlib figures (publication quality) built from the aggregated tables of ``analyses``.
+"""Matplotlib figures: every static figure of cppo-diag, one builder per figure.
 
-Every builder takes a table (``pl.DataFrame``) produced by an analysis and returns a
+Every builder takes the tables (``pl.DataFrame``) an analysis produces and returns a
 ``matplotlib.figure.Figure`` (no pyplot global state: safe in Streamlit and threads). Sizes suit a paper
-column (6.4 x 3.6 in); ``save_png(fig, path)`` writes 200 dpi PNGs. ``analyses.plots_plotly`` has the same
-builders for the interactive app.
+column (6.4 x 4.0 in); ``save_png(fig, path)`` writes 200 dpi PNGs. Users: the HTML report
+(``analyses.report``), the doctor's finding figures (``analyses.doctor``) and the study's results page
+(``cppo_diag.study.analysis``). The app's interactive figures are ``analyses.plots_plotly``, where the
+Budget and What-if twins of the report's figures keep these names and arguments.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import polars as pl
@@ -21,7 +24,6 @@ FIGSIZE = (6.4, 4.0)
 TAIL_LABELS = {"top10_mean": "top-10% mean (mean of D ≥ P90)", "p90": "P90", "p99": "P99"}
 # CPPO's threshold delta / w_t bounds D = |pi - mu|: it shares an axis with the probability metrics only.
 PROBABILITY_METRICS = frozenset({"tv", "mismatch_tv"})
-THRESHOLD_LABEL = "CPPO threshold δ / w_t"
 
 
 def hill_message(df: pl.DataFrame, metric: str, hill_min_k: int = 5) -> str | None:
@@ -340,6 +342,190 @@ def fig_compare(summary: pl.DataFrame, *, value: str = "masked_frac", title: str
     ax.set_ylabel({"masked_frac": "masked tokens (% of valid)"}.get(value, f"{value} (%)"))
     ax.set_title(title or "Masked fraction: runs × rules (same logged tokens)")
     _legend(ax)
+    return fig
+
+
+# -- doctor figures (analyses.doctor) ---------------------------------------------------------------------------
+
+
+def fig_step_series(steps, values, *, ylabel: str, title: str, alarm_step: int | None = None,
+                    start_step: int | None = None, log: bool = False, collapse: int | None = None,
+                    extra: tuple | None = None, span_label: str = "steps the test used") -> Figure:
+    """A per-step series behind a doctor finding: the values, an optional second series ``extra`` = (steps,
+    values, label) dashed, the steps a change-point test used (``start_step``..``alarm_step``, shaded), the
+    alarm and a reward collapse as vertical lines; log scale when ``log`` and every value is positive."""
+    fig, ax = _fig()
+    ax.plot(steps, values, marker="o", ms=3, lw=1.2, color="C0", label=ylabel)
+    if extra is not None:
+        ax.plot(extra[0], extra[1], lw=1.2, ls="--", color="C2", label=extra[2])
+    if start_step is not None and alarm_step is not None:
+        ax.axvspan(start_step, alarm_step, color="C1", alpha=0.15, label=span_label)
+    if alarm_step is not None:
+        ax.axvline(alarm_step, color="C1", lw=1.5, label=f"alarm at step {alarm_step}")
+    if collapse is not None:
+        ax.axvline(collapse, color="C3", lw=1.5, ls=":", label=f"reward collapse at step {collapse}")
+    if log and np.all(np.asarray(values, dtype=float)[np.isfinite(values)] > 0):
+        ax.set_yscale("log")
+    ax.set_xlabel("training step")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    _legend(ax)
+    return fig
+
+
+def fig_divergence_along_response(table: pl.DataFrame) -> Figure:
+    """|pi - mu| along the response in relative-position bins (a ``position_stats(..., relative=True)`` table of
+    metric tv): bin mean and top-10% mean."""
+    fig, ax = _fig()
+    x = _centres(table)
+    ax.plot(x, table["mean"].to_numpy(), marker="o", ms=3, label="bin mean")
+    ax.plot(x, table["top10_mean"].to_numpy().astype(np.float64), marker="o", ms=3, label=TAIL_LABELS["top10_mean"])
+    ax.set_xlabel("relative position t / T (bin centre)")
+    ax.set_ylabel("|π − μ| (probability)")
+    ax.set_title("Divergence along the response")
+    _legend(ax)
+    return fig
+
+
+def fig_mismatch_by_update(series: Mapping[str, pl.DataFrame]) -> Figure:
+    """Mean k3 per step (log scale) for each update filter (``"first"``, ``"after_first"`` ->
+    ``mismatch_metrics(..., by="step", updates=...)``): the first update measures the train/rollout mismatch
+    alone (pi = mu), later ones add the policy's own movement."""
+    fig, ax = _fig()
+    for u, df in series.items():
+        if df.height:
+            ax.plot(df["step"], df["kl_k3"].clip(lower_bound=1e-12), marker="o", ms=3,
+                    label=f"k3 KL(μ‖π), {u.replace('_', ' ')} update(s)")
+    ax.set_yscale("log")
+    ax.set_xlabel("training step")
+    ax.set_ylabel("mean k3 (nats, log scale)")
+    ax.set_title("Mismatch per step: first update (π = μ) vs later updates")
+    _legend(ax)
+    return fig
+
+
+# -- study figures (cppo_diag.study.analysis): learning curves over seeds, the ablation, paired effects ---------
+
+
+def _draw_curve_bands(ax, bands: pl.DataFrame, labels: Sequence[str], threshold: float | None) -> None:
+    """Per label: the mean accuracy over seeds per evaluation (legend: the most seeds at any step) and its
+    interval as a band clipped to [0, 1] (accuracies); ``threshold`` as a dotted line."""
+    for label in labels:
+        band = bands.filter(pl.col("label") == label).sort("step")
+        if band.height == 0:
+            continue
+        steps, mean, lo, hi = (band[c].cast(pl.Float64).to_numpy() for c in ("step", "mean", "lo", "hi"))
+        (line,) = ax.plot(steps, mean, marker="o", ms=3, label=f"{label} (n={int(band['n'].max())})", lw=1.6)
+        ok = np.isfinite(lo)
+        ax.fill_between(steps[ok], np.clip(lo[ok], 0, 1), np.clip(hi[ok], 0, 1), color=line.get_color(),
+                        alpha=0.15, lw=0)
+    if threshold is not None:
+        ax.axhline(threshold, color="0.5", ls=":", lw=1)
+    ax.set_xlabel("RL iterations completed")
+    ax.set_ylabel("held-out accuracy")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+
+
+def fig_learning_curves(bands: pl.DataFrame, labels: Sequence[str], *, threshold: float | None = None,
+                        title: str | None = None) -> Figure:
+    """Held-out accuracy of several rules in one panel: mean over seeds with its interval as a band.
+    ``bands``: label, step, mean, lo, hi, n (``cppo_diag.study.analysis.curve_bands``)."""
+    fig = Figure(figsize=(8, 4.8))
+    ax = fig.add_subplot()
+    _draw_curve_bands(ax, bands, labels, threshold)
+    ax.set_title(title or "Held-out accuracy, mean over seeds")
+    fig.tight_layout()
+    return fig
+
+
+def fig_curves_by_rule(curves: pl.DataFrame, bands: pl.DataFrame, labels: Sequence[str], *, confidence: float,
+                       threshold: float | None = None) -> Figure:
+    """One panel per rule (shared axes): every seed's accuracy curve as a thin grey line (``curves``: label,
+    seed, step, accuracy), the mean and its ``confidence`` interval (``bands``) on top."""
+    ncol = min(3, max(1, len(labels)))
+    nrow = -(-len(labels) // ncol)
+    fig = Figure(figsize=(4.2 * ncol, 3.2 * nrow))
+    axes = fig.subplots(nrow, ncol, sharex=True, sharey=True, squeeze=False)
+    for ax, label in zip(axes.flat, labels):
+        sub = curves.filter(pl.col("label") == label)
+        for (seed,), g in sub.group_by("seed", maintain_order=True):
+            g = g.sort("step")
+            ax.plot(g["step"].to_numpy(), g["accuracy"].to_numpy(), lw=0.8, color="0.6", alpha=0.8)
+        band = bands.filter(pl.col("label") == label).sort("step")
+        if sub.height and band.height:
+            steps, mean, lo, hi = (band[c].cast(pl.Float64).to_numpy() for c in ("step", "mean", "lo", "hi"))
+            ax.plot(steps, mean, lw=2, color="C0")
+            ok = np.isfinite(lo)
+            ax.fill_between(steps[ok], np.clip(lo[ok], 0, 1), np.clip(hi[ok], 0, 1), color="C0", alpha=0.2, lw=0)
+        if threshold is not None:
+            ax.axhline(threshold, color="0.5", ls=":", lw=1)
+        ax.set_title(label, fontsize=10)
+        ax.grid(alpha=0.3)
+    for ax in axes.flat[len(labels):]:
+        ax.set_visible(False)
+    for ax in axes[-1]:
+        ax.set_xlabel("RL iterations completed")
+    for ax in axes[:, 0]:
+        ax.set_ylabel("held-out accuracy")
+    fig.suptitle(f"Per rule: each seed (grey), mean and {confidence:.0%} CI (blue)", fontsize=11)
+    fig.tight_layout()
+    return fig
+
+
+def fig_ablation(bands: pl.DataFrame, labels: Sequence[str], per_seed: Mapping[str, np.ndarray],
+                 intervals: Mapping[str, Any], *, metric_label: str, confidence: float,
+                 threshold: float | None = None) -> Figure:
+    """CPPO paper Fig. 5 style: the accuracy curves of CPPO and its ablations (left) and one metric per seed
+    with its mean and ``confidence`` interval (right). ``per_seed``: label -> the seeds' values;
+    ``intervals``: label -> an object with mean, lo, hi, n (``cppo_diag.study.stats.t_interval``)."""
+    fig = Figure(figsize=(11, 4.5))
+    ax1, ax2 = fig.subplots(1, 2, gridspec_kw={"width_ratios": [3, 2]})
+    _draw_curve_bands(ax1, bands, labels, threshold)
+    ax1.set_title("CPPO ablations (paper Fig. 5 style)")
+    for i, lab in enumerate(labels):
+        vals = np.asarray(per_seed[lab], dtype=float)
+        iv = intervals[lab]
+        ok = ~np.isnan(vals)
+        ax2.scatter(np.full(ok.sum(), i) + np.linspace(-0.12, 0.12, max(ok.sum(), 1))[: ok.sum()], vals[ok],
+                    s=14, color="0.4", zorder=3)
+        if iv.n:
+            err = None if iv.n < 2 else [[iv.mean - iv.lo], [iv.hi - iv.mean]]
+            ax2.errorbar([i], [iv.mean], yerr=err, fmt="o", ms=8, capsize=6, lw=2, zorder=4)
+    ax2.set_xticks(range(len(labels)), labels, rotation=20, fontsize=8)
+    ax2.set_xlim(-0.6, len(labels) - 0.4)
+    ax2.set_ylabel(f"{metric_label} held-out accuracy")
+    ax2.set_title(f"{metric_label} accuracy per seed, mean and {confidence:.0%} CI")
+    ax2.grid(alpha=0.3, axis="y")
+    fig.tight_layout()
+    return fig
+
+
+def fig_effects(panels: Sequence[Mapping[str, Any]], *, confidence: float) -> Figure:
+    """Forest plot of paired differences, one panel per metric (shared rows). Each panel: ``title``,
+    ``xlabel`` and ``rows``, each row a mapping with label, mean, lo, hi (the interval; NaN: none) and note
+    (text beside the row, e.g. the adjusted p). Green: interval above 0, red: below, grey: across or none."""
+    n = max(len(p["rows"]) for p in panels)
+    fig = Figure(figsize=(5.2 * len(panels), 0.55 * n + 1.6))
+    axes = fig.subplots(1, len(panels), sharey=True, squeeze=False)
+    for ax, panel in zip(axes[0], panels):
+        rows = panel["rows"]
+        y = np.arange(len(rows))[::-1]
+        for yi, r in zip(y, rows):
+            ok = np.isfinite(r["lo"])
+            color = "C2" if ok and r["lo"] > 0 else ("C3" if ok and r["hi"] < 0 else "0.35")
+            if ok:
+                ax.plot([r["lo"], r["hi"]], [yi, yi], color=color, lw=2)
+            ax.plot([r["mean"]], [yi], "o", color=color, ms=6)
+            ax.annotate(r["note"], (1.0, yi), xycoords=("axes fraction", "data"), xytext=(4, 0),
+                        textcoords="offset points", va="center", fontsize=7)
+        ax.axvline(0, color="0.5", lw=1, ls=":")
+        ax.set_yticks(y, [r["label"] for r in rows], fontsize=8)
+        ax.set_xlabel(panel["xlabel"])
+        ax.set_title(panel["title"], fontsize=10)
+        ax.grid(alpha=0.3, axis="x")
+    fig.suptitle(f"Paired differences, mean and {confidence:.0%} t interval over seeds", fontsize=11)
+    fig.tight_layout()
     return fig
 
 

@@ -1,21 +1,35 @@
-"""Plotly figures for the app, built from the same aggregated tables as ``analyses.plots_mpl``.
+"""Plotly figures: every interactive figure of the app, one builder per figure.
 
-Same builder names and arguments as the matplotlib module; each returns a ``plotly.graph_objects.Figure``.
+Each builder takes the tables an analysis returns (``pl.DataFrame``; ``analyses.*`` results) and plain
+arguments, and returns a ``plotly.graph_objects.Figure``; pages draw it with ``app.ui.plot``. The static
+figures (report PNGs, doctor and study figures) are the matplotlib builders of ``analyses.plots_mpl``, which
+share the table helpers (bin centres, the what-if grid) used here.
+
+Builders
+    fig_budget_by_step(budget.by_step)            fig_first_reject(budget.first_reject)
+    fig_slack(budget.slack)                       fig_whatif(sweep, *, value="masked_frac", w_min=None)
+    fig_position_statistic(position table, *, column, label, title, relative)   Divergence page (Fig. 2)
+    fig_masked_by_rule(compare.by_position, *, relative)                         Divergence page
+    fig_runs_by_rule(compare frame, *, x, y, runs, rules)  Compare page (colour: run, dash: rule)
+    fig_run_curves(scalars, names, *, runs)                Compare page (reward / accuracy curves)
+    fig_metric_family(mismatch_metrics table, metrics, *, by)                    Doctor page
+    fig_whatif_by_position(results) / fig_whatif_by_step(results)                What-if page
+    fig_sequence_internals(response, *, delta)      Token inspector (|pi - mu|, Z_t, c_t, w_t, S_t)
 """
 
 from __future__ import annotations
 
 import html
 import textwrap
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import plotly.graph_objects as go
 import polars as pl
 from plotly.subplots import make_subplots
 
-from analyses.plots_mpl import (TAIL_LABELS, _centres, _label, _metric_rows, _pos_xlabel, _series_keys,
-                                hill_message, threshold_drawn, whatif_grid)
-from analyses.position import METRIC_LABELS
+from analyses.plots_mpl import _centres, _pos_xlabel, whatif_grid
 
 # The legend goes under the plot (below the x-axis title), in the bottom margin: above the plot it collides
 # with the title as soon as it wraps onto a second row.
@@ -44,82 +58,6 @@ def _empty(msg: str) -> go.Figure:
     text = "<br>".join(textwrap.wrap(html.escape(msg), 80))  # plotly does not wrap annotations
     fig.add_annotation(text=text, x=0.5, y=0.5, xref="paper", yref="paper", showarrow=False)
     fig.update_layout(**LAYOUT, xaxis_visible=False, yaxis_visible=False)
-    return fig
-
-
-def fig_position_divergence(table: pl.DataFrame, *, metric: str = "tv", tail: str = "top10_mean",
-                            title: str | None = None) -> go.Figure:
-    df = _metric_rows(table, metric)
-    if df.is_empty():
-        return _empty(f"no tokens for metric {metric!r}")
-    x = _centres(df)
-    fig = go.Figure()  # one y-axis: delta / w_t and |pi - mu| are both probabilities (see plots_mpl)
-    fig.add_trace(go.Scatter(x=x, y=df["mean"].to_numpy(), mode="lines+markers", name=f"bin mean of {metric}"))
-    fig.add_trace(go.Scatter(x=x, y=df[tail].to_numpy(), mode="lines+markers", name=TAIL_LABELS.get(tail, tail)))
-    ylabel = METRIC_LABELS.get(metric, metric)
-    if threshold_drawn(df, metric):
-        fig.add_trace(go.Scatter(x=x, y=df["threshold_mean"].to_numpy(), mode="lines", name="CPPO threshold δ / w_t",
-                                 line=dict(dash="dash", color="gray")))
-        ylabel = f"{ylabel}; threshold δ / w_t"
-        fig.update_yaxes(rangemode="tozero")
-    fig.update_yaxes(title_text=ylabel)
-    fig.update_layout(**LAYOUT, title=title or f"Divergence by position ({metric}; tail = {TAIL_LABELS.get(tail, tail)})",
-                      xaxis_title=_pos_xlabel(df))
-    return fig
-
-
-def fig_position_survival(table: pl.DataFrame, *, metric: str = "tv", title: str | None = None) -> go.Figure:
-    df = _metric_rows(table, metric)
-    cols = [c for c in df.columns if c.startswith("surv_")]
-    if df.is_empty() or not cols:
-        return _empty(f"no tokens for metric {metric!r}")
-    fig = go.Figure()
-    for c in cols:
-        y = df[c].to_numpy().astype(float)
-        fig.add_trace(go.Scatter(x=_centres(df), y=np.where(y > 0, y, np.nan), mode="lines+markers",
-                                 name=f"P(D > {c[5:]})"))
-    fig.update_layout(**LAYOUT, title=title or f"Tail survival by position ({metric})", xaxis_title=_pos_xlabel(df),
-                      yaxis_title=f"P(D > x), D = {METRIC_LABELS.get(metric, metric)}", yaxis_type="log")
-    return fig
-
-
-def fig_position_hill(table: pl.DataFrame, *, metric: str = "abs_logratio", title: str | None = None) -> go.Figure:
-    df = _metric_rows(table, metric)
-    msg = hill_message(df, metric)
-    if msg is not None:
-        return _empty(msg)
-    fig = go.Figure(go.Scatter(x=_centres(df), y=df["hill_alpha"].cast(pl.Float64).to_numpy(), mode="lines+markers",
-                               name="Hill α̂ (exceedances over P90)"))
-    fig.update_layout(**LAYOUT, title=title or f"Tail heaviness by position ({metric}; smaller α̂ = heavier tail)",
-                      xaxis_title=_pos_xlabel(df), yaxis_title="tail index α̂ (dimensionless)", showlegend=True)
-    return fig
-
-
-def fig_masked_by_position(by_position: pl.DataFrame, *, title: str | None = None) -> go.Figure:
-    df = by_position.filter(pl.col("n_valid") > 0) if "n_valid" in by_position.columns else by_position
-    if df.is_empty():
-        return _empty("no tokens")
-    fig = go.Figure()
-    for key, part in _series_keys(df):
-        part = part.sort("bin")
-        dash = "dot" if key and str(key[-1]).startswith("applied:") else "solid"
-        fig.add_trace(go.Scatter(x=_centres(part), y=100 * part["masked_frac"].to_numpy(), mode="lines+markers",
-                                 name=_label(key), line=dict(dash=dash)))
-    fig.update_layout(**LAYOUT, title=title or "Masked fraction by position", xaxis_title=_pos_xlabel(df),
-                      yaxis_title="masked tokens (% of valid)")
-    return fig
-
-
-def fig_masked_by_step(by_step: pl.DataFrame, *, title: str | None = None) -> go.Figure:
-    if by_step.is_empty():
-        return _empty("no steps")
-    fig = go.Figure()
-    for key, part in _series_keys(by_step):
-        part = part.sort("step")
-        fig.add_trace(go.Scatter(x=part["step"].to_numpy(), y=100 * part["masked_frac"].to_numpy(),
-                                 mode="lines+markers", name=_label(key)))
-    fig.update_layout(**LAYOUT, title=title or "Masked fraction by step", xaxis_title="training step",
-                      yaxis_title="masked tokens (% of valid)")
     return fig
 
 
@@ -184,31 +122,168 @@ def fig_whatif(sweep: pl.DataFrame, *, value: str = "masked_frac", w_min: float 
     return fig
 
 
-def fig_mismatch(table: pl.DataFrame, *, metric: str = "mismatch_tv", title: str | None = None) -> go.Figure:
-    df = _metric_rows(table, metric)
-    if df.is_empty():
-        return _empty("no tokens with logp_old")
-    x = _centres(df)
+# -- app page figures (drawn with app.ui.plot, which sets tight margins and the Streamlit theme) ---------------
+
+# Compare runs: one colour per run, one dash per rule (solid = the mask the run applied).
+DASHES = ["solid", "dash", "dot", "dashdot", "longdash", "longdashdot"]
+RUN_COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf"]
+PAGE_LEGEND = dict(orientation="h", y=-0.2)
+
+
+def run_colors(runs: Sequence[str]) -> dict[str, str]:
+    """Run label -> colour, in the order the runs were chosen (cycling through ``RUN_COLORS``)."""
+    return {str(r): RUN_COLORS[i % len(RUN_COLORS)] for i, r in enumerate(runs)}
+
+
+def _bin_x(table: pl.DataFrame, relative: bool):
+    """x of each position bin: its start (absolute positions) or its centre (relative positions t / T)."""
+    return (table["bin_start"] + table["bin_end"]) / 2 if relative else table["bin_start"]
+
+
+def _bin_x_title(relative: bool) -> str:
+    return "relative position t / T (bin centre)" if relative else "position (token index, bin start)"
+
+
+def fig_position_statistic(table: pl.DataFrame, *, column: str, label: str, title: str, relative: bool,
+                           show_mean: bool = False, threshold_name: str | None = None) -> go.Figure:
+    """Divergence by position (CPPO Fig. 2, interactive): ``column`` of a ``position_summary`` table per bin
+    (hover: the bin's span and token count), the bin mean dotted when ``show_mean``, and CPPO's threshold
+    delta / w_t (``threshold_mean``, already scaled by delta) dashed under the name ``threshold_name``."""
+    x = _bin_x(table, relative)
     fig = go.Figure()
-    fig.add_trace(go.Scatter(x=x, y=df["mean"].to_numpy(), mode="lines+markers", name="bin mean"))
-    fig.add_trace(go.Scatter(x=x, y=df["p90"].to_numpy(), mode="lines+markers", name="P90"))
-    fig.add_trace(go.Scatter(x=x, y=df["top10_mean"].to_numpy(), mode="lines+markers", name=TAIL_LABELS["top10_mean"]))
-    fig.update_layout(**LAYOUT, title=title or "Train/rollout mismatch by position", xaxis_title=_pos_xlabel(df),
-                      yaxis_title=METRIC_LABELS.get(metric, metric))
+    fig.add_scatter(x=x, y=table[column], mode="lines+markers", name=label,
+                    customdata=table.select("count", "bin_end").to_numpy(),
+                    hovertemplate="bin %{x}–%{customdata[1]}<br>value %{y:.4g}<br>tokens %{customdata[0]}<extra></extra>")
+    if show_mean:
+        fig.add_scatter(x=x, y=table["mean"], mode="lines", name="mean", line=dict(dash="dot"))
+    if threshold_name is not None:
+        fig.add_scatter(x=x, y=table["threshold_mean"], mode="lines", name=threshold_name,
+                        line=dict(dash="dash", color="firebrick"))
+    fig.update_layout(title=title, xaxis_title=_bin_x_title(relative), yaxis_title=label, hovermode="x unified",
+                      legend=PAGE_LEGEND)
     return fig
 
 
-def fig_compare(summary: pl.DataFrame, *, value: str = "masked_frac", title: str | None = None) -> go.Figure:
-    if summary.is_empty():
-        return _empty("nothing to compare")
+def fig_masked_by_rule(by_position: pl.DataFrame, *, relative: bool) -> go.Figure:
+    """Masked fraction by position bin of one run, one line per rule (``compare_runs(...).by_position``)."""
     fig = go.Figure()
-    runs = list(dict.fromkeys(summary["run"].to_list()))
-    for rule in dict.fromkeys(summary["rule"].to_list()):
-        part = summary.filter(pl.col("rule") == rule)
-        vals = {r: v for r, v in zip(part["run"].to_list(), part[value].to_list())}
-        ys = [100 * vals[r] if vals.get(r) is not None else None for r in runs]
-        fig.add_trace(go.Bar(x=runs, y=ys, name=rule, texttemplate="%{y:.2f}",
-                             marker_pattern_shape="/" if rule.startswith("applied:") else ""))
-    fig.update_layout(**LAYOUT, barmode="group", title=title or "Masked fraction: runs × rules (same logged tokens)",
-                      xaxis_title="run", yaxis_title="masked tokens (% of valid)")
+    for (rule,), part in by_position.sort("bin_start").group_by("rule", maintain_order=True):
+        fig.add_scatter(x=_bin_x(part, relative), y=part["masked_frac"], mode="lines+markers", name=str(rule))
+    fig.update_layout(xaxis_title=_bin_x_title(relative), yaxis_title="masked fraction", yaxis_tickformat=".1%",
+                      hovermode="x unified", legend=PAGE_LEGEND)
+    return fig
+
+
+def fig_runs_by_rule(frame: pl.DataFrame, *, x: str, y: str, title: str, x_title: str, runs: Sequence[str],
+                     rules: Sequence[str], y_format: str = ".1%") -> go.Figure:
+    """``y`` against ``x``, one line per (run, rule) of a ``compare_runs`` table: colour = run (``runs``
+    order), dash = rule (solid for the applied mask, one dash per entry of ``rules``, dotted otherwise)."""
+    colors = run_colors(runs)
+    fig = go.Figure()
+    for (run, rule), part in frame.sort(x).group_by("run", "rule", maintain_order=True):
+        if str(rule).startswith("applied"):
+            dash = "solid"
+        else:
+            dash = DASHES[1 + list(rules).index(rule) % 5] if rule in rules else "dot"
+        fig.add_scatter(x=part[x], y=part[y], mode="lines+markers", marker=dict(size=4), name=f"{run} · {rule}",
+                        line=dict(dash=dash, color=colors.get(str(run))), legendgroup=str(run))
+    fig.update_layout(title=f"{title} (colour: run; dash: rule, solid = applied mask)", xaxis_title=x_title,
+                      yaxis_title=y, yaxis_tickformat=y_format, hovermode="x unified",
+                      legend=dict(orientation="h", y=-0.25))
+    return fig
+
+
+def fig_run_curves(curves: pl.DataFrame, names: Sequence[str], *, runs: Sequence[str]) -> go.Figure:
+    """Logged per-step scalars ``names`` of several runs (``curves``: step, run, one column per scalar):
+    colour = run (``runs`` order), dash = scalar."""
+    colors = run_colors(runs)
+    fig = go.Figure()
+    for j, name in enumerate(names):
+        for (run,), part in (curves.select("step", "run", name).drop_nulls().sort("step")
+                             .group_by("run", maintain_order=True)):
+            fig.add_scatter(x=part["step"], y=part[name], mode="lines", name=f"{run} · {name}",
+                            line=dict(color=colors.get(str(run)), dash=DASHES[j % len(DASHES)]))
+    fig.update_layout(title="Reward and accuracy (colour: run; dash: curve)", xaxis_title="step",
+                      hovermode="x unified", legend=dict(orientation="h", y=-0.25))
+    return fig
+
+
+def fig_metric_family(table: pl.DataFrame, metrics: Sequence[str], *, by: str) -> go.Figure:
+    """Columns ``metrics`` of a ``mismatch_metrics`` table per training step (``by="step"``) or per position
+    bin (``by="position"``), one line each."""
+    x = table["step"] if by == "step" else table["bin_start"]
+    fig = go.Figure()
+    for m in metrics:
+        fig.add_scatter(x=x, y=table[m], mode="lines+markers", name=m)
+    fig.update_layout(xaxis_title="training step" if by == "step" else "position (token index, bin start)",
+                      yaxis_title="value", hovermode="x unified", legend=PAGE_LEGEND)
+    return fig
+
+
+def fig_whatif_by_position(results: Mapping[str, Any]) -> go.Figure:
+    """Masked fraction by position of several recomputes (name -> ``RecomputeResult``), one line each."""
+    fig = go.Figure()
+    for name, res in results.items():
+        bp = res.by_position.sort("bin_start") if "bin_start" in res.by_position.columns else res.by_position
+        x = bp["bin_start"] if "bin_start" in bp.columns else bp["bin"] * res.bin_width
+        fig.add_scatter(x=x, y=bp["masked_frac"], mode="lines+markers", name=name)
+    fig.update_layout(title="Masked fraction by position", xaxis_title="position (bin start)",
+                      yaxis_tickformat=".1%", hovermode="x unified", legend=PAGE_LEGEND)
+    return fig
+
+
+def fig_whatif_by_step(results: Mapping[str, Any]) -> go.Figure:
+    """Masked fraction per step of several recomputes (name -> ``RecomputeResult``), grouped bars."""
+    steps = pl.concat([res.by_step.select("step", "masked_frac", "budget_share").with_columns(rule=pl.lit(name))
+                       for name, res in results.items()])
+    fig = go.Figure()
+    for (name,), part in steps.sort("step").group_by("rule", maintain_order=True):
+        fig.add_bar(x=part["step"], y=part["masked_frac"], name=str(name))
+    fig.update_layout(title="Masked fraction by step", xaxis_title="step", yaxis_tickformat=".1%",
+                      barmode="group", legend=PAGE_LEGEND)
+    return fig
+
+
+def fig_sequence_internals(seq: pl.DataFrame, *, delta: float) -> go.Figure:
+    """One response under the token inspector (CPPO Eq. 8-10): |pi - mu| and Z_t = w_t |pi - mu| with the
+    masked tokens crossed and delta as a line; the slack c_t; the weight w_t (and the logged ``loss_weight``);
+    the prefix sum S_t. ``seq``: one row per token, in ``pos`` order, with ``tv`` and ``m_keep`` and, when
+    known, ``Z``, ``c``, ``w``, ``S``, ``loss_weight``.
+
+    c_t gets its own panel: once the budget is spent it falls far below zero (it is unbounded below), which
+    would squeeze Z_t into a flat line if both shared an axis.
+    """
+    pos = seq["pos"].to_numpy()
+    tv = seq["tv"].to_numpy()
+    masked = seq["m_keep"].fill_null(True).not_().to_numpy()
+    fig = make_subplots(rows=4, cols=1, shared_xaxes=True, vertical_spacing=0.06, row_heights=[0.34, 0.28, 0.19, 0.19],
+                        subplot_titles=("|π−μ| and Z_t = w_t·|π−μ| (× = masked)",
+                                        "slack c_t (budget left; < 0: every away token is masked)",
+                                        "weight w_t" + (" and the loss weight applied" if "loss_weight" in seq.columns
+                                                        else ""),
+                                        "S_t (cumulative Z)"))
+    fig.add_scatter(x=pos, y=tv, mode="lines", name="|π−μ|", line=dict(color="#1f77b4", width=1), row=1, col=1)
+    if "Z" in seq.columns:
+        fig.add_scatter(x=pos, y=seq["Z"], mode="lines", name="Z_t", line=dict(color="#2ca02c"), row=1, col=1)
+    if masked.any():
+        fig.add_scatter(x=pos[masked], y=tv[masked], mode="markers", name="masked",
+                        marker=dict(color="#d62728", size=7, symbol="x"), row=1, col=1)
+    fig.add_hline(y=float(delta), line=dict(color="#7f7f7f", dash="dot", width=1), row=1, col=1,
+                  annotation_text="δ", annotation_position="top right")
+    if "c" in seq.columns:
+        fig.add_scatter(x=pos, y=seq["c"], mode="lines", name="c_t", line=dict(color="#ff7f0e"), row=2, col=1)
+        fig.add_hline(y=0.0, line=dict(color="black", width=1), row=2, col=1)
+    if "w" in seq.columns:
+        fig.add_scatter(x=pos, y=seq["w"], mode="lines", name="w_t", line=dict(color="#9467bd"), row=3, col=1)
+    if "loss_weight" in seq.columns:  # what the loss multiplied each token by (gate / IS weight), as logged
+        fig.add_scatter(x=pos, y=seq["loss_weight"], mode="lines+markers", name="loss weight",
+                        line=dict(color="#e377c2"), marker=dict(size=4), row=3, col=1)
+    if "S" in seq.columns:
+        fig.add_scatter(x=pos, y=seq["S"], mode="lines", name="S_t", line=dict(color="#8c564b"), row=4, col=1)
+    fig.update_layout(height=640, hovermode="x unified", legend=dict(orientation="h", yanchor="top", y=-0.08))
+    fig.update_yaxes(title_text="probability", range=[0, max(float(tv.max()), float(delta)) * 1.15], row=1, col=1)
+    fig.update_yaxes(title_text="c_t", zeroline=True, row=2, col=1)  # full range: negative values stay visible
+    fig.update_yaxes(title_text="w_t", row=3, col=1)
+    fig.update_yaxes(title_text="S_t", row=4, col=1)
+    fig.update_xaxes(title_text="position", row=4, col=1)
     return fig

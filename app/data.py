@@ -1,8 +1,11 @@
 """Data access for the app: run roots, root-confined paths, and bounded caches around the reader and the
 ``analyses`` package.
 
-Pages never open files or compute analyses themselves: they call the functions here, which call
-``cppo_diag.open_run`` / ``cppo_diag.list_runs`` and ``analyses.*`` and cache the (collected) results.
+Pages never open files themselves: they read runs and run analyses through the functions here, which call
+``cppo_diag.open_run`` / ``cppo_diag.list_runs`` and ``analyses.*`` and cache the (collected) results. What
+is computed lives in ``analyses`` (``analyses.run_summary`` for the per-run facts below); pages pass the
+tables on to ``analyses`` functions over in-memory frames and to the figure builders of
+``analyses.plots_plotly``.
 
 Caching
 -------
@@ -37,6 +40,7 @@ from typing import Any
 import polars as pl
 import streamlit as st
 
+from analyses import run_summary
 from cppo_diag.storage import schema
 
 ROOTS_ENV = "CPPO_DIAG_ROOTS"  # os.pathsep-separated, set by `cppo-diag app` (cppo_diag/cli/app_cmd.py)
@@ -261,9 +265,7 @@ def _batch_set(path: str, version: tuple, step_range: tuple | None):
 def _recompute_steps(path: str, version: tuple, step_range: tuple | None, kwargs: tuple) -> Any:
     import analyses
 
-    counts = _tokens_per_step(path, version)
-    lo, hi = step_range if step_range is not None else (None, None)
-    n = sum(v for s, v in counts.items() if (lo is None or s >= lo) and (hi is None or s <= hi))
+    n = run_summary.tokens_in_range(_tokens_per_step(path, version), step_range)
     source = _batch_set(path, version, step_range) if n <= WHATIF_BATCH_TOKENS else _open(path, version)
     kw = dict(kwargs)
     kw["params"] = dict(kw["params"])
@@ -333,11 +335,10 @@ def completed_steps(path: str) -> list[int]:
 
 # -- runs table ------------------------------------------------------------------------------------------
 
-REWARD_KEYS = ("reward/mean", "reward", "train/reward", "rewards/mean")
-
-
 @dataclass(frozen=True)
 class RunRow:
+    """A row of the Runs page (``analyses.run_summary.run_summary``) and the run's path."""
+
     path: str
     name: str
     trainer: str | None
@@ -351,40 +352,9 @@ class RunRow:
     status: str
 
 
-def _fmt_params(params: dict | None) -> str:
-    if not params:
-        return ""
-    return ", ".join(f"{k}={v}" for k, v in sorted(params.items()))
-
-
 @st.cache_data(max_entries=MAX_RUNS, ttl=TTL_S, show_spinner=False)
 def _run_row(path: str, version: tuple) -> RunRow:
-    run = _open(path, version)
-    meta = dict(run.meta or {})
-    n_tokens = int(run.tokens().select(pl.len()).collect().item())
-    completed = run.completed_steps()
-    last_reward = None
-    sdf = run.steps()
-    for key in REWARD_KEYS:
-        if key in sdf.columns:
-            vals = sdf.select(pl.col(key).drop_nulls().drop_nans()).to_series()
-            if len(vals):
-                last_reward = float(vals[-1])
-                break
-    status = "live" if run.is_live else str(meta.get("status") or "finished")
-    return RunRow(
-        path=path,
-        name=str(meta.get("name") or run.name),
-        trainer=meta.get("trainer"),
-        rule=meta.get("rule"),
-        rule_params=_fmt_params(meta.get("rule_params")),
-        model=meta.get("model"),
-        task=meta.get("task"),
-        steps=len(completed),
-        tokens=n_tokens,
-        last_reward=last_reward,
-        status=status,
-    )
+    return RunRow(path=path, **run_summary.run_summary(_open(path, version)))
 
 
 def run_row(path: str) -> RunRow:
@@ -445,8 +415,7 @@ def token_columns(path: str) -> list[str]:
 
 @st.cache_data(max_entries=MAX_RUNS, ttl=TTL_S, show_spinner=False)
 def _max_position(path: str, version: tuple) -> int:
-    v = _open(path, version).tokens().select(max=pl.col("pos").max()).collect().item()
-    return int(v) if v is not None else 0
+    return run_summary.max_position(_open(path, version))
 
 
 def max_position(path: str) -> int:
@@ -456,8 +425,7 @@ def max_position(path: str) -> int:
 
 @st.cache_data(max_entries=MAX_RUNS, ttl=TTL_S, show_spinner=False)
 def _token_steps(path: str, version: tuple) -> list[int]:
-    s = _open(path, version).tokens().select(pl.col("step").unique().sort()).collect()
-    return [int(v) for v in s["step"]]
+    return run_summary.token_steps(_open(path, version))
 
 
 def token_steps(path: str) -> list[int]:
@@ -536,8 +504,7 @@ def step_rule(path: str, step: int, rule: str, params: dict[str, Any]) -> pl.Dat
 
 @st.cache_data(max_entries=MAX_RUNS, ttl=TTL_S, show_spinner=False)
 def _tokens_per_step(path: str, version: tuple) -> dict[int, int]:
-    df = _open(path, version).tokens().group_by("step").agg(n=pl.len()).collect(engine="streaming")
-    return {int(s): int(n) for s, n in df.iter_rows()}
+    return run_summary.tokens_per_step(_open(path, version))
 
 
 def tokens_per_step(path: str) -> dict[int, int]:
@@ -547,16 +514,6 @@ def tokens_per_step(path: str) -> dict[int, int]:
 
 
 def recent_window(path: str, max_tokens: int) -> tuple[int, int] | None:
-    """The latest steps whose tokens add up to at most ``max_tokens`` (at least one step): the default
-    window of the pages that recompute rules, so that their first answer comes fast on big runs."""
-    counts = tokens_per_step(path)
-    if not counts:
-        return None
-    steps = sorted(counts)
-    total, lo = 0, steps[-1]
-    for s in reversed(steps):
-        if total + counts[s] > max_tokens and total > 0:
-            break
-        total += counts[s]
-        lo = s
-    return (lo, steps[-1])
+    """The latest steps whose tokens add up to at most ``max_tokens`` (``analyses.run_summary.recent_window``):
+    the default window of the pages that recompute rules, so that their first answer comes fast on big runs."""
+    return run_summary.recent_window(tokens_per_step(path), max_tokens)

@@ -1,6 +1,7 @@
 """Small UI helpers shared by the pages: the sidebar, the run picker, charts, messages.
 
-Pages stay UI-only: data comes from :mod:`app.data` (which calls the reader and ``analyses``).
+Pages stay UI-only: data comes from :mod:`app.data` (which calls the reader and ``analyses``), figures from
+the builders of ``analyses.plots_plotly``, drawn with :func:`plot`.
 """
 
 from __future__ import annotations
@@ -98,7 +99,9 @@ def focus_run(label: str = "Run") -> str:
 
 
 def plot(fig: Any, key: str, *, tight: bool = True) -> None:
-    """Draw a plotly figure; ``tight=False`` keeps the figure's own margins (the analyses' builders)."""
+    """Draw a plotly figure of ``analyses.plots_plotly``. ``tight=False`` keeps the figure's own margins and
+    template (the report twins, which set ``plots_plotly.LAYOUT``); the pages' own figures are drawn tight in
+    the Streamlit theme."""
     if tight:
         fig.update_layout(margin=dict(l=10, r=10, t=40, b=10))
     st.plotly_chart(fig, key=key, config=PLOT_CONFIG, theme="streamlit" if tight else None)

@@ -3,9 +3,10 @@ first rejects a token (survival over position), and the slack c_t by position.""
 
 from __future__ import annotations
 
-import polars as pl
 import streamlit as st
 
+from analyses import plots_plotly as pp
+from analyses import run_summary
 from app import controls, data, ui
 
 st.title("Budget")
@@ -33,8 +34,6 @@ params = {"delta": float(delta), "delta_b": float(delta_b), "w_min": float(w_min
 res = data.analysis("budget_exhaustion", path, params=params, rule=rule, step_range=step_range,
                     bin_width=int(bin_width), updates=updates, engine="local", workers=1)  # cached per step group
 
-from analyses import plots_plotly as pp  # noqa: E402  (figure builders shared with the report)
-
 ui.need(res.by_step.height > 0, "No tokens in the selected steps.")
 left, right = st.columns(2)
 with left:
@@ -46,12 +45,10 @@ with st.expander("Per-step table"):
     st.dataframe(res.by_step, hide_index=True)
 
 # The trainer's own per-step metrics cover every step at no cost (no recompute): show them when logged.
-logged = data.steps(path)
-applied = controls.applied_rule(path) or ""
-share_col, db_col = f"mask/{applied}/budget_share", f"{applied}/delta_b_mean"
-if applied.startswith("cppo") and {share_col, db_col} <= set(logged.columns):
-    fig7 = logged.select("step", pl.col(db_col).alias("delta_b_mean"), pl.col(share_col).alias("budget_share"))
-    ui.plot(pp.fig_budget_by_step(fig7.drop_nulls(), title=f"As logged by the trainer ({applied}, every step)"),
+applied = controls.applied_rule(path)
+fig7 = run_summary.logged_budget_by_step(data.steps(path), applied)
+if fig7 is not None:
+    ui.plot(pp.fig_budget_by_step(fig7, title=f"As logged by the trainer ({applied}, every step)"),
             key="bud_logged", tight=False)
     if updates != "all":
         st.caption("The trainer's step scalars cover every update of the step, the first included; the figures "

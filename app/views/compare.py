@@ -3,10 +3,11 @@ recomputed on every run, reward and accuracy curves, and a table of summary numb
 
 from __future__ import annotations
 
-import plotly.graph_objects as go
 import polars as pl
 import streamlit as st
 
+from analyses import plots_plotly as pp
+from analyses import run_summary
 from app import controls, data, ui
 
 N_REL_BINS = 20  # bins of t / T in (0, 1] when the position is relative (as on Divergence by position)
@@ -68,54 +69,30 @@ for i, path in enumerate(chosen):
 progress.empty()
 ui.need(bool(summaries), "The chosen runs have no tokens yet.")
 
-DASH = ["solid", "dash", "dot", "dashdot", "longdash", "longdashdot"]
-COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf"]
-RUN_COLOR = {data.label(p): COLORS[i % len(COLORS)] for i, p in enumerate(chosen)}  # one colour per run
-
-
-def _lines(frame: pl.DataFrame, x: str, y: str, title: str, x_title: str, y_fmt: str = ".1%") -> go.Figure:
-    fig = go.Figure()
-    labels = [*rules, *(f"cppo[{p}]" for p in profiles)]
-    for (run, rule), part in frame.sort(x).group_by("run", "rule", maintain_order=True):
-        dash = "solid" if str(rule).startswith("applied") else DASH[1 + labels.index(rule) % 5] if rule in labels else "dot"
-        fig.add_scatter(x=part[x], y=part[y], mode="lines+markers", marker=dict(size=4), name=f"{run} · {rule}",
-                        line=dict(dash=dash, color=RUN_COLOR.get(str(run))), legendgroup=str(run))
-    fig.update_layout(title=f"{title} (colour: run; dash: rule, solid = applied mask)", xaxis_title=x_title,
-                      yaxis_title=y, yaxis_tickformat=y_fmt,
-                      hovermode="x unified", legend=dict(orientation="h", y=-0.25))
-    return fig
-
-
+runs_shown = [data.label(p) for p in chosen]  # one colour per run, in this order
+rule_labels = [*rules, *(f"cppo[{p}]" for p in profiles)]  # one dash per rule
 if by_step:
-    ui.plot(_lines(pl.concat(by_step, how="diagonal_relaxed"), "step", "masked_frac", "Masked fraction by step",
-                   "step"), key="cmp_by_step")
+    ui.plot(pp.fig_runs_by_rule(pl.concat(by_step, how="diagonal_relaxed"), x="step", y="masked_frac",
+                                title="Masked fraction by step", x_title="step", runs=runs_shown, rules=rule_labels),
+            key="cmp_by_step")
 pos = pl.concat(by_pos, how="diagonal_relaxed")
 if pos.height:
-    ui.plot(_lines(pos, "bin_start", "masked_frac", "Masked fraction by position",
-                   "relative position t / T (bin start)" if relative else "position (bin start)"),
+    ui.plot(pp.fig_runs_by_rule(pos, x="bin_start", y="masked_frac", title="Masked fraction by position",
+                                x_title="relative position t / T (bin start)" if relative else "position (bin start)",
+                                runs=runs_shown, rules=rule_labels),
             key="cmp_by_pos")
 
 curves = []
 for path in chosen:
-    sdf = data.steps(path)
-    if sdf.height:
-        keep = [c for c in sdf.columns if c == "step" or c.startswith(("reward", "accuracy", "acc", "eval/"))
-                or c in ("correct/mean",)]
-        if len(keep) > 1:
-            curves.append(sdf.select(keep).with_columns(run=pl.lit(data.label(path))))
+    logged = run_summary.reward_curves(data.steps(path))
+    if logged is not None:
+        curves.append(logged.with_columns(run=pl.lit(data.label(path))))
 if curves:
     cur = pl.concat(curves, how="diagonal_relaxed")
     names = [c for c in cur.columns if c not in ("step", "run")]
     default = [n for n in names if n in ("reward/mean", "acc/mean")] or names[:2]  # the trainer's names
     picked = st.multiselect("Curves", names, default=default, key="cmp_curves")
-    fig = go.Figure()
-    for j, name in enumerate(picked):
-        for (run,), part in cur.select("step", "run", name).drop_nulls().sort("step").group_by("run", maintain_order=True):
-            fig.add_scatter(x=part["step"], y=part[name], mode="lines", name=f"{run} · {name}",
-                            line=dict(color=RUN_COLOR.get(str(run)), dash=DASH[j % len(DASH)]))
-    fig.update_layout(title="Reward and accuracy (colour: run; dash: curve)", xaxis_title="step",
-                      hovermode="x unified", legend=dict(orientation="h", y=-0.25))
-    ui.plot(fig, key="cmp_curves_fig")
+    ui.plot(pp.fig_run_curves(cur, picked, runs=runs_shown), key="cmp_curves_fig")
 else:
     st.caption("No reward or accuracy scalars logged by these runs.")
 

@@ -4,10 +4,10 @@ the applied rule and of rules recomputed on the run."""
 
 from __future__ import annotations
 
-import plotly.graph_objects as go
 import polars as pl
 import streamlit as st
 
+from analyses import plots_plotly as pp
 from app import controls, data, ui
 
 st.title("Divergence by position")
@@ -51,23 +51,12 @@ if overlay and "threshold_mean" in table.columns:
     table = table.with_columns(pl.col("threshold_mean") * float(delta))
 ui.need(table.height > 0, "No tokens match these filters (step range / advantage sign).")
 column = controls.stat_column(stat, surv_x)
-x = table["bin_start"] if not relative else (table["bin_start"] + table["bin_end"]) / 2
-x_title = "position (token index, bin start)" if not relative else "relative position t / T (bin centre)"
-
-fig = go.Figure()
-fig.add_scatter(x=x, y=table[column], mode="lines+markers", name=controls.stat_label(stat, surv_x),
-                customdata=table.select("count", "bin_end").to_numpy(),
-                hovertemplate="bin %{x}–%{customdata[1]}<br>value %{y:.4g}<br>tokens %{customdata[0]}<extra></extra>")
-if stat != "mean":
-    fig.add_scatter(x=x, y=table["mean"], mode="lines", name="mean", line=dict(dash="dot"))
 # delta / w_t is a threshold on |pi - mu|: drawn on the same (probability) axis, and only beside |pi - mu|.
 threshold_shown = overlay and "threshold_mean" in table.columns and kind == "tv" and stat != "surv"
-if threshold_shown:
-    fig.add_scatter(x=x, y=table["threshold_mean"], mode="lines", name=f"δ / w_t (δ={delta:g}, w_min={w_min:g})",
-                    line=dict(dash="dash", color="firebrick"))
-fig.update_layout(title=f"{controls.DIVERGENCES[kind]}: {controls.stat_label(stat, surv_x)} by position",
-                  xaxis_title=x_title, yaxis_title=controls.stat_label(stat, surv_x), hovermode="x unified",
-                  legend=dict(orientation="h", y=-0.2))
+fig = pp.fig_position_statistic(
+    table, column=column, label=controls.stat_label(stat, surv_x), relative=relative, show_mean=stat != "mean",
+    title=f"{controls.DIVERGENCES[kind]}: {controls.stat_label(stat, surv_x)} by position",
+    threshold_name=f"δ / w_t (δ={delta:g}, w_min={w_min:g})" if threshold_shown else None)
 ui.plot(fig, key="div_fig")
 st.caption(f"{int(table['count'].sum()):,} tokens in {table.height} bins. "
            "Top-decile mean = mean of the tokens at or above the bin's p90 (the paper's caption is vague; "
@@ -88,13 +77,7 @@ if rules or controls.has_applied(path):
                               step_range=mask_range, bin_width=int(bin_width), include_applied=True,
                               relative=relative, n_rel_bins=int(n_rel_bins), updates=updates).by_position
     if by_pos.height:
-        fig2 = go.Figure()
-        for (rule,), part in by_pos.sort("bin_start").group_by("rule", maintain_order=True):
-            xs = (part["bin_start"] + part["bin_end"]) / 2 if relative else part["bin_start"]
-            fig2.add_scatter(x=xs, y=part["masked_frac"], mode="lines+markers", name=str(rule))
-        fig2.update_layout(xaxis_title=x_title, yaxis_title="masked fraction",
-                           yaxis_tickformat=".1%", hovermode="x unified", legend=dict(orientation="h", y=-0.2))
-        ui.plot(fig2, key="div_masked_fig")
+        ui.plot(pp.fig_masked_by_rule(by_pos, relative=relative), key="div_masked_fig")
     else:
         st.info("No tokens in the step range.")
 else:

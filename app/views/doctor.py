@@ -3,9 +3,9 @@ that shows it, and the mismatch metric family (k1/k2/k3 KL, chi-square, ESS, ...
 
 from __future__ import annotations
 
-import plotly.graph_objects as go
 import streamlit as st
 
+from analyses import plots_plotly as pp
 from app import data, ui
 
 # Finding.page -> the page file of this app (app/streamlit_app.py).
@@ -66,12 +66,6 @@ ui.need(table.height > 0,
         "No tokens for this update filter (a run with one update per batch has none after the first).")
 metrics = [c for c in table.columns if c not in ("step", "bin", "bin_start", "bin_end", "n_tokens", "n_seqs")]
 chosen = st.multiselect("Metrics", metrics, default=["kl_k3", "chi2_token"], key="doc_mm_metrics")
-x = table["step"] if by == "step" else table["bin_start"]
-fig = go.Figure()
-for m in chosen:
-    fig.add_scatter(x=x, y=table[m], mode="lines+markers", name=m)
-fig.update_layout(xaxis_title="training step" if by == "step" else "position (token index, bin start)",
-                  yaxis_title="value", hovermode="x unified", legend=dict(orientation="h", y=-0.2))
-ui.plot(fig, key="doc_mm_fig")
+ui.plot(pp.fig_metric_family(table, chosen, by=by), key="doc_mm_fig")
 with st.expander("Table"):
     st.dataframe(table, hide_index=True)

@@ -9,8 +9,9 @@ from __future__ import annotations
 import numpy as np
 import polars as pl
 import streamlit as st
-from plotly.subplots import make_subplots
 
+from analyses import plots_plotly as pp
+from analyses import responses
 from app import controls, data, ui
 
 st.title("Token inspector")
@@ -32,27 +33,14 @@ c3.caption("CPPO internals use " + ", ".join(f"{k}={v}" for k, v in params.items
 
 tokens = data.step_tokens(path, step)
 ui.need(tokens.height > 0, f"Step {step} has no token rows.")
-key = ["update", "rank", "seq_id"]
 # Masks of the whole step (for the masked counts of the search): the logged one, or a rule recomputed on
 # this step only. The CPPO internals are recomputed below for the chosen response alone.
-if mark == "applied mask":
-    frame = tokens.with_columns(m_keep=pl.col("keep_applied"), m_reason=pl.col("reason_applied"))
-else:
-    marks = data.step_rule(path, step, mark.removeprefix("recomputed "), params)
-    frame = tokens.join(marks.select(*key, "pos", m_keep="keep", m_reason="reason"), on=[*key, "pos"], how="left")
-frame = frame.with_columns(tv=(pl.col("logp").exp() - pl.col("logp_rollout").exp()).abs())
+marks = None if mark == "applied mask" else data.step_rule(path, step, mark.removeprefix("recomputed "), params)
+frame = responses.marked_tokens(tokens, marks)
 
 # -- pick a sequence ---------------------------------------------------------------------------------------
-seqs = frame.group_by(key).agg(
-    length=pl.len(),
-    reward=pl.col("reward").first() if "reward" in frame.columns else pl.lit(None, pl.Float32),
-    masked=(~pl.col("m_keep")).sum(),
-    advantage=pl.col("advantage").first(),
-    max_tv=pl.col("tv").max(),
-).sort(key)
 seq_table = data.step_sequences(path, step)
-if seq_table.height and "reward" in seq_table.columns and seqs["reward"].null_count() == seqs.height:
-    seqs = seqs.drop("reward").join(seq_table.select("seq_id", "reward"), on="seq_id", how="left")
+seqs = responses.response_table(frame, seq_table)
 
 with st.expander("Search sequences", expanded=True):
     f1, f2, f3, f4 = st.columns(4)
@@ -61,11 +49,8 @@ with st.expander("Search sequences", expanded=True):
     min_masked = f2.number_input("Masked tokens ≥", min_value=0, value=0, key="insp_minmasked")
     rewards = sorted(v for v in seqs["reward"].unique().to_list() if v is not None)
     reward_pick = f3.multiselect("Reward", rewards, key="insp_reward", help="empty = any")
-    order = f4.selectbox("Sort by", ["masked", "max_tv", "length", "reward", "seq_id"], key="insp_sort")
-found = seqs.filter(pl.col("length").is_between(*length) & (pl.col("masked") >= min_masked))
-if reward_pick:
-    found = found.filter(pl.col("reward").is_in(reward_pick))
-found = found.sort(order, descending=order != "seq_id", nulls_last=True)
+    order = f4.selectbox("Sort by", list(responses.SORT_KEYS), key="insp_sort")
+found = responses.find_responses(seqs, length=length, min_masked=min_masked, rewards=reward_pick, order=order)
 ui.need(found.height > 0, "No sequence matches the search.")
 multi = frame.select(pl.struct("update", "rank").n_unique()).item() > 1
 # Options are sequence identities, not list positions: a position would silently point at another response
@@ -84,26 +69,16 @@ if st.session_state.get("_insp_context") != context or st.session_state.get("ins
 pick = st.selectbox(f"Sequence ({found.height} of {seqs.height})", list(labels), format_func=labels.get,
                     key="insp_seq")
 update, rank, seq_id = (int(v) for v in pick.split(":"))
-row = found.filter((pl.col("update") == update) & (pl.col("rank") == rank) & (pl.col("seq_id") == seq_id)).row(
-    0, named=True)
-seq = frame.filter((pl.col("update") == update) & (pl.col("rank") == rank) & (pl.col("seq_id") == seq_id)).sort("pos")
+row = responses.select_response(found, update, rank, seq_id).row(0, named=True)
+seq = responses.response_tokens(frame, update, rank, seq_id)
 internals = data.sequence_rule(path, step, update, rank, seq_id, "cppo", params)
 if internals.height:
     seq = seq.join(internals.select("pos", *[c for c in ("w", "Z", "S", "c", "delta_b") if c in internals.columns]),
                    on="pos", how="left")
 
 # -- text ----------------------------------------------------------------------------------------------------
-texts = None
-if seq_table.height and "tokens" in seq_table.columns:
-    match = seq_table.filter(pl.col("seq_id") == row["seq_id"])
-    if match.height and match["tokens"][0] is not None:
-        texts = list(match["tokens"][0])
-if texts is None or len(texts) < seq.height:
-    ids = seq["token_id"].to_list() if "token_id" in seq.columns else [None] * seq.height
-    texts = [f"⟨{i}⟩" if i is not None else "·" for i in ids]
-
-tv = seq["tv"].to_numpy()
-scale = max(float(np.quantile(frame["tv"].to_numpy(), 0.99)), 1e-6)
+texts = responses.token_texts(seq, seq_table, row["seq_id"])
+scale = responses.divergence_scale(frame)
 REASON_STYLE = {1: "border-bottom:3px solid #d62728;", 2: "border-bottom:3px dashed #ff7f0e;",
                 3: "outline:1px solid #7f7f7f;"}
 spans = []
@@ -131,41 +106,8 @@ st.html(
 )
 
 # -- internals under the text --------------------------------------------------------------------------------
-pos = seq["pos"].to_numpy()
 masked = seq["m_keep"].fill_null(True).not_().to_numpy()
-# c_t gets its own panel: once the budget is spent it falls far below zero (it is unbounded below), which
-# would squeeze Z_t into a flat line if both shared an axis.
-fig = make_subplots(rows=4, cols=1, shared_xaxes=True, vertical_spacing=0.06, row_heights=[0.34, 0.28, 0.19, 0.19],
-                    subplot_titles=("|π−μ| and Z_t = w_t·|π−μ| (× = masked)",
-                                    "slack c_t (budget left; < 0: every away token is masked)",
-                                    "weight w_t" + (" and the loss weight applied" if "loss_weight" in seq.columns else ""),
-                                    "S_t (cumulative Z)"))
-fig.add_scatter(x=pos, y=tv, mode="lines", name="|π−μ|", line=dict(color="#1f77b4", width=1), row=1, col=1)
-if "Z" in seq.columns:
-    fig.add_scatter(x=pos, y=seq["Z"], mode="lines", name="Z_t", line=dict(color="#2ca02c"), row=1, col=1)
-if masked.any():
-    fig.add_scatter(x=pos[masked], y=tv[masked], mode="markers", name="masked",
-                    marker=dict(color="#d62728", size=7, symbol="x"), row=1, col=1)
-fig.add_hline(y=float(params["delta"]), line=dict(color="#7f7f7f", dash="dot", width=1), row=1, col=1,
-              annotation_text="δ", annotation_position="top right")
-if "c" in seq.columns:
-    fig.add_scatter(x=pos, y=seq["c"], mode="lines", name="c_t", line=dict(color="#ff7f0e"), row=2, col=1)
-    fig.add_hline(y=0.0, line=dict(color="black", width=1), row=2, col=1)
-if "w" in seq.columns:
-    fig.add_scatter(x=pos, y=seq["w"], mode="lines", name="w_t", line=dict(color="#9467bd"), row=3, col=1)
-if "loss_weight" in seq.columns:  # what the loss multiplied each token by (gate / IS weight), as logged
-    fig.add_scatter(x=pos, y=seq["loss_weight"], mode="lines+markers", name="loss weight",
-                    line=dict(color="#e377c2"), marker=dict(size=4), row=3, col=1)
-if "S" in seq.columns:
-    fig.add_scatter(x=pos, y=seq["S"], mode="lines", name="S_t", line=dict(color="#8c564b"), row=4, col=1)
-fig.update_layout(height=640, hovermode="x unified", legend=dict(orientation="h", yanchor="top", y=-0.08))
-fig.update_yaxes(title_text="probability", range=[0, max(float(tv.max()), float(params["delta"])) * 1.15],
-                 row=1, col=1)
-fig.update_yaxes(title_text="c_t", zeroline=True, row=2, col=1)  # full range: negative values stay visible
-fig.update_yaxes(title_text="w_t", row=3, col=1)
-fig.update_yaxes(title_text="S_t", row=4, col=1)
-fig.update_xaxes(title_text="position", row=4, col=1)
-ui.plot(fig, key="insp_fig")
+ui.plot(pp.fig_sequence_internals(seq, delta=params["delta"]), key="insp_fig")
 weight_note = ""
 if "loss_weight" in seq.columns and seq["loss_weight"].null_count() < seq.height:
     lw = seq["loss_weight"]

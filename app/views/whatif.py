@@ -7,10 +7,10 @@ the chosen steps' batches in memory, so a new value only re-runs the rule on the
 
 from __future__ import annotations
 
-import plotly.graph_objects as go
 import polars as pl
 import streamlit as st
 
+from analyses import plots_plotly as pp
 from app import controls, data, ui
 
 st.title("What-if")
@@ -78,25 +78,9 @@ def whatif() -> None:
         st.caption(f"The reference recompute agrees with the logged mask on {100 * ref.agreement['agreement']:.3f}% "
                    "of tokens.")
 
-    fig = go.Figure()
-    for name, res in ((f"{rule} (what-if)", new), (ref_name, ref)):
-        bp = res.by_position.sort("bin_start") if "bin_start" in res.by_position.columns else res.by_position
-        x = bp["bin_start"] if "bin_start" in bp.columns else bp["bin"] * res.bin_width
-        fig.add_scatter(x=x, y=bp["masked_frac"], mode="lines+markers", name=name)
-    fig.update_layout(title="Masked fraction by position", xaxis_title="position (bin start)",
-                      yaxis_tickformat=".1%", hovermode="x unified", legend=dict(orientation="h", y=-0.2))
-    ui.plot(fig, key="wi_by_pos")
-
-    steps_tbl = pl.concat([
-        new.by_step.select("step", "masked_frac", "budget_share").with_columns(rule=pl.lit(f"{rule} (what-if)")),
-        ref.by_step.select("step", "masked_frac", "budget_share").with_columns(rule=pl.lit(ref_name)),
-    ])
-    fig2 = go.Figure()
-    for (name,), part in steps_tbl.sort("step").group_by("rule", maintain_order=True):
-        fig2.add_bar(x=part["step"], y=part["masked_frac"], name=str(name))
-    fig2.update_layout(title="Masked fraction by step", xaxis_title="step", yaxis_tickformat=".1%",
-                       barmode="group", legend=dict(orientation="h", y=-0.2))
-    ui.plot(fig2, key="wi_by_step")
+    results = {f"{rule} (what-if)": new, ref_name: ref}
+    ui.plot(pp.fig_whatif_by_position(results), key="wi_by_pos")
+    ui.plot(pp.fig_whatif_by_step(results), key="wi_by_step")
 
     if rule == "cppo" and st.toggle("Every CPPO parameter set at these δ, δ_b, w_min", key="wi_profiles"):
         rows = []
@@ -111,8 +95,6 @@ def whatif() -> None:
                                     "budget share": st.column_config.NumberColumn(format="percent")})
 
     if st.toggle("Sweep a δ × δ_b grid around these values (CPPO)", key="wi_sweep"):
-        from analyses import plots_plotly as pp
-
         deltas = tuple(sorted({round(delta * f, 4) for f in (0.5, 0.75, 1.0, 1.5, 2.0)}))
         delta_bs = tuple(sorted({round(delta_b * f, 4) for f in (0.0, 0.5, 1.0, 2.0, 4.0)}))
         sweep = data.analysis("whatif_sweep", path, deltas=deltas, delta_bs=delta_bs, w_mins=(float(w_min),),

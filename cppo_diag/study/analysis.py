@@ -72,6 +72,7 @@ __all__ = [
     "headline",
     "write_figures",
     "write_effects_figure",
+    "curve_bands",
     "pool_budget_by_step",
     "write_results",
     "analyse_study",
@@ -403,64 +404,16 @@ def _curves_long(data: StudyData) -> pl.DataFrame:
     return pl.concat(frames)
 
 
-def _curve_band(curves: pl.DataFrame, label: str, confidence: float):
-    sub = curves.filter(pl.col("label") == label)
-    steps, mean, lo, hi, n = [], [], [], [], []
-    for (step,), g in sub.group_by("step", maintain_order=True):
+def curve_bands(curves: pl.DataFrame, confidence: float) -> pl.DataFrame:
+    """Per label and evaluated step: the mean accuracy over seeds with its ``confidence`` t interval
+    (label, step, mean, lo, hi, n), for the learning-curve figures (``analyses.plots_mpl``)."""
+    rows = []
+    for (label, step), g in curves.group_by("label", "step", maintain_order=True):
         iv = t_interval(g["accuracy"].to_numpy(), confidence)
-        steps.append(step), mean.append(iv.mean), lo.append(iv.lo), hi.append(iv.hi), n.append(iv.n)
-    order = np.argsort(steps)
-    return tuple(np.asarray(v, dtype=float)[order] for v in (steps, mean, lo, hi, n))
-
-
-def _plot_curves(ax, curves: pl.DataFrame, labels, confidence: float, threshold: float | None = None):
-    """Mean over seeds per evaluation with its t-interval as a band (clipped to [0, 1]: accuracies)."""
-    for label in labels:
-        if curves.filter(pl.col("label") == label).height == 0:
-            continue
-        steps, mean, lo, hi, n = _curve_band(curves, label, confidence)
-        (line,) = ax.plot(steps, mean, marker="o", ms=3, label=f"{label} (n={int(n.max()) if n.size else 0})", lw=1.6)
-        ok = np.isfinite(lo)
-        ax.fill_between(steps[ok], np.clip(lo[ok], 0, 1), np.clip(hi[ok], 0, 1), color=line.get_color(),
-                        alpha=0.15, lw=0)
-    if threshold is not None:
-        ax.axhline(threshold, color="0.5", ls=":", lw=1)
-    ax.set_xlabel("RL iterations completed")
-    ax.set_ylabel("held-out accuracy")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-
-
-def _plot_small_multiples(curves: pl.DataFrame, labels, confidence: float, threshold: float | None):
-    """One panel per rule: every seed as a thin line, the mean and its band on top; shared axes."""
-    import matplotlib.pyplot as plt
-
-    ncol = min(3, max(1, len(labels)))
-    nrow = -(-len(labels) // ncol)
-    fig, axes = plt.subplots(nrow, ncol, figsize=(4.2 * ncol, 3.2 * nrow), sharex=True, sharey=True, squeeze=False)
-    for ax, label in zip(axes.flat, labels):
-        sub = curves.filter(pl.col("label") == label)
-        for (seed,), g in sub.group_by("seed", maintain_order=True):
-            g = g.sort("step")
-            ax.plot(g["step"].to_numpy(), g["accuracy"].to_numpy(), lw=0.8, color="0.6", alpha=0.8)
-        if sub.height:
-            steps, mean, lo, hi, n = _curve_band(curves, label, confidence)
-            ax.plot(steps, mean, lw=2, color="C0")
-            ok = np.isfinite(lo)
-            ax.fill_between(steps[ok], np.clip(lo[ok], 0, 1), np.clip(hi[ok], 0, 1), color="C0", alpha=0.2, lw=0)
-        if threshold is not None:
-            ax.axhline(threshold, color="0.5", ls=":", lw=1)
-        ax.set_title(label, fontsize=10)
-        ax.grid(alpha=0.3)
-    for ax in axes.flat[len(labels):]:
-        ax.set_visible(False)
-    for ax in axes[-1]:
-        ax.set_xlabel("RL iterations completed")
-    for ax in axes[:, 0]:
-        ax.set_ylabel("held-out accuracy")
-    fig.suptitle(f"Per rule: each seed (grey), mean and {confidence:.0%} CI (blue)", fontsize=11)
-    fig.tight_layout()
-    return fig
+        rows.append({"label": label, "step": float(step), "mean": iv.mean, "lo": iv.lo, "hi": iv.hi, "n": iv.n})
+    schema = {"label": pl.Utf8, "step": pl.Float64, "mean": pl.Float64, "lo": pl.Float64, "hi": pl.Float64,
+              "n": pl.Int64}
+    return pl.DataFrame(rows, schema=schema).sort("label", "step", maintain_order=True)
 
 
 def _pooled_tokens(entries: list[RunEntry]):
@@ -479,62 +432,37 @@ def _pooled_tokens(entries: list[RunEntry]):
 def write_figures(data: StudyData, per_seed: pl.DataFrame, fig_dir: Path, *, progress: bool = True) -> dict[str, Any]:
     """Write every figure as PNG under ``fig_dir``; returns {"curves": path, "ablation": path,
     "position": {label: path}, "budget": {label: path}, "notes": [...]}."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     from tqdm.auto import tqdm
+
+    from analyses import plots_mpl
 
     fig_dir.mkdir(parents=True, exist_ok=True)
     an = data.analysis
     labels = data.labels()
     curves = _curves_long(data)
+    bands = curve_bands(curves, an.confidence)
     out: dict[str, Any] = {"position": {}, "budget": {}, "notes": []}
 
     # Learning curves with seed bands: the main rules in one panel (the ablations get their own figure),
     # and every rule in small multiples with its seeds.
     main = [lab for lab in labels if lab.split("@")[0] not in an.ablation_rules or lab.split("@")[0] == an.reference]
-    fig, ax = plt.subplots(figsize=(8, 4.8))
-    _plot_curves(ax, curves, main or labels, an.confidence, an.threshold)
-    ax.set_title(f"Held-out accuracy, mean and {an.confidence:.0%} CI over seeds")
-    fig.tight_layout()
-    out["curves"] = fig_dir / "learning_curves.png"
-    fig.savefig(out["curves"], dpi=120)
-    plt.close(fig)
-    fig = _plot_small_multiples(curves, labels, an.confidence, an.threshold)
-    out["curves_by_rule"] = fig_dir / "learning_curves_by_rule.png"
-    fig.savefig(out["curves_by_rule"], dpi=110)
-    plt.close(fig)
+    fig = plots_mpl.fig_learning_curves(bands, main or labels, threshold=an.threshold,
+                                        title=f"Held-out accuracy, mean and {an.confidence:.0%} CI over seeds")
+    out["curves"] = plots_mpl.save_png(fig, fig_dir / "learning_curves.png", dpi=120)
+    fig = plots_mpl.fig_curves_by_rule(curves, bands, labels, confidence=an.confidence, threshold=an.threshold)
+    out["curves_by_rule"] = plots_mpl.save_png(fig, fig_dir / "learning_curves_by_rule.png", dpi=110)
 
     # Fig. 5-style ablation: curves of CPPO and its ablations, plus the primary metric per seed.
     abl = [lab for lab in labels if lab.split("@")[0] in an.ablation_rules]
     if abl:
         metric = f"{an.primary}_acc"
-        fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.5), gridspec_kw={"width_ratios": [3, 2]})
-        _plot_curves(ax1, curves, abl, an.confidence, an.threshold)
-        ax1.set_title("CPPO ablations (paper Fig. 5 style)")
-        for i, lab in enumerate(abl):
-            vals = per_seed.filter(pl.col("label") == lab)[metric].to_numpy()
-            iv = t_interval(vals, an.confidence)
-            ok = ~np.isnan(vals)
-            ax2.scatter(np.full(ok.sum(), i) + np.linspace(-0.12, 0.12, max(ok.sum(), 1))[: ok.sum()], vals[ok],
-                        s=14, color="0.4", zorder=3)
-            if iv.n:
-                err = None if iv.n < 2 else [[iv.mean - iv.lo], [iv.hi - iv.mean]]
-                ax2.errorbar([i], [iv.mean], yerr=err, fmt="o", ms=8, capsize=6, lw=2, zorder=4)
-        ax2.set_xticks(range(len(abl)), abl, rotation=20, fontsize=8)
-        ax2.set_xlim(-0.6, len(abl) - 0.4)
-        ax2.set_ylabel(f"{an.primary} held-out accuracy")
-        ax2.set_title(f"{an.primary} accuracy per seed, mean and {an.confidence:.0%} CI")
-        ax2.grid(alpha=0.3, axis="y")
-        fig.tight_layout()
-        out["ablation"] = fig_dir / "ablation.png"
-        fig.savefig(out["ablation"], dpi=120)
-        plt.close(fig)
+        values = {lab: per_seed.filter(pl.col("label") == lab)[metric].to_numpy() for lab in abl}
+        fig = plots_mpl.fig_ablation(bands, abl, values, {lab: t_interval(v, an.confidence) for lab, v in values.items()},
+                                     metric_label=an.primary, confidence=an.confidence, threshold=an.threshold)
+        out["ablation"] = plots_mpl.save_png(fig, fig_dir / "ablation.png", dpi=120)
 
     # Per rule: Fig. 2 (pooled over seeds) and Fig. 7 (mean over seeds of the per-step table).
     from analyses import budget_exhaustion, position_stats
-    from analyses import plots_mpl
     from analyses.updates import UPDATE_LABELS, default_updates
 
     ref_params = {**CPPO_DEFAULTS, **_params_of(data, "cppo")}
@@ -560,9 +488,7 @@ def write_figures(data: StudyData, per_seed: pl.DataFrame, fig_dir: Path, *, pro
             title=(f"{label}: |pi - mu| by position (Fig. 2 style)\n{len(entries)} seeds pooled, all steps, "
                    f"{UPDATE_LABELS[updates]}"),
         )
-        out["position"][label] = fig_dir / f"position_{slug}.png"
-        fig.savefig(out["position"][label], dpi=120)
-        plt.close(fig)
+        out["position"][label] = plots_mpl.save_png(fig, fig_dir / f"position_{slug}.png", dpi=120)
 
         budget_rule = rule if rule in BUDGET_RULES else "cppo"
         budget_params = dict(entries[0].rule_params if rule in BUDGET_RULES else _params_of(data, "cppo"))
@@ -577,9 +503,7 @@ def write_figures(data: StudyData, per_seed: pl.DataFrame, fig_dir: Path, *, pro
                    + ("as the trainer applied it" if rule in BUDGET_RULES else "CPPO recomputed offline on these rollouts")
                    + f"; {_SHORT_UPDATES[updates]}"),
         )
-        out["budget"][label] = fig_dir / f"budget_{slug}.png"
-        fig.savefig(out["budget"][label], dpi=120)
-        plt.close(fig)
+        out["budget"][label] = plots_mpl.save_png(fig, fig_dir / f"budget_{slug}.png", dpi=120)
     bar.close()
     return out
 
@@ -587,39 +511,16 @@ def write_figures(data: StudyData, per_seed: pl.DataFrame, fig_dir: Path, *, pro
 def write_effects_figure(ctab: ComparisonTable, an: AnalysisConfig, path: Path) -> Path | None:
     """Forest plot of the accuracy comparisons: reference minus each rule with its t interval, one panel per
     metric (primary first), the Holm p (whole table) beside each row. None when there is nothing to draw."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from analyses import plots_mpl
 
     metrics = [m for m in ctab.metrics if ctab.by_metric(m)]
     if not metrics:
         return None
-    n = max(len(ctab.by_metric(m)) for m in metrics)
-    fig, axes = plt.subplots(1, len(metrics), figsize=(5.2 * len(metrics), 0.55 * n + 1.6), sharey=True,
-                             squeeze=False)
-    for ax, metric in zip(axes[0], metrics):
-        comps = ctab.by_metric(metric)
-        y = np.arange(len(comps))[::-1]
-        for yi, c in zip(y, comps):
-            ok = math.isfinite(c.ci_lo)
-            color = "C2" if ok and c.ci_lo > 0 else ("C3" if ok and c.ci_hi < 0 else "0.35")
-            if ok:
-                ax.plot([c.ci_lo, c.ci_hi], [yi, yi], color=color, lw=2)
-            ax.plot([c.mean_diff], [yi], "o", color=color, ms=6)
-            ax.annotate(f"Holm p {_p(c.p_holm)}", (1.0, yi), xycoords=("axes fraction", "data"),
-                        xytext=(4, 0), textcoords="offset points", va="center", fontsize=7)
-        ax.axvline(0, color="0.5", lw=1, ls=":")
-        ax.set_yticks(y, [f"vs {c.b} (n={c.n})" for c in comps], fontsize=8)
-        ax.set_xlabel(f"{an.reference} minus rule, {metric}")
-        ax.set_title(_METRIC_NAMES.get(metric, metric), fontsize=10)
-        ax.grid(alpha=0.3, axis="x")
-    fig.suptitle(f"Paired differences, mean and {an.confidence:.0%} t interval over seeds", fontsize=11)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    panels = [{"title": _METRIC_NAMES.get(metric, metric), "xlabel": f"{an.reference} minus rule, {metric}",
+               "rows": [{"label": f"vs {c.b} (n={c.n})", "mean": c.mean_diff, "lo": c.ci_lo, "hi": c.ci_hi,
+                         "note": f"Holm p {_p(c.p_holm)}"} for c in ctab.by_metric(metric)]}
+              for metric in metrics]
+    return plots_mpl.save_png(plots_mpl.fig_effects(panels, confidence=an.confidence), path, dpi=120)
 
 
 _SHORT_UPDATES = {"all": "all updates", "first": "first updates only", "after_first": "updates after the first"}

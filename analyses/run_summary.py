@@ -1,0 +1,111 @@
+"""Per-run facts from what a run logged, without recomputing any rule: the summary row of the Runs page, the
+token count per step (and the recent window of steps that pages recompute by default), and tables of the
+trainer's own per-step scalars (reward and accuracy curves, the logged prefix-budget table of CPPO Fig. 7).
+
+Each function takes a ``cppo_diag.storage`` run (``open_run``) or, for the scalar tables, its ``steps()``
+frame; the app caches them per run version (``app.data``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import polars as pl
+
+REWARD_KEYS = ("reward/mean", "reward", "train/reward", "rewards/mean")  # first one logged wins
+CURVE_PREFIXES = ("reward", "accuracy", "acc", "eval/")  # scalars drawn as reward / accuracy curves
+CURVE_NAMES = ("correct/mean",)
+
+
+def format_params(params: dict | None) -> str:
+    """``k=v, ...`` in key order ('' when there are none): a run's rule parameters in one cell."""
+    if not params:
+        return ""
+    return ", ".join(f"{k}={v}" for k, v in sorted(params.items()))
+
+
+def last_reward(steps: pl.DataFrame) -> float | None:
+    """The last finite value of the first of ``REWARD_KEYS`` that the per-step scalars hold (None: none)."""
+    for key in REWARD_KEYS:
+        if key in steps.columns:
+            vals = steps.select(pl.col(key).drop_nulls().drop_nans()).to_series()
+            if len(vals):
+                return float(vals[-1])
+    return None
+
+
+def run_summary(run) -> dict[str, Any]:
+    """One row of the Runs page: name, trainer, rule and its parameters, model, task, completed steps, token
+    rows, last reward and status ("live" while a writer appends, else meta.json's status or "finished")."""
+    meta = dict(run.meta or {})
+    return {
+        "name": str(meta.get("name") or run.name),
+        "trainer": meta.get("trainer"),
+        "rule": meta.get("rule"),
+        "rule_params": format_params(meta.get("rule_params")),
+        "model": meta.get("model"),
+        "task": meta.get("task"),
+        "steps": len(run.completed_steps()),
+        "tokens": int(run.tokens().select(pl.len()).collect().item()),
+        "last_reward": last_reward(run.steps()),
+        "status": "live" if run.is_live else str(meta.get("status") or "finished"),
+    }
+
+
+def tokens_per_step(run) -> dict[int, int]:
+    """step -> number of token rows (one streaming scan of the ``step`` column)."""
+    df = run.tokens().group_by("step").agg(n=pl.len()).collect(engine="streaming")
+    return {int(s): int(n) for s, n in df.iter_rows()}
+
+
+def token_steps(run) -> list[int]:
+    """The steps that have token rows (complete or not), ascending."""
+    s = run.tokens().select(pl.col("step").unique().sort()).collect()
+    return [int(v) for v in s["step"]]
+
+
+def max_position(run) -> int:
+    """The largest token position of the run (0 without tokens)."""
+    v = run.tokens().select(max=pl.col("pos").max()).collect().item()
+    return int(v) if v is not None else 0
+
+
+def tokens_in_range(counts: dict[int, int], step_range: tuple[int, int] | None) -> int:
+    """Token rows of the steps in ``step_range`` (inclusive; None: every step) from ``tokens_per_step``."""
+    lo, hi = step_range if step_range is not None else (None, None)
+    return sum(v for s, v in counts.items() if (lo is None or s >= lo) and (hi is None or s <= hi))
+
+
+def recent_window(counts: dict[int, int], max_tokens: int) -> tuple[int, int] | None:
+    """The latest steps whose tokens add up to at most ``max_tokens`` (at least one step; None without
+    steps): the default window of the pages that recompute rules, so their first answer comes fast."""
+    if not counts:
+        return None
+    steps = sorted(counts)
+    total, lo = 0, steps[-1]
+    for s in reversed(steps):
+        if total + counts[s] > max_tokens and total > 0:
+            break
+        total += counts[s]
+        lo = s
+    return (lo, steps[-1])
+
+
+def reward_curves(steps: pl.DataFrame) -> pl.DataFrame | None:
+    """``step`` and the reward / accuracy scalars of a run's per-step table (names starting with
+    ``CURVE_PREFIXES`` or in ``CURVE_NAMES``); None when it logged none."""
+    if not steps.height:
+        return None
+    keep = [c for c in steps.columns if c == "step" or c.startswith(CURVE_PREFIXES) or c in CURVE_NAMES]
+    return steps.select(keep) if len(keep) > 1 else None
+
+
+def logged_budget_by_step(steps: pl.DataFrame, rule: str | None) -> pl.DataFrame | None:
+    """CPPO Fig. 7 as the trainer logged it for every step: step, ``delta_b_mean`` (scalar
+    ``<rule>/delta_b_mean``) and ``budget_share`` (``mask/<rule>/budget_share``), rows with both values only.
+    None unless ``rule`` is of the CPPO family and both scalars were logged."""
+    rule = rule or ""
+    share_col, db_col = f"mask/{rule}/budget_share", f"{rule}/delta_b_mean"
+    if not rule.startswith("cppo") or not {share_col, db_col} <= set(steps.columns):
+        return None
+    return steps.select("step", pl.col(db_col).alias("delta_b_mean"), pl.col(share_col).alias("budget_share")).drop_nulls()
