@@ -17,7 +17,7 @@ torch.set_num_threads(1)
 
 def _record_rule_calls(monkeypatch) -> list[dict]:
     """Wrap the trainer's ``compute_mask``: keep a CPU copy of every call's inputs and keep/reason."""
-    import cppo_diag.train.trainer as trainer
+    import cppo_diag.train.phases as trainer  # the update phase calls the rule
 
     calls: list[dict] = []
 
