@@ -34,10 +34,10 @@ def test_either_branch_at_a_fork_is_right_and_the_rule_continues_from_the_digit_
     bad = next(d for d in range(10) if d not in (v, other))
     slip = a[:first_fork] + str(bad) + a[first_fork + 1:]
     assert t.score(p, slip) == (pytest.approx(first_fork / 64), False)
-    assert valid_prefix(seed, slip, 64, 0.8) == first_fork
+    assert valid_prefix(seed, slip, 64, 0.8)[0] == first_fork
     # the other branch at the fork without continuing from it: wrong one digit later
     swapped = a[:first_fork] + str(other) + a[first_fork + 1:]
-    assert valid_prefix(seed, swapped, 64, 0.8) == first_fork + 1
+    assert valid_prefix(seed, swapped, 64, 0.8)[0] == first_fork + 1
     # too long dilutes, as without forks
     assert t.score(p, a + "1")[0] == pytest.approx(64 / 65)
     assert ChainTask(min_len=64, max_len=64, forks=0.8, eval_size=4, eval_seed=1, reward="exact").score(p, slip) == (0.0, False)

@@ -48,6 +48,8 @@ class TaskConfig:
     digits: int = F(1, "arithmetic: digits per number (fib: terms are mod 10**digits, zero-padded)")
     forks: float = F(0.0, "chain: fork density at the last digit (0 = none); at a fork two digits are right, the "
                           "density rising linearly along the answer (the long preset: 0.5)")
+    detour_credit: float = F(1.0, "chain with forks: partial-reward credit of a digit that takes a fork's detour "
+                                  "(value + 5) instead of the rule's value (1 = no preference)")
     path: str = F("", "dataset: .jsonl or .parquet file of rows with a prompt and an answer")
     prompt_field: str = F("prompt", "dataset: prompt column (a string or a chat list)")
     answer_field: str = F("answer", "dataset: reference answer column, compared with the last \\boxed{} after normalisation")

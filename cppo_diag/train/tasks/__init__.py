@@ -23,7 +23,7 @@ def build_task(cfg) -> Task:
                               reward=cfg.reward, eval_size=cfg.eval_size, eval_seed=cfg.eval_seed)
     if cfg.kind == "chain":
         return ChainTask(min_len=cfg.min_terms, max_len=cfg.max_terms, reward=cfg.reward, eval_size=cfg.eval_size,
-                         eval_seed=cfg.eval_seed, forks=cfg.forks)
+                         eval_seed=cfg.eval_seed, forks=cfg.forks, detour_credit=cfg.detour_credit)
     if cfg.kind == "dataset":
         if not cfg.path:
             raise ValueError("task.path: expected a .jsonl or .parquet file for task.kind='dataset', found ''")

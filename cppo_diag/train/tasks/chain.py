@@ -56,25 +56,30 @@ def fork_positions(n: int, forks: float) -> frozenset[int]:
     return frozenset(t - 1 for t in range(1, n + 1) if count[t] > count[t - 1])
 
 
-def valid_prefix(seed: list[int], digits: str, n: int, forks: float) -> int:
-    """Length of the longest prefix of ``digits`` that follows the chain from ``seed`` (at a fork either of the
-    two right digits continues it, and the rule goes on from the digit written)."""
+def valid_prefix(seed: list[int], digits: str, n: int, forks: float) -> tuple[int, int]:
+    """(length of the longest prefix of ``digits`` that follows the chain from ``seed``, how many of its fork
+    digits took the detour): at a fork either the rule's value or the detour (value + 5) continues the chain,
+    and the rule goes on from the digit written."""
     xs = list(seed)
     m = len(seed)
     at = fork_positions(n, forks)
+    detours = 0
     for t, ch in enumerate(digits[:n]):
         if not ch.isdigit():
-            return t
+            return t, detours
         v, d = (xs[-1] + 1 + xs[-m] % 2) % 10, int(ch)
-        if d != v and not (t in at and d == (v + 5) % 10):
-            return t
+        if d != v:
+            if not (t in at and d == (v + 5) % 10):
+                return t, detours
+            detours += 1
         xs.append(d)
-    return min(len(digits), n)
+    return min(len(digits), n), detours
 
 
 class ChainTask:
     def __init__(self, *, min_len: int = 128, max_len: int = 192, reward: str = "partial", eval_size: int = 128,
-                 eval_seed: int = 12345, seed_len: int = SEED_LEN, forks: float = 0.0):
+                 eval_seed: int = 12345, seed_len: int = SEED_LEN, forks: float = 0.0,
+                 detour_credit: float = 1.0):
         if reward not in ("exact", "partial"):
             raise ValueError(f"task.reward: expected 'exact' or 'partial', found {reward!r}")
         if not 1 <= min_len <= max_len <= 999:
@@ -83,7 +88,10 @@ class ChainTask:
         if not 0.0 <= forks <= 1.0:
             raise ValueError(f"task.forks (chain: fork density at the last digit): expected a number in [0, 1], "
                              f"found {forks}")
-        self.seed_len, self.forks = seed_len, float(forks)
+        if not 0.0 <= detour_credit <= 1.0:
+            raise ValueError(f"task.detour_credit (chain: partial credit of a fork's detour digit): expected a "
+                             f"number in [0, 1], found {detour_credit}")
+        self.seed_len, self.forks, self.detour_credit = seed_len, float(forks), float(detour_credit)
         self.domain_size = (10**seed_len - 1) * ((max_len - min_len) // LEN_STEP + 1)
         self.min_len, self.max_len, self.reward = min_len, max_len, reward
         self.name = "chain"
@@ -116,19 +124,21 @@ class ChainTask:
 
     def score(self, problem: Problem, completion: str) -> tuple[float, bool]:
         got, want = completion.strip(), problem.answer
-        if got == want:
-            return 1.0, True
-        if self.forks:  # any branch at the forks is right: check the rule along the completion itself
-            seed = [int(c) for c in problem.prompt.split(";")[0]]
-            prefix = valid_prefix(seed, got, len(want), self.forks)
-            if prefix == len(want) == len(got):
+        if not self.forks:
+            if got == want:
                 return 1.0, True
-        else:
             prefix = 0
             for g, w in zip(got, want):
                 if g != w:
                     break
                 prefix += 1
+            return (0.0 if self.reward == "exact" else prefix / max(len(want), len(got))), False
+        # with forks any branch is right: check the rule along the completion itself; a detour digit at a fork
+        # earns ``detour_credit`` of a digit in the partial reward (the verifier's preference between two right
+        # answers), so RL has a reason to move the forks' probabilities
+        seed = [int(c) for c in problem.prompt.split(";")[0]]
+        prefix, detours = valid_prefix(seed, got, len(want), self.forks)
+        exact = prefix == len(want) == len(got)
         if self.reward == "exact":
-            return 0.0, False
-        return prefix / max(len(want), len(got)), False
+            return float(exact), exact
+        return (prefix - (1.0 - self.detour_credit) * detours) / max(len(want), len(got)), exact
