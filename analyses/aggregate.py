@@ -53,6 +53,8 @@ import polars as pl
 from analyses.position import BOUNDED_METRICS, DEFAULT_THRESHOLDS, _bin_exprs, _rows_to_long
 from analyses.tokens import LOGRATIO_CLAMP
 from analyses.updates import check_updates
+from cppo_diag.masks.away import direction_array
+from cppo_diag.masks.reasons import Reason
 
 X_MIN_EXP = -40  # |D| < 2^-40 counts as 0
 X_MAX_EXP = 40  # |D| >= 2^40 goes to the top bucket
@@ -203,7 +205,7 @@ class Partial:
 
     When the shards logged the trainer's mask (``keep_applied``, ``reason_applied``), ``mask`` holds dense
     counts over g: ``n`` (tokens with a logged mask), ``masked``, ``budget`` (reason "budget") and ``away``
-    (A (rho - 1) > 0, SPEC away test, in float32 as the rule library evaluates it); ``mask_steps`` the same
+    (A (rho - 1) > 0, SPEC away test, by the rule library on the float32 columns); ``mask_steps`` the same
     ``n``, ``masked``, ``budget`` over step * 2 + update class. Empty when no mask was logged.
     """
 
@@ -404,13 +406,11 @@ def _frame_columns(df: pl.DataFrame, spec: AggSpec) -> dict[str, np.ndarray]:
     if "keep_applied" in df.columns:
         keep = df["keep_applied"]
         reason = df["reason_applied"] if "reason_applied" in df.columns else pl.Series([None] * df.height, dtype=pl.UInt8)
-        # SPEC away test A (rho - 1) > 0 in float32, evaluated as analyses.compare always has (a tiny log-ratio
-        # gives rho == 1; numpy's and polars' float32 exp differ in the last bit there)
-        lp, lr = pl.col("logp").cast(pl.Float32), pl.col("logp_rollout").cast(pl.Float32)
-        away = df.select(pl.col("advantage").cast(pl.Float32) * ((lp - lr).clip(-20.0, 20.0).exp() - 1.0) > 0)
+        # SPEC away test A (rho - 1) > 0, by the rule library on the float32 columns (as the rules evaluate it)
+        away = direction_array(cols["advantage"], cols["logp"], cols["logp_rollout"]) > 0
         cols["keep_applied"] = (keep.is_not_null().to_numpy(), (~keep).fill_null(False).to_numpy(),
-                                (reason == 2).fill_null(False).to_numpy(), reason.is_not_null().to_numpy(),
-                                away.to_series().fill_null(False).to_numpy())
+                                (reason == Reason.BUDGET).fill_null(False).to_numpy(), reason.is_not_null().to_numpy(),
+                                away)
         cols["step"] = df["step"].to_numpy()
     return cols
 
