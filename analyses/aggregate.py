@@ -55,6 +55,7 @@ from analyses.tokens import LOGRATIO_CLAMP
 from analyses.updates import check_updates
 from cppo_diag.masks.away import direction_array
 from cppo_diag.masks.reasons import Reason
+from cppo_diag.masks.schedule import threshold_schedule
 
 X_MIN_EXP = -40  # |D| < 2^-40 counts as 0
 X_MAX_EXP = 40  # |D| >= 2^40 goes to the top bucket
@@ -93,9 +94,15 @@ class AggSpec:
     n_rel_bins: int = 20
     mantissa_bits: int = 6
     delta: float | None = None  # threshold overlay delta / w_t (needs each response's length)
-    w_min: float = 0.8
+    w_min: float | None = None  # w_min of the overlay; None: the cppo rule's default (unused without delta)
 
     def __post_init__(self):
+        if self.delta is None:
+            object.__setattr__(self, "w_min", None)  # irrelevant without an overlay: one cache key
+        elif self.w_min is None:
+            from cppo_diag.masks import rule_defaults
+
+            object.__setattr__(self, "w_min", rule_defaults("cppo")["w_min"])
         unknown = [m for m in self.metrics if m not in SKETCH_METRICS]
         if unknown or not self.metrics:
             raise ValueError(f"metrics: expected names from {list(SKETCH_METRICS)}, found {list(self.metrics)}")
@@ -333,9 +340,8 @@ class _Accumulator:
         if nan_adv.any():
             g[nan_adv] += 4
         if spec.delta is not None:
-            t = pos + 1.0
-            wt = 1.0 - (1.0 - spec.w_min) * (t - 1.0) / np.maximum(cols["_T"] - 1.0, 1.0)
-            self.thr = _grow_add(self.thr, np.bincount(g, weights=spec.delta / wt))
+            thr = threshold_schedule(pos, delta=spec.delta, w_min=spec.w_min, length=cols["_T"])  # delta / w_t (Eq. 9)
+            self.thr = _grow_add(self.thr, np.bincount(g, weights=thr))
         lp, lr = cols["logp"], cols["logp_rollout"]
         if "keep_applied" in cols:
             self._add_mask(cols, g)
@@ -974,7 +980,7 @@ def position_summary(
     updates: str | None = "all",
     thresholds: Sequence[float] = DEFAULT_THRESHOLDS,
     delta: float | None = None,
-    w_min: float = 0.8,
+    w_min: float | None = None,
     hill_min_k: int = 5,
     relative_accuracy: float = 0.01,
     exact: bool = False,
