@@ -114,9 +114,10 @@ Report and synthetic data
 
 from __future__ import annotations
 
-import importlib
 import sys
 import types
+
+from cppo_diag._lazy import lazy_attributes
 
 _LAZY = {
     "load_tokens": "analyses.tokens",
@@ -156,19 +157,7 @@ _LAZY = {
 }
 
 __all__ = sorted(_LAZY)
-
-
-def __getattr__(name: str):
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'analyses' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__():
-    return sorted(list(globals()) + list(_LAZY))
+__getattr__, __dir__ = lazy_attributes(__name__, _LAZY)
 
 
 # ``analyses.recompute`` is both a submodule and the public function it defines. Importing the submodule

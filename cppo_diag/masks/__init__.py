@@ -22,7 +22,7 @@ Names are imported on first use, so ``cppo_diag.masks.away``, ``schedule`` and `
 
 from __future__ import annotations
 
-import importlib
+from cppo_diag._lazy import lazy_attributes
 
 _EXPORTS = {
     "compute_mask": "compute",
@@ -60,16 +60,4 @@ _EXPORTS = {
 }
 
 __all__ = list(_EXPORTS)
-
-
-def __getattr__(name: str):
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'cppo_diag.masks' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"cppo_diag.masks.{module}"), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_attributes(__name__, {name: f"{__name__}.{m}" for name, m in _EXPORTS.items()})
