@@ -19,12 +19,12 @@ Loading and per-token quantities (``analyses.tokens``)
 Divergence by position, paper Fig. 2 (``analyses.position``)
     position_stats(source, *, metrics=("tv", "abs_logratio", "k3"), bin_width=64, relative=False,
                    n_rel_bins=20, step_range=None, adv_sign=None, updates="all", thresholds=(0.05, 0.1, 0.2, 0.5),
-                   delta=None, w_min=0.8, hill_min_k=5, progress=False) -> pl.DataFrame
+                   delta=None, w_min=None, hill_min_k=5, progress=False) -> pl.DataFrame
         one row per (metric, bin): bin, bin_start, bin_end, count, mean, p50, p90, p99 (linear interpolation,
         the one p90 estimator of cppo-diag), top10_mean, surv_<x> = P(D > x), hill_alpha, hill_k (null for the
         bounded |pi - mu|) [, threshold_mean = mean of delta / w_t when delta given]; a frame pooling several
         runs keys responses by its "run" column
-    threshold_schedule(positions, *, delta, w_min, length) -> np.ndarray     delta / w_t (SPEC CPPO step 1)
+    threshold_schedule(positions, *, delta, w_min, length) -> np.ndarray     delta / w_t (CPPO Eq. 9; cppo_diag.masks)
     position_stats_lazy(lf, *, metric_exprs, ...) -> pl.LazyFrame   the same statistics as one lazy group_by
         (wide: one row per bin, "metric|stat" columns; holds every value - for small frames)
     position_summary(source, *, ..., exact=False, engine="local", workers=None, ray_address=None, cache=True)
@@ -125,9 +125,10 @@ Report and synthetic data
 
 from __future__ import annotations
 
-import importlib
 import sys
 import types
+
+from cppo_diag._lazy import lazy_attributes
 
 _LAZY = {
     "load_tokens": "analyses.tokens",
@@ -167,19 +168,7 @@ _LAZY = {
 }
 
 __all__ = sorted(_LAZY)
-
-
-def __getattr__(name: str):
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'analyses' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__():
-    return sorted(list(globals()) + list(_LAZY))
+__getattr__, __dir__ = lazy_attributes(__name__, _LAZY)
 
 
 # ``analyses.recompute`` is both a submodule and the public function it defines. Importing the submodule

@@ -53,6 +53,9 @@ import polars as pl
 from analyses.position import BOUNDED_METRICS, DEFAULT_THRESHOLDS, _bin_exprs, _rows_to_long
 from analyses.tokens import LOGRATIO_CLAMP
 from analyses.updates import check_updates
+from cppo_diag.masks.away import direction_array
+from cppo_diag.masks.reasons import Reason
+from cppo_diag.masks.schedule import threshold_schedule
 
 X_MIN_EXP = -40  # |D| < 2^-40 counts as 0
 X_MAX_EXP = 40  # |D| >= 2^40 goes to the top bucket
@@ -91,9 +94,15 @@ class AggSpec:
     n_rel_bins: int = 20
     mantissa_bits: int = 6
     delta: float | None = None  # threshold overlay delta / w_t (needs each response's length)
-    w_min: float = 0.8
+    w_min: float | None = None  # w_min of the overlay; None: the cppo rule's default (unused without delta)
 
     def __post_init__(self):
+        if self.delta is None:
+            object.__setattr__(self, "w_min", None)  # irrelevant without an overlay: one cache key
+        elif self.w_min is None:
+            from cppo_diag.masks import rule_defaults
+
+            object.__setattr__(self, "w_min", rule_defaults("cppo")["w_min"])
         unknown = [m for m in self.metrics if m not in SKETCH_METRICS]
         if unknown or not self.metrics:
             raise ValueError(f"metrics: expected names from {list(SKETCH_METRICS)}, found {list(self.metrics)}")
@@ -203,7 +212,7 @@ class Partial:
 
     When the shards logged the trainer's mask (``keep_applied``, ``reason_applied``), ``mask`` holds dense
     counts over g: ``n`` (tokens with a logged mask), ``masked``, ``budget`` (reason "budget") and ``away``
-    (A (rho - 1) > 0, SPEC away test, in float32 as the rule library evaluates it); ``mask_steps`` the same
+    (A (rho - 1) > 0, SPEC away test, by the rule library on the float32 columns); ``mask_steps`` the same
     ``n``, ``masked``, ``budget`` over step * 2 + update class. Empty when no mask was logged.
     """
 
@@ -331,9 +340,8 @@ class _Accumulator:
         if nan_adv.any():
             g[nan_adv] += 4
         if spec.delta is not None:
-            t = pos + 1.0
-            wt = 1.0 - (1.0 - spec.w_min) * (t - 1.0) / np.maximum(cols["_T"] - 1.0, 1.0)
-            self.thr = _grow_add(self.thr, np.bincount(g, weights=spec.delta / wt))
+            thr = threshold_schedule(pos, delta=spec.delta, w_min=spec.w_min, length=cols["_T"])  # delta / w_t (Eq. 9)
+            self.thr = _grow_add(self.thr, np.bincount(g, weights=thr))
         lp, lr = cols["logp"], cols["logp_rollout"]
         if "keep_applied" in cols:
             self._add_mask(cols, g)
@@ -404,13 +412,11 @@ def _frame_columns(df: pl.DataFrame, spec: AggSpec) -> dict[str, np.ndarray]:
     if "keep_applied" in df.columns:
         keep = df["keep_applied"]
         reason = df["reason_applied"] if "reason_applied" in df.columns else pl.Series([None] * df.height, dtype=pl.UInt8)
-        # SPEC away test A (rho - 1) > 0 in float32, evaluated as analyses.compare always has (a tiny log-ratio
-        # gives rho == 1; numpy's and polars' float32 exp differ in the last bit there)
-        lp, lr = pl.col("logp").cast(pl.Float32), pl.col("logp_rollout").cast(pl.Float32)
-        away = df.select(pl.col("advantage").cast(pl.Float32) * ((lp - lr).clip(-20.0, 20.0).exp() - 1.0) > 0)
+        # SPEC away test A (rho - 1) > 0, by the rule library on the float32 columns (as the rules evaluate it)
+        away = direction_array(cols["advantage"], cols["logp"], cols["logp_rollout"]) > 0
         cols["keep_applied"] = (keep.is_not_null().to_numpy(), (~keep).fill_null(False).to_numpy(),
-                                (reason == 2).fill_null(False).to_numpy(), reason.is_not_null().to_numpy(),
-                                away.to_series().fill_null(False).to_numpy())
+                                (reason == Reason.BUDGET).fill_null(False).to_numpy(), reason.is_not_null().to_numpy(),
+                                away)
         cols["step"] = df["step"].to_numpy()
     return cols
 
@@ -974,7 +980,7 @@ def position_summary(
     updates: str | None = "all",
     thresholds: Sequence[float] = DEFAULT_THRESHOLDS,
     delta: float | None = None,
-    w_min: float = 0.8,
+    w_min: float | None = None,
     hill_min_k: int = 5,
     relative_accuracy: float = 0.01,
     exact: bool = False,

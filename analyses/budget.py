@@ -28,9 +28,11 @@ from typing import Any
 import numpy as np
 import polars as pl
 
-from analyses.recompute import Batch, _PosCounter, away_mask, recompute
+from analyses.recompute import Batch, _PosCounter, recompute
 from analyses.tokens import run_meta
 from analyses.updates import resolve_updates, select_updates
+from cppo_diag.masks.away import away_test, ratio
+from cppo_diag.masks.reasons import Reason
 
 CPPO_RULES = ("cppo", "cppo_no_weight", "cppo_shuffled", "cppo_soft", "cppo_no_budget")
 _BY_STEP_SCHEMA = {"step": pl.Int64, "n_valid": pl.Int64, "n_masked": pl.Int64, "n_budget": pl.Int64,
@@ -84,7 +86,7 @@ class _BudgetAcc:
         z = _internal(res, "Z", self.rule)  # (B, T)
         delta_b = _internal(res, "delta_b", self.rule).reshape(-1)  # (B,)
         rows = m.any(axis=1)
-        budget = (reason == 2) & m
+        budget = (reason == Reason.BUDGET) & m
         lengths = m.sum(axis=1)
         has = budget.any(axis=1)
         first = np.where(has, batch.positions[np.arange(m.shape[0]), np.argmax(budget, axis=1)], -1)
@@ -101,8 +103,8 @@ class _BudgetAcc:
         pos = batch.positions[m]
         bins = pos // self.slack.bin_width
         cv, zv = c[m].astype(np.float64), z[m].astype(np.float64)
-        anchor_logp = batch.logp_old if self.anchor == "old" and batch.logp_old is not None else None
-        away = away_mask(batch, anchor_logp).numpy()[m]
+        anchor_logp = batch.logp_old if self.anchor == "old" and batch.logp_old is not None else batch.logp_rollout
+        away = away_test(batch.advantages, ratio(batch.logp, anchor_logp), batch.response_mask).numpy()[m]
         self.slack.add("count", bins)
         self.slack.add("c_sum", bins, cv)
         self.slack.add("n_negative", bins, (cv < 0).astype(np.float64))

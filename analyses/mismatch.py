@@ -15,7 +15,7 @@ from typing import Any, Sequence
 import polars as pl
 
 from analyses.position import DEFAULT_THRESHOLDS, aggregate_positions, length_parts
-from analyses.tokens import LOGRATIO_CLAMP, filter_tokens, load_tokens, require_columns
+from analyses.tokens import LOGRATIO_CLAMP, direction_expr, filter_tokens, load_tokens, require_columns
 from analyses.updates import filter_updates
 
 MISMATCH_METRICS = ("mismatch_tv", "mismatch_abs_logratio")
@@ -97,7 +97,8 @@ def _family_tokens(source: Any, *, pair: str, updates: str | None, step_range, a
     lf = filter_updates(filter_tokens(lf, step_range=step_range, adv_sign=adv_sign), updates or "all")
     lf = lf.filter(pl.col(x).is_not_null() & pl.col("logp_rollout").is_not_null())
     lr = (pl.col(x).cast(pl.Float64) - pl.col("logp_rollout").cast(pl.Float64)).clip(-LOGRATIO_CLAMP, LOGRATIO_CLAMP)
-    cols = [lr.alias("_lr"), pl.col("advantage").cast(pl.Float64).alias("_adv")]
+    cols = [lr.alias("_lr"), pl.col("advantage").cast(pl.Float64).alias("_adv"),
+            direction_expr(x, "logp_rollout").alias("_dir")]
     has_keep = "keep_applied" in lf.collect_schema().names()
     cols.append((~pl.col("keep_applied")).alias("_masked") if has_keep else pl.lit(None, pl.Boolean).alias("_masked"))
     return lf.with_columns(cols)
@@ -106,7 +107,7 @@ def _family_tokens(source: Any, *, pair: str, updates: str | None, step_range, a
 def _token_aggs(is_high: Sequence[float], is_low: Sequence[float]) -> list[pl.Expr]:
     lr = pl.col("_lr")
     rho = lr.exp()
-    adv_dir = pl.col("_adv") * lr  # same sign as A (rho - 1): > 0 moves away from mu, < 0 back toward it
+    adv_dir = pl.col("_dir")  # sign of A (rho - 1): > 0 moves away from mu, < 0 back toward it (rule library)
     masked = pl.col("_masked").cast(pl.Float64)
     return [
         pl.len().alias("n_tokens"),
@@ -144,7 +145,8 @@ def mismatch_metrics(
     pi_old): ``n_tokens``, ``kl_k1`` = mean(-lr), ``kl_k2`` = mean(lr^2 / 2), ``kl_k3`` = mean(rho - 1 - lr)
     (Schulman's estimators of KL(mu || x)), ``chi2_token`` = mean(rho^2) - 1, ``ess_token`` =
     (sum rho)^2 / (n sum rho^2), ``is_frac_gt_<x>`` / ``is_frac_lt_<x>`` = P(rho > x) / P(rho < x),
-    ``toward_mu_frac`` = P(A lr < 0), ``away_frac`` = P(A lr > 0) (SPEC's away test), ``masked_frac`` and
+    ``toward_mu_frac`` = P(A (rho - 1) < 0), ``away_frac`` = P(A (rho - 1) > 0) (SPEC's away test, evaluated by
+    the rule library on the float32 columns as the rules evaluate it), ``masked_frac`` and
     ``masked_frac_pos_adv`` / ``masked_frac_neg_adv`` (from ``keep_applied``; null when not logged). By step
     also the sequence-level ones, a sequence being one (step, update, rank, seq_id) with L = sum_t lr_t:
     ``n_seqs``, ``chi2_seq`` = mean(exp(2 clamp(L, -20, 20))) - 1, ``ess_seq`` over w = exp(clamp(L, -20, 20)),

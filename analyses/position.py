@@ -18,7 +18,8 @@ over the n tokens D_1..D_n that fall in the bin:
   log-ratio metrics only.
 * ``threshold_mean`` (only when ``delta`` is given): mean over the bin's tokens of CPPO's per-token
   threshold on D, delta / w_t, w_t = 1 - (1 - w_min)(t - 1) / max(T - 1, 1) with t = pos + 1 and T the
-  response's valid length (SPEC CPPO step 1, "sequence" mode): the paper's Fig. 2 overlay.
+  response's valid length (CPPO Eq. 9, "sequence" mode; ``cppo_diag.masks.threshold_schedule``): the paper's
+  Fig. 2 overlay. ``w_min`` None means the cppo rule's default.
 
 Updates: ``updates="all" | "first" | "after_first"`` pools every logged update, only the first of each
 batch (pi = mu there) or only the later ones (``analyses.updates``); lengths T are taken per response, so the
@@ -42,6 +43,7 @@ import polars as pl
 
 from analyses.tokens import divergence_exprs, filter_tokens, load_tokens, require_columns
 from analyses.updates import filter_updates, resolve_updates
+from cppo_diag.masks.schedule import threshold_schedule  # noqa: F401  (re-exported: analyses.threshold_schedule)
 from cppo_diag.storage.schema import SEQUENCE_KEY
 
 RUN_KEY = "run"  # column that tells runs apart in a frame pooling several runs (see with_lengths)
@@ -65,11 +67,15 @@ def surv_name(x: float) -> str:
     return f"surv_{x:g}"
 
 
-def threshold_schedule(positions, *, delta: float, w_min: float, length: int) -> np.ndarray:
-    """delta / w_t for 0-based ``positions`` of a response of valid length ``length`` (SPEC CPPO step 1)."""
-    t = np.asarray(positions, dtype=np.float64) + 1.0
-    w = 1.0 - (1.0 - w_min) * (t - 1.0) / max(length - 1, 1)
-    return delta / w
+def _threshold_expr(delta: float, w_min: float | None) -> pl.Expr:
+    """delta / w_t per token (CPPO Eq. 9 with t = pos + 1 and T = ``_T``), by the rule library's schedule;
+    ``w_min`` None: the cppo rule's default."""
+    if w_min is None:
+        from cppo_diag.masks import rule_defaults
+
+        w_min = rule_defaults("cppo")["w_min"]
+    return threshold_schedule(pl.col("pos").cast(pl.Float64), delta=delta, w_min=w_min,
+                              length=pl.col("_T").cast(pl.Float64))
 
 
 def _bin_exprs(relative: bool, bin_width: int, n_rel_bins: int) -> tuple[pl.Expr, pl.Expr, pl.Expr]:
@@ -117,7 +123,7 @@ def position_stats_lazy(
     n_rel_bins: int = 20,
     thresholds: Sequence[float] = DEFAULT_THRESHOLDS,
     delta: float | None = None,
-    w_min: float = 0.8,
+    w_min: float | None = None,
     hill_min_k: int = 5,
 ) -> pl.LazyFrame:
     """The same statistics as one lazy polars ``group_by`` (one row per bin, ``metric|stat`` columns).
@@ -131,9 +137,7 @@ def position_stats_lazy(
     b, _, _ = _bin_exprs(relative, bin_width, n_rel_bins)
     cols = [b.alias("bin"), *(e.cast(pl.Float64).alias(n) for n, e in metric_exprs.items())]
     if delta is not None:
-        t = pl.col("pos").cast(pl.Float64) + 1.0
-        w = 1.0 - (1.0 - w_min) * (t - 1.0) / (pl.col("_T") - 1.0).clip(lower_bound=1.0)
-        cols.append((delta / w).alias("_thr"))
+        cols.append(_threshold_expr(delta, w_min).alias("_thr"))
     lf = lf.select(cols)
     aggs = []
     for name in metric_exprs:
@@ -177,7 +181,7 @@ def position_stats(
     updates: str | None = "all",
     thresholds: Sequence[float] = DEFAULT_THRESHOLDS,
     delta: float | None = None,
-    w_min: float = 0.8,
+    w_min: float | None = None,
     hill_min_k: int = 5,
     engine: str = "streaming",
     progress: bool = False,
@@ -488,7 +492,7 @@ def _unpack(packed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def aggregate_positions(
     lf: pl.LazyFrame, metric_exprs: dict[str, pl.Expr], *, bin_width: int = 64, relative: bool = False,
     n_rel_bins: int = 20, thresholds: Sequence[float] = DEFAULT_THRESHOLDS, delta: float | None = None,
-    w_min: float = 0.8, hill_min_k: int = 5, engine: str = "streaming", chunk_rows: int = CHUNK_ROWS,
+    w_min: float | None = None, hill_min_k: int = 5, engine: str = "streaming", chunk_rows: int = CHUNK_ROWS,
     progress: bool = False, parts: list[pl.LazyFrame] | None = None, pilot_rows: int = PILOT_ROWS,
 ) -> pl.DataFrame:
     """Exact per-bin statistics with bounded memory, reshaped to the long table of :func:`position_stats`
@@ -518,9 +522,7 @@ def aggregate_positions(
     b, _, _ = _bin_exprs(relative, bin_width, n_rel_bins)
     cols = [b.alias("bin"), *(_flush_tiny(e).cast(pl.Float32).alias(n) for n, e in metric_exprs.items())]
     if delta is not None:
-        t = pl.col("pos").cast(pl.Float64) + 1.0
-        w = 1.0 - (1.0 - w_min) * (t - 1.0) / (pl.col("_T") - 1.0).clip(lower_bound=1.0)
-        cols.append((delta / w).alias("_thr"))
+        cols.append(_threshold_expr(delta, w_min).alias("_thr"))
     # composite key per metric, computed in the (multi-threaded) engine; NaN / null values get a key beyond
     # +-_KEY_INF (counted in the bin's token count, dropped from the metric's statistics)
     ck_exprs = [(pl.col("bin") * _KEY_SPAN + _KEY_OFFSET

@@ -21,6 +21,8 @@ import polars as pl
 import torch
 
 from analyses.tokens import _open_run, _scan_step_files, _step_files, load_tokens, require_columns, run_meta, step_lazyframes  # noqa: F401
+from cppo_diag.masks.away import away_test, ratio
+from cppo_diag.masks.reasons import Reason
 from cppo_diag.storage import layout
 from cppo_diag.storage.batches import BATCH_COLUMNS, Batch, batches_from_frame
 
@@ -109,14 +111,6 @@ def run_rule(batch: Batch, rule: str, params: dict | None = None, *, anchor: str
         anchor=anchor, seq_ids=torch.from_numpy(np.asarray(batch.seq_ids, dtype=np.int64)), step=int(batch.step),
         **kwargs,
     )
-
-
-def away_mask(batch: Batch, anchor_logp: torch.Tensor | None = None) -> torch.Tensor:
-    """(B, T) bool: SPEC away test A_t * (rho_t - 1) > 0, rho = exp(clamp(log pi - log anchor, -20, 20)),
-    in float32 as the rule library computes it."""
-    anchor_logp = batch.logp_rollout if anchor_logp is None else anchor_logp
-    rho = torch.exp((batch.logp - anchor_logp).clamp(-20.0, 20.0))
-    return (batch.advantages * (rho - 1.0) > 0) & batch.response_mask
 
 
 @dataclass
@@ -214,22 +208,23 @@ class _Accumulator:
         masked = ~keep
         adv = batch.unpad(batch.advantages)
         anchor_logp = batch.logp_old if anchor == "old" and batch.logp_old is not None else batch.logp_rollout
-        away = batch.unpad(away_mask(batch, anchor_logp))
+        away = batch.unpad(away_test(batch.advantages, ratio(batch.logp, anchor_logp), batch.response_mask))
+        budget = reason == Reason.BUDGET
         n, n_m = keep.shape[0], int(masked.sum())
         row = {
             "step": batch.step, "update": batch.update, "rank": batch.rank, "n_valid": n, "n_masked": n_m,
-            "n_token": int((reason == 1).sum()), "n_budget": int((reason == 2).sum()),
-            "n_sequence": int((reason == 3).sum()), "n_away": int(away.sum()), "n_seqs": int((batch.seq_ids >= 0).sum()),
+            **{f"n_{r.name.lower()}": int((reason == r).sum()) for r in Reason if r != Reason.KEPT},
+            "n_away": int(away.sum()), "n_seqs": int((batch.seq_ids >= 0).sum()),
         }
         for s, sel in (("pos", adv > 0), ("neg", adv < 0), ("zero", adv == 0)):
-            self.sign_counts[s] += (sel.sum(), (masked & sel).sum(), ((reason == 2) & sel).sum())
+            self.sign_counts[s] += (sel.sum(), (masked & sel).sum(), (budget & sel).sum())
             row[f"n_valid_{s}_adv"] = int(sel.sum())
             row[f"n_masked_{s}_adv"] = int((masked & sel).sum())
         pc = self.pos_counter
         bins = position_bins(batch, bin_width=self.bin_width, relative=pc.relative, n_rel_bins=pc.n_rel_bins)
         self.pos_counter.add("n_valid", bins)
         self.pos_counter.add("n_masked", bins, masked.astype(np.float64))
-        self.pos_counter.add("n_budget", bins, (reason == 2).astype(np.float64))
+        self.pos_counter.add("n_budget", bins, budget.astype(np.float64))
         self.pos_counter.add("n_away", bins, away.astype(np.float64))
         if batch.keep_applied is not None:
             applied = batch.unpad(batch.keep_applied)

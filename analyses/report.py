@@ -125,7 +125,10 @@ def write_report(
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    from cppo_diag.masks import rule_defaults
+
     params = dict(params or {})
+    cppo_defaults = rule_defaults("cppo")  # the Fig. 2 overlay's delta and w_min unless set
     for src in sources:  # a compared rule that a run applied, without --param: the parameters it recorded
         meta = run_meta(src)
         if meta.get("rule") in rules and meta["rule"] not in params and meta.get("rule_params"):
@@ -180,7 +183,8 @@ def write_report(
               f"anchor <code>{html.escape(str(meta.get('anchor', 'rollout')))}</code>.")
         doc.p(f"Updates: <b>{html.escape(UPDATE_LABELS[upd])}</b>. {html.escape(updates_note(upd))}", "note")
         cp = _cppo_params(meta, params)
-        delta, w_min = float(cp.get("delta", 0.15)), float(cp.get("w_min", 0.8))
+        cp = {**cppo_defaults, **{k: v for k, v in cp.items() if v is not None}}
+        delta, w_min = float(cp["delta"]), float(cp["w_min"])
         pos = position_summary(src, bin_width=bin_width, step_range=step_range, delta=delta, w_min=w_min,
                              updates=upd, progress=progress)
         if pos.is_empty():

@@ -14,9 +14,8 @@ from typing import Any, Iterable
 
 import polars as pl
 
+from cppo_diag.masks.away import LOG_RATIO_CLAMP as LOGRATIO_CLAMP  # SPEC: rho = exp(clamp(log pi - log mu, -20, 20))
 from cppo_diag.storage import schema
-
-LOGRATIO_CLAMP = 20.0  # SPEC: rho = exp(clamp(log pi - log mu, -20, 20))
 
 
 class MissingColumnError(KeyError):
@@ -220,10 +219,22 @@ def divergence_exprs() -> dict[str, pl.Expr]:
     }
 
 
+def direction_expr(logp: str = "logp", logp_anchor: str = "logp_rollout", advantage: str = "advantage") -> pl.Expr:
+    """Int8 sign of A * (rho - 1) per token: 1 away from the anchor (SPEC's away test), -1 back toward it, 0
+    neither. Evaluated by the rule library (``cppo_diag.masks.away.direction_array``) on the float32
+    columns, exactly as the rules evaluate it; a null input gives 0."""
+    def fn(cols: list[pl.Series]) -> pl.Series:
+        from cppo_diag.masks.away import direction_array
+
+        return pl.Series(direction_array(*(c.cast(pl.Float32).fill_null(float("nan")).to_numpy() for c in cols)))
+
+    return pl.map_batches([advantage, logp, logp_anchor], fn, return_dtype=pl.Int8, is_elementwise=True)
+
+
 def with_divergences(lf: pl.LazyFrame) -> pl.LazyFrame:
-    """Add tv, k1, abs_logratio, k3 and ``away`` (A * (rho - 1) > 0, i.e. A * k1 > 0) columns."""
-    exprs = divergence_exprs()
+    """Add tv, k1, abs_logratio, k3 and ``away`` (SPEC's away test A * (rho - 1) > 0, by the rule library:
+    :func:`direction_expr`) columns."""
     return lf.with_columns(
-        *(e.alias(n) for n, e in exprs.items()),
-        away=(pl.col("advantage") * exprs["k1"]) > 0,
+        *(e.alias(n) for n, e in divergence_exprs().items()),
+        away=direction_expr() > 0,
     )

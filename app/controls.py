@@ -12,6 +12,7 @@ import streamlit as st
 
 from analyses.binning import BIN_WIDTHS, auto_bin_width
 from app import data
+from cppo_diag.masks.reasons import REASON_LABELS  # noqa: F401  (the pages' legend of reason codes)
 
 STATISTICS = {
     "mean": "mean",
@@ -22,7 +23,6 @@ STATISTICS = {
 }
 ADV_SIGNS = {"all": "all tokens", "pos": "A > 0", "neg": "A < 0"}
 SURVIVAL_XS = (0.01, 0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0)  # x of the survival statistic P(D > x)
-REASON_LABELS = {0: "kept", 1: "token threshold", 2: "prefix budget", 3: "sequence"}
 
 # Parameters the What-if and recompute widgets expose (name -> (min, max, step)).
 PARAM_RANGES = {
@@ -114,17 +114,19 @@ def applied_rule(path: str) -> str | None:
 
 
 def rule_defaults(path: str, rule: str = "cppo") -> dict[str, Any]:
-    """The rule's registered defaults, overridden by the run's rule_params when the run applied that rule."""
-    params: dict[str, Any] = {}
-    spec = rule_specs().get(rule)
-    if spec is not None:
-        params.update(dict(spec.params))
+    """The rule's registered defaults (``cppo_diag.masks.rule_defaults``), overridden by the run's
+    rule_params when the run applied that rule (a CPPO variant counts for "cppo"). The CPPO parameters the
+    pages' overlays need (delta, w_min, delta_b) fall back to cppo's defaults where still None."""
+    from cppo_diag.masks import rule_defaults as registered
+
+    params: dict[str, Any] = dict(registered(rule)) if rule in rule_specs() else {}
     meta = data.get_run(path).meta or {}
     if meta.get("rule") == rule or (rule == "cppo" and str(meta.get("rule", "")).startswith("cppo")):
         params.update(meta.get("rule_params") or {})
-    for name, value in (("delta", 0.15), ("w_min", 0.8), ("delta_b", 0.02)):  # SPEC defaults (dense models)
+    cppo = registered("cppo")
+    for name in ("delta", "w_min", "delta_b"):
         if params.get(name) is None:
-            params[name] = value
+            params[name] = cppo[name]
     return params
 
 

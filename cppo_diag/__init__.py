@@ -9,7 +9,7 @@ Public entry points (imported lazily so that ``import cppo_diag`` stays cheap):
 
 from __future__ import annotations
 
-import importlib
+from cppo_diag._lazy import lazy_attributes
 
 __version__ = "0.1.0"
 
@@ -24,12 +24,4 @@ _LAZY = {
 }
 
 __all__ = sorted(_LAZY) + ["__version__"]
-
-
-def __getattr__(name: str):
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'cppo_diag' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
+__getattr__, __dir__ = lazy_attributes(__name__, _LAZY)

@@ -17,7 +17,7 @@ import torch
 
 from cppo_diag.masks.shuffle import shuffle_permutation
 
-KEPT, TOKEN, BUDGET, SEQUENCE = 0, 1, 2, 3
+from cppo_diag.masks.reasons import BUDGET, KEPT, SEQUENCE, TOKEN  # noqa: E402
 
 DEFAULTS = {
     "pg_is": {},

@@ -13,6 +13,7 @@ from analyses.aggregate import (AggSpec, Partial, aggregate_files, aggregate_run
                                 stats_table)
 from analyses.position import position_stats
 from analyses.synthetic import write_synthetic_run
+from cppo_diag.masks.reasons import Reason
 from cppo_diag.storage import layout
 
 STATS = ("mean", "p50", "p90", "p99", "top10_mean", "threshold_mean")
@@ -242,7 +243,7 @@ def _reference_applied(lf: pl.LazyFrame, bin_width: int) -> tuple[dict, pl.DataF
     lp, lr = pl.col("logp").cast(pl.Float32), pl.col("logp_rollout").cast(pl.Float32)
     rho = (lp - lr).clip(-20.0, 20.0).exp()
     base = lf.select("step", (pl.col("pos") // bin_width).alias("bin"), (~pl.col("keep_applied")).cast(pl.Int64).alias("m"),
-                     (pl.col("reason_applied") == 2).cast(pl.Int64).alias("b"),
+                     (pl.col("reason_applied") == Reason.BUDGET).cast(pl.Int64).alias("b"),
                      (pl.col("advantage").cast(pl.Float32) * (rho - 1.0) > 0).cast(pl.Int64).alias("away"),
                      (pl.col("advantage") > 0).alias("ap"), (pl.col("advantage") < 0).alias("an")).collect()
     tot = base.select(n=pl.len(), m=pl.col("m").sum(), b=pl.col("b").sum(), away=pl.col("away").sum(),

@@ -5,9 +5,11 @@ import math
 import numpy as np
 import polars as pl
 import pytest
+import torch
 
 from analyses.mismatch import IS_HIGH, IS_LOW, is_gt_name, is_lt_name, mismatch_metrics
 from analyses.tokens import MissingColumnError
+from cppo_diag.masks import compute_mask
 
 
 def _frame(seed=0, n_steps=3, seqs=5, updates=2, with_old=True, with_keep=True):
@@ -36,12 +38,21 @@ def _frame(seed=0, n_steps=3, seqs=5, updates=2, with_old=True, with_keep=True):
     return df
 
 
-def _np_token(lr, adv, masked):
+def _direction32(part, x_col):
+    """sign of A (rho - 1) as the rules evaluate it: float32 columns, rho = exp(clamp(log x - log mu, -20, 20))."""
+    def t(c):
+        return torch.from_numpy(part[c].to_numpy().astype(np.float32))
+
+    rho = torch.exp(torch.clamp(t(x_col) - t("logp_rollout"), -20.0, 20.0))
+    return torch.sign(t("advantage") * (rho - 1.0)).numpy()
+
+
+def _np_token(lr, adv, masked, direction):
     rho = np.exp(lr)
     out = {
         "n_tokens": lr.size, "kl_k1": np.mean(-lr), "kl_k2": np.mean(lr ** 2 / 2), "kl_k3": np.mean(rho - 1 - lr),
         "chi2_token": np.mean(rho ** 2) - 1, "ess_token": rho.sum() ** 2 / (lr.size * np.sum(rho ** 2)),
-        "toward_mu_frac": np.mean(adv * (rho - 1) < 0), "away_frac": np.mean(adv * (rho - 1) > 0),
+        "toward_mu_frac": np.mean(direction < 0), "away_frac": np.mean(direction > 0),
     }
     for x in IS_HIGH:
         out[is_gt_name(x)] = np.mean(rho > x)
@@ -97,7 +108,7 @@ def test_by_step_matches_numpy(updates, pair):
         adv = part["advantage"].to_numpy().astype(np.float64)
         masked = ~part["keep_applied"].to_numpy()
         row = out.filter(pl.col("step") == step).to_dicts()[0]
-        _check(row, _np_token(lr, adv, masked))
+        _check(row, _np_token(lr, adv, masked, _direction32(part, "logp" if pair == "pi" else "logp_old")))
         _check(row, _np_seq(part, lr))
 
 
@@ -115,7 +126,8 @@ def test_by_position_matches_numpy(bin_width):
                      -20, 20)
         row = out.filter(pl.col("bin") == b).to_dicts()[0]
         assert row["bin_start"] == b * bin_width and row["bin_end"] == (b + 1) * bin_width
-        _check(row, _np_token(lr, part["advantage"].to_numpy().astype(np.float64), ~part["keep_applied"].to_numpy()))
+        _check(row, _np_token(lr, part["advantage"].to_numpy().astype(np.float64), ~part["keep_applied"].to_numpy(),
+                              _direction32(part, "logp")))
 
 
 def test_first_update_is_near_zero_and_after_first_is_not():
@@ -140,6 +152,24 @@ def test_clamp_and_extreme_ratios():
     assert row["masked_frac"] is None  # keep_applied not logged
     assert row["toward_mu_frac"] == pytest.approx(0.0) and row["away_frac"] == pytest.approx(1.0)
     assert math.isfinite(row["ess_token"])
+
+
+def test_away_frac_is_the_rules_away_test_at_tiny_log_ratios():
+    """A log-ratio of one float32 ulp makes rho round to exactly 1: the rules call such a token neither away
+    nor toward mu, and so does the metric family (a float64 A * log-ratio test called it away / toward)."""
+    lq = np.array([-0.01, -0.01, -0.5, -0.5], dtype=np.float32)  # one ulp of 0.01 is ~1e-9
+    lp = np.array([np.nextafter(lq[0], np.float32(0)), np.nextafter(lq[1], np.float32(-1)), -0.3, -0.7],
+                  dtype=np.float32)
+    adv = np.array([1.0, 1.0, 1.0, 1.0], dtype=np.float32)
+    df = pl.DataFrame({"step": [0] * 4, "seq_id": [0] * 4, "pos": [0, 1, 2, 3], "logp": lp, "logp_rollout": lq,
+                       "advantage": adv}, schema_overrides={"pos": pl.Int32})
+    row = mismatch_metrics(df).to_dicts()[0]
+    res = compute_mask("dppo", logp=torch.from_numpy(lp)[None], logp_rollout=torch.from_numpy(lq)[None],
+                       advantages=torch.from_numpy(adv)[None], return_internals=True)
+    away = res.internals["away"][0].tolist()
+    assert away == [False, False, True, False]
+    assert np.all(lp.astype(np.float64) != lq.astype(np.float64))  # a float64 test sees a direction everywhere
+    assert row["away_frac"] == pytest.approx(0.25) and row["toward_mu_frac"] == pytest.approx(0.25)
 
 
 def test_errors_name_the_field():

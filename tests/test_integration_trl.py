@@ -20,6 +20,7 @@ tokenizers = pytest.importorskip("tokenizers")
 
 from cppo_diag import open_run  # noqa: E402
 from cppo_diag.integrations.trl import CppoDiagConfig, CppoDiagGRPOTrainer  # noqa: E402
+from cppo_diag.masks.reasons import Reason  # noqa: E402
 
 CHARS = list("0123456789+= ")
 
@@ -156,7 +157,7 @@ def test_grpo_trainer_trains_with_cppo_rule(tmp_path):
     assert (~tok["keep_applied"]).sum() > 0  # the rule bites on the second pass over each batch
     # masked tokens carry a reason (token threshold or prefix budget), kept ones 0
     assert set(tok.filter(~pl.col("keep_applied"))["reason_applied"].unique().to_list()) <= {1, 2}
-    assert tok.filter(pl.col("keep_applied"))["reason_applied"].unique().to_list() == [0]
+    assert tok.filter(pl.col("keep_applied"))["reason_applied"].unique().to_list() == [Reason.KEPT]
     # offline recompute from the recorded columns reproduces the mask the trainer applied
     for (step, update), part in tok.group_by(["step", "update"], maintain_order=True):
         ids = part["seq_id"].unique().sort().to_list()

@@ -28,7 +28,7 @@ from cppo_diag.masks import (
     list_rules,
     shuffle_permutation,
 )
-from cppo_diag.storage.schema import REASONS
+from cppo_diag.masks.reasons import BUDGET, KEPT, Reason
 
 F64 = torch.float64
 
@@ -89,11 +89,6 @@ def test_unknown_parameter_raises_naming_it():
         compute_mask("cppo", logp=lp, logp_rollout=lr, advantages=adv, delta_bmin=0.02)
 
 
-def test_reason_codes_match_schema():
-    from cppo_diag.masks import REASON_CODES
-
-    assert {v: k for k, v in REASON_CODES.items()} == REASONS
-
 
 # ---------------------------------------------------------------- truth tables -------------------------------------
 
@@ -136,7 +131,7 @@ def test_threshold_equality_is_kept(rule):
     d = float(torch.exp(lp) - torch.exp(lr))
     assert not bool(run(rule, lp, lr, adv, delta=d).masked[0, 0])
     res = run(rule, lp, lr, adv, delta=math.nextafter(d, 0.0))
-    assert bool(res.masked[0, 0]) and int(res.reason[0, 0]) == 1
+    assert bool(res.masked[0, 0]) and int(res.reason[0, 0]) == Reason.TOKEN
 
 
 @pytest.mark.parametrize("rule", ["dppo", "cppo", "cppo_no_weight", "cppo_no_budget", "cppo_shuffled"])
@@ -180,7 +175,7 @@ def test_cppo_hand_computed_budget_mask():
          min(0.15, 0.15 + 0.02 * 3 - d[0] - d[1] - d[2])]
     keep = [d[i] <= c[i] for i in range(4)]
     assert res.keep[0].tolist() == keep == [True, True, False, False]
-    assert res.reason[0].tolist() == [0, 0, 2, 2]
+    assert res.reason[0].tolist() == [KEPT, KEPT, BUDGET, BUDGET]
     torch.testing.assert_close(res.internals["c"][0], t64(c), rtol=0, atol=1e-15)
     assert res.metrics["mask/cppo/budget_share"] == 1.0
     # Every valid token adds to S, masked ones included: c_4 counts the masked third token (else c_4 = 0.06).
@@ -196,7 +191,7 @@ def test_cppo_negative_slack_masks_every_away_token():
     assert float(c[2]) < 0 and float(c[3]) < 0
     # token 3 moves away (tiny D) -> masked by the budget; token 4 moves back toward mu -> kept
     assert res.keep[0].tolist() == [True, True, False, True]
-    assert res.reason[0].tolist() == [0, 0, 2, 0]
+    assert res.reason[0].tolist() == [KEPT, KEPT, BUDGET, KEPT]
 
 
 def test_cppo_weights_sequence_and_horizon():

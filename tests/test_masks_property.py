@@ -12,6 +12,8 @@ from hypothesis import strategies as st
 
 from reference_loop import ALL_MASK_RULES, assert_matches_reference
 
+from cppo_diag.masks.reasons import BUDGET, KEPT
+
 NICE_PROBS = [0.01, 0.1, 0.25, 0.5, 0.64, 0.75, 0.9, 0.99, 1.0]
 SETTINGS = settings(max_examples=150, deadline=None, derandomize=True,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
@@ -114,4 +116,4 @@ def test_adversarial_cppo_zero_slack_chain():
     res = assert_matches_reference("cppo", lp, lr, adv, mask, delta=0.25, w_min=1.0, delta_b=0.0,
                                    delta_b_mode="fixed")
     assert res.keep[0].tolist() == [True, True, False, False, False, False]  # c_2 = 0.125 == Z_2: kept
-    assert res.reason[0].tolist() == [0, 0, 2, 2, 2, 2]
+    assert res.reason[0].tolist() == [KEPT, KEPT, BUDGET, BUDGET, BUDGET, BUDGET]

@@ -569,8 +569,7 @@ def test_study_presets_resolve_against_the_trainer(preset):
     from cppo_diag.train.config import PRESETS as TRAIN_PRESETS
 
     study = load_study(preset)
-    if study.trainer_preset not in TRAIN_PRESETS:
-        pytest.skip(f"trainer preset {study.trainer_preset!r} is not on this branch yet (issue 10)")
+    assert study.trainer_preset in TRAIN_PRESETS
     cfg = _resolve_trainer_config(study)
     assert cfg.steps == study.steps
     if preset in ("ci-tiny", "long"):
@@ -591,11 +590,11 @@ def test_long_study_preset():
         study.analysis.primary, study.analysis.final_window, study.analysis.accuracy)
 
 
-def test_ci_tiny_overrides_shrink_the_long_trainer_preset():
-    """Once the trainer's `long` preset exists, ci-tiny's overrides must apply to it (switch its preset then)."""
-    from cppo_diag.train.config import PRESETS as TRAIN_PRESETS
-
-    if "long" not in TRAIN_PRESETS:
-        pytest.skip("trainer preset 'long' is not on this branch yet (issue 10)")
-    cfg = _resolve_trainer_config(load_study("ci-tiny"), preset="long")
+def test_ci_tiny_is_the_long_trainer_preset_shrunk():
+    """ci-tiny runs the `long` preset itself (chain with forks, stale bf16 rollouts), shrunk by its overrides."""
+    study = load_study("ci-tiny")
+    assert study.trainer_preset == "long"
+    cfg = _resolve_trainer_config(study)
     assert cfg.steps == 4 and cfg.rollout.prompts_per_step * cfg.rollout.n <= 16
+    assert (cfg.task.kind, cfg.task.max_terms, cfg.rollout.staleness, cfg.rollout.precision) == ("chain", 32, 2, "bf16")
+    assert cfg.rollout.max_new_tokens == cfg.task.max_terms + 1 and cfg.task.forks > 0

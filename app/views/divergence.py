@@ -45,7 +45,7 @@ table = data.analysis(  # mergeable partial aggregates, cached beside the run (a
     "position_summary", path, workers=1, metrics=(kind,), bin_width=int(bin_width), relative=relative,
     n_rel_bins=int(n_rel_bins),
     step_range=step_range, adv_sign=adv, thresholds=controls.SURVIVAL_XS, updates=updates,
-    delta=1.0 if overlay else None, w_min=float(w_min) if overlay else 0.8,
+    delta=1.0 if overlay else None, w_min=float(w_min) if overlay else None,
 )
 if overlay and "threshold_mean" in table.columns:
     table = table.with_columns(pl.col("threshold_mean") * float(delta))

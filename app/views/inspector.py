@@ -13,6 +13,7 @@ import streamlit as st
 from analyses import plots_plotly as pp
 from analyses import responses
 from app import controls, data, ui
+from cppo_diag.masks.reasons import Reason
 
 st.title("Token inspector")
 path = ui.focus_run()
@@ -79,12 +80,12 @@ if internals.height:
 # -- text ----------------------------------------------------------------------------------------------------
 texts = responses.token_texts(seq, seq_table, row["seq_id"])
 scale = responses.divergence_scale(frame)
-REASON_STYLE = {1: "border-bottom:3px solid #d62728;", 2: "border-bottom:3px dashed #ff7f0e;",
-                3: "outline:1px solid #7f7f7f;"}
+REASON_STYLE = {Reason.TOKEN: "border-bottom:3px solid #d62728;", Reason.BUDGET: "border-bottom:3px dashed #ff7f0e;",
+                Reason.SEQUENCE: "outline:1px solid #7f7f7f;"}
 spans = []
 for r in seq.iter_rows(named=True):
     a = min(float(r["tv"]) / scale, 1.0)
-    reason = int(r["m_reason"] or 0) if r["m_keep"] is not None and not r["m_keep"] else 0
+    reason = int(r["m_reason"] or Reason.KEPT) if r["m_keep"] is not None and not r["m_keep"] else int(Reason.KEPT)
     title = (f"pos {r['pos']} | π {np.exp(r['logp']):.4f} | μ {np.exp(r['logp_rollout']):.4f} | "
              f"|π−μ| {r['tv']:.4f} | A {r['advantage']:.3f}")
     for name, lab in (("w", "w_t"), ("Z", "Z_t"), ("c", "c_t"), ("S", "S_t")):
@@ -97,8 +98,9 @@ for r in seq.iter_rows(named=True):
                                css_class=f"tok r{reason}",
                                style=f"background:rgba(31,119,180,{a:.2f});{REASON_STYLE.get(reason, '')}"))
 legend = ('<div class="legend">background: |π − μ| (full colour at the step\'s p99 = '
-          f'{scale:.3g}) · <span style="{REASON_STYLE[1]}">token threshold</span> · '
-          f'<span style="{REASON_STYLE[2]}">prefix budget</span> · hover a token for its values</div>')
+          f'{scale:.3g}) · <span style="{REASON_STYLE[Reason.TOKEN]}">{controls.REASON_LABELS[Reason.TOKEN]}</span> · '
+          f'<span style="{REASON_STYLE[Reason.BUDGET]}">{controls.REASON_LABELS[Reason.BUDGET]}</span> · '
+          'hover a token for its values</div>')
 st.html(
     "<style>.tokens{font-family:monospace;white-space:pre-wrap;line-height:1.9;font-size:0.95rem}"
     ".tokens{overflow-wrap:anywhere;word-break:break-all}.tok{padding:1px 0;border-radius:2px}.legend{font-size:0.8rem;color:#666;margin:4px 0}</style>"

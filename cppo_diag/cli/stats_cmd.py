@@ -55,7 +55,8 @@ def add_arguments(parser) -> None:
                         help="survival thresholds P(D > X), repeatable (default 0.05 0.1 0.2 0.5)")
     parser.add_argument("--delta", type=float, default=None,
                         help="add threshold_mean = bin mean of CPPO's delta / w_t (with --w-min)")
-    parser.add_argument("--w-min", type=float, default=0.8, help="w_min for --delta (default 0.8)")
+    parser.add_argument("--w-min", type=float, default=None,
+                        help="w_min for --delta (default: the cppo rule's default)")
     parser.add_argument("--mismatch", action="store_true", help="train/rollout mismatch |pi_old - mu| instead")
     add_steps_argument(parser)
     add_updates_argument(parser)

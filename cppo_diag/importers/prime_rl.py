@@ -57,6 +57,7 @@ from pathlib import Path
 
 import numpy as np
 
+from cppo_diag.masks.reasons import Reason
 from cppo_diag.importers.common import (
     ImportedSequence,
     ImportFormatError,
@@ -326,7 +327,7 @@ def token_export_sequences(rec: dict, where: str, counts: dict) -> list[Imported
         valid=valid[a:b], logp=cols["trainer_logprobs"][a:b], logp_rollout=cols["inference_logprobs"][a:b],
         advantage=np.nan_to_num(cols["advantages"][a:b]), token_ids=ids[a:b], entropy=entropy,
         keep_applied=None if masked is None else ~masked[a:b],
-        reason_applied=None if masked is None else masked[a:b].astype(np.uint8),  # 1 = token (schema.REASONS)
+        reason_applied=None if masked is None else np.where(masked[a:b], Reason.TOKEN, Reason.KEPT).astype(np.uint8),
         reward=reward, seq_id=None if seq_id is None else int(seq_id),
     )]
 

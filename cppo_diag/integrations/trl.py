@@ -94,6 +94,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without TRL
 
 from cppo_diag.capture import NullRecorder, RunRecorder
 from cppo_diag.integrations.names import clip_ratio_scalars
+from cppo_diag.masks.reasons import Reason
 
 logger = logging.getLogger(__name__)
 
@@ -499,17 +500,23 @@ class CppoDiagGRPOMixin:
             return None
         if getattr(self, "importance_sampling_level", "token") != "token":
             return None
+        from cppo_diag.masks import compute_mask, ratio
+
         old = inputs.get("old_per_token_logps")
         old = logp if old is None else old
+        mask = _response_mask(inputs)  # (B, T)
         with torch.no_grad():
-            ratio = torch.exp(logp - old)  # (B, T)
-            adv = inputs["advantages"]
-            adv = adv.unsqueeze(1) if adv.dim() == 1 else adv  # (B, 1) or (B, T)
-            clipped = ((ratio < 1 - self.epsilon_low) & (adv < 0)) | ((ratio > 1 + self.epsilon_high) & (adv > 0))
+            # TRL's clip is grpo_clip anchored to pi_old (check_finite=False: capture never stops training)
+            res = compute_mask("grpo_clip", logp=logp, logp_rollout=old, advantages=inputs["advantages"],
+                               response_mask=mask, eps_low=float(self.epsilon_low), eps_high=float(self.epsilon_high),
+                               check_finite=False)
+            keep = res.keep | ~mask  # (B, T); padding counts as kept, as TRL's own mask
             delta = getattr(self.args, "delta", None)
             if delta is not None:  # two-sided clipping: the ratio is clamped at delta on the unclipped branch
-                clipped = clipped | ((ratio > delta) & (adv < 0))
-        return ~clipped
+                adv = inputs["advantages"]
+                adv = adv.unsqueeze(1) if adv.dim() == 1 else adv  # (B, 1) or (B, T)
+                keep &= ~((ratio(logp.float(), old.float()) > delta) & (adv < 0))
+        return keep
 
     def _cd_next_ids(self, batch: int):
         """(step, seq_ids (B,)) that the next ``_cd_record`` call will log, without advancing the counter."""
@@ -535,7 +542,7 @@ class CppoDiagGRPOMixin:
             logp_old = logp  # TRL's pi_old when it skips that pass (pi_old == pi): what its clip ratio used
         reason_applied = reason
         if reason is None and keep is not None:
-            reason_applied = torch.where(keep, 0, 1).to(torch.uint8)  # TRL's clip is a token threshold
+            reason_applied = torch.where(keep, Reason.KEPT, Reason.TOKEN).to(torch.uint8)  # TRL's clip: a token threshold
         rec.log_tokens(
             step=step, update=update, seq_ids=seq_ids, logp=logp, logp_rollout=logp_rollout, logp_old=logp_old,
             advantages=inputs["advantages"], response_mask=mask, token_ids=completion_ids, entropy=entropy,

@@ -21,6 +21,7 @@ from typing import Any, Mapping
 
 import torch
 
+from cppo_diag.masks.away import away_test, log_ratio
 
 __all__ = ["TopK", "RuleInput", "build_input", "InputError"]
 
@@ -187,10 +188,8 @@ class RuleInput:
     @cached_property
     def log_ratio(self) -> torch.Tensor:
         """(B, T) clamp(log pi - log mu, -20, 20)."""
-        diff = self.__dict__.pop("_diff", None)  # left by the finiteness check: reuse its buffer
-        if diff is None:
-            diff = self.logp - self.logp_anchor
-        return diff.clamp_(-20.0, 20.0)
+        # the finiteness check leaves logp - logp_anchor behind: clamp that buffer instead of a new one
+        return log_ratio(self.logp, self.logp_anchor, diff=self.__dict__.pop("_diff", None))
 
     @cached_property
     def rho(self) -> torch.Tensor:
@@ -199,15 +198,11 @@ class RuleInput:
 
     @cached_property
     def away(self) -> torch.Tensor:
-        """(B, T) bool, valid tokens with A_t * (rho_t - 1) > 0 (SPEC "Away test")."""
+        """(B, T) bool, valid tokens with A_t * (rho_t - 1) > 0 (SPEC "Away test", ``away.away_test``)."""
         if "rho" in self.__dict__:
-            t = self.rho - 1.0  # (B, T)
-        else:  # rho not cached: compute it into the buffer that becomes rho - 1 (rho is recomputed if asked for)
-            t = torch.exp(self.log_ratio).sub_(1.0)
-        t.mul_(self.advantages)
-        away = t > 0
-        away &= self.valid
-        return away
+            return away_test(self.advantages, self.rho, self.valid)
+        # rho not cached: a fresh exp buffer becomes rho - 1 (rho is recomputed if asked for)
+        return away_test(self.advantages, torch.exp(self.log_ratio), self.valid, overwrite=True)
 
     @cached_property
     def p(self) -> torch.Tensor:

@@ -7,7 +7,7 @@ import torch
 from cppo_diag.masks.layout import RuleInput
 from cppo_diag.masks.quantile import masked_row_quantile
 from cppo_diag.masks.reduce import masked_count, masked_fraction, masked_max, masked_mean, safe_div
-from cppo_diag.masks.result import BUDGET, TOKEN
+from cppo_diag.masks.reasons import BUDGET, TOKEN
 
 __all__ = ["mask_metrics", "divergence_metrics", "DIV_SHORT"]
 

@@ -13,7 +13,7 @@ import inspect
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-__all__ = ["RuleSpec", "PARAMETERS", "register_rule", "get_rule", "list_rules", "UnknownRuleError", "RuleProfile",
+__all__ = ["RuleSpec", "PARAMETERS", "register_rule", "get_rule", "list_rules", "rule_defaults", "UnknownRuleError", "RuleProfile",
            "register_profile", "get_profile", "list_profiles", "profile_params", "UnknownProfileError"]
 
 # Every parameter any rule may take, with its meaning (SPEC.md names; defaults live in each rule's signature).
@@ -115,6 +115,12 @@ def list_rules() -> list[RuleSpec]:
     """All registered rules, in registration order."""
     _ensure_loaded()
     return list(_REGISTRY.values())
+
+
+def rule_defaults(name: str) -> dict[str, Any]:
+    """A fresh dict of the rule's parameters and their defaults, read from its signature (the one place they
+    are written). None means "resolved by the rule" (e.g. dppo's delta, by divergence: ``describe_default``)."""
+    return dict(get_rule(name).params)
 
 
 # -- named parameter sets ("profiles") ------------------------------------------------------------------------

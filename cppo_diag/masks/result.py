@@ -9,11 +9,7 @@ import torch
 
 from cppo_diag.masks.layout import RuleInput
 
-__all__ = ["MaskResult", "RuleOutput", "REASON_CODES", "KEPT", "TOKEN", "BUDGET", "SEQUENCE"]
-
-# Same codes as cppo_diag.storage.schema.REASONS.
-KEPT, TOKEN, BUDGET, SEQUENCE = 0, 1, 2, 3
-REASON_CODES = {"kept": KEPT, "token": TOKEN, "budget": BUDGET, "sequence": SEQUENCE}
+__all__ = ["MaskResult", "RuleOutput"]
 
 
 @dataclass
@@ -21,7 +17,7 @@ class RuleOutput:
     """What a registered rule function returns, on the canonical (B, T) batch.
 
     keep      (B, T) bool, False on padding
-    reason    (B, T) uint8 REASONS code, 0 on kept tokens and padding
+    reason    (B, T) uint8 ``Reason`` code (``cppo_diag.masks.reasons``), KEPT on kept tokens and padding
     weight    (B, T) float or None: per-token multiplier for the loss (soft gate, IS weight)
     metrics   callable returning {name: 0-d tensor}; evaluated lazily on first access of ``.metrics``
     internals {name: tensor} on the (B, T) batch ((B,) for per-sequence values)
@@ -43,7 +39,7 @@ class MaskResult:
     """Result of ``compute_mask`` in the caller's layout ((B, T) padded or (N,) packed).
 
     keep       bool, same shape as logp; padding is False and is NOT masked (masked = valid & ~keep)
-    reason     uint8, same shape; codes of ``cppo_diag.storage.schema.REASONS`` (0 on kept and padding)
+    reason     uint8, same shape; ``Reason`` codes (``cppo_diag.masks.reasons``; KEPT on kept and padding)
     valid      bool, same shape; the response mask the rule used
     weight     float tensor or None: extra per-token loss multiplier (cppo_soft gate, cispo IS weight)
     metrics    dict[str, float], slash-namespaced; computed on first access (one host sync), then cached

@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import polars as pl
 
+from cppo_diag.masks.reasons import REASON_NAMES
+
 SCHEMA_VERSION = 1
 
 # -- directory layout -------------------------------------------------------------------------------
@@ -32,8 +34,8 @@ SEQUENCES_DIR = "sequences"  # sequences/step=000012/rank0-000.parquet
 SCALARS_DIR = "scalars"  # scalars/rank0.jsonl  (one JSON object per line: {"step": .., name: value})
 DONE_DIR = "_done"  # _done/step=000012.rank0   (marker: every shard of that step/rank is complete)
 
-# Codes for ``reason_applied`` / recomputed reasons (uint8). Names match cppo_diag.masks reasons.
-REASONS = {0: "kept", 1: "token", 2: "budget", 3: "sequence"}
+# Codes for ``reason_applied`` / recomputed reasons (uint8): code -> name, defined by the rule library.
+REASONS = REASON_NAMES
 
 # -- per-token table ----------------------------------------------------------------------------------
 REQUIRED_TOKEN_COLUMNS: dict[str, pl.DataType] = {

@@ -19,7 +19,7 @@ Per-seed metrics (one value per run):
   is right-censored at its last evaluation (``followup``). The table gives a Kaplan-Meier restricted mean
   up to the common horizon, so the seeds that never reach the threshold count.
 * ``masked_frac``: masked / valid tokens (``keep_applied``).
-* ``budget_share``: budget-masked / masked (``reason_applied == 2``), NaN when nothing was masked.
+* ``budget_share``: budget-masked / masked (``reason_applied == Reason.BUDGET``), NaN when nothing was masked.
 * ``mean_tv``: mean |pi - mu| over the logged tokens.
 
 The token metrics and the Fig. 2 / Fig. 7 diagnostics pool the updates ``analyses.updates.default_updates``
@@ -45,6 +45,7 @@ import numpy as np
 import polars as pl
 
 from cppo_diag import metric_names as M
+from cppo_diag.masks.reasons import Reason
 from cppo_diag.study.config import AnalysisConfig
 from cppo_diag.study.runner import read_manifest
 from cppo_diag.study.stats import (
@@ -80,8 +81,6 @@ __all__ = [
 
 METRICS = ("initial_acc", "final_acc", "last_acc", "best_acc", "steps_to_threshold", "masked_frac", "budget_share",
            "mean_tv")
-REASON_BUDGET = 2  # cppo_diag.storage.schema.REASONS
-CPPO_DEFAULTS = {"delta": 0.15, "w_min": 0.8}  # SPEC.md CPPO defaults, for the Fig. 2 overlay
 BUDGET_RULES = ("cppo", "cppo_no_weight")  # rules whose mask has a prefix budget (Fig. 7 of their own run)
 
 # Paper Table 1 (best AIME24/25/26 Avg@16 mean), quoted for context only (SPEC.md).
@@ -136,7 +135,7 @@ def token_summary(source, updates: str | None = None) -> dict[str, Any]:
     if "keep_applied" in cols:
         aggs.append((~pl.col("keep_applied")).sum().alias("n_masked"))
     if "reason_applied" in cols:
-        aggs.append((pl.col("reason_applied") == REASON_BUDGET).sum().alias("n_budget"))
+        aggs.append((pl.col("reason_applied") == Reason.BUDGET).sum().alias("n_budget"))
     row = lf.select(aggs).collect().row(0, named=True)
     n = row["n_tokens"] or 0
     n_masked = row.get("n_masked")
@@ -464,8 +463,10 @@ def write_figures(data: StudyData, per_seed: pl.DataFrame, fig_dir: Path, *, pro
     # Per rule: Fig. 2 (pooled over seeds) and Fig. 7 (mean over seeds of the per-step table).
     from analyses import budget_exhaustion, position_stats
     from analyses.updates import UPDATE_LABELS, default_updates
+    from cppo_diag.masks import rule_defaults
 
-    ref_params = {**CPPO_DEFAULTS, **_params_of(data, "cppo")}
+    cppo_defaults = rule_defaults("cppo")  # for the Fig. 2 overlay delta / w_t
+    ref_params = {**cppo_defaults, **_params_of(data, "cppo")}
     n_runs = sum(e.run is not None and e.status == "finished" for e in data.entries)
     bar = tqdm(total=n_runs, desc="study figures (Fig. 2 / Fig. 7 per run)", unit="run", disable=not progress)
     for label in labels:
@@ -476,7 +477,7 @@ def write_figures(data: StudyData, per_seed: pl.DataFrame, fig_dir: Path, *, pro
         slug = label.replace("@", "-")
         # Threshold overlay delta / w_t: the rule's own for CPPO variants with position weights, w = 1 for
         # no_weight, CPPO's reference schedule for every other rule (drawn for comparison only).
-        params = {**CPPO_DEFAULTS, **entries[0].rule_params} if rule.startswith("cppo") else ref_params
+        params = {**cppo_defaults, **entries[0].rule_params} if rule.startswith("cppo") else ref_params
         if rule == "cppo_no_weight":
             params["w_min"] = 1.0
         pooled = _pooled_tokens(entries)

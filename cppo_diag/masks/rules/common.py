@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from cppo_diag.masks.result import KEPT, TOKEN
+from cppo_diag.masks.reasons import KEPT, TOKEN
 
 __all__ = ["check_choice", "check_positive", "check_nonneg", "check_range", "token_reason", "no_reason"]
 

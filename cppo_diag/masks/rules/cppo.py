@@ -23,10 +23,12 @@ from cppo_diag.masks.metrics import divergence_metrics, mask_metrics
 from cppo_diag.masks.quantile import adaptive_delta_b
 from cppo_diag.masks.reduce import masked_fraction, masked_mean
 from cppo_diag.masks.registry import register_profile, register_rule
-from cppo_diag.masks.result import BUDGET, RuleOutput
+from cppo_diag.masks.reasons import BUDGET, TOKEN
+from cppo_diag.masks.result import RuleOutput
 from cppo_diag.masks.rules.common import check_choice, check_nonneg, check_positive, check_range
+from cppo_diag.masks.schedule import position_weight, slack
 
-__all__ = ["cppo", "cppo_core", "position_weights", "CPPO_EQUATION", "CPPO_NOTES", "CPPO_PROFILES"]
+__all__ = ["cppo", "cppo_core", "position_weights", "cppo_reasons", "CPPO_EQUATION", "CPPO_NOTES", "CPPO_PROFILES"]
 
 CPPO_EQUATION = (
     "w_t = 1 - (1 - w_min)(t - 1)/max(T - 1, 1); Z_t = w_t D_t; c_t = min(delta, delta + delta_b W_{t-1} - S_{t-1}); "
@@ -56,14 +58,29 @@ def position_weights(x: RuleInput, *, w_min: float, weight_length: str, horizon:
     else:
         r = src_rank.to(dt)
     if weight_length == "sequence":
-        denom = (x.lengths - 1).clamp(min=1).to(dt)[:, None]  # (B, 1)
-        w = torch.rsub(r.mul_(1.0 - w_min).div_(denom), 1.0)  # 1 - ((1 - w_min)(t - 1)) / max(T - 1, 1)
+        w = position_weight(r, x.lengths.to(dt)[:, None], w_min)  # (B, T), T per response (B, 1)
     else:
         H = int(horizon)
         beyond = r > H - 1  # (B, T)
-        w = torch.rsub(r.clamp_(max=H - 1).mul_(1.0 - w_min).div_(float(max(H - 1, 1))), 1.0)
+        w = position_weight(r.clamp_(max=H - 1), H, w_min)  # (B, T), T := H
         w.masked_fill_(beyond, w_min)
     return w.masked_fill_(x.invalid, 0.0)
+
+
+def cppo_reasons(z: torch.Tensor, c: torch.Tensor, away: torch.Tensor, delta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(masked, reason), both (B, T): Algorithm 1 steps 5-6 on Z_t = w_t D_t and the slack c_t (Eq. 10).
+
+    masked_t = away_t and Z_t > c_t (tokens moving back toward mu are always kept); reason TOKEN where
+    Z_t > delta (the position-weighted threshold alone rejects the token), BUDGET on the other masked tokens,
+    KEPT elsewhere. ``c`` may be a number (the no_budget variants: c_t = delta).
+    """
+    masked = z > c  # (B, T)
+    masked &= away  # only tokens moving away from mu (away implies valid)
+    reason = masked.view(torch.uint8) * BUDGET  # BUDGET on every masked token ... (bool as 0/1 bytes: no copy)
+    token = z > delta
+    token &= masked
+    reason.masked_fill_(token, TOKEN)  # ... TOKEN where Z_t > delta alone rejects it
+    return masked, reason
 
 
 def _exclusive_cumsum(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -146,10 +163,10 @@ def cppo_core(
         # -- prefix sums over every valid token (padding adds exact zeros) --------------------------------
         s_incl, s_prev = _exclusive_cumsum(z)  # (B, T) S_t, S_{t-1}
         _, w_prev = _exclusive_cumsum(w)  # (B, T) W_{t-1}
-        slack = w_prev * db[:, None]  # (B, T) delta_b W_{t-1}
-        slack += delta  # delta + delta_b W_{t-1}
-        c = slack - s_prev if variant == "soft" else slack.sub_(s_prev)  # (B, T)
-        c.clamp_(max=delta)  # c_t = min(delta, delta + delta_b W_{t-1} - S_{t-1})  (Eq. 10)
+        allowance = w_prev * db[:, None]  # (B, T) delta_b W_{t-1}
+        if variant == "soft":
+            budget = allowance + delta  # (B, T) delta + delta_b W_{t-1}, the soft gate's denominator
+        c = slack(delta, allowance, s_prev, overwrite=True)  # (B, T) c_t  (Eq. 10)
         internals.update({"S": s_prev, "W": w_prev, "c": c, "delta_b": db})
     else:
         db = None
@@ -159,7 +176,7 @@ def cppo_core(
     if variant == "soft":
         # App. C: x_t = max(Z_t / delta, S_t / (delta + delta_b W_{t-1})), gate min(1, 1/x_t) on away tokens.
         ratio = z / delta  # (B, T)
-        torch.maximum(ratio, s_incl / slack, out=ratio)
+        torch.maximum(ratio, s_incl / budget, out=ratio)
         gate = ratio.reciprocal_().clamp_(max=1.0)  # (B, T); 1/0 = inf -> 1
         gate = torch.where(x.away, gate, v)  # not away: 1 if valid, 0 on padding (away implies valid)
         keep = v.clone()
@@ -167,13 +184,8 @@ def cppo_core(
         internals["gate"] = gate
         weight = gate
     else:
-        masked = z > c  # (B, T)
-        masked &= x.away  # only tokens moving away from mu (away implies valid)
+        masked, reason = cppo_reasons(z, c, x.away, delta)  # (B, T) each
         keep = v ^ masked  # valid and not masked
-        reason = masked.view(torch.uint8) * BUDGET  # 2 = budget ...  (bool viewed as 0/1 bytes: no copy)
-        token = z > delta
-        token &= masked
-        reason -= token.view(torch.uint8)  # ... 1 = token where Z_t > delta alone rejects it
         weight = None
 
     def metrics():

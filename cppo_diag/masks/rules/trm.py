@@ -9,7 +9,8 @@ from cppo_diag.masks.layout import RuleInput
 from cppo_diag.masks.metrics import divergence_metrics, mask_metrics
 from cppo_diag.masks.reduce import masked_fraction, masked_max, masked_mean
 from cppo_diag.masks.registry import register_rule
-from cppo_diag.masks.result import KEPT, SEQUENCE, RuleOutput
+from cppo_diag.masks.reasons import KEPT, SEQUENCE
+from cppo_diag.masks.result import RuleOutput
 from cppo_diag.masks.rules.common import check_choice, check_nonneg
 
 _NOTES = {"divergence": "'binary_kl' (per-token KL(mu || pi); 'topk_kl' with topk=...)"}
