@@ -9,14 +9,14 @@ step in memory at a time.
 
 Public API (names are stable; imported lazily so ``import analyses`` is cheap)
 -------------------------------------------------------------------------------
-Loading and per-token quantities (``analyses.tokens``)
+Loading and per-token quantities (``cppo_diag.analyses.tokens``)
     load_tokens(source) -> pl.LazyFrame
     with_divergences(lf) -> pl.LazyFrame          adds tv = |pi - mu|, abs_logratio = |log pi - log mu|,
                                                   k1 = log pi - log mu, k3 = rho - 1 - log rho, away
     require_columns(lf, columns, analysis)        raises MissingColumnError naming the column
     MissingColumnError(KeyError)
 
-Divergence by position, paper Fig. 2 (``analyses.position``)
+Divergence by position, paper Fig. 2 (``cppo_diag.analyses.position``)
     position_stats(source, *, metrics=("tv", "abs_logratio", "k3"), bin_width=64, relative=False,
                    n_rel_bins=20, step_range=None, adv_sign=None, updates="all", thresholds=(0.05, 0.1, 0.2, 0.5),
                    delta=None, w_min=None, hill_min_k=5, progress=False) -> pl.DataFrame
@@ -32,7 +32,7 @@ Divergence by position, paper Fig. 2 (``analyses.position``)
         beside the run, only new steps aggregated); aggregate_run(source, AggSpec(...)) -> Partial,
         stats_table(partial, adv_sign=, updates=) -> the same long table
 
-Recompute any rule over a run (``analyses.recompute``)
+Recompute any rule over a run (``cppo_diag.analyses.recomputation``)
     iter_batches(source, *, step_range=None, columns=None, progress=False) -> Iterator[Batch]
     recompute(source, rule, *, params=None, step_range=None, side_table=None, bin_width=64, anchor=None,
               return_internals=False, on_batch=None, rule_metrics=True, progress=True, relative=False,
@@ -47,13 +47,13 @@ Recompute any rule over a run (``analyses.recompute``)
         (pl.DataFrame), agreement (dict or None: fraction of tokens where keep == keep_applied),
         side_table (path or None)
 
-Budget exhaustion, paper Fig. 7 (``analyses.budget``)
+Budget exhaustion, paper Fig. 7 (``cppo_diag.analyses.budget``)
     budget_exhaustion(source, *, params=None, rule="cppo", step_range=None, bin_width=64, anchor=None,
                       updates="all", progress=True) -> BudgetResult
         BudgetResult: by_step (step, delta_b_mean, budget_share, masked_frac, ...),
         first_reject (pos, at_risk, events, survival), slack (bin, c_mean, c_p10, c_p50, frac_negative, ...)
 
-Compare runs x rules (``analyses.compare``)
+Compare runs x rules (``cppo_diag.analyses.compare``)
     compare_runs(sources, rules=("grpo_clip", "dppo", "cppo"), *, params=None, names=None,
                  step_range=None, bin_width=64, include_applied=True, progress=True, relative=False,
                  n_rel_bins=20, updates="all", profiles=()) -> CompareResult
@@ -61,12 +61,12 @@ Compare runs x rules (``analyses.compare``)
         CompareResult: summary (run, rule, updates, masked_frac, budget_share, frac_pos_adv, frac_neg_adv, ...),
         by_position (run, rule, bin, bin_start, masked_frac, count)
 
-What-if sweeps (``analyses.whatif``)
+What-if sweeps (``cppo_diag.analyses.whatif``)
     whatif_sweep(source, *, deltas, delta_bs, w_mins, base_params=None, step_range=None, anchor="rollout",
                  updates="all", progress=True) -> pl.DataFrame
         one row per (delta, delta_b, w_min): n_valid, n_masked, n_budget, masked_frac, budget_share
 
-Train/rollout mismatch (``analyses.mismatch``)
+Train/rollout mismatch (``cppo_diag.analyses.mismatch``)
     mismatch_by_position(source, *, bin_width=64, step_range=None, adv_sign=None, relative=False,
                          n_rel_bins=20, progress=False) -> pl.DataFrame
         position_stats of |pi_old - mu| ("mismatch_tv") and |log pi_old - log mu| ("mismatch_abs_logratio");
@@ -76,14 +76,14 @@ Train/rollout mismatch (``analyses.mismatch``)
         -> pl.DataFrame   the mismatch metric family (k1/k2/k3 KL, chi2 per token and sequence, ESS, IS-weight
         tail fractions, log-perplexity difference, toward-mu fraction, masked fraction by advantage sign)
 
-Doctor (``analyses.doctor``)
+Doctor (``cppo_diag.analyses.doctor``)
     diagnose(source, *, out_dir=None, name=None, budget=True, progress=False) -> list[Finding]
         Finding: id, severity ("info"|"warning"|"critical"), first_step, message, evidence (dict),
         figure (PNG path or None), page and steps (where the app shows it)
     diagnose_runs(sources, *, out_dir=None, names=None, budget=True) -> {"runs": [{"run", "findings"}]}
 
 Figures: one builder per figure, taking the aggregated tables above (docs/analyses.md, "Figures").
-``analyses.plots_mpl`` (matplotlib Figure; static figures: the report, the doctor, the study):
+``cppo_diag.analyses.plots_mpl`` (matplotlib Figure; static figures: the report, the doctor, the study):
     fig_position_divergence(table, *, metric="tv", tail="top10_mean", title=None)
     fig_position_survival(table, *, metric="tv")     fig_position_hill(table, *, metric="abs_logratio")
     fig_masked_by_step(result_by_step)               fig_masked_by_position(compare_by_position)
@@ -92,23 +92,23 @@ Figures: one builder per figure, taking the aggregated tables above (docs/analys
     fig_mismatch(mismatch_table)                     fig_compare(compare.summary)
     fig_step_series, fig_divergence_along_response, fig_mismatch_by_update           (doctor)
     fig_learning_curves, fig_curves_by_rule, fig_ablation, fig_effects                (study)
-``analyses.plots_plotly`` (plotly go.Figure; the app's pages): fig_budget_by_step, fig_first_reject, fig_slack,
+``cppo_diag.analyses.plots_plotly`` (plotly go.Figure; the app's pages): fig_budget_by_step, fig_first_reject, fig_slack,
     fig_whatif (same arguments as above), fig_position_statistic, fig_masked_by_rule, fig_runs_by_rule,
     fig_run_curves, fig_metric_family, fig_whatif_by_position, fig_whatif_by_step, fig_sequence_internals
 
-Per-run facts (``analyses.run_summary``) and one step's responses (``analyses.responses``), for the app
+Per-run facts (``cppo_diag.analyses.run_summary``) and one step's responses (``cppo_diag.analyses.responses``), for the app
     run_summary(run) -> dict (the Runs page's row)   tokens_per_step(run)   recent_window(counts, max_tokens)
     reward_curves(steps) / logged_budget_by_step(steps, rule): tables of the trainer's per-step scalars
     marked_tokens(tokens, marks=None), response_table(frame, sequences), find_responses(seqs, ...),
     token_texts(seq, sequences, seq_id): the token inspector's tables
 
-Which updates are pooled (``analyses.updates``): every position, masked-fraction and budget analysis above
+Which updates are pooled (``cppo_diag.analyses.updates``): every position, masked-fraction and budget analysis above
 takes ``updates="all" | "first" | "after_first"`` (None: the run's default)
     default_updates(source) -> "after_first" for runs with several updates per batch (pi = mu in the first),
                                else "all"
     select_updates(source, updates, *, step_range=None) -> a token source of those updates' batches
 
-CPPO's named parameter sets on a run (``analyses.profiles``; the sets live in ``cppo_diag.masks.registry``)
+CPPO's named parameter sets on a run (``cppo_diag.analyses.profiles``; the sets live in ``cppo_diag.masks.registry``)
     run_profile_params(source, rule, profile) -> dict     e.g. ("cppo", "verl-pr6731"): horizon = the run's
                                                           maximum response length
     run_max_response_length(source) -> int | None
@@ -125,64 +125,45 @@ Report and synthetic data
 
 from __future__ import annotations
 
-import sys
-import types
-
 from cppo_diag._lazy import lazy_attributes
 
 _LAZY = {
-    "load_tokens": "analyses.tokens",
-    "with_divergences": "analyses.tokens",
-    "require_columns": "analyses.tokens",
-    "MissingColumnError": "analyses.tokens",
-    "position_stats": "analyses.position",
-    "position_stats_lazy": "analyses.position",
-    "threshold_schedule": "analyses.position",
-    "position_summary": "analyses.aggregate",
-    "aggregate_run": "analyses.aggregate",
-    "stats_table": "analyses.aggregate",
-    "iter_batches": "analyses.recompute",
-    "recompute": "analyses.recompute",
-    "recompute_many": "analyses.recompute",
-    "run_rule": "analyses.recompute",
-    "load_batches": "analyses.recompute",
-    "Batch": "analyses.recompute",
-    "BatchSet": "analyses.recompute",
-    "RecomputeResult": "analyses.recompute",
-    "budget_exhaustion": "analyses.budget",
-    "BudgetResult": "analyses.budget",
-    "compare_runs": "analyses.compare",
-    "CompareResult": "analyses.compare",
-    "whatif_sweep": "analyses.whatif",
-    "mismatch_by_position": "analyses.mismatch",
-    "default_updates": "analyses.updates",
-    "select_updates": "analyses.updates",
-    "run_max_response_length": "analyses.profiles",
-    "run_profile_params": "analyses.profiles",
-    "mismatch_metrics": "analyses.mismatch",
-    "diagnose": "analyses.doctor",
-    "diagnose_runs": "analyses.doctor",
-    "Finding": "analyses.doctor",
-    "write_report": "analyses.report",
-    "write_synthetic_run": "analyses.synthetic",
+    "load_tokens": "cppo_diag.analyses.tokens",
+    "with_divergences": "cppo_diag.analyses.tokens",
+    "require_columns": "cppo_diag.analyses.tokens",
+    "MissingColumnError": "cppo_diag.analyses.tokens",
+    "position_stats": "cppo_diag.analyses.position",
+    "position_stats_lazy": "cppo_diag.analyses.position",
+    "threshold_schedule": "cppo_diag.analyses.position",
+    "position_summary": "cppo_diag.analyses.aggregate",
+    "aggregate_run": "cppo_diag.analyses.aggregate",
+    "stats_table": "cppo_diag.analyses.aggregate",
+    "iter_batches": "cppo_diag.analyses.recomputation",
+    "recompute": "cppo_diag.analyses.recomputation",
+    "recompute_many": "cppo_diag.analyses.recomputation",
+    "run_rule": "cppo_diag.analyses.recomputation",
+    "load_batches": "cppo_diag.analyses.recomputation",
+    "Batch": "cppo_diag.analyses.recomputation",
+    "BatchSet": "cppo_diag.analyses.recomputation",
+    "RecomputeResult": "cppo_diag.analyses.recomputation",
+    "budget_exhaustion": "cppo_diag.analyses.budget",
+    "BudgetResult": "cppo_diag.analyses.budget",
+    "compare_runs": "cppo_diag.analyses.compare",
+    "CompareResult": "cppo_diag.analyses.compare",
+    "whatif_sweep": "cppo_diag.analyses.whatif",
+    "mismatch_by_position": "cppo_diag.analyses.mismatch",
+    "default_updates": "cppo_diag.analyses.updates",
+    "select_updates": "cppo_diag.analyses.updates",
+    "run_max_response_length": "cppo_diag.analyses.profiles",
+    "run_profile_params": "cppo_diag.analyses.profiles",
+    "mismatch_metrics": "cppo_diag.analyses.mismatch",
+    "diagnose": "cppo_diag.analyses.doctor",
+    "diagnose_runs": "cppo_diag.analyses.doctor",
+    "Finding": "cppo_diag.analyses.doctor",
+    "write_report": "cppo_diag.analyses.report",
+    "write_synthetic_run": "cppo_diag.analyses.synthetic",
 }
 
 __all__ = sorted(_LAZY)
 __getattr__, __dir__ = lazy_attributes(__name__, _LAZY)
 
-
-# ``analyses.recompute`` is both a submodule and the public function it defines. Importing the submodule
-# (which ``analyses.budget`` and others do) would make Python set the package attribute ``recompute`` to the
-# module, so ``analyses.recompute(run, "cppo")`` would fail depending on import order. The package keeps the
-# function instead; the module stays importable as ``from analyses.recompute import ...`` (sys.modules).
-_FUNCTION_NAMED_LIKE_MODULE = {"recompute"}
-
-
-class _Package(types.ModuleType):
-    def __setattr__(self, name, value):
-        if name in _FUNCTION_NAMED_LIKE_MODULE and isinstance(value, types.ModuleType):
-            return
-        super().__setattr__(name, value)
-
-
-sys.modules[__name__].__class__ = _Package

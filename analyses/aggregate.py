@@ -19,7 +19,7 @@ Sums and histogram counts add, so partials of any split of the shards (files, ra
 addition (:meth:`Partial.merge`) into exactly the counts of one pass, and the other columns up to
 floating-point summation order (``tests/test_aggregate.py``).
 
-From a merged histogram (:func:`stats_table`, the same columns as ``analyses.position.position_stats``):
+From a merged histogram (:func:`stats_table`, the same columns as ``cppo_diag.analyses.position.position_stats``):
 
 * ``count``, ``mean``: exact (count of tokens; sum / count of non-NaN values);
 * ``p50``, ``p90``, ``p99``: numpy's linear interpolation between order statistics x_f and x_{f+1}
@@ -29,10 +29,10 @@ From a merged histogram (:func:`stats_table`, the same columns as ``analyses.pos
 * ``surv_<x>`` = P(D > x): buckets wholly above x plus the straddling bucket's share by linear
   interpolation (error at most the mass of that one bucket);
 * ``hill_alpha``: Hill estimate over the order statistics above p90, from bucket values (log error <= alpha
-  per value); null for the bounded metrics, as in ``analyses.position``;
+  per value); null for the bounded metrics, as in ``cppo_diag.analyses.position``;
 * ``threshold_mean`` (with ``delta``): exact, from per-key sums of delta / w_t.
 
-``exact=True`` in :func:`position_summary` runs ``analyses.position.position_stats`` (exact order statistics,
+``exact=True`` in :func:`position_summary` runs ``cppo_diag.analyses.position.position_stats`` (exact order statistics,
 two streaming passes) instead. Engines, the cache beside the run and incremental aggregation:
 :func:`aggregate_run`, ``docs/analyses.md`` ("Scale: partial aggregates").
 """
@@ -50,9 +50,9 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 import polars as pl
 
-from analyses.position import BOUNDED_METRICS, DEFAULT_THRESHOLDS, _bin_exprs, _rows_to_long
-from analyses.tokens import LOGRATIO_CLAMP
-from analyses.updates import check_updates
+from cppo_diag.analyses.position import BOUNDED_METRICS, DEFAULT_THRESHOLDS, _bin_exprs, _rows_to_long
+from cppo_diag.analyses.tokens import LOGRATIO_CLAMP
+from cppo_diag.analyses.updates import check_updates
 from cppo_diag.masks.away import direction_array
 from cppo_diag.masks.reasons import Reason
 from cppo_diag.masks.schedule import threshold_schedule
@@ -467,7 +467,7 @@ def aggregate_files(files: Sequence[str], spec: AggSpec, chunk_rows: int = 2_000
 
 def aggregate_frame(lf: pl.LazyFrame | pl.DataFrame, spec: AggSpec, chunk_rows: int = 2_000_000) -> Partial:
     """The partial of a token frame (for sources that are not run directories), in this process."""
-    from analyses.tokens import load_tokens
+    from cppo_diag.analyses.tokens import load_tokens
 
     lf = load_tokens(lf)
     acc = _Accumulator(spec)
@@ -684,19 +684,19 @@ def aggregate_run(
     are aggregated in this process.
     """
     global LAST_INFO
-    from analyses.tokens import _open_run
+    from cppo_diag.analyses.tokens import _open_run
 
     if engine not in ENGINES:
         raise ValueError(f"engine: expected one of {list(ENGINES)}, found {engine!r}")
     if isinstance(source, (pl.LazyFrame, pl.DataFrame)):
-        from analyses.tokens import filter_tokens
+        from cppo_diag.analyses.tokens import filter_tokens
 
         lf = filter_tokens(source.lazy() if isinstance(source, pl.DataFrame) else source, step_range=step_range)
         LAST_INFO = AggregateInfo()
         return aggregate_frame(lf, spec)
     run = _open_run(Path(source)) if isinstance(source, (str, Path)) else source
     if not hasattr(run, "token_files") or not hasattr(run, "path"):
-        from analyses.tokens import filter_tokens
+        from cppo_diag.analyses.tokens import filter_tokens
 
         LAST_INFO = AggregateInfo()
         return aggregate_frame(filter_tokens(run.tokens(), step_range=step_range), spec)
@@ -990,15 +990,15 @@ def position_summary(
     cache: bool = True,
     progress: bool = False,
 ) -> pl.DataFrame:
-    """``analyses.position.position_stats`` from mergeable partials (same arguments and table).
+    """``cppo_diag.analyses.position.position_stats`` from mergeable partials (same arguments and table).
 
     ``exact=True`` runs ``position_stats`` itself (exact quantiles, one process). Otherwise the run is
     aggregated by ``engine`` over shard groups (:func:`aggregate_run`, cached beside the run with ``cache``)
     and the quantile columns carry at most ``relative_accuracy`` relative error (module docstring).
-    ``updates=None`` picks the run's default (``analyses.updates.default_updates``) from the partial.
+    ``updates=None`` picks the run's default (``cppo_diag.analyses.updates.default_updates``) from the partial.
     """
     if exact:
-        from analyses.position import position_stats
+        from cppo_diag.analyses.position import position_stats
 
         return position_stats(source, metrics=metrics, bin_width=bin_width, relative=relative, n_rel_bins=n_rel_bins,
                               step_range=step_range, adv_sign=adv_sign, updates=updates, thresholds=thresholds,
@@ -1016,7 +1016,7 @@ def position_summary(
 def applied_mask_tables(part: Partial, run: str, label: str, *, updates: str = "all"
                         ) -> tuple[dict, pl.DataFrame, pl.DataFrame] | None:
     """(summary, by_position, by_step) of the logged mask (``keep_applied``) in ``part``, as
-    ``analyses.compare`` reports it: masked fraction overall, by advantage sign, by position bin and by
+    ``cppo_diag.analyses.compare`` reports it: masked fraction overall, by advantage sign, by position bin and by
     step, the budget-mask share #budget / #masked (paper Fig. 7) and the fraction of ``away`` tokens.
     None when no token of the selected updates has a logged mask."""
     spec = part.spec

@@ -11,7 +11,7 @@ from typing import Any, Sequence
 
 import polars as pl
 
-from analyses.tokens import load_tokens
+from cppo_diag.analyses.tokens import load_tokens
 
 BIN_WIDTHS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 

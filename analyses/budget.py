@@ -17,7 +17,7 @@ Three tables:
 Every table derives from counts and sums that add (and per-bin minima that merge by ``min``): a result
 keeps them in ``raw``, so results over disjoint groups of whole steps merge into the one-pass result
 (:func:`merge_budget`). ``engine="local"|"ray"`` splits the steps of a run directory into such groups and
-recomputes them in parallel (``analyses.aggregate.map_tasks``).
+recomputes them in parallel (``cppo_diag.analyses.aggregate.map_tasks``).
 """
 
 from __future__ import annotations
@@ -28,9 +28,9 @@ from typing import Any
 import numpy as np
 import polars as pl
 
-from analyses.recompute import Batch, _PosCounter, recompute
-from analyses.tokens import run_meta
-from analyses.updates import resolve_updates, select_updates
+from cppo_diag.analyses.recomputation import Batch, _PosCounter, recompute
+from cppo_diag.analyses.tokens import run_meta
+from cppo_diag.analyses.updates import resolve_updates, select_updates
 from cppo_diag.masks.away import away_test, ratio
 from cppo_diag.masks.reasons import Reason
 
@@ -152,12 +152,12 @@ def budget_exhaustion(
     """Budget exhaustion tables of a CPPO-family ``rule`` recomputed over a run (see the module docstring).
 
     ``params``: keyword parameters of the rule (SPEC names: delta, w_min, delta_b, delta_b_mode, ...);
-    default the rule's defaults. ``updates``: "all", "first" or "after_first" (``analyses.updates``).
+    default the rule's defaults. ``updates``: "all", "first" or "after_first" (``cppo_diag.analyses.updates``).
     ``engine``: None recomputes in this process, step after step; "local" or "ray" recompute groups of
     whole steps of a run directory (other sources: as None) in ``workers`` processes / Ray tasks (local
     default: one per 256 MB of shards, at most the CPU count) and merge them (:func:`merge_budget`:
     the same tables, sums up to the order of float additions); with ``cache`` each group's state is saved
-    beside the run (``analyses.aggregate.cached_map``), so a growing run is recomputed for its new steps only.
+    beside the run (``cppo_diag.analyses.aggregate.cached_map``), so a growing run is recomputed for its new steps only.
     """
     if rule not in CPPO_RULES:
         raise ValueError(f"rule: budget_exhaustion needs a CPPO rule with a prefix budget, expected one of "
@@ -283,8 +283,8 @@ def _budget_by_groups(source: Any, kwargs: dict, *, step_range, engine: str, wor
     import json
     from pathlib import Path
 
-    from analyses.aggregate import BlockStore, _local_workers, _run_files, cached_map, map_tasks
-    from analyses.tokens import _open_run
+    from cppo_diag.analyses.aggregate import BlockStore, _local_workers, _run_files, cached_map, map_tasks
+    from cppo_diag.analyses.tokens import _open_run
 
     run = _open_run(Path(source)) if isinstance(source, (str, Path)) else source
     files = _run_files(run)

@@ -1,12 +1,12 @@
 """Compare runs x rules: every rule recomputed on the same logged tokens, plus each run's applied mask.
 
-One pass over each run evaluates all rules (``analyses.recompute.recompute_many``). When a run logged
+One pass over each run evaluates all rules (``cppo_diag.analyses.recomputation.recompute_many``). When a run logged
 ``keep_applied``, a row labelled ``applied:<meta rule>`` summarises the mask the trainer actually used, from
-the run's mergeable partial aggregates (``analyses.aggregate.applied_mask``: cached beside the run, so a
+the run's mergeable partial aggregates (``cppo_diag.analyses.aggregate.applied_mask``: cached beside the run, so a
 growing run is only aggregated for its new steps).
 ``profiles`` adds CPPO under named parameter sets of implementations in the field (``cppo[verl-pr6731]``,
-resolved on each run: see ``analyses.profiles``); ``updates`` selects which optimiser updates are pooled
-(``analyses.updates``; None: each run's default).
+resolved on each run: see ``cppo_diag.analyses.profiles``); ``updates`` selects which optimiser updates are pooled
+(``cppo_diag.analyses.updates``; None: each run's default).
 """
 
 from __future__ import annotations
@@ -16,11 +16,11 @@ from typing import Any, Sequence
 
 import polars as pl
 
-from analyses.aggregate import applied_mask
-from analyses.recompute import recompute_many
-from analyses.profiles import profile_specs
-from analyses.tokens import columns_of, load_tokens, run_meta, run_name
-from analyses.updates import resolve_updates, select_updates
+from cppo_diag.analyses.aggregate import applied_mask
+from cppo_diag.analyses.recomputation import recompute_many
+from cppo_diag.analyses.profiles import profile_specs
+from cppo_diag.analyses.tokens import columns_of, load_tokens, run_meta, run_name
+from cppo_diag.analyses.updates import resolve_updates, select_updates
 
 SUMMARY_KEYS = ("n_valid", "n_masked", "masked_frac", "budget_share", "away_frac", "masked_frac_pos_adv",
                 "masked_frac_neg_adv")

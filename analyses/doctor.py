@@ -29,7 +29,7 @@ from typing import Any, Sequence
 import numpy as np
 import polars as pl
 
-from analyses.tokens import LOGRATIO_CLAMP, columns_of, load_tokens, run_meta, run_name
+from cppo_diag.analyses.tokens import LOGRATIO_CLAMP, columns_of, load_tokens, run_meta, run_name
 from cppo_diag import metric_names as M
 
 SEVERITIES = ("info", "warning", "critical")
@@ -299,18 +299,18 @@ def _reward_series(source: Any, scalars: pl.DataFrame | None, info: dict) -> tup
 
 
 def _figure(path: Path | None, build) -> str | None:
-    """Write the figure ``build()`` returns (an ``analyses.plots_mpl`` builder) to ``path``; None without a path
+    """Write the figure ``build()`` returns (an ``cppo_diag.analyses.plots_mpl`` builder) to ``path``; None without a path
     (nothing is drawn)."""
     if path is None:
         return None
-    from analyses import plots_mpl as P
+    from cppo_diag.analyses import plots_mpl as P
 
     return str(P.save_png(build(), path))
 
 
 def _series_figure(path, steps, values, **kw) -> str | None:
     """``plots_mpl.fig_step_series(steps, values, **kw)`` written to ``path``."""
-    from analyses import plots_mpl as P
+    from cppo_diag.analyses import plots_mpl as P
 
     return _figure(path, lambda: P.fig_step_series(steps, values, **kw))
 
@@ -590,7 +590,7 @@ N_REL_BINS = 10
 
 
 def _along_sequence(source, info, fig_path, progress) -> list[Finding]:
-    from analyses.position import position_stats
+    from cppo_diag.analyses.position import position_stats
 
     updates = info["tail_updates"]
     lf = load_tokens(source)
@@ -612,7 +612,7 @@ def _along_sequence(source, info, fig_path, progress) -> list[Finding]:
           "mann_kendall_p": mk["p_increasing"], "alpha": ALPHA}
     tsteps = info["counts"]["step"].to_numpy()
 
-    from analyses import plots_mpl as P
+    from cppo_diag.analyses import plots_mpl as P
 
     fig = _figure(fig_path, lambda: P.fig_divergence_along_response(table))
     return [Finding("tails_along_sequence", "info", int(tsteps[0]),
@@ -623,8 +623,8 @@ def _along_sequence(source, info, fig_path, progress) -> list[Finding]:
 
 
 def _budget_check(source, meta, fig_path, progress) -> Finding | None:
-    from analyses import plots_mpl as P
-    from analyses.budget import budget_exhaustion
+    from cppo_diag.analyses import plots_mpl as P
+    from cppo_diag.analyses.budget import budget_exhaustion
     from cppo_diag.masks import get_rule
 
     rule = str(meta.get("rule") or "")
@@ -690,7 +690,7 @@ def findings_table(findings: Sequence[Finding]) -> pl.DataFrame:
 
 def _mismatch_summary(source) -> pl.DataFrame:
     """The mismatch family pooled over the run, one row per update filter (report table)."""
-    from analyses.mismatch import mismatch_metrics
+    from cppo_diag.analyses.mismatch import mismatch_metrics
 
     rows = []
     for updates in ("first", "after_first"):
@@ -708,11 +708,11 @@ def _mismatch_summary(source) -> pl.DataFrame:
 
 
 def _mismatch_figure(source, path: Path) -> str | None:
-    from analyses.mismatch import mismatch_metrics
+    from cppo_diag.analyses.mismatch import mismatch_metrics
 
     series = {u: mismatch_metrics(source, by="step", updates=u) for u in ("first", "after_first")}
 
-    from analyses import plots_mpl as P
+    from cppo_diag.analyses import plots_mpl as P
 
     return _figure(path, lambda: P.fig_mismatch_by_update(series))
 

@@ -5,7 +5,7 @@ filter (``mismatch_metrics``).
 
 The gap between the trainer's pi_old and the sampler's mu (different kernels, precision, batch shapes) is
 there before any optimisation step; a rule anchored to mu counts it against the trust region. Uses the
-statistics of :mod:`analyses.position` (same bins, quantile definitions and tail estimates).
+statistics of :mod:`cppo_diag.analyses.position` (same bins, quantile definitions and tail estimates).
 """
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ from typing import Any, Sequence
 
 import polars as pl
 
-from analyses.position import DEFAULT_THRESHOLDS, aggregate_positions, length_parts
-from analyses.tokens import LOGRATIO_CLAMP, direction_expr, filter_tokens, load_tokens, require_columns
-from analyses.updates import filter_updates
+from cppo_diag.analyses.position import DEFAULT_THRESHOLDS, aggregate_positions, length_parts
+from cppo_diag.analyses.tokens import LOGRATIO_CLAMP, direction_expr, filter_tokens, load_tokens, require_columns
+from cppo_diag.analyses.updates import filter_updates
 
 MISMATCH_METRICS = ("mismatch_tv", "mismatch_abs_logratio")
 
@@ -44,7 +44,7 @@ def mismatch_by_position(
     progress: bool = False,
 ) -> pl.DataFrame:
     """Per-position-bin statistics of |pi_old - mu| and |log pi_old - log mu| (long table, as
-    :func:`analyses.position.position_stats`). Raises :class:`analyses.tokens.MissingColumnError` when the
+    :func:`cppo_diag.analyses.position.position_stats`). Raises :class:`cppo_diag.analyses.tokens.MissingColumnError` when the
     run has no ``logp_old`` column; tokens with a null ``logp_old`` are skipped."""
     lf = load_tokens(source)
     require_columns(lf, ["logp_old"], "mismatch_by_position (train/rollout mismatch |pi_old - mu|)")

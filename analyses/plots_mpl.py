@@ -3,8 +3,8 @@
 Every builder takes the tables (``pl.DataFrame``) an analysis produces and returns a
 ``matplotlib.figure.Figure`` (no pyplot global state: safe in Streamlit and threads). Sizes suit a paper
 column (6.4 x 4.0 in); ``save_png(fig, path)`` writes 200 dpi PNGs. Users: the HTML report
-(``analyses.report``), the doctor's finding figures (``analyses.doctor``) and the study's results page
-(``cppo_diag.study.analysis``). The app's interactive figures are ``analyses.plots_plotly``, where the
+(``cppo_diag.analyses.report``), the doctor's finding figures (``cppo_diag.analyses.doctor``) and the study's results page
+(``cppo_diag.study.analysis``). The app's interactive figures are ``cppo_diag.analyses.plots_plotly``, where the
 Budget and What-if twins of the report's figures keep these names and arguments.
 """
 
@@ -18,7 +18,7 @@ import numpy as np
 import polars as pl
 from matplotlib.figure import Figure
 
-from analyses.position import BOUNDED_METRICS, METRIC_LABELS
+from cppo_diag.analyses.position import BOUNDED_METRICS, METRIC_LABELS
 
 FIGSIZE = (6.4, 4.0)
 TAIL_LABELS = {"top10_mean": "top-10% mean (mean of D ≥ P90)", "p90": "P90", "p99": "P99"}

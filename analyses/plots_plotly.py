@@ -1,8 +1,8 @@
 """Plotly figures: every interactive figure of the app, one builder per figure.
 
-Each builder takes the tables an analysis returns (``pl.DataFrame``; ``analyses.*`` results) and plain
-arguments, and returns a ``plotly.graph_objects.Figure``; pages draw it with ``app.ui.plot``. The static
-figures (report PNGs, doctor and study figures) are the matplotlib builders of ``analyses.plots_mpl``, which
+Each builder takes the tables an analysis returns (``pl.DataFrame``; ``cppo_diag.analyses.*`` results) and plain
+arguments, and returns a ``plotly.graph_objects.Figure``; pages draw it with ``cppo_diag.app.ui.plot``. The static
+figures (report PNGs, doctor and study figures) are the matplotlib builders of ``cppo_diag.analyses.plots_mpl``, which
 share the table helpers (bin centres, the what-if grid) used here.
 
 Builders
@@ -29,7 +29,7 @@ import plotly.graph_objects as go
 import polars as pl
 from plotly.subplots import make_subplots
 
-from analyses.plots_mpl import _centres, _pos_xlabel, whatif_grid
+from cppo_diag.analyses.plots_mpl import _centres, _pos_xlabel, whatif_grid
 
 # The legend goes under the plot (below the x-axis title), in the bottom margin: above the plot it collides
 # with the title as soon as it wraps onto a second row.

@@ -22,7 +22,7 @@ over the n tokens D_1..D_n that fall in the bin:
   Fig. 2 overlay. ``w_min`` None means the cppo rule's default.
 
 Updates: ``updates="all" | "first" | "after_first"`` pools every logged update, only the first of each
-batch (pi = mu there) or only the later ones (``analyses.updates``); lengths T are taken per response, so the
+batch (pi = mu there) or only the later ones (``cppo_diag.analyses.updates``); lengths T are taken per response, so the
 filter never changes a response's t / T or delta / w_t.
 
 Pooled frames of several runs (the study pools seeds) must carry a ``run`` column: responses are then keyed
@@ -41,8 +41,8 @@ from typing import Any, Sequence
 import numpy as np
 import polars as pl
 
-from analyses.tokens import divergence_exprs, filter_tokens, load_tokens, require_columns
-from analyses.updates import filter_updates, resolve_updates
+from cppo_diag.analyses.tokens import divergence_exprs, filter_tokens, load_tokens, require_columns
+from cppo_diag.analyses.updates import filter_updates, resolve_updates
 from cppo_diag.masks.schedule import threshold_schedule  # noqa: F401  (re-exported: analyses.threshold_schedule)
 from cppo_diag.storage.schema import SEQUENCE_KEY
 
@@ -190,7 +190,7 @@ def position_stats(
 
     ``metrics`` from {"tv", "abs_logratio", "k3", "k1"} (SPEC "Per-token divergence"); ``step_range`` an
     inclusive (lo, hi) with None for open ends; ``adv_sign`` None/"all", "pos", "neg" or "zero";
-    ``updates`` "all", "first", "after_first" (``analyses.updates``) or None for the run's default.
+    ``updates`` "all", "first", "after_first" (``cppo_diag.analyses.updates``) or None for the run's default.
     Returns a long table, one row per (metric, bin), sorted by metric then bin; empty (with the same
     columns) when no token passes the filters.
     """
@@ -389,7 +389,7 @@ def length_parts(source: Any, *, step_range=None, adv_sign: str | None = None, r
                  analysis: str = "position_stats", extra_filter: pl.Expr | None = None) -> list[pl.LazyFrame]:
     """LazyFrames of consecutive whole steps (about 2 M rows each) with ``_T`` computed before the token
     filters (bounded memory: each part is collected on its own)."""
-    from analyses.tokens import step_group_lazyframes
+    from cppo_diag.analyses.tokens import step_group_lazyframes
 
     parts = []
     for part in step_group_lazyframes(source, step_range=step_range):

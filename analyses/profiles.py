@@ -12,7 +12,7 @@ from typing import Any
 
 import polars as pl
 
-from analyses.tokens import load_tokens, run_meta
+from cppo_diag.analyses.tokens import load_tokens, run_meta
 
 # meta.json paths (in "config") of a trainer's cap on response tokens: the bundled trainer, the TRL plug-in
 MAX_LENGTH_KEYS = (("rollout", "max_new_tokens"), ("max_completion_length",), ("max_response_length",))

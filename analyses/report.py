@@ -1,7 +1,7 @@
 """``write_report``: every analysis of one or more runs as PNG figures plus one self-contained HTML file.
 
 The HTML embeds the PNGs as base64 ``data:`` URIs and the summary tables inline, so the single file can be
-mailed or attached to an issue. Figures are the matplotlib builders of ``analyses.plots_mpl``.
+mailed or attached to an issue. Figures are the matplotlib builders of ``cppo_diag.analyses.plots_mpl``.
 """
 
 from __future__ import annotations
@@ -16,15 +16,15 @@ from typing import Any, Sequence
 
 import polars as pl
 
-from analyses import plots_mpl as P
-from analyses.binning import auto_bin_width, max_response_length
-from analyses.budget import budget_exhaustion
-from analyses.compare import compare_runs
-from analyses.mismatch import mismatch_by_position
-from analyses.aggregate import position_summary
-from analyses.tokens import MissingColumnError, columns_of, load_tokens, run_meta, run_name
-from analyses.updates import UPDATE_LABELS, resolve_updates, updates_note
-from analyses.whatif import whatif_sweep
+from cppo_diag.analyses import plots_mpl as P
+from cppo_diag.analyses.binning import auto_bin_width, max_response_length
+from cppo_diag.analyses.budget import budget_exhaustion
+from cppo_diag.analyses.compare import compare_runs
+from cppo_diag.analyses.mismatch import mismatch_by_position
+from cppo_diag.analyses.aggregate import position_summary
+from cppo_diag.analyses.tokens import MissingColumnError, columns_of, load_tokens, run_meta, run_name
+from cppo_diag.analyses.updates import UPDATE_LABELS, resolve_updates, updates_note
+from cppo_diag.analyses.whatif import whatif_sweep
 
 CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;max-width:1100px;margin:2em auto;
@@ -155,7 +155,7 @@ def write_report(
           "updates per batch every table and figure pools the updates after the first of each batch unless "
           "stated otherwise: in the first, &pi; = &mu;, which would dilute the divergence and the masked fraction.")
 
-    from analyses.doctor import report_section  # doctor findings and the mismatch metric family
+    from cppo_diag.analyses.doctor import report_section  # doctor findings and the mismatch metric family
 
     doc.parts.append(report_section(sources, names, out, progress=progress))
 

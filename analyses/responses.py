@@ -1,7 +1,7 @@
 """The responses of one training step, token by token (what the token inspector shows): which tokens a mask
 dropped and why, a per-response summary to search by, and the token strings.
 
-Input is the token rows of one step (``analyses.recompute.iter_step_frames``), with columns of
+Input is the token rows of one step (``cppo_diag.analyses.recomputation.iter_step_frames``), with columns of
 ``cppo_diag.storage.schema.TOKEN_COLUMNS``; a response is keyed by ``RESPONSE_KEY`` (update, rank, seq_id).
 """
 

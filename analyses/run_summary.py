@@ -3,7 +3,7 @@ token count per step (and the recent window of steps that pages recompute by def
 trainer's own per-step scalars (reward and accuracy curves, the logged prefix-budget table of CPPO Fig. 7).
 
 Each function takes a ``cppo_diag.storage`` run (``open_run``) or, for the scalar tables, its ``steps()``
-frame; the app caches them per run version (``app.data``).
+frame; the app caches them per run version (``cppo_diag.app.data``).
 """
 
 from __future__ import annotations

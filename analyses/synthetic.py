@@ -69,7 +69,7 @@ def _step_frame(rng: np.random.Generator, step: int, update: int, seqs: int, max
 
 def _applied(frame: pl.DataFrame, rule: str, params: dict) -> pl.DataFrame:
     """keep_applied / reason_applied from the rule library, on the batch the reader rebuilds from ``frame``."""
-    from analyses.recompute import run_rule
+    from cppo_diag.analyses.recomputation import run_rule
     from cppo_diag.storage.batches import batch_from_frame
 
     batch = batch_from_frame(frame)

@@ -54,15 +54,15 @@ def update_filter(updates: str) -> pl.Expr | None:
 
 def filter_updates(lf: pl.LazyFrame, updates: str) -> pl.LazyFrame:
     """``lf`` restricted to the updates ``updates`` selects (a frame without an ``update`` column is all
-    update 0, as ``analyses.tokens.load_tokens`` fills it)."""
+    update 0, as ``cppo_diag.analyses.tokens.load_tokens`` fills it)."""
     pred = update_filter(updates)
     return lf if pred is None else lf.filter(pred)
 
 
 def max_update(source: Any) -> int:
     """The largest ``update`` index the run logged (0 for an empty run or one update per batch)."""
-    from analyses.recompute import BatchSet
-    from analyses.tokens import load_tokens
+    from cppo_diag.analyses.recomputation import BatchSet
+    from cppo_diag.analyses.tokens import load_tokens
 
     if isinstance(source, BatchSet):
         return max((b.update for b in source.batches), default=0)
@@ -99,8 +99,8 @@ def select_updates(source: Any, updates: str, *, step_range=None):
     ``BatchSet`` whose batches are streamed from it (one step in memory at a time) for ``step_range`` only:
     pass the same ``step_range`` to the analysis.
     """
-    from analyses.recompute import BatchSet, iter_batches
-    from analyses.tokens import _open_run, run_meta
+    from cppo_diag.analyses.recomputation import BatchSet, iter_batches
+    from cppo_diag.analyses.tokens import _open_run, run_meta
 
     check_updates(updates)
     if updates == "all":

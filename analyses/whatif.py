@@ -16,8 +16,8 @@ import numpy as np
 import polars as pl
 import torch
 
-from analyses.recompute import iter_batches
-from analyses.updates import resolve_updates, select_updates
+from cppo_diag.analyses.recomputation import iter_batches
+from cppo_diag.analyses.updates import resolve_updates, select_updates
 
 SWEEP_PARAMS = ("delta_b_mode", "delta_b_quantile", "delta_b_cap", "delta_b_scale", "weight_length", "horizon",
                 "divergence")
@@ -65,7 +65,7 @@ def whatif_sweep(
 
     ``base_params``: the other CPPO parameters (delta_b_mode, delta_b_quantile, delta_b_cap, delta_b_scale,
     weight_length, horizon, divergence; default the rule's defaults). ``updates``: "all", "first" or
-    "after_first" (``analyses.updates``). Returns one row per grid point:
+    "after_first" (``cppo_diag.analyses.updates``). Returns one row per grid point:
     delta, delta_b, w_min, n_valid, n_masked, n_budget, n_token, masked_frac = n_masked / n_valid,
     budget_share = n_budget / n_masked (null when nothing is masked).
     """

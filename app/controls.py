@@ -10,8 +10,8 @@ from typing import Any
 
 import streamlit as st
 
-from analyses.binning import BIN_WIDTHS, auto_bin_width
-from app import data
+from cppo_diag.analyses.binning import BIN_WIDTHS, auto_bin_width
+from cppo_diag.app import data
 from cppo_diag.masks.reasons import REASON_LABELS  # noqa: F401  (the pages' legend of reason codes)
 
 STATISTICS = {
@@ -35,7 +35,7 @@ PARAM_RANGES = {
 
 
 def _metric_labels() -> dict[str, str]:
-    from analyses.position import METRIC_LABELS
+    from cppo_diag.analyses.position import METRIC_LABELS
 
     return {k: METRIC_LABELS[k] for k in ("tv", "abs_logratio", "k3", "k1") if k in METRIC_LABELS}
 
@@ -45,7 +45,7 @@ DIVERGENCES = _metric_labels()
 
 def stat_column(stat: str, x: float) -> str:
     if stat == "surv":
-        from analyses.position import surv_name
+        from cppo_diag.analyses.position import surv_name
 
         return surv_name(float(x))
     return stat
@@ -182,7 +182,7 @@ def updates_widget(paths: str | list[str], key: str, container: Any = st) -> str
     """Which updates the page pools. Shown only when a run logged several updates per batch (then the default
     is the updates after the first, where pi != mu); with one run the choice is returned, with several None
     means "each run's default". A caption says what is pooled."""
-    from analyses.updates import UPDATE_LABELS, UPDATES, updates_note
+    from cppo_diag.analyses.updates import UPDATE_LABELS, UPDATES, updates_note
 
     many = isinstance(paths, list)
     defaults = [run_default_updates(p) for p in (paths if many else [paths])]
@@ -204,8 +204,8 @@ def updates_widget(paths: str | list[str], key: str, container: Any = st) -> str
 
 @st.cache_resource(max_entries=data.MAX_BATCH_SETS, ttl=data.TTL_S, show_spinner=False)
 def _update_batch_set(path: str, version: tuple, step_range: tuple | None, updates: str):
-    from analyses.recompute import load_batches
-    from analyses.updates import select_updates
+    from cppo_diag.analyses.recomputation import load_batches
+    from cppo_diag.analyses.updates import select_updates
 
     return select_updates(load_batches(data.get_run(path), step_range=step_range), updates)
 
@@ -213,8 +213,8 @@ def _update_batch_set(path: str, version: tuple, step_range: tuple | None, updat
 @st.cache_data(max_entries=data.MAX_AGGREGATES, ttl=data.TTL_S, show_spinner=False)
 def _recompute_updates(path: str, version: tuple, step_range: tuple | None, updates: str, rule: str,
                        params: tuple, bin_width: int) -> Any:
-    import analyses
-    from analyses.updates import select_updates
+    from cppo_diag import analyses
+    from cppo_diag.analyses.updates import select_updates
 
     lo, hi = step_range if step_range is not None else (None, None)
     n = sum(v for s, v in data.tokens_per_step(path).items() if (lo is None or s >= lo) and (hi is None or s <= hi))

@@ -2,10 +2,10 @@
 ``analyses`` package.
 
 Pages never open files themselves: they read runs and run analyses through the functions here, which call
-``cppo_diag.open_run`` / ``cppo_diag.list_runs`` and ``analyses.*`` and cache the (collected) results. What
-is computed lives in ``analyses`` (``analyses.run_summary`` for the per-run facts below); pages pass the
+``cppo_diag.open_run`` / ``cppo_diag.list_runs`` and ``cppo_diag.analyses.*`` and cache the (collected) results. What
+is computed lives in ``analyses`` (``cppo_diag.analyses.run_summary`` for the per-run facts below); pages pass the
 tables on to ``analyses`` functions over in-memory frames and to the figure builders of
-``analyses.plots_plotly``.
+``cppo_diag.analyses.plots_plotly``.
 
 Caching
 -------
@@ -40,12 +40,9 @@ from typing import Any
 import polars as pl
 import streamlit as st
 
-from analyses import run_summary
+from cppo_diag.analyses import run_summary
+from cppo_diag.app.roots import ROOTS_ENV, default_root
 from cppo_diag.storage import schema
-
-ROOTS_ENV = "CPPO_DIAG_ROOTS"  # os.pathsep-separated, set by `cppo-diag app` (cppo_diag/cli/app_cmd.py)
-REPO = Path(__file__).resolve().parents[1]
-DEFAULT_ROOT = REPO / "sample_logs"
 
 # Bounds of the caches (entries per cached function, seconds).
 MAX_RUNS = 64
@@ -60,7 +57,7 @@ TTL_S = 3600
 def parse_roots(argv: Sequence[str] | None = None, environ: dict[str, str] | None = None) -> list[Path]:
     """Run roots from the script arguments (``--root DIR``, repeatable) and ``$CPPO_DIAG_ROOTS``.
 
-    Falls back to the repository's ``sample_logs/``.  Roots are resolved, de-duplicated and kept in order;
+    Falls back to ``roots.default_root()`` (a checkout's ``sample_logs/``, else ``./sample_logs``).  Roots are resolved, de-duplicated and kept in order;
     roots that do not exist are dropped (the Runs page says so).
     """
     argv = sys.argv[1:] if argv is None else argv
@@ -70,8 +67,8 @@ def parse_roots(argv: Sequence[str] | None = None, environ: dict[str, str] | Non
     ns, _ = parser.parse_known_args(list(argv))
     raw = list(ns.root)
     raw += [r for r in environ.get(ROOTS_ENV, "").split(os.pathsep) if r.strip()]
-    if not raw:
-        raw = [str(DEFAULT_ROOT)]
+    if not raw and default_root() is not None:
+        raw = [str(default_root())]
     roots: list[Path] = []
     for r in raw:
         p = Path(r).expanduser().resolve()
@@ -218,15 +215,14 @@ def _collect(out: Any) -> Any:
 
 
 def _analysis_fn(name: str):
-    """The public function ``analyses.<name>`` (the package keeps ``analyses.recompute`` bound to the
-    function even after the submodule of that name is imported)."""
+    """The public function ``cppo_diag.analyses.<name>``."""
     import types
 
-    import analyses
+    from cppo_diag import analyses
 
     fn = getattr(analyses, name)
     if not callable(fn) or isinstance(fn, types.ModuleType):
-        raise TypeError(f"analyses.{name}: expected a function, found {type(fn).__name__}")
+        raise TypeError(f"cppo_diag.analyses.{name}: expected a function, found {type(fn).__name__}")
     return fn
 
 
@@ -240,7 +236,7 @@ def _analysis(name: str, path: str, version: tuple, kwargs: tuple) -> Any:
 
 
 def analysis(name: str, path: str, **kwargs: Any) -> Any:
-    """``analyses.<name>(run, **kwargs)`` on a confined run, collected and cached per (run version, kwargs).
+    """``cppo_diag.analyses.<name>(run, **kwargs)`` on a confined run, collected and cached per (run version, kwargs).
 
     Keyword values must be hashable (use tuples, not lists).
     """
@@ -256,14 +252,14 @@ MAX_BATCH_SETS = 2
 
 @st.cache_resource(max_entries=MAX_BATCH_SETS, ttl=TTL_S, show_spinner=False)
 def _batch_set(path: str, version: tuple, step_range: tuple | None):
-    from analyses.recompute import load_batches
+    from cppo_diag.analyses.recomputation import load_batches
 
     return load_batches(_open(path, version), step_range=step_range)
 
 
 @st.cache_data(max_entries=MAX_AGGREGATES, ttl=TTL_S, show_spinner=False)
 def _recompute_steps(path: str, version: tuple, step_range: tuple | None, kwargs: tuple) -> Any:
-    import analyses
+    from cppo_diag import analyses
 
     n = run_summary.tokens_in_range(_tokens_per_step(path, version), step_range)
     source = _batch_set(path, version, step_range) if n <= WHATIF_BATCH_TOKENS else _open(path, version)
@@ -274,7 +270,7 @@ def _recompute_steps(path: str, version: tuple, step_range: tuple | None, kwargs
 
 def recompute_steps(path: str, *, rule: str, params: dict[str, Any], step_range: tuple[int, int] | None,
                     bin_width: int) -> Any:
-    """``analyses.recompute(run, rule, params=...)`` on ``step_range`` for slider-driven pages: the steps'
+    """``cppo_diag.analyses.recompute(run, rule, params=...)`` on ``step_range`` for slider-driven pages: the steps'
     batches are read and rebuilt once (up to ``WHATIF_BATCH_TOKENS`` tokens; larger ranges stream from disk)
     and each new parameter value only re-runs the rule. The rule's own per-batch metrics are skipped."""
     p = str(confine(path))
@@ -284,7 +280,7 @@ def recompute_steps(path: str, *, rule: str, params: dict[str, Any], step_range:
 
 @st.cache_data(max_entries=MAX_TOKEN_SLICES, ttl=TTL_S, show_spinner=False)
 def _step_tokens(path: str, version: tuple, step: int) -> pl.DataFrame:
-    from analyses.recompute import iter_step_frames
+    from cppo_diag.analyses.recomputation import iter_step_frames
 
     for _, frame in iter_step_frames(_open(path, version), step_range=(step, step)):
         return frame
@@ -337,7 +333,7 @@ def completed_steps(path: str) -> list[int]:
 
 @dataclass(frozen=True)
 class RunRow:
-    """A row of the Runs page (``analyses.run_summary.run_summary``) and the run's path."""
+    """A row of the Runs page (``cppo_diag.analyses.run_summary.run_summary``) and the run's path."""
 
     path: str
     name: str
@@ -440,20 +436,20 @@ def _compare_one(path: str, version: tuple, name: str, kwargs: tuple) -> Any:
 
 
 def compare_one(path: str, **kwargs: Any):
-    """``analyses.compare_runs([run], ...)`` for one run (cached per run, so adding a run to a comparison
+    """``cppo_diag.analyses.compare_runs([run], ...)`` for one run (cached per run, so adding a run to a comparison
     computes only that run)."""
     p = str(confine(path))
     return _compare_one(p, run_version(p), label(p), tuple(sorted(kwargs.items())))
 
 
 def _rule_frame(batches, rule: str, params: dict, anchor: str) -> pl.DataFrame:
-    """``analyses.recompute.run_rule`` on each batch, one row per valid token (``Batch.token_frame``): sequence
+    """``cppo_diag.analyses.recomputation.run_rule`` on each batch, one row per valid token (``Batch.token_frame``): sequence
     key, pos, keep, reason and the rule's internals (per-token ones, and per-sequence ones broadcast to their
     tokens; internals of other shapes are left out)."""
     import numpy as np
     import torch
 
-    from analyses.recompute import run_rule
+    from cppo_diag.analyses.recomputation import run_rule
 
     parts = []
     for batch in batches:
@@ -496,7 +492,7 @@ def sequence_rule(path: str, step: int, update: int, rank: int, seq_id: int, rul
 
 
 def step_rule(path: str, step: int, rule: str, params: dict[str, Any]) -> pl.DataFrame:
-    """``rule`` recomputed on one step (``analyses.recompute.run_rule`` per batch), one row per token:
+    """``rule`` recomputed on one step (``cppo_diag.analyses.recomputation.run_rule`` per batch), one row per token:
     sequence key, pos, keep, reason and the rule's internals (cppo: w, Z, S, c, delta_b)."""
     p = str(confine(path))
     return _step_rule(p, run_version(p), int(step), rule, tuple(sorted(params.items())))
@@ -514,6 +510,6 @@ def tokens_per_step(path: str) -> dict[int, int]:
 
 
 def recent_window(path: str, max_tokens: int) -> tuple[int, int] | None:
-    """The latest steps whose tokens add up to at most ``max_tokens`` (``analyses.run_summary.recent_window``):
+    """The latest steps whose tokens add up to at most ``max_tokens`` (``cppo_diag.analyses.run_summary.recent_window``):
     the default window of the pages that recompute rules, so that their first answer comes fast on big runs."""
     return run_summary.recent_window(tokens_per_step(path), max_tokens)

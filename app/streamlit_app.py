@@ -12,17 +12,9 @@ across pages), and the refresh controls for runs still being written. A path tha
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
+import streamlit as st
 
-# `streamlit run` puts app/ (this file's folder) on sys.path, not the repository root.
-_REPO = str(Path(__file__).resolve().parents[1])
-if _REPO not in sys.path:
-    sys.path.insert(0, _REPO)
-
-import streamlit as st  # noqa: E402
-
-from app import ui  # noqa: E402
+from cppo_diag.app import ui
 
 st.set_page_config(page_title="cppo-diag", layout="wide")
 

@@ -1,7 +1,7 @@
 """Small UI helpers shared by the pages: the sidebar, the run picker, charts, messages.
 
-Pages stay UI-only: data comes from :mod:`app.data` (which calls the reader and ``analyses``), figures from
-the builders of ``analyses.plots_plotly``, drawn with :func:`plot`.
+Pages stay UI-only: data comes from :mod:`cppo_diag.app.data` (which calls the reader and ``analyses``), figures from
+the builders of ``cppo_diag.analyses.plots_plotly``, drawn with :func:`plot`.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from typing import Any
 
 import streamlit as st
 
-from app import data
+from cppo_diag.app import data
 
 # Widget keys whose values survive page switches (Streamlit drops the state of widgets that a page does not
 # draw; re-assigning the key at the top of every script run keeps it).
@@ -99,7 +99,7 @@ def focus_run(label: str = "Run") -> str:
 
 
 def plot(fig: Any, key: str, *, tight: bool = True) -> None:
-    """Draw a plotly figure of ``analyses.plots_plotly``. ``tight=False`` keeps the figure's own margins and
+    """Draw a plotly figure of ``cppo_diag.analyses.plots_plotly``. ``tight=False`` keeps the figure's own margins and
     template (the report twins, which set ``plots_plotly.LAYOUT``); the pages' own figures are drawn tight in
     the Streamlit theme."""
     if tight:

@@ -5,21 +5,21 @@
     python benchmarks/bench_analyses.py --tokens 1e8 --baseline OLD_position.py         # exact: old vs new
 
 A synthetic run (512 responses of 256-1024 tokens per step) is written under ``bench_data/`` (gitignored)
-through ``cppo_diag.RunRecorder`` (``analyses.synthetic.write_recorded_run``) unless it exists. Each variant
+through ``cppo_diag.RunRecorder`` (``cppo_diag.analyses.synthetic.write_recorded_run``) unless it exists. Each variant
 runs in its own subprocess; its peak RSS is the largest sum of the RSS of its whole process tree (workers,
 Ray daemons), sampled every 20 ms, and its CPU seconds come from ``os.wait4`` (reaped descendants
 included; Ray's daemons are not reaped by the benchmark process, so Ray rows understate CPU). Side by side,
 in one run:
 
-* ``sketch local xN``: ``analyses.aggregate.position_summary`` (mergeable partials, log-bucket sketch,
+* ``sketch local xN``: ``cppo_diag.analyses.aggregate.position_summary`` (mergeable partials, log-bucket sketch,
   cache off) with N worker processes (default N = 1 and 2);
-* ``exact``: ``analyses.position.position_stats`` (exact order statistics, polars' threads);
+* ``exact``: ``cppo_diag.analyses.position.position_stats`` (exact order statistics, polars' threads);
 * ``pandas``: read the needed columns of every shard with ``pd.read_parquet``, compute the divergence,
   ``groupby(bin)`` count, mean, quantiles, top-decile mean, survival - what one would write without
   thinking about memory (``--pandas-tokens``: on the first N tokens only, with ``exact`` and the sketch run
   again on the same subset for the ratio);
 * ``sketch ray xN``: the same on a local Ray cluster of N CPUs (``ray.init`` timed separately), N = 1, 2;
-* ``recompute``: ``analyses.recompute(run, "cppo")`` over the first ``--recompute-tokens`` (off by default).
+* ``recompute``: ``cppo_diag.analyses.recompute(run, "cppo")`` over the first ``--recompute-tokens`` (off by default).
 
 It prints throughput, peak RSS, the ratio to pandas, the largest relative difference of the sketch's mean and
 P90 per bin from the exact ones, and the issue-14 targets as met / not met; figures belong in
@@ -63,7 +63,7 @@ def worker_ours(run: Path, metrics, bin_width: int, max_tokens: int | None, impl
 
     init_s = None
     if mode == "sketch":
-        from analyses.aggregate import position_summary
+        from cppo_diag.analyses.aggregate import position_summary
 
         if engine == "ray":  # start the local cluster first: its start-up is timed on its own
             import ray
@@ -76,7 +76,7 @@ def worker_ours(run: Path, metrics, bin_width: int, max_tokens: int | None, impl
         def position_stats(source, **kw):
             return position_summary(source, engine=engine, workers=workers, cache=cached, **kw)
     elif impl is None:
-        from analyses.position import position_stats
+        from cppo_diag.analyses.position import position_stats
     else:  # another implementation of analyses/position.py (e.g. a saved copy of an older version)
         import importlib.util
 
@@ -89,7 +89,7 @@ def worker_ours(run: Path, metrics, bin_width: int, max_tokens: int | None, impl
     if cached:  # start cold
         import shutil
 
-        from analyses.aggregate import CACHE_DIR
+        from cppo_diag.analyses.aggregate import CACHE_DIR
 
         shutil.rmtree(run / CACHE_DIR, ignore_errors=True)
     if mode == "sketch" and max_tokens is not None:  # a subset: a copy of the run's first shards as a run
@@ -107,7 +107,7 @@ def worker_ours(run: Path, metrics, bin_width: int, max_tokens: int | None, impl
     if cached:  # a second call answers from the cache beside the run (then the cache is removed)
         import shutil
 
-        from analyses.aggregate import CACHE_DIR
+        from cppo_diag.analyses.aggregate import CACHE_DIR
 
         t0 = time.perf_counter()
         again = position_stats(source, metrics=metrics, bin_width=bin_width, thresholds=THRESHOLDS)
@@ -173,7 +173,7 @@ def worker_pandas(run: Path, metrics, bin_width: int, max_tokens: int | None) ->
 
 
 def worker_recompute(run: Path, tokens: int) -> dict:
-    from analyses.recompute import recompute
+    from cppo_diag.analyses.recomputation import recompute
 
     files = _files(run, tokens)
     last_step = int(files[-1].parent.name.split("=")[1])
@@ -337,7 +337,7 @@ def main() -> int:
     data_dir = args.data_dir or (ROOT / "bench_data")
     run = data_dir / f"recorded_{args.tokens}"
     if not (run / "meta.json").exists():
-        from analyses.synthetic import write_recorded_run
+        from cppo_diag.analyses.synthetic import write_recorded_run
 
         print(f"generating {args.tokens:,} tokens in {run} (RunRecorder) ...", flush=True)
         t0 = time.perf_counter()

@@ -9,7 +9,7 @@ latency, the median and the load average. Needs /usr/bin/chromium and playwright
     python benchmarks/bench_app_whatif.py --root bench_data/app --run big-run --moves 8
 
 The 50M-token run of docs/benchmarks.md ("App") is written by ``CPPO_DIAG_APP_BENCH_TOKENS=50000000 pytest
-tests/test_browser.py`` (kept in bench_data/app/big-run) or ``analyses.write_synthetic_run(path,
+tests/test_browser.py`` (kept in bench_data/app/big-run) or ``cppo_diag.analyses.write_synthetic_run(path,
 n_tokens=50_000_000, seqs_per_step=256, max_len=2048, with_keep_applied="cppo")``.
 """
 

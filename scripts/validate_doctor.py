@@ -2,7 +2,7 @@
 finding before their collapse step, healthy runs none at all.
 
 Trains (unless the run directory already exists) ``--seeds`` collapsing and ``--seeds`` healthy runs of the bundled
-trainer, runs ``analyses.doctor.diagnose`` on each and prints a markdown table (docs/analyses.md, "Doctor:
+trainer, runs ``cppo_diag.analyses.doctor.diagnose`` on each and prints a markdown table (docs/analyses.md, "Doctor:
 validation") plus a JSON file with every run's findings.
 
 Settings (each one a list of ``cppo-diag train`` arguments; override with --collapse-args / --healthy-args):
@@ -82,7 +82,7 @@ def main() -> int:
     ap.add_argument("--kinds", default="collapse,healthy", help="comma-separated: collapse, healthy")
     args = ap.parse_args()
     sys.path.insert(0, str(REPO))
-    from analyses.doctor import diagnose
+    from cppo_diag.analyses.doctor import diagnose
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

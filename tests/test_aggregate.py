@@ -8,11 +8,11 @@ import numpy as np
 import polars as pl
 import pytest
 
-from analyses import aggregate as agg
-from analyses.aggregate import (AggSpec, Partial, aggregate_files, aggregate_run, position_summary, relative_accuracy_of,
+from cppo_diag.analyses import aggregate as agg
+from cppo_diag.analyses.aggregate import (AggSpec, Partial, aggregate_files, aggregate_run, position_summary, relative_accuracy_of,
                                 stats_table)
-from analyses.position import position_stats
-from analyses.synthetic import write_synthetic_run
+from cppo_diag.analyses.position import position_stats
+from cppo_diag.analyses.synthetic import write_synthetic_run
 from cppo_diag.masks.reasons import Reason
 from cppo_diag.storage import layout
 
@@ -284,7 +284,7 @@ def _without_last_step(src, tmp_path):
 
 @pytest.mark.parametrize("updates", ["all", "after_first", "first"])
 def test_applied_mask_from_partials_equals_plain_query(masked_run, updates):
-    from analyses.updates import filter_updates
+    from cppo_diag.analyses.updates import filter_updates
 
     got = agg.applied_mask(masked_run, "r", "applied:cppo", bin_width=32, updates=updates, cache=False)
     ref = _reference_applied(filter_updates(pl.scan_parquet(_files(masked_run)), updates), 32)
@@ -302,7 +302,7 @@ def test_applied_mask_from_partials_equals_plain_query(masked_run, updates):
 def test_compare_applied_row_is_cached_and_grows_by_new_steps(masked_run, tmp_path):
     """compare_runs' applied-mask row comes from the cached partials: a second call reads no shard, and a
     run that grows by a step aggregates that step only."""
-    from analyses.compare import compare_runs
+    from cppo_diag.analyses.compare import compare_runs
 
     run, n, finish_last_step = _without_last_step(masked_run, tmp_path)
     kw = dict(rules=("dppo",), progress=False, bin_width=32, updates="all")
@@ -341,7 +341,7 @@ def _assert_budget_equal(a, b, rel=1e-12):
 def test_budget_merges_over_step_groups(masked_run):
     """Budget exhaustion over groups of whole steps merges into the one-pass tables (merge_budget), and the
     local engine (2 processes) gives them too."""
-    from analyses.budget import budget_exhaustion, merge_budget
+    from cppo_diag.analyses.budget import budget_exhaustion, merge_budget
 
     kw = dict(bin_width=32, updates="after_first", progress=False)
     one = budget_exhaustion(masked_run, **kw)
@@ -362,7 +362,7 @@ def test_budget_merges_over_step_groups(masked_run):
 def test_budget_engine_cache_recomputes_only_new_steps(masked_run, tmp_path):
     """With an engine, each group's budget state is cached beside the run: a second call recomputes
     nothing, a new step is recomputed alone, and the tables equal a one-pass recompute."""
-    from analyses.budget import budget_exhaustion
+    from cppo_diag.analyses.budget import budget_exhaustion
 
     run, n, finish_last_step = _without_last_step(masked_run, tmp_path)
     kw = dict(bin_width=32, updates="after_first", progress=False, engine="local", workers=1)
@@ -377,7 +377,7 @@ def test_budget_engine_cache_recomputes_only_new_steps(masked_run, tmp_path):
 
 
 def test_empty_run_gives_the_empty_table(tmp_path):
-    from analyses.synthetic import empty_run
+    from cppo_diag.analyses.synthetic import empty_run
 
     run = empty_run(tmp_path / "empty")
     got = position_summary(run, workers=1)

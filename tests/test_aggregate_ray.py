@@ -58,7 +58,7 @@ def _assert_equal(a: pl.DataFrame, b: pl.DataFrame):
 
 @pytest.mark.slow
 def test_ray_engine_equals_local_on_10m_tokens(tmp_path):
-    from analyses.synthetic import write_recorded_run
+    from cppo_diag.analyses.synthetic import write_recorded_run
 
     run = write_recorded_run(tmp_path / "run", n_tokens=10_000_000, seqs_per_step=512, max_len=1024, seed=0)
     local = _stats(run, tmp_path, "--engine", "local")

@@ -7,8 +7,8 @@ import polars as pl
 import pytest
 import torch
 
-from analyses.mismatch import IS_HIGH, IS_LOW, is_gt_name, is_lt_name, mismatch_metrics
-from analyses.tokens import MissingColumnError
+from cppo_diag.analyses.mismatch import IS_HIGH, IS_LOW, is_gt_name, is_lt_name, mismatch_metrics
+from cppo_diag.analyses.tokens import MissingColumnError
 from cppo_diag.masks import compute_mask
 
 
@@ -187,7 +187,7 @@ def test_errors_name_the_field():
 
 
 def test_run_directory_source(tmp_path):
-    from analyses.synthetic import write_synthetic_run
+    from cppo_diag.analyses.synthetic import write_synthetic_run
 
     run = write_synthetic_run(tmp_path / "r", n_tokens=3000, seqs_per_step=8, max_len=64, updates=2,
                               with_keep_applied="dppo")

@@ -3,14 +3,14 @@
 import polars as pl
 import pytest
 
-from analyses import plots_mpl as M
-from analyses import plots_plotly as PP
-from analyses.budget import budget_exhaustion
-from analyses.compare import compare_runs
-from analyses.mismatch import mismatch_by_position
-from analyses.position import position_stats
-from analyses.synthetic import write_synthetic_run
-from analyses.whatif import whatif_sweep
+from cppo_diag.analyses import plots_mpl as M
+from cppo_diag.analyses import plots_plotly as PP
+from cppo_diag.analyses.budget import budget_exhaustion
+from cppo_diag.analyses.compare import compare_runs
+from cppo_diag.analyses.mismatch import mismatch_by_position
+from cppo_diag.analyses.position import position_stats
+from cppo_diag.analyses.synthetic import write_synthetic_run
+from cppo_diag.analyses.whatif import whatif_sweep
 
 
 @pytest.fixture(scope="module")
@@ -168,7 +168,7 @@ def test_runs_by_rule_colours_runs_and_dashes_rules(tables):
 
 
 def test_masked_by_rule_and_metric_family_draw_one_line_each(tables):
-    from analyses.mismatch import mismatch_metrics
+    from cppo_diag.analyses.mismatch import mismatch_metrics
 
     by_pos = tables["compare"].by_position
     fig = PP.fig_masked_by_rule(by_pos, relative=False)
@@ -188,7 +188,7 @@ def test_run_curves_one_line_per_run_and_scalar():
 
 
 def test_whatif_page_figures_set_results_side_by_side(tables):
-    from analyses import recompute
+    from cppo_diag.analyses import recompute
 
     results = {name: recompute(tables["run"], rule, bin_width=16, progress=False)
                for name, rule in (("cppo (what-if)", "cppo"), ("reference", "grpo_clip"))}
@@ -223,12 +223,12 @@ def test_doctor_figures(tables, tmp_path):
     assert labels == ["mean k3", "reference", "steps the test used", "alarm at step 7", "reward collapse at step 8"]
     assert ax.get_yscale() == "log"
     assert M.fig_step_series(steps, steps - 1.0, ylabel="v", title="t", log=True).axes[0].get_yscale() == "linear"
-    from analyses.position import position_stats
+    from cppo_diag.analyses.position import position_stats
 
     along = position_stats(tables["run"], metrics=("tv",), relative=True, n_rel_bins=10).filter(pl.col("count") > 0)
     fig = M.fig_divergence_along_response(along)
     assert [ln.get_label() for ln in fig.axes[0].lines] == ["bin mean", "top-10% mean (mean of D ≥ P90)"]
-    from analyses.mismatch import mismatch_metrics
+    from cppo_diag.analyses.mismatch import mismatch_metrics
 
     series = {u: mismatch_metrics(tables["run"], by="step", updates=u) for u in ("first", "after_first")}
     fig = M.fig_mismatch_by_update(series)

@@ -5,9 +5,9 @@ import polars as pl
 import pytest
 import torch
 
-from analyses.recompute import iter_batches, recompute, recompute_many
-from analyses.synthetic import empty_run, write_synthetic_run
-from analyses.tokens import MissingColumnError
+from cppo_diag.analyses.recomputation import iter_batches, recompute, recompute_many
+from cppo_diag.analyses.synthetic import empty_run, write_synthetic_run
+from cppo_diag.analyses.tokens import MissingColumnError
 from cppo_diag.masks import compute_mask
 from cppo_diag.storage import batch_from_frame
 
@@ -111,7 +111,7 @@ def test_sparse_seq_ids_give_compact_rows_and_the_same_shuffled_mask():
 
 def recompute_rows(df, params):
     (batch,) = list(iter_batches(df))
-    from analyses.recompute import run_rule
+    from cppo_diag.analyses.recomputation import run_rule
 
     res = run_rule(batch, "cppo_shuffled", params)
     return {**{k: v for k, v in batch.token_keys().items() if k in ("seq_id", "pos")}, "keep": batch.unpad(res.keep)}
@@ -174,15 +174,16 @@ def test_run_recorded_with_runrecorder(tmp_path):
 
 
 def test_package_attribute_recompute_stays_the_function():
-    """Importing the submodule analyses.recompute (as analyses.budget does) must not shadow the function."""
+    """The module is ``recomputation`` and the function ``recompute``: importing every submodule keeps
+    ``analyses.recompute`` the function (no module of that name can shadow it)."""
     import importlib
 
-    import analyses
+    from cppo_diag import analyses
 
-    importlib.import_module("analyses.budget")
-    importlib.import_module("analyses.recompute")
+    importlib.import_module("cppo_diag.analyses.budget")
+    importlib.import_module("cppo_diag.analyses.recomputation")
     assert callable(analyses.recompute) and analyses.recompute.__name__ == "recompute"
-    from analyses.recompute import iter_batches as ib
+    from cppo_diag.analyses.recomputation import iter_batches as ib
 
     assert callable(ib)
 
@@ -190,7 +191,7 @@ def test_package_attribute_recompute_stays_the_function():
 def test_relative_position_bins_match_a_plain_loop_and_position_stats(run):
     """relative=True: bin = ceil(n * t / T) - 1 with t = pos + 1, T = the response's max(pos) + 1, as in
     position_stats(relative=True) (same token counts per bin)."""
-    from analyses.position import position_stats
+    from cppo_diag.analyses.position import position_stats
 
     n_bins = 10
     res = recompute(run, "dppo", params={"delta": 0.05}, relative=True, n_rel_bins=n_bins, progress=False)
@@ -209,7 +210,7 @@ def test_relative_position_bins_match_a_plain_loop_and_position_stats(run):
 
 
 def test_batch_set_gives_the_same_results_as_the_run(run):
-    from analyses.recompute import BatchSet, load_batches
+    from cppo_diag.analyses.recomputation import BatchSet, load_batches
 
     steps = sorted(pl.read_parquet(sorted((run / "tokens").glob("*/*.parquet")))["step"].unique().to_list())
     sr = (steps[1], steps[-1])
@@ -228,7 +229,7 @@ def test_batch_set_gives_the_same_results_as_the_run(run):
 def test_compare_runs_relative_positions(run):
     """compare_runs(relative=True): the recomputed rules' by_position equals recompute(relative=True), and
     the applied mask's row is binned by t / T too (checked against a plain computation)."""
-    from analyses.compare import compare_runs
+    from cppo_diag.analyses.compare import compare_runs
 
     n_bins = 8
     cmp = compare_runs([run], ("dppo",), params={"dppo": {"delta": 0.05}}, relative=True, n_rel_bins=n_bins,

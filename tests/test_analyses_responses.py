@@ -1,4 +1,4 @@
-"""analyses.responses (the token inspector's tables) on one step of a sample log, against the computations the
+"""cppo_diag.analyses.responses (the token inspector's tables) on one step of a sample log, against the computations the
 inspector page made inline before they moved here."""
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ import numpy as np
 import polars as pl
 import pytest
 
-from analyses import responses as R
-from analyses.recompute import iter_step_frames
+from cppo_diag.analyses import responses as R
+from cppo_diag.analyses.recomputation import iter_step_frames
 from cppo_diag import open_run
 
 SAMPLES = Path(__file__).resolve().parents[1] / "sample_logs"

@@ -1,4 +1,4 @@
-"""analyses.run_summary (the per-run facts the app's Runs, Compare and Budget pages show) on the sample logs,
+"""cppo_diag.analyses.run_summary (the per-run facts the app's Runs, Compare and Budget pages show) on the sample logs,
 against the computations the app made inline before they moved here."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from analyses import run_summary as rs
+from cppo_diag.analyses import run_summary as rs
 from cppo_diag import open_run
 
 SAMPLES = Path(__file__).resolve().parents[1] / "sample_logs"

@@ -11,10 +11,10 @@ import pytest
 import torch
 from polars.testing import assert_frame_equal
 
-import analyses as A
-from analyses.recompute import load_batches
-from analyses.synthetic import write_synthetic_run
-from analyses.updates import default_updates, select_updates, updates_note
+from cppo_diag import analyses as A
+from cppo_diag.analyses.recomputation import load_batches
+from cppo_diag.analyses.synthetic import write_synthetic_run
+from cppo_diag.analyses.updates import default_updates, select_updates, updates_note
 
 
 @pytest.fixture(scope="module")
@@ -156,7 +156,7 @@ def test_profiles_are_named_parameter_sets_of_cppo():
 
 
 def test_verl_profile_reads_the_runs_maximum_response_length(run2, tmp_path):
-    from analyses.profiles import run_max_response_length, run_profile_params
+    from cppo_diag.analyses.profiles import run_max_response_length, run_profile_params
 
     longest = int(A.load_tokens(run2).select(pl.col("pos").max()).collect().item()) + 1
     assert run_max_response_length(run2) == longest  # no cap in this run's config: the longest response

@@ -4,12 +4,12 @@ import numpy as np
 import polars as pl
 import pytest
 
-from analyses.budget import budget_exhaustion
-from analyses.mismatch import mismatch_by_position
-from analyses.recompute import iter_batches
-from analyses.synthetic import write_synthetic_run
-from analyses.tokens import MissingColumnError
-from analyses.whatif import whatif_sweep
+from cppo_diag.analyses.budget import budget_exhaustion
+from cppo_diag.analyses.mismatch import mismatch_by_position
+from cppo_diag.analyses.recomputation import iter_batches
+from cppo_diag.analyses.synthetic import write_synthetic_run
+from cppo_diag.analyses.tokens import MissingColumnError
+from cppo_diag.analyses.whatif import whatif_sweep
 from cppo_diag.masks import Reason, compute_mask
 
 
@@ -108,10 +108,10 @@ def test_mismatch_by_position(run, tmp_path):
 
 
 def test_every_analysis_accepts_an_empty_run(tmp_path):
-    from analyses.compare import compare_runs
-    from analyses.position import position_stats
-    from analyses.report import write_report
-    from analyses.synthetic import empty_run
+    from cppo_diag.analyses.compare import compare_runs
+    from cppo_diag.analyses.position import position_stats
+    from cppo_diag.analyses.report import write_report
+    from cppo_diag.analyses.synthetic import empty_run
 
     r = empty_run(tmp_path / "empty")
     assert position_stats(r).is_empty()

@@ -210,7 +210,7 @@ def test_inspector_slack_has_its_own_axis_with_its_full_range(app):
 def test_token_span_escapes_exactly_once():
     from html.parser import HTMLParser
 
-    from app.ui import token_span
+    from cppo_diag.app.ui import token_span
 
     class Collect(HTMLParser):
         def __init__(self):
@@ -387,7 +387,7 @@ def test_link_repointed_after_the_listing_is_refused_in_one_sentence(linked_root
 
 
 def test_confine_admits_listed_links_only(linked_root, tmp_path):
-    from app import data
+    from cppo_diag.app import data
 
     root, shared = linked_root
     assert data.confine(root / "linked", [root]) == root / "linked"  # named as listed, not by its target

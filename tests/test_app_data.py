@@ -9,7 +9,7 @@ import pytest
 
 pytest.importorskip("streamlit")
 
-from app import data  # noqa: E402
+from cppo_diag.app import data  # noqa: E402
 from cppo_diag.cli import app_cmd  # noqa: E402
 
 
@@ -18,7 +18,7 @@ def test_parse_roots_from_args_and_env(tmp_path):
     a.mkdir(), b.mkdir()
     roots = data.parse_roots(["--root", str(a)], {data.ROOTS_ENV: f"{b}{os.pathsep}{a}"})
     assert roots == [a.resolve(), b.resolve()]  # args first, duplicates dropped
-    assert data.parse_roots([], {}) == [data.DEFAULT_ROOT.resolve()]
+    assert data.parse_roots([], {}) == [data.default_root()]
 
 
 def test_confine_rejects_escapes(tmp_path):
@@ -95,9 +95,9 @@ def test_launch_can_wait_for_a_root_a_trainer_will_create(tmp_path, monkeypatch)
 
 
 def test_analysis_functions_resolve_to_functions_after_submodule_imports():
-    """``analyses.recompute`` is both a submodule and a function; the app gets the function either way."""
-    import analyses.recompute  # noqa: F401  (the submodule import must not shadow the function)
-    from app import data
+    """The app gets the functions, whatever submodules were imported before."""
+    import cppo_diag.analyses.recomputation  # noqa: F401
+    from cppo_diag.app import data
 
     for name in ("recompute", "position_stats", "compare_runs", "budget_exhaustion", "whatif_sweep"):
         fn = data._analysis_fn(name)

@@ -19,7 +19,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def root(tmp_path_factory) -> Path:
-    from analyses.synthetic import write_synthetic_run
+    from cppo_diag.analyses.synthetic import write_synthetic_run
 
     r = tmp_path_factory.mktemp("runs2")
     run = write_synthetic_run(r / "two-updates", n_tokens=6_000, seqs_per_step=8, max_len=64, updates=2,

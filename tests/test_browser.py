@@ -7,7 +7,7 @@ and times the wait from the change until the chart (or text) shows new data. Scr
 ``artifacts/screenshots/`` and the latencies to ``artifacts/app_latency.json`` (CI keeps both).
 
 Bigger data for the speed figures in docs/benchmarks.md: ``CPPO_DIAG_APP_BENCH_TOKENS=50000000`` adds a
-synthetic run of that many tokens (``analyses.write_synthetic_run``, CPPO applied) as a second root and the
+synthetic run of that many tokens (``cppo_diag.analyses.write_synthetic_run``, CPPO applied) as a second root and the
 latencies are measured on it; ``CPPO_DIAG_APP_BENCH_DIR`` (default ``bench_data/app``) keeps it between runs.
 """
 
@@ -61,7 +61,7 @@ def roots(root) -> list[str]:
         return [str(root)]
     big = BENCH_DIR / "big-run"
     if not (big / "meta.json").exists():
-        from analyses import write_synthetic_run
+        from cppo_diag.analyses import write_synthetic_run
 
         write_synthetic_run(big, n_tokens=BENCH_TOKENS, seqs_per_step=256, max_len=2048, with_keep_applied="cppo",
                             progress=True)

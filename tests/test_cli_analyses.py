@@ -7,7 +7,7 @@ import re
 import polars as pl
 import pytest
 
-from analyses.synthetic import write_synthetic_run
+from cppo_diag.analyses.synthetic import write_synthetic_run
 from cppo_diag.cli.main import main
 
 

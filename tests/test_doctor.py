@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from analyses import doctor as D
+from cppo_diag.analyses import doctor as D
 
 
 # -- statistics ---------------------------------------------------------------------------------------------------

@@ -11,8 +11,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from analyses.recompute import recompute
-from analyses.synthetic import empty_run, write_synthetic_run
+from cppo_diag.analyses.recomputation import recompute
+from cppo_diag.analyses.synthetic import empty_run, write_synthetic_run
 from cppo_diag import open_run
 from cppo_diag.storage import layout
 
@@ -100,7 +100,7 @@ def test_recompute_side_table_is_whole_or_absent(tmp_path, monkeypatch):
     whole = pq.read_table(side)
     assert whole.num_rows == res.overall["n_valid"] > 0
 
-    rc = importlib.import_module("analyses.recompute")  # the module (the package binds the name to the function)
+    rc = importlib.import_module("cppo_diag.analyses.recomputation")
     real, n = rc.run_rule, {"calls": 0}
 
     def fail_later(*a, **kw):

@@ -1,5 +1,5 @@
 """The study's figures: the seed bands (``curve_bands``) and the matplotlib builders they feed
-(``analyses.plots_mpl``: learning curves, per-rule small multiples, the ablation, the paired effects)."""
+(``cppo_diag.analyses.plots_mpl``: learning curves, per-rule small multiples, the ablation, the paired effects)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import numpy as np
 import polars as pl
 import pytest
 
-from analyses import plots_mpl as M
+from cppo_diag.analyses import plots_mpl as M
 from cppo_diag.study.analysis import curve_bands
 from cppo_diag.study.stats import t_interval
 

@@ -514,7 +514,7 @@ def test_minibatch_tokens_and_sampled_sequences_share_seq_ids(tmp_path):
 def test_soft_and_cispo_runs_log_the_weight_the_loss_applied(tmp_path):
     """Issue 11 item 7: keep_applied is all-valid for cppo_soft and cispo; loss_weight holds the gate / the
     truncated IS weight the loss multiplied each token by (recomputed here from the logged tokens)."""
-    from analyses.recompute import iter_batches, run_rule
+    from cppo_diag.analyses.recomputation import iter_batches, run_rule
 
     for rule, params in (("cppo_soft", {"delta": 0.05}), ("cispo", {"eps_high": 0.1})):
         train(tiny_cfg(tmp_path, steps=1, optim={"lr": 3e-3, "epochs": 3}, rule={"name": rule, "params": params},

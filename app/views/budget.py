@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import streamlit as st
 
-from analyses import plots_plotly as pp
-from analyses import run_summary
-from app import controls, data, ui
+from cppo_diag.analyses import plots_plotly as pp
+from cppo_diag.analyses import run_summary
+from cppo_diag.app import controls, data, ui
 
 st.title("Budget")
 st.caption("CPPO's prefix budget recomputed on the run (SPEC CPPO steps 3-6): budget-mask share = "

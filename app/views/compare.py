@@ -6,9 +6,9 @@ from __future__ import annotations
 import polars as pl
 import streamlit as st
 
-from analyses import plots_plotly as pp
-from analyses import run_summary
-from app import controls, data, ui
+from cppo_diag.analyses import plots_plotly as pp
+from cppo_diag.analyses import run_summary
+from cppo_diag.app import controls, data, ui
 
 N_REL_BINS = 20  # bins of t / T in (0, 1] when the position is relative (as on Divergence by position)
 

@@ -7,8 +7,8 @@ from __future__ import annotations
 import polars as pl
 import streamlit as st
 
-from analyses import plots_plotly as pp
-from app import controls, data, ui
+from cppo_diag.analyses import plots_plotly as pp
+from cppo_diag.app import controls, data, ui
 
 st.title("Divergence by position")
 path = ui.focus_run()

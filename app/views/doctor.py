@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import streamlit as st
 
-from analyses import plots_plotly as pp
-from app import data, ui
+from cppo_diag.analyses import plots_plotly as pp
+from cppo_diag.app import data, ui
 
 # Finding.page -> the page file of this app (app/streamlit_app.py).
 PAGE_FILES = {

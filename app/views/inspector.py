@@ -10,9 +10,9 @@ import numpy as np
 import polars as pl
 import streamlit as st
 
-from analyses import plots_plotly as pp
-from analyses import responses
-from app import controls, data, ui
+from cppo_diag.analyses import plots_plotly as pp
+from cppo_diag.analyses import responses
+from cppo_diag.app import controls, data, ui
 from cppo_diag.masks.reasons import Reason
 
 st.title("Token inspector")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import polars as pl
 import streamlit as st
 
-from app import data, ui
+from cppo_diag.app import data, ui
 
 st.title("Runs")
 runs = ui.runs_or_stop()

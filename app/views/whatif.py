@@ -10,8 +10,8 @@ from __future__ import annotations
 import polars as pl
 import streamlit as st
 
-from analyses import plots_plotly as pp
-from app import controls, data, ui
+from cppo_diag.analyses import plots_plotly as pp
+from cppo_diag.app import controls, data, ui
 
 st.title("What-if")
 path = ui.focus_run()

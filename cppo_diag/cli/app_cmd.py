@@ -30,9 +30,12 @@ import webbrowser
 from collections.abc import Iterator
 from pathlib import Path
 
+from cppo_diag import app
+from cppo_diag.app.roots import ROOTS_ENV, default_root_candidates
+from cppo_diag.app.roots import default_root as find_default_root
+
 HELP = "open the browser app (Streamlit) on run roots; default: the bundled sample_logs/"
 
-ROOTS_ENV = "CPPO_DIAG_ROOTS"  # os.pathsep-separated run roots read by app/data.py
 HOST = "127.0.0.1"
 STOP_SIGNALS = tuple(getattr(signal, n) for n in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, n))
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
@@ -44,21 +47,16 @@ class PortInUseError(OSError):
 
 def app_script() -> Path:
     """Path of the Streamlit entry script (``app/streamlit_app.py``)."""
-    import app
-
     return Path(app.__file__).resolve().parent / "streamlit_app.py"
 
 
 def default_root() -> Path:
-    """The repository's bundled ``sample_logs/`` (next to the ``app`` package), else ``./sample_logs``."""
-    repo = app_script().parents[1]
-    for candidate in (repo / "sample_logs", Path.cwd() / "sample_logs"):
-        if candidate.is_dir():
-            return candidate.resolve()
-    raise FileNotFoundError(
-        f"no --root given and no bundled sample_logs/ found (looked in {repo / 'sample_logs'} and "
-        f"{Path.cwd() / 'sample_logs'}); pass --root DIR"
-    )
+    """The bundled ``sample_logs/`` of a source checkout, else ``./sample_logs`` (``cppo_diag.app.roots``)."""
+    found = find_default_root()
+    if found is None:
+        looked = " and ".join(str(c) for c in default_root_candidates())
+        raise FileNotFoundError(f"no --root given and no sample_logs/ found (looked in {looked}); pass --root DIR")
+    return found
 
 
 def _check_roots(roots: list[str], allow_missing: bool = False) -> list[str]:

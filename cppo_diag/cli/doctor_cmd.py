@@ -73,7 +73,7 @@ def _text(report: dict) -> str:
 
 
 def run(args) -> int:
-    from analyses.doctor import diagnose_runs
+    from cppo_diag.analyses.doctor import diagnose_runs
 
     for r in args.runs:
         p = Path(r)

@@ -31,8 +31,8 @@ HELP = "recompute a rule's mask over a recorded run (summaries; optional per-tok
 
 
 def add_arguments(parser) -> None:
-    from analyses.cli_util import add_steps_argument
-    from analyses.updates import add_updates_argument
+    from cppo_diag.analyses.cli_util import add_steps_argument
+    from cppo_diag.analyses.updates import add_updates_argument
 
     parser.add_argument("run", help="run directory")
     parser.add_argument("--rule", default=None,
@@ -60,12 +60,12 @@ def _pct(x) -> str:
 
 
 def run(args) -> int:
-    from analyses.cli_util import parse_params
-    from analyses.recompute import recompute
+    from cppo_diag.analyses.cli_util import parse_params
+    from cppo_diag.analyses.recomputation import recompute
 
-    from analyses.profiles import run_profile_params
-    from analyses.tokens import run_meta
-    from analyses.updates import resolve_updates, select_updates, updates_arg
+    from cppo_diag.analyses.profiles import run_profile_params
+    from cppo_diag.analyses.tokens import run_meta
+    from cppo_diag.analyses.updates import resolve_updates, select_updates, updates_arg
 
     try:
         params = parse_params(args.param)

@@ -25,8 +25,8 @@ HELP = "write PNG figures and a self-contained HTML report for one or more runs"
 
 
 def add_arguments(parser) -> None:
-    from analyses.cli_util import add_steps_argument
-    from analyses.updates import add_updates_argument
+    from cppo_diag.analyses.cli_util import add_steps_argument
+    from cppo_diag.analyses.updates import add_updates_argument
 
     parser.add_argument("runs", nargs="+", metavar="RUN", help="run directories")
     parser.add_argument("--out", required=True, metavar="DIR", help="output directory (created)")
@@ -46,9 +46,9 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    from analyses.cli_util import parse_params
-    from analyses.report import write_report
-    from analyses.updates import updates_arg
+    from cppo_diag.analyses.cli_util import parse_params
+    from cppo_diag.analyses.report import write_report
+    from cppo_diag.analyses.updates import updates_arg
 
     params: dict[str, dict] = {}
     for item in args.param:

@@ -5,7 +5,7 @@ default), top10_mean (mean of the tokens with D >= the bin's P90), surv_<x> = P(
 tail index over the exceedances of the bin's P90) and hill_k. Metrics: tv = |pi - mu|, abs_logratio =
 |log pi - log mu|, k3 = rho - 1 - log rho; with --mismatch, |pi_old - mu| and |log pi_old - log mu|.
 
-By default the statistics come from mergeable partial aggregates (``analyses.aggregate``): exact counts and
+By default the statistics come from mergeable partial aggregates (``cppo_diag.analyses.aggregate``): exact counts and
 means, quantiles and tail statistics from a log-bucket sketch within --relative-accuracy (default 1%,
 buckets 0.78%), computed by --engine local (processes over shard groups) or ray, and cached beside the run
 (RUN/_cache/aggregates/) so a growing run is only aggregated for its new steps. --exact gives the exact
@@ -33,8 +33,8 @@ HELP = "per-position divergence statistics of a run as CSV or JSON"
 
 
 def add_arguments(parser) -> None:
-    from analyses.cli_util import add_steps_argument
-    from analyses.updates import add_updates_argument
+    from cppo_diag.analyses.cli_util import add_steps_argument
+    from cppo_diag.analyses.updates import add_updates_argument
 
     parser.add_argument("run", help="run directory")
     parser.add_argument("--by", choices=["position", "relative", "step"], default="position",
@@ -78,11 +78,11 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    from analyses.aggregate import position_summary
-    from analyses.mismatch import mismatch_by_position
-    from analyses.position import DEFAULT_THRESHOLDS, METRICS
-    from analyses.tokens import MissingColumnError
-    from analyses.updates import resolve_updates, updates_arg
+    from cppo_diag.analyses.aggregate import position_summary
+    from cppo_diag.analyses.mismatch import mismatch_by_position
+    from cppo_diag.analyses.position import DEFAULT_THRESHOLDS, METRICS
+    from cppo_diag.analyses.tokens import MissingColumnError
+    from cppo_diag.analyses.updates import resolve_updates, updates_arg
 
     relative = args.by == "relative"
     thresholds = tuple(args.threshold) if args.threshold else DEFAULT_THRESHOLDS
@@ -93,7 +93,7 @@ def run(args) -> int:
         if args.family == "mismatch":
             if relative:
                 raise ValueError("--by: the mismatch family is by 'step' or 'position', found 'relative'")
-            from analyses.mismatch import mismatch_metrics
+            from cppo_diag.analyses.mismatch import mismatch_metrics
 
             updates = resolve_updates(args.run, updates_arg(args.updates))
             table = mismatch_metrics(args.run, by="step" if args.by == "step" else "position", bin_width=args.bin,

@@ -22,7 +22,7 @@ Per-seed metrics (one value per run):
 * ``budget_share``: budget-masked / masked (``reason_applied == Reason.BUDGET``), NaN when nothing was masked.
 * ``mean_tv``: mean |pi - mu| over the logged tokens.
 
-The token metrics and the Fig. 2 / Fig. 7 diagnostics pool the updates ``analyses.updates.default_updates``
+The token metrics and the Fig. 2 / Fig. 7 diagnostics pool the updates ``cppo_diag.analyses.updates.default_updates``
 selects: for runs with several updates per batch only the updates after the first (in the first, pi = mu, and
 pooling it would halve mean |pi - mu| and the masked fraction), else every update. The results page says
 which. Pooled token frames carry a ``run`` column, so responses of different seeds never merge.
@@ -125,8 +125,8 @@ class StudyData:
 def token_summary(source, updates: str | None = None) -> dict[str, Any]:
     """Masked fraction, budget share and mean |pi - mu| of one run's token table (one lazy query) over the
     updates ``updates`` selects (None: the run's ``default_updates``); ``updates`` in the result says which."""
-    from analyses import load_tokens, with_divergences
-    from analyses.updates import filter_updates, resolve_updates
+    from cppo_diag.analyses import load_tokens, with_divergences
+    from cppo_diag.analyses.updates import filter_updates, resolve_updates
 
     updates = resolve_updates(source, updates)
     lf = with_divergences(filter_updates(load_tokens(source), updates))
@@ -405,7 +405,7 @@ def _curves_long(data: StudyData) -> pl.DataFrame:
 
 def curve_bands(curves: pl.DataFrame, confidence: float) -> pl.DataFrame:
     """Per label and evaluated step: the mean accuracy over seeds with its ``confidence`` t interval
-    (label, step, mean, lo, hi, n), for the learning-curve figures (``analyses.plots_mpl``)."""
+    (label, step, mean, lo, hi, n), for the learning-curve figures (``cppo_diag.analyses.plots_mpl``)."""
     rows = []
     for (label, step), g in curves.group_by("label", "step", maintain_order=True):
         iv = t_interval(g["accuracy"].to_numpy(), confidence)
@@ -418,9 +418,9 @@ def curve_bands(curves: pl.DataFrame, confidence: float) -> pl.DataFrame:
 def _pooled_tokens(entries: list[RunEntry]):
     """The token rows of several runs (seeds) in one LazyFrame, keyed by run: a ``run`` column (the run
     name) tells apart responses that share (step, update, rank, seq_id), so each keeps its own length T in
-    the delta / w_t overlay (``analyses.position.sequence_key``)."""
-    from analyses import load_tokens
-    from analyses.position import RUN_KEY
+    the delta / w_t overlay (``cppo_diag.analyses.position.sequence_key``)."""
+    from cppo_diag.analyses import load_tokens
+    from cppo_diag.analyses.position import RUN_KEY
 
     frames = [load_tokens(e.run).with_columns(pl.lit(e.run_name).alias(RUN_KEY)) for e in entries if e.run is not None]
     if not frames:
@@ -433,7 +433,7 @@ def write_figures(data: StudyData, per_seed: pl.DataFrame, fig_dir: Path, *, pro
     "position": {label: path}, "budget": {label: path}, "notes": [...]}."""
     from tqdm.auto import tqdm
 
-    from analyses import plots_mpl
+    from cppo_diag.analyses import plots_mpl
 
     fig_dir.mkdir(parents=True, exist_ok=True)
     an = data.analysis
@@ -461,8 +461,8 @@ def write_figures(data: StudyData, per_seed: pl.DataFrame, fig_dir: Path, *, pro
         out["ablation"] = plots_mpl.save_png(fig, fig_dir / "ablation.png", dpi=120)
 
     # Per rule: Fig. 2 (pooled over seeds) and Fig. 7 (mean over seeds of the per-step table).
-    from analyses import budget_exhaustion, position_stats
-    from analyses.updates import UPDATE_LABELS, default_updates
+    from cppo_diag.analyses import budget_exhaustion, position_stats
+    from cppo_diag.analyses.updates import UPDATE_LABELS, default_updates
     from cppo_diag.masks import rule_defaults
 
     cppo_defaults = rule_defaults("cppo")  # for the Fig. 2 overlay delta / w_t
@@ -512,7 +512,7 @@ def write_figures(data: StudyData, per_seed: pl.DataFrame, fig_dir: Path, *, pro
 def write_effects_figure(ctab: ComparisonTable, an: AnalysisConfig, path: Path) -> Path | None:
     """Forest plot of the accuracy comparisons: reference minus each rule with its t interval, one panel per
     metric (primary first), the Holm p (whole table) beside each row. None when there is nothing to draw."""
-    from analyses import plots_mpl
+    from cppo_diag.analyses import plots_mpl
 
     metrics = [m for m in ctab.metrics if ctab.by_metric(m)]
     if not metrics:
@@ -575,7 +575,7 @@ def _p(x: float) -> str:
 
 def _updates_sentence(data: StudyData) -> str:
     """Which optimiser updates the token metrics and the Fig. 2 / Fig. 7 panels pool (per run's default)."""
-    from analyses.updates import UPDATE_LABELS
+    from cppo_diag.analyses.updates import UPDATE_LABELS
 
     used = sorted({e.tokens.get("updates") for e in data.entries if e.tokens.get("updates")})
     if not used:

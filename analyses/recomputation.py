@@ -20,7 +20,7 @@ import numpy as np
 import polars as pl
 import torch
 
-from analyses.tokens import _open_run, _scan_step_files, _step_files, load_tokens, require_columns, run_meta, step_lazyframes  # noqa: F401
+from cppo_diag.analyses.tokens import _open_run, _scan_step_files, _step_files, load_tokens, require_columns, run_meta, step_lazyframes  # noqa: F401
 from cppo_diag.masks.away import away_test, ratio
 from cppo_diag.masks.reasons import Reason
 from cppo_diag.storage import layout
@@ -133,7 +133,7 @@ class RecomputeResult:
 
 
 def position_bins(batch: Batch, *, bin_width: int = 64, relative: bool = False, n_rel_bins: int = 20) -> np.ndarray:
-    """(N,) int64 position bin of each valid token (row-major order), as ``analyses.position_stats`` bins:
+    """(N,) int64 position bin of each valid token (row-major order), as ``cppo_diag.analyses.position_stats`` bins:
     ``pos // bin_width``, or with ``relative=True`` the bin of t / T in ``n_rel_bins`` equal bins of (0, 1]
     (t = pos + 1, T = max(pos) + 1 of the response: ``ceil(n_rel_bins * t / T)`` clipped to 1..n, minus 1)."""
     pos = batch.unpad(batch.positions).astype(np.int64)  # (N,)
