@@ -17,7 +17,7 @@ from cppo_diag.train.config import TrainConfig, add_config_arguments, overrides_
 from cppo_diag.train.models import build_policy, warmstart_dir
 from cppo_diag.train.models.tiny_gpt import CharTokenizer, TinyGPT, TinyGPTConfig
 from cppo_diag.train.rollout import TorchSampler, top_p_filter
-from cppo_diag.train.tasks import ArithmeticTask, ChainTask, extract_boxed, normalize_answer
+from cppo_diag.train.tasks import ArithmeticTask, ChainTask, extract_boxed, normalize_answer, warmstart_key
 from cppo_diag.train.tasks.chain import SEED_LEN, chain_digits
 from cppo_diag.train.trainer import group_advantages, pack_queue, sequence_logprobs, unpack_queue
 
@@ -274,7 +274,7 @@ def test_staleness_and_bf16_rollouts_in_a_run(tmp_path):
         train(tiny_cfg(tmp_path, rollout={"staleness": -1}))
 
 
-@pytest.mark.parametrize("kind", ["fib", "chain"])
+@pytest.mark.parametrize("kind", ["fib", "chain_forks"])
 def test_shipped_warm_start_loads_and_is_small(kind):
     d = warmstart_dir(kind)
     assert (d / "model.safetensors").stat().st_size < 5e6
@@ -282,8 +282,9 @@ def test_shipped_warm_start_loads_and_is_small(kind):
     assert 0.0 < meta["measured"]["eval/greedy_acc"] < 1.0  # partial accuracy: headroom for RL
     pol = build_policy(TrainConfig().model, kind, "cpu")
     assert pol.encode_prompt("1,3;12=")[0] == pol.tokenizer.bos_id
-    if kind == "chain":  # the long preset's answers fit the model's context
+    if kind == "chain_forks":  # the long preset's warm start: its task, and its answers fit the model's context
         cfg = build_config("long")
+        assert warmstart_key(cfg.task) == kind and meta["task"]["forks"] == cfg.task.forks
         assert meta["task"]["max_terms"] == cfg.task.max_terms and 0.3 <= meta["measured"]["eval/greedy_acc"] <= 0.6
         assert pol.module.cfg.block_size >= 1 + 6 + 5 + cfg.rollout.max_new_tokens
 
