@@ -12,8 +12,10 @@ from typing import Any
 
 import polars as pl
 
-REWARD_KEYS = ("reward/mean", "reward", "train/reward", "rewards/mean")  # first one logged wins
-CURVE_PREFIXES = ("reward", "accuracy", "acc", "eval/")  # scalars drawn as reward / accuracy curves
+from cppo_diag import metric_names as M
+
+REWARD_KEYS = (M.REWARD_MEAN, "reward", "train/reward", "rewards/mean")  # first one logged wins
+CURVE_PREFIXES = ("reward", "accuracy", "acc", M.EVAL)  # scalars drawn as reward / accuracy curves
 CURVE_NAMES = ("correct/mean",)
 
 
@@ -105,7 +107,7 @@ def logged_budget_by_step(steps: pl.DataFrame, rule: str | None) -> pl.DataFrame
     ``<rule>/delta_b_mean``) and ``budget_share`` (``mask/<rule>/budget_share``), rows with both values only.
     None unless ``rule`` is of the CPPO family and both scalars were logged."""
     rule = rule or ""
-    share_col, db_col = f"mask/{rule}/budget_share", f"{rule}/delta_b_mean"
+    share_col, db_col = M.mask_name(rule, "budget_share"), M.rule_name(rule, "delta_b_mean")
     if not rule.startswith("cppo") or not {share_col, db_col} <= set(steps.columns):
         return None
     return steps.select("step", pl.col(db_col).alias("delta_b_mean"), pl.col(share_col).alias("budget_share")).drop_nulls()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import polars as pl
 import streamlit as st
 
+from cppo_diag import metric_names as M
 from cppo_diag.analyses import plots_plotly as pp
 from cppo_diag.analyses import run_summary
 from cppo_diag.app import controls, data, ui
@@ -90,7 +91,7 @@ for path in chosen:
 if curves:
     cur = pl.concat(curves, how="diagonal_relaxed")
     names = [c for c in cur.columns if c not in ("step", "run")]
-    default = [n for n in names if n in ("reward/mean", "acc/mean")] or names[:2]  # the trainer's names
+    default = [n for n in names if n in (M.REWARD_MEAN, M.ACC_MEAN)] or names[:2]  # the trainer's names
     picked = st.multiselect("Curves", names, default=default, key="cmp_curves")
     ui.plot(pp.fig_run_curves(cur, picked, runs=runs_shown), key="cmp_curves_fig")
 else:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from cppo_diag import metric_names as M
 from cppo_diag.masks.layout import RuleInput
 from cppo_diag.masks.quantile import masked_row_quantile
 from cppo_diag.masks.reduce import masked_count, masked_fraction, masked_max, masked_mean, safe_div
@@ -21,17 +22,16 @@ def mask_metrics(name: str, x: RuleInput, keep: torch.Tensor, reason: torch.Tens
     v = x.valid
     masked = v & ~keep  # (B, T)
     n_masked = masked_count(masked)
-    p = f"mask/{name}"
     return {
-        f"{p}/frac": masked_fraction(masked, v),
-        f"{p}/frac_pos_adv": masked_fraction(masked, v & (x.advantages > 0)),
-        f"{p}/frac_neg_adv": masked_fraction(masked, v & (x.advantages < 0)),
-        f"{p}/away_frac": masked_fraction(x.away, v),
-        f"{p}/budget_share": safe_div(masked_count(reason == BUDGET).to(torch.float64), n_masked),
-        f"{p}/token_share": safe_div(masked_count(reason == TOKEN).to(torch.float64), n_masked),
-        f"{p}/seq_frac": masked_fraction(masked.any(dim=-1), v.any(dim=-1)),
-        f"{p}/n_valid": masked_count(v),
-        f"{p}/n_masked": n_masked,
+        M.mask_name(name, "frac"): masked_fraction(masked, v),
+        M.mask_name(name, "frac_pos_adv"): masked_fraction(masked, v & (x.advantages > 0)),
+        M.mask_name(name, "frac_neg_adv"): masked_fraction(masked, v & (x.advantages < 0)),
+        M.mask_name(name, "away_frac"): masked_fraction(x.away, v),
+        M.mask_name(name, "budget_share"): safe_div(masked_count(reason == BUDGET).to(torch.float64), n_masked),
+        M.mask_name(name, "token_share"): safe_div(masked_count(reason == TOKEN).to(torch.float64), n_masked),
+        M.mask_name(name, "seq_frac"): masked_fraction(masked.any(dim=-1), v.any(dim=-1)),
+        M.mask_name(name, "n_valid"): masked_count(v),
+        M.mask_name(name, "n_masked"): n_masked,
     }
 
 
@@ -46,8 +46,8 @@ def divergence_metrics(name: str, d: torch.Tensor, valid: torch.Tensor) -> dict[
     vals = d[valid]  # (n,)
     p90 = masked_row_quantile(vals[None, :], torch.ones_like(vals, dtype=torch.bool)[None, :], 0.9)[0]  # ()
     return {
-        f"div/{short}/mean": masked_mean(d, valid),
-        f"div/{short}/p90": p90,
-        f"div/{short}/max": masked_max(d, valid),
+        M.div_name(short, "mean"): masked_mean(d, valid),
+        M.div_name(short, "p90"): p90,
+        M.div_name(short, "max"): masked_max(d, valid),
     }
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from cppo_diag import metric_names as M
 from cppo_diag.masks.layout import RuleInput
 from cppo_diag.masks.metrics import mask_metrics
 from cppo_diag.masks.reduce import masked_fraction, masked_mean
@@ -37,10 +38,10 @@ def cispo(x: RuleInput, *, eps_high: float | None = None) -> RuleOutput:
 
     def metrics():
         m = mask_metrics("cispo", x, keep, reason)
-        m["mask/cispo/trunc_frac"] = masked_fraction(truncated, v)
-        m["mask/cispo/trunc_frac_pos_adv"] = masked_fraction(truncated, v & (x.advantages > 0))
-        m["mask/cispo/trunc_frac_neg_adv"] = masked_fraction(truncated, v & (x.advantages < 0))
-        m["mask/cispo/weight_mean"] = masked_mean(weight, v)
+        m[M.mask_name("cispo", "trunc_frac")] = masked_fraction(truncated, v)
+        m[M.mask_name("cispo", "trunc_frac_pos_adv")] = masked_fraction(truncated, v & (x.advantages > 0))
+        m[M.mask_name("cispo", "trunc_frac_neg_adv")] = masked_fraction(truncated, v & (x.advantages < 0))
+        m[M.mask_name("cispo", "weight_mean")] = masked_mean(weight, v)
         return m
 
     return RuleOutput(keep, reason, weight=weight, metrics=metrics, loss_form="is_weight",

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import torch
 
+from cppo_diag import metric_names as M
 from cppo_diag.masks.divergence import RULE_DIVERGENCES
 from cppo_diag.masks.layout import RuleInput
 from cppo_diag.masks.metrics import divergence_metrics, mask_metrics
@@ -199,9 +200,9 @@ def cppo_core(
             m[f"{name}/delta_b_at_cap_frac"] = masked_fraction(db >= delta_b * delta_b_cap, has)
             m[f"{name}/c_neg_frac"] = masked_fraction(internals["c"] < 0, v)
         if weight is not None:
-            m[f"mask/{name}/gated_frac"] = masked_fraction(weight < 1, v)
-            m[f"mask/{name}/gate_mean_away"] = masked_mean(weight, x.away)
-            m[f"mask/{name}/gate_mean"] = masked_mean(weight, v)
+            m[M.mask_name(name, "gated_frac")] = masked_fraction(weight < 1, v)
+            m[M.mask_name(name, "gate_mean_away")] = masked_mean(weight, x.away)
+            m[M.mask_name(name, "gate_mean")] = masked_mean(weight, v)
         return m
 
     return RuleOutput(keep, reason, weight=weight, metrics=metrics, internals=internals)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from cppo_diag import metric_names as M
 from cppo_diag.masks.layout import RuleInput
 from cppo_diag.masks.metrics import mask_metrics
 from cppo_diag.masks.reduce import masked_fraction, masked_mean
@@ -27,8 +28,8 @@ def drpo(x: RuleInput, *, delta: float = 0.15) -> RuleOutput:
 
     def metrics():
         m = mask_metrics("drpo", x, keep, reason)
-        m["mask/drpo/past_optimum_frac"] = masked_fraction(beyond, x.valid)
-        m["mask/drpo/ratio_mean"] = masked_mean(x.rho, x.valid)
+        m[M.mask_name("drpo", "past_optimum_frac")] = masked_fraction(beyond, x.valid)
+        m[M.mask_name("drpo", "ratio_mean")] = masked_mean(x.rho, x.valid)
         return m
 
     return RuleOutput(keep, reason, metrics=metrics, loss_form="drpo", loss_params={"delta": delta},

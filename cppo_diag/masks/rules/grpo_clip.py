@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from cppo_diag import metric_names as M
 from cppo_diag.masks.layout import RuleInput
 from cppo_diag.masks.metrics import mask_metrics
 from cppo_diag.masks.reduce import masked_fraction
@@ -33,8 +34,8 @@ def grpo_clip(x: RuleInput, *, eps_low: float = 0.2, eps_high: float = 0.28) -> 
 
     def metrics():
         m = mask_metrics("grpo_clip", x, keep, reason)
-        m["mask/grpo_clip/clip_high_frac"] = masked_fraction(high, v)
-        m["mask/grpo_clip/clip_low_frac"] = masked_fraction(low, v)
+        m[M.mask_name("grpo_clip", "clip_high_frac")] = masked_fraction(high, v)
+        m[M.mask_name("grpo_clip", "clip_low_frac")] = masked_fraction(low, v)
         return m
 
     return RuleOutput(keep, reason, metrics=metrics)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from cppo_diag import metric_names as M
 from cppo_diag.masks.layout import RuleInput
 from cppo_diag.masks.metrics import mask_metrics
 from cppo_diag.masks.reduce import masked_mean
@@ -18,7 +19,7 @@ def pg_is(x: RuleInput) -> RuleOutput:
 
     def metrics():
         m = mask_metrics("pg_is", x, keep, reason)
-        m["mask/pg_is/ratio_mean"] = masked_mean(x.rho, x.valid)
+        m[M.mask_name("pg_is", "ratio_mean")] = masked_mean(x.rho, x.valid)
         return m
 
     return RuleOutput(keep, reason, metrics=metrics)

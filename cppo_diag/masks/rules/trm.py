@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from cppo_diag import metric_names as M
 from cppo_diag.masks.divergence import KL_DIVERGENCES
 from cppo_diag.masks.layout import RuleInput
 from cppo_diag.masks.metrics import divergence_metrics, mask_metrics
@@ -29,7 +30,7 @@ def _sequence_mask(x: RuleInput, name: str, stat: torch.Tensor, threshold: float
     def metrics():
         m = mask_metrics(name, x, keep, reason)
         m.update(divergence_metrics(divergence, d, v))
-        m[f"mask/{name}/seq_frac"] = masked_fraction(bad, nonempty)
+        m[M.mask_name(name, "seq_frac")] = masked_fraction(bad, nonempty)
         m[f"{name}/stat_mean"] = masked_mean(stat, nonempty)
         return m
 
