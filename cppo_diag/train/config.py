@@ -196,9 +196,10 @@ PRESETS: dict[str, dict] = {
     "long": {  # the long-horizon, off-policy regime (docs/trainer.md "The long preset"): ~5 min on 2 cores
         "steps": 60,
         "log": {"eval_every": 20},
-        "task": {"kind": "chain", "reward": "partial", "min_terms": 160, "max_terms": 160, "forks": 0.5},
-        "rollout": {"prompts_per_step": 8, "n": 8, "max_new_tokens": 161, "staleness": 2, "precision": "bf16"},
-        "optim": {"lr": 5e-5, "epochs": 2, "updates_per_batch": 2},
+        "task": {"kind": "chain", "reward": "partial", "min_terms": 160, "max_terms": 160, "forks": 0.5,
+                 "detour_credit": 0.0},
+        "rollout": {"prompts_per_step": 8, "n": 8, "max_new_tokens": 161, "staleness": 6, "precision": "bf16"},
+        "optim": {"lr": 2e-4, "warmup_steps": 6, "schedule": "cosine", "epochs": 2, "updates_per_batch": 2},
         "rule": {"name": "dppo", "params": {}},
     },
     "tiny": {  # tests: seconds
