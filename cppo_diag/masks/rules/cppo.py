@@ -15,6 +15,9 @@ The whole batch is computed at once: two cumulative sums along T, no loop over s
 
 from __future__ import annotations
 
+import functools
+import inspect
+
 import torch
 
 from cppo_diag import metric_names as M
@@ -109,29 +112,23 @@ def _check_common(delta, w_min, delta_b, delta_b_mode, delta_b_quantile, delta_b
     check_choice("divergence", divergence, RULE_DIVERGENCES)
 
 
-def cppo_core(
-    x: RuleInput,
-    name: str,
-    *,
-    variant: str,
-    delta: float,
-    divergence: str,
-    w_min: float = 0.8,
-    delta_b: float = 0.02,
-    delta_b_mode: str = "fixed",
-    delta_b_quantile: float = 0.9,
-    delta_b_cap: float = 2.0,
-    delta_b_scale: float = 1.0,
-    weight_length: str = "sequence",
-    horizon: int | None = None,
-    seed: int = 0,
-) -> RuleOutput:
+@functools.cache
+def _cppo_defaults() -> dict:
+    return {k: v.default for k, v in inspect.signature(cppo).parameters.items() if k != "x"}
+
+
+def cppo_core(x: RuleInput, name: str, *, variant: str, seed: int = 0, **params) -> RuleOutput:
     """CPPO and its ablations on the canonical batch.
 
     variant: "full" (cppo), "no_weight" (w = 1, budget kept), "no_budget" (c_t = delta, weights kept),
     "shuffled" (no_budget with each response's weights permuted), "soft" (App. C gate in ``weight``).
-    Parameters a variant does not use keep their (valid) defaults; the rules' defaults live in their signatures.
+    ``params``: the variant's parameters; those it does not take get ``cppo``'s defaults (its signature is the
+    one place they are written) and are not used by it.
     """
+    p = {**_cppo_defaults(), **params}
+    delta, w_min, delta_b, delta_b_mode = p["delta"], p["w_min"], p["delta_b"], p["delta_b_mode"]
+    delta_b_quantile, delta_b_cap, delta_b_scale = p["delta_b_quantile"], p["delta_b_cap"], p["delta_b_scale"]
+    weight_length, horizon, divergence = p["weight_length"], p["horizon"], p["divergence"]
     _check_common(delta, w_min, delta_b, delta_b_mode, delta_b_quantile, delta_b_cap, delta_b_scale,
                   weight_length, horizon, divergence)
     v = x.valid  # (B, T)
