@@ -30,5 +30,12 @@ step bench_rules_bf16 45 python3 benchmarks/bench_rules.py --device cuda --dtype
 step bench_capture 75 python3 benchmarks/bench_capture.py --device cuda --repeats 6
 step bench_capture_writer 75 python3 benchmarks/bench_capture.py --writer-only --repeats 5 --settings default,zstd,lz4-t2,lz4-t4 --device cuda
 step gpu_check 200 python3 benchmarks/gpu_check.py
+# issue 10 item 7: the `long` preset on CUDA in bf16 (sampling and training), DPPO then CPPO; the check script
+# prints the masked fractions, the other criteria, s/step and tokens/s (the trainer's throughput scalar)
+for rule in dppo cppo; do
+  step "long_$rule" 300 python3 -m cppo_diag.cli.main train --preset long --rule.name "$rule" --device cuda \
+    --precision bf16 --log.out_dir "$OUT/runs" --log.name "long-$rule" --log.progress false
+  step "long_${rule}_check" 60 python3 scripts/check_long_preset.py "$OUT/runs/long-$rule"
+done
 echo "failed steps: $fails"
 exit $fails

@@ -9,7 +9,12 @@ Public entry points (imported lazily so that ``import cppo_diag`` stays cheap):
 
 from __future__ import annotations
 
+from pathlib import Path
+
+from cppo_diag import _checkout
 from cppo_diag._lazy import lazy_attributes
+
+_checkout.install(Path(__file__).resolve().parent)  # cppo_diag.analyses / .app from an uninstalled checkout
 
 __version__ = "0.1.0"
 

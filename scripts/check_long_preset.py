@@ -54,6 +54,7 @@ def long_criteria(run_path) -> dict:
     acc_before, acc_after = (float(evals["eval/greedy_acc"][0]), float(evals["eval/greedy_acc"][-1])) if len(evals) else (float("nan"),) * 2
     rew_before, rew_after = (float(evals["eval/greedy_reward"][0]), float(evals["eval/greedy_reward"][-1])) if len(evals) else (float("nan"),) * 2
     step_s = steps["time/step_s"].to_numpy()
+    tps = steps["throughput/tokens_per_s"].drop_nulls().to_numpy() if "throughput/tokens_per_s" in steps.columns else []
     out = {
         "run": str(run_path), "rule": run.meta.get("rule"), "steps": int(len(steps)),
         "masked_frac_after_first_update": masked_all, "masked_frac_median_step": masked_median,
@@ -63,6 +64,7 @@ def long_criteria(run_path) -> dict:
         "response_len_mean": length, "greedy_acc_before": acc_before, "greedy_acc_after": acc_after,
         "greedy_reward_before": rew_before, "greedy_reward_after": rew_after, "finished": finished,
         "step_s_median": float(np.median(step_s)), "train_s_total": float(step_s.sum()),
+        "tokens_per_s_median": float(np.median(tps)) if len(tps) else float("nan"),
     }
     out["pass"] = {
         "masked": 0.02 <= masked_all <= 0.40 and 0.02 <= masked_median <= 0.40,
@@ -78,7 +80,7 @@ def report(c: dict) -> str:
     tag = lambda ok: "PASS" if ok else "FAIL"  # noqa: E731
     return "\n".join([
         f"{c['run']} (rule {c['rule']}, {c['steps']} steps{'' if c['finished'] else ', UNFINISHED'}, "
-        f"median {c['step_s_median']:.1f} s/step)",
+        f"median {c['step_s_median']:.1f} s/step, {c['tokens_per_s_median']:.0f} tokens/s)",
         f"  [{tag(p['masked'])}] masked after the first update: {c['masked_frac_after_first_update']:.1%} of tokens "
         f"(per step: median {c['masked_frac_median_step']:.1%}, min {c['masked_frac_step_min']:.1%}, "
         f"max {c['masked_frac_step_max']:.1%}); want 2-40%",

@@ -117,3 +117,21 @@ def test_wheel_installs_one_import_name(tmp_path):
                  "cppo_diag/study/presets/long.toml", "cppo_diag/train/assets/warmstart_chain_forks/model.safetensors"):
         assert must in names, must
     assert not any(n.startswith(("analyses/", "app/", "tests/")) for n in names)
+
+
+def test_an_uninstalled_checkout_imports_its_own_analyses_and_app(tmp_path):
+    """``PYTHONPATH=<checkout>`` (no install): ``cppo_diag.analyses`` and ``cppo_diag.app`` come from that
+    checkout's top-level folders, even when another checkout is installed in editable mode."""
+    import shutil
+
+    copy = tmp_path / "checkout"
+    for name in ("cppo_diag", "analyses", "app"):
+        shutil.copytree(REPO / name, copy / name, ignore=shutil.ignore_patterns("__pycache__", "assets"))
+    shutil.copy(REPO / "pyproject.toml", copy / "pyproject.toml")
+    code = ("import cppo_diag.analyses.tokens as t, cppo_diag.app.roots as r, cppo_diag; "
+            "print(cppo_diag.__file__); print(t.__file__); print(r.__file__)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                         env={"PYTHONPATH": str(copy), "PATH": "/usr/bin:/bin"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    files = out.stdout.split()
+    assert all(f.startswith(str(copy)) for f in files), files
