@@ -4,9 +4,10 @@ What happens:
   1. the app starts on sample_logs/ and runs/ at once (http://127.0.0.1:8501), so there is data to browse
      immediately;
   2. a fresh CPPO run trains with the `long` preset (the `chain` task: 160-digit answers where every digit
-     depends on the prefix, prefix-credit reward, from the shipped SFT warm start; rollouts 2 iterations stale
-     and sampled in bf16, 2 epochs x 2 minibatches) into runs/demo-cppo-<time>/ and appears in the app live
-     (60 iterations, a few minutes on 2 cores); `--preset demo` runs the short-answer `fib` task instead;
+     depends on the prefix and forks grow denser along the answer, prefix-credit reward, from the shipped SFT
+     warm start; rollouts 6 iterations stale and sampled in bf16, 2 epochs x 2 minibatches, lr 2e-4 cosine)
+     into runs/demo-cppo-<time>/ and appears in the app live (60 iterations, a few minutes on 2 cores);
+     `--preset demo` runs the short-answer `fib` task instead;
   3. with --compare, GRPO (ratio clip) and DPPO runs follow on the same seed, for side-by-side comparison;
   4. the greedy accuracy on the held-out set before and after RL is printed (also in each run's scalars as
      summary/greedy_acc_before / summary/greedy_acc_after). The app keeps running until Ctrl-C.

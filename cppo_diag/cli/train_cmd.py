@@ -11,7 +11,7 @@ Examples:
   cppo-diag train --preset demo                                   # CPPO on the CPU demo task (~2 min)
   cppo-diag train --preset demo --rule.name dppo --rule.param delta=0.15
   cppo-diag train --preset demo --rule.name grpo_clip --optim.lr 3e-3 --log.name unstable
-  cppo-diag train --preset long                                   # 160-digit answers, 2-step-stale bf16 rollouts
+  cppo-diag train --preset long                                   # 160-digit answers with forks, 6-step-stale bf16 rollouts
   cppo-diag train --preset demo --rollout.staleness 1 --rollout.precision bf16   # off-policy knobs
   cppo-diag train --config my.toml --steps 200
   torchrun --nproc_per_node 2 -m cppo_diag.cli.main train --preset demo     # DDP (gloo on CPU)
