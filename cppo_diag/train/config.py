@@ -195,6 +195,7 @@ PRESETS: dict[str, dict] = {
     },
     "long": {  # the long-horizon, off-policy regime (docs/trainer.md "The long preset"): ~5 min on 2 cores
         "steps": 60,
+        "threads": 1,  # the figures in README / docs/trainer.md reproduce exactly on any machine (0: torch's default)
         "log": {"eval_every": 20},
         "task": {"kind": "chain", "reward": "partial", "min_terms": 160, "max_terms": 160, "forks": 0.5,
                  "detour_credit": 0.0},
