@@ -439,7 +439,16 @@ def _demo(tmp_path, port: int, *extra: str):
     cmd = [sys.executable, "-m", "cppo_diag.cli.main", "demo", "--no-browser", "--out", str(tmp_path / "out"),
            "--samples", str(tmp_path / "no-samples"), "--port", str(port), *extra]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # the demo leaves SIGHUP alone when it is ignored (started under nohup, as a user would want); a test suite
+    # itself started under nohup passes that on, so give the demo the default disposition, as from a terminal
+    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=_default_sighup)
+
+
+def _default_sighup() -> None:
+    import signal
+
+    signal.signal(signal.SIGHUP, signal.SIG_DFL)
 
 
 @pytest.mark.slow
