@@ -54,3 +54,19 @@ def test_forks_zero_is_the_plain_chain_and_the_warm_starts_are_separate():
     assert build_task(TaskConfig(kind="chain", min_terms=32, max_terms=32, forks=0.5, eval_size=4)).forks == 0.5
     with pytest.raises(ValueError, match="task.forks"):
         ChainTask(forks=1.5, eval_size=1)
+
+
+def test_detour_credit_prices_the_detours_in_the_partial_reward_only():
+    t = ChainTask(min_len=64, max_len=64, forks=0.8, eval_size=4, eval_seed=1, detour_credit=0.0)
+    p = t.eval_set()[0]
+    seed = [int(c) for c in p.prompt.split(";")[0]]
+    straight = "".join(map(str, chain_digits(seed, 64, forks=0.8)))  # the rule's value at every fork
+    assert t.score(p, straight) == (1.0, True)
+    branchy = "".join(map(str, chain_digits(seed, 64, forks=0.8, rng=np.random.default_rng(0))))
+    prefix, detours = valid_prefix(seed, branchy, 64, 0.8)
+    assert prefix == 64 and detours > 0
+    assert t.score(p, branchy) == (pytest.approx((64 - detours) / 64), True)  # exact, but detours earn nothing
+    half = ChainTask(min_len=64, max_len=64, forks=0.8, eval_size=4, eval_seed=1, detour_credit=0.5)
+    assert half.score(p, branchy)[0] == pytest.approx((64 - 0.5 * detours) / 64)
+    with pytest.raises(ValueError, match="task.detour_credit"):
+        ChainTask(forks=0.5, detour_credit=2.0, eval_size=1)

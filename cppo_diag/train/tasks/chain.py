@@ -18,6 +18,11 @@ replacement; training prompts never use a held-out seed (at any length), so no h
 Rewards: ``exact`` (1 iff the whole answer is right) or ``partial`` = the length of the correct prefix over the
 answer length (over the longer of answer and completion, so extra digits dilute): a slip at position s earns
 s / L, whatever the digits after it happen to match.
+
+Forks (``forks`` > 0, the ``long`` preset): at the positions ``fork_positions`` gives (density rising linearly
+along the answer) two digits are right, the rule's value v and the detour v + 5 (mod 10), and the rule goes on
+from the digit written. Any valid answer is exact; in the partial reward a detour digit earns ``detour_credit``
+(the preset: 0). The reference answers (SFT data) take a random branch at each fork.
 """
 
 from __future__ import annotations
@@ -106,7 +111,8 @@ class ChainTask:
             if any(seed):
                 break
         n = self.min_len + LEN_STEP * int(rng.integers(0, (self.max_len - self.min_len) // LEN_STEP + 1))
-        # with forks, the reference answer takes a random branch at each fork (one of 2**forks right answers):
+        # with forks, the reference answer takes a random branch at each fork (one of 2**(number of forks) right
+        # answers):
         # SFT on these answers gives a warm start that is unsure at the forks and sure elsewhere
         ans = "".join(str(d) for d in chain_digits(seed, n, forks=self.forks, rng=rng if self.forks else None))
         return Problem(f"{''.join(map(str, seed))};{n:03d}=", ans, {"terms": n})
