@@ -611,11 +611,12 @@ def _verdict(c: PairedComparison) -> str:
     return base + f": the interval includes zero ({tests}), so this study cannot tell the two apart at this scale."
 
 
-_SETTINGS_KEYS = ("steps", "model.kind", "model.init", "model.path", "task.kind", "task.reward", "task.min_terms",
-                  "task.max_terms", "task.eval_size", "rollout.prompts_per_step", "rollout.n",
-                  "rollout.max_new_tokens", "rollout.temperature", "rollout.staleness", "rollout.precision",
-                  "optim.lr", "optim.epochs", "optim.updates_per_batch", "optim.adv_std_norm", "optim.agg",
-                  "log.eval_every", "log.eval_k")
+_SETTINGS_KEYS = ("steps", "threads", "model.kind", "model.init", "model.path", "task.kind", "task.reward",
+                  "task.min_terms", "task.max_terms", "task.forks", "task.detour_credit", "task.eval_size",
+                  "rollout.prompts_per_step", "rollout.n", "rollout.max_new_tokens", "rollout.temperature",
+                  "rollout.staleness", "rollout.precision", "optim.lr", "optim.warmup_steps", "optim.schedule",
+                  "optim.epochs", "optim.updates_per_batch", "optim.adv_std_norm", "optim.agg", "log.eval_every",
+                  "log.eval_k")
 
 
 def _settings_summary(cfg: dict) -> str:
