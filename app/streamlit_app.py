@@ -23,6 +23,7 @@ st.set_page_config(page_title="cppo-diag", layout="wide")
 PAGES = [
     st.Page("views/runs.py", title="Runs", url_path="runs", default=True),
     st.Page("views/divergence.py", title="Divergence by position", url_path="divergence"),
+    st.Page("views/attribution.py", title="Attribution", url_path="attribution"),
     st.Page("views/budget.py", title="Budget", url_path="budget"),
     st.Page("views/compare.py", title="Compare runs", url_path="compare"),
     st.Page("views/inspector.py", title="Token inspector", url_path="inspector"),

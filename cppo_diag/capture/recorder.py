@@ -366,13 +366,15 @@ class RunRecorder:
     def log_tokens(self, *, step: int, logp, logp_rollout, advantages, response_mask=None, cu_seqlens=None,
                    update: int = 0, seq_ids=None, logp_old=None, keep_applied=None, reason_applied=None,
                    token_ids=None, entropy=None, reward=None, group_id=None, topk_ids=None,
-                   topk_logp_rollout=None, topk_logp=None, loss_weight=None) -> None:
+                   topk_logp_rollout=None, topk_logp=None, loss_weight=None, logp_behavior=None, lag=None,
+                   fork=None) -> None:
         """Record one batch of per-token data (see docs/run-format.md for the columns).
 
         Shapes: padded ``logp``/``logp_rollout`` ``(B, T)`` + ``response_mask`` ``(B, T)`` (default: all
         valid), or packed ``(N,)`` + ``cu_seqlens`` ``(B+1,)``. ``advantages``/``reward``: ``(B,)`` or per
         token; ``seq_ids``/``group_id``: ``(B,)`` (``seq_ids`` default ``0..B-1``); ``logp_old``,
-        ``entropy``, ``token_ids``, ``keep_applied``, ``reason_applied``, ``loss_weight``: per token; ``topk_*``: per token
+        ``entropy``, ``token_ids``, ``keep_applied``, ``reason_applied``, ``loss_weight``, ``logp_behavior``,
+        ``fork``: per token; ``lag`` (optimiser steps, >= 0): ``(B,)`` or per token; ``topk_*``: per token
         plus a trailing K axis. Torch tensors on any device or numpy arrays.
         """
         if not self._active():
@@ -390,6 +392,7 @@ class RunRecorder:
                 keep_applied=keep_applied, reason_applied=reason_applied, token_ids=token_ids,
                 entropy=entropy, reward=reward, group_id=group_id, topk_ids=topk_ids,
                 topk_logp_rollout=topk_logp_rollout, topk_logp=topk_logp, loss_weight=loss_weight,
+                logp_behavior=logp_behavior, lag=lag, fork=fork,
             )
             if self.on_error == "raise":
                 # Check values now so the error surfaces at the call that caused it (costs a host sync).

@@ -47,6 +47,9 @@ TOKEN_INPUTS: dict[str, tuple[str, str]] = {
     "logp_rollout": ("logp_rollout", "token"),
     "advantages": ("advantage", "seq_or_token"),
     "logp_old": ("logp_old", "token"),
+    "logp_behavior": ("logp_behavior", "token"),
+    "lag": ("lag", "seq_or_token"),
+    "fork": ("fork", "token"),
     "keep_applied": ("keep_applied", "token"),
     "reason_applied": ("reason_applied", "token"),
     "token_ids": ("token_id", "token"),
@@ -58,11 +61,11 @@ TOKEN_INPUTS: dict[str, tuple[str, str]] = {
     "topk_logp_rollout": ("topk_logp_rollout", "topk"),
     "topk_logp": ("topk_logp", "topk"),
 }
-FLOAT_COLUMNS = {"logp", "logp_rollout", "advantage", "logp_old", "entropy", "reward", "loss_weight"}
-BOOL_COLUMNS = {"keep_applied"}
+FLOAT_COLUMNS = {"logp", "logp_rollout", "advantage", "logp_old", "logp_behavior", "entropy", "reward", "loss_weight"}
+BOOL_COLUMNS = {"keep_applied", "fork"}
 TOPK_FLOAT_COLUMNS = {"topk_logp_rollout", "topk_logp"}
-LOGPROB_COLUMNS = {"logp", "logp_rollout", "logp_old", "entropy", "loss_weight"} | TOPK_FLOAT_COLUMNS  # must be float
-# every other column (token_id, group_id, reason_applied, topk_ids) holds integers
+LOGPROB_COLUMNS = {"logp", "logp_rollout", "logp_old", "logp_behavior", "entropy", "loss_weight"} | TOPK_FLOAT_COLUMNS  # must be float
+# every other column (token_id, group_id, reason_applied, lag, topk_ids) holds integers
 
 # Parquet encodings chosen per column (measured in benchmarks/bench_capture.py --writer-only): per-token
 # floats use BYTE_STREAM_SPLIT (the codec then finds the repeated exponent bytes), pos is a delta run
@@ -70,7 +73,7 @@ LOGPROB_COLUMNS = {"logp", "logp_rollout", "logp_old", "entropy", "loss_weight"}
 # are PLAIN - their long runs of equal values cost almost nothing after the page codec, and PLAIN is ~2x
 # cheaper to encode than dictionary + RLE. Other columns (token_id, group_id, keep/reason, top-K) keep
 # dictionary + RLE. Statistics are written for the key columns only.
-BYTE_STREAM_SPLIT_COLUMNS = ("logp", "logp_rollout", "logp_old", "entropy", "loss_weight")
+BYTE_STREAM_SPLIT_COLUMNS = ("logp", "logp_rollout", "logp_old", "logp_behavior", "entropy", "loss_weight")
 DELTA_COLUMNS = ("pos",)
 PLAIN_COLUMNS = ("step", "seq_id", "advantage", "reward", "update", "rank")
 STATS_COLUMNS = ("step", "seq_id", "pos", "update", "rank")
@@ -140,7 +143,7 @@ def _check_dtype(name: str, column: str, x) -> None:
         allowed, want = ("float", "int"), "a floating-point (or integer) dtype"
     elif column in BOOL_COLUMNS:
         allowed, want = ("bool", "int"), "a bool (or 0/1 integer) dtype"
-    else:  # token_id, group_id, reason_applied, topk_ids
+    else:  # token_id, group_id, reason_applied, lag, topk_ids
         allowed, want = ("int",), "an integer dtype"
     if kind not in allowed:
         raise CaptureInputError(f"{name}: expected {want}, found {dt}")
@@ -452,8 +455,12 @@ def materialize(staged: StagedTokens, *, nonfinite: str) -> pa.Table | None:
                     f"{int(vals.min())}..{int(vals.max())} at step {step}"
                 )
             out[column] = _arrow(vals.astype(np.uint8, copy=False))
-        elif column == "keep_applied":
+        elif column in BOOL_COLUMNS:
             out[column] = _arrow(vals.astype(bool, copy=False))
+        elif column == "lag":
+            if vals.size and vals.min() < 0:
+                raise CaptureInputError(f"lag: expected optimiser-step counts >= 0, found {int(vals.min())} at step {step}")
+            out[column] = _arrow(vals.astype(np.int32, copy=False))
         elif column in ("topk_ids", "topk_logp_rollout", "topk_logp"):
             K = vals.shape[-1]
             dtype = np.int64 if column == "topk_ids" else np.float32

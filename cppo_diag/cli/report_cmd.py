@@ -13,8 +13,9 @@ Examples:
   cppo-diag report runs/demo --out report/ --param cppo:delta=0.2 --steps 100:
   cppo-diag report runs/demo --out report/ --updates all --profile unirl --profile verl-pr6731
 
-For runs with several optimiser updates per batch every figure pools the updates after the first (in the first,
-pi = mu, so it would dilute |pi - mu| and the masked fraction); the report says so. --updates chooses.
+For runs with several optimiser updates per batch every figure pools, by default, the tokens the policy had moved
+on since sampling: lag > 0 where the run records lag, else the updates after the first (which assumes on-policy
+sampling); the report says which. --updates chooses.
 """
 
 from __future__ import annotations

@@ -50,6 +50,8 @@ class TaskConfig:
                           "density rising linearly along the answer (the long preset: 0.5)")
     detour_credit: float = F(1.0, "chain with forks: partial-reward credit of a digit that takes a fork's detour "
                                   "(value + 5) instead of the rule's value (1 = no preference)")
+    fork_profile: str = F("rising", "chain with forks: where the forks fall: 'rising' (density rising linearly along "
+                                    "the answer) or 'uniform' (the same count, evenly spread; its own warm start)")
     path: str = F("", "dataset: .jsonl or .parquet file of rows with a prompt and an answer")
     prompt_field: str = F("prompt", "dataset: prompt column (a string or a chat list)")
     answer_field: str = F("answer", "dataset: reference answer column, compared with the last \\boxed{} after normalisation")
@@ -107,6 +109,9 @@ class LogConfig:
     record: bool = F(True, "write per-token data through RunRecorder (off: scalars still printed)")
     every_n_steps: int = F(1, "RunRecorder: record tokens every n steps")
     seq_fraction: float = F(1.0, "RunRecorder: fraction of sequences whose tokens are recorded")
+    behavior_logp: bool = F(False, "attribution: also score each sampled batch with the sampling weights under the "
+                                   "trainer's numerics (column logp_behavior) and record logp_old whatever the "
+                                   "anchor, so log pi - log mu splits into engine + lag + update (docs/trainer.md)")
     eval_every: int = F(0, "greedy evaluation every n iterations (0 = only before and after)")
     eval_k: int = F(0, "Avg@k: samples per held-out prompt at eval temperature/top_p (0 = off)")
     eval_temperature: float = F(0.7, "Avg@k sampling temperature")
@@ -193,14 +198,14 @@ PRESETS: dict[str, dict] = {
         "rule": {"name": "cppo", "params": {}},
         "task": {"kind": "fib", "reward": "partial"},
     },
-    "long": {  # the long-horizon, off-policy regime (docs/trainer.md "The long preset"): ~5 min on 2 cores
-        "steps": 60,
-        "threads": 1,  # the figures in README / docs/trainer.md reproduce exactly on any machine (0: torch's default)
-        "log": {"eval_every": 20},
+    "long": {  # the long-horizon, off-policy regime (docs/trainer.md "The long preset"; calibrated by scripts/calibrate_long.py)
+        "steps": 40,
+        "threads": 1,  # one torch thread: the figures do not depend on the machine's core count (0: torch's default)
+        "log": {"eval_every": 20, "behavior_logp": True},
         "task": {"kind": "chain", "reward": "partial", "min_terms": 160, "max_terms": 160, "forks": 0.5,
-                 "detour_credit": 0.0},
-        "rollout": {"prompts_per_step": 8, "n": 8, "max_new_tokens": 161, "staleness": 6, "precision": "bf16"},
-        "optim": {"lr": 2e-4, "warmup_steps": 6, "schedule": "cosine", "epochs": 2, "updates_per_batch": 2},
+                 "detour_credit": 0.0, "eval_size": 512},
+        "rollout": {"prompts_per_step": 8, "n": 8, "max_new_tokens": 161, "staleness": 8, "precision": "bf16"},
+        "optim": {"lr": 1e-4, "warmup_steps": 6, "schedule": "constant", "epochs": 2, "updates_per_batch": 2},
         "rule": {"name": "dppo", "params": {}},
     },
     "tiny": {  # tests: seconds

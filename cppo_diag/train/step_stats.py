@@ -2,8 +2,8 @@
 
 A step runs ``epochs * updates_per_batch`` minibatch updates. A fraction, a share, a mean or a quantile of the
 step is taken over the **pooled** tokens (or responses) of all those updates and divided once; averaging the
-per-update ratios instead would weigh a small update like a large one, and count the first update, where
-pi = mu and nothing is masked, as a share of 0.
+per-update ratios instead would weigh a small update like a large one, and count a first update with little
+to mask (with on-policy sampling pi differs from mu there only by the engine mismatch) as a share of 0.
 
 ``StepPool`` keeps, per update, the (detached) tensors the rule saw. At the end of the step the rule is run
 once more through the public ``compute_mask`` on the pooled batch (all updates' rows stacked; every rule works
