@@ -92,7 +92,10 @@ except ImportError as exc:  # pragma: no cover - exercised only without TRL
         "cppo_diag.integrations.trl needs TRL and transformers: pip install 'cppo-diag[trl]'"
     ) from exc
 
+from cppo_diag import metric_names as M
 from cppo_diag.capture import NullRecorder, RunRecorder
+from cppo_diag.capture.position_live import PositionWindow, figure_due, position_figure, position_scalars, position_tokens
+from cppo_diag.capture.sinks import check_sinks_installed
 from cppo_diag.integrations.names import clip_ratio_scalars
 from cppo_diag.masks.reasons import Reason
 
@@ -139,6 +142,11 @@ class CppoDiagConfig:
         if_exists: what to do when the run directory already holds a run: "error" (default: refuse, naming
             the two other choices), "overwrite" (delete that run first) or "resume" (append to it; steps it
             already completed are not written again).
+        sinks: also send the recorded step scalars (and the divergence-by-position figure) to these
+            (``"tensorboard"``, ``"wandb"``), through ``RunRecorder``'s sink code: a sink that fails warns once
+            and is switched off, the run's own scalars stay complete. A sink whose package is missing is
+            refused when the trainer is built, naming the extra to install.
+        position_figure_every: with a sink, the divergence-by-position figure every n optimiser steps (0: off).
     """
 
     run_dir: str | Path | None = None
@@ -153,12 +161,19 @@ class CppoDiagConfig:
     on_error: str = "warn"
     task: str | None = None
     if_exists: str = "error"
+    sinks: list[str] = field(default_factory=list)
+    position_figure_every: int = 10
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the field, the expected and the found value (before any training)."""
         from cppo_diag.loss import AGG_MODES
         from cppo_diag.masks import compute_mask, get_rule
 
+        check_sinks_installed(self.sinks, "CppoDiagConfig.sinks")  # unknown name, or the extra to install
+        if isinstance(self.position_figure_every, bool) or not isinstance(self.position_figure_every, int) \
+                or self.position_figure_every < 0:
+            raise ValueError("CppoDiagConfig.position_figure_every: expected an integer >= 0, found "
+                             f"{self.position_figure_every!r}")
         if self.if_exists not in IF_EXISTS:
             raise ValueError(f"CppoDiagConfig.if_exists: expected one of {list(IF_EXISTS)}, found {self.if_exists!r}")
         if self.agg not in AGG_MODES:
@@ -237,6 +252,7 @@ class CppoDiagGRPOMixin:
         self._cd_micro_step = -1
         self._cd_pending: set[int] = set()
         self._cd_step_metrics: dict[str, list[float]] = {}
+        self._cd_positions = PositionWindow()  # the step's tokens, for the pooled pos/* scalars
         self._cd_generation_round = 0
         self._cd_rewards_per_func: torch.Tensor | None = None
         self._cd_recorder = NullRecorder()
@@ -335,14 +351,24 @@ class CppoDiagGRPOMixin:
             cfg.run_dir, name=cfg.name, config=config, trainer="trl", rule=rule, rule_params=rule_params,
             model=model_name, task=cfg.task, anchor=anchor, rank=self.accelerator.process_index,
             on_error=cfg.on_error, every_n_steps=cfg.every_n_steps, seq_fraction=cfg.seq_fraction,
+            sinks=list(cfg.sinks),
         )
 
     # -- step bookkeeping (called by CppoDiagCallback) ------------------------------------------------
     def _cd_step_finished(self, step: int) -> None:
-        if self._cd_step_metrics:
-            means = {k: sum(v) / len(v) for k, v in self._cd_step_metrics.items() if v}
+        means = {k: sum(v) / len(v) for k, v in self._cd_step_metrics.items() if v}
+        self._cd_step_metrics = {}
+        tokens = self._cd_positions.tokens()
+        self._cd_positions.clear()
+        if tokens is not None:
+            means.update(position_scalars(tokens))  # pooled over the step's micro-batches (not a mean of them)
+        if means:
             self._cd_recorder.log_scalars(step, means)
-            self._cd_step_metrics = {}
+        rec = self._cd_recorder
+        if tokens is not None and getattr(rec, "has_sinks", False) and figure_due(step, self._cd_cfg.position_figure_every):
+            meta_rule, meta_params = self._cd_applied_rule()
+            rec.log_figure(step, M.POS_FIGURE, position_figure(tokens, step=step, rule=meta_rule,
+                                                               rule_params=meta_params))
         self._cd_pending.add(step)
 
     def _cd_end_pending(self) -> None:
@@ -543,6 +569,7 @@ class CppoDiagGRPOMixin:
         reason_applied = reason
         if reason is None and keep is not None:
             reason_applied = torch.where(keep, Reason.KEPT, Reason.TOKEN).to(torch.uint8)  # TRL's clip: a token threshold
+        self._cd_log_positions(logp, logp_rollout, mask, keep)
         rec.log_tokens(
             step=step, update=update, seq_ids=seq_ids, logp=logp, logp_rollout=logp_rollout, logp_old=logp_old,
             advantages=inputs["advantages"], response_mask=mask, token_ids=completion_ids, entropy=entropy,
@@ -551,6 +578,15 @@ class CppoDiagGRPOMixin:
         )
         if self._cd_cfg.record_sequences:
             self._cd_record_sequences(step, seq_ids, inputs, mask)
+
+    def _cd_log_positions(self, logp, logp_rollout, mask, keep) -> None:
+        """pos/* of this micro-batch into TRL's logs (its report_to; TRL averages them over its logging window)
+        and its tokens into the step's window (the recorded pos/* are pooled over the step)."""
+        self._cd_positions.add(logp, logp_rollout, mask, keep)
+        for key, value in position_scalars(position_tokens(logp, logp_rollout, mask, keep)).items():
+            if math.isfinite(value):
+                self._metrics["train"][key].append(value)
+                self._cd_echoed.add(key)
 
     def _cd_record_sequences(self, step: int, seq_ids, inputs, mask) -> None:
         tok = getattr(self.processing_class, "tokenizer", self.processing_class)
