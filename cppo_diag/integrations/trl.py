@@ -111,6 +111,15 @@ _FORWARD_EXTRAS = (
     "image_sizes", "token_type_ids", "mm_token_type_ids", "image_position_ids",
 )
 IF_EXISTS = ("error", "overwrite", "resume")
+# TRL's private methods the plug-in wraps, with the parameters it relies on (checked when the trainer is built).
+_HOOKS = {
+    "_compute_loss": ("model", "inputs"),
+    "_get_per_token_logps_and_entropies": ("model", "input_ids", "attention_mask", "logits_to_keep"),
+    "_generate_and_score_completions": (),
+    "_calculate_rewards": (),
+}
+_VLLM_HOOKS = {"_generate_single_turn": ("prompt_ids", "num_generations")}  # use_vllm: its log-probs are checked
+VLLM_IS_MODES = ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
 _GROUP_KEY = "cppo_diag_group_id"
 _REWARD_KEY = "cppo_diag_reward"
 
@@ -245,6 +254,7 @@ class CppoDiagGRPOMixin:
     def __init__(self, *args, cppo_diag: CppoDiagConfig | dict | None = None, **kwargs):
         cfg = cppo_diag if isinstance(cppo_diag, CppoDiagConfig) else CppoDiagConfig(**(cppo_diag or {}))
         cfg.validate()  # before the model loads and long before the first generation
+        check_trl_hooks(type(self), vllm=_wants_vllm(args, kwargs))
         self._cd_cfg = cfg
         self._cd_echoed: set[str] = set()  # our metrics pushed into TRL's logs (rule mode)
         self._cd_capture: dict[str, Any] | None = None
@@ -259,6 +269,8 @@ class CppoDiagGRPOMixin:
         super().__init__(*args, **kwargs)
         if cfg.rule is not None:
             self._cd_check_rule_mode()
+        if getattr(self, "use_vllm", False):
+            self._cd_watch_vllm()
         self._cd_recorder = self._cd_open_recorder()
         self.add_callback(CppoDiagCallback(self))
 
@@ -344,6 +356,7 @@ class CppoDiagGRPOMixin:
             "epsilon_high": getattr(self, "epsilon_high", None),
             "beta": getattr(self, "beta", None),
             "use_vllm": getattr(self, "use_vllm", False),
+            "vllm_importance_sampling": self._cd_vllm_is_settings(),
             "cppo_diag": {k: v for k, v in asdict(cfg).items() if k not in ("run_dir",)},
             "keys": "step = optimiser step; update = micro-batch in the step; seq_id = update * B + row",
         }
@@ -432,8 +445,75 @@ class CppoDiagGRPOMixin:
             keep = self._cd_trl_keep(captured["logp"], inputs)
             if keep is not None and self._cd_trl_clip_is_grpo_clip():
                 self._cd_add_step_metrics(clip_ratio_scalars(keep, inputs["advantages"], _response_mask(inputs)))
-            self._cd_record(inputs, captured["logp"], captured.get("entropy"), keep=keep, reason=None)
+            reason = None if keep is None else torch.where(keep, Reason.KEPT, Reason.TOKEN).to(torch.uint8)
+            weight = None
+            applied = self._cd_vllm_is_applied(inputs)
+            if applied is not None:  # TRL's vLLM importance-sampling correction, as TRL multiplied it in
+                mask = _response_mask(inputs)  # (B, T)
+                weight = applied.to(torch.float32).expand(mask.shape)  # (B, T): (B, 1) in sequence modes
+                is_masked = (weight == 0) & mask if self.vllm_importance_sampling_mode.endswith("_mask") else None
+                if is_masked is not None:
+                    code = Reason.SEQUENCE if self.vllm_importance_sampling_mode.startswith("sequence") else Reason.TOKEN
+                    keep = (~is_masked) if keep is None else keep & ~is_masked
+                    reason = torch.where(keep, Reason.KEPT, Reason.TOKEN).to(torch.uint8) if reason is None else reason
+                    reason = torch.where(is_masked & (reason == Reason.KEPT), code, reason).to(torch.uint8)
+            self._cd_record(inputs, captured["logp"], captured.get("entropy"), keep=keep, reason=reason,
+                            loss_weight=weight)
         return loss
+
+    # -- vLLM ---------------------------------------------------------------------------------------------
+    def _cd_vllm_is_settings(self) -> dict | None:
+        """TRL's vLLM importance-sampling correction as this trainer runs it (None without vLLM): meta.json's
+        ``config.vllm_importance_sampling``, which ``vllm_is_correction`` reads to recompute it."""
+        if not getattr(self, "use_vllm", False):
+            return None
+        args = self.args
+        return {
+            "correction": bool(getattr(self, "vllm_importance_sampling_correction", False)),
+            "applied": self._cd_vllm_is_on(),
+            "mode": getattr(self, "vllm_importance_sampling_mode", None),
+            "clip_min": getattr(self, "vllm_importance_sampling_clip_min", None),
+            "clip_max": getattr(self, "vllm_importance_sampling_clip_max", None),
+            "deprecated_cap_given": getattr(args, "vllm_importance_sampling_cap", None) is not None,
+            "vllm_mode": getattr(args, "vllm_mode", None),
+            "top_p": getattr(self, "top_p", None), "top_k": getattr(self, "top_k", None),
+            "temperature": getattr(self, "temperature", None),
+        }
+
+    def _cd_vllm_is_on(self) -> bool:
+        """Whether TRL multiplies its loss by the vLLM IS ratio (TRL-loss mode; TRL's vespo uses it differently)."""
+        return (self._cd_cfg.rule is None and bool(getattr(self, "use_vllm", False))
+                and bool(getattr(self, "vllm_importance_sampling_correction", False))
+                and getattr(self, "loss_type", None) != "vespo")
+
+    def _cd_vllm_is_applied(self, inputs) -> torch.Tensor | None:
+        """(B, T) or (B, 1): the IS ratio TRL's loss multiplied in, read from TRL's own batch."""
+        if not self._cd_vllm_is_on():
+            return None
+        ratio = inputs.get("importance_sampling_ratio")
+        return None if ratio is None else ratio.detach()
+
+    def _cd_watch_vllm(self) -> None:
+        """Refuse a vLLM server answer without sampling log-probs with a clear error (TRL would fail on a
+        ``None`` deep inside its generation step): they are ``logp_rollout`` and TRL's IS correction needs them."""
+        gen = getattr(self, "vllm_generation", None)
+        if gen is None or not hasattr(gen, "generate"):
+            return
+        inner = gen.generate
+
+        def generate(*args, **kwargs):
+            out = inner(*args, **kwargs)
+            completions, logprobs = out[1], out[2]
+            if completions and (logprobs is None or any(lp is None for lp in logprobs)):
+                where = getattr(getattr(gen, "vllm_client", None), "base_url", None) or getattr(gen, "mode", "vLLM")
+                raise RuntimeError(
+                    f"cppo-diag: the vLLM server ({where}) returned completions without sampling log-probs; they are "
+                    "recorded as logp_rollout and TRL's importance-sampling correction needs them: the request asks "
+                    "for logprobs=0, so the server must honour it (vllm serve: --max-logprobs >= 1, and "
+                    "--logprobs-mode processed_logprobs)")
+            return out
+
+        gen.generate = generate
 
     def _cd_add_step_metrics(self, metrics: dict[str, float]) -> None:
         """Metrics of one training micro-batch; their mean over the step is logged when it ends."""
@@ -550,7 +630,7 @@ class CppoDiagGRPOMixin:
         update = self._cd_micro if step == self._cd_micro_step else 0
         return step, update * batch + torch.arange(batch)
 
-    def _cd_record(self, inputs, logp, entropy, *, keep, reason) -> None:
+    def _cd_record(self, inputs, logp, entropy, *, keep, reason, loss_weight=None) -> None:
         rec = self._cd_recorder
         if not rec:
             return
@@ -574,7 +654,7 @@ class CppoDiagGRPOMixin:
             step=step, update=update, seq_ids=seq_ids, logp=logp, logp_rollout=logp_rollout, logp_old=logp_old,
             advantages=inputs["advantages"], response_mask=mask, token_ids=completion_ids, entropy=entropy,
             reward=inputs.get(_REWARD_KEY), group_id=inputs.get(_GROUP_KEY), keep_applied=keep,
-            reason_applied=reason_applied,
+            reason_applied=reason_applied, loss_weight=loss_weight,
         )
         if self._cd_cfg.record_sequences:
             self._cd_record_sequences(step, seq_ids, inputs, mask)
@@ -612,6 +692,58 @@ class CppoDiagGRPOMixin:
             rewards=rewards.cpu() if rewards is not None else None, lengths=mask.sum(dim=1),
             group_ids=group_ids.cpu() if group_ids is not None else None,
         )
+
+
+def _wants_vllm(args, kwargs) -> bool:
+    targs = kwargs.get("args", args[2] if len(args) > 2 else None)
+    return bool(getattr(targs, "use_vllm", False))
+
+
+def check_trl_hooks(cls, *, vllm: bool = False) -> None:
+    """Refuse, before the model loads, a TRL whose private methods the plug-in wraps are gone or renamed their
+    parameters (``_HOOKS``; with vLLM also ``_VLLM_HOOKS``), naming the TRL version and the method."""
+    version = getattr(_trl, "__version__", "?")
+    hooks = {**_HOOKS, **(_VLLM_HOOKS if vllm else {})}
+    for name, params in hooks.items():
+        fn = None
+        for base in cls.__mro__:
+            if base.__module__.startswith("cppo_diag.") or name not in vars(base):
+                continue
+            fn = vars(base)[name]
+            break
+        if fn is None:
+            raise RuntimeError(f"cppo-diag's TRL plug-in: TRL {version} has no GRPOTrainer.{name}, a private hook the "
+                               "plug-in wraps; use a TRL release it supports (pyproject.toml extra 'trl')")
+        found = list(inspect.signature(fn).parameters)
+        missing = [p for p in params if p not in found]
+        if missing:
+            raise RuntimeError(f"cppo-diag's TRL plug-in: TRL {version} changed GRPOTrainer.{name}, a private hook the "
+                               f"plug-in wraps: expected parameters {list(params)}, found {found[1:]}")
+
+
+def vllm_is_correction(logp_old: torch.Tensor, logp_rollout: torch.Tensor, response_mask: torch.Tensor, *,
+                       mode: str, clip_min: float | None, clip_max: float | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """TRL's vLLM importance-sampling correction, recomputed from recorded columns: (weight (B, T), masked (B, T)).
+
+    rho = exp(logp_old - logp_rollout) per valid token (``token_*``) or exp(sum over the response) (``sequence_*``;
+    a NaN rollout log-prob counts as 0 difference); ``*_truncate``: clamp(rho, clip_min, clip_max);
+    ``*_mask``: rho outside [clip_min, clip_max] (None = unbounded) -> 0, and those tokens masked. The formula
+    is TRL's documented one (``GRPOConfig.vllm_importance_sampling_mode``); ``logp_old`` is TRL's pi_old (the
+    trainer's recomputed log-probs of the sampled batch), ``logp_rollout`` vLLM's sampling log-probs.
+    """
+    if mode not in VLLM_IS_MODES:
+        raise ValueError(f"vllm_importance_sampling_mode: expected one of {list(VLLM_IS_MODES)}, found {mode!r}")
+    mask = response_mask.bool()  # (B, T)
+    diff = torch.nan_to_num(torch.where(mask, logp_old.double() - logp_rollout.double(), 0.0), nan=0.0)  # (B, T)
+    if mode.startswith("sequence"):
+        diff = diff.sum(-1, keepdim=True)  # (B, 1)
+    rho = torch.exp(diff).expand(mask.shape)  # (B, T)
+    lo = -math.inf if clip_min is None else float(clip_min)
+    hi = math.inf if clip_max is None else float(clip_max)
+    if mode.endswith("_truncate"):
+        return rho.clamp(min=lo, max=hi), torch.zeros_like(mask)
+    masked = ((rho < lo) | (rho > hi)) & mask
+    return rho.masked_fill(masked, 0.0), masked
 
 
 class CppoDiagGRPOTrainer(CppoDiagGRPOMixin, GRPOTrainer):
