@@ -151,10 +151,10 @@ def _batch_tensors(tok, step, update):
     r = np.array([row[s] for s in sub["seq_id"].to_list()])
     p = sub["pos"].to_numpy()
     for c in out:
-        out[c][r, p] = torch.as_tensor(sub[c].to_numpy().astype(np.float64))
+        out[c][r, p] = torch.tensor(sub[c].to_numpy().astype(np.float64))
     mask[r, p] = True
-    keep[r, p] = torch.as_tensor(sub["keep_applied"].to_numpy())
-    reason[r, p] = torch.as_tensor(sub["reason_applied"].to_numpy().astype(np.uint8))
+    keep[r, p] = torch.tensor(sub["keep_applied"].to_numpy().astype(bool))
+    reason[r, p] = torch.tensor(sub["reason_applied"].to_numpy().astype(np.uint8))
     return out, mask, keep, reason
 
 

@@ -32,6 +32,8 @@ import numpy as np
 import torch
 
 from cppo_diag import metric_names as M
+from cppo_diag.masks.quantile import masked_row_quantile
+from cppo_diag.masks.reduce import masked_sum
 
 __all__ = ["PositionTokens", "PositionWindow", "PositionFigure", "position_tokens", "position_scalars",
            "position_figure", "FIGURE_BINS"]
@@ -76,15 +78,14 @@ def position_tokens(logp: torch.Tensor, logp_rollout: torch.Tensor, response_mas
                           None if keep is None else ~keep.bool().to(mask.device)[mask])
 
 
-def _top10_mean(d: torch.Tensor) -> float:
-    """Mean of the values >= their p90 (linear interpolation between order statistics, numpy's default)."""
-    if d.numel() == 0:
-        return math.nan
-    s = torch.sort(d).values  # (n,)
-    h = 0.9 * (s.numel() - 1)
-    f = int(math.floor(h))
-    p90 = s[f] + (h - f) * (s[min(f + 1, s.numel() - 1)] - s[f])
-    return float(s[s >= p90].mean())
+def _top10_means(d: torch.Tensor, third: torch.Tensor) -> list[float]:
+    """Per third: mean of its values >= its p90 (the project's quantile, ``masked_row_quantile``: linear
+    interpolation between order statistics); NaN for a third without tokens."""
+    rows = third[None, :] == torch.arange(3, device=third.device)[:, None]  # (3, N)
+    p90 = masked_row_quantile(d[None, :].expand(3, -1), rows, 0.9)  # (3,)
+    top = rows & (d[None, :] >= p90[:, None])  # (3, N)
+    out = masked_sum(d[None, :].expand(3, -1), top, dim=-1) / top.sum(-1).clamp(min=1)  # (3,)
+    return [float(v) if bool(r.any()) else math.nan for v, r in zip(out, rows)]
 
 
 def _ratio(last: float, first: float) -> float:
@@ -98,7 +99,7 @@ def position_scalars(tokens: PositionTokens) -> dict[str, float]:
         return {}
     d, third = tokens.tv(), tokens.third()  # (N,), (N,)
     out: dict[str, float] = {}
-    top = [_top10_mean(d[third == k]) for k in range(3)]
+    top = _top10_means(d, third)
     for name, v in zip(M.POS_TV_TOP10, top):
         out[name] = v
     out[M.POS_TV_TOP10_LAST_OVER_FIRST] = _ratio(top[2], top[0])
