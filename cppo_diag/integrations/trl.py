@@ -51,9 +51,24 @@ and TRL's own logged values under ``trl/<name>`` (``trl/clip_ratio/region_mean``
 only echo cppo-diag's metrics back (rule mode), which are not recorded twice. With several processes ours
 are this process's shares, TRL's are pooled over processes.
 
+Live per-position metrics (``cppo_diag.capture.position_live``): ``pos/*`` of every training micro-batch go into
+TRL's own logs (its ``report_to``), and pooled over the optimiser step into the recorded scalars;
+``CppoDiagConfig.sinks`` sends the recorded scalars and, every ``position_figure_every`` steps, the
+divergence-by-position figure to TensorBoard / W&B through ``RunRecorder``'s sinks.
+
+vLLM (``use_vllm=True``, TRL-loss mode): ``logp_rollout`` is vLLM's sampling log-probs and TRL's importance-
+sampling correction is recorded as TRL applied it (``importance_sampling_ratio`` from TRL's batch):
+``loss_weight`` = the ratio per token; in ``*_mask`` modes the tokens it zeroes are masked in ``keep_applied``
+with reason ``token`` / ``sequence``; ``meta.json`` ``config.vllm_importance_sampling`` holds the settings
+and ``vllm_is_correction`` recomputes it from recorded columns. A server answer without log-probs raises a
+clear error at the first generation.
+
 An existing run directory is refused unless ``CppoDiagConfig.if_exists`` says "overwrite" (replace it) or
 "resume" (append to it, e.g. with ``resume_from_checkpoint``). Rule names, ``rule_params`` keys and values,
 ``agg`` and ``trunc_cap`` are checked when the trainer is built, before any generation.
+
+The private methods wrapped (``_HOOKS``, and with vLLM ``_VLLM_HOOKS``) are checked when the trainer is built:
+a TRL release that removed one or renamed its parameters is refused, naming the version and the method.
 
 Why a ``GRPOTrainer`` subclass and not only a ``TrainerCallback``: callbacks see the state, the model and the
 logged scalars, never the per-token tensors of a loss computation. The plug-in therefore wraps three methods

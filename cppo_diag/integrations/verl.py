@@ -47,6 +47,12 @@ clipped losses report there) and ``actor/ppo_kl``; in bypass mode also verl's ``
 diagnostics of the ratio against the rollout log-probs (``kl``, ``k3_kl``, ``training_ppl``, ``rollout_ppl``,
 ``log_ppl_diff``, ``chi2_token``; ``cppo_diag.integrations.names``), which verl's own bypass loss reports and
 a rule in its place would otherwise drop. Recorded step scalars are the mean over the step's loss calls.
+
+Live per-position metrics: each call's ``pos/*`` (``cppo_diag.capture.position_live``) go back in its metrics
+dict, so they reach verl's tracker; the recorded ``pos/*`` are pooled over the step's calls. Sinks:
+``CPPO_DIAG_SINKS=tensorboard,wandb`` (checked when the module is imported), the figure every
+``CPPO_DIAG_POSITION_FIGURE_EVERY`` steps (default 10). ``meta.json`` ``config.rollout_correction`` holds verl's
+rollout-correction settings as the loss's config carries them.
 """
 
 from __future__ import annotations
