@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from cppo_diag import compute_mask, open_run
+from cppo_diag import metric_names as M
 from cppo_diag.train import build_config, train
 from cppo_diag.train.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from cppo_diag.train.config import TrainConfig, add_config_arguments, overrides_from_args
@@ -486,6 +487,16 @@ def test_demo_preset_with_minibatches_logs_numbers_you_can_trust(tmp_path):
             for k, v in _pooled_fractions(part, params, trunc_cap).items():
                 assert row[prefix + k] == pytest.approx(v, rel=1e-6, abs=1e-9), (row["step"], prefix + k)  # float32 sums
                 checked.add(prefix + k)
+        # live per-position fractions (cppo_diag/capture/position_live.py): masked / valid per third of t / T
+        third = ((pl.col("pos") + 1) / pl.len().over("update", "seq_id") * 3).ceil().clip(1, 3).cast(pl.Int64) - 1
+        per = g.group_by(third.alias("third")).agg((~pl.col("keep_applied")).mean().alias("f")).sort("third")
+        for k, f in zip(M.POS_MASKED_FRAC, per["f"].to_list()):
+            assert row[k] == pytest.approx(f, rel=1e-9), (row["step"], k)
+            checked.add(k)
+        first, last = per["f"][0], per["f"][-1]
+        if first > 0:
+            assert row[M.POS_MASKED_FRAC_LAST_OVER_FIRST] == pytest.approx(last / first)
+        checked.add(M.POS_MASKED_FRAC_LAST_OVER_FIRST)
     assert set(names) <= checked, sorted(set(names) - checked)  # no fraction left unchecked
 
     # 3. one seq_id per response per step: token rows of every update name a sequence row of the same length
