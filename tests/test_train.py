@@ -80,6 +80,7 @@ def test_config_errors_name_the_field():
     ({"optim": {"trunc_cap": 0}}, "optim.trunc_cap: expected a number > 0, found 0"),
     ({"log": {"every_n_steps": 0}}, "log.every_n_steps: expected an integer >= 1, found 0"),
     ({"log": {"record": False, "tensorboard": True}}, "log.tensorboard: .*needs log.record true"),
+    ({"log": {"position_figure_every": -1}}, "log.position_figure_every: expected an integer >= 0, found -1"),
     ({"rule": {"anchor": "pi_old"}}, "rule.anchor: expected rollout | old, found 'pi_old'"),
     ({"rule": {"name": "cppo", "params": {"detla": 0.1}}}, r"rule.params: unknown parameter\(s\) \['detla'\]"),
 ])
@@ -92,6 +93,16 @@ def test_config_validate_names_field_expected_and_found(over, message):
 
     for preset in PRESETS:  # every shipped preset is valid
         build_config(preset).validate()
+
+
+def test_a_sink_whose_package_is_missing_is_refused_naming_the_extra(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "wandb", None)  # not installed
+    cfg = build_config("tiny", overrides={"log": {"wandb": True}})
+    with pytest.raises(ImportError, match=r"^log.wandb: sink 'wandb' needs the wandb package; install it with: "
+                                          r"pip install 'cppo-diag\[wandb\]'$"):
+        cfg.validate()
 
 
 def test_table3_presets_match_spec():

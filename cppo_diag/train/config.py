@@ -174,6 +174,11 @@ class TrainConfig:
         for sink in ("tensorboard", "wandb"):
             if getattr(self.log, sink) and not self.log.record:
                 raise ValueError(f"log.{sink}: mirrors the recorder's scalars, so it needs log.record true (found false)")
+        from cppo_diag.capture.sinks import check_sinks_installed
+
+        for sink in ("tensorboard", "wandb"):  # a missing package: one line naming the extra, before any model
+            if getattr(self.log, sink):
+                check_sinks_installed([sink], f"log.{sink}")
         rule = get_rule(self.rule.name)  # an unknown rule raises here, listing the known ones
         unknown = sorted(set(self.rule.params) - set(PARAMETERS))
         if unknown:
