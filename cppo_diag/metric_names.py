@@ -9,6 +9,7 @@ Families (``<rule>`` is the rule's registered name, ``<d>`` its divergence's sho
 * the rollout batch: ``reward/*``, ``acc/mean``, ``response/*``, ``batch/*``, ``rollout/staleness``
 * the updates: ``policy/entropy``, ``loss/*`` (``cppo_diag.loss.policy_loss``), ``grad/*``, ``optim/lr``
 * the rule (``cppo_diag.masks.metrics``): ``mask/<rule>/*``, ``<rule>/*`` (CPPO family), ``div/<d>/*``
+* per position (``cppo_diag.capture.position_live``): ``pos/tv_top10/*``, ``pos/masked_frac/*``
 * ``after_first/<name>``: the same pooled over the updates after the first of the step
 * time: ``time/*``, ``throughput/tokens_per_s``
 * held-out evaluation ``eval/*`` and the run summary ``summary/*`` (returned by ``train()``)
@@ -142,4 +143,15 @@ def trainer_scalar_names(rule: str = "<rule>", divergence: str = "<d>", k: int |
     names += [mask_name(rule, key) for key in MASK_KEYS]
     names += [rule_name(rule, key) for key in CPPO_KEYS]
     names += [div_name(divergence, s) for s in DIV_STATS]
+    names += list(POS_SCALARS)
     return names
+
+# -- per-position (cppo_diag.capture.position_live): thirds of the relative position t / T ---------------------
+POS = "pos/"
+POS_THIRDS = ("first", "middle", "last")
+POS_TV_TOP10 = tuple(f"pos/tv_top10/{t}" for t in POS_THIRDS)  # top-decile mean of |pi - mu| per third
+POS_TV_TOP10_LAST_OVER_FIRST = "pos/tv_top10/last_over_first"
+POS_MASKED_FRAC = tuple(f"pos/masked_frac/{t}" for t in POS_THIRDS)  # masked / valid per third
+POS_MASKED_FRAC_LAST_OVER_FIRST = "pos/masked_frac/last_over_first"
+POS_SCALARS = (*POS_TV_TOP10, POS_TV_TOP10_LAST_OVER_FIRST, *POS_MASKED_FRAC, POS_MASKED_FRAC_LAST_OVER_FIRST)
+POS_FIGURE = "pos/divergence_by_position"  # the figure's tag (TensorBoard image, W&B image), not a scalar

@@ -433,6 +433,23 @@ class RunRecorder:
         except Exception as exc:
             self._fail("log_scalars", exc)
 
+    def log_figure(self, step: int, tag: str, figure) -> None:
+        """Send a figure to the open sinks as an image (rank 0 with ``sinks`` only; our record keeps no
+        images). ``figure``: a matplotlib Figure, an RGB array, or an object with ``render()`` /
+        a zero-argument callable returning one, drawn on the writer thread (``position_live.PositionFigure``)."""
+        if self._sinks is None or not self._active():
+            return
+        try:
+            step = int(step)
+            self._enqueue("call", lambda: self._sinks.log_figure(step, tag, figure))
+        except Exception as exc:
+            self._fail("log_figure", exc)
+
+    @property
+    def has_sinks(self) -> bool:
+        """Whether a sink is open (figures are worth making)."""
+        return self._sinks is not None and bool(self._sinks)
+
     def log_sequences(self, *, step: int, seq_ids, prompts: Sequence[str] | None = None,
                       completions: Sequence[str] | None = None, tokens: Sequence[Sequence[str]] | None = None,
                       rewards=None, lengths=None, group_ids=None, correct=None) -> None:

@@ -119,6 +119,7 @@ class LogConfig:
     progress: bool = F(True, "tqdm progress bar")
     tensorboard: bool = F(False, "also write step scalars to a TensorBoard event file in RUN/tensorboard/")
     wandb: bool = F(False, "also log step scalars to W&B, meta.json as config (offline without a key)")
+    position_figure_every: int = F(10, "with tensorboard/wandb: divergence-by-position figure every n steps (0 = off)")
 
 
 @dataclass
@@ -173,9 +174,16 @@ class TrainConfig:
         need(self.optim.trunc_cap is None or self.optim.trunc_cap > 0, "optim.trunc_cap", "a number > 0",
              self.optim.trunc_cap)
         need(self.log.every_n_steps >= 1, "log.every_n_steps", "an integer >= 1", self.log.every_n_steps)
+        need(self.log.position_figure_every >= 0, "log.position_figure_every", "an integer >= 0",
+             self.log.position_figure_every)
         for sink in ("tensorboard", "wandb"):
             if getattr(self.log, sink) and not self.log.record:
                 raise ValueError(f"log.{sink}: mirrors the recorder's scalars, so it needs log.record true (found false)")
+        from cppo_diag.capture.sinks import check_sinks_installed
+
+        for sink in ("tensorboard", "wandb"):  # a missing package: one line naming the extra, before any model
+            if getattr(self.log, sink):
+                check_sinks_installed([sink], f"log.{sink}")
         rule = get_rule(self.rule.name)  # an unknown rule raises here, listing the known ones
         unknown = sorted(set(self.rule.params) - set(PARAMETERS))
         if unknown:

@@ -372,6 +372,7 @@ def log_step(run: Run, step: int, ro: Rollout, tb: TrainBatch, pool: StepPool, n
             run.summary[M.SUMMARY_GREEDY_VALID_SHARE_AFTER] = ev[M.EVAL_GREEDY_VALID_SHARE]
         scalars.update(run.summary)
     log.log_scalars(step, scalars)
+    pool.log_position_figure(log, cfg.log.position_figure_every)  # pos/ figure to TensorBoard / W&B
     log.end_step(step)
     return scalars
 
