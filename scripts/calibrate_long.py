@@ -39,6 +39,7 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 START, END = "<!-- calibration-table:start (scripts/calibrate_long.py) -->", "<!-- calibration-table:end -->"
+EXPLORE_START, EXPLORE_END = "<!-- explore-table:start (scripts/calibrate_long.py --explore) -->", "<!-- explore-table:end -->"
 RULES = ("grpo_clip", "dppo", "cppo", "pg_is")
 LABELS = {"grpo_clip": "GRPO clip", "dppo": "DPPO", "cppo": "CPPO", "pg_is": "pg_is (no trust region)"}
 MDD_Z = 2.80  # z_{0.975} + z_{0.80}
@@ -196,7 +197,10 @@ def main(argv=None) -> int:
                     help="only table the runs under these study roots (scripts/calibration/explore-*.toml)")
     args = ap.parse_args(argv)
     if args.explore:
-        print(explore_table(args.explore))
+        out = explore_table(args.explore)
+        print(out)
+        if args.write:
+            _write(Path(args.write), out, EXPLORE_START, EXPLORE_END)
         return 0
     root, threads = Path(args.root), args.threads or [1, 2]
     if not args.no_train:
@@ -210,14 +214,18 @@ def main(argv=None) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1, default=str))
     if args.write:
-        path = Path(args.write)
-        text = path.read_text()
-        if START not in text or END not in text:
-            raise SystemExit(f"{path}: expected the markers {START!r} and {END!r} around the table")
-        path.write_text(re.sub(re.escape(START) + r".*?" + re.escape(END), lambda _: f"{START}\n{out}\n{END}", text,
-                               flags=re.S))
-        print(f"wrote {path}")
+        _write(Path(args.write), out, START, END)
     return 0
+
+
+def _write(path: Path, out: str, start: str, end: str) -> None:
+    """Replace the text between the markers ``start`` and ``end`` of ``path`` with ``out``."""
+    text = path.read_text()
+    if start not in text or end not in text:
+        raise SystemExit(f"{path}: expected the markers {start!r} and {end!r} around the table")
+    path.write_text(re.sub(re.escape(start) + r".*?" + re.escape(end), lambda _: f"{start}\n{out}\n{end}", text,
+                           flags=re.S))
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":
