@@ -158,8 +158,8 @@ def _cols_of_term(term: str) -> set[str]:
 
 def _prepared(lf: pl.LazyFrame, *, updates: str, step_range, adv_sign) -> tuple[pl.LazyFrame, list[str]]:
     """The selected tokens with finite, possible log-probs in every column the terms read, and the terms."""
-    terms = attribution_terms(lf)
     lf = filter_updates(filter_tokens(lf, step_range=step_range, adv_sign=adv_sign), updates)
+    terms = attribution_terms(lf)  # on the selection: a step range can leave out the steps without a column
     used = ["logp", "logp_rollout"] + [c for c in ("logp_behavior", "logp_old")
                                        if any(c in _cols_of_term(t) for t in terms)]
     return _finite(lf, used, "attribution"), terms

@@ -112,6 +112,7 @@ def test_missing_columns_give_named_combined_terms(runs, tmp_path):
     mixed = t.with_columns(pl.when(pl.col("step") == 3).then(None).otherwise(pl.col("logp_behavior")).alias("logp_behavior"))
     with pytest.raises(AttributionInputError, match="logp_behavior.*steps 3..3"):
         attribution_by(mixed)
+    assert attribution_by(mixed, step_range=(0, 2))["step"].to_list() == [0, 1, 2]  # the steps that have it
     with pytest.raises(ValueError, match="by: expected"):
         attribution_by(t, by="sequence")
 

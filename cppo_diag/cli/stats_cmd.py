@@ -147,7 +147,7 @@ def _attribution(args) -> int:
     """--family attribution | strata (cppo_diag.analyses.attribution)."""
     import warnings
 
-    from cppo_diag.analyses.attribution import attribution_by, attribution_terms, position_strata
+    from cppo_diag.analyses.attribution import attribution_by, position_strata
     from cppo_diag.analyses.updates import updates_arg
 
     updates = updates_arg(args.updates) or "all"  # attribution pools every update unless told otherwise
@@ -156,16 +156,15 @@ def _attribution(args) -> int:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         if args.family == "attribution":
-            terms = attribution_terms(args.run)
-            combined = [t for t in terms if "+" in t]
+            table = attribution_by(args.run, by=args.by, bin_width=args.bin, updates=updates, step_range=args.steps,
+                                   adv_sign=args.adv_sign)
+            combined = [c[: -len("_share")] for c in table.columns if c.endswith("_share") and "+" in c]
             if combined:
                 lacks = [c for c, used_by in (("logp_behavior", ("engine+lag", "engine+lag+update")),
                                               ("logp_old", ("lag+update", "engine+lag+update")))
-                         if any(t in used_by for t in terms)]
+                         if any(t in used_by for t in combined)]
                 print(f"cppo-diag stats: the run logs no {' and no '.join(lacks)}, so {', '.join(combined)} "
                       f"is reported as one combined term", file=sys.stderr)
-            table = attribution_by(args.run, by=args.by, bin_width=args.bin,
-                                updates=updates, step_range=args.steps, adv_sign=args.adv_sign)
             text = table.write_csv() if args.format == "csv" else json.dumps(table.to_dicts(), default=str) + "\n"
         else:
             if args.by != "position":
