@@ -62,7 +62,7 @@ class _FallbackRun:
         files = sorted((self.path / schema.TOKENS_DIR).glob("**/*.parquet"))
         if not files:
             return pl.LazyFrame(schema={k: v for k, v in schema.TOKEN_COLUMNS.items() if not k.startswith("topk")})
-        return pl.scan_parquet(files, hive_partitioning=False, missing_columns="insert")
+        return pl.scan_parquet(files, hive_partitioning=False, missing_columns="insert", extra_columns="ignore")
 
 
 def load_tokens(source: Any) -> pl.LazyFrame:
@@ -127,7 +127,7 @@ def _step_files(run: Any) -> dict[int, list[Path]] | None:
 
 
 def _scan_step_files(files: list[Path]) -> pl.LazyFrame:
-    return load_tokens(pl.scan_parquet(files, hive_partitioning=False, missing_columns="insert"))
+    return load_tokens(pl.scan_parquet(files, hive_partitioning=False, missing_columns="insert", extra_columns="ignore"))
 
 
 def step_lazyframes(source: Any, *, step_range=None) -> list[tuple[int, pl.LazyFrame]]:

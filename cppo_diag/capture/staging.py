@@ -76,6 +76,27 @@ PLAIN_COLUMNS = ("step", "seq_id", "advantage", "reward", "update", "rank")
 STATS_COLUMNS = ("step", "seq_id", "pos", "update", "rank")
 
 
+def check_index(name: str, value) -> int:
+    """``value`` as a non-negative integer (``step``, ``update``): the reader reads back only those.
+
+    Accepts Python/numpy integers, integral floats (``3.0``) and one-element integer tensors; refuses bools,
+    negative numbers, fractions, NaN and strings with a ``CaptureInputError`` naming ``name``."""
+    v = value
+    if _is_torch(v) or isinstance(v, np.ndarray):
+        if int(np.prod(_shape(v))) != 1:
+            raise CaptureInputError(f"{name}: expected one integer, found shape {_shape(v)}")
+        v = v.item()
+    if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, float, np.integer, np.floating)):
+        raise CaptureInputError(f"{name}: expected a non-negative integer, found {value!r} ({type(value).__name__})")
+    if isinstance(v, (float, np.floating)):
+        if not np.isfinite(v) or float(v) != int(v):
+            raise CaptureInputError(f"{name}: expected a non-negative integer, found {value!r}")
+    v = int(v)
+    if v < 0:
+        raise CaptureInputError(f"{name}: expected a non-negative integer, found {v}")
+    return v
+
+
 def _is_torch(x) -> bool:
     return torch is not None and isinstance(x, torch.Tensor)
 

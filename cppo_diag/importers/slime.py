@@ -52,7 +52,7 @@ def _load(path: Path) -> dict:
     import torch
 
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=False)
+        obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - name the file in the error
         raise ImportFormatError(f"{path}: cannot be read with torch.load ({exc!r})") from None
     if not isinstance(obj, dict) or "rollout_data" not in obj:

@@ -34,6 +34,10 @@ class RunWarning(UserWarning):
 
 _LIVE_STALE_S = 60.0  # heartbeat older than this from another host => not live
 
+# Shards whose data pages were decoded once in this process: (path, size, mtime_ns, inode) -> reason or None.
+# Shards are immutable once renamed into place, so a verified file stays verified until it changes.
+_VERIFIED: dict[tuple[str, int, int, int], str | None] = {}
+
 
 class Run:
     """One run directory. Cheap to construct; every method re-lists the directory (live runs grow)."""
@@ -141,6 +145,12 @@ class Run:
                 arrow_schema = pq.read_schema(path)
             except Exception as exc:  # noqa: BLE001 - any parse failure means a corrupt footer
                 reason = f"unreadable footer ({exc})"
+        if reason is None:
+            # A valid footer over corrupt data pages would fail every query later, without naming the file.
+            vkey = (str(path), st.st_size, st.st_mtime_ns, st.st_ino)
+            if vkey not in _VERIFIED:
+                _VERIFIED[vkey] = layout.verify_parquet_pages(path)
+            reason = _VERIFIED[vkey]
         if reason is not None:
             self._warn(str(path), f"skipping corrupt or truncated shard {path}: {reason}")
             self._footer_cache[path] = (key, None)
@@ -328,11 +338,13 @@ def _scan(shards, dtypes: dict, required: dict, fill_zero: tuple[str, ...], *, a
     # use wider types. Scan each distinct schema once, cast to the schema.py dtypes, insert typed nulls.
     groups: dict[tuple, list[str]] = {}
     for path, arrow_schema in shards:
-        key = tuple((f.name, str(f.type)) for f in arrow_schema if f.name in target)
+        # every column in the key: a shard with extra (unknown, newer) columns is scanned apart, and the
+        # select below drops those columns (docs/run-format.md, versioning: added optional columns are compatible)
+        key = tuple((f.name, str(f.type)) for f in arrow_schema)
         groups.setdefault(key, []).append(str(path))
     frames = []
     for key, files in groups.items():
-        have = {name for name, _ in key}
+        have = {name for name, _ in key if name in target}
         lf = pl.scan_parquet(files, hive_partitioning=False)
         frames.append(lf.select([
             (pl.col(c).cast(t) if c in have else pl.lit(None, dtype=t)).alias(c) for c, t in target.items()
