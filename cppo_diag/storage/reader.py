@@ -252,9 +252,10 @@ class Run:
         sdir = self.path / schema.SCALARS_DIR
         rows = []
         order = 0
+        family: dict[str, str] = {}  # scalar name -> type of its first value (number, bool or str)
         for f in sorted(sdir.glob("rank*.jsonl")) if sdir.is_dir() else []:
             try:
-                lines = f.read_text(encoding="utf-8").splitlines()
+                lines = f.read_text(encoding="utf-8", errors="replace").splitlines()
             except OSError as exc:
                 self._warn(str(f), f"skipping scalars file {f}: {exc}")
                 continue
@@ -263,10 +264,29 @@ class Run:
                     continue
                 try:
                     row = json.loads(line)
-                    int(row["step"])
-                except (ValueError, KeyError, TypeError):
+                except ValueError:
                     self._warn(f"{f}:{i}", f"skipping malformed line {i + 1} of {f} (partial write?)")
                     continue
+                step = row.get("step") if isinstance(row, dict) else None
+                if isinstance(step, float) and step.is_integer():
+                    step = row["step"] = int(step)
+                if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+                    self._warn(f"{f}:{i}", f"skipping line {i + 1} of {f}: expected a JSON object with 'step' a "
+                                           f"non-negative integer, found {line.strip()[:80]!r}")
+                    continue
+                for name in [k for k in row if k not in ("step", "rank")]:
+                    v = row[name]
+                    kind = (None if v is None else "bool" if isinstance(v, bool) else
+                            "number" if isinstance(v, (int, float)) else "str" if isinstance(v, str) else "other")
+                    if kind is None:
+                        continue
+                    if kind == "other" or family.setdefault(name, kind) != kind:
+                        want = family[name] if kind != "other" else "a number, bool or string"
+                        self._warn(f"{f}:{i}:{name}", f"line {i + 1} of {f}: scalar '{name}' expected {want}, "
+                                                      f"found {v!r:.60}; value skipped")
+                        del row[name]
+                if not isinstance(row.get("rank", 0), int) or isinstance(row.get("rank"), bool):
+                    row.pop("rank")
                 row["_order"] = order
                 order += 1
                 rows.append(row)
