@@ -127,7 +127,11 @@ def _step_files(run: Any) -> dict[int, list[Path]] | None:
 
 
 def _scan_step_files(files: list[Path]) -> pl.LazyFrame:
-    return load_tokens(pl.scan_parquet(files, hive_partitioning=False, missing_columns="insert", extra_columns="ignore"))
+    from cppo_diag.storage.validate import valid_token_rows
+
+    lf = pl.scan_parquet(files, hive_partitioning=False, missing_columns="insert", extra_columns="ignore")
+    valid = valid_token_rows(lf.collect_schema().names())  # impossible values are never averaged in
+    return load_tokens(lf.filter(valid) if valid is not None else lf)
 
 
 def step_lazyframes(source: Any, *, step_range=None) -> list[tuple[int, pl.LazyFrame]]:

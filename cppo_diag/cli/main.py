@@ -47,6 +47,13 @@ def _available() -> dict[str, object]:
     return found
 
 
+class _OneLineErrorParser(argparse.ArgumentParser):
+    """A subcommand parser whose usage errors are one line (the option and what was expected), not the usage."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from cppo_diag import __version__
 
@@ -59,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     parser.add_argument("--version", action="version", version=f"cppo-diag {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_OneLineErrorParser)
     for name, module in _available().items():
         p = sub.add_parser(
             name,
@@ -88,7 +95,8 @@ def error_line(exc: BaseException) -> str:
         return f"out of memory (is an input value far larger than expected, e.g. a huge 'pos'?) {msg}"
     if isinstance(exc, OSError) and getattr(exc, "filename", None) and str(exc.filename) not in msg:
         msg = f"{exc.filename}: {msg}"
-    if isinstance(exc, (ValueError, LookupError, OSError, TypeError)) or type(exc).__module__.startswith("cppo_diag"):
+    if isinstance(exc, (ValueError, LookupError, OSError, TypeError, argparse.ArgumentTypeError)) \
+            or type(exc).__module__.startswith("cppo_diag"):
         return msg
     return f"{type(exc).__name__}: {msg} (set CPPO_DIAG_TRACEBACK=1 for the traceback)"
 
