@@ -90,6 +90,8 @@ def run_meta(source: Any) -> dict:
     if hasattr(source, "meta"):
         return dict(source.meta or {})
     if isinstance(source, (str, Path)):
+        if (Path(source) / schema.META_FILE).exists():  # a malformed meta.json is an error naming its field
+            return dict(_open_run(Path(source)).meta or {})
         try:
             return dict(_open_run(Path(source)).meta or {})
         except Exception:  # noqa: BLE001 - a frame path without meta is still analysable

@@ -55,6 +55,18 @@ def cli(*argv: str, cwd: Path | None = None, env: dict | None = None) -> subproc
                           cwd=cwd, env=e, timeout=300)
 
 
+def cli_here(capsys, *argv: str) -> subprocess.CompletedProcess:
+    """``cli`` in this process (no interpreter start-up): for errors found before any work."""
+    from cppo_diag.cli.main import main
+
+    try:
+        rc = main(list(argv))
+    except SystemExit as exc:  # argparse
+        rc = exc.code
+    out = capsys.readouterr()
+    return subprocess.CompletedProcess(list(argv), rc, out.out, out.err)
+
+
 def assert_one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> str:
     """Non-zero exit, no traceback, and an error line naming each of ``needles``."""
     err = proc.stderr
@@ -339,3 +351,176 @@ def test_scalars_lines_with_wrong_types_are_skipped_with_a_warning(tmp_path):
     assert steps["step"].to_list() == [0, 1, 5] and steps["x"].to_list() == [0.0, 1.0, None], steps
     assert len(msgs) == 7 and all("rank0.jsonl" in m for m in msgs), msgs
     assert any("scalar 'x' expected number, found 'high'" in m for m in msgs), msgs
+
+
+# -- 5. impossible values, duplicates and misplaced shards never reach a statistic ------------------------
+def _rewrite_shard(path: Path, fn) -> None:
+    df = pl.read_parquet(path)
+    fn(df).write_parquet(path)
+
+
+def _clean_mean(run_dir: Path) -> tuple[int, float]:
+    df = open_run(run_dir).tokens().collect()
+    return df.height, float((df["logp"] - df["logp_rollout"]).abs().mean())
+
+
+@pytest.mark.parametrize("value", [float("inf"), float("nan"), 0.7, float("-inf")])
+def test_impossible_logp_values_are_excluded_and_counted(tmp_path, value):
+    from cppo_diag.analyses.aggregate import position_summary
+
+    run_dir = record(tmp_path, steps=range(3))
+    n0, _ = _clean_mean(run_dir)
+    shard = sorted((run_dir / "tokens").glob("step=000001/*.parquet"))[0]
+    _rewrite_shard(shard, lambda df: df.with_columns(
+        logp=pl.when(pl.int_range(pl.len()) < 3).then(pl.lit(value, pl.Float32)).otherwise(pl.col("logp"))))
+    with pytest.warns(RunWarning, match=rf"excluding 3 of \d+ rows of .*{shard.name} with impossible values"):
+        n, mean = _clean_mean(run_dir)
+    assert n == n0 - 3 and np.isfinite(mean)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RunWarning)
+        for exact in (True, False):
+            table = position_summary(run_dir, metrics=("tv",), exact=exact, cache=False, updates="all")
+            assert int(table["count"].sum()) == n and np.isfinite(table["mean"].to_numpy()).all(), table
+            assert float(table["p99"].max()) <= 1.0  # |pi - mu| of real probabilities
+
+
+def test_recorder_refuses_positive_logprobs(tmp_path):
+    from cppo_diag.capture import NonFiniteError
+
+    bad = batch(0)
+    bad["logp_rollout"][1, 2] = 0.5
+    with RunRecorder(tmp_path, name="r", on_error="raise") as rec:
+        with pytest.raises(NonFiniteError, match=r"'logp_rollout' has 1 value\(s\) > 0 .* seq 1, pos 2"):
+            rec.log_tokens(step=0, **bad)
+    with pytest.warns(RecorderWarning, match="> 0"):
+        with RunRecorder(tmp_path, name="w") as rec:
+            rec.log_tokens(step=0, **bad)
+    df = open_run(tmp_path / "w").tokens().collect()
+    assert sorted(df["seq_id"].unique()) == [0, 2, 3]  # the bad sequence is dropped whole, like NaN
+
+
+@pytest.mark.parametrize("how", ["copied shard", "rows twice", "wrong step", "huge pos", "negative pos"])
+def test_duplicated_or_misplaced_shards_are_skipped_with_a_warning(tmp_path, how):
+    from cppo_diag.analyses.aggregate import position_summary
+    from cppo_diag.analyses.recomputation import recompute
+
+    run_dir = record(tmp_path, steps=range(3))
+    good = open_run(run_dir).tokens().collect()
+    shard = sorted((run_dir / "tokens").glob("step=000001/*.parquet"))[0]
+    if how == "copied shard":
+        victim = shard.with_name(shard.name.replace("-000.", "-001."))
+        shutil.copy(shard, victim)
+        expect, n_expect = "repeats the tokens of", good.height
+    else:
+        victim = shard
+        fn = {"rows twice": lambda df: pl.concat([df, df.head(5)]),
+              "wrong step": lambda df: df.with_columns(step=pl.lit(7, pl.Int64)),
+              "huge pos": lambda df: df.with_columns(pos=pl.when(pl.col("pos") == 0).then(2_000_000_000)
+                                                     .otherwise(pl.col("pos")).cast(pl.Int32)),
+              "negative pos": lambda df: df.with_columns(pos=pl.col("pos") - 1)}[how]
+        _rewrite_shard(shard, fn)
+        expect = {"rows twice": "repeat a token key", "wrong step": "directory says step 1",
+                  "huge pos": "column 'pos' holds 2000000000", "negative pos": "column 'pos' holds -1"}[how]
+        n_expect = good.height - good.filter(pl.col("step") == 1).height
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        run = open_run(run_dir)
+        n = run.tokens().select(pl.len()).collect().item()
+        res = recompute(run, "cppo", progress=False)
+        table = position_summary(run_dir, metrics=("tv",), exact=True, cache=False, updates="all")
+    msgs = [str(w.message) for w in caught if issubclass(w.category, RunWarning)]
+    assert any(victim.name in m and expect in m for m in msgs), msgs
+    # one policy everywhere: the reader, the recompute and the statistics count the same rows
+    assert n == n_expect == res.overall["n_valid"] == int(table["count"].sum())
+
+
+# -- 6. CLI and config errors: one line naming the field, non-zero exit, no traceback ----------------------
+@pytest.mark.parametrize("argv, needles", [
+    (["stats", "{run}", "--steps", "50:10"], ["--steps", "LO <= HI"]),
+    (["stats", "{run}", "--steps", "a:b"], ["--steps"]),
+    (["stats", "{run}", "--delta", "-1"], ["--delta", "[0.0, inf]"]),
+    (["stats", "{run}", "--delta", "nan"], ["--delta", "finite"]),
+    (["stats", "{run}", "--delta", "0.1", "--w-min", "2"], ["--w-min", "[0.0, 1.0]"]),
+    (["stats", "{run}", "--w-min", "0.5"], ["--w-min", "--delta"]),
+    (["stats", "{run}", "--bin", "0"], ["--bin", ">= 1"]),
+    (["stats", "{run}", "--relative-accuracy", "1.5"], ["relative_accuracy"]),
+    (["stats", "{run}", "--workers", "-2"], ["--workers"]),
+    (["stats", "{run}", "--out", "{tmp}"], ["--out", "directory"]),
+    (["stats", "{run}", "--engine", "ray", "--ray-address", "not an address"], ["--ray-address"]),
+    (["stats", "{run}", "--ray-address", "auto"], ["--ray-address", "--engine ray"]),
+    (["recompute", "{run}", "--rule", "cppo", "--param", "eps_high=0.2"], ["eps_high", "delta", "w_min"]),
+    (["recompute", "{run}", "--param", "delta"], ["--param", "NAME=VALUE"]),
+    (["recompute", "{run}", "--param", "=3"], ["--param", "NAME"]),
+    (["recompute", "{run}", "--rule", "no_such_rule"], ["no_such_rule", "known rules"]),
+    (["recompute", "{run}", "--rule", "cppo", "--param", "delta=-1"], ["delta", ">= 0"]),
+    (["recompute", "{run}", "--out", "{tmp}"], ["--out", "directory"]),
+    (["recompute", "{run}", "--bin", "-3"], ["--bin"]),
+    (["report", "{run}", "--out", "{file}"], ["--out", "expected a directory"]),
+    (["report", "{run}", "--out", "{tmp}/r", "--param", "cppo:eps_high=1"], ["eps_high", "cppo"]),
+    (["doctor", "{tmp}/missing"], ["missing"]),
+    (["stats", "{file}"], ["file.txt"]),
+])
+def test_cli_bad_arguments_give_one_line(tmp_path, capsys, argv, needles):
+    (tmp_path / "file.txt").write_text("x")
+    fmt = dict(run=SAMPLE, tmp=tmp_path, file=tmp_path / "file.txt")
+    proc = cli_here(capsys, *[a.format(**fmt) for a in argv], "--no-progress")
+    err = assert_one_line_error(proc, *needles)
+    assert len([ln for ln in err.splitlines() if ln.strip()]) <= 2, err  # no usage block, no traceback
+
+
+@pytest.mark.parametrize("rule_params", [[1, 2], "delta=0.2", 3])
+def test_meta_rule_params_of_the_wrong_type_is_a_clear_error(tmp_path, capsys, rule_params):
+    run_dir = tmp_path / "run"
+    shutil.copytree(SAMPLE, run_dir)
+    meta = json.loads((run_dir / "meta.json").read_text())
+    meta["rule_params"] = rule_params
+    (run_dir / "meta.json").write_text(json.dumps(meta))
+    for argv in (["recompute", str(run_dir)], ["stats", str(run_dir)], ["doctor", str(run_dir), "--no-figures"]):
+        assert_one_line_error(cli_here(capsys, *argv, "--no-progress"), "meta.json", "rule_params", "JSON object")
+
+
+TRAIN_BAD = [
+    ("[optim]\nlr = -1.0\n", "optim.lr"), ("[optim]\nlr = nan\n", "optim.lr"), ("[optim]\nlr = inf\n", "optim.lr"),
+    ("[rollout]\nstaleness = -1\n", "rollout.staleness"), ("[rollout]\nn = 0\n", "rollout.n"),
+    ("[rollout]\nn = 1\n", "rollout.n"), ("[optim]\nupdates_per_batch = 0\n", "optim.updates_per_batch"),
+    ("[rule]\nname = \"cppo\"\n[rule.params]\ndelta = -1\n", "delta"),
+    ("[rule]\nname = \"cppo\"\n[rule.params]\nw_min = 3\n", "w_min"),
+    ("[rollout]\ntemperature = 0.0\n", "rollout.temperature"), ("[rollout]\ntop_p = 0.0\n", "rollout.top_p"),
+    ("[optim]\nbeta2 = 1.0\n", "optim.beta2"), ("[log]\nseq_fraction = 0.0\n", "log.seq_fraction"),
+    ("steps = -5\n", "steps"), ("[optim]\nepochs = 0\n", "optim.epochs"),
+]
+
+
+@pytest.mark.parametrize("toml, field", TRAIN_BAD)
+def test_train_config_errors_before_any_run_directory(tmp_path, toml, field):
+    from cppo_diag.train.config import build_config
+
+    cfg_file = tmp_path / "bad.toml"
+    cfg_file.write_text(toml)
+    with pytest.raises(ValueError, match=field.replace(".", r"\.")):
+        build_config("tiny", str(cfg_file), {}).validate()
+    if field in ("optim.lr", "rule.params", "delta", "rollout.temperature"):  # and through the CLI (seconds each)
+        out = tmp_path / "runs"
+        proc = cli("train", "--preset", "tiny", "--config", str(cfg_file), "--log.out_dir", str(out))
+        assert_one_line_error(proc, field)
+        assert not out.exists(), "no run directory for a config that cannot train"
+
+
+def test_a_run_that_trains_nothing_fails(tmp_path, monkeypatch):
+    """Every group skipped for the whole run (all rewards equal): the run fails with a clear message."""
+    import cppo_diag.train.phases as phases
+    from cppo_diag.train import train
+    from cppo_diag.train.config import build_config
+
+    real = phases.advantages
+
+    def no_signal(run, ro):
+        ro.rewards[:] = 0.0  # every group of n responses has the same reward: zero variance, skipped
+        return real(run, ro)
+
+    monkeypatch.setattr(phases, "advantages", no_signal)
+    cfg = build_config("tiny", None, {"steps": 2, "log": {"out_dir": str(tmp_path), "name": "nothing"},
+                                      "ckpt": {"every": 0}, "log.eval_every": 0})
+    with pytest.raises(RuntimeError, match="trained nothing.*every group was skipped"):
+        train(cfg)
+    assert open_run(tmp_path / "nothing").meta["status"] == "failed"

@@ -70,7 +70,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--workers", type=positive_int(), default=None, metavar="N",
                         help="processes (local; default one per 256 MB of shards, at most the CPU count) or CPUs "
                              "of the local Ray cluster (default the CPU count)")
-    parser.add_argument("--relative-accuracy", type=float_in(0.0, 1.0, lo_open=True, hi_open=True), default=0.01, metavar="A",
+    parser.add_argument("--relative-accuracy", type=float, default=0.01, metavar="A",
                         help="largest relative error of the sketch's quantiles (default 0.01)")
     parser.add_argument("--no-cache", action="store_true", help="do not read or write RUN/_cache/aggregates/")
     parser.add_argument("--out", default=None, metavar="FILE", help="write to FILE instead of stdout")
