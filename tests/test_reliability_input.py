@@ -519,8 +519,8 @@ def test_a_run_that_trains_nothing_fails(tmp_path, monkeypatch):
         return real(run, ro)
 
     monkeypatch.setattr(phases, "advantages", no_signal)
-    cfg = build_config("tiny", None, {"steps": 2, "log": {"out_dir": str(tmp_path), "name": "nothing"},
-                                      "ckpt": {"every": 0}, "log.eval_every": 0})
+    cfg = build_config("tiny", None, {"steps": 2, "log": {"out_dir": str(tmp_path), "name": "nothing", "eval_every": 0},
+                                      "ckpt": {"every": 0}})
     with pytest.raises(RuntimeError, match="trained nothing.*every group was skipped"):
         train(cfg)
     assert open_run(tmp_path / "nothing").meta["status"] == "failed"
