@@ -524,3 +524,86 @@ def test_a_run_that_trains_nothing_fails(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="trained nothing.*every group was skipped"):
         train(cfg)
     assert open_run(tmp_path / "nothing").meta["status"] == "failed"
+
+
+# -- 7. the app: the same skipping, one-line errors, confinement of a run's files, Host/Origin ------------
+def test_app_pages_show_a_broken_run_as_one_line(tmp_path, monkeypatch):
+    pytest.importorskip("streamlit")
+    from streamlit.testing.v1 import AppTest
+
+    app_file = REPO / "app" / "streamlit_app.py"
+    corrupt, bad, _ = _corrupt_copy(tmp_path)
+    badmeta = tmp_path / "badmeta"
+    shutil.copytree(SAMPLE, badmeta)
+    meta = json.loads((badmeta / "meta.json").read_text())
+    meta["rule_params"] = ["delta", 0.2]
+    (badmeta / "meta.json").write_text(json.dumps(meta))
+    monkeypatch.setenv("CPPO_DIAG_ROOTS", str(tmp_path))
+    at = AppTest.from_file(str(app_file), default_timeout=120).run()
+    assert not at.exception, [e.message for e in at.exception]
+    table = at.dataframe[0].value.set_index("run")
+    assert table.loc["badmeta", "status"] == "unreadable" and "rule_params" in table.loc["badmeta", "error"]
+    for run, page, want in ((corrupt, "views/divergence.py", None),
+                            (badmeta, "views/divergence.py", "rule_params")):
+        at = AppTest.from_file(str(app_file), default_timeout=120).run()
+        at.multiselect(key="selected_runs").set_value([str(run.resolve())]).run()
+        at.switch_page(page).run()
+        assert not at.exception, [e.message for e in at.exception]
+        errors = [e.value for e in at.error]
+        if want is None:
+            assert not errors, errors  # the corrupt shard is skipped, the page renders
+        else:
+            assert any(want in e and "Traceback" not in e and "\n" not in e for e in errors), errors
+
+
+def test_app_refuses_a_run_whose_meta_json_links_outside_the_roots(tmp_path):
+    pytest.importorskip("streamlit")
+    from cppo_diag.app import data
+
+    root, outside = tmp_path / "root", tmp_path / "outside"
+    root.mkdir(), outside.mkdir()
+    shutil.copytree(SAMPLE, root / "run")
+    secret = outside / "meta.json"
+    shutil.move(root / "run" / "meta.json", secret)
+    (root / "run" / "meta.json").symlink_to(secret)
+    with pytest.raises(PermissionError, match="meta.json resolves to .*outside the app's roots"):
+        data.confine(root / "run", allowed=[root])
+    (root / "run" / "meta.json").unlink()
+    shutil.copy(secret, root / "run" / "meta.json")
+    assert data.confine(root / "run", allowed=[root]) == root / "run"
+    (root / "run" / "scalars" / "rank0.jsonl").unlink()
+    (root / "run" / "scalars" / "rank0.jsonl").symlink_to(secret)
+    with pytest.raises(PermissionError, match="rank0.jsonl resolves to"):
+        data.confine(root / "run", allowed=[root])
+
+
+def _ws_handshake(port: int, host: str, origin: str | None = None) -> str:
+    import socket
+
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.sendall((f"GET /_stcore/stream HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                   "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
+                   + (f"Origin: {origin}\r\n" if origin else "") + "\r\n").encode())
+        return s.recv(4096).decode(errors="replace").split("\r\n")[0]
+
+
+def test_app_server_refuses_foreign_host_and_origin(tmp_path):
+    """DNS rebinding: a page on evil.example that resolves to 127.0.0.1 must not open the data websocket."""
+    pytest.importorskip("streamlit")
+    import socket
+
+    from cppo_diag.cli import app_cmd
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = app_cmd.launch([str(REPO / "sample_logs")], port, quiet=True)
+    try:
+        app_cmd.wait_until_healthy(port, proc)
+        assert " 101 " in _ws_handshake(port, f"127.0.0.1:{port}")
+        assert " 101 " in _ws_handshake(port, f"localhost:{port}", f"http://localhost:{port}")
+        for host, origin in ((f"evil.example:{port}", None), (f"evil.example:{port}", f"http://evil.example:{port}"),
+                             (f"127.0.0.1:{port}", f"http://evil.example:{port}"), (f"10.0.0.1:{port}", None)):
+            assert " 403 " in _ws_handshake(port, host, origin), (host, origin)
+    finally:
+        app_cmd.stop(proc)
