@@ -204,7 +204,8 @@ def test_required_columns_fit_in_16_bytes_per_token(tmp_path):
     lengths = torch.randint(T // 4, T + 1, (B,))
     mask = torch.arange(T)[None] < lengths[:, None]
     with RunRecorder(tmp_path, on_error="raise") as rec:
-        rec.log_tokens(step=0, logp=logp, logp_rollout=logp + 0.01 * torch.randn(B, T), advantages=torch.randn(B),
+        rec.log_tokens(step=0, logp=logp, logp_rollout=(logp + 0.01 * torch.randn(B, T)).clamp(max=0.0),  # <= 0
+                       advantages=torch.randn(B),
                        response_mask=mask)
     files = open_run(tmp_path).token_files()
     md = pq.read_metadata(files[0])

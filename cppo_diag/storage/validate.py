@@ -89,27 +89,35 @@ def inspect_token_shard(path: Path, dir_step: int | None) -> ShardFacts:
                              or df.schema[c].is_integer() != t.is_integer()
                              for c, t in schema.REQUIRED_TOKEN_COLUMNS.items()):
         return facts  # the reader names missing or mistyped required columns itself
-    if dir_step is not None:
-        wrong = df.filter(pl.col("step") != dir_step)
-        if wrong.height:
-            found = sorted(set(wrong["step"].unique().to_list()))[:3]
-            return ShardFacts(reason=f"its 'step' column holds {found} in {wrong.height} of {df.height} rows, "
-                                     f"but its directory says step {dir_step}")
-    bad_pos = df.filter((pl.col("pos") < 0) | (pl.col("pos") > MAX_POS))
-    if bad_pos.height:
-        return ShardFacts(reason=f"column 'pos' holds {bad_pos['pos'][0]} ({bad_pos.height} rows); expected a "
-                                 f"position in 0..{MAX_POS}")
-    key = [c for c in KEY_COLUMNS if c in df.columns]
-    dup = df.select(pl.struct(key).is_duplicated().sum()).item()
-    if dup:
-        first = df.filter(pl.struct(key).is_duplicated()).row(0, named=True)
-        return ShardFacts(reason=f"{dup} rows repeat a token key {tuple(key)} (first {tuple(first[k] for k in key)})")
-    facts.bad_counts = bad_value_counts(df)
-    pred = valid_token_rows([c for c in df.columns if df.schema[c].is_float()])
-    if facts.bad_counts and pred is not None:
-        facts.bad_rows = int(df.height - df.select(pred.sum()).item())
+    # one pass for the row checks, one group_by for the per-sequence ranges (and duplicate keys)
+    floats = [c for c in df.columns if df.schema[c].is_float()]
+    pred = valid_token_rows(floats)
+    row = df.select(
+        wrong_step=(pl.col("step") != dir_step).sum() if dir_step is not None else pl.lit(0),
+        bad_pos=((pl.col("pos") < 0) | (pl.col("pos") > MAX_POS)).sum(),
+        valid=pred.sum() if pred is not None else pl.lit(df.height),
+    ).row(0, named=True)
+    if row["wrong_step"]:
+        found = sorted(df.filter(pl.col("step") != dir_step)["step"].unique().to_list())[:3]
+        return ShardFacts(reason=f"its 'step' column holds {found} in {row['wrong_step']} of {df.height} rows, "
+                                 f"but its directory says step {dir_step}")
+    if row["bad_pos"]:
+        first = df.filter((pl.col("pos") < 0) | (pl.col("pos") > MAX_POS))["pos"][0]
+        return ShardFacts(reason=f"column 'pos' holds {first} ({row['bad_pos']} rows); expected a position in "
+                                 f"0..{MAX_POS}")
     seq_key = [c for c in ("update", "rank", "seq_id") if c in df.columns]
-    facts.ranges = df.group_by(seq_key).agg(pos_min=pl.col("pos").min(), pos_max=pl.col("pos").max())
+    ranges = df.group_by(seq_key).agg(pos_min=pl.col("pos").min(), pos_max=pl.col("pos").max(),
+                                      _n=pl.len(), _unique=pl.col("pos").n_unique())
+    dup = ranges.filter(pl.col("_n") != pl.col("_unique"))
+    if dup.height:
+        first = dup.row(0, named=True)
+        n = int((dup["_n"] - dup["_unique"]).sum())
+        return ShardFacts(reason=f"{n} rows repeat a token key {tuple(seq_key) + ('pos',)} (first in "
+                                 f"{tuple(first[k] for k in seq_key)})")
+    facts.ranges = ranges.drop("_n", "_unique")
+    facts.bad_rows = int(df.height - row["valid"])
+    if facts.bad_rows:
+        facts.bad_counts = bad_value_counts(df)
     return facts
 
 
