@@ -607,3 +607,24 @@ def test_app_server_refuses_foreign_host_and_origin(tmp_path):
             assert " 403 " in _ws_handshake(port, host, origin), (host, origin)
     finally:
         app_cmd.stop(proc)
+
+
+def test_shard_checks_are_kept_beside_the_run_and_redone_when_a_shard_changes(tmp_path, monkeypatch):
+    from cppo_diag.storage import reader, validate
+
+    run_dir = record(tmp_path, steps=range(3))
+    n = open_run(run_dir).tokens().collect().height
+    assert (run_dir / validate.CACHE_FILE).is_file()
+    reader._VERIFIED.clear()  # a new process: only the file beside the run remembers
+
+    def no_checks(*_a, **_k):
+        raise AssertionError("a shard was checked again although it did not change")
+
+    monkeypatch.setattr(validate, "inspect_token_shard", no_checks)
+    assert open_run(run_dir).tokens().collect().height == n
+    monkeypatch.undo()
+    reader._VERIFIED.clear()
+    shard = sorted((run_dir / "tokens").glob("step=000002/*.parquet"))[0]
+    _rewrite_shard(shard, lambda df: df.with_columns(step=pl.lit(0, pl.Int64)))  # changed: checked again
+    with pytest.warns(RunWarning, match="directory says step 2"):
+        assert open_run(run_dir).tokens().collect().height == n - pq.read_metadata(shard).num_rows

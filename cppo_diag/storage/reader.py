@@ -74,6 +74,8 @@ class Run:
         self.name: str = meta.get("name") or self.path.name
         self._footer_cache: dict[Path, tuple[tuple[int, int], object]] = {}
         self._facts: dict[Path, validate.ShardFacts] = {}  # token shards: what storage.validate found
+        self._checks: dict | None = None  # RUN/_cache/shard_checks.json, loaded on first use
+        self._checks_dirty = False
         self._warned: set[str] = set()
 
     def __repr__(self) -> str:
@@ -160,10 +162,17 @@ class Run:
             # token shards are also checked against storage.validate's rules (step, duplicate keys, values).
             vkey = (str(path), st.st_size, st.st_mtime_ns, st.st_ino)
             if vkey not in _VERIFIED:
-                if path.parent.parent.name == schema.TOKENS_DIR:
-                    _VERIFIED[vkey] = validate.inspect_token_shard(path, layout.parse_step_dir(path.parent.name))
+                rel = str(path.relative_to(self.path))
+                saved = self._saved_checks().get(rel)
+                if saved is not None and saved[0] == vkey[1:]:
+                    _VERIFIED[vkey] = saved[1]  # checked by an earlier process (RUN/_cache/shard_checks.json)
                 else:
-                    _VERIFIED[vkey] = validate.ShardFacts(reason=layout.verify_parquet_pages(path))
+                    if path.parent.parent.name == schema.TOKENS_DIR:
+                        _VERIFIED[vkey] = validate.inspect_token_shard(path, layout.parse_step_dir(path.parent.name))
+                    else:
+                        _VERIFIED[vkey] = validate.ShardFacts(reason=layout.verify_parquet_pages(path))
+                    self._saved_checks()[rel] = (vkey[1:], _VERIFIED[vkey])
+                    self._checks_dirty = True
             facts = _VERIFIED[vkey]
             reason = facts.reason
             self._facts[path] = facts
@@ -176,7 +185,20 @@ class Run:
         self._footer_cache[path] = (key, arrow_schema)
         return arrow_schema
 
+    def _saved_checks(self) -> dict:
+        if self._checks is None:
+            self._checks = validate.load_cache(self.path)
+        return self._checks
+
     def _shards(self, kind: str, include_incomplete: bool) -> list[tuple[Path, object]]:
+        out = self._list_shards(kind, include_incomplete)
+        if self._checks_dirty:  # new checks: keep them for the next process (best effort)
+            self._checks_dirty = False
+            live = {str(p.relative_to(self.path)) for p in self.path.glob("*/step=*/*.parquet")}
+            validate.save_cache(self.path, {k: v for k, v in self._saved_checks().items() if k in live})
+        return out
+
+    def _list_shards(self, kind: str, include_incomplete: bool) -> list[tuple[Path, object]]:
         top = self.path / (schema.TOKENS_DIR if kind == "tokens" else schema.SEQUENCES_DIR)
         if not top.is_dir():
             return []

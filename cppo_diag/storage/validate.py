@@ -142,3 +142,64 @@ def overlapping_shards(ranges: list[tuple[Path, pl.DataFrame]]) -> dict[Path, tu
         if later not in out and earlier not in out:
             out[later] = (earlier, tuple(row[c] for c in cols))
     return out
+
+
+# -- the checks' results beside the run -----------------------------------------------------------------------
+CACHE_FILE = "_cache/shard_checks.json"  # inside the run directory; a missing or stale entry is re-checked
+_CACHE_VERSION = 1
+
+
+def facts_to_json(facts: ShardFacts, key: tuple[int, int, int]) -> dict:
+    ranges = None
+    if facts.ranges is not None:
+        cols = ["update", "rank", "seq_id", "pos_min", "pos_max"]
+        r = facts.ranges.with_columns([pl.lit(0).alias(c) for c in cols if c not in facts.ranges.columns])
+        ranges = r.select(cols).rows()
+    return {"key": list(key), "reason": facts.reason, "rows": facts.rows, "bad_rows": facts.bad_rows,
+            "bad_counts": facts.bad_counts, "ranges": ranges}
+
+
+def facts_from_json(entry: dict) -> tuple[tuple[int, int, int], ShardFacts] | None:
+    try:
+        ranges = None
+        if entry.get("ranges") is not None:
+            ranges = pl.DataFrame(entry["ranges"], schema={c: pl.Int64 for c in
+                                                           ("update", "rank", "seq_id", "pos_min", "pos_max")},
+                                  orient="row")
+        facts = ShardFacts(reason=entry["reason"], rows=int(entry["rows"]), bad_rows=int(entry["bad_rows"]),
+                           bad_counts=dict(entry["bad_counts"]), ranges=ranges)
+        return tuple(int(k) for k in entry["key"]), facts
+    except (KeyError, TypeError, ValueError, pl.exceptions.PolarsError):
+        return None  # a damaged entry is simply checked again
+
+
+def load_cache(run_dir: Path) -> dict[str, tuple[tuple[int, int, int], ShardFacts]]:
+    """``{shard path relative to the run: ((size, mtime_ns, inode), facts)}`` from ``RUN/_cache``; {} if none."""
+    import json
+
+    try:
+        data = json.loads((Path(run_dir) / CACHE_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(data, dict) or data.get("version") != _CACHE_VERSION or not isinstance(data.get("shards"), dict):
+        return {}
+    out = {}
+    for rel, entry in data["shards"].items():
+        parsed = facts_from_json(entry) if isinstance(entry, dict) else None
+        if parsed is not None:
+            out[rel] = parsed
+    return out
+
+
+def save_cache(run_dir: Path, entries: dict[str, tuple[tuple[int, int, int], ShardFacts]]) -> None:
+    """Write the checks' results atomically; a read-only run directory just keeps no cache."""
+    from cppo_diag.storage import layout
+
+    path = Path(run_dir) / CACHE_FILE
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        layout.atomic_write_bytes(path, __import__("json").dumps(
+            {"version": _CACHE_VERSION, "shards": {rel: facts_to_json(f, k) for rel, (k, f) in entries.items()}},
+            separators=(",", ":")).encode())
+    except OSError:
+        pass
