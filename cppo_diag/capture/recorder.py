@@ -24,6 +24,11 @@ Guarantees (see docs/run-format.md):
   its ``_done`` marker exists, so a crash loses at most the steps in flight.
 * **Resume**: re-opening a run continues it. Steps already done are skipped (``is_done(step)``; logging
   them warns), and shards/temp files of this rank's unfinished steps are removed.
+* **One writer per run and rank**: opening takes ``_live/rank{r}.lock`` (``storage.layout.WriterLock``); a second
+  writer gets ``RunLockedError`` naming the holder (pid, host, start time), in either ``on_error`` mode and
+  before anything is touched; the lock of a dead process is taken over with a warning.
+* **Refusals**: ``step``/``update`` must be non-negative integers, a ``seq_id`` appears once per (step, update),
+  ``name`` is one directory name inside ``path``, log-probs are finite and <= 0 (``storage.validate``).
 * **Multi-rank**: each rank writes its own shards (``rank`` in file names and column), its own scalars file
   and markers; only rank 0 writes ``meta.json`` (other ranks create it only if it is missing).
 * **Scalar sinks** (``sinks=["tensorboard", "wandb"]``, rank 0 only): step scalars are mirrored to TensorBoard /

@@ -86,7 +86,7 @@ def _one_line_warnings() -> None:
     warnings.formatwarning = lambda message, category, *_a, **_k: f"cppo-diag: warning: {message}\n"
 
 
-def error_line(exc: BaseException, *, hint: bool = True) -> str:
+def error_line(exc: BaseException) -> str:
     """One line for an exception that ends a command: the message (which names the field or file) for bad
     input (ValueError, LookupError, OSError, TypeError and cppo-diag's own errors); for anything else the
     exception type too, and how to see the traceback."""
@@ -98,7 +98,7 @@ def error_line(exc: BaseException, *, hint: bool = True) -> str:
     if isinstance(exc, (ValueError, LookupError, OSError, TypeError, argparse.ArgumentTypeError)) \
             or type(exc).__module__.startswith("cppo_diag"):
         return msg
-    return f"{type(exc).__name__}: {msg}" + (" (set CPPO_DIAG_TRACEBACK=1 for the traceback)" if hint else "")
+    return f"{type(exc).__name__}: {msg} (set CPPO_DIAG_TRACEBACK=1 for the traceback)"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -25,6 +25,10 @@ Which policy is which: the dump has no loss-time log-probs of the updated policy
 ``logp_rollout`` is ``rollout_log_probs``. The run therefore measures the trainer/inference mismatch
 |pi_old - mu| that slime's TIS/MIS corrections act on. When ``log_probs`` is absent (``--use-rollout-logprobs``
 runs may skip the recompute) ``logp`` falls back to ``rollout_log_probs`` and ``meta.json`` says so.
+
+Safety: dumps are loaded with ``torch.load(weights_only=True)`` (tensors, numbers, strings, lists, tuples, dicts),
+so a crafted ``.pt`` cannot run code on import; a file holding other Python objects is refused with an
+``ImportFormatError`` naming it.
 """
 
 from __future__ import annotations
