@@ -79,11 +79,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _one_line_warnings() -> None:
-    """Warnings as one line each (``cppo-diag: warning: <message>``), without the source line they came from."""
+def _one_line_warnings():
+    """Warnings as one line each (``cppo-diag: warning: <message>``), without the source line they came from.
+    Returns the previous formatter (``main`` restores it, so calling ``main`` in-process leaves no trace)."""
     import warnings
 
+    previous = warnings.formatwarning
     warnings.formatwarning = lambda message, category, *_a, **_k: f"cppo-diag: warning: {message}\n"
+    return previous
 
 
 def error_line(exc: BaseException) -> str:
@@ -109,7 +112,9 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "_run", None) is None:
         parser.print_help()
         return 2
-    _one_line_warnings()
+    import warnings
+
+    previous_format = _one_line_warnings()
     try:
         return int(args._run(args) or 0)
     except KeyboardInterrupt:
@@ -122,6 +127,8 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"cppo-diag {args.command}: error: {error_line(exc)}", file=sys.stderr)
         return 2
+    finally:
+        warnings.formatwarning = previous_format
 
 
 if __name__ == "__main__":
