@@ -435,7 +435,12 @@ def _read_file(path: str, spec: AggSpec) -> pl.DataFrame:
     missing = [c for c in ("step", "pos", "logp", "logp_rollout", "advantage") if c not in names]
     if missing:
         raise ValueError(f"{path}: token shard is missing required column(s) {missing}; found {sorted(names)}")
+    from cppo_diag.storage.validate import valid_token_rows
+
     df = pl.read_parquet(path, columns=[c for c in want if c in names])
+    valid = valid_token_rows(df.columns)  # impossible values are never averaged in (storage.validate)
+    if valid is not None and not df.select(valid.all()).item():
+        df = df.filter(valid)
     fill = [pl.lit(0, pl.Int32).alias(c) for c in ("update", "rank") if c in want and c not in names]
     return df.with_columns(fill) if fill else df
 

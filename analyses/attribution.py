@@ -37,6 +37,7 @@ import polars as pl
 
 from cppo_diag.analyses.tokens import columns_of, filter_tokens, load_tokens, require_columns
 from cppo_diag.analyses.updates import filter_updates
+from cppo_diag.storage.validate import LOGP_MAX
 
 TERMS = ("engine", "lag", "update")
 BY = ("step", "position", "lag", "update")
@@ -99,9 +100,11 @@ def term_exprs(terms: Sequence[str]) -> dict[str, pl.Expr]:
 
 
 def _finite(lf: pl.LazyFrame, columns: Sequence[str], what: str) -> pl.LazyFrame:
-    """``lf`` without the tokens whose ``columns`` hold NaN/inf or a log-prob above 0 (probability > 1), with
-    one warning that counts them (they are never averaged in)."""
-    ok = pl.all_horizontal([pl.col(c).is_finite() & (pl.col(c) <= 0.0) for c in columns])
+    """``lf`` without the tokens whose ``columns`` hold NaN/inf or a log-prob above 0 (probability > 1, beyond
+    the reader's rounding slack ``storage.validate.LOGP_MAX``), with one warning that counts them (they are never
+    averaged in). The reader already drops such rows from a run on disk; frames passed in directly are checked
+    here."""
+    ok = pl.all_horizontal([pl.col(c).is_finite() & (pl.col(c) <= LOGP_MAX) for c in columns])
     n_bad = int(lf.select((~ok).sum()).collect().item() or 0)
     if n_bad:
         warnings.warn(f"{what}: {n_bad} token(s) with a non-finite or positive log-prob in {list(columns)} were "

@@ -38,3 +38,5 @@ try:
     page.run()
 except PermissionError as exc:  # a path app/data.py refused (see its "Security"): one sentence, no traceback
     st.error(str(exc))
+except Exception as exc:  # noqa: BLE001 - an unreadable run: one line naming the file and field, no traceback
+    st.error(f"This page could not be shown: {type(exc).__name__}: {' '.join(str(exc).split())}")

@@ -44,7 +44,7 @@ HELP = "per-position divergence statistics of a run as CSV or JSON"
 
 
 def add_arguments(parser) -> None:
-    from cppo_diag.analyses.cli_util import add_steps_argument
+    from cppo_diag.analyses.cli_util import add_steps_argument, float_in, positive_int
     from cppo_diag.analyses.updates import add_updates_argument
 
     parser.add_argument("run", help="run directory")
@@ -60,18 +60,18 @@ def add_arguments(parser) -> None:
     parser.add_argument("--strata", choices=["mu", "entropy", "fork"], default="mu",
                         help="--family strata: strata from mu's probability of the sampled token (default), the "
                              "logged entropy, or the task's fork oracle (column fork)")
-    parser.add_argument("--bin", type=int, default=64, metavar="N",
+    parser.add_argument("--bin", type=positive_int(), default=64, metavar="N",
                         help="bin width in tokens (--by position) or number of bins (--by relative); default 64")
     parser.add_argument("--format", choices=["csv", "json"], default="csv", help="output format (default csv)")
     parser.add_argument("--metric", action="append", default=None, choices=["tv", "abs_logratio", "k3", "k1"],
                         help="metric(s) to include, repeatable (default tv, abs_logratio, k3)")
     parser.add_argument("--adv-sign", choices=["all", "pos", "neg", "zero"], default="all",
                         help="only tokens with this advantage sign")
-    parser.add_argument("--threshold", type=float, action="append", default=None, metavar="X",
+    parser.add_argument("--threshold", type=float_in(0.0, float("inf")), action="append", default=None, metavar="X",
                         help="survival thresholds P(D > X), repeatable (default 0.05 0.1 0.2 0.5)")
-    parser.add_argument("--delta", type=float, default=None,
+    parser.add_argument("--delta", type=float_in(0.0, float("inf")), default=None,
                         help="add threshold_mean = bin mean of CPPO's delta / w_t (with --w-min)")
-    parser.add_argument("--w-min", type=float, default=None,
+    parser.add_argument("--w-min", type=float_in(0.0, 1.0), default=None,
                         help="w_min for --delta (default: the cppo rule's default)")
     parser.add_argument("--mismatch", action="store_true", help="train/rollout mismatch |pi_old - mu| instead")
     add_steps_argument(parser)
@@ -83,7 +83,7 @@ def add_arguments(parser) -> None:
                              "(pip install 'cppo-diag[ray]')")
     parser.add_argument("--ray-address", default=None, metavar="ADDR",
                         help="with --engine ray: join this cluster (e.g. auto, ray://host:10001); default a local one")
-    parser.add_argument("--workers", type=int, default=None, metavar="N",
+    parser.add_argument("--workers", type=positive_int(), default=None, metavar="N",
                         help="processes (local; default one per 256 MB of shards, at most the CPU count) or CPUs "
                              "of the local Ray cluster (default the CPU count)")
     parser.add_argument("--relative-accuracy", type=float, default=0.01, metavar="A",
@@ -100,7 +100,17 @@ def run(args) -> int:
     from cppo_diag.analyses.tokens import MissingColumnError
     from cppo_diag.analyses.updates import resolve_updates, updates_arg
 
+    from cppo_diag.analyses.cli_util import check_out_file, check_ray_address
+
     relative = args.by == "relative"
+    # the same checks as the cppo rule's (recompute): CPPO Eq. 9's delta >= 0 and w_min in [0, 1] (argparse)
+    if args.w_min is not None and args.delta is None:
+        raise ValueError("--w-min: only used by the threshold overlay; pass --delta too")
+    check_out_file(args.out)
+    if args.engine == "ray" or args.ray_address is not None:
+        if args.engine != "ray":
+            raise ValueError("--ray-address: only used with --engine ray")
+        check_ray_address(args.ray_address)
     thresholds = tuple(args.threshold) if args.threshold else DEFAULT_THRESHOLDS
     common = dict(bin_width=args.bin if not relative else 64, relative=relative, n_rel_bins=args.bin,
                   step_range=args.steps, adv_sign=args.adv_sign, thresholds=thresholds,

@@ -190,6 +190,47 @@ class TrainConfig:
             raise ValueError(f"rule.params: unknown parameter(s) {unknown} for rule {self.rule.name!r}; "
                              f"rule parameters are {sorted(rule.params)} (see `cppo-diag rules`)")
         choice("rule.anchor", self.rule.anchor, ("rollout", "old"))
+
+        import math
+
+        def number(name: str, value, lo: float, hi: float = math.inf, *, lo_open: bool = False,
+                   hi_open: bool = False, integer: bool = False) -> None:
+            kind = "an integer" if integer else "a number"
+            ok = (isinstance(value, int if integer else (int, float)) and not isinstance(value, bool)
+                  and math.isfinite(value) and (value > lo if lo_open else value >= lo)
+                  and (value < hi if hi_open else value <= hi))
+            span = f"{'(' if lo_open else '['}{lo}, {hi}{')' if hi_open or hi == math.inf else ']'}"
+            need(ok, name, f"{kind} in {span}", value)
+
+        number("steps", self.steps, 0, integer=True)
+        number("seed", self.seed, 0, integer=True)
+        number("threads", self.threads, 0, integer=True)
+        number("optim.lr", self.optim.lr, 0.0, lo_open=True)
+        number("optim.weight_decay", self.optim.weight_decay, 0.0)
+        number("optim.beta1", self.optim.beta1, 0.0, 1.0, hi_open=True)
+        number("optim.beta2", self.optim.beta2, 0.0, 1.0, hi_open=True)
+        number("optim.grad_clip", self.optim.grad_clip, 0.0)
+        # temperature 0 samples every group's n responses alike: equal rewards, every group skipped
+        number("rollout.temperature", self.rollout.temperature, 0.0, lo_open=True)
+        number("log.seq_fraction", self.log.seq_fraction, 0.0, 1.0, lo_open=True)
+        number("log.eval_temperature", self.log.eval_temperature, 0.0, lo_open=True)
+        number("ckpt.every", self.ckpt.every, 0, integer=True)
+        number("ckpt.keep", self.ckpt.keep, 0, integer=True)
+        if self.rollout.n == 1 and self.optim.skip_zero_var:
+            raise ValueError("rollout.n: expected >= 2 with optim.skip_zero_var (a group of one response has zero "
+                             "reward variance, so every group would be skipped), found 1")
+        # The rule checks its own parameters: run it once on a one-token batch (microseconds), so that e.g.
+        # delta=-1 fails here, before any run directory exists, not at the first update.
+        import torch
+
+        from cppo_diag.masks import compute_mask
+
+        one = torch.zeros(1, 1)
+        try:
+            compute_mask(self.rule.name, logp=one, logp_rollout=one, advantages=torch.zeros(1), logp_old=one,
+                         **self.rule.params)
+        except (ValueError, TypeError) as exc:
+            raise ValueError(f"rule.params ({self.rule.name}): {exc}") from None
         return self
 
 
