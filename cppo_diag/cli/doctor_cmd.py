@@ -42,7 +42,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("runs", nargs="+", metavar="RUN", help="run directories")
     parser.add_argument("--format", choices=["text", "json"], default="text",
                         help="text (default, for people) or json: {\"runs\": [{\"run\", \"findings\": [{\"id\", "
-                             "\"severity\", \"first_step\", \"message\", \"evidence\", \"figure\"}]}]}")
+                             "\"severity\", \"first_step\", \"message\", \"evidence\", \"figure\", \"settings_version\"}]}]}")
     parser.add_argument("--out", default="doctor", metavar="DIR",
                         help="directory for the figures, one PNG per finding (default ./doctor)")
     parser.add_argument("--no-figures", action="store_true", help="write no figures (\"figure\" is null)")
