@@ -120,13 +120,14 @@ class Finding:
     figure: str | None = None
     page: str = PAGE_DOCTOR
     steps: tuple[int, int] | None = None
+    settings_version: str = DOCTOR_SETTINGS.version  # the DoctorSettings that produced it
 
     def to_json(self) -> dict:
         """The JSON object of ``cppo-diag doctor --format json`` (id, severity, first_step, message,
         evidence, figure)."""
         d = asdict(self)
         out = {k: _jsonable(d[k]) for k in ("id", "severity", "first_step", "message", "evidence", "figure")}
-        out["settings_version"] = DOCTOR_SETTINGS.version
+        out["settings_version"] = self.settings_version
         return out
 
 
@@ -659,20 +660,21 @@ def diagnose(
     return _sorted(findings)
 
 
-def _reward_findings(rew, ho: dict | None, fig_path) -> list[Finding]:
+def _reward_findings(rew, ho: dict | None, fig_path, settings: DoctorSettings = DOCTOR_SETTINGS) -> list[Finding]:
     """``reward_collapse`` (critical: the sustained collapse) and ``reward_dip`` (warning: the first other dip,
     with when it recovered) from the reward series (``reward_episodes``)."""
     if rew is None:
         return []
     rs, rv, rsrc = rew
-    ep = reward_episodes(rs, rv)
+    ep = reward_episodes(rs, rv, settings=settings)
     out: list[Finding] = []
-    w, frac, k = COLLAPSE_WINDOW, COLLAPSE_FRACTION, COLLAPSE_MIN_AFTER
+    w, frac, k, min_step = (settings.collapse_window, settings.collapse_fraction, settings.collapse_min_after,
+                            settings.collapse_min_step)
     col = ep["collapse"]
     figure = lambda fid, at: _series_figure(  # noqa: E731
         fig_path(fid), ep["steps"], rv[np.isfinite(rv)], ylabel="reward/mean", title="Reward per step",
         collapse=at, extra=(ep["steps"], ep["ma"], f"{w}-step moving average"))
-    base = {"window": w, "fraction": frac, "min_step": COLLAPSE_MIN_STEP, "min_steps_after": k, "source": rsrc,
+    base = {"window": w, "fraction": frac, "min_step": min_step, "min_steps_after": k, "source": rsrc,
             "dips": [[d["start"], d["recovered"]] for d in ep["dips"]]}
     if col is not None:
         held, hev = _heldout_sentence(ho, col["start"])
@@ -691,14 +693,14 @@ def _reward_findings(rew, ho: dict | None, fig_path) -> list[Finding]:
         held, hev = _heldout_sentence(ho, d["start"])
         ev = {**base, "dip_step": d["start"], "recovered_step": d["recovered"], "last_step_below": d["last"],
               "peak_step": d["peak_step"], "moving_average": d["ma_at_start"], "running_max": d["max_at_start"],
-              "min_moving_average": d["min_ma"], "healthy_phase": d["start"] >= COLLAPSE_MIN_STEP, **hev}
+              "min_moving_average": d["min_ma"], "healthy_phase": d["start"] >= min_step, **hev}
         msg = (f"The reward dipped at step {d['start']}: its {w}-step moving average ({d['ma_at_start']:.3g}) fell "
                f"below {frac:.0%} of its best so far ({d['max_at_start']:.3g}, step {d['peak_step']}), lowest "
                f"{d['min_ma']:.3g}")
         if d["recovered"] is not None:
             msg += f"; it recovered at step {d['recovered']} (back above that half), so this is not a collapse."
-        elif d["start"] < COLLAPSE_MIN_STEP:
-            msg += (f", before step {COLLAPSE_MIN_STEP}: the run never had a healthy phase, so it is not counted as a "
+        elif d["start"] < min_step:
+            msg += (f", before step {min_step}: the run never had a healthy phase, so it is not counted as a "
                     "collapse.")
         else:
             msg += (f"; the run ends {d['steps_after']} logged step(s) later, fewer than the {k} a sustained collapse "

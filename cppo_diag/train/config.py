@@ -124,6 +124,15 @@ class CkptConfig:
 
 
 @dataclass
+class DoctorConfig:
+    live: bool = F(False, "run the doctor's detector online after every step (analyses/doctor_live.py); findings are "
+                          "appended to RUN/findings.jsonl as they fire")
+    on_critical: str = F("warn", "with doctor.live, what a critical finding (a sustained reward collapse) does: 'halt' "
+                                 "(stop training, keep the checkpoint from before the first warning, meta.json status "
+                                 "'halted', exit code 3) | 'warn' (keep training)")
+
+
+@dataclass
 class TrainConfig:
     steps: int = F(60, "RL iterations (one rollout batch each)")
     seed: int = F(0, "seed: prompts, sampling and minibatch order derive from (seed, step, rank)")
@@ -137,6 +146,7 @@ class TrainConfig:
     rule: RuleConfig = field(default_factory=RuleConfig)
     log: LogConfig = field(default_factory=LogConfig)
     ckpt: CkptConfig = field(default_factory=CkptConfig)
+    doctor: DoctorConfig = field(default_factory=DoctorConfig)
 
     def validate(self) -> TrainConfig:
         """Raise ``ValueError`` naming the field, the expected and the found on the first value the trainer
@@ -177,6 +187,16 @@ class TrainConfig:
             raise ValueError(f"rule.params: unknown parameter(s) {unknown} for rule {self.rule.name!r}; "
                              f"rule parameters are {sorted(rule.params)} (see `cppo-diag rules`)")
         choice("rule.anchor", self.rule.anchor, ("rollout", "old"))
+        choice("doctor.on_critical", self.doctor.on_critical, ("halt", "warn"))
+        if self.doctor.live:
+            from cppo_diag.analyses.doctor import DOCTOR_SETTINGS
+
+            need(self.steps >= DOCTOR_SETTINGS.min_steps, "steps",
+                 f"at least {DOCTOR_SETTINGS.min_steps} with doctor.live true (the detector's shortest run)", self.steps)
+            need(self.log.record, "log.record", "true with doctor.live true (findings go into the run directory)",
+                 self.log.record)
+        elif self.doctor.on_critical == "halt":
+            raise ValueError("doctor.on_critical: 'halt' needs doctor.live true (found doctor.live false)")
         return self
 
 
