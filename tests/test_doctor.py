@@ -300,14 +300,23 @@ def test_app_doctor_page(runs, monkeypatch):
 
     app = Path(__file__).resolve().parents[1] / "app" / "streamlit_app.py"
     monkeypatch.setenv("CPPO_DIAG_ROOTS", str(runs["collapsing"].parent))
-    at = AppTest.from_file(str(app), default_timeout=120)
-    at.run()
-    at.multiselect(key="selected_runs").set_value([str(runs["collapsing"].resolve())]).run()
-    at.switch_page("views/doctor.py").run()
+    from cppo_diag.storage.layout import append_json_line, findings_path
+
+    live = findings_path(runs["collapsing"])  # what the live guard appends while training
+    append_json_line(live, {"step": 12, "id": "reward_dip", "severity": "warning", "first_step": 12,
+                            "message": "The reward dipped at step 12 (live)."})
+    try:
+        at = AppTest.from_file(str(app), default_timeout=120)
+        at.run()
+        at.multiselect(key="selected_runs").set_value([str(runs["collapsing"].resolve())]).run()
+        at.switch_page("views/doctor.py").run()
+    finally:
+        live.unlink()
     assert not at.exception, [e.message for e in at.exception]
     assert at.title[0].value == "Doctor"
     text = " ".join(m.value for m in at.markdown)
     assert "reward_collapse" in text and "divergence_tails_rising" in text
+    assert "Live doctor" in text and "The reward dipped at step 12 (live)." in text
     assert at.get("plotly_chart")  # the mismatch metric family chart
 
 
