@@ -70,6 +70,9 @@ class RolloutConfig:
     staleness: int = F(0, "k: iteration t trains on the batch sampled by the policy of iteration t-k (asynchronous RL; "
                           "mu stays the sampler's log-probs, k optimiser rounds old; the first k iterations use the lag "
                           "available, logged as rollout/staleness); 0 = on-policy sampling")
+    logit_noise: float = F(0.0, "sd of Gaussian noise added to the sampler's logits (mu is then the noisy policy), "
+                                "growing linearly from 0 at iteration 0 to this value at the last: an engine "
+                                "mismatch that degrades over the run (scripts/validate_doctor.py); 0 = off")
     precision: str = F("auto", "sampler numerics: auto (same as the trainer's precision) | fp32 | bf16 (bf16 autocast "
                                "while sampling, also on CPU; training keeps its own precision: the sampler/trainer "
                                "mismatch of vLLM vs FSDP)")
@@ -169,6 +172,7 @@ class TrainConfig:
             need(getattr(self.rollout, name) >= 1, f"rollout.{name}", "an integer >= 1", getattr(self.rollout, name))
         need(0.0 < self.rollout.top_p <= 1.0, "rollout.top_p", "a value in (0, 1]", self.rollout.top_p)
         need(self.rollout.staleness >= 0, "rollout.staleness", "an integer >= 0", self.rollout.staleness)
+        need(self.rollout.logit_noise >= 0, "rollout.logit_noise", "a number >= 0", self.rollout.logit_noise)
         need(self.optim.epochs >= 1, "optim.epochs", "an integer >= 1", self.optim.epochs)
         need(self.optim.updates_per_batch >= 1, "optim.updates_per_batch", "an integer >= 1",
              self.optim.updates_per_batch)
