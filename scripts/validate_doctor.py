@@ -143,7 +143,7 @@ def tables(rows: list[dict], header: dict) -> str:
              f"{header['tuning']} (never used here); validation seeds {header['seeds']} (collapse mechanisms) and "
              f"{header['healthy_seeds']} (healthy). 95% Wilson intervals in parentheses.", "",
              "| mechanism | runs | sustained collapses | warned before the collapse | lead (median, range) | "
-             "false alarms | false criticals |", "|---|---|---|---|---|---|---|"]
+             "false alarms (of the runs that never dip) | false criticals (of the runs without a sustained collapse) |", "|---|---|---|---|---|---|---|"]
     for mech in [*header["mechanisms"], "healthy"]:
         rs = [r for r in rows if r["mechanism"] == mech]
         if not rs:
@@ -156,7 +156,7 @@ def tables(rows: list[dict], header: dict) -> str:
         quiet = [r for r in rs if not r["dipped"]]
         no_col = [r for r in rs if r["collapse_step"] is None]
         lines.append(f"| {mech} | {len(rs)} | {len(col)}/{len(rs)} | {_rate(len(hits), len(col))} | {lead} | "
-                     f"{_rate(sum(r['false_alarm'] for r in quiet), len(quiet))} of the runs that never dip | "
+                     f"{_rate(sum(r['false_alarm'] for r in quiet), len(quiet))} | "
                      f"{_rate(sum(r['false_critical'] for r in no_col), len(no_col))} |")
     lines += ["", "| run | mechanism | seed | collapse step | warnings/criticals before it | lead | dipped | "
                   "findings (warning/critical) |", "|---|---|---|---|---|---|---|---|"]
