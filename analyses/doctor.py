@@ -561,6 +561,7 @@ def diagnose(
                      fig_path=fig_path("divergence_tails_rising"), collapse=collapse,
                      extra_evidence={"updates": info["tail_updates"]})
     if f is not None:
+        _name_cause(source, f, ("engine", "lag", "update"))
         findings.append(f)
 
     # -- the divergence pi / mu before the batch's updates (engine mismatch + policy lag) ------------------------
@@ -577,6 +578,7 @@ def diagnose(
                              title="Divergence π / μ before the updates (mean k3)",
                              collapse=collapse, extra_evidence={"pair": info["mismatch_pair"]})
             if f is not None:
+                _name_cause(source, f, ("engine", "lag"))
                 findings.append(f)
 
     # -- entropy ----------------------------------------------------------------------------------------------
@@ -746,6 +748,67 @@ def _masked_rising(f_steps: np.ndarray, vals: np.ndarray, rule, fig_path, collap
                        "further from the sampler every step.", ev, fig, PAGE_COMPARE,
                        (int(f_steps[0]), int(f_steps[-1])))
     return None
+
+
+CAUSE_LABELS = {  # attribution terms (analyses/attribution.py): what moved, in the finding's words
+    "engine": "engine mismatch rising (the sampler's log-probs against the trainer's for the same weights, "
+              "logp_behavior - logp_rollout)",
+    "lag": "policy lag rising (the batch's sampling policy falls further behind, logp_old - logp_behavior)",
+    "update": "updates moving further per batch (logp - logp_old)",
+}
+TERM_WORDS = {"engine": "the engine mismatch", "lag": "the policy lag", "update": "the updates"}
+
+
+def _name_cause(source, f: Finding, components: tuple[str, ...]) -> None:
+    """Add to a divergence finding which attribution term moved (``attribution(run, by="step")``: the term whose
+    mean |T| per step grew most from before the change (median over the steps before ``change_start_step``, else
+    the first three) to the change (median over change_start_step..alarm_step)), or say that the run's logs cannot
+    tell its components apart. ``components``: the terms the finding's statistic contains."""
+    ev = f.evidence
+    start, alarm = ev.get("change_start_step"), ev.get("alarm_step")
+    words = [TERM_WORDS[c] for c in components]
+    apart = words[0] if len(words) == 1 else ", ".join(words[:-1]) + " and " + words[-1]
+    try:
+        from cppo_diag.analyses.attribution import attribution, attribution_terms
+    except ImportError:
+        ev["cause"] = None
+        f.message += f" These logs cannot tell {apart} apart."
+        return
+    try:
+        terms = [t for t in attribution_terms(source) if t != "total"]
+        df = attribution(source, by="step").sort("step")
+    except (ValueError, KeyError) as exc:
+        ev["cause"] = None
+        f.message += f" The attribution is not available ({exc}), so {apart} cannot be told apart."
+        return
+    wanted = [t for t in terms if set(t.split("+")) & set(components) and f"{t}_abs" in df.columns]
+    growth = {}
+    steps = df["step"].to_numpy()
+    for t in wanted:
+        v = df[f"{t}_abs"].to_numpy().astype(np.float64)
+        pre = v[steps < start] if start is not None and (steps < start).any() else v[:3]
+        now = v[(steps >= (start if start is not None else steps[0])) & (steps <= alarm)]
+        pre, now = pre[np.isfinite(pre)], now[np.isfinite(now)]
+        if pre.size and now.size:
+            growth[t] = {"before": float(np.median(pre)), "during": float(np.median(now)),
+                         "growth": float(np.median(now) - np.median(pre))}
+    ev["attribution"] = growth
+    rising = {t: g for t, g in growth.items() if g["growth"] > 0}
+    if not rising:
+        ev["cause"] = None
+        f.message += f" No attribution term ({', '.join(wanted) or 'none'}) grew with it."
+        return
+    top = max(rising, key=lambda t: rising[t]["growth"])
+    ev["cause"] = top
+    parts = top.split("+")
+    if len(parts) > 1:
+        f.message += (f" It is {' and '.join(TERM_WORDS.get(p, p) for p in parts)} together, which this run's logs "
+                      f"cannot tell apart (the attribution's combined term '{top}': log the columns that separate "
+                      "them).")
+    else:
+        g = rising[top]
+        f.message += (f" Cause: {CAUSE_LABELS.get(top, top)}: mean |{top}| per token {g['before']:.3g} -> "
+                      f"{g['during']:.3g} nats.")
 
 
 def rule_can_mask(rule: str | None) -> bool:

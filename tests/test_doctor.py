@@ -334,3 +334,40 @@ def test_position_findings_on_a_run_drifting_along_the_response(tmp_path):
     assert bud.evidence["median_first_budget_rejection_pos"] < D.BUDGET_EARLY_FRACTION * bud.evidence["median_response_length"]
     assert Path(along.figure).exists() and Path(bud.figure).exists()
     assert "too_few_steps" in fs and not _alarms(fs.values())
+
+
+def _fake_attribution(terms, grows):
+    """A stand-in for analyses/attribution.py's documented API: ``grows`` rises from step 18, the rest stay flat."""
+    import types
+
+    import polars as pl
+
+    def attribution(run, by="step", *, bin=None, updates="lagged"):
+        steps = list(range(40))
+        cols = {"step": steps, "tokens": [100] * 40}
+        for t in terms:
+            base = [0.01] * 40
+            if t == grows:
+                base = [0.01 if s < 18 else 0.01 + 0.02 * (s - 17) for s in steps]
+            cols[f"{t}_mean"], cols[f"{t}_abs"], cols[f"{t}_share"] = base, base, [0.3] * 40
+        return pl.DataFrame(cols)
+
+    mod = types.ModuleType("cppo_diag.analyses.attribution")
+    mod.attribution, mod.attribution_terms = attribution, lambda run: list(terms)
+    return mod
+
+
+def test_divergence_findings_name_the_cause(runs, monkeypatch):
+    import sys
+
+    name = "cppo_diag.analyses.attribution"
+    monkeypatch.setitem(sys.modules, name, _fake_attribution(["total", "engine", "lag", "update"], "lag"))
+    (f,) = [f for f in D.diagnose(runs["collapsing"], budget=False) if f.id == "divergence_tails_rising"]
+    assert f.evidence["cause"] == "lag" and "policy lag rising" in f.message
+    assert f.evidence["attribution"]["lag"]["growth"] > 0 == f.evidence["attribution"]["engine"]["growth"]
+    monkeypatch.setitem(sys.modules, name, _fake_attribution(["total", "engine+lag", "update"], "engine+lag"))
+    (f,) = [f for f in D.diagnose(runs["collapsing"], budget=False) if f.id == "divergence_tails_rising"]
+    assert f.evidence["cause"] == "engine+lag" and "cannot tell apart" in f.message
+    monkeypatch.setitem(sys.modules, name, None)  # no attribution module: say what cannot be told apart
+    (f,) = [f for f in D.diagnose(runs["collapsing"], budget=False) if f.id == "divergence_tails_rising"]
+    assert f.evidence["cause"] is None and "cannot tell the engine mismatch, the policy lag and the updates apart" in f.message
