@@ -1,4 +1,4 @@
-"""The live guard of ``cppo-diag train --doctor.live true`` (docs/trainer.md, "The live guard").
+"""The live guard of ``cppo-diag train --doctor.live true`` (docs/analyses.md, "Doctor: live").
 
 After each step (``trainer.train``), ``TrainGuard.after_step`` computes the step's doctor statistics from the
 updates the trainer already holds (``analyses.doctor_live.live_step_stats``) and the logged reward, feeds them to
