@@ -769,8 +769,11 @@ def _name_cause(source, f: Finding, components: tuple[str, ...]) -> None:
     words = [TERM_WORDS[c] for c in components]
     apart = words[0] if len(words) == 1 else ", ".join(words[:-1]) + " and " + words[-1]
     try:
-        from cppo_diag.analyses.attribution import attribution, attribution_terms
-    except ImportError:
+        from cppo_diag.analyses import attribution as A
+
+        attribution = getattr(A, "attribution", None) or A.attribution_by  # by="step" -> one row per step
+        attribution_terms = A.attribution_terms
+    except (ImportError, AttributeError):
         ev["cause"] = None
         f.message += f" These logs cannot tell {apart} apart."
         return
@@ -800,11 +803,11 @@ def _name_cause(source, f: Finding, components: tuple[str, ...]) -> None:
         return
     top = max(rising, key=lambda t: rising[t]["growth"])
     ev["cause"] = top
-    parts = top.split("+")
+    parts = [p for p in top.split("+") if p in components]
     if len(parts) > 1:
-        f.message += (f" It is {' and '.join(TERM_WORDS.get(p, p) for p in parts)} together, which this run's logs "
-                      f"cannot tell apart (the attribution's combined term '{top}': log the columns that separate "
-                      "them).")
+        w = [TERM_WORDS.get(p, p) for p in parts]
+        f.message += (f" It is {', '.join(w[:-1])} and {w[-1]} together, which this run's logs cannot tell apart "
+                      f"(the attribution's combined term '{top}': log logp_behavior and logp_old to separate them).")
     else:
         g = rising[top]
         f.message += (f" Cause: {CAUSE_LABELS.get(top, top)}: mean |{top}| per token {g['before']:.3g} -> "
