@@ -769,7 +769,9 @@ def _name_cause(source, f: Finding, components: tuple[str, ...]) -> None:
     words = [TERM_WORDS[c] for c in components]
     apart = words[0] if len(words) == 1 else ", ".join(words[:-1]) + " and " + words[-1]
     try:
-        from cppo_diag.analyses import attribution as A
+        import importlib
+
+        A = importlib.import_module("cppo_diag.analyses.attribution")  # the module (the package may export a function)
 
         attribution = getattr(A, "attribution", None) or A.attribution_by  # by="step" -> one row per step
         attribution_terms = A.attribution_terms
