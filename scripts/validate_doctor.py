@@ -13,8 +13,10 @@ Mechanisms (each a list of ``cppo-diag train`` overrides on top of ``--preset``,
 
 For every run: its sustained collapse step (``reward_episodes``; critical ``reward_collapse``), the first warning
 or critical finding before it (hit; lead = collapse step - first warning step), and whether the run's 5-step
-moving average ever dipped below half its running maximum. A **false alarm** is a warning or critical finding on a
-run whose moving average never dips below half its running maximum; a **false critical** is a critical finding on
+moving average ever dipped below half its running maximum. Alarms are counted as they fire online (``--doctor.live``):
+an early warning that ``diagnose`` reports as info in hindsight (a finished run that never dipped; evidence
+``early_warning``) still counts. A **false alarm** is such an alarm on a run whose moving average never dips below
+half its running maximum; a **false critical** is a critical finding on
 a run without a sustained collapse (both counted on every run, reported on the healthy ones). Rates come with 95%
 Wilson intervals.
 
@@ -115,7 +117,8 @@ def judge(run: Path) -> dict:
     rew = D._reward_series(run, scal, info)
     ep = D.reward_episodes(rew[0], rew[1]) if rew is not None else {"dips": [], "collapse": None}
     col = ep["collapse"]["start"] if ep["collapse"] else None
-    alarms = [f for f in fs if f.severity in ("warning", "critical")]
+    # the online alarms: warnings/criticals, and the early warnings a finished run that never dipped reports as info
+    alarms = [f for f in fs if f.severity in ("warning", "critical") or f.evidence.get("early_warning")]
     before = sorted((f for f in alarms if f.first_step is not None and col is not None and f.first_step < col),
                     key=lambda f: f.first_step)
     first = min((f.first_step for f in alarms if f.first_step is not None), default=None)
@@ -125,7 +128,8 @@ def judge(run: Path) -> dict:
             "before": [f"{f.id} @ {f.first_step}" for f in before],
             "false_alarm": bool(alarms) and not ep["dips"],
             "false_critical": any(f.severity == "critical" for f in fs) and col is None,
-            "alarms": [f"{f.severity}:{f.id} @ {f.first_step}" for f in alarms],
+            "alarms": [f"{'warning' if f.evidence.get('early_warning') else f.severity}:{f.id} @ {f.first_step}"
+                       for f in alarms],
             "settings_version": D.DOCTOR_SETTINGS.version}
 
 

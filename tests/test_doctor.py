@@ -371,3 +371,17 @@ def test_divergence_findings_name_the_cause(runs, monkeypatch):
     monkeypatch.setitem(sys.modules, name, None)  # no attribution module: say what cannot be told apart
     (f,) = [f for f in D.diagnose(runs["collapsing"], budget=False) if f.id == "divergence_tails_rising"]
     assert f.evidence["cause"] is None and "cannot tell the engine mismatch, the policy lag and the updates apart" in f.message
+
+
+def test_a_finished_run_that_never_dips_gets_no_warning(tmp_path):
+    """Tails that rise (drift from step 18) in a finished run whose reward never dips: the early warning is kept as
+    info, flagged early_warning / followed_by_dip = False; the same run still training keeps the warning."""
+    run = _write(tmp_path, "drift-only", seed=2, drift_from=18, collapse_at=None)
+    fs = D.diagnose(run, budget=False)
+    (f,) = [f for f in fs if f.id == "divergence_tails_rising"]
+    assert f.severity == "info" and f.evidence["early_warning"] and not f.evidence["followed_by_dip"]
+    assert _alarms(fs) == []
+    meta = json.loads((run / "meta.json").read_text())
+    (run / "meta.json").write_text(json.dumps({**meta, "status": "running"}))
+    (f,) = [f for f in D.diagnose(run, budget=False) if f.id == "divergence_tails_rising"]
+    assert f.severity == "warning" and "early_warning" not in f.evidence
