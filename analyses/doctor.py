@@ -1007,8 +1007,9 @@ def report_section(sources: Sequence[Any], names: Sequence[str], out_dir, *, pro
     out = Path(out_dir)
     parts = ["<h2>Doctor: findings</h2>",
              "<p>What <code>cppo-diag doctor</code> finds in each run (statistics: docs/analyses.md, \"Doctor\"). "
-             "Severity <b>critical</b>: the run failed; <b>warning</b>: a sustained change that precedes failures; "
-             "<b>info</b>: a property of the run, or something the logs cannot tell.</p>"]
+             "Severity <b>critical</b>: a sustained reward collapse (the only critical finding); <b>warning</b>: a dip "
+             "that recovered, or a sustained change that precedes failures; <b>info</b>: a property of the run, "
+             "something the logs cannot tell, or an early warning of a finished run that never dipped.</p>"]
     for name, src in zip(names, sources):
         parts.append(f"<h3>{html.escape(name)}</h3>")
         try:

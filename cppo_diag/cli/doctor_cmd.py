@@ -24,7 +24,9 @@ behind it ("evidence") and a figure that shows it (a PNG written under --out). C
   too_few_steps, no_rollout_logprobs, no_reward, no_entropy, no_applied_mask, single_update
                             info: what the logs cannot support
 
-Statistics and thresholds: docs/analyses.md, section "Doctor" (settings: DOCTOR_SETTINGS, versioned). Exit code 0 when the runs were read (whatever
+On a finished run whose reward never dipped below half its best, the early warnings are reported as info
+(evidence early_warning: true): they were not followed by a collapse. Statistics and thresholds:
+docs/analyses.md, section "Doctor" (settings: DOCTOR_SETTINGS, versioned). Exit code 0 when the runs were read (whatever
 the findings), 2 on unusable input (the message names the run and the field).
 
 Examples:
