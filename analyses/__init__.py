@@ -76,6 +76,16 @@ Train/rollout mismatch (``cppo_diag.analyses.mismatch``)
         -> pl.DataFrame   the mismatch metric family (k1/k2/k3 KL, chi2 per token and sequence, ESS, IS-weight
         tail fractions, log-perplexity difference, toward-mu fraction, masked fraction by advantage sign)
 
+Attribution: why pi moved away from mu, and where (``cppo_diag.analyses.attribution``)
+    attribution_by(source, by="step"|"position"|"lag"|"update", *, bin_width=32, updates="all", step_range=None,
+                adv_sign=None) -> pl.DataFrame   per key: tokens, total_mean/_abs and for each term T (engine =
+        logp_behavior - logp_rollout, lag = logp_old - logp_behavior, update = logp - logp_old; inseparable
+        terms combined as "engine+lag", ...): T_mean, T_abs, T_share (part of mean |total|; shares sum to 1)
+    attribution_terms(source) -> list[str]     attribution_summary(source, ...) -> dict (the whole selection)
+    position_strata(source, *, strata="mu"|"entropy"|"fork", edges=None, bin_width=32, updates="all", ...)
+        -> (curves, summary)   |pi - mu| by position per uncertainty stratum, the re-weighted curve and the
+        share of the rise along the answer that composition (more uncertain tokens later) explains
+
 Doctor (``cppo_diag.analyses.doctor``)
     diagnose(source, *, out_dir=None, name=None, budget=True, progress=False) -> list[Finding]
         Finding: id, severity ("info"|"warning"|"critical"), first_step, message, evidence (dict),
@@ -103,9 +113,9 @@ Per-run facts (``cppo_diag.analyses.run_summary``) and one step's responses (``c
     token_texts(seq, sequences, seq_id): the token inspector's tables
 
 Which updates are pooled (``cppo_diag.analyses.updates``): every position, masked-fraction and budget analysis above
-takes ``updates="all" | "first" | "after_first"`` (None: the run's default)
-    default_updates(source) -> "after_first" for runs with several updates per batch (pi = mu in the first),
-                               else "all"
+takes ``updates="all" | "first" | "after_first" | "lagged"`` (None: the run's default)
+    default_updates(source) -> "lagged" (tokens with recorded lag > 0) for runs that record lag, else
+                               "after_first" for runs with several updates per batch, else "all"
     select_updates(source, updates, *, step_range=None) -> a token source of those updates' batches
 
 CPPO's named parameter sets on a run (``cppo_diag.analyses.profiles``; the sets live in ``cppo_diag.masks.registry``)
@@ -157,6 +167,10 @@ _LAZY = {
     "run_max_response_length": "cppo_diag.analyses.profiles",
     "run_profile_params": "cppo_diag.analyses.profiles",
     "mismatch_metrics": "cppo_diag.analyses.mismatch",
+    "attribution_by": "cppo_diag.analyses.attribution",
+    "attribution_terms": "cppo_diag.analyses.attribution",
+    "attribution_summary": "cppo_diag.analyses.attribution",
+    "position_strata": "cppo_diag.analyses.attribution",
     "diagnose": "cppo_diag.analyses.doctor",
     "diagnose_runs": "cppo_diag.analyses.doctor",
     "Finding": "cppo_diag.analyses.doctor",

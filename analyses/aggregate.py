@@ -435,7 +435,12 @@ def _read_file(path: str, spec: AggSpec) -> pl.DataFrame:
     missing = [c for c in ("step", "pos", "logp", "logp_rollout", "advantage") if c not in names]
     if missing:
         raise ValueError(f"{path}: token shard is missing required column(s) {missing}; found {sorted(names)}")
+    from cppo_diag.storage.validate import valid_token_rows
+
     df = pl.read_parquet(path, columns=[c for c in want if c in names])
+    valid = valid_token_rows(df.columns)  # impossible values are never averaged in (storage.validate)
+    if valid is not None and not df.select(valid.all()).item():
+        df = df.filter(valid)
     fill = [pl.lit(0, pl.Int32).alias(c) for c in ("update", "rank") if c in want and c not in names]
     return df.with_columns(fill) if fill else df
 
@@ -862,11 +867,6 @@ def _selected_groups(n_groups: int, adv_sign: str | None, updates: str) -> np.nd
     return keep
 
 
-def has_later_updates(part: Partial) -> bool:
-    """Whether the partial holds tokens of an update after the first of a batch (``default_updates``)."""
-    return bool(part.tokens[1::N_UCLS].sum()) if len(part.tokens) else False
-
-
 def _by_bin(arr: np.ndarray, keep: np.ndarray) -> np.ndarray:
     """Sum a dense per-key array over the selected keys of each bin."""
     n = len(arr)
@@ -995,9 +995,15 @@ def position_summary(
     ``exact=True`` runs ``position_stats`` itself (exact quantiles, one process). Otherwise the run is
     aggregated by ``engine`` over shard groups (:func:`aggregate_run`, cached beside the run with ``cache``)
     and the quantile columns carry at most ``relative_accuracy`` relative error (module docstring).
-    ``updates=None`` picks the run's default (``cppo_diag.analyses.updates.default_updates``) from the partial.
+    ``updates=None`` picks the run's default (``cppo_diag.analyses.updates.default_updates``). The partials
+    classify tokens by update index only, so ``updates="lagged"`` (the default of runs that record ``lag``)
+    runs the exact engine.
     """
-    if exact:
+    if updates is None:
+        from cppo_diag.analyses.updates import default_updates
+
+        updates = default_updates(source)
+    if exact or updates == "lagged":
         from cppo_diag.analyses.position import position_stats
 
         return position_stats(source, metrics=metrics, bin_width=bin_width, relative=relative, n_rel_bins=n_rel_bins,
@@ -1007,8 +1013,6 @@ def position_summary(
                    n_rel_bins=n_rel_bins, mantissa_bits=mantissa_bits_for(relative_accuracy), delta=delta, w_min=w_min)
     part = aggregate_run(source, spec, step_range=step_range, engine=engine, workers=workers,
                          ray_address=ray_address, cache=cache, progress=progress)
-    if updates is None:
-        updates = "after_first" if has_later_updates(part) else "all"
     return stats_table(part, adv_sign=adv_sign, updates=updates, thresholds=thresholds, hill_min_k=hill_min_k)
 
 

@@ -152,8 +152,8 @@ def mismatch_metrics(
     ``n_seqs``, ``chi2_seq`` = mean(exp(2 clamp(L, -20, 20))) - 1, ``ess_seq`` over w = exp(clamp(L, -20, 20)),
     ``log_ppl_diff`` = mean over sequences of mean_t(log mu - log x) (> 0: the trainer finds the sampled text
     less likely than the sampler did).
-    ``updates``: "all", "first" (update 0, where pi = mu up to the train/inference mismatch) or
-    "after_first". ``pair="old"`` uses the logged ``logp_old`` instead of ``logp`` (raises
+    ``updates``: "all", "first" (update 0: the engine mismatch plus any policy lag of stale rollouts),
+    "after_first" or "lagged" (``cppo_diag.analyses.updates``). ``pair="old"`` uses the logged ``logp_old`` instead of ``logp`` (raises
     :class:`MissingColumnError` when the run has none).
     """
     if by not in ("step", "position"):

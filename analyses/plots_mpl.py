@@ -389,8 +389,9 @@ def fig_divergence_along_response(table: pl.DataFrame) -> Figure:
 
 def fig_mismatch_by_update(series: Mapping[str, pl.DataFrame]) -> Figure:
     """Mean k3 per step (log scale) for each update filter (``"first"``, ``"after_first"`` ->
-    ``mismatch_metrics(..., by="step", updates=...)``): the first update measures the train/rollout mismatch
-    alone (pi = mu), later ones add the policy's own movement."""
+    ``mismatch_metrics(..., by="step", updates=...)``): the first update measures the engine mismatch plus any
+    policy lag of stale rollouts, later ones add this batch's own updates (``analyses.attribution`` separates the
+    three)."""
     fig, ax = _fig()
     for u, df in series.items():
         if df.height:
@@ -399,7 +400,7 @@ def fig_mismatch_by_update(series: Mapping[str, pl.DataFrame]) -> Figure:
     ax.set_yscale("log")
     ax.set_xlabel("training step")
     ax.set_ylabel("mean k3 (nats, log scale)")
-    ax.set_title("Mismatch per step: first update (π = μ) vs later updates")
+    ax.set_title("Mismatch per step: first update of each batch vs later updates")
     _legend(ax)
     return fig
 

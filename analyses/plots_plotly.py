@@ -287,3 +287,41 @@ def fig_sequence_internals(seq: pl.DataFrame, *, delta: float) -> go.Figure:
     fig.update_yaxes(title_text="S_t", row=4, col=1)
     fig.update_xaxes(title_text="position", row=4, col=1)
     return fig
+
+
+def fig_attribution(table: pl.DataFrame, *, by: str, value: str = "abs") -> go.Figure:
+    """The attribution terms of ``cppo_diag.analyses.attribution_by(...)`` per key: mean |term| (``value="abs"``),
+    the signed mean (``"mean"``) or the share of mean |total| (``"share"``), one line per term, and the total
+    dotted (not for shares, which sum to 1)."""
+    key = "pos_bin" if by == "position" else by
+    terms = [c[: -len("_share")] for c in table.columns if c.endswith("_share")]
+    fig = go.Figure()
+    for t in terms:
+        fig.add_scatter(x=table[key], y=table[f"{t}_{value}"], mode="lines+markers", name=t)
+    if value != "share":
+        fig.add_scatter(x=table[key], y=table[f"total_{value}"], mode="lines", name="total (log π − log μ)",
+                        line=dict(dash="dot", color="black"))
+    ylabel = {"abs": "mean |term| (log-prob)", "mean": "mean term (log-prob)", "share": "share of mean |total|"}[value]
+    xlabel = {"step": "training step", "position": "position (token index, bin start)",
+              "lag": "lag (optimiser steps since sampling)", "update": "update within the batch"}[by]
+    fig.update_layout(xaxis_title=xlabel, yaxis_title=ylabel, hovermode="x unified", legend=PAGE_LEGEND)
+    return fig
+
+
+def fig_position_strata(curves: pl.DataFrame, *, summary: Mapping[str, Any]) -> go.Figure:
+    """|pi - mu| by position per stratum (``position_strata`` curves), the raw curve thick and black, the curve
+    re-weighted to the run's stratum mix dashed: the gap between the two is composition."""
+    fig = go.Figure()
+    for s in summary["labels"]:
+        part = curves.filter(pl.col("stratum") == s).sort("pos_bin")
+        if part.height:
+            fig.add_scatter(x=part["pos_bin"], y=part["tv_mean"], mode="lines+markers", name=str(s),
+                            customdata=part.select("tokens").to_numpy(),
+                            hovertemplate="%{y:.4g} (%{customdata[0]} tokens)")
+    for s, style in (("all", dict(color="black", width=3)), ("reweighted", dict(color="black", dash="dash"))):
+        part = curves.filter(pl.col("stratum") == s).sort("pos_bin")
+        name = "all tokens" if s == "all" else "all, re-weighted to the run's stratum mix"
+        fig.add_scatter(x=part["pos_bin"], y=part["tv_mean"], mode="lines", name=name, line=style)
+    fig.update_layout(xaxis_title="position (token index, bin start)", yaxis_title="mean |π − μ|",
+                      hovermode="x unified", legend=PAGE_LEGEND)
+    return fig

@@ -21,8 +21,9 @@ over the n tokens D_1..D_n that fall in the bin:
   response's valid length (CPPO Eq. 9, "sequence" mode; ``cppo_diag.masks.threshold_schedule``): the paper's
   Fig. 2 overlay. ``w_min`` None means the cppo rule's default.
 
-Updates: ``updates="all" | "first" | "after_first"`` pools every logged update, only the first of each
-batch (pi = mu there) or only the later ones (``cppo_diag.analyses.updates``); lengths T are taken per response, so the
+Updates: ``updates="all" | "first" | "after_first" | "lagged"`` pools every logged update, only the first of
+each batch, only the later ones, or the tokens with recorded lag > 0 (``cppo_diag.analyses.updates``); lengths T
+are taken per response, so the
 filter never changes a response's t / T or delta / w_t.
 
 Pooled frames of several runs (the study pools seeds) must carry a ``run`` column: responses are then keyed

@@ -62,7 +62,7 @@ class _FallbackRun:
         files = sorted((self.path / schema.TOKENS_DIR).glob("**/*.parquet"))
         if not files:
             return pl.LazyFrame(schema={k: v for k, v in schema.TOKEN_COLUMNS.items() if not k.startswith("topk")})
-        return pl.scan_parquet(files, hive_partitioning=False, missing_columns="insert")
+        return pl.scan_parquet(files, hive_partitioning=False, missing_columns="insert", extra_columns="ignore")
 
 
 def load_tokens(source: Any) -> pl.LazyFrame:
@@ -90,6 +90,8 @@ def run_meta(source: Any) -> dict:
     if hasattr(source, "meta"):
         return dict(source.meta or {})
     if isinstance(source, (str, Path)):
+        if (Path(source) / schema.META_FILE).exists():  # a malformed meta.json is an error naming its field
+            return dict(_open_run(Path(source)).meta or {})
         try:
             return dict(_open_run(Path(source)).meta or {})
         except Exception:  # noqa: BLE001 - a frame path without meta is still analysable
@@ -127,7 +129,11 @@ def _step_files(run: Any) -> dict[int, list[Path]] | None:
 
 
 def _scan_step_files(files: list[Path]) -> pl.LazyFrame:
-    return load_tokens(pl.scan_parquet(files, hive_partitioning=False, missing_columns="insert"))
+    from cppo_diag.storage.validate import valid_token_rows
+
+    lf = pl.scan_parquet(files, hive_partitioning=False, missing_columns="insert", extra_columns="ignore")
+    valid = valid_token_rows(lf.collect_schema().names())  # impossible values are never averaged in
+    return load_tokens(lf.filter(valid) if valid is not None else lf)
 
 
 def step_lazyframes(source: Any, *, step_range=None) -> list[tuple[int, pl.LazyFrame]]:

@@ -1,19 +1,25 @@
-"""Which optimiser updates of a step an analysis pools: ``updates="all" | "first" | "after_first"``.
+"""Which optimiser updates of a step an analysis pools: ``updates="all" | "first" | "after_first" | "lagged"``.
 
 A trainer that takes several optimiser updates per batch (epochs x minibatches) logs every update's tokens
-under the same step, with ``update`` = 0, 1, ... (``cppo_diag.storage.schema``). In update 0 the policy has
-not moved yet, so pi = mu up to numerics (exactly, when the sampler and the trainer agree): |pi - mu| is ~0 and
-no rule masks anything. Pooling it with the off-policy updates halves mean |pi - mu| and the masked fraction
-of a run with two updates per batch. Every position, masked-fraction and budget analysis therefore takes an
-``updates`` filter:
+under the same step, with ``update`` = 0, 1, ... (``cppo_diag.storage.schema``). Whether the policy has moved
+away from the sampling weights by a token's update is what the run-format column ``lag`` records: the
+optimiser steps between the weights that sampled the token and those that computed ``logp``. With on-policy
+sampling (staleness 0) update 0 has lag 0: pi differs from mu only by the engine mismatch (sampler vs trainer
+numerics), nothing the policy did, and pooling it with the later updates dilutes |pi - mu| and the masked
+fraction. With stale rollouts (asynchronous RL; the ``long`` preset samples six iterations back) update 0
+already carries the policy lag of several batches: it is *not* pi = mu. Every position, masked-fraction and
+budget analysis therefore takes an ``updates`` filter:
 
 * ``"all"``: every logged update;
 * ``"first"``: update 0 only (the first update of each step's batch);
-* ``"after_first"``: updates 1, 2, ... (the off-policy updates, where the trust region acts).
+* ``"after_first"``: updates 1, 2, ...;
+* ``"lagged"``: the tokens with ``lag`` > 0, i.e. whose policy had moved since sampling (needs ``lag``).
 
-:func:`default_updates` is the default the app, the report and the study use: ``"after_first"`` when the run
-logged more than one update in a step, ``"all"`` otherwise (a run with one update per batch has nothing after
-the first). The pages and figures say which updates they pool (:func:`updates_note`).
+:func:`default_updates` is the default the app, the report and the study use, and it follows the recorded lag:
+``"lagged"`` when the run records ``lag`` (for staleness 0 that is exactly "after the first update"; for stale
+rollouts it is every update), else ``"after_first"`` when the run logged more than one update in a step (which
+assumes on-policy sampling, and the notes say so), else ``"all"``. The pages and figures say which updates they
+pool (:func:`updates_note`); ``cppo_diag.analyses.attribution`` splits what moved (engine, lag, update).
 """
 
 from __future__ import annotations
@@ -23,11 +29,12 @@ from typing import Any, Iterator
 
 import polars as pl
 
-UPDATES = ("all", "first", "after_first")
+UPDATES = ("all", "first", "after_first", "lagged")
 UPDATE_LABELS = {
     "all": "all updates",
-    "first": "first update of each batch only (pi = mu)",
+    "first": "first update of each batch only",
     "after_first": "updates after the first of each batch",
+    "lagged": "tokens the policy had moved on since sampling (lag > 0)",
 }
 
 
@@ -38,24 +45,41 @@ def check_updates(updates: str) -> str:
     return updates
 
 
-def keeps_update(update: int, updates: str) -> bool:
-    """Whether an update index passes the ``updates`` filter."""
+def keeps_update(update: int, updates: str, lag: int | None = None) -> bool:
+    """Whether an update index (and, for ``"lagged"``, its batch's lag) passes the ``updates`` filter."""
     check_updates(updates)
+    if updates == "lagged":
+        if lag is None:
+            raise ValueError("updates='lagged' needs the run-format column 'lag', which this run did not log; "
+                             "use 'after_first', 'first' or 'all'")
+        return lag > 0
     return updates == "all" or (update == 0) == (updates == "first")
 
 
 def update_filter(updates: str) -> pl.Expr | None:
-    """A polars predicate on the ``update`` column (None for ``"all"``: nothing to filter)."""
+    """A polars predicate on the ``update`` (or ``lag``) column (None for ``"all"``: nothing to filter)."""
     check_updates(updates)
     if updates == "all":
         return None
+    if updates == "lagged":
+        return pl.col("lag") > 0
     return (pl.col("update") == 0) if updates == "first" else (pl.col("update") > 0)
+
+
+def has_lag(lf: pl.LazyFrame) -> bool:
+    """Whether the token frame records the ``lag`` column (with at least one value)."""
+    if "lag" not in lf.collect_schema().names():
+        return False
+    return bool(lf.select(pl.col("lag").is_not_null().any()).collect().item())
 
 
 def filter_updates(lf: pl.LazyFrame, updates: str) -> pl.LazyFrame:
     """``lf`` restricted to the updates ``updates`` selects (a frame without an ``update`` column is all
-    update 0, as ``cppo_diag.analyses.tokens.load_tokens`` fills it)."""
+    update 0, as ``cppo_diag.analyses.tokens.load_tokens`` fills it). ``"lagged"`` on a frame without ``lag``
+    raises ValueError naming the column."""
     pred = update_filter(updates)
+    if updates == "lagged" and "lag" not in lf.collect_schema().names():
+        keeps_update(0, "lagged", None)  # raises the error that names the column
     return lf if pred is None else lf.filter(pred)
 
 
@@ -71,7 +95,13 @@ def max_update(source: Any) -> int:
 
 
 def default_updates(source: Any) -> str:
-    """``"after_first"`` when the run logged several updates per step, else ``"all"``."""
+    """``"lagged"`` when the run records ``lag``; else ``"after_first"`` when it logged several updates per
+    step; else ``"all"``."""
+    from cppo_diag.analyses.recomputation import BatchSet
+    from cppo_diag.analyses.tokens import load_tokens
+
+    if not isinstance(source, BatchSet) and has_lag(load_tokens(source)):
+        return "lagged"
     return "after_first" if max_update(source) > 0 else "all"
 
 
@@ -83,11 +113,16 @@ def resolve_updates(source: Any, updates: str | None) -> str:
 def updates_note(updates: str) -> str:
     """One sentence saying which updates a table or figure pools, for pages and captions."""
     check_updates(updates)
+    if updates == "lagged":
+        return ("Pooled over the tokens whose policy had moved since they were sampled (recorded lag > 0): with "
+                "on-policy sampling, the updates after the first of each batch; with stale rollouts, every update.")
     if updates == "after_first":
-        return ("Pooled over the updates after the first of each batch: in the first update pi = mu, so "
-                "including it would dilute |pi - mu| and the masked fraction.")
+        return ("Pooled over the updates after the first of each batch. In the first update pi differs from mu "
+                "by the engine mismatch plus any policy lag of stale rollouts; this run records no lag, so the "
+                "split assumes on-policy sampling.")
     if updates == "first":
-        return "Only the first update of each batch (pi = mu up to numerics)."
+        return ("Only the first update of each batch: the engine mismatch, plus the policy lag when rollouts "
+                "are stale (the Attribution page separates them).")
     return "Pooled over all logged updates."
 
 
@@ -106,10 +141,18 @@ def select_updates(source: Any, updates: str, *, step_range=None):
     if updates == "all":
         return source
     if isinstance(source, BatchSet):
+        if updates == "lagged":
+            raise ValueError("updates='lagged': an in-memory BatchSet carries no 'lag'; select from the run instead")
         return BatchSet([b for b in source.batches if keeps_update(b.update, updates)], meta=dict(source.meta),
                         name=source.name, step_range=source.step_range)
     if isinstance(source, (str, Path)):
         source = _open_run(Path(source))
+    lagged = _lagged_batches(source) if updates == "lagged" else None
+
+    def keep(b) -> bool:
+        if lagged is None:
+            return keeps_update(b.update, updates)
+        return (b.step, b.update, b.rank) in lagged
 
     class _Streamed(BatchSet):
         """A BatchSet whose ``batches`` are read lazily on each pass (never all held at once)."""
@@ -119,17 +162,30 @@ def select_updates(source: Any, updates: str, *, step_range=None):
 
         @property
         def batches(self) -> Iterator:  # type: ignore[override]
-            return (b for b in iter_batches(source, step_range=step_range) if keeps_update(b.update, updates))
+            return (b for b in iter_batches(source, step_range=step_range) if keep(b))
 
     return _Streamed()
+
+
+def _lagged_batches(source: Any) -> set[tuple[int, int, int]]:
+    """The (step, update, rank) batches holding tokens with lag > 0 (the bundled trainer's lag is one value
+    per batch: the whole batch was sampled by the same weights)."""
+    from cppo_diag.analyses.tokens import load_tokens
+
+    lf = load_tokens(source)
+    if "lag" not in lf.collect_schema().names():
+        keeps_update(0, "lagged", None)  # raises the error that names the column
+    keys = lf.filter(pl.col("lag") > 0).select("step", "update", "rank").unique().collect()
+    return set(keys.iter_rows())
 
 
 def add_updates_argument(parser, *, default: str = "auto") -> None:
     """``--updates {auto,all,first,after_first}`` for the analyses commands (auto: the run's default)."""
     parser.add_argument("--updates", choices=["auto", *UPDATES], default=default,
-                        help="optimiser updates to pool: all, first (update 0 of each batch, where pi = mu), "
-                             "after_first (updates 1, 2, ...), auto (after_first for runs with several updates per "
-                             f"batch, else all); default {default}")
+                        help="optimiser updates to pool: all, first (update 0 of each batch), after_first (updates "
+                             "1, 2, ...), lagged (tokens with recorded lag > 0: the policy had moved since "
+                             "sampling), auto (lagged where the run records lag, else after_first for runs with "
+                             f"several updates per batch, else all); default {default}")
 
 
 def updates_arg(value: str) -> str | None:

@@ -193,10 +193,13 @@ def updates_widget(paths: str | list[str], key: str, container: Any = st) -> str
     if st.session_state.get(key) not in options:
         st.session_state[key] = "auto" if many else "after_first"
     choice = container.radio("Updates", options, format_func=labels.get, horizontal=True, key=key,
-                             help="A run with several optimiser updates per batch logs each update's tokens; in the "
-                                  "first update of a batch pi = mu, so nothing can be masked there.")
+                             help="A run with several optimiser updates per batch logs each update's tokens. Where "
+                                  "the run records lag, 'lagged' pools the tokens the policy had moved on since "
+                                  "sampling; the first update of a batch holds the engine mismatch, plus the "
+                                  "policy lag when rollouts are stale (Attribution page).")
     if choice == "auto":
-        container.caption("Runs with several updates per batch: the updates after the first; other runs: all.")
+        container.caption("Runs that record lag: the tokens with lag > 0; other runs with several updates per batch: "
+                          "the updates after the first; other runs: all.")
         return None
     container.caption(updates_note(choice))
     return choice

@@ -109,15 +109,36 @@ def confine(path: str | os.PathLike, allowed: Sequence[Path] | None = None) -> P
     lexical = Path(os.path.abspath(p))
     listed_here = ".." not in p.parts and _inside(lexical, allowed)
     if _inside(resolved, allowed):
+        _check_run_members(resolved, [*allowed, resolved])
         return lexical if listed_here else resolved
     links = dict((discover(tuple(map(str, allowed))) if from_session else _scan(tuple(map(str, allowed))))[1])
     for link, target in links.items():
         if _inside(resolved, [Path(target)]):
+            _check_run_members(resolved, [*allowed, Path(target), resolved])
             return Path(link) / resolved.relative_to(target)
     raise PermissionError(
         f"path {str(path)!r} resolves to {resolved}, outside the app's roots ({', '.join(map(str, allowed))}) "
         "and outside every run linked into them, so it was not opened (press Refresh if the link is new)."
     )
+
+
+def _check_run_members(run: Path, inside: Sequence[Path]) -> None:
+    """The same rule one level down: a run's meta.json, its table folders and its scalars files must resolve
+    inside ``inside`` (the roots, the run's own target), else ``PermissionError`` - so a meta.json or a
+    folder symlinked out of the roots is not read through a run that is inside them."""
+    members = [run / n for n in (schema.META_FILE, schema.TOKENS_DIR, schema.SEQUENCES_DIR, schema.SCALARS_DIR,
+                                 schema.DONE_DIR)]
+    if (run / schema.SCALARS_DIR).is_dir():
+        members += sorted((run / schema.SCALARS_DIR).glob("*.jsonl"))
+    for m in members:
+        if not os.path.lexists(m):
+            continue
+        target = m.resolve()
+        if not _inside(target, inside):
+            raise PermissionError(
+                f"{m} resolves to {target}, outside the app's roots, so the run {run.name} was not opened "
+                "(the files of a run must lie inside the roots too)."
+            )
 
 
 # -- run discovery ---------------------------------------------------------------------------------------
@@ -145,16 +166,18 @@ def _scan(root_strs: tuple[str, ...]) -> tuple[tuple[str, ...], tuple[tuple[str,
     """The runs under each root (in root order, then name order) as the listing names them - a run that is
     a symbolic link inside a root keeps its link path - and, for the runs that resolve outside every root,
     (link path, resolved target) pairs: the targets :func:`confine` also admits."""
-    from cppo_diag import list_runs
-
     dirs = [Path(r) for r in root_strs]
     found: list[str] = []
     links: list[tuple[str, str]] = []
     for r in dirs:
         if not r.is_dir():
             continue
-        for run in list_runs(r):
-            p = os.path.abspath(run.path)
+        # Every directory with a meta.json (as cppo_diag.list_runs finds them), also those the reader refuses:
+        # the Runs page lists those as unreadable with the reader's one-line reason instead of hiding them.
+        candidates = [r] if (r / schema.META_FILE).exists() else []
+        candidates += sorted(p for p in r.iterdir() if p.is_dir() and (p / schema.META_FILE).exists())
+        for run_path in candidates:
+            p = os.path.abspath(run_path)
             if p in found:
                 continue
             found.append(p)

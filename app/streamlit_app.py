@@ -23,6 +23,7 @@ st.set_page_config(page_title="cppo-diag", layout="wide")
 PAGES = [
     st.Page("views/runs.py", title="Runs", url_path="runs", default=True),
     st.Page("views/divergence.py", title="Divergence by position", url_path="divergence"),
+    st.Page("views/attribution.py", title="Attribution", url_path="attribution"),
     st.Page("views/budget.py", title="Budget", url_path="budget"),
     st.Page("views/compare.py", title="Compare runs", url_path="compare"),
     st.Page("views/inspector.py", title="Token inspector", url_path="inspector"),
@@ -37,3 +38,5 @@ try:
     page.run()
 except PermissionError as exc:  # a path app/data.py refused (see its "Security"): one sentence, no traceback
     st.error(str(exc))
+except Exception as exc:  # noqa: BLE001 - an unreadable run: one line naming the file and field, no traceback
+    st.error(f"This page could not be shown: {type(exc).__name__}: {' '.join(str(exc).split())}")

@@ -9,6 +9,7 @@ Families (``<rule>`` is the rule's registered name, ``<d>`` its divergence's sho
 * the rollout batch: ``reward/*``, ``acc/mean``, ``response/*``, ``batch/*``, ``rollout/staleness``
 * the updates: ``policy/entropy``, ``loss/*`` (``cppo_diag.loss.policy_loss``), ``grad/*``, ``optim/lr``
 * the rule (``cppo_diag.masks.metrics``): ``mask/<rule>/*``, ``<rule>/*`` (CPPO family), ``div/<d>/*``
+* per position (``cppo_diag.capture.position_live``): ``pos/tv_top10/*``, ``pos/masked_frac/*``
 * ``after_first/<name>``: the same pooled over the updates after the first of the step
 * time: ``time/*``, ``throughput/tokens_per_s``
 * held-out evaluation ``eval/*`` and the run summary ``summary/*`` (returned by ``train()``)
@@ -57,6 +58,9 @@ EVAL = "eval/"
 SUMMARY = "summary/"
 EVAL_GREEDY_ACC = "eval/greedy_acc"
 EVAL_GREEDY_REWARD = "eval/greedy_reward"
+# tasks with a per-digit validity check (the chain task): the share of answer digits valid under some branch,
+# greedy decoding; far less noisy than exact match over long answers
+EVAL_GREEDY_VALID_SHARE = "eval/greedy_valid_share"
 EVAL_HELDOUT_SIZE = "eval/heldout_size"
 EVAL_DOMAIN_SIZE = "eval/domain_size"
 
@@ -81,6 +85,8 @@ SUMMARY_GREEDY_ACC_BEFORE = summary_name(EVAL_GREEDY_ACC, "before")
 SUMMARY_GREEDY_ACC_AFTER = summary_name(EVAL_GREEDY_ACC, "after")
 SUMMARY_GREEDY_REWARD_BEFORE = summary_name(EVAL_GREEDY_REWARD, "before")
 SUMMARY_GREEDY_REWARD_AFTER = summary_name(EVAL_GREEDY_REWARD, "after")
+SUMMARY_GREEDY_VALID_SHARE_BEFORE = summary_name(EVAL_GREEDY_VALID_SHARE, "before")
+SUMMARY_GREEDY_VALID_SHARE_AFTER = summary_name(EVAL_GREEDY_VALID_SHARE, "after")
 SUMMARY_HELDOUT_SIZE = summary_name(EVAL_HELDOUT_SIZE)
 SUMMARY_DOMAIN_SIZE = summary_name(EVAL_DOMAIN_SIZE)
 
@@ -125,9 +131,10 @@ TIME_SCALARS = (TIME_ROLLOUT_S, TIME_UPDATE_S, TIME_RULE_S, TIME_LOG_TOKENS_S, T
 LOSS_SCALARS = (LOSS_POLICY, LOSS_RATIO_MEAN, LOSS_RATIO_MAX, LOSS_KEPT_FRAC, LOSS_KL_K3, LOSS_ADV_MEAN,
                 LOSS_WEIGHT_MEAN, LOSS_TRUNC_FRAC)
 UPDATE_SCALARS = (POLICY_ENTROPY, GRAD_NORM, GRAD_NORM_MAX) + LOSS_SCALARS
-EVAL_SCALARS = (EVAL_GREEDY_ACC, EVAL_GREEDY_REWARD, EVAL_HELDOUT_SIZE, EVAL_DOMAIN_SIZE)
+EVAL_SCALARS = (EVAL_GREEDY_ACC, EVAL_GREEDY_REWARD, EVAL_GREEDY_VALID_SHARE, EVAL_HELDOUT_SIZE, EVAL_DOMAIN_SIZE)
 SUMMARY_SCALARS = (SUMMARY_GREEDY_ACC_BEFORE, SUMMARY_GREEDY_ACC_AFTER, SUMMARY_GREEDY_REWARD_BEFORE,
-                   SUMMARY_GREEDY_REWARD_AFTER, SUMMARY_HELDOUT_SIZE, SUMMARY_DOMAIN_SIZE)
+                   SUMMARY_GREEDY_REWARD_AFTER, SUMMARY_GREEDY_VALID_SHARE_BEFORE, SUMMARY_GREEDY_VALID_SHARE_AFTER,
+                   SUMMARY_HELDOUT_SIZE, SUMMARY_DOMAIN_SIZE)
 
 
 def trainer_scalar_names(rule: str = "<rule>", divergence: str = "<d>", k: int | str = "k") -> list[str]:
@@ -136,4 +143,15 @@ def trainer_scalar_names(rule: str = "<rule>", divergence: str = "<d>", k: int |
     names += [mask_name(rule, key) for key in MASK_KEYS]
     names += [rule_name(rule, key) for key in CPPO_KEYS]
     names += [div_name(divergence, s) for s in DIV_STATS]
+    names += list(POS_SCALARS)
     return names
+
+# -- per-position (cppo_diag.capture.position_live): thirds of the relative position t / T ---------------------
+POS = "pos/"
+POS_THIRDS = ("first", "middle", "last")
+POS_TV_TOP10 = tuple(f"pos/tv_top10/{t}" for t in POS_THIRDS)  # top-decile mean of |pi - mu| per third
+POS_TV_TOP10_LAST_OVER_FIRST = "pos/tv_top10/last_over_first"
+POS_MASKED_FRAC = tuple(f"pos/masked_frac/{t}" for t in POS_THIRDS)  # masked / valid per third
+POS_MASKED_FRAC_LAST_OVER_FIRST = "pos/masked_frac/last_over_first"
+POS_SCALARS = (*POS_TV_TOP10, POS_TV_TOP10_LAST_OVER_FIRST, *POS_MASKED_FRAC, POS_MASKED_FRAC_LAST_OVER_FIRST)
+POS_FIGURE = "pos/divergence_by_position"  # the figure's tag (TensorBoard image, W&B image), not a scalar

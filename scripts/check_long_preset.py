@@ -1,8 +1,10 @@
 #!/usr/bin/env python
 """Check a finished run against the ``long`` preset's four criteria (issue 10, docs/trainer.md) and print PASS/FAIL.
 
-1. masked: after the first update of each batch (tokens with ``update >= 1``) the run's rule masks 2-40% of the
-   tokens: the fraction over all such tokens and its median over steps must both lie in [0.02, 0.40].
+1. masked: over the tokens the policy had moved on since sampling (recorded ``lag`` > 0; a run without the
+   column: the updates after the first of each batch) the run's rule masks 2-40% of the tokens: the fraction
+   over all such tokens and its median over steps must both lie in [0.02, 0.40]. (``pg_is`` never masks: the
+   criterion does not apply to it.)
 2. tails: the top-decile mean of |pi - mu| (mean of the tokens at or above the bin's 90th percentile, the
    app's ``top10_mean``) in the last third of positions is >= 1.5x that of the first third. Thirds are of the
    relative position t / T (t = pos + 1, T = the response's length): first t/T <= 1/3, last t/T > 2/3.
@@ -36,10 +38,14 @@ def long_criteria(run_path) -> dict:
     from cppo_diag import open_run
 
     run = open_run(run_path)
-    toks = run.tokens().select("step", "update", "seq_id", "pos", "logp", "logp_rollout", "keep_applied").collect()
+    from cppo_diag.analyses.updates import filter_updates, has_lag
+
+    lf = run.tokens()
+    cols = ["step", "update", "rank", "seq_id", "pos", "logp", "logp_rollout", "keep_applied"]
+    toks = lf.select(cols + (["lag"] if has_lag(lf) else [])).collect()
     toks = toks.with_columns(tv=(pl.col("logp").exp() - pl.col("logp_rollout").exp()).abs(),
-                             T=pl.len().over("step", "update", "rank" if "rank" in toks.columns else "step", "seq_id"))
-    later = toks.filter(pl.col("update") >= 1)
+                             T=pl.len().over("step", "update", "rank", "seq_id"))
+    later = filter_updates(toks.lazy(), "lagged" if "lag" in toks.columns else "after_first").collect()
     per_step = later.group_by("step").agg((~pl.col("keep_applied")).mean().alias("f")).sort("step")["f"].to_numpy()
     masked_all = float((~later["keep_applied"]).mean()) if len(later) else float("nan")
     masked_median = float(np.median(per_step)) if len(per_step) else float("nan")
@@ -67,7 +73,7 @@ def long_criteria(run_path) -> dict:
         "tokens_per_s_median": float(np.median(tps)) if len(tps) else float("nan"),
     }
     out["pass"] = {
-        "masked": 0.02 <= masked_all <= 0.40 and 0.02 <= masked_median <= 0.40,
+        "masked": run.meta.get("rule") == "pg_is" or (0.02 <= masked_all <= 0.40 and 0.02 <= masked_median <= 0.40),
         "tails": out["tv_top10_ratio"] >= 1.5,
         "length": length >= 128,
         "accuracy": acc_after > acc_before,
@@ -81,7 +87,7 @@ def report(c: dict) -> str:
     return "\n".join([
         f"{c['run']} (rule {c['rule']}, {c['steps']} steps{'' if c['finished'] else ', UNFINISHED'}, "
         f"median {c['step_s_median']:.1f} s/step, {c['tokens_per_s_median']:.0f} tokens/s)",
-        f"  [{tag(p['masked'])}] masked after the first update: {c['masked_frac_after_first_update']:.1%} of tokens "
+        f"  [{tag(p['masked'])}] masked where the policy had moved (lag > 0): {c['masked_frac_after_first_update']:.1%} of tokens "
         f"(per step: median {c['masked_frac_median_step']:.1%}, min {c['masked_frac_step_min']:.1%}, "
         f"max {c['masked_frac_step_max']:.1%}); want 2-40%",
         f"  [{tag(p['tails'])}] top-decile |pi - mu|: last third {c['tv_top10_last_third']:.4f} / first third "

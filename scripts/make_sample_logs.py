@@ -8,6 +8,7 @@ Same seed and settings, differing only in the rule (and, for the unstable run, t
   cppo-long       cppo (paper defaults: delta 0.15, w_min 0.8, adaptive delta_b >= 0.02)
   grpo-long       grpo_clip (eps_low 0.2, eps_high 0.28)
   dppo-long       dppo (binary TV, delta 0.15)
+  pg_is-long      pg_is: no trust region at all (the control: the same run collapses)
   unstable-long   grpo_clip with the learning rate rising linearly from 0 to UNSTABLE_LR over the run
                   (optim.warmup_steps = steps): it trains while the step size is small, then collapses
                   (issue 15's definition: the 5-step moving average of reward/mean falls below half its
@@ -18,8 +19,13 @@ sequences (scalars and evaluations every iteration; the unstable run records tok
 the doctor's early warning); checkpoints are dropped at the end. After each run the
 offline recompute is checked against the logged ``keep_applied`` (``cppo_diag.train.parity.check_parity``).
 
-    python scripts/make_sample_logs.py                    # 4 runs of the long preset, ~5 min each on 2 cores
+    python scripts/make_sample_logs.py                    # 5 runs of the long preset, ~3 min each on 2 cores
     python scripts/make_sample_logs.py --only dppo-long --steps 10 --out /tmp/s
+    python scripts/make_sample_logs.py --reuse runs/calib/t1  # copy the calibration's seed-0 runs where they match
+
+``--reuse ROOT`` copies ``ROOT/<rule>-s<seed>`` instead of training when that finished run's resolved config
+equals the one this script would train (output location, progress bar and checkpoint cadence aside): the
+calibration study (scripts/calibrate_long.py) records exactly as these runs do.
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ RUNS = [  # name, rule, rule params, extra overrides
     ("cppo-long", "cppo", {}, {}),
     ("grpo-long", "grpo_clip", {}, {}),
     ("dppo-long", "dppo", {}, {}),
+    ("pg_is-long", "pg_is", {}, {}),
     # tokens every iteration: the doctor's early warning needs a per-step series before the collapse
     ("unstable-long", "grpo_clip", {}, {"optim": {"lr": UNSTABLE_LR, "warmup_steps": "STEPS"},
                                         "log": {"every_n_steps": 1}}),
@@ -49,6 +56,7 @@ def main(argv=None) -> int:
     ap.add_argument("--every", type=int, default=3, help="record tokens every n iterations")
     ap.add_argument("--seq-fraction", type=float, default=0.25, help="fraction of sequences whose tokens are recorded")
     ap.add_argument("--only", default="", help="comma-separated run names to (re)make")
+    ap.add_argument("--reuse", default="", help="copy matching finished runs ROOT/<rule>-s<seed> instead of training")
     args = ap.parse_args(argv)
 
     from cppo_diag.train import build_config, train
@@ -70,13 +78,75 @@ def main(argv=None) -> int:
             over.setdefault(section, {}).update({k: steps if v == "STEPS" else v for k, v in values.items()})
         cfg = build_config(args.preset, overrides=over)
         print(f"== {name}: rule={rule} lr={cfg.optim.lr:g} warmup={cfg.optim.warmup_steps}", flush=True)
-        summary = train(cfg)
+        src = Path(args.reuse) / f"{rule}-s{args.seed}" if args.reuse else None
+        if src is not None and _same_run(src, cfg):
+            shutil.copytree(src, out / name, ignore=shutil.ignore_patterns("checkpoints", "_cache", "*.lock"))
+            _rename(out / name, name)
+            print(f"   copied from {src}", flush=True)
+        else:
+            train(cfg)
+        summary = _summary(out / name)
         parity = check_parity(out / name)
         print(f"   greedy accuracy {summary['summary/greedy_acc_before']:.3f} -> {summary['summary/greedy_acc_after']:.3f};"
               f" parity: {parity}", flush=True)
         if parity["keep_mismatch"] or parity["reason_mismatch"]:
             raise SystemExit(f"{name}: the offline recompute disagrees with keep_applied: {parity}")
     return 0
+
+
+# Config keys that do not change what a run computes or records.
+_IGNORED = {("log", "out_dir"), ("log", "name"), ("log", "progress"), ("ckpt", "every"), ("ckpt", "keep"),
+            ("ckpt", "resume")}
+
+
+def _flat(d: dict, prefix=()) -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and k != "params":
+            out.update(_flat(v, prefix + (k,)))
+        else:
+            out[prefix + (k,)] = v
+    return out
+
+
+def _same_run(src: Path, cfg) -> bool:
+    """Whether ``src`` is a finished run of exactly ``cfg`` (aside from ``_IGNORED``)."""
+    import json
+
+    from cppo_diag.train.config import to_dict
+
+    from cppo_diag.storage import schema
+
+    meta = src / schema.META_FILE
+    if not meta.exists():
+        return False
+    m = json.loads(meta.read_text())
+    if m.get("status") != "finished":
+        return False
+    a = {k: v for k, v in _flat(m.get("config") or {}).items() if k not in _IGNORED}
+    b = {k: v for k, v in _flat(json.loads(json.dumps(to_dict(cfg)))).items() if k not in _IGNORED}
+    return a == b
+
+
+def _rename(run_dir: Path, name: str) -> None:
+    """A copied run takes its new directory's name in meta.json (written atomically, as storage writes it)."""
+    import json
+
+    from cppo_diag.storage import schema
+    from cppo_diag.storage.layout import atomic_write_json
+
+    meta = run_dir / schema.META_FILE
+    m = json.loads(meta.read_text())
+    m["name"] = name
+    m.setdefault("config", {}).setdefault("log", {})["name"] = name
+    atomic_write_json(meta, m)
+
+
+def _summary(run_dir: Path) -> dict:
+    from cppo_diag import open_run
+
+    s = open_run(run_dir).steps()
+    return {c: s[c].drop_nulls()[-1] for c in s.columns if c.startswith("summary/")}
 
 
 if __name__ == "__main__":

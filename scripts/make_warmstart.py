@@ -10,6 +10,8 @@ teacher forcing on the synthetic task and stops as soon as greedy exact accuracy
     python scripts/make_warmstart.py --task add --target 0.3
     python scripts/make_warmstart.py --task chain --min-terms 160 --max-terms 160 --block-size 192 \
         --short-steps 200 --target 0.35 --eval-every 2 --threads 1   # the long preset's warm start (160 digits)
+    python scripts/make_warmstart.py --task chain --forks 0.5 --fork-profile uniform --min-terms 160 \
+        --max-terms 160 --block-size 192 --short-steps 200 --target 0.35 --eval-every 2 --threads 1   # its uniform-fork twin
 """
 
 from __future__ import annotations
@@ -38,6 +40,8 @@ def main(argv=None) -> int:
     ap.add_argument("--max-terms", type=int, default=None, help="task.max_terms (chain: most answer digits)")
     ap.add_argument("--forks", type=float, default=0.0,
                     help="task.forks (chain: fork density at the last digit; saved as warmstart_chain_forks)")
+    ap.add_argument("--fork-profile", default="rising",
+                    help="task.fork_profile: rising | uniform (uniform: saved as warmstart_chain_forks_uniform)")
     ap.add_argument("--short-steps", type=int, default=0,
                     help="curriculum: first train this many steps on short answers (--short-terms), then on the task")
     ap.add_argument("--short-terms", default="16,48", help="MIN,MAX answer terms of the curriculum's first phase")
@@ -59,7 +63,7 @@ def main(argv=None) -> int:
     torch.manual_seed(args.seed)
     if args.threads:
         torch.set_num_threads(args.threads)
-    tcfg = TaskConfig(kind=args.task, forks=args.forks)
+    tcfg = TaskConfig(kind=args.task, forks=args.forks, fork_profile=args.fork_profile)
     if args.min_terms is not None:
         tcfg.min_terms = args.min_terms
     if args.max_terms is not None:
@@ -92,14 +96,15 @@ def main(argv=None) -> int:
     if args.short_steps:  # learn the rule on short answers first (cheap steps), then the positions of long ones
         lo, hi = (int(x) for x in args.short_terms.split(","))
         short = build_task(TaskConfig(kind=args.task, min_terms=lo, max_terms=hi, digits=tcfg.digits, eval_size=8,
-                                      forks=tcfg.forks))
+                                      forks=tcfg.forks, fork_profile=tcfg.fork_profile))
         sft(model, tok, short, steps=args.short_steps, seed=args.seed + 1, batch_size=args.batch_size, lr=args.lr)
     sft(model, tok, task, steps=args.max_steps, eval_fn=greedy, log_every=args.eval_every, stop_at=args.target,
         seed=args.seed, batch_size=args.batch_size, lr=args.lr)
     res = evaluate(_P, sampler, task.eval_set(), task.score, max_new_tokens=max_new)
     shutil.rmtree(out + ".last", ignore_errors=True)
     model.save(out, extra={"task": {"kind": args.task, "min_terms": tcfg.min_terms, "max_terms": tcfg.max_terms,
-                                    "digits": tcfg.digits, "forks": tcfg.forks},
+                                    "digits": tcfg.digits, "forks": tcfg.forks,
+                                    "fork_profile": tcfg.fork_profile},
                            "sft": {"short_steps": args.short_steps, "short_terms": args.short_terms,
                                    "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed},
                            "measured": {**res, "sft_seconds": round(time.time() - t0, 1)},

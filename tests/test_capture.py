@@ -140,9 +140,10 @@ def test_numpy_inputs_and_all_optional_columns(tmp_path):
     mask = rng.random((B, T)) < 0.8
     mask[:, 0] = True
     d = dict(
-        logp=rng.normal(size=(B, T)).astype(np.float32), logp_rollout=rng.normal(size=(B, T)).astype(np.float64),
+        logp=-np.abs(rng.normal(size=(B, T))).astype(np.float32),  # log-probs are <= 0 (storage.validate)
+        logp_rollout=-np.abs(rng.normal(size=(B, T))).astype(np.float64),
         advantages=rng.normal(size=(B, T)).astype(np.float32), response_mask=mask,
-        logp_old=rng.normal(size=(B, T)).astype(np.float32), entropy=rng.random((B, T)).astype(np.float32),
+        logp_old=-np.abs(rng.normal(size=(B, T))).astype(np.float32), entropy=rng.random((B, T)).astype(np.float32),
         keep_applied=rng.random((B, T)) < 0.5, reason_applied=rng.integers(0, 4, (B, T)).astype(np.uint8),
         token_ids=rng.integers(0, 50000, (B, T)), reward=rng.normal(size=B).astype(np.float32),
         group_id=np.array([0, 0, 1, 1]), topk_ids=rng.integers(0, 100, (B, T, K)),
@@ -468,8 +469,8 @@ def test_warn_mode_warns_once_per_kind_and_counts_every_drop(tmp_path):
 def test_property_staging_matches_plain_loop(B, T, seed, packed, per_token_adv):
     rng = np.random.default_rng(seed)
     mask = rng.random((B, T)) < 0.7  # arbitrary holes: any prompt/padding pattern
-    logp = rng.normal(size=(B, T)).astype(np.float32)
-    lr = rng.normal(size=(B, T)).astype(np.float32)
+    logp = -np.abs(rng.normal(size=(B, T))).astype(np.float32)
+    lr = -np.abs(rng.normal(size=(B, T))).astype(np.float32)
     adv = rng.normal(size=(B, T) if per_token_adv else B).astype(np.float32)
     seq_ids = rng.permutation(100)[:B]
     if packed:  # every row packed back to back, prompt/padding positions excluded through response_mask
@@ -538,7 +539,7 @@ def test_writer_pool_all_columns_match_single_thread(tmp_path):
     B, T, K = 6, 13, 2  # 13: bool columns whose length is not a multiple of 8
     mask = rng.random((B, T)) < 0.7
     d = dict(
-        logp=rng.normal(size=(B, T)).astype(np.float32), logp_rollout=rng.normal(size=(B, T)),
+        logp=-np.abs(rng.normal(size=(B, T))).astype(np.float32), logp_rollout=-np.abs(rng.normal(size=(B, T))),
         advantages=rng.normal(size=B), response_mask=mask, keep_applied=rng.random((B, T)) < 0.5,
         reason_applied=rng.integers(0, 4, (B, T)), token_ids=rng.integers(0, 9, (B, T)),
         entropy=rng.random((B, T)).astype(np.float16), reward=rng.integers(0, 2, B),

@@ -70,7 +70,7 @@ CHILD = textwrap.dedent(
     # step 3 is in flight: many small shards (shard_rows=1) and never an end_step
     update = 0
     while True:
-        rec.log_tokens(step=3, update=update % 50, **batch(3, update % 50))
+        rec.log_tokens(step=3, update=update, **batch(3, update % 50))  # one update per call: no seq_id twice
         update += 1
         if update == 5:
             rec.flush()

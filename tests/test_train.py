@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from cppo_diag import compute_mask, open_run
+from cppo_diag import metric_names as M
 from cppo_diag.train import build_config, train
 from cppo_diag.train.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from cppo_diag.train.config import TrainConfig, add_config_arguments, overrides_from_args
@@ -79,6 +80,7 @@ def test_config_errors_name_the_field():
     ({"optim": {"trunc_cap": 0}}, "optim.trunc_cap: expected a number > 0, found 0"),
     ({"log": {"every_n_steps": 0}}, "log.every_n_steps: expected an integer >= 1, found 0"),
     ({"log": {"record": False, "tensorboard": True}}, "log.tensorboard: .*needs log.record true"),
+    ({"log": {"position_figure_every": -1}}, "log.position_figure_every: expected an integer >= 0, found -1"),
     ({"rule": {"anchor": "pi_old"}}, "rule.anchor: expected rollout | old, found 'pi_old'"),
     ({"rule": {"name": "cppo", "params": {"detla": 0.1}}}, r"rule.params: unknown parameter\(s\) \['detla'\]"),
 ])
@@ -91,6 +93,16 @@ def test_config_validate_names_field_expected_and_found(over, message):
 
     for preset in PRESETS:  # every shipped preset is valid
         build_config(preset).validate()
+
+
+def test_a_sink_whose_package_is_missing_is_refused_naming_the_extra(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "wandb", None)  # not installed
+    cfg = build_config("tiny", overrides={"log": {"wandb": True}})
+    with pytest.raises(ImportError, match=r"^log.wandb: sink 'wandb' needs the wandb package; install it with: "
+                                          r"pip install 'cppo-diag\[wandb\]'$"):
+        cfg.validate()
 
 
 def test_table3_presets_match_spec():
@@ -486,6 +498,16 @@ def test_demo_preset_with_minibatches_logs_numbers_you_can_trust(tmp_path):
             for k, v in _pooled_fractions(part, params, trunc_cap).items():
                 assert row[prefix + k] == pytest.approx(v, rel=1e-6, abs=1e-9), (row["step"], prefix + k)  # float32 sums
                 checked.add(prefix + k)
+        # live per-position fractions (cppo_diag/capture/position_live.py): masked / valid per third of t / T
+        third = ((pl.col("pos") + 1) / pl.len().over("update", "seq_id") * 3).ceil().clip(1, 3).cast(pl.Int64) - 1
+        per = g.group_by(third.alias("third")).agg((~pl.col("keep_applied")).mean().alias("f")).sort("third")
+        for k, f in zip(M.POS_MASKED_FRAC, per["f"].to_list()):
+            assert row[k] == pytest.approx(f, rel=1e-9), (row["step"], k)
+            checked.add(k)
+        first, last = per["f"][0], per["f"][-1]
+        if first > 0:
+            assert row[M.POS_MASKED_FRAC_LAST_OVER_FIRST] == pytest.approx(last / first)
+        checked.add(M.POS_MASKED_FRAC_LAST_OVER_FIRST)
     assert set(names) <= checked, sorted(set(names) - checked)  # no fraction left unchecked
 
     # 3. one seq_id per response per step: token rows of every update name a sequence row of the same length

@@ -27,6 +27,11 @@ class NullRecorder:
     def log_sequences(self, **kwargs) -> None:
         pass
 
+    def log_figure(self, step: int, tag: str, figure) -> None:
+        pass
+
+    has_sinks = False
+
     def end_step(self, step: int) -> None:
         pass
 

@@ -24,6 +24,11 @@ Guarantees (see docs/run-format.md):
   its ``_done`` marker exists, so a crash loses at most the steps in flight.
 * **Resume**: re-opening a run continues it. Steps already done are skipped (``is_done(step)``; logging
   them warns), and shards/temp files of this rank's unfinished steps are removed.
+* **One writer per run and rank**: opening takes ``_live/rank{r}.lock`` (``storage.layout.WriterLock``); a second
+  writer gets ``RunLockedError`` naming the holder (pid, host, start time), in either ``on_error`` mode and
+  before anything is touched; the lock of a dead process is taken over with a warning.
+* **Refusals**: ``step``/``update`` must be non-negative integers, a ``seq_id`` appears once per (step, update),
+  ``name`` is one directory name inside ``path``, log-probs are finite and <= 0 (``storage.validate``).
 * **Multi-rank**: each rank writes its own shards (``rank`` in file names and column), its own scalars file
   and markers; only rank 0 writes ``meta.json`` (other ranks create it only if it is missing).
 * **Scalar sinks** (``sinks=["tensorboard", "wandb"]``, rank 0 only): step scalars are mirrored to TensorBoard /
@@ -48,7 +53,9 @@ import pyarrow as pa
 
 from cppo_diag.capture.sampling import keep_sequences, keep_step
 from cppo_diag.capture.sinks import ScalarSinks, check_sink_names
-from cppo_diag.capture.staging import CaptureInputError, _is_torch, materialize, stage_tokens, values_ok
+from cppo_diag.capture.staging import (
+    CaptureInputError, _is_torch, check_index, materialize, stage_tokens, values_ok,
+)
 from cppo_diag.capture.writer import COMPRESSIONS, BackgroundWriter
 from cppo_diag.storage import layout, schema
 
@@ -138,8 +145,10 @@ class RunRecorder:
         if isinstance(writer_threads, bool) or int(writer_threads) != writer_threads or int(writer_threads) < 1:
             raise ValueError(f"writer_threads: expected an integer >= 1, found {writer_threads!r}")
         sink_names = check_sink_names(sinks)
-        self.run_dir = Path(path) / name if name else Path(path)
+        self.run_dir = layout.check_run_name(Path(path), name)  # refuses names that escape ``path``
         self.name = name or self.run_dir.name
+        if isinstance(rank, bool) or not isinstance(rank, (int, np.integer)) or int(rank) < 0:
+            raise ValueError(f"rank: expected a non-negative integer, found {rank!r}")
         self.rank = int(rank)
         self.on_error = on_error
         self.every_n_steps = int(every_n_steps)
@@ -162,13 +171,19 @@ class RunRecorder:
         self._open_steps: set[int] = set()  # steps with data logged but not yet ended
         self._writer: BackgroundWriter | None = None
         self._sinks: ScalarSinks | None = None
+        self._writer_lock: layout.WriterLock | None = None
+        self._seen_seq_ids: dict[tuple[int, int], set[int]] = {}  # (step, update) -> seq_ids logged (open steps)
         self._meta_fields = dict(
             name=self.name, trainer=trainer, rule=rule, rule_params=dict(rule_params or {}), model=model,
             task=task, anchor=anchor, config=dict(config or {}),
         )
         try:
             self._open(resume=resume)
+        except layout.RunLockedError:
+            raise  # in both modes: a second writer must not start (it would mix the run); nothing recorded yet
         except Exception as exc:
+            if self._writer_lock is not None:
+                self._writer_lock.release()
             if on_error == "raise":
                 raise
             self._inert = True
@@ -200,6 +215,13 @@ class RunRecorder:
         dirs = layout.run_dirs(self.run_dir)
         meta_path = dirs["meta"]
         existing = None
+        # Before anything is read or cleaned up: one writer per (run, rank). A second one is refused naming
+        # the holder; a lock left by a dead process is taken over (and said so).
+        self._writer_lock = layout.WriterLock(self.run_dir, f"rank{self.rank}").acquire()
+        if self._writer_lock.stale:
+            self._warn("stale-lock", f"took over the writer lock of rank {self.rank} in {self.run_dir} left by "
+                                     f"pid {self._writer_lock.stale.get('pid')} on "
+                                     f"{self._writer_lock.stale.get('host')!r} (no longer running)")
         if meta_path.exists():
             existing = json.loads(meta_path.read_text())
             # Only rank 0 refuses an existing run: other ranks join the run rank 0 (re)creates, and rank 0
@@ -358,6 +380,32 @@ class RunRecorder:
                 self.stats["dropped_records"] += 1
             self._warn("queue-full", f"writer queue full; dropped a '{kind}' record")
 
+    def _check_seq_ids(self, kind: str, step: int, update: int, seq_ids, n_seqs: int) -> None:
+        """Refuse a seq_id logged twice for one (step, update) of this rank, within a call or across calls of
+        an open step: ``seq_id`` names one response (docs/run-format.md) and a recompute refuses duplicates.
+        seq_ids on a GPU are checked in ``on_error='raise'`` mode only (reading them back costs a sync)."""
+        if seq_ids is None:
+            ids = np.arange(n_seqs, dtype=np.int64)
+        elif _is_torch(seq_ids):
+            if seq_ids.device.type != "cpu" and self.on_error != "raise":
+                return
+            ids = seq_ids.detach().cpu().numpy().reshape(-1)
+        else:
+            ids = np.asarray(seq_ids).reshape(-1)
+        uniq, counts = np.unique(ids, return_counts=True)
+        where = f"step {step}" + (f" update {update}" if kind == "tokens" else "")
+        if (counts > 1).any():
+            raise CaptureInputError(f"seq_ids: seq_id {int(uniq[counts > 1][0])} appears "
+                                    f"{int(counts[counts > 1][0])} times in one {kind} call ({where}); "
+                                    "expected one id per response")
+        seen = self._seen_seq_ids.setdefault((kind, step, update), set())
+        again = seen.intersection(uniq.tolist())
+        if again:
+            raise CaptureInputError(f"seq_ids: seq_id {min(again)} was already logged for {where} of rank "
+                                    f"{self.rank} (an earlier {kind} call); expected each response once per "
+                                    "update (pass distinct seq_ids for micro-batches)")
+        seen.update(uniq.tolist())
+
     # -- public API ---------------------------------------------------------------------------------
     def is_done(self, step: int) -> bool:
         """True when ``step`` is complete for this rank (on disk at open, or ended in this session)."""
@@ -366,30 +414,34 @@ class RunRecorder:
     def log_tokens(self, *, step: int, logp, logp_rollout, advantages, response_mask=None, cu_seqlens=None,
                    update: int = 0, seq_ids=None, logp_old=None, keep_applied=None, reason_applied=None,
                    token_ids=None, entropy=None, reward=None, group_id=None, topk_ids=None,
-                   topk_logp_rollout=None, topk_logp=None, loss_weight=None) -> None:
+                   topk_logp_rollout=None, topk_logp=None, loss_weight=None, logp_behavior=None, lag=None,
+                   fork=None) -> None:
         """Record one batch of per-token data (see docs/run-format.md for the columns).
 
         Shapes: padded ``logp``/``logp_rollout`` ``(B, T)`` + ``response_mask`` ``(B, T)`` (default: all
         valid), or packed ``(N,)`` + ``cu_seqlens`` ``(B+1,)``. ``advantages``/``reward``: ``(B,)`` or per
         token; ``seq_ids``/``group_id``: ``(B,)`` (``seq_ids`` default ``0..B-1``); ``logp_old``,
-        ``entropy``, ``token_ids``, ``keep_applied``, ``reason_applied``, ``loss_weight``: per token; ``topk_*``: per token
+        ``entropy``, ``token_ids``, ``keep_applied``, ``reason_applied``, ``loss_weight``, ``logp_behavior``,
+        ``fork``: per token; ``lag`` (optimiser steps, >= 0): ``(B,)`` or per token; ``topk_*``: per token
         plus a trailing K axis. Torch tensors on any device or numpy arrays.
         """
         if not self._active():
             return
         try:
-            step = int(step)
+            step = check_index("step", step)
+            update = check_index("update", update)
             if not keep_step(step, self.every_n_steps):
                 return
             if self._skip_done(step, self._done, f"is already complete in {self.run_dir}; log_tokens skipped"):
                 return
             staged = stage_tokens(
-                step=step, update=int(update), rank=self.rank, seq_fraction=self.seq_fraction,
+                step=step, update=update, rank=self.rank, seq_fraction=self.seq_fraction,
                 response_mask=response_mask, cu_seqlens=cu_seqlens, seq_ids=seq_ids,
                 logp=logp, logp_rollout=logp_rollout, advantages=advantages, logp_old=logp_old,
                 keep_applied=keep_applied, reason_applied=reason_applied, token_ids=token_ids,
                 entropy=entropy, reward=reward, group_id=group_id, topk_ids=topk_ids,
                 topk_logp_rollout=topk_logp_rollout, topk_logp=topk_logp, loss_weight=loss_weight,
+                logp_behavior=logp_behavior, lag=lag, fork=fork,
             )
             if self.on_error == "raise":
                 # Check values now so the error surfaces at the call that caused it (costs a host sync).
@@ -397,6 +449,7 @@ class RunRecorder:
                 # the values fine (so the error raised is materialize's, naming column, seq and pos).
                 if not values_ok(staged):
                     materialize(_shallow_copy(staged), nonfinite="raise")
+            self._check_seq_ids("tokens", step, update, seq_ids, staged.n_seqs)
             # A later step implies the trainer finished the earlier ones.
             for s in sorted(x for x in self._open_steps if x < step):
                 self.end_step(s)
@@ -410,7 +463,7 @@ class RunRecorder:
         if not self._active():
             return
         try:
-            step = int(step)
+            step = check_index("step", step)
             if self._skip_done(step, self._done_before, "was complete before this session; log_scalars skipped"):
                 return
             if not isinstance(values, Mapping):
@@ -430,6 +483,23 @@ class RunRecorder:
         except Exception as exc:
             self._fail("log_scalars", exc)
 
+    def log_figure(self, step: int, tag: str, figure) -> None:
+        """Send a figure to the open sinks as an image (rank 0 with ``sinks`` only; our record keeps no
+        images). ``figure``: a matplotlib Figure, an RGB array, or an object with ``render()`` /
+        a zero-argument callable returning one, drawn on the writer thread (``position_live.PositionFigure``)."""
+        if self._sinks is None or not self._active():
+            return
+        try:
+            step = int(step)
+            self._enqueue("call", lambda: self._sinks.log_figure(step, tag, figure))
+        except Exception as exc:
+            self._fail("log_figure", exc)
+
+    @property
+    def has_sinks(self) -> bool:
+        """Whether a sink is open (figures are worth making)."""
+        return self._sinks is not None and bool(self._sinks)
+
     def log_sequences(self, *, step: int, seq_ids, prompts: Sequence[str] | None = None,
                       completions: Sequence[str] | None = None, tokens: Sequence[Sequence[str]] | None = None,
                       rewards=None, lengths=None, group_ids=None, correct=None) -> None:
@@ -437,7 +507,7 @@ class RunRecorder:
         if not self._active():
             return
         try:
-            step = int(step)
+            step = check_index("step", step)
             if not keep_step(step, self.every_n_steps):
                 return
             if self._skip_done(step, self._done_before, "was complete before this session; log_sequences skipped"):
@@ -445,6 +515,7 @@ class RunRecorder:
             table = _sequence_table(step, self.rank, seq_ids, prompts=prompts, completions=completions,
                                     tokens=tokens, rewards=rewards, lengths=lengths, group_ids=group_ids,
                                     correct=correct)
+            self._check_seq_ids("sequences", step, 0, table.column("seq_id").to_numpy(), table.num_rows)
             keep = keep_sequences(step, table.column("seq_id").to_numpy(), self.seq_fraction)
             if not keep.all():
                 table = table.filter(pa.array(keep))
@@ -460,8 +531,10 @@ class RunRecorder:
         if not self._active():
             return
         try:
-            step = int(step)
+            step = check_index("step", step)
             self._open_steps.discard(step)
+            for key in [k for k in self._seen_seq_ids if k[1] == step]:
+                del self._seen_seq_ids[key]
             if step in self._done:
                 return
             self._done.add(step)
@@ -513,6 +586,8 @@ class RunRecorder:
             self._fail("close", exc)
         if self._sinks is not None:  # after the writer drained: every queued scalar has reached them
             self._sinks.close()
+        if self._writer_lock is not None:
+            self._writer_lock.release()
         self._raise_pending()
 
     def __enter__(self) -> "RunRecorder":

@@ -14,6 +14,10 @@ recorder's writer thread, so the training thread never waits on a sink, and a te
   found (``WANDB_API_KEY``, ``WANDB_IDENTITY_TOKEN_FILE`` or a ``~/.netrc``/``$NETRC`` entry for the W&B host) or the
   host does not answer within 2 s, else ``online``. ``pip install 'cppo-diag[wandb]'``.
 
+Figures (``RunRecorder.log_figure``; the trainer's and plug-ins' divergence-by-position figure,
+``cppo_diag.capture.position_live``) are drawn once, on the writer thread, to an RGB image: a TensorBoard image
+summary (``add_image``, tag as given) and a ``wandb.Image`` under the same key at the same step.
+
 Values our record stores as null (NaN/Inf) and strings are not sent. A sink that fails to open (package
 missing, no permission) or to write warns once (``RecorderWarning``, counted in ``rec.stats["warnings"]``
 as ``sink/<name>``) and is switched off; training and our own record carry on, whatever ``on_error`` says.
@@ -87,6 +91,9 @@ class TensorBoardSink:
         for name, v in values.items():
             self._writer.add_scalar(name, v, global_step=step)
 
+    def log_image(self, step: int, tag: str, image) -> None:
+        self._writer.add_image(tag, image, global_step=step, dataformats="HWC")
+
     def close(self) -> None:
         self._writer.close()
 
@@ -148,11 +155,50 @@ class WandbSink:
     def log(self, step: int, values: Mapping[str, float]) -> None:
         self._run.log(dict(values), step=step)
 
+    def log_image(self, step: int, tag: str, image) -> None:
+        import wandb
+
+        self._run.log({tag: wandb.Image(image)}, step=step)
+
     def close(self) -> None:
         self._run.finish()
 
 
 SINKS: dict[str, type] = {"tensorboard": TensorBoardSink, "wandb": WandbSink}
+
+
+SINK_EXTRAS = {"tensorboard": ("torch.utils.tensorboard", "tensorboard"), "wandb": ("wandb", "wandb")}
+
+
+def figure_rgb(fig) -> "np.ndarray":
+    """A matplotlib ``Figure`` (or an (H, W, 3|4) array) as an (H, W, 3) uint8 RGB array."""
+    import numpy as np
+
+    if isinstance(fig, np.ndarray):
+        return np.ascontiguousarray(fig[..., :3]).astype(np.uint8, copy=False)
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    return np.asarray(canvas.buffer_rgba())[..., :3].copy()  # (H, W, 3)
+
+
+def check_sinks_installed(names: Sequence[str] | None, owner: str = "sinks") -> list[str]:
+    """``check_sink_names``, then each sink's package importable, else one line naming the extra to install
+    (for plug-ins, which check their configuration before a model loads)."""
+    import importlib.util
+
+    out = check_sink_names(names)
+    for n in out:
+        module, extra = SINK_EXTRAS[n]
+        try:
+            found = importlib.util.find_spec(module) is not None
+        except (ImportError, ValueError):
+            found = False
+        if not found:
+            raise ImportError(f"{owner}: sink {n!r} needs the {module.split('.')[-1]} package; "
+                              f"install it with: pip install 'cppo-diag[{extra}]'")
+    return out
 
 
 def check_sink_names(names: Sequence[str] | None) -> list[str]:
@@ -207,6 +253,27 @@ class ScalarSinks:
         for name, sink in list(self.sinks.items()):
             try:
                 sink.log(int(step), nums)
+            except Exception as exc:  # noqa: BLE001
+                self._disable(name, "cannot write to", exc)
+
+    def log_figure(self, step: int, tag: str, figure) -> None:
+        """Draw ``figure`` (a matplotlib Figure, an RGB array, or a zero-argument callable returning either;
+        ``position_live.PositionFigure`` has ``render``) once and send it to every open sink as an image."""
+        if not self.sinks:
+            return
+        try:
+            if hasattr(figure, "render"):
+                figure = figure.render()
+            elif callable(figure):
+                figure = figure()
+            image = figure_rgb(figure)
+        except Exception as exc:  # noqa: BLE001 - a figure never stops training
+            self._warn("sink/figure", f"cannot draw figure {tag!r} at step {step} ({type(exc).__name__}: {exc}); "
+                                      "it is not sent, the run's own scalars are still recorded")
+            return
+        for name, sink in list(self.sinks.items()):
+            try:
+                sink.log_image(int(step), str(tag), image)
             except Exception as exc:  # noqa: BLE001
                 self._disable(name, "cannot write to", exc)
 

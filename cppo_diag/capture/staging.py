@@ -24,7 +24,7 @@ import numpy as np
 import pyarrow as pa
 
 from cppo_diag.capture.sampling import keep_sequences
-from cppo_diag.storage import schema
+from cppo_diag.storage import schema, validate
 
 try:  # torch is optional for numpy-only users
     import torch
@@ -47,6 +47,9 @@ TOKEN_INPUTS: dict[str, tuple[str, str]] = {
     "logp_rollout": ("logp_rollout", "token"),
     "advantages": ("advantage", "seq_or_token"),
     "logp_old": ("logp_old", "token"),
+    "logp_behavior": ("logp_behavior", "token"),
+    "lag": ("lag", "seq_or_token"),
+    "fork": ("fork", "token"),
     "keep_applied": ("keep_applied", "token"),
     "reason_applied": ("reason_applied", "token"),
     "token_ids": ("token_id", "token"),
@@ -58,11 +61,11 @@ TOKEN_INPUTS: dict[str, tuple[str, str]] = {
     "topk_logp_rollout": ("topk_logp_rollout", "topk"),
     "topk_logp": ("topk_logp", "topk"),
 }
-FLOAT_COLUMNS = {"logp", "logp_rollout", "advantage", "logp_old", "entropy", "reward", "loss_weight"}
-BOOL_COLUMNS = {"keep_applied"}
+FLOAT_COLUMNS = {"logp", "logp_rollout", "advantage", "logp_old", "logp_behavior", "entropy", "reward", "loss_weight"}
+BOOL_COLUMNS = {"keep_applied", "fork"}
 TOPK_FLOAT_COLUMNS = {"topk_logp_rollout", "topk_logp"}
-LOGPROB_COLUMNS = {"logp", "logp_rollout", "logp_old", "entropy", "loss_weight"} | TOPK_FLOAT_COLUMNS  # must be float
-# every other column (token_id, group_id, reason_applied, topk_ids) holds integers
+LOGPROB_COLUMNS = {"logp", "logp_rollout", "logp_old", "logp_behavior", "entropy", "loss_weight"} | TOPK_FLOAT_COLUMNS  # must be float
+# every other column (token_id, group_id, reason_applied, lag, topk_ids) holds integers
 
 # Parquet encodings chosen per column (measured in benchmarks/bench_capture.py --writer-only): per-token
 # floats use BYTE_STREAM_SPLIT (the codec then finds the repeated exponent bytes), pos is a delta run
@@ -70,10 +73,31 @@ LOGPROB_COLUMNS = {"logp", "logp_rollout", "logp_old", "entropy", "loss_weight"}
 # are PLAIN - their long runs of equal values cost almost nothing after the page codec, and PLAIN is ~2x
 # cheaper to encode than dictionary + RLE. Other columns (token_id, group_id, keep/reason, top-K) keep
 # dictionary + RLE. Statistics are written for the key columns only.
-BYTE_STREAM_SPLIT_COLUMNS = ("logp", "logp_rollout", "logp_old", "entropy", "loss_weight")
+BYTE_STREAM_SPLIT_COLUMNS = ("logp", "logp_rollout", "logp_old", "logp_behavior", "entropy", "loss_weight")
 DELTA_COLUMNS = ("pos",)
 PLAIN_COLUMNS = ("step", "seq_id", "advantage", "reward", "update", "rank")
 STATS_COLUMNS = ("step", "seq_id", "pos", "update", "rank")
+
+
+def check_index(name: str, value) -> int:
+    """``value`` as a non-negative integer (``step``, ``update``): the reader reads back only those.
+
+    Accepts Python/numpy integers, integral floats (``3.0``) and one-element integer tensors; refuses bools,
+    negative numbers, fractions, NaN and strings with a ``CaptureInputError`` naming ``name``."""
+    v = value
+    if _is_torch(v) or isinstance(v, np.ndarray):
+        if int(np.prod(_shape(v))) != 1:
+            raise CaptureInputError(f"{name}: expected one integer, found shape {_shape(v)}")
+        v = v.item()
+    if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, float, np.integer, np.floating)):
+        raise CaptureInputError(f"{name}: expected a non-negative integer, found {value!r} ({type(value).__name__})")
+    if isinstance(v, (float, np.floating)):
+        if not np.isfinite(v) or float(v) != int(v):
+            raise CaptureInputError(f"{name}: expected a non-negative integer, found {value!r}")
+    v = int(v)
+    if v < 0:
+        raise CaptureInputError(f"{name}: expected a non-negative integer, found {v}")
+    return v
 
 
 def _is_torch(x) -> bool:
@@ -140,7 +164,7 @@ def _check_dtype(name: str, column: str, x) -> None:
         allowed, want = ("float", "int"), "a floating-point (or integer) dtype"
     elif column in BOOL_COLUMNS:
         allowed, want = ("bool", "int"), "a bool (or 0/1 integer) dtype"
-    else:  # token_id, group_id, reason_applied, topk_ids
+    else:  # token_id, group_id, reason_applied, lag, topk_ids
         allowed, want = ("int",), "an integer dtype"
     if kind not in allowed:
         raise CaptureInputError(f"{name}: expected {want}, found {dt}")
@@ -321,6 +345,8 @@ def values_ok(staged: StagedTokens) -> bool:
             x = _np(v)
             if x.dtype.kind == "f" and not np.isfinite(x).all():
                 return False
+            if column in validate.LOGPROB_COLUMNS and x.size and x.max() > validate.LOGP_MAX:
+                return False
         elif column in TOPK_FLOAT_COLUMNS:
             if np.isnan(_np(v)).any():
                 return False
@@ -398,6 +424,8 @@ def materialize(staged: StagedTokens, *, nonfinite: str) -> pa.Table | None:
     for column, vals in cols.items():
         if column in FLOAT_COLUMNS:
             bad = ~np.isfinite(vals)
+            if column in validate.LOGPROB_COLUMNS:  # a log-probability above 0: the reader would exclude it
+                bad |= vals > validate.LOGP_MAX
         elif column in TOPK_FLOAT_COLUMNS:
             bad = np.isnan(vals).any(axis=-1)  # -inf is a legal top-K log-prob (masked vocab); NaN is not
         else:
@@ -407,10 +435,12 @@ def materialize(staged: StagedTokens, *, nonfinite: str) -> pa.Table | None:
             where = _first_bad(bad, seq_of_tok, pos, seq_ids)
             n_bad = int(bad.sum())
             seqs = np.unique(seq_of_tok[bad])
-            msg = (
-                f"column '{column}' has {n_bad} NaN/Inf value(s) at step {step} (first at {where}; "
-                f"{len(seqs)} sequence(s) affected)"
-            )
+            n_pos = int((bad & np.isfinite(vals) & (vals > validate.LOGP_MAX)).sum()) \
+                if column in validate.LOGPROB_COLUMNS else 0
+            what = (f"{n_bad - n_pos} NaN/Inf value(s)" if not n_pos else
+                    f"{n_pos} value(s) > 0 (a log-probability must be <= 0)" if n_pos == n_bad else
+                    f"{n_bad - n_pos} NaN/Inf and {n_pos} positive value(s)")
+            msg = f"column '{column}' has {what} at step {step} (first at {where}; {len(seqs)} sequence(s) affected)"
             if nonfinite == "raise":
                 raise NonFiniteError(msg)
             staged.warnings.append(("nonfinite", msg + "; dropping those sequences"))
@@ -452,8 +482,12 @@ def materialize(staged: StagedTokens, *, nonfinite: str) -> pa.Table | None:
                     f"{int(vals.min())}..{int(vals.max())} at step {step}"
                 )
             out[column] = _arrow(vals.astype(np.uint8, copy=False))
-        elif column == "keep_applied":
+        elif column in BOOL_COLUMNS:
             out[column] = _arrow(vals.astype(bool, copy=False))
+        elif column == "lag":
+            if vals.size and vals.min() < 0:
+                raise CaptureInputError(f"lag: expected optimiser-step counts >= 0, found {int(vals.min())} at step {step}")
+            out[column] = _arrow(vals.astype(np.int32, copy=False))
         elif column in ("topk_ids", "topk_logp_rollout", "topk_logp"):
             K = vals.shape[-1]
             dtype = np.int64 if column == "topk_ids" else np.float32

@@ -391,8 +391,21 @@ class BackgroundWriter(threading.Thread):
             row[str(name)] = _json_value(v)
         self.dirs["scalars"].mkdir(parents=True, exist_ok=True)
         line = json.dumps(row, allow_nan=False) + "\n"
-        with open(self.dirs["scalars"] / layout.scalars_file_name(self.rank), "a", encoding="utf-8") as fh:
+        path = self.dirs["scalars"] / layout.scalars_file_name(self.rank)
+        if not getattr(self, "_scalars_line_ok", False):
+            # First append of this session, or the previous one failed (disk full): a torn last line without
+            # its newline would swallow this one, so start on a fresh line (the torn one is skipped on read).
+            try:
+                with open(path, "rb") as fh:
+                    fh.seek(-1, os.SEEK_END)
+                    if fh.read(1) != b"\n":
+                        line = "\n" + line
+            except (OSError, ValueError):
+                pass  # no file yet, or empty
+        self._scalars_line_ok = False
+        with open(path, "a", encoding="utf-8") as fh:
             fh.write(line)
+        self._scalars_line_ok = True
 
     def _do_sequences(self, payload: tuple[int, pa.Table]) -> None:
         step, table = payload

@@ -37,6 +37,7 @@ from cppo_diag.app.roots import default_root as find_default_root
 HELP = "open the browser app (Streamlit) on run roots; default: the bundled sample_logs/"
 
 HOST = "127.0.0.1"
+ALLOWED_HOSTS = (HOST, "localhost")  # Host header names the websocket accepts (Streamlit's server.allowedHosts)
 STOP_SIGNALS = tuple(getattr(signal, n) for n in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, n))
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
@@ -83,6 +84,11 @@ def server_command(roots: list[str], port: int) -> list[str]:
         "--browser.gatherUsageStats", "false",
         "--browser.serverAddress", HOST,
         "--client.toolbarMode", "minimal",
+        # DNS rebinding: the websocket (all the app's data) answers only a Host naming this machine, and, with
+        # CORS and XSRF protection on, only a same-origin page; a config.toml cannot turn these off.
+        *[a for h in ALLOWED_HOSTS for a in ("--server.allowedHosts", h)],
+        "--server.enableCORS", "true",
+        "--server.enableXsrfProtection", "true",
         "--",
         *[a for r in roots for a in ("--root", r)],
     ]

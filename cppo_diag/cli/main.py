@@ -47,6 +47,13 @@ def _available() -> dict[str, object]:
     return found
 
 
+class _OneLineErrorParser(argparse.ArgumentParser):
+    """A subcommand parser whose usage errors are one line (the option and what was expected), not the usage."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from cppo_diag import __version__
 
@@ -59,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     parser.add_argument("--version", action="version", version=f"cppo-diag {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_OneLineErrorParser)
     for name, module in _available().items():
         p = sub.add_parser(
             name,
@@ -72,17 +79,56 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line_warnings():
+    """Warnings as one line each (``cppo-diag: warning: <message>``), without the source line they came from.
+    Returns the previous formatter (``main`` restores it, so calling ``main`` in-process leaves no trace)."""
+    import warnings
+
+    previous = warnings.formatwarning
+    warnings.formatwarning = lambda message, category, *_a, **_k: f"cppo-diag: warning: {message}\n"
+    return previous
+
+
+def error_line(exc: BaseException) -> str:
+    """One line for an exception that ends a command: the message (which names the field or file) for bad
+    input (ValueError, LookupError, OSError, TypeError and cppo-diag's own errors); for anything else the
+    exception type too, and how to see the traceback."""
+    msg = " ".join(str(exc).split()) or type(exc).__name__
+    if isinstance(exc, MemoryError):
+        return f"out of memory (is an input value far larger than expected, e.g. a huge 'pos'?) {msg}"
+    if isinstance(exc, OSError) and getattr(exc, "filename", None) and str(exc.filename) not in msg:
+        msg = f"{exc.filename}: {msg}"
+    if isinstance(exc, (ValueError, LookupError, OSError, TypeError, argparse.ArgumentTypeError)) \
+            or type(exc).__module__.startswith("cppo_diag"):
+        return msg
+    return f"{type(exc).__name__}: {msg} (set CPPO_DIAG_TRACEBACK=1 for the traceback)"
+
+
 def main(argv: list[str] | None = None) -> int:
+    import os
+
     parser = build_parser()
     args = parser.parse_args(argv)
     if getattr(args, "_run", None) is None:
         parser.print_help()
         return 2
+    import warnings
+
+    previous_format = _one_line_warnings()
     try:
         return int(args._run(args) or 0)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except SystemExit:
+        raise
+    except Exception as exc:  # noqa: BLE001 - every error ends as one line naming what was wrong
+        if os.environ.get("CPPO_DIAG_TRACEBACK"):
+            raise
+        print(f"cppo-diag {args.command}: error: {error_line(exc)}", file=sys.stderr)
+        return 2
+    finally:
+        warnings.formatwarning = previous_format
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ HELP = "recompute a rule's mask over a recorded run (summaries; optional per-tok
 
 
 def add_arguments(parser) -> None:
-    from cppo_diag.analyses.cli_util import add_steps_argument
+    from cppo_diag.analyses.cli_util import add_steps_argument, positive_int
     from cppo_diag.analyses.updates import add_updates_argument
 
     parser.add_argument("run", help="run directory")
@@ -45,7 +45,8 @@ def add_arguments(parser) -> None:
                         help="write per-token keep/reason (+ weight) with step, update, rank, seq_id, pos")
     add_steps_argument(parser)
     add_updates_argument(parser, default="all")
-    parser.add_argument("--bin", type=int, default=64, metavar="N", help="position bin width in tokens (default 64)")
+    parser.add_argument("--bin", type=positive_int(), default=64, metavar="N",
+                        help="position bin width in tokens (default 64)")
     parser.add_argument("--anchor", choices=["rollout", "old"], default=None,
                         help="anchor of the ratio and divergence (default: the run's meta, else rollout)")
     parser.add_argument("--defaults", action="store_true",
@@ -60,7 +61,7 @@ def _pct(x) -> str:
 
 
 def run(args) -> int:
-    from cppo_diag.analyses.cli_util import parse_params
+    from cppo_diag.analyses.cli_util import check_out_file, check_rule_params, parse_params
     from cppo_diag.analyses.recomputation import recompute
 
     from cppo_diag.analyses.profiles import run_profile_params
@@ -69,10 +70,12 @@ def run(args) -> int:
 
     try:
         params = parse_params(args.param)
+        check_out_file(args.out)
         meta = run_meta(args.run)
         args.rule = args.rule or meta.get("rule")
         if not args.rule:
             raise ValueError(f"--rule: {args.run}/meta.json names no applied rule; pass --rule NAME")
+        check_rule_params(args.rule, params)
         from_run = not args.param and not args.defaults and not args.profile and meta.get("rule") == args.rule
         if from_run:
             params = dict(meta.get("rule_params") or {})

@@ -13,8 +13,9 @@ Examples:
   cppo-diag report runs/demo --out report/ --param cppo:delta=0.2 --steps 100:
   cppo-diag report runs/demo --out report/ --updates all --profile unirl --profile verl-pr6731
 
-For runs with several optimiser updates per batch every figure pools the updates after the first (in the first,
-pi = mu, so it would dilute |pi - mu| and the masked fraction); the report says so. --updates chooses.
+For runs with several optimiser updates per batch every figure pools, by default, the tokens the policy had moved
+on since sampling: lag > 0 where the run records lag, else the updates after the first (which assumes on-policy
+sampling); the report says which. --updates chooses.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ HELP = "write PNG figures and a self-contained HTML report for one or more runs"
 
 
 def add_arguments(parser) -> None:
-    from cppo_diag.analyses.cli_util import add_steps_argument
+    from cppo_diag.analyses.cli_util import add_steps_argument, positive_int
     from cppo_diag.analyses.updates import add_updates_argument
 
     parser.add_argument("runs", nargs="+", metavar="RUN", help="run directories")
@@ -34,7 +35,7 @@ def add_arguments(parser) -> None:
                         help="rules to recompute and compare (default grpo_clip dppo cppo)")
     parser.add_argument("--param", action="append", default=[], metavar="RULE:NAME=VALUE",
                         help="parameter of one rule, repeatable (e.g. --param cppo:delta=0.2)")
-    parser.add_argument("--bin", type=int, default=None, metavar="N",
+    parser.add_argument("--bin", type=positive_int(), default=None, metavar="N",
                         help="position bin width in tokens (default: auto, about 40 bins over the longest response)")
     add_steps_argument(parser)
     add_updates_argument(parser)
@@ -46,7 +47,7 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    from cppo_diag.analyses.cli_util import parse_params
+    from cppo_diag.analyses.cli_util import check_out_dir, check_rule_params, parse_params
     from cppo_diag.analyses.report import write_report
     from cppo_diag.analyses.updates import updates_arg
 
@@ -57,6 +58,8 @@ def run(args) -> int:
             print(f"cppo-diag report: --param expected RULE:NAME=VALUE, found {item!r}", file=sys.stderr)
             return 2
         params.setdefault(rule, {}).update(parse_params([kv]))
+        check_rule_params(rule, params[rule])
+    check_out_dir(args.out)
     try:
         path = write_report(args.runs, args.out, rules=args.rules, params=params, bin_width=args.bin,
                             step_range=args.steps, whatif=not args.no_whatif, progress=not args.no_progress,

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from cppo_diag.capture import RunRecorder
+from cppo_diag.storage import layout
 
 
 class ImportFormatError(ValueError):
@@ -100,10 +101,11 @@ class RunWriter:
     def __init__(self, dst: str | Path, *, name: str | None, trainer: str, config: dict, anchor: str,
                  model: str | None = None, task: str | None = None, overwrite: bool = False,
                  rule: str | None = None, rule_params: dict | None = None):
-        run_dir = Path(dst) / name if name else Path(dst)
+        run_dir = layout.check_run_name(Path(dst), name)
         if (run_dir / "meta.json").exists():
             if not overwrite:
                 raise FileExistsError(f"{run_dir} already holds a run; pass overwrite=True (--overwrite) to replace it")
+            layout.check_unlocked(run_dir)  # never delete a run that another process is writing
             shutil.rmtree(run_dir)
         self.run_dir = run_dir
         self._kwargs = dict(config=config, trainer=trainer, anchor=anchor, model=model, task=task, rule=rule,

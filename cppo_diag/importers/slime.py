@@ -25,6 +25,10 @@ Which policy is which: the dump has no loss-time log-probs of the updated policy
 ``logp_rollout`` is ``rollout_log_probs``. The run therefore measures the trainer/inference mismatch
 |pi_old - mu| that slime's TIS/MIS corrections act on. When ``log_probs`` is absent (``--use-rollout-logprobs``
 runs may skip the recompute) ``logp`` falls back to ``rollout_log_probs`` and ``meta.json`` says so.
+
+Safety: dumps are loaded with ``torch.load(weights_only=True)`` (tensors, numbers, strings, lists, tuples, dicts),
+so a crafted ``.pt`` cannot run code on import; a file holding other Python objects is refused with an
+``ImportFormatError`` naming it.
 """
 
 from __future__ import annotations
@@ -51,10 +55,23 @@ REQUIRED = ("response_lengths", "rollout_log_probs", "advantages")
 def _load(path: Path) -> dict:
     import torch
 
+    import pickle
+
+    # weights_only: tensors, numbers, strings, lists, tuples and dicts only; never an arbitrary pickled object,
+    # whose unpickling could run code from the dump.
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=False)
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        first = str(exc).strip().splitlines()
+        detail = next((ln.strip() for ln in first if "GLOBAL" in ln or "Unsupported" in ln), first[0] if first else "")
+        raise ImportFormatError(
+            f"{path}: refused: the file holds Python objects beyond tensors, numbers, strings, lists and dicts, "
+            f"and cppo-diag never unpickles those (a safe weights-only load failed: {detail[:200]}). "
+            "Re-save the dump with plain tensors/lists/dicts"
+        ) from None
     except Exception as exc:  # noqa: BLE001 - name the file in the error
-        raise ImportFormatError(f"{path}: cannot be read with torch.load ({exc!r})") from None
+        raise ImportFormatError(f"{path}: cannot be read with torch.load ({type(exc).__name__}: "
+                                f"{' '.join(str(exc).split())[:300]})") from None
     if not isinstance(obj, dict) or "rollout_data" not in obj:
         found = sorted(obj) if isinstance(obj, dict) else type(obj).__name__
         raise ImportFormatError(f"{path}: expected slime's train dump dict with 'rollout_id', 'rank', "

@@ -16,6 +16,12 @@ dashboard they already watch and see that they agree:
   per-response (mean logp_rollout - mean logp), ``chi2_token`` = mean(rho^2) - 1 with rho =
   exp(clamp(log_ratio, +-20)).
 
+verl's ``rollout_corr/*`` names map both ways onto cppo-diag's divergence names where they are the same quantity
+(SPEC "Per-token divergence": k1 = log pi - log mu, k3 = rho - 1 - log rho, over the valid tokens against mu):
+``rollout_corr/k3_kl`` = ``div/k3/mean`` and ``rollout_corr/kl`` = -``div/k1/mean`` (``VERL_ROLLOUT_CORR``;
+``rollout_corr_to_ours`` / ``ours_to_rollout_corr``). The others (ppl, chi2) have no cppo-diag twin and keep
+verl's name.
+
 Pure functions of detached tensors (no TRL or verl import), so they are unit-tested without either.
 """
 
@@ -23,9 +29,27 @@ from __future__ import annotations
 
 import torch
 
+from cppo_diag import metric_names as M
 from cppo_diag.masks.reduce import masked_mean
 
-__all__ = ["clip_ratio_scalars", "verl_rollout_corr_scalars", "SAFETY_BOUND"]
+__all__ = ["clip_ratio_scalars", "verl_rollout_corr_scalars", "SAFETY_BOUND", "VERL_ROLLOUT_CORR",
+           "rollout_corr_to_ours", "ours_to_rollout_corr"]
+
+# verl name -> (cppo-diag name, factor): verl's value = factor * ours
+VERL_ROLLOUT_CORR: dict[str, tuple[str, float]] = {
+    "rollout_corr/k3_kl": (M.div_name("k3", "mean"), 1.0),
+    "rollout_corr/kl": (M.div_name("k1", "mean"), -1.0),
+}
+
+
+def rollout_corr_to_ours(values: dict[str, float]) -> dict[str, float]:
+    """verl's ``rollout_corr/*`` scalars under cppo-diag's names (those with a twin; others dropped)."""
+    return {ours: f * float(values[v]) for v, (ours, f) in VERL_ROLLOUT_CORR.items() if v in values}
+
+
+def ours_to_rollout_corr(values: dict[str, float]) -> dict[str, float]:
+    """cppo-diag's ``div/k3/mean`` / ``div/k1/mean`` (against mu) under verl's ``rollout_corr/*`` names."""
+    return {v: f * float(values[ours]) for v, (ours, f) in VERL_ROLLOUT_CORR.items() if ours in values}
 
 SAFETY_BOUND = 20.0  # |log ratio| clamp before exponentiating, as verl's rollout correction does
 

@@ -51,9 +51,24 @@ and TRL's own logged values under ``trl/<name>`` (``trl/clip_ratio/region_mean``
 only echo cppo-diag's metrics back (rule mode), which are not recorded twice. With several processes ours
 are this process's shares, TRL's are pooled over processes.
 
+Live per-position metrics (``cppo_diag.capture.position_live``): ``pos/*`` of every training micro-batch go into
+TRL's own logs (its ``report_to``), and pooled over the optimiser step into the recorded scalars;
+``CppoDiagConfig.sinks`` sends the recorded scalars and, every ``position_figure_every`` steps, the
+divergence-by-position figure to TensorBoard / W&B through ``RunRecorder``'s sinks.
+
+vLLM (``use_vllm=True``, TRL-loss mode): ``logp_rollout`` is vLLM's sampling log-probs and TRL's importance-
+sampling correction is recorded as TRL applied it (``importance_sampling_ratio`` from TRL's batch):
+``loss_weight`` = the ratio per token; in ``*_mask`` modes the tokens it zeroes are masked in ``keep_applied``
+with reason ``token`` / ``sequence``; ``meta.json`` ``config.vllm_importance_sampling`` holds the settings
+and ``vllm_is_correction`` recomputes it from recorded columns. A server answer without log-probs raises a
+clear error at the first generation.
+
 An existing run directory is refused unless ``CppoDiagConfig.if_exists`` says "overwrite" (replace it) or
 "resume" (append to it, e.g. with ``resume_from_checkpoint``). Rule names, ``rule_params`` keys and values,
 ``agg`` and ``trunc_cap`` are checked when the trainer is built, before any generation.
+
+The private methods wrapped (``_HOOKS``, and with vLLM ``_VLLM_HOOKS``) are checked when the trainer is built:
+a TRL release that removed one or renamed its parameters is refused, naming the version and the method.
 
 Why a ``GRPOTrainer`` subclass and not only a ``TrainerCallback``: callbacks see the state, the model and the
 logged scalars, never the per-token tensors of a loss computation. The plug-in therefore wraps three methods
@@ -92,7 +107,10 @@ except ImportError as exc:  # pragma: no cover - exercised only without TRL
         "cppo_diag.integrations.trl needs TRL and transformers: pip install 'cppo-diag[trl]'"
     ) from exc
 
+from cppo_diag import metric_names as M
 from cppo_diag.capture import NullRecorder, RunRecorder
+from cppo_diag.capture.position_live import PositionWindow, figure_due, position_figure, position_scalars, position_tokens
+from cppo_diag.capture.sinks import check_sinks_installed
 from cppo_diag.integrations.names import clip_ratio_scalars
 from cppo_diag.masks.reasons import Reason
 
@@ -108,6 +126,15 @@ _FORWARD_EXTRAS = (
     "image_sizes", "token_type_ids", "mm_token_type_ids", "image_position_ids",
 )
 IF_EXISTS = ("error", "overwrite", "resume")
+# TRL's private methods the plug-in wraps, with the parameters it relies on (checked when the trainer is built).
+_HOOKS = {
+    "_compute_loss": ("model", "inputs"),
+    "_get_per_token_logps_and_entropies": ("model", "input_ids", "attention_mask", "logits_to_keep"),
+    "_generate_and_score_completions": (),
+    "_calculate_rewards": (),
+}
+_VLLM_HOOKS = {"_generate_single_turn": ("prompt_ids", "num_generations")}  # use_vllm: its log-probs are checked
+VLLM_IS_MODES = ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
 _GROUP_KEY = "cppo_diag_group_id"
 _REWARD_KEY = "cppo_diag_reward"
 
@@ -139,6 +166,11 @@ class CppoDiagConfig:
         if_exists: what to do when the run directory already holds a run: "error" (default: refuse, naming
             the two other choices), "overwrite" (delete that run first) or "resume" (append to it; steps it
             already completed are not written again).
+        sinks: also send the recorded step scalars (and the divergence-by-position figure) to these
+            (``"tensorboard"``, ``"wandb"``), through ``RunRecorder``'s sink code: a sink that fails warns once
+            and is switched off, the run's own scalars stay complete. A sink whose package is missing is
+            refused when the trainer is built, naming the extra to install.
+        position_figure_every: with a sink, the divergence-by-position figure every n optimiser steps (0: off).
     """
 
     run_dir: str | Path | None = None
@@ -153,12 +185,19 @@ class CppoDiagConfig:
     on_error: str = "warn"
     task: str | None = None
     if_exists: str = "error"
+    sinks: list[str] = field(default_factory=list)
+    position_figure_every: int = 10
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the field, the expected and the found value (before any training)."""
         from cppo_diag.loss import AGG_MODES
         from cppo_diag.masks import compute_mask, get_rule
 
+        check_sinks_installed(self.sinks, "CppoDiagConfig.sinks")  # unknown name, or the extra to install
+        if isinstance(self.position_figure_every, bool) or not isinstance(self.position_figure_every, int) \
+                or self.position_figure_every < 0:
+            raise ValueError("CppoDiagConfig.position_figure_every: expected an integer >= 0, found "
+                             f"{self.position_figure_every!r}")
         if self.if_exists not in IF_EXISTS:
             raise ValueError(f"CppoDiagConfig.if_exists: expected one of {list(IF_EXISTS)}, found {self.if_exists!r}")
         if self.agg not in AGG_MODES:
@@ -230,6 +269,7 @@ class CppoDiagGRPOMixin:
     def __init__(self, *args, cppo_diag: CppoDiagConfig | dict | None = None, **kwargs):
         cfg = cppo_diag if isinstance(cppo_diag, CppoDiagConfig) else CppoDiagConfig(**(cppo_diag or {}))
         cfg.validate()  # before the model loads and long before the first generation
+        check_trl_hooks(type(self), vllm=_wants_vllm(args, kwargs))
         self._cd_cfg = cfg
         self._cd_echoed: set[str] = set()  # our metrics pushed into TRL's logs (rule mode)
         self._cd_capture: dict[str, Any] | None = None
@@ -237,12 +277,15 @@ class CppoDiagGRPOMixin:
         self._cd_micro_step = -1
         self._cd_pending: set[int] = set()
         self._cd_step_metrics: dict[str, list[float]] = {}
+        self._cd_positions = PositionWindow()  # the step's tokens, for the pooled pos/* scalars
         self._cd_generation_round = 0
         self._cd_rewards_per_func: torch.Tensor | None = None
         self._cd_recorder = NullRecorder()
         super().__init__(*args, **kwargs)
         if cfg.rule is not None:
             self._cd_check_rule_mode()
+        if getattr(self, "use_vllm", False):
+            self._cd_watch_vllm()
         self._cd_recorder = self._cd_open_recorder()
         self.add_callback(CppoDiagCallback(self))
 
@@ -328,6 +371,7 @@ class CppoDiagGRPOMixin:
             "epsilon_high": getattr(self, "epsilon_high", None),
             "beta": getattr(self, "beta", None),
             "use_vllm": getattr(self, "use_vllm", False),
+            "vllm_importance_sampling": self._cd_vllm_is_settings(),
             "cppo_diag": {k: v for k, v in asdict(cfg).items() if k not in ("run_dir",)},
             "keys": "step = optimiser step; update = micro-batch in the step; seq_id = update * B + row",
         }
@@ -335,14 +379,24 @@ class CppoDiagGRPOMixin:
             cfg.run_dir, name=cfg.name, config=config, trainer="trl", rule=rule, rule_params=rule_params,
             model=model_name, task=cfg.task, anchor=anchor, rank=self.accelerator.process_index,
             on_error=cfg.on_error, every_n_steps=cfg.every_n_steps, seq_fraction=cfg.seq_fraction,
+            sinks=list(cfg.sinks),
         )
 
     # -- step bookkeeping (called by CppoDiagCallback) ------------------------------------------------
     def _cd_step_finished(self, step: int) -> None:
-        if self._cd_step_metrics:
-            means = {k: sum(v) / len(v) for k, v in self._cd_step_metrics.items() if v}
+        means = {k: sum(v) / len(v) for k, v in self._cd_step_metrics.items() if v}
+        self._cd_step_metrics = {}
+        tokens = self._cd_positions.tokens()
+        self._cd_positions.clear()
+        if tokens is not None:
+            means.update(position_scalars(tokens))  # pooled over the step's micro-batches (not a mean of them)
+        if means:
             self._cd_recorder.log_scalars(step, means)
-            self._cd_step_metrics = {}
+        rec = self._cd_recorder
+        if tokens is not None and getattr(rec, "has_sinks", False) and figure_due(step, self._cd_cfg.position_figure_every):
+            meta_rule, meta_params = self._cd_applied_rule()
+            rec.log_figure(step, M.POS_FIGURE, position_figure(tokens, step=step, rule=meta_rule,
+                                                               rule_params=meta_params))
         self._cd_pending.add(step)
 
     def _cd_end_pending(self) -> None:
@@ -406,8 +460,75 @@ class CppoDiagGRPOMixin:
             keep = self._cd_trl_keep(captured["logp"], inputs)
             if keep is not None and self._cd_trl_clip_is_grpo_clip():
                 self._cd_add_step_metrics(clip_ratio_scalars(keep, inputs["advantages"], _response_mask(inputs)))
-            self._cd_record(inputs, captured["logp"], captured.get("entropy"), keep=keep, reason=None)
+            reason = None if keep is None else torch.where(keep, Reason.KEPT, Reason.TOKEN).to(torch.uint8)
+            weight = None
+            applied = self._cd_vllm_is_applied(inputs)
+            if applied is not None:  # TRL's vLLM importance-sampling correction, as TRL multiplied it in
+                mask = _response_mask(inputs)  # (B, T)
+                weight = applied.to(torch.float32).expand(mask.shape)  # (B, T): (B, 1) in sequence modes
+                is_masked = (weight == 0) & mask if self.vllm_importance_sampling_mode.endswith("_mask") else None
+                if is_masked is not None:
+                    code = Reason.SEQUENCE if self.vllm_importance_sampling_mode.startswith("sequence") else Reason.TOKEN
+                    keep = (~is_masked) if keep is None else keep & ~is_masked
+                    reason = torch.where(keep, Reason.KEPT, Reason.TOKEN).to(torch.uint8) if reason is None else reason
+                    reason = torch.where(is_masked & (reason == Reason.KEPT), code, reason).to(torch.uint8)
+            self._cd_record(inputs, captured["logp"], captured.get("entropy"), keep=keep, reason=reason,
+                            loss_weight=weight)
         return loss
+
+    # -- vLLM ---------------------------------------------------------------------------------------------
+    def _cd_vllm_is_settings(self) -> dict | None:
+        """TRL's vLLM importance-sampling correction as this trainer runs it (None without vLLM): meta.json's
+        ``config.vllm_importance_sampling``, which ``vllm_is_correction`` reads to recompute it."""
+        if not getattr(self, "use_vllm", False):
+            return None
+        args = self.args
+        return {
+            "correction": bool(getattr(self, "vllm_importance_sampling_correction", False)),
+            "applied": self._cd_vllm_is_on(),
+            "mode": getattr(self, "vllm_importance_sampling_mode", None),
+            "clip_min": getattr(self, "vllm_importance_sampling_clip_min", None),
+            "clip_max": getattr(self, "vllm_importance_sampling_clip_max", None),
+            "deprecated_cap_given": getattr(args, "vllm_importance_sampling_cap", None) is not None,
+            "vllm_mode": getattr(args, "vllm_mode", None),
+            "top_p": getattr(self, "top_p", None), "top_k": getattr(self, "top_k", None),
+            "temperature": getattr(self, "temperature", None),
+        }
+
+    def _cd_vllm_is_on(self) -> bool:
+        """Whether TRL multiplies its loss by the vLLM IS ratio (TRL-loss mode; TRL's vespo uses it differently)."""
+        return (self._cd_cfg.rule is None and bool(getattr(self, "use_vllm", False))
+                and bool(getattr(self, "vllm_importance_sampling_correction", False))
+                and getattr(self, "loss_type", None) != "vespo")
+
+    def _cd_vllm_is_applied(self, inputs) -> torch.Tensor | None:
+        """(B, T) or (B, 1): the IS ratio TRL's loss multiplied in, read from TRL's own batch."""
+        if not self._cd_vllm_is_on():
+            return None
+        ratio = inputs.get("importance_sampling_ratio")
+        return None if ratio is None else ratio.detach()
+
+    def _cd_watch_vllm(self) -> None:
+        """Refuse a vLLM server answer without sampling log-probs with a clear error (TRL would fail on a
+        ``None`` deep inside its generation step): they are ``logp_rollout`` and TRL's IS correction needs them."""
+        gen = getattr(self, "vllm_generation", None)
+        if gen is None or not hasattr(gen, "generate"):
+            return
+        inner = gen.generate
+
+        def generate(*args, **kwargs):
+            out = inner(*args, **kwargs)
+            completions, logprobs = out[1], out[2]
+            if completions and (logprobs is None or any(lp is None for lp in logprobs)):
+                where = getattr(getattr(gen, "vllm_client", None), "base_url", None) or getattr(gen, "mode", "vLLM")
+                raise RuntimeError(
+                    f"cppo-diag: the vLLM server ({where}) returned completions without sampling log-probs; they are "
+                    "recorded as logp_rollout and TRL's importance-sampling correction needs them: the request asks "
+                    "for logprobs=0, so the server must honour it (vllm serve: --max-logprobs >= 1, and "
+                    "--logprobs-mode processed_logprobs)")
+            return out
+
+        gen.generate = generate
 
     def _cd_add_step_metrics(self, metrics: dict[str, float]) -> None:
         """Metrics of one training micro-batch; their mean over the step is logged when it ends."""
@@ -524,7 +645,7 @@ class CppoDiagGRPOMixin:
         update = self._cd_micro if step == self._cd_micro_step else 0
         return step, update * batch + torch.arange(batch)
 
-    def _cd_record(self, inputs, logp, entropy, *, keep, reason) -> None:
+    def _cd_record(self, inputs, logp, entropy, *, keep, reason, loss_weight=None) -> None:
         rec = self._cd_recorder
         if not rec:
             return
@@ -543,14 +664,24 @@ class CppoDiagGRPOMixin:
         reason_applied = reason
         if reason is None and keep is not None:
             reason_applied = torch.where(keep, Reason.KEPT, Reason.TOKEN).to(torch.uint8)  # TRL's clip: a token threshold
+        self._cd_log_positions(logp, logp_rollout, mask, keep)
         rec.log_tokens(
             step=step, update=update, seq_ids=seq_ids, logp=logp, logp_rollout=logp_rollout, logp_old=logp_old,
             advantages=inputs["advantages"], response_mask=mask, token_ids=completion_ids, entropy=entropy,
             reward=inputs.get(_REWARD_KEY), group_id=inputs.get(_GROUP_KEY), keep_applied=keep,
-            reason_applied=reason_applied,
+            reason_applied=reason_applied, loss_weight=loss_weight,
         )
         if self._cd_cfg.record_sequences:
             self._cd_record_sequences(step, seq_ids, inputs, mask)
+
+    def _cd_log_positions(self, logp, logp_rollout, mask, keep) -> None:
+        """pos/* of this micro-batch into TRL's logs (its report_to; TRL averages them over its logging window)
+        and its tokens into the step's window (the recorded pos/* are pooled over the step)."""
+        self._cd_positions.add(logp, logp_rollout, mask, keep)
+        for key, value in position_scalars(position_tokens(logp, logp_rollout, mask, keep)).items():
+            if math.isfinite(value):
+                self._metrics["train"][key].append(value)
+                self._cd_echoed.add(key)
 
     def _cd_record_sequences(self, step: int, seq_ids, inputs, mask) -> None:
         tok = getattr(self.processing_class, "tokenizer", self.processing_class)
@@ -576,6 +707,58 @@ class CppoDiagGRPOMixin:
             rewards=rewards.cpu() if rewards is not None else None, lengths=mask.sum(dim=1),
             group_ids=group_ids.cpu() if group_ids is not None else None,
         )
+
+
+def _wants_vllm(args, kwargs) -> bool:
+    targs = kwargs.get("args", args[2] if len(args) > 2 else None)
+    return bool(getattr(targs, "use_vllm", False))
+
+
+def check_trl_hooks(cls, *, vllm: bool = False) -> None:
+    """Refuse, before the model loads, a TRL whose private methods the plug-in wraps are gone or renamed their
+    parameters (``_HOOKS``; with vLLM also ``_VLLM_HOOKS``), naming the TRL version and the method."""
+    version = getattr(_trl, "__version__", "?")
+    hooks = {**_HOOKS, **(_VLLM_HOOKS if vllm else {})}
+    for name, params in hooks.items():
+        fn = None
+        for base in cls.__mro__:
+            if base.__module__.startswith("cppo_diag.") or name not in vars(base):
+                continue
+            fn = vars(base)[name]
+            break
+        if fn is None:
+            raise RuntimeError(f"cppo-diag's TRL plug-in: TRL {version} has no GRPOTrainer.{name}, a private hook the "
+                               "plug-in wraps; use a TRL release it supports (pyproject.toml extra 'trl')")
+        found = list(inspect.signature(fn).parameters)
+        missing = [p for p in params if p not in found]
+        if missing:
+            raise RuntimeError(f"cppo-diag's TRL plug-in: TRL {version} changed GRPOTrainer.{name}, a private hook the "
+                               f"plug-in wraps: expected parameters {list(params)}, found {found[1:]}")
+
+
+def vllm_is_correction(logp_old: torch.Tensor, logp_rollout: torch.Tensor, response_mask: torch.Tensor, *,
+                       mode: str, clip_min: float | None, clip_max: float | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """TRL's vLLM importance-sampling correction, recomputed from recorded columns: (weight (B, T), masked (B, T)).
+
+    rho = exp(logp_old - logp_rollout) per valid token (``token_*``) or exp(sum over the response) (``sequence_*``;
+    a NaN rollout log-prob counts as 0 difference); ``*_truncate``: clamp(rho, clip_min, clip_max);
+    ``*_mask``: rho outside [clip_min, clip_max] (None = unbounded) -> 0, and those tokens masked. The formula
+    is TRL's documented one (``GRPOConfig.vllm_importance_sampling_mode``); ``logp_old`` is TRL's pi_old (the
+    trainer's recomputed log-probs of the sampled batch), ``logp_rollout`` vLLM's sampling log-probs.
+    """
+    if mode not in VLLM_IS_MODES:
+        raise ValueError(f"vllm_importance_sampling_mode: expected one of {list(VLLM_IS_MODES)}, found {mode!r}")
+    mask = response_mask.bool()  # (B, T)
+    diff = torch.nan_to_num(torch.where(mask, logp_old.double() - logp_rollout.double(), 0.0), nan=0.0)  # (B, T)
+    if mode.startswith("sequence"):
+        diff = diff.sum(-1, keepdim=True)  # (B, 1)
+    rho = torch.exp(diff).expand(mask.shape)  # (B, T)
+    lo = -math.inf if clip_min is None else float(clip_min)
+    hi = math.inf if clip_max is None else float(clip_max)
+    if mode.endswith("_truncate"):
+        return rho.clamp(min=lo, max=hi), torch.zeros_like(mask)
+    masked = ((rho < lo) | (rho > hi)) & mask
+    return rho.masked_fill(masked, 0.0), masked
 
 
 class CppoDiagGRPOTrainer(CppoDiagGRPOMixin, GRPOTrainer):

@@ -47,6 +47,12 @@ clipped losses report there) and ``actor/ppo_kl``; in bypass mode also verl's ``
 diagnostics of the ratio against the rollout log-probs (``kl``, ``k3_kl``, ``training_ppl``, ``rollout_ppl``,
 ``log_ppl_diff``, ``chi2_token``; ``cppo_diag.integrations.names``), which verl's own bypass loss reports and
 a rule in its place would otherwise drop. Recorded step scalars are the mean over the step's loss calls.
+
+Live per-position metrics: each call's ``pos/*`` (``cppo_diag.capture.position_live``) go back in its metrics
+dict, so they reach verl's tracker; the recorded ``pos/*`` are pooled over the step's calls. Sinks:
+``CPPO_DIAG_SINKS=tensorboard,wandb`` (checked when the module is imported), the figure every
+``CPPO_DIAG_POSITION_FIGURE_EVERY`` steps (default 10). ``meta.json`` ``config.rollout_correction`` holds verl's
+rollout-correction settings as the loss's config carries them.
 """
 
 from __future__ import annotations
@@ -54,6 +60,7 @@ from __future__ import annotations
 import atexit
 import json
 import logging
+import math
 import os
 import threading
 import time
@@ -69,6 +76,8 @@ except ImportError as exc:  # pragma: no cover - exercised only without verl
 
 from cppo_diag.capture import NullRecorder, RunRecorder
 from cppo_diag import metric_names as M
+from cppo_diag.capture.position_live import PositionWindow, figure_due, position_figure, position_scalars, position_tokens
+from cppo_diag.capture.sinks import check_sinks_installed
 from cppo_diag.integrations.names import verl_rollout_corr_scalars
 from cppo_diag.loss import AGG_MODES, policy_loss
 from cppo_diag.masks import compute_mask, get_rule, list_rules
@@ -77,7 +86,8 @@ from cppo_diag.masks.reduce import masked_mean
 logger = logging.getLogger(__name__)
 
 __all__ = ["register", "registered_names", "configure", "set_step", "make_policy_loss", "PREFIX",
-           "ENV_RULE_PARAMS", "ENV_RUN_DIR", "ENV_RUN_NAME", "ENV_CALLS_PER_STEP", "ENV_STEP_GAP_S"]
+           "ENV_RULE_PARAMS", "ENV_RUN_DIR", "ENV_RUN_NAME", "ENV_CALLS_PER_STEP", "ENV_STEP_GAP_S", "ENV_SINKS",
+           "ENV_POSITION_FIGURE_EVERY", "sink_names", "rollout_correction_settings"]
 
 PREFIX = "cppo_diag_"
 ENV_RULE_PARAMS = "CPPO_DIAG_RULE_PARAMS"
@@ -85,14 +95,38 @@ ENV_RUN_DIR = "CPPO_DIAG_RUN_DIR"
 ENV_RUN_NAME = "CPPO_DIAG_RUN_NAME"
 ENV_CALLS_PER_STEP = "CPPO_DIAG_CALLS_PER_STEP"
 ENV_STEP_GAP_S = "CPPO_DIAG_STEP_GAP_S"
+ENV_SINKS = "CPPO_DIAG_SINKS"  # comma-separated: tensorboard,wandb
+ENV_POSITION_FIGURE_EVERY = "CPPO_DIAG_POSITION_FIGURE_EVERY"  # default 10; 0 = off
 
 _REGISTERED: list[str] = []
 _ORIGINAL_BYPASS = None
 
 
+def sink_names() -> list[str]:
+    """The sinks ``CPPO_DIAG_SINKS`` asks for, checked: an unknown name, or one whose package is missing, raises
+    one line naming the extra to install."""
+    raw = os.environ.get(ENV_SINKS, "")
+    return check_sinks_installed([n.strip() for n in raw.split(",") if n.strip()], ENV_SINKS)
+
+
+def _figure_every() -> int:
+    raw = os.environ.get(ENV_POSITION_FIGURE_EVERY, "10").strip()
+    if not raw.isdigit():
+        raise ValueError(f"{ENV_POSITION_FIGURE_EVERY}: expected an integer >= 0, found {raw!r}")
+    return int(raw)
+
+
 def configure(*, rule_params: dict | None = None, run_dir: str | None = None, name: str | None = None,
-              calls_per_step: int | None = None, step_gap_s: float | None = None) -> None:
-    """Set the ``CPPO_DIAG_*`` environment variables of this process (inherited by workers started later)."""
+              calls_per_step: int | None = None, step_gap_s: float | None = None, sinks: list[str] | None = None,
+              position_figure_every: int | None = None) -> None:
+    """Set the ``CPPO_DIAG_*`` environment variables of this process (inherited by workers started later).
+    ``sinks`` is checked here (names, installed packages), before any worker starts."""
+    if sinks is not None:
+        check_sinks_installed(sinks, "configure(sinks=...)")
+        os.environ[ENV_SINKS] = ",".join(sinks)
+    if position_figure_every is not None:
+        os.environ[ENV_POSITION_FIGURE_EVERY] = str(int(position_figure_every))
+        _figure_every()
     if rule_params is not None:
         os.environ[ENV_RULE_PARAMS] = json.dumps(rule_params)
     if run_dir is not None:
@@ -143,6 +177,33 @@ def _rule_params(rule: str, config) -> dict[str, Any]:
     return params
 
 
+def _plain(x, depth: int = 0):
+    """A config object (omegaconf, dataclass, mapping) as JSON-able plain values."""
+    if depth > 6:
+        return str(x)
+    if x is None or isinstance(x, (bool, int, float, str)):
+        return x
+    if isinstance(x, dict) or hasattr(x, "items"):
+        try:
+            return {str(k): _plain(v, depth + 1) for k, v in x.items()}
+        except Exception:  # noqa: BLE001
+            pass
+    if isinstance(x, (list, tuple)):
+        return [_plain(v, depth + 1) for v in x]
+    fields = getattr(x, "__dataclass_fields__", None)
+    if fields:
+        return {k: _plain(getattr(x, k, None), depth + 1) for k in fields if not k.startswith("_")}
+    return str(x)
+
+
+def rollout_correction_settings(config) -> dict | None:
+    """verl's rollout-correction settings as the policy loss sees them (``config.policy_loss.rollout_correction``:
+    ``rollout_is``, ``rollout_is_threshold``, ``rollout_rs``, ``bypass_mode``, ``loss_type``, ...), stored in
+    meta.json's ``config.rollout_correction``; None when the loss's config carries none."""
+    corr = _config_get(_config_get(config, "policy_loss"), "rollout_correction")
+    return None if corr is None else _plain(corr)
+
+
 # -- aggregation as verl does it (agg_loss) ----------------------------------------------------------------
 def _verl_agg_kwargs(mask: torch.Tensor, loss_agg_mode: str, config) -> dict[str, Any]:
     """``policy_loss`` keywords that make ``cppo_diag.loss.agg_loss`` normalise as verl's ``agg_loss`` does.
@@ -179,6 +240,8 @@ class _Capture:
         self.calls = 0
         self.last_call = None
         self.metric_sums: dict[str, list[float]] = {}
+        self.positions = PositionWindow()  # the step's tokens: pos/* pooled over its loss calls
+        self.figure_meta: tuple[str, dict] | None = None
         self.method = None
 
     def _rank(self) -> int:
@@ -186,7 +249,7 @@ class _Capture:
             return int(torch.distributed.get_rank())
         return int(os.environ.get("RANK", 0))
 
-    def open(self, *, anchor: str, rule: str, params: dict):
+    def open(self, *, anchor: str, rule: str, params: dict, loss_config=None):
         if self.recorder is not None:
             return self.recorder
         run_dir = os.environ.get(ENV_RUN_DIR)
@@ -204,10 +267,13 @@ class _Capture:
             else "verl old_log_prob: actor-recomputed pi_old (decoupled mode)",
             "step_source": self.method,
             "keys": "step = training step; update = loss call in the step; seq_id = update * B + row",
+            "rollout_correction": rollout_correction_settings(loss_config),
+            "rollout_is_weights": "multiplied into the loss when verl passes them (decoupled mode TIS/MIS)",
         }
+        self.figure_meta = (rule, dict(params))
         self.recorder = RunRecorder(
             run_dir, name=os.environ.get(ENV_RUN_NAME) or None, config=config, trainer="verl", rule=rule,
-            rule_params=params, anchor=anchor, rank=self._rank(), on_error="warn",
+            rule_params=params, anchor=anchor, rank=self._rank(), on_error="warn", sinks=sink_names(),
         )
         atexit.register(self.close)  # runs before the recorder's own atexit hook (LIFO)
         return self.recorder
@@ -250,9 +316,23 @@ class _Capture:
             for k, v in metrics.items():
                 self.metric_sums.setdefault(k, []).append(float(v))
 
+    def add_positions(self, logp, logp_rollout, mask, keep) -> None:
+        with self.lock:
+            self.positions.add(logp, logp_rollout, mask, keep)
+
     def _flush_metrics(self) -> None:
-        if self.metric_sums and self.recorder is not None:
-            self.recorder.log_scalars(self.step, {k: sum(v) / len(v) for k, v in self.metric_sums.items()})
+        tokens = self.positions.tokens()
+        self.positions.clear()
+        if self.recorder is not None:
+            values = {k: sum(v) / len(v) for k, v in self.metric_sums.items() if not k.startswith(M.POS)}
+            if tokens is not None:
+                values.update(position_scalars(tokens))  # pooled over the step's loss calls
+            if values:
+                self.recorder.log_scalars(self.step, values)
+            if tokens is not None and self.recorder.has_sinks and figure_due(self.step, _figure_every()):
+                rule, params = self.figure_meta or (None, None)
+                self.recorder.log_figure(self.step, M.POS_FIGURE, position_figure(tokens, step=self.step, rule=rule,
+                                                                                 rule_params=params))
         self.metric_sums = {}
 
     def close(self) -> None:
@@ -294,7 +374,7 @@ def _rule_loss(rule: str, old_log_prob, log_prob, advantages, response_mask, los
     params = _rule_params(rule, config)
     mu = old_log_prob.detach()  # (B, T): the anchor verl provides (pi_old, or mu in bypass mode)
     batch = log_prob.shape[0]
-    rec = _CAPTURE.open(anchor=anchor, rule=rule, params=params)
+    rec = _CAPTURE.open(anchor=anchor, rule=rule, params=params, loss_config=config)
     step, update = _CAPTURE.tick() if rec else (None, 0)
     seq_ids = update * batch + torch.arange(batch)  # (B,): the keys logged below (cppo_shuffled seeds on them)
     res = compute_mask(rule, logp=log_prob.detach(), logp_rollout=mu, advantages=advantages,
@@ -319,7 +399,12 @@ def _rule_loss(rule: str, old_log_prob, log_prob, advantages, response_mask, los
     metrics["actor/ppo_kl"] = float(masked_mean(mu - log_prob.detach(), mask))
     if anchor == "rollout":  # bypass mode: verl's own bypass loss reports these off-policy diagnostics
         metrics.update(verl_rollout_corr_scalars(log_prob.detach(), mu, mask))
+    # pos/* of this call reach verl's tracker through the metrics dict (verl averages them over calls);
+    # the recorded ones are pooled over the step's calls. Non-finite ratios are left out of verl's dict.
+    pos = position_scalars(position_tokens(log_prob, mu, mask, res.keep))
+    metrics.update({k: v for k, v in pos.items() if math.isfinite(v)})
     if rec:
+        _CAPTURE.add_positions(log_prob, mu, mask, res.keep)
         rec.log_tokens(
             step=step, update=update, seq_ids=seq_ids, logp=log_prob.detach(),
             logp_rollout=mu, advantages=advantages, response_mask=mask, keep_applied=res.keep,
@@ -377,8 +462,11 @@ def _bypass_mode_with_rules(old_log_prob, log_prob, advantages, response_mask, l
 
 
 def register() -> list[str]:
-    """Register cppo-diag's rules (and the bypass-mode dispatch) with verl; idempotent. Returns the names."""
+    """Register cppo-diag's rules (and the bypass-mode dispatch) with verl; idempotent. Returns the names.
+    ``CPPO_DIAG_SINKS`` is checked here, when a worker imports the plug-in, not at the first loss call."""
     global _ORIGINAL_BYPASS
+    sink_names()
+    _figure_every()
     registry = core_algos.POLICY_LOSS_REGISTRY
     for spec in list_rules():
         fn = make_policy_loss(spec.name)

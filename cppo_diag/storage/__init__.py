@@ -6,7 +6,8 @@ Every file of a run directory is written through ``layout``'s atomic helpers.
 """
 
 from cppo_diag.storage.batches import Batch, batch_from_frame, batches_from_frame
+from cppo_diag.storage.layout import RunLockedError
 from cppo_diag.storage.reader import Run, RunFormatError, RunWarning, list_runs, open_run
 
-__all__ = ["Batch", "Run", "RunFormatError", "RunWarning", "batch_from_frame", "batches_from_frame", "list_runs",
-           "open_run"]
+__all__ = ["Batch", "Run", "RunFormatError", "RunLockedError", "RunWarning", "batch_from_frame", "batches_from_frame",
+           "list_runs", "open_run"]

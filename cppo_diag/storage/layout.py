@@ -252,3 +252,159 @@ def run_dirs(run: Path) -> dict[str, Path]:
         "done": run / schema.DONE_DIR,
         "live": run / LIVE_DIR,
     }
+
+
+def verify_parquet_pages(path: Path) -> str | None:
+    """Full integrity check of a Parquet file: decode every page of every row group (verifying page CRCs
+    where the writer stored them). Returns None when the file reads back, otherwise a short reason.
+
+    Costs one read of the file (one row group in memory at a time); the reader caches the result per
+    (path, size, mtime), so each shard is verified once per process.
+    """
+    import pyarrow.parquet as pq
+
+    try:
+        pf = pq.ParquetFile(path, page_checksum_verification=True)
+        for i in range(pf.num_row_groups):
+            pf.read_row_group(i)
+    except Exception as exc:  # noqa: BLE001 - any decode failure means corrupt data pages
+        return f"corrupt data pages ({type(exc).__name__}: {exc})"
+    return None
+
+
+# -- run names ----------------------------------------------------------------------------------------
+def check_run_name(root: Path, name: str | None) -> Path:
+    """``root / name`` as a run directory, refusing names that would write outside ``root``: an absolute
+    path, a path separator, ``.``/``..``, an empty name, or an existing symlink that resolves outside ``root``.
+    ``name=None`` means ``root`` is the run directory itself. Raises ``ValueError`` naming the field."""
+    root = Path(root)
+    if name is None:
+        return root
+    if not isinstance(name, str):
+        raise ValueError(f"name: expected a run name (str), found {type(name).__name__}")
+    if (name in ("", ".", "..") or "/" in name or "\\" in name or "\x00" in name
+            or os.path.isabs(name)):
+        raise ValueError(f"name: expected one plain directory name inside {root} (no '/', '\\', '.' or '..'), "
+                         f"found {name!r}")
+    run_dir = root / name
+    if run_dir.is_symlink():
+        target = run_dir.resolve()
+        base = root.resolve()
+        if target != base and base not in target.parents:
+            raise ValueError(f"name: {run_dir} is a symlink to {target}, outside the root {base}; refusing to "
+                             "write there")
+    return run_dir
+
+
+# -- writer locks -------------------------------------------------------------------------------------
+class RunLockedError(RuntimeError):
+    """Another live process holds the writer lock of this run directory and rank (the message names it)."""
+
+
+def _lock_holder_text(info: dict) -> str:
+    return (f"pid {info.get('pid')} on host {info.get('host')!r} since {info.get('started')}"
+            + (f" ({info.get('argv')})" if info.get("argv") else ""))
+
+
+class WriterLock:
+    """Exclusive writer lock of one (run directory, writer) pair, e.g. ``rank0``: ``RUN/_live/rank0.lock``.
+
+    Taken with ``flock(LOCK_EX | LOCK_NB)``, which the kernel drops when the holder exits or dies, so a lock
+    left behind by a killed process is free and is taken over (``stale`` then describes the dead holder).
+    The file holds the holder's pid, host and start time, which a refused second writer names. A holder on
+    another host (shared filesystem) counts as live while its heartbeat ``RUN/_live/rank{r}.json`` is
+    younger than ``stale_s`` seconds.
+    """
+
+    def __init__(self, run_dir: Path, writer: str, *, stale_s: float = 60.0):
+        self.path = Path(run_dir) / LIVE_DIR / f"{writer}.lock"
+        self.heartbeat = Path(run_dir) / LIVE_DIR / f"{writer}.json"
+        self.writer = writer
+        self.stale_s = float(stale_s)
+        self.stale: dict | None = None  # the previous holder, when a leftover lock was taken over
+        self._fd: int | None = None
+
+    def _read(self, fd: int) -> dict:
+        try:
+            os.lseek(fd, 0, os.SEEK_SET)
+            data = os.read(fd, 65536)
+            info = json.loads(data.decode("utf-8")) if data.strip() else {}
+            return info if isinstance(info, dict) else {}
+        except (OSError, ValueError):
+            return {}
+
+    def acquire(self) -> "WriterLock":
+        import datetime as _dt
+        import fcntl
+        import socket
+        import sys
+        import time
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            info = self._read(fd)
+            os.close(fd)
+            raise RunLockedError(
+                f"{self.path.parent.parent}: writer '{self.writer}' is locked by {_lock_holder_text(info)} "
+                f"(lock file {self.path}); two writers would mix the run. Stop that process, or write to "
+                "another run name / rank"
+            ) from None
+        host = socket.gethostname()
+        info = self._read(fd)
+        if info.get("pid") is not None and not info.get("released"):
+            if info.get("host") != host:
+                try:
+                    beat_age = time.time() - self.heartbeat.stat().st_mtime
+                except OSError:
+                    beat_age = float("inf")
+                if beat_age < self.stale_s:
+                    os.close(fd)
+                    raise RunLockedError(
+                        f"{self.path.parent.parent}: writer '{self.writer}' is locked by {_lock_holder_text(info)}"
+                        f" whose heartbeat {self.heartbeat} is {beat_age:.0f} s old (live); two writers would mix "
+                        "the run"
+                    )
+            self.stale = info
+        mine = {"pid": os.getpid(), "host": host, "writer": self.writer,
+                "started": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                "argv": " ".join(sys.argv[:3])[:200]}
+        os.ftruncate(fd, 0)
+        os.lseek(fd, 0, os.SEEK_SET)
+        os.write(fd, json.dumps(mine).encode("utf-8"))
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        """Mark the lock released and drop it (idempotent)."""
+        if self._fd is None:
+            return
+        import fcntl
+
+        fd, self._fd = self._fd, None
+        try:
+            info = self._read(fd)
+            info["released"] = True
+            os.ftruncate(fd, 0)
+            os.lseek(fd, 0, os.SEEK_SET)
+            os.write(fd, json.dumps(info).encode("utf-8"))
+        except OSError:
+            pass
+        finally:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_UN)
+            finally:
+                os.close(fd)
+
+
+def check_unlocked(run_dir: Path) -> None:
+    """Raise ``RunLockedError`` when any writer of ``run_dir`` holds its lock (e.g. before deleting the run)."""
+    live = Path(run_dir) / LIVE_DIR
+    if not live.is_dir():
+        return
+    for f in sorted(live.glob("*.lock")):
+        lock = WriterLock(run_dir, f.stem)
+        lock.acquire()
+        lock.release()

@@ -20,7 +20,7 @@ from pathlib import Path
 import polars as pl
 import pyarrow.parquet as pq
 
-from cppo_diag.storage import layout, schema
+from cppo_diag.storage import layout, schema, validate
 from cppo_diag.storage.batches import BATCH_COLUMNS, Batch, batches_from_frame
 
 
@@ -32,7 +32,16 @@ class RunWarning(UserWarning):
     """A part of a run was skipped while reading (the message names the file)."""
 
 
+# meta.json fields the readers use, with the JSON types schema.META_KEYS gives them (null is always allowed).
+_META_TYPES = (("rule_params", dict, "a JSON object"), ("config", dict, "a JSON object"),
+               ("rule", str, "a string"), ("name", str, "a string"), ("status", str, "a string"),
+               ("anchor", str, "a string"), ("trainer", str, "a string"))
+
 _LIVE_STALE_S = 60.0  # heartbeat older than this from another host => not live
+
+# Shards read and checked once in this process (storage.validate): (path, size, mtime_ns, inode) -> ShardFacts.
+# Shards are immutable once renamed into place, so a checked file stays checked until it changes.
+_VERIFIED: dict[tuple[str, int, int, int], validate.ShardFacts] = {}
 
 
 class Run:
@@ -57,9 +66,16 @@ class Run:
                 f"{meta_path}: schema_version expected {schema.SCHEMA_VERSION}, found {version!r}"
                 + (" (written by a newer cppo-diag; upgrade)" if isinstance(version, int) and version > schema.SCHEMA_VERSION else "")
             )
+        for key, types, want in _META_TYPES:
+            if key in meta and meta[key] is not None and not isinstance(meta[key], types):
+                raise RunFormatError(f"{meta_path}: field '{key}' expected {want}, found "
+                                     f"{type(meta[key]).__name__} {json.dumps(meta[key])[:60]}")
         self.meta: dict = meta
         self.name: str = meta.get("name") or self.path.name
         self._footer_cache: dict[Path, tuple[tuple[int, int], object]] = {}
+        self._facts: dict[Path, validate.ShardFacts] = {}  # token shards: what storage.validate found
+        self._checks: dict | None = None  # RUN/_cache/shard_checks.json, loaded on first use
+        self._checks_dirty = False
         self._warned: set[str] = set()
 
     def __repr__(self) -> str:
@@ -141,14 +157,48 @@ class Run:
                 arrow_schema = pq.read_schema(path)
             except Exception as exc:  # noqa: BLE001 - any parse failure means a corrupt footer
                 reason = f"unreadable footer ({exc})"
+        if reason is None:
+            # A valid footer over corrupt data pages would fail every query later, without naming the file;
+            # token shards are also checked against storage.validate's rules (step, duplicate keys, values).
+            vkey = (str(path), st.st_size, st.st_mtime_ns, st.st_ino)
+            if vkey not in _VERIFIED:
+                rel = str(path.relative_to(self.path))
+                saved = self._saved_checks().get(rel)
+                if saved is not None and saved[0] == vkey[1:]:
+                    _VERIFIED[vkey] = saved[1]  # checked by an earlier process (RUN/_cache/shard_checks.json)
+                else:
+                    if path.parent.parent.name == schema.TOKENS_DIR:
+                        _VERIFIED[vkey] = validate.inspect_token_shard(path, layout.parse_step_dir(path.parent.name))
+                    else:
+                        _VERIFIED[vkey] = validate.ShardFacts(reason=layout.verify_parquet_pages(path))
+                    self._saved_checks()[rel] = (vkey[1:], _VERIFIED[vkey])
+                    self._checks_dirty = True
+            facts = _VERIFIED[vkey]
+            reason = facts.reason
+            self._facts[path] = facts
         if reason is not None:
-            self._warn(str(path), f"skipping corrupt or truncated shard {path}: {reason}")
+            what = "corrupt or truncated shard" if reason.startswith(("corrupt", "unreadable", "missing", "file is",
+                                                                        "footer", "cannot")) else "shard"
+            self._warn(str(path), f"skipping {what} {path}: {reason}")
             self._footer_cache[path] = (key, None)
             return None
         self._footer_cache[path] = (key, arrow_schema)
         return arrow_schema
 
+    def _saved_checks(self) -> dict:
+        if self._checks is None:
+            self._checks = validate.load_cache(self.path)
+        return self._checks
+
     def _shards(self, kind: str, include_incomplete: bool) -> list[tuple[Path, object]]:
+        out = self._list_shards(kind, include_incomplete)
+        if self._checks_dirty:  # new checks: keep them for the next process (best effort)
+            self._checks_dirty = False
+            live = {str(p.relative_to(self.path)) for p in self.path.glob("*/step=*/*.parquet")}
+            validate.save_cache(self.path, {k: v for k, v in self._saved_checks().items() if k in live})
+        return out
+
+    def _list_shards(self, kind: str, include_incomplete: bool) -> list[tuple[Path, object]]:
         top = self.path / (schema.TOKENS_DIR if kind == "tokens" else schema.SEQUENCES_DIR)
         if not top.is_dir():
             return []
@@ -185,7 +235,38 @@ class Run:
                 arrow_schema = self._check_shard(f)
                 if arrow_schema is not None:
                     out.append((f, arrow_schema))
+        if kind == "tokens":
+            out = self._check_token_shards(out)
         return out
+
+    def _check_token_shards(self, shards: list[tuple[Path, object]]) -> list[tuple[Path, object]]:
+        """Skip shards that repeat another shard's token keys (the later one by name, with a warning) and
+        warn once per shard about rows excluded for impossible values (storage.validate)."""
+        by_step: dict[Path, list[tuple[Path, object]]] = {}
+        for shard in shards:
+            by_step.setdefault(shard[0].parent, []).append(shard)
+        skip: set[Path] = set()
+        for group in by_step.values():
+            if len(group) > 1:
+                ranges = [(p, self._facts[p].ranges if p in self._facts else None) for p, _ in group]
+                for later, (earlier, key) in validate.overlapping_shards(ranges).items():
+                    skip.add(later)
+                    self._warn(str(later), f"skipping shard {later}: it repeats the tokens of {earlier.name} "
+                                           f"(update, rank, seq_id) = {key} (a duplicated shard?)")
+        out = []
+        for path, arrow_schema in shards:
+            if path in skip:
+                continue
+            facts = self._facts.get(path)
+            if facts is not None and facts.bad_rows:
+                detail = ", ".join(f"{k}: {v}" for k, v in facts.bad_counts.items())
+                self._warn(f"{path}:values", f"excluding {facts.bad_rows} of {facts.rows} rows of {path} with "
+                                             f"impossible values ({detail}; a log-prob must be finite and <= 0)")
+            out.append((path, arrow_schema))
+        return out
+
+    def _bad_value_shards(self, shards) -> set[Path]:
+        return {p for p, _ in shards if p in self._facts and self._facts[p].bad_rows}
 
     # -- tables -------------------------------------------------------------------------------------
     def token_files(self, include_incomplete: bool = False) -> list[Path]:
@@ -201,7 +282,7 @@ class Run:
         """
         shards = self._shards("tokens", include_incomplete)
         return _scan(shards, schema.TOKEN_COLUMNS, schema.REQUIRED_TOKEN_COLUMNS, ("update", "rank"),
-                     all_columns=all_columns, what="token")
+                     all_columns=all_columns, what="token", filter_paths=self._bad_value_shards(shards))
 
     def sequences(self, *, include_incomplete: bool = False, all_columns: bool = False) -> pl.LazyFrame:
         """Per-sequence rows (prompt/completion text, tokens, reward, length, ...) of completed steps."""
@@ -231,7 +312,7 @@ class Run:
             steps = tqdm(steps, desc="steps", unit="step")
         for step in steps:
             lf = _scan(by_step[step], schema.TOKEN_COLUMNS, schema.REQUIRED_TOKEN_COLUMNS, ("update", "rank"),
-                       all_columns=False, what="token")
+                       all_columns=False, what="token", filter_paths=self._bad_value_shards(by_step[step]))
             names = lf.collect_schema().names()
             cols = [c for c in (columns or BATCH_COLUMNS) if c in names]
             yield from batches_from_frame(lf.filter(pl.col("step") == step).select(cols).collect())
@@ -242,9 +323,10 @@ class Run:
         sdir = self.path / schema.SCALARS_DIR
         rows = []
         order = 0
+        family: dict[str, str] = {}  # scalar name -> type of its first value (number, bool or str)
         for f in sorted(sdir.glob("rank*.jsonl")) if sdir.is_dir() else []:
             try:
-                lines = f.read_text(encoding="utf-8").splitlines()
+                lines = f.read_text(encoding="utf-8", errors="replace").splitlines()
             except OSError as exc:
                 self._warn(str(f), f"skipping scalars file {f}: {exc}")
                 continue
@@ -253,10 +335,29 @@ class Run:
                     continue
                 try:
                     row = json.loads(line)
-                    int(row["step"])
-                except (ValueError, KeyError, TypeError):
+                except ValueError:
                     self._warn(f"{f}:{i}", f"skipping malformed line {i + 1} of {f} (partial write?)")
                     continue
+                step = row.get("step") if isinstance(row, dict) else None
+                if isinstance(step, float) and step.is_integer():
+                    step = row["step"] = int(step)
+                if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+                    self._warn(f"{f}:{i}", f"skipping line {i + 1} of {f}: expected a JSON object with 'step' a "
+                                           f"non-negative integer, found {line.strip()[:80]!r}")
+                    continue
+                for name in [k for k in row if k not in ("step", "rank")]:
+                    v = row[name]
+                    kind = (None if v is None else "bool" if isinstance(v, bool) else
+                            "number" if isinstance(v, (int, float)) else "str" if isinstance(v, str) else "other")
+                    if kind is None:
+                        continue
+                    if kind == "other" or family.setdefault(name, kind) != kind:
+                        want = family[name] if kind != "other" else "a number, bool or string"
+                        self._warn(f"{f}:{i}:{name}", f"line {i + 1} of {f}: scalar '{name}' expected {want}, "
+                                                      f"found {v!r:.60}; value skipped")
+                        del row[name]
+                if not isinstance(row.get("rank", 0), int) or isinstance(row.get("rank"), bool):
+                    row.pop("rank")
                 row["_order"] = order
                 order += 1
                 rows.append(row)
@@ -303,7 +404,8 @@ def _polars_family(dtype: pl.DataType) -> str:
     return str(dtype)
 
 
-def _scan(shards, dtypes: dict, required: dict, fill_zero: tuple[str, ...], *, all_columns: bool, what: str) -> pl.LazyFrame:
+def _scan(shards, dtypes: dict, required: dict, fill_zero: tuple[str, ...], *, all_columns: bool, what: str,
+          filter_paths: set | frozenset = frozenset()) -> pl.LazyFrame:
     present: dict[str, pl.DataType] = {}
     for path, arrow_schema in shards:
         names = set(arrow_schema.names)
@@ -328,15 +430,20 @@ def _scan(shards, dtypes: dict, required: dict, fill_zero: tuple[str, ...], *, a
     # use wider types. Scan each distinct schema once, cast to the schema.py dtypes, insert typed nulls.
     groups: dict[tuple, list[str]] = {}
     for path, arrow_schema in shards:
-        key = tuple((f.name, str(f.type)) for f in arrow_schema if f.name in target)
+        # every column in the key: a shard with extra (unknown, newer) columns is scanned apart, and the
+        # select below drops those columns (docs/run-format.md, versioning: added optional columns are compatible)
+        # shards with rows that break storage.validate's value rule are scanned apart and filtered
+        key = (path in filter_paths,) + tuple((f.name, str(f.type)) for f in arrow_schema)
         groups.setdefault(key, []).append(str(path))
     frames = []
     for key, files in groups.items():
-        have = {name for name, _ in key}
+        have = {name for name, _ in key[1:] if name in target}
         lf = pl.scan_parquet(files, hive_partitioning=False)
-        frames.append(lf.select([
+        lf = lf.select([
             (pl.col(c).cast(t) if c in have else pl.lit(None, dtype=t)).alias(c) for c, t in target.items()
-        ]))
+        ])
+        pred = validate.valid_token_rows(have) if key[0] else None
+        frames.append(lf.filter(pred) if pred is not None else lf)
     lf = frames[0] if len(frames) == 1 else pl.concat(frames, how="vertical")
     return lf.with_columns([pl.col(c).fill_null(0) for c in fill_zero if c in target])
 

@@ -16,7 +16,8 @@ Conventions
   (they key ``cppo_shuffled``'s permutation).
 * All log-probs are natural-log probabilities of the *sampled* token; ``logp`` is the current policy at
   loss time (pi), ``logp_rollout`` the sampler's value (mu), ``logp_old`` the trainer's recomputed old
-  policy (pi_old), when it has one.
+  policy (pi_old), when it has one; ``logp_behavior`` the sampling weights' log-prob under the trainer's
+  numerics (so engine mismatch and policy lag separate).
 """
 
 from __future__ import annotations
@@ -53,6 +54,12 @@ OPTIONAL_TOKEN_COLUMNS: dict[str, pl.DataType] = {
     "group_id": pl.Int64,  # GRPO group (prompt) the response belongs to
     "token_id": pl.Int64,  # vocabulary id of the sampled token
     "logp_old": pl.Float32,  # pi_old
+    # attribution (docs/run-format.md "Attribution"): the sampled token's log-prob under the weights that
+    # sampled it, computed with the trainer's numerics; log pi - log mu = engine + lag + update with
+    # engine = logp_behavior - logp_rollout, lag = logp_old - logp_behavior, update = logp - logp_old
+    "logp_behavior": pl.Float32,
+    "lag": pl.Int32,  # optimiser steps between the weights that sampled the token and the weights that computed logp
+    "fork": pl.Boolean,  # the task's oracle: this position admits two right tokens (the chain task's forks)
     "entropy": pl.Float32,  # entropy of the current policy at this position
     "reward": pl.Float32,  # sequence reward broadcast to tokens
     "keep_applied": pl.Boolean,  # the mask the trainer actually used

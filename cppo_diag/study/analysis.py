@@ -23,8 +23,8 @@ Per-seed metrics (one value per run):
 * ``mean_tv``: mean |pi - mu| over the logged tokens.
 
 The token metrics and the Fig. 2 / Fig. 7 diagnostics pool the updates ``cppo_diag.analyses.updates.default_updates``
-selects: for runs with several updates per batch only the updates after the first (in the first, pi = mu, and
-pooling it would halve mean |pi - mu| and the masked fraction), else every update. The results page says
+selects: the tokens with recorded lag > 0 for runs that record lag (every update of a stale-rollout run), else
+for runs with several updates per batch the updates after the first, else every update. The results page says
 which. Pooled token frames carry a ``run`` column, so responses of different seeds never merge.
 
 Comparisons (:func:`comparison_table`): the reference rule against every other rule, paired by seed (t interval,
@@ -585,8 +585,11 @@ def _updates_sentence(data: StudyData) -> str:
         return ""
     if used == ["after_first"]:
         return ("These token metrics and the Fig. 2 / Fig. 7 panels pool the updates after the first of each "
-                "batch: the runs take several updates per batch, and in the first one pi = mu (nothing to mask), "
-                "so pooling it would dilute both.")
+                "batch (the runs record no lag, so this assumes on-policy sampling, where the first update "
+                "holds only the engine mismatch).")
+    if used == ["lagged"]:
+        return ("These token metrics and the Fig. 2 / Fig. 7 panels pool the tokens the policy had moved on since "
+                "sampling (recorded lag > 0): with stale rollouts, every update of a batch.")
     return ("These token metrics and the Fig. 2 / Fig. 7 panels pool "
             + "; ".join(f"{UPDATE_LABELS[u]} (`{u}`)" for u in used) + ".")
 

@@ -57,7 +57,7 @@ __all__ = [
     "preset_path",
 ]
 
-PRESETS = ("cpu", "long", "ci-tiny", "gpu", "gpu-smoke")
+PRESETS = ("cpu", "long", "calib-long", "ci-tiny", "gpu", "gpu-smoke")
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 

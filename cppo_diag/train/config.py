@@ -50,6 +50,8 @@ class TaskConfig:
                           "density rising linearly along the answer (the long preset: 0.5)")
     detour_credit: float = F(1.0, "chain with forks: partial-reward credit of a digit that takes a fork's detour "
                                   "(value + 5) instead of the rule's value (1 = no preference)")
+    fork_profile: str = F("rising", "chain with forks: where the forks fall: 'rising' (density rising linearly along "
+                                    "the answer) or 'uniform' (the same count, evenly spread; its own warm start)")
     path: str = F("", "dataset: .jsonl or .parquet file of rows with a prompt and an answer")
     prompt_field: str = F("prompt", "dataset: prompt column (a string or a chat list)")
     answer_field: str = F("answer", "dataset: reference answer column, compared with the last \\boxed{} after normalisation")
@@ -110,6 +112,9 @@ class LogConfig:
     record: bool = F(True, "write per-token data through RunRecorder (off: scalars still printed)")
     every_n_steps: int = F(1, "RunRecorder: record tokens every n steps")
     seq_fraction: float = F(1.0, "RunRecorder: fraction of sequences whose tokens are recorded")
+    behavior_logp: bool = F(False, "attribution: also score each sampled batch with the sampling weights under the "
+                                   "trainer's numerics (column logp_behavior) and record logp_old whatever the "
+                                   "anchor, so log pi - log mu splits into engine + lag + update (docs/trainer.md)")
     eval_every: int = F(0, "greedy evaluation every n iterations (0 = only before and after)")
     eval_k: int = F(0, "Avg@k: samples per held-out prompt at eval temperature/top_p (0 = off)")
     eval_temperature: float = F(0.7, "Avg@k sampling temperature")
@@ -117,6 +122,7 @@ class LogConfig:
     progress: bool = F(True, "tqdm progress bar")
     tensorboard: bool = F(False, "also write step scalars to a TensorBoard event file in RUN/tensorboard/")
     wandb: bool = F(False, "also log step scalars to W&B, meta.json as config (offline without a key)")
+    position_figure_every: int = F(10, "with tensorboard/wandb: divergence-by-position figure every n steps (0 = off)")
 
 
 @dataclass
@@ -182,15 +188,63 @@ class TrainConfig:
         need(self.optim.trunc_cap is None or self.optim.trunc_cap > 0, "optim.trunc_cap", "a number > 0",
              self.optim.trunc_cap)
         need(self.log.every_n_steps >= 1, "log.every_n_steps", "an integer >= 1", self.log.every_n_steps)
+        need(self.log.position_figure_every >= 0, "log.position_figure_every", "an integer >= 0",
+             self.log.position_figure_every)
         for sink in ("tensorboard", "wandb"):
             if getattr(self.log, sink) and not self.log.record:
                 raise ValueError(f"log.{sink}: mirrors the recorder's scalars, so it needs log.record true (found false)")
+        from cppo_diag.capture.sinks import check_sinks_installed
+
+        for sink in ("tensorboard", "wandb"):  # a missing package: one line naming the extra, before any model
+            if getattr(self.log, sink):
+                check_sinks_installed([sink], f"log.{sink}")
         rule = get_rule(self.rule.name)  # an unknown rule raises here, listing the known ones
         unknown = sorted(set(self.rule.params) - set(PARAMETERS))
         if unknown:
             raise ValueError(f"rule.params: unknown parameter(s) {unknown} for rule {self.rule.name!r}; "
                              f"rule parameters are {sorted(rule.params)} (see `cppo-diag rules`)")
         choice("rule.anchor", self.rule.anchor, ("rollout", "old"))
+
+        import math
+
+        def number(name: str, value, lo: float, hi: float = math.inf, *, lo_open: bool = False,
+                   hi_open: bool = False, integer: bool = False) -> None:
+            kind = "an integer" if integer else "a number"
+            ok = (isinstance(value, int if integer else (int, float)) and not isinstance(value, bool)
+                  and math.isfinite(value) and (value > lo if lo_open else value >= lo)
+                  and (value < hi if hi_open else value <= hi))
+            span = f"{'(' if lo_open else '['}{lo}, {hi}{')' if hi_open or hi == math.inf else ']'}"
+            need(ok, name, f"{kind} in {span}", value)
+
+        number("steps", self.steps, 0, integer=True)
+        number("seed", self.seed, 0, integer=True)
+        number("threads", self.threads, 0, integer=True)
+        number("optim.lr", self.optim.lr, 0.0, lo_open=True)
+        number("optim.weight_decay", self.optim.weight_decay, 0.0)
+        number("optim.beta1", self.optim.beta1, 0.0, 1.0, hi_open=True)
+        number("optim.beta2", self.optim.beta2, 0.0, 1.0, hi_open=True)
+        number("optim.grad_clip", self.optim.grad_clip, 0.0)
+        # temperature 0 samples every group's n responses alike: equal rewards, every group skipped
+        number("rollout.temperature", self.rollout.temperature, 0.0, lo_open=True)
+        number("log.seq_fraction", self.log.seq_fraction, 0.0, 1.0, lo_open=True)
+        number("log.eval_temperature", self.log.eval_temperature, 0.0, lo_open=True)
+        number("ckpt.every", self.ckpt.every, 0, integer=True)
+        number("ckpt.keep", self.ckpt.keep, 0, integer=True)
+        if self.rollout.n == 1 and self.optim.skip_zero_var:
+            raise ValueError("rollout.n: expected >= 2 with optim.skip_zero_var (a group of one response has zero "
+                             "reward variance, so every group would be skipped), found 1")
+        # The rule checks its own parameters: run it once on a one-token batch (microseconds), so that e.g.
+        # delta=-1 fails here, before any run directory exists, not at the first update.
+        import torch
+
+        from cppo_diag.masks import compute_mask
+
+        one = torch.zeros(1, 1)
+        try:
+            compute_mask(self.rule.name, logp=one, logp_rollout=one, advantages=torch.zeros(1), logp_old=one,
+                         **self.rule.params)
+        except (ValueError, TypeError) as exc:
+            raise ValueError(f"rule.params ({self.rule.name}): {exc}") from None
         choice("doctor.on_critical", self.doctor.on_critical, ("halt", "warn"))
         if self.doctor.live:
             from cppo_diag.analyses.doctor import DOCTOR_SETTINGS
@@ -217,14 +271,14 @@ PRESETS: dict[str, dict] = {
         "rule": {"name": "cppo", "params": {}},
         "task": {"kind": "fib", "reward": "partial"},
     },
-    "long": {  # the long-horizon, off-policy regime (docs/trainer.md "The long preset"): ~5 min on 2 cores
-        "steps": 60,
-        "threads": 1,  # the figures in README / docs/trainer.md reproduce exactly on any machine (0: torch's default)
-        "log": {"eval_every": 20},
+    "long": {  # the long-horizon, off-policy regime (docs/trainer.md "The long preset"; calibrated by scripts/calibrate_long.py)
+        "steps": 40,
+        "threads": 1,  # one torch thread: the figures do not depend on the machine's core count (0: torch's default)
+        "log": {"eval_every": 20, "behavior_logp": True},
         "task": {"kind": "chain", "reward": "partial", "min_terms": 160, "max_terms": 160, "forks": 0.5,
-                 "detour_credit": 0.0},
-        "rollout": {"prompts_per_step": 8, "n": 8, "max_new_tokens": 161, "staleness": 6, "precision": "bf16"},
-        "optim": {"lr": 2e-4, "warmup_steps": 6, "schedule": "cosine", "epochs": 2, "updates_per_batch": 2},
+                 "detour_credit": 0.0, "eval_size": 512},
+        "rollout": {"prompts_per_step": 8, "n": 8, "max_new_tokens": 161, "staleness": 8, "precision": "bf16"},
+        "optim": {"lr": 1e-4, "warmup_steps": 6, "schedule": "constant", "epochs": 2, "updates_per_batch": 2},
         "rule": {"name": "dppo", "params": {}},
     },
     "tiny": {  # tests: seconds

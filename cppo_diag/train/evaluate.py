@@ -12,22 +12,29 @@ from .tasks.base import Problem
 
 @torch.no_grad()
 def evaluate(policy, sampler, problems: list[Problem], score, *, max_new_tokens: int, k: int = 0,
-             temperature: float = 0.7, top_p: float = 0.95, batch_size: int = 64, generator=None) -> dict[str, float]:
-    """``eval/greedy_acc`` and ``eval/greedy_reward`` (temperature 0) and, when k > 0, ``eval/avg@k`` (mean
-    exact accuracy over k samples per prompt at ``temperature`` / ``top_p``)."""
+             temperature: float = 0.7, top_p: float = 0.95, batch_size: int = 128, generator=None,
+             valid_share=None) -> dict[str, float]:
+    """``eval/greedy_acc`` and ``eval/greedy_reward`` (temperature 0), ``eval/greedy_valid_share`` when the task
+    gives a per-digit ``valid_share(problem, completion)`` (the chain task), and, when k > 0, ``eval/avg@k``
+    (mean exact accuracy over k samples per prompt at ``temperature`` / ``top_p``)."""
     was_training = policy.module.training
     policy.module.eval()
     out: dict[str, float] = {}
-    accs, rewards = [], []
+    accs, rewards, shares = [], [], []
     for i in range(0, len(problems), batch_size):
         chunk = problems[i : i + batch_size]
         rb = sampler.generate([policy.encode_prompt(p.prompt) for p in chunk], max_new_tokens=max_new_tokens, greedy=True)
         for p, ids, m in zip(chunk, rb.response_ids.tolist(), rb.response_mask.tolist()):
-            r, c = score(p, policy.decode([t for t, v in zip(ids, m) if v and t != policy.eos_id]))
+            text = policy.decode([t for t, v in zip(ids, m) if v and t != policy.eos_id])
+            r, c = score(p, text)
             accs.append(c)
             rewards.append(r)
+            if valid_share is not None:
+                shares.append(valid_share(p, text))
     out[M.EVAL_GREEDY_ACC] = float(np.mean(accs))
     out[M.EVAL_GREEDY_REWARD] = float(np.mean(rewards))
+    if shares:
+        out[M.EVAL_GREEDY_VALID_SHARE] = float(np.mean(shares))
     if k > 0:
         hits = []
         for i in range(0, len(problems), max(1, batch_size // k)):

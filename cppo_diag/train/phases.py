@@ -39,8 +39,8 @@ from .tasks.base import heldout_scalars
 def sequence_logprobs(policy, module, batch: RolloutBatch, *, temperature: float, autocast, with_entropy: bool):
     """pi's log-probs of the sampled tokens (B, T) (carries grad) and, optionally, the entropy (B, T) (no grad).
 
-    Same layout as generation (left-padded prompt, then the response), so pi == mu up to numerics before the
-    first update.
+    Same layout as generation (left-padded prompt, then the response), so with the sampling weights it gives
+    mu up to the sampler's numerics (the ``logp_behavior`` of attribution).
     """
     device = batch.response_ids.device
     p_ids, p_mask = left_pad(batch.prompt_ids, policy.pad_id, device)  # (B, Lp)
@@ -65,7 +65,20 @@ def sequence_logprobs(policy, module, batch: RolloutBatch, *, temperature: float
 def index_batch(batch: RolloutBatch, idx: list[int]) -> RolloutBatch:
     t = torch.as_tensor(idx, dtype=torch.long, device=batch.response_ids.device)
     return RolloutBatch(prompt_ids=[batch.prompt_ids[i] for i in idx], response_ids=batch.response_ids[t],
-                        response_mask=batch.response_mask[t], logp_rollout=batch.logp_rollout[t])
+                        response_mask=batch.response_mask[t], logp_rollout=batch.logp_rollout[t],
+                        logp_behavior=None if batch.logp_behavior is None else batch.logp_behavior[t],
+                        opt_step=batch.opt_step)
+
+
+def optimizer_steps(optimizer) -> int:
+    """Optimiser steps taken so far (AdamW's own per-parameter counter, so it survives a resume): the clock of
+    the run-format column ``lag``."""
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            st = optimizer.state.get(p)
+            if st and "step" in st:
+                return int(st["step"])
+    return 0
 
 
 def pack_queue(queue: dict[int, tuple[RolloutBatch, int]]) -> dict[str, torch.Tensor]:
@@ -78,7 +91,10 @@ def pack_queue(queue: dict[int, tuple[RolloutBatch, int]]) -> dict[str, torch.Te
             prompts[i, : len(p)] = torch.tensor(p, dtype=torch.long)
         out.update({f"{j}.prompt_ids": prompts, f"{j}.prompt_len": lens,
                     **{f"{j}.{k}": getattr(b, k).detach().cpu().clone() for k in ("response_ids", "response_mask", "logp_rollout")},
-                    f"{j}.version": torch.tensor([version], dtype=torch.long)})
+                    f"{j}.version": torch.tensor([version], dtype=torch.long),
+                    f"{j}.opt_step": torch.tensor([b.opt_step], dtype=torch.long)})
+        if b.logp_behavior is not None:
+            out[f"{j}.logp_behavior"] = b.logp_behavior.detach().cpu().clone()
     return out
 
 
@@ -89,7 +105,8 @@ def unpack_queue(tensors: dict[str, torch.Tensor]) -> dict[int, tuple[RolloutBat
         t = {k.split(".", 1)[1]: v for k, v in tensors.items() if k.split(".")[0] == str(j)}
         prompts = [row[:n].tolist() for row, n in zip(t["prompt_ids"].cpu(), t["prompt_len"].tolist())]
         queue[j] = (RolloutBatch(prompt_ids=prompts, response_ids=t["response_ids"], response_mask=t["response_mask"].bool(),
-                                 logp_rollout=t["logp_rollout"]), int(t["version"][0]))
+                                 logp_rollout=t["logp_rollout"], logp_behavior=t.get("logp_behavior"),
+                                 opt_step=int(t["opt_step"][0]) if "opt_step" in t else 0), int(t["version"][0]))
     return queue
 
 
@@ -103,6 +120,18 @@ class Rollout:
     rows: list  # the P x n problems; group g = rows g*n .. g*n+n-1
     rewards: np.ndarray  # (B,)
     correct: np.ndarray  # (B,) bool
+    fork: torch.Tensor | None = None  # (B, T) bool, the task's fork oracle (tasks with ``fork_flags``), else None
+
+
+def fork_oracle(task, rows: list, T: int, device) -> torch.Tensor | None:
+    """(B, T) bool: the positions the task knows admit two right tokens (``Task.fork_flags``), or None."""
+    flags = getattr(task, "fork_flags", None)
+    if flags is None or not rows:
+        return None
+    per_row = [flags(p, T) for p in rows]
+    if per_row[0] is None:
+        return None
+    return torch.as_tensor(np.stack(per_row), device=device)
 
 
 def _problems(run: Run, j: int) -> list:
@@ -113,7 +142,11 @@ def _problems(run: Run, j: int) -> list:
 
 
 def sample_batch(run: Run, j: int) -> RolloutBatch:
-    """Iteration j's rollout batch from the current weights; the sampling noise derives from (seed, j, rank)."""
+    """Iteration j's rollout batch from the current weights; the sampling noise derives from (seed, j, rank).
+
+    With ``log.behavior_logp`` the same weights then score the sampled tokens with the trainer's numerics
+    (``logp_behavior``: what mu would be without the sampler's engine), and the batch remembers the optimiser
+    step count of those weights (the clock of ``lag``)."""
     cfg, policy = run.cfg, run.policy
     rows = _problems(run, j)
     run.module.eval()
@@ -123,6 +156,11 @@ def sample_batch(run: Run, j: int) -> RolloutBatch:
                              **({"logit_noise": cfg.rollout.logit_noise * j / max(cfg.steps - 1, 1)}
                                 if cfg.rollout.logit_noise > 0 else {}))
     run.module.train()
+    b.opt_step = optimizer_steps(run.optimizer)
+    if cfg.log.behavior_logp:
+        with torch.no_grad():
+            b.logp_behavior, _ = sequence_logprobs(policy, run.module, b, temperature=cfg.rollout.temperature,
+                                                   autocast=run.amp, with_entropy=False)
     return b
 
 
@@ -147,7 +185,8 @@ def rollout(run: Run, step: int, log, clock: StepClock) -> Rollout:
     log.log_sequences(step=step, seq_ids=list(range(len(rows))), prompts=[p.prompt for p in rows], completions=texts,
                       tokens=[policy.token_strings(r) for r in resp], rewards=rewards, lengths=[len(r) for r in resp],
                       group_ids=[i // n for i in range(len(rows))], correct=correct)
-    return Rollout(batch, version, rows, rewards, correct)
+    return Rollout(batch, version, rows, rewards, correct,
+                   fork=fork_oracle(run.task, rows, batch.response_ids.shape[1], batch.response_ids.device))
 
 
 # -- 2. advantages -------------------------------------------------------------------------------------------
@@ -172,6 +211,7 @@ class TrainBatch:
     advantages: torch.Tensor  # (B',)
     rewards: torch.Tensor  # (B',)
     group_ids: torch.Tensor  # (B',)
+    fork: torch.Tensor | None  # (B', T) bool fork oracle, or None
     n_zero_var: int  # responses in zero-variance groups (all of the rollout batch)
     global_rows: int  # rows kept over every rank (every rank must take the same number of optimiser steps)
 
@@ -187,6 +227,7 @@ def advantages(run: Run, ro: Rollout) -> TrainBatch:
         advantages=torch.as_tensor(adv[keep], device=device),
         rewards=torch.as_tensor(ro.rewards[keep], device=device),
         group_ids=torch.as_tensor([i // cfg.rollout.n for i in keep], device=device),
+        fork=None if ro.fork is None else ro.fork[torch.as_tensor(keep, dtype=torch.long, device=ro.fork.device)],
         n_zero_var=int(zero.sum()), global_rows=all_ranks_sum(run.d, len(keep), device),
     )
 
@@ -217,9 +258,15 @@ def update(run: Run, step: int, ro: Rollout, tb: TrainBatch, log, clock: StepClo
 
 
 def _recompute_old(run: Run, tb: TrainBatch) -> torch.Tensor | None:
-    """rule.anchor = "old": pi_old's log-probs (B', T), recomputed once before any update; else None."""
-    if run.cfg.rule.anchor != "old" or not tb.rows:
+    """pi_old's log-probs (B', T), computed once before any update, when the rule anchors on them
+    (rule.anchor = "old") or the run records attribution (log.behavior_logp); else None. When no optimiser
+    step separates the sampling from now (staleness 0), pi_old is the behaviour policy itself: same weights,
+    same numerics, so its log-probs are ``logp_behavior`` and the lag term is exactly 0."""
+    cfg = run.cfg
+    if not tb.rows or not (cfg.rule.anchor == "old" or cfg.log.behavior_logp):
         return None
+    if tb.batch.logp_behavior is not None and optimizer_steps(run.optimizer) == tb.batch.opt_step:
+        return tb.batch.logp_behavior
     with torch.no_grad():
         logp_old, _ = sequence_logprobs(run.policy, run.module, tb.batch, temperature=run.cfg.rollout.temperature,
                                         autocast=run.amp, with_entropy=False)
@@ -235,8 +282,10 @@ def _minibatch_update(run: Run, step: int, u: int, chunk: np.ndarray, tb: TrainB
     adv, mask = tb.advantages[chunk], mb.response_mask  # (b,), (b, T)
     logp, entropy = sequence_logprobs(run.policy, run.train_module, mb, temperature=cfg.rollout.temperature,
                                       autocast=run.amp, with_entropy=True)  # (b, T) each
-    old = None if logp_old is None else logp_old[chunk]  # (b, T)
+    old_all = None if logp_old is None else logp_old[chunk]  # (b, T) pi_old, whenever computed
+    old = old_all if cfg.rule.anchor == "old" else None  # what the rule anchors on
     anchor_lp = mb.logp_rollout if old is None else old
+    lag = torch.full((len(idx),), optimizer_steps(run.optimizer) - mb.opt_step, dtype=torch.int32)  # before this step
     t0 = clock.now()
     res = compute_mask(cfg.rule.name, logp=logp.detach(), logp_rollout=mb.logp_rollout, advantages=adv,
                        response_mask=mask, logp_old=old, anchor=cfg.rule.anchor, seq_ids=seq_ids, step=step,
@@ -254,9 +303,10 @@ def _minibatch_update(run: Run, step: int, u: int, chunk: np.ndarray, tb: TrainB
              seq_ids=seq_ids, keep=res.keep, entropy=entropy, loss=lmetrics[M.LOSS_POLICY], grad_norm=float(gnorm))
     t0 = clock.now()
     log.log_tokens(step=step, update=u, seq_ids=seq_ids, logp=logp.detach(), logp_rollout=mb.logp_rollout,
-                   advantages=adv, response_mask=mask, logp_old=old, keep_applied=res.keep, reason_applied=res.reason,
+                   advantages=adv, response_mask=mask, logp_old=old_all, keep_applied=res.keep, reason_applied=res.reason,
                    token_ids=mb.response_ids, entropy=entropy, reward=tb.rewards[chunk], group_id=tb.group_ids[chunk],
-                   loss_weight=applied_weight(res, cfg.optim.trunc_cap))
+                   loss_weight=applied_weight(res, cfg.optim.trunc_cap), logp_behavior=mb.logp_behavior, lag=lag,
+                   fork=None if tb.fork is None else tb.fork[chunk])
     clock.log_tokens_s += clock.now() - t0
 
 
@@ -275,7 +325,8 @@ def run_eval(run: Run, step: int) -> dict:
     cfg = run.cfg
     out = evaluate(run.policy, run.eval_sampler, run.task.eval_set(), run.task.score,
                    max_new_tokens=cfg.rollout.max_new_tokens, k=cfg.log.eval_k, temperature=cfg.log.eval_temperature,
-                   top_p=cfg.log.eval_top_p, generator=torch_gen(cfg.seed, step, 10_000 + run.d.rank, run.device))
+                   top_p=cfg.log.eval_top_p, generator=torch_gen(cfg.seed, step, 10_000 + run.d.rank, run.device),
+                   valid_share=getattr(run.task, "valid_share", None))
     return {**out, **heldout_scalars(run.task)}
 
 
@@ -284,6 +335,8 @@ def evaluate_before(run: Run) -> None:
     ev = run_eval(run, 0)
     run.summary[M.SUMMARY_GREEDY_ACC_BEFORE] = ev[M.EVAL_GREEDY_ACC]
     run.summary[M.SUMMARY_GREEDY_REWARD_BEFORE] = ev[M.EVAL_GREEDY_REWARD]
+    if M.EVAL_GREEDY_VALID_SHARE in ev:
+        run.summary[M.SUMMARY_GREEDY_VALID_SHARE_BEFORE] = ev[M.EVAL_GREEDY_VALID_SHARE]
     run.summary.update(heldout_scalars(run.task, prefix=M.SUMMARY))
     if not run.rec.is_done(0):
         run.rec.log_scalars(0, ev)
@@ -317,8 +370,11 @@ def log_step(run: Run, step: int, ro: Rollout, tb: TrainBatch, pool: StepPool, n
         scalars.update(ev)
         run.summary[M.SUMMARY_GREEDY_ACC_AFTER] = ev[M.EVAL_GREEDY_ACC]
         run.summary[M.SUMMARY_GREEDY_REWARD_AFTER] = ev[M.EVAL_GREEDY_REWARD]
+        if M.EVAL_GREEDY_VALID_SHARE in ev:
+            run.summary[M.SUMMARY_GREEDY_VALID_SHARE_AFTER] = ev[M.EVAL_GREEDY_VALID_SHARE]
         scalars.update(run.summary)
     log.log_scalars(step, scalars)
+    pool.log_position_figure(log, cfg.log.position_figure_every)  # pos/ figure to TensorBoard / W&B
     log.end_step(step)
     return scalars
 

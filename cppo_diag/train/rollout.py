@@ -21,6 +21,10 @@ class RolloutBatch:
     response_ids: torch.Tensor  # (B, T) long, pad_id after the end
     response_mask: torch.Tensor  # (B, T) bool, True on generated tokens (EOS included)
     logp_rollout: torch.Tensor  # (B, T) float32, mu's log-prob of each sampled token (0 on padding)
+    # set by the trainer with log.behavior_logp (attribution): the sampling weights' log-probs under the trainer's
+    # numerics (B, T), and how many optimiser steps those weights had taken
+    logp_behavior: torch.Tensor | None = None
+    opt_step: int = 0
 
 
 class Sampler(Protocol):

@@ -2,14 +2,19 @@
 
 A step runs ``epochs * updates_per_batch`` minibatch updates. A fraction, a share, a mean or a quantile of the
 step is taken over the **pooled** tokens (or responses) of all those updates and divided once; averaging the
-per-update ratios instead would weigh a small update like a large one, and count the first update, where
-pi = mu and nothing is masked, as a share of 0.
+per-update ratios instead would weigh a small update like a large one, and count a first update with little
+to mask (with on-policy sampling pi differs from mu there only by the engine mismatch) as a share of 0.
 
 ``StepPool`` keeps, per update, the (detached) tensors the rule saw. At the end of the step the rule is run
 once more through the public ``compute_mask`` on the pooled batch (all updates' rows stacked; every rule works
 per response and ``cppo_shuffled`` is keyed on (step, seq_id), so each row gets exactly the mask it got in its
 update, which is checked) and its own ``metrics`` become the step's: one definition per quantity, shared with
 the offline recompute. The loss metrics come from ``policy_loss`` on the same pooled batch.
+
+``pos/*`` (``cppo_diag.capture.position_live``): the top-decile |pi - mu| and the masked fraction in the first,
+middle and last third of the relative position t / T, over the same pooled tokens; every
+``log.position_figure_every`` steps the divergence-by-position figure goes to the recorder's sinks
+(``log_position_figure``).
 
 Scalars prefixed ``after_first/`` are the same fractions, shares and divergences over the updates after the
 first (pi has left mu there); they are logged when a step has more than one update.
@@ -23,6 +28,7 @@ import numpy as np
 import torch
 
 from cppo_diag import metric_names as M
+from cppo_diag.capture.position_live import PositionTokens, figure_due, position_figure, position_scalars, position_tokens
 from cppo_diag.loss import policy_loss
 from cppo_diag.masks import compute_mask
 from cppo_diag.masks.metrics import divergence_metrics
@@ -90,6 +96,7 @@ class StepPool:
         if not parts:
             return {}
         out = self._pooled(parts)
+        out.update(position_scalars(self._position_tokens(parts)))
         out[M.LOSS_POLICY] = float(np.mean([u.loss for u in parts]))
         out[M.GRAD_NORM] = float(np.mean([u.grad_norm for u in parts]))
         out[M.GRAD_NORM_MAX] = float(np.max([u.grad_norm for u in parts]))
@@ -100,3 +107,16 @@ class StepPool:
                     out[M.after_first(k)] = v
         return out
 
+
+    @staticmethod
+    def _position_tokens(parts: list[_Update]) -> PositionTokens:
+        return PositionTokens.cat([position_tokens(u.logp, u.logp_rollout, u.mask, u.keep) for u in parts])
+
+    def log_position_figure(self, log, every: int) -> None:
+        """Every ``every`` steps (0: never), the divergence-by-position figure of the step's pooled tokens, with
+        the rule's delta / w_t, to ``log``'s sinks (made only when a sink is open)."""
+        parts = [u for u in self.updates if bool(u.mask.any())]
+        if not (parts and figure_due(self.step, every) and getattr(log, "has_sinks", False)):
+            return
+        log.log_figure(self.step, M.POS_FIGURE, position_figure(self._position_tokens(parts), step=self.step,
+                                                                rule=self.rule, rule_params=self.rule_params))

@@ -48,11 +48,13 @@ def train(cfg: TrainConfig, *, recorder_factory=None) -> dict:
     try:
         if run.start == 0 and run.d.main:
             phases.evaluate_before(run)
+        total_updates = 0
         for step in range(run.start, cfg.steps):
             clock, log = StepClock(), run.step_logger(step)
             rollout = phases.rollout(run, step, log, clock)
             batch = phases.advantages(run, rollout)
             pool, n_updates = phases.update(run, step, rollout, batch, log, clock)
+            total_updates += n_updates
             scalars = phases.log_step(run, step, rollout, batch, pool, n_updates, log, clock)
             phases.checkpoint(run, step)
             if guard is not None:
@@ -60,6 +62,12 @@ def train(cfg: TrainConfig, *, recorder_factory=None) -> dict:
             bar.update(1)
             bar.set_postfix(reward=f"{scalars[M.REWARD_MEAN]:.3f}", acc=f"{scalars[M.ACC_MEAN]:.2f}",
                             masked=f"{scalars.get(M.mask_name(cfg.rule.name), 0.0):.3f}")
+        if run.start < cfg.steps and total_updates == 0:  # a run that trained nothing must not look finished
+            raise RuntimeError(
+                f"trained nothing: no optimiser update in steps {run.start}..{cfg.steps - 1}, every group was "
+                "skipped (all n responses of each prompt got the same reward, optim.skip_zero_var); check "
+                "rollout.temperature, rollout.n and the task's reward"
+            )
         if run.d.main and cfg.ckpt.keep == 0:
             drop_checkpoints(run.run_dir)
         run.rec.close()

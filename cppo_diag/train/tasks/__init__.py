@@ -13,7 +13,9 @@ __all__ = ["ArithmeticTask", "ChainTask", "MathDatasetTask", "Problem", "Task", 
 def warmstart_key(cfg) -> str:
     """The shipped warm start a ``TaskConfig`` trains from: ``assets/warmstart_<key>`` (the chain task with forks
     has its own, trained on answers that branch at the forks)."""
-    return "chain_forks" if cfg.kind == "chain" and cfg.forks > 0 else cfg.kind
+    if cfg.kind == "chain" and cfg.forks > 0:
+        return "chain_forks" if cfg.fork_profile == "rising" else f"chain_forks_{cfg.fork_profile}"
+    return cfg.kind
 
 
 def build_task(cfg) -> Task:
@@ -23,7 +25,8 @@ def build_task(cfg) -> Task:
                               reward=cfg.reward, eval_size=cfg.eval_size, eval_seed=cfg.eval_seed)
     if cfg.kind == "chain":
         return ChainTask(min_len=cfg.min_terms, max_len=cfg.max_terms, reward=cfg.reward, eval_size=cfg.eval_size,
-                         eval_seed=cfg.eval_seed, forks=cfg.forks, detour_credit=cfg.detour_credit)
+                         eval_seed=cfg.eval_seed, forks=cfg.forks, detour_credit=cfg.detour_credit,
+                          fork_profile=cfg.fork_profile)
     if cfg.kind == "dataset":
         if not cfg.path:
             raise ValueError("task.path: expected a .jsonl or .parquet file for task.kind='dataset', found ''")
