@@ -23,3 +23,18 @@ def test_logit_noise_grows_the_first_update_mismatch(tmp_path):
     d = dict(zip(gap["step"].to_list(), gap["d"].to_list()))
     assert d[0] < 1e-4  # no noise at iteration 0: pi = mu up to float rounding
     assert d[2] > 0.1 and d[2] > d[1] > d[0]  # sd 1.5 at iteration 1, 3.0 at iteration 2
+
+
+@pytest.mark.slow
+def test_doctor_names_the_engine_as_the_cause(tmp_path):
+    """A growing engine mismatch, logged with logp_behavior: the doctor's divergence findings name the engine."""
+    from cppo_diag.analyses.doctor import diagnose
+    from cppo_diag.cli.main import main
+
+    assert main(["train", "--preset", "tiny", "--steps", "16", "--rollout.logit_noise", "3.0", "--threads", "1",
+                 "--log.behavior_logp", "true", "--log.eval_every", "0", "--ckpt.every", "0", "--ckpt.keep", "0",
+                 "--log.out_dir", str(tmp_path), "--log.name", "noisy"]) == 0
+    fs = {f.id: f for f in diagnose(tmp_path / "noisy", budget=False)}
+    assert fs["mismatch_drift"].evidence["cause"] == "engine"
+    assert "Cause: engine mismatch rising" in fs["mismatch_drift"].message
+    assert fs["divergence_tails_rising"].evidence["cause"] == "engine"
