@@ -34,7 +34,6 @@ from cppo_diag.analyses.updates import resolve_updates, select_updates
 from cppo_diag.masks.away import away_test, ratio
 from cppo_diag.masks.reasons import Reason
 
-CPPO_RULES = ("cppo", "cppo_no_weight", "cppo_shuffled", "cppo_soft", "cppo_no_budget")
 _BY_STEP_SCHEMA = {"step": pl.Int64, "n_valid": pl.Int64, "n_masked": pl.Int64, "n_budget": pl.Int64,
                    "masked_frac": pl.Float64, "budget_share": pl.Float64, "n_resp": pl.Int64,
                    "n_resp_rejected": pl.Int64, "delta_b_mean": pl.Float64, "resp_rejected_frac": pl.Float64}
@@ -159,9 +158,12 @@ def budget_exhaustion(
     the same tables, sums up to the order of float additions); with ``cache`` each group's state is saved
     beside the run (``cppo_diag.analyses.aggregate.cached_map``), so a growing run is recomputed for its new steps only.
     """
-    if rule not in CPPO_RULES:
-        raise ValueError(f"rule: budget_exhaustion needs a CPPO rule with a prefix budget, expected one of "
-                         f"{[r for r in CPPO_RULES if r != 'cppo_no_budget']}, found {rule!r}")
+    from cppo_diag.masks import rules_with
+
+    budget_rules = rules_with(prefix_budget=True)  # the rule facts (masks/registry.py), not a list of names
+    if rule not in budget_rules:
+        raise ValueError(f"rule: budget_exhaustion needs a rule with a prefix budget, expected one of "
+                         f"{budget_rules}, found {rule!r}")
     if anchor is None:
         anchor = run_meta(source).get("anchor") or "rollout"
     if engine is not None and _is_run_dir(source):

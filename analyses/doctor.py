@@ -11,11 +11,24 @@ doubling) for rises too gradual for a change point:
 
 * ``divergence_tails_rising``: the top-decile mean of |log pi - log mu| over the tokens of the updates after
   the first (where the policy has moved away from the sampler);
-* ``mismatch_drift``: mean k3 of the first update's tokens (pi = mu up to the train/inference mismatch), or of
-  pi_old against mu when the run logged ``logp_old``.
+* ``mismatch_drift``: mean k3 of the first update's tokens, or of pi_old against mu when the run logged
+  ``logp_old``: the divergence pi / mu before the batch's own updates, which includes the engine mismatch (the
+  sampler's numerics against the trainer's) and the policy lag of a stale batch; the attribution (when the run
+  logged the columns) says which of them moved.
 
-The collapse step (``collapse_step``) is the first step at which the 5-step moving average of ``reward/mean``
-falls below half of its running maximum.
+Severity (docs/analyses.md, "Doctor: severity"):
+
+* ``critical`` is only ``reward_collapse``, a *sustained* collapse: the first step >= 10 at which the 5-step
+  moving average of ``reward/mean`` falls below half of its running maximum and stays below that half for the rest
+  of the run, with at least 5 steps left (``reward_episodes``). A dip that recovers, or that the run ends too soon
+  after to tell, is the warning ``reward_dip``, which says when it recovered. Online (the live guard) the same
+  definition runs on the steps so far, so a dip stays a warning until it has lasted 5 steps after its first.
+* ``warning``: a dip, or a sustained change that precedes failures (the divergence tails, the divergence pi / mu,
+  the entropy). ``masked_frac_rising`` is a warning only when a divergence check has fired by its step; alone it
+  is ``info`` (a rule that masks more while the divergence holds is doing its job).
+* ``info``: a property of the run, or what the logs cannot tell.
+
+Every setting lives in ``DOCTOR_SETTINGS`` (one frozen, versioned dataclass); each finding carries its version.
 """
 
 from __future__ import annotations
@@ -34,24 +47,57 @@ from cppo_diag import metric_names as M
 
 SEVERITIES = ("info", "warning", "critical")
 
-# Statistics and their defaults (docs/analyses.md, "Doctor").
-MIN_STEPS = 10  # logged steps a per-step trend test needs
-CUSUM_WARMUP = 8  # points that only form the reference before the test starts
-CUSUM_K = 1.0  # allowance, in robust standard deviations
-CUSUM_H = 5.0  # decision interval, in robust standard deviations
-CUSUM_Z_CAP = 3.0  # one point adds at most this much: a single outlier never raises an alarm alone
-LOG_SCALE_FLOOR = 0.1  # smallest robust sd of a log-series (changes under ~10% are not a change)
-MISMATCH_FLOOR = 1e-5  # mean |log x - log mu| below this is float32 rounding of log-probs, not a mismatch
-COLLAPSE_WINDOW = 5
-COLLAPSE_FRACTION = 0.5
-COLLAPSE_MIN_STEP = 10
-ALPHA = 0.01  # significance level of the Mann-Kendall trend tests
-TREND_ALPHA = 0.001  # one-sided level of the sequential Mann-Kendall early warning (one look per step)
-TREND_WINDOW = 60  # the sequential trend test looks at the latest this many logged steps
-TREND_MIN_RISE = math.log(2.0)  # ... and needs the Theil-Sen fit to at least double over that window
-TREND_MIN_SNR = 2.0  # ... and to rise by at least twice the robust sd of the points around the fit
-ENTROPY_COLLAPSE_FRACTION = 0.1  # entropy below 10% of its early level
-BUDGET_EARLY_FRACTION = 0.25  # median first budget rejection within the first quarter of the response
+
+@dataclass(frozen=True)
+class DoctorSettings:
+    """Every setting of the detector, in one place (docs/analyses.md, "Doctor"). Frozen before validation:
+    scripts/validate_doctor.py records ``version`` with its results, and every finding carries it. Change a value
+    -> bump ``version`` and rerun the validation."""
+
+    version: str = "2.0"
+    min_steps: int = 10  # logged steps a per-step trend test needs (and the live guard's shortest run)
+    cusum_warmup: int = 8  # points that only form the reference before the test starts
+    cusum_k: float = 1.0  # allowance, in robust standard deviations
+    cusum_h: float = 5.0  # decision interval, in robust standard deviations
+    cusum_z_cap: float = 3.0  # one point adds at most this much: a single outlier never raises an alarm alone
+    log_scale_floor: float = 0.1  # smallest robust sd of a log-series (changes under ~10% are not a change)
+    mismatch_floor: float = 1e-5  # mean |log x - log mu| below this is float32 rounding of log-probs
+    collapse_window: int = 5  # trailing moving average of reward/mean
+    collapse_fraction: float = 0.5  # ... below this fraction of its running maximum: a dip
+    collapse_min_step: int = 10  # a collapse needs a healthy phase: its step is >= this
+    collapse_min_after: int = 5  # sustained: below for the rest of the run, with at least this many steps left;
+    #                              live: a dip is critical once it has lasted this many steps after its first
+    alpha: float = 0.01  # significance level of the Mann-Kendall trend tests
+    trend_alpha: float = 0.001  # one-sided level of the sequential Mann-Kendall early warning (one look per step)
+    trend_window: int = 60  # the sequential trend test looks at the latest this many logged steps
+    trend_min_rise: float = math.log(2.0)  # ... and needs the Theil-Sen fit to at least double over that window
+    trend_min_snr: float = 2.0  # ... and to rise by at least twice the robust sd of the points around the fit
+    entropy_collapse_fraction: float = 0.1  # entropy below 10% of its early level
+    budget_early_fraction: float = 0.25  # median first budget rejection within the first quarter of the response
+
+
+DOCTOR_SETTINGS = DoctorSettings()
+_S = DOCTOR_SETTINGS
+# Module-level names of the settings (read-only aliases of DOCTOR_SETTINGS).
+MIN_STEPS = _S.min_steps
+CUSUM_WARMUP = _S.cusum_warmup
+CUSUM_K = _S.cusum_k
+CUSUM_H = _S.cusum_h
+CUSUM_Z_CAP = _S.cusum_z_cap
+LOG_SCALE_FLOOR = _S.log_scale_floor
+MISMATCH_FLOOR = _S.mismatch_floor
+COLLAPSE_WINDOW = _S.collapse_window
+COLLAPSE_FRACTION = _S.collapse_fraction
+COLLAPSE_MIN_STEP = _S.collapse_min_step
+COLLAPSE_MIN_AFTER = _S.collapse_min_after
+ALPHA = _S.alpha
+TREND_ALPHA = _S.trend_alpha
+TREND_WINDOW = _S.trend_window
+TREND_MIN_RISE = _S.trend_min_rise
+TREND_MIN_SNR = _S.trend_min_snr
+ENTROPY_COLLAPSE_FRACTION = _S.entropy_collapse_fraction
+BUDGET_EARLY_FRACTION = _S.budget_early_fraction
+EARLY_WARNING_IDS = ("divergence_tails_rising", "mismatch_drift")  # corroborate masked_frac_rising
 
 # Pages of the app that show each finding's evidence (app/streamlit_app.py titles).
 PAGE_DIVERGENCE = "Divergence by position"
@@ -74,12 +120,15 @@ class Finding:
     figure: str | None = None
     page: str = PAGE_DOCTOR
     steps: tuple[int, int] | None = None
+    settings_version: str = DOCTOR_SETTINGS.version  # the DoctorSettings that produced it
 
     def to_json(self) -> dict:
         """The JSON object of ``cppo-diag doctor --format json`` (id, severity, first_step, message,
         evidence, figure)."""
         d = asdict(self)
-        return {k: _jsonable(d[k]) for k in ("id", "severity", "first_step", "message", "evidence", "figure")}
+        out = {k: _jsonable(d[k]) for k in ("id", "severity", "first_step", "message", "evidence", "figure")}
+        out["settings_version"] = self.settings_version
+        return out
 
 
 def _jsonable(v):
@@ -126,6 +175,77 @@ def collapse_step(steps: Sequence[int], reward: Sequence[float], *, window: int 
         upto = ma[: hit[0] + 1]
         peak = int(steps[int(np.nanargmax(upto))])
     return {"step": step, "steps": steps, "ma": ma, "running_max": run_max, "peak_step": peak}
+
+
+def reward_episodes(steps: Sequence[int], reward: Sequence[float], *, settings: DoctorSettings = DOCTOR_SETTINGS
+                    ) -> dict:
+    """The reward's dips and its sustained collapse (docs/analyses.md, "Doctor: severity").
+
+    A dip is a maximal run of consecutive logged steps at which the ``collapse_window``-step trailing mean of the
+    reward is below ``collapse_fraction`` times its running maximum (NaN rewards dropped first). A dip is the
+    *sustained collapse* when it starts at a step >= ``collapse_min_step``, lasts to the last logged step, and has
+    at least ``collapse_min_after`` logged steps after its first. Run on the steps so far (the live guard), the
+    same rule makes a dip critical once it has lasted ``collapse_min_after`` steps.
+
+    Returns {"steps", "ma", "running_max" (arrays over the kept steps), "dips": [{"start", "last" (last step
+    below), "recovered" (first step back at or above the line, None if none), "steps_after" (logged steps after
+    its first), "peak_step", "ma_at_start", "max_at_start", "min_ma", "sustained"}], "collapse": the sustained dip
+    or None}."""
+    s = settings
+    steps = np.asarray(steps, dtype=np.int64)
+    r = np.asarray(reward, dtype=np.float64)
+    ok = np.isfinite(r)
+    steps, r = steps[ok], r[ok]
+    ma = moving_average(r, s.collapse_window)
+    run_max = np.fmax.accumulate(ma) if ma.size else ma
+    below = (run_max > 0) & (ma < s.collapse_fraction * run_max)
+    dips, i, n = [], 0, int(steps.size)
+    while i < n:
+        if not below[i]:
+            i += 1
+            continue
+        j = i
+        while j + 1 < n and below[j + 1]:
+            j += 1
+        to_end = j == n - 1
+        after = n - 1 - i
+        dip = {"start": int(steps[i]), "last": int(steps[j]), "recovered": None if to_end else int(steps[j + 1]),
+               "steps_after": after, "peak_step": int(steps[int(np.argmax(ma[: i + 1]))]),
+               "ma_at_start": float(ma[i]), "max_at_start": float(run_max[i]), "min_ma": float(ma[i:j + 1].min()),
+               "sustained": bool(to_end and after >= s.collapse_min_after and steps[i] >= s.collapse_min_step)}
+        dips.append(dip)
+        i = j + 1
+    collapse = next((d for d in dips if d["sustained"]), None)
+    return {"steps": steps, "ma": ma, "running_max": run_max, "dips": dips, "collapse": collapse}
+
+
+def heldout_accuracy(scalars: pl.DataFrame | None) -> dict | None:
+    """The held-out accuracy a run logged (``eval/greedy_acc``, else the first ``eval/*acc*`` scalar): {"metric",
+    "steps", "values"}, or None when it logged fewer than two evaluations."""
+    if scalars is None:
+        return None
+    names = [M.EVAL_GREEDY_ACC] + sorted(c for c in scalars.columns if c.startswith(M.EVAL) and "acc" in c)
+    for c in names:
+        if c in scalars.columns:
+            df = scalars.select("step", c).drop_nulls().sort("step")
+            if df.height >= 2:
+                return {"metric": c, "steps": df["step"].to_list(), "values": [float(v) for v in df[c].to_list()]}
+    return None
+
+
+def _heldout_sentence(ho: dict | None, around: int) -> tuple[str, dict]:
+    """A sentence on the held-out accuracy before and after step ``around`` (its best up to there, its last)."""
+    if ho is None:
+        return "", {}
+    st, v = np.asarray(ho["steps"]), np.asarray(ho["values"])
+    pre = v[st <= around]
+    best = float(pre.max()) if pre.size else float(v[0])
+    last = float(v[-1])
+    ev = {"heldout_metric": ho["metric"], "heldout_best_before": best, "heldout_last": last,
+          "heldout_last_step": int(st[-1]), "heldout_points": [[int(a), float(b)] for a, b in zip(st, v)]}
+    held = "held" if last >= best * DOCTOR_SETTINGS.collapse_fraction else "collapsed"
+    return (f" Held-out accuracy ({ho['metric']}): best {best:.3g} up to step {around}, {last:.3g} at step "
+            f"{int(st[-1])} ({held}).", ev)
 
 
 def cusum_up(y: Sequence[float], *, warmup: int = CUSUM_WARMUP, k: float = CUSUM_K, h: float = CUSUM_H,
@@ -392,34 +512,18 @@ def diagnose(
     if token_steps.size == 0:
         raise ValueError(f"doctor: run '{name}' has no token rows (field 'tokens/'): nothing to diagnose")
 
-    # -- reward collapse ---------------------------------------------------------------------------------------
+    # -- reward: sustained collapse (critical) or dips (warning) ---------------------------------------------
     collapse = None
     rew = _reward_series(source, scalars, info)
+    findings.extend(_reward_findings(rew, heldout_accuracy(scalars), fig_path))
+    crit = next((f for f in findings if f.id == "reward_collapse"), None)
+    dip = next((f for f in findings if f.id == "reward_dip"), None)
+    collapse = crit.first_step if crit is not None else (dip.first_step if dip is not None else None)
     if rew is None:
         findings.append(Finding("no_reward", "info", None,
                                 "The run logged no reward (scalar 'reward/mean' or token column 'reward'), so a "
                                 "reward collapse cannot be detected.", {"looked_for": ["reward/mean", "reward"]},
                                 None, PAGE_RUNS, None))
-    else:
-        rs, rv, rsrc = rew
-        col = collapse_step(rs, rv)
-        collapse = col["step"]
-        if collapse is not None:
-            i = int(np.flatnonzero(col["steps"] == collapse)[0])
-            healthy = collapse >= COLLAPSE_MIN_STEP
-            ev = {"collapse_step": collapse, "peak_step": col["peak_step"], "moving_average": float(col["ma"][i]),
-                  "running_max": float(col["running_max"][i]), "window": COLLAPSE_WINDOW,
-                  "fraction": COLLAPSE_FRACTION, "source": rsrc, "healthy_phase": healthy}
-            msg = (f"The reward collapsed at step {collapse}: its {COLLAPSE_WINDOW}-step moving average "
-                   f"({ev['moving_average']:.3g}) fell below half of its best value so far ({ev['running_max']:.3g}, "
-                   f"step {col['peak_step']}).")
-            if not healthy:
-                msg += f" It collapsed before step {COLLAPSE_MIN_STEP}, so the run never had a healthy phase."
-            fig = _series_figure(fig_path("reward_collapse"), col["steps"], rv[np.isfinite(rv)],
-                                 ylabel="reward/mean", title="Reward per step", collapse=collapse,
-                                 extra=(col["steps"], col["ma"], f"{COLLAPSE_WINDOW}-step moving average"))
-            findings.append(Finding("reward_collapse", "critical", collapse, msg, ev, fig, PAGE_RUNS,
-                                    (int(col["peak_step"]), int(col["steps"][-1]))))
 
     # -- what the logs can support ----------------------------------------------------------------------------
     n_steps = int(token_steps.size)
@@ -457,9 +561,10 @@ def diagnose(
                      fig_path=fig_path("divergence_tails_rising"), collapse=collapse,
                      extra_evidence={"updates": info["tail_updates"]})
     if f is not None:
+        _name_cause(source, f, ("engine", "lag", "update"))
         findings.append(f)
 
-    # -- train/inference mismatch -------------------------------------------------------------------------------
+    # -- the divergence pi / mu before the batch's updates (engine mismatch + policy lag) ------------------------
     mm = info["mismatch"]
     if mm.height:
         msteps, k3, abs_lr = mm["step"].to_numpy(), mm["k3"].to_numpy(), mm["abs_lr_mean"].to_numpy()
@@ -467,11 +572,13 @@ def diagnose(
             pass  # at float32 rounding of the log-probs: nothing to drift
         else:
             f = _drift_check("mismatch_drift", msteps, np.where(abs_lr >= MISMATCH_FLOOR, k3, np.nan),
-                             what=f"The train/inference mismatch (mean k3 of {info['mismatch_pair']})",
+                             what=f"The divergence pi / mu before the batch's updates (mean k3 of "
+                                  f"{info['mismatch_pair']}; it includes the engine mismatch and the policy lag)",
                              unit_label="mean k3 (nats)", page=PAGE_DOCTOR, fig_path=fig_path("mismatch_drift"),
-                             title="Train/inference mismatch (mean k3)",
+                             title="Divergence π / μ before the updates (mean k3)",
                              collapse=collapse, extra_evidence={"pair": info["mismatch_pair"]})
             if f is not None:
+                _name_cause(source, f, ("engine", "lag"))
                 findings.append(f)
 
     # -- entropy ----------------------------------------------------------------------------------------------
@@ -521,7 +628,7 @@ def diagnose(
         n_tok = int(tail["n_tokens"].sum())
         n_masked = float(np.nansum(mf * tail["n_tokens"].to_numpy()))
         # with one update per batch pi = mu and no rule can mask anything: single_update already says so
-        if (rule not in (None, "pg_is", "cispo") and n_masked == 0 and n_tok >= 1000
+        if (rule_can_mask(rule) and n_masked == 0 and n_tok >= 1000
                 and info["tail_updates"] == "after_first"):
             findings.append(Finding("rule_never_binds", "warning", int(tsteps[0]),
                                     f"The applied rule '{rule}' masked no token in {n_tok:,} tokens of the updates "
@@ -533,6 +640,15 @@ def diagnose(
         f = _masked_rising(tsteps[np.isfinite(mf)], mf[np.isfinite(mf)], rule, fig_path("masked_frac_rising"),
                            collapse)
         if f is not None:
+            # alone, a rule masking more is doing its job: a warning only when the divergence itself rose by then
+            backing = [g for g in findings if g.id in EARLY_WARNING_IDS and g.first_step is not None
+                       and g.first_step <= f.first_step]
+            if backing:
+                f.evidence["corroborated_by"] = [g.id for g in backing]
+            else:
+                f.severity = "info"
+                f.message += (" The divergence tails and pi / mu did not rise with it, so this alone is not an early "
+                              "warning.")
             findings.append(f)
 
     # -- tails along the sequence -----------------------------------------------------------------------------
@@ -543,7 +659,85 @@ def diagnose(
         f = _budget_check(source, meta, fig_path("budget_exhausted_early"), progress)
         if f is not None:
             findings.append(f)
-    return _sorted(findings)
+    return _sorted(_in_hindsight(findings, meta, rew))
+
+
+HINDSIGHT_IDS = ("divergence_tails_rising", "mismatch_drift", "entropy_surge", "entropy_collapse", "masked_frac_rising")
+FINISHED = ("finished", "halted")
+
+
+def _in_hindsight(findings: list[Finding], meta: dict, rew) -> list[Finding]:
+    """A finished run whose reward never dipped below half its best: its early warnings were not followed by a
+    collapse, so they are reported as ``info`` (evidence ``early_warning`` = True, ``followed_by_dip`` = False).
+    Online (``--doctor.live``) and on a run still training they stay warnings; scripts/validate_doctor.py counts
+    them as alarms either way (its false-alarm rate is the online one)."""
+    if rew is None or meta.get("status") not in FINISHED:
+        return findings
+    if reward_episodes(rew[0], rew[1])["dips"]:
+        for f in findings:
+            if f.id in HINDSIGHT_IDS and f.severity == "warning":
+                f.evidence.update(early_warning=True, followed_by_dip=True)
+        return findings
+    for f in findings:
+        if f.id in HINDSIGHT_IDS and f.severity == "warning":
+            f.severity = "info"
+            f.evidence.update(early_warning=True, followed_by_dip=False)
+            f.message += (" The run finished without its reward's 5-step mean dipping below half its best, so this "
+                          "change was not followed by a collapse (online, with --doctor.live, it was a warning).")
+    return findings
+
+
+def _reward_findings(rew, ho: dict | None, fig_path, settings: DoctorSettings = DOCTOR_SETTINGS) -> list[Finding]:
+    """``reward_collapse`` (critical: the sustained collapse) and ``reward_dip`` (warning: the first other dip,
+    with when it recovered) from the reward series (``reward_episodes``)."""
+    if rew is None:
+        return []
+    rs, rv, rsrc = rew
+    ep = reward_episodes(rs, rv, settings=settings)
+    out: list[Finding] = []
+    w, frac, k, min_step = (settings.collapse_window, settings.collapse_fraction, settings.collapse_min_after,
+                            settings.collapse_min_step)
+    col = ep["collapse"]
+    figure = lambda fid, at: _series_figure(  # noqa: E731
+        fig_path(fid), ep["steps"], rv[np.isfinite(rv)], ylabel="reward/mean", title="Reward per step",
+        collapse=at, extra=(ep["steps"], ep["ma"], f"{w}-step moving average"))
+    base = {"window": w, "fraction": frac, "min_step": min_step, "min_steps_after": k, "source": rsrc,
+            "dips": [[d["start"], d["recovered"]] for d in ep["dips"]]}
+    if col is not None:
+        held, hev = _heldout_sentence(ho, col["start"])
+        ev = {**base, "collapse_step": col["start"], "peak_step": col["peak_step"], "moving_average": col["ma_at_start"],
+              "running_max": col["max_at_start"], "min_moving_average": col["min_ma"],
+              "steps_after": col["steps_after"], **hev}
+        msg = (f"The reward collapsed at step {col['start']} and did not recover: its {w}-step moving average "
+               f"({col['ma_at_start']:.3g}) fell below {frac:.0%} of its best so far ({col['max_at_start']:.3g}, step "
+               f"{col['peak_step']}) and stayed below for the {col['steps_after']} remaining logged steps (lowest "
+               f"{col['min_ma']:.3g}).{held}")
+        out.append(Finding("reward_collapse", "critical", col["start"], msg, ev, figure("reward_collapse", col["start"]),
+                           PAGE_RUNS, (col["peak_step"], int(ep["steps"][-1]))))
+    other = [d for d in ep["dips"] if not d["sustained"]]
+    if other:
+        d = other[0]
+        held, hev = _heldout_sentence(ho, d["start"])
+        ev = {**base, "dip_step": d["start"], "recovered_step": d["recovered"], "last_step_below": d["last"],
+              "peak_step": d["peak_step"], "moving_average": d["ma_at_start"], "running_max": d["max_at_start"],
+              "min_moving_average": d["min_ma"], "healthy_phase": d["start"] >= min_step, **hev}
+        msg = (f"The reward dipped at step {d['start']}: its {w}-step moving average ({d['ma_at_start']:.3g}) fell "
+               f"below {frac:.0%} of its best so far ({d['max_at_start']:.3g}, step {d['peak_step']}), lowest "
+               f"{d['min_ma']:.3g}")
+        if d["recovered"] is not None:
+            msg += f"; it recovered at step {d['recovered']} (back above that half), so this is not a collapse."
+        elif d["start"] < min_step:
+            msg += (f", before step {min_step}: the run never had a healthy phase, so it is not counted as a "
+                    "collapse.")
+        else:
+            msg += (f"; the run ends {d['steps_after']} logged step(s) later, fewer than the {k} a sustained collapse "
+                    "needs: train longer to tell.")
+        if len(other) > 1:
+            msg += f" It dipped {len(other)} times (steps {', '.join(str(x['start']) for x in other)})."
+        msg += held
+        out.append(Finding("reward_dip", "warning", d["start"], msg, ev, figure("reward_dip", d["start"]), PAGE_RUNS,
+                           (d["peak_step"], d["last"] if d["recovered"] is None else d["recovered"])))
+    return out
 
 
 def _masked_rising(f_steps: np.ndarray, vals: np.ndarray, rule, fig_path, collapse) -> Finding | None:
@@ -579,6 +773,92 @@ def _masked_rising(f_steps: np.ndarray, vals: np.ndarray, rule, fig_path, collap
                        "further from the sampler every step.", ev, fig, PAGE_COMPARE,
                        (int(f_steps[0]), int(f_steps[-1])))
     return None
+
+
+CAUSE_LABELS = {  # attribution terms (analyses/attribution.py): what moved, in the finding's words
+    "engine": "engine mismatch rising (the sampler's log-probs against the trainer's for the same weights, "
+              "logp_behavior - logp_rollout)",
+    "lag": "policy lag rising (the batch's sampling policy falls further behind, logp_old - logp_behavior)",
+    "update": "updates moving further per batch (logp - logp_old)",
+}
+TERM_WORDS = {"engine": "the engine mismatch", "lag": "the policy lag", "update": "the updates"}
+
+
+def _name_cause(source, f: Finding, components: tuple[str, ...]) -> None:
+    """Add to a divergence finding which attribution term moved (``attribution(run, by="step")``: the term whose
+    mean |T| per step grew most from before the change (median over the steps before ``change_start_step``, else
+    the first three) to the change (median over change_start_step..alarm_step)), or say that the run's logs cannot
+    tell its components apart. ``components``: the terms the finding's statistic contains."""
+    ev = f.evidence
+    start, alarm = ev.get("change_start_step"), ev.get("alarm_step")
+    words = [TERM_WORDS[c] for c in components]
+    apart = words[0] if len(words) == 1 else ", ".join(words[:-1]) + " and " + words[-1]
+    try:
+        import importlib
+
+        A = importlib.import_module("cppo_diag.analyses.attribution")  # the module (the package may export a function)
+
+        attribution = getattr(A, "attribution", None) or A.attribution_by  # by="step" -> one row per step
+        attribution_terms = A.attribution_terms
+    except (ImportError, AttributeError):
+        ev["cause"] = None
+        f.message += f" These logs cannot tell {apart} apart."
+        return
+    try:
+        terms = [t for t in attribution_terms(source) if t != "total"]
+        df = attribution(source, by="step").sort("step")
+    except (ValueError, KeyError) as exc:
+        ev["cause"] = None
+        f.message += f" The attribution is not available ({exc}), so {apart} cannot be told apart."
+        return
+    wanted = [t for t in terms if set(t.split("+")) & set(components) and f"{t}_abs" in df.columns]
+    growth = {}
+    steps = df["step"].to_numpy()
+    for t in wanted:
+        v = df[f"{t}_abs"].to_numpy().astype(np.float64)
+        pre = v[steps < start] if start is not None and (steps < start).any() else v[:3]
+        now = v[(steps >= (start if start is not None else steps[0])) & (steps <= alarm)]
+        pre, now = pre[np.isfinite(pre)], now[np.isfinite(now)]
+        if pre.size and now.size:
+            growth[t] = {"before": float(np.median(pre)), "during": float(np.median(now)),
+                         "growth": float(np.median(now) - np.median(pre))}
+    ev["attribution"] = growth
+    rising = {t: g for t, g in growth.items() if g["growth"] > 0}
+    if not rising:
+        ev["cause"] = None
+        f.message += f" No attribution term ({', '.join(wanted) or 'none'}) grew with it."
+        return
+    top = max(rising, key=lambda t: rising[t]["growth"])
+    ev["cause"] = top
+    parts = [p for p in top.split("+") if p in components]
+    if len(parts) > 1:
+        w = [TERM_WORDS.get(p, p) for p in parts]
+        f.message += (f" It is {', '.join(w[:-1])} and {w[-1]} together, which this run's logs cannot tell apart "
+                      f"(the attribution's combined term '{top}': log logp_behavior and logp_old to separate them).")
+    else:
+        g = rising[top]
+        f.message += (f" Cause: {CAUSE_LABELS.get(top, top)}: mean |{top}| per token {g['before']:.3g} -> "
+                      f"{g['during']:.3g} nats.")
+
+
+def rule_can_mask(rule: str | None) -> bool:
+    """The rule's declared ``can_mask`` (``cppo_diag.masks.RuleFacts``); False for no rule or an unknown one."""
+    from cppo_diag.masks import UnknownRuleError, get_rule
+
+    try:
+        return bool(rule) and get_rule(str(rule)).facts.can_mask
+    except UnknownRuleError:
+        return False
+
+
+def rule_has_budget(rule: str | None) -> bool:
+    """The rule's declared ``prefix_budget``; False for no rule or an unknown one."""
+    from cppo_diag.masks import UnknownRuleError, get_rule
+
+    try:
+        return bool(rule) and get_rule(str(rule)).facts.prefix_budget
+    except UnknownRuleError:
+        return False
 
 
 def _sorted(findings: list[Finding]) -> list[Finding]:
@@ -629,13 +909,14 @@ def _budget_check(source, meta, fig_path, progress) -> Finding | None:
 
     rule = str(meta.get("rule") or "")
     params = {}
-    if rule.startswith("cppo"):
-        known = get_rule("cppo").params
+    own = rule_has_budget(rule)
+    if own:
+        known = get_rule(rule).params
         params = {k: v for k, v in (meta.get("rule_params") or {}).items() if k in known}
     lf = load_tokens(source)
     if bool(lf.select((pl.col("update") > 0).any()).collect().item()):
         lf = lf.filter(pl.col("update") > 0)
-    bud = budget_exhaustion(lf, params=params, progress=progress)
+    bud = budget_exhaustion(lf, rule=rule if own else "cppo", params=params, progress=progress)
     fr = bud.first_reject
     if fr.is_empty() or not bud.by_step.height:
         return None
@@ -654,7 +935,7 @@ def _budget_check(source, meta, fig_path, progress) -> Finding | None:
     fig = None
     if fig_path is not None:
         fig = str(P.save_png(P.fig_first_reject(fr), fig_path))
-    applied = "as applied" if rule.startswith("cppo") else "recomputed with its defaults"
+    applied = "as applied" if own else "recomputed with its defaults"
     return Finding("budget_exhausted_early", "info", int(steps[0]),
                    f"CPPO's prefix budget ({applied}) runs out early: half of the responses have their first "
                    f"budget rejection by position {median_first}, within the first {BUDGET_EARLY_FRACTION:.0%} of a "
@@ -726,8 +1007,9 @@ def report_section(sources: Sequence[Any], names: Sequence[str], out_dir, *, pro
     out = Path(out_dir)
     parts = ["<h2>Doctor: findings</h2>",
              "<p>What <code>cppo-diag doctor</code> finds in each run (statistics: docs/analyses.md, \"Doctor\"). "
-             "Severity <b>critical</b>: the run failed; <b>warning</b>: a sustained change that precedes failures; "
-             "<b>info</b>: a property of the run, or something the logs cannot tell.</p>"]
+             "Severity <b>critical</b>: a sustained reward collapse (the only critical finding); <b>warning</b>: a dip "
+             "that recovered, or a sustained change that precedes failures; <b>info</b>: a property of the run, "
+             "something the logs cannot tell, or an early warning of a finished run that never dipped.</p>"]
     for name, src in zip(names, sources):
         parts.append(f"<h3>{html.escape(name)}</h3>")
         try:

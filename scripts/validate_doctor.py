@@ -1,142 +1,288 @@
-"""Validate ``cppo-diag doctor``'s early warning on fresh runs: collapsing runs must get a warning or critical
-finding before their collapse step, healthy runs none at all.
+"""Validate ``cppo-diag doctor`` out of sample: train fresh runs with seeds the settings were never tuned on, run the
+frozen detector (``DOCTOR_SETTINGS``) on each, and write docs/analyses.md's validation section and its sample-log
+claims (between their markers; nothing in them is typed by hand).
 
-Trains (unless the run directory already exists) ``--seeds`` collapsing and ``--seeds`` healthy runs of the bundled
-trainer, runs ``cppo_diag.analyses.doctor.diagnose`` on each and prints a markdown table (docs/analyses.md, "Doctor:
-validation") plus a JSON file with every run's findings.
+Mechanisms (each a list of ``cppo-diag train`` overrides on top of ``--preset``, default ``long``):
 
-Settings (each one a list of ``cppo-diag train`` arguments; override with --collapse-args / --healthy-args):
-  collapse: the demo preset with GRPO clip and a learning rate that rises linearly from 0 to 6e-3 over the run
-            (warm-up = the whole run): a healthy phase, then a collapse as the step size grows.
-  healthy:  the demo preset at its learning rate (3e-4), rules cycling over cppo, grpo_clip and dppo.
+  lr           a learning rate rising linearly over the whole run (warm-up longer than the run) to ``--lr-peak``,
+               GRPO clip: the shipped ``sample_logs/unstable-long`` setting (its meta.json)
+  pg_is        no trust region at all (rule ``pg_is``) in the preset's off-policy regime
+  logit_noise  Gaussian noise added to the sampler's logits, its sd growing linearly from 0 to ``--noise``
+               over the run (``rollout.logit_noise``): an engine mismatch that grows
+  healthy      the preset as shipped, rules cycling cppo, dppo, grpo_clip (the false-alarm runs)
 
-A collapsing run counts only when its collapse step (5-step moving average of reward/mean below half of its
-running maximum) is >= 10. hit = a warning/critical finding other than reward_collapse itself, first_step <
-collapse step; lead = collapse step - that first_step. For healthy runs any warning/critical is a false alarm.
+For every run: its sustained collapse step (``reward_episodes``; critical ``reward_collapse``), the first warning
+or critical finding before it (hit; lead = collapse step - first warning step), and whether the run's 5-step
+moving average ever dipped below half its running maximum. Alarms are counted as they fire online (``--doctor.live``):
+an early warning that ``diagnose`` reports as info in hindsight (a finished run that never dipped; evidence
+``early_warning``) still counts. A **false alarm** is such an alarm on a run whose moving average never dips below
+half its running maximum; a **false critical** is a critical finding on
+a run without a sustained collapse (both counted on every run, reported on the healthy ones). Rates come with 95%
+Wilson intervals.
 
-  python scripts/validate_doctor.py --out /tmp/doctor-val --seeds 10 --steps 60 --threads 1
+Seeds: ``TUNING_SEEDS`` are the seeds the settings were tuned on (the sample logs' seed 0 and issue 15's seeds
+1-16); ``--seeds`` must not overlap them. Runs already finished under ``--out`` are not retrained (resumable);
+``--workers`` trains several at once.
+
+  python scripts/validate_doctor.py                                  # long preset, 10 seeds, 2 workers
+  python scripts/validate_doctor.py --seeds 100-109 --healthy-seeds 100-111 --workers 2
+  python scripts/validate_doctor.py --no-train                       # re-diagnose what is under --out
+  python scripts/validate_doctor.py --sample-logs-only               # only the sample-log claims
+  python scripts/validate_doctor.py --quick --out /tmp/v --doc /tmp/analyses.md   # tiny preset, for the test
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-HEALTHY_RULES = ("cppo", "grpo_clip", "dppo")
-EARLY_WARNING_IDS = ("divergence_tails_rising", "mismatch_drift")
+TUNING_SEEDS = tuple(range(0, 17))  # sample logs (0), issue 15's validation seeds 1-16 (demo preset)
+HEALTHY_RULES = ("cppo", "dppo", "grpo_clip")
+MECHANISMS = ("lr", "pg_is", "logit_noise")
+BEGIN, END = "<!-- doctor-validation:begin -->", "<!-- doctor-validation:end -->"
+SAMPLE_BEGIN, SAMPLE_END = "<!-- doctor-sample-logs:begin -->", "<!-- doctor-sample-logs:end -->"
 
 
-def collapse_args(steps: int) -> list[str]:
-    return ["--preset", "demo", "--rule.name", "grpo_clip", "--optim.lr", "6e-3", "--optim.warmup_steps", str(steps)]
+def mechanism_args(mech: str, steps: int, *, lr_peak: float, noise: float, seed: int) -> list[str]:
+    if mech == "lr":
+        return ["--rule.name", "grpo_clip", "--optim.lr", str(lr_peak), "--optim.warmup_steps", str(steps)]
+    if mech == "pg_is":
+        return ["--rule.name", "pg_is"]
+    if mech == "logit_noise":
+        return ["--rollout.logit_noise", str(noise)]
+    if mech == "healthy":
+        return ["--rule.name", HEALTHY_RULES[seed % len(HEALTHY_RULES)]]
+    raise ValueError(f"--mechanisms: expected some of {MECHANISMS} (and healthy), found {mech!r}")
 
 
-def healthy_args(rule: str) -> list[str]:
-    return ["--preset", "demo", "--rule.name", rule]
+def parse_seeds(text: str) -> list[int]:
+    """'100-109' or '100,101,105' -> a list of seeds."""
+    out: list[int] = []
+    for part in text.split(","):
+        part = part.strip()
+        if "-" in part:
+            a, b = part.split("-", 1)
+            out.extend(range(int(a), int(b) + 1))
+        elif part:
+            out.append(int(part))
+    return out
 
 
-def train(out: Path, name: str, args: list[str], *, seed: int, steps: int, threads: int) -> float:
-    if (out / name / "meta.json").exists() and (out / name / "_done").is_dir():
+def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95% Wilson score interval of k successes in n trials ((0, 1) for n = 0)."""
+    if n == 0:
+        return 0.0, 1.0
+    p = k / n
+    den = 1 + z * z / n
+    mid = (p + z * z / (2 * n)) / den
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / den
+    return max(0.0, mid - half), min(1.0, mid + half)
+
+
+def _finished(run: Path) -> bool:
+    meta = run / "meta.json"
+    return meta.exists() and json.loads(meta.read_text()).get("status") == "finished"
+
+
+def train(out: Path, name: str, args: list[str], *, preset: str, seed: int, steps: int | None, threads: int,
+          extra: list[str]) -> float:
+    if _finished(out / name):
         return 0.0
-    cmd = [sys.executable, "-m", "cppo_diag.cli.main", "train", *args, "--steps", str(steps), "--seed", str(seed),
-           "--threads", str(threads), "--log.eval_every", "0", "--log.out_dir", str(out), "--log.name", name,
-           "--log.progress", "false", "--ckpt.every", "0", "--ckpt.keep", "0"]
+    cmd = [sys.executable, "-m", "cppo_diag.cli.main", "train", "--preset", preset, *args, "--seed", str(seed),
+           "--threads", str(threads), "--log.out_dir", str(out), "--log.name", name, "--log.progress", "false",
+           "--ckpt.every", "10", "--ckpt.keep", "0", *extra]
+    if steps is not None:
+        cmd += ["--steps", str(steps)]
     t0 = time.time()
-    subprocess.run(cmd, check=True, cwd=REPO, stdout=subprocess.DEVNULL)
+    res = subprocess.run(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    if res.returncode != 0:
+        raise RuntimeError(f"training {name} failed (exit {res.returncode}): {res.stderr.strip()[-2000:]}")
     return time.time() - t0
 
 
-def judge(findings, kind: str) -> dict:
-    coll = next((f for f in findings if f.id == "reward_collapse"), None)
-    cstep = coll.first_step if coll is not None else None
-    alarms = [f for f in findings if f.severity in ("warning", "critical") and f.id != "reward_collapse"]
-    first = min(alarms, key=lambda f: f.first_step if f.first_step is not None else 10**9, default=None)
-    ew = [f for f in alarms if f.id in EARLY_WARNING_IDS]
-    first_ew = min(ew, key=lambda f: f.first_step, default=None)
-    row = {"kind": kind, "collapse_step": cstep, "counts": cstep is not None and cstep >= 10 if kind == "collapse" else True,
-           "first_alarm": None if first is None else {"id": first.id, "step": first.first_step},
-           "first_tail_or_mismatch_alarm": None if first_ew is None else {"id": first_ew.id, "step": first_ew.first_step},
-           "ids": sorted({f.id for f in alarms})}
-    if kind == "collapse":
-        row["hit"] = bool(cstep is not None and first is not None and first.first_step < cstep)
-        row["lead"] = (cstep - first.first_step) if row["hit"] else None
-        row["hit_tails_mismatch"] = bool(cstep is not None and first_ew is not None and first_ew.first_step < cstep)
-        row["lead_tails_mismatch"] = (cstep - first_ew.first_step) if row["hit_tails_mismatch"] else None
-    else:
-        row["false_alarm"] = bool(alarms) or cstep is not None
-    return row
+def judge(run: Path) -> dict:
+    """The frozen detector on one run: its collapse, dips, first warning and the verdicts."""
+    from cppo_diag.analyses import doctor as D
+
+    fs = D.diagnose(run, budget=False)
+    scal = D._scalar_series(run)
+    info = D.step_series(run)
+    rew = D._reward_series(run, scal, info)
+    ep = D.reward_episodes(rew[0], rew[1]) if rew is not None else {"dips": [], "collapse": None}
+    col = ep["collapse"]["start"] if ep["collapse"] else None
+    # the online alarms: warnings/criticals, and the early warnings a finished run that never dipped reports as info
+    alarms = [f for f in fs if f.severity in ("warning", "critical") or f.evidence.get("early_warning")]
+    before = sorted((f for f in alarms if f.first_step is not None and col is not None and f.first_step < col),
+                    key=lambda f: f.first_step)
+    first = min((f.first_step for f in alarms if f.first_step is not None), default=None)
+    return {"collapse_step": col, "dipped": bool(ep["dips"]), "first_alarm_step": first,
+            "hit": bool(before) if col is not None else None,
+            "lead": (col - before[0].first_step) if before else None,
+            "before": [f"{f.id} @ {f.first_step}" for f in before],
+            "false_alarm": bool(alarms) and not ep["dips"],
+            "false_critical": any(f.severity == "critical" for f in fs) and col is None,
+            "alarms": [f"{'warning' if f.evidence.get('early_warning') else f.severity}:{f.id} @ {f.first_step}"
+                       for f in alarms],
+            "settings_version": D.DOCTOR_SETTINGS.version}
 
 
-def main() -> int:
+def _rate(k: int, n: int) -> str:
+    lo, hi = wilson(k, n)
+    return f"{k}/{n} ({lo:.2f}-{hi:.2f})"
+
+
+def tables(rows: list[dict], header: dict) -> str:
+    """The markdown of the validation section."""
+    from cppo_diag.analyses.doctor import DOCTOR_SETTINGS
+
+    lines = [f"Generated by `scripts/validate_doctor.py` (doctor settings {DOCTOR_SETTINGS.version}, frozen before "
+             f"these runs): preset `{header['preset']}`, {header['steps_note']}; tuning seeds "
+             f"{header['tuning']} (never used here); validation seeds {header['seeds']} (collapse mechanisms) and "
+             f"{header['healthy_seeds']} (healthy). 95% Wilson intervals in parentheses.", "",
+             "| mechanism | runs | sustained collapses | warned before the collapse | lead (median, range) | "
+             "false alarms (of the runs that never dip) | false criticals (of the runs without a sustained collapse) |", "|---|---|---|---|---|---|---|"]
+    for mech in [*header["mechanisms"], "healthy"]:
+        rs = [r for r in rows if r["mechanism"] == mech]
+        if not rs:
+            continue
+        col = [r for r in rs if r["collapse_step"] is not None]
+        hits = [r for r in col if r["hit"]]
+        leads = sorted(r["lead"] for r in hits)
+        lead = (f"{leads[len(leads) // 2] if len(leads) % 2 else (leads[len(leads) // 2 - 1] + leads[len(leads) // 2]) / 2:g}"
+                f" ({leads[0]}-{leads[-1]})") if leads else "-"
+        quiet = [r for r in rs if not r["dipped"]]
+        no_col = [r for r in rs if r["collapse_step"] is None]
+        lines.append(f"| {mech} | {len(rs)} | {len(col)}/{len(rs)} | {_rate(len(hits), len(col))} | {lead} | "
+                     f"{_rate(sum(r['false_alarm'] for r in quiet), len(quiet))} | "
+                     f"{_rate(sum(r['false_critical'] for r in no_col), len(no_col))} |")
+    lines += ["", "| run | mechanism | seed | collapse step | warnings/criticals before it | lead | dipped | "
+                  "findings (warning/critical) |", "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['run']} | {r['mechanism']} | {r['seed']} | {r['collapse_step'] if r['collapse_step'] is not None else '-'} "
+                     f"| {', '.join(r['before']) or '-'} | {r['lead'] if r['lead'] is not None else '-'} | "
+                     f"{'yes' if r['dipped'] else 'no'} | {', '.join(r['alarms']) or '-'} |")
+    return "\n".join(lines)
+
+
+def sample_log_claims(root: Path = REPO / "sample_logs") -> str:
+    """One line per shipped sample log: its reward's verdict and the doctor's warning/critical findings."""
+    from cppo_diag.analyses import doctor as D
+
+    lines = [f"Generated by `scripts/validate_doctor.py` (doctor settings {D.DOCTOR_SETTINGS.version}) on "
+             "`sample_logs/` (`diagnose(..., budget=False)`):", ""]
+    for run in sorted(p for p in root.iterdir() if (p / "meta.json").exists()):
+        fs = D.diagnose(run, budget=False)
+        scal = D._scalar_series(run)
+        rew = D._reward_series(run, scal, D.step_series(run))
+        ep = D.reward_episodes(rew[0], rew[1])
+        ma, mx = ep["ma"], ep["running_max"]
+        low = float((ma / mx).min()) if len(ma) else float("nan")
+        if ep["collapse"]:
+            verdict = f"sustained collapse at step {ep['collapse']['start']}"
+        elif ep["dips"]:
+            d = ep["dips"][0]
+            verdict = (f"dips below half its best at step {d['start']}"
+                       + (f", recovers at step {d['recovered']}" if d["recovered"] is not None else ""))
+        else:
+            verdict = f"never dips below half its best (lowest 5-step mean {low:.0%} of the best so far)"
+        ho = D.heldout_accuracy(scal)
+        acc = (f"; held-out accuracy {ho['values'][0]:.3g} -> {ho['values'][-1]:.3g}" if ho else "")
+        alarms = [f"{f.severity} `{f.id}` @ {f.first_step}" for f in fs if f.severity in ("warning", "critical")]
+        lines.append(f"* `{run.name}`: {verdict}{acc}. Findings: {', '.join(alarms) if alarms else 'no warning or critical'}.")
+    return "\n".join(lines)
+
+
+def write_between(doc: Path, begin: str, end: str, body: str) -> None:
+    text = doc.read_text()
+    if begin not in text or end not in text:
+        raise ValueError(f"{doc}: expected the markers {begin} and {end}")
+    head, rest = text.split(begin, 1)
+    _, tail = rest.split(end, 1)
+    doc.write_text(f"{head}{begin}\n{body}\n{end}{tail}")
+
+
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", default="/tmp/doctor-val", help="directory of the runs and results")
-    ap.add_argument("--seeds", type=int, default=10, help="runs of each kind (seeds FIRST..FIRST+N-1)")
-    ap.add_argument("--first-seed", type=int, default=1, help="first seed (default 1)")
-    ap.add_argument("--steps", type=int, default=60, help="training steps per run")
-    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--out", default="runs/doctor-validation", help="directory of the runs and results.json")
+    ap.add_argument("--preset", default="long", help="training preset (default long)")
+    ap.add_argument("--steps", type=int, default=None, help="steps per run (default: the preset's)")
+    ap.add_argument("--seeds", default="100-109", help="validation seeds of each collapse mechanism")
+    ap.add_argument("--healthy-seeds", default="100-111", help="validation seeds of the healthy runs (>= 10)")
+    ap.add_argument("--mechanisms", default=",".join(MECHANISMS), help=f"comma-separated, of {MECHANISMS}")
+    ap.add_argument("--lr-peak", type=float, default=2e-3, help="lr mechanism: the peak learning rate")
+    ap.add_argument("--noise", type=float, default=2.0, help="logit_noise mechanism: the sd at the last step")
+    ap.add_argument("--workers", type=int, default=2, help="runs trained at once")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads per run")
     ap.add_argument("--no-train", action="store_true", help="only diagnose the runs already under --out")
-    ap.add_argument("--kinds", default="collapse,healthy", help="comma-separated: collapse, healthy")
-    args = ap.parse_args()
+    ap.add_argument("--doc", default=str(REPO / "docs" / "analyses.md"), help="the doc to write ('' = none)")
+    ap.add_argument("--sample-logs-only", action="store_true", help="only rewrite the sample-log claims")
+    ap.add_argument("--quick", action="store_true",
+                    help="the tiny preset, 12 steps, one seed per mechanism, two healthy (a smoke test)")
+    args = ap.parse_args(argv)
     sys.path.insert(0, str(REPO))
-    from cppo_diag.analyses.doctor import diagnose
+    doc = Path(args.doc) if args.doc else None
+    if args.sample_logs_only:
+        if doc is None:
+            raise SystemExit("--sample-logs-only: needs --doc")
+        write_between(doc, SAMPLE_BEGIN, SAMPLE_END, sample_log_claims())
+        return 0
+    extra: list[str] = []
+    if args.quick:
+        args.preset, args.steps = "tiny", args.steps or 12
+        args.seeds, args.healthy_seeds = "100", "100-101"
+        extra = ["--log.eval_every", "0"]
+    seeds, healthy_seeds = parse_seeds(args.seeds), parse_seeds(args.healthy_seeds)
+    overlap = sorted(set(seeds + healthy_seeds) & set(TUNING_SEEDS))
+    if overlap:
+        raise SystemExit(f"--seeds/--healthy-seeds: {overlap} were used to tune the settings (TUNING_SEEDS "
+                         f"{TUNING_SEEDS[0]}-{TUNING_SEEDS[-1]}); choose held-out seeds")
+    mechs = [m for m in args.mechanisms.split(",") if m]
+    for m in mechs:
+        if m not in MECHANISMS:
+            raise SystemExit(f"--mechanisms: expected some of {MECHANISMS}, found {m!r}")
+    from cppo_diag.train.config import PRESETS
 
+    if args.preset not in PRESETS:
+        raise SystemExit(f"--preset: expected one of {sorted(PRESETS)}, found {args.preset!r}")
+    steps = args.steps or PRESETS[args.preset].get("steps", 60)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    jobs = [(m, s) for m in mechs for s in seeds] + [("healthy", s) for s in healthy_seeds]
+    names = {job: f"{job[0]}-s{job[1]}" for job in jobs}
+
+    def one(job):
+        mech, seed = job
+        targs = mechanism_args(mech, steps, lr_peak=args.lr_peak, noise=args.noise, seed=seed)
+        secs = 0.0 if args.no_train else train(out, names[job], targs, preset=args.preset, seed=seed,
+                                                steps=args.steps, threads=args.threads, extra=extra)
+        if secs:
+            print(f"trained {names[job]} in {secs:.0f} s", file=sys.stderr)
+        return job, targs
+
     rows = []
-    for kind in args.kinds.split(","):
-        for seed in range(args.first_seed, args.first_seed + args.seeds):
-            if kind == "collapse":
-                name, targs = f"collapse-s{seed}", collapse_args(args.steps)
-            else:
-                rule = HEALTHY_RULES[(seed - 1) % len(HEALTHY_RULES)]
-                name, targs = f"healthy-{rule}-s{seed}", healthy_args(rule)
-            if not args.no_train:
-                secs = train(out, name, targs, seed=seed, steps=args.steps, threads=args.threads)
-                if secs:
-                    print(f"trained {name} in {secs:.0f} s", file=sys.stderr)
-            if not (out / name / "meta.json").exists():
+    with ThreadPoolExecutor(max_workers=max(1, args.workers)) as pool:
+        for (mech, seed), targs in pool.map(one, jobs):
+            run = out / names[(mech, seed)]
+            if not (run / "meta.json").exists():
                 continue
-            fs = diagnose(out / name, out_dir=out / "figures", budget=False)
-            row = {"run": name, "seed": seed, "args": targs, **judge(fs, kind),
-                   "findings": [f.to_json() for f in fs]}
-            rows.append(row)
-            (out / "results.json").write_text(json.dumps(rows, indent=1))
-    print(table(rows))
+            rows.append({"run": run.name, "mechanism": mech, "seed": seed, "args": targs, **judge(run)})
+    (out / "results.json").write_text(json.dumps(rows, indent=1))
+    header = {"preset": args.preset, "steps_note": f"{steps} steps per run", "tuning": f"{TUNING_SEEDS[0]}-{TUNING_SEEDS[-1]}",
+              "seeds": args.seeds, "healthy_seeds": args.healthy_seeds, "mechanisms": mechs}
+    md = tables(rows, header)
+    (out / "validation.md").write_text(md + "\n")
+    print(md)
+    if doc is not None:
+        write_between(doc, BEGIN, END, md)
+        write_between(doc, SAMPLE_BEGIN, SAMPLE_END, sample_log_claims())
     return 0
-
-
-def table(rows) -> str:
-    col = [r for r in rows if r["kind"] == "collapse"]
-    counted = [r for r in col if r["counts"]]
-    hea = [r for r in rows if r["kind"] == "healthy"]
-    lines = ["| run | kind | collapse step | first warning (id, step) | hit | lead (steps) |",
-             "|---|---|---|---|---|---|"]
-    for r in rows:
-        fa = r["first_alarm"]
-        first = f"{fa['id']} @ {fa['step']}" if fa else "-"
-        if r["kind"] == "collapse":
-            hit = ("yes" if r["hit"] else "no") if r["counts"] else "not counted (collapse < 10 or none)"
-            lead = r["lead"] if r["hit"] else "-"
-        else:
-            hit = "false alarm" if r["false_alarm"] else "quiet (correct)"
-            lead = "-"
-        lines.append(f"| {r['run']} | {r['kind']} | {r['collapse_step'] if r['collapse_step'] is not None else '-'} "
-                     f"| {first} | {hit} | {lead} |")
-    hits = [r for r in counted if r["hit"]]
-    hits_tm = [r for r in counted if r["hit_tails_mismatch"]]
-    leads = sorted(r["lead"] for r in hits)
-    fa = [r for r in hea if r["false_alarm"]]
-    lines.append("")
-    lines.append(f"Collapsing runs counted: {len(counted)} of {len(col)}; early warning (any warning/critical) before "
-                 f"the collapse: {len(hits)}/{len(counted)}; from the tail/mismatch change-point alone: "
-                 f"{len(hits_tm)}/{len(counted)}; lead in steps: "
-                 + (f"median {leads[len(leads) // 2]}, min {leads[0]}, max {leads[-1]}" if leads else "-")
-                 + f". Healthy runs with a warning/critical (false alarms): {len(fa)}/{len(hea)}.")
-    return "\n".join(lines)
 
 
 if __name__ == "__main__":

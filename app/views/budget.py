@@ -8,6 +8,7 @@ import streamlit as st
 from cppo_diag.analyses import plots_plotly as pp
 from cppo_diag.analyses import run_summary
 from cppo_diag.app import controls, data, ui
+from cppo_diag.masks import rules_with
 
 st.title("Budget")
 st.caption("CPPO's prefix budget recomputed on the run (SPEC CPPO steps 3-6): budget-mask share = "
@@ -18,7 +19,8 @@ step_range = controls.step_range(path, key="bud_steps", default_tokens=controls.
 updates = controls.updates_widget(path, key="bud_updates")
 
 defaults = controls.rule_defaults(path)
-cppo_rules = [r for r in controls.recompute_rules() if r.startswith("cppo") and r not in ("cppo_no_budget", "cppo_shuffled")]
+budget_rules = set(rules_with(prefix_budget=True))  # the rule facts (cppo_diag/masks/registry.py)
+cppo_rules = [r for r in controls.recompute_rules() if r in budget_rules]
 c1, c2, c3, c4, c5 = st.columns(5)
 rule = c1.selectbox("Rule", cppo_rules, index=cppo_rules.index("cppo") if "cppo" in cppo_rules else 0, key="bud_rule")
 delta = c2.number_input("δ", min_value=0.001, max_value=1.0, value=float(defaults["delta"]), step=0.01,

@@ -27,8 +27,47 @@ paths = data.selected() or runs[:1]
 budget = st.toggle("Include the CPPO prefix-budget check (recomputes CPPO over the run: slower)", value=False,
                    key="doc_budget")
 
+
+
+def _live_findings(path: str) -> None:
+    """RUN/findings.jsonl: what the live doctor (``--doctor.live true``) found while training, as it fired."""
+    import json
+    from pathlib import Path
+
+    from cppo_diag.storage.layout import findings_path, read_json_lines
+
+    rows = read_json_lines(findings_path(Path(path)))
+    meta_path = Path(path) / "meta.json"
+    status = json.loads(meta_path.read_text()).get("status") if meta_path.exists() else None
+    if not rows:
+        if status == "running":
+            st.caption("Live doctor: no finding so far (if the run trains with --doctor.live true).")
+        return
+    head = "Live doctor (findings as they fired while training)"
+    if status == "halted":
+        head += ": **the run was halted** at its first critical finding"
+    st.markdown(head)
+    for r in rows:
+        at = f" from step {r.get('first_step')}" if r.get("first_step") is not None else ""
+        st.markdown(f"- step {r.get('step')}: **{BADGE.get(r.get('severity'), r.get('severity'))} · "
+                    f"`{r.get('id')}`**{at}: {r.get('message')}")
+
+
+def _live_section(path: str) -> None:
+    import json
+    from pathlib import Path
+
+    meta_path = Path(path) / "meta.json"
+    running = meta_path.exists() and json.loads(meta_path.read_text()).get("status") == "running"
+    if running:  # refresh while the run trains
+        st.fragment(run_every=5)(_live_findings)(path)
+    else:
+        _live_findings(path)
+
+
 for path in paths:
     st.subheader(data.label(path))
+    _live_section(path)
     try:
         findings = data.analysis("diagnose", path, budget=bool(budget))
     except ValueError as exc:

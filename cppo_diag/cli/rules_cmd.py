@@ -12,6 +12,8 @@ Examples:
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import textwrap
 
@@ -26,6 +28,13 @@ def add_arguments(parser) -> None:
     )
 
 
+def _facts(spec) -> str:
+    """The rule's declared facts in words (``RuleFacts``, masks/registry.py)."""
+    f = spec.facts
+    return (f"can mask: {'yes' if f.can_mask else 'no'}; prefix budget: {'yes' if f.prefix_budget else 'no'}; "
+            f"threshold: {f.threshold}; loss form: {f.loss_form}")
+
+
 def _as_dict(spec) -> dict:
     from cppo_diag.masks import PARAMETERS
 
@@ -34,6 +43,7 @@ def _as_dict(spec) -> dict:
         "family": spec.family,
         "equation": spec.equation,
         "reasons": list(spec.reasons),
+        "facts": dataclasses.asdict(spec.facts),
         "doc": spec.doc,
         "params": [
             {
@@ -53,6 +63,7 @@ def _text(specs) -> str:
         out.append(f"{s.name}  [{s.family}]")
         out.append(textwrap.indent(textwrap.fill(s.equation, 100), "    "))
         out.append(f"    reasons: {', '.join(s.reasons)}")
+        out.append(f"    facts: {_facts(s)}")
         if s.params:
             width = max(len(p) for p in s.params)
             for p in s.params:
@@ -71,7 +82,7 @@ def _markdown(specs) -> str:
 
     out = []
     for s in specs:
-        out.append(f"### `{s.name}`\n\n{s.equation}\n\nReasons: {', '.join(s.reasons)}\n")
+        out.append(f"### `{s.name}`\n\n{s.equation}\n\nReasons: {', '.join(s.reasons)}\n\nFacts: {_facts(s)}\n")
         if s.params:
             out.append("| parameter | default | meaning |\n|---|---|---|")
             for p in s.params:

@@ -16,6 +16,10 @@ Examples:
   cppo-diag train --config my.toml --steps 200
   torchrun --nproc_per_node 2 -m cppo_diag.cli.main train --preset demo     # DDP (gloo on CPU)
   cppo-diag train --preset table3-qwen3-8b-base --model.path /models/Qwen3-8B-Base --task.path dapo.parquet
+  cppo-diag train --preset long --doctor.live true --doctor.on_critical halt   # stop at a sustained collapse
+
+Exit codes: 0 trained; 3 the live doctor halted the run (--doctor.on_critical halt: meta.json status 'halted', findings in RUN/findings.jsonl, the checkpoint from
+before the first warning in RUN/checkpoints/before-warning-step=NNNNNN).
 
 Presets: demo, long, tiny, table3-qwen3-1.7b, table3-qwen3-1.7b-base, table3-qwen3-8b-base, table3-qwen3-30b-a3b-base.
 """
@@ -43,9 +47,16 @@ def run(args) -> int:
     if args.print_config:
         print(json.dumps(to_dict(cfg), indent=2))
         return 0
-    from cppo_diag.train import train
+    import sys
 
-    summary = train(cfg)
+    from cppo_diag.train import train
+    from cppo_diag.train.guard import HALT_EXIT_CODE, DoctorHalt
+
+    try:
+        summary = train(cfg)
+    except DoctorHalt as halt:
+        print(str(halt), file=sys.stderr)
+        return HALT_EXIT_CODE
     if summary:
         print(json.dumps(summary, indent=2))
     return 0

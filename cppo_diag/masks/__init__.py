@@ -31,6 +31,8 @@ _EXPORTS = {
     "register_rule": "registry",
     "rule_defaults": "registry",
     "RuleSpec": "registry",
+    "RuleFacts": "registry",
+    "rules_with": "registry",
     "UnknownRuleError": "registry",
     "PARAMETERS": "registry",
     "COMMON_PARAMETERS": "registry",

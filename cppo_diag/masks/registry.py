@@ -9,11 +9,12 @@ one of ``PARAMETERS`` (SPEC.md's names), so every rule is called through the sam
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-__all__ = ["RuleSpec", "PARAMETERS", "register_rule", "get_rule", "list_rules", "rule_defaults", "UnknownRuleError", "RuleProfile",
+__all__ = ["RuleSpec", "RuleFacts", "THRESHOLD_SCHEDULES", "LOSS_FORMS", "rules_with", "PARAMETERS", "register_rule", "get_rule", "list_rules", "rule_defaults", "UnknownRuleError", "RuleProfile",
            "register_profile", "get_profile", "list_profiles", "profile_params", "UnknownProfileError"]
 
 # Every parameter any rule may take, with its meaning (SPEC.md names; defaults live in each rule's signature).
@@ -43,6 +44,41 @@ COMMON_PARAMETERS: dict[str, str] = {
 }
 
 
+# What a rule can do, declared once at registration (``register_rule(..., facts=RuleFacts(...))``) and read by
+# every analysis through ``get_rule(name).facts`` / ``rules_with(...)``; tests/test_rule_facts.py checks each
+# declared fact against ``compute_mask`` on random inputs.
+THRESHOLD_SCHEDULES: dict[str, str] = {
+    "none": "no threshold: every valid token keeps its full weight",
+    "constant": "one threshold for every position (a ratio clip, a divergence bound, a per-response bound)",
+    "position": "delta / w_t with w_t falling from 1 to w_min along the response (CPPO Eq. 9): looser later",
+    "shuffled": "the position weights of 'position', permuted per response (CPPO Fig. 5 ablation)",
+}
+LOSS_FORMS = ("ratio", "is_weight", "drpo")  # cppo_diag.loss: how policy_loss uses the rule's result
+
+
+@dataclass(frozen=True)
+class RuleFacts:
+    """What a rule can do.
+
+    can_mask     some valid token can get keep = False (False: a weight / penalty rule that keeps every token)
+    prefix_budget the rule has CPPO's prefix budget (Eq. 22; parameters delta_b*, reason "budget" or a gated
+                 weight)
+    threshold    one of ``THRESHOLD_SCHEDULES``: how the per-token threshold depends on the position
+    loss_form    one of ``LOSS_FORMS``: the ``loss_form`` of every ``compute_mask`` result of the rule
+    """
+
+    can_mask: bool = True
+    prefix_budget: bool = False
+    threshold: str = "constant"
+    loss_form: str = "ratio"
+
+    def __post_init__(self):
+        if self.threshold not in THRESHOLD_SCHEDULES:
+            raise ValueError(f"RuleFacts.threshold: expected one of {list(THRESHOLD_SCHEDULES)}, found {self.threshold!r}")
+        if self.loss_form not in LOSS_FORMS:
+            raise ValueError(f"RuleFacts.loss_form: expected one of {list(LOSS_FORMS)}, found {self.loss_form!r}")
+
+
 class UnknownRuleError(ValueError):
     """Unknown rule name; the message lists the registered ones."""
 
@@ -59,6 +95,7 @@ class RuleSpec:
     family: str
     reasons: tuple[str, ...]
     default_notes: dict[str, str] = field(default_factory=dict)
+    facts: RuleFacts = field(default_factory=RuleFacts)
 
     def describe_default(self, param: str) -> str:
         return self.default_notes.get(param, repr(self.params[param]))
@@ -74,8 +111,10 @@ def register_rule(
     family: str,
     reasons: tuple[str, ...] = ("kept",),
     default_notes: dict[str, str] | None = None,
+    facts: RuleFacts | None = None,
 ):
-    """Decorator: register ``fn(x, *, **params) -> RuleOutput`` under ``name``."""
+    """Decorator: register ``fn(x, *, **params) -> RuleOutput`` under ``name``; ``facts``: what it can do
+    (``RuleFacts``; default: a masking rule with one constant threshold, the "ratio" loss form)."""
 
     def deco(fn: Callable) -> Callable:
         if name in _REGISTRY:
@@ -92,7 +131,11 @@ def register_rule(
                 raise TypeError(f"rule {name!r}: parameter {p.name!r} is not one of PARAMETERS {sorted(PARAMETERS)}")
             params[p.name] = p.default
         doc = inspect.cleandoc(fn.__doc__ or "")
-        _REGISTRY[name] = RuleSpec(name, fn, params, equation, doc, family, tuple(reasons), dict(default_notes or {}))
+        facts_ = facts or RuleFacts()
+        if facts_.prefix_budget and "delta_b" not in params:
+            raise TypeError(f"rule {name!r}: facts say prefix_budget=True but it takes no 'delta_b' parameter")
+        _REGISTRY[name] = RuleSpec(name, fn, params, equation, doc, family, tuple(reasons), dict(default_notes or {}),
+                                   facts_)
         return fn
 
     return deco
@@ -115,6 +158,17 @@ def list_rules() -> list[RuleSpec]:
     """All registered rules, in registration order."""
     _ensure_loaded()
     return list(_REGISTRY.values())
+
+
+def rules_with(**facts: Any) -> list[str]:
+    """Names of the registered rules whose ``RuleFacts`` match every given field, in registration order, e.g.
+    ``rules_with(prefix_budget=True)``, ``rules_with(can_mask=False)``, ``rules_with(threshold="position")``."""
+    _ensure_loaded()
+    known = {f.name for f in dataclasses.fields(RuleFacts)}
+    bad = sorted(set(facts) - known)
+    if bad:
+        raise TypeError(f"rules_with: unknown fact(s) {bad}; expected some of {sorted(known)}")
+    return [s.name for s in _REGISTRY.values() if all(getattr(s.facts, k) == v for k, v in facts.items())]
 
 
 def rule_defaults(name: str) -> dict[str, Any]:

@@ -11,6 +11,8 @@ Layout (see ``docs/run-format.md``)::
     RUN/scalars/rank0.jsonl                          one JSON object per line: {"step": .., "rank": .., name: value}
     RUN/_done/step=000012.rank0                      marker: every token shard of (step, rank) is complete
     RUN/_live/rank0.json                             heartbeat of an open writer (pid, host, time)
+    RUN/findings.jsonl                               the live doctor's findings, one JSON object per line, as
+                                                     they fire (``--doctor.live true``; analyses/doctor_live.py)
 
 Temporary files start with ``.tmp-`` and are never read. Every writer of a run directory (the recorder, the
 synthetic-run generator, the recompute's side table) writes through the atomic helpers here:
@@ -114,6 +116,39 @@ def atomic_write_bytes(path: Path, data: bytes, *, fsync: bool = False) -> None:
 
 def _json_bytes(obj) -> bytes:
     return (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode()
+
+
+FINDINGS_FILE = "findings.jsonl"
+
+
+def findings_path(run: Path) -> Path:
+    """The live doctor's findings of a run (one JSON object per line, appended as they fire)."""
+    return Path(run) / FINDINGS_FILE
+
+
+def append_json_line(path: Path, obj, *, fsync: bool = False) -> None:
+    """Append ``obj`` as one JSON line to ``path`` (a whole line per ``write``: a reader sees whole lines, or a
+    last partial one it must skip)."""
+    line = json.dumps(obj, sort_keys=True, default=str) + "\n"
+    with open(path, "a", encoding="utf-8") as fh:
+        fh.write(line)
+        fh.flush()
+        if fsync:
+            os.fsync(fh.fileno())
+
+
+def read_json_lines(path: Path) -> list[dict]:
+    """The complete JSON lines of ``path`` (none when it is missing; a partial last line is skipped)."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    out = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return out
 
 
 def atomic_write_json(path: Path, obj, *, fsync: bool = False) -> None:

@@ -105,5 +105,5 @@ META_KEYS = {
     "task": "str or null",
     "anchor": "str, 'rollout' (mu, default) or 'old' (pi_old): what logp_rollout-anchored rules used",
     "config": "dict, free-form resolved trainer config",
-    "status": "str, 'running' | 'finished' | 'failed'",
+    "status": "str, 'running' | 'finished' | 'failed' | 'halted' (stopped by the live doctor)",
 }

@@ -463,7 +463,7 @@ def write_figures(data: StudyData, per_seed: pl.DataFrame, fig_dir: Path, *, pro
     # Per rule: Fig. 2 (pooled over seeds) and Fig. 7 (mean over seeds of the per-step table).
     from cppo_diag.analyses import budget_exhaustion, position_stats
     from cppo_diag.analyses.updates import UPDATE_LABELS, default_updates
-    from cppo_diag.masks import rule_defaults
+    from cppo_diag.masks import get_rule, rule_defaults
 
     cppo_defaults = rule_defaults("cppo")  # for the Fig. 2 overlay delta / w_t
     ref_params = {**cppo_defaults, **_params_of(data, "cppo")}
@@ -477,8 +477,11 @@ def write_figures(data: StudyData, per_seed: pl.DataFrame, fig_dir: Path, *, pro
         slug = label.replace("@", "-")
         # Threshold overlay delta / w_t: the rule's own for CPPO variants with position weights, w = 1 for
         # no_weight, CPPO's reference schedule for every other rule (drawn for comparison only).
-        params = {**cppo_defaults, **entries[0].rule_params} if rule.startswith("cppo") else ref_params
-        if rule == "cppo_no_weight":
+        # which overlay: the rule facts (cppo_diag/masks/registry.py), not the rule's name
+        facts = get_rule(rule).facts
+        own = facts.threshold in ("position", "shuffled") or (facts.prefix_budget and facts.threshold == "constant")
+        params = {**cppo_defaults, **entries[0].rule_params} if own else ref_params
+        if own and facts.threshold == "constant":  # a budget rule without position weights: w = 1
             params["w_min"] = 1.0
         pooled = _pooled_tokens(entries)
         updates = default_updates(pooled)

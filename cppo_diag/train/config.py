@@ -72,6 +72,9 @@ class RolloutConfig:
     staleness: int = F(0, "k: iteration t trains on the batch sampled by the policy of iteration t-k (asynchronous RL; "
                           "mu stays the sampler's log-probs, k optimiser rounds old; the first k iterations use the lag "
                           "available, logged as rollout/staleness); 0 = on-policy sampling")
+    logit_noise: float = F(0.0, "sd of Gaussian noise added to the sampler's logits (mu is then the noisy policy), "
+                                "growing linearly from 0 at iteration 0 to this value at the last: an engine "
+                                "mismatch that degrades over the run (scripts/validate_doctor.py); 0 = off")
     precision: str = F("auto", "sampler numerics: auto (same as the trainer's precision) | fp32 | bf16 (bf16 autocast "
                                "while sampling, also on CPU; training keeps its own precision: the sampler/trainer "
                                "mismatch of vLLM vs FSDP)")
@@ -130,6 +133,15 @@ class CkptConfig:
 
 
 @dataclass
+class DoctorConfig:
+    live: bool = F(False, "run the doctor's detector online after every step (analyses/doctor_live.py); findings are "
+                          "appended to RUN/findings.jsonl as they fire")
+    on_critical: str = F("warn", "with doctor.live, what a critical finding (a sustained reward collapse) does: 'halt' "
+                                 "(stop training, keep the checkpoint from before the first warning, meta.json status "
+                                 "'halted', exit code 3) | 'warn' (keep training)")
+
+
+@dataclass
 class TrainConfig:
     steps: int = F(60, "RL iterations (one rollout batch each)")
     seed: int = F(0, "seed: prompts, sampling and minibatch order derive from (seed, step, rank)")
@@ -143,6 +155,7 @@ class TrainConfig:
     rule: RuleConfig = field(default_factory=RuleConfig)
     log: LogConfig = field(default_factory=LogConfig)
     ckpt: CkptConfig = field(default_factory=CkptConfig)
+    doctor: DoctorConfig = field(default_factory=DoctorConfig)
 
     def validate(self) -> TrainConfig:
         """Raise ``ValueError`` naming the field, the expected and the found on the first value the trainer
@@ -165,6 +178,7 @@ class TrainConfig:
             need(getattr(self.rollout, name) >= 1, f"rollout.{name}", "an integer >= 1", getattr(self.rollout, name))
         need(0.0 < self.rollout.top_p <= 1.0, "rollout.top_p", "a value in (0, 1]", self.rollout.top_p)
         need(self.rollout.staleness >= 0, "rollout.staleness", "an integer >= 0", self.rollout.staleness)
+        need(self.rollout.logit_noise >= 0, "rollout.logit_noise", "a number >= 0", self.rollout.logit_noise)
         need(self.optim.epochs >= 1, "optim.epochs", "an integer >= 1", self.optim.epochs)
         need(self.optim.updates_per_batch >= 1, "optim.updates_per_batch", "an integer >= 1",
              self.optim.updates_per_batch)
@@ -231,6 +245,16 @@ class TrainConfig:
                          **self.rule.params)
         except (ValueError, TypeError) as exc:
             raise ValueError(f"rule.params ({self.rule.name}): {exc}") from None
+        choice("doctor.on_critical", self.doctor.on_critical, ("halt", "warn"))
+        if self.doctor.live:
+            from cppo_diag.analyses.doctor import DOCTOR_SETTINGS
+
+            need(self.steps >= DOCTOR_SETTINGS.min_steps, "steps",
+                 f"at least {DOCTOR_SETTINGS.min_steps} with doctor.live true (the detector's shortest run)", self.steps)
+            need(self.log.record, "log.record", "true with doctor.live true (findings go into the run directory)",
+                 self.log.record)
+        elif self.doctor.on_critical == "halt":
+            raise ValueError("doctor.on_critical: 'halt' needs doctor.live true (found doctor.live false)")
         return self
 
 

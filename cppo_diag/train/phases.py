@@ -152,7 +152,9 @@ def sample_batch(run: Run, j: int) -> RolloutBatch:
     run.module.eval()
     b = run.sampler.generate([policy.encode_prompt(p.prompt) for p in rows], max_new_tokens=cfg.rollout.max_new_tokens,
                              temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
-                             generator=torch_gen(cfg.seed, j, run.d.rank, run.device))
+                             generator=torch_gen(cfg.seed, j, run.d.rank, run.device),
+                             **({"logit_noise": cfg.rollout.logit_noise * j / max(cfg.steps - 1, 1)}
+                                if cfg.rollout.logit_noise > 0 else {}))
     run.module.train()
     b.opt_step = optimizer_steps(run.optimizer)
     if cfg.log.behavior_logp:

@@ -76,7 +76,8 @@ class TorchSampler:
         return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
     @torch.no_grad()
-    def generate(self, prompt_ids, *, max_new_tokens, temperature=1.0, top_p=1.0, greedy=False, generator=None):
+    def generate(self, prompt_ids, *, max_new_tokens, temperature=1.0, top_p=1.0, greedy=False, generator=None,
+                 logit_noise=0.0):
         B = len(prompt_ids)
         ids, mask = left_pad(prompt_ids, self.pad_id, self.device)  # (B, Lp)
         pos = (mask.long().cumsum(1) - 1).clamp(min=0)  # (B, Lp)
@@ -92,6 +93,8 @@ class TorchSampler:
             with self._autocast():
                 logits, cache = self.forward(step_in, attn, step_pos, cache)
             logits = logits[:, -1].float() / max(temperature, 1e-6)  # (B, V)
+            if logit_noise > 0 and not greedy:  # a degraded engine (rollout.logit_noise): mu is the noisy policy
+                logits = logits + logit_noise * torch.randn(logits.shape, generator=generator, device=logits.device)
             if greedy:
                 logp_all = logits.log_softmax(-1)  # (B, V)
                 tok = logits.argmax(-1)  # (B,)

@@ -13,7 +13,9 @@
                step; the tokens the rule saw go to the public ``cppo_diag.RunRecorder``;
 4. log         per-step scalars (pooled over the step's updates, ``step_stats.StepPool``; names in
                ``cppo_diag.metric_names``) and held-out evaluations;
-5. checkpoint.
+5. checkpoint;
+6. with ``doctor.live``, the live guard (``guard.TrainGuard``): the doctor's detector on this step, findings to
+   RUN/findings.jsonl, a halt at a critical finding with ``doctor.on_critical = "halt"``.
 
 All randomness derives from (seed, step, rank), so a resumed run replays exactly. Steps the recorder already
 holds are replayed to rebuild the state but not logged again (``Run.step_logger``).
@@ -25,6 +27,7 @@ from cppo_diag import metric_names as M
 
 from . import phases
 from .checkpoint import drop_checkpoints
+from .guard import DoctorHalt, TrainGuard
 from .config import TrainConfig
 from .phases import group_advantages, pack_queue, sequence_logprobs, unpack_queue  # noqa: F401  (tests, benchmarks)
 from .runtime import StepClock, start_run, step_rng  # noqa: F401  (step_rng: benchmarks)
@@ -41,6 +44,7 @@ def train(cfg: TrainConfig, *, recorder_factory=None) -> dict:
 
     bar = tqdm(total=cfg.steps, initial=run.start, desc=f"train {run.name}",
                disable=not (cfg.log.progress and run.d.main), dynamic_ncols=True)
+    guard = TrainGuard(run) if cfg.doctor.live else None
     try:
         if run.start == 0 and run.d.main:
             phases.evaluate_before(run)
@@ -53,6 +57,8 @@ def train(cfg: TrainConfig, *, recorder_factory=None) -> dict:
             total_updates += n_updates
             scalars = phases.log_step(run, step, rollout, batch, pool, n_updates, log, clock)
             phases.checkpoint(run, step)
+            if guard is not None:
+                guard.after_step(step, scalars, pool)
             bar.update(1)
             bar.set_postfix(reward=f"{scalars[M.REWARD_MEAN]:.3f}", acc=f"{scalars[M.ACC_MEAN]:.2f}",
                             masked=f"{scalars.get(M.mask_name(cfg.rule.name), 0.0):.3f}")
@@ -65,6 +71,12 @@ def train(cfg: TrainConfig, *, recorder_factory=None) -> dict:
         if run.d.main and cfg.ckpt.keep == 0:
             drop_checkpoints(run.run_dir)
         run.rec.close()
+        if guard is not None:
+            guard.record()
+    except DoctorHalt as halt:  # the checkpoints stay (the one from before the first warning among them)
+        run.rec.close(status="halted")
+        guard.record(halt)
+        raise
     except BaseException:
         run.rec.close(status="failed")
         raise

@@ -8,7 +8,7 @@ from cppo_diag import metric_names as M
 from cppo_diag.masks.layout import RuleInput
 from cppo_diag.masks.metrics import mask_metrics
 from cppo_diag.masks.reduce import masked_fraction, masked_mean
-from cppo_diag.masks.registry import register_rule
+from cppo_diag.masks.registry import RuleFacts, register_rule
 from cppo_diag.masks.result import RuleOutput
 from cppo_diag.masks.rules.common import check_nonneg, no_reason
 
@@ -17,6 +17,7 @@ from cppo_diag.masks.rules.common import check_nonneg, no_reason
     "cispo",
     equation="weight_t = sg(min(rho_t, 1 + eps_high)); loss -weight_t A_t log pi_t  (SPEC 'cispo', MiniMax-M1 CISPO)",
     family="ratio clip",
+    facts=RuleFacts(can_mask=False, threshold="constant", loss_form="is_weight"),
     default_notes={"eps_high": "required (no default; DPPO's runs capped rho at 3 or 5, i.e. eps_high 2 or 4)"},
 )
 def cispo(x: RuleInput, *, eps_high: float | None = None) -> RuleOutput:

@@ -26,7 +26,7 @@ from cppo_diag.masks.layout import RuleInput
 from cppo_diag.masks.metrics import divergence_metrics, mask_metrics
 from cppo_diag.masks.quantile import adaptive_delta_b
 from cppo_diag.masks.reduce import masked_fraction, masked_mean
-from cppo_diag.masks.registry import register_profile, register_rule
+from cppo_diag.masks.registry import RuleFacts, register_profile, register_rule
 from cppo_diag.masks.reasons import BUDGET, TOKEN
 from cppo_diag.masks.result import RuleOutput
 from cppo_diag.masks.rules.common import check_choice, check_nonneg, check_positive, check_range
@@ -205,7 +205,8 @@ def cppo_core(x: RuleInput, name: str, *, variant: str, seed: int = 0, **params)
     return RuleOutput(keep, reason, weight=weight, metrics=metrics, internals=internals)
 
 
-@register_rule("cppo", equation=CPPO_EQUATION, family="cppo", reasons=("kept", "token", "budget"), default_notes=CPPO_NOTES)
+@register_rule("cppo", equation=CPPO_EQUATION, family="cppo", reasons=("kept", "token", "budget"), default_notes=CPPO_NOTES,
+               facts=RuleFacts(can_mask=True, prefix_budget=True, threshold="position"))
 def cppo(
     x: RuleInput,
     *,

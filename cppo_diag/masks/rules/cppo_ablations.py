@@ -11,7 +11,7 @@ import inspect
 from typing import Callable
 
 from cppo_diag.masks.layout import RuleInput
-from cppo_diag.masks.registry import register_rule
+from cppo_diag.masks.registry import RuleFacts, register_rule
 from cppo_diag.masks.result import RuleOutput
 from cppo_diag.masks.rules.cppo import CPPO_NOTES, cppo, cppo_core
 
@@ -57,6 +57,7 @@ cppo_no_weight = register_rule(
     family="cppo",
     reasons=("kept", "token", "budget"),
     default_notes=CPPO_NOTES,
+    facts=RuleFacts(can_mask=True, prefix_budget=True, threshold="constant"),
 )(_variant("cppo_no_weight", "no_weight", ("delta", *_BUDGET, "divergence"),
            "CPPO without position weights (w = 1 everywhere); the prefix budget is kept."))
 
@@ -66,6 +67,7 @@ cppo_no_budget = register_rule(
     family="cppo",
     reasons=("kept", "token"),
     default_notes=CPPO_NOTES,
+    facts=RuleFacts(can_mask=True, threshold="position"),
 )(_variant("cppo_no_budget", "no_budget", ("delta", *_WEIGHTS, "divergence"),
            'CPPO without the prefix budget: only the position-weighted threshold (every masked token is "token").'))
 
@@ -75,6 +77,7 @@ cppo_shuffled = register_rule(
     family="cppo",
     reasons=("kept", "token"),
     default_notes=CPPO_NOTES,
+    facts=RuleFacts(can_mask=True, threshold="shuffled"),
 )(_variant("cppo_shuffled", "shuffled", ("delta", *_WEIGHTS, "divergence"),
            "The no-budget variant with each response's weight multiset {w_1..w_T} permuted at random. The\n"
            "    permutation depends only on (seed, step, seq_id, valid length), with ``step`` and ``seq_ids`` given to\n"
@@ -89,6 +92,7 @@ cppo_soft = register_rule(
     family="cppo",
     reasons=("kept",),
     default_notes=CPPO_NOTES,
+    facts=RuleFacts(can_mask=False, prefix_budget=True, threshold="position"),
 )(_variant("cppo_soft", "soft", ("delta", *_WEIGHTS, *_BUDGET, "divergence"),
            "Soft CPPO gate: nothing is masked (keep = valid); ``result.weight`` holds the gate in (0, 1] that\n"
            "    multiplies each token's loss term. S_t here is the inclusive prefix sum.",

@@ -7,7 +7,7 @@ import torch
 from cppo_diag.masks.divergence import RULE_DIVERGENCES
 from cppo_diag.masks.layout import RuleInput
 from cppo_diag.masks.metrics import divergence_metrics, mask_metrics
-from cppo_diag.masks.registry import register_rule
+from cppo_diag.masks.registry import RuleFacts, register_rule
 from cppo_diag.masks.result import RuleOutput
 from cppo_diag.masks.rules.common import check_choice, check_nonneg, token_reason
 
@@ -18,6 +18,7 @@ DPPO_DEFAULT_DELTA = {"binary_tv": 0.15, "topk_tv": 0.15, "binary_kl": 0.05, "to
     "dppo",
     equation="keep_t = not away_t or D_t <= delta  (delta_high if A_t > 0, delta_low if A_t < 0); away_t = A_t (rho_t - 1) > 0  (SPEC 'dppo')",
     family="divergence",
+    facts=RuleFacts(can_mask=True, threshold="constant"),
     reasons=("kept", "token"),
     default_notes={
         "delta": "0.15 for TV divergences, 0.05 for KL (0.20 TV for MoE in the papers)",

@@ -6,7 +6,7 @@ from cppo_diag import metric_names as M
 from cppo_diag.masks.layout import RuleInput
 from cppo_diag.masks.metrics import mask_metrics
 from cppo_diag.masks.reduce import masked_fraction, masked_mean
-from cppo_diag.masks.registry import register_rule
+from cppo_diag.masks.registry import RuleFacts, register_rule
 from cppo_diag.masks.result import RuleOutput
 from cppo_diag.masks.rules.common import check_positive, no_reason
 
@@ -15,6 +15,7 @@ from cppo_diag.masks.rules.common import check_positive, no_reason
     "drpo",
     equation="objective_t = rho_t A_t - |A_t| / (2 delta) mu_t (rho_t - 1)^2; loss = -objective  (SPEC 'drpo')",
     family="penalty",
+    facts=RuleFacts(can_mask=False, threshold="none", loss_form="drpo"),
     default_notes={"delta": "0.15 (the per-token optimum sits at pi - mu = sign(A) delta, a TV step; the SPEC gives no value)"},
 )
 def drpo(x: RuleInput, *, delta: float = 0.15) -> RuleOutput:

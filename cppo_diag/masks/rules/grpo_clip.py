@@ -6,7 +6,7 @@ from cppo_diag import metric_names as M
 from cppo_diag.masks.layout import RuleInput
 from cppo_diag.masks.metrics import mask_metrics
 from cppo_diag.masks.reduce import masked_fraction
-from cppo_diag.masks.registry import register_rule
+from cppo_diag.masks.registry import RuleFacts, register_rule
 from cppo_diag.masks.result import RuleOutput
 from cppo_diag.masks.rules.common import check_nonneg, token_reason
 
@@ -15,6 +15,7 @@ from cppo_diag.masks.rules.common import check_nonneg, token_reason
     "grpo_clip",
     equation="masked_t = (A_t > 0 and rho_t > 1 + eps_high) or (A_t < 0 and rho_t < 1 - eps_low)  (SPEC 'grpo_clip', PPO clip + Clip-Higher)",
     family="ratio clip",
+    facts=RuleFacts(can_mask=True, threshold="constant"),
     reasons=("kept", "token"),
 )
 def grpo_clip(x: RuleInput, *, eps_low: float = 0.2, eps_high: float = 0.28) -> RuleOutput:

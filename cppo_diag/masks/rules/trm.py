@@ -9,7 +9,7 @@ from cppo_diag.masks.divergence import KL_DIVERGENCES
 from cppo_diag.masks.layout import RuleInput
 from cppo_diag.masks.metrics import divergence_metrics, mask_metrics
 from cppo_diag.masks.reduce import masked_fraction, masked_max, masked_mean
-from cppo_diag.masks.registry import register_rule
+from cppo_diag.masks.registry import RuleFacts, register_rule
 from cppo_diag.masks.reasons import KEPT, SEQUENCE
 from cppo_diag.masks.result import RuleOutput
 from cppo_diag.masks.rules.common import check_choice, check_nonneg
@@ -41,6 +41,7 @@ def _sequence_mask(x: RuleInput, name: str, stat: torch.Tensor, threshold: float
     "trm_max",
     equation="keep the whole response iff max_t D_t <= delta, D_t the per-token KL(mu || pi)  (SPEC 'trm_max', TRM)",
     family="sequence",
+    facts=RuleFacts(can_mask=True, threshold="constant"),
     reasons=("kept", "sequence"),
     default_notes={"delta": "0.05 (alone; 0.1 when combined with trm_avg in the TRM paper)", **_NOTES},
 )
@@ -58,6 +59,7 @@ def trm_max(x: RuleInput, *, delta: float = 0.05, divergence: str = "binary_kl")
     "trm_avg",
     equation="keep the whole response iff mean_t D_t <= delta_avg, D_t the per-token KL(mu || pi)  (SPEC 'trm_avg', TRM)",
     family="sequence",
+    facts=RuleFacts(can_mask=True, threshold="constant"),
     reasons=("kept", "sequence"),
     default_notes={"delta_avg": "0.001 (alone; 0.002 when combined with trm_max in the TRM paper)", **_NOTES},
 )
