@@ -158,6 +158,19 @@ def test_queue_roundtrip_keeps_behavior_logprobs_and_clock():
     assert torch.equal(back[0].logp_behavior, b.logp_behavior)
 
 
+def test_recorder_refuses_a_negative_lag_and_keeps_a_good_one(tmp_path):
+    from cppo_diag import RunRecorder
+
+    lp = -np.full((2, 3), 0.1, np.float32)
+    with RunRecorder(tmp_path, name="r", on_error="raise") as rec:
+        with pytest.raises(ValueError, match="lag"):
+            rec.log_tokens(step=0, logp=lp, logp_rollout=lp, advantages=np.ones(2, np.float32), lag=np.array([-1, 0]))
+        rec.log_tokens(step=1, logp=lp, logp_rollout=lp, advantages=np.ones(2, np.float32), lag=np.array([3, 0]),
+                       fork=np.zeros((2, 3), bool), logp_behavior=lp)
+    t = open_run(tmp_path / "r").tokens().collect()
+    assert t["lag"].to_list() == [3, 3, 3, 0, 0, 0] and t["lag"].dtype == pl.Int32
+
+
 # -- position or uncertainty -------------------------------------------------------------------------------
 def _synthetic(within: bool, n_seq: int = 400, T: int = 90, seed: int = 0) -> pl.DataFrame:
     """Tokens whose |pi - mu| depends on the stratum only (within=False: uncertain tokens grow denser along

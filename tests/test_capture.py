@@ -149,6 +149,8 @@ def test_numpy_inputs_and_all_optional_columns(tmp_path):
         group_id=np.array([0, 0, 1, 1]), topk_ids=rng.integers(0, 100, (B, T, K)),
         topk_logp_rollout=rng.normal(size=(B, T, K)).astype(np.float32),
         topk_logp=rng.normal(size=(B, T, K)).astype(np.float32), loss_weight=rng.random((B, T)).astype(np.float32),
+        logp_behavior=-np.abs(rng.normal(size=(B, T))).astype(np.float32), lag=np.array([5, 0, 7, 2]),
+        fork=rng.random((B, T)) < 0.3,
     )
     seq_ids = np.array([3, 1, 2, 0])  # rows are written in seq_id order
     with RunRecorder(tmp_path, on_error="raise") as rec:
@@ -174,6 +176,9 @@ def test_numpy_inputs_and_all_optional_columns(tmp_path):
     np.testing.assert_array_equal(df["token_id"].to_numpy(), d["token_ids"][bs, ts])
     np.testing.assert_array_equal(df["reward"].to_numpy(), d["reward"][bs])
     np.testing.assert_array_equal(df["group_id"].to_numpy(), d["group_id"][bs])
+    np.testing.assert_array_equal(df["logp_behavior"].to_numpy(), d["logp_behavior"][bs, ts])
+    np.testing.assert_array_equal(df["lag"].to_numpy(), d["lag"][bs])
+    np.testing.assert_array_equal(df["fork"].to_numpy(), d["fork"][bs, ts])
     np.testing.assert_array_equal(np.stack(df["topk_ids"].to_list()), d["topk_ids"][bs, ts])
     np.testing.assert_array_equal(np.stack(df["topk_logp_rollout"].to_list()).astype(np.float32), d["topk_logp_rollout"][bs, ts])
     np.testing.assert_array_equal(np.stack(df["topk_logp"].to_list()).astype(np.float32), d["topk_logp"][bs, ts])

@@ -354,6 +354,10 @@ def values_ok(staged: StagedTokens) -> bool:
             x = _np(v)
             if x.size and (x.min() < 0 or x.max() > 255):
                 return False
+        elif column == "lag":
+            x = _np(v)
+            if x.size and x.min() < 0:
+                return False
     return True
 
 
