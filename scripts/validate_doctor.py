@@ -29,6 +29,11 @@ Seeds: ``TUNING_SEEDS`` are the seeds the settings were tuned on (the sample log
   python scripts/validate_doctor.py --no-train                       # re-diagnose what is under --out
   python scripts/validate_doctor.py --sample-logs-only               # only the sample-log claims
   python scripts/validate_doctor.py --quick --out /tmp/v --doc /tmp/analyses.md   # tiny preset, for the test
+  python scripts/validate_doctor.py --from-runs runs/calib/t1 --out runs/doctor-validation   # + existing runs
+
+``--from-runs ROOT`` also judges the finished runs ``ROOT/<rule>-s<seed>`` another script trained (the long
+preset's calibration, ``scripts/calibrate_long.py``, trains at held-out seeds 100-107): ``pg_is`` runs count as
+the ``pg_is`` mechanism, every other rule's as healthy. Their seeds must be held out like ``--seeds``.
 """
 
 from __future__ import annotations
@@ -223,6 +228,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-train", action="store_true", help="only diagnose the runs already under --out")
     ap.add_argument("--doc", default=str(REPO / "docs" / "analyses.md"), help="the doc to write ('' = none)")
     ap.add_argument("--sample-logs-only", action="store_true", help="only rewrite the sample-log claims")
+    ap.add_argument("--from-runs", nargs="+", type=Path, default=[], metavar="ROOT",
+                    help="also judge the finished runs ROOT/<rule>-s<seed> (pg_is: the pg_is mechanism; others: healthy)")
     ap.add_argument("--quick", action="store_true",
                     help="the tiny preset, 12 steps, one seed per mechanism, two healthy (a smoke test)")
     args = ap.parse_args(argv)
@@ -273,9 +280,13 @@ def main(argv: list[str] | None = None) -> int:
             if not (run / "meta.json").exists():
                 continue
             rows.append({"run": run.name, "mechanism": mech, "seed": seed, "args": targs, **judge(run)})
+    rows += _existing_runs(args.from_runs)
     (out / "results.json").write_text(json.dumps(rows, indent=1))
+    used = {r["mechanism"] for r in rows}
     header = {"preset": args.preset, "steps_note": f"{steps} steps per run", "tuning": f"{TUNING_SEEDS[0]}-{TUNING_SEEDS[-1]}",
-              "seeds": args.seeds, "healthy_seeds": args.healthy_seeds, "mechanisms": mechs}
+              "seeds": _seed_text(rows, healthy=False) if args.from_runs else args.seeds,
+              "healthy_seeds": _seed_text(rows, healthy=True) if args.from_runs else args.healthy_seeds,
+              "mechanisms": [m for m in MECHANISMS if m in used]}
     md = tables(rows, header)
     (out / "validation.md").write_text(md + "\n")
     print(md)
@@ -283,6 +294,31 @@ def main(argv: list[str] | None = None) -> int:
         write_between(doc, BEGIN, END, md)
         write_between(doc, SAMPLE_BEGIN, SAMPLE_END, sample_log_claims())
     return 0
+
+
+def _existing_runs(roots: list[Path]) -> list[dict]:
+    """Rows for the finished runs ``ROOT/<rule>-s<seed>`` of ``roots`` (pg_is: its mechanism; others: healthy)."""
+    import re
+
+    rows = []
+    for root in roots:
+        for run in sorted(p for p in Path(root).iterdir() if (p / "meta.json").exists()):
+            m = re.fullmatch(r"(.+)-s(\d+)", run.name)
+            meta = json.loads((run / "meta.json").read_text())
+            if m is None or meta.get("status") != "finished":
+                continue
+            seed = int(m.group(2))
+            if seed in TUNING_SEEDS:
+                raise SystemExit(f"--from-runs: {run} has seed {seed}, one the settings were tuned on (TUNING_SEEDS)")
+            mech = "pg_is" if meta.get("rule") == "pg_is" else "healthy"
+            rows.append({"run": f"{Path(root).name}/{run.name}", "mechanism": mech, "seed": seed,
+                         "args": ["--rule.name", str(meta.get("rule"))], **judge(run)})
+    return rows
+
+
+def _seed_text(rows: list[dict], *, healthy: bool) -> str:
+    seeds = sorted({r["seed"] for r in rows if (r["mechanism"] == "healthy") == healthy})
+    return ", ".join(map(str, seeds)) if seeds else "none"
 
 
 if __name__ == "__main__":

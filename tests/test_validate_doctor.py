@@ -58,3 +58,21 @@ def test_quick_mode_trains_judges_and_writes_the_doc(tmp_path):
     stamp = {p: p.stat().st_mtime for p in out.glob("*/meta.json")}
     assert V.main(["--quick", "--out", str(out), "--doc", ""]) == 0  # resumable: nothing retrained
     assert stamp == {p: p.stat().st_mtime for p in out.glob("*/meta.json")}
+    # --from-runs: finished runs another script trained, judged as pg_is (rule pg_is) or healthy (any other rule)
+    import shutil
+
+    roots = tmp_path / "calib"
+    roots.mkdir()
+    for r in rows:
+        src = out / r["run"]
+        rule = json.loads((src / "meta.json").read_text())["rule"]
+        if r["mechanism"] in ("pg_is", "healthy"):
+            shutil.copytree(src, roots / f"{rule}-s{r['seed']}", dirs_exist_ok=True)
+    v2 = tmp_path / "v2"
+    assert V.main(["--no-train", "--mechanisms", "", "--from-runs", str(roots), "--out", str(v2), "--doc", ""]) == 0
+    judged = json.loads((v2 / "results.json").read_text())
+    assert sorted(r["mechanism"] for r in judged) == sorted(r["mechanism"] for r in rows
+                                                           if r["mechanism"] in ("pg_is", "healthy"))
+    shutil.copytree(roots / next(p.name for p in roots.iterdir()), roots / "dppo-s3")
+    with pytest.raises(SystemExit, match="seed 3"):
+        V.main(["--no-train", "--mechanisms", "", "--from-runs", str(roots), "--out", str(v2), "--doc", ""])
