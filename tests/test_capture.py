@@ -402,7 +402,7 @@ def test_null_recorder_has_the_same_methods():
     assert list(sig.parameters)[1:] == [
         "step", "logp", "logp_rollout", "advantages", "response_mask", "cu_seqlens", "update", "seq_ids",
         "logp_old", "keep_applied", "reason_applied", "token_ids", "entropy", "reward", "group_id", "topk_ids",
-        "topk_logp_rollout", "topk_logp", "loss_weight"]
+        "topk_logp_rollout", "topk_logp", "loss_weight", "logp_behavior", "lag", "fork"]
 
 
 def test_constructor_argument_errors(tmp_path):
