@@ -276,7 +276,7 @@ def test_app_doctor_page(runs, monkeypatch):
 
     app = Path(__file__).resolve().parents[1] / "app" / "streamlit_app.py"
     monkeypatch.setenv("CPPO_DIAG_ROOTS", str(runs["collapsing"].parent))
-    at = AppTest.from_file(str(app), default_timeout=120)
+    at = AppTest.from_file(str(app), default_timeout=600)
     at.run()
     at.multiselect(key="selected_runs").set_value([str(runs["collapsing"].resolve())]).run()
     at.switch_page("views/doctor.py").run()
