@@ -193,8 +193,10 @@ def updates_widget(paths: str | list[str], key: str, container: Any = st) -> str
     if st.session_state.get(key) not in options:
         st.session_state[key] = "auto" if many else "after_first"
     choice = container.radio("Updates", options, format_func=labels.get, horizontal=True, key=key,
-                             help="A run with several optimiser updates per batch logs each update's tokens; in the "
-                                  "first update of a batch pi = mu, so nothing can be masked there.")
+                             help="A run with several optimiser updates per batch logs each update's tokens; the first "
+                                  "update of a batch sees π before any step on that batch (what differs from μ there "
+                                  "is the engine mismatch and, with stale rollouts, the policy lag), later updates "
+                                  "add the policy's own movement.")
     if choice == "auto":
         container.caption("Runs with several updates per batch: the updates after the first; other runs: all.")
         return None
