@@ -78,6 +78,16 @@ def _watch_live(live: Sequence[str], every: float) -> None:
     _poll()
 
 
+def figure_first(title: str, what: str, n_slots: int = 1) -> tuple[Any, ...]:
+    """The head every page shares (issue 24): the title, one sentence saying what the page shows, then
+    ``n_slots`` empty containers for its figures and a bordered container for its controls, in that order on
+    the page. The page reads its controls in the last container, then fills the slots above it, so the figure
+    is on the first screen and the controls under it."""
+    st.title(title)
+    st.caption(what)
+    return (*(st.container() for _ in range(n_slots)), st.container(border=True))
+
+
 def runs_or_stop() -> list[str]:
     runs = data.all_runs()
     if not runs:

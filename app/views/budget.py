@@ -9,13 +9,10 @@ from cppo_diag.analyses import plots_plotly as pp
 from cppo_diag.analyses import run_summary
 from cppo_diag.app import controls, data, ui
 
-st.title("Budget")
-st.caption("How often CPPO's prefix budget (SPEC CPPO steps 3-6), rather than the per-token threshold, is what masks "
-           "a token: the budget-mask share per step (#tokens masked only by the budget / #masked), where along "
-           "the answer the budget first rejects a token, and the slack c_t by position.")
-# The figures come first; the controls under them fill this slot (st.container) once they are read.
-top_slot = st.container()
-settings = st.container(border=True)
+top_slot, settings = ui.figure_first(
+    "Budget", "How often CPPO's prefix budget (SPEC CPPO steps 3-6), rather than the per-token threshold, is what "
+    "masks a token: the budget-mask share per step (#tokens masked only by the budget / #masked), where along the "
+    "answer the budget first rejects a token, and the slack c_t by position.")
 with settings:
     path = ui.focus_run()
     defaults = controls.rule_defaults(path)

@@ -15,13 +15,10 @@ N_REL_BINS = 20  # bins of t / T in (0, 1] when the position is relative (as on 
 DEFAULT_RUNS = 4  # runs shown when none is selected (one panel each)
 DEFAULT_RULES = ("cppo",)  # recomputed by default beside each run's applied mask: two lines a panel
 
-st.title("Compare runs")
-st.caption("Where each run's trust region masks tokens: the masked fraction by position and by step, one panel per "
-           "run with each rule in its own colour, then the runs' reward and accuracy curves.")
+pos_slot, step_slot, curves_slot, settings = ui.figure_first(
+    "Compare runs", "Where each run's trust region masks tokens: the masked fraction by position and by step, one "
+    "panel per run with each rule in its own colour, then the runs' reward and accuracy curves.", n_slots=3)
 runs = ui.runs_or_stop()
-# The figures come first; the controls under them fill these slots (st.container) once they are read.
-pos_slot, step_slot, curves_slot = st.container(), st.container(), st.container()
-settings = st.container(border=True)
 with settings:
     if "cmp_runs" not in st.session_state:
         st.session_state["cmp_runs"] = data.selected() or runs[:DEFAULT_RUNS]

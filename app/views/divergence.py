@@ -13,13 +13,10 @@ from cppo_diag.app import controls, data, ui
 # The page exists for the tails: the top-decile mean is what crosses delta / w_t (the mean hides it).
 DEFAULT_STAT = "top10_mean"
 
-st.title("Divergence by position")
-st.caption("How far the trained policy π is from the sampling policy μ at each answer position: by default the "
-           "top-decile mean of |π − μ| per position bin, the tail a token-level trust region acts on, against "
-           "CPPO's per-token threshold δ / w_t.")
-# The figure comes first; its controls are drawn under it (st.container slots are filled after the controls).
-figure_slot, note_slot = st.container(), st.container()
-settings = st.container(border=True)
+figure_slot, note_slot, settings = ui.figure_first(
+    "Divergence by position", "How far the trained policy π is from the sampling policy μ at each answer position: "
+    "by default the top-decile mean of |π − μ| per position bin, the tail a token-level trust region acts on, "
+    "against CPPO's per-token threshold δ / w_t.", n_slots=2)
 with settings:
     path = ui.focus_run()
     c1, c2, c3, c4 = st.columns(4)

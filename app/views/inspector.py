@@ -15,12 +15,9 @@ from cppo_diag.analyses import responses
 from cppo_diag.app import controls, data, ui
 from cppo_diag.masks.reasons import Reason
 
-st.title("Token inspector")
-st.caption("One response, token by token: the background is |π − μ| at that token, underlines mark the tokens "
-           "the rule masked (and why), and the CPPO internals w_t, Z_t, c_t, S_t run under the text.")
-# The response comes first; the pickers under it fill this slot (st.container) once they are read.
-view_slot = st.container()
-settings = st.container(border=True)
+view_slot, settings = ui.figure_first(
+    "Token inspector", "One response, token by token: the background is |π − μ| at that token, underlines mark the "
+    "tokens the rule masked (and why), and the CPPO internals w_t, Z_t, c_t, S_t run under the text.")
 with settings:
     path = ui.focus_run()
     steps = data.completed_steps(path) or data.token_steps(path)

@@ -13,12 +13,9 @@ import streamlit as st
 from cppo_diag.analyses import plots_plotly as pp
 from cppo_diag.app import controls, data, ui
 
-st.title("What-if")
-st.caption("What a rule with other parameters (δ, δ_b, w_min) would have masked on this run's steps, by position and "
-           "by step, against the rule the run applied.")
-# The figures come first: the run and step pickers sit under them (the fragment is drawn into this slot).
-whatif_slot = st.container()
-settings = st.container(border=True)
+whatif_slot, settings = ui.figure_first(  # the fragment (figures, then its sliders) is drawn into the slot
+    "What-if", "What a rule with other parameters (δ, δ_b, w_min) would have masked on this run's steps, by position "
+    "and by step, against the rule the run applied.")
 with settings:
     path = ui.focus_run()
     step_range = controls.step_range(path, key="wi_steps", default_tokens=controls.RECOMPUTE_TOKENS,
