@@ -227,9 +227,10 @@ def fig_runs_by_rule_panels(frame: pl.DataFrame, *, x: str, y: str, title: str, 
                             row=i // n_cols + 1, col=i % n_cols + 1)
             shown.add(label)
     fig.update_yaxes(tickformat=y_format)
-    fig.update_yaxes(title_text=y, col=1)
+    fig.update_yaxes(title_text=y.replace("_frac", " fraction").replace("_", " "), col=1)
     fig.update_xaxes(title_text=x_title, row=n_rows)
-    fig.update_layout(title=f"{title}: one panel per run, colour = rule (black: the mask the run applied)",
+    fig.update_layout(title=dict(text=f"{title}: one panel per run, colour = rule (black: the mask the run applied)",
+                                 y=1.0, yref="container", yanchor="top"),
                       hovermode="x unified", height=110 + panel_height * n_rows,
                       legend=dict(orientation="v", x=1.01, y=1, yanchor="top"))
     return fig

@@ -108,12 +108,12 @@ def focus_run(label: str = "Run") -> str:
     return st.selectbox(label, options=options, format_func=data.label, key=data.FOCUS)
 
 
-def plot(fig: Any, key: str, *, tight: bool = True) -> None:
+def plot(fig: Any, key: str, *, tight: bool = True, top: int = 40) -> None:
     """Draw a plotly figure of ``cppo_diag.analyses.plots_plotly``. ``tight=False`` keeps the figure's own margins and
     template (the report twins, which set ``plots_plotly.LAYOUT``); the pages' own figures are drawn tight in
-    the Streamlit theme."""
+    the Streamlit theme, with ``top`` pixels above the plot for the title (more for panels with titles)."""
     if tight:
-        fig.update_layout(margin=dict(l=10, r=10, t=40, b=10))
+        fig.update_layout(margin=dict(l=10, r=10, t=top, b=10))
     st.plotly_chart(fig, key=key, config=PLOT_CONFIG, theme="streamlit" if tight else None)
 
 

@@ -151,7 +151,8 @@ def wait_chart_change(page, i: int, before: str) -> None:
 def wait_trace_named(page, i: int, prefix: str) -> None:
     page.wait_for_function(
         f"([i, prefix]) => {{ const g = document.querySelectorAll('{CHART}')[i];"
-        " return g && g.data && g.data.some(t => String(t.name).includes(prefix)); }",
+        " return g && g.data && g.data.some(t => String(t.name).includes(prefix)"
+        " || String(t.meta).includes(prefix)); }",
         arg=[i, prefix], timeout=TIMEOUT_MS,
     )
 
@@ -269,7 +270,8 @@ def _walk_every_page(page, server) -> None:
     page.keyboard.press("Escape")
     wait_idle(page)
     wait_charts(page, 2)
-    names = page.evaluate(f"() => document.querySelectorAll('{CHART}')[0].data.map(t => t.name)")
+    # one panel per run: a trace's meta is its run (the name is the rule)
+    names = page.evaluate(f"() => document.querySelectorAll('{CHART}')[0].data.map(t => String(t.meta))")
     assert any("dppo-run" in n for n in names) and any(second in n for n in names)
     assert not any("cppo-run" in n for n in names)
     shot(page, "4_compare")

@@ -14,6 +14,7 @@ from cppo_diag.app import controls, data, ui
 N_REL_BINS = 20  # bins of t / T in (0, 1] when the position is relative (as on Divergence by position)
 DEFAULT_RUNS = 4  # runs shown when none is selected (one panel each)
 DEFAULT_RULES = ("cppo",)  # recomputed by default beside each run's applied mask: two lines a panel
+PANEL_TOP = 70  # px above the panels: the figure's title, then the panels' titles
 
 pos_slot, step_slot, curves_slot, settings = ui.figure_first(
     "Compare runs", "Where each run's trust region masks tokens: the masked fraction by position and by step, one "
@@ -87,12 +88,12 @@ with pos_slot:
         ui.plot(pp.fig_runs_by_rule_panels(
             pos, x="bin_start", y="masked_frac", title="Masked fraction by position",
             x_title="relative position t / T (bin start)" if relative else "position (bin start)",
-            runs=runs_shown, rules=rule_labels), key="cmp_by_pos")
+            runs=runs_shown, rules=rule_labels), key="cmp_by_pos", top=PANEL_TOP)
 with step_slot:
     if by_step:
         ui.plot(pp.fig_runs_by_rule_panels(pl.concat(by_step, how="diagonal_relaxed"), x="step", y="masked_frac",
                                            title="Masked fraction by step", x_title="step", runs=runs_shown,
-                                           rules=rule_labels), key="cmp_by_step")
+                                           rules=rule_labels), key="cmp_by_step", top=PANEL_TOP)
 
 curves = []
 for path in chosen:
