@@ -104,13 +104,7 @@ def run(args) -> int:
         plan = [("cppo", "cppo", {})] + (COMPARE if args.compare else [])
         results, cfg = {}, None
         for label, rule, params in plan:
-            over = {"seed": args.seed, "threads": args.threads, "rule": {"name": rule, "params": params},
-                    "log": {"out_dir": str(out), "name": f"demo-{label}-{stamp}"}}
-            if args.quick:
-                over.update(steps=QUICK_STEPS, task={"eval_size": QUICK_EVAL_SIZE})
-                over["log"]["eval_every"] = 0
-            if args.steps is not None:
-                over["steps"] = args.steps
+            over = overrides(args, rule, params, out, f"demo-{label}-{stamp}")
             print(f"training {label} -> {out / over['log']['name']}", flush=True)
             cfg = build_config(args.preset, overrides=over)
             results[label] = train(cfg)
@@ -130,6 +124,19 @@ def run(args) -> int:
             return 0
         proc.wait()
         return 0
+
+
+def overrides(args, rule: str, params: dict, out: Path, name: str) -> dict:
+    """The trainer overrides of one demo run on top of ``args.preset`` (``--quick``: QUICK_STEPS iterations,
+    QUICK_EVAL_SIZE held-out problems, no evaluation in between; ``--steps`` wins over both)."""
+    over = {"seed": args.seed, "threads": args.threads, "rule": {"name": rule, "params": params},
+            "log": {"out_dir": str(out), "name": name}}
+    if args.quick:
+        over.update(steps=QUICK_STEPS, task={"eval_size": QUICK_EVAL_SIZE})
+        over["log"]["eval_every"] = 0
+    if args.steps is not None:
+        over["steps"] = args.steps
+    return over
 
 
 def summary_line(label: str, s: dict) -> str:
