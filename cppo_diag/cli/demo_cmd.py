@@ -48,7 +48,6 @@ QUICK_STEPS = 12
 QUICK_EVAL_SIZE = 32
 
 
-
 def add_arguments(parser) -> None:
     parser.add_argument("--out", default="runs", help="directory for the demo runs (created if missing)")
     parser.add_argument("--samples", default=None, help="sample runs to show beside them (default: the repo's sample_logs/)")
@@ -146,7 +145,6 @@ def summary_line(label: str, s: dict) -> str:
     return (f"{label}: on held-out problems, greedy exact accuracy {s.get(M.SUMMARY_GREEDY_ACC_BEFORE, nan):.3f} -> "
             f"{s.get(M.SUMMARY_GREEDY_ACC_AFTER, nan):.3f}, partial-credit reward "
             f"{s.get(M.SUMMARY_GREEDY_REWARD_BEFORE, nan):.3f} -> {s.get(M.SUMMARY_GREEDY_REWARD_AFTER, nan):.3f}")
-
 
 
 def why_apart(task) -> str:
