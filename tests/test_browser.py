@@ -32,7 +32,8 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic"
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 BENCH_TOKENS = int(os.environ.get("CPPO_DIAG_APP_BENCH_TOKENS", "0"))
 BENCH_DIR = Path(os.environ.get("CPPO_DIAG_APP_BENCH_DIR", str(REPO / "bench_data" / "app")))
-TIMEOUT_MS = 600_000 if BENCH_TOKENS else 300_000  # hang guards, far above a wait on a loaded box
+# Hang guards, far above a wait on a loaded box (CPPO_DIAG_BROWSER_TIMEOUT_MS overrides them, e.g. to debug).
+TIMEOUT_MS = int(os.environ.get("CPPO_DIAG_BROWSER_TIMEOUT_MS", 600_000 if BENCH_TOKENS else 300_000))
 
 if not Path(CHROMIUM).exists():
     pytest.skip(f"{CHROMIUM} is missing (install Debian's chromium: apt-get install -y chromium)",
