@@ -173,15 +173,34 @@ def choose(page, label: str, option: str) -> None:
     page.get_by_role("option", name=option, exact=False).first.click()
 
 
+def selected_tags(page) -> list[str]:
+    """The runs shown as chosen in the sidebar's "Selected runs" multiselect."""
+    box = page.get_by_test_id("stMultiSelect").filter(has_text="Selected runs").first
+    return [t.strip() for t in box.locator('[data-testid="stMultiSelectTagsContainer"] [data-tag]').all_inner_texts()]
+
+
 def select_runs(page, *names: str) -> None:
-    """Add runs to the sidebar's "Selected runs" multiselect (type the name, Enter)."""
+    """Add runs to the sidebar's "Selected runs" multiselect (type the name, Enter) and check they stay chosen.
+
+    On a loaded box a keystroke can land while the previous choice's rerun is still redrawing the widget, and
+    the choice is lost: each name is retried (up to 3 times) until its tag shows, and the selection is checked
+    at the end, so a later page fails here rather than waiting for a run that was never selected."""
     for name in names:
-        box = page.get_by_test_id("stMultiSelect").filter(has_text="Selected runs").first
-        box.locator("input").click()
-        page.keyboard.type(name)
-        page.keyboard.press("Enter")
-        page.keyboard.press("Escape")
-        wait_idle(page)
+        for _ in range(3):
+            box = page.get_by_test_id("stMultiSelect").filter(has_text="Selected runs").first
+            box.locator("input").click()
+            page.keyboard.type(name)
+            page.keyboard.press("Enter")
+            # close the list by a click on the sidebar's roots caption, not Escape: on the Runs page Escape can
+            # reach the runs table once the rerun moved the focus, and it clears the table's selection
+            page.get_by_test_id("stSidebar").get_by_text("Roots:").first.click()
+            wait_idle(page)
+            if any(name in t for t in selected_tags(page)):
+                break
+    page.wait_for_timeout(500)  # let a late rerun land, then check that every choice held
+    wait_idle(page)
+    tags = selected_tags(page)
+    assert all(any(n in t for t in tags) for n in names), f"selected {tags}, wanted {names}"
 
 
 def shot(page, name: str) -> None:

@@ -20,6 +20,7 @@ from tests.test_browser import (  # noqa: F401  (skips this module too when Chro
     choose,
     goto,
     select_runs,
+    selected_tags,
     shot,
     sync_api,
     wait_chart_change,
@@ -78,6 +79,7 @@ def _walk(pg) -> None:
     wait_idle(pg)
     shot(pg, "sample_budget")
 
+    assert any("unstable-long" in t for t in selected_tags(pg)), selected_tags(pg)  # the selection held
     goto(pg, "Doctor", 0)
     pg.get_by_text("reward_collapse").first.wait_for(timeout=4 * TIMEOUT_MS)  # diagnose runs on first open
     wait_idle(pg)
