@@ -5,7 +5,7 @@ PY    := $(VENV)/bin/python
 #   make setup TORCH_SPEC=   (empty: use whatever torch is already installed in the venv)
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: setup test test-fast demo rules study study-long study-ci clean
+.PHONY: setup test test-fast demo demo-quick rules study study-long study-ci clean
 
 setup: $(VENV)/.installed
 
@@ -25,6 +25,10 @@ test-fast: setup
 
 demo: setup
 	$(VENV)/bin/cppo-diag demo
+
+# The first look: the demo's regime on 12 iterations (scripts/time_demo.sh times it; README, "What the demo shows").
+demo-quick: setup
+	$(VENV)/bin/cppo-diag demo --quick
 
 rules: setup
 	$(VENV)/bin/cppo-diag rules

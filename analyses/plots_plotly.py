@@ -11,6 +11,7 @@ Builders
     fig_position_statistic(position table, *, column, label, title, relative)   Divergence page (Fig. 2)
     fig_masked_by_rule(compare.by_position, *, relative)                         Divergence page
     fig_runs_by_rule(compare frame, *, x, y, runs, rules)  Compare page (colour: run, dash: rule)
+    fig_runs_by_rule_panels(compare frame, *, x, y, runs, rules)  Compare page (one panel per run, colour: rule)
     fig_run_curves(scalars, names, *, runs)                Compare page (reward / accuracy curves)
     fig_metric_family(mismatch_metrics table, metrics, *, by)                    Doctor page
     fig_whatif_by_position(results) / fig_whatif_by_step(results)                What-if page
@@ -190,6 +191,48 @@ def fig_runs_by_rule(frame: pl.DataFrame, *, x: str, y: str, title: str, x_title
     fig.update_layout(title=f"{title} (colour: run; dash: rule, solid = applied mask)", xaxis_title=x_title,
                       yaxis_title=y, yaxis_tickformat=y_format, hovermode="x unified",
                       legend=dict(orientation="h", y=-0.25))
+    return fig
+
+
+def fig_runs_by_rule_panels(frame: pl.DataFrame, *, x: str, y: str, title: str, x_title: str, runs: Sequence[str],
+                            rules: Sequence[str], y_format: str = ".1%", per_row: int = 3,
+                            panel_height: int = 240) -> go.Figure:
+    """Small multiples of a ``compare_runs`` table: one panel per run (``runs`` order, ``per_row`` to a row,
+    titled with the rule the run applied), one line per rule in it, the same colour for a rule in every panel
+    (the run's applied mask in black, named "applied mask") and a shared y axis, so runs compare by panel and
+    rules by colour. Each trace's ``meta`` is its run; the legend lists each rule once."""
+    names = set(frame["run"].cast(pl.String).to_list())
+    present = [str(r) for r in runs if str(r) in names] or sorted(names)
+    n_cols = min(per_row, max(1, len(present)))
+    n_rows = max(1, -(-len(present) // n_cols))
+    applied = {}
+    for run, rule in frame.select(pl.col("run").cast(pl.String), pl.col("rule").cast(pl.String)).unique().iter_rows():
+        if rule.startswith("applied"):
+            applied[run] = rule.split(":", 1)[-1]
+    titles = [f"{r} (applied: {applied[r]})" if r in applied else r for r in present]
+    fig = make_subplots(rows=n_rows, cols=n_cols, shared_yaxes=True, shared_xaxes=True, subplot_titles=titles,
+                        horizontal_spacing=0.03, vertical_spacing=min(0.5 / n_rows, 0.12))
+    recomputed = sorted({str(r) for r in frame["rule"].to_list() if not str(r).startswith("applied")},
+                        key=lambda r: (list(rules).index(r) if r in rules else len(rules), r))
+    colors = {r: RUN_COLORS[i % len(RUN_COLORS)] for i, r in enumerate(recomputed)}
+    shown: set[str] = set()
+    for i, run in enumerate(present):
+        part_run = frame.filter(pl.col("run").cast(pl.String) == run).sort(x)
+        for (rule,), part in part_run.group_by(pl.col("rule").cast(pl.String), maintain_order=True):
+            label = "applied mask" if rule.startswith("applied") else rule
+            fig.add_scatter(x=part[x], y=part[y], mode="lines+markers", marker=dict(size=3), name=label, meta=run,
+                            legendgroup=label, showlegend=label not in shown,
+                            hovertemplate=f"{html.escape(run)} · {html.escape(rule)}: %{{y:{y_format}}}<extra></extra>",
+                            line=dict(color=colors.get(rule, "#222222"), width=2.5 if label == "applied mask" else 1.5),
+                            row=i // n_cols + 1, col=i % n_cols + 1)
+            shown.add(label)
+    fig.update_yaxes(tickformat=y_format)
+    fig.update_yaxes(title_text=y.replace("_frac", " fraction").replace("_", " "), col=1)
+    fig.update_xaxes(title_text=x_title, row=n_rows)
+    fig.update_layout(title=dict(text=f"{title}: one panel per run, colour = rule (black: the mask the run applied)",
+                                 y=1.0, yref="container", yanchor="top"),
+                      hovermode="x unified", height=110 + panel_height * n_rows,
+                      legend=dict(orientation="v", x=1.01, y=1, yanchor="top"))
     return fig
 
 

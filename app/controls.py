@@ -174,24 +174,26 @@ def default_bin_width(path: str) -> int:
 
 
 def run_default_updates(path: str) -> str:
-    """The run's default: "after_first" when it logged several updates per batch, else "all" (cached)."""
+    """The run's default (``analyses.updates.default_updates``): "lagged" when it records lag, else "after_first"
+    when it logged several updates per batch, else "all" (cached)."""
     return data.analysis("default_updates", path)
 
 
 def updates_widget(paths: str | list[str], key: str, container: Any = st) -> str | None:
-    """Which updates the page pools. Shown only when a run logged several updates per batch (then the default
-    is the updates after the first, where pi != mu); with one run the choice is returned, with several None
-    means "each run's default". A caption says what is pooled."""
+    """Which updates the page pools. Shown only when a run records lag or logged several updates per batch (the
+    default is then the run's own: the tokens with lag > 0, or the updates after the first); with one run the
+    choice is returned, with several None means "each run's default". A caption says what is pooled."""
     from cppo_diag.analyses.updates import UPDATE_LABELS, UPDATES, updates_note
 
     many = isinstance(paths, list)
     defaults = [run_default_updates(p) for p in (paths if many else [paths])]
-    if "after_first" not in defaults:
+    if all(d == "all" for d in defaults):
         return None if many else "all"
-    options = (["auto"] if many else []) + list(UPDATES)
+    # "lagged" needs the lag column: offered only when every run records it
+    options = (["auto"] if many else []) + [u for u in UPDATES if u != "lagged" or all(d == "lagged" for d in defaults)]
     labels = {"auto": "each run's default", **UPDATE_LABELS}
     if st.session_state.get(key) not in options:
-        st.session_state[key] = "auto" if many else "after_first"
+        st.session_state[key] = "auto" if many else defaults[0]
     choice = container.radio("Updates", options, format_func=labels.get, horizontal=True, key=key,
                              help="A run with several optimiser updates per batch logs each update's tokens. Where "
                                   "the run records lag, 'lagged' pools the tokens the policy had moved on since "

@@ -21,7 +21,7 @@ st.set_page_config(page_title="cppo-diag", layout="wide")
 # No page icons: Streamlit fetches a page's material icon from fonts.gstatic.com to use as the favicon, and
 # the app must load nothing from outside 127.0.0.1 (tests/test_browser.py checks it).
 PAGES = [
-    st.Page("views/runs.py", title="Runs", url_path="runs", default=True),
+    st.Page("views/runs.py", title="Runs", url_path="home", default=True),
     st.Page("views/divergence.py", title="Divergence by position", url_path="divergence"),
     st.Page("views/attribution.py", title="Attribution", url_path="attribution"),
     st.Page("views/budget.py", title="Budget", url_path="budget"),
@@ -29,6 +29,9 @@ PAGES = [
     st.Page("views/inspector.py", title="Token inspector", url_path="inspector"),
     st.Page("views/whatif.py", title="What-if", url_path="whatif"),
     st.Page("views/doctor.py", title="Doctor", url_path="doctor"),
+    # The default page is served at "/" only (its url_path just reserves a name), so /runs, the Runs page by
+    # its own name, would be "Page not found": this hidden twin serves the same script there.
+    st.Page("views/runs.py", title="Runs", url_path="runs", visibility="hidden"),
 ]
 
 ui.keep_persistent_state()

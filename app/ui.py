@@ -78,6 +78,16 @@ def _watch_live(live: Sequence[str], every: float) -> None:
     _poll()
 
 
+def figure_first(title: str, what: str, n_slots: int = 1) -> tuple[Any, ...]:
+    """The head every page shares (issue 24): the title, one sentence saying what the page shows, then
+    ``n_slots`` empty containers for its figures and a bordered container for its controls, in that order on
+    the page. The page reads its controls in the last container, then fills the slots above it, so the figure
+    is on the first screen and the controls under it."""
+    st.title(title)
+    st.caption(what)
+    return (*(st.container() for _ in range(n_slots)), st.container(border=True))
+
+
 def runs_or_stop() -> list[str]:
     runs = data.all_runs()
     if not runs:
@@ -98,12 +108,12 @@ def focus_run(label: str = "Run") -> str:
     return st.selectbox(label, options=options, format_func=data.label, key=data.FOCUS)
 
 
-def plot(fig: Any, key: str, *, tight: bool = True) -> None:
+def plot(fig: Any, key: str, *, tight: bool = True, top: int = 40) -> None:
     """Draw a plotly figure of ``cppo_diag.analyses.plots_plotly``. ``tight=False`` keeps the figure's own margins and
     template (the report twins, which set ``plots_plotly.LAYOUT``); the pages' own figures are drawn tight in
-    the Streamlit theme."""
+    the Streamlit theme, with ``top`` pixels above the plot for the title (more for panels with titles)."""
     if tight:
-        fig.update_layout(margin=dict(l=10, r=10, t=40, b=10))
+        fig.update_layout(margin=dict(l=10, r=10, t=top, b=10))
     st.plotly_chart(fig, key=key, config=PLOT_CONFIG, theme="streamlit" if tight else None)
 
 

@@ -28,7 +28,7 @@ def _ray_children() -> list[str]:
     return out
 
 
-def _wait_no_ray(timeout_s: float = 20.0) -> list[str]:
+def _wait_no_ray(timeout_s: float = 180.0) -> list[str]:
     end = time.monotonic() + timeout_s
     left = _ray_children()
     while left and time.monotonic() < end:

@@ -167,6 +167,27 @@ def test_runs_by_rule_colours_runs_and_dashes_rules(tables):
     assert fig.layout.yaxis.tickformat == ".1%" and "colour: run" in fig.layout.title.text
 
 
+def test_runs_by_rule_panels_one_panel_per_run_one_colour_per_rule(tables):
+    by_pos = pl.concat([tables["compare"].by_position.with_columns(run=pl.lit(r)) for r in ("a", "b", "c", "d")])
+    fig = PP.fig_runs_by_rule_panels(by_pos, x="bin_start", y="masked_frac", title="Masked fraction by position",
+                                     x_title="position", runs=["b", "a", "c", "d"], rules=["grpo_clip", "cppo"])
+    rules = set(by_pos["rule"].to_list())
+    assert len(fig.data) == 4 * len(rules)  # every (run, rule) once
+    # panels in the runs' order, 3 to a row: b, a, c on the first row, d alone on the second
+    axes = {t.meta: (t.xaxis, t.yaxis) for t in fig.data}
+    assert axes["b"] == ("x", "y") and axes["a"] == ("x2", "y2") and axes["d"] == ("x4", "y4")
+    titles = [a.text for a in fig.layout.annotations]
+    applied = next(r for r in rules if r.startswith("applied")).split(":", 1)[1]
+    assert titles == [f"{r} (applied: {applied})" for r in ("b", "a", "c", "d")]
+    # one colour per rule across the panels, black for the applied mask, and the legend lists each rule once
+    colour = {}
+    for t in fig.data:
+        assert colour.setdefault(t.name, t.line.color) == t.line.color
+    assert colour["applied mask"] == "#222222" and colour["grpo_clip"] != colour["cppo"]
+    assert sorted(t.name for t in fig.data if t.showlegend) == sorted(colour)
+    assert fig.layout.yaxis.tickformat == ".1%" and fig.layout.yaxis2.matches == "y"  # shared y axis
+
+
 def test_masked_by_rule_and_metric_family_draw_one_line_each(tables):
     from cppo_diag.analyses.mismatch import mismatch_metrics
 

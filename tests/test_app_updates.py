@@ -55,6 +55,9 @@ def test_divergence_page_defaults_to_updates_after_the_first(page):
     at = page("views/divergence.py")
     assert at.radio(key="div_updates").value == "after_first"
     assert "after the first" in _captions(at)
+    assert at.selectbox(key="div_stat").value == "top10_mean"  # the page's default: a tail statistic (issue 24)
+    at.selectbox(key="div_stat").set_value("mean").run()  # the dilution below is the mean's
+    _ok(at)
     later = sum(c[0] for c in traces(at)[0]["customdata"])
     mean_later = traces(at)[0]["y"]
     at.radio(key="div_updates").set_value("all").run()

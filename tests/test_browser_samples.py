@@ -10,6 +10,7 @@ from __future__ import annotations
 import pytest
 
 from tests.test_browser import (  # noqa: F401  (skips this module too when Chromium is missing)
+    CHART,
     CHROMIUM,
     CHROMIUM_ARGS,
     REPO,
@@ -19,6 +20,7 @@ from tests.test_browser import (  # noqa: F401  (skips this module too when Chro
     choose,
     goto,
     select_runs,
+    selected_tags,
     shot,
     sync_api,
     wait_chart_change,
@@ -60,6 +62,12 @@ def _walk(pg) -> None:
     goto(pg, "Divergence by position", 2)
     choose(pg, "Run", "cppo-long")
     wait_idle(pg)
+    # the page's default statistic is the top-decile mean (issue 24); the mean and back redraw the chart
+    assert pg.evaluate(f"() => document.querySelector('{CHART}').data[0].name") == "top-decile mean"
+    before = chart_signature(pg, 0)
+    choose(pg, "Statistic", "mean")
+    wait_chart_change(pg, 0, before)
+    wait_idle(pg)
     before = chart_signature(pg, 0)
     choose(pg, "Statistic", "top-decile")
     wait_chart_change(pg, 0, before)
@@ -71,6 +79,7 @@ def _walk(pg) -> None:
     wait_idle(pg)
     shot(pg, "sample_budget")
 
+    assert any("unstable-long" in t for t in selected_tags(pg)), selected_tags(pg)  # the selection held
     goto(pg, "Doctor", 0)
     pg.get_by_text("reward_collapse").first.wait_for(timeout=4 * TIMEOUT_MS)  # diagnose runs on first open
     wait_idle(pg)

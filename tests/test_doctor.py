@@ -306,7 +306,7 @@ def test_app_doctor_page(runs, monkeypatch):
     append_json_line(live, {"step": 12, "id": "reward_dip", "severity": "warning", "first_step": 12,
                             "message": "The reward dipped at step 12 (live)."})
     try:
-        at = AppTest.from_file(str(app), default_timeout=120)
+        at = AppTest.from_file(str(app), default_timeout=600)
         at.run()
         at.multiselect(key="selected_runs").set_value([str(runs["collapsing"].resolve())]).run()
         at.switch_page("views/doctor.py").run()

@@ -119,13 +119,16 @@ def test_gpu_smoke_preset_mirrors_table3_shortened():
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(240)
+@pytest.mark.timeout(3600)
 def test_gpu_study_script_cpu_tiny(tmp_path):
     if shutil.which("bash") is None or shutil.which("timeout") is None:
         pytest.skip("needs bash and coreutils timeout")
-    env = dict(os.environ, OUT=str(tmp_path / "out"), PYTHON=sys.executable)
+    # The script's STUDY_CAP_S budgets GPU minutes; here it is only a hang guard, far above the work (about a
+    # minute on an idle 2-core box), so a loaded box is slower, never failed (issue 24). The test checks that
+    # all six runs finish, which the default 120 s cap did not let a busy box do.
+    env = dict(os.environ, OUT=str(tmp_path / "out"), PYTHON=sys.executable, STUDY_CAP_S="3000")
     proc = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_study.sh"), "--cpu-tiny"], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=230)
+                          capture_output=True, text=True, timeout=3300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     out = tmp_path / "out"
     assert "gpu_study.sh: OK" in proc.stdout

@@ -108,7 +108,7 @@ def test_find_cycle_finds_one():
 def test_wheel_installs_one_import_name(tmp_path):
     """The built wheel holds only the ``cppo_diag`` package (analyses and app inside it) and its metadata."""
     proc = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
-                           "-w", str(tmp_path), str(REPO)], capture_output=True, text=True, timeout=600)
+                           "-w", str(tmp_path), str(REPO)], capture_output=True, text=True, timeout=1500)
     assert proc.returncode == 0, proc.stderr[-2000:]
     (wheel,) = tmp_path.glob("cppo_diag-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
@@ -130,7 +130,7 @@ def test_an_uninstalled_checkout_imports_its_own_analyses_and_app(tmp_path):
     shutil.copy(REPO / "pyproject.toml", copy / "pyproject.toml")
     code = ("import cppo_diag.analyses.tokens as t, cppo_diag.app.roots as r, cppo_diag; "
             "print(cppo_diag.__file__); print(t.__file__); print(r.__file__)")
-    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120,
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=600,
                          env={"PYTHONPATH": str(copy), "PATH": "/usr/bin:/bin"})
     assert out.returncode == 0, out.stderr[-2000:]
     files = out.stdout.split()

@@ -362,7 +362,7 @@ def test_writer_pool_recorder_left_open_is_closed_at_exit(tmp_path):
             rec.log_tokens(step=step, **batch(step))
         # no end_step(1), no close()
     """)
-    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=600)
     run = open_run(run_dir)
     assert run.meta["status"] == "finished"
     assert run.completed_steps() == [0, 1]

@@ -69,7 +69,7 @@ def _wandb_records(run_dir: Path) -> list[dict]:
     files = sorted((run_dir / sinks_mod.WANDB_DIR).glob("*run-*/run-*.wandb"))  # not latest-run/ (a link)
     assert len(files) == 1, files
     out = subprocess.run([sys.executable, "-m", "wandb", "leet", "inspect", "--json", str(files[0])],
-                         capture_output=True, text=True, timeout=120, check=True).stdout
+                         capture_output=True, text=True, timeout=600, check=True).stdout
     return [json.loads(line) for line in out.splitlines() if line.strip()]
 
 

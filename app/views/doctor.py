@@ -15,8 +15,12 @@ PAGE_FILES = {
     "Runs": "views/runs.py",
     "Compare runs": "views/compare.py",
     "Doctor": "views/doctor.py",
+    "Attribution": "views/attribution.py",
 }
-BADGE = {"critical": "🟥 critical", "warning": "🟧 warning", "info": "🟦 info"}
+# Streamlit's own badges and Material icons (its bundled font): emoji squares render as empty boxes in a browser
+# without an emoji font.
+BADGE = {"critical": ":red-badge[:material/error: critical]", "warning": ":orange-badge[:material/warning: warning]",
+         "info": ":blue-badge[:material/info: info]"}
 
 st.title("Doctor")
 st.caption("Plain-language findings about each run, with the numbers behind them (the same checks as "
@@ -24,9 +28,9 @@ st.caption("Plain-language findings about each run, with the numbers behind them
            "CUSUM change-point test on the divergence tails and the mismatch, against each run's own earlier steps.")
 runs = ui.runs_or_stop()
 paths = data.selected() or runs[:1]
+findings_slot = st.container()  # the findings first, the option that changes them under them
 budget = st.toggle("Include the CPPO prefix-budget check (recomputes CPPO over the run: slower)", value=False,
                    key="doc_budget")
-
 
 
 def _live_findings(path: str) -> None:
@@ -65,46 +69,51 @@ def _live_section(path: str) -> None:
         _live_findings(path)
 
 
-for path in paths:
-    st.subheader(data.label(path))
-    _live_section(path)
-    try:
-        findings = data.analysis("diagnose", path, budget=bool(budget))
-    except ValueError as exc:
-        st.error(str(exc))
-        continue
-    if not findings:
-        st.success("No finding: nothing looks wrong in what this run logged.")
-    for i, f in enumerate(findings):
-        at = f" from step {f.first_step}" if f.first_step is not None else ""
-        st.markdown(f"**{BADGE.get(f.severity, f.severity)} · `{f.id}`**{at}: {f.message}")
-        where = f"{f.page}" + (f", steps {f.steps[0]}–{f.steps[1]}" if f.steps else "")
-        target = PAGE_FILES.get(f.page)
-        if target and target != "views/doctor.py":
-            st.page_link(target, label=f"Shown on: {where}")
-        else:
-            st.caption(f"Shown on: {where}")
-        with st.expander("Evidence", expanded=False):
-            st.json(f.to_json()["evidence"], expanded=True)
+with findings_slot:  # drawn above the toggle that changes them
+    for path in paths:
+        st.subheader(data.label(path))
+        _live_section(path)
+        try:
+            findings = data.analysis("diagnose", path, budget=bool(budget))
+        except ValueError as exc:
+            st.error(str(exc))
+            continue
+        if not findings:
+            st.success("No finding: nothing looks wrong in what this run logged.")
+        for i, f in enumerate(findings):
+            at = f" from step {f.first_step}" if f.first_step is not None else ""
+            st.markdown(f"**{BADGE.get(f.severity, f.severity)} · `{f.id}`**{at}: {f.message}")
+            where = f"{f.page}" + (f", steps {f.steps[0]}–{f.steps[1]}" if f.steps else "")
+            target = PAGE_FILES.get(f.page)
+            if target and target != "views/doctor.py":
+                st.page_link(target, label=f"Shown on: {where}")
+            else:
+                st.caption(f"Shown on: {where}")
+            with st.expander("Evidence", expanded=False):
+                st.json(f.to_json()["evidence"], expanded=True)
 
 st.divider()
 st.subheader("Mismatch metric family")
 st.caption("Per training step or position bin, from the logged log-probs: lr = log x − log μ (x = π), ρ = exp(lr). "
-           "In the first update of a batch π is still the sampler's policy, so π / μ is the train/inference "
-           "mismatch alone; later updates add the policy's own movement. Names in verl, TRL, slime, NeMo-RL and "
-           "AReaL: docs/analyses.md.")
+           "π already differs from μ in a batch's first update: that divergence includes the engine mismatch (the "
+           "sampler's numerics against the trainer's) and, when rollouts are stale, the policy lag (μ is the policy "
+           "of some iterations before); later updates add the policy's own movement on the batch. Names in verl, "
+           "TRL, slime, NeMo-RL and AReaL: docs/analyses.md.")
+mm_slot = st.container()  # the chart first, its controls under it
 path = ui.focus_run()
 c1, c2, c3 = st.columns(3)
 by = c1.radio("By", ["step", "position"], horizontal=True, key="doc_mm_by")
 updates = c2.radio("Updates", ["after_first", "first", "all"], horizontal=True, key="doc_mm_updates",
-                   format_func={"after_first": "after the first", "first": "first (π = μ)", "all": "all"}.get)
+                   format_func={"after_first": "after the first", "first": "first of each batch", "all": "all"}.get)
 bin_width = c3.number_input("Bin width (tokens)", min_value=1, max_value=4096, value=16, key="doc_mm_bin",
                             disabled=by != "position")
 table = data.analysis("mismatch_metrics", path, by=by, updates=updates, bin_width=int(bin_width))
-ui.need(table.height > 0,
-        "No tokens for this update filter (a run with one update per batch has none after the first).")
+if table.height == 0:
+    mm_slot.info("No tokens for this update filter (a run with one update per batch has none after the first).")
+    st.stop()
 metrics = [c for c in table.columns if c not in ("step", "bin", "bin_start", "bin_end", "n_tokens", "n_seqs")]
 chosen = st.multiselect("Metrics", metrics, default=["kl_k3", "chi2_token"], key="doc_mm_metrics")
-ui.plot(pp.fig_metric_family(table, chosen, by=by), key="doc_mm_fig")
+with mm_slot:
+    ui.plot(pp.fig_metric_family(table, chosen, by=by), key="doc_mm_fig")
 with st.expander("Table"):
     st.dataframe(table, hide_index=True)

@@ -8,6 +8,8 @@ import streamlit as st
 from cppo_diag.app import data, ui
 
 st.title("Runs")
+st.caption("Every run under the roots, with what trained it and how far it got; the rows you select are the runs the "
+           "other pages show.")
 runs = ui.runs_or_stop()
 table = data.runs_table(runs)
 

@@ -13,12 +13,15 @@ import streamlit as st
 from cppo_diag.analyses import plots_plotly as pp
 from cppo_diag.app import controls, data, ui
 
-st.title("What-if")
-path = ui.focus_run()
-step_range = controls.step_range(path, key="wi_steps", default_tokens=controls.RECOMPUTE_TOKENS,
-                                 label="Steps recomputed", what="Rules recomputed")
-ui.need(step_range is not None, "This run has no token rows yet.")
-updates = controls.updates_widget(path, key="wi_updates")
+whatif_slot, settings = ui.figure_first(  # the fragment (figures, then its sliders) is drawn into the slot
+    "What-if", "What a rule with other parameters (δ, δ_b, w_min) would have masked on this run's steps, by position "
+    "and by step, against the rule the run applied.")
+with settings:
+    path = ui.focus_run()
+    step_range = controls.step_range(path, key="wi_steps", default_tokens=controls.RECOMPUTE_TOKENS,
+                                     label="Steps recomputed", what="Rules recomputed")
+    ui.need(step_range is not None, "This run has no token rows yet.")
+    updates = controls.updates_widget(path, key="wi_updates")
 applied = controls.applied_rule(path)
 base_rule = applied or "cppo"
 base = controls.rule_defaults(path, base_rule)
@@ -34,7 +37,9 @@ def _pct(v) -> str:
 
 @st.fragment
 def whatif() -> None:
-    """The parameter widgets and everything they drive: a widget change reruns this function only."""
+    """The parameter widgets and everything they drive: a widget change reruns this function only. The
+    figures are drawn above the widgets (into ``figures``, filled once the widgets are read)."""
+    figures = st.container()
     c1, c2, c3, c4 = st.columns(4)
     rule = c1.selectbox("Rule", rules, index=rules.index("cppo") if "cppo" in rules else 0, key="wi_rule")
     delta = c2.slider("δ", 0.01, 0.5, float(cppo["delta"]), 0.005, key="wi_delta")
@@ -64,7 +69,7 @@ def whatif() -> None:
     ref = controls.recompute_steps(path, rule=base_rule, params=base_params, step_range=step_range,
                                    bin_width=bin_width, updates=updates)
 
-    m1, m2, m3, m4 = st.columns(4)
+    m1, m2, m3, m4 = figures.columns(4)
     nf, rf = new.overall.get("masked_frac"), ref.overall.get("masked_frac")
     nb, rb = new.overall.get("budget_share"), ref.overall.get("budget_share")
     m1.metric(f"masked fraction ({rule})", _pct(nf),
@@ -75,11 +80,12 @@ def whatif() -> None:
     m3.metric(f"masked fraction ({ref_name})", _pct(rf))
     m4.metric("tokens recomputed", f"{new.overall.get('n_valid', 0):,}")
     if ref.agreement:
-        st.caption(f"The reference recompute agrees with the logged mask on {100 * ref.agreement['agreement']:.3f}% "
+        figures.caption(f"The reference recompute agrees with the logged mask on {100 * ref.agreement['agreement']:.3f}% "
                    "of tokens.")
 
     results = {f"{rule} (what-if)": new, ref_name: ref}
-    ui.plot(pp.fig_whatif_by_position(results), key="wi_by_pos")
+    with figures:
+        ui.plot(pp.fig_whatif_by_position(results), key="wi_by_pos")
     ui.plot(pp.fig_whatif_by_step(results), key="wi_by_step")
 
     if rule == "cppo" and st.toggle("Every CPPO parameter set at these δ, δ_b, w_min", key="wi_profiles"):
@@ -104,4 +110,5 @@ def whatif() -> None:
         ui.plot(pp.fig_whatif(sweep, value="masked_frac", w_min=float(w_min)), key="wi_sweep_fig", tight=False)
 
 
-whatif()
+with whatif_slot:
+    whatif()

@@ -9,15 +9,22 @@ What happens:
      into runs/demo-cppo-<time>/ and appears in the app live (60 iterations, a few minutes on 2 cores);
      `--preset demo` runs the short-answer `fib` task instead;
   3. with --compare, GRPO (ratio clip) and DPPO runs follow on the same seed, for side-by-side comparison;
-  4. the greedy accuracy on the held-out set before and after RL is printed (also in each run's scalars as
-     summary/greedy_acc_before / summary/greedy_acc_after). The app keeps running until Ctrl-C.
+  4. the greedy accuracy on the held-out set before and after RL is printed with the partial-credit reward
+     beside it and why the two can move apart (also in each run's scalars as summary/greedy_acc_before /
+     summary/greedy_acc_after). The app keeps running until Ctrl-C.
+
+``--quick`` is a first look: the same regime (same task, staleness, bf16 sampling, rule) cut to QUICK_STEPS
+iterations, a smaller held-out set (QUICK_EVAL_SIZE problems) and no evaluation in between, so the run's
+first steps reach the app within about two minutes on a loaded 2-core box (README, "What the demo shows").
+Its accuracy change is a short run's on a small set: the full regime is the default (no flag).
 
 The app server is stopped on every way the demo ends: Ctrl-C (SIGINT), SIGTERM, SIGHUP, an error, and on
 Linux even SIGKILL (the kernel signals the server when its parent dies). A port already in use is reported
 before training starts; pass --port to use another.
 
 Examples:
-  cppo-diag demo                      # CPPO + app
+  cppo-diag demo                      # CPPO + app (the full long regime)
+  cppo-diag demo --quick              # a first look in about two minutes
   cppo-diag demo --compare            # CPPO, then GRPO and DPPO on the same seed
   cppo-diag demo --no-app --steps 20  # train only (CI, headless machines)
 """
@@ -35,12 +42,20 @@ HELP = "train a fresh CPPO run on CPU (long regime, a few minutes) and open the 
 
 COMPARE = [("grpo", "grpo_clip", {}), ("dppo", "dppo", {})]
 
+# --quick: the preset's regime on fewer iterations and a smaller held-out set (the settings that make the
+# phenomenon, i.e. answer length, forks, staleness and bf16 sampling, are the preset's own).
+QUICK_STEPS = 12
+QUICK_EVAL_SIZE = 32
+
 
 def add_arguments(parser) -> None:
     parser.add_argument("--out", default="runs", help="directory for the demo runs (created if missing)")
     parser.add_argument("--samples", default=None, help="sample runs to show beside them (default: the repo's sample_logs/)")
     parser.add_argument("--preset", default="long", choices=["long", "demo"],
                         help="trainer preset: long (160-token answers, off-policy; default) or demo (short fib task)")
+    parser.add_argument("--quick", action="store_true",
+                        help=f"a first look: the preset's regime on {QUICK_STEPS} iterations and {QUICK_EVAL_SIZE} "
+                             "held-out problems (the first steps reach the app in about two minutes)")
     parser.add_argument("--steps", type=int, default=None, help="RL iterations (default: the preset's)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch CPU threads (default 1: the README's figures were measured with 1 and the "
@@ -86,23 +101,61 @@ def run(args) -> int:
             print(f"app: http://127.0.0.1:{args.port}  (roots: {', '.join(roots)})")
         stamp = time.strftime("%Y%m%d-%H%M%S")
         plan = [("cppo", "cppo", {})] + (COMPARE if args.compare else [])
-        results = {}
+        results, cfg = {}, None
         for label, rule, params in plan:
-            over = {"seed": args.seed, "threads": args.threads, "rule": {"name": rule, "params": params},
-                    "log": {"out_dir": str(out), "name": f"demo-{label}-{stamp}"}}
-            if args.steps is not None:
-                over["steps"] = args.steps
+            over = overrides(args, rule, params, out, f"demo-{label}-{stamp}")
             print(f"training {label} -> {out / over['log']['name']}", flush=True)
-            results[label] = train(build_config(args.preset, overrides=over))
-        for label, s in results.items():
-            print(f"{label:5s} greedy accuracy on held-out problems: {s.get(M.SUMMARY_GREEDY_ACC_BEFORE, float('nan')):.3f}"
-                  f" -> {s.get(M.SUMMARY_GREEDY_ACC_AFTER, float('nan')):.3f}  (partial-credit reward "
-                  f"{s.get(M.SUMMARY_GREEDY_REWARD_BEFORE, float('nan')):.3f} -> {s.get(M.SUMMARY_GREEDY_REWARD_AFTER, float('nan')):.3f})")
+            cfg = build_config(args.preset, overrides=over)
+            results[label] = train(cfg)
+        lines = [summary_line(label, s) for label, s in results.items()]
+        why = why_apart(cfg.task)
+        if args.quick:
+            why += (f" (--quick: {cfg.steps} iterations, {cfg.task.eval_size} held-out problems, a first look rather "
+                    "than a result; run without --quick for the full regime)")
         if proc is None:
             print(f"open the runs with: cppo-diag app --root {out}" + (f" --root {samples}" if samples else ""))
+            print("\n".join([*lines, why]), flush=True)
             return 0
+        if not args.exit_when_done:
+            print("training done; the app keeps running (Ctrl-C to stop)")
+        print("\n".join([*lines, why]), flush=True)  # the last lines: what the run did, and how to read it
         if args.exit_when_done:
             return 0
-        print("training done; the app keeps running (Ctrl-C to stop)", flush=True)
         proc.wait()
         return 0
+
+
+def overrides(args, rule: str, params: dict, out: Path, name: str) -> dict:
+    """The trainer overrides of one demo run on top of ``args.preset`` (``--quick``: QUICK_STEPS iterations,
+    QUICK_EVAL_SIZE held-out problems, no evaluation in between; ``--steps`` wins over both)."""
+    over = {"seed": args.seed, "threads": args.threads, "rule": {"name": rule, "params": params},
+            "log": {"out_dir": str(out), "name": name}}
+    if args.quick:
+        over.update(steps=QUICK_STEPS, task={"eval_size": QUICK_EVAL_SIZE})
+        over["log"]["eval_every"] = 0
+    if args.steps is not None:
+        over["steps"] = args.steps
+    return over
+
+
+def summary_line(label: str, s: dict) -> str:
+    """One run's result in words: exact (greedy) accuracy and partial-credit reward on the held-out problems,
+    before -> after RL."""
+    nan = float("nan")
+    return (f"{label}: on held-out problems, greedy exact accuracy {s.get(M.SUMMARY_GREEDY_ACC_BEFORE, nan):.3f} -> "
+            f"{s.get(M.SUMMARY_GREEDY_ACC_AFTER, nan):.3f}, partial-credit reward "
+            f"{s.get(M.SUMMARY_GREEDY_REWARD_BEFORE, nan):.3f} -> {s.get(M.SUMMARY_GREEDY_REWARD_AFTER, nan):.3f}")
+
+
+def why_apart(task) -> str:
+    """Why exact accuracy and the partial-credit reward can move in opposite directions, for this task config
+    (the chain task's reward: cppo_diag/train/tasks/chain.py)."""
+    if task.reward != "partial":
+        return "accuracy and reward: both count exact answers only (task.reward = exact)"
+    if task.kind == "chain" and task.forks > 0 and task.detour_credit < 1:
+        credit = "no" if task.detour_credit == 0 else f"only {task.detour_credit:g} of a digit's"
+        return ("why the two can move apart: at a fork both the rule's digit and the detour digit are right, so exact "
+                f"accuracy counts detours, but a detour earns {credit} partial credit; more detours raise accuracy "
+                "and lower the reward")
+    return ("why the two can move apart: exact accuracy needs the whole answer right, the partial-credit reward pays "
+            "for the parts that are right, so the reward can rise or fall while no answer turns exact")
