@@ -33,6 +33,7 @@ PAGES = {
     "": ("Runs", '[data-testid="stDataFrame"]'),
     "runs": ("Runs", '[data-testid="stDataFrame"]'),
     "divergence": ("Divergence by position", CHART),
+    "attribution": ("Attribution", CHART),
     "budget": ("Budget", CHART),
     "compare": ("Compare runs", CHART),
     "inspector": ("Token inspector", ".tokens"),
