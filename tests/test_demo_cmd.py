@@ -67,3 +67,11 @@ def test_quick_is_in_the_help(capsys):
     with pytest.raises(SystemExit):
         _args("--help")
     assert "--quick" in capsys.readouterr().out
+
+
+def test_compare_trains_the_no_trust_region_control_right_after_cppo():
+    assert [r for _, r, _ in demo_cmd.plan(_args())] == ["cppo"]
+    rules = [r for _, r, _ in demo_cmd.plan(_args("--compare"))]
+    assert rules[:2] == ["cppo", "pg_is"] and set(rules[2:]) == {"grpo_clip", "dppo"}
+    labels = [lab for lab, _, _ in demo_cmd.plan(_args("--compare"))]
+    assert len(set(labels)) == len(labels)  # one run directory each

@@ -5,10 +5,12 @@ What happens:
      immediately;
   2. a fresh CPPO run trains with the `long` preset (the `chain` task: 160-digit answers where every digit
      depends on the prefix and forks grow denser along the answer, prefix-credit reward, from the shipped SFT
-     warm start; rollouts 6 iterations stale and sampled in bf16, 2 epochs x 2 minibatches, lr 2e-4 cosine)
-     into runs/demo-cppo-<time>/ and appears in the app live (60 iterations, a few minutes on 2 cores);
-     `--preset demo` runs the short-answer `fib` task instead;
-  3. with --compare, GRPO (ratio clip) and DPPO runs follow on the same seed, for side-by-side comparison;
+     warm start; rollouts 6 iterations stale and sampled in bf16, 2 epochs x 2 minibatches, lr 1e-4 held
+     constant after a warm-up) into runs/demo-cppo-<time>/ and appears in the app live (40 iterations, a few
+     minutes on 2 cores); `--preset demo` runs the short-answer `fib` task instead;
+  3. with --compare, the same run without any trust region (`pg_is`, the control: in the long regime it
+     collapses where CPPO learns), then GRPO (ratio clip) and DPPO follow on the same seed, for side-by-side
+     comparison on the Compare runs page;
   4. the greedy accuracy on the held-out set before and after RL is printed with the partial-credit reward
      beside it and why the two can move apart (also in each run's scalars as summary/greedy_acc_before /
      summary/greedy_acc_after). The app keeps running until Ctrl-C.
@@ -25,7 +27,7 @@ before training starts; pass --port to use another.
 Examples:
   cppo-diag demo                      # CPPO + app (the full long regime)
   cppo-diag demo --quick              # a first look in about two minutes
-  cppo-diag demo --compare            # CPPO, then GRPO and DPPO on the same seed
+  cppo-diag demo --compare            # CPPO, then no trust region (pg_is), GRPO and DPPO on the same seed
   cppo-diag demo --no-app --steps 20  # train only (CI, headless machines)
 """
 
@@ -40,7 +42,13 @@ from cppo_diag import metric_names as M
 
 HELP = "train a fresh CPPO run on CPU (long regime, a few minutes) and open the app on sample_logs/ + runs/"
 
-COMPARE = [("grpo", "grpo_clip", {}), ("dppo", "dppo", {})]
+# pg_is first: the no-trust-region control beside CPPO is what the long regime exists to show
+COMPARE = [("pg_is", "pg_is", {}), ("grpo", "grpo_clip", {}), ("dppo", "dppo", {})]
+
+
+def plan(args) -> list[tuple[str, str, dict]]:
+    """The runs the demo trains, in order: (label, rule, rule params)."""
+    return [("cppo", "cppo", {})] + (COMPARE if args.compare else [])
 
 # --quick: the preset's regime on fewer iterations and a smaller held-out set (the settings that make the
 # phenomenon, i.e. answer length, forks, staleness and bf16 sampling, are the preset's own).
@@ -61,7 +69,9 @@ def add_arguments(parser) -> None:
                         help="torch CPU threads (default 1: the README's figures were measured with 1 and the "
                              "result depends on the float reduction order)")
     parser.add_argument("--seed", type=int, default=0, help="seed shared by all demo runs")
-    parser.add_argument("--compare", action="store_true", help="also train GRPO (ratio clip) and DPPO on the same seed")
+    parser.add_argument("--compare", action="store_true",
+                        help="also train, on the same seed, the control without a trust region (pg_is: it collapses "
+                             "in the long regime), then GRPO (ratio clip) and DPPO")
     parser.add_argument("--port", type=int, default=8501, help="app port on 127.0.0.1")
     parser.add_argument("--no-app", action="store_true", help="train only; print how to open the app afterwards")
     parser.add_argument("--no-browser", action="store_true", help="start the app server but do not open a browser")
@@ -100,9 +110,8 @@ def run(args) -> int:
                 return 2
             print(f"app: http://127.0.0.1:{args.port}  (roots: {', '.join(roots)})")
         stamp = time.strftime("%Y%m%d-%H%M%S")
-        plan = [("cppo", "cppo", {})] + (COMPARE if args.compare else [])
         results, cfg = {}, None
-        for label, rule, params in plan:
+        for label, rule, params in plan(args):
             over = overrides(args, rule, params, out, f"demo-{label}-{stamp}")
             print(f"training {label} -> {out / over['log']['name']}", flush=True)
             cfg = build_config(args.preset, overrides=over)
