@@ -273,7 +273,7 @@ PRESETS: dict[str, dict] = {
     },
     "long": {  # the long-horizon, off-policy regime (docs/trainer.md "The long preset"; calibrated by scripts/calibrate_long.py)
         "steps": 40,
-        "threads": 1,  # one torch thread: the figures do not depend on the machine's core count (0: torch's default)
+        "threads": 1,  # one torch thread: runs do not depend on the core count (bit-identical on the same CPU only)
         "log": {"eval_every": 20, "behavior_logp": True},
         "task": {"kind": "chain", "reward": "partial", "min_terms": 160, "max_terms": 160, "forks": 0.5,
                  "detour_credit": 0.0, "eval_size": 512},
