@@ -538,3 +538,24 @@ def save_png(fig: Figure, path, dpi: int = 200) -> Path:
 
 
 __all__: Sequence[str] = [n for n in dir() if n.startswith("fig_")] + ["save_png"]
+
+
+def live_position_table(data) -> pl.DataFrame:
+    """``position_stats`` of a live step's tokens (``cppo_diag.capture.position_live.PositionFigure``): |pi - mu|
+    by relative position in ``FIGURE_BINS`` bins, with CPPO's delta / w_t."""
+    from cppo_diag.analyses.position import position_stats
+    from cppo_diag.capture.position_live import FIGURE_BINS
+
+    seq = np.cumsum(data.pos == 0) - 1  # (N,) a response starts where pos restarts at 0
+    frame = pl.DataFrame({"step": np.full(len(data.pos), data.step, np.int64), "seq_id": seq.astype(np.int64),
+                          "pos": data.pos.astype(np.int32), "logp": data.logp, "logp_rollout": data.logp_rollout,
+                          "advantage": np.ones(len(data.pos), np.float32)})
+    return position_stats(frame, metrics=["tv"], relative=True, n_rel_bins=FIGURE_BINS, delta=data.delta,
+                          w_min=data.w_min)
+
+
+def fig_live_position(data) -> Figure:
+    """The live divergence-by-position figure (TensorBoard / W&B, every ``log.position_figure_every`` steps) of a
+    ``PositionFigure``: the top-decile |pi - mu| by relative position with delta / w_t."""
+    title = data.title or (f"|π − μ| by position, step {data.step} (δ = {data.delta:g}, w_min = {data.w_min:g})")
+    return fig_position_divergence(live_position_table(data), metric="tv", tail="top10_mean", title=title)

@@ -94,9 +94,12 @@ def test_figure_threshold_is_the_rules_schedule():
     assert cppo_schedule("cppo", {"delta": 0.3}) == (0.3, 0.8)
     assert cppo_schedule("grpo_clip", {}) == cppo_schedule("cppo", {})  # reference line for other rules
     lp, lr, mask, keep = _batch(seed=4)
-    fig = position_figure(position_tokens(lp, lr, mask, keep), step=7, rule="cppo", rule_params={"delta": 0.2,
-                                                                                                 "w_min": 0.5})
-    table = fig.table()
+    from cppo_diag.analyses.plots_mpl import fig_live_position, live_position_table
+
+    fig = position_figure(position_tokens(lp, lr, mask, keep), step=7, rule="cppo",
+                          rule_params={"delta": 0.2, "w_min": 0.5}, renderer=fig_live_position)
+    table = live_position_table(fig)
+    assert fig.render().axes  # the renderer draws it
     assert table.height == 20 and table["count"].sum() == int(mask.sum())
     from cppo_diag.masks.schedule import threshold_schedule
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -137,7 +138,8 @@ class PositionWindow:
 @dataclass
 class PositionFigure:
     """What the divergence-by-position figure of one step needs, as numpy arrays (cheap to make on the training
-    thread); ``render()`` draws it (on the recorder's writer thread)."""
+    thread); ``render()`` draws it with ``renderer`` (on the recorder's writer thread). The renderer lives above
+    this layer (``cppo_diag.analyses.plots_mpl.fig_live_position``): capture imports no analysis."""
 
     pos: np.ndarray  # (N,) int64
     length: np.ndarray  # (N,) int64
@@ -147,25 +149,12 @@ class PositionFigure:
     delta: float
     w_min: float
     title: str | None = None
-
-    def table(self):
-        """``position_stats`` of the tokens: tv by relative position, FIGURE_BINS bins, threshold delta / w_t."""
-        import polars as pl
-
-        from cppo_diag.analyses.position import position_stats
-
-        seq = np.cumsum(self.pos == 0) - 1  # (N,) a response starts where pos restarts at 0
-        frame = pl.DataFrame({"step": np.full(len(self.pos), self.step, np.int64), "seq_id": seq.astype(np.int64),
-                              "pos": self.pos.astype(np.int32), "logp": self.logp, "logp_rollout": self.logp_rollout,
-                              "advantage": np.ones(len(self.pos), np.float32)})
-        return position_stats(frame, metrics=["tv"], relative=True, n_rel_bins=FIGURE_BINS, delta=self.delta,
-                              w_min=self.w_min)
+    renderer: Callable[[PositionFigure], Any] | None = None
 
     def render(self):
-        from cppo_diag.analyses.plots_mpl import fig_position_divergence
-
-        title = self.title or (f"|π − μ| by position, step {self.step} (δ = {self.delta:g}, w_min = {self.w_min:g})")
-        return fig_position_divergence(self.table(), metric="tv", tail="top10_mean", title=title)
+        if self.renderer is None:
+            raise RuntimeError("PositionFigure.render: no renderer (pass renderer= to position_figure)")
+        return self.renderer(self)
 
 
 def cppo_schedule(rule: str | None, rule_params: dict | None) -> tuple[float, float]:
@@ -185,12 +174,13 @@ def cppo_schedule(rule: str | None, rule_params: dict | None) -> tuple[float, fl
 
 
 def position_figure(tokens: PositionTokens, *, step: int, rule: str | None = None,
-                    rule_params: dict | None = None) -> PositionFigure:
-    """The figure of ``tokens`` (responses must be contiguous, in position order: as ``position_tokens`` makes)."""
+                    rule_params: dict | None = None, renderer: Callable | None = None) -> PositionFigure:
+    """The figure of ``tokens`` (responses must be contiguous, in position order: as ``position_tokens`` makes),
+    drawn by ``renderer`` (``cppo_diag.analyses.plots_mpl.fig_live_position``)."""
     delta, w_min = cppo_schedule(rule, rule_params)
     cpu = lambda t: t.detach().cpu().numpy()  # noqa: E731
     return PositionFigure(cpu(tokens.pos), cpu(tokens.length), cpu(tokens.logp.double()),
-                          cpu(tokens.logp_rollout.double()), int(step), delta, w_min)
+                          cpu(tokens.logp_rollout.double()), int(step), delta, w_min, renderer=renderer)
 
 
 def figure_due(step: int, every: int) -> bool:

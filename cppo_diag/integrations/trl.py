@@ -396,7 +396,7 @@ class CppoDiagGRPOMixin:
         if tokens is not None and getattr(rec, "has_sinks", False) and figure_due(step, self._cd_cfg.position_figure_every):
             meta_rule, meta_params = self._cd_applied_rule()
             rec.log_figure(step, M.POS_FIGURE, position_figure(tokens, step=step, rule=meta_rule,
-                                                               rule_params=meta_params))
+                                                               rule_params=meta_params, renderer=_live_renderer()))
         self._cd_pending.add(step)
 
     def _cd_end_pending(self) -> None:
@@ -763,3 +763,10 @@ def vllm_is_correction(logp_old: torch.Tensor, logp_rollout: torch.Tensor, respo
 
 class CppoDiagGRPOTrainer(CppoDiagGRPOMixin, GRPOTrainer):
     """``trl.GRPOTrainer`` with cppo-diag capture (and an optional cppo-diag rule): see the module docstring."""
+
+
+def _live_renderer():
+    """The live figure's renderer (analyses sit above capture, which only holds the figure's data)."""
+    from cppo_diag.analyses.plots_mpl import fig_live_position
+
+    return fig_live_position

@@ -331,8 +331,9 @@ class _Capture:
                 self.recorder.log_scalars(self.step, values)
             if tokens is not None and self.recorder.has_sinks and figure_due(self.step, _figure_every()):
                 rule, params = self.figure_meta or (None, None)
-                self.recorder.log_figure(self.step, M.POS_FIGURE, position_figure(tokens, step=self.step, rule=rule,
-                                                                                 rule_params=params))
+                figure = position_figure(tokens, step=self.step, rule=rule, rule_params=params,
+                                         renderer=_live_renderer())
+                self.recorder.log_figure(self.step, M.POS_FIGURE, figure)
         self.metric_sums = {}
 
     def close(self) -> None:
@@ -491,3 +492,10 @@ def registered_names() -> list[str]:
 
 
 register()
+
+
+def _live_renderer():
+    """The live figure's renderer (analyses sit above capture, which only holds the figure's data)."""
+    from cppo_diag.analyses.plots_mpl import fig_live_position
+
+    return fig_live_position

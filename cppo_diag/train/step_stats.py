@@ -118,5 +118,13 @@ class StepPool:
         parts = [u for u in self.updates if bool(u.mask.any())]
         if not (parts and figure_due(self.step, every) and getattr(log, "has_sinks", False)):
             return
-        log.log_figure(self.step, M.POS_FIGURE, position_figure(self._position_tokens(parts), step=self.step,
-                                                                rule=self.rule, rule_params=self.rule_params))
+        figure = position_figure(self._position_tokens(parts), step=self.step, rule=self.rule,
+                                 rule_params=self.rule_params, renderer=_live_renderer())
+        log.log_figure(self.step, M.POS_FIGURE, figure)
+
+
+def _live_renderer():
+    """The live figure's renderer (analyses sit above capture, which only holds the figure's data)."""
+    from cppo_diag.analyses.plots_mpl import fig_live_position
+
+    return fig_live_position
