@@ -25,8 +25,6 @@ Divergence by position, paper Fig. 2 (``cppo_diag.analyses.position``)
         bounded |pi - mu|) [, threshold_mean = mean of delta / w_t when delta given]; a frame pooling several
         runs keys responses by its "run" column
     threshold_schedule(positions, *, delta, w_min, length) -> np.ndarray     delta / w_t (CPPO Eq. 9; cppo_diag.masks)
-    position_stats_lazy(lf, *, metric_exprs, ...) -> pl.LazyFrame   the same statistics as one lazy group_by
-        (wide: one row per bin, "metric|stat" columns; holds every value - for small frames)
     position_summary(source, *, ..., exact=False, engine="local", workers=None, ray_address=None, cache=True)
         position_stats from mergeable partial aggregates (analyses.aggregate: log-bucket sketch, cached
         beside the run, only new steps aggregated); aggregate_run(source, AggSpec(...)) -> Partial,
@@ -133,7 +131,6 @@ _LAZY = {
     "require_columns": "cppo_diag.analyses.tokens",
     "MissingColumnError": "cppo_diag.analyses.tokens",
     "position_stats": "cppo_diag.analyses.position",
-    "position_stats_lazy": "cppo_diag.analyses.position",
     "threshold_schedule": "cppo_diag.analyses.position",
     "position_summary": "cppo_diag.analyses.aggregate",
     "aggregate_run": "cppo_diag.analyses.aggregate",
