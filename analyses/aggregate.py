@@ -64,7 +64,10 @@ N_SIGNS, N_UCLS = len(SIGNS), 2  # update class 0: update == 0 (first of its bat
 SKETCH_METRICS = ("tv", "abs_logratio", "k3", "k1")
 NONNEG_METRICS = frozenset({"tv", "abs_logratio"})  # never negative (k3 >= 0 mathematically, but rounding)
 ENGINES = ("local", "ray")
-CACHE_DIR = "_cache/aggregates"  # inside the run directory
+CACHE_DIR = "_cache/aggregates"  # inside the run directory (storage.layout.AGGREGATES_DIR)
+# What the recorder's writer aggregates per completed step (RunRecorder(aggregates=True)): the default metrics
+# at 64-token bins; any query for a subset of these metrics at a multiple of 64 is merged from it (derive).
+WRITE_SPEC_ARGS = dict(metrics=("tv", "abs_logratio", "k3"), bin_width=64)
 FORMAT_VERSION = 1
 AUTO_BYTES_PER_WORKER = 256 << 20  # engine "local", workers=None: one process per this many bytes of shards
 
@@ -510,17 +513,23 @@ def _read_row_groups(path: str, spec: AggSpec):
     if "keep_applied" in names:
         want.append("step")
     for rg in range(pf.num_row_groups):
-        t = pf.read_row_group(rg, columns=want, use_threads=False)
-        if "keep_applied" in names:  # the logged mask: the polars path (boolean and null handling)
-            yield _frame_columns(pl.from_arrow(t).with_columns(
-                [pl.lit(0, pl.Int32).alias("update")] if "update" not in names else []), spec)
-            continue
-        yield {"pos": _numpy_column(t, "pos", np.int32, path),
-               "logp": _numpy_column(t, "logp", np.float32, path, float("nan")),
-               "logp_rollout": _numpy_column(t, "logp_rollout", np.float32, path, float("nan")),
-               "advantage": _numpy_column(t, "advantage", np.float32, path, float("nan")),
-               "update": (_numpy_column(t, "update", np.int32, path, 0) if "update" in names
-                          else np.zeros(t.num_rows, np.int32))}
+        yield table_columns(pf.read_row_group(rg, columns=want, use_threads=False), spec, path)
+
+
+def table_columns(t, spec: AggSpec, path: str = "token table") -> dict[str, np.ndarray]:
+    """The columns :meth:`_Accumulator.add` needs, from an Arrow table of token rows (a shard's row group,
+    or the table the recorder's writer is about to write)."""
+    names = set(t.column_names)
+    if "keep_applied" in names:  # the logged mask: the polars path (boolean and null handling)
+        df = pl.from_arrow(t.select([c for c in (*COLUMNS, *MASK_COLUMNS) if c in names]))
+        return _frame_columns(df.with_columns([pl.lit(0, pl.Int32).alias("update")] if "update" not in names else []),
+                              spec)
+    return {"pos": _numpy_column(t, "pos", np.int32, path),
+            "logp": _numpy_column(t, "logp", np.float32, path, float("nan")),
+            "logp_rollout": _numpy_column(t, "logp_rollout", np.float32, path, float("nan")),
+            "advantage": _numpy_column(t, "advantage", np.float32, path, float("nan")),
+            "update": (_numpy_column(t, "update", np.int32, path, 0) if "update" in names
+                       else np.zeros(t.num_rows, np.int32))}
 
 
 def aggregate_frame(lf: pl.LazyFrame | pl.DataFrame, spec: AggSpec, chunk_rows: int = 2_000_000) -> Partial:
@@ -712,11 +721,15 @@ def _fingerprint(files: Iterable[Path], done: Iterable[str]) -> str:
     return h.hexdigest()[:16]
 
 
-def _done_of(run, steps: Iterable[int]) -> list[str]:
+def _done_names(run) -> set[str]:
+    done_dir = Path(run.path) / "_done"
+    return {f.name for f in done_dir.iterdir()} if done_dir.is_dir() else set()
+
+
+def _done_of(run, steps: Iterable[int], names: set[str] | None = None) -> list[str]:
     from cppo_diag.storage import layout
 
-    done_dir = run.path / "_done"
-    names = {f.name for f in done_dir.iterdir()} if done_dir.is_dir() else set()
+    names = _done_names(run) if names is None else names
     want = {layout.step_dir_name(s) for s in steps}
     return [n for n in names if n.split(".")[0] in want]
 
@@ -746,6 +759,8 @@ class AggregateInfo:
     steps_aggregated: list[int] = field(default_factory=list)
     steps_cached: list[int] = field(default_factory=list)
     blocks_written: int = 0
+    from_recorder: bool = False  # merged from the recorder's write-time aggregates (WRITE_SPEC_ARGS)
+    note: str | None = None  # why the write-time aggregates could not serve this spec (a scan instead)
 
 
 LAST_INFO = AggregateInfo()  # the last aggregate_run's AggregateInfo (tests and the benchmark read it)
@@ -793,6 +808,17 @@ def aggregate_run(
     files = _run_files(run)
     lo, hi = step_range if step_range is not None else (None, None)
     steps = [s for s in sorted(files) if (lo is None or s >= lo) and (hi is None or s <= hi)]
+    write_spec = AggSpec(**WRITE_SPEC_ARGS)
+    recorded = cache and (Path(run.path) / CACHE_DIR / write_spec.key()).is_dir()
+    if recorded and spec != write_spec:
+        why = derivable(spec, write_spec)
+        if why is None:  # merge the recorder's blocks (scan only steps they miss), then coarsen
+            part = aggregate_run(run, write_spec, step_range=step_range, engine=engine, workers=workers,
+                                 ray_address=ray_address, cache=cache, progress=progress)
+            LAST_INFO.from_recorder = True
+            return derive(part, spec)
+    else:
+        why = None
 
     def n_groups_for(todo: list[int]) -> int:  # several groups per worker: whoever is free takes the next
         return 4 * _local_workers(files, todo, engine, workers)
@@ -805,10 +831,123 @@ def aggregate_run(
     store = BlockStore(key=spec.key(), load=Partial.load, save=lambda part, path: part.save(path),
                        merge=lambda parts: parts[0].merge(*parts[1:]), steps_of=lambda part: set(part.steps))
     parts, LAST_INFO = cached_map(run, files, steps, store, compute, n_groups_for=n_groups_for, cache=cache,
-                                  max_blocks=max_blocks)
+                                  max_blocks=max_blocks if spec != write_spec else 1 << 30)
+    LAST_INFO.from_recorder = spec == write_spec and recorded
+    if why is not None:
+        LAST_INFO.note = f"{why}: scanned the token shards instead of merging the recorded aggregates"
     if not parts:
         return Partial(spec)
     return parts[0].merge(*parts[1:]) if len(parts) > 1 else parts[0]
+
+
+def derivable(spec: AggSpec, base: AggSpec) -> str | None:
+    """None when :func:`derive` can compute ``spec``'s partial from one of ``base``; else why not."""
+    if spec.relative or base.relative:
+        return "relative position bins need each response's length"
+    if spec.delta is not None:
+        return "the delta / w_t overlay needs each response's length"
+    if spec.mantissa_bits != base.mantissa_bits:
+        return f"relative accuracy {relative_accuracy_of(spec.mantissa_bits):.2%} differs from the recorded one"
+    extra = [m for m in spec.metrics if m not in base.metrics]
+    if extra:
+        return f"metric(s) {extra} are not among the recorded aggregates' {list(base.metrics)}"
+    if spec.bin_width % base.bin_width:
+        return (f"bin width {spec.bin_width} is not a multiple of the recorded aggregates' {base.bin_width}")
+    return None
+
+
+def derive(part: Partial, spec: AggSpec) -> Partial:
+    """``part`` (of a finer spec, :func:`derivable`) as the partial of ``spec``: its metrics only, each bin
+    of ``spec.bin_width`` the sum of the ``spec.bin_width / part.spec.bin_width`` finer bins it holds.
+    Exact: counts and sums add, and a coarse bin's sketch is the sum of its fine bins' sketches."""
+    why = derivable(spec, part.spec)
+    if why is not None:
+        raise ValueError(f"spec: cannot derive from the partial's {part.spec}: {why}")
+    f = spec.bin_width // part.spec.bin_width
+    per_bin = N_SIGNS * N_UCLS
+
+    def regroup(g: np.ndarray) -> np.ndarray:  # fine key g -> coarse key
+        return (g // per_bin // f) * per_bin + g % per_bin
+
+    def dense(arr: np.ndarray) -> np.ndarray:
+        if not len(arr):
+            return arr
+        out = np.bincount(regroup(np.arange(len(arr))), weights=arr)
+        return out.astype(arr.dtype) if arr.dtype.kind in "iu" else out
+
+    out = Partial(spec, tokens=dense(part.tokens), thr_sum=dense(part.thr_sum), steps=part.steps,
+                  mask={k: dense(v) for k, v in part.mask.items()}, mask_steps=dict(part.mask_steps))
+    n = spec.n_slots
+    for m in spec.metrics:
+        out.sums[m] = dense(part.sums.get(m, np.zeros(0)))
+        keys, counts = part.sketch.get(m, (np.zeros(0, np.int64),) * 2)
+        out.sketch[m] = _sum_by_key(regroup(keys // n) * n + keys % n, counts) if f > 1 else (keys, counts)
+    return out
+
+
+class StepAggregates:
+    """The recorder's write-time aggregates: one :class:`Partial` (``WRITE_SPEC_ARGS``) per step of one rank,
+    accumulated from the token tables the background writer writes and saved once the step's ``_done``
+    marker is on disk, as the block of that step beside the run; every aligned run of 2^k steps (k >= 1)
+    is also saved as one block (a dyadic tree: any step range merges from O(log n) blocks). The first
+    ``stats`` / report / app view then merges blocks instead of scanning (:func:`aggregate_run`).
+
+    The blocks' fingerprints hash this rank's shards and marker: a step that other ranks also wrote, or
+    whose shards changed later, fails the reader's check (which hashes every shard of the step), and the
+    reader rescans it. Saving is best effort: :meth:`finish` raises ``OSError`` (a full disk, a read-only
+    directory) after the shards and marker are written, so no token is ever lost for it."""
+
+    def __init__(self, run_dir: Path, rank: int = 0):
+        self.run_dir = Path(run_dir)
+        self.rank = int(rank)
+        self.spec = AggSpec(**WRITE_SPEC_ARGS)
+        self._acc: dict[int, _Accumulator] = {}
+        self._levels: dict[tuple[int, int], Partial] = {}  # (level, index) -> partial awaiting its sibling
+        self.cpu_s = 0.0
+
+    def add(self, step: int, table) -> None:
+        """Add a token table (Arrow) of ``step``."""
+        acc = self._acc.get(step)
+        if acc is None:
+            acc = self._acc[step] = _Accumulator(self.spec)
+            acc.steps.add(int(step))
+        acc.add(table_columns(table, self.spec))
+
+    def drop(self, step: int) -> None:
+        self._acc.pop(step, None)
+
+    def finish(self, step: int) -> int:
+        """Save the block of ``step`` (and each dyadic block it completes); the number of blocks written."""
+        from cppo_diag.storage import layout
+
+        acc = self._acc.pop(step, None)
+        if acc is None:
+            return 0
+        part = acc.partial()
+        written = 0
+        level, idx = 0, int(step)
+        while True:
+            lo, hi = idx << level, ((idx + 1) << level) - 1
+            self._save(part, lo, hi, layout)
+            written += 1
+            sib = (level, idx ^ 1)
+            if sib not in self._levels:
+                self._levels[(level, idx)] = part
+                break
+            other = self._levels.pop(sib)
+            part = other.merge(part) if idx & 1 else part.merge(other)
+            level, idx = level + 1, idx >> 1
+        return written
+
+    def _save(self, part: Partial, lo: int, hi: int, layout) -> None:
+        d = layout.run_dirs(self.run_dir)
+        files = sorted(p for s in range(lo, hi + 1) for p in (d["tokens"] / layout.step_dir_name(s)).glob(
+            f"rank{self.rank}-*.parquet"))
+        done = [layout.done_marker_name(s, self.rank) for s in range(lo, hi + 1)
+                if (d["done"] / layout.done_marker_name(s, self.rank)).exists()]
+        path = layout.aggregate_block_path(self.run_dir, self.spec.key(), lo, hi, _fingerprint(files, done))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        part.save(path)
 
 
 def _local_workers(files: dict, steps: list[int], engine: str, workers: int | None) -> int:
@@ -848,10 +987,12 @@ def cached_map(run, files: dict[int, list[Path]], steps: list[int], store: Block
     valid: list[tuple[Path, int, int]] = []
     if cache and cache_dir.is_dir():
         wanted = set(steps)
-        for f, b_lo, b_hi in _cached_blocks(cache_dir):
+        done_names = _done_names(run)
+        # at each first step the widest block first (the writer's dyadic blocks: few files per range)
+        for f, b_lo, b_hi in sorted(_cached_blocks(cache_dir), key=lambda t: (t[1], -t[2])):
             fp = f.stem.rsplit("-", 1)[1]
             block = [s for s in files if b_lo <= s <= b_hi]
-            if not block or _fingerprint([p for s in block for p in files[s]], _done_of(run, block)) != fp:
+            if not block or _fingerprint([p for s in block for p in files[s]], _done_of(run, block, done_names)) != fp:
                 try:  # stale: a shard of the block changed (or vanished)
                     f.unlink()
                 except OSError:
@@ -911,11 +1052,13 @@ def _cached_blocks(cache_dir: Path) -> list[tuple[Path, int, int]]:
 def _save_block(cache_dir: Path, run, files, steps: list[int], part, store: BlockStore) -> bool:
     block = [s for s in files if steps[0] <= s <= steps[-1]]
     fp = _fingerprint([p for s in block for p in files[s]], _done_of(run, block))
+    from cppo_diag.storage import layout
+
     try:
         cache_dir.mkdir(parents=True, exist_ok=True)
-        store.save(part, cache_dir / f"s{steps[0]}-{steps[-1]}-{fp}.npz")
+        store.save(part, layout.aggregate_block_path(run.path, cache_dir.name, steps[0], steps[-1], fp))
         return True
-    except OSError:  # a read-only run: no cache
+    except OSError:  # a read-only run (or a full disk): no cache
         return False
 
 

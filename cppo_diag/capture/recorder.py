@@ -91,6 +91,10 @@ class RunRecorder:
         writer_threads: threads that encode and write token shards (default 1). More help when one
             thread cannot keep up with the trainer (pyarrow releases the GIL while encoding); see
             ``benchmarks/bench_capture.py --writer-only``.
+        aggregates: also write each completed step's mergeable position-statistics aggregate beside the run
+            (``RUN/_cache/aggregates/``, ``cppo_diag.analyses.aggregate.StepAggregates``), so the first
+            ``stats`` / report / app view merges them instead of scanning the shards; best effort (a failure
+            warns and switches them off, never costs a token).
         sinks: also send every step scalar to these (``"tensorboard"``, ``"wandb"``; see
             ``cppo_diag.capture.sinks``), rank 0 only, with ``meta.json`` as config. A sink that fails warns
             once and is switched off, in either ``on_error`` mode; unknown names raise ``ValueError``.
@@ -121,6 +125,7 @@ class RunRecorder:
         compression_level: int | None = None,
         compression: str = "lz4",
         writer_threads: int = 1,
+        aggregates: bool = True,
         sinks: Sequence[str] | None = None,
     ):
         if on_error not in ("warn", "raise"):
@@ -179,6 +184,7 @@ class RunRecorder:
             heartbeat_s=heartbeat_s, nonfinite="raise" if on_error == "raise" else "drop",
             fsync=fsync, compression_level=compression_level, compression=compression,
             threads=int(writer_threads), on_error=self._writer_error, on_warning=self._writer_warning,
+            aggregates=aggregates,
         )
         self._writer.start()
         if sink_names and self.rank == 0:

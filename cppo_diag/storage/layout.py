@@ -217,3 +217,13 @@ def run_dirs(run: Path) -> dict[str, Path]:
         "done": run / schema.DONE_DIR,
         "live": run / LIVE_DIR,
     }
+
+
+# -- mergeable partial aggregates beside a run (cppo_diag.analyses.aggregate) ------------------------------
+AGGREGATES_DIR = "_cache/aggregates"  # RUN/_cache/aggregates/<spec key>/s<lo>-<hi>-<fingerprint>.npz
+
+
+def aggregate_block_path(run: Path, key: str, lo: int, hi: int, fingerprint: str) -> Path:
+    """Where the partial aggregate of steps [lo, hi] under the spec hashed as ``key`` is kept (written by the
+    recorder's writer as steps complete, or by a scan; write it through :func:`atomic_replace`)."""
+    return Path(run) / AGGREGATES_DIR / key / f"s{lo}-{hi}-{fingerprint}.npz"
