@@ -509,6 +509,7 @@ class RunRecorder:
             self._writer.stop()
             self._writer.remove_heartbeat()
             self.stats.update(writer_busy_s=self._writer.busy_s, writer_cpu_s=self._writer.cpu_s,
+                              writer_aggregates_cpu_s=self._writer.agg_cpu_s,
                               bytes_written=self._writer.bytes_written,
                               rows_written=self._writer.rows_written)
             if self.rank == 0:
