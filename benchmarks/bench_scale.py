@@ -7,7 +7,9 @@ recorder's write-time aggregates, and the recorder's added cost, side by side in
 The run (512 responses of 256-1024 tokens per step) is written under ``--data-dir`` (default ``bench_data/``)
 through ``cppo_diag.RunRecorder`` (``cppo_diag.analyses.synthetic.write_recorded_run``), write-time aggregates
 on, unless it exists. Every timed variant is a fresh process (imports and start-up included), peak RSS is the
-largest sum of RSS over its process tree (sampled every 20 ms), CPU seconds come from ``os.wait4``:
+largest sum of RSS over its process tree (sampled every 20 ms), CPU seconds are the larger of ``os.wait4``'s
+and the sum over the tree's processes of their last sampled CPU times (the local engine's worker processes
+are forkserver children, which ``wait4`` does not see):
 
 * ``ours (scan)``: ``cppo-diag stats RUN --by position --bin 64 --metric tv --no-cache`` (reads every shard);
 * ``pandas (equal work)``: read pos, logp, logp_rollout of every shard (``pd.read_parquet``), |pi - mu|,
@@ -60,15 +62,23 @@ def run_timed(cmd: list[str]) -> dict:
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     peak, done = [0], threading.Event()
+    cpu: dict[int, float] = {}  # pid -> last seen CPU seconds (worker processes that wait4 does not reap)
 
     def sample():
         try:
             p = psutil.Process(proc.pid)
             while not done.is_set():
+                rss = 0
                 try:
-                    rss = sum(c.memory_info().rss for c in [p, *p.children(recursive=True)])
+                    for c in [p, *p.children(recursive=True)]:
+                        try:
+                            rss += c.memory_info().rss
+                            t = c.cpu_times()
+                            cpu[c.pid] = t.user + t.system
+                        except psutil.Error:
+                            pass
                 except psutil.Error:
-                    rss = 0
+                    pass
                 peak[0] = max(peak[0], rss)
                 time.sleep(0.02)
         except psutil.Error:
@@ -83,12 +93,16 @@ def run_timed(cmd: list[str]) -> dict:
     err = proc.stderr.read().decode()
     if os.waitstatus_to_exitcode(status) != 0:
         raise RuntimeError(f"{cmd} failed:\n{err}")
-    return {"wall_s": wall, "cpu_s": ru.ru_utime + ru.ru_stime, "rss_mb": peak[0] / 2**20, "stderr": err}
+    own = ru.ru_utime + ru.ru_stime  # the process and the descendants it reaped
+    others = sum(v for pid, v in cpu.items() if pid != proc.pid)  # sampled: forkserver workers are not reaped
+    return {"wall_s": wall, "cpu_s": max(own, cpu.get(proc.pid, 0.0) + others), "rss_mb": peak[0] / 2**20,
+            "stderr": err}
 
 
-def ours_cmd(run: Path, out: Path, *, bin_width: int = 64, no_cache: bool = True, metrics=("tv",)) -> list[str]:
+def ours_cmd(run: Path, out: Path, *, bin_width: int = 64, no_cache: bool = True, metrics=("tv",),
+             extra: tuple = ()) -> list[str]:
     cmd = [sys.executable, "-m", "cppo_diag.cli.main", "stats", str(run), "--by", "position", "--bin", str(bin_width),
-           "--no-progress", "--out", str(out)]
+           "--no-progress", "--out", str(out), *extra]
     for m in metrics:
         cmd += ["--metric", m]
     return cmd + (["--no-cache"] if no_cache else [])
@@ -126,6 +140,9 @@ def main() -> int:
     ap.add_argument("--data-dir", type=Path, default=ROOT / "bench_data")
     ap.add_argument("--repeats", type=int, default=2, help="alternations of ours and pandas (default 2)")
     ap.add_argument("--skip-pandas", action="store_true")
+    ap.add_argument("--ray", default="", help="comma-separated CPU counts of a local Ray cluster to time the scan "
+                                              "on (fresh process, ray.init included), e.g. 1,2")
+    ap.add_argument("--only-ray", action="store_true", help="only the Ray rows (and one local scan for comparison)")
     ap.add_argument("--overhead-steps", type=int, default=10, help="steps per recording of the overhead runs")
     ap.add_argument("--overhead-repeats", type=int, default=2)
     ap.add_argument("--step-us-per-token", type=float, default=30.0,
@@ -172,6 +189,14 @@ def main() -> int:
                 res[name].append(x)
                 print(f"  {name}: {x['wall_s']:.2f} s wall, {x['cpu_s']:.2f} CPU-s, {x['rss_mb']:.0f} MB "
                       f"(load {load:.1f})", flush=True)
+        for w in [int(x) for x in args.ray.split(",") if x]:
+            name = f"ours (scan), Ray local cluster x{w}"
+            x = run_timed(ours_cmd(run, tmp / f"ray{w}.csv", extra=("--engine", "ray", "--workers", str(w))))
+            x["load"] = os.getloadavg()[0]
+            res[name] = [x]
+            print(f"  {name}: {x['wall_s']:.2f} s wall, {x['cpu_s']:.2f} CPU-s, {x['rss_mb']:.0f} MB", flush=True)
+        if args.only_ray:
+            return 0
         first = {}
         for label, kw in (("first view, --bin 64 --metric tv", dict(bin_width=64)),
                           ("first view, --bin 128 --metric tv", dict(bin_width=128)),
