@@ -342,7 +342,8 @@ class _Accumulator:
         n = len(cols["pos"])
         for i in range(0, n, self.SLICE):
             sl = slice(i, min(n, i + self.SLICE))
-            part = {k: (tuple(a[sl] for a in v) if isinstance(v, tuple) else v[sl]) for k, v in cols.items()}
+            part = {k: (tuple(a[sl] for a in v) if isinstance(v, tuple) else v[sl] if isinstance(v, np.ndarray) else v)
+                    for k, v in cols.items()}
             self._add_slice(part)
 
     def _add_slice(self, cols: dict[str, np.ndarray]) -> None:
@@ -354,14 +355,13 @@ class _Accumulator:
             length = cols["_T"]
             b = np.clip(np.ceil((pos + 1.0) / length * spec.n_rel_bins), 1, spec.n_rel_bins).astype(np.int32) - 1
         else:
-            if pos.min() < 0:
+            if not cols.get("_pos_ok") and pos.min() < 0:  # _pos_ok: the shard's statistics say min(pos) >= 0
                 raise ValueError(f"column 'pos': expected positions >= 0, found {int(pos.min())}")
             w = spec.bin_width
-            b = pos.astype(np.int32, copy=True)
-            if w & (w - 1) == 0:
-                np.right_shift(b, w.bit_length() - 1, out=b)
+            if w & (w - 1) == 0 and pos.dtype == np.int32:
+                b = np.right_shift(pos, w.bit_length() - 1)
             else:
-                np.floor_divide(b, w, out=b)
+                b = np.floor_divide(pos, w, dtype=np.int32, casting="unsafe")
         # g = (bin * 4 + sign) * 2 + update class, sign code 0 neg, 1 zero, 2 pos, 3 NaN
         adv = cols["advantage"]
         g = np.left_shift(b, 3, out=b)
@@ -371,7 +371,11 @@ class _Accumulator:
         g += gt
         g -= lt
         g -= lt
-        g += cols["update"] > 0
+        upd = cols["update"]
+        if isinstance(upd, np.ndarray):
+            g += upd > 0
+        elif upd > 0:  # one update for the whole row group (from the shard's statistics)
+            g += 1
         nan_adv = np.isnan(adv)
         if nan_adv.any():
             g[nan_adv] += 4
@@ -527,7 +531,30 @@ def _read_row_groups(path: str, spec: AggSpec):
     if "keep_applied" in names:
         want.append("step")
     for rg in range(pf.num_row_groups):
-        yield table_columns(pf.read_row_group(rg, columns=want, use_threads=False), spec, path)
+        # columns the row group's statistics pin down are not decoded: one update for the whole group
+        # (a run with one optimiser update per batch), positions known to be >= 0
+        stats = _column_stats(pf.metadata.row_group(rg))
+        upd = stats.get("update")
+        const_update = "keep_applied" not in names and upd is not None and upd[0] == upd[1]
+        cols = table_columns(pf.read_row_group(rg, columns=[c for c in want if not (const_update and c == "update")],
+                                               use_threads=False), spec, path)
+        if const_update:
+            cols["update"] = int(upd[0])
+        pos = stats.get("pos")
+        cols["_pos_ok"] = pos is not None and pos[0] >= 0
+        yield cols
+
+
+def _column_stats(rg) -> dict[str, tuple]:
+    """(min, max) of each column of a Parquet row group whose statistics hold them."""
+    out = {}
+    for i in range(rg.num_columns):
+        c = rg.column(i)
+        st = c.statistics
+        if (st is not None and st.has_min_max and st.has_null_count and st.null_count == 0
+                and c.path_in_schema in ("update", "pos")):
+            out[c.path_in_schema] = (st.min, st.max)
+    return out
 
 
 def table_columns(t, spec: AggSpec, path: str = "token table") -> dict[str, np.ndarray]:
