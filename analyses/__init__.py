@@ -38,6 +38,9 @@ Recompute any rule over a run (``cppo_diag.analyses.recomputation``)
     recompute_many(source, {label: (rule, params)}, *, step_range=None, bin_width=64, anchor=None,
                    rule_metrics=False, progress=True, relative=False, n_rel_bins=20)
         -> dict[label, RecomputeResult]   several rules, one pass
+    recompute_cached(run, {label: (rule, params)}, *, step_range=None, updates="all", ...)
+        -> dict[label, RecomputeResult]   the same from per-step partials kept per (run files, rule, params,
+        updates): steps already computed read no token (the app's What-if and Compare)
     load_batches(source, *, step_range=None, progress=False) -> BatchSet   a step range's batches, rebuilt
         once and held in memory; a BatchSet is a token source for recompute / recompute_many (sliders)
     run_rule(batch, rule, params=None, *, anchor="rollout", return_internals=False) -> MaskResult
@@ -138,6 +141,7 @@ _LAZY = {
     "iter_batches": "cppo_diag.analyses.recomputation",
     "recompute": "cppo_diag.analyses.recomputation",
     "recompute_many": "cppo_diag.analyses.recomputation",
+    "recompute_cached": "cppo_diag.analyses.recomputation",
     "run_rule": "cppo_diag.analyses.recomputation",
     "load_batches": "cppo_diag.analyses.recomputation",
     "Batch": "cppo_diag.analyses.recomputation",

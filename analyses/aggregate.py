@@ -561,16 +561,29 @@ def table_columns(t, spec: AggSpec, path: str = "token table") -> dict[str, np.n
     """The columns :meth:`_Accumulator.add` needs, from an Arrow table of token rows (a shard's row group,
     or the table the recorder's writer is about to write)."""
     names = set(t.column_names)
-    if "keep_applied" in names:  # the logged mask: the polars path (boolean and null handling)
-        df = pl.from_arrow(t.select([c for c in (*COLUMNS, *MASK_COLUMNS) if c in names]))
-        return _frame_columns(df.with_columns([pl.lit(0, pl.Int32).alias("update")] if "update" not in names else []),
-                              spec)
-    return {"pos": _numpy_column(t, "pos", np.int32, path),
+    cols = {"pos": _numpy_column(t, "pos", np.int32, path),
             "logp": _numpy_column(t, "logp", np.float32, path, float("nan")),
             "logp_rollout": _numpy_column(t, "logp_rollout", np.float32, path, float("nan")),
             "advantage": _numpy_column(t, "advantage", np.float32, path, float("nan")),
             "update": (_numpy_column(t, "update", np.int32, path, 0) if "update" in names
                        else np.zeros(t.num_rows, np.int32))}
+    if "keep_applied" in names:  # the logged mask (as _frame_columns, from Arrow: nulls = not logged)
+        import pyarrow.compute as pc
+
+        keep = t.column("keep_applied")
+        if "reason_applied" in names:
+            reason = t.column("reason_applied")
+            budget = pc.fill_null(pc.equal(reason, int(Reason.BUDGET)), False).to_numpy(zero_copy_only=False)
+            has_reason = pc.is_valid(reason).to_numpy(zero_copy_only=False)
+        else:
+            budget = has_reason = np.zeros(t.num_rows, bool)
+        # SPEC away test A (rho - 1) > 0, by the rule library on the float32 columns (as the rules evaluate it)
+        away = direction_array(cols["advantage"], cols["logp"], cols["logp_rollout"]) > 0
+        cols["keep_applied"] = (pc.is_valid(keep).to_numpy(zero_copy_only=False),
+                                pc.fill_null(pc.invert(keep), False).to_numpy(zero_copy_only=False),
+                                budget, has_reason, away)
+        cols["step"] = _numpy_column(t, "step", np.int64, path)
+    return cols
 
 
 def aggregate_frame(lf: pl.LazyFrame | pl.DataFrame, spec: AggSpec, chunk_rows: int = 2_000_000) -> Partial:

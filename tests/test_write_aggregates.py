@@ -144,3 +144,33 @@ def test_recorder_aggregates_off(tmp_path):
     rec.close()
     assert open_run(tmp_path / "r").tokens().collect().height == 4
     assert not (tmp_path / "r" / agg.CACHE_DIR).exists()
+
+
+def test_logged_mask_counts_from_recorded_aggregates(tmp_path, monkeypatch):
+    """A trainer's logged mask (keep_applied, reason_applied) is counted by the writer too: the Compare
+    page's applied-mask row merges it without a scan and equals the scan's."""
+    from cppo_diag import RunRecorder
+
+    rng = np.random.default_rng(0)
+    rec = RunRecorder(tmp_path / "r")
+    for step in range(3):
+        lengths = rng.integers(20, 150, 8)
+        cu = np.r_[0, np.cumsum(lengths)]
+        n = int(cu[-1])
+        lr = np.log(rng.uniform(0.05, 1, n)).astype(np.float32)
+        lp = (lr + rng.normal(0, 0.2, n)).astype(np.float32)
+        keep = rng.random(n) > 0.1
+        reason = np.where(keep, 0, rng.choice([1, 2], n)).astype(np.uint8)
+        rec.log_tokens(step=step, logp=lp, logp_rollout=lr, cu_seqlens=cu,
+                       advantages=rng.choice([-1.0, 1.0], 8).astype(np.float32), keep_applied=keep,
+                       reason_applied=reason)
+        rec.end_step(step)
+    rec.close()
+    run = tmp_path / "r"
+    want = agg.applied_mask(run, "r", "applied", cache=False)
+    _no_scan(monkeypatch)
+    got = agg.applied_mask(run, "r", "applied")
+    assert agg.LAST_INFO.from_recorder and want is not None
+    assert got[0] == pytest.approx(want[0], nan_ok=True)
+    assert_frame_equal(got[1], want[1])
+    assert_frame_equal(got[2], want[2])
