@@ -764,12 +764,18 @@ def _run_files(run) -> dict[int, list[Path]]:
     return out
 
 
-def _fingerprint(files: Iterable[Path], done: Iterable[str]) -> str:
-    """Hash of the shard files (name, size, mtime) and the done markers of a block of steps."""
+def _fingerprint(files: Iterable[Path], done: Iterable[str], stat_cache: dict | None = None) -> str:
+    """Hash of the shard files (name, size, mtime) and the done markers of a block of steps (``stat_cache``:
+    path -> (size, mtime), filled as files are seen, for many overlapping blocks)."""
     h = hashlib.sha1()
     for f in sorted(files):
-        st = f.stat()
-        h.update(f"{f.parent.name}/{f.name}:{st.st_size}:{st.st_mtime_ns};".encode())
+        st = stat_cache.get(f) if stat_cache is not None else None
+        if st is None:
+            r = f.stat()
+            st = (r.st_size, r.st_mtime_ns)
+            if stat_cache is not None:
+                stat_cache[f] = st
+        h.update(f"{f.parent.name}/{f.name}:{st[0]}:{st[1]};".encode())
     for d in sorted(done):
         h.update(d.encode())
     return h.hexdigest()[:16]
@@ -1043,13 +1049,22 @@ def cached_map(run, files: dict[int, list[Path]], steps: list[int], store: Block
     covered: set[int] = set()
     valid: list[tuple[Path, int, int]] = []
     if cache and cache_dir.is_dir():
+        import bisect
+
+        from cppo_diag.storage import layout
+
         wanted = set(steps)
-        done_names = _done_names(run)
+        order = sorted(files)
+        done_by: dict[str, list[str]] = {}
+        for n in _done_names(run):
+            done_by.setdefault(n.split(".")[0], []).append(n)
+        stat_cache: dict = {}
         # at each first step the widest block first (the writer's dyadic blocks: few files per range)
         for f, b_lo, b_hi in sorted(_cached_blocks(cache_dir), key=lambda t: (t[1], -t[2])):
             fp = f.stem.rsplit("-", 1)[1]
-            block = [s for s in files if b_lo <= s <= b_hi]
-            if not block or _fingerprint([p for s in block for p in files[s]], _done_of(run, block, done_names)) != fp:
+            block = order[bisect.bisect_left(order, b_lo): bisect.bisect_right(order, b_hi)]
+            done = [n for s in block for n in done_by.get(layout.step_dir_name(s), ())]
+            if not block or _fingerprint([p for s in block for p in files[s]], done, stat_cache) != fp:
                 try:  # stale: a shard of the block changed (or vanished)
                     f.unlink()
                 except OSError:
@@ -1080,7 +1095,9 @@ def cached_map(run, files: dict[int, list[Path]], steps: list[int], store: Block
         new = compute(groups)
         parts.extend(new)
         # cache only blocks that do not overlap a valid block (a narrower step range can leave such gaps)
-        taken = {s for _, b_lo, b_hi in valid for s in files if b_lo <= s <= b_hi}
+        order = sorted(files)
+        taken = {s for _, b_lo, b_hi in valid
+                 for s in order[bisect.bisect_left(order, b_lo): bisect.bisect_right(order, b_hi)]}
         if cache:
             for g, part in zip(groups, new):
                 if set(range(g[0], g[-1] + 1)) & taken:
