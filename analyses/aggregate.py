@@ -242,6 +242,11 @@ class Partial:
     steps: frozenset = frozenset()
     mask: dict = field(default_factory=dict)
     mask_steps: dict = field(default_factory=dict)
+    # responses by valid length T and class (sign * 2 + update class): key T * 8 + class. Kept by the
+    # recorder's writer, which sees whole responses; ``lengths_ok`` only when every step of the partial had
+    # whole responses of one advantage sign each: then the delta / w_t overlay derives exactly (derive)
+    lengths: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    lengths_ok: bool = False
 
     @property
     def n_tokens(self) -> int:
@@ -265,6 +270,10 @@ class Partial:
             out.sums[m] = acc if acc is not None else np.zeros(0)
             out.sketch[m] = _merge_sparse([p.sketch[m] for p in parts if m in p.sketch])
         out.steps = frozenset().union(*(p.steps for p in parts))
+        out.lengths_ok = all(p.lengths_ok for p in parts)
+        if out.lengths_ok:
+            for p in parts:
+                out.lengths = _grow_add(out.lengths, p.lengths)
         for attr in ("mask", "mask_steps"):
             for p in parts:
                 for name, arr in getattr(p, attr).items():
@@ -284,6 +293,8 @@ class Partial:
             arrays[f"counts|{m}"] = _narrow(counts)
         arrays.update({f"mask|{k}": v for k, v in self.mask.items()})
         arrays.update({f"mask_steps|{k}": v for k, v in self.mask_steps.items()})
+        if self.lengths_ok:
+            arrays["lengths"] = _narrow(self.lengths)
         arrays["spec"] = np.frombuffer(json.dumps(asdict(self.spec)).encode(), dtype=np.uint8)
         with atomic_replace(Path(path)) as tmp:
             with open(tmp, "wb") as fh:
@@ -300,6 +311,8 @@ class Partial:
                 keys = (np.cumsum(z[f"gaps|{m}"], dtype=np.int64) if f"gaps|{m}" in z.files
                         else z[f"keys|{m}"].astype(np.int64))
                 p.sketch[m] = (keys, z[f"counts|{m}"].astype(np.int64))
+            if "lengths" in z.files:
+                p.lengths, p.lengths_ok = z["lengths"].astype(np.int64), True
             for name in z.files:
                 attr, _, k = name.partition("|")
                 if attr in ("mask", "mask_steps"):
@@ -875,8 +888,10 @@ def aggregate_run(
         if why is None:  # merge the recorder's blocks (scan only steps they miss), then coarsen
             part = aggregate_run(run, write_spec, step_range=step_range, engine=engine, workers=workers,
                                  ray_address=ray_address, cache=cache, progress=progress)
-            LAST_INFO.from_recorder = True
-            return derive(part, spec)
+            if spec.delta is None or part.lengths_ok or not part.steps:
+                LAST_INFO.from_recorder = True
+                return derive(part, spec) if part.steps else Partial(spec)
+            why = "the delta / w_t overlay needs the response lengths, which not every step's aggregate holds"
     else:
         why = None
 
@@ -904,8 +919,6 @@ def derivable(spec: AggSpec, base: AggSpec) -> str | None:
     """None when :func:`derive` can compute ``spec``'s partial from one of ``base``; else why not."""
     if spec.relative or base.relative:
         return "relative position bins need each response's length"
-    if spec.delta is not None:
-        return "the delta / w_t overlay needs each response's length"
     if spec.mantissa_bits != base.mantissa_bits:
         return f"relative accuracy {relative_accuracy_of(spec.mantissa_bits):.2%} differs from the recorded one"
     extra = [m for m in spec.metrics if m not in base.metrics]
@@ -921,6 +934,8 @@ def derive(part: Partial, spec: AggSpec) -> Partial:
     of ``spec.bin_width`` the sum of the ``spec.bin_width / part.spec.bin_width`` finer bins it holds.
     Exact: counts and sums add, and a coarse bin's sketch is the sum of its fine bins' sketches."""
     why = derivable(spec, part.spec)
+    if why is None and spec.delta is not None and not part.lengths_ok:
+        why = "the delta / w_t overlay needs the response lengths, which not every step's aggregate holds"
     if why is not None:
         raise ValueError(f"spec: cannot derive from the partial's {part.spec}: {why}")
     f = spec.bin_width // part.spec.bin_width
@@ -936,13 +951,54 @@ def derive(part: Partial, spec: AggSpec) -> Partial:
         return out.astype(arr.dtype) if arr.dtype.kind in "iu" else out
 
     out = Partial(spec, tokens=dense(part.tokens), thr_sum=dense(part.thr_sum), steps=part.steps,
-                  mask={k: dense(v) for k, v in part.mask.items()}, mask_steps=dict(part.mask_steps))
+                  mask={k: dense(v) for k, v in part.mask.items()}, mask_steps=dict(part.mask_steps),
+                  lengths=part.lengths, lengths_ok=part.lengths_ok)
+    if spec.delta is not None:
+        thr, n = _threshold_sums(part.lengths, spec), len(out.tokens)
+        out.thr_sum = np.pad(thr, (0, max(0, n - len(thr))))[:n]  # keys past the last token's are all 0
     n = spec.n_slots
     for m in spec.metrics:
         out.sums[m] = dense(part.sums.get(m, np.zeros(0)))
         keys, counts = part.sketch.get(m, (np.zeros(0, np.int64),) * 2)
         out.sketch[m] = _sum_by_key(regroup(keys // n) * n + keys % n, counts) if f > 1 else (keys, counts)
     return out
+
+
+def _threshold_sums(lengths: np.ndarray, spec: AggSpec) -> np.ndarray:
+    """Per key g, the sum of delta / w_t (Eq. 9) over its tokens, from the responses counted by valid length
+    T and class (``Partial.lengths``): a response of length T has one token at each t < T."""
+    per_cls = N_SIGNS * N_UCLS
+    n = np.pad(lengths, (0, -len(lengths) % per_cls)).reshape(-1, per_cls)
+    out = np.zeros(0)
+    for T in np.flatnonzero(n.any(axis=1)):
+        t = np.arange(T)
+        thr = threshold_schedule(t, delta=spec.delta, w_min=spec.w_min, length=float(T))
+        by_bin = np.bincount(t // spec.bin_width, weights=thr)  # (bins,)
+        add = (by_bin[:, None] * n[T][None, :]).reshape(-1)  # key (bin * 4 + sign) * 2 + ucls
+        out = _grow_add(out, add)
+    return out
+
+
+def _response_lengths(cols: dict) -> tuple[np.ndarray, bool]:
+    """(lengths histogram, ok) of a token table holding whole responses in (seq_id, pos) order: key
+    T * 8 + sign * 2 + update class. ``ok`` is False when a response is not whole (positions 0..T-1 in
+    order) or its tokens carry more than one advantage sign."""
+    pos, seq, upd, adv = cols["pos"], cols["seq_id"], cols["update"], cols["advantage"]
+    n = len(pos)
+    if n == 0:
+        return np.zeros(0, np.int64), True
+    start = np.ones(n, bool)
+    start[1:] = (seq[1:] != seq[:-1]) | (upd[1:] != upd[:-1])
+    idx = np.flatnonzero(start)
+    step_ok = np.diff(pos)[~start[1:]] == 1
+    if pos[idx].any() or not step_ok.all():
+        return np.zeros(0, np.int64), False
+    sign = np.where(np.isnan(adv), 3, np.sign(np.nan_to_num(adv)).astype(np.int64) + 1)  # 0 neg .. 3 NaN
+    if (np.minimum.reduceat(sign, idx) != np.maximum.reduceat(sign, idx)).any():
+        return np.zeros(0, np.int64), False
+    T = np.diff(np.r_[idx, n])
+    key = T * (N_SIGNS * N_UCLS) + sign[idx] * N_UCLS + (upd[idx] > 0)
+    return np.bincount(key), True
 
 
 class StepAggregates:
@@ -973,7 +1029,14 @@ class StepAggregates:
         if acc is None:
             acc = self._acc[step] = _Accumulator(self.spec)
             acc.steps.add(int(step))
-        acc.add(table_columns(table, self.spec))
+            acc.lengths, acc.lengths_ok = np.zeros(0, np.int64), True
+        cols = table_columns(table, self.spec)
+        acc.add(cols)
+        if acc.lengths_ok and "seq_id" in table.column_names:
+            lengths, ok = _response_lengths({**cols, "seq_id": _numpy_column(table, "seq_id", np.int64, "table", -1)})
+            acc.lengths, acc.lengths_ok = _grow_add(acc.lengths, lengths), ok
+        else:
+            acc.lengths_ok = False
 
     def drop(self, step: int) -> None:
         self._acc.pop(step, None)
@@ -986,6 +1049,7 @@ class StepAggregates:
         if acc is None:
             return 0
         part = acc.partial()
+        part.lengths, part.lengths_ok = acc.lengths, acc.lengths_ok
         written = 0
         level, idx = 0, int(step)
         while True:

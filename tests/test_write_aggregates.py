@@ -53,7 +53,8 @@ def test_recorder_writes_step_and_dyadic_blocks(recorded):
 
 
 @pytest.mark.parametrize("kw", [dict(metrics=("tv",)), dict(bin_width=128), dict(bin_width=192, metrics=("k3", "tv")),
-                                dict(step_range=(3, 9), adv_sign="pos"), dict(updates="first")])
+                                dict(step_range=(3, 9), adv_sign="pos"), dict(updates="first"),
+                                dict(delta=0.15), dict(delta=0.2, w_min=0.5, bin_width=128, metrics=("tv",))])
 def test_first_view_merges_without_reading_tokens(recorded, monkeypatch, kw):
     want = agg.position_summary(recorded, cache=False, workers=1, **kw)  # a scan
     _no_scan(monkeypatch)
@@ -174,3 +175,20 @@ def test_logged_mask_counts_from_recorded_aggregates(tmp_path, monkeypatch):
     assert got[0] == pytest.approx(want[0], nan_ok=True)
     assert_frame_equal(got[1], want[1])
     assert_frame_equal(got[2], want[2])
+
+
+def test_delta_overlay_scans_when_lengths_are_unknown(recorded, tmp_path):
+    """Blocks without response lengths (a scan's) cannot give delta / w_t: the view scans and says why."""
+    import shutil
+
+    run = tmp_path / "copy"
+    shutil.copytree(recorded, run)
+    d = run / agg.CACHE_DIR / agg.AggSpec(**agg.WRITE_SPEC_ARGS).key()
+    for f in d.glob("*.npz"):  # rewrite every block without its lengths
+        p = agg.Partial.load(f)
+        p.lengths_ok = False
+        p.save(f)
+    got = agg.position_summary(run, delta=0.15, workers=1)
+    assert "response lengths" in (agg.LAST_INFO.note or "")
+    assert_frame_equal(got, agg.position_summary(run, delta=0.15, cache=False, workers=1), check_exact=False,
+                       rel_tol=1e-9)
