@@ -192,3 +192,20 @@ def test_delta_overlay_scans_when_lengths_are_unknown(recorded, tmp_path):
     assert "response lengths" in (agg.LAST_INFO.note or "")
     assert_frame_equal(got, agg.position_summary(run, delta=0.15, cache=False, workers=1), check_exact=False,
                        rel_tol=1e-9)
+
+
+def test_run_facts_from_footers_equal_a_scan(recorded, monkeypatch):
+    import polars as pl
+
+    from cppo_diag.analyses import run_summary as R
+
+    run = open_run(recorded)
+    assert R._footer_facts(run) is not None
+    want = {int(s): int(n) for s, n in run.tokens().group_by("step").agg(n=pl.len()).sort("step").iter_rows()}
+    assert R.tokens_per_step(run) == want
+    assert R.token_steps(run) == sorted(want)
+    assert R.max_position(run) == run.tokens().select(pl.col("pos").max()).collect().item()
+    import pyarrow.parquet as pq
+
+    monkeypatch.setattr(pq, "read_metadata", lambda *a, **k: (_ for _ in ()).throw(OSError("unreadable footer")))
+    assert R._footer_facts(run) is None and R.tokens_per_step(run) == want  # falls back to the scan
