@@ -201,7 +201,7 @@ def test_run_facts_from_footers_equal_a_scan(recorded, monkeypatch):
 
     run = open_run(recorded)
     assert R._footer_facts(run) is not None
-    want = {int(s): int(n) for s, n in run.tokens().group_by("step").agg(n=pl.len()).sort("step").iter_rows()}
+    want = {int(s): int(n) for s, n in run.tokens().group_by("step").agg(n=pl.len()).sort("step").collect().iter_rows()}
     assert R.tokens_per_step(run) == want
     assert R.token_steps(run) == sorted(want)
     assert R.max_position(run) == run.tokens().select(pl.col("pos").max()).collect().item()
