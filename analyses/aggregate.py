@@ -66,8 +66,10 @@ NONNEG_METRICS = frozenset({"tv", "abs_logratio"})  # never negative (k3 >= 0 ma
 ENGINES = ("local", "ray")
 CACHE_DIR = "_cache/aggregates"  # inside the run directory (storage.layout.AGGREGATES_DIR)
 # What the recorder's writer aggregates per completed step (RunRecorder(aggregates=True)): the default metrics
-# at 64-token bins; any query for a subset of these metrics at a multiple of 64 is merged from it (derive).
-WRITE_SPEC_ARGS = dict(metrics=("tv", "abs_logratio", "k3"), bin_width=64)
+# at 32-token bins; any query for a subset of these metrics at a multiple of 32 is merged from it (derive).
+# 32, not 64: the app's automatic width (analyses.binning, <= 40 bins) is 32 for responses of 641-1,280
+# tokens and 64 or more above; shorter runs are small and scan fast.
+WRITE_SPEC_ARGS = dict(metrics=("tv", "abs_logratio", "k3"), bin_width=32)
 FORMAT_VERSION = 1
 AUTO_BYTES_PER_WORKER = 256 << 20  # engine "local", workers=None: one process per this many bytes of shards
 

@@ -2,8 +2,8 @@
 
     python benchmarks/bench_app_pages.py --root DIR_WITH_ONE_RUN [--repeats 2]
 
-For each page: the script run that renders it (the Runs page first, with the run selected), then the same page
-again (``second``: Streamlit's caches and this issue's per-step partials answer). Times are the server's
+Caches of earlier views beside the run are deleted first (the recorder's write-time aggregates stay). For each
+page: the script run that renders it (the Runs page first, with the run selected), then the same page again (``second``: Streamlit's caches and this issue's per-step partials answer). Times are the server's
 rerun only (no browser, no network, no chart drawing): ``tests/test_browser.py`` measures end to end in
 Chromium. Figures belong in docs/benchmarks.md ("Scale").
 """
@@ -34,6 +34,15 @@ def main() -> int:
     runs = sorted(p for p in args.root.iterdir() if (p / "meta.json").exists())
     if len(runs) != 1:
         raise SystemExit(f"--root: expected a directory with exactly one run, found {len(runs)}")
+    # a first view: only what the recorder wrote beside the run (drop caches of earlier views)
+    import shutil
+
+    from cppo_diag.analyses.aggregate import CACHE_DIR, WRITE_SPEC_ARGS, AggSpec
+
+    keep = AggSpec(**WRITE_SPEC_ARGS).key()
+    for d in (runs[0] / CACHE_DIR).glob("*"):
+        if d.name != keep:
+            shutil.rmtree(d, ignore_errors=True)
     at = AppTest.from_file(str(ROOT / "app" / "streamlit_app.py"), default_timeout=args.timeout)
     t0 = time.perf_counter()
     at.run()

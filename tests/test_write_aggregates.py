@@ -89,7 +89,7 @@ def test_bin_width_not_a_multiple_scans_and_says_so(recorded):
                           "--metric", "tv", "--no-progress", "--workers", "1"], capture_output=True, text=True,
                          cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert out.returncode == 0, out.stderr
-    assert "not a multiple of the recorded aggregates' 64" in out.stderr
+    assert "not a multiple of the recorded aggregates' 32" in out.stderr
 
 
 def test_stale_aggregates_are_detected_and_rebuilt(tmp_path):

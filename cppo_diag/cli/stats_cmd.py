@@ -9,8 +9,8 @@ By default the statistics come from mergeable partial aggregates (``cppo_diag.an
 means, quantiles and tail statistics from a log-bucket sketch within --relative-accuracy (default 1%,
 buckets 0.78%), computed by --engine local (processes over shard groups) or ray, and cached beside the run
 (RUN/_cache/aggregates/) so a growing run is only aggregated for its new steps. A run written by RunRecorder
-already holds each step's aggregate (tv, abs_logratio, k3 at 64-token bins): a first view of those metrics
-at any multiple of 64 merges them without reading a token; other bin widths scan (and say so on stderr).
+already holds each step's aggregate (tv, abs_logratio, k3 at 32-token bins): a first view of those metrics
+at any multiple of 32 merges them without reading a token; other bin widths scan (and say so on stderr).
 --no-cache always scans. --exact gives the exact
 order statistics (two streaming passes, one process); --mismatch is always exact.
 
