@@ -520,16 +520,45 @@ def aggregate_files(files: Sequence[str], spec: AggSpec) -> Partial:
 
 
 def _numpy_column(table, name: str, dtype, path: str, fill=None) -> np.ndarray:
-    """One column of an Arrow table as numpy ``dtype`` (zero-copy when it already is), nulls as ``fill``."""
-    import pyarrow.compute as pc
-
-    col = table.column(name)
-    if col.null_count:
+    """One column of an Arrow table as numpy ``dtype``, nulls as ``fill`` (None: nulls are an error)."""
+    vals, valid = _to_numpy(table.column(name))
+    if valid is not None:
         if fill is None:
-            raise ValueError(f"{path}: column {name!r} has {col.null_count} null value(s); expected none")
-        col = pc.fill_null(col, fill)
-    arr = col.to_numpy()
-    return arr if arr.dtype == dtype else arr.astype(dtype)
+            raise ValueError(f"{path}: column {name!r} has {int((~valid).sum())} null value(s); expected none")
+        vals = np.where(valid, vals, fill)
+    return vals if vals.dtype == dtype else vals.astype(dtype)
+
+
+_NUMPY_TYPES = {"float": np.float32, "double": np.float64, "int8": np.int8, "int16": np.int16, "int32": np.int32,
+                "int64": np.int64, "uint8": np.uint8, "uint16": np.uint16, "uint32": np.uint32, "uint64": np.uint64}
+
+
+def _to_numpy(col) -> tuple[np.ndarray, np.ndarray | None]:
+    """(values, validity or None when there is no null) of an Arrow (chunked) array, read from its buffers:
+    pyarrow's own ``to_numpy`` imports pandas (~0.25 s once per process), which the recorder's writer must
+    not pay. Other types than booleans and fixed-width numbers go through ``to_numpy``."""
+    chunks = getattr(col, "chunks", [col])
+    vals, valid = [], []
+    for a in chunks:
+        n, off, bufs = len(a), a.offset, a.buffers()
+        name = str(a.type)
+        if n == 0:
+            v = np.zeros(0, _NUMPY_TYPES.get(name, bool if name == "bool" else np.float64))
+        elif name == "bool":
+            v = np.unpackbits(np.frombuffer(bufs[1], np.uint8), bitorder="little")[off: off + n].astype(bool)
+        elif name in _NUMPY_TYPES:
+            v = np.frombuffer(bufs[1], _NUMPY_TYPES[name])[off: off + n]
+        else:
+            v = a.to_numpy(zero_copy_only=False)
+        vals.append(v)
+        if a.null_count and bufs[0] is not None:
+            valid.append(np.unpackbits(np.frombuffer(bufs[0], np.uint8), bitorder="little")[off: off + n].astype(bool))
+        else:
+            valid.append(None)
+    out = vals[0] if len(vals) == 1 else (np.concatenate(vals) if vals else np.zeros(0))
+    if all(v is None for v in valid):
+        return out, None
+    return out, np.concatenate([np.ones(len(x), bool) if v is None else v for x, v in zip(vals, valid)])
 
 
 def _read_row_groups(path: str, spec: AggSpec):
@@ -583,20 +612,17 @@ def table_columns(t, spec: AggSpec, path: str = "token table") -> dict[str, np.n
             "update": (_numpy_column(t, "update", np.int32, path, 0) if "update" in names
                        else np.zeros(t.num_rows, np.int32))}
     if "keep_applied" in names:  # the logged mask (as _frame_columns, from Arrow: nulls = not logged)
-        import pyarrow.compute as pc
-
-        keep = t.column("keep_applied")
+        keep, has = _to_numpy(t.column("keep_applied"))
+        has = np.ones(len(keep), bool) if has is None else has
         if "reason_applied" in names:
-            reason = t.column("reason_applied")
-            budget = pc.fill_null(pc.equal(reason, int(Reason.BUDGET)), False).to_numpy(zero_copy_only=False)
-            has_reason = pc.is_valid(reason).to_numpy(zero_copy_only=False)
+            reason, has_reason = _to_numpy(t.column("reason_applied"))
+            has_reason = np.ones(len(reason), bool) if has_reason is None else has_reason
+            budget = (reason == int(Reason.BUDGET)) & has_reason
         else:
             budget = has_reason = np.zeros(t.num_rows, bool)
         # SPEC away test A (rho - 1) > 0, by the rule library on the float32 columns (as the rules evaluate it)
         away = direction_array(cols["advantage"], cols["logp"], cols["logp_rollout"]) > 0
-        cols["keep_applied"] = (pc.is_valid(keep).to_numpy(zero_copy_only=False),
-                                pc.fill_null(pc.invert(keep), False).to_numpy(zero_copy_only=False),
-                                budget, has_reason, away)
+        cols["keep_applied"] = (has, ~keep & has, budget, has_reason, away)
         cols["step"] = _numpy_column(t, "step", np.int64, path)
     return cols
 

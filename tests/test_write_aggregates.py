@@ -209,3 +209,16 @@ def test_run_facts_from_footers_equal_a_scan(recorded, monkeypatch):
 
     monkeypatch.setattr(pq, "read_metadata", lambda *a, **k: (_ for _ in ()).throw(OSError("unreadable footer")))
     assert R._footer_facts(run) is None and R.tokens_per_step(run) == want  # falls back to the scan
+
+
+def test_arrow_to_numpy_without_pandas_handles_nulls_offsets_and_chunks():
+    a = pa.chunked_array([pa.array([1.5, None, 3.0], pa.float32()).slice(1), pa.array([4.0], pa.float32())])
+    vals, valid = agg._to_numpy(a)
+    assert valid.tolist() == [False, True, True] and vals[1:].tolist() == [3.0, 4.0]
+    b = pa.array([True, None, False, True, False, True, True, False, True], pa.bool_()).slice(2)
+    vals, valid = agg._to_numpy(b)
+    assert vals.tolist() == [False, True, False, True, True, False, True] and valid is None
+    t = pa.table({"x": pa.array([1, None, 3], pa.int32())})
+    assert agg._numpy_column(t, "x", np.int32, "t", 0).tolist() == [1, 0, 3]
+    with pytest.raises(ValueError, match="column 'x' has 1 null"):
+        agg._numpy_column(t, "x", np.int32, "t")
