@@ -611,6 +611,10 @@ def table_columns(t, spec: AggSpec, path: str = "token table") -> dict[str, np.n
             "advantage": _numpy_column(t, "advantage", np.float32, path, float("nan")),
             "update": (_numpy_column(t, "update", np.int32, path, 0) if "update" in names
                        else np.zeros(t.num_rows, np.int32))}
+    ok = _valid_rows(t)
+    if ok is not None:  # impossible values are never averaged in (storage.validate, where present)
+        cols = {k: v[ok] for k, v in cols.items()}
+        t = t.filter(pa_mask(ok))
     if "keep_applied" in names:  # the logged mask (as _frame_columns, from Arrow: nulls = not logged)
         keep, has = _to_numpy(t.column("keep_applied"))
         has = np.ones(len(keep), bool) if has is None else has
@@ -625,6 +629,37 @@ def table_columns(t, spec: AggSpec, path: str = "token table") -> dict[str, np.n
         cols["keep_applied"] = (has, ~keep & has, budget, has_reason, away)
         cols["step"] = _numpy_column(t, "step", np.int64, path)
     return cols
+
+
+def _valid_rows(t) -> np.ndarray | None:
+    """The rows of an Arrow token table that ``cppo_diag.storage.validate`` accepts (finite log-probs at most
+    ``LOGP_MAX``, a finite advantage; a null is not a bad value), as a bool mask; None when every row passes
+    or the storage package has no such rule."""
+    try:
+        from cppo_diag.storage.validate import FINITE_COLUMNS, LOGP_MAX, LOGPROB_COLUMNS
+    except ImportError:
+        return None
+    bad = None
+    for name in [c for c in (*LOGPROB_COLUMNS, *FINITE_COLUMNS) if c in t.column_names]:
+        vals, valid = _to_numpy(t.column(name))
+        if vals.dtype.kind != "f":
+            continue
+        b = ~np.isfinite(vals)
+        if name in LOGPROB_COLUMNS:
+            b |= vals > LOGP_MAX
+        if valid is not None:
+            b &= valid
+        if b.any():
+            bad = b if bad is None else bad | b
+    return None if bad is None else ~bad
+
+
+def pa_mask(ok: np.ndarray):
+    """A numpy bool mask as an Arrow boolean array, built from its packed bits (``pa.array(ndarray)`` imports
+    pandas)."""
+    import pyarrow as pa
+
+    return pa.Array.from_buffers(pa.bool_(), len(ok), [None, pa.py_buffer(np.packbits(ok, bitorder="little"))])
 
 
 def aggregate_frame(lf: pl.LazyFrame | pl.DataFrame, spec: AggSpec, chunk_rows: int = 2_000_000) -> Partial:

@@ -222,3 +222,34 @@ def test_arrow_to_numpy_without_pandas_handles_nulls_offsets_and_chunks():
     assert agg._numpy_column(t, "x", np.int32, "t", 0).tolist() == [1, 0, 3]
     with pytest.raises(ValueError, match="column 'x' has 1 null"):
         agg._numpy_column(t, "x", np.int32, "t")
+
+
+def test_rows_the_storage_rule_rejects_are_not_aggregated(monkeypatch):
+    """Where ``cppo_diag.storage.validate`` exists (the reliability work), rows it rejects (non-finite or
+    positive log-probs, a non-finite advantage) are left out of the fast path too; nulls are not bad values."""
+    import sys
+    import types
+
+    fake = types.ModuleType("cppo_diag.storage.validate")
+    fake.LOGP_MAX, fake.LOGPROB_COLUMNS, fake.FINITE_COLUMNS = 1e-3, ("logp", "logp_rollout"), ("advantage",)
+    monkeypatch.setitem(sys.modules, "cppo_diag.storage.validate", fake)
+    t = pa.table({"step": pa.array([0] * 5, pa.int64()), "pos": pa.array([0, 1, 2, 3, 4], pa.int32()),
+                  "logp": pa.array([-1.0, float("nan"), 0.5, -1.0, None], pa.float32()),
+                  "logp_rollout": pa.array([-1.1] * 5, pa.float32()),
+                  "advantage": pa.array([1.0, 1.0, 1.0, float("inf"), 1.0], pa.float32()),
+                  "keep_applied": pa.array([True, False, True, False, True], pa.bool_())})
+    cols = agg.table_columns(t, agg.AggSpec(metrics=("tv",)))
+    assert cols["pos"].tolist() == [0, 4]  # NaN, > LOGP_MAX and inf advantage dropped; the null kept
+    assert cols["keep_applied"][0].tolist() == [True, True] and cols["step"].tolist() == [0, 0]
+    monkeypatch.delitem(sys.modules, "cppo_diag.storage.validate")
+    monkeypatch.setattr("builtins.__import__", _no_validate(__import__))
+    assert agg.table_columns(t, agg.AggSpec(metrics=("tv",)))["pos"].tolist() == [0, 1, 2, 3, 4]
+
+
+def _no_validate(real):
+    def imp(name, *a, **k):
+        if name == "cppo_diag.storage.validate":
+            raise ImportError(name)
+        return real(name, *a, **k)
+
+    return imp
