@@ -381,7 +381,9 @@ def recompute_cached(
 
     check_updates(updates)
     run = _open_run(Path(source)) if isinstance(source, (str, Path)) else source
-    if not (hasattr(run, "token_files") and hasattr(run, "path")):
+    # filters by update index only; any other filter (one that needs more than a batch's update index)
+    # goes through select_updates, uncached
+    if not (hasattr(run, "token_files") and hasattr(run, "path")) or updates not in ("all", "first", "after_first"):
         return recompute_many(select_updates(run, updates, step_range=step_range), specs, step_range=step_range,
                               bin_width=bin_width, anchor=anchor, rule_metrics=rule_metrics, progress=progress,
                               relative=relative, n_rel_bins=n_rel_bins)
