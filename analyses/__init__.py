@@ -25,8 +25,6 @@ Divergence by position, paper Fig. 2 (``cppo_diag.analyses.position``)
         bounded |pi - mu|) [, threshold_mean = mean of delta / w_t when delta given]; a frame pooling several
         runs keys responses by its "run" column
     threshold_schedule(positions, *, delta, w_min, length) -> np.ndarray     delta / w_t (CPPO Eq. 9; cppo_diag.masks)
-    position_stats_lazy(lf, *, metric_exprs, ...) -> pl.LazyFrame   the same statistics as one lazy group_by
-        (wide: one row per bin, "metric|stat" columns; holds every value - for small frames)
     position_summary(source, *, ..., exact=False, engine="local", workers=None, ray_address=None, cache=True)
         position_stats from mergeable partial aggregates (analyses.aggregate: log-bucket sketch, cached
         beside the run, only new steps aggregated); aggregate_run(source, AggSpec(...)) -> Partial,
@@ -40,6 +38,9 @@ Recompute any rule over a run (``cppo_diag.analyses.recomputation``)
     recompute_many(source, {label: (rule, params)}, *, step_range=None, bin_width=64, anchor=None,
                    rule_metrics=False, progress=True, relative=False, n_rel_bins=20)
         -> dict[label, RecomputeResult]   several rules, one pass
+    recompute_cached(run, {label: (rule, params)}, *, step_range=None, updates="all", ...)
+        -> dict[label, RecomputeResult]   the same from per-step partials kept per (run files, rule, params,
+        updates): steps already computed read no token (the app's What-if and Compare)
     load_batches(source, *, step_range=None, progress=False) -> BatchSet   a step range's batches, rebuilt
         once and held in memory; a BatchSet is a token source for recompute / recompute_many (sliders)
     run_rule(batch, rule, params=None, *, anchor="rollout", return_internals=False) -> MaskResult
@@ -143,7 +144,6 @@ _LAZY = {
     "require_columns": "cppo_diag.analyses.tokens",
     "MissingColumnError": "cppo_diag.analyses.tokens",
     "position_stats": "cppo_diag.analyses.position",
-    "position_stats_lazy": "cppo_diag.analyses.position",
     "threshold_schedule": "cppo_diag.analyses.position",
     "position_summary": "cppo_diag.analyses.aggregate",
     "aggregate_run": "cppo_diag.analyses.aggregate",
@@ -151,6 +151,7 @@ _LAZY = {
     "iter_batches": "cppo_diag.analyses.recomputation",
     "recompute": "cppo_diag.analyses.recomputation",
     "recompute_many": "cppo_diag.analyses.recomputation",
+    "recompute_cached": "cppo_diag.analyses.recomputation",
     "run_rule": "cppo_diag.analyses.recomputation",
     "load_batches": "cppo_diag.analyses.recomputation",
     "Batch": "cppo_diag.analyses.recomputation",

@@ -62,8 +62,14 @@ X_MAX_EXP = 40  # |D| >= 2^40 goes to the top bucket
 SIGNS = ("neg", "zero", "pos", "nan")  # advantage sign codes 0..3 (NaN / null advantage: code 3)
 N_SIGNS, N_UCLS = len(SIGNS), 2  # update class 0: update == 0 (first of its batch), 1: update > 0
 SKETCH_METRICS = ("tv", "abs_logratio", "k3", "k1")
+NONNEG_METRICS = frozenset({"tv", "abs_logratio"})  # never negative (k3 >= 0 mathematically, but rounding)
 ENGINES = ("local", "ray")
-CACHE_DIR = "_cache/aggregates"  # inside the run directory
+CACHE_DIR = "_cache/aggregates"  # inside the run directory (storage.layout.AGGREGATES_DIR)
+# What the recorder's writer aggregates per completed step (RunRecorder(aggregates=True)): the default metrics
+# at 32-token bins; any query for a subset of these metrics at a multiple of 32 is merged from it (derive).
+# 32, not 64: the app's automatic width (analyses.binning, <= 40 bins) is 32 for responses of 641-1,280
+# tokens and 64 or more above; shorter runs are small and scan fast.
+WRITE_SPEC_ARGS = dict(metrics=("tv", "abs_logratio", "k3"), bin_width=32)
 FORMAT_VERSION = 1
 AUTO_BYTES_PER_WORKER = 256 << 20  # engine "local", workers=None: one process per this many bytes of shards
 
@@ -141,17 +147,22 @@ def slot_bounds(spec: AggSpec) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return (np.r_[-hi[::-1], z, lo], np.r_[-lo[::-1], z, hi], np.r_[-val[::-1], z, val])
 
 
-def _slots(d: np.ndarray, spec: AggSpec) -> np.ndarray:
-    """Histogram slot (int32, 0..n_slots-1) of each non-NaN value of ``d``."""
+def _slots(d: np.ndarray, spec: AggSpec, nonneg: bool = False) -> np.ndarray:
+    """Histogram slot (int32, 0..n_slots-1) of each non-NaN value of ``d`` (``nonneg``: ``d`` is known to
+    hold no negative value, which skips the sign passes)."""
     m, half = spec.mantissa_bits, spec.half
-    off = np.abs(d, dtype=np.float32).view(np.int32)
-    np.right_shift(off, 23 - m, out=off)
-    off -= (127 + X_MIN_EXP) << m  # < 0: below X_MIN (0 included)
-    np.clip(off, -1, half - 1, out=off)
-    off += 1  # 0 = the zero slot
-    neg = d < 0
-    if neg.any():
-        np.negative(off, out=off, where=neg)
+    if nonneg and d.dtype == np.float32:
+        off = np.right_shift(d.view(np.int32), 23 - m)
+    else:
+        off = np.abs(d, dtype=np.float32).view(np.int32)
+        np.right_shift(off, 23 - m, out=off)
+    off -= ((127 + X_MIN_EXP) << m) - 1  # <= 0: below X_MIN (0 included); 1.. the buckets
+    np.maximum(off, 0, out=off)
+    np.minimum(off, half, out=off)
+    if not nonneg:
+        neg = d < 0
+        if neg.any():
+            np.negative(off, out=off, where=neg)
     off += half
     return off
 
@@ -203,6 +214,15 @@ def _merge_sparse(pieces: Sequence[tuple[np.ndarray, np.ndarray]]) -> tuple[np.n
     return _sum_by_key(np.concatenate([p[0] for p in pieces]), np.concatenate([p[1] for p in pieces]))
 
 
+def _narrow(a: np.ndarray) -> np.ndarray:
+    """Non-negative integers in the narrowest unsigned dtype that holds them."""
+    top = int(a.max()) if len(a) else 0
+    for t in (np.uint8, np.uint16, np.uint32):
+        if top <= np.iinfo(t).max:
+            return a.astype(t)
+    return a.astype(np.uint64)
+
+
 @dataclass
 class Partial:
     """Mergeable aggregate of some tokens of a run (see the module docstring).
@@ -224,6 +244,11 @@ class Partial:
     steps: frozenset = frozenset()
     mask: dict = field(default_factory=dict)
     mask_steps: dict = field(default_factory=dict)
+    # responses by valid length T and class (sign * 2 + update class): key T * 8 + class. Kept by the
+    # recorder's writer, which sees whole responses; ``lengths_ok`` only when every step of the partial had
+    # whole responses of one advantage sign each: then the delta / w_t overlay derives exactly (derive)
+    lengths: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    lengths_ok: bool = False
 
     @property
     def n_tokens(self) -> int:
@@ -247,6 +272,10 @@ class Partial:
             out.sums[m] = acc if acc is not None else np.zeros(0)
             out.sketch[m] = _merge_sparse([p.sketch[m] for p in parts if m in p.sketch])
         out.steps = frozenset().union(*(p.steps for p in parts))
+        out.lengths_ok = all(p.lengths_ok for p in parts)
+        if out.lengths_ok:
+            for p in parts:
+                out.lengths = _grow_add(out.lengths, p.lengths)
         for attr in ("mask", "mask_steps"):
             for p in parts:
                 for name, arr in getattr(p, attr).items():
@@ -260,9 +289,14 @@ class Partial:
         arrays = {"tokens": self.tokens, "thr_sum": self.thr_sum, "steps": np.array(sorted(self.steps), np.int64)}
         for m in self.spec.metrics:
             arrays[f"sum|{m}"] = self.sums.get(m, np.zeros(0))
-            arrays[f"keys|{m}"], arrays[f"counts|{m}"] = self.sketch.get(m, (np.zeros(0, np.int64),) * 2)
+            keys, counts = self.sketch.get(m, (np.zeros(0, np.int64),) * 2)
+            # sorted keys as gaps and counts in the narrowest unsigned type (~3-4 bytes per entry, not 16)
+            arrays[f"gaps|{m}"] = _narrow(np.diff(keys, prepend=np.int64(0)))
+            arrays[f"counts|{m}"] = _narrow(counts)
         arrays.update({f"mask|{k}": v for k, v in self.mask.items()})
         arrays.update({f"mask_steps|{k}": v for k, v in self.mask_steps.items()})
+        if self.lengths_ok:
+            arrays["lengths"] = _narrow(self.lengths)
         arrays["spec"] = np.frombuffer(json.dumps(asdict(self.spec)).encode(), dtype=np.uint8)
         with atomic_replace(Path(path)) as tmp:
             with open(tmp, "wb") as fh:
@@ -276,7 +310,11 @@ class Partial:
             p = cls(spec, tokens=z["tokens"], thr_sum=z["thr_sum"], steps=frozenset(z["steps"].tolist()))
             for m in spec.metrics:
                 p.sums[m] = z[f"sum|{m}"]
-                p.sketch[m] = (z[f"keys|{m}"], z[f"counts|{m}"])
+                keys = (np.cumsum(z[f"gaps|{m}"], dtype=np.int64) if f"gaps|{m}" in z.files
+                        else z[f"keys|{m}"].astype(np.int64))
+                p.sketch[m] = (keys, z[f"counts|{m}"].astype(np.int64))
+            if "lengths" in z.files:
+                p.lengths, p.lengths_ok = z["lengths"].astype(np.int64), True
             for name in z.files:
                 attr, _, k = name.partition("|")
                 if attr in ("mask", "mask_steps"):
@@ -291,25 +329,39 @@ MASK_COLUMNS = ("keep_applied", "reason_applied")
 
 
 class _Accumulator:
-    """Adds chunks of token columns (numpy) into dense per-worker arrays; :meth:`partial` compacts."""
+    """Adds chunks of token columns (numpy) into dense per-worker arrays; :meth:`partial` compacts.
+
+    The inner loop works on slices of ``SLICE`` tokens, so that its dozen elementwise passes run on arrays
+    that stay in the core's L2 cache (a pass over a 2 M-token chunk streams through memory: measured 4-5x
+    slower per token for the same operations), and adds into persistent histograms with ``np.add.at``
+    (no per-slice allocation of a histogram of every slot)."""
 
     DENSE_LIMIT = 1 << 24  # largest dense histogram (slots) per metric before switching to sparse pieces
+    SLICE = 1 << 16  # tokens per inner-loop slice (~256 KB per float32 column)
 
     def __init__(self, spec: AggSpec):
         self.spec = spec
-        self.tokens: np.ndarray | None = None
+        self.tokens: np.ndarray | None = None  # tokens whose first metric is NaN, per key (the rest: histogram)
         self.thr: np.ndarray | None = None
         self.sums: dict = {m: None for m in spec.metrics}
-        self.dense: dict = {m: None for m in spec.metrics}
+        self.dense: dict = {m: np.zeros(0, np.int64) for m in spec.metrics}
         self.pieces: dict = {m: [] for m in spec.metrics}
         self.steps: set[int] = set()
         self.mask: dict = {}
         self.mask_steps: dict = {}
 
     def add(self, cols: dict[str, np.ndarray]) -> None:
-        """Add one chunk: ``pos``, ``logp``, ``logp_rollout``, ``advantage`` (float32, NaN for null),
-        ``update`` (and ``_T`` when the spec needs response lengths). In-place int32 arithmetic: this loop
-        is the engines' inner loop."""
+        """Add one chunk: ``pos`` (int), ``logp``, ``logp_rollout``, ``advantage`` (float32, NaN for null),
+        ``update`` (and ``_T`` when the spec needs response lengths; ``keep_applied`` and ``step`` when the
+        shards logged a mask), in slices of ``SLICE`` tokens."""
+        n = len(cols["pos"])
+        for i in range(0, n, self.SLICE):
+            sl = slice(i, min(n, i + self.SLICE))
+            part = {k: (tuple(a[sl] for a in v) if isinstance(v, tuple) else v[sl] if isinstance(v, np.ndarray) else v)
+                    for k, v in cols.items()}
+            self._add_slice(part)
+
+    def _add_slice(self, cols: dict[str, np.ndarray]) -> None:
         spec = self.spec
         pos = cols["pos"]
         if len(pos) == 0:
@@ -318,14 +370,13 @@ class _Accumulator:
             length = cols["_T"]
             b = np.clip(np.ceil((pos + 1.0) / length * spec.n_rel_bins), 1, spec.n_rel_bins).astype(np.int32) - 1
         else:
-            if pos.min() < 0:
+            if not cols.get("_pos_ok") and pos.min() < 0:  # _pos_ok: the shard's statistics say min(pos) >= 0
                 raise ValueError(f"column 'pos': expected positions >= 0, found {int(pos.min())}")
             w = spec.bin_width
-            b = pos.astype(np.int32, copy=True)
-            if w & (w - 1) == 0:
-                np.right_shift(b, w.bit_length() - 1, out=b)
+            if w & (w - 1) == 0 and pos.dtype == np.int32:
+                b = np.right_shift(pos, w.bit_length() - 1)
             else:
-                np.floor_divide(b, w, out=b)
+                b = np.floor_divide(pos, w, dtype=np.int32, casting="unsafe")
         # g = (bin * 4 + sign) * 2 + update class, sign code 0 neg, 1 zero, 2 pos, 3 NaN
         adv = cols["advantage"]
         g = np.left_shift(b, 3, out=b)
@@ -335,17 +386,22 @@ class _Accumulator:
         g += gt
         g -= lt
         g -= lt
-        g += cols["update"] > 0
+        upd = cols["update"]
+        if isinstance(upd, np.ndarray):
+            g += upd > 0
+        elif upd > 0:  # one update for the whole row group (from the shard's statistics)
+            g += 1
         nan_adv = np.isnan(adv)
         if nan_adv.any():
             g[nan_adv] += 4
+        n_g = int(g.max()) + 1
         if spec.delta is not None:
             thr = threshold_schedule(pos, delta=spec.delta, w_min=spec.w_min, length=cols["_T"])  # delta / w_t (Eq. 9)
             self.thr = _grow_add(self.thr, np.bincount(g, weights=thr))
         lp, lr = cols["logp"], cols["logp_rollout"]
         if "keep_applied" in cols:
             self._add_mask(cols, g)
-        wide = (int(g.max()) + 1) * spec.n_slots >= 1 << 31
+        wide = n_g * spec.n_slots >= 1 << 31
         for i, m in enumerate(spec.metrics):
             d = _metric_values(m, lp, lr)
             gm = g
@@ -357,11 +413,15 @@ class _Accumulator:
             if not len(d):
                 continue
             self.sums[m] = _grow_add(self.sums[m], np.bincount(gm, weights=d))
-            key = _slots(d, spec)
+            key = _slots(d, spec, nonneg=m in NONNEG_METRICS)
             key += (gm.astype(np.int64) if wide else gm) * spec.n_slots
-            top = int(key.max()) + 1
+            top = n_g * spec.n_slots
             if top <= self.DENSE_LIMIT:
-                self.dense[m] = _grow_add(self.dense[m], np.bincount(key))
+                if len(self.dense[m]) < top:
+                    grown = np.zeros(max(top, min(self.DENSE_LIMIT, 2 * len(self.dense[m]))), np.int64)
+                    grown[: len(self.dense[m])] = self.dense[m]
+                    self.dense[m] = grown
+                np.add.at(self.dense[m], key, 1)
             else:
                 uniq, inv = np.unique(key, return_inverse=True)
                 self.pieces[m].append((uniq.astype(np.int64), np.bincount(inv).astype(np.int64)))
@@ -445,7 +505,7 @@ def _read_file(path: str, spec: AggSpec) -> pl.DataFrame:
     return df.with_columns(fill) if fill else df
 
 
-def aggregate_files(files: Sequence[str], spec: AggSpec, chunk_rows: int = 2_000_000) -> Partial:
+def aggregate_files(files: Sequence[str], spec: AggSpec) -> Partial:
     """The partial of the token shards ``files`` (whole steps when ``spec`` needs response lengths: every
     shard of a step must be in the same call). The unit of work of every engine."""
     acc = _Accumulator(spec)
@@ -458,16 +518,153 @@ def aggregate_files(files: Sequence[str], spec: AggSpec, chunk_rows: int = 2_000
             df = pl.concat([_read_file(f, spec) for f in by_step[s]], how="diagonal_relaxed")
             acc.add(_frame_columns(_with_lengths(df), spec))
         return acc.partial()
-    batch, rows = [], 0
     for f in files:
-        batch.append(_read_file(f, spec))
-        rows += batch[-1].height
-        if rows >= chunk_rows:
-            acc.add(_frame_columns(pl.concat(batch, how="diagonal_relaxed"), spec))
-            batch, rows = [], 0
-    if batch:
-        acc.add(_frame_columns(pl.concat(batch, how="diagonal_relaxed"), spec))
+        for cols in _read_row_groups(f, spec):
+            acc.add(cols)
     return acc.partial()
+
+
+def _numpy_column(table, name: str, dtype, path: str, fill=None) -> np.ndarray:
+    """One column of an Arrow table as numpy ``dtype``, nulls as ``fill`` (None: nulls are an error)."""
+    vals, valid = _to_numpy(table.column(name))
+    if valid is not None:
+        if fill is None:
+            raise ValueError(f"{path}: column {name!r} has {int((~valid).sum())} null value(s); expected none")
+        vals = np.where(valid, vals, fill)
+    return vals if vals.dtype == dtype else vals.astype(dtype)
+
+
+_NUMPY_TYPES = {"float": np.float32, "double": np.float64, "int8": np.int8, "int16": np.int16, "int32": np.int32,
+                "int64": np.int64, "uint8": np.uint8, "uint16": np.uint16, "uint32": np.uint32, "uint64": np.uint64}
+
+
+def _to_numpy(col) -> tuple[np.ndarray, np.ndarray | None]:
+    """(values, validity or None when there is no null) of an Arrow (chunked) array, read from its buffers:
+    pyarrow's own ``to_numpy`` imports pandas (~0.25 s once per process), which the recorder's writer must
+    not pay. Other types than booleans and fixed-width numbers go through ``to_numpy``."""
+    chunks = getattr(col, "chunks", [col])
+    vals, valid = [], []
+    for a in chunks:
+        n, off, bufs = len(a), a.offset, a.buffers()
+        name = str(a.type)
+        if n == 0:
+            v = np.zeros(0, _NUMPY_TYPES.get(name, bool if name == "bool" else np.float64))
+        elif name == "bool":
+            v = np.unpackbits(np.frombuffer(bufs[1], np.uint8), bitorder="little")[off: off + n].astype(bool)
+        elif name in _NUMPY_TYPES:
+            v = np.frombuffer(bufs[1], _NUMPY_TYPES[name])[off: off + n]
+        else:
+            v = a.to_numpy(zero_copy_only=False)
+        vals.append(v)
+        if a.null_count and bufs[0] is not None:
+            valid.append(np.unpackbits(np.frombuffer(bufs[0], np.uint8), bitorder="little")[off: off + n].astype(bool))
+        else:
+            valid.append(None)
+    out = vals[0] if len(vals) == 1 else (np.concatenate(vals) if vals else np.zeros(0))
+    if all(v is None for v in valid):
+        return out, None
+    return out, np.concatenate([np.ones(len(x), bool) if v is None else v for x, v in zip(vals, valid)])
+
+
+def _read_row_groups(path: str, spec: AggSpec):
+    """The columns :meth:`_Accumulator.add` needs from each row group of one token shard, decoded by
+    pyarrow straight to numpy (single-threaded: the engines parallelise over files)."""
+    import pyarrow.parquet as pq
+
+    pf = pq.ParquetFile(path)
+    names = set(pf.schema_arrow.names)
+    missing = [c for c in ("step", "pos", "logp", "logp_rollout", "advantage") if c not in names]
+    if missing:
+        raise ValueError(f"{path}: token shard is missing required column(s) {missing}; found {sorted(names)}")
+    want = ["pos", "logp", "logp_rollout", "advantage"] + [c for c in ("update", *MASK_COLUMNS) if c in names]
+    if "keep_applied" in names:
+        want.append("step")
+    for rg in range(pf.num_row_groups):
+        # columns the row group's statistics pin down are not decoded: one update for the whole group
+        # (a run with one optimiser update per batch), positions known to be >= 0
+        stats = _column_stats(pf.metadata.row_group(rg))
+        upd = stats.get("update")
+        const_update = "keep_applied" not in names and upd is not None and upd[0] == upd[1]
+        cols = table_columns(pf.read_row_group(rg, columns=[c for c in want if not (const_update and c == "update")],
+                                               use_threads=False), spec, path)
+        if const_update:
+            cols["update"] = int(upd[0])
+        pos = stats.get("pos")
+        cols["_pos_ok"] = pos is not None and pos[0] >= 0
+        yield cols
+
+
+def _column_stats(rg) -> dict[str, tuple]:
+    """(min, max) of each column of a Parquet row group whose statistics hold them."""
+    out = {}
+    for i in range(rg.num_columns):
+        c = rg.column(i)
+        st = c.statistics
+        if (st is not None and st.has_min_max and st.has_null_count and st.null_count == 0
+                and c.path_in_schema in ("update", "pos")):
+            out[c.path_in_schema] = (st.min, st.max)
+    return out
+
+
+def table_columns(t, spec: AggSpec, path: str = "token table") -> dict[str, np.ndarray]:
+    """The columns :meth:`_Accumulator.add` needs, from an Arrow table of token rows (a shard's row group,
+    or the table the recorder's writer is about to write)."""
+    names = set(t.column_names)
+    cols = {"pos": _numpy_column(t, "pos", np.int32, path),
+            "logp": _numpy_column(t, "logp", np.float32, path, float("nan")),
+            "logp_rollout": _numpy_column(t, "logp_rollout", np.float32, path, float("nan")),
+            "advantage": _numpy_column(t, "advantage", np.float32, path, float("nan")),
+            "update": (_numpy_column(t, "update", np.int32, path, 0) if "update" in names
+                       else np.zeros(t.num_rows, np.int32))}
+    ok = _valid_rows(t)
+    if ok is not None:  # impossible values are never averaged in (storage.validate, where present)
+        cols = {k: v[ok] for k, v in cols.items()}
+        t = t.filter(pa_mask(ok))
+    if "keep_applied" in names:  # the logged mask (as _frame_columns, from Arrow: nulls = not logged)
+        keep, has = _to_numpy(t.column("keep_applied"))
+        has = np.ones(len(keep), bool) if has is None else has
+        if "reason_applied" in names:
+            reason, has_reason = _to_numpy(t.column("reason_applied"))
+            has_reason = np.ones(len(reason), bool) if has_reason is None else has_reason
+            budget = (reason == int(Reason.BUDGET)) & has_reason
+        else:
+            budget = has_reason = np.zeros(t.num_rows, bool)
+        # SPEC away test A (rho - 1) > 0, by the rule library on the float32 columns (as the rules evaluate it)
+        away = direction_array(cols["advantage"], cols["logp"], cols["logp_rollout"]) > 0
+        cols["keep_applied"] = (has, ~keep & has, budget, has_reason, away)
+        cols["step"] = _numpy_column(t, "step", np.int64, path)
+    return cols
+
+
+def _valid_rows(t) -> np.ndarray | None:
+    """The rows of an Arrow token table that ``cppo_diag.storage.validate`` accepts (finite log-probs at most
+    ``LOGP_MAX``, a finite advantage; a null is not a bad value), as a bool mask; None when every row passes
+    or the storage package has no such rule."""
+    try:
+        from cppo_diag.storage.validate import FINITE_COLUMNS, LOGP_MAX, LOGPROB_COLUMNS
+    except ImportError:
+        return None
+    bad = None
+    for name in [c for c in (*LOGPROB_COLUMNS, *FINITE_COLUMNS) if c in t.column_names]:
+        vals, valid = _to_numpy(t.column(name))
+        if vals.dtype.kind != "f":
+            continue
+        b = ~np.isfinite(vals)
+        if name in LOGPROB_COLUMNS:
+            b |= vals > LOGP_MAX
+        if valid is not None:
+            b &= valid
+        if b.any():
+            bad = b if bad is None else bad | b
+    return None if bad is None else ~bad
+
+
+def pa_mask(ok: np.ndarray):
+    """A numpy bool mask as an Arrow boolean array, built from its packed bits (``pa.array(ndarray)`` imports
+    pandas)."""
+    import pyarrow as pa
+
+    return pa.Array.from_buffers(pa.bool_(), len(ok), [None, pa.py_buffer(np.packbits(ok, bitorder="little"))])
 
 
 def aggregate_frame(lf: pl.LazyFrame | pl.DataFrame, spec: AggSpec, chunk_rows: int = 2_000_000) -> Partial:
@@ -552,8 +749,33 @@ def map_tasks(fn, tasks: Sequence, *, engine: str = "local", workers: int | None
 
 
 def _run_local(fn, tasks: list, workers: int, bar) -> list:
+    """``workers - 1`` worker processes plus this process, taking tasks from one queue: this process starts
+    on the first task at once while the workers start (a fresh interpreter importing numpy and polars costs
+    a few tenths of a second, a tenth of a 100 M-token scan), and whoever is free takes the next task."""
     import multiprocessing as mp
+    import threading
     from concurrent.futures import ProcessPoolExecutor
+
+    out: list = [None] * len(tasks)
+    lock = threading.Lock()
+    todo = list(range(len(tasks)))[::-1]  # popped from the end: task order
+    errors: list = []
+
+    def take() -> int | None:
+        with lock:
+            return todo.pop() if todo and not errors else None
+
+    def done(i: int, res) -> None:
+        out[i] = res
+        if bar is not None:
+            bar.update(1)
+
+    def feed(ex) -> None:  # one feeder thread per worker process: it only waits on the process
+        try:
+            while (i := take()) is not None:
+                done(i, ex.submit(fn, tasks[i]).result())
+        except BaseException as exc:  # noqa: BLE001  (re-raised in the caller's thread)
+            errors.append(exc)
 
     # one polars thread per worker process: the processes are the parallelism
     old = os.environ.get("POLARS_MAX_THREADS")
@@ -564,14 +786,21 @@ def _run_local(fn, tasks: list, workers: int, bar) -> list:
         # threads may hold locks can deadlock). The caller's __main__ still needs its guard.
         ctx = mp.get_context("forkserver")
         ctx.set_forkserver_preload([__name__, fn.__module__])
-        with ProcessPoolExecutor(max_workers=min(workers, len(tasks)), mp_context=ctx) as ex:
-            futures = [ex.submit(fn, t) for t in tasks]
-            out = []
-            for fut in futures:
-                out.append(fut.result())
-                if bar is not None:
-                    bar.update(1)
-            return out
+        n_proc = min(workers, len(tasks)) - 1
+        with ProcessPoolExecutor(max_workers=n_proc, mp_context=ctx) as ex:
+            feeders = [threading.Thread(target=feed, args=(ex,), daemon=True) for _ in range(n_proc)]
+            for t in feeders:
+                t.start()
+            try:
+                while (i := take()) is not None:
+                    done(i, fn(tasks[i]))
+            except BaseException as exc:
+                errors.append(exc)
+            for t in feeders:
+                t.join()
+        if errors:
+            raise errors[0]
+        return out
     finally:
         if old is None:
             os.environ.pop("POLARS_MAX_THREADS", None)
@@ -616,22 +845,32 @@ def _run_files(run) -> dict[int, list[Path]]:
     return out
 
 
-def _fingerprint(files: Iterable[Path], done: Iterable[str]) -> str:
-    """Hash of the shard files (name, size, mtime) and the done markers of a block of steps."""
+def _fingerprint(files: Iterable[Path], done: Iterable[str], stat_cache: dict | None = None) -> str:
+    """Hash of the shard files (name, size, mtime) and the done markers of a block of steps (``stat_cache``:
+    path -> (size, mtime), filled as files are seen, for many overlapping blocks)."""
     h = hashlib.sha1()
     for f in sorted(files):
-        st = f.stat()
-        h.update(f"{f.parent.name}/{f.name}:{st.st_size}:{st.st_mtime_ns};".encode())
+        st = stat_cache.get(f) if stat_cache is not None else None
+        if st is None:
+            r = f.stat()
+            st = (r.st_size, r.st_mtime_ns)
+            if stat_cache is not None:
+                stat_cache[f] = st
+        h.update(f"{f.parent.name}/{f.name}:{st[0]}:{st[1]};".encode())
     for d in sorted(done):
         h.update(d.encode())
     return h.hexdigest()[:16]
 
 
-def _done_of(run, steps: Iterable[int]) -> list[str]:
+def _done_names(run) -> set[str]:
+    done_dir = Path(run.path) / "_done"
+    return {f.name for f in done_dir.iterdir()} if done_dir.is_dir() else set()
+
+
+def _done_of(run, steps: Iterable[int], names: set[str] | None = None) -> list[str]:
     from cppo_diag.storage import layout
 
-    done_dir = run.path / "_done"
-    names = {f.name for f in done_dir.iterdir()} if done_dir.is_dir() else set()
+    names = _done_names(run) if names is None else names
     want = {layout.step_dir_name(s) for s in steps}
     return [n for n in names if n.split(".")[0] in want]
 
@@ -661,6 +900,8 @@ class AggregateInfo:
     steps_aggregated: list[int] = field(default_factory=list)
     steps_cached: list[int] = field(default_factory=list)
     blocks_written: int = 0
+    from_recorder: bool = False  # merged from the recorder's write-time aggregates (WRITE_SPEC_ARGS)
+    note: str | None = None  # why the write-time aggregates could not serve this spec (a scan instead)
 
 
 LAST_INFO = AggregateInfo()  # the last aggregate_run's AggregateInfo (tests and the benchmark read it)
@@ -708,9 +949,22 @@ def aggregate_run(
     files = _run_files(run)
     lo, hi = step_range if step_range is not None else (None, None)
     steps = [s for s in sorted(files) if (lo is None or s >= lo) and (hi is None or s <= hi)]
+    write_spec = AggSpec(**WRITE_SPEC_ARGS)
+    recorded = cache and (Path(run.path) / CACHE_DIR / write_spec.key()).is_dir()
+    if recorded and spec != write_spec:
+        why = derivable(spec, write_spec)
+        if why is None:  # merge the recorder's blocks (scan only steps they miss), then coarsen
+            part = aggregate_run(run, write_spec, step_range=step_range, engine=engine, workers=workers,
+                                 ray_address=ray_address, cache=cache, progress=progress)
+            if spec.delta is None or part.lengths_ok or not part.steps:
+                LAST_INFO.from_recorder = True
+                return derive(part, spec) if part.steps else Partial(spec)
+            why = "the delta / w_t overlay needs the response lengths, which not every step's aggregate holds"
+    else:
+        why = None
 
-    def n_groups_for(todo: list[int]) -> int:
-        return 2 * _local_workers(files, todo, engine, workers)
+    def n_groups_for(todo: list[int]) -> int:  # several groups per worker: whoever is free takes the next
+        return 4 * _local_workers(files, todo, engine, workers)
 
     def compute(groups: list[list[int]]) -> list[Partial]:
         n = _local_workers(files, [s for g in groups for s in g], engine, workers)
@@ -720,10 +974,175 @@ def aggregate_run(
     store = BlockStore(key=spec.key(), load=Partial.load, save=lambda part, path: part.save(path),
                        merge=lambda parts: parts[0].merge(*parts[1:]), steps_of=lambda part: set(part.steps))
     parts, LAST_INFO = cached_map(run, files, steps, store, compute, n_groups_for=n_groups_for, cache=cache,
-                                  max_blocks=max_blocks)
+                                  max_blocks=max_blocks if spec != write_spec else 1 << 30)
+    LAST_INFO.from_recorder = spec == write_spec and recorded
+    if why is not None:
+        LAST_INFO.note = f"{why}: scanned the token shards instead of merging the recorded aggregates"
     if not parts:
         return Partial(spec)
     return parts[0].merge(*parts[1:]) if len(parts) > 1 else parts[0]
+
+
+def derivable(spec: AggSpec, base: AggSpec) -> str | None:
+    """None when :func:`derive` can compute ``spec``'s partial from one of ``base``; else why not."""
+    if spec.relative or base.relative:
+        return "relative position bins need each response's length"
+    if spec.mantissa_bits != base.mantissa_bits:
+        return f"relative accuracy {relative_accuracy_of(spec.mantissa_bits):.2%} differs from the recorded one"
+    extra = [m for m in spec.metrics if m not in base.metrics]
+    if extra:
+        return f"metric(s) {extra} are not among the recorded aggregates' {list(base.metrics)}"
+    if spec.bin_width % base.bin_width:
+        return (f"bin width {spec.bin_width} is not a multiple of the recorded aggregates' {base.bin_width}")
+    return None
+
+
+def derive(part: Partial, spec: AggSpec) -> Partial:
+    """``part`` (of a finer spec, :func:`derivable`) as the partial of ``spec``: its metrics only, each bin
+    of ``spec.bin_width`` the sum of the ``spec.bin_width / part.spec.bin_width`` finer bins it holds.
+    Exact: counts and sums add, and a coarse bin's sketch is the sum of its fine bins' sketches."""
+    why = derivable(spec, part.spec)
+    if why is None and spec.delta is not None and not part.lengths_ok:
+        why = "the delta / w_t overlay needs the response lengths, which not every step's aggregate holds"
+    if why is not None:
+        raise ValueError(f"spec: cannot derive from the partial's {part.spec}: {why}")
+    f = spec.bin_width // part.spec.bin_width
+    per_bin = N_SIGNS * N_UCLS
+
+    def regroup(g: np.ndarray) -> np.ndarray:  # fine key g -> coarse key
+        return (g // per_bin // f) * per_bin + g % per_bin
+
+    def dense(arr: np.ndarray) -> np.ndarray:
+        if not len(arr):
+            return arr
+        out = np.bincount(regroup(np.arange(len(arr))), weights=arr)
+        return out.astype(arr.dtype) if arr.dtype.kind in "iu" else out
+
+    out = Partial(spec, tokens=dense(part.tokens), thr_sum=dense(part.thr_sum), steps=part.steps,
+                  mask={k: dense(v) for k, v in part.mask.items()}, mask_steps=dict(part.mask_steps),
+                  lengths=part.lengths, lengths_ok=part.lengths_ok)
+    if spec.delta is not None:
+        thr, n = _threshold_sums(part.lengths, spec), len(out.tokens)
+        out.thr_sum = np.pad(thr, (0, max(0, n - len(thr))))[:n]  # keys past the last token's are all 0
+    n = spec.n_slots
+    for m in spec.metrics:
+        out.sums[m] = dense(part.sums.get(m, np.zeros(0)))
+        keys, counts = part.sketch.get(m, (np.zeros(0, np.int64),) * 2)
+        out.sketch[m] = _sum_by_key(regroup(keys // n) * n + keys % n, counts) if f > 1 else (keys, counts)
+    return out
+
+
+def _threshold_sums(lengths: np.ndarray, spec: AggSpec) -> np.ndarray:
+    """Per key g, the sum of delta / w_t (Eq. 9) over its tokens, from the responses counted by valid length
+    T and class (``Partial.lengths``): a response of length T has one token at each t < T."""
+    per_cls = N_SIGNS * N_UCLS
+    n = np.pad(lengths, (0, -len(lengths) % per_cls)).reshape(-1, per_cls)
+    out = np.zeros(0)
+    for T in np.flatnonzero(n.any(axis=1)):
+        t = np.arange(T)
+        thr = threshold_schedule(t, delta=spec.delta, w_min=spec.w_min, length=float(T))
+        by_bin = np.bincount(t // spec.bin_width, weights=thr)  # (bins,)
+        add = (by_bin[:, None] * n[T][None, :]).reshape(-1)  # key (bin * 4 + sign) * 2 + ucls
+        out = _grow_add(out, add)
+    return out
+
+
+def _response_lengths(cols: dict) -> tuple[np.ndarray, bool]:
+    """(lengths histogram, ok) of a token table holding whole responses in (seq_id, pos) order: key
+    T * 8 + sign * 2 + update class. ``ok`` is False when a response is not whole (positions 0..T-1 in
+    order) or its tokens carry more than one advantage sign."""
+    pos, seq, upd, adv = cols["pos"], cols["seq_id"], cols["update"], cols["advantage"]
+    n = len(pos)
+    if n == 0:
+        return np.zeros(0, np.int64), True
+    start = np.ones(n, bool)
+    start[1:] = (seq[1:] != seq[:-1]) | (upd[1:] != upd[:-1])
+    idx = np.flatnonzero(start)
+    step_ok = np.diff(pos)[~start[1:]] == 1
+    if pos[idx].any() or not step_ok.all():
+        return np.zeros(0, np.int64), False
+    sign = np.where(np.isnan(adv), 3, np.sign(np.nan_to_num(adv)).astype(np.int64) + 1)  # 0 neg .. 3 NaN
+    if (np.minimum.reduceat(sign, idx) != np.maximum.reduceat(sign, idx)).any():
+        return np.zeros(0, np.int64), False
+    T = np.diff(np.r_[idx, n])
+    key = T * (N_SIGNS * N_UCLS) + sign[idx] * N_UCLS + (upd[idx] > 0)
+    return np.bincount(key), True
+
+
+class StepAggregates:
+    """The recorder's write-time aggregates: one :class:`Partial` (``WRITE_SPEC_ARGS``) per step of one rank,
+    accumulated from the token tables the background writer writes and saved once the step's ``_done``
+    marker is on disk, as the block of that step beside the run; every aligned run of 2^k steps (k >= 3)
+    is also saved as one block (a dyadic tree: any step range merges from O(log n) blocks). The first
+    ``stats`` / report / app view then merges blocks instead of scanning (:func:`aggregate_run`).
+
+    The blocks' fingerprints hash this rank's shards and marker: a step that other ranks also wrote, or
+    whose shards changed later, fails the reader's check (which hashes every shard of the step), and the
+    reader rescans it. Saving is best effort: :meth:`finish` raises ``OSError`` (a full disk, a read-only
+    directory) after the shards and marker are written, so no token is ever lost for it."""
+
+    MIN_LEVEL = 3  # blocks of 2, 4 steps are merged in memory only: a range reads <= 7 single steps per end
+
+    def __init__(self, run_dir: Path, rank: int = 0):
+        self.run_dir = Path(run_dir)
+        self.rank = int(rank)
+        self.spec = AggSpec(**WRITE_SPEC_ARGS)
+        self._acc: dict[int, _Accumulator] = {}
+        self._levels: dict[tuple[int, int], Partial] = {}  # (level, index) -> partial awaiting its sibling
+        self.cpu_s = 0.0
+
+    def add(self, step: int, table) -> None:
+        """Add a token table (Arrow) of ``step``."""
+        acc = self._acc.get(step)
+        if acc is None:
+            acc = self._acc[step] = _Accumulator(self.spec)
+            acc.steps.add(int(step))
+            acc.lengths, acc.lengths_ok = np.zeros(0, np.int64), True
+        cols = table_columns(table, self.spec)
+        acc.add(cols)
+        if acc.lengths_ok and "seq_id" in table.column_names:
+            lengths, ok = _response_lengths({**cols, "seq_id": _numpy_column(table, "seq_id", np.int64, "table", -1)})
+            acc.lengths, acc.lengths_ok = _grow_add(acc.lengths, lengths), ok
+        else:
+            acc.lengths_ok = False
+
+    def drop(self, step: int) -> None:
+        self._acc.pop(step, None)
+
+    def finish(self, step: int) -> int:
+        """Save the block of ``step`` (and each dyadic block it completes); the number of blocks written."""
+        from cppo_diag.storage import layout
+
+        acc = self._acc.pop(step, None)
+        if acc is None:
+            return 0
+        part = acc.partial()
+        part.lengths, part.lengths_ok = acc.lengths, acc.lengths_ok
+        written = 0
+        level, idx = 0, int(step)
+        while True:
+            lo, hi = idx << level, ((idx + 1) << level) - 1
+            if level == 0 or level >= self.MIN_LEVEL:
+                self._save(part, lo, hi, layout)
+                written += 1
+            sib = (level, idx ^ 1)
+            if sib not in self._levels:
+                self._levels[(level, idx)] = part
+                break
+            other = self._levels.pop(sib)
+            part = other.merge(part) if idx & 1 else part.merge(other)
+            level, idx = level + 1, idx >> 1
+        return written
+
+    def _save(self, part: Partial, lo: int, hi: int, layout) -> None:
+        d = layout.run_dirs(self.run_dir)
+        files = sorted(p for s in range(lo, hi + 1) for p in (d["tokens"] / layout.step_dir_name(s)).glob(
+            f"rank{self.rank}-*.parquet"))
+        done = [layout.done_marker_name(s, self.rank) for s in range(lo, hi + 1)
+                if (d["done"] / layout.done_marker_name(s, self.rank)).exists()]
+        path = layout.aggregate_block_path(self.run_dir, self.spec.key(), lo, hi, _fingerprint(files, done))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        part.save(path)
 
 
 def _local_workers(files: dict, steps: list[int], engine: str, workers: int | None) -> int:
@@ -762,11 +1181,22 @@ def cached_map(run, files: dict[int, list[Path]], steps: list[int], store: Block
     covered: set[int] = set()
     valid: list[tuple[Path, int, int]] = []
     if cache and cache_dir.is_dir():
+        import bisect
+
+        from cppo_diag.storage import layout
+
         wanted = set(steps)
-        for f, b_lo, b_hi in _cached_blocks(cache_dir):
+        order = sorted(files)
+        done_by: dict[str, list[str]] = {}
+        for n in _done_names(run):
+            done_by.setdefault(n.split(".")[0], []).append(n)
+        stat_cache: dict = {}
+        # at each first step the widest block first (the writer's dyadic blocks: few files per range)
+        for f, b_lo, b_hi in sorted(_cached_blocks(cache_dir), key=lambda t: (t[1], -t[2])):
             fp = f.stem.rsplit("-", 1)[1]
-            block = [s for s in files if b_lo <= s <= b_hi]
-            if not block or _fingerprint([p for s in block for p in files[s]], _done_of(run, block)) != fp:
+            block = order[bisect.bisect_left(order, b_lo): bisect.bisect_right(order, b_hi)]
+            done = [n for s in block for n in done_by.get(layout.step_dir_name(s), ())]
+            if not block or _fingerprint([p for s in block for p in files[s]], done, stat_cache) != fp:
                 try:  # stale: a shard of the block changed (or vanished)
                     f.unlink()
                 except OSError:
@@ -797,7 +1227,9 @@ def cached_map(run, files: dict[int, list[Path]], steps: list[int], store: Block
         new = compute(groups)
         parts.extend(new)
         # cache only blocks that do not overlap a valid block (a narrower step range can leave such gaps)
-        taken = {s for _, b_lo, b_hi in valid for s in files if b_lo <= s <= b_hi}
+        order = sorted(files)
+        taken = {s for _, b_lo, b_hi in valid
+                 for s in order[bisect.bisect_left(order, b_lo): bisect.bisect_right(order, b_hi)]}
         if cache:
             for g, part in zip(groups, new):
                 if set(range(g[0], g[-1] + 1)) & taken:
@@ -826,11 +1258,13 @@ def _cached_blocks(cache_dir: Path) -> list[tuple[Path, int, int]]:
 def _save_block(cache_dir: Path, run, files, steps: list[int], part, store: BlockStore) -> bool:
     block = [s for s in files if steps[0] <= s <= steps[-1]]
     fp = _fingerprint([p for s in block for p in files[s]], _done_of(run, block))
+    from cppo_diag.storage import layout
+
     try:
         cache_dir.mkdir(parents=True, exist_ok=True)
-        store.save(part, cache_dir / f"s{steps[0]}-{steps[-1]}-{fp}.npz")
+        store.save(part, layout.aggregate_block_path(run.path, cache_dir.name, steps[0], steps[-1], fp))
         return True
-    except OSError:  # a read-only run: no cache
+    except OSError:  # a read-only run (or a full disk): no cache
         return False
 
 

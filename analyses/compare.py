@@ -17,7 +17,7 @@ from typing import Any, Sequence
 import polars as pl
 
 from cppo_diag.analyses.aggregate import applied_mask
-from cppo_diag.analyses.recomputation import recompute_many
+from cppo_diag.analyses.recomputation import recompute_cached, recompute_many
 from cppo_diag.analyses.profiles import profile_specs
 from cppo_diag.analyses.tokens import columns_of, load_tokens, run_meta, run_name
 from cppo_diag.analyses.updates import resolve_updates, select_updates
@@ -31,6 +31,15 @@ class CompareResult:
     summary: pl.DataFrame  # run, rule, applied (bool), updates, n_valid, n_masked, masked_frac, budget_share, ...
     by_position: pl.DataFrame  # run, rule, bin, bin_start, bin_end, n_valid, masked_frac
     by_step: pl.DataFrame  # run, rule, step, masked_frac, budget_share
+
+
+def _is_run(source: Any) -> bool:
+    """A run directory (path or opened run), whose steps' shard files can key cached partials."""
+    from pathlib import Path
+
+    if isinstance(source, (str, Path)):
+        return (Path(source) / "tokens").is_dir()
+    return hasattr(source, "token_files") and hasattr(source, "path")
 
 
 def compare_runs(
@@ -69,9 +78,13 @@ def compare_runs(
         run = names[i] if names else run_name(source, f"run{i}")
         upd = resolve_updates(source, updates)
         run_specs = {**specs, **profile_specs(source, "cppo", profiles)}
-        results = recompute_many(select_updates(source, upd, step_range=step_range), run_specs,
-                                 step_range=step_range, bin_width=bin_width, progress=progress, relative=relative,
-                                 n_rel_bins=n_rel_bins)
+        if _is_run(source):  # per-step partials kept per (run files, rule, params, updates): a revisit reads nothing
+            results = recompute_cached(source, run_specs, step_range=step_range, updates=upd, bin_width=bin_width,
+                                       progress=progress, relative=relative, n_rel_bins=n_rel_bins)
+        else:
+            results = recompute_many(select_updates(source, upd, step_range=step_range), run_specs,
+                                     step_range=step_range, bin_width=bin_width, progress=progress, relative=relative,
+                                     n_rel_bins=n_rel_bins)
         for label, res in results.items():
             rows.append({"run": run, "rule": label, "applied": False, "updates": upd,
                          **{k: res.overall.get(k) for k in SUMMARY_KEYS}})

@@ -321,6 +321,135 @@ def recompute_many(
     return {label: acc.result() for label, acc in accs.items()}
 
 
+def _merge_accumulators(parts: list["_Accumulator"], like: "_Accumulator") -> "_Accumulator":
+    """One accumulator holding ``parts`` (per-step accumulators, in step order) added together."""
+    out = _Accumulator(like.rule, like.params, like.bin_width, rule_metrics=like.rule_metrics,
+                       relative=like.pos_counter.relative, n_rel_bins=like.pos_counter.n_rel_bins)
+    for p in parts:
+        out.step_rows.extend(p.step_rows)
+        out.metric_rows.extend(p.metric_rows)
+        for s in out.sign_counts:
+            out.sign_counts[s] = out.sign_counts[s] + p.sign_counts[s]
+        out.agree["n_compared"] += p.agree["n_compared"]
+        out.agree["n_agree"] += p.agree["n_agree"]
+        if out.agree["first_mismatch"] is None:
+            out.agree["first_mismatch"] = p.agree["first_mismatch"]
+        for name, arr in p.pos_counter.counts.items():
+            cur = out.pos_counter.counts.get(name, np.zeros(0))
+            if len(arr) > len(cur):
+                cur = np.pad(cur, (0, len(arr) - len(cur)))
+            cur = cur.copy()
+            cur[: len(arr)] += arr
+            out.pos_counter.counts[name] = cur
+    return out
+
+
+# Per-step partials of recomputed rules (:func:`recompute_cached`): key -> that step's _Accumulator, least
+# recently used first. A key is (run directory, the step's shard files as (name, size, mtime), rule,
+# parameters, update filter, anchor, binning, rule_metrics), so a changed step never matches.
+STEP_MEMO_MAX = 20_000  # per-step partials kept (a few KB each)
+_STEP_MEMO: "dict[tuple, _Accumulator]" = {}
+TOKENS_READ = [0]  # tokens :func:`recompute_cached` has read from disk in this process (tests, benchmarks)
+
+
+def recompute_cached(
+    source: Any,
+    specs: dict[str, tuple[str, dict]],
+    *,
+    step_range=None,
+    updates: str = "all",
+    bin_width: int = 64,
+    anchor: str | None = None,
+    relative: bool = False,
+    n_rel_bins: int = 20,
+    rule_metrics: bool = False,
+    batches: "BatchSet | None" = None,
+    progress: bool = False,
+) -> dict[str, "RecomputeResult"]:
+    """:func:`recompute_many` of a run directory, from per-step partials kept in this process.
+
+    Each step's partial of each rule is keyed by (the run's directory and that step's shard files, the rule,
+    its parameters, the update filter ``updates``, the anchor and the binning): the steps of ``step_range``
+    whose partials are all known are merged without reading a token (a slider back at an earlier value, a
+    page revisited, a wider range); only the other steps are read (from ``batches`` when it holds them, a
+    :class:`BatchSet` of the same run) and recomputed. Results equal :func:`recompute_many` (the same
+    per-batch sums, added in step order). Sources that are not run directories go to
+    :func:`recompute_many` uncached."""
+    from cppo_diag.analyses.aggregate import _run_files
+    from cppo_diag.analyses.updates import check_updates, keeps_update, select_updates
+    from cppo_diag.masks import get_rule
+
+    check_updates(updates)
+    run = _open_run(Path(source)) if isinstance(source, (str, Path)) else source
+    # filters by update index only; any other filter (one that needs more than a batch's update index)
+    # goes through select_updates, uncached
+    if not (hasattr(run, "token_files") and hasattr(run, "path")) or updates not in ("all", "first", "after_first"):
+        return recompute_many(select_updates(run, updates, step_range=step_range), specs, step_range=step_range,
+                              bin_width=bin_width, anchor=anchor, rule_metrics=rule_metrics, progress=progress,
+                              relative=relative, n_rel_bins=n_rel_bins)
+    if anchor is None:
+        anchor = run_meta(run).get("anchor") or "rollout"
+    for rule, _ in specs.values():
+        get_rule(rule)
+    files = _run_files(run)
+    lo, hi = step_range if step_range is not None else (None, None)
+    steps = [s for s in sorted(files) if (lo is None or s >= lo) and (hi is None or s <= hi)]
+    root = str(Path(run.path).resolve())
+
+    def fresh(rule: str, params: dict) -> _Accumulator:
+        return _Accumulator(rule, dict(params or {}), bin_width, rule_metrics=rule_metrics, relative=relative,
+                            n_rel_bins=n_rel_bins)
+
+    def key(step: int, rule: str, params: dict) -> tuple:
+        fp = tuple((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in sorted(files[step]))
+        return (root, step, fp, rule, repr(sorted((params or {}).items())), updates, anchor, int(bin_width),
+                bool(relative), int(n_rel_bins), bool(rule_metrics))
+
+    keys = {s: {label: key(s, r, p) for label, (r, p) in specs.items()} for s in steps}
+    todo = [s for s in steps if any(k not in _STEP_MEMO for k in keys[s].values())]
+    if todo:
+        held = {b.step for b in batches.batches} if batches is not None else set()
+        new = {s: {label: fresh(r, p) for label, (r, p) in specs.items()} for s in todo}
+        from_memory = [s for s in todo if s in held]
+        from_disk = [s for s in todo if s not in held]
+        sources = []
+        if from_memory:
+            sources.append(b for b in batches.batches if b.step in new)
+        segments, cur = [], []  # contiguous runs of steps to read
+        index = {s: i for i, s in enumerate(steps)}
+        for s in from_disk:
+            if cur and index[s] != index[cur[-1]] + 1:
+                segments.append(cur)
+                cur = []
+            cur.append(s)
+        if cur:
+            segments.append(cur)
+        for seg in segments:
+            sources.append(run.batches(step_range=(seg[0], seg[-1]), progress=progress))
+        for it in sources:
+            for batch in it:
+                if batch.step not in new or not keeps_update(batch.update, updates):
+                    continue
+                if batch.step not in held:
+                    TOKENS_READ[0] += batch.n_tokens
+                for label, (rule, params) in specs.items():
+                    new[batch.step][label].add(batch, run_rule(batch, rule, params, anchor=anchor), anchor)
+        for s in todo:
+            for label in specs:
+                _STEP_MEMO[keys[s][label]] = new[s][label]
+    out = {}
+    for label, (rule, params) in specs.items():
+        parts = []
+        for s in steps:
+            k = keys[s][label]
+            parts.append(_STEP_MEMO.pop(k))
+            _STEP_MEMO[k] = parts[-1]  # most recently used last
+        out[label] = _merge_accumulators(parts, fresh(rule, params)).result()
+    while len(_STEP_MEMO) > STEP_MEMO_MAX:
+        _STEP_MEMO.pop(next(iter(_STEP_MEMO)))
+    return out
+
+
 def recompute(
     source: Any,
     rule: str,

@@ -54,20 +54,59 @@ def run_summary(run) -> dict[str, Any]:
     }
 
 
+def _footer_facts(run) -> tuple[dict[int, int], int] | None:
+    """(step -> token rows, largest pos) of a run directory's completed steps from the Parquet footers alone
+    (row counts, and the ``step`` / ``pos`` statistics the writers store): no token is read, so the app's
+    first view of a 10^8-token run does not wait for a scan. None when a footer lacks what is needed (a
+    shard without statistics, or whose ``step`` is not one value): callers then scan."""
+    if not callable(getattr(run, "token_files", None)):
+        return None
+    import pyarrow.parquet as pq
+
+    counts: dict[int, int] = {}
+    top = -1
+    try:
+        for f in run.token_files():
+            md = pq.read_metadata(f)
+            names = md.schema.names
+            i_step, i_pos = names.index("step"), names.index("pos")
+            for r in range(md.num_row_groups):
+                rg = md.row_group(r)
+                if rg.num_rows == 0:
+                    continue
+                st, sp = rg.column(i_step).statistics, rg.column(i_pos).statistics
+                if st is None or sp is None or not (st.has_min_max and sp.has_min_max) or st.min != st.max:
+                    return None
+                counts[int(st.min)] = counts.get(int(st.min), 0) + rg.num_rows
+                top = max(top, int(sp.max))
+    except (OSError, ValueError):
+        return None
+    return dict(sorted(counts.items())), max(top, 0)
+
+
 def tokens_per_step(run) -> dict[int, int]:
-    """step -> number of token rows (one streaming scan of the ``step`` column)."""
+    """step -> number of token rows (from the shards' footers; else one streaming scan of ``step``)."""
+    facts = _footer_facts(run)
+    if facts is not None:
+        return facts[0]
     df = run.tokens().group_by("step").agg(n=pl.len()).collect(engine="streaming")
     return {int(s): int(n) for s, n in df.iter_rows()}
 
 
 def token_steps(run) -> list[int]:
-    """The steps that have token rows (complete or not), ascending."""
+    """The steps that have token rows, ascending (from the shards' footers; else a scan)."""
+    facts = _footer_facts(run)
+    if facts is not None:
+        return [s for s, n in facts[0].items() if n]
     s = run.tokens().select(pl.col("step").unique().sort()).collect()
     return [int(v) for v in s["step"]]
 
 
 def max_position(run) -> int:
-    """The largest token position of the run (0 without tokens)."""
+    """The largest token position of the run (0 without tokens; from the shards' footers, else a scan)."""
+    facts = _footer_facts(run)
+    if facts is not None:
+        return facts[1]
     v = run.tokens().select(max=pl.col("pos").max()).collect().item()
     return int(v) if v is not None else 0
 

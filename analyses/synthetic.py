@@ -159,10 +159,13 @@ def empty_run(path, *, name: str | None = None) -> Path:
 
 def write_recorded_run(path, *, n_tokens: int = 1_000_000, seqs_per_step: int = 512, max_len: int = 1024,
                        min_len: int | None = None, updates: int = 1, seed: int = 0, noise: float = 0.01,
-                       drift: float = 2.0, progress: bool = False) -> Path:
+                       drift: float = 2.0, progress: bool = False, aggregates: bool = True,
+                       stats: dict | None = None) -> Path:
     """Like :func:`write_synthetic_run` (same model of the data), but written through
     ``cppo_diag.RunRecorder.log_tokens`` (packed tokens + ``cu_seqlens``), so the shards, their
-    compression and the done markers are exactly what a trainer's recorder leaves (benchmarks, scale tests)."""
+    compression and the done markers are exactly what a trainer's recorder leaves (benchmarks, scale tests).
+    ``aggregates``: the recorder's write-time aggregates (``RunRecorder(aggregates=)``); ``stats``: a dict
+    that receives the recorder's ``stats`` (writer CPU seconds, of which ``writer_aggregates_cpu_s``)."""
     from cppo_diag import RunRecorder
 
     min_len = max(1, max_len // 4) if min_len is None else min_len
@@ -174,7 +177,7 @@ def write_recorded_run(path, *, n_tokens: int = 1_000_000, seqs_per_step: int = 
         from tqdm.auto import tqdm
 
         steps = tqdm(steps, desc="recorded synthetic run", unit="step")
-    rec = RunRecorder(path, trainer="synthetic", task="synthetic", on_error="raise", resume=False,
+    rec = RunRecorder(path, trainer="synthetic", task="synthetic", on_error="raise", resume=False, aggregates=aggregates,
                       config={"n_tokens": n_tokens, "seqs_per_step": seqs_per_step, "max_len": max_len,
                               "min_len": min_len, "updates": updates, "seed": seed, "noise": noise, "drift": drift})
     try:
@@ -189,4 +192,6 @@ def write_recorded_run(path, *, n_tokens: int = 1_000_000, seqs_per_step: int = 
             rec.end_step(step)
     finally:
         rec.close()
+        if stats is not None:
+            stats.update(rec.stats)
     return Path(path)

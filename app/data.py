@@ -282,13 +282,15 @@ def _batch_set(path: str, version: tuple, step_range: tuple | None):
 
 @st.cache_data(max_entries=MAX_AGGREGATES, ttl=TTL_S, show_spinner=False)
 def _recompute_steps(path: str, version: tuple, step_range: tuple | None, kwargs: tuple) -> Any:
-    from cppo_diag import analyses
+    from cppo_diag.analyses.recomputation import recompute_cached
 
     n = run_summary.tokens_in_range(_tokens_per_step(path, version), step_range)
-    source = _batch_set(path, version, step_range) if n <= WHATIF_BATCH_TOKENS else _open(path, version)
+    held = _batch_set(path, version, step_range) if n <= WHATIF_BATCH_TOKENS else None
     kw = dict(kwargs)
-    kw["params"] = dict(kw["params"])
-    return analyses.recompute(source, step_range=step_range, rule_metrics=False, progress=False, **kw)
+    # per-step partials keyed by (run files, rule, params, updates): a slider back at an earlier value, or a
+    # page revisited after this cache dropped the entry, reads no token (analyses.recomputation.recompute_cached)
+    return recompute_cached(_open(path, version), {"r": (kw["rule"], dict(kw["params"]))}, step_range=step_range,
+                            bin_width=kw["bin_width"], batches=held)["r"]
 
 
 def recompute_steps(path: str, *, rule: str, params: dict[str, Any], step_range: tuple[int, int] | None,

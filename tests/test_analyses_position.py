@@ -146,28 +146,6 @@ def test_exact_with_ties_zeros_and_negative_k3():
             assert row["surv_0"] == pytest.approx(np.mean(x > 0))
 
 
-def test_two_pass_equals_lazy_group_by():
-    """The bounded-memory two-pass result equals the one-query lazy group_by (which sorts everything)."""
-    from cppo_diag.analyses.position import _to_long, position_stats_lazy
-    from cppo_diag.analyses.tokens import divergence_exprs
-
-    df = _frame(n_steps=5, seqs=20, seed=4)
-    exprs = {m: divergence_exprs()[m].cast(pl.Float32) for m in ("tv", "k3")}
-    thresholds = (0.05, 0.3)
-    from cppo_diag.analyses.tokens import load_tokens
-
-    wide = position_stats_lazy(load_tokens(df), metric_exprs=exprs, bin_width=10, thresholds=thresholds, delta=0.2).collect()
-    lazy = _to_long(wide, list(exprs), thresholds, False, 10, 20, True)
-    fast = position_stats(df, metrics=["tv", "k3"], bin_width=10, thresholds=thresholds, delta=0.2)
-    assert lazy.columns == fast.columns and lazy.height == fast.height
-    for c in lazy.columns:
-        if lazy[c].dtype == pl.Utf8 or c in ("bin", "count", "hill_k"):
-            assert lazy[c].to_list() == fast[c].to_list(), c
-        else:
-            np.testing.assert_allclose(lazy[c].to_numpy().astype(float), fast[c].to_numpy().astype(float),
-                                       rtol=1e-6, err_msg=c)
-
-
 def test_signed_metric_k1_quantiles():
     """k1 = log pi - log mu takes both signs: the bucket keys stay monotone through zero."""
     df = _frame(n_steps=4, seqs=10, seed=9)

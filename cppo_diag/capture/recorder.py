@@ -98,6 +98,10 @@ class RunRecorder:
         writer_threads: threads that encode and write token shards (default 1). More help when one
             thread cannot keep up with the trainer (pyarrow releases the GIL while encoding); see
             ``benchmarks/bench_capture.py --writer-only``.
+        aggregates: also write each completed step's mergeable position-statistics aggregate beside the run
+            (``RUN/_cache/aggregates/``, ``cppo_diag.analyses.aggregate.StepAggregates``), so the first
+            ``stats`` / report / app view merges them instead of scanning the shards; best effort (a failure
+            warns and switches them off, never costs a token).
         sinks: also send every step scalar to these (``"tensorboard"``, ``"wandb"``; see
             ``cppo_diag.capture.sinks``), rank 0 only, with ``meta.json`` as config. A sink that fails warns
             once and is switched off, in either ``on_error`` mode; unknown names raise ``ValueError``.
@@ -128,6 +132,7 @@ class RunRecorder:
         compression_level: int | None = None,
         compression: str = "lz4",
         writer_threads: int = 1,
+        aggregates: bool = True,
         sinks: Sequence[str] | None = None,
     ):
         if on_error not in ("warn", "raise"):
@@ -194,6 +199,7 @@ class RunRecorder:
             heartbeat_s=heartbeat_s, nonfinite="raise" if on_error == "raise" else "drop",
             fsync=fsync, compression_level=compression_level, compression=compression,
             threads=int(writer_threads), on_error=self._writer_error, on_warning=self._writer_warning,
+            aggregates=aggregates,
         )
         self._writer.start()
         if sink_names and self.rank == 0:
@@ -576,6 +582,7 @@ class RunRecorder:
             self._writer.stop()
             self._writer.remove_heartbeat()
             self.stats.update(writer_busy_s=self._writer.busy_s, writer_cpu_s=self._writer.cpu_s,
+                              writer_aggregates_cpu_s=self._writer.agg_cpu_s,
                               bytes_written=self._writer.bytes_written,
                               rows_written=self._writer.rows_written)
             if self.rank == 0:

@@ -117,7 +117,7 @@ class BackgroundWriter(threading.Thread):
                  heartbeat_s: float, nonfinite: str, fsync: bool, compression_level: int | None,
                  on_error: Callable[[str, BaseException, int], None],
                  on_warning: Callable[[str, str], None], compression: str = DEFAULT_COMPRESSION,
-                 threads: int = 1):
+                 threads: int = 1, aggregates: bool = True):
         super().__init__(name=f"cppo-diag-writer-rank{rank}", daemon=True)
         self.run_dir = Path(run_dir)
         self.dirs = layout.run_dirs(self.run_dir)
@@ -152,6 +152,10 @@ class BackgroundWriter(threading.Thread):
         self._last_beat = 0.0
         self.bytes_written = 0
         self.rows_written = 0
+        # write-time aggregates (cppo_diag.analyses.aggregate.StepAggregates), created on the first token table
+        self.aggregates = bool(aggregates)
+        self._agg = None
+        self.agg_cpu_s = 0.0  # CPU time of this thread spent on them (benchmarks/bench_scale.py)
         self.busy_s = 0.0  # wall time spent handling messages (for benchmarks/bench_capture.py)
         self.cpu_s = 0.0  # CPU time of this thread spent handling messages
 
@@ -214,6 +218,7 @@ class BackgroundWriter(threading.Thread):
             self.on_warning("nonfinite-dropped", str(staged.dropped_nonfinite))
         if table is None:
             return
+        self._agg_call("add", staged.step, table)
         key = (staged.step, staged.update)
         self._buffers[key].append(table)
         self._buffer_rows[key] += table.num_rows
@@ -378,8 +383,30 @@ class BackgroundWriter(threading.Thread):
 
     def _write_marker(self, step: int) -> None:
         layout.write_done_marker(self.dirs["done"], step, self.rank, fsync=self.fsync)
+        self._agg_call("finish", step)  # after the marker: the shards are safe whatever happens here
+
+    def _agg_call(self, what: str, step: int, *args) -> None:
+        """Feed or save the write-time aggregates; any failure (a full disk, ...) warns once and switches
+        them off: the tokens are already written and a later view scans the shards instead."""
+        if not self.aggregates:
+            return
+        c0 = time.thread_time()
+        try:
+            if self._agg is None:
+                from cppo_diag.analyses.aggregate import StepAggregates
+
+                self._agg = StepAggregates(self.run_dir, self.rank)
+            getattr(self._agg, what)(step, *args)
+        except Exception as exc:  # noqa: BLE001 - never costs a token
+            self.aggregates, self._agg = False, None
+            self.on_warning("aggregates", f"write-time aggregates switched off at step {step} ({exc!r}); "
+                                          "the tokens are written and views scan them instead")
+        finally:
+            self.agg_cpu_s += time.thread_time() - c0
 
     def _do_drop_step(self, step: int) -> None:
+        if self._agg is not None:
+            self._agg.drop(step)
         for key in [k for k in self._buffers if k[0] == step]:
             self._buffers.pop(key, None)
             self._buffer_rows.pop(key, None)

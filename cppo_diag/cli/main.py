@@ -35,10 +35,10 @@ def _module(name: str):
     return importlib.import_module(f"cppo_diag.cli.{name}_cmd")
 
 
-def _available() -> dict[str, object]:
-    """Subcommand name -> module, for the modules that exist in this install."""
+def _available(only: str | None = None) -> dict[str, object]:
+    """Subcommand name -> module, for the modules that exist in this install (``only``: just that one)."""
     found = {}
-    for name in SUBCOMMANDS:
+    for name in [only] if only in SUBCOMMANDS else SUBCOMMANDS:
         try:
             found[name] = _module(name)
         except ModuleNotFoundError as exc:  # subcommand not shipped (or its module is absent)
@@ -54,7 +54,9 @@ class _OneLineErrorParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The argument parser; ``only``: add just that subcommand (running one imports nothing else, e.g. not
+    ``train``'s torch, which a ``stats`` scan would pay for at every start)."""
     from cppo_diag import __version__
 
     parser = argparse.ArgumentParser(
@@ -67,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"cppo-diag {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_OneLineErrorParser)
-    for name, module in _available().items():
+    for name, module in _available(only).items():
         p = sub.add_parser(
             name,
             help=module.HELP,
@@ -107,7 +109,8 @@ def error_line(exc: BaseException) -> str:
 def main(argv: list[str] | None = None) -> int:
     import os
 
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(only=argv[0] if argv and argv[0] in SUBCOMMANDS else None)
     args = parser.parse_args(argv)
     if getattr(args, "_run", None) is None:
         parser.print_help()

@@ -8,7 +8,10 @@ tail index over the exceedances of the bin's P90) and hill_k. Metrics: tv = |pi 
 By default the statistics come from mergeable partial aggregates (``cppo_diag.analyses.aggregate``): exact counts and
 means, quantiles and tail statistics from a log-bucket sketch within --relative-accuracy (default 1%,
 buckets 0.78%), computed by --engine local (processes over shard groups) or ray, and cached beside the run
-(RUN/_cache/aggregates/) so a growing run is only aggregated for its new steps. --exact gives the exact
+(RUN/_cache/aggregates/) so a growing run is only aggregated for its new steps. A run written by RunRecorder
+already holds each step's aggregate (tv, abs_logratio, k3 at 32-token bins): a first view of those metrics
+at any multiple of 32 merges them without reading a token; other bin widths scan (and say so on stderr).
+--no-cache always scans. --exact gives the exact
 order statistics (two streaming passes, one process); --mismatch is always exact.
 
 Which optimiser updates are pooled: by default the tokens the policy had moved on, i.e. with lag > 0 where
@@ -141,6 +144,11 @@ def run(args) -> int:
     except (MissingColumnError, ValueError, FileNotFoundError, ImportError) as exc:
         print(f"cppo-diag stats: {exc}", file=sys.stderr)
         return 2
+    if args.family == "divergence" and not (args.exact or args.mismatch or args.by == "step"):
+        from cppo_diag.analyses.aggregate import LAST_INFO
+
+        if LAST_INFO.note:  # e.g. a bin width that is not a multiple of the recorder's aggregates
+            print(f"cppo-diag stats: note: {LAST_INFO.note}", file=sys.stderr)
     _emit(args, table.write_csv() if args.format == "csv" else json.dumps(table.to_dicts(), default=str) + "\n")
     return 0
 

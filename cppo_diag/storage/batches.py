@@ -17,9 +17,20 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import polars as pl
-import torch
+
+if TYPE_CHECKING:
+    import torch
+
+
+def _torch():
+    """torch, imported on first use: reading a run's token files (``cppo-diag stats``) never loads it."""
+    import torch
+
+    return torch
 
 # Columns a batch is rebuilt from: the required ones, then those it uses when the run logged them.
 BASE_COLUMNS = ("step", "update", "rank", "seq_id", "pos", "logp", "logp_rollout", "advantage")
@@ -66,11 +77,11 @@ class Batch:
         and ``step`` (they key ``cppo_shuffled``'s permutation). Add the rule name, ``anchor`` and params."""
         return dict(logp=self.logp, logp_rollout=self.logp_rollout, advantages=self.advantages,
                     response_mask=self.response_mask, logp_old=self.logp_old,
-                    seq_ids=torch.from_numpy(np.asarray(self.seq_ids, dtype=np.int64)), step=int(self.step))
+                    seq_ids=_torch().from_numpy(np.asarray(self.seq_ids, dtype=np.int64)), step=int(self.step))
 
     def unpad(self, x) -> np.ndarray:
         """Valid entries of a (B, T) tensor/array in row-major order, as numpy (N,)."""
-        if isinstance(x, torch.Tensor):
+        if hasattr(x, "detach"):  # a torch tensor
             x = x.detach().cpu().numpy()
         return np.asarray(x)[self.response_mask.numpy()]
 
@@ -105,7 +116,7 @@ class Batch:
         rows = np.nonzero(mask)[0]
         cols: dict[str, np.ndarray] = dict(self.token_keys())
         for name, x in (columns or {}).items():
-            arr = x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+            arr = x.detach().cpu().numpy() if hasattr(x, "detach") else np.asarray(x)
             if arr.shape == mask.shape:
                 cols[name] = arr[mask]
             elif arr.shape == (mask.shape[0],):
@@ -149,6 +160,7 @@ def batch_from_frame(frame: pl.DataFrame) -> Batch:
     def col(name, dtype, fill=0):
         return _pad(frame[name].to_numpy()[order], rows_s, pos_s, shape, dtype, fill)
 
+    torch = _torch()
     mask = _pad(np.ones(len(order), dtype=bool), rows_s, pos_s, shape, bool, False)
     positions = _pad(pos_s, rows_s, pos_s, shape, np.int64)
     batch = Batch(
@@ -171,6 +183,7 @@ def batch_from_frame(frame: pl.DataFrame) -> Batch:
 
 
 def _topk(frame: pl.DataFrame, order, rows, cols, shape) -> dict:
+    torch = _torch()
     k = int(frame["topk_ids"].list.len().max())
     out = {}
     for key, name, dtype, fill in (("ids", "topk_ids", np.int64, 0), ("logp_rollout", "topk_logp_rollout",

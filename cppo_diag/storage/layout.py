@@ -408,3 +408,13 @@ def check_unlocked(run_dir: Path) -> None:
         lock = WriterLock(run_dir, f.stem)
         lock.acquire()
         lock.release()
+
+
+# -- mergeable partial aggregates beside a run (cppo_diag.analyses.aggregate) ------------------------------
+AGGREGATES_DIR = "_cache/aggregates"  # RUN/_cache/aggregates/<spec key>/s<lo>-<hi>-<fingerprint>.npz
+
+
+def aggregate_block_path(run: Path, key: str, lo: int, hi: int, fingerprint: str) -> Path:
+    """Where the partial aggregate of steps [lo, hi] under the spec hashed as ``key`` is kept (written by the
+    recorder's writer as steps complete, or by a scan; write it through :func:`atomic_replace`)."""
+    return Path(run) / AGGREGATES_DIR / key / f"s{lo}-{hi}-{fingerprint}.npz"
