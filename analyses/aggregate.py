@@ -1145,6 +1145,17 @@ class StepAggregates:
         part.save(path)
 
 
+def _register_write_aggregates() -> None:
+    """Make the recorder's background writer build :class:`StepAggregates` (capture sits below analyses and
+    imports none of it: ``cppo_diag.capture.writer.register_write_aggregator``)."""
+    from cppo_diag.capture.writer import register_write_aggregator
+
+    register_write_aggregator(StepAggregates)
+
+
+_register_write_aggregates()
+
+
 def _local_workers(files: dict, steps: list[int], engine: str, workers: int | None) -> int:
     """``workers``, or for the local engine by default one process per ``AUTO_BYTES_PER_WORKER`` of the
     shards to read (a worker process costs about a second to start), at most the CPU count."""

@@ -101,7 +101,9 @@ class RunRecorder:
         aggregates: also write each completed step's mergeable position-statistics aggregate beside the run
             (``RUN/_cache/aggregates/``, ``cppo_diag.analyses.aggregate.StepAggregates``), so the first
             ``stats`` / report / app view merges them instead of scanning the shards; best effort (a failure
-            warns and switches them off, never costs a token).
+            warns and switches them off, never costs a token). The aggregator is the analyses layer's, which
+            registers itself when ``cppo_diag.analyses.aggregate`` is imported (the bundled trainer and the
+            plug-ins import it; capture imports nothing above it): without it the views scan.
         sinks: also send every step scalar to these (``"tensorboard"``, ``"wandb"``; see
             ``cppo_diag.capture.sinks``), rank 0 only, with ``meta.json`` as config. A sink that fails warns
             once and is switched off, in either ``on_error`` mode; unknown names raise ``ValueError``.

@@ -101,6 +101,25 @@ def split_by_sequence(table: pa.Table, n_parts: int, min_rows: int) -> list[pa.T
     return [table.slice(lo, hi - lo) for lo, hi in zip(bounds[:-1], bounds[1:]) if hi > lo]
 
 
+
+# The write-time aggregates are computed by the analyses layer (cppo_diag.analyses.aggregate.StepAggregates),
+# which registers its class here when it is imported: capture, below analyses, imports none of it. The bundled
+# trainer and the TRL / verl plug-ins import it before recording; a bare RunRecorder gets the aggregates once
+# cppo_diag.analyses.aggregate has been imported, and without them a first view scans the shards instead.
+_WRITE_AGGREGATOR = None
+
+
+def register_write_aggregator(factory) -> None:
+    """``factory(run_dir, rank)`` -> an object with ``add(step, table)``, ``finish(step)``, ``drop(step)``."""
+    global _WRITE_AGGREGATOR
+    _WRITE_AGGREGATOR = factory
+
+
+def write_aggregator():
+    """The registered write-time aggregator factory, or None."""
+    return _WRITE_AGGREGATOR
+
+
 class BackgroundWriter(threading.Thread):
     """Consumes ``(kind, payload)`` messages; errors go to ``on_error(kind, exc, n_records)``.
 
@@ -393,9 +412,11 @@ class BackgroundWriter(threading.Thread):
         c0 = time.thread_time()
         try:
             if self._agg is None:
-                from cppo_diag.analyses.aggregate import StepAggregates
-
-                self._agg = StepAggregates(self.run_dir, self.rank)
+                factory = write_aggregator()
+                if factory is None:  # nothing registered: views scan this run's shards
+                    self.aggregates = False
+                    return
+                self._agg = factory(self.run_dir, self.rank)
             getattr(self._agg, what)(step, *args)
         except Exception as exc:  # noqa: BLE001 - never costs a token
             self.aggregates, self._agg = False, None

@@ -375,6 +375,7 @@ class CppoDiagGRPOMixin:
             "cppo_diag": {k: v for k, v in asdict(cfg).items() if k not in ("run_dir",)},
             "keys": "step = optimiser step; update = micro-batch in the step; seq_id = update * B + row",
         }
+        import cppo_diag.analyses.aggregate  # noqa: F401 - registers the recorder's write-time aggregates
         return RunRecorder(
             cfg.run_dir, name=cfg.name, config=config, trainer="trl", rule=rule, rule_params=rule_params,
             model=model_name, task=cfg.task, anchor=anchor, rank=self.accelerator.process_index,

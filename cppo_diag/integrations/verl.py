@@ -271,6 +271,7 @@ class _Capture:
             "rollout_is_weights": "multiplied into the loss when verl passes them (decoupled mode TIS/MIS)",
         }
         self.figure_meta = (rule, dict(params))
+        import cppo_diag.analyses.aggregate  # noqa: F401 - registers the recorder's write-time aggregates
         self.recorder = RunRecorder(
             run_dir, name=os.environ.get(ENV_RUN_NAME) or None, config=config, trainer="verl", rule=rule,
             rule_params=params, anchor=anchor, rank=self._rank(), on_error="warn", sinks=sink_names(),

@@ -249,6 +249,7 @@ def _open_recorder(run: Run, recorder_factory):
     elif recorder_factory is not None:
         rec = recorder_factory(cfg.log.out_dir, run.name, **meta)
     else:
+        import cppo_diag.analyses.aggregate  # noqa: F401 - registers the recorder's write-time aggregates
         rec = RunRecorder(cfg.log.out_dir, name=run.name, every_n_steps=cfg.log.every_n_steps,
                           seq_fraction=cfg.log.seq_fraction, on_error="raise", sinks=sinks, **meta)
     if run.start > 0 and cfg.log.record and cfg.log.every_n_steps > 1 and (run.run_dir / "meta.json").exists():
