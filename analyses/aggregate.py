@@ -1444,6 +1444,7 @@ def position_summary(
     classify tokens by update index only, so ``updates="lagged"`` (the default of runs that record ``lag``)
     runs the exact engine.
     """
+    mantissa_bits_for(relative_accuracy)  # a bad accuracy is an error whichever engine runs
     if updates is None:
         from cppo_diag.analyses.updates import default_updates
 

@@ -31,7 +31,9 @@ def test_run_summary_is_the_runs_table_row(cppo_run):
     assert row["name"] == str(meta.get("name") or cppo_run.name)
     assert row["rule"] == "cppo" and row["trainer"] == meta.get("trainer")
     assert row["rule_params"] == ", ".join(f"{k}={v}" for k, v in sorted(meta["rule_params"].items()))
-    assert row["steps"] == len(cppo_run.completed_steps()) == 20
+    cfg = cppo_run.meta["config"]
+    every = cfg["log"]["every_n_steps"]
+    assert row["steps"] == len(cppo_run.completed_steps()) == len(range(0, cfg["steps"], every))
     assert row["tokens"] == cppo_run.tokens().collect().height
     last = steps["reward/mean"].drop_nulls().drop_nans()[-1]
     assert row["last_reward"] == pytest.approx(float(last))

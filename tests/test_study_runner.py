@@ -108,8 +108,11 @@ def test_presets_load_and_expand(preset):
     cells = study.cells()
     assert len(cells) == len(study.rules) * len(study.seeds) * len(study.settings)
     assert len({c.run_name for c in cells}) == len(cells)
-    if preset in ("cpu", "long", "ci-tiny"):
-        assert set(study.rules) == {"grpo_clip", "dppo", "cppo", "cppo_no_weight", "cppo_no_budget", "cppo_shuffled"}
+    six = {"grpo_clip", "dppo", "cppo", "cppo_no_weight", "cppo_no_budget", "cppo_shuffled"}
+    if preset in ("cpu", "ci-tiny"):
+        assert set(study.rules) == six
+    if preset == "long":  # and the no-trust-region control
+        assert set(study.rules) == six | {"pg_is"}
     if preset == "cpu":
         assert len(study.seeds) >= 5
 
@@ -581,11 +584,12 @@ def test_study_presets_resolve_against_the_trainer(preset):
 def test_long_study_preset():
     study = load_study("long")
     assert study.trainer_preset == "long"
-    assert set(study.rules) == {"grpo_clip", "dppo", "cppo", "cppo_no_weight", "cppo_no_budget", "cppo_shuffled"}
-    assert len(study.seeds) >= 8 and len(study.cells()) == 6 * len(study.seeds)
+    assert set(study.rules) == {"grpo_clip", "dppo", "cppo", "cppo_no_weight", "cppo_no_budget", "cppo_shuffled",
+                                "pg_is"}
+    assert len(study.seeds) >= 8 and len(study.cells()) == 7 * len(study.seeds)
     assert study.analysis.primary == "final" and study.analysis.final_window == 3
-    ci = load_study("ci-tiny")
-    assert ci.rules == study.rules and ci.rule_params == study.rule_params
+    ci = load_study("ci-tiny")  # the same rules but the control (its machinery is the same), at tiny sizes
+    assert list(ci.rules) == [r for r in study.rules if r != "pg_is"] and ci.rule_params == study.rule_params
     assert (ci.analysis.primary, ci.analysis.final_window, ci.analysis.accuracy) == (
         study.analysis.primary, study.analysis.final_window, study.analysis.accuracy)
 
