@@ -527,7 +527,8 @@ def write_effects_figure(ctab: ComparisonTable, an: AnalysisConfig, path: Path) 
     return plots_mpl.save_png(plots_mpl.fig_effects(panels, confidence=an.confidence), path, dpi=120)
 
 
-_SHORT_UPDATES = {"all": "all updates", "first": "first updates only", "after_first": "updates after the first"}
+_SHORT_UPDATES = {"all": "all updates", "first": "first updates only", "after_first": "updates after the first",
+                  "lagged": "tokens with lag > 0"}
 
 
 def pool_budget_by_step(tables: list[pl.DataFrame]) -> pl.DataFrame:
@@ -713,7 +714,9 @@ def headline(per_seed: pl.DataFrame, table: list[dict], ctab: ComparisonTable, a
         share = f"budget share {bs.mean:.0%}" if bs.n and bs.mean > 0 else "no budget masking"
         rules.append(f"`{r['label']}` {mf.mean:.2%} ({share})")
     upd = sorted({u for u in per_seed["updates"].drop_nulls().unique()})
-    pooled = "updates after the first of each batch" if upd == ["after_first"] else "all updates"
+    pooled = {"after_first": "updates after the first of each batch",
+              "lagged": "tokens the policy had moved on since sampling (lag > 0)"}.get(upd[0] if len(upd) == 1 else "",
+                                                                                        "all updates")
     doing = (f" What the rules did (masked fraction of the tokens, mean over seeds, {pooled}; of the masked tokens, "
              f"the share masked by the prefix budget alone): {'; '.join(rules)}.") if rules else ""
     return opening + doing
