@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import re
 import subprocess
 import sys
 from pathlib import Path
@@ -219,13 +218,9 @@ def main(argv=None) -> int:
 
 
 def _write(path: Path, out: str, start: str, end: str) -> None:
-    """Replace the text between the markers ``start`` and ``end`` of ``path`` with ``out``."""
-    text = path.read_text()
-    if start not in text or end not in text:
-        raise SystemExit(f"{path}: expected the markers {start!r} and {end!r} around the table")
-    path.write_text(re.sub(re.escape(start) + r".*?" + re.escape(end), lambda _: f"{start}\n{out}\n{end}", text,
-                           flags=re.S))
-    print(f"wrote {path}")
+    from doc_markers import write_between
+
+    write_between(path, start, end, out)
 
 
 if __name__ == "__main__":

@@ -17,8 +17,6 @@ Each RUN must record the ``fork`` column (the bundled trainer does for the chain
 
 from __future__ import annotations
 
-import argparse
-import re
 from pathlib import Path
 
 START, END = "<!-- fork-profiles:start (scripts/fork_profiles.py) -->", "<!-- fork-profiles:end -->"
@@ -51,20 +49,9 @@ def table(paths: list[Path]) -> str:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("runs", nargs="+", type=Path, help="run directories (both fork profiles)")
-    ap.add_argument("--write", default="", help="replace the table between the fork-profiles markers of FILE")
-    args = ap.parse_args(argv)
-    out = table(args.runs)
-    print(out)
-    if args.write:
-        path = Path(args.write)
-        text = path.read_text()
-        if START not in text or END not in text:
-            raise SystemExit(f"{path}: expected the markers {START!r} and {END!r} around the table")
-        path.write_text(re.sub(re.escape(START) + r".*?" + re.escape(END), lambda _: f"{START}\n{out}\n{END}", text,
-                               flags=re.S))
-    return 0
+    from doc_markers import runs_table_main
+
+    return runs_table_main(__doc__, table, START, END, argv)
 
 
 if __name__ == "__main__":
