@@ -91,7 +91,10 @@ if mode == "cpu-tiny":
     cfg["study"]["description"] = "gpu-smoke at CPU-tiny sizes (test of the GPU script); numbers mean nothing."
     cfg["trainer"]["steps"] = 1
     s.update({"device": "cpu", "precision": "fp32", "rollout.prompts_per_step": 2, "rollout.n": 4,
-              "rollout.max_new_tokens": 24, "log.eval_k": 2, "log.eval_every": 1, "ckpt.every": 1})
+              "rollout.max_new_tokens": 24, "log.eval_k": 2, "log.eval_every": 1, "ckpt.every": 1,
+              # one step of 2 prompts: every group may get the same reward, and a run that trains nothing
+              # fails (issue 22); keep the zero-variance groups so the update path runs (zero advantages)
+              "optim.skip_zero_var": False})
     cfg["analysis"]["accuracy"] = "eval/avg@2"
     cfg["analysis"]["n_boot"] = 200
 
