@@ -113,14 +113,8 @@ def _finite(lf: pl.LazyFrame, columns: Sequence[str], what: str) -> pl.LazyFrame
     return lf
 
 
-def _key_expr(by: str, bin_width: int) -> pl.Expr:
-    if by == "position":
-        return ((pl.col("pos") // bin_width) * bin_width).alias("pos_bin")
-    return pl.col(by)
-
-
 def attribution_by(source: Any, by: str = "step", *, bin_width: int = 32, updates: str = "all", step_range=None,
-                adv_sign: str | None = None) -> pl.DataFrame:
+                   adv_sign: str | None = None) -> pl.DataFrame:
     """Per ``by`` key (step, position bin of ``bin_width`` tokens, lag in optimiser steps, or update index):
     ``tokens``, and for ``total`` and each separable term T (:func:`attribution_terms`): ``T_mean`` (signed
     mean log-ratio), ``T_abs`` (mean |T|) and, for the terms, ``T_share`` (the part of mean |total| it
@@ -130,59 +124,42 @@ def attribution_by(source: Any, by: str = "step", *, bin_width: int = 32, update
         raise ValueError(f"by: expected one of {list(BY)}, found {by!r}")
     if by == "position" and bin_width < 1:
         raise ValueError(f"bin_width: expected an integer >= 1, found {bin_width}")
+    if by == "lag":
+        require_columns(load_tokens(source), ["lag"], "attribution by lag (the optimiser steps between sampling and logp)")
+    key = ((pl.col("pos") // bin_width) * bin_width).alias("pos_bin") if by == "position" else pl.col(by)
+    table, _ = _aggregate(source, key, updates=updates, step_range=step_range, adv_sign=adv_sign)
+    return table
+
+
+def attribution_summary(source: Any, *, updates: str = "all", step_range=None, adv_sign: str | None = None) -> dict:
+    """The whole selection in one dict: ``terms``, ``tokens``, and the columns of :func:`attribution_by`."""
+    table, terms = _aggregate(source, pl.lit(0).alias("_all"), updates=updates, step_range=step_range,
+                              adv_sign=adv_sign)
+    row = table.drop("_all").to_dicts()[0] if table.height else {"tokens": 0}
+    return {"terms": terms, **row}
+
+
+def _aggregate(source: Any, key: pl.Expr, *, updates: str, step_range, adv_sign) -> tuple[pl.DataFrame, list[str]]:
+    """(the attribution table grouped by ``key``, the terms): the selected tokens with finite, possible log-probs
+    in every column the terms read, their mean and mean |.| per term, and each term's share of mean |total|."""
     lf = load_tokens(source)
     require_columns(lf, ["step", "pos", "logp", "logp_rollout"], "attribution")
-    if by == "lag":
-        require_columns(lf, ["lag"], "attribution by lag (the optimiser steps between sampling and logp)")
-    lf, terms = _prepared(lf, updates=updates, step_range=step_range, adv_sign=adv_sign)
+    lf = filter_updates(filter_tokens(lf, step_range=step_range, adv_sign=adv_sign), updates)
+    terms = attribution_terms(lf)  # on the selection: a step range can leave out the steps without a column
     ex = term_exprs(terms)
-    key = _key_expr(by, bin_width)
-    key_name = "pos_bin" if by == "position" else by
+    used = sorted({c for e in ex.values() for c in e.meta.root_names()})
+    lf = _finite(lf, used, "attribution")
     sign = ex["total"].sign()
     aggs = [pl.len().alias("tokens")]
     for name, e in ex.items():
         aggs += [e.mean().alias(f"{name}_mean"), e.abs().mean().alias(f"{name}_abs")]
         if name != "total":
             aggs.append((e * sign).mean().alias(f"_{name}_proj"))
-    out = lf.with_columns(key).group_by(key_name).agg(aggs).sort(key_name).collect()
-    shares = []
-    for name in terms:
-        denom = pl.col("total_abs")
-        shares.append(pl.when(denom > 0).then(pl.col(f"_{name}_proj") / denom).otherwise(None).alias(f"{name}_share"))
-    out = out.with_columns(shares).drop([f"_{t}_proj" for t in terms])
-    return out
-
-
-def _cols_of_term(term: str) -> set[str]:
-    """The log-prob columns a (possibly combined) term reads."""
-    return {"engine": {"logp_behavior"}, "lag": {"logp_old", "logp_behavior"}, "update": {"logp_old"},
-            "engine+lag": {"logp_old"}, "lag+update": {"logp_behavior"}, "engine+lag+update": set()}[term]
-
-
-def _prepared(lf: pl.LazyFrame, *, updates: str, step_range, adv_sign) -> tuple[pl.LazyFrame, list[str]]:
-    """The selected tokens with finite, possible log-probs in every column the terms read, and the terms."""
-    lf = filter_updates(filter_tokens(lf, step_range=step_range, adv_sign=adv_sign), updates)
-    terms = attribution_terms(lf)  # on the selection: a step range can leave out the steps without a column
-    used = ["logp", "logp_rollout"] + [c for c in ("logp_behavior", "logp_old")
-                                       if any(c in _cols_of_term(t) for t in terms)]
-    return _finite(lf, used, "attribution"), terms
-
-
-def attribution_summary(source: Any, *, updates: str = "all", step_range=None, adv_sign: str | None = None) -> dict:
-    """The whole selection in one dict: ``terms``, ``tokens``, ``<T>_abs`` for total and each term,
-    ``<T>_share`` for each term (as :func:`attribution`)."""
-    lf = load_tokens(source)
-    require_columns(lf, ["step", "pos", "logp", "logp_rollout"], "attribution")
-    lf, terms = _prepared(lf, updates=updates, step_range=step_range, adv_sign=adv_sign)
-    ex = term_exprs(terms)
-    sign = ex["total"].sign()
-    aggs = [pl.len().alias("tokens")] + [e.abs().mean().alias(f"{n}_abs") for n, e in ex.items()]
-    aggs += [(e * sign).mean().alias(f"_{n}_proj") for n, e in ex.items() if n != "total"]
-    row = lf.select(aggs).collect().to_dicts()[0]
-    tot = row["total_abs"] or 0.0
-    out = {"terms": terms, "tokens": row["tokens"], **{f"{n}_abs": row[f"{n}_abs"] for n in ex}}
-    out.update({f"{t}_share": (row[f"_{t}_proj"] / tot if tot else None) for t in terms})
-    return out
+    name = key.meta.output_name()
+    out = lf.with_columns(key).group_by(name).agg(aggs).sort(name).collect()
+    shares = [pl.when(pl.col("total_abs") > 0).then(pl.col(f"_{t}_proj") / pl.col("total_abs")).otherwise(None)
+              .alias(f"{t}_share") for t in terms]
+    return out.with_columns(shares).drop([f"_{t}_proj" for t in terms]), terms
 
 
 # -- position or uncertainty ---------------------------------------------------------------------------------
