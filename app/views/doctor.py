@@ -35,14 +35,12 @@ budget = st.toggle("Include the CPPO prefix-budget check (recomputes CPPO over t
 
 def _live_findings(path: str) -> None:
     """RUN/findings.jsonl: what the live doctor (``--doctor.live true``) found while training, as it fired."""
-    import json
     from pathlib import Path
 
     from cppo_diag.storage.layout import findings_path, read_json_lines
 
     rows = read_json_lines(findings_path(Path(path)))
-    meta_path = Path(path) / "meta.json"
-    status = json.loads(meta_path.read_text()).get("status") if meta_path.exists() else None
+    status = _status(path)
     if not rows:
         if status == "running":
             st.caption("Live doctor: no finding so far (if the run trains with --doctor.live true).")
@@ -57,13 +55,13 @@ def _live_findings(path: str) -> None:
                     f"`{r.get('id')}`**{at}: {r.get('message')}")
 
 
-def _live_section(path: str) -> None:
-    import json
-    from pathlib import Path
+def _status(path: str) -> str | None:
+    """The run's meta.json status through the app's cached reader (re-read when the run's files change)."""
+    return data.get_run(path).meta.get("status")
 
-    meta_path = Path(path) / "meta.json"
-    running = meta_path.exists() and json.loads(meta_path.read_text()).get("status") == "running"
-    if running:  # refresh while the run trains
+
+def _live_section(path: str) -> None:
+    if _status(path) == "running":  # refresh while the run trains
         st.fragment(run_every=5)(_live_findings)(path)
     else:
         _live_findings(path)
