@@ -187,39 +187,14 @@ def worker_recompute(run: Path, tokens: int) -> dict:
 def _run_worker(args: list[str]) -> dict:
     """Run this script as a worker subprocess; return its JSON, its CPU seconds (``os.wait4``) and the peak
     RSS of its whole process tree (sampled every 20 ms)."""
-    import threading
-
-    import psutil
+    from proc_tree import TreeSampler
 
     proc = subprocess.Popen([sys.executable, __file__, *args], stdout=subprocess.PIPE, cwd=ROOT,
                             env={**os.environ, "PYTHONPATH": str(ROOT)})
-    peak = [0]
-    done = threading.Event()
-
-    def sample():
-        try:
-            root = psutil.Process(proc.pid)
-        except psutil.NoSuchProcess:
-            return
-        while not done.is_set():
-            total = 0
-            try:
-                for p in [root, *root.children(recursive=True)]:
-                    try:
-                        total += p.memory_info().rss
-                    except psutil.Error:
-                        pass
-            except psutil.Error:
-                break
-            peak[0] = max(peak[0], total)
-            done.wait(0.02)
-
-    th = threading.Thread(target=sample, daemon=True)
-    th.start()
-    out = proc.stdout.read()
-    _, status, rusage = os.wait4(proc.pid, 0)
-    done.set()
-    th.join()
+    with TreeSampler(proc.pid) as tree:
+        out = proc.stdout.read()
+        _, status, rusage = os.wait4(proc.pid, 0)
+    peak = [tree.peak_rss]
     proc.returncode = os.waitstatus_to_exitcode(status)
     if proc.returncode != 0:
         raise SystemExit(f"worker {args[:2]} failed with exit code {proc.returncode}")

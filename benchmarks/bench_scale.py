@@ -35,7 +35,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -57,39 +56,14 @@ pd.DataFrame({"mean": g.mean(), "p90": g.quantile(0.9), "count": g.size()}).rena
 def run_timed(cmd: list[str]) -> dict:
     """Run ``cmd``; wall seconds, CPU seconds (``os.wait4``: the process and its reaped descendants) and the
     peak RSS of its process tree."""
-    import psutil
+    from proc_tree import TreeSampler
 
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    peak, done = [0], threading.Event()
-    cpu: dict[int, float] = {}  # pid -> last seen CPU seconds (worker processes that wait4 does not reap)
-
-    def sample():
-        try:
-            p = psutil.Process(proc.pid)
-            while not done.is_set():
-                rss = 0
-                try:
-                    for c in [p, *p.children(recursive=True)]:
-                        try:
-                            rss += c.memory_info().rss
-                            t = c.cpu_times()
-                            cpu[c.pid] = t.user + t.system
-                        except psutil.Error:
-                            pass
-                except psutil.Error:
-                    pass
-                peak[0] = max(peak[0], rss)
-                time.sleep(0.02)
-        except psutil.Error:
-            pass
-
-    th = threading.Thread(target=sample, daemon=True)
-    th.start()
-    _, status, ru = os.wait4(proc.pid, 0)
-    wall = time.perf_counter() - t0
-    done.set()
-    th.join()
+    with TreeSampler(proc.pid) as tree:
+        _, status, ru = os.wait4(proc.pid, 0)
+        wall = time.perf_counter() - t0
+    peak, cpu = [tree.peak_rss], tree.cpu  # cpu: pid -> CPU seconds (worker processes that wait4 does not reap)
     err = proc.stderr.read().decode()
     if os.waitstatus_to_exitcode(status) != 0:
         raise RuntimeError(f"{cmd} failed:\n{err}")
