@@ -45,13 +45,16 @@ def check_updates(updates: str) -> str:
     return updates
 
 
+NO_LAG = ("updates='lagged' needs the run-format column 'lag', which this run did not log; "
+          "use 'after_first', 'first' or 'all'")
+
+
 def keeps_update(update: int, updates: str, lag: int | None = None) -> bool:
     """Whether an update index (and, for ``"lagged"``, its batch's lag) passes the ``updates`` filter."""
     check_updates(updates)
     if updates == "lagged":
         if lag is None:
-            raise ValueError("updates='lagged' needs the run-format column 'lag', which this run did not log; "
-                             "use 'after_first', 'first' or 'all'")
+            raise ValueError(NO_LAG)
         return lag > 0
     return updates == "all" or (update == 0) == (updates == "first")
 
@@ -79,7 +82,7 @@ def filter_updates(lf: pl.LazyFrame, updates: str) -> pl.LazyFrame:
     raises ValueError naming the column."""
     pred = update_filter(updates)
     if updates == "lagged" and "lag" not in lf.collect_schema().names():
-        keeps_update(0, "lagged", None)  # raises the error that names the column
+        raise ValueError(NO_LAG)
     return lf if pred is None else lf.filter(pred)
 
 
@@ -174,13 +177,13 @@ def _lagged_batches(source: Any) -> set[tuple[int, int, int]]:
 
     lf = load_tokens(source)
     if "lag" not in lf.collect_schema().names():
-        keeps_update(0, "lagged", None)  # raises the error that names the column
+        raise ValueError(NO_LAG)
     keys = lf.filter(pl.col("lag") > 0).select("step", "update", "rank").unique().collect()
     return set(keys.iter_rows())
 
 
 def add_updates_argument(parser, *, default: str = "auto") -> None:
-    """``--updates {auto,all,first,after_first}`` for the analyses commands (auto: the run's default)."""
+    """``--updates {auto,all,first,after_first,lagged}`` for the analyses commands (auto: the run's default)."""
     parser.add_argument("--updates", choices=["auto", *UPDATES], default=default,
                         help="optimiser updates to pool: all, first (update 0 of each batch), after_first (updates "
                              "1, 2, ...), lagged (tokens with recorded lag > 0: the policy had moved since "
