@@ -4,29 +4,28 @@ A finding says what is wrong (or what the logs cannot tell), from which step it 
 The checks read only what any trainer can log (token log-probs, advantages, the applied mask, entropy,
 ``reward/mean``); each one is listed in docs/analyses.md, "Doctor", with its statistic.
 
-The early warning is not a threshold on a level: it is a one-sided CUSUM change-point test on per-step
-statistics, each point standardised against the run's own earlier steps (median and MAD), so that it adapts to
-each run's scale, together with a sequential Mann-Kendall trend test (one-sided p < 0.001, Theil-Sen fit at least
-doubling) for rises too gradual for a change point:
+The alarms (docs/analyses.md, "Doctor: severity"; validated out of sample there):
 
-* ``divergence_tails_rising``: the top-decile mean of |log pi - log mu| over the tokens of the updates after
-  the first (where the policy has moved away from the sampler);
-* ``mismatch_drift``: mean k3 of the first update's tokens, or of pi_old against mu when the run logged
-  ``logp_old``: the divergence pi / mu before the batch's own updates, which includes the engine mismatch (the
-  sampler's numerics against the trainer's) and the policy lag of a stale batch; the attribution (when the run
-  logged the columns) says which of them moved.
-
-Severity (docs/analyses.md, "Doctor: severity"):
-
-* ``critical`` is only ``reward_collapse``, a *sustained* collapse: the first step >= 10 at which the 5-step
-  moving average of ``reward/mean`` falls below half of its running maximum and stays below that half for the rest
-  of the run, with at least 5 steps left (``reward_episodes``). A dip that recovers, or that the run ends too soon
-  after to tell, is the warning ``reward_dip``, which says when it recovered. Online (the live guard) the same
-  definition runs on the steps so far, so a dip stays a warning until it has lasted 5 steps after its first.
-* ``warning``: a dip, or a sustained change that precedes failures (the divergence tails, the divergence pi / mu,
-  the entropy). ``masked_frac_rising`` is a warning only when a divergence check has fired by its step; alone it
-  is ``info`` (a rule that masks more while the divergence holds is doing its job).
-* ``info``: a property of the run, or what the logs cannot tell.
+* ``divergence_runaway`` (warning): the top-decile mean of |log pi - log mu| over the tokens of the updates after
+  the first (where the policy has moved away from the sampler), as the median of the latest 3 logged steps,
+  reaches ``runaway_level`` (0.75 nats: the top tenth of the tokens' probabilities moved by a factor of about 2).
+  The attribution (when the run logged its columns) says whether the engine mismatch, the policy lag or the
+  updates moved.
+* ``collapse_imminent`` (critical): after a runaway, the 5-step moving average of ``reward/mean`` falls below
+  ``imminent_fraction`` (65%) of its running maximum. The live guard halts on it (``--doctor.on_critical halt``),
+  before the reward has fallen to half. A finished run that did not then collapse for good reports it as a warning.
+* ``reward_collapse`` (critical): a *sustained* collapse: the first step >= 10 at which the 5-step moving average
+  of ``reward/mean`` falls below half of its running maximum and stays below that half for the rest of the run,
+  with at least 5 steps left (``reward_episodes``). A dip that recovers, or that the run ends too soon after to
+  tell, is the warning ``reward_dip``, which says when it recovered. Online (the live guard) the same definition
+  runs on the steps so far, so a dip stays a warning until it has lasted 5 steps after its first.
+* ``entropy_collapse`` (warning), and ``masked_frac_rising``, a warning only when the divergence ran away by its
+  step (alone, a rule that masks more while the divergence holds is doing its job: ``info``).
+* ``info``: a property of the run, or what the logs cannot tell. The change-point tests (a one-sided CUSUM on
+  per-step statistics standardised against the run's own earlier steps, and a sequential Mann-Kendall trend test)
+  report ``divergence_tails_rising``, ``mismatch_drift`` (mean k3 of pi_old, or the first update's pi, against
+  mu: the engine mismatch plus the policy lag) and ``entropy_surge`` as info: on the long regime's healthy runs
+  the divergence rises as the policy sharpens, so a change alone is no alarm.
 
 Every setting lives in ``DOCTOR_SETTINGS`` (one frozen, versioned dataclass); each finding carries its version.
 """
@@ -54,7 +53,7 @@ class DoctorSettings:
     scripts/validate_doctor.py records ``version`` with its results, and every finding carries it. Change a value
     -> bump ``version`` and rerun the validation."""
 
-    version: str = "2.0"
+    version: str = "3.0"
     min_steps: int = 10  # logged steps a per-step trend test needs (and the live guard's shortest run)
     cusum_warmup: int = 8  # points that only form the reference before the test starts
     cusum_k: float = 1.0  # allowance, in robust standard deviations
@@ -74,6 +73,11 @@ class DoctorSettings:
     trend_min_snr: float = 2.0  # ... and to rise by at least twice the robust sd of the points around the fit
     entropy_collapse_fraction: float = 0.1  # entropy below 10% of its early level
     budget_early_fraction: float = 0.25  # median first budget rejection within the first quarter of the response
+    runaway_level: float = 0.75  # divergence runaway: the top-decile mean |log pi - log mu| (updates after the
+    #                              first) reaches this many nats (a probability ratio of about e^0.75 = 2.1) ...
+    runaway_points: int = 3  # ... as the median of the latest this many logged points (one outlier never fires)
+    imminent_fraction: float = 0.65  # collapse imminent: after a runaway, the reward's moving average below this
+    #                                  fraction of its running maximum (at a step >= collapse_min_step)
 
 
 DOCTOR_SETTINGS = DoctorSettings()
@@ -97,7 +101,8 @@ TREND_MIN_RISE = _S.trend_min_rise
 TREND_MIN_SNR = _S.trend_min_snr
 ENTROPY_COLLAPSE_FRACTION = _S.entropy_collapse_fraction
 BUDGET_EARLY_FRACTION = _S.budget_early_fraction
-EARLY_WARNING_IDS = ("divergence_tails_rising", "mismatch_drift")  # corroborate masked_frac_rising
+EARLY_WARNING_IDS = ("divergence_runaway",)  # corroborates masked_frac_rising
+DRIFT_IDS = ("divergence_tails_rising", "mismatch_drift", "entropy_surge")  # change-point tests: info, not alarms
 
 # Pages of the app that show each finding's evidence (app/streamlit_app.py titles).
 PAGE_DIVERGENCE = "Divergence by position"
@@ -177,6 +182,17 @@ def collapse_step(steps: Sequence[int], reward: Sequence[float], *, window: int 
     return {"step": step, "steps": steps, "ma": ma, "running_max": run_max, "peak_step": peak}
 
 
+def reward_trend(steps: Sequence[int], reward: Sequence[float], *, window: int = COLLAPSE_WINDOW
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(steps, the ``window``-step trailing moving average of the reward, its running maximum), NaN rewards
+    dropped first: what the dip, collapse and imminent-collapse rules compare."""
+    steps = np.asarray(steps, dtype=np.int64)
+    r = np.asarray(reward, dtype=np.float64)
+    ok = np.isfinite(r)
+    ma = moving_average(r[ok], window)
+    return steps[ok], ma, (np.fmax.accumulate(ma) if ma.size else ma)
+
+
 def reward_episodes(steps: Sequence[int], reward: Sequence[float], *, settings: DoctorSettings = DOCTOR_SETTINGS
                     ) -> dict:
     """The reward's dips and its sustained collapse (docs/analyses.md, "Doctor: severity").
@@ -192,12 +208,7 @@ def reward_episodes(steps: Sequence[int], reward: Sequence[float], *, settings: 
     its first), "peak_step", "ma_at_start", "max_at_start", "min_ma", "sustained"}], "collapse": the sustained dip
     or None}."""
     s = settings
-    steps = np.asarray(steps, dtype=np.int64)
-    r = np.asarray(reward, dtype=np.float64)
-    ok = np.isfinite(r)
-    steps, r = steps[ok], r[ok]
-    ma = moving_average(r, s.collapse_window)
-    run_max = np.fmax.accumulate(ma) if ma.size else ma
+    steps, ma, run_max = reward_trend(steps, reward, window=s.collapse_window)
     below = (run_max > 0) & (ma < s.collapse_fraction * run_max)
     dips, i, n = [], 0, int(steps.size)
     while i < n:
@@ -217,6 +228,95 @@ def reward_episodes(steps: Sequence[int], reward: Sequence[float], *, settings: 
         i = j + 1
     collapse = next((d for d in dips if d["sustained"]), None)
     return {"steps": steps, "ma": ma, "running_max": run_max, "dips": dips, "collapse": collapse}
+
+
+def trailing_median(x: Sequence[float], points: int) -> np.ndarray:
+    """Median of the latest ``points`` values at each index (NaN until ``points`` values exist), NaNs skipped."""
+    x = np.asarray(x, dtype=np.float64)
+    out = np.full(x.size, np.nan)
+    for i in range(points - 1, x.size):
+        w = x[i + 1 - points: i + 1]
+        if np.isfinite(w).any():
+            out[i] = float(np.nanmedian(w))
+    return out
+
+
+def runaway_index(tail: Sequence[float], *, settings: DoctorSettings = DOCTOR_SETTINGS) -> int | None:
+    """Index of the first logged point at which the divergence runs away: the median of the latest
+    ``runaway_points`` values of the top-decile mean |log pi - log mu| reaches ``runaway_level`` nats."""
+    m = trailing_median(tail, settings.runaway_points)
+    hit = np.flatnonzero(np.isfinite(m) & (m >= settings.runaway_level))
+    return int(hit[0]) if hit.size else None
+
+
+def imminent_step(steps: Sequence[int], reward: Sequence[float], runaway_step: int | None, *,
+                  settings: DoctorSettings = DOCTOR_SETTINGS) -> dict | None:
+    """The predicted collapse: the first logged reward step >= ``collapse_min_step`` and >= the divergence runaway's
+    step at which the ``collapse_window``-step moving average of the reward is below ``imminent_fraction`` of its
+    running maximum. Returns {"step", "moving_average", "running_max", "peak_step"} or None (no runaway, or the
+    reward held)."""
+    if runaway_step is None:
+        return None
+    s = settings
+    steps, ma, run_max = reward_trend(steps, reward, window=s.collapse_window)
+    hit = np.flatnonzero((steps >= max(runaway_step, s.collapse_min_step)) & (run_max > 0)
+                         & (ma < s.imminent_fraction * run_max))
+    if not hit.size:
+        return None
+    i = int(hit[0])
+    return {"step": int(steps[i]), "moving_average": float(ma[i]), "running_max": float(run_max[i]),
+            "peak_step": int(steps[int(np.argmax(ma[: i + 1]))])}
+
+
+def runaway_finding(steps: np.ndarray, tail: np.ndarray, *, fig_path=None, collapse: int | None = None,
+                    settings: DoctorSettings = DOCTOR_SETTINGS, extra_evidence: dict | None = None) -> Finding | None:
+    """``divergence_runaway`` (warning) on the per-step top-decile mean |log pi - log mu| (``runaway_index``);
+    its change starts at the first step whose trailing median reached half the level."""
+    s = settings
+    i = runaway_index(tail, settings=s)
+    if i is None:
+        return None
+    m = trailing_median(tail, s.runaway_points)
+    half = np.flatnonzero(np.isfinite(m[: i + 1]) & (m[: i + 1] >= s.runaway_level / 2))
+    start = int(steps[half[0]]) if half.size else int(steps[i])
+    step = int(steps[i])
+    ev = {"alarm_step": step, "change_start_step": start, "value_at_alarm": float(m[i]), "level": s.runaway_level,
+          "points": s.runaway_points, "ratio_at_level": math.exp(s.runaway_level), **(extra_evidence or {})}
+    msg = (f"The divergence runs away: the top-decile mean of |log pi - log mu| (median of the latest "
+           f"{s.runaway_points} logged steps) reached {m[i]:.3g} nats at step {step}, past the {s.runaway_level:g} "
+           f"nats (a probability ratio of about {math.exp(s.runaway_level):.1f}) beyond which the validation runs "
+           f"collapsed; it passed half of that at step {start}. A trust region that binds, a lower learning rate or "
+           "fresher batches keep it down.")
+    fig = _series_figure(fig_path, steps, tail, ylabel="top-decile mean |log π − log μ| (nats)",
+                         title="Top-decile mean of |log π − log μ| per step", alarm_step=step, start_step=start,
+                         log=True, collapse=collapse, span_label="on the way to the level", level=s.runaway_level,
+                         level_label=f"runaway level {s.runaway_level:g} nats")
+    return Finding("divergence_runaway", "warning", step, msg, ev, fig, PAGE_DIVERGENCE, (start, int(steps[-1])))
+
+
+def imminent_finding(rew, runaway: Finding | None, *, fig_path=None,
+                     settings: DoctorSettings = DOCTOR_SETTINGS) -> Finding | None:
+    """``collapse_imminent`` (critical): a divergence runaway, then the reward falling below ``imminent_fraction``
+    of its best (``imminent_step``). The live guard halts on it (``--doctor.on_critical halt``)."""
+    if rew is None or runaway is None:
+        return None
+    s = settings
+    rs, rv, rsrc = rew
+    im = imminent_step(rs, rv, runaway.first_step, settings=s)
+    if im is None:
+        return None
+    ev = {**im, "runaway_step": runaway.first_step, "fraction": s.imminent_fraction, "window": s.collapse_window,
+          "source": rsrc}
+    msg = (f"A collapse is imminent at step {im['step']}: after the divergence ran away (step {runaway.first_step}) "
+           f"the reward's {s.collapse_window}-step moving average ({im['moving_average']:.3g}) fell below "
+           f"{s.imminent_fraction:.0%} of its best so far ({im['running_max']:.3g}, step {im['peak_step']}). On the "
+           "validation runs this came before every sustained collapse; `--doctor.on_critical halt` stops here.")
+    ok = np.isfinite(rv)
+    fig = _series_figure(fig_path, rs[ok], rv[ok], ylabel="reward/mean", title="Reward per step",
+                         alarm_step=im["step"], extra=(rs[ok], moving_average(rv[ok], s.collapse_window),
+                                                      f"{s.collapse_window}-step moving average"))
+    return Finding("collapse_imminent", "critical", im["step"], msg, ev, fig, PAGE_RUNS,
+                   (runaway.first_step, int(rs[-1])))
 
 
 def heldout_accuracy(scalars: pl.DataFrame | None) -> dict | None:
@@ -559,10 +659,20 @@ def diagnose(
                      unit_label="top-decile mean |log π − log μ| (nats)", page=PAGE_DIVERGENCE,
                      title="Top-decile mean of |log π − log μ| (updates after the first)",
                      fig_path=fig_path("divergence_tails_rising"), collapse=collapse,
-                     extra_evidence={"updates": info["tail_updates"]})
+                     extra_evidence={"updates": info["tail_updates"]}, severity="info")
     if f is not None:
         _name_cause(source, f, ("engine", "lag", "update"))
         findings.append(f)
+    # the runaway (warning) and, after it, the reward falling (critical: the collapse is imminent)
+    runaway = runaway_finding(tsteps, np.where(tvals >= MISMATCH_FLOOR, tvals, np.nan),
+                              fig_path=fig_path("divergence_runaway"), collapse=collapse,
+                              extra_evidence={"updates": info["tail_updates"]})
+    if runaway is not None:
+        _name_cause(source, runaway, ("engine", "lag", "update"))
+        findings.append(runaway)
+        f = imminent_finding(rew, runaway, fig_path=fig_path("collapse_imminent"))
+        if f is not None:
+            findings.append(f)
 
     # -- the divergence pi / mu before the batch's updates (engine mismatch + policy lag) ------------------------
     mm = info["mismatch"]
@@ -575,7 +685,7 @@ def diagnose(
                              what=f"The divergence pi / mu before the batch's updates (mean k3 of "
                                   f"{info['mismatch_pair']}; it includes the engine mismatch and the policy lag)",
                              unit_label="mean k3 (nats)", page=PAGE_DOCTOR, fig_path=fig_path("mismatch_drift"),
-                             title="Divergence π / μ before the updates (mean k3)",
+                             title="Divergence π / μ before the updates (mean k3)", severity="info",
                              collapse=collapse, extra_evidence={"pair": info["mismatch_pair"]})
             if f is not None:
                 _name_cause(source, f, ("engine", "lag"))
@@ -598,7 +708,7 @@ def diagnose(
         esteps, evals = ent["step"].to_numpy(), ent["entropy"].to_numpy().astype(np.float64)
         f = _drift_check("entropy_surge", esteps, evals, what="The policy entropy", unit_label="mean entropy (nats)",
                          page=PAGE_RUNS, fig_path=fig_path("entropy_surge"), collapse=collapse,
-                         extra_evidence={"source": ent_src})
+                         extra_evidence={"source": ent_src}, severity="info")
         if f is not None:
             findings.append(f)
         if evals.size >= MIN_STEPS:
@@ -647,7 +757,7 @@ def diagnose(
                 f.evidence["corroborated_by"] = [g.id for g in backing]
             else:
                 f.severity = "info"
-                f.message += (" The divergence tails and pi / mu did not rise with it, so this alone is not an early "
+                f.message += (" The divergence did not run away with it, so this alone is not an early "
                               "warning.")
             findings.append(f)
 
@@ -659,31 +769,58 @@ def diagnose(
         f = _budget_check(source, meta, fig_path("budget_exhausted_early"), progress)
         if f is not None:
             findings.append(f)
-    return _sorted(_in_hindsight(findings, meta, rew))
+    return _sorted(_in_hindsight(findings, meta, rew, heldout_accuracy(scalars)))
 
 
-HINDSIGHT_IDS = ("divergence_tails_rising", "mismatch_drift", "entropy_surge", "entropy_collapse", "masked_frac_rising")
+HINDSIGHT_IDS = ("divergence_runaway", "entropy_collapse", "masked_frac_rising")
 FINISHED = ("finished", "halted")
 
 
-def _in_hindsight(findings: list[Finding], meta: dict, rew) -> list[Finding]:
-    """A finished run whose reward never dipped below half its best: its early warnings were not followed by a
-    collapse, so they are reported as ``info`` (evidence ``early_warning`` = True, ``followed_by_dip`` = False).
-    Online (``--doctor.live``) and on a run still training they stay warnings; scripts/validate_doctor.py counts
-    them as alarms either way (its false-alarm rate is the online one)."""
+def _heldout_collapsed(ho: dict | None) -> bool:
+    """The held-out accuracy's last value is below ``collapse_fraction`` of its best (False when not logged)."""
+    if ho is None:
+        return False
+    v = np.asarray(ho["values"], dtype=np.float64)
+    return bool(v.size >= 2 and v.max() > 0 and v[-1] < DOCTOR_SETTINGS.collapse_fraction * v.max())
+
+
+def _in_hindsight(findings: list[Finding], meta: dict, rew, ho: dict | None = None) -> list[Finding]:
+    """What a finished run's outcome says about its alarms (each re-graded finding keeps ``online_severity``, what
+    ``--doctor.live`` reported; scripts/validate_doctor.py counts the online one):
+
+    * early warnings on a run whose reward never dipped below half its best, and whose held-out accuracy (when
+      logged) held, were not followed by a collapse: ``info``;
+    * ``collapse_imminent`` on a finished run without a sustained collapse: ``warning`` (the reward recovered, or
+      the run ended too soon after to tell). A run the guard halted keeps it ``critical``.
+    Runs still training keep what fired."""
     if rew is None or meta.get("status") not in FINISHED:
         return findings
-    if reward_episodes(rew[0], rew[1])["dips"]:
-        for f in findings:
-            if f.id in HINDSIGHT_IDS and f.severity == "warning":
-                f.evidence.update(early_warning=True, followed_by_dip=True)
-        return findings
+    ep = reward_episodes(rew[0], rew[1])
+    held_out_fell = _heldout_collapsed(ho)
     for f in findings:
-        if f.id in HINDSIGHT_IDS and f.severity == "warning":
+        if f.id == "collapse_imminent" and f.severity == "critical" and meta.get("status") == "finished" \
+                and ep["collapse"] is None:
+            f.evidence.update(online_severity="critical", followed_by_collapse=False)
+            f.severity = "warning"
+            later = [d for d in ep["dips"] if d["last"] >= f.first_step]
+            if later and later[0]["recovered"] is not None:
+                why = f"it dipped at step {later[0]['start']} and recovered at step {later[0]['recovered']}"
+            elif later:
+                why = (f"it dipped at step {later[0]['start']}, {later[0]['steps_after']} logged step(s) before the "
+                       "run ended: too few to call it sustained")
+            else:
+                why = "its moving average never fell below half its best"
+            f.message += (f" In hindsight the reward did not collapse for good ({why}), so this finished run reports "
+                          "it as a warning (online it was critical).")
+        elif f.id in HINDSIGHT_IDS and f.severity == "warning":
+            f.evidence.update(early_warning=True, online_severity="warning", followed_by_dip=bool(ep["dips"]))
+            if ep["dips"] or held_out_fell:
+                continue
             f.severity = "info"
-            f.evidence.update(early_warning=True, followed_by_dip=False)
-            f.message += (" The run finished without its reward's 5-step mean dipping below half its best, so this "
-                          "change was not followed by a collapse (online, with --doctor.live, it was a warning).")
+            f.message += (" The run finished without its reward's 5-step mean dipping below half its best"
+                          + (" or its held-out accuracy falling" if ho is not None else "")
+                          + ", so this change was not followed by a collapse (online, with --doctor.live, it was a "
+                            "warning).")
     return findings
 
 

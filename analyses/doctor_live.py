@@ -110,6 +110,8 @@ class LiveDoctor:
                                     accept=lambda v: v > 0)
         self._ent_all: tuple[list[int], list[float]] = ([], [])
         self._masked = _Sequential(s, transform=_asin_sqrt, scale_floor=0.05, min_rise=0.0, accept=lambda v: True)
+        self._tail_all: tuple[list[int], list[float]] = ([], [])
+        self._runaway: Finding | None = None
         self.steps_seen = 0
 
     # -- one step -----------------------------------------------------------------------------------------------
@@ -133,6 +135,11 @@ class LiveDoctor:
         if tail_top10 is not None and self._tail.add(step, tail_top10):
             new += self._drift("divergence_tails_rising", self._tail, what="The top-decile mean of |log pi - log mu|",
                                unit="top-decile mean |log π − log μ| (nats)", page=D.PAGE_DIVERGENCE)
+        if tail_top10 is not None and np.isfinite(tail_top10) and tail_top10 >= self.s.mismatch_floor:
+            self._tail_all[0].append(int(step))
+            self._tail_all[1].append(float(tail_top10))
+            new += self._runaway_check()
+        new += self._imminent_check()
         if mismatch_abs_lr is not None and np.isfinite(mismatch_abs_lr):
             self._mm_abs_max = max(self._mm_abs_max, float(mismatch_abs_lr))
         k3 = mismatch_k3 if (mismatch_abs_lr is None or mismatch_abs_lr >= self.s.mismatch_floor) else None
@@ -203,9 +210,35 @@ class LiveDoctor:
             return []
         self._fired.add(fid)
         steps, values = np.asarray(seq.steps), np.asarray(seq.values)
-        f = D._drift_check(fid, steps, values, what=what, unit_label=unit, page=page, fig_path=None, collapse=None)
+        f = D._drift_check(fid, steps, values, what=what, unit_label=unit, page=page, fig_path=None, collapse=None,
+                           severity="info")
         if f is None:  # cannot happen: the offline tests alarm at this point too (tests/test_doctor_live.py)
             raise RuntimeError(f"doctor.live: {fid} fired online at step {steps[-1]} but not offline")
+        return [f]
+
+    def _runaway_check(self) -> list[Finding]:
+        """``divergence_runaway`` (warning) the step the trailing median of the tail reaches the level."""
+        if self._runaway is not None:
+            return []
+        steps, vals = self._tail_all
+        if D.runaway_index(vals, settings=self.s) != len(vals) - 1:
+            return []
+        f = D.runaway_finding(np.asarray(steps), np.asarray(vals), settings=self.s)
+        f.message += " (Live: the Attribution page, or `cppo-diag stats RUN --family attribution`, names the cause.)"
+        self._runaway = f
+        return [f]
+
+    def _imminent_check(self) -> list[Finding]:
+        """``collapse_imminent`` (critical) at the first step after the runaway where the reward falls below the
+        imminent fraction of its best: the guard's halt."""
+        if self._runaway is None or "collapse_imminent" in self._fired:
+            return []
+        rew = (np.asarray(self._reward_steps), np.asarray(self._reward), "reward/mean (live)")
+        f = D.imminent_finding(rew, self._runaway, settings=self.s)
+        if f is None:
+            return []
+        self._fired.add("collapse_imminent")
+        f.evidence["detected_at_step"] = self._reward_steps[-1]
         return [f]
 
     def _entropy_collapse(self) -> list[Finding]:
@@ -239,7 +272,7 @@ class LiveDoctor:
             f.evidence["corroborated_by"] = backing
         else:
             f.severity = "info"
-            f.message += " The divergence tails and pi / mu did not rise with it, so this alone is not an early warning."
+            f.message += " The divergence did not run away with it, so this alone is not an early warning."
         return [f]
 
     # -- summary --------------------------------------------------------------------------------------------------

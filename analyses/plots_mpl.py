@@ -350,10 +350,12 @@ def fig_compare(summary: pl.DataFrame, *, value: str = "masked_frac", title: str
 
 def fig_step_series(steps, values, *, ylabel: str, title: str, alarm_step: int | None = None,
                     start_step: int | None = None, log: bool = False, collapse: int | None = None,
-                    extra: tuple | None = None, span_label: str = "steps the test used") -> Figure:
+                    extra: tuple | None = None, span_label: str = "steps the test used",
+                    level: float | None = None, level_label: str = "threshold") -> Figure:
     """A per-step series behind a doctor finding: the values, an optional second series ``extra`` = (steps,
     values, label) dashed, the steps a change-point test used (``start_step``..``alarm_step``, shaded), the
-    alarm and a reward collapse as vertical lines; log scale when ``log`` and every value is positive."""
+    alarm and a reward collapse as vertical lines, a threshold ``level`` as a horizontal one; log scale when
+    ``log`` and every value is positive."""
     fig, ax = _fig()
     ax.plot(steps, values, marker="o", ms=3, lw=1.2, color="C0", label=ylabel)
     if extra is not None:
@@ -364,6 +366,8 @@ def fig_step_series(steps, values, *, ylabel: str, title: str, alarm_step: int |
         ax.axvline(alarm_step, color="C1", lw=1.5, label=f"alarm at step {alarm_step}")
     if collapse is not None:
         ax.axvline(collapse, color="C3", lw=1.5, ls=":", label=f"reward collapse at step {collapse}")
+    if level is not None:
+        ax.axhline(level, color="C3", lw=1.0, ls="--", label=level_label)
     if log and np.all(np.asarray(values, dtype=float)[np.isfinite(values)] > 0):
         ax.set_yscale("log")
     ax.set_xlabel("training step")

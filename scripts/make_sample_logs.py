@@ -13,13 +13,17 @@ Same seed and settings, differing only in the rule (and, for the unstable run, t
                   (optim.warmup_steps = steps): it trains while the step size is small, then collapses
                   (issue 15's definition: the 5-step moving average of reward/mean falls below half its
                   running maximum)
+  unstable-noise-long
+                  dppo (the preset's rule) with Gaussian noise on the sampler's logits, its sd growing
+                  linearly from 0 to UNSTABLE_NOISE over the run (rollout.logit_noise): an engine mismatch
+                  that grows until the rollouts collapse
 
 To stay under 10 MB in all, tokens are recorded every ``--every`` iterations for a ``--seq-fraction`` of the
 sequences (scalars and evaluations every iteration; the unstable run records tokens every iteration, for
 the doctor's early warning); checkpoints are dropped at the end. After each run the
 offline recompute is checked against the logged ``keep_applied`` (``cppo_diag.train.parity.check_parity``).
 
-    python scripts/make_sample_logs.py                    # 5 runs of the long preset, ~3 min each on 2 cores
+    python scripts/make_sample_logs.py                    # 6 runs of the long preset, ~3 min each on 2 cores
     python scripts/make_sample_logs.py --only dppo-long --steps 10 --out /tmp/s
     python scripts/make_sample_logs.py --reuse runs/calib/t1  # copy the calibration's seed-0 runs where they match
 
@@ -35,6 +39,7 @@ import shutil
 from pathlib import Path
 
 UNSTABLE_LR = 2e-3
+UNSTABLE_NOISE = 2.0
 RUNS = [  # name, rule, rule params, extra overrides
     ("cppo-long", "cppo", {}, {}),
     ("grpo-long", "grpo_clip", {}, {}),
@@ -43,6 +48,7 @@ RUNS = [  # name, rule, rule params, extra overrides
     # tokens every iteration: the doctor's early warning needs a per-step series before the collapse
     ("unstable-long", "grpo_clip", {}, {"optim": {"lr": UNSTABLE_LR, "warmup_steps": "STEPS"},
                                         "log": {"every_n_steps": 1}}),
+    ("unstable-noise-long", "dppo", {}, {"rollout": {"logit_noise": UNSTABLE_NOISE}, "log": {"every_n_steps": 1}}),
 ]
 
 

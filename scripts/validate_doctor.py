@@ -11,29 +11,36 @@ Mechanisms (each a list of ``cppo-diag train`` overrides on top of ``--preset``,
                over the run (``rollout.logit_noise``): an engine mismatch that grows
   healthy      the preset as shipped, rules cycling cppo, dppo, grpo_clip (the false-alarm runs)
 
+The shipped unstable sample logs are the ``lr`` (``sample_logs/unstable-long``) and ``logit_noise``
+(``sample_logs/unstable-noise-long``) settings at seed 100.
+
 For every run: its sustained collapse step (``reward_episodes``; critical ``reward_collapse``), the first warning
 or critical finding before it (hit; lead = collapse step - first warning step), and whether the run's 5-step
 moving average ever dipped below half its running maximum. Alarms are counted as they fire online (``--doctor.live``):
-an early warning that ``diagnose`` reports as info in hindsight (a finished run that never dipped; evidence
-``early_warning``) still counts. A **false alarm** is such an alarm on a run whose moving average never dips below
-half its running maximum; a **false critical** is a critical finding on
-a run without a sustained collapse (both counted on every run, reported on the healthy ones). Rates come with 95%
-Wilson intervals.
+a finding that ``diagnose`` re-grades in hindsight on a finished run (evidence ``online_severity``) counts with
+its online severity. A **false alarm** is such an alarm on a run whose moving average never dips below half its
+running maximum; a **false critical** is an online critical finding on a run without a sustained collapse; the
+**halt** is the first online critical (where ``--doctor.on_critical halt`` stops), counted as in time when it
+comes before the collapse. Rates come with 95% Wilson intervals.
 
-Seeds: ``TUNING_SEEDS`` are the seeds the settings were tuned on (the sample logs' seed 0 and issue 15's seeds
-1-16); ``--seeds`` must not overlap them. Runs already finished under ``--out`` are not retrained (resumable);
+``--guard N`` also re-trains the first N seeds of each collapse mechanism with ``--doctor.live true
+--doctor.on_critical halt`` (``<mech>-s<seed>-guard``) and reports the step each halted at beside the step the
+same run, unguarded, collapsed.
+
+Seeds: ``TUNING_SEEDS`` are the seeds the settings were tuned on (seeds 0-16: the old sample logs, issue 15's
+runs, the pilot runs of the two unstable settings at seeds 1-2; seeds 100-107: the long preset's calibration
+runs and today's sample logs, on which settings 3.0 chose the runaway level); ``--seeds`` must not overlap them. Runs already finished under ``--out`` are not retrained (resumable);
 ``--workers`` trains several at once.
 
-  python scripts/validate_doctor.py                                  # long preset, 10 seeds, 2 workers
-  python scripts/validate_doctor.py --seeds 100-109 --healthy-seeds 100-111 --workers 2
+  python scripts/validate_doctor.py                                  # long preset, 6 + 10 seeds, 2 workers
+  python scripts/validate_doctor.py --seeds 200-205 --healthy-seeds 200-209 --guard 2 --workers 2
   python scripts/validate_doctor.py --no-train                       # re-diagnose what is under --out
   python scripts/validate_doctor.py --sample-logs-only               # only the sample-log claims
   python scripts/validate_doctor.py --quick --out /tmp/v --doc /tmp/analyses.md   # tiny preset, for the test
-  python scripts/validate_doctor.py --from-runs runs/calib/t1 --out runs/doctor-validation   # + existing runs
+  python scripts/validate_doctor.py --from-runs runs/calib2 --out runs/doctor-validation   # + existing runs
 
-``--from-runs ROOT`` also judges the finished runs ``ROOT/<rule>-s<seed>`` another script trained (the long
-preset's calibration, ``scripts/calibrate_long.py``, trains at held-out seeds 100-107): ``pg_is`` runs count as
-the ``pg_is`` mechanism, every other rule's as healthy. Their seeds must be held out like ``--seeds``.
+``--from-runs ROOT`` also judges the finished runs ``ROOT/<rule>-s<seed>`` another script trained: ``pg_is`` runs
+count as the ``pg_is`` mechanism, every other rule's as healthy. Their seeds must be held out like ``--seeds``.
 """
 
 from __future__ import annotations
@@ -48,10 +55,11 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-TUNING_SEEDS = tuple(range(0, 17))  # sample logs (0), issue 15's validation seeds 1-16 (demo preset)
+TUNING_SEEDS = (*range(0, 17), *range(100, 108))  # see the module docstring
 HEALTHY_RULES = ("cppo", "dppo", "grpo_clip")
 MECHANISMS = ("lr", "pg_is", "logit_noise")
 BEGIN, END = "<!-- doctor-validation:begin -->", "<!-- doctor-validation:end -->"
+TUNE_BEGIN, TUNE_END = "<!-- doctor-tuning:begin -->", "<!-- doctor-tuning:end -->"
 SAMPLE_BEGIN, SAMPLE_END = "<!-- doctor-sample-logs:begin -->", "<!-- doctor-sample-logs:end -->"
 
 
@@ -91,15 +99,18 @@ def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
     return max(0.0, mid - half), min(1.0, mid + half)
 
 
-def _finished(run: Path) -> bool:
+def _finished(run: Path, statuses=("finished",)) -> bool:
     meta = run / "meta.json"
-    return meta.exists() and json.loads(meta.read_text()).get("status") == "finished"
+    return meta.exists() and json.loads(meta.read_text()).get("status") in statuses
 
 
 def train(out: Path, name: str, args: list[str], *, preset: str, seed: int, steps: int | None, threads: int,
-          extra: list[str]) -> float:
-    if _finished(out / name):
+          extra: list[str], guard: bool = False) -> float:
+    """Train one run (skipped when already done); a guarded run may end halted (exit 3)."""
+    if _finished(out / name, ("finished", "halted") if guard else ("finished",)):
         return 0.0
+    if guard:
+        extra = [*extra, "--doctor.live", "true", "--doctor.on_critical", "halt"]
     cmd = [sys.executable, "-m", "cppo_diag.cli.main", "train", "--preset", preset, *args, "--seed", str(seed),
            "--threads", str(threads), "--log.out_dir", str(out), "--log.name", name, "--log.progress", "false",
            "--ckpt.every", "10", "--ckpt.keep", "0", *extra]
@@ -107,7 +118,7 @@ def train(out: Path, name: str, args: list[str], *, preset: str, seed: int, step
         cmd += ["--steps", str(steps)]
     t0 = time.time()
     res = subprocess.run(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    if res.returncode != 0:
+    if res.returncode != 0 and not (guard and res.returncode == 3):
         raise RuntimeError(f"training {name} failed (exit {res.returncode}): {res.stderr.strip()[-2000:]}")
     return time.time() - t0
 
@@ -122,8 +133,9 @@ def judge(run: Path) -> dict:
     rew = D._reward_series(run, scal, info)
     ep = D.reward_episodes(rew[0], rew[1]) if rew is not None else {"dips": [], "collapse": None}
     col = ep["collapse"]["start"] if ep["collapse"] else None
-    # the online alarms: warnings/criticals, and the early warnings a finished run that never dipped reports as info
-    alarms = [f for f in fs if f.severity in ("warning", "critical") or f.evidence.get("early_warning")]
+    # the online alarms: what fired as a warning or critical, whatever the finished run re-graded it to
+    alarms = [f for f in fs if _online(f) in ("warning", "critical")]
+    halt = min((f.first_step for f in alarms if _online(f) == "critical" and f.first_step is not None), default=None)
     before = sorted((f for f in alarms if f.first_step is not None and col is not None and f.first_step < col),
                     key=lambda f: f.first_step)
     first = min((f.first_step for f in alarms if f.first_step is not None), default=None)
@@ -132,9 +144,11 @@ def judge(run: Path) -> dict:
             "lead": (col - before[0].first_step) if before else None,
             "before": [f"{f.id} @ {f.first_step}" for f in before],
             "false_alarm": bool(alarms) and not ep["dips"],
-            "false_critical": any(f.severity == "critical" for f in fs) and col is None,
-            "alarms": [f"{'warning' if f.evidence.get('early_warning') else f.severity}:{f.id} @ {f.first_step}"
-                       for f in alarms],
+            "false_critical": any(_online(f) == "critical" for f in fs) and col is None,
+            "offline_false_critical": any(f.severity == "critical" for f in fs) and col is None,
+            "halt_step": halt,
+            "halt_in_time": (halt is not None and halt < col) if col is not None else None,
+            "alarms": [f"{_online(f)}:{f.id} @ {f.first_step}" for f in alarms],
             "settings_version": D.DOCTOR_SETTINGS.version}
 
 
@@ -143,16 +157,23 @@ def _rate(k: int, n: int) -> str:
     return f"{k}/{n} ({lo:.2f}-{hi:.2f})"
 
 
-def tables(rows: list[dict], header: dict) -> str:
+def tables(rows: list[dict], header: dict, guards: list[dict] = ()) -> str:
     """The markdown of the validation section."""
     from cppo_diag.analyses.doctor import DOCTOR_SETTINGS
 
-    lines = [f"Generated by `scripts/validate_doctor.py` (doctor settings {DOCTOR_SETTINGS.version}, frozen before "
-             f"these runs): preset `{header['preset']}`, {header['steps_note']}; tuning seeds "
-             f"{header['tuning']} (never used here); validation seeds {header['seeds']} (collapse mechanisms) and "
-             f"{header['healthy_seeds']} (healthy). 95% Wilson intervals in parentheses.", "",
+    if header.get("tuning_table"):
+        intro = (f"Generated by `scripts/validate_doctor.py --tuning-runs` (doctor settings {DOCTOR_SETTINGS.version}): "
+                 "the runs the settings were chosen on (in sample: these rates are not evidence of how it "
+                 "generalises). 95% Wilson intervals in parentheses.")
+    else:
+        intro = (f"Generated by `scripts/validate_doctor.py` (doctor settings {DOCTOR_SETTINGS.version}, frozen before "
+                 f"these runs were judged): preset `{header['preset']}`, {header['steps_note']}; tuning seeds "
+                 f"{header['tuning']} (never used here); validation seeds {header['seeds']} (collapse mechanisms) and "
+                 f"{header['healthy_seeds']} (healthy). 95% Wilson intervals in parentheses.")
+    lines = [intro, "",
              "| mechanism | runs | sustained collapses | warned before the collapse | lead (median, range) | "
-             "false alarms (of the runs that never dip) | false criticals (of the runs without a sustained collapse) |", "|---|---|---|---|---|---|---|"]
+             "halt before the collapse | false alarms (of the runs that never dip) | false criticals online (of the "
+             "runs without a sustained collapse) | ... after hindsight |", "|---|---|---|---|---|---|---|---|---|"]
     for mech in [*header["mechanisms"], "healthy"]:
         rs = [r for r in rows if r["mechanism"] == mech]
         if not rs:
@@ -165,10 +186,20 @@ def tables(rows: list[dict], header: dict) -> str:
         quiet = [r for r in rs if not r["dipped"]]
         no_col = [r for r in rs if r["collapse_step"] is None]
         lines.append(f"| {mech} | {len(rs)} | {len(col)}/{len(rs)} | {_rate(len(hits), len(col))} | {lead} | "
+                     f"{_rate(sum(bool(r['halt_in_time']) for r in col), len(col))} | "
                      f"{_rate(sum(r['false_alarm'] for r in quiet), len(quiet))} | "
-                     f"{_rate(sum(r['false_critical'] for r in no_col), len(no_col))} |")
+                     f"{_rate(sum(r['false_critical'] for r in no_col), len(no_col))} | "
+                     f"{_rate(sum(r['offline_false_critical'] for r in no_col), len(no_col))} |")
+    if guards:
+        lines += ["", "The live guard (`--doctor.live true --doctor.on_critical halt`) on re-trains of the same seeds:", "",
+                  "| run | status | halted at step | on | the unguarded run collapsed at | halted before |",
+                  "|---|---|---|---|---|---|"]
+        for g in guards:
+            lines.append(f"| {g['run']} | {g['status']} | {g['halted_at'] if g['halted_at'] is not None else '-'} | "
+                         f"{g['finding'] or '-'} | {g['unguarded_collapse'] if g['unguarded_collapse'] is not None else '-'} | "
+                         f"{'yes' if g['before'] else 'no'} |")
     lines += ["", "| run | mechanism | seed | collapse step | warnings/criticals before it | lead | dipped | "
-                  "findings (warning/critical) |", "|---|---|---|---|---|---|---|---|"]
+                  "findings (as they fired online: warning/critical) |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['run']} | {r['mechanism']} | {r['seed']} | {r['collapse_step'] if r['collapse_step'] is not None else '-'} "
                      f"| {', '.join(r['before']) or '-'} | {r['lead'] if r['lead'] is not None else '-'} | "
@@ -213,13 +244,32 @@ def write_between(doc: Path, begin: str, end: str, body: str) -> None:
     doc.write_text(f"{head}{begin}\n{body}\n{end}{tail}")
 
 
+def _online(f) -> str:
+    """The severity a finding had online (``--doctor.live``), before a finished run's hindsight re-grading."""
+    return f.evidence.get("online_severity", f.severity)
+
+
+def guard_row(out: Path, mech: str, seed: int, unguarded: dict) -> dict:
+    """The guarded re-train of (mech, seed) beside the unguarded run's collapse."""
+    run = out / f"{mech}-s{seed}-guard"
+    meta = json.loads((run / "meta.json").read_text())
+    halted = (meta.get("doctor") or {}).get("halted") or {}
+    col = unguarded.get("collapse_step")
+    step = halted.get("step")
+    return {"run": run.name, "mechanism": mech, "seed": seed, "status": meta.get("status"), "halted_at": step,
+            "finding": halted.get("finding"), "unguarded_collapse": col,
+            "before": (step is not None and col is not None and step < col)}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="runs/doctor-validation", help="directory of the runs and results.json")
     ap.add_argument("--preset", default="long", help="training preset (default long)")
     ap.add_argument("--steps", type=int, default=None, help="steps per run (default: the preset's)")
-    ap.add_argument("--seeds", default="100-109", help="validation seeds of each collapse mechanism")
-    ap.add_argument("--healthy-seeds", default="100-111", help="validation seeds of the healthy runs (>= 10)")
+    ap.add_argument("--seeds", default="200-205", help="validation seeds of each collapse mechanism")
+    ap.add_argument("--healthy-seeds", default="200-209", help="validation seeds of the healthy runs (>= 10)")
+    ap.add_argument("--guard", type=int, default=0, metavar="N",
+                    help="re-train the first N seeds of each collapse mechanism under the live guard (halt)")
     ap.add_argument("--mechanisms", default=",".join(MECHANISMS), help=f"comma-separated, of {MECHANISMS}")
     ap.add_argument("--lr-peak", type=float, default=2e-3, help="lr mechanism: the peak learning rate")
     ap.add_argument("--noise", type=float, default=2.0, help="logit_noise mechanism: the sd at the last step")
@@ -229,7 +279,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--doc", default=str(REPO / "docs" / "analyses.md"), help="the doc to write ('' = none)")
     ap.add_argument("--sample-logs-only", action="store_true", help="only rewrite the sample-log claims")
     ap.add_argument("--from-runs", nargs="+", type=Path, default=[], metavar="ROOT",
-                    help="also judge the finished runs ROOT/<rule>-s<seed> (pg_is: the pg_is mechanism; others: healthy)")
+                    help="also judge the finished runs ROOT/<name>-s<seed> (each as its config's mechanism)")
+    ap.add_argument("--tuning-runs", nargs="+", type=Path, default=[], metavar="ROOT",
+                    help="the runs the settings were tuned on (ROOT/<name>-s<seed>): tabled apart, in the tuning section")
     ap.add_argument("--quick", action="store_true",
                     help="the tiny preset, 12 steps, one seed per mechanism, two healthy (a smoke test)")
     args = ap.parse_args(argv)
@@ -243,13 +295,13 @@ def main(argv: list[str] | None = None) -> int:
     extra: list[str] = []
     if args.quick:
         args.preset, args.steps = "tiny", args.steps or 12
-        args.seeds, args.healthy_seeds = "100", "100-101"
+        args.seeds, args.healthy_seeds = "200", "200-201"
         extra = ["--log.eval_every", "0"]
     seeds, healthy_seeds = parse_seeds(args.seeds), parse_seeds(args.healthy_seeds)
     overlap = sorted(set(seeds + healthy_seeds) & set(TUNING_SEEDS))
     if overlap:
         raise SystemExit(f"--seeds/--healthy-seeds: {overlap} were used to tune the settings (TUNING_SEEDS "
-                         f"{TUNING_SEEDS[0]}-{TUNING_SEEDS[-1]}); choose held-out seeds")
+                         "0-16, 100-107); choose held-out seeds")
     mechs = [m for m in args.mechanisms.split(",") if m]
     for m in mechs:
         if m not in MECHANISMS:
@@ -281,23 +333,61 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             rows.append({"run": run.name, "mechanism": mech, "seed": seed, "args": targs, **judge(run)})
     rows += _existing_runs(args.from_runs)
-    (out / "results.json").write_text(json.dumps(rows, indent=1))
+    guards = []
+    gjobs = [(m, s) for m in mechs for s in seeds[: max(0, args.guard)]]
+
+    def guarded(job):
+        mech, seed = job
+        targs = mechanism_args(mech, steps, lr_peak=args.lr_peak, noise=args.noise, seed=seed)
+        if not args.no_train:
+            train(out, f"{mech}-s{seed}-guard", targs, preset=args.preset, seed=seed, steps=args.steps,
+                  threads=args.threads, extra=extra, guard=True)
+        return job
+
+    with ThreadPoolExecutor(max_workers=max(1, args.workers)) as pool:
+        for mech, seed in pool.map(guarded, gjobs):
+            if (out / f"{mech}-s{seed}-guard" / "meta.json").exists():
+                unguarded = next((r for r in rows if r["mechanism"] == mech and r["seed"] == seed), {})
+                guards.append(guard_row(out, mech, seed, unguarded))
+    (out / "results.json").write_text(json.dumps({"runs": rows, "guard": guards}, indent=1))
     used = {r["mechanism"] for r in rows}
-    header = {"preset": args.preset, "steps_note": f"{steps} steps per run", "tuning": f"{TUNING_SEEDS[0]}-{TUNING_SEEDS[-1]}",
+    header = {"preset": args.preset, "steps_note": f"{steps} steps per run", "tuning": "0-16 and 100-107",
               "seeds": _seed_text(rows, healthy=False) if args.from_runs else args.seeds,
               "healthy_seeds": _seed_text(rows, healthy=True) if args.from_runs else args.healthy_seeds,
               "mechanisms": [m for m in MECHANISMS if m in used]}
-    md = tables(rows, header)
+    md = tables(rows, header, guards)
     (out / "validation.md").write_text(md + "\n")
     print(md)
-    if doc is not None:
+    if args.tuning_runs:
+        trows = _existing_runs(args.tuning_runs, tuning=True)
+        (out / "tuning.json").write_text(json.dumps(trows, indent=1))
+        tmd = tables(trows, {**header, "tuning_table": True,
+                             "mechanisms": [m for m in MECHANISMS if m in {r["mechanism"] for r in trows}]})
+        if doc is not None:
+            write_between(doc, TUNE_BEGIN, TUNE_END, tmd)
+    if doc is not None and rows:  # a tuning-only call leaves the held-out section as it is
         write_between(doc, BEGIN, END, md)
         write_between(doc, SAMPLE_BEGIN, SAMPLE_END, sample_log_claims())
     return 0
 
 
-def _existing_runs(roots: list[Path]) -> list[dict]:
-    """Rows for the finished runs ``ROOT/<rule>-s<seed>`` of ``roots`` (pg_is: its mechanism; others: healthy)."""
+def _mechanism_of(meta: dict) -> str:
+    """A finished run's mechanism from its resolved config: pg_is (the rule), logit_noise (noise on the sampler's
+    logits), lr (a warm-up as long as the run to a peak lr >= 1e-3), else healthy."""
+    cfg = meta.get("config") or {}
+    optim, rollout = cfg.get("optim") or {}, cfg.get("rollout") or {}
+    if meta.get("rule") == "pg_is":
+        return "pg_is"
+    if float(rollout.get("logit_noise") or 0.0) > 0:
+        return "logit_noise"
+    if float(optim.get("lr") or 0.0) >= 1e-3 and int(optim.get("warmup_steps") or 0) >= int(cfg.get("steps") or 1):
+        return "lr"
+    return "healthy"
+
+
+def _existing_runs(roots: list[Path], *, tuning: bool = False) -> list[dict]:
+    """Rows for the finished runs ``ROOT/<name>-s<seed>`` of ``roots``, each judged as its config's mechanism
+    (``_mechanism_of``). Validation runs (``tuning=False``) must have held-out seeds."""
     import re
 
     rows = []
@@ -308,10 +398,9 @@ def _existing_runs(roots: list[Path]) -> list[dict]:
             if m is None or meta.get("status") != "finished":
                 continue
             seed = int(m.group(2))
-            if seed in TUNING_SEEDS:
+            if seed in TUNING_SEEDS and not tuning:
                 raise SystemExit(f"--from-runs: {run} has seed {seed}, one the settings were tuned on (TUNING_SEEDS)")
-            mech = "pg_is" if meta.get("rule") == "pg_is" else "healthy"
-            rows.append({"run": f"{Path(root).name}/{run.name}", "mechanism": mech, "seed": seed,
+            rows.append({"run": f"{Path(root).name}/{run.name}", "mechanism": _mechanism_of(meta), "seed": seed,
                          "args": ["--rule.name", str(meta.get("rule"))], **judge(run)})
     return rows
 

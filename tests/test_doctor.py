@@ -92,10 +92,10 @@ def test_sequential_trend_finds_a_gradual_rise_and_stays_quiet_on_noise():
 
 
 def _write(root: Path, name: str, *, n_steps=40, collapse_at=None, drift_from=None, seed=0, rule="grpo_clip",
-           entropy=True, keep=True, rollout_copy=False, updates=(0, 1), params=None):
+           entropy=True, keep=True, rollout_copy=False, updates=(0, 1), params=None, dip=None):
     """A run through RunRecorder: 2 updates per step; update 0 has pi = mu (+ float noise), update 1 moves by a
     t(3) log-ratio of scale 0.1, growing x1.25 per step from ``drift_from``; reward/mean 0.6 + noise, dropping to
-    0.05 from ``collapse_at``."""
+    0.05 from ``collapse_at`` (or over the steps ``range(*dip)`` only)."""
     import torch
 
     from cppo_diag import RunRecorder, compute_mask
@@ -125,7 +125,7 @@ def _write(root: Path, name: str, *, n_steps=40, collapse_at=None, drift_from=No
                 kw["entropy"] = np.full((B, T), 0.3 + 0.01 * rng.normal(), dtype=np.float32)
             rec.log_tokens(step=step, update=u, logp=lp, logp_rollout=lq, advantages=adv, response_mask=mask, **kw)
         r = 0.6 + 0.03 * rng.normal()
-        if collapse_at is not None and step >= collapse_at:
+        if (collapse_at is not None and step >= collapse_at) or (dip is not None and dip[0] <= step < dip[1]):
             r = 0.05
         rec.log_scalars(step, {"reward/mean": r})
         rec.end_step(step)
@@ -161,16 +161,23 @@ def test_collapsing_run_warns_before_the_collapse(runs, tmp_path):
     by_id = {f.id: f for f in fs}
     col = by_id["reward_collapse"]
     assert col.severity == "critical" and col.first_step == 32  # MA of [.6, .6, .05, .05, .05] = 0.27 < 0.6 / 2
-    tail = by_id["divergence_tails_rising"]
-    assert tail.severity == "warning" and 18 <= tail.first_step < col.first_step
+    tail = by_id["divergence_tails_rising"]  # the change-point test: a change, reported as info
+    assert tail.severity == "info" and 18 <= tail.first_step < col.first_step
     assert tail.evidence["updates"] == "after_first" and tail.evidence["ratio_to_reference"] > 1.5
     assert tail.page == "Divergence by position" and tail.steps[0] <= tail.first_step
-    masked = by_id["masked_frac_rising"]  # grpo_clip masks more as the ratio spreads
-    assert masked.severity == "warning" and tail.first_step <= masked.first_step < col.first_step
+    run_away = by_id["divergence_runaway"]  # the warning: the tail's trailing median past the level
+    assert run_away.severity == "warning" and tail.first_step <= run_away.first_step < col.first_step
+    assert run_away.evidence["value_at_alarm"] >= D.DOCTOR_SETTINGS.runaway_level
+    assert run_away.evidence["change_start_step"] <= run_away.first_step
+    imminent = by_id["collapse_imminent"]  # critical before the reward has fallen to half: the guard's halt
+    assert imminent.severity == "critical" and run_away.first_step <= imminent.first_step < col.first_step
+    assert imminent.evidence["moving_average"] < D.DOCTOR_SETTINGS.imminent_fraction * imminent.evidence["running_max"]
+    masked = by_id["masked_frac_rising"]  # grpo_clip masks more as the ratio spreads, before the runaway: info
+    assert masked.severity == "info" and masked.first_step < run_away.first_step
     assert masked.evidence["mann_kendall_p"] < D.ALPHA and masked.evidence["theil_sen_rise"] >= masked.evidence["reference_median"]
-    for f in (col, tail):  # a figure beside the report for each
+    for f in (col, tail, run_away, imminent):  # a figure beside the report for each
         assert f.figure and Path(f.figure).exists() and Path(f.figure).stat().st_size > 1000
-    assert fs[0].severity == "critical"  # most severe first
+    assert [f.severity for f in fs[:2]] == ["critical", "critical"]  # most severe first
 
 
 def test_logs_that_cannot_support_a_finding_are_info_findings(runs):
@@ -246,9 +253,10 @@ def test_sample_logs_say_what_is_true():
         crit = [f for f in fs if f.severity == "critical"]
         if ep["collapse"] is not None:
             seen.add("collapse")
-            assert [f.id for f in crit] == ["reward_collapse"], (run.name, [(f.id, f.message) for f in fs])
-            assert crit[0].first_step == ep["collapse"]["start"]
-            assert crit[0].evidence["steps_after"] >= D.COLLAPSE_MIN_AFTER
+            (col,) = [f for f in crit if f.id == "reward_collapse"]
+            assert {f.id for f in crit} <= {"reward_collapse", "collapse_imminent"}, (run.name, [f.id for f in crit])
+            assert col.first_step == ep["collapse"]["start"]
+            assert col.evidence["steps_after"] >= D.COLLAPSE_MIN_AFTER
         elif ep["dips"]:
             seen.add("dip")
             assert not crit, (run.name, [(f.id, f.message) for f in fs])
@@ -384,14 +392,27 @@ def test_divergence_findings_name_the_cause(runs, monkeypatch):
 
 
 def test_a_finished_run_that_never_dips_gets_no_warning(tmp_path):
-    """Tails that rise (drift from step 18) in a finished run whose reward never dips: the early warning is kept as
-    info, flagged early_warning / followed_by_dip = False; the same run still training keeps the warning."""
+    """Tails that run away (drift from step 18) in a finished run whose reward never dips: the runaway warning is
+    kept as info, flagged online_severity = warning / followed_by_dip = False; the same run still training keeps
+    the warning. The change-point finding is info either way."""
     run = _write(tmp_path, "drift-only", seed=2, drift_from=18, collapse_at=None)
     fs = D.diagnose(run, budget=False)
-    (f,) = [f for f in fs if f.id == "divergence_tails_rising"]
-    assert f.severity == "info" and f.evidence["early_warning"] and not f.evidence["followed_by_dip"]
-    assert _alarms(fs) == []
+    (f,) = [f for f in fs if f.id == "divergence_runaway"]
+    assert f.severity == "info" and f.evidence["online_severity"] == "warning" and not f.evidence["followed_by_dip"]
+    assert _alarms(fs) == [] and "collapse_imminent" not in {g.id for g in fs}
     meta = json.loads((run / "meta.json").read_text())
     (run / "meta.json").write_text(json.dumps({**meta, "status": "running"}))
-    (f,) = [f for f in D.diagnose(run, budget=False) if f.id == "divergence_tails_rising"]
-    assert f.severity == "warning" and "early_warning" not in f.evidence
+    fs = D.diagnose(run, budget=False)
+    (f,) = [f for f in fs if f.id == "divergence_runaway"]
+    assert f.severity == "warning" and "online_severity" not in f.evidence
+    assert {g.severity for g in fs if g.id == "divergence_tails_rising"} == {"info"}
+
+
+def test_imminent_collapse_that_recovers_is_a_warning_in_hindsight(tmp_path):
+    """A runaway, then the reward falls under 65% of its best and comes back: online critical (the guard would
+    halt), in hindsight on the finished run a warning that says the reward recovered."""
+    run = _write(tmp_path, "recovers", seed=2, drift_from=18, dip=(28, 32))
+    fs = {f.id: f for f in D.diagnose(run, budget=False)}
+    im = fs["collapse_imminent"]
+    assert im.severity == "warning" and im.evidence["online_severity"] == "critical"
+    assert "recovered at step" in im.message and "reward_collapse" not in fs

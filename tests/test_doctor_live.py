@@ -61,19 +61,22 @@ def _replay(name: str) -> tuple[L.LiveDoctor, list]:
 
 
 def test_sample_logs_replayed_live():
-    """Replayed step by step, every shipped sample log fires live the critical the offline doctor finds (at the
-    same collapse step, 5 steps later), and unstable-long's early warnings at the offline steps, before it."""
+    """Replayed step by step, every shipped sample log fires live the criticals the offline doctor finds: the
+    imminent collapse at its offline step, before the collapse (where the guard halts), and the sustained collapse
+    at the same collapse step, 5 steps later; and unstable-long's early warnings at the offline steps, before it."""
     for run in sorted(p for p in SAMPLES.iterdir() if (p / "meta.json").exists()):
         _, fired = _replay(run.name)
         off = {f.id: f for f in D.diagnose(run, budget=False)}
-        crit = [(s, f) for s, f in fired if f.severity == "critical"]
+        crit = {f.id: (s, f) for s, f in fired if f.severity == "critical"}
         if "reward_collapse" in off:
-            assert [f.id for _, f in crit] == ["reward_collapse"], run.name
-            at, col = crit[0]
+            assert set(crit) == {"reward_collapse", "collapse_imminent"}, (run.name, list(crit))
+            at, col = crit["reward_collapse"]
             assert col.first_step == off["reward_collapse"].first_step
             assert at == col.first_step + D.COLLAPSE_MIN_AFTER  # critical once the dip has lasted 5 more steps
+            at, im = crit["collapse_imminent"]
+            assert at == im.first_step == off["collapse_imminent"].first_step < col.first_step  # the halt comes first
         else:
-            assert crit == [], run.name
+            assert crit == {}, run.name
     live, fired = _replay("unstable-long")
     col = next(f for _, f in fired if f.id == "reward_collapse")
     off = {f.id: f for f in D.diagnose(SAMPLES / "unstable-long", budget=False)}
@@ -134,8 +137,9 @@ def test_live_guard_halts_at_a_critical_finding(monkeypatch, tmp_path, capsys):
     rc, run, meta, findings = _guarded(monkeypatch, tmp_path, "halt", "halt")
     assert rc == HALT_EXIT_CODE == 3 and "doctor: halted at step" in capsys.readouterr().err
     assert meta["status"] == "halted"
-    crit = [f for f in findings if f["severity"] == "critical"]
-    assert [f["id"] for f in crit] == ["reward_collapse"] and crit[0]["settings_version"] == "test"
+    crit = [f for f in findings if f["severity"] == "critical"]  # the first critical halts: there is one
+    assert len(crit) == 1 and crit[0]["id"] in ("reward_collapse", "collapse_imminent")
+    assert crit[0]["settings_version"] == "test"
     halted = meta["doctor"]["halted"]
     assert halted["step"] == crit[0]["step"] < 11  # stopped before the last step
     assert open_run(run).steps()["step"].max() == halted["step"]  # nothing trained after the halt

@@ -49,14 +49,18 @@ def test_quick_mode_trains_judges_and_writes_the_doc(tmp_path):
     doc = tmp_path / "analyses.md"
     doc.write_text(f"a\n{V.BEGIN}\n{V.END}\nb\n{V.SAMPLE_BEGIN}\n{V.SAMPLE_END}\n")
     out = tmp_path / "val"
-    assert V.main(["--quick", "--out", str(out), "--doc", str(doc)]) == 0
-    rows = json.loads((out / "results.json").read_text())
-    assert sorted(r["mechanism"] for r in rows) == ["healthy", "healthy", "logit_noise", "lr", "pg_is"]
+    assert V.main(["--quick", "--out", str(out), "--doc", str(doc), "--guard", "1", "--mechanisms", "lr,pg_is"]) == 0
+    res = json.loads((out / "results.json").read_text())
+    rows = res["runs"]
+    assert [g["run"] for g in res["guard"]] == ["lr-s200-guard", "pg_is-s200-guard"]
+    for g in res["guard"]:  # a guarded re-train ends halted (exit 3) or finished, and says which
+        assert g["status"] in ("finished", "halted") and (g["halted_at"] is None) == (g["status"] == "finished")
+    assert sorted(r["mechanism"] for r in rows) == ["healthy", "healthy", "lr", "pg_is"]
     assert all(r["settings_version"] for r in rows)
     text = doc.read_text()
     assert "| mechanism | runs |" in text and "`unstable-long`: sustained collapse" in text
     stamp = {p: p.stat().st_mtime for p in out.glob("*/meta.json")}
-    assert V.main(["--quick", "--out", str(out), "--doc", ""]) == 0  # resumable: nothing retrained
+    assert V.main(["--quick", "--out", str(out), "--doc", "", "--guard", "1", "--mechanisms", "lr,pg_is"]) == 0  # resumable
     assert stamp == {p: p.stat().st_mtime for p in out.glob("*/meta.json")}
     # --from-runs: finished runs another script trained, judged as pg_is (rule pg_is) or healthy (any other rule)
     import shutil
@@ -70,9 +74,9 @@ def test_quick_mode_trains_judges_and_writes_the_doc(tmp_path):
             shutil.copytree(src, roots / f"{rule}-s{r['seed']}", dirs_exist_ok=True)
     v2 = tmp_path / "v2"
     assert V.main(["--no-train", "--mechanisms", "", "--from-runs", str(roots), "--out", str(v2), "--doc", ""]) == 0
-    judged = json.loads((v2 / "results.json").read_text())
+    judged = json.loads((v2 / "results.json").read_text())["runs"]
     assert sorted(r["mechanism"] for r in judged) == sorted(r["mechanism"] for r in rows
                                                            if r["mechanism"] in ("pg_is", "healthy"))
-    shutil.copytree(roots / next(p.name for p in roots.iterdir()), roots / "dppo-s3")
+    shutil.copytree(roots / next(p.name for p in roots.iterdir()), roots / "dppo-s3")  # a tuning seed
     with pytest.raises(SystemExit, match="seed 3"):
         V.main(["--no-train", "--mechanisms", "", "--from-runs", str(roots), "--out", str(v2), "--doc", ""])

@@ -3,29 +3,32 @@
 Each finding has a severity (info, warning, critical), the first step it holds, one sentence, the numbers
 behind it ("evidence") and a figure that shows it (a PNG written under --out). Checks:
 
-  reward_collapse           critical (the only critical finding): a sustained collapse - the first step >= 10
-                            where the 5-step moving average of reward/mean falls below half of its running
-                            maximum and stays below for the rest of the run, with at least 5 steps left
+  collapse_imminent         critical: after a divergence runaway, the 5-step moving average of reward/mean
+                            falls below 65% of its running maximum - the live guard's halt, before the reward
+                            has halved; a finished run that did not then collapse for good reports a warning
+  reward_collapse           critical: a sustained collapse - the first step >= 10 where the 5-step moving
+                            average of reward/mean falls below half of its running maximum and stays below for
+                            the rest of the run, with at least 5 steps left
   reward_dip                warning: a dip below that half that recovered (the message names the step), began
                             before step 10, or ended the run too soon to tell
-  divergence_tails_rising   warning: the top-decile mean of |log pi - log mu| (updates after the first) rose
-                            for several steps (one-sided CUSUM against the run's own earlier steps, or a
-                            sequential Mann-Kendall trend at 0.1% that at least doubles it) - the early warning
-  mismatch_drift            warning: the divergence pi / mu before the batch's updates (engine mismatch plus
-                            policy lag) drifts upward (same test); with the attribution columns the message
-                            names the component that moved
-  entropy_surge / entropy_collapse
-                            warning: entropy rose (same test) or fell under 10% of its early level
-  masked_frac_rising        warning when a divergence check fired by its step, else info: the applied rule
-                            masks more and more (same tests + Mann-Kendall at 1%)
+  divergence_runaway        warning: the top-decile mean of |log pi - log mu| (updates after the first), median
+                            of the latest 3 logged steps, reaches 0.75 nats - the early warning; with the
+                            attribution columns the message names what moved (engine, lag, updates)
+  entropy_collapse          warning: the entropy fell under 10% of its early level
+  masked_frac_rising        warning when the divergence ran away by its step, else info: the applied rule
+                            masks more and more (CUSUM / trend tests + Mann-Kendall at 1%)
+  divergence_tails_rising, mismatch_drift, entropy_surge
+                            info: a change-point (one-sided CUSUM against the run's own earlier steps) or
+                            sequential Mann-Kendall trend in the divergence tail, in the divergence pi / mu
+                            before the batch's updates (engine mismatch plus policy lag), or in the entropy
   rule_never_binds          warning: the applied rule masked nothing at all
   tails_along_sequence      info: the divergence tail grows along the response (Mann-Kendall at 1%)
   budget_exhausted_early    info: CPPO's prefix budget rejects early in the response
   too_few_steps, no_rollout_logprobs, no_reward, no_entropy, no_applied_mask, single_update
                             info: what the logs cannot support
 
-On a finished run whose reward never dipped below half its best, the early warnings are reported as info
-(evidence early_warning: true): they were not followed by a collapse. Statistics and thresholds:
+On a finished run whose reward never dipped below half its best (and whose held-out accuracy held), the early
+warnings are reported as info (evidence online_severity: warning): they were not followed by a collapse. Statistics and thresholds:
 docs/analyses.md, section "Doctor" (settings: DOCTOR_SETTINGS, versioned). Exit code 0 when the runs were read (whatever
 the findings), 2 on unusable input (the message names the run and the field).
 
@@ -42,7 +45,7 @@ import sys
 import textwrap
 from pathlib import Path
 
-HELP = "plain-language findings about runs (collapse, rising divergence tails, mismatch drift, ...) with evidence"
+HELP = "plain-language findings about runs (collapse, divergence runaway, mismatch drift, ...) with evidence"
 
 
 def add_arguments(parser) -> None:
