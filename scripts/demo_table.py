@@ -25,6 +25,7 @@ ROWS = [  # sample run, label
     ("dppo-long", "DPPO"),
     ("pg_is-long", "no trust region (pg_is)"),
     ("unstable-long", "unstable (GRPO clip, rising lr)"),
+    ("unstable-noise-long", "unstable (DPPO, growing noise on the sampler's logits)"),
 ]
 START, END = "<!-- demo-table:start (scripts/demo_table.py) -->", "<!-- demo-table:end -->"
 
