@@ -283,10 +283,9 @@ def runaway_finding(steps: np.ndarray, tail: np.ndarray, *, fig_path=None, colla
     ev = {"alarm_step": step, "change_start_step": start, "value_at_alarm": float(m[i]), "level": s.runaway_level,
           "points": s.runaway_points, "ratio_at_level": math.exp(s.runaway_level), **(extra_evidence or {})}
     msg = (f"The divergence runs away: the top-decile mean of |log pi - log mu| (median of the latest "
-           f"{s.runaway_points} logged steps) reached {m[i]:.3g} nats at step {step}, past the {s.runaway_level:g} "
-           f"nats (a probability ratio of about {math.exp(s.runaway_level):.1f}) beyond which the validation runs "
-           f"collapsed; it passed half of that at step {start}. A trust region that binds, a lower learning rate or "
-           "fresher batches keep it down.")
+           f"{s.runaway_points} logged steps) reached {m[i]:.3g} nats at step {step}, past {s.runaway_level:g} "
+           f"nats (a probability ratio of about {math.exp(s.runaway_level):.1f}: healthy runs of the long regime stay "
+           f"under it, collapsing ones pass it first); it passed half of that at step {start}.")
     fig = _series_figure(fig_path, steps, tail, ylabel="top-decile mean |log π − log μ| (nats)",
                          title="Top-decile mean of |log π − log μ| per step", alarm_step=step, start_step=start,
                          log=True, collapse=collapse, span_label="on the way to the level", level=s.runaway_level,
@@ -669,6 +668,7 @@ def diagnose(
                               extra_evidence={"updates": info["tail_updates"]})
     if runaway is not None:
         _name_cause(source, runaway, ("engine", "lag", "update"))
+        runaway.message += " " + REMEDIES.get(runaway.evidence.get("cause") or "", REMEDIES[""])
         findings.append(runaway)
         f = imminent_finding(rew, runaway, fig_path=fig_path("collapse_imminent"))
         if f is not None:
@@ -919,6 +919,14 @@ CAUSE_LABELS = {  # attribution terms (analyses/attribution.py): what moved, in 
     "update": "updates moving further per batch (logp - logp_old)",
 }
 TERM_WORDS = {"engine": "the engine mismatch", "lag": "the policy lag", "update": "the updates"}
+REMEDIES = {  # what to do about a runaway, by its cause
+    "engine": "Compare the sampler's numerics with the trainer's (precision, kernels, sampling noise); an importance "
+              "correction or a trust region on pi / mu bounds what the mismatch costs.",
+    "lag": "Fresher batches (less staleness), a lower learning rate or a trust region that binds keep it down.",
+    "update": "Fewer or smaller steps per batch (a lower learning rate, fewer minibatches) or a tighter trust region "
+              "keep it down.",
+    "": "A trust region that binds, a lower learning rate or fresher batches keep it down.",
+}
 
 
 def _name_cause(source, f: Finding, components: tuple[str, ...]) -> None:

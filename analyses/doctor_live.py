@@ -224,7 +224,8 @@ class LiveDoctor:
         if D.runaway_index(vals, settings=self.s) != len(vals) - 1:
             return []
         f = D.runaway_finding(np.asarray(steps), np.asarray(vals), settings=self.s)
-        f.message += " (Live: the Attribution page, or `cppo-diag stats RUN --family attribution`, names the cause.)"
+        f.message += (" " + D.REMEDIES[""] + " (Live: the Attribution page, or `cppo-diag stats RUN --family "
+                      "attribution`, says whether the engine, the lag or the updates moved.)")
         self._runaway = f
         return [f]
 
