@@ -51,6 +51,11 @@ def run(args) -> int:
 
     from cppo_diag.train import train
     from cppo_diag.train.guard import HALT_EXIT_CODE, DoctorHalt
+    from cppo_diag.train.regime import regime_warnings
+
+    cfg.validate()  # an invalid value is the error, before any warning about the regime
+    for line in regime_warnings(cfg, args.preset):
+        print(f"warning: {line}", file=sys.stderr)
 
     try:
         summary = train(cfg)

@@ -1,0 +1,40 @@
+"""cppo_diag.train.regime: an override that leaves a preset's regime is named with what it changes."""
+
+from __future__ import annotations
+
+import pytest
+
+from cppo_diag.train.config import PRESETS, build_config
+from cppo_diag.train.regime import CALIBRATED_KEYS, available_cores, regime_warnings
+
+
+def test_the_preset_itself_has_no_warning():
+    assert regime_warnings(build_config("long"), "long") == []
+    assert set(CALIBRATED_KEYS) <= set(PRESETS)
+
+
+def test_each_override_is_named_with_what_it_changes():
+    cfg = build_config("long", overrides={"rollout": {"staleness": 50}, "optim": {"lr": 2e-3, "warmup_steps": 40},
+                                          "threads": available_cores() + 1})
+    text = "\n".join(regime_warnings(cfg, "long"))
+    assert f"threads: {available_cores() + 1} torch threads on {available_cores()}" in text
+    assert "rollout.staleness: 50 >= steps 40" in text and "warm start's samples" in text
+    assert "optim.warmup_steps: 40 >= steps 40" in text and "never reaches optim.lr" in text
+    assert "rollout.staleness 6 -> 50" in text and "optim.lr 0.0001 -> 0.002" in text
+    assert "calibrated regime" in text
+    # a preset without a calibration only gets the checks that hold anywhere
+    assert regime_warnings(build_config("tiny", overrides={"steps": 12}), "tiny") == []
+
+
+def test_train_cli_prints_the_warnings_before_training(capsys, tmp_path, monkeypatch):
+    import cppo_diag.train as T
+    from cppo_diag.cli.main import main
+
+    seen = []
+    monkeypatch.setattr(T, "train", lambda cfg: seen.append(cfg) or {})
+    assert main(["train", "--preset", "long", "--rollout.staleness", "50", "--log.out_dir", str(tmp_path)]) == 0
+    assert seen and "warning: rollout.staleness: 50 >= steps 40" in capsys.readouterr().err
+    # an invalid value is the error, with no regime warning before it
+    assert main(["train", "--preset", "long", "--rollout.staleness", "50", "--optim.lr", "-1"]) == 2
+    err = capsys.readouterr().err
+    assert "optim.lr: expected a number" in err and "warning:" not in err
