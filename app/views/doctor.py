@@ -24,8 +24,9 @@ BADGE = {"critical": ":red-badge[:material/error: critical]", "warning": ":orang
 
 st.title("Doctor")
 st.caption("Plain-language findings about each run, with the numbers behind them (the same checks as "
-           "`cppo-diag doctor`; statistics in docs/analyses.md, \"Doctor\"). The early warning is a one-sided "
-           "CUSUM change-point test on the divergence tails and the mismatch, against each run's own earlier steps.")
+           "`cppo-diag doctor`; statistics in docs/analyses.md, \"Doctor\"). The early warning is the divergence "
+           "running away (its top decile past 0.75 nats); after it, a falling reward makes the collapse imminent "
+           "(critical: where the live guard halts).")
 runs = ui.runs_or_stop()
 paths = data.selected() or runs[:1]
 findings_slot = st.container()  # the findings first, the option that changes them under them
