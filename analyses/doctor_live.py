@@ -27,7 +27,9 @@ import numpy as np
 from cppo_diag.analyses import doctor as D
 from cppo_diag.analyses.doctor import DOCTOR_SETTINGS, DoctorSettings, Finding
 
-__all__ = ["LiveDoctor", "live_step_stats", "STAT_NAMES"]
+__all__ = ["LiveDoctor", "live_step_stats", "tail_top10", "STAT_NAMES", "TAIL_METRIC"]
+
+TAIL_METRIC = "cppo_diag/div_tail_top10"  # the TRL plug-in's per-step tail, which DoctorGuardCallback reads
 
 STAT_NAMES = ("tail_top10", "mismatch_k3", "mismatch_abs_lr", "masked_frac", "entropy")
 
@@ -282,6 +284,18 @@ class LiveDoctor:
         return next((f for f in self.findings if f.severity == severity), None)
 
 
+def tail_top10(d) -> float | None:
+    """Mean of the values at or above their P90 (linear interpolation) of a 1-D torch tensor of |log pi - log mu|:
+    the statistic of ``divergence_runaway`` (``doctor._top_decile_mean``); None when empty."""
+    import torch
+
+    d = d.detach().reshape(-1).double()
+    if not d.numel():
+        return None
+    q = torch.quantile(d, 0.9, interpolation="linear")
+    return float(d[d >= q].mean())
+
+
 def live_step_stats(updates: Sequence[Any]) -> dict[str, float | None]:
     """One step's statistics from its updates (objects with ``update``, ``logp``, ``logp_rollout``, ``logp_old``,
     ``mask``, ``keep``, ``entropy`` tensors of shape (b, T), as ``StepPool.updates``); the definitions of
@@ -299,8 +313,7 @@ def live_step_stats(updates: Sequence[Any]) -> dict[str, float | None]:
         d = torch.cat([((u.logp.float() - u.logp_rollout.float()).clamp(-LOGRATIO_CLAMP, LOGRATIO_CLAMP).abs())[u.mask]
                        for u in later])  # (N,)
         if d.numel():
-            q = torch.quantile(d.double(), 0.9, interpolation="linear")
-            out["tail_top10"] = float(d.double()[d.double() >= q].mean())
+            out["tail_top10"] = tail_top10(d)
             masked = torch.cat([(~u.keep)[u.mask] for u in later])
             out["masked_frac"] = float(masked.double().mean())
         first = [u for u in parts if u.update == 0]

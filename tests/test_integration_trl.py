@@ -141,6 +141,9 @@ def test_grpo_trainer_records_every_step(tmp_path):
     # TRL's clip is grpo_clip at TRL's epsilons (epsilon=0.2, epsilon_high unset -> 0.2), anchored to pi_old
     assert run.meta["rule"] == "grpo_clip" and run.meta["rule_params"] == {"eps_low": 0.2, "eps_high": 0.2}
     assert trainer.state.global_step == 4
+    # the live doctor's tail (DoctorGuardCallback reads it from TRL's logs): finite, > 0 once pi moved from mu
+    tails = [h["cppo_diag/div_tail_top10"] for h in trainer.state.log_history if "cppo_diag/div_tail_top10" in h]
+    assert len(tails) == 4 and all(np.isfinite(tails)) and max(tails) > 0
 
 
 @pytest.mark.slow

@@ -683,6 +683,15 @@ class CppoDiagGRPOMixin:
             if math.isfinite(value):
                 self._metrics["train"][key].append(value)
                 self._cd_echoed.add(key)
+        # the live doctor's runaway statistic: DoctorGuardCallback reads it from TRL's logs
+        from cppo_diag.analyses.doctor_live import TAIL_METRIC, tail_top10
+        from cppo_diag.analyses.tokens import LOGRATIO_CLAMP
+
+        d = (logp.detach().float() - logp_rollout.float()).clamp(-LOGRATIO_CLAMP, LOGRATIO_CLAMP).abs()[mask.bool()]
+        tail = tail_top10(d)
+        if tail is not None:
+            self._metrics["train"][TAIL_METRIC].append(tail)
+            self._cd_echoed.add(TAIL_METRIC)
 
     def _cd_record_sequences(self, step: int, seq_ids, inputs, mask) -> None:
         tok = getattr(self.processing_class, "tokenizer", self.processing_class)

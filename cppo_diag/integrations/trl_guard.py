@@ -7,15 +7,17 @@
     trainer.train()
     sys.exit(guard.finish())                                # 3 when the doctor halted the run, else 0
 
-Every time TRL logs (``logging_steps``), the callback feeds the logged reward (``reward``, TRL's mean reward) and,
-when logged, the entropy (``entropy``) to ``LiveDoctor`` (analyses/doctor_live.py), the detector of ``cppo-diag train
---doctor.live true``, and appends each finding that fires to ``RUN/findings.jsonl``. The token-level checks (the
-divergence tails, the divergence pi / mu) need per-token log-probs, which a callback never sees: run ``cppo-diag
-doctor`` on the plug-in's run directory for those.
+Every time TRL logs (``logging_steps``), the callback feeds the logged reward (``reward``, TRL's mean reward),
+when logged, the entropy (``entropy``), and the plug-in's divergence tail (``cppo_diag/div_tail_top10``: the
+top-decile mean of |log pi - log mu| over the step's response tokens, logged by ``CppoDiagGRPOTrainer``) to
+``LiveDoctor`` (analyses/doctor_live.py), the detector of ``cppo-diag train --doctor.live true``, and appends each
+finding that fires to ``RUN/findings.jsonl``. With the tail, the divergence runaway (warning) and the imminent
+collapse (critical: the halt, before the reward has halved) fire too; with TRL's own ``GRPOTrainer`` (no tail in
+its logs) only the reward checks do; ``cppo-diag doctor`` on the plug-in's run directory runs the rest offline.
 
 * The first warning pins the latest ``checkpoint-N`` of ``args.output_dir`` saved before its step (copied to
   ``before-warning-checkpoint-N``, which the Trainer's rotation never deletes).
-* A critical finding (a sustained reward collapse) with ``on_critical="halt"`` sets
+* A critical finding (an imminent or sustained reward collapse) with ``on_critical="halt"`` sets
   ``control.should_training_stop``; ``finish()`` then marks ``RUN/meta.json`` status ``halted`` (when the run
   directory holds one) and returns ``HALT_EXIT_CODE`` (3). ``"warn"`` only records.
 
@@ -40,14 +42,16 @@ _CKPT = re.compile(r"^checkpoint-(\d+)$")
 
 class DoctorGuardCallback(TrainerCallback):
     """Online doctor for a TRL run. ``run_dir``: where ``findings.jsonl`` goes (default ``args.output_dir``);
-    ``reward_key`` / ``entropy_key``: the names in TRL's logs."""
+    ``reward_key`` / ``entropy_key`` / ``tail_key``: the names in TRL's logs (``tail_key`` defaults to the plug-in's
+    ``cppo_diag/div_tail_top10``)."""
 
     def __init__(self, run_dir: str | Path | None = None, *, on_critical: str = "warn", reward_key: str = "reward",
-                 entropy_key: str = "entropy", rule: str | None = None):
+                 entropy_key: str = "entropy", tail_key: str | None = None, rule: str | None = None):
         if on_critical not in ("halt", "warn"):
             raise ValueError(f"on_critical: expected 'halt' | 'warn', found {on_critical!r}")
-        from cppo_diag.analyses.doctor_live import LiveDoctor
+        from cppo_diag.analyses.doctor_live import TAIL_METRIC, LiveDoctor
 
+        self.tail_key = tail_key or TAIL_METRIC
         self.run_dir = None if run_dir is None else Path(run_dir)
         self.on_critical, self.reward_key, self.entropy_key = on_critical, reward_key, entropy_key
         self.doctor = LiveDoctor(rule=rule)
@@ -71,7 +75,8 @@ class DoctorGuardCallback(TrainerCallback):
         from cppo_diag.storage.layout import append_json_line, findings_path
 
         step = state.global_step - 1
-        new = self.doctor.observe(step, reward=float(logs[self.reward_key]), entropy=logs.get(self.entropy_key))
+        new = self.doctor.observe(step, reward=float(logs[self.reward_key]), entropy=logs.get(self.entropy_key),
+                                  tail_top10=logs.get(self.tail_key))
         path = findings_path(self._dir(args))
         for f in new:
             append_json_line(path, {"step": step, **f.to_json()})
