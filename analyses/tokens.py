@@ -14,7 +14,8 @@ from typing import Any, Iterable
 
 import polars as pl
 
-from cppo_diag.masks.away import LOG_RATIO_CLAMP as LOGRATIO_CLAMP  # SPEC: rho = exp(clamp(log pi - log mu, -20, 20))
+from cppo_diag.masks import logratio
+from cppo_diag.masks.logratio import LOG_RATIO_CLAMP as LOGRATIO_CLAMP  # SPEC: rho = exp(clamp(log pi - log mu, -20, 20))
 from cppo_diag.storage import schema
 
 
@@ -213,15 +214,15 @@ def divergence_exprs() -> dict[str, pl.Expr]:
     float32 log-probs (k3 and small |pi - mu| lose most of their digits to cancellation in float32).
 
     tv = |pi - mu|, k1 = log pi - log mu (clamped to +-20), abs_logratio = |k1|,
-    k3 = rho - 1 - log rho with rho = exp(k1).
+    k3 = rho - 1 - log rho with rho = exp(k1) (the formulas of ``cppo_diag.masks.logratio``).
     """
     lp, lr = pl.col("logp").cast(pl.Float64), pl.col("logp_rollout").cast(pl.Float64)
-    k1 = (lp - lr).clip(-LOGRATIO_CLAMP, LOGRATIO_CLAMP)
+    k1 = logratio.log_ratio(lp, lr)
     return {
-        "tv": (lp.exp() - lr.exp()).abs(),
+        "tv": logratio.tv(lp, lr),
         "k1": k1,
         "abs_logratio": k1.abs(),
-        "k3": k1.exp() - 1.0 - k1,
+        "k3": logratio.kl_k3(k1),
     }
 
 
