@@ -114,6 +114,7 @@ from cppo_diag.capture.sinks import check_sinks_installed
 from cppo_diag.integrations.names import clip_ratio_scalars
 from cppo_diag.masks.logratio import kl_k3
 from cppo_diag.masks.reasons import Reason
+from cppo_diag.storage.meta import is_run_dir
 
 logger = logging.getLogger(__name__)
 
@@ -337,7 +338,7 @@ class CppoDiagGRPOMixin:
     def _cd_prepare_run_dir(self, run_dir: Path) -> None:
         """Apply ``if_exists`` to an existing run (every process checks before any opens its recorder)."""
         mode = self._cd_cfg.if_exists
-        exists = (run_dir / "meta.json").exists()
+        exists = is_run_dir(run_dir)
         if exists and mode == "error":
             raise FileExistsError(
                 f"CppoDiagConfig: run directory {run_dir} already holds a run; pass if_exists='overwrite' to "
