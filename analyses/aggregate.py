@@ -17,7 +17,7 @@ shards it read). Per key it holds:
 
 Sums and histogram counts add, so partials of any split of the shards (files, ranks, nodes) merge by
 addition (:meth:`Partial.merge`) into exactly the counts of one pass, and the other columns up to
-floating-point summation order (``tests/test_aggregate.py``).
+floating-point summation order (``tests/analyses/test_aggregate.py``).
 
 From a merged histogram (:func:`stats_table`, the same columns as ``cppo_diag.analyses.position.position_stats``):
 

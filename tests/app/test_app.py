@@ -13,7 +13,7 @@ from streamlit.testing.v1 import AppTest  # noqa: E402
 
 from tests.app_fixtures import build_root  # noqa: E402
 
-APP = Path(__file__).resolve().parents[1] / "app" / "streamlit_app.py"
+APP = Path(__file__).resolve().parents[2] / "app" / "streamlit_app.py"
 TIMEOUT = 600  # a hang guard (AppTest waits this long per script run), far above a run on a loaded box
 
 
@@ -407,7 +407,7 @@ def test_confine_admits_listed_links_only(linked_root, tmp_path):
 
 # -- the app server's lifetime under `cppo-diag demo` (issue 11, item 10) --------------------------------------
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _free_port() -> int:

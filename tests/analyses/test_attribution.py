@@ -252,7 +252,7 @@ def test_attribution_page_draws_terms_and_strata(runs, monkeypatch):
 
     run = runs[(2, "bf16")]
     monkeypatch.setenv("CPPO_DIAG_ROOTS", str(Path(run.path).parent))
-    at = AppTest.from_file(str(Path(__file__).resolve().parents[1] / "app" / "streamlit_app.py"), default_timeout=120)
+    at = AppTest.from_file(str(Path(__file__).resolve().parents[2] / "app" / "streamlit_app.py"), default_timeout=120)
     at.run()
     at.switch_page("views/attribution.py").run()
     assert not at.exception, [e.message for e in at.exception]

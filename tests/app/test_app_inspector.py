@@ -10,7 +10,7 @@ import pytest
 pytest.importorskip("streamlit")
 from streamlit.testing.v1 import AppTest  # noqa: E402
 
-from tests.test_app import APP, TIMEOUT, _ok, traces  # noqa: E402
+from tests.app.test_app import APP, TIMEOUT, _ok, traces  # noqa: E402
 
 
 @pytest.fixture(scope="module")

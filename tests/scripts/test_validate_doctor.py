@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 _spec = importlib.util.spec_from_file_location("validate_doctor", REPO / "scripts" / "validate_doctor.py")
 V = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(V)

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_rules.py"
+BENCH = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_rules.py"
 
 
 def _load():

@@ -11,7 +11,7 @@ import pytest
 from cppo_diag.analyses import run_summary as rs
 from cppo_diag import open_run
 
-SAMPLES = Path(__file__).resolve().parents[1] / "sample_logs"
+SAMPLES = Path(__file__).resolve().parents[2] / "sample_logs"
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ import pytest
 from cppo_diag.analyses import doctor as D
 from cppo_diag.analyses import doctor_live as L
 
-SAMPLES = Path(__file__).resolve().parents[1] / "sample_logs"
+SAMPLES = Path(__file__).resolve().parents[2] / "sample_logs"
 
 
 def _offline_first_alarm(steps, values):

@@ -34,7 +34,7 @@ from cppo_diag import open_run  # noqa: E402
 from cppo_diag.integrations import trl as cd_trl  # noqa: E402
 from cppo_diag.integrations.trl import CppoDiagConfig, vllm_is_correction  # noqa: E402
 from cppo_diag.masks.reasons import Reason  # noqa: E402
-from tests.test_integration_trl import _trainer  # noqa: E402
+from tests.integrations.test_integration_trl import _trainer  # noqa: E402
 
 NEAR_UNIFORM = -math.log(16.0)  # the tiny random model's log-probs are near uniform over its 16 tokens
 # per-token offsets of the sampling log-prob from NEAR_UNIFORM: rho = exp(logp_old - logp_rollout) spreads over

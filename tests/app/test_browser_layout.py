@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.test_browser import (  # noqa: F401  (skips this module too when Chromium is missing)
+from tests.app.test_browser import (  # noqa: F401  (skips this module too when Chromium is missing)
     CHART,
     CHROMIUM,
     CHROMIUM_ARGS,

@@ -18,7 +18,7 @@ from cppo_diag.analyses import aggregate as agg
 from cppo_diag.analyses.synthetic import write_recorded_run
 from cppo_diag.storage import open_run
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")

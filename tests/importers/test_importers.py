@@ -18,7 +18,7 @@ from cppo_diag.importers import ImportFormatError, import_run
 pytest.importorskip("msgspec")
 
 _spec = importlib.util.spec_from_file_location(
-    "make_importer_fixtures", Path(__file__).parent / "fixtures" / "importers" / "make_fixtures.py"
+    "make_importer_fixtures", Path(__file__).resolve().parents[1] / "fixtures" / "importers" / "make_fixtures.py"
 )
 fixtures = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(fixtures)

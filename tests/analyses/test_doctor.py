@@ -236,7 +236,7 @@ def test_sample_logs_say_what_is_true():
     whose 5-step reward mean never dips below half its best gets no warning and no critical; a dip that recovers
     is a warning naming when it recovered, never critical; a sustained collapse is the one critical finding.
     unstable-long (a rising lr) is also warned before it collapses."""
-    root = Path(__file__).resolve().parents[1] / "sample_logs"
+    root = Path(__file__).resolve().parents[2] / "sample_logs"
     seen = set()
     for run in sorted(p for p in root.iterdir() if (p / "meta.json").exists()):
         fs = D.diagnose(run, budget=False)
@@ -308,7 +308,7 @@ def test_app_doctor_page(runs, monkeypatch):
     pytest.importorskip("streamlit")
     from streamlit.testing.v1 import AppTest
 
-    app = Path(__file__).resolve().parents[1] / "app" / "streamlit_app.py"
+    app = Path(__file__).resolve().parents[2] / "app" / "streamlit_app.py"
     monkeypatch.setenv("CPPO_DIAG_ROOTS", str(runs["collapsing"].parent))
     from cppo_diag.storage.layout import append_json_line, findings_path
 

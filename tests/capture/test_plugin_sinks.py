@@ -18,7 +18,7 @@ from cppo_diag import open_run  # noqa: E402
 from cppo_diag.capture import sinks as sinks_mod  # noqa: E402
 from cppo_diag.capture.recorder import RecorderWarning  # noqa: E402
 from cppo_diag.integrations.trl import CppoDiagConfig  # noqa: E402
-from tests.test_integration_trl import _train, _trainer  # noqa: E402
+from tests.integrations.test_integration_trl import _train, _trainer  # noqa: E402
 
 
 def _ours(run_dir):

@@ -13,7 +13,7 @@ from cppo_diag.analyses import responses as R
 from cppo_diag.analyses.recomputation import iter_step_frames
 from cppo_diag import open_run
 
-SAMPLES = Path(__file__).resolve().parents[1] / "sample_logs"
+SAMPLES = Path(__file__).resolve().parents[2] / "sample_logs"
 KEY = ["update", "rank", "seq_id"]
 
 

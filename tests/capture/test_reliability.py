@@ -21,7 +21,7 @@ from cppo_diag import RunRecorder, open_run
 from cppo_diag.capture import RecorderError, RecorderWarning
 from cppo_diag.storage import RunWarning
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 B, T = 6, 16
 
 
@@ -83,7 +83,7 @@ CHILD = textwrap.dedent(
 @pytest.mark.parametrize("threads", [1, 3])  # 3: shards are encoded by a writer pool
 def test_kill_9_mid_run_then_resume_without_duplicates(tmp_path, threads):
     run_dir = tmp_path / "run"
-    script = CHILD.format(repo=str(REPO), tests=str(REPO / "tests"), run=str(run_dir), threads=threads)
+    script = CHILD.format(repo=str(REPO), tests=str(REPO / "tests" / "capture"), run=str(run_dir), threads=threads)
     child = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         line = child.stdout.readline()
@@ -354,7 +354,7 @@ def test_writer_pool_recorder_left_open_is_closed_at_exit(tmp_path):
     run_dir = tmp_path / "run"
     code = textwrap.dedent(f"""
         import sys
-        sys.path.insert(0, {str(REPO)!r}); sys.path.insert(0, {str(REPO / 'tests')!r})
+        sys.path.insert(0, {str(REPO)!r}); sys.path.insert(0, {str(REPO / 'tests' / 'capture')!r})
         from test_reliability import batch
         from cppo_diag import RunRecorder
         rec = RunRecorder({str(run_dir)!r}, on_error="raise", writer_threads=2)

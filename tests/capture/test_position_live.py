@@ -122,7 +122,7 @@ def test_bundled_trainer_shows_pos_scalars_and_the_figure_in_tensorboard_and_wan
     from cppo_diag import open_run
     from cppo_diag.capture import sinks as sinks_mod
     from cppo_diag.cli.main import main
-    from tests.test_sinks import _wandb_records
+    from tests.capture.test_sinks import _wandb_records
 
     rc = main(["train", "--preset", "tiny", "--steps", "3", "--threads", "1", "--optim.updates_per_batch", "2",
                "--log.out_dir", str(tmp_path), "--log.name", "r", "--log.progress", "false",

@@ -12,7 +12,7 @@ import pytest
 pytest.importorskip("streamlit")
 from streamlit.testing.v1 import AppTest  # noqa: E402
 
-from tests.test_app import APP, TIMEOUT, _ok, charts, traces  # noqa: E402
+from tests.app.test_app import APP, TIMEOUT, _ok, charts, traces  # noqa: E402
 
 pytestmark = pytest.mark.slow
 

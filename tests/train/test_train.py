@@ -23,7 +23,7 @@ from cppo_diag.train.tasks.chain import SEED_LEN, chain_digits
 from cppo_diag.train.trainer import group_advantages, pack_queue, sequence_logprobs, unpack_queue
 
 torch.set_num_threads(1)
-ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
+ROOT = __import__("pathlib").Path(__file__).resolve().parents[2]
 
 
 def tiny_cfg(tmp_path, **over):

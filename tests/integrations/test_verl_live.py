@@ -1,6 +1,6 @@
 """The verl plug-in's live metrics, sinks and rollout-correction settings, in the main environment.
 
-verl itself lives in an isolated venv (tests/test_integration_verl.py runs the real package there). Here verl's
+verl itself lives in an isolated venv (tests/integrations/test_integration_verl.py runs the real package there). Here verl's
 policy-loss registry is a stub module with verl's two names the plug-in uses (``POLICY_LOSS_REGISTRY``,
 ``register_policy_loss``); everything else is the plug-in's own code: the loss it registers, its metrics dict
 (what verl's tracker receives), its recorder with sinks, its step clock and meta.json.
