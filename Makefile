@@ -47,7 +47,7 @@ study-long: setup
 study: setup
 	$(VENV)/bin/cppo-diag study cpu --root runs/study-cpu --workers 2 --results docs/results-cpu.md
 
-# The long study's machinery at tiny sizes (what tests/test_study_e2e.py runs): about a minute.
+# The long study's machinery at tiny sizes (what tests/study/test_study_e2e.py runs): about a minute.
 study-ci: setup
 	rm -rf runs/study-ci-tiny
 	$(VENV)/bin/cppo-diag study ci-tiny --root runs/study-ci-tiny --workers 2 --results runs/study-ci-tiny/results.md --no-progress

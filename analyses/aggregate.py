@@ -17,7 +17,7 @@ shards it read). Per key it holds:
 
 Sums and histogram counts add, so partials of any split of the shards (files, ranks, nodes) merge by
 addition (:meth:`Partial.merge`) into exactly the counts of one pass, and the other columns up to
-floating-point summation order (``tests/test_aggregate.py``).
+floating-point summation order (``tests/analyses/test_aggregate.py``).
 
 From a merged histogram (:func:`stats_table`, the same columns as ``cppo_diag.analyses.position.position_stats``):
 
@@ -51,8 +51,8 @@ import numpy as np
 import polars as pl
 
 from cppo_diag.analyses.position import BOUNDED_METRICS, DEFAULT_THRESHOLDS, _bin_exprs, _rows_to_long
-from cppo_diag.analyses.tokens import LOGRATIO_CLAMP
 from cppo_diag.analyses.updates import check_updates
+from cppo_diag.masks import logratio
 from cppo_diag.masks.away import direction_array
 from cppo_diag.masks.reasons import Reason
 from cppo_diag.masks.schedule import threshold_schedule
@@ -168,18 +168,14 @@ def _slots(d: np.ndarray, spec: AggSpec, nonneg: bool = False) -> np.ndarray:
 
 
 def _metric_values(name: str, lp: np.ndarray, lr: np.ndarray) -> np.ndarray:
-    """Per-token divergence (SPEC "Per-token divergence") from float32 log-probs, in a cancellation-free
-    form: |pi - mu| = exp(max(log pi, log mu)) * (1 - exp(-|k1|)) (float32, ~1e-7 relative), k3 in float64."""
-    k1 = np.subtract(lp, lr, dtype=np.float32)
+    """Per-token divergence (SPEC "Per-token divergence") from float32 log-probs, by the cancellation-free
+    forms of ``cppo_diag.masks.logratio``: |pi - mu| (float32, ~1e-7 relative), k1 in float32, k3 in float64."""
     if name == "tv":
-        return np.exp(np.maximum(lp, lr)) * -np.expm1(-np.abs(k1))
-    k1 = np.clip(k1, -LOGRATIO_CLAMP, LOGRATIO_CLAMP)
-    if name == "abs_logratio":
-        return np.abs(k1)
-    if name == "k1":
-        return k1
-    k = np.clip(lp.astype(np.float64) - lr, -LOGRATIO_CLAMP, LOGRATIO_CLAMP)
-    return np.expm1(k) - k  # k3 = rho - 1 - log rho
+        return logratio.tv(lp, lr)
+    if name == "k3":
+        return logratio.kl_k3(logratio.log_ratio(lp.astype(np.float64), lr))  # rho - 1 - log rho
+    k1 = logratio.log_ratio(lp, lr, diff=np.subtract(lp, lr, dtype=np.float32))
+    return np.abs(k1) if name == "abs_logratio" else k1
 
 
 def _grow_add(acc: np.ndarray | None, add: np.ndarray) -> np.ndarray:

@@ -37,6 +37,7 @@ import polars as pl
 
 from cppo_diag.analyses.tokens import columns_of, filter_tokens, load_tokens, require_columns
 from cppo_diag.analyses.updates import filter_updates
+from cppo_diag.masks.logratio import ATTRIBUTION_TERMS, attribution_term, tv
 from cppo_diag.storage.validate import LOGP_MAX
 
 TERMS = ("engine", "lag", "update")
@@ -87,16 +88,11 @@ def attribution_terms(source: Any) -> list[str]:
 def term_exprs(terms: Sequence[str]) -> dict[str, pl.Expr]:
     """``total`` and each term of ``terms`` as float64 expressions of the log-prob columns (exact per token:
     they sum to ``total``)."""
-    lp, mu = pl.col("logp").cast(pl.Float64), pl.col("logp_rollout").cast(pl.Float64)
-    old, beh = pl.col("logp_old").cast(pl.Float64), pl.col("logp_behavior").cast(pl.Float64)
-    known = {
-        "engine": beh - mu, "lag": old - beh, "update": lp - old,
-        "engine+lag": old - mu, "lag+update": lp - beh, "engine+lag+update": lp - mu,
-    }
-    unknown = [t for t in terms if t not in known]
+    cols = {c: pl.col(c).cast(pl.Float64) for c in ("logp", "logp_rollout", "logp_old", "logp_behavior")}
+    unknown = [t for t in terms if t not in ATTRIBUTION_TERMS]
     if unknown:
-        raise ValueError(f"terms: expected names from {sorted(known)}, found {unknown}")
-    return {"total": lp - mu, **{t: known[t] for t in terms}}
+        raise ValueError(f"terms: expected names from {sorted(ATTRIBUTION_TERMS)}, found {unknown}")
+    return {"total": attribution_term("engine+lag+update", cols), **{t: attribution_term(t, cols) for t in terms}}
 
 
 def _finite(lf: pl.LazyFrame, columns: Sequence[str], what: str) -> pl.LazyFrame:
@@ -210,11 +206,10 @@ def position_strata(source: Any, *, strata: str = "mu", edges: Sequence[float] |
     lf = _finite(lf, ["logp", "logp_rollout"], "position_strata")
     if strata == "fork":
         lf = lf.filter(pl.col("fork").is_not_null())
-    lp, mu = pl.col("logp").cast(pl.Float64), pl.col("logp_rollout").cast(pl.Float64)
     from cppo_diag.analyses.position import sequence_key
 
     seq = sequence_key(lf)
-    lf = lf.with_columns(expr.alias("stratum"), (lp.exp() - mu.exp()).abs().alias("tv"),
+    lf = lf.with_columns(expr.alias("stratum"), tv(pl.col("logp").cast(pl.Float64), pl.col("logp_rollout").cast(pl.Float64)).alias("tv"),
                          ((pl.col("pos") // bin_width) * bin_width).alias("pos_bin"),
                          (pl.col("pos").max().over(seq) + 1).alias("_len"))
     # thirds of each response by relative position t/T (so answers of any length compare)

@@ -3,40 +3,14 @@
 from __future__ import annotations
 
 import argparse
-import json
 
-
-def parse_value(text: str):
-    """'0.15' -> 0.15, '3' -> 3, 'true' -> True, 'none' -> None, '[1,2]' -> [1, 2], else the string."""
-    low = text.strip().lower()
-    if low in ("true", "false"):
-        return low == "true"
-    if low in ("none", "null"):
-        return None
-    for conv in (int, float):
-        try:
-            return conv(text)
-        except ValueError:
-            pass
-    if text[:1] in "[{":
-        try:
-            return json.loads(text)
-        except ValueError:
-            pass
-    return text
+from cppo_diag.masks.params import parse_param_items, parse_param_value as parse_value  # noqa: F401
 
 
 def parse_params(items) -> dict:
-    """['delta=0.2', 'delta_b_mode=fixed'] -> {'delta': 0.2, 'delta_b_mode': 'fixed'}."""
-    out = {}
-    for item in items or []:
-        if "=" not in item:
-            raise ValueError(f"--param: expected NAME=VALUE, found {item!r}")
-        k, v = item.split("=", 1)
-        if not k.strip():
-            raise ValueError(f"--param: expected NAME=VALUE with a NAME, found {item!r}")
-        out[k.strip()] = parse_value(v)
-    return out
+    """['delta=0.2', 'delta_b_mode=fixed'] -> {'delta': 0.2, 'delta_b_mode': 'fixed'} (the rule library's parser:
+    ``cppo_diag.masks.params``; none/null -> None, true/false -> bool, numbers -> int/float)."""
+    return parse_param_items(items, "--param")
 
 
 def check_rule_params(rule: str, params: dict, flag: str = "--param") -> None:

@@ -17,6 +17,7 @@ import polars as pl
 from cppo_diag.analyses.position import DEFAULT_THRESHOLDS, aggregate_positions, length_parts
 from cppo_diag.analyses.tokens import LOGRATIO_CLAMP, direction_expr, filter_tokens, load_tokens, require_columns
 from cppo_diag.analyses.updates import filter_updates
+from cppo_diag.masks import logratio
 
 MISMATCH_METRICS = ("mismatch_tv", "mismatch_abs_logratio")
 
@@ -24,10 +25,9 @@ MISMATCH_METRICS = ("mismatch_tv", "mismatch_abs_logratio")
 def mismatch_exprs() -> dict[str, pl.Expr]:
     """mismatch_tv = |pi_old - mu|, mismatch_abs_logratio = |clamp(log pi_old - log mu, -20, 20)|."""
     lo, lr = pl.col("logp_old").cast(pl.Float64), pl.col("logp_rollout").cast(pl.Float64)
-    k1 = (lo - lr).clip(-LOGRATIO_CLAMP, LOGRATIO_CLAMP)
     return {
-        "mismatch_tv": (lo.exp() - lr.exp()).abs(),
-        "mismatch_abs_logratio": k1.abs(),
+        "mismatch_tv": logratio.tv(lo, lr),
+        "mismatch_abs_logratio": logratio.log_ratio(lo, lr).abs(),
     }
 
 
@@ -96,7 +96,7 @@ def _family_tokens(source: Any, *, pair: str, updates: str | None, step_range, a
         x = "logp_old"
     lf = filter_updates(filter_tokens(lf, step_range=step_range, adv_sign=adv_sign), updates or "all")
     lf = lf.filter(pl.col(x).is_not_null() & pl.col("logp_rollout").is_not_null())
-    lr = (pl.col(x).cast(pl.Float64) - pl.col("logp_rollout").cast(pl.Float64)).clip(-LOGRATIO_CLAMP, LOGRATIO_CLAMP)
+    lr = logratio.log_ratio(pl.col(x).cast(pl.Float64), pl.col("logp_rollout").cast(pl.Float64))
     cols = [lr.alias("_lr"), pl.col("advantage").cast(pl.Float64).alias("_adv"),
             direction_expr(x, "logp_rollout").alias("_dir")]
     has_keep = "keep_applied" in lf.collect_schema().names()
@@ -111,9 +111,9 @@ def _token_aggs(is_high: Sequence[float], is_low: Sequence[float]) -> list[pl.Ex
     masked = pl.col("_masked").cast(pl.Float64)
     return [
         pl.len().alias("n_tokens"),
-        (-lr).mean().alias("kl_k1"),
-        (0.5 * lr * lr).mean().alias("kl_k2"),
-        (rho - 1.0 - lr).mean().alias("kl_k3"),
+        logratio.kl_k1(lr).mean().alias("kl_k1"),
+        logratio.kl_k2(lr).mean().alias("kl_k2"),
+        logratio.kl_k3(lr).mean().alias("kl_k3"),
         ((rho * rho).mean() - 1.0).alias("chi2_token"),
         (rho.sum() ** 2 / (pl.len() * (rho * rho).sum())).alias("ess_token"),
         *[(rho > x).mean().alias(is_gt_name(x)) for x in is_high],

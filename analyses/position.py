@@ -1,6 +1,6 @@
 """Divergence by token position and its tails (reproduces CPPO paper Fig. 2).
 
-Statistic definitions (tested against numpy in ``tests/test_analyses_position.py``), per (metric, bin),
+Statistic definitions (tested against numpy in ``tests/analyses/test_analyses_position.py``), per (metric, bin),
 over the n tokens D_1..D_n that fall in the bin:
 
 * ``count`` = n; ``mean`` = arithmetic mean.

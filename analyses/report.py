@@ -25,6 +25,7 @@ from cppo_diag.analyses.aggregate import position_summary
 from cppo_diag.analyses.tokens import MissingColumnError, columns_of, load_tokens, run_meta, run_name
 from cppo_diag.analyses.updates import UPDATE_LABELS, resolve_updates, updates_note
 from cppo_diag.analyses.whatif import whatif_sweep
+from cppo_diag.storage.meta import RunMeta
 
 CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;max-width:1100px;margin:2em auto;
@@ -88,14 +89,14 @@ class _Doc:
         self.parts.append(_table(df, max_rows))
 
 
-def _cppo_params(meta: dict, params: dict) -> dict:
+def _cppo_params(meta: RunMeta, params: dict) -> dict:
     if "cppo" in params:
         return dict(params["cppo"])
-    if str(meta.get("rule") or "").startswith("cppo"):  # the run's own CPPO-family parameters
+    if str(meta.rule or "").startswith("cppo"):  # the run's own CPPO-family parameters
         from cppo_diag.masks import get_rule
 
         known = get_rule("cppo").params
-        return {k: v for k, v in (meta.get("rule_params") or {}).items() if k in known}
+        return {k: v for k, v in meta.rule_params.items() if k in known}
     return {}
 
 
@@ -131,8 +132,8 @@ def write_report(
     cppo_defaults = rule_defaults("cppo")  # the Fig. 2 overlay's delta and w_min unless set
     for src in sources:  # a compared rule that a run applied, without --param: the parameters it recorded
         meta = run_meta(src)
-        if meta.get("rule") in rules and meta["rule"] not in params and meta.get("rule_params"):
-            params[meta["rule"]] = dict(meta["rule_params"])
+        if meta.rule in rules and meta.rule not in params and meta.rule_params:
+            params[meta.rule] = meta.rule_params
     if bin_width is None:  # about 40 bins over the longest response of these runs
         bin_width = auto_bin_width(max_response_length(sources))
     doc = _Doc(out)
@@ -178,9 +179,9 @@ def write_report(
         lf = load_tokens(src)
         doc.h(2, f"Run {name}")
         upd = resolve_updates(src, updates)
-        doc.p(f"trainer <code>{html.escape(str(meta.get('trainer')))}</code>, applied rule "
-              f"<code>{html.escape(str(meta.get('rule')))}</code> {html.escape(str(meta.get('rule_params') or ''))}, "
-              f"anchor <code>{html.escape(str(meta.get('anchor', 'rollout')))}</code>.")
+        doc.p(f"trainer <code>{html.escape(str(meta.trainer))}</code>, applied rule "
+              f"<code>{html.escape(str(meta.rule))}</code> {html.escape(str(meta.rule_params or ''))}, "
+              f"anchor <code>{html.escape(meta.anchor)}</code>.")
         doc.p(f"Updates: <b>{html.escape(UPDATE_LABELS[upd])}</b>. {html.escape(updates_note(upd))}", "note")
         cp = _cppo_params(meta, params)
         cp = {**cppo_defaults, **{k: v for k, v in cp.items() if v is not None}}

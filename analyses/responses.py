@@ -12,6 +12,8 @@ from collections.abc import Sequence
 import numpy as np
 import polars as pl
 
+from cppo_diag.masks.logratio import tv
+
 RESPONSE_KEY = ["update", "rank", "seq_id"]
 SORT_KEYS = ("masked", "max_tv", "length", "reward", "seq_id")
 
@@ -27,7 +29,7 @@ def marked_tokens(tokens: pl.DataFrame, marks: pl.DataFrame | None = None) -> pl
     else:
         frame = tokens.join(marks.select(*RESPONSE_KEY, "pos", m_keep="keep", m_reason="reason"),
                             on=[*RESPONSE_KEY, "pos"], how="left")
-    return frame.with_columns(tv=(pl.col("logp").exp() - pl.col("logp_rollout").exp()).abs())
+    return frame.with_columns(tv=tv(pl.col("logp").cast(pl.Float64), pl.col("logp_rollout").cast(pl.Float64)))
 
 
 def response_table(frame: pl.DataFrame, sequences: pl.DataFrame | None = None) -> pl.DataFrame:

@@ -39,18 +39,18 @@ def last_reward(steps: pl.DataFrame) -> float | None:
 def run_summary(run) -> dict[str, Any]:
     """One row of the Runs page: name, trainer, rule and its parameters, model, task, completed steps, token
     rows, last reward and status ("live" while a writer appends, else meta.json's status or "finished")."""
-    meta = dict(run.meta or {})
+    meta = run.meta
     return {
-        "name": str(meta.get("name") or run.name),
-        "trainer": meta.get("trainer"),
-        "rule": meta.get("rule"),
-        "rule_params": format_params(meta.get("rule_params")),
-        "model": meta.get("model"),
-        "task": meta.get("task"),
+        "name": str(meta.name or run.name),
+        "trainer": meta.trainer,
+        "rule": meta.rule,
+        "rule_params": format_params(meta.rule_params),
+        "model": meta.model,
+        "task": meta.task,
         "steps": len(run.completed_steps()),
         "tokens": int(run.tokens().select(pl.len()).collect().item()),
         "last_reward": last_reward(run.steps()),
-        "status": "live" if run.is_live else str(meta.get("status") or "finished"),
+        "status": "live" if run.is_live else str(meta.status or "finished"),
     }
 
 

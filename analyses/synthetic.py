@@ -16,13 +16,13 @@ dtypes of ``cppo_diag.storage.schema``. The model of the data (not of any real t
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 import polars as pl
 
-from cppo_diag.storage import layout, schema
+from cppo_diag.storage import layout
+from cppo_diag.storage.meta import new_meta, write_meta
 
 
 def _step_frame(rng: np.random.Generator, step: int, update: int, seqs: int, max_len: int, min_len: int,
@@ -113,36 +113,25 @@ def write_synthetic_run(
     rng = np.random.default_rng(seed)
     per_step = seqs_per_step * (min_len + max_len) / 2 * updates
     n_steps = max(1, int(round(n_tokens / per_step))) if n_tokens > 0 else 0
-    meta = {
-        "schema_version": schema.SCHEMA_VERSION,
-        "name": name or run.name,
-        "created": datetime.now(timezone.utc).isoformat(),
-        "trainer": "synthetic",
-        "rule": with_keep_applied,
-        "rule_params": dict(rule_params or {}),
-        "model": None,
-        "task": "synthetic",
-        "anchor": "rollout",
-        "config": {"n_tokens": n_tokens, "seqs_per_step": seqs_per_step, "max_len": max_len, "min_len": min_len,
-                   "updates": updates, "seed": seed, "noise": noise, "drift": drift, "burst_frac": burst_frac, "burst_scale": burst_scale},
-        "status": "finished",
-    }
+    meta = new_meta(name=name or run.name, trainer="synthetic", rule=with_keep_applied, rule_params=rule_params,
+                    task="synthetic", status="finished",
+                    config={"n_tokens": n_tokens, "seqs_per_step": seqs_per_step, "max_len": max_len,
+                            "min_len": min_len, "updates": updates, "seed": seed, "noise": noise, "drift": drift,
+                            "burst_frac": burst_frac, "burst_scale": burst_scale})
     steps = range(n_steps)
     if progress:
         from tqdm.auto import tqdm
 
         steps = tqdm(steps, desc="synthetic run", unit="step")
     for step in steps:
-        step_dir = dirs["tokens"] / layout.step_dir_name(step)
-        step_dir.mkdir(exist_ok=True)
         for update in range(updates):
             frame, _ = _step_frame(rng, step, update, seqs_per_step, max_len, min_len, noise, drift, group_size,
                                    with_logp_old, burst_frac, burst_scale)
             if with_keep_applied:
                 frame = _applied(frame, with_keep_applied, rule_params or {})
-            layout.atomic_write_parquet(frame, step_dir / layout.token_shard_name(0, update, 0), compression="zstd")
+            layout.write_token_shard(run, frame, step=step, update=update, compression="zstd")
         layout.write_done_marker(dirs["done"], step, 0)
-    layout.atomic_write_json(dirs["meta"], meta)
+    write_meta(run, meta)
     return run
 
 
@@ -151,9 +140,7 @@ def empty_run(path, *, name: str | None = None) -> Path:
     run = Path(path)
     dirs = layout.run_dirs(run)
     dirs["tokens"].mkdir(parents=True, exist_ok=True)
-    meta = {"schema_version": schema.SCHEMA_VERSION, "name": name or run.name, "trainer": "synthetic",
-            "rule": None, "rule_params": {}, "anchor": "rollout", "config": {}, "status": "finished"}
-    layout.atomic_write_json(dirs["meta"], meta)
+    write_meta(run, new_meta(name=name or run.name, trainer="synthetic", status="finished"))
     return run
 
 

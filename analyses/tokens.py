@@ -8,14 +8,15 @@ directory, a ``pl.LazyFrame`` or a ``pl.DataFrame`` with the columns of
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Iterable
 
 import polars as pl
 
-from cppo_diag.masks.away import LOG_RATIO_CLAMP as LOGRATIO_CLAMP  # SPEC: rho = exp(clamp(log pi - log mu, -20, 20))
+from cppo_diag.masks import logratio
+from cppo_diag.masks.logratio import LOG_RATIO_CLAMP as LOGRATIO_CLAMP  # SPEC: rho = exp(clamp(log pi - log mu, -20, 20))
 from cppo_diag.storage import schema
+from cppo_diag.storage.meta import RunMeta, is_run_dir, read_meta
 
 
 class MissingColumnError(KeyError):
@@ -33,36 +34,9 @@ class MissingColumnError(KeyError):
 
 
 def _open_run(path: Path):
-    """The capture engineer's reader when present, else a minimal reader of the same directory layout."""
-    try:
-        from cppo_diag.storage import open_run  # type: ignore[attr-defined]
-    except ImportError:
-        open_run = None
-    if open_run is not None:
-        return open_run(path)
-    return _FallbackRun(path)
+    from cppo_diag.storage import open_run
 
-
-class _FallbackRun:
-    """Reads ``tokens/**/*.parquet`` and ``meta.json`` of a run directory (used until/unless
-    ``cppo_diag.storage.open_run`` exists)."""
-
-    def __init__(self, path: Path):
-        self.path = Path(path)
-        if not (self.path / schema.TOKENS_DIR).is_dir() and not (self.path / schema.META_FILE).exists():
-            raise FileNotFoundError(
-                f"'{self.path}' is not a cppo-diag run: expected '{schema.META_FILE}' or "
-                f"'{schema.TOKENS_DIR}/' inside it"
-            )
-        self.name = self.path.name
-        meta_file = self.path / schema.META_FILE
-        self.meta = json.loads(meta_file.read_text()) if meta_file.exists() else {}
-
-    def tokens(self) -> pl.LazyFrame:
-        files = sorted((self.path / schema.TOKENS_DIR).glob("**/*.parquet"))
-        if not files:
-            return pl.LazyFrame(schema={k: v for k, v in schema.TOKEN_COLUMNS.items() if not k.startswith("topk")})
-        return pl.scan_parquet(files, hive_partitioning=False, missing_columns="insert", extra_columns="ignore")
+    return open_run(path)
 
 
 def load_tokens(source: Any) -> pl.LazyFrame:
@@ -85,18 +59,14 @@ def load_tokens(source: Any) -> pl.LazyFrame:
     return lf.with_columns(fill) if fill else lf
 
 
-def run_meta(source: Any) -> dict:
-    """``meta.json`` of a run source ({} for frames)."""
+def run_meta(source: Any) -> RunMeta:
+    """The run metadata of a run source (``storage.RunMeta``: typed fields with the format's defaults; empty for
+    frames and for a path without meta.json). A malformed meta.json is an error naming its field."""
     if hasattr(source, "meta"):
-        return dict(source.meta or {})
-    if isinstance(source, (str, Path)):
-        if (Path(source) / schema.META_FILE).exists():  # a malformed meta.json is an error naming its field
-            return dict(_open_run(Path(source)).meta or {})
-        try:
-            return dict(_open_run(Path(source)).meta or {})
-        except Exception:  # noqa: BLE001 - a frame path without meta is still analysable
-            return {}
-    return {}
+        return RunMeta(source.meta or {})
+    if isinstance(source, (str, Path)) and is_run_dir(source):
+        return read_meta(source)
+    return RunMeta()
 
 
 def run_name(source: Any, default: str = "run") -> str:
@@ -213,15 +183,15 @@ def divergence_exprs() -> dict[str, pl.Expr]:
     float32 log-probs (k3 and small |pi - mu| lose most of their digits to cancellation in float32).
 
     tv = |pi - mu|, k1 = log pi - log mu (clamped to +-20), abs_logratio = |k1|,
-    k3 = rho - 1 - log rho with rho = exp(k1).
+    k3 = rho - 1 - log rho with rho = exp(k1) (the formulas of ``cppo_diag.masks.logratio``).
     """
     lp, lr = pl.col("logp").cast(pl.Float64), pl.col("logp_rollout").cast(pl.Float64)
-    k1 = (lp - lr).clip(-LOGRATIO_CLAMP, LOGRATIO_CLAMP)
+    k1 = logratio.log_ratio(lp, lr)
     return {
-        "tv": (lp.exp() - lr.exp()).abs(),
+        "tv": logratio.tv(lp, lr),
         "k1": k1,
         "abs_logratio": k1.abs(),
-        "k3": k1.exp() - 1.0 - k1,
+        "k3": logratio.kl_k3(k1),
     }
 
 

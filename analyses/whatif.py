@@ -4,7 +4,7 @@ Each batch goes through the rule library's what-if entry point, ``cppo_diag.mask
 what does not depend on the grid (one ``compute_mask("cppo", ..., return_internals=True)`` call per w_min gives
 D_t, the away test, w_t (Eq. 9), Z_t and the prefix sums; Eq. 22's budget is redone per delta_b, Eq. 10's
 slack and the masks per delta) through the rule's own functions, so every grid point equals a
-``compute_mask`` call at that point (``tests/test_analyses_whatif.py`` checks each one).
+``compute_mask`` call at that point (``tests/analyses/test_analyses_whatif.py`` checks each one).
 """
 
 from __future__ import annotations

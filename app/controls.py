@@ -120,9 +120,9 @@ def rule_defaults(path: str, rule: str = "cppo") -> dict[str, Any]:
     from cppo_diag.masks import rule_defaults as registered
 
     params: dict[str, Any] = dict(registered(rule)) if rule in rule_specs() else {}
-    meta = data.get_run(path).meta or {}
-    if meta.get("rule") == rule or (rule == "cppo" and str(meta.get("rule", "")).startswith("cppo")):
-        params.update(meta.get("rule_params") or {})
+    meta = data.get_run(path).meta
+    if meta.rule == rule or (rule == "cppo" and str(meta.rule or "").startswith("cppo")):
+        params.update(meta.rule_params)
     cppo = registered("cppo")
     for name in ("delta", "w_min", "delta_b"):
         if params.get(name) is None:

@@ -19,7 +19,7 @@ from cppo_diag.app import ui
 st.set_page_config(page_title="cppo-diag", layout="wide")
 
 # No page icons: Streamlit fetches a page's material icon from fonts.gstatic.com to use as the favicon, and
-# the app must load nothing from outside 127.0.0.1 (tests/test_browser.py checks it).
+# the app must load nothing from outside 127.0.0.1 (tests/app/test_browser.py checks it).
 PAGES = [
     st.Page("views/runs.py", title="Runs", url_path="home", default=True),
     st.Page("views/divergence.py", title="Divergence by position", url_path="divergence"),

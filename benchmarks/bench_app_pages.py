@@ -4,7 +4,7 @@
 
 Caches of earlier views beside the run are deleted first (the recorder's write-time aggregates stay). For each
 page: the script run that renders it (the Runs page first, with the run selected), then the same page again (``second``: Streamlit's caches and this issue's per-step partials answer). Times are the server's
-rerun only (no browser, no network, no chart drawing): ``tests/test_browser.py`` measures end to end in
+rerun only (no browser, no network, no chart drawing): ``tests/app/test_browser.py`` measures end to end in
 Chromium. Figures belong in docs/benchmarks.md ("Scale").
 """
 

@@ -1,4 +1,4 @@
-"""What-if slider latency of the app in a real headless Chromium (the same mechanism as tests/test_browser.py).
+"""What-if slider latency of the app in a real headless Chromium (the same mechanism as tests/app/test_browser.py).
 
 Starts ``cppo-diag app`` on a root, selects one run, opens What-if, then moves the δ slider ``--moves``
 times by one step (ArrowRight: every value is new, so nothing is served from the result cache; δ rather than
@@ -9,7 +9,7 @@ latency, the median and the load average. Needs /usr/bin/chromium and playwright
     python benchmarks/bench_app_whatif.py --root bench_data/app --run big-run --moves 8
 
 The 50M-token run of docs/benchmarks.md ("App") is written by ``CPPO_DIAG_APP_BENCH_TOKENS=50000000 pytest
-tests/test_browser.py`` (kept in bench_data/app/big-run) or ``cppo_diag.analyses.write_synthetic_run(path,
+tests/app/test_browser.py`` (kept in bench_data/app/big-run) or ``cppo_diag.analyses.write_synthetic_run(path,
 n_tokens=50_000_000, seqs_per_step=256, max_len=2048, with_keep_applied="cppo")``.
 """
 

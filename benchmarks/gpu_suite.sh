@@ -24,7 +24,7 @@ step() {  # step NAME TIMEOUT CMD...
 }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch, polars; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'polars', polars.__version__)"
-step cuda_tests 120 python3 -m pytest -q -p no:cacheprovider -k cuda tests/test_masks.py tests/test_masks_bench.py tests/test_masks_fastpaths.py tests/test_capture.py
+step cuda_tests 120 python3 -m pytest -q -p no:cacheprovider -k cuda tests/masks/test_masks.py tests/masks/test_masks_bench.py tests/masks/test_masks_fastpaths.py tests/capture/test_capture.py
 step bench_rules 60 python3 benchmarks/bench_rules.py --device cuda
 step bench_rules_bf16 45 python3 benchmarks/bench_rules.py --device cuda --dtype bfloat16 --rules cppo dppo grpo_clip
 step bench_capture 75 python3 benchmarks/bench_capture.py --device cuda --repeats 6

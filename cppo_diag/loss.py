@@ -36,6 +36,7 @@ from typing import Callable
 import torch
 
 from cppo_diag import metric_names as M
+from cppo_diag.masks.logratio import kl_k3, log_ratio
 from cppo_diag.masks.reduce import masked_count, masked_mean, masked_sum, safe_div
 
 __all__ = ["policy_loss", "applied_weight", "agg_loss", "AGG_MODES", "LOSS_FORMS", "AGGREGATIONS",
@@ -289,8 +290,8 @@ def policy_loss(
         raise ValueError(f"advantages: expected shape ({n_seq},) or {tuple(logp.shape)}, found {tuple(advantages.shape)}")
 
     lr = logp_rollout.detach().to(dt)
-    log_ratio = (logp - lr).clamp(-20.0, 20.0)  # (B, T) differentiable
-    rho = torch.exp(log_ratio)  # (B, T)
+    lr_clamped = log_ratio(logp, lr)  # (B, T) clamp(log pi - log mu, -20, 20), differentiable
+    rho = torch.exp(lr_clamped)  # (B, T)
     zero = torch.zeros((), dtype=dt, device=logp.device)
     keep = valid if mask_result is None else (mask_result.keep.to(torch.bool) & valid)
     form = "ratio" if mask_result is None else mask_result.loss_form
@@ -308,7 +309,7 @@ def policy_loss(
             M.LOSS_RATIO_MEAN: masked_mean(rho.detach(), valid),
             M.LOSS_RATIO_MAX: torch.where(valid, rho.detach(), zero).amax() if rho.numel() else zero,
             M.LOSS_KEPT_FRAC: masked_mean(keep.to(dt), valid),
-            M.LOSS_KL_K3: masked_mean(rho.detach() - 1.0 - log_ratio.detach(), valid),
+            M.LOSS_KL_K3: masked_mean(kl_k3(lr_clamped.detach()), valid),
             M.LOSS_ADV_MEAN: masked_mean(adv, valid),
         }
         if weight is not None:

@@ -70,7 +70,7 @@ def run_figures(path: Path) -> dict:
 
     run = open_run(path)
     s = run.steps().sort("step")
-    out = {"run": path.name, "rule": run.meta.get("rule"), "steps": s.height,
+    out = {"run": path.name, "rule": run.meta.rule, "steps": s.height,
            "finished": "summary/greedy_acc_after" in s.columns}
     for k in ("greedy_acc", "greedy_valid_share"):
         for when in ("before", "after"):
@@ -104,7 +104,7 @@ def explore_table(roots: list[Path]) -> str:
         for d in sorted(p for p in Path(root).iterdir() if (p / "meta.json").exists()):
             run = open_run(d)
             s = run.steps().sort("step")
-            total = (run.meta.get("config") or {}).get("steps", "?")
+            total = run.meta.config.get("steps", "?")
             ev = s.select("step", "eval/greedy_acc").drop_nulls()
             evs = ", ".join(f"{a:.3f}" for a in ev["eval/greedy_acc"])
             rw = s.select("step", "reward/mean").drop_nulls()

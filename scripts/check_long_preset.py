@@ -62,7 +62,7 @@ def long_criteria(run_path) -> dict:
     step_s = steps["time/step_s"].to_numpy()
     tps = steps["throughput/tokens_per_s"].drop_nulls().to_numpy() if "throughput/tokens_per_s" in steps.columns else []
     out = {
-        "run": str(run_path), "rule": run.meta.get("rule"), "steps": int(len(steps)),
+        "run": str(run_path), "rule": run.meta.rule, "steps": int(len(steps)),
         "masked_frac_after_first_update": masked_all, "masked_frac_median_step": masked_median,
         "masked_frac_step_min": float(per_step.min()) if len(per_step) else float("nan"),
         "masked_frac_step_max": float(per_step.max()) if len(per_step) else float("nan"),
@@ -73,7 +73,7 @@ def long_criteria(run_path) -> dict:
         "tokens_per_s_median": float(np.median(tps)) if len(tps) else float("nan"),
     }
     out["pass"] = {
-        "masked": run.meta.get("rule") == "pg_is" or (0.02 <= masked_all <= 0.40 and 0.02 <= masked_median <= 0.40),
+        "masked": run.meta.rule == "pg_is" or (0.02 <= masked_all <= 0.40 and 0.02 <= masked_median <= 0.40),
         "tails": out["tv_top10_ratio"] >= 1.5,
         "length": length >= 128,
         "accuracy": acc_after > acc_before,

@@ -27,7 +27,7 @@ def row(path: Path) -> str:
     from cppo_diag.analyses.attribution import position_strata
 
     run = open_run(path)
-    cfg = run.meta.get("config") or {}
+    cfg = run.meta.config
     profile = (cfg.get("task") or {}).get("fork_profile", "rising")
     _, fork = position_strata(run, strata="fork")
     _, mu = position_strata(run, strata="mu")
@@ -36,7 +36,7 @@ def row(path: Path) -> str:
     def pct(x):
         return "n/a" if x is None else f"{x:.0%}"
 
-    return (f"| `{path.name}` | {run.meta.get('rule')} | {profile} | {fork['first']:.4f} -> {fork['last']:.4f} | "
+    return (f"| `{path.name}` | {run.meta.rule} | {profile} | {fork['first']:.4f} -> {fork['last']:.4f} | "
             f"{f['first']:.4f} -> {f['last']:.4f} | {g['first']:.4f} -> {g['last']:.4f} | "
             f"{fork['mix']['fork']:.0%} | {pct(fork['composition_share'])} | {pct(mu['composition_share'])} |")
 

@@ -121,13 +121,12 @@ def _same_run(src: Path, cfg) -> bool:
 
     from cppo_diag.train.config import to_dict
 
-    from cppo_diag.storage import schema
+    from cppo_diag.storage.meta import is_run_dir, read_meta
 
-    meta = src / schema.META_FILE
-    if not meta.exists():
+    if not is_run_dir(src):
         return False
-    m = json.loads(meta.read_text())
-    if m.get("status") != "finished":
+    m = read_meta(src, version=False)
+    if m.status != "finished":
         return False
     a = {k: v for k, v in _flat(m.get("config") or {}).items() if k not in _IGNORED}
     b = {k: v for k, v in _flat(json.loads(json.dumps(to_dict(cfg)))).items() if k not in _IGNORED}
@@ -136,16 +135,11 @@ def _same_run(src: Path, cfg) -> bool:
 
 def _rename(run_dir: Path, name: str) -> None:
     """A copied run takes its new directory's name in meta.json (written atomically, as storage writes it)."""
-    import json
+    from cppo_diag.storage.meta import read_meta, update_meta
 
-    from cppo_diag.storage import schema
-    from cppo_diag.storage.layout import atomic_write_json
-
-    meta = run_dir / schema.META_FILE
-    m = json.loads(meta.read_text())
-    m["name"] = name
-    m.setdefault("config", {}).setdefault("log", {})["name"] = name
-    atomic_write_json(meta, m)
+    config = read_meta(run_dir, version=False).config
+    config.setdefault("log", {})["name"] = name
+    update_meta(run_dir, name=name, config=config)
 
 
 def _summary(run_dir: Path) -> dict:

@@ -3,7 +3,7 @@
 
 Trains a short bundled-trainer run with ``--log.tensorboard true``, starts TensorBoard on it, and photographs
 the ``pos/`` scalars and the ``pos/divergence_by_position`` image with headless Chromium (Playwright driving
-/usr/bin/chromium, as tests/test_browser.py does). W&B has no local UI for an offline run, so it is not shown.
+/usr/bin/chromium, as tests/app/test_browser.py does). W&B has no local UI for an offline run, so it is not shown.
 
     python scripts/screenshot_tensorboard.py --out docs/img
 """

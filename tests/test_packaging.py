@@ -99,6 +99,27 @@ def test_no_import_cycle_between_packages():
         assert not above, f"{core} imports {sorted(above)}"
 
 
+# The floors of docs/architecture.md: a package imports only packages on its own floor or lower ones (no cycle).
+FLOORS = {
+    "cppo_diag._lazy": 0, "cppo_diag._checkout": 0, "cppo_diag.metric_names": 0, "cppo_diag.masks": 0,
+    "cppo_diag": 1,  # the root package: imports _lazy and _checkout; its re-exports load lazily, on first use
+    "cppo_diag.storage": 1, "cppo_diag.loss": 1,
+    "cppo_diag.capture": 2,
+    "cppo_diag.analyses": 3, "cppo_diag.importers": 3,
+    "cppo_diag.train": 4, "cppo_diag.study": 4, "cppo_diag.app": 4,
+    "cppo_diag.integrations": 5,
+    "cppo_diag.cli": 6,
+}
+
+
+def test_packages_import_only_lower_floors():
+    graph = package_graph()
+    assert set(graph) <= set(FLOORS), f"packages without a floor (docs/architecture.md): {sorted(set(graph) - set(FLOORS))}"
+    upward = sorted(f"{src} (floor {FLOORS[src]}) imports {dst} (floor {FLOORS[dst]})"
+                    for src, dsts in graph.items() for dst in dsts if FLOORS[dst] > FLOORS[src])
+    assert not upward, "\n".join(upward)
+
+
 def test_find_cycle_finds_one():
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert find_cycle({"a": {"b"}, "b": {"c"}}) is None

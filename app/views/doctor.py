@@ -58,7 +58,7 @@ def _live_findings(path: str) -> None:
 
 def _status(path: str) -> str | None:
     """The run's meta.json status through the app's cached reader (re-read when the run's files change)."""
-    return data.get_run(path).meta.get("status")
+    return data.get_run(path).meta.status
 
 
 def _live_section(path: str) -> None:

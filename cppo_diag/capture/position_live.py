@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from cppo_diag import metric_names as M
+from cppo_diag.masks.logratio import tv
 from cppo_diag.masks.quantile import masked_row_quantile
 from cppo_diag.masks.reduce import masked_sum
 
@@ -53,7 +54,7 @@ class PositionTokens:
     masked: torch.Tensor | None  # (N,) bool, or None without an applied mask
 
     def tv(self) -> torch.Tensor:
-        return (self.logp.double().exp() - self.logp_rollout.double().exp()).abs()  # (N,) |pi - mu|
+        return tv(self.logp.double(), self.logp_rollout.double())  # (N,) |pi - mu|
 
     def third(self) -> torch.Tensor:
         """(N,) 0, 1, 2: the third of (0, 1] that t / T falls in (ceil(3 t / T) - 1, as the offline binning)."""

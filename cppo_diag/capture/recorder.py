@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import atexit
 import datetime as _dt
-import json
 import os
 import threading
 import time
@@ -58,6 +57,7 @@ from cppo_diag.capture.staging import (
 )
 from cppo_diag.capture.writer import COMPRESSIONS, BackgroundWriter
 from cppo_diag.storage import layout, schema
+from cppo_diag.storage.meta import DEFAULT_ANCHOR, is_run_dir, meta_path, read_meta, write_meta
 
 
 class RecorderWarning(UserWarning):
@@ -205,7 +205,7 @@ class RunRecorder:
         )
         self._writer.start()
         if sink_names and self.rank == 0:
-            meta = json.loads(layout.run_dirs(self.run_dir)["meta"].read_text())
+            meta = dict(read_meta(self.run_dir, version=False))
             self._sinks = ScalarSinks(sink_names, self.run_dir, meta, warn=self._warn) or None
         ref = weakref.ref(self)
         self._atexit = lambda: (ref() is not None and ref().close())
@@ -221,7 +221,6 @@ class RunRecorder:
 
     def _open(self, *, resume: bool) -> None:
         dirs = layout.run_dirs(self.run_dir)
-        meta_path = dirs["meta"]
         existing = None
         # Before anything is read or cleaned up: one writer per (run, rank). A second one is refused naming
         # the holder; a lock left by a dead process is taken over (and said so).
@@ -230,8 +229,8 @@ class RunRecorder:
             self._warn("stale-lock", f"took over the writer lock of rank {self.rank} in {self.run_dir} left by "
                                      f"pid {self._writer_lock.stale.get('pid')} on "
                                      f"{self._writer_lock.stale.get('host')!r} (no longer running)")
-        if meta_path.exists():
-            existing = json.loads(meta_path.read_text())
+        if is_run_dir(self.run_dir):
+            existing = read_meta(self.run_dir, version=False)
             # Only rank 0 refuses an existing run: other ranks join the run rank 0 (re)creates, and rank 0
             # accepts a meta.json that another rank of this launch created moments earlier.
             if not resume and self.rank == 0 and existing.get("created_by_rank", 0) == 0:
@@ -239,24 +238,22 @@ class RunRecorder:
                     f"run directory {self.run_dir} already holds a run (meta.json); pass resume=True to "
                     "continue it or choose another name"
                 )
-            found = existing.get("schema_version")
+            found = existing.schema_version
             if found != schema.SCHEMA_VERSION:
-                raise ValueError(
-                    f"meta.json schema_version: expected {schema.SCHEMA_VERSION}, found {found!r} in {meta_path}"
-                )
+                raise ValueError(f"meta.json schema_version: expected {schema.SCHEMA_VERSION}, found {found!r} in "
+                                 f"{meta_path(self.run_dir)}")
         for key in ("tokens", "sequences", "scalars", "done"):
             dirs[key].mkdir(parents=True, exist_ok=True)
         self._write_meta(existing, status="running")
         self._cleanup_unfinished(dirs)
 
     def _write_meta(self, existing: dict | None, *, status: str) -> None:
-        meta_path = layout.run_dirs(self.run_dir)["meta"]
         meta = dict(existing or {})
         if not existing:
             meta.update(self._meta_fields)
             meta["created"] = _utc_now()
         else:  # resume: fill what this session knows, keep what it does not (defaults never override)
-            defaults = {"trainer": "custom", "anchor": "rollout"}
+            defaults = {"trainer": "custom", "anchor": DEFAULT_ANCHOR}
             for k, v in self._meta_fields.items():
                 if k not in meta or (v not in (None, {}) and v != defaults.get(k)):
                     meta[k] = v
@@ -265,13 +262,13 @@ class RunRecorder:
         meta["updated"] = _utc_now()
         if self.rank == 0:
             meta.pop("created_by_rank", None)
-            layout.atomic_write_json(meta_path, meta)
-        elif not meta_path.exists():
+            write_meta(self.run_dir, meta)
+        elif not is_run_dir(self.run_dir):
             meta["created_by_rank"] = self.rank
             # Another rank may race us; link() fails if rank 0 got there first, so we never clobber it.
-            # create_json_if_absent never clobbers rank 0's file. The temp name carries the rank
+            # write_meta(exclusive_tag=...) never clobbers rank 0's file. The temp name carries the rank
             # ('.tmp-meta.json.rank1.<pid>.<hex>'): rank 0's resume cleanup removes only its own meta temps.
-            layout.create_json_if_absent(meta_path, meta, tag=f"rank{self.rank}")
+            write_meta(self.run_dir, meta, exclusive_tag=f"rank{self.rank}")
 
     def _owned_by_me(self, name: str) -> bool:
         """Is this file name (or the target of this temp file) written by this rank?"""
@@ -285,7 +282,7 @@ class RunRecorder:
         parsed = layout.parse_done_marker(name)
         if parsed:
             return parsed[1] == self.rank
-        return name in (f"rank{self.rank}.json", layout.scalars_file_name(self.rank))
+        return name in (layout.heartbeat_file_name(self.rank), layout.scalars_file_name(self.rank))
 
     def _cleanup_unfinished(self, dirs: dict[str, Path]) -> None:
         """Resume: load this rank's done steps; remove its temp files and shards of unfinished steps."""
@@ -588,8 +585,7 @@ class RunRecorder:
                               bytes_written=self._writer.bytes_written,
                               rows_written=self._writer.rows_written)
             if self.rank == 0:
-                meta_path = layout.run_dirs(self.run_dir)["meta"]
-                meta = json.loads(meta_path.read_text()) if meta_path.exists() else None
+                meta = read_meta(self.run_dir, version=False) if is_run_dir(self.run_dir) else None
                 self._write_meta(meta, status=status)
         except Exception as exc:
             self._fail("close", exc)
@@ -640,21 +636,17 @@ def _to_list(name: str, x, n: int | None) -> list | None:
 def _sequence_table(step: int, rank: int, seq_ids, **cols) -> pa.Table:
     ids = _to_list("seq_ids", seq_ids, None)
     n = len(ids)
+    def typ(column: str):  # the schema's sequence table gives every column's type
+        return schema.arrow_type(column, schema.SEQUENCE_COLUMNS)
+
     out = {
-        "step": pa.array([step] * n, type=pa.int64()),
-        "seq_id": pa.array(ids, type=pa.int64()),
-        "rank": pa.array([rank] * n, type=pa.int32()),
+        "step": pa.array([step] * n, type=typ("step")),
+        "seq_id": pa.array(ids, type=typ("seq_id")),
+        "rank": pa.array([rank] * n, type=typ("rank")),
     }
-    spec = {
-        "group_ids": ("group_id", pa.int64()),
-        "prompts": ("prompt", pa.string()),
-        "completions": ("completion", pa.string()),
-        "tokens": ("tokens", pa.list_(pa.string())),
-        "rewards": ("reward", pa.float32()),
-        "lengths": ("length", pa.int32()),
-        "correct": ("correct", pa.bool_()),
-    }
-    for arg, (column, typ) in spec.items():
+    spec = {"group_ids": "group_id", "prompts": "prompt", "completions": "completion", "tokens": "tokens",
+            "rewards": "reward", "lengths": "length", "correct": "correct"}
+    for arg, column in spec.items():
         vals = _to_list(arg, cols.get(arg), n)
         if vals is None:
             continue
@@ -666,12 +658,12 @@ def _sequence_table(step: int, rank: int, seq_ids, **cols) -> pa.Table:
                     f"rewards: {int((~np.isfinite(arr)).sum())} NaN/Inf value(s) at step {step} (first at seq {ids[bad]})"
                 )
         if column == "tokens":
-            out[column] = _token_strings(arg, vals, typ)
+            out[column] = _token_strings(arg, vals, typ(column))
             continue
         try:
-            out[column] = pa.array(vals, type=typ)
+            out[column] = pa.array(vals, type=typ(column))
         except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError, ValueError) as exc:
-            raise CaptureInputError(f"{arg}: cannot convert to {typ}: {exc}") from exc
+            raise CaptureInputError(f"{arg}: cannot convert to {typ(column)}: {exc}") from exc
     return pa.table(out)
 
 

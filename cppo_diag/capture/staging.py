@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import polars as pl
 import pyarrow as pa
 
 from cppo_diag.capture.sampling import keep_sequences
@@ -61,9 +62,9 @@ TOKEN_INPUTS: dict[str, tuple[str, str]] = {
     "topk_logp_rollout": ("topk_logp_rollout", "topk"),
     "topk_logp": ("topk_logp", "topk"),
 }
-FLOAT_COLUMNS = {"logp", "logp_rollout", "advantage", "logp_old", "logp_behavior", "entropy", "reward", "loss_weight"}
-BOOL_COLUMNS = {"keep_applied", "fork"}
-TOPK_FLOAT_COLUMNS = {"topk_logp_rollout", "topk_logp"}
+FLOAT_COLUMNS = schema.columns_of_dtype(pl.Float32)  # the dtypes are the schema's column tables
+BOOL_COLUMNS = schema.columns_of_dtype(pl.Boolean)
+TOPK_FLOAT_COLUMNS = schema.columns_of_dtype(pl.List(pl.Float32))
 LOGPROB_COLUMNS = {"logp", "logp_rollout", "logp_old", "logp_behavior", "entropy", "loss_weight"} | TOPK_FLOAT_COLUMNS  # must be float
 # every other column (token_id, group_id, reason_applied, lag, topk_ids) holds integers
 
@@ -467,39 +468,29 @@ def materialize(staged: StagedTokens, *, nonfinite: str) -> pa.Table | None:
 
     n = len(seq_of_tok) if order is None else len(order)
     out = {
-        "step": _arrow(np.full(n, step, dtype=np.int64)),
-        "seq_id": _arrow(seq_ids[pick(seq_of_tok)]),
-        "pos": _arrow(pick(pos)),
+        "step": _arrow(np.full(n, step, dtype=schema.numpy_dtype("step"))),
+        "seq_id": _arrow(seq_ids[pick(seq_of_tok)].astype(schema.numpy_dtype("seq_id"), copy=False)),
+        "pos": _arrow(pick(pos).astype(schema.numpy_dtype("pos"), copy=False)),
     }
     for column in schema.TOKEN_COLUMNS:
         if column not in cols:
             continue
         vals = pick(cols[column])
-        if column in FLOAT_COLUMNS:
-            out[column] = _arrow(vals.astype(np.float32, copy=False))
-        elif column in ("group_id", "token_id"):
-            out[column] = _arrow(vals.astype(np.int64, copy=False))
-        elif column == "reason_applied":
-            if vals.size and (vals.min() < 0 or vals.max() > 255):
-                raise CaptureInputError(
-                    f"reason_applied: expected codes in 0..255 (schema.REASONS), found range "
-                    f"{int(vals.min())}..{int(vals.max())} at step {step}"
-                )
-            out[column] = _arrow(vals.astype(np.uint8, copy=False))
-        elif column in BOOL_COLUMNS:
-            out[column] = _arrow(vals.astype(bool, copy=False))
-        elif column == "lag":
-            if vals.size and vals.min() < 0:
-                raise CaptureInputError(f"lag: expected optimiser-step counts >= 0, found {int(vals.min())} at step {step}")
-            out[column] = _arrow(vals.astype(np.int32, copy=False))
-        elif column in ("topk_ids", "topk_logp_rollout", "topk_logp"):
+        if column == "reason_applied" and vals.size and (vals.min() < 0 or vals.max() > 255):
+            raise CaptureInputError(f"reason_applied: expected codes in 0..255 (schema.REASONS), found range "
+                                    f"{int(vals.min())}..{int(vals.max())} at step {step}")
+        if column == "lag" and vals.size and vals.min() < 0:
+            raise CaptureInputError(f"lag: expected optimiser-step counts >= 0, found {int(vals.min())} at step {step}")
+        dtype = schema.numpy_dtype(column)  # the schema's column table: the one place a column's dtype is set
+        if isinstance(schema.TOKEN_COLUMNS[column], pl.List):  # (n, K) -> list column of K per row
             K = vals.shape[-1]
-            dtype = np.int64 if column == "topk_ids" else np.float32
             flat = _arrow(np.ascontiguousarray(vals, dtype=dtype).reshape(-1))
             offsets = _arrow(np.arange(0, (n + 1) * K, K, dtype=np.int32))
             out[column] = pa.ListArray.from_arrays(offsets, flat)
-    out["update"] = _arrow(np.full(n, staged.update, dtype=np.int32))
-    out["rank"] = _arrow(np.full(n, staged.rank, dtype=np.int32))
+        else:
+            out[column] = _arrow(vals.astype(dtype, copy=False))
+    out["update"] = _arrow(np.full(n, staged.update, dtype=schema.numpy_dtype("update")))
+    out["rank"] = _arrow(np.full(n, staged.rank, dtype=schema.numpy_dtype("rank")))
     return pa.Table.from_arrays(list(out.values()), names=list(out.keys()))
 
 

@@ -216,7 +216,7 @@ class BackgroundWriter(threading.Thread):
         try:
             self.dirs["live"].mkdir(parents=True, exist_ok=True)
             layout.atomic_write_json(
-                self.dirs["live"] / f"rank{self.rank}.json",
+                self.dirs["live"] / layout.heartbeat_file_name(self.rank),
                 {"pid": os.getpid(), "host": socket.gethostname(), "time": now, "rank": self.rank},
             )
         except OSError:
@@ -224,7 +224,7 @@ class BackgroundWriter(threading.Thread):
 
     def remove_heartbeat(self) -> None:
         try:
-            (self.dirs["live"] / f"rank{self.rank}.json").unlink()
+            (self.dirs["live"] / layout.heartbeat_file_name(self.rank)).unlink()
         except OSError:
             pass
 

@@ -84,10 +84,11 @@ def _text(report: dict) -> str:
 
 def run(args) -> int:
     from cppo_diag.analyses.doctor import diagnose_runs
+    from cppo_diag.storage.meta import is_run_dir
 
     for r in args.runs:
         p = Path(r)
-        if not p.is_dir() or not (p / "meta.json").exists():
+        if not p.is_dir() or not is_run_dir(p):
             print(f"cppo-diag doctor: RUN {r!r} is not a cppo-diag run: expected a directory holding 'meta.json', "
                   f"found {'a directory without it' if p.is_dir() else 'no such directory'}", file=sys.stderr)
             return 2

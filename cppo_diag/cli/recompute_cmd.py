@@ -72,13 +72,13 @@ def run(args) -> int:
         params = parse_params(args.param)
         check_out_file(args.out)
         meta = run_meta(args.run)
-        args.rule = args.rule or meta.get("rule")
+        args.rule = args.rule or meta.rule
         if not args.rule:
             raise ValueError(f"--rule: {args.run}/meta.json names no applied rule; pass --rule NAME")
         check_rule_params(args.rule, params)
-        from_run = not args.param and not args.defaults and not args.profile and meta.get("rule") == args.rule
+        from_run = not args.param and not args.defaults and not args.profile and meta.rule == args.rule
         if from_run:
-            params = dict(meta.get("rule_params") or {})
+            params = meta.rule_params
         elif args.profile:
             params = {**run_profile_params(args.run, args.rule, args.profile), **params}
         updates = resolve_updates(args.run, updates_arg(args.updates))

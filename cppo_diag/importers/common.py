@@ -18,6 +18,7 @@ import numpy as np
 
 from cppo_diag.capture import RunRecorder
 from cppo_diag.storage import layout
+from cppo_diag.storage.meta import is_run_dir
 
 
 class ImportFormatError(ValueError):
@@ -102,7 +103,7 @@ class RunWriter:
                  model: str | None = None, task: str | None = None, overwrite: bool = False,
                  rule: str | None = None, rule_params: dict | None = None):
         run_dir = layout.check_run_name(Path(dst), name)
-        if (run_dir / "meta.json").exists():
+        if is_run_dir(run_dir):
             if not overwrite:
                 raise FileExistsError(f"{run_dir} already holds a run; pass overwrite=True (--overwrite) to replace it")
             layout.check_unlocked(run_dir)  # never delete a run that another process is writing

@@ -57,6 +57,7 @@ from pathlib import Path
 
 import numpy as np
 
+from cppo_diag.masks.logratio import prob_diff
 from cppo_diag.masks.reasons import Reason
 from cppo_diag.importers.common import (
     ImportedSequence,
@@ -312,7 +313,7 @@ def token_export_sequences(rec: dict, where: str, counts: dict) -> list[Imported
     masked = _flags("is_masked", rec.get("is_masked"), n, where)
     if masked is not None:  # does prime-rl's mask match its default thresholds? (they are not in the export)
         v = valid[a:b]
-        delta = np.exp(cols["trainer_logprobs"][a:b]) - np.exp(cols["inference_logprobs"][a:b])
+        delta = prob_diff(cols["trainer_logprobs"][a:b], cols["inference_logprobs"][a:b])  # pi - mu
         default = np.where(cols["advantages"][a:b] > 0, delta > PRIME_DPPO_DEFAULTS["delta_high"],
                            delta < -PRIME_DPPO_DEFAULTS["delta_low"])
         counts["mask_checked"] += int(v.sum())

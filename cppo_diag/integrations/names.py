@@ -30,6 +30,7 @@ from __future__ import annotations
 import torch
 
 from cppo_diag import metric_names as M
+from cppo_diag.masks.logratio import LOG_RATIO_CLAMP, kl_k1, kl_k3, ratio
 from cppo_diag.masks.reduce import masked_mean
 
 __all__ = ["clip_ratio_scalars", "verl_rollout_corr_scalars", "SAFETY_BOUND", "VERL_ROLLOUT_CORR",
@@ -51,7 +52,7 @@ def ours_to_rollout_corr(values: dict[str, float]) -> dict[str, float]:
     """cppo-diag's ``div/k3/mean`` / ``div/k1/mean`` (against mu) under verl's ``rollout_corr/*`` names."""
     return {v: f * float(values[ours]) for v, (ours, f) in VERL_ROLLOUT_CORR.items() if ours in values}
 
-SAFETY_BOUND = 20.0  # |log ratio| clamp before exponentiating, as verl's rollout correction does
+SAFETY_BOUND = LOG_RATIO_CLAMP  # |log ratio| clamp before exponentiating, as verl's rollout correction does
 
 
 def _adv_2d(advantages: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -89,14 +90,14 @@ def verl_rollout_corr_scalars(logp: torch.Tensor, logp_rollout: torch.Tensor,
     logp = torch.where(mask, logp.float(), zero)  # (B, T); padding may hold anything (NaN included)
     mu = torch.where(mask, logp_rollout.float(), zero)  # (B, T)
     log_ratio = logp - mu  # (B, T), 0 on padding
-    rho = torch.exp(log_ratio.clamp(-SAFETY_BOUND, SAFETY_BOUND))  # (B, T)
+    rho = ratio(logp, mu)  # (B, T) exp(clamp(log ratio, +-SAFETY_BOUND))
     has = mask.any(dim=-1)  # (B,)
     n = mask.sum(dim=-1).clamp(min=1).float()  # (B,)
     mean_logp = (logp.sum(dim=-1) / n)[has]  # (B',) per-response mean log-prob
     mean_mu = (mu.sum(dim=-1) / n)[has]  # (B',)
     return {
-        "rollout_corr/kl": float(masked_mean(-log_ratio, mask)),
-        "rollout_corr/k3_kl": float(masked_mean(torch.exp(log_ratio) - log_ratio - 1.0, mask)),
+        "rollout_corr/kl": float(masked_mean(kl_k1(log_ratio), mask)),
+        "rollout_corr/k3_kl": float(masked_mean(kl_k3(log_ratio), mask)),
         "rollout_corr/training_ppl": float(torch.exp(-mean_logp).mean()),
         "rollout_corr/rollout_ppl": float(torch.exp(-mean_mu).mean()),
         "rollout_corr/log_ppl_diff": float((mean_mu - mean_logp).mean()),

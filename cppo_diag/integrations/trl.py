@@ -112,7 +112,9 @@ from cppo_diag.capture import NullRecorder, RunRecorder
 from cppo_diag.capture.position_live import PositionWindow, figure_due, position_figure, position_scalars, position_tokens
 from cppo_diag.capture.sinks import check_sinks_installed
 from cppo_diag.integrations.names import clip_ratio_scalars
+from cppo_diag.masks.logratio import kl_k3
 from cppo_diag.masks.reasons import Reason
+from cppo_diag.storage.meta import is_run_dir
 
 logger = logging.getLogger(__name__)
 
@@ -336,7 +338,7 @@ class CppoDiagGRPOMixin:
     def _cd_prepare_run_dir(self, run_dir: Path) -> None:
         """Apply ``if_exists`` to an existing run (every process checks before any opens its recorder)."""
         mode = self._cd_cfg.if_exists
-        exists = (run_dir / "meta.json").exists()
+        exists = is_run_dir(run_dir)
         if exists and mode == "error":
             raise FileExistsError(
                 f"CppoDiagConfig: run directory {run_dir} already holds a run; pass if_exists='overwrite' to "
@@ -581,7 +583,7 @@ class CppoDiagGRPOMixin:
         mode = "train" if self.model.training else "eval"
         if getattr(self, "beta", 0.0) != 0.0:
             ref = inputs["ref_per_token_logps"]  # (B, T)
-            per_token_kl = torch.exp(ref - logp) - (ref - logp) - 1  # k3, as TRL
+            per_token_kl = kl_k3(ref - logp)  # k3 of KL(pi || ref), as TRL (exp(x) - x - 1)
             kl = masked_mean(per_token_kl, mask)
             loss = loss + self.beta * kl
             self._metrics[mode]["kl"].append(float(kl.detach()))

@@ -26,7 +26,6 @@ A run that logs no ``reward`` raises ``ValueError`` at the first log that lacks 
 
 from __future__ import annotations
 
-import json
 import re
 import shutil
 from pathlib import Path
@@ -92,14 +91,11 @@ class DoctorGuardCallback(TrainerCallback):
         """After ``trainer.train()``: mark the run ``halted`` when the doctor stopped it; the exit code to use."""
         if self.halted is None:
             return 0
-        from cppo_diag.storage.layout import atomic_write_json
+        from cppo_diag.storage.meta import update_meta
 
-        meta_path = (self.run_dir or Path(".")) / "meta.json"
-        if self.run_dir is not None and meta_path.exists():
-            meta = json.loads(meta_path.read_text())
-            meta["status"] = "halted"
-            meta["doctor"] = {"live": True, "on_critical": self.on_critical, "halted": self.halted}
-            atomic_write_json(meta_path, meta)
+        if self.run_dir is not None:
+            update_meta(self.run_dir, status="halted",
+                        doctor={"live": True, "on_critical": self.on_critical, "halted": self.halted})
         return HALT_EXIT_CODE
 
 

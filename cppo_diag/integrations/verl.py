@@ -81,6 +81,7 @@ from cppo_diag.capture.sinks import check_sinks_installed
 from cppo_diag.integrations.names import verl_rollout_corr_scalars
 from cppo_diag.loss import AGG_MODES, policy_loss
 from cppo_diag.masks import compute_mask, get_rule, list_rules
+from cppo_diag.masks.logratio import ratio
 from cppo_diag.masks.reduce import masked_mean
 
 logger = logging.getLogger(__name__)
@@ -389,7 +390,7 @@ def _rule_loss(rule: str, old_log_prob, log_prob, advantages, response_mask, los
         elif res.weight is not None:
             res.weight = res.weight.to(w.dtype) * w
         elif res.loss_form == "is_weight":  # the IS weight defaults to rho; keep it and apply verl's on top
-            rho = torch.exp((log_prob.detach() - mu).clamp(-20.0, 20.0))  # (B, T)
+            rho = ratio(log_prob.detach(), mu)  # (B, T)
             res.weight = rho * w
         else:
             res.weight = w

@@ -1,4 +1,4 @@
-"""The ratio rho_t and the away test (SPEC.md "Notation" and "Away test"): the one definition of both.
+"""The away test (SPEC.md "Away test"), on the ratio rho_t (SPEC.md "Notation", defined in ``masks.logratio``).
 
     rho_t  = exp(clamp(log pi - log mu, -20, 20))        (anchored to mu, or to pi_old with anchor="old")
     away_t = A_t * (rho_t - 1) > 0                        (the update moves pi further from mu)
@@ -6,29 +6,15 @@
 Every rule evaluates these in the batch's compute dtype (float32 for float32/16 inputs, ``compute_mask``); the
 offline analyses call :func:`direction_array` on the logged float32 columns, so a token with a tiny
 log-ratio, whose rho rounds to exactly 1, is "not away" everywhere (a float64 ``A * log-ratio > 0`` would
-call it away). The functions take torch tensors; importing this module does not load torch.
+call it away). The functions take torch tensors; importing this module does not load torch. rho and its clamp
+are written in ``masks.logratio`` (with the other log-ratios, for every array type) and re-exported here.
 """
 
 from __future__ import annotations
 
+from cppo_diag.masks.logratio import LOG_RATIO_CLAMP, log_ratio, ratio
+
 __all__ = ["LOG_RATIO_CLAMP", "log_ratio", "ratio", "drift", "away_test", "direction_array"]
-
-LOG_RATIO_CLAMP = 20.0  # |log pi - log mu| is clamped here before exp (SPEC notation: rho_t)
-
-
-def log_ratio(logp, logp_anchor, *, diff=None):
-    """(B, T) clamp(log pi - log anchor, -20, 20), rho's exponent (torch tensors).
-
-    ``diff``: ``logp - logp_anchor`` already computed by the caller (a buffer it no longer needs): it is
-    clamped in place instead of allocating a new tensor.
-    """
-    d = logp - logp_anchor if diff is None else diff  # (B, T)
-    return d.clamp_(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
-
-
-def ratio(logp, logp_anchor):
-    """(B, T) rho_t = exp(clamp(log pi - log anchor, -20, 20)) (SPEC notation)."""
-    return log_ratio(logp, logp_anchor).exp_()
 
 
 def drift(advantages, rho, *, overwrite: bool = False):

@@ -7,6 +7,10 @@ All are computed detached on the canonical (B, T) batch; values on padding are m
 * ``topk_tv`` / ``topk_kl``: buckets A' = TopK(mu) U {y_t} plus one "other" bucket 1 - sum over A';
   TV = 1/2 sum |p_a - q_a|, KL = sum q_a log(q_a/p_a), every mass clamped at 1e-12.
 * diagnostics (not used by the rules): ``k1`` = log pi - log mu, ``k3`` = rho - 1 - log rho.
+
+The log-ratio formulas (rho, k1/k2/k3, a cancellation-free |pi - mu| from log-probs) live in
+``masks.logratio`` for every array type; this module applies them to a rule's batch. The rules' D_t stays
+|p - q| on the probabilities they hold, so offline recomputes match the trainer's masks bit for bit.
 """
 
 from __future__ import annotations
@@ -14,6 +18,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Callable
 
 import torch
+
+from cppo_diag.masks.logratio import kl_k3
 
 if TYPE_CHECKING:
     from cppo_diag.masks.layout import RuleInput
@@ -87,8 +93,8 @@ def k1(x: "RuleInput") -> torch.Tensor:
 
 
 def k3(x: "RuleInput") -> torch.Tensor:
-    """rho - 1 - log rho (Schulman's k3 estimator of KL(mu || pi)), >= 0."""
-    return x.rho - 1.0 - x.log_ratio
+    """rho - 1 - log rho (Schulman's k3 estimator of KL(mu || pi)), >= 0 (``logratio.kl_k3``)."""
+    return kl_k3(x.log_ratio)
 
 
 def _binary_tv(x: "RuleInput") -> torch.Tensor:

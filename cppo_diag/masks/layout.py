@@ -21,7 +21,8 @@ from typing import Any, Mapping
 
 import torch
 
-from cppo_diag.masks.away import away_test, log_ratio
+from cppo_diag.masks.away import away_test
+from cppo_diag.masks.logratio import log_ratio
 
 __all__ = ["TopK", "RuleInput", "build_input", "InputError"]
 

@@ -45,7 +45,7 @@ COMMON_PARAMETERS: dict[str, str] = {
 
 
 # What a rule can do, declared once at registration (``register_rule(..., facts=RuleFacts(...))``) and read by
-# every analysis through ``get_rule(name).facts`` / ``rules_with(...)``; tests/test_rule_facts.py checks each
+# every analysis through ``get_rule(name).facts`` / ``rules_with(...)``; tests/masks/test_rule_facts.py checks each
 # declared fact against ``compute_mask`` on random inputs.
 THRESHOLD_SCHEDULES: dict[str, str] = {
     "none": "no threshold: every valid token keeps its full weight",

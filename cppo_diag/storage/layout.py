@@ -84,6 +84,14 @@ def scalars_file_name(rank: int) -> str:
     return f"rank{int(rank)}.jsonl"
 
 
+HEARTBEAT_GLOB = "rank*.json"  # every heartbeat file in RUN/_live/
+
+
+def heartbeat_file_name(rank: int) -> str:
+    """``_live/`` heartbeat of rank ``rank``'s open writer."""
+    return f"rank{int(rank)}.json"
+
+
 def tmp_path_for(path: Path) -> Path:
     """A unique temporary sibling of ``path`` (same directory, so ``os.replace`` is atomic)."""
     return path.with_name(f"{TMP_PREFIX}{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}")
@@ -202,6 +210,17 @@ def atomic_parquet_writer(path: Path, arrow_schema, **write_options):
             yield writer
         finally:
             writer.close()
+
+
+def write_token_shard(run: Path, frame, *, step: int, rank: int = 0, update: int = 0, part: int = 0,
+                      **write_options) -> Path:
+    """One token shard ``RUN/tokens/step=.../rank{r}-u{u}-{part}.parquet`` written atomically (its step folder
+    made as needed); ``write_options`` go to ``atomic_write_parquet``. Returns the shard's path."""
+    step_dir = run_dirs(Path(run))["tokens"] / step_dir_name(step)
+    step_dir.mkdir(parents=True, exist_ok=True)
+    path = step_dir / token_shard_name(rank, update, part)
+    atomic_write_parquet(frame, path, **write_options)
+    return path
 
 
 def write_done_marker(done_dir: Path, step: int, rank: int, *, fsync: bool = False) -> Path:

@@ -22,20 +22,12 @@ import pyarrow.parquet as pq
 
 from cppo_diag.storage import layout, schema, validate
 from cppo_diag.storage.batches import BATCH_COLUMNS, Batch, batches_from_frame
-
-
-class RunFormatError(ValueError):
-    """The directory is not a readable run (the message says which file and what was expected)."""
+from cppo_diag.storage.meta import RunFormatError, RunMeta, is_run_dir, read_meta
 
 
 class RunWarning(UserWarning):
     """A part of a run was skipped while reading (the message names the file)."""
 
-
-# meta.json fields the readers use, with the JSON types schema.META_KEYS gives them (null is always allowed).
-_META_TYPES = (("rule_params", dict, "a JSON object"), ("config", dict, "a JSON object"),
-               ("rule", str, "a string"), ("name", str, "a string"), ("status", str, "a string"),
-               ("anchor", str, "a string"), ("trainer", str, "a string"))
 
 _LIVE_STALE_S = 60.0  # heartbeat older than this from another host => not live
 
@@ -49,29 +41,10 @@ class Run:
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
-        meta_path = self.path / schema.META_FILE
         if not self.path.is_dir():
             raise RunFormatError(f"not a run: {self.path} is not a directory")
-        if not meta_path.exists():
-            raise RunFormatError(f"not a run: {self.path} has no {schema.META_FILE}")
-        try:
-            meta = json.loads(meta_path.read_text())
-        except (OSError, ValueError) as exc:
-            raise RunFormatError(f"{meta_path}: cannot parse JSON ({exc})") from exc
-        if not isinstance(meta, dict):
-            raise RunFormatError(f"{meta_path}: expected a JSON object, found {type(meta).__name__}")
-        version = meta.get("schema_version")
-        if version != schema.SCHEMA_VERSION:
-            raise RunFormatError(
-                f"{meta_path}: schema_version expected {schema.SCHEMA_VERSION}, found {version!r}"
-                + (" (written by a newer cppo-diag; upgrade)" if isinstance(version, int) and version > schema.SCHEMA_VERSION else "")
-            )
-        for key, types, want in _META_TYPES:
-            if key in meta and meta[key] is not None and not isinstance(meta[key], types):
-                raise RunFormatError(f"{meta_path}: field '{key}' expected {want}, found "
-                                     f"{type(meta[key]).__name__} {json.dumps(meta[key])[:60]}")
-        self.meta: dict = meta
-        self.name: str = meta.get("name") or self.path.name
+        self.meta: RunMeta = read_meta(self.path)  # validated (storage.meta)
+        self.name: str = self.meta.name or self.path.name
         self._footer_cache: dict[Path, tuple[tuple[int, int], object]] = {}
         self._facts: dict[Path, validate.ShardFacts] = {}  # token shards: what storage.validate found
         self._checks: dict | None = None  # RUN/_cache/shard_checks.json, loaded on first use
@@ -79,21 +52,20 @@ class Run:
         self._warned: set[str] = set()
 
     def __repr__(self) -> str:
-        return f"Run({str(self.path)!r}, status={self.meta.get('status')!r})"
+        return f"Run({str(self.path)!r}, status={self.meta.status!r})"
 
     # -- liveness / completeness --------------------------------------------------------------------
     @property
     def is_live(self) -> bool:
         """True while some writer of this run is still open (status 'running' and a fresh heartbeat;
         on the same host the heartbeat's process must still exist)."""
-        meta = self._reload_meta()
-        if meta.get("status") != "running":
+        if self._reload_meta().status != "running":
             return False
         live_dir = self.path / layout.LIVE_DIR
         if not live_dir.is_dir():
             return False
         host = socket.gethostname()
-        for f in live_dir.glob("rank*.json"):
+        for f in live_dir.glob(layout.HEARTBEAT_GLOB):
             try:
                 beat = json.loads(f.read_text())
             except (OSError, ValueError):
@@ -110,10 +82,10 @@ class Run:
                 return True
         return False
 
-    def _reload_meta(self) -> dict:
+    def _reload_meta(self) -> RunMeta:
         try:
-            self.meta = json.loads((self.path / schema.META_FILE).read_text())
-        except (OSError, ValueError):
+            self.meta = read_meta(self.path, version=False)
+        except RunFormatError:  # being replaced, or broken since open: keep what was read
             pass
         return self.meta
 
@@ -462,8 +434,8 @@ def list_runs(root: str | os.PathLike) -> list[Run]:
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"runs root {root} is not a directory")
-    candidates = [root] if (root / schema.META_FILE).exists() else []
-    candidates += sorted(p for p in root.iterdir() if p.is_dir() and (p / schema.META_FILE).exists())
+    candidates = [root] if is_run_dir(root) else []
+    candidates += sorted(p for p in root.iterdir() if p.is_dir() and is_run_dir(p))
     runs = []
     for p in candidates:
         try:

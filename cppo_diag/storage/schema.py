@@ -75,6 +75,47 @@ OPTIONAL_TOKEN_COLUMNS: dict[str, pl.DataType] = {
 
 TOKEN_COLUMNS: dict[str, pl.DataType] = {**REQUIRED_TOKEN_COLUMNS, **OPTIONAL_TOKEN_COLUMNS}
 
+_NUMPY_DTYPES = {pl.Int64: "int64", pl.Int32: "int32", pl.UInt8: "uint8", pl.Float32: "float32", pl.Boolean: "bool"}
+
+
+def numpy_dtype(column: str, table: dict[str, pl.DataType] | None = None):
+    """The numpy dtype a writer stores ``column`` of ``table`` (default the token table) in; for a list column,
+    the dtype of its elements. KeyError names the column."""
+    import numpy as np
+
+    tables = TOKEN_COLUMNS if table is None else table
+    if column not in tables:
+        raise KeyError(f"column {column!r}: not in the table; expected one of {sorted(tables)}")
+    dtype = tables[column]
+    if isinstance(dtype, pl.List):
+        dtype = dtype.inner
+    return np.dtype(_NUMPY_DTYPES[dtype.base_type()])
+
+
+def arrow_type(column: str, table: dict[str, pl.DataType] | None = None):
+    """The Arrow type a writer stores ``column`` of ``table`` (default the token table) as (strings as
+    ``pa.string()``, lists as ``pa.list_``). KeyError names the column."""
+    import pyarrow as pa
+
+    tables = TOKEN_COLUMNS if table is None else table
+    if column not in tables:
+        raise KeyError(f"column {column!r}: not in the table; expected one of {sorted(tables)}")
+
+    def of(dtype):
+        if isinstance(dtype, pl.List):
+            return pa.list_(of(dtype.inner))
+        if dtype == pl.Utf8:
+            return pa.string()
+        return pa.from_numpy_dtype(_NUMPY_DTYPES[dtype.base_type()])
+
+    return of(tables[column])
+
+
+def columns_of_dtype(dtype: pl.DataType, table: dict[str, pl.DataType] | None = None) -> set[str]:
+    """The columns of ``table`` (default the token table) stored as ``dtype`` (e.g. ``pl.Float32``,
+    ``pl.List(pl.Float32)``)."""
+    return {c for c, t in (TOKEN_COLUMNS if table is None else table).items() if t == dtype}
+
 # Columns that identify one sequence's tokens.
 SEQUENCE_KEY = ("step", "update", "rank", "seq_id")
 

@@ -171,11 +171,10 @@ def _accuracy_curve(run, scalar: str) -> pl.DataFrame:
         .filter(pl.col("accuracy").is_not_nan())
         .sort("step")
     )
-    meta = run.meta or {}
-    cfg = meta.get("config") or {}
+    cfg = run.meta.config
     every = (cfg.get("log") or {}).get("eval_every")
     total = cfg.get("steps")
-    if meta.get("trainer") != "cppo-diag" or every is None or total is None:
+    if run.meta.trainer != "cppo-diag" or every is None or total is None:
         return curve
     every, total = int(every), int(total)
     is_eval_step = ((pl.col("step") + 1) % every == 0) if every > 0 else pl.lit(False)
@@ -217,7 +216,7 @@ def collect_study(root: str | Path, analysis: AnalysisConfig | None = None) -> S
             except Exception as exc:  # noqa: BLE001 - a broken run is reported, not fatal to the study
                 e.status = f"unreadable: {exc}"
             else:
-                e.status = str(e.run.meta.get("status", "unknown"))
+                e.status = str(e.run.meta.status or "unknown")
                 e.curve = _accuracy_curve(e.run, analysis.accuracy)
                 steps = e.run.steps()
                 if M.TIME_STEP_S in steps.columns:
@@ -865,7 +864,7 @@ def write_results(
         "said otherwise.\n"
     )
 
-    cfg = next((e.run.meta.get("config") for e in data.entries if e.run is not None and e.run.meta.get("config")), None)
+    cfg = next((e.run.meta.config for e in data.entries if e.run is not None and e.run.meta.config), None)
     if cfg:
         L.append("Trainer settings shared by the runs (from the first run's `meta.json`; the full resolved config "
                  "of every run is in its `meta.json`):\n")

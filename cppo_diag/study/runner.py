@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Callable, Protocol, Sequence
 
 from cppo_diag.storage import schema
+from cppo_diag.storage.meta import RunFormatError, is_run_dir, read_meta
 from cppo_diag.study.config import Cell, StudyConfig
 
 __all__ = [
@@ -72,14 +73,12 @@ def _completed_steps(run_dir: Path) -> int:
 def cell_state(run_dir: str | Path, steps: int) -> CellState:
     """Whether the run at ``run_dir`` is finished (skip), partial (resume) or missing (start)."""
     run_dir = Path(run_dir)
-    meta_path = run_dir / schema.META_FILE
-    if not meta_path.is_file():
+    if not is_run_dir(run_dir):
         return CellState("missing", 0, None)
     try:
-        meta = json.loads(meta_path.read_text())
-    except (OSError, json.JSONDecodeError):
+        meta_status = read_meta(run_dir, version=False).status
+    except RunFormatError:
         return CellState("partial", 0, None)
-    meta_status = meta.get("status")
     done = _completed_steps(run_dir)
     if meta_status == "finished" and done >= steps:
         return CellState("finished", done, meta_status)

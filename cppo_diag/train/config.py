@@ -15,6 +15,8 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from cppo_diag.masks.params import parse_param_items
+
 
 def F(default, doc: str, **kw):
     """A dataclass field with a help string (shown by ``cppo-diag train --help``)."""
@@ -381,18 +383,6 @@ def load_file(path: str | Path) -> dict:
     raise ValueError(f"config file {p}: expected .toml, .yaml/.yml or .json, found {p.suffix!r}")
 
 
-def _parse_scalar(s: str):
-    """Command-line value for a rule parameter: int, float, bool or string."""
-    for cast in (int, float):
-        try:
-            return cast(s)
-        except ValueError:
-            pass
-    if s.lower() in ("true", "false"):
-        return s.lower() == "true"
-    return s
-
-
 def build_config(preset: str | None = None, file: str | None = None, overrides: dict | None = None) -> TrainConfig:
     cfg = TrainConfig()
     if preset:
@@ -438,11 +428,9 @@ def overrides_from_args(args: argparse.Namespace) -> dict:
     out: dict = {}
     for dotted, _typ, _default, _doc in _walk(TrainConfig):
         if dotted == "rule.params":
-            for kv in getattr(args, "rule.param", None) or []:
-                if "=" not in kv:
-                    raise ValueError(f"--rule.param: expected KEY=VALUE, found {kv!r}")
-                k, v = kv.split("=", 1)
-                out.setdefault("rule", {}).setdefault("params", {})[k.strip()] = _parse_scalar(v.strip())
+            params = parse_param_items(getattr(args, "rule.param", None), "--rule.param")
+            if params:
+                out.setdefault("rule", {}).setdefault("params", {}).update(params)
             continue
         value = getattr(args, dotted, None)
         if value is None:

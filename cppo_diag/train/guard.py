@@ -18,7 +18,6 @@ scripts/bench_doctor_live.py compares it with the step time.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import time
@@ -125,18 +124,14 @@ class TrainGuard:
     def record(self, halted: DoctorHalt | None = None) -> None:
         """Write ``meta.json -> doctor`` (rank 0, after the recorder closed): settings version, the guard's time,
         the first warning, the pinned checkpoint, and the halt."""
-        from cppo_diag.storage.layout import atomic_write_json, run_dirs
+        from cppo_diag.storage.meta import update_meta
 
         if not self.run.d.main:
             return
         if self.first_warning is None and self.pinned is not None:  # no warning: no checkpoint to keep
             shutil.rmtree(self.pinned, ignore_errors=True)
             self.pinned = None
-        meta_path = run_dirs(self.run.run_dir)["meta"]
-        if not meta_path.exists():
-            return
-        meta = json.loads(meta_path.read_text())
-        meta["doctor"] = {
+        update_meta(self.run.run_dir, doctor={
             "live": True, "on_critical": self.cfg.on_critical, "settings_version": self.version,
             "steps_checked": self.steps, "time_s": round(self.time_s, 6),
             "findings": len(self.doctor.findings), "first_warning_step": self.first_warning,
@@ -144,8 +139,7 @@ class TrainGuard:
             "halted": None if halted is None else {"step": halted.step, "finding": halted.finding.id,
                                                    "first_step": halted.finding.first_step,
                                                    "exit_code": HALT_EXIT_CODE},
-        }
-        atomic_write_json(meta_path, meta)
+        })
 
 
 class _Remote:

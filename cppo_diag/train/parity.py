@@ -22,8 +22,7 @@ def check_parity(run_path) -> dict[str, int]:
         if batch.keep_applied is None or batch.reason_applied is None:
             raise ValueError(f"{run.path}: step {batch.step} update {batch.update} rank {batch.rank}: parity needs "
                              "columns 'keep_applied' and 'reason_applied' on every token, found them missing or null")
-        res = compute_mask(meta["rule"], anchor=meta.get("anchor", "rollout"), **batch.rule_inputs(),
-                           **(meta.get("rule_params") or {}))
+        res = compute_mask(meta.rule, anchor=meta.anchor, **batch.rule_inputs(), **meta.rule_params)
         applied = batch.unpad(batch.keep_applied)
         out["tokens"] += batch.n_tokens
         out["masked"] += int((~applied).sum())

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from cppo_diag.capture import NullRecorder, RunRecorder
+from cppo_diag.storage.meta import is_run_dir
 
 from .checkpoint import list_checkpoints, load_checkpoint, load_queue
 from .config import TrainConfig, to_dict
@@ -252,8 +253,8 @@ def _open_recorder(run: Run, recorder_factory):
         import cppo_diag.analyses.aggregate  # noqa: F401 - registers the recorder's write-time aggregates
         rec = RunRecorder(cfg.log.out_dir, name=run.name, every_n_steps=cfg.log.every_n_steps,
                           seq_fraction=cfg.log.seq_fraction, on_error="raise", sinks=sinks, **meta)
-    if run.start > 0 and cfg.log.record and cfg.log.every_n_steps > 1 and (run.run_dir / "meta.json").exists():
-        from cppo_diag import open_run
+    if run.start > 0 and cfg.log.record and cfg.log.every_n_steps > 1 and is_run_dir(run.run_dir):
+        from cppo_diag.storage import open_run
 
         run.scalar_steps = set(open_run(run.run_dir).steps()["step"].to_list())
     return rec

@@ -30,7 +30,7 @@ import torch
 from cppo_diag import metric_names as M
 from cppo_diag.capture.position_live import PositionTokens, figure_due, position_figure, position_scalars, position_tokens
 from cppo_diag.loss import policy_loss
-from cppo_diag.masks import compute_mask
+from cppo_diag.masks import compute_mask, logratio
 from cppo_diag.masks.metrics import divergence_metrics
 from cppo_diag.masks.reduce import masked_mean
 
@@ -81,7 +81,7 @@ class StepPool:
         anchor_lp = lr if lo is None else lo
         _, loss_metrics = policy_loss(logp, anchor_lp, adv, mask, res, **self.loss_kwargs)
         with torch.no_grad():
-            tv = (logp.exp() - lr.exp()).abs()  # (N_rows, T) |pi - mu| of the sampled tokens
+            tv = logratio.tv(logp, lr)  # (N_rows, T) |pi - mu| of the sampled tokens
             out = {k: float(v) for k, v in divergence_metrics("binary_tv", tv, mask).items()}
             out[M.POLICY_ENTROPY] = float(masked_mean(cat("entropy"), mask))
         out.update(loss_metrics)

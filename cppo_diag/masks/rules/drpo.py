@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from cppo_diag import metric_names as M
+from cppo_diag.masks.divergence import binary_tv
 from cppo_diag.masks.layout import RuleInput
 from cppo_diag.masks.metrics import mask_metrics
 from cppo_diag.masks.reduce import masked_fraction, masked_mean
@@ -25,7 +26,7 @@ def drpo(x: RuleInput, *, delta: float = 0.15) -> RuleOutput:
     check_positive("delta", delta)
     keep = x.valid.clone()
     reason = no_reason(x.valid)
-    beyond = x.away & ((x.p - x.q).abs() > delta)  # (B, T)
+    beyond = x.away & (binary_tv(x.p, x.q) > delta)  # (B, T)
 
     def metrics():
         m = mask_metrics("drpo", x, keep, reason)
