@@ -41,7 +41,8 @@ from typing import Any, Sequence
 import numpy as np
 import polars as pl
 
-from cppo_diag.analyses.tokens import LOGRATIO_CLAMP, columns_of, load_tokens, run_meta, run_name
+from cppo_diag.analyses.tokens import columns_of, load_tokens, run_meta, run_name
+from cppo_diag.masks.logratio import kl_k3, log_ratio
 from cppo_diag import metric_names as M
 
 SEVERITIES = ("info", "warning", "critical")
@@ -434,7 +435,7 @@ def theil_sen(x: Sequence[float], y: Sequence[float]) -> float:
 
 
 def _lr(x: str) -> pl.Expr:
-    return (pl.col(x).cast(pl.Float64) - pl.col("logp_rollout").cast(pl.Float64)).clip(-LOGRATIO_CLAMP, LOGRATIO_CLAMP)
+    return log_ratio(pl.col(x).cast(pl.Float64), pl.col("logp_rollout").cast(pl.Float64))
 
 
 def _top_decile_mean(d: pl.Expr) -> pl.Expr:
@@ -474,7 +475,7 @@ def step_series(source: Any) -> dict:
     info["mismatch_pair"] = "pi_old / mu" if mm_col == "logp_old" else "pi / mu in the first update"
     first = (pl.col("update") == 0) & pl.col(mm_col).is_not_null() & pl.col("logp_rollout").is_not_null()
     info["mismatch"] = (lf.filter(first)
-                        .group_by("step").agg(pl.len().alias("n_tokens"), (lr.exp() - 1.0 - lr).mean().alias("k3"),
+                        .group_by("step").agg(pl.len().alias("n_tokens"), kl_k3(lr).mean().alias("k3"),
                                               lr.abs().mean().alias("abs_lr_mean"))
                         .sort("step").collect())
     same = (pl.col("logp") == pl.col("logp_rollout")) | pl.col("logp_rollout").is_null()

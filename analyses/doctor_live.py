@@ -302,7 +302,7 @@ def live_step_stats(updates: Sequence[Any]) -> dict[str, float | None]:
     ``doctor.step_series``. None for a statistic the step cannot give (e.g. one update: no tail)."""
     import torch
 
-    from cppo_diag.analyses.tokens import LOGRATIO_CLAMP
+    from cppo_diag.masks.logratio import kl_k3, log_ratio
 
     parts = [u for u in updates if bool(u.mask.any())]
     out: dict[str, float | None] = {k: None for k in STAT_NAMES}
@@ -310,7 +310,7 @@ def live_step_stats(updates: Sequence[Any]) -> dict[str, float | None]:
         return out
     with torch.no_grad():
         later = [u for u in parts if u.update > 0] or parts
-        d = torch.cat([((u.logp.float() - u.logp_rollout.float()).clamp(-LOGRATIO_CLAMP, LOGRATIO_CLAMP).abs())[u.mask]
+        d = torch.cat([log_ratio(u.logp.float(), u.logp_rollout.float()).abs()[u.mask]
                        for u in later])  # (N,)
         if d.numel():
             out["tail_top10"] = tail_top10(d)
@@ -318,9 +318,9 @@ def live_step_stats(updates: Sequence[Any]) -> dict[str, float | None]:
             out["masked_frac"] = float(masked.double().mean())
         first = [u for u in parts if u.update == 0]
         if first:
-            lr = torch.cat([((u.logp_old if u.logp_old is not None else u.logp).float() - u.logp_rollout.float())
-                            .clamp(-LOGRATIO_CLAMP, LOGRATIO_CLAMP)[u.mask] for u in first]).double()
-            out["mismatch_k3"] = float((lr.exp() - 1.0 - lr).mean())
+            lr = torch.cat([log_ratio((u.logp_old if u.logp_old is not None else u.logp).float(),
+                                      u.logp_rollout.float())[u.mask] for u in first]).double()
+            out["mismatch_k3"] = float(kl_k3(lr).mean())
             out["mismatch_abs_lr"] = float(lr.abs().mean())
             ent = [u.entropy[u.mask] for u in first if u.entropy is not None]
             if ent:

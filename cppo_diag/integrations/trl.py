@@ -112,7 +112,7 @@ from cppo_diag.capture import NullRecorder, RunRecorder
 from cppo_diag.capture.position_live import PositionWindow, figure_due, position_figure, position_scalars, position_tokens
 from cppo_diag.capture.sinks import check_sinks_installed
 from cppo_diag.integrations.names import clip_ratio_scalars
-from cppo_diag.masks.logratio import kl_k3
+from cppo_diag.masks.logratio import kl_k3, log_ratio
 from cppo_diag.masks.reasons import Reason
 from cppo_diag.storage.meta import is_run_dir
 
@@ -687,9 +687,7 @@ class CppoDiagGRPOMixin:
                 self._cd_echoed.add(key)
         # the live doctor's runaway statistic: DoctorGuardCallback reads it from TRL's logs
         from cppo_diag.analyses.doctor_live import TAIL_METRIC, tail_top10
-        from cppo_diag.analyses.tokens import LOGRATIO_CLAMP
-
-        d = (logp.detach().float() - logp_rollout.float()).clamp(-LOGRATIO_CLAMP, LOGRATIO_CLAMP).abs()[mask.bool()]
+        d = log_ratio(logp.detach().float(), logp_rollout.float()).abs()[mask.bool()]
         tail = tail_top10(d)
         if tail is not None:
             self._metrics["train"][TAIL_METRIC].append(tail)
