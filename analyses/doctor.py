@@ -103,7 +103,6 @@ TREND_MIN_SNR = _S.trend_min_snr
 ENTROPY_COLLAPSE_FRACTION = _S.entropy_collapse_fraction
 BUDGET_EARLY_FRACTION = _S.budget_early_fraction
 EARLY_WARNING_IDS = ("divergence_runaway",)  # corroborates masked_frac_rising
-DRIFT_IDS = ("divergence_tails_rising", "mismatch_drift", "entropy_surge")  # change-point tests: info, not alarms
 
 # Pages of the app that show each finding's evidence (app/streamlit_app.py titles).
 PAGE_DIVERGENCE = "Divergence by position"
