@@ -31,7 +31,9 @@ def main() -> int:
     sys.path.insert(0, str(ROOT))
     from streamlit.testing.v1 import AppTest
 
-    runs = sorted(p for p in args.root.iterdir() if (p / "meta.json").exists())
+    from cppo_diag.storage.meta import is_run_dir
+
+    runs = sorted(p for p in args.root.iterdir() if is_run_dir(p))
     if len(runs) != 1:
         raise SystemExit(f"--root: expected a directory with exactly one run, found {len(runs)}")
     # a first view: only what the recorder wrote beside the run (drop caches of earlier views)

@@ -124,7 +124,9 @@ def main() -> int:
     args = ap.parse_args()
 
     run = args.data_dir / f"recorded_{args.tokens}"
-    if not (run / "meta.json").exists():
+    from cppo_diag.storage.meta import is_run_dir
+
+    if not is_run_dir(run):
         from cppo_diag.analyses.synthetic import write_recorded_run
 
         print(f"generating {args.tokens:,} tokens in {run} (RunRecorder, write-time aggregates on) ...", flush=True)

@@ -34,9 +34,11 @@ def in_trainer(preset: str, steps: int, threads: int) -> dict:
                "--log.eval_every", "0", "--ckpt.every", "10", "--ckpt.keep", "1", "--doctor.live", "true"]
         subprocess.run(cmd, cwd=REPO, check=True, stdout=subprocess.DEVNULL)
         run = Path(tmp) / "bench"
-        meta = json.loads((run / "meta.json").read_text())
         sys.path.insert(0, str(REPO))
         from cppo_diag import open_run
+        from cppo_diag.storage.meta import read_meta
+
+        meta = read_meta(run)
 
         step_s = float(open_run(run).steps()["time/step_s"].drop_nulls().sum())
     guard = float(meta["doctor"]["time_s"])

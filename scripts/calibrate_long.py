@@ -37,6 +37,10 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+from cppo_diag.storage.meta import is_run_dir  # noqa: E402
+
 START, END = "<!-- calibration-table:start (scripts/calibrate_long.py) -->", "<!-- calibration-table:end -->"
 EXPLORE_START, EXPLORE_END = "<!-- explore-table:start (scripts/calibrate_long.py --explore) -->", "<!-- explore-table:end -->"
 RULES = ("grpo_clip", "dppo", "cppo", "pg_is")
@@ -44,21 +48,14 @@ LABELS = {"grpo_clip": "GRPO clip", "dppo": "DPPO", "cppo": "CPPO", "pg_is": "pg
 MDD_Z = 2.80  # z_{0.975} + z_{0.80}
 
 
-def sustained_collapse(rewards: np.ndarray, steps: np.ndarray, *, window: int = 5, min_step: int = 10,
-                       min_left: int = 5) -> int | None:
-    """The first step >= ``min_step`` where the ``window``-step moving average of the reward falls below half
-    its running maximum and stays below that half to the end, with at least ``min_left`` steps left; None if
-    the run never collapses so."""
-    if len(rewards) < window:
-        return None
-    ma = np.convolve(rewards, np.ones(window) / window, mode="valid")  # ma[i] ends at step index i + window - 1
-    ms = steps[window - 1:]
-    half = np.maximum.accumulate(ma) / 2
-    below = ma < half
-    for i in range(len(ma)):
-        if ms[i] >= min_step and below[i] and below[i:].all() and len(ma) - 1 - i >= min_left:
-            return int(ms[i])
-    return None
+def sustained_collapse(rewards: np.ndarray, steps: np.ndarray) -> int | None:
+    """The doctor's sustained collapse (``analyses.doctor.reward_episodes``: the first step >= 10 where the 5-step
+    moving average of the reward falls below half its running maximum and stays below to the end, with at least 5
+    steps left), or None."""
+    from cppo_diag.analyses.doctor import reward_episodes
+
+    collapse = reward_episodes(steps, rewards)["collapse"]
+    return None if collapse is None else int(collapse["start"])
 
 
 def run_figures(path: Path) -> dict:
@@ -97,20 +94,24 @@ def run_figures(path: Path) -> dict:
 def explore_table(roots: list[Path]) -> str:
     """One row per run under ``roots`` (finished or not)."""
     from cppo_diag import open_run
+    from cppo_diag.analyses.doctor import reward_trend
 
     lines = ["| run | iterations | greedy accuracy at each evaluation | lowest reward MA / its running max | "
              "sustained collapse | masked (lag > 0, or after the 1st update) |", "|---|---|---|---|---|---|"]
     for root in roots:
-        for d in sorted(p for p in Path(root).iterdir() if (p / "meta.json").exists()):
+        for d in sorted(p for p in Path(root).iterdir() if is_run_dir(p)):
             run = open_run(d)
             s = run.steps().sort("step")
             total = run.meta.config.get("steps", "?")
+            if "reward/mean" not in s.columns:
+                lines.append(f"| `{root.name}/{d.name}` | 0/{total} | - | - | - | - |")  # not past its first step
+                continue
             ev = s.select("step", "eval/greedy_acc").drop_nulls()
             evs = ", ".join(f"{a:.3f}" for a in ev["eval/greedy_acc"])
             rw = s.select("step", "reward/mean").drop_nulls()
             r = rw["reward/mean"].to_numpy()
-            ma = np.convolve(r, np.ones(5) / 5, mode="valid") if len(r) >= 5 else r
-            low = f"{ma.min():.2f} / {np.maximum.accumulate(ma)[int(ma.argmin())]:.2f}" if len(ma) else "-"
+            _, ma, run_max = reward_trend(rw["step"].to_numpy(), r)  # the doctor's moving average
+            low = f"{ma.min():.2f} / {run_max[int(ma.argmin())]:.2f}" if len(ma) else "-"
             col = sustained_collapse(r, rw["step"].to_numpy())
             f = run_figures(d)
             masked = "-" if f["rule"] == "pg_is" else f"{f['masked_frac']:.1%}"
@@ -132,7 +133,7 @@ def train(root: Path, threads: int, workers: int) -> None:
 def collect(root: Path, threads: int) -> list[dict]:
     out = []
     for d in sorted((root / f"t{threads}").glob("*-s*")):
-        if (d / "meta.json").exists():
+        if is_run_dir(d):
             f = run_figures(d)
             f["threads"], f["seed"] = threads, int(d.name.rsplit("-s", 1)[1])
             out.append(f)
