@@ -5,7 +5,7 @@ that fire at that step. Every test looks only at the newest point (the CUSUM kee
 trend test looks at the latest ``trend_window`` points), so a step costs O(steps so far) at most for the robust
 reference (a median), not a rerun of the offline tests; the finding itself, built once when a test fires, is the
 offline check run on the steps so far, so its message and evidence are the offline ones. The alarm steps equal
-``diagnose``'s on the same series (tests/test_doctor_live.py).
+``diagnose``'s on the same series (tests/analyses/test_doctor_live.py).
 
 The reward check is ``reward_episodes`` on the steps so far: a dip is a ``reward_dip`` warning when it starts, and
 becomes the critical ``reward_collapse`` once it has lasted ``collapse_min_after`` logged steps after its first (the
@@ -214,7 +214,7 @@ class LiveDoctor:
         steps, values = np.asarray(seq.steps), np.asarray(seq.values)
         f = D._drift_check(fid, steps, values, what=what, unit_label=unit, page=page, fig_path=None, collapse=None,
                            severity="info")
-        if f is None:  # cannot happen: the offline tests alarm at this point too (tests/test_doctor_live.py)
+        if f is None:  # cannot happen: the offline tests alarm at this point too (tests/analyses/test_doctor_live.py)
             raise RuntimeError(f"doctor.live: {fid} fired online at step {steps[-1]} but not offline")
         return [f]
 
