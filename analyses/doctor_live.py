@@ -9,7 +9,11 @@ offline check run on the steps so far, so its message and evidence are the offli
 
 The reward check is ``reward_episodes`` on the steps so far: a dip is a ``reward_dip`` warning when it starts, and
 becomes the critical ``reward_collapse`` once it has lasted ``collapse_min_after`` logged steps after its first (the
-offline definition's "at least 5 steps left"); a recovery is reported as ``reward_recovered`` (info).
+offline definition's "at least 5 steps left"); a recovery is reported as ``reward_recovered`` (info). The
+divergence runaway (warning) fires the step the trailing median of the tail reaches the level, and the imminent
+collapse (critical, the guard's halt) the first step after it at which the reward's moving average is below the
+imminent fraction of its best: both through the offline functions (``runaway_finding``, ``imminent_finding``) on
+the steps so far.
 
 ``live_step_stats(updates)`` computes a step's statistics from the trainer's per-update tensors, with the
 definitions of ``step_series`` (the top-decile mean of |log pi - log mu| over the updates after the first, the
@@ -290,10 +294,17 @@ def tail_top10(d) -> float | None:
     import torch
 
     d = d.detach().reshape(-1).double()
-    if not d.numel():
+    n = d.numel()
+    if not n:
         return None
-    q = torch.quantile(d, 0.9, interpolation="linear")
-    return float(d[d >= q].mean())
+    # P90 with linear interpolation from a sort: torch.quantile refuses inputs over 2^24 elements, and a real
+    # step holds tens of millions of tokens (the guard must never break training)
+    srt = torch.sort(d).values
+    pos = 0.9 * (n - 1)
+    lo = int(math.floor(pos))
+    hi = min(lo + 1, n - 1)
+    q = srt[lo] + (srt[hi] - srt[lo]) * (pos - lo)
+    return float(srt[srt >= q].mean())
 
 
 def live_step_stats(updates: Sequence[Any]) -> dict[str, float | None]:

@@ -155,3 +155,16 @@ def test_live_guard_warn_keeps_training(monkeypatch, tmp_path):
     rc, run, meta, findings = _guarded(monkeypatch, tmp_path, "warn", "warn")
     assert rc == 0 and meta["status"] == "finished" and meta["doctor"]["halted"] is None
     assert "reward_collapse" in [f["id"] for f in findings] and meta["doctor"]["steps_checked"] == 12
+
+
+def test_tail_top10_matches_the_offline_statistic_at_any_size():
+    """The live tail is the offline top-decile mean (polars' linear P90), also beyond torch.quantile's 2^24 limit."""
+    import polars as pl
+    import torch
+
+    x = torch.rand(1001, generator=torch.Generator().manual_seed(0)).double()
+    d = pl.Series(x.numpy())
+    assert L.tail_top10(x) == pytest.approx(d.filter(d >= d.quantile(0.9, interpolation="linear")).mean(), rel=1e-12)
+    big = torch.rand(2**24 + 1, generator=torch.Generator().manual_seed(1))
+    assert L.tail_top10(big) == pytest.approx(0.95, abs=1e-3)
+    assert L.tail_top10(torch.empty(0)) is None
