@@ -19,6 +19,7 @@ seeds, at the preset's own settings) at 1 torch thread and its trust-region half
     python scripts/calibrate_long.py --root runs/calib --no-train --write docs/trainer.md  # table only
     python scripts/calibrate_long.py --root runs/calib --threads 1 --no-train               # one thread count
     python scripts/calibrate_long.py --explore runs/explore-cosine runs/explore-constant       # exploration runs
+    python scripts/calibrate_long.py --root runs/calib-st10 --threads 1 --no-train --candidate st10 --write docs/trainer.md
 
 The exploration studies that chose the preset's settings are ``scripts/calibration/explore-*.toml``; ``--explore``
 tables any runs (finished or not): held-out accuracy at each evaluation, the lowest 5-step moving average of
@@ -192,6 +193,9 @@ def main(argv=None) -> int:
     ap.add_argument("--workers", type=int, default=2, help="training processes side by side (default 2)")
     ap.add_argument("--no-train", action="store_true", help="only read the runs already in ROOT")
     ap.add_argument("--write", default="", help="replace the table between the calibration-table markers of FILE")
+    ap.add_argument("--candidate", default="", metavar="NAME",
+                    help="the runs are a candidate regime, not the preset: write between the markers "
+                         "calibration-table-NAME (the preset's own table stays)")
     ap.add_argument("--json", default="", help="also write every run's figures to this JSON file")
     ap.add_argument("--explore", nargs="+", type=Path, default=None, metavar="ROOT",
                     help="only table the runs under these study roots (scripts/calibration/explore-*.toml)")
@@ -214,7 +218,11 @@ def main(argv=None) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1, default=str))
     if args.write:
-        _write(Path(args.write), out, START, END)
+        start, end = START, END
+        if args.candidate:
+            start = f"<!-- calibration-table-{args.candidate}:start (scripts/calibrate_long.py --candidate) -->"
+            end = f"<!-- calibration-table-{args.candidate}:end -->"
+        _write(Path(args.write), out, start, end)
     return 0
 
 
