@@ -76,13 +76,22 @@ def cell_state(run_dir: str | Path, steps: int) -> CellState:
     if not is_run_dir(run_dir):
         return CellState("missing", 0, None)
     try:
-        meta_status = read_meta(run_dir, version=False).status
+        meta = read_meta(run_dir, version=False)
     except RunFormatError:
         return CellState("partial", 0, None)
     done = _completed_steps(run_dir)
-    if meta_status == "finished" and done >= steps:
-        return CellState("finished", done, meta_status)
-    return CellState("partial", done, meta_status)
+    if meta.status == "finished" and done >= _recorded_steps(meta, steps):
+        return CellState("finished", done, meta.status)
+    return CellState("partial", done, meta.status)
+
+
+def _recorded_steps(meta, steps: int) -> int:
+    """How many of ``steps`` iterations a finished run holds token shards (and ``_done`` markers) for: the bundled
+    trainer records every ``log.every_n_steps``-th iteration from the first (its resolved config in meta.json)."""
+    log = (meta.config or {}).get("log") or {}
+    every = log.get("every_n_steps", 1)
+    every = every if isinstance(every, int) and every >= 1 else 1
+    return len(range(0, steps, every))
 
 
 class Launcher(Protocol):

@@ -605,3 +605,25 @@ def test_ci_tiny_is_the_long_trainer_preset_shrunk():
 
     assert cfg.rollout.staleness == build_config("long").rollout.staleness > 0
     assert cfg.rollout.max_new_tokens == cfg.task.max_terms + 1 and cfg.task.forks > 0
+
+
+def test_a_run_that_records_every_kth_step_is_finished(tmp_path):
+    """The bundled trainer records tokens (and _done markers) on every log.every_n_steps-th iteration only: a
+    finished 7-step run with every_n_steps 3 holds steps 0, 3, 6 and is finished; without step 6 it is partial."""
+    import numpy as np
+
+    from cppo_diag import RunRecorder
+
+    def write(name, steps):
+        rec = RunRecorder(tmp_path, name=name, trainer="cppo-diag", rule="cppo",
+                          config={"steps": 7, "log": {"every_n_steps": 3}})
+        for step in steps:
+            lp = np.full((2, 4), -1.0, dtype=np.float32)
+            rec.log_tokens(step=step, update=0, logp=lp, logp_rollout=lp, advantages=np.array([1.0, -1.0], np.float32),
+                           response_mask=np.ones((2, 4), bool))
+            rec.end_step(step)
+        rec.close()
+        return tmp_path / name
+
+    assert cell_state(write("every3", [0, 3, 6]), 7).status == "finished"
+    assert cell_state(write("short", [0, 3]), 7).status == "partial"
