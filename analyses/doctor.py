@@ -793,12 +793,12 @@ def _in_hindsight(findings: list[Finding], meta: dict, rew, ho: dict | None = No
     * ``collapse_imminent`` on a finished run without a sustained collapse: ``warning`` (the reward recovered, or
       the run ended too soon after to tell). A run the guard halted keeps it ``critical``.
     Runs still training keep what fired."""
-    if rew is None or meta.get("status") not in FINISHED:
+    if rew is None or meta.status not in FINISHED:
         return findings
     ep = reward_episodes(rew[0], rew[1])
     held_out_fell = _heldout_collapsed(ho)
     for f in findings:
-        if f.id == "collapse_imminent" and f.severity == "critical" and meta.get("status") == "finished" \
+        if f.id == "collapse_imminent" and f.severity == "critical" and meta.status == "finished" \
                 and ep["collapse"] is None:
             f.evidence.update(online_severity="critical", followed_by_collapse=False)
             f.severity = "warning"

@@ -227,7 +227,8 @@ class LiveDoctor:
         if self._runaway is not None:
             return []
         steps, vals = self._tail_all
-        if D.runaway_index(vals, settings=self.s) != len(vals) - 1:
+        # it had not run away before this point, so only the newest window can cross: O(points) per step
+        if D.runaway_index(vals[-self.s.runaway_points:], settings=self.s) is None:
             return []
         f = D.runaway_finding(np.asarray(steps), np.asarray(vals), settings=self.s)
         f.message += (" " + D.REMEDIES[""] + " (Live: the Attribution page, or `cppo-diag stats RUN --family "

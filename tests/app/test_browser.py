@@ -307,22 +307,19 @@ def _walk_every_page(page, server) -> None:
         shown = page.evaluate("() => [...document.querySelectorAll('.tokens .tok')].map(s => s.textContent)")
         assert set(shown) <= {v.replace("\n", "↵") for v in VOCAB}, set(shown) - set(VOCAB)
         assert page.locator(".tokens script, .tokens b").count() == 0
-    first = page.locator(".tokens").first.inner_html()
-    timed(latencies, "inspector_next_sequence",
-          lambda: (page.get_by_test_id("stSelectbox").filter(has_text="Sequence (").first.click(),
-                   page.get_by_role("option").nth(1).click()),
-          lambda: page.wait_for_function(
-              "(before) => { const t = document.querySelector('.tokens'); return t && t.innerHTML !== before; }",
-              arg=first, timeout=TIMEOUT_MS))
-    wait_idle(page)
-    first = page.locator(".tokens").first.inner_html()
-    timed(latencies, "inspector_other_step",
-          lambda: (page.get_by_test_id("stSelectbox").filter(has_text="Step").first.click(),
-                   page.get_by_role("option").nth(1).click()),
-          lambda: page.wait_for_function(
-              "(before) => { const t = document.querySelector('.tokens'); return t && t.innerHTML !== before; }",
-              arg=first, timeout=TIMEOUT_MS))
-    wait_idle(page)
+    def pick_second(name: str, label: str) -> None:
+        """Choose the second option of the select box labelled ``label``; time it until the tokens change."""
+        first = page.locator(".tokens").first.inner_html()
+        timed(latencies, name,
+              lambda: (page.get_by_test_id("stSelectbox").filter(has_text=label).first.click(),
+                       page.get_by_role("option").nth(1).click()),
+              lambda: page.wait_for_function(
+                  "(before) => { const t = document.querySelector('.tokens'); return t && t.innerHTML !== before; }",
+                  arg=first, timeout=TIMEOUT_MS))
+        wait_idle(page)
+
+    pick_second("inspector_next_sequence", "Sequence (")
+    pick_second("inspector_other_step", "Step")
     shot(page, "5_inspector")
 
     t0 = time.perf_counter()
