@@ -43,6 +43,7 @@ import hashlib
 import json
 import math
 import os
+import zipfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -1141,12 +1142,61 @@ class StepAggregates:
         part.save(path)
 
 
+class WriteTimeAggregates:
+    """What the recorder's background writer builds per rank as steps complete, fed the same token tables: the
+    position partials (:class:`StepAggregates`) and the per-step tables of :func:`write_time_tables`
+    (``cppo_diag.analyses.step_cache.StepTables``)."""
+
+    def __init__(self, run_dir: Path, rank: int = 0):
+        from cppo_diag.analyses.step_cache import StepTables
+
+        self.parts = (StepAggregates(run_dir, rank), StepTables(run_dir, rank, write_time_tables()))
+
+    def add(self, step: int, table) -> None:
+        for p in self.parts:
+            p.add(step, table)
+
+    def drop(self, step: int) -> None:
+        for p in self.parts:
+            p.drop(step)
+
+    def finish(self, step: int) -> int:
+        return sum(p.finish(step) for p in self.parts)
+
+
+def write_time_tables() -> dict:
+    """cache key -> per-step table function the recorder computes as each step completes: the doctor's series,
+    the Doctor page's default mismatch family (by step, pi / mu, updates after the first) and the attribution by
+    step (which names a runaway's cause)."""
+    from cppo_diag.analyses.attribution import step_terms
+    from cppo_diag.analyses.doctor_series import STORE_KEY, step_rows
+    from cppo_diag.analyses.mismatch import step_family
+
+    return {STORE_KEY: step_rows, **dict([step_family(pair="pi", updates="after_first"), step_terms()])}
+
+
+def recorder_cache_keys() -> set[str]:
+    """The cache folders the recorder's writer fills (:class:`WriteTimeAggregates`)."""
+    return {AggSpec(**WRITE_SPEC_ARGS).key(), *write_time_tables()}
+
+
+def drop_view_caches(run_dir) -> None:
+    """Delete what earlier views cached beside a run, keeping what the recorder wrote: the state of a first
+    view (benchmarks)."""
+    import shutil
+
+    keep = recorder_cache_keys()
+    for d in (Path(run_dir) / CACHE_DIR).glob("*"):
+        if d.name not in keep:
+            shutil.rmtree(d, ignore_errors=True)
+
+
 def _register_write_aggregates() -> None:
-    """Make the recorder's background writer build :class:`StepAggregates` (capture sits below analyses and
-    imports none of it: ``cppo_diag.capture.writer.register_write_aggregator``)."""
+    """Make the recorder's background writer build :class:`WriteTimeAggregates` (capture sits below analyses
+    and imports none of it: ``cppo_diag.capture.writer.register_write_aggregator``)."""
     from cppo_diag.capture.writer import register_write_aggregator
 
-    register_write_aggregator(StepAggregates)
+    register_write_aggregator(WriteTimeAggregates)
 
 
 _register_write_aggregates()
@@ -1209,10 +1259,14 @@ def cached_map(run, files: dict[int, list[Path]], steps: list[int], store: Block
                 except OSError:
                     pass
                 continue
-            valid.append((f, b_lo, b_hi))
             if set(block) <= wanted and not (set(block) & covered):
-                parts.append(store.load(f))
+                try:
+                    parts.append(store.load(f))
+                except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):  # unreadable: rebuild it
+                    f.unlink(missing_ok=True)
+                    continue
                 covered.update(block)
+            valid.append((f, b_lo, b_hi))
     todo = [s for s in steps if s not in covered]
     info.steps_cached = sorted(covered)
     info.steps_aggregated = todo

@@ -122,9 +122,38 @@ def attribution_by(source: Any, by: str = "step", *, bin_width: int = 32, update
         raise ValueError(f"bin_width: expected an integer >= 1, found {bin_width}")
     if by == "lag":
         require_columns(load_tokens(source), ["lag"], "attribution by lag (the optimiser steps between sampling and logp)")
+    if by == "step":
+        return _by_step(source, updates=updates, step_range=step_range, adv_sign=adv_sign)
     key = ((pl.col("pos") // bin_width) * bin_width).alias("pos_bin") if by == "position" else pl.col(by)
     table, _ = _aggregate(source, key, updates=updates, step_range=step_range, adv_sign=adv_sign)
     return table
+
+
+def step_terms(*, updates: str = "all", adv_sign: str | None = None):
+    """(cache key, function tokens -> rows) of :func:`attribution_by` by step: a step's row depends on that
+    step's tokens only, so rows are cached per block of steps beside a run (``analyses.step_cache``), and the
+    recorder writes the default (all updates) as steps complete."""
+    from cppo_diag.analyses.step_cache import block_key
+
+    def rows(tokens: pl.LazyFrame) -> pl.DataFrame:
+        return _aggregate(tokens, pl.col("step"), updates=updates, step_range=None, adv_sign=adv_sign)[0]
+
+    return block_key("attribution-steps-v1", updates=updates, adv_sign=adv_sign or "all"), rows
+
+
+def _by_step(source: Any, *, updates: str, step_range, adv_sign) -> pl.DataFrame:
+    from cppo_diag.analyses.step_cache import cached_step_rows
+
+    key, rows = step_terms(updates=updates, adv_sign=adv_sign)
+    table = cached_step_rows(source, key, rows, step_range=step_range, desc="attribution by step")
+    # blocks of steps with and without a column give different terms: the run-wide check's error (attribution_terms)
+    names = [c[: -len("_abs")] for c in table.columns if c.endswith("_abs") and c != "total_abs"]
+    mixed = [t for t in names if table.filter(pl.col("tokens") > 0)[f"{t}_abs"].null_count()]
+    if mixed and table.height:
+        attribution_terms(filter_tokens(load_tokens(source), step_range=step_range))  # raises, naming the column
+    cols = (["step", "tokens", "total_mean", "total_abs"] + [f"{t}_{x}" for t in names for x in ("mean", "abs")]
+            + [f"{t}_share" for t in names])  # _aggregate's order
+    return table.select([c for c in cols if c in table.columns]) if table.height else table
 
 
 def attribution_summary(source: Any, *, updates: str = "all", step_range=None, adv_sign: str | None = None) -> dict:

@@ -41,8 +41,7 @@ from typing import Any, Sequence
 import numpy as np
 import polars as pl
 
-from cppo_diag.analyses.tokens import columns_of, load_tokens, run_meta, run_name
-from cppo_diag.masks.logratio import kl_k3, log_ratio
+from cppo_diag.analyses.tokens import load_tokens, run_meta, run_name
 from cppo_diag import metric_names as M
 
 SEVERITIES = ("info", "warning", "critical")
@@ -433,56 +432,13 @@ def theil_sen(x: Sequence[float], y: Sequence[float]) -> float:
 # -- per-step series from the tokens ----------------------------------------------------------------------------
 
 
-def _lr(x: str) -> pl.Expr:
-    return log_ratio(pl.col(x).cast(pl.Float64), pl.col("logp_rollout").cast(pl.Float64))
+def step_series(source: Any, *, cache: bool = True, progress: bool = False) -> dict:
+    """Per-step statistics the checks use, as one table per token subset, plus what the run logged: from the
+    per-step rows of ``cppo_diag.analyses.doctor_series`` (cached beside a run directory, written by the
+    recorder as steps complete; one pass over the steps no block covers)."""
+    from cppo_diag.analyses.doctor_series import doctor_rows, series
 
-
-def _top_decile_mean(d: pl.Expr) -> pl.Expr:
-    """Mean of the values >= their P90 (linear interpolation): analyses.position's ``top10_mean``."""
-    return d.filter(d >= d.quantile(0.9, interpolation="linear")).mean()
-
-
-def step_series(source: Any) -> dict:
-    """Per-step statistics the checks use, as one table per token subset, plus what the run logged."""
-    lf = load_tokens(source)
-    cols = columns_of(lf)
-    for c in ("step", "pos", "logp", "advantage"):
-        if c not in cols:
-            raise ValueError(f"doctor: the token table needs column '{c}'; found {sorted(cols)}")
-    info: dict[str, Any] = {"columns": cols}
-    has_mu = "logp_rollout" in cols
-    if has_mu:
-        n_mu = lf.select(pl.col("logp_rollout").is_not_null().sum()).collect().item()
-        has_mu = bool(n_mu)
-    info["has_rollout"] = has_mu
-    counts = lf.group_by("step").agg(pl.len().alias("n"), (pl.col("update") > 0).sum().alias("n_after"))
-    info["counts"] = counts.sort("step").collect()
-    if not has_mu:
-        return info
-    after_exists = bool(info["counts"]["n_after"].sum())
-    info["tail_updates"] = "after_first" if after_exists else "all"
-    sub = lf.filter(pl.col("update") > 0) if after_exists else lf
-    d = _lr("logp").abs()
-    aggs = [pl.len().alias("n_tokens"), _top_decile_mean(d).alias("tail_top10"), d.mean().alias("abs_lr_mean")]
-    if "keep_applied" in cols:
-        aggs.append((~pl.col("keep_applied")).cast(pl.Float64).mean().alias("masked_frac"))
-    info["tail"] = sub.filter(pl.col("logp_rollout").is_not_null()).group_by("step").agg(aggs).sort("step").collect()
-    # mismatch: pi_old vs mu when logged, else the first update's pi (= the sampling weights) vs mu
-    has_old = "logp_old" in cols and lf.select(pl.col("logp_old").is_not_null().any()).collect().item()
-    mm_col = "logp_old" if has_old else "logp"
-    lr = _lr(mm_col)
-    info["mismatch_pair"] = "pi_old / mu" if mm_col == "logp_old" else "pi / mu in the first update"
-    first = (pl.col("update") == 0) & pl.col(mm_col).is_not_null() & pl.col("logp_rollout").is_not_null()
-    info["mismatch"] = (lf.filter(first)
-                        .group_by("step").agg(pl.len().alias("n_tokens"), kl_k3(lr).mean().alias("k3"),
-                                              lr.abs().mean().alias("abs_lr_mean"))
-                        .sort("step").collect())
-    same = (pl.col("logp") == pl.col("logp_rollout")) | pl.col("logp_rollout").is_null()
-    info["identical_rollout"] = bool(lf.select(same.all()).collect().item())
-    if "entropy" in cols:
-        info["entropy"] = (lf.filter((pl.col("update") == 0) & pl.col("entropy").is_not_null()).group_by("step")
-                           .agg(pl.col("entropy").cast(pl.Float64).mean().alias("entropy")).sort("step").collect())
-    return info
+    return series(doctor_rows(source, cache=cache, progress=progress))
 
 
 def _scalar_series(source: Any) -> pl.DataFrame | None:
@@ -766,7 +722,7 @@ def diagnose(
 
     # -- prefix budget ----------------------------------------------------------------------------------------
     if budget:
-        f = _budget_check(source, meta, fig_path("budget_exhausted_early"), progress)
+        f = _budget_check(source, meta, fig_path("budget_exhausted_early"), progress, info["counts"])
         if f is not None:
             findings.append(f)
     return _sorted(_in_hindsight(findings, meta, rew, heldout_accuracy(scalars)))
@@ -943,15 +899,14 @@ def _name_cause(source, f: Finding, components: tuple[str, ...]) -> None:
 
         A = importlib.import_module("cppo_diag.analyses.attribution")  # the module (the package may export a function)
 
-        attribution = getattr(A, "attribution", None) or A.attribution_by  # by="step" -> one row per step
-        attribution_terms = A.attribution_terms
+        attribution = getattr(A, "attribution", None) or A.attribution_by  # by="step": per-step rows, cached
     except (ImportError, AttributeError):
         ev["cause"] = None
         f.message += f" These logs cannot tell {apart} apart."
         return
     try:
-        terms = [t for t in attribution_terms(source) if t != "total"]
         df = attribution(source, by="step").sort("step")
+        terms = [c[: -len("_abs")] for c in df.columns if c.endswith("_abs") and c != "total_abs"]
     except (ValueError, KeyError) as exc:
         ev["cause"] = None
         f.message += f" The attribution is not available ({exc}), so {apart} cannot be told apart."
@@ -1011,18 +966,33 @@ def _sorted(findings: list[Finding]) -> list[Finding]:
     return sorted(findings, key=lambda f: (rank[f.severity], f.first_step if f.first_step is not None else -1))
 
 
-N_REL_BINS = 10
+N_POS_BINS = 10  # the along-the-response test: at least this many position bins (up to twice as many) ...
+MIN_BIN_SHARE = 0.25  # ... each holding at least this share of the fullest bin's tokens (sparse ends are noise)
 
 
 def _along_sequence(source, info, fig_path, progress) -> list[Finding]:
-    from cppo_diag.analyses.position import position_stats
+    """The divergence tail along the response: top-decile mean of |pi - mu| per absolute position bin,
+    Mann-Kendall. Bins are a multiple of the recorder's aggregates' 32 tokens wide where the responses are
+    long enough (``N_POS_BINS`` bins or more), so a recorded run merges its write-time aggregates; shorter
+    responses get narrower bins from a scan. Either way the partials are cached beside the run
+    (``cppo_diag.analyses.aggregate``; quantiles within 0.78%)."""
+    from cppo_diag.analyses.aggregate import WRITE_SPEC_ARGS, AggSpec, aggregate_run, derive, stats_table
 
     updates = info["tail_updates"]
-    lf = load_tokens(source)
-    if updates == "after_first":
-        lf = lf.filter(pl.col("update") > 0)
-    table = position_stats(lf, metrics=("tv",), relative=True, n_rel_bins=N_REL_BINS, progress=progress)
-    table = table.filter(pl.col("count") > 0).sort("bin")
+    base = AggSpec(metrics=("tv",), bin_width=WRITE_SPEC_ARGS["bin_width"])
+    part = aggregate_run(source, base, progress=progress)
+    fine = stats_table(part, updates=updates).filter(pl.col("count") > 0)
+    if fine.height == 0:
+        return []
+    n_fine = int(fine["bin"].max()) + 1
+    if n_fine >= N_POS_BINS:
+        width = base.bin_width * (n_fine // N_POS_BINS)
+        part = derive(part, AggSpec(metrics=("tv",), bin_width=width))
+    else:
+        width = math.ceil(base.bin_width * n_fine / N_POS_BINS)
+        part = aggregate_run(source, AggSpec(metrics=("tv",), bin_width=width), progress=progress)
+    table = stats_table(part, updates=updates)
+    table = table.filter(pl.col("count") >= MIN_BIN_SHARE * table["count"].max()).sort("bin")
     if table.height < 5:
         return []
     top = table["top10_mean"].to_numpy().astype(np.float64)
@@ -1032,7 +1002,7 @@ def _along_sequence(source, info, fig_path, progress) -> list[Finding]:
     third = max(1, table.height // 3)
     first, last = float(np.nanmean(top[:third])), float(np.nanmean(top[-third:]))
     ratio = last / first if first > 0 else float("inf")
-    ev = {"updates": updates, "n_rel_bins": N_REL_BINS, "top10_mean_first_third": first,
+    ev = {"updates": updates, "bin_width": width, "n_bins": table.height, "top10_mean_first_third": first,
           "top10_mean_last_third": last, "ratio": ratio, "mann_kendall_z": mk["z"],
           "mann_kendall_p": mk["p_increasing"], "alpha": ALPHA}
     tsteps = info["counts"]["step"].to_numpy()
@@ -1042,12 +1012,27 @@ def _along_sequence(source, info, fig_path, progress) -> list[Finding]:
     fig = _figure(fig_path, lambda: P.fig_divergence_along_response(table))
     return [Finding("tails_along_sequence", "info", int(tsteps[0]),
                     f"The divergence tail grows along the response: the top-decile mean of |pi - mu| is "
-                    f"{ratio:.1f}x larger in the last third of positions than in the first (Mann-Kendall p = "
+                    f"{ratio:.1f}x larger in the last third of the position bins than in the first (Mann-Kendall p = "
                     f"{mk['p_increasing']:.2g}); a position-aware trust region (CPPO) addresses exactly this.",
                     ev, fig, PAGE_DIVERGENCE, _span(tsteps))]
 
 
-def _budget_check(source, meta, fig_path, progress) -> Finding | None:
+BUDGET_TOKENS = 20_000_000  # the budget check recomputes CPPO on the latest steps holding at most this many tokens
+
+
+def _budget_window(counts: pl.DataFrame) -> tuple[tuple[int, int] | None, int, int]:
+    """(step range, tokens in it, tokens in the run): the latest steps holding at most ``BUDGET_TOKENS``
+    tokens (at least one step); None when that is the whole run."""
+    steps, n = counts["step"].to_numpy(), counts["n"].to_numpy().astype(np.int64)
+    total = int(n.sum())
+    if total <= BUDGET_TOKENS:
+        return None, total, total
+    keep = np.cumsum(n[::-1]) <= BUDGET_TOKENS
+    k = max(1, int(keep.sum()))
+    return (int(steps[-k]), int(steps[-1])), int(n[-k:].sum()), total
+
+
+def _budget_check(source, meta, fig_path, progress, counts: pl.DataFrame) -> Finding | None:
     from cppo_diag.analyses import plots_mpl as P
     from cppo_diag.analyses.budget import budget_exhaustion
     from cppo_diag.masks import get_rule
@@ -1058,8 +1043,11 @@ def _budget_check(source, meta, fig_path, progress) -> Finding | None:
     if own:
         known = get_rule(rule).params
         params = {k: v for k, v in (meta.get("rule_params") or {}).items() if k in known}
+    window, n_checked, n_total = _budget_window(counts)
     lf = load_tokens(source)
-    if bool(lf.select((pl.col("update") > 0).any()).collect().item()):
+    if window is not None:  # a big run: its latest steps (said in the message and the evidence)
+        lf = lf.filter(pl.col("step").is_between(*window))
+    if int(counts["n_after"].sum()):
         lf = lf.filter(pl.col("update") > 0)
     bud = budget_exhaustion(lf, rule=rule if own else "cppo", params=params, progress=progress)
     fr = bud.first_reject
@@ -1076,7 +1064,8 @@ def _budget_check(source, meta, fig_path, progress) -> Finding | None:
     steps = bud.by_step["step"].to_numpy()
     ev = {"median_first_budget_rejection_pos": median_first, "median_response_length": median_len,
           "fraction": BUDGET_EARLY_FRACTION, "budget_share": bud.overall.get("budget_share"),
-          "resp_rejected_frac": bud.overall.get("resp_rejected_frac"), "params": params or "defaults"}
+          "resp_rejected_frac": bud.overall.get("resp_rejected_frac"), "params": params or "defaults",
+          "tokens_checked": n_checked, "tokens_in_run": n_total, "steps_checked": window or "all"}
     fig = None
     if fig_path is not None:
         fig = str(P.save_png(P.fig_first_reject(fr), fig_path))
@@ -1084,7 +1073,9 @@ def _budget_check(source, meta, fig_path, progress) -> Finding | None:
     return Finding("budget_exhausted_early", "info", int(steps[0]),
                    f"CPPO's prefix budget ({applied}) runs out early: half of the responses have their first "
                    f"budget rejection by position {median_first}, within the first {BUDGET_EARLY_FRACTION:.0%} of a "
-                   f"median response ({median_len:.0f} tokens); later away tokens are then masked by the budget.",
+                   f"median response ({median_len:.0f} tokens); later away tokens are then masked by the budget."
+                   + (f" Checked on steps {window[0]}-{window[1]}: the latest {n_checked:,} of the run's {n_total:,} "
+                      "tokens." if window is not None else ""),
                    ev, fig, PAGE_BUDGET, _span(steps))
 
 

@@ -291,7 +291,7 @@ class LiveDoctor:
 
 def tail_top10(d) -> float | None:
     """Mean of the values at or above their P90 (linear interpolation) of a 1-D torch tensor of |log pi - log mu|:
-    the statistic of ``divergence_runaway`` (``doctor._top_decile_mean``); None when empty."""
+    the statistic of ``divergence_runaway`` (``doctor_series._top_decile_mean``); None when empty."""
     import torch
 
     d = d.detach().reshape(-1).double()

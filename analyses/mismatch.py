@@ -158,9 +158,9 @@ def mismatch_metrics(
     """
     if by not in ("step", "position"):
         raise ValueError(f"by: expected 'step' or 'position', found {by!r}")
-    lf = _family_tokens(source, pair=pair, updates=updates, step_range=step_range, adv_sign=adv_sign)
-    aggs = _token_aggs(is_high, is_low)
     if by == "position":
+        aggs = _token_aggs(is_high, is_low)
+        lf = _family_tokens(source, pair=pair, updates=updates, step_range=step_range, adv_sign=adv_sign)
         if bin_width < 1:
             raise ValueError(f"bin_width: expected an integer >= 1, found {bin_width}")
         out = (lf.with_columns((pl.col("pos") // bin_width).cast(pl.Int64).alias("bin"))
@@ -169,6 +169,30 @@ def mismatch_metrics(
                              ((pl.col("bin") + 1) * bin_width).alias("bin_end")))
         first = ("bin", "bin_start", "bin_end")
         return out.collect(engine="streaming").select(*first, pl.exclude(*first))
+    from cppo_diag.analyses.step_cache import cached_step_rows
+
+    key, by_step = step_family(pair=pair, updates=updates, adv_sign=adv_sign, is_high=is_high, is_low=is_low)
+    return cached_step_rows(source, key, by_step, step_range=step_range, desc="mismatch family by step")
+
+
+def step_family(*, pair: str = "pi", updates: str | None = "all", adv_sign: str | None = None,
+                is_high: Sequence[float] = IS_HIGH, is_low: Sequence[float] = IS_LOW):
+    """(cache key, function tokens -> rows) of :func:`mismatch_metrics` by step: one step's row depends on that
+    step's tokens only, so rows are cached per block of steps (``analyses.step_cache``) and the recorder writes
+    the Doctor page's default (pi / mu, updates after the first) as steps complete."""
+    from cppo_diag.analyses.step_cache import block_key
+
+    aggs = _token_aggs(is_high, is_low)
+
+    def by_step(tokens: pl.LazyFrame) -> pl.DataFrame:
+        return _step_rows(_family_tokens(tokens, pair=pair, updates=updates, step_range=None, adv_sign=adv_sign), aggs)
+
+    key = block_key("mismatch-steps-v1", pair=pair, updates=updates or "all", adv_sign=adv_sign or "all",
+                    is_high=[float(x) for x in is_high], is_low=[float(x) for x in is_low])
+    return key, by_step
+
+
+def _step_rows(lf: pl.LazyFrame, aggs: list[pl.Expr]) -> pl.DataFrame:
     tokens = lf.group_by("step").agg(aggs)
     w = pl.col("_L").clip(-LOGRATIO_CLAMP, LOGRATIO_CLAMP).exp()
     seqs = (lf.group_by("step", "update", "rank", "seq_id")

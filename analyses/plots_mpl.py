@@ -378,13 +378,13 @@ def fig_step_series(steps, values, *, ylabel: str, title: str, alarm_step: int |
 
 
 def fig_divergence_along_response(table: pl.DataFrame) -> Figure:
-    """|pi - mu| along the response in relative-position bins (a ``position_stats(..., relative=True)`` table of
-    metric tv): bin mean and top-10% mean."""
+    """|pi - mu| along the response in position bins (a ``position_stats`` table of metric tv, absolute or
+    ``relative=True``): bin mean and top-10% mean."""
     fig, ax = _fig()
     x = _centres(table)
     ax.plot(x, table["mean"].to_numpy(), marker="o", ms=3, label="bin mean")
     ax.plot(x, table["top10_mean"].to_numpy().astype(np.float64), marker="o", ms=3, label=TAIL_LABELS["top10_mean"])
-    ax.set_xlabel("relative position t / T (bin centre)")
+    ax.set_xlabel(_pos_xlabel(table))
     ax.set_ylabel("|π − μ| (probability)")
     ax.set_title("Divergence along the response")
     _legend(ax)

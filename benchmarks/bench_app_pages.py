@@ -37,14 +37,9 @@ def main() -> int:
     if len(runs) != 1:
         raise SystemExit(f"--root: expected a directory with exactly one run, found {len(runs)}")
     # a first view: only what the recorder wrote beside the run (drop caches of earlier views)
-    import shutil
+    from cppo_diag.analyses.aggregate import drop_view_caches
 
-    from cppo_diag.analyses.aggregate import CACHE_DIR, WRITE_SPEC_ARGS, AggSpec
-
-    keep = AggSpec(**WRITE_SPEC_ARGS).key()
-    for d in (runs[0] / CACHE_DIR).glob("*"):
-        if d.name != keep:
-            shutil.rmtree(d, ignore_errors=True)
+    drop_view_caches(runs[0])
     at = AppTest.from_file(str(ROOT / "app" / "streamlit_app.py"), default_timeout=args.timeout)
     t0 = time.perf_counter()
     at.run()

@@ -38,7 +38,7 @@ def main() -> int:
     from playwright import sync_api
 
     from cppo_diag.cli.app_cmd import launch, wait_until_healthy
-    from tests.test_browser import CHROMIUM, CHROMIUM_ARGS, _free_port, chart_signature, goto, wait_chart_change, \
+    from tests.app.test_browser import CHROMIUM, CHROMIUM_ARGS, _free_port, chart_signature, goto, wait_chart_change, \
         wait_idle
 
     port = _free_port()

@@ -136,12 +136,9 @@ def main() -> int:
         print(f"  written in {time.perf_counter() - t0:.1f} s; writer CPU {st['writer_cpu_s']:.1f} s, of which "
               f"write-time aggregates {st['writer_aggregates_cpu_s']:.1f} s", flush=True)
     # the first view must find only what the recorder wrote: drop caches of earlier queries
-    from cppo_diag.analyses.aggregate import CACHE_DIR, WRITE_SPEC_ARGS, AggSpec
+    from cppo_diag.analyses.aggregate import drop_view_caches
 
-    keep = AggSpec(**WRITE_SPEC_ARGS).key()
-    for d in (run / CACHE_DIR).glob("*"):
-        if d.name != keep:
-            shutil.rmtree(d, ignore_errors=True)
+    drop_view_caches(run)
     n_files = len(list((run / "tokens").glob("step=*/*.parquet")))
     size = sum(f.stat().st_size for f in (run / "tokens").glob("step=*/*.parquet"))
     tmp = Path(tempfile.mkdtemp(prefix="bench_scale_"))

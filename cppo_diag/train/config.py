@@ -77,6 +77,9 @@ class RolloutConfig:
     logit_noise: float = F(0.0, "sd of Gaussian noise added to the sampler's logits (mu is then the noisy policy), "
                                 "growing linearly from 0 at iteration 0 to this value at the last: an engine "
                                 "mismatch that degrades over the run (scripts/validate_doctor.py); 0 = off")
+    logit_noise_schedule: str = F("linear", "how rollout.logit_noise evolves: linear (0 at iteration 0, the full sd at "
+                                            "the last: a degrading engine) | constant (the full sd throughout: a "
+                                            "steadily mismatched engine)")
     precision: str = F("auto", "sampler numerics: auto (same as the trainer's precision) | fp32 | bf16 (bf16 autocast "
                                "while sampling, also on CPU; training keeps its own precision: the sampler/trainer "
                                "mismatch of vLLM vs FSDP)")
@@ -176,6 +179,7 @@ class TrainConfig:
         choice("precision", self.precision, ("auto", "fp32", "bf16"))
         choice("rollout.precision", self.rollout.precision, ("auto", "fp32", "bf16"))
         choice("rollout.engine", self.rollout.engine, ("torch",))
+        choice("rollout.logit_noise_schedule", self.rollout.logit_noise_schedule, ("linear", "constant"))
         for name in ("prompts_per_step", "n", "max_new_tokens"):
             need(getattr(self.rollout, name) >= 1, f"rollout.{name}", "an integer >= 1", getattr(self.rollout, name))
         need(0.0 < self.rollout.top_p <= 1.0, "rollout.top_p", "a value in (0, 1]", self.rollout.top_p)

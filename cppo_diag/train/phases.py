@@ -134,6 +134,13 @@ def fork_oracle(task, rows: list, T: int, device) -> torch.Tensor | None:
     return torch.as_tensor(np.stack(per_row), device=device)
 
 
+def _logit_noise(cfg, j: int) -> float:
+    """The sd of the sampler's logit noise at iteration ``j`` (``rollout.logit_noise`` under its schedule)."""
+    if cfg.rollout.logit_noise_schedule == "constant":
+        return cfg.rollout.logit_noise
+    return cfg.rollout.logit_noise * j / max(cfg.steps - 1, 1)
+
+
 def _problems(run: Run, j: int) -> list:
     """Iteration j's P prompts, each repeated n times: they derive from (seed, j, rank)."""
     cfg = run.cfg
@@ -153,8 +160,7 @@ def sample_batch(run: Run, j: int) -> RolloutBatch:
     b = run.sampler.generate([policy.encode_prompt(p.prompt) for p in rows], max_new_tokens=cfg.rollout.max_new_tokens,
                              temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
                              generator=torch_gen(cfg.seed, j, run.d.rank, run.device),
-                             **({"logit_noise": cfg.rollout.logit_noise * j / max(cfg.steps - 1, 1)}
-                                if cfg.rollout.logit_noise > 0 else {}))
+                             **({"logit_noise": _logit_noise(cfg, j)} if cfg.rollout.logit_noise > 0 else {}))
     run.module.train()
     b.opt_step = optimizer_steps(run.optimizer)
     if cfg.log.behavior_logp:

@@ -1,5 +1,6 @@
 """rollout.logit_noise (scripts/validate_doctor.py's growing engine mismatch): noise on the sampler's logits whose
-sd grows linearly from 0 at iteration 0, so mu leaves the trainer's pi more and more."""
+sd grows linearly from 0 at iteration 0, so mu leaves the trainer's pi more and more; with
+rollout.logit_noise_schedule constant, the full sd from the first iteration (a steadily mismatched engine)."""
 
 from __future__ import annotations
 
@@ -23,6 +24,18 @@ def test_logit_noise_grows_the_first_update_mismatch(tmp_path):
     d = dict(zip(gap["step"].to_list(), gap["d"].to_list()))
     assert d[0] < 1e-4  # no noise at iteration 0: pi = mu up to float rounding
     assert d[2] > 0.1 and d[2] > d[1] > d[0]  # sd 1.5 at iteration 1, 3.0 at iteration 2
+
+
+def test_constant_noise_schedule():
+    from cppo_diag.train.config import build_config
+    from cppo_diag.train.phases import _logit_noise
+
+    cfg = build_config("tiny", overrides={"steps": 5, "rollout": {"logit_noise": 0.4}})
+    assert [_logit_noise(cfg, j) for j in (0, 2, 4)] == [0.0, 0.2, 0.4]  # linear: the default
+    cfg = build_config("tiny", overrides={"steps": 5, "rollout": {"logit_noise": 0.4, "logit_noise_schedule": "constant"}})
+    assert [_logit_noise(cfg.validate(), j) for j in (0, 2, 4)] == [0.4, 0.4, 0.4]
+    with pytest.raises(ValueError, match="rollout.logit_noise_schedule"):
+        build_config("tiny", overrides={"rollout": {"logit_noise_schedule": "cosine"}}).validate()
 
 
 @pytest.mark.slow
