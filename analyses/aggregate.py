@@ -1193,8 +1193,8 @@ def drop_view_caches(run_dir) -> None:
 
 def _register_write_aggregates() -> None:
     """Make the recorder's background writer build :class:`WriteTimeAggregates` (capture sits below analyses
-    and imports none of it: ``cppo_diag.capture.writer.register_write_aggregator``)."""
-    from cppo_diag.capture.writer import register_write_aggregator
+    and imports none of it: ``cppo_diag.capture.hooks``, which loads no torch)."""
+    from cppo_diag.capture.hooks import register_write_aggregator
 
     register_write_aggregator(WriteTimeAggregates)
 

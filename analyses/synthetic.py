@@ -155,6 +155,8 @@ def write_recorded_run(path, *, n_tokens: int = 1_000_000, seqs_per_step: int = 
     that receives the recorder's ``stats`` (writer CPU seconds, of which ``writer_aggregates_cpu_s``)."""
     from cppo_diag import RunRecorder
 
+    if aggregates:
+        import cppo_diag.analyses.aggregate  # noqa: F401  (registers the writer's aggregator, as the trainer does)
     min_len = max(1, max_len // 4) if min_len is None else min_len
     rng = np.random.default_rng(seed)
     per_step = seqs_per_step * (min_len + max_len) / 2 * updates

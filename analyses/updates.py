@@ -86,12 +86,20 @@ def filter_updates(lf: pl.LazyFrame, updates: str) -> pl.LazyFrame:
     return lf if pred is None else lf.filter(pred)
 
 
+def _is_batch_set(source: Any) -> bool:
+    """``source`` is an ``analyses.recomputation.BatchSet`` (without importing that module, which loads torch:
+    an instance exists only once it is imported)."""
+    import sys
+
+    mod = sys.modules.get("cppo_diag.analyses.recomputation")
+    return mod is not None and isinstance(source, mod.BatchSet)
+
+
 def max_update(source: Any) -> int:
     """The largest ``update`` index the run logged (0 for an empty run or one update per batch)."""
-    from cppo_diag.analyses.recomputation import BatchSet
     from cppo_diag.analyses.tokens import load_tokens
 
-    if isinstance(source, BatchSet):
+    if _is_batch_set(source):
         return max((b.update for b in source.batches), default=0)
     top = load_tokens(source).select(pl.col("update").max()).collect().item()
     return int(top) if top is not None else 0
@@ -100,10 +108,9 @@ def max_update(source: Any) -> int:
 def default_updates(source: Any) -> str:
     """``"lagged"`` when the run records ``lag``; else ``"after_first"`` when it logged several updates per
     step; else ``"all"``."""
-    from cppo_diag.analyses.recomputation import BatchSet
     from cppo_diag.analyses.tokens import load_tokens
 
-    if not isinstance(source, BatchSet) and has_lag(load_tokens(source)):
+    if not _is_batch_set(source) and has_lag(load_tokens(source)):
         return "lagged"
     return "after_first" if max_update(source) > 0 else "all"
 

@@ -16,7 +16,9 @@ are forkserver children, which ``wait4`` does not see):
   bin = pos // 64, ``groupby(bin)`` mean and P90 - less than ours, which also gives count, P50, P99,
   top-decile mean and four survival fractions per bin;
 * ``ours (first view)``: the same command without ``--no-cache`` on a run whose only cache is what the
-  recorder wrote: it merges the write-time aggregates (also at ``--bin 128``), reading no token.
+  recorder wrote: it merges the write-time aggregates (also at ``--bin 128``), reading no token; and
+  ``cppo-diag doctor RUN --no-budget`` (its per-step series, attribution and position tables from the
+  recorder's blocks).
 
 Ours and pandas alternate ``--repeats`` times. Accuracy: largest relative difference of our mean and P90
 per bin from pandas' (float64, exact). The recorder's cost: ``--overhead-steps`` steps recorded with
@@ -180,6 +182,14 @@ def main() -> int:
             x["out"] = out
             first[label] = x
             print(f"  {label}: {x['wall_s']:.2f} s wall, {x['cpu_s']:.2f} CPU-s, {x['rss_mb']:.0f} MB", flush=True)
+        # the doctor's first view: per-step series, attribution and mismatch rows written by the recorder
+        doc = [sys.executable, "-m", "cppo_diag.cli.main", "doctor", str(run), "--no-budget", "--no-figures",
+               "--format", "json", "--no-progress"]
+        x = run_timed(doc)
+        x["load"] = os.getloadavg()[0]
+        first["first view, doctor --no-budget"] = x
+        print(f"  first view, doctor --no-budget: {x['wall_s']:.2f} s wall, {x['cpu_s']:.2f} CPU-s, "
+              f"{x['rss_mb']:.0f} MB", flush=True)
         ovh = recorder_overhead(tmp, args.overhead_steps, args.overhead_repeats)
 
         # -- accuracy ------------------------------------------------------------------------------

@@ -5,8 +5,15 @@ staging.py turns tensors into Arrow tables, writer.py is the background thread, 
 sequences. The on-disk format is ``cppo_diag.storage.schema`` / docs/run-format.md.
 """
 
-from cppo_diag.capture.null import NullRecorder
-from cppo_diag.capture.recorder import RecorderError, RecorderWarning, RunRecorder
-from cppo_diag.capture.staging import CaptureInputError, NonFiniteError
+from cppo_diag._lazy import lazy_attributes
 
-__all__ = ["RunRecorder", "NullRecorder", "RecorderError", "RecorderWarning", "CaptureInputError", "NonFiniteError"]
+_LAZY = {  # imported on first use (PEP 562): importing cppo_diag.capture.hooks must not load torch
+    "RunRecorder": "cppo_diag.capture.recorder",
+    "RecorderError": "cppo_diag.capture.recorder",
+    "RecorderWarning": "cppo_diag.capture.recorder",
+    "NullRecorder": "cppo_diag.capture.null",
+    "CaptureInputError": "cppo_diag.capture.staging",
+    "NonFiniteError": "cppo_diag.capture.staging",
+}
+__all__ = sorted(_LAZY)
+__getattr__, __dir__ = lazy_attributes(__name__, _LAZY)

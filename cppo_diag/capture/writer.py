@@ -30,6 +30,7 @@ from cppo_diag.capture.staging import (
     StagedTokens,
     materialize,
 )
+from cppo_diag.capture.hooks import write_aggregator
 from cppo_diag.storage import layout
 
 _STOP = object()
@@ -102,22 +103,6 @@ def split_by_sequence(table: pa.Table, n_parts: int, min_rows: int) -> list[pa.T
 
 
 
-# The write-time aggregates are computed by the analyses layer (cppo_diag.analyses.aggregate.StepAggregates),
-# which registers its class here when it is imported: capture, below analyses, imports none of it. The bundled
-# trainer and the TRL / verl plug-ins import it before recording; a bare RunRecorder gets the aggregates once
-# cppo_diag.analyses.aggregate has been imported, and without them a first view scans the shards instead.
-_WRITE_AGGREGATOR = None
-
-
-def register_write_aggregator(factory) -> None:
-    """``factory(run_dir, rank)`` -> an object with ``add(step, table)``, ``finish(step)``, ``drop(step)``."""
-    global _WRITE_AGGREGATOR
-    _WRITE_AGGREGATOR = factory
-
-
-def write_aggregator():
-    """The registered write-time aggregator factory, or None."""
-    return _WRITE_AGGREGATOR
 
 
 class BackgroundWriter(threading.Thread):

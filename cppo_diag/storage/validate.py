@@ -67,7 +67,8 @@ class ShardFacts:
     rows: int = 0
     bad_rows: int = 0  # rows that break the value rule (excluded)
     bad_counts: dict = field(default_factory=dict)
-    ranges: pl.DataFrame | None = None  # (update, rank, seq_id, pos_min, pos_max): cross-shard duplicates
+    ranges: pl.DataFrame | list | None = None  # (update, rank, seq_id, pos_min, pos_max): cross-shard duplicates
+    #                                           (rows when read from the cache: ranges_frame)
 
 
 def inspect_token_shard(path: Path, dir_step: int | None) -> ShardFacts:
@@ -124,6 +125,7 @@ def inspect_token_shard(path: Path, dir_step: int | None) -> ShardFacts:
 def overlapping_shards(ranges: list[tuple[Path, pl.DataFrame]]) -> dict[Path, tuple[Path, tuple]]:
     """Shards of one step that repeat token keys of an earlier shard (in the given order):
     ``{later shard: (earlier shard, (update, rank, seq_id))}``. One self-join of the shards' sequence ranges."""
+    ranges = [(p, ranges_frame(r)) for p, r in ranges]
     parts = [r.with_columns(_shard=pl.lit(i, pl.Int64)) for i, (_, r) in enumerate(ranges)
              if r is not None and r.height]
     if len(parts) < 2:
@@ -144,16 +146,30 @@ def overlapping_shards(ranges: list[tuple[Path, pl.DataFrame]]) -> dict[Path, tu
     return out
 
 
+RANGE_COLUMNS = ("update", "rank", "seq_id", "pos_min", "pos_max")
+
+
+def ranges_frame(ranges) -> pl.DataFrame | None:
+    """A shard's sequence ranges as a frame: the cache keeps them as rows until a step with several shards
+    needs them (building thousands of frames would cost seconds per process on a big run)."""
+    if ranges is None or isinstance(ranges, pl.DataFrame):
+        return ranges
+    try:
+        return pl.DataFrame(ranges, schema={c: pl.Int64 for c in RANGE_COLUMNS}, orient="row")
+    except (TypeError, ValueError, pl.exceptions.PolarsError):  # a damaged cache entry: no duplicate check
+        return None
+
+
 # -- the checks' results beside the run -----------------------------------------------------------------------
 CACHE_FILE = "_cache/shard_checks.json"  # inside the run directory; a missing or stale entry is re-checked
 _CACHE_VERSION = 1
 
 
 def facts_to_json(facts: ShardFacts, key: tuple[int, int, int]) -> dict:
-    ranges = None
-    if facts.ranges is not None:
-        cols = ["update", "rank", "seq_id", "pos_min", "pos_max"]
-        r = facts.ranges.with_columns([pl.lit(0).alias(c) for c in cols if c not in facts.ranges.columns])
+    ranges = facts.ranges
+    if isinstance(ranges, pl.DataFrame):
+        cols = list(RANGE_COLUMNS)
+        r = ranges.with_columns([pl.lit(0).alias(c) for c in cols if c not in ranges.columns])
         ranges = r.select(cols).rows()
     return {"key": list(key), "reason": facts.reason, "rows": facts.rows, "bad_rows": facts.bad_rows,
             "bad_counts": facts.bad_counts, "ranges": ranges}
@@ -161,11 +177,9 @@ def facts_to_json(facts: ShardFacts, key: tuple[int, int, int]) -> dict:
 
 def facts_from_json(entry: dict) -> tuple[tuple[int, int, int], ShardFacts] | None:
     try:
-        ranges = None
-        if entry.get("ranges") is not None:
-            ranges = pl.DataFrame(entry["ranges"], schema={c: pl.Int64 for c in
-                                                           ("update", "rank", "seq_id", "pos_min", "pos_max")},
-                                  orient="row")
+        ranges = entry.get("ranges")  # rows, made a frame only when needed (ranges_frame)
+        if ranges is not None and not isinstance(ranges, list):
+            raise ValueError("ranges")
         facts = ShardFacts(reason=entry["reason"], rows=int(entry["rows"]), bad_rows=int(entry["bad_rows"]),
                            bad_counts=dict(entry["bad_counts"]), ranges=ranges)
         return tuple(int(k) for k in entry["key"]), facts

@@ -126,3 +126,17 @@ def test_budget_check_window_on_big_runs(monkeypatch):
     assert D._budget_window(counts) == ((2, 3), 30, 100)  # the latest steps holding at most 35 tokens
     monkeypatch.setattr(D, "BUDGET_TOKENS", 5)
     assert D._budget_window(counts) == ((3, 3), 10, 100)  # at least one step
+
+
+def test_a_scan_loads_no_torch(recorded):
+    """``cppo-diag stats`` on a run never imports torch (about a second of a fresh process): neither the
+    aggregator hook the analyses register for the recorder, nor resolving the default updates."""
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom cppo_diag.analyses.aggregate import position_summary\n"
+            "from cppo_diag.analyses.doctor_series import doctor_rows\n"
+            f"position_summary({str(recorded)!r}, metrics=('tv',), updates=None, cache=False, workers=1)\n"
+            f"doctor_rows({str(recorded)!r})\nprint('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
+    assert out.stdout.strip() == "False", out.stderr
