@@ -98,9 +98,10 @@ class RunRecorder:
         writer_threads: threads that encode and write token shards (default 1). More help when one
             thread cannot keep up with the trainer (pyarrow releases the GIL while encoding); see
             ``benchmarks/bench_capture.py --writer-only``.
-        aggregates: also write each completed step's mergeable position-statistics aggregate beside the run
-            (``RUN/_cache/aggregates/``, ``cppo_diag.analyses.aggregate.StepAggregates``), so the first
-            ``stats`` / report / app view merges them instead of scanning the shards; best effort (a failure
+        aggregates: also write each completed step's mergeable position-statistics aggregate and per-step
+            rows (the doctor's series, ...) beside the run (``RUN/_cache/aggregates/``,
+            ``cppo_diag.analyses.aggregate.WriteTimeAggregates``), so the first ``stats`` / ``doctor`` /
+            report / app view merges them instead of scanning the shards; best effort (a failure
             warns and switches them off, never costs a token). The aggregator is the analyses layer's, which
             registers itself when ``cppo_diag.analyses.aggregate`` is imported (the bundled trainer and the
             plug-ins import it; capture imports nothing above it): without it the views scan.
