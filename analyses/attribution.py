@@ -157,10 +157,25 @@ def _by_step(source: Any, *, updates: str, step_range, adv_sign) -> pl.DataFrame
 
 
 def attribution_summary(source: Any, *, updates: str = "all", step_range=None, adv_sign: str | None = None) -> dict:
-    """The whole selection in one dict: ``terms``, ``tokens``, and the columns of :func:`attribution_by`."""
-    table, terms = _aggregate(source, pl.lit(0).alias("_all"), updates=updates, step_range=step_range,
-                              adv_sign=adv_sign)
-    row = table.drop("_all").to_dicts()[0] if table.height else {"tokens": 0}
+    """The whole selection in one dict: ``terms``, ``tokens``, and the columns of :func:`attribution_by`.
+
+    Pooled from the per-step rows of :func:`attribution_by` (cached beside a run, written by the recorder):
+    each mean is the token-weighted mean of the steps' means, and each share the token-weighted sum of the
+    steps' projections over that of mean |total| (the same sums as one pass, added in another order)."""
+    table = attribution_by(source, by="step", updates=updates, step_range=step_range, adv_sign=adv_sign)
+    terms = [c[: -len("_abs")] for c in table.columns if c.endswith("_abs") and c != "total_abs"]
+    table = table.filter(pl.col("tokens") > 0) if table.height else table
+    if not table.height:
+        return {"terms": terms or attribution_terms(filter_tokens(load_tokens(source), step_range=step_range)),
+                "tokens": 0}
+    n = pl.col("tokens").cast(pl.Float64)
+    weighted = n * pl.col("total_abs")
+    row = table.select(
+        pl.col("tokens").sum(),
+        *[((n * pl.col(f"{t}_{x}")).sum() / n.sum()).alias(f"{t}_{x}") for t in ["total", *terms] for x in ("mean", "abs")],
+        *[pl.when(weighted.sum() > 0).then((weighted * pl.col(f"{t}_share").fill_null(0.0)).sum() / weighted.sum())
+          .otherwise(None).alias(f"{t}_share") for t in terms],
+    ).to_dicts()[0]
     return {"terms": terms, **row}
 
 
@@ -216,6 +231,42 @@ def _stratum_expr(strata: str, edges: Sequence[float] | None) -> tuple[pl.Expr, 
     return expr, labels, [col]
 
 
+def strata_table(*, strata: str = "mu", edges: Sequence[float] | None = None, bin_width: int = 32,
+                 updates: str = "all", adv_sign: str | None = None):
+    """(cache key, function tokens -> rows) of :func:`position_strata` per step: per step, the token count and
+    the sum of |pi - mu| of each (position bin, stratum) cell and each (third of the response, stratum), as rows
+    ``step, kind ("cell" / "third"), key, stratum, tokens, tv_sum``. A response never spans steps, so the
+    steps' rows add up to one pass's; they are cached beside a run (``analyses.step_cache``) and the recorder
+    writes the Attribution page's default (mu strata, 32-token bins, all updates)."""
+    from cppo_diag.analyses.position import sequence_key
+    from cppo_diag.analyses.step_cache import block_key
+
+    expr, _, need = _stratum_expr(strata, edges)
+
+    def rows(tokens: pl.LazyFrame) -> pl.DataFrame:
+        lf = load_tokens(tokens)
+        require_columns(lf, ["step", "pos", "logp", "logp_rollout", *need], f"position_strata (strata={strata})")
+        lf = filter_updates(filter_tokens(lf, adv_sign=adv_sign), updates)
+        lf = _finite(lf, ["logp", "logp_rollout"], "position_strata")
+        if strata == "fork":
+            lf = lf.filter(pl.col("fork").is_not_null())
+        seq = sequence_key(lf)
+        lf = lf.with_columns(expr.alias("stratum"),
+                             tv(pl.col("logp").cast(pl.Float64), pl.col("logp_rollout").cast(pl.Float64)).alias("tv"),
+                             ((pl.col("pos") // bin_width) * bin_width).alias("pos_bin"),
+                             (pl.col("pos").max().over(seq) + 1).alias("_len"))
+        # thirds of each response by relative position t/T (so answers of any length compare)
+        lf = lf.with_columns(((pl.col("pos") * 3) // pl.col("_len")).clip(0, 2).alias("third"))
+        agg = [pl.len().alias("tokens"), pl.col("tv").sum().alias("tv_sum")]
+        out = [lf.group_by("step", pl.col(k).cast(pl.Int64).alias("key"), "stratum").agg(agg)
+               .with_columns(pl.lit(kind).alias("kind")) for kind, k in (("cell", "pos_bin"), ("third", "third"))]
+        return (pl.concat(out, how="vertical_relaxed").collect()
+                .select("step", "kind", "key", "stratum", pl.col("tokens").cast(pl.Int64), "tv_sum"))
+
+    return block_key("strata-steps-v1", strata=strata, edges=list(edges) if edges else None, bin_width=bin_width,
+                     updates=updates, adv_sign=adv_sign or "all"), rows
+
+
 def position_strata(source: Any, *, strata: str = "mu", edges: Sequence[float] | None = None, bin_width: int = 32,
                     updates: str = "all", step_range=None, adv_sign: str | None = None) -> tuple[pl.DataFrame, dict]:
     """|pi - mu| by position bin and stratum, and the split of its rise along the answer.
@@ -228,23 +279,21 @@ def position_strata(source: Any, *, strata: str = "mu", edges: Sequence[float] |
     ``rise`` (raw mean |pi - mu| in the last third minus the first), ``rise_within`` (the same for the
     re-weighted curve), ``composition_share`` = 1 - rise_within / rise (the part of the rise that the changing
     stratum mix explains), the overall ``mix``, and per stratum its first/last-third means (``by_stratum``)."""
-    lf = load_tokens(source)
-    expr, labels, need = _stratum_expr(strata, edges)
-    require_columns(lf, ["step", "pos", "logp", "logp_rollout", *need], f"position_strata (strata={strata})")
-    lf = filter_updates(filter_tokens(lf, step_range=step_range, adv_sign=adv_sign), updates)
-    lf = _finite(lf, ["logp", "logp_rollout"], "position_strata")
-    if strata == "fork":
-        lf = lf.filter(pl.col("fork").is_not_null())
-    from cppo_diag.analyses.position import sequence_key
+    _, labels, _ = _stratum_expr(strata, edges)  # a bad strata or edges is an error before any read
+    from cppo_diag.analyses.step_cache import cached_step_rows
 
-    seq = sequence_key(lf)
-    lf = lf.with_columns(expr.alias("stratum"), tv(pl.col("logp").cast(pl.Float64), pl.col("logp_rollout").cast(pl.Float64)).alias("tv"),
-                         ((pl.col("pos") // bin_width) * bin_width).alias("pos_bin"),
-                         (pl.col("pos").max().over(seq) + 1).alias("_len"))
-    # thirds of each response by relative position t/T (so answers of any length compare)
-    lf = lf.with_columns(((pl.col("pos") * 3) // pl.col("_len")).clip(0, 2).alias("third"))
-    cells = lf.group_by("pos_bin", "stratum").agg(pl.len().alias("tokens"), pl.col("tv").mean().alias("tv_mean")).collect()
-    thirds = lf.group_by("third", "stratum").agg(pl.len().alias("tokens"), pl.col("tv").mean().alias("tv_mean")).collect()
+    key, fn = strata_table(strata=strata, edges=edges, bin_width=bin_width, updates=updates, adv_sign=adv_sign)
+    rows = cached_step_rows(source, key, fn, step_range=step_range, desc="position strata by step")
+    if not rows.height or "kind" not in rows.columns:
+        raise AttributionInputError("position_strata: no tokens left after the filters (steps, updates, advantage sign)")
+
+    def pooled(kind: str, name: str) -> pl.DataFrame:  # the steps' counts and sums added: one pass's mean
+        return (rows.filter(pl.col("kind") == kind).group_by("key", "stratum")
+                .agg(pl.col("tokens").sum(), pl.col("tv_sum").sum()).sort("key", "stratum")
+                .select(pl.col("key").alias(name), "stratum", "tokens",
+                        (pl.col("tv_sum") / pl.col("tokens")).alias("tv_mean")))
+
+    cells, thirds = pooled("cell", "pos_bin"), pooled("third", "third")
     total = cells["tokens"].sum()
     if total == 0:
         raise AttributionInputError("position_strata: no tokens left after the filters (steps, updates, advantage sign)")

@@ -21,7 +21,6 @@ updates; ``pi_old`` and ``pi`` against ``mu``), and :func:`series` picks them fo
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import polars as pl
@@ -54,16 +53,15 @@ def _lr(x: str) -> pl.Expr:
     return log_ratio(pl.col(x).cast(pl.Float64), pl.col("logp_rollout").cast(pl.Float64))
 
 
-def step_rows(lf: pl.LazyFrame | pl.DataFrame, columns: list[str] | None = None) -> pl.DataFrame:
-    """One row per step of a token frame (``ROW_SCHEMA``), in step order; ``columns``: the run's column names
-    to record (default the frame's). Raises ``ValueError`` naming the column when ``step``, ``pos``, ``logp``
-    or ``advantage`` is missing."""
+def step_rows(lf: pl.LazyFrame | pl.DataFrame) -> pl.DataFrame:
+    """One row per step of a token frame (``ROW_SCHEMA``, with the frame's column names), in step order.
+    Raises ``ValueError`` naming the column when ``step``, ``pos``, ``logp`` or ``advantage`` is missing."""
     lf = lf.lazy()
     names = lf.collect_schema().names()
     for c in ("step", "pos", "logp", "advantage"):
         if c not in names:
             raise ValueError(f"doctor: the token table needs column '{c}'; found {sorted(names)}")
-    cols = ",".join(sorted(columns if columns is not None else names))
+    cols = ",".join(sorted(names))
     null = pl.lit(None)
     mu = pl.col("logp_rollout") if "logp_rollout" in names else null.cast(pl.Float32)
     upd = pl.col("update") if "update" in names else pl.lit(0)
