@@ -92,6 +92,7 @@ Doctor (``cppo_diag.analyses.doctor``)
         Finding: id, severity ("info"|"warning"|"critical"), first_step, message, evidence (dict),
         figure (PNG path or None), page and steps (where the app shows it)
     diagnose_runs(sources, *, out_dir=None, names=None, budget=True) -> {"runs": [{"run", "findings"}]}
+    doctor_rows(source, *, cache=True) -> pl.DataFrame    (the doctor's per-step series, one row per step)
 
 Figures: one builder per figure, taking the aggregated tables above (docs/analyses.md, "Figures").
 ``cppo_diag.analyses.plots_mpl`` (matplotlib Figure; static figures: the report, the doctor, the study):
@@ -174,6 +175,7 @@ _LAZY = {
     "position_strata": "cppo_diag.analyses.attribution",
     "diagnose": "cppo_diag.analyses.doctor",
     "diagnose_runs": "cppo_diag.analyses.doctor",
+    "doctor_rows": "cppo_diag.analyses.doctor_series",
     "Finding": "cppo_diag.analyses.doctor",
     "write_report": "cppo_diag.analyses.report",
     "write_synthetic_run": "cppo_diag.analyses.synthetic",

@@ -1166,15 +1166,16 @@ class WriteTimeAggregates:
 
 def write_time_tables() -> dict:
     """cache key -> per-step table function the recorder computes as each step completes: the doctor's series,
-    the Doctor page's default mismatch family (by step, pi / mu, updates after the first), the attribution by
+    the Doctor page's default mismatch family (by step, pi / mu, the updates after the first, or all of them
+    for a run with one update per batch), the attribution by
     step (which names a runaway's cause; the Attribution page and its summary) and the Attribution page's
     position strata (mu strata, 32-token bins)."""
     from cppo_diag.analyses.attribution import step_terms, strata_table
     from cppo_diag.analyses.doctor_series import STORE_KEY, step_rows
     from cppo_diag.analyses.mismatch import step_family
 
-    return {STORE_KEY: step_rows, **dict([step_family(pair="pi", updates="after_first"), step_terms(),
-                                          strata_table()])}
+    return {STORE_KEY: step_rows, **dict([step_family(pair="pi", updates="after_first"),
+                                          step_family(pair="pi", updates="all"), step_terms(), strata_table()])}
 
 
 def recorder_cache_keys() -> set[str]:

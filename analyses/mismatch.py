@@ -179,7 +179,7 @@ def step_family(*, pair: str = "pi", updates: str | None = "all", adv_sign: str 
                 is_high: Sequence[float] = IS_HIGH, is_low: Sequence[float] = IS_LOW):
     """(cache key, function tokens -> rows) of :func:`mismatch_metrics` by step: one step's row depends on that
     step's tokens only, so rows are cached per block of steps (``analyses.step_cache``) and the recorder writes
-    the Doctor page's default (pi / mu, updates after the first) as steps complete."""
+    the Doctor page's defaults (pi / mu; the updates after the first, and all updates) as steps complete."""
     from cppo_diag.analyses.step_cache import block_key
 
     aggs = _token_aggs(is_high, is_low)

@@ -102,7 +102,10 @@ mm_slot = st.container()  # the chart first, its controls under it
 path = ui.focus_run()
 c1, c2, c3 = st.columns(3)
 by = c1.radio("By", ["step", "position"], horizontal=True, key="doc_mm_by")
-updates = c2.radio("Updates", ["after_first", "first", "all"], horizontal=True, key="doc_mm_updates",
+# after the first update where the run has several per batch (the recorder writes that table); else all of them
+several = bool(data.analysis("doctor_rows", path)["n_after"].sum())
+updates = c2.radio("Updates", ["after_first", "first", "all"], index=0 if several else 2, horizontal=True,
+                   key="doc_mm_updates",
                    format_func={"after_first": "after the first", "first": "first of each batch", "all": "all"}.get)
 bin_width = c3.number_input("Bin width (tokens)", min_value=1, max_value=4096, value=16, key="doc_mm_bin",
                             disabled=by != "position")
