@@ -1,8 +1,10 @@
 """Per-step tables cached beside a run: any analysis whose rows are one per training step, each computed from
 that step's tokens alone, is read from blocks of steps under ``RUN/_cache/aggregates/<key>/`` (the block cache
 of :func:`cppo_diag.analyses.aggregate.cached_map`: a changed shard or done marker makes its block stale and it
-is recomputed; a growing run computes only its new steps). The doctor's series (``analyses.doctor_series``,
-also written by the recorder) and the mismatch family by step (``analyses.mismatch``) go through it.
+is recomputed; a growing run computes only its new steps). The doctor's series (``analyses.doctor_series``),
+the mismatch family by step (``analyses.mismatch``), and the attribution by step and its position strata
+(``analyses.attribution``) go through it; the recorder writes their defaults as steps complete
+(:class:`StepTables`, ``analyses.aggregate.write_time_tables``).
 
 A block is an ``.npz`` holding the rows as one Parquet payload (dtypes and nulls kept)."""
 

@@ -87,7 +87,15 @@ def test_recorder_writes_a_row_per_step(recorded, monkeypatch):
     monkeypatch.setattr(tokens, "_scan_step_files", lambda *a, **k: (_ for _ in ()).throw(AssertionError("read")))
     assert_frame_equal(S.doctor_rows(recorded), scan)  # the recorder's rows equal the reader's
     got = mismatch.mismatch_metrics(recorded, by="step", updates="after_first")  # the Doctor page's default
-    assert_frame_equal(got, fam, check_exact=False, rel_tol=1e-12)
+    assert_frame_equal(got, fam, check_exact=False, rtol=1e-12)
+    # the Attribution page's first view: the summary, the by-step terms and the position strata, all written
+    from cppo_diag.analyses import attribution as A
+
+    assert A.attribution_summary(recorded)["tokens"] == int(scan["n"].sum())
+    assert A.attribution_by(recorded, by="step").height == len(steps)
+    curves, summary = A.position_strata(recorded)
+    assert summary["tokens"] == int(scan["n"].sum()) and curves.height
+    assert mismatch.mismatch_metrics(recorded, by="step", updates="all")["n_tokens"].sum() == int(scan["n"].sum())
 
 
 def test_changed_shard_makes_its_block_stale(tmp_path):
