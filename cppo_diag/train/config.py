@@ -92,7 +92,9 @@ class OptimConfig:
     beta1: float = F(0.9, "AdamW beta1")
     beta2: float = F(0.999, "AdamW beta2")
     grad_clip: float = F(1.0, "clip the global gradient norm at this value (0 = off)")
-    schedule: str = F("constant", "lr schedule after warm-up: constant | cosine | linear (to 0 at optim.steps)")
+    schedule: str = F("constant", "lr schedule after warm-up: constant | cosine | linear (to optim.min_lr_ratio "
+                                  "of the peak at the last iteration)")
+    min_lr_ratio: float = F(0.0, "where cosine / linear decay ends, as a fraction of optim.lr (0: to 0)")
     warmup_steps: int = F(0, "linear warm-up iterations")
     updates_per_batch: int = F(1, "minibatches per pass over an iteration's batch (one optimiser update each)")
     epochs: int = F(4, "passes over the batch; total updates per iteration = epochs * updates_per_batch")
@@ -190,6 +192,7 @@ class TrainConfig:
              self.optim.updates_per_batch)
         need(self.optim.warmup_steps >= 0, "optim.warmup_steps", "an integer >= 0", self.optim.warmup_steps)
         choice("optim.schedule", self.optim.schedule, ("constant", "cosine", "linear"))
+        need(0.0 <= self.optim.min_lr_ratio <= 1.0, "optim.min_lr_ratio", "a number in [0, 1]", self.optim.min_lr_ratio)
         choice("optim.agg", self.optim.agg, AGG_MODES)
         need(self.optim.trunc_cap is None or self.optim.trunc_cap > 0, "optim.trunc_cap", "a number > 0",
              self.optim.trunc_cap)

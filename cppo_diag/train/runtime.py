@@ -96,17 +96,19 @@ def rollout_autocast_dtype(cfg: TrainConfig, amp):
 
 
 def lr_lambda(cfg: TrainConfig):
-    """Linear warm-up over ``optim.warmup_steps`` iterations, then ``optim.schedule`` to ``steps``."""
+    """Linear warm-up over ``optim.warmup_steps`` iterations, then ``optim.schedule`` to ``steps``, decaying to
+    ``optim.min_lr_ratio`` of the peak (not to 0) when that is set."""
     warm, total, kind = cfg.optim.warmup_steps, max(cfg.steps, 1), cfg.optim.schedule
+    floor = cfg.optim.min_lr_ratio
 
     def f(step: int) -> float:
         if step < warm:
             return (step + 1) / warm
         frac = min(1.0, (step - warm) / max(1, total - warm))
         if kind == "cosine":
-            return 0.5 * (1 + math.cos(math.pi * frac))
+            return floor + (1.0 - floor) * 0.5 * (1 + math.cos(math.pi * frac))
         if kind == "linear":
-            return 1.0 - frac
+            return floor + (1.0 - floor) * (1.0 - frac)
         return 1.0
 
     return f

@@ -51,3 +51,4 @@ def test_doctor_names_the_engine_as_the_cause(tmp_path):
     assert fs["mismatch_drift"].evidence["cause"] == "engine"
     assert "Cause: engine mismatch rising" in fs["mismatch_drift"].message
     assert fs["divergence_tails_rising"].evidence["cause"] == "engine"
+

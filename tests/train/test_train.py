@@ -640,3 +640,19 @@ def test_long_preset_runs_and_check_script_reads_it(tmp_path):
     assert c["response_len_mean"] > 128 and 0.0 <= c["masked_frac_after_first_update"] <= 1.0
     assert c["tv_top10_first_third"] >= 0 and "want >= 1.5x" in mod.report(c)
     assert mod.top_decile_mean(np.array([0.0] * 9 + [1.0])) == 1.0
+
+
+def test_lr_decay_floor():
+    from cppo_diag.train.config import build_config
+    from cppo_diag.train.runtime import lr_lambda
+
+    for kind in ("linear", "cosine"):
+        cfg = build_config("tiny", overrides={"steps": 11, "optim": {"schedule": kind, "warmup_steps": 1}})
+        f = lr_lambda(cfg.validate())
+        assert f(1) == pytest.approx(1.0) and f(11) == pytest.approx(0.0)  # to 0 by default
+        cfg = build_config("tiny", overrides={"steps": 11, "optim": {"schedule": kind, "warmup_steps": 1,
+                                                                      "min_lr_ratio": 0.5}})
+        f = lr_lambda(cfg.validate())
+        assert f(1) == pytest.approx(1.0) and f(6) == pytest.approx(0.75) and f(11) == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="optim.min_lr_ratio"):
+        build_config("tiny", overrides={"optim": {"min_lr_ratio": 1.5}}).validate()
