@@ -87,7 +87,9 @@ def cached_step_rows(source: Any, key: str, rows_fn: Callable[[pl.LazyFrame], pl
     def n_groups_for(todo: list[int]) -> int:
         return max(1, int(sum(p.stat().st_size for s in todo for p in files[s]) // ROWS_PER_GROUP_BYTES))
 
-    parts, _ = cached_map(source, files, steps, row_store(key), compute, n_groups_for=n_groups_for, cache=cache)
+    # no compaction: the recorder's blocks overlap (a step's own and the aligned 2^k blocks that hold it)
+    parts, _ = cached_map(source, files, steps, row_store(key), compute, n_groups_for=n_groups_for, cache=cache,
+                          max_blocks=1 << 30)
     parts = [p for p in parts if p.height]
     if not parts:
         return empty if empty is not None else pl.DataFrame(schema={"step": pl.Int64})
@@ -98,9 +100,12 @@ class StepTables:
     """The recorder's write-time half: the background writer's token tables of a step are held (at most
     ``WRITE_MAX_ROWS`` rows) and, once the step's ``_done`` marker is written, each ``tables[key](tokens)`` is
     saved as that step's block under ``key``, the rows a reader would compute from the step's shards (same
-    validity filter, same ``update`` / ``rank`` fill). The block's fingerprint hashes this rank's shards and
+    validity filter, same ``update`` / ``rank`` fill), and as part of each aligned block of 2^k steps (k >= 3)
+    the step completes. The block's fingerprint hashes this rank's shards and
     marker: a step other ranks also wrote fails the reader's check and is read from the shards. Saving is best
     effort (the writer warns and stops on an error; the tokens are already on disk)."""
+
+    MIN_LEVEL = 3  # as StepAggregates: blocks of 2 and 4 steps are merged in memory only
 
     def __init__(self, run_dir: Path, rank: int, tables: dict[str, Callable[[pl.LazyFrame], pl.DataFrame]]):
         self.run_dir = Path(run_dir)
@@ -108,6 +113,7 @@ class StepTables:
         self.tables = dict(tables)
         self._held: dict[int, list | None] = {}
         self._rows: dict[int, int] = {}
+        self._levels: dict[str, dict[tuple[int, int], pl.DataFrame]] = {k: {} for k in self.tables}
 
     def add(self, step: int, table) -> None:
         n = self._rows.get(step, 0) + table.num_rows
@@ -138,12 +144,30 @@ class StepTables:
         df = pl.from_arrow(pa.concat_tables(held, promote_options="default"))
         valid = valid_token_rows(df.columns)  # impossible values are never averaged in (as the reader)
         tokens = load_tokens(df.lazy().filter(valid) if valid is not None else df.lazy())
-        d = layout.run_dirs(self.run_dir)
-        files = sorted((d["tokens"] / layout.step_dir_name(step)).glob(f"rank{self.rank}-*.parquet"))
-        marker = layout.done_marker_name(step, self.rank)
-        fp = _fingerprint(files, [marker] if (d["done"] / marker).exists() else [])
+        written = 0
         for key, fn in self.tables.items():
-            path = layout.aggregate_block_path(self.run_dir, key, step, step, fp)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            save_rows(fn(tokens), path)
-        return len(self.tables)
+            # the step's block, and each aligned block of 2^k steps (k >= MIN_LEVEL) it completes: a reader merges
+            # any step range from a few files (the same dyadic tree as StepAggregates)
+            part, level, idx, levels = fn(tokens), 0, int(step), self._levels[key]
+            while True:
+                if level == 0 or level >= self.MIN_LEVEL:
+                    self._save(key, part, idx << level, ((idx + 1) << level) - 1, layout, _fingerprint)
+                    written += 1
+                sib = (level, idx ^ 1)
+                if sib not in levels:
+                    levels[(level, idx)] = part
+                    break
+                other = levels.pop(sib)
+                part = pl.concat([other, part] if idx & 1 else [part, other], how="diagonal_relaxed")
+                level, idx = level + 1, idx >> 1
+        return written
+
+    def _save(self, key: str, rows: pl.DataFrame, lo: int, hi: int, layout, fingerprint) -> None:
+        d = layout.run_dirs(self.run_dir)
+        files = sorted(p for s in range(lo, hi + 1)
+                       for p in (d["tokens"] / layout.step_dir_name(s)).glob(f"rank{self.rank}-*.parquet"))
+        done = [layout.done_marker_name(s, self.rank) for s in range(lo, hi + 1)
+                if (d["done"] / layout.done_marker_name(s, self.rank)).exists()]
+        path = layout.aggregate_block_path(self.run_dir, key, lo, hi, fingerprint(files, done))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_rows(rows, path)

@@ -187,12 +187,22 @@ def facts_from_json(entry: dict) -> tuple[tuple[int, int, int], ShardFacts] | No
         return None  # a damaged entry is simply checked again
 
 
+_LOADED: dict[str, tuple[tuple[int, int], dict]] = {}  # path -> ((mtime_ns, size), entries): one parse per process
+
+
 def load_cache(run_dir: Path) -> dict[str, tuple[tuple[int, int, int], ShardFacts]]:
-    """``{shard path relative to the run: ((size, mtime_ns, inode), facts)}`` from ``RUN/_cache``; {} if none."""
+    """``{shard path relative to the run: ((size, mtime_ns, inode), facts)}`` from ``RUN/_cache``; {} if none.
+    Parsed once per process and file version (a 10^9-token run's file is ~25 MB): the readers of one run
+    share the entries, which only ever gain checks of new shard versions."""
     import json
 
+    path = Path(run_dir) / CACHE_FILE
     try:
-        data = json.loads((Path(run_dir) / CACHE_FILE).read_text())
+        st = path.stat()
+        seen = _LOADED.get(str(path))
+        if seen is not None and seen[0] == (st.st_mtime_ns, st.st_size):
+            return seen[1]
+        data = json.loads(path.read_text())
     except (OSError, ValueError):
         return {}
     if not isinstance(data, dict) or data.get("version") != _CACHE_VERSION or not isinstance(data.get("shards"), dict):
@@ -202,6 +212,7 @@ def load_cache(run_dir: Path) -> dict[str, tuple[tuple[int, int, int], ShardFact
         parsed = facts_from_json(entry) if isinstance(entry, dict) else None
         if parsed is not None:
             out[rel] = parsed
+    _LOADED[str(path)] = ((st.st_mtime_ns, st.st_size), out)
     return out
 
 
@@ -215,5 +226,7 @@ def save_cache(run_dir: Path, entries: dict[str, tuple[tuple[int, int, int], Sha
         layout.atomic_write_bytes(path, __import__("json").dumps(
             {"version": _CACHE_VERSION, "shards": {rel: facts_to_json(f, k) for rel, (k, f) in entries.items()}},
             separators=(",", ":")).encode())
+        st = path.stat()
+        _LOADED[str(path)] = ((st.st_mtime_ns, st.st_size), dict(entries))  # what the next reader would parse
     except OSError:
         pass
