@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -58,8 +59,8 @@ def main() -> int:
         t0 = time.perf_counter()
         B.goto(page, title, n_charts)
         first[key] = round(time.perf_counter() - t0, 2)
-        texts = page.get_by_test_id("stCaption").all_inner_texts()
-        captions[key] = [t for t in texts if " tokens of steps " in t or "latest" in t]
+        # what the page says it covers where that is less than the run (controls.step_range's caption)
+        captions[key] = page.get_by_text(re.compile(r"tokens of steps \d+-\d+")).all_inner_texts()
         print(f"  {title}: first view {first[key]:.2f} s", flush=True)
 
     def act(key: str, action, wait) -> None:

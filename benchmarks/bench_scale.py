@@ -11,6 +11,8 @@ largest sum of RSS over its process tree (sampled every 20 ms), CPU seconds are 
 and the sum over the tree's processes of their last sampled CPU times (the local engine's worker processes
 are forkserver children, which ``wait4`` does not see):
 
+* ``first open``: the reader's one-time integrity check of a run's shards (kept beside the run for every later
+  process), timed once before the rows below;
 * ``ours (scan)``: ``cppo-diag stats RUN --by position --bin 64 --metric tv --no-cache`` (reads every shard);
 * ``pandas (equal work)``: read pos, logp, logp_rollout of every shard (``pd.read_parquet``), |pi - mu|,
   bin = pos // 64, ``groupby(bin)`` mean and P90 - less than ours, which also gives count, P50, P99,
@@ -141,6 +143,12 @@ def main() -> int:
     from cppo_diag.analyses.aggregate import drop_view_caches
 
     drop_view_caches(run)
+    # the reader's one-time integrity check (every page of every new shard version decoded, then kept in
+    # RUN/_cache/shard_checks.json for every later process): timed apart, so the rows below are steady state
+    first_open = run_timed([sys.executable, "-c", "import sys; from cppo_diag import open_run; "
+                            "print(len(open_run(sys.argv[1]).token_files()))", str(run)])
+    print(f"first open (the reader's shard checks, once per shard version): {first_open['wall_s']:.2f} s wall, "
+          f"{first_open['cpu_s']:.2f} CPU-s, {first_open['rss_mb']:.0f} MB", flush=True)
     n_files = len(list((run / "tokens").glob("step=*/*.parquet")))
     size = sum(f.stat().st_size for f in (run / "tokens").glob("step=*/*.parquet"))
     tmp = Path(tempfile.mkdtemp(prefix="bench_scale_"))
