@@ -31,7 +31,7 @@ from cppo_diag.capture.staging import (
     materialize,
 )
 from cppo_diag.capture.hooks import write_aggregator
-from cppo_diag.storage import layout
+from cppo_diag.storage import layout, schema, validate
 
 _STOP = object()
 
@@ -310,8 +310,16 @@ class BackgroundWriter(threading.Thread):
         return path
 
     def _write_shard(self, table: pa.Table, path: Path) -> int:
-        return write_parquet_atomic(table, path, compression=self.compression,
-                                    compression_level=self.compression_level, fsync=self.fsync)
+        n = write_parquet_atomic(table, path, compression=self.compression,
+                                 compression_level=self.compression_level, fsync=self.fsync)
+        if self.aggregates and path.parent.parent.name == schema.TOKENS_DIR:
+            # the reader's integrity checks of this shard, from the table in hand: no reader decodes it again
+            try:
+                validate.record_check(self.run_dir, path, validate.inspect_token_table(
+                    table, layout.parse_step_dir(path.parent.name)))
+            except Exception:  # noqa: BLE001 - best effort: the reader checks the shard itself
+                pass
+        return n
 
     def _write_shard_counted(self, table: pa.Table, path: Path) -> tuple[int, int]:
         """Pool worker: encode + write one shard; returns (bytes, rows) and accounts its CPU time."""

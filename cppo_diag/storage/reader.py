@@ -160,6 +160,8 @@ class Run:
     def _saved_checks(self) -> dict:
         if self._checks is None:
             self._checks = validate.load_cache(self.path)
+            if validate.has_sidecars(self.path):  # the recorder's checks: fold them into one file for later readers
+                self._checks_dirty = True
         return self._checks
 
     def _shards(self, kind: str, include_incomplete: bool) -> list[tuple[Path, object]]:

@@ -81,6 +81,12 @@ def inspect_token_shard(path: Path, dir_step: int | None) -> ShardFacts:
         table = pf.read()
     except Exception as exc:  # noqa: BLE001 - any decode failure means corrupt data pages
         return ShardFacts(reason=f"corrupt data pages ({type(exc).__name__}: {' '.join(str(exc).split())[:200]})")
+    return inspect_token_table(table, dir_step)
+
+
+def inspect_token_table(table, dir_step: int | None) -> ShardFacts:
+    """The checks of :func:`inspect_token_shard` on a decoded token table (an Arrow table): what a reader
+    would find in the shard written from it (the recorder records them as it writes: :func:`record_check`)."""
     try:
         df = pl.from_arrow(table)
     except Exception as exc:  # noqa: BLE001
@@ -187,7 +193,39 @@ def facts_from_json(entry: dict) -> tuple[tuple[int, int, int], ShardFacts] | No
         return None  # a damaged entry is simply checked again
 
 
-_LOADED: dict[str, tuple[tuple[int, int], dict]] = {}  # path -> ((mtime_ns, size), entries): one parse per process
+SIDECAR_DIR = "_cache/shard_checks.d"  # one small file per shard the recorder wrote and checked as it wrote it
+_LOADED: dict[str, tuple[tuple, dict]] = {}  # path -> (file versions, entries): one parse per process
+
+
+def _sidecar_name(rel: str) -> str:
+    return rel.replace("/", "__") + ".json"
+
+
+def record_check(run_dir: Path, path: Path, facts: ShardFacts) -> None:
+    """Keep the checks of a shard just written (``facts``, from :func:`inspect_token_table` on the table it was
+    written from) beside the run, keyed by the file's size, mtime and inode like the reader's own checks, so no
+    reader has to decode it again. One small file per shard under ``SIDECAR_DIR``; the next reader folds them
+    into ``CACHE_FILE``. Best effort: any error leaves the shard to the reader's check."""
+    import json
+
+    from cppo_diag.storage import layout
+
+    run_dir, path = Path(run_dir), Path(path)
+    st = path.stat()
+    rel = str(path.relative_to(run_dir))
+    side = run_dir / SIDECAR_DIR
+    side.mkdir(parents=True, exist_ok=True)
+    layout.atomic_write_bytes(side / _sidecar_name(rel), json.dumps(
+        {"shard": rel, **facts_to_json(facts, (st.st_size, st.st_mtime_ns, st.st_ino))},
+        separators=(",", ":")).encode())
+
+
+def _sidecars(run_dir: Path) -> list[Path]:
+    side = Path(run_dir) / SIDECAR_DIR
+    try:
+        return sorted(side.glob("*.json"))
+    except OSError:
+        return []
 
 
 def load_cache(run_dir: Path) -> dict[str, tuple[tuple[int, int, int], ShardFacts]]:
@@ -197,23 +235,41 @@ def load_cache(run_dir: Path) -> dict[str, tuple[tuple[int, int, int], ShardFact
     import json
 
     path = Path(run_dir) / CACHE_FILE
-    try:
-        st = path.stat()
-        seen = _LOADED.get(str(path))
-        if seen is not None and seen[0] == (st.st_mtime_ns, st.st_size):
-            return seen[1]
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-    if not isinstance(data, dict) or data.get("version") != _CACHE_VERSION or not isinstance(data.get("shards"), dict):
-        return {}
+    versions = []
+    for f in (path, Path(run_dir) / SIDECAR_DIR):
+        try:
+            st = f.stat()
+            versions.append((st.st_mtime_ns, st.st_size))
+        except OSError:
+            versions.append(None)
+    seen = _LOADED.get(str(path))
+    if seen is not None and seen[0] == tuple(versions):
+        return seen[1]
     out = {}
-    for rel, entry in data["shards"].items():
-        parsed = facts_from_json(entry) if isinstance(entry, dict) else None
+    try:
+        data = json.loads(path.read_text()) if versions[0] is not None else {}
+    except (OSError, ValueError):
+        data = {}
+    if isinstance(data, dict) and data.get("version") == _CACHE_VERSION and isinstance(data.get("shards"), dict):
+        for rel, entry in data["shards"].items():
+            parsed = facts_from_json(entry) if isinstance(entry, dict) else None
+            if parsed is not None:
+                out[rel] = parsed
+    for f in _sidecars(run_dir) if versions[1] is not None else []:  # what the recorder checked as it wrote
+        try:
+            entry = json.loads(f.read_text())
+        except (OSError, ValueError):
+            continue
+        parsed = facts_from_json(entry) if isinstance(entry, dict) and isinstance(entry.get("shard"), str) else None
         if parsed is not None:
-            out[rel] = parsed
-    _LOADED[str(path)] = ((st.st_mtime_ns, st.st_size), out)
+            out[entry["shard"]] = parsed
+    _LOADED[str(path)] = (tuple(versions), out)
     return out
+
+
+def has_sidecars(run_dir: Path) -> bool:
+    """Checks the recorder kept that no reader has folded into ``CACHE_FILE`` yet."""
+    return bool(_sidecars(run_dir))
 
 
 def save_cache(run_dir: Path, entries: dict[str, tuple[tuple[int, int, int], ShardFacts]]) -> None:
@@ -226,7 +282,9 @@ def save_cache(run_dir: Path, entries: dict[str, tuple[tuple[int, int, int], Sha
         layout.atomic_write_bytes(path, __import__("json").dumps(
             {"version": _CACHE_VERSION, "shards": {rel: facts_to_json(f, k) for rel, (k, f) in entries.items()}},
             separators=(",", ":")).encode())
-        st = path.stat()
-        _LOADED[str(path)] = ((st.st_mtime_ns, st.st_size), dict(entries))  # what the next reader would parse
+        for f in _sidecars(run_dir):  # folded in now (a sidecar written meanwhile is for a shard not in entries)
+            if f.name[: -len(".json")].replace("__", "/") in entries:
+                f.unlink(missing_ok=True)
+        _LOADED.pop(str(path), None)
     except OSError:
         pass
