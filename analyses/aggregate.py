@@ -1108,38 +1108,50 @@ class StepAggregates:
 
     def finish(self, step: int) -> int:
         """Save the block of ``step`` (and each dyadic block it completes); the number of blocks written."""
-        from cppo_diag.storage import layout
-
         acc = self._acc.pop(step, None)
         if acc is None:
             return 0
         part = acc.partial()
         part.lengths, part.lengths_ok = acc.lengths, acc.lengths_ok
-        written = 0
-        level, idx = 0, int(step)
-        while True:
-            lo, hi = idx << level, ((idx + 1) << level) - 1
-            if level == 0 or level >= self.MIN_LEVEL:
-                self._save(part, lo, hi, layout)
-                written += 1
-            sib = (level, idx ^ 1)
-            if sib not in self._levels:
-                self._levels[(level, idx)] = part
-                break
-            other = self._levels.pop(sib)
-            part = other.merge(part) if idx & 1 else part.merge(other)
-            level, idx = level + 1, idx >> 1
-        return written
+        key = self.spec.key()
+        return save_dyadic(self._levels, step, part, lambda a, b: a.merge(b),
+                           lambda p, lo, hi: p.save(writer_block_path(self.run_dir, self.rank, key, lo, hi)),
+                           self.MIN_LEVEL)
 
-    def _save(self, part: Partial, lo: int, hi: int, layout) -> None:
-        d = layout.run_dirs(self.run_dir)
-        files = sorted(p for s in range(lo, hi + 1) for p in (d["tokens"] / layout.step_dir_name(s)).glob(
-            f"rank{self.rank}-*.parquet"))
-        done = [layout.done_marker_name(s, self.rank) for s in range(lo, hi + 1)
-                if (d["done"] / layout.done_marker_name(s, self.rank)).exists()]
-        path = layout.aggregate_block_path(self.run_dir, self.spec.key(), lo, hi, _fingerprint(files, done))
-        path.parent.mkdir(parents=True, exist_ok=True)
-        part.save(path)
+
+def save_dyadic(levels: dict, step: int, part, merge, save, min_level: int) -> int:
+    """The recorder's dyadic blocks: save ``step``'s state ``part`` (``save(part, lo, hi)``), then merge it with
+    each completed sibling block held in ``levels`` ((level, index) -> state) and save every aligned block of
+    2^k steps (k >= ``min_level``) it completes; smaller merged blocks stay in memory only. The number of
+    blocks saved."""
+    written, level, idx = 0, 0, int(step)
+    while True:
+        if level == 0 or level >= min_level:
+            save(part, idx << level, ((idx + 1) << level) - 1)
+            written += 1
+        sib = (level, idx ^ 1)
+        if sib not in levels:
+            levels[(level, idx)] = part
+            return written
+        other = levels.pop(sib)
+        part = merge(other, part) if idx & 1 else merge(part, other)
+        level, idx = level + 1, idx >> 1
+
+
+def writer_block_path(run_dir: Path, rank: int, key: str, lo: int, hi: int) -> Path:
+    """Where the recorder's writer saves the block of steps [lo, hi] under the cache key ``key``: fingerprinted
+    by this rank's shards and done markers (a step other ranks also wrote fails the reader's check and is read
+    from the shards); its folder exists."""
+    from cppo_diag.storage import layout
+
+    d = layout.run_dirs(run_dir)
+    files = sorted(p for s in range(lo, hi + 1)
+                   for p in (d["tokens"] / layout.step_dir_name(s)).glob(f"rank{rank}-*.parquet"))
+    done = [layout.done_marker_name(s, rank) for s in range(lo, hi + 1)
+            if (d["done"] / layout.done_marker_name(s, rank)).exists()]
+    path = layout.aggregate_block_path(run_dir, key, lo, hi, _fingerprint(files, done))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path
 
 
 class WriteTimeAggregates:

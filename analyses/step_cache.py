@@ -136,9 +136,8 @@ class StepTables:
             return 0
         import pyarrow as pa
 
-        from cppo_diag.analyses.aggregate import _fingerprint
+        from cppo_diag.analyses.aggregate import save_dyadic, writer_block_path
         from cppo_diag.analyses.tokens import load_tokens
-        from cppo_diag.storage import layout
         from cppo_diag.storage.validate import valid_token_rows
 
         df = pl.from_arrow(pa.concat_tables(held, promote_options="default"))
@@ -146,28 +145,10 @@ class StepTables:
         tokens = load_tokens(df.lazy().filter(valid) if valid is not None else df.lazy())
         written = 0
         for key, fn in self.tables.items():
-            # the step's block, and each aligned block of 2^k steps (k >= MIN_LEVEL) it completes: a reader merges
-            # any step range from a few files (the same dyadic tree as StepAggregates)
-            part, level, idx, levels = fn(tokens), 0, int(step), self._levels[key]
-            while True:
-                if level == 0 or level >= self.MIN_LEVEL:
-                    self._save(key, part, idx << level, ((idx + 1) << level) - 1, layout, _fingerprint)
-                    written += 1
-                sib = (level, idx ^ 1)
-                if sib not in levels:
-                    levels[(level, idx)] = part
-                    break
-                other = levels.pop(sib)
-                part = pl.concat([other, part] if idx & 1 else [part, other], how="diagonal_relaxed")
-                level, idx = level + 1, idx >> 1
+            # the step's block, and each aligned block of 2^k steps it completes: a reader merges any step range
+            # from a few files (the same dyadic tree as StepAggregates)
+            written += save_dyadic(
+                self._levels[key], step, fn(tokens), lambda a, b: pl.concat([a, b], how="diagonal_relaxed"),
+                lambda rows, lo, hi, key=key: save_rows(rows, writer_block_path(self.run_dir, self.rank, key, lo, hi)),
+                self.MIN_LEVEL)
         return written
-
-    def _save(self, key: str, rows: pl.DataFrame, lo: int, hi: int, layout, fingerprint) -> None:
-        d = layout.run_dirs(self.run_dir)
-        files = sorted(p for s in range(lo, hi + 1)
-                       for p in (d["tokens"] / layout.step_dir_name(s)).glob(f"rank{self.rank}-*.parquet"))
-        done = [layout.done_marker_name(s, self.rank) for s in range(lo, hi + 1)
-                if (d["done"] / layout.done_marker_name(s, self.rank)).exists()]
-        path = layout.aggregate_block_path(self.run_dir, key, lo, hi, fingerprint(files, done))
-        path.parent.mkdir(parents=True, exist_ok=True)
-        save_rows(rows, path)
