@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 
-from .config import TrainConfig, build_config, to_dict
+from .config import PRESET_RULE_PARAMS, TrainConfig, build_config, to_dict
 
 __all__ = ["CALIBRATED_KEYS", "available_cores", "regime_warnings"]
 
@@ -56,6 +56,9 @@ def regime_warnings(cfg: TrainConfig, preset: str | None = None) -> list[str]:
     if keys:
         base, now = to_dict(build_config(preset)), to_dict(cfg)
         changed = [f"{k} {_get(base, k)!r} -> {_get(now, k)!r}" for k in keys if _get(base, k) != _get(now, k)]
+        calibrated = PRESET_RULE_PARAMS.get(preset, {}).get(cfg.rule.name, {})  # the calibration's rule parameters
+        if cfg.rule.params != calibrated:
+            changed.append(f"rule.params ({cfg.rule.name}) {calibrated!r} -> {cfg.rule.params!r}")
         if changed:
             out.append(f"preset {preset!r}: {', '.join(changed)} leave(s) the calibrated regime; the calibration in "
                        "docs/trainer.md does not cover this run, so expect other learning curves")

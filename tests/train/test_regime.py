@@ -20,7 +20,7 @@ def test_each_override_is_named_with_what_it_changes():
     assert f"threads: {available_cores() + 1} torch threads on {available_cores()}" in text
     assert "rollout.staleness: 50 >= steps 40" in text and "warm start's samples" in text
     assert "optim.warmup_steps: 40 >= steps 40" in text and "never reaches optim.lr" in text
-    assert "rollout.staleness 6 -> 50" in text and "optim.lr 0.0001 -> 0.002" in text
+    assert "rollout.staleness 6 -> 50" in text and "optim.lr 0.0002 -> 0.002" in text
     assert "calibrated regime" in text
     # a preset without a calibration only gets the checks that hold anywhere
     assert regime_warnings(build_config("tiny", overrides={"steps": 12}), "tiny") == []
@@ -38,3 +38,18 @@ def test_train_cli_prints_the_warnings_before_training(capsys, tmp_path, monkeyp
     assert main(["train", "--preset", "long", "--rollout.staleness", "50", "--optim.lr", "-1"]) == 2
     err = capsys.readouterr().err
     assert "optim.lr: expected a number" in err and "warning:" not in err
+
+
+def test_the_presets_own_rule_thresholds_apply_only_when_the_run_gives_none():
+    from cppo_diag.train.config import PRESET_RULE_PARAMS
+
+    own = PRESET_RULE_PARAMS["long"]["dppo"]
+    assert build_config("long").rule.params == own  # the preset's rule: DPPO at the calibrated threshold
+    assert build_config("long", overrides={"rule": {"name": "dppo"}}).rule.params == own
+    assert build_config("long", overrides={"rule": {"name": "cppo"}}).rule.params == {}  # no thresholds of its own
+    assert build_config("demo", overrides={"rule": {"name": "dppo"}}).rule.params == {}  # only in its preset
+    mine = build_config("long", overrides={"rule": {"name": "dppo", "params": {"divergence": "binary_kl"}}})
+    assert mine.rule.params == {"divergence": "binary_kl"}  # any parameter of the run's own replaces them all
+    text = "\n".join(regime_warnings(mine, "long"))
+    assert f"rule.params (dppo) {own!r} -> {{'divergence': 'binary_kl'}}" in text and "calibrated regime" in text
+    assert regime_warnings(build_config("long", overrides={"rule": {"name": "grpo_clip"}}), "long") == []
