@@ -19,6 +19,7 @@ seeds, at the preset's own settings) at 1 torch thread and its trust-region half
     python scripts/calibrate_long.py --root runs/calib --no-train --write docs/trainer.md  # table only
     python scripts/calibrate_long.py --root runs/calib --threads 1 --no-train               # one thread count
     python scripts/calibrate_long.py --explore runs/explore-cosine runs/explore-constant       # exploration runs
+    python scripts/calibrate_long.py --explore runs/p31 runs/p32 --candidate peak-lr --write docs/trainer.md
     python scripts/calibrate_long.py --root runs/calib-st10 --threads 1 --no-train --candidate st10 --write docs/trainer.md
 
 The exploration studies that chose the preset's settings are ``scripts/calibration/explore-*.toml``; ``--explore``
@@ -195,7 +196,7 @@ def main(argv=None) -> int:
     ap.add_argument("--write", default="", help="replace the table between the calibration-table markers of FILE")
     ap.add_argument("--candidate", default="", metavar="NAME",
                     help="the runs are a candidate regime, not the preset: write between the markers "
-                         "calibration-table-NAME (the preset's own table stays)")
+                         "calibration-table-NAME (the preset's own table stays); with --explore, explore-table-NAME")
     ap.add_argument("--json", default="", help="also write every run's figures to this JSON file")
     ap.add_argument("--explore", nargs="+", type=Path, default=None, metavar="ROOT",
                     help="only table the runs under these study roots (scripts/calibration/explore-*.toml)")
@@ -204,7 +205,11 @@ def main(argv=None) -> int:
         out = explore_table(args.explore)
         print(out)
         if args.write:
-            _write(Path(args.write), out, EXPLORE_START, EXPLORE_END)
+            start, end = EXPLORE_START, EXPLORE_END
+            if args.candidate:  # another exploration's table beside the first
+                start = f"<!-- explore-table-{args.candidate}:start (scripts/calibrate_long.py --explore --candidate) -->"
+                end = f"<!-- explore-table-{args.candidate}:end -->"
+            _write(Path(args.write), out, start, end)
         return 0
     root, threads = Path(args.root), args.threads or [1, 2]
     if not args.no_train:

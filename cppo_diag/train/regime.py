@@ -18,7 +18,7 @@ __all__ = ["CALIBRATED_KEYS", "available_cores", "regime_warnings"]
 # The settings a preset's calibration fixed (docs/trainer.md); changing one leaves the calibrated regime.
 CALIBRATED_KEYS = {
     "long": ("steps", "rollout.staleness", "rollout.precision", "rollout.prompts_per_step", "rollout.n",
-             "rollout.temperature", "rollout.logit_noise", "rollout.logit_noise_schedule", "optim.lr",
+             "rollout.temperature", "rollout.logit_noise", "rollout.logit_noise_schedule", "optim.lr", "optim.grad_clip",
              "optim.schedule", "optim.min_lr_ratio", "optim.warmup_steps", "optim.updates_per_batch",
              "optim.epochs", "task.fork_profile", "task.detour_credit", "task.forks"),
 }
