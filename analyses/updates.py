@@ -6,7 +6,7 @@ away from the sampling weights by a token's update is what the run-format column
 optimiser steps between the weights that sampled the token and those that computed ``logp``. With on-policy
 sampling (staleness 0) update 0 has lag 0: pi differs from mu only by the engine mismatch (sampler vs trainer
 numerics), nothing the policy did, and pooling it with the later updates dilutes |pi - mu| and the masked
-fraction. With stale rollouts (asynchronous RL; the ``long`` preset samples six iterations back) update 0
+fraction. With stale rollouts (asynchronous RL; the ``long`` preset samples ten iterations back) update 0
 already carries the policy lag of several batches: it is *not* pi = mu. Every position, masked-fraction and
 budget analysis therefore takes an ``updates`` filter:
 

@@ -7,7 +7,7 @@ Same seed and settings, differing only in the rule (and, for the unstable run, t
 
   cppo-long       cppo (paper defaults: delta 0.15, w_min 0.8, adaptive delta_b >= 0.02)
   grpo-long       grpo_clip (eps_low 0.2, eps_high 0.28)
-  dppo-long       dppo (binary TV, delta 0.15)
+  dppo-long       dppo (binary TV, delta 0.1: the long preset's own DPPO threshold; the paper's is 0.15)
   pg_is-long      pg_is: no trust region at all (the control: the same run collapses)
   unstable-long   grpo_clip with the learning rate rising linearly from 0 to UNSTABLE_LR over the run
                   (optim.warmup_steps = steps): it trains while the step size is small, then collapses

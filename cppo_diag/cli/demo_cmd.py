@@ -5,8 +5,8 @@ What happens:
      immediately;
   2. a fresh CPPO run trains with the `long` preset (the `chain` task: 160-digit answers where every digit
      depends on the prefix and forks grow denser along the answer, prefix-credit reward, from the shipped SFT
-     warm start; rollouts 6 iterations stale and sampled in bf16, 2 epochs x 2 minibatches, lr 1e-4 held
-     constant after a warm-up) into runs/demo-cppo-<time>/ and appears in the app live (40 iterations, a few
+     warm start; rollouts 10 iterations stale and sampled in bf16, 2 epochs x 2 minibatches, lr 2e-4 after a
+     warm-up, decaying along a cosine) into runs/demo-cppo-<time>/ and appears in the app live (40 iterations, a few
      minutes on 2 cores); `--preset demo` runs the short-answer `fib` task instead;
   3. with --compare, the same run without any trust region (`pg_is`, the control: in the long regime it
      collapses where CPPO learns), then GRPO (ratio clip) and DPPO follow on the same seed, for side-by-side
