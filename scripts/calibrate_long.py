@@ -76,6 +76,8 @@ def run_figures(path: Path) -> dict:
             col = f"summary/{k}_{when}"
             v = s[col].drop_nulls() if col in s.columns else []
             out[f"{k}_{when}"] = float(v[-1]) if len(v) else float("nan")
+    if "reward/mean" not in s.columns:  # not past its first iteration
+        return {**out, "finished": False, "collapse_step": None, "masked_frac": float("nan"), "tail_ratio": float("nan")}
     rw = s.select("step", "reward/mean").drop_nulls()
     out["collapse_step"] = sustained_collapse(rw["reward/mean"].to_numpy(), rw["step"].to_numpy())
     toks = filter_updates(run.tokens(), default_updates(run))
@@ -148,15 +150,16 @@ def _mean(xs) -> float:
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| rule | threads | seeds | exact accuracy up | exact accuracy before -> after (mean) | valid share "
-             "before -> after (mean) | sustained collapses | masked (lag > 0) | tail ratio |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| rule | threads | seeds | exact accuracy up | exact accuracy before -> after (mean) | valid share up | "
+             "valid share before -> after (mean) | sustained collapses | masked (lag > 0) | tail ratio |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for rule in RULES:
         for threads in sorted({r["threads"] for r in rows}):
             rs = [r for r in rows if r["rule"] == rule and r["threads"] == threads and r["finished"]]
             if not rs:
                 continue
             up = sum(r["greedy_acc_after"] > r["greedy_acc_before"] for r in rs)
+            vs_up = sum(r["greedy_valid_share_after"] > r["greedy_valid_share_before"] for r in rs)
             col = sum(r["collapse_step"] is not None for r in rs)
             steps = sorted(r["collapse_step"] for r in rs if r["collapse_step"] is not None)
             col_txt = f"{col}/{len(rs)}" + (f" (steps {steps[0]}-{steps[-1]})" if steps else "")
@@ -164,9 +167,30 @@ def table(rows: list[dict]) -> str:
             lines.append(
                 f"| {LABELS[rule]} | {threads} | {len(rs)} | {up}/{len(rs)} | "
                 f"{_mean(r['greedy_acc_before'] for r in rs):.3f} -> {_mean(r['greedy_acc_after'] for r in rs):.3f} | "
-                f"{_mean(r['greedy_valid_share_before'] for r in rs):.3f} -> "
+                f"{vs_up}/{len(rs)} | {_mean(r['greedy_valid_share_before'] for r in rs):.3f} -> "
                 f"{_mean(r['greedy_valid_share_after'] for r in rs):.3f} | {col_txt} | {masked} | "
                 f"{_mean(r['tail_ratio'] for r in rs):.1f}x |")
+    return "\n".join(lines)
+
+
+def seed_table(rows: list[dict]) -> str:
+    """Per seed: each rule's exact accuracy after (before is the warm start's, the same for every run), with its
+    valid share, and the step of a sustained collapse."""
+    threads = sorted({r["threads"] for r in rows})
+    rules = [ru for ru in RULES if any(r["rule"] == ru for r in rows)]
+    cols = [(ru, t) for ru in rules for t in threads if any(r["rule"] == ru and r["threads"] == t for r in rows)]
+    lines = ["| seed | " + " | ".join(f"{LABELS[ru].split(' (')[0]}, {t} thr." for ru, t in cols) + " |",
+             "|---" * (len(cols) + 1) + "|"]
+    for seed in sorted({r["seed"] for r in rows}):
+        cells = []
+        for ru, t in cols:
+            r = next((r for r in rows if r["rule"] == ru and r["threads"] == t and r["seed"] == seed), None)
+            if r is None or not r["finished"]:
+                cells.append("-")
+                continue
+            c = "" if r["collapse_step"] is None else f", collapse {r['collapse_step']}"
+            cells.append(f"{r['greedy_acc_after']:.3f} ({r['greedy_valid_share_after']:.3f}{c})")
+        lines.append(f"| {seed} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -218,7 +242,8 @@ def main(argv=None) -> int:
     rows = [r for t in threads for r in collect(root, t)]
     if not rows:
         raise SystemExit(f"{root}: no finished runs under t{threads[0]}/ (run without --no-train first)")
-    out = table(rows) + "\n\nSeed spread of the final held-out metrics:\n\n" + noise_table(rows)
+    out = (table(rows) + "\n\nPer seed, exact accuracy after RL (valid share after; a sustained collapse's first step):\n\n"
+           + seed_table(rows) + "\n\nSeed spread of the final held-out metrics:\n\n" + noise_table(rows))
     print(out)
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1, default=str))
