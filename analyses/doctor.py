@@ -827,10 +827,28 @@ def _reward_findings(rew, ho: dict | None, fig_path, settings: DoctorSettings = 
                     "needs: train longer to tell.")
         if len(other) > 1:
             msg += f" It dipped {len(other)} times (steps {', '.join(str(x['start']) for x in other)})."
+        live_at = _live_critical_step(ep["steps"], other, k, min_step)
+        if live_at is not None:  # what --doctor.live reported: on the steps so far a long dip is a collapse
+            ev.update(online_severity="critical", online_critical_step=live_at)
+            msg += (f" Online (--doctor.live) it was critical at step {live_at}, once a dip had lasted {k} more "
+                    "steps: the live guard cannot tell a long dip from a collapse before it recovers, and "
+                    "--doctor.on_critical halt would have stopped the run there.")
         msg += held
         out.append(Finding("reward_dip", "warning", d["start"], msg, ev, figure("reward_dip", d["start"]), PAGE_RUNS,
                            (d["peak_step"], d["last"] if d["recovered"] is None else d["recovered"])))
     return out
+
+
+def _live_critical_step(steps: np.ndarray, dips: list[dict], k: int, min_step: int) -> int | None:
+    """The step at which the live guard (``reward_episodes`` on the steps so far) called the first of these
+    non-sustained dips a collapse: one starting at or after ``min_step`` that stayed below for ``k`` more logged
+    steps before it recovered; None if none did."""
+    index = {int(x): i for i, x in enumerate(steps)}
+    for d in dips:
+        i, j = index[d["start"]], index[d["last"]]
+        if d["start"] >= min_step and j - i >= k:
+            return int(steps[i + k])
+    return None
 
 
 def _masked_rising(f_steps: np.ndarray, vals: np.ndarray, rule, fig_path, collapse) -> Finding | None:

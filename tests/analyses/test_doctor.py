@@ -416,3 +416,24 @@ def test_imminent_collapse_that_recovers_is_a_warning_in_hindsight(tmp_path):
     im = fs["collapse_imminent"]
     assert im.severity == "warning" and im.evidence["online_severity"] == "critical"
     assert "recovered at step" in im.message and "reward_collapse" not in fs
+
+
+def test_a_long_dip_that_recovers_says_it_was_critical_online(tmp_path):
+    """A dip that stays below half its best for 5 more logged steps and then recovers is a warning offline, and
+    its evidence says the live guard (the same rule on the steps so far) called it critical, and when."""
+    ok = [0.6] * 15
+    for below in (4, 8):
+        reward = np.asarray(ok + [0.05] * below + [0.7] * 10)
+        steps = np.arange(len(reward))
+        # the live rule: the first prefix on which reward_episodes finds a sustained collapse
+        live = next((int(steps[n - 1]) for n in range(1, len(reward) + 1)
+                     if D.reward_episodes(steps[:n], reward[:n])["collapse"] is not None), None)
+        assert D.reward_episodes(steps, reward)["collapse"] is None  # offline: it recovered
+        (dip,) = D._reward_findings((steps, reward, "reward/mean"), None, lambda fid: tmp_path / f"{fid}.png")
+        assert dip.id == "reward_dip" and dip.severity == "warning"
+        assert dip.evidence.get("online_critical_step") == live
+        if below == 8:
+            assert live == dip.first_step + D.COLLAPSE_MIN_AFTER and f"critical at step {live}" in dip.message
+            assert dip.evidence["online_severity"] == "critical"
+        else:
+            assert live is None and "online_severity" not in dip.evidence and "Online" not in dip.message

@@ -63,7 +63,9 @@ def _replay(name: str) -> tuple[L.LiveDoctor, list]:
 def test_sample_logs_replayed_live():
     """Replayed step by step, every shipped sample log fires live the criticals the offline doctor finds: the
     imminent collapse at its offline step, before the collapse (where the guard halts), and the sustained collapse
-    at the same collapse step, 5 steps later; and unstable-long's early warnings at the offline steps, before it."""
+    at the same collapse step, 5 steps later; a dip that lasted 5 steps before it recovered fires live where the
+    offline finding says it did (``online_critical_step``), and no other run fires a critical; and
+    unstable-long's early warnings at the offline steps, before it."""
     for run in sorted(p for p in SAMPLES.iterdir() if (p / "meta.json").exists()):
         _, fired = _replay(run.name)
         off = {f.id: f for f in D.diagnose(run, budget=False)}
@@ -75,6 +77,12 @@ def test_sample_logs_replayed_live():
             assert at == col.first_step + D.COLLAPSE_MIN_AFTER  # critical once the dip has lasted 5 more steps
             at, im = crit["collapse_imminent"]
             assert at == im.first_step == off["collapse_imminent"].first_step < col.first_step  # the halt comes first
+        elif "online_critical_step" in getattr(off.get("reward_dip"), "evidence", {}):
+            # a dip that lasted 5 logged steps before it recovered: live it is a collapse (the guard cannot see the
+            # recovery coming), at the step the offline finding names
+            assert set(crit) <= {"reward_collapse", "collapse_imminent"} and "reward_collapse" in crit, run.name
+            assert crit["reward_collapse"][0] == off["reward_dip"].evidence["online_critical_step"], run.name
+            assert off["reward_dip"].evidence["online_severity"] == "critical"
         else:
             assert crit == {}, run.name
     live, fired = _replay("unstable-long")
