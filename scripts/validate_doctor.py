@@ -232,7 +232,10 @@ def sample_log_claims(root: Path = REPO / "sample_logs") -> str:
             verdict = f"never dips below half its best (lowest 5-step mean {low:.0%} of the best so far)"
         ho = D.heldout_accuracy(scal)
         acc = (f"; held-out accuracy {ho['values'][0]:.3g} -> {ho['values'][-1]:.3g}" if ho else "")
-        alarms = [f"{f.severity} `{f.id}` @ {f.first_step}" for f in fs if f.severity in ("warning", "critical")]
+        alarms = [f"{f.severity} `{f.id}` @ {f.first_step}"
+                  + (f" (online: critical @ {f.evidence['online_critical_step']})"
+                     if "online_critical_step" in f.evidence else "")
+                  for f in fs if f.severity in ("warning", "critical")]
         lines.append(f"* `{run.name}`: {verdict}{acc}. Findings: {', '.join(alarms) if alarms else 'no warning or critical'}.")
     return "\n".join(lines)
 
