@@ -46,7 +46,7 @@ def test_the_presets_own_rule_thresholds_apply_only_when_the_run_gives_none():
     own = PRESET_RULE_PARAMS["long"]["dppo"]
     assert build_config("long").rule.params == own  # the preset's rule: DPPO at the calibrated threshold
     assert build_config("long", overrides={"rule": {"name": "dppo"}}).rule.params == own
-    assert build_config("long", overrides={"rule": {"name": "cppo_no_budget"}}).rule.params == own  # the CPPO family too
+    assert build_config("long", overrides={"rule": {"name": "cppo"}}).rule.params == {}  # CPPO at the paper's
     assert build_config("long", overrides={"rule": {"name": "grpo_clip"}}).rule.params == {}  # no threshold of its own
     assert build_config("demo", overrides={"rule": {"name": "dppo"}}).rule.params == {}  # only in its preset
     mine = build_config("long", overrides={"rule": {"name": "dppo", "params": {"divergence": "binary_kl"}}})
