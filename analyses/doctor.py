@@ -747,7 +747,8 @@ def _in_hindsight(findings: list[Finding], meta: dict, rew, ho: dict | None = No
     * early warnings on a run whose reward never dipped below half its best, and whose held-out accuracy (when
       logged) held, were not followed by a collapse: ``info``;
     * ``collapse_imminent`` on a finished run without a sustained collapse: ``warning`` (the reward recovered, or
-      the run ended too soon after to tell). A run the guard halted keeps it ``critical``.
+      the run ended too soon after to tell), ``info`` when the reward never dipped below half its best and the
+      held-out accuracy held (a false alarm). A run the guard halted keeps it ``critical``.
     Runs still training keep what fired."""
     if rew is None or meta.status not in FINISHED:
         return findings
@@ -758,6 +759,13 @@ def _in_hindsight(findings: list[Finding], meta: dict, rew, ho: dict | None = No
                 and ep["collapse"] is None:
             f.evidence.update(online_severity="critical", followed_by_collapse=False)
             f.severity = "warning"
+            if not ep["dips"] and not held_out_fell:  # never below half its best: a false alarm, in hindsight
+                f.severity = "info"
+                f.message += (" In hindsight it was a false alarm: the reward's 5-step mean never fell below half its "
+                              "best" + (" and the held-out accuracy held" if ho is not None else "")
+                              + ", so this finished run reports it as info (online, with --doctor.live, it was "
+                                "critical, and --doctor.on_critical halt would have stopped the run here).")
+                continue
             later = [d for d in ep["dips"] if d["last"] >= f.first_step]
             if later and later[0]["recovered"] is not None:
                 why = f"it dipped at step {later[0]['start']} and recovered at step {later[0]['recovered']}"

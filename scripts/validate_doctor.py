@@ -236,6 +236,8 @@ def sample_log_claims(root: Path = REPO / "sample_logs") -> str:
                   + (f" (online: critical @ {f.evidence['online_critical_step']})"
                      if "online_critical_step" in f.evidence else "")
                   for f in fs if f.severity in ("warning", "critical")]
+        alarms += [f"info `{f.id}` @ {f.first_step} (online: critical, a false alarm in hindsight)"
+                   for f in fs if f.severity == "info" and f.evidence.get("online_severity") == "critical"]
         lines.append(f"* `{run.name}`: {verdict}{acc}. Findings: {', '.join(alarms) if alarms else 'no warning or critical'}.")
     return "\n".join(lines)
 
