@@ -204,7 +204,8 @@ def reward_episodes(steps: Sequence[int], reward: Sequence[float], *, settings: 
 
     Returns {"steps", "ma", "running_max" (arrays over the kept steps), "dips": [{"start", "last" (last step
     below), "recovered" (first step back at or above the line, None if none), "steps_after" (logged steps after
-    its first), "peak_step", "ma_at_start", "max_at_start", "min_ma", "sustained"}], "collapse": the sustained dip
+    its first), "peak_step", "ma_at_start", "max_at_start", "min_ma", "sustained", "critical_at" (the step at which
+    the rule on the steps so far first calls it sustained, None if it never does)}], "collapse": the sustained dip
     or None}."""
     s = settings
     steps, ma, run_max = reward_trend(steps, reward, window=s.collapse_window)
@@ -222,7 +223,10 @@ def reward_episodes(steps: Sequence[int], reward: Sequence[float], *, settings: 
         dip = {"start": int(steps[i]), "last": int(steps[j]), "recovered": None if to_end else int(steps[j + 1]),
                "steps_after": after, "peak_step": int(steps[int(np.argmax(ma[: i + 1]))]),
                "ma_at_start": float(ma[i]), "max_at_start": float(run_max[i]), "min_ma": float(ma[i:j + 1].min()),
-               "sustained": bool(to_end and after >= s.collapse_min_after and steps[i] >= s.collapse_min_step)}
+               "sustained": bool(to_end and after >= s.collapse_min_after and steps[i] >= s.collapse_min_step),
+               # where the same rule, on the steps so far (the live guard), first calls this dip sustained
+               "critical_at": (int(steps[i + s.collapse_min_after])
+                               if j - i >= s.collapse_min_after and steps[i] >= s.collapse_min_step else None)}
         dips.append(dip)
         i = j + 1
     collapse = next((d for d in dips if d["sustained"]), None)
@@ -835,7 +839,7 @@ def _reward_findings(rew, ho: dict | None, fig_path, settings: DoctorSettings = 
                     "needs: train longer to tell.")
         if len(other) > 1:
             msg += f" It dipped {len(other)} times (steps {', '.join(str(x['start']) for x in other)})."
-        live_at = _live_critical_step(ep["steps"], other, k, min_step)
+        live_at = next((x["critical_at"] for x in other if x["critical_at"] is not None), None)
         if live_at is not None:  # what --doctor.live reported: on the steps so far a long dip is a collapse
             ev.update(online_severity="critical", online_critical_step=live_at)
             msg += (f" Online (--doctor.live) it was critical at step {live_at}, once a dip had lasted {k} more "
@@ -845,18 +849,6 @@ def _reward_findings(rew, ho: dict | None, fig_path, settings: DoctorSettings = 
         out.append(Finding("reward_dip", "warning", d["start"], msg, ev, figure("reward_dip", d["start"]), PAGE_RUNS,
                            (d["peak_step"], d["last"] if d["recovered"] is None else d["recovered"])))
     return out
-
-
-def _live_critical_step(steps: np.ndarray, dips: list[dict], k: int, min_step: int) -> int | None:
-    """The step at which the live guard (``reward_episodes`` on the steps so far) called the first of these
-    non-sustained dips a collapse: one starting at or after ``min_step`` that stayed below for ``k`` more logged
-    steps before it recovered; None if none did."""
-    index = {int(x): i for i, x in enumerate(steps)}
-    for d in dips:
-        i, j = index[d["start"]], index[d["last"]]
-        if d["start"] >= min_step and j - i >= k:
-            return int(steps[i + k])
-    return None
 
 
 def _masked_rising(f_steps: np.ndarray, vals: np.ndarray, rule, fig_path, collapse) -> Finding | None:
