@@ -117,6 +117,21 @@ def test_presets_load_and_expand(preset):
         assert len(study.seeds) >= 5
 
 
+CALIBRATION = Path(__file__).resolve().parents[2] / "scripts" / "calibration"
+
+
+@pytest.mark.parametrize("path", sorted(CALIBRATION.glob("*.toml")), ids=lambda p: p.name)
+def test_the_calibration_studies_still_load(path):
+    """The studies docs/trainer.md cites to reproduce the long preset's calibration and explorations: each must
+    still load against today's config schema and rule parameters, a setting's rule parameters naming one of the
+    study's rules."""
+    study = load_study(str(path))
+    assert study.trainer_preset == "long" and study.cells()
+    for setting in study.settings:
+        for rule, params in setting.rule_params.items():
+            assert rule in study.rules, (path.name, setting.name, rule)
+
+
 def test_cells_are_seed_major_with_settings(tmp_path):
     p = write_study(tmp_path, """
         [study]
