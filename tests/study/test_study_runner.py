@@ -128,7 +128,7 @@ def test_the_calibration_studies_still_load(path):
     study = load_study(str(path))
     assert study.trainer_preset == "long" and study.cells()
     for setting in study.settings:
-        for rule, params in setting.rule_params.items():
+        for rule in setting.rule_params:
             assert rule in study.rules, (path.name, setting.name, rule)
 
 
