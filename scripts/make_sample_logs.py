@@ -60,7 +60,7 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (figures depend on it)")
     ap.add_argument("--every", type=int, default=3, help="record tokens every n iterations")
-    ap.add_argument("--seq-fraction", type=float, default=0.25, help="fraction of sequences whose tokens are recorded")
+    ap.add_argument("--seq-fraction", type=float, default=0.125, help="fraction of sequences whose tokens are recorded")
     ap.add_argument("--only", default="", help="comma-separated run names to (re)make")
     ap.add_argument("--reuse", default="", help="copy matching finished runs ROOT/<rule>-s<seed> instead of training")
     args = ap.parse_args(argv)

@@ -20,7 +20,7 @@ def test_each_override_is_named_with_what_it_changes():
     assert f"threads: {available_cores() + 1} torch threads on {available_cores()}" in text
     assert "rollout.staleness: 50 >= steps 40" in text and "warm start's samples" in text
     assert "optim.warmup_steps: 40 >= steps 40" in text and "never reaches optim.lr" in text
-    assert "rollout.staleness 10 -> 50" in text and "optim.lr 0.0002 -> 0.002" in text
+    assert "rollout.staleness 10 -> 50" in text and "optim.lr 0.00025 -> 0.002" in text
     assert "calibrated regime" in text
     # a preset without a calibration only gets the checks that hold anywhere
     assert regime_warnings(build_config("tiny", overrides={"steps": 12}), "tiny") == []

@@ -626,7 +626,8 @@ def test_long_preset_runs_and_check_script_reads_it(tmp_path):
     cfg = build_config("long")
     assert (cfg.task.kind, cfg.rollout.staleness, cfg.rollout.precision, cfg.rule.name) == ("chain", 10, "bf16", "dppo")
     assert (cfg.task.forks, cfg.task.detour_credit, cfg.optim.lr, cfg.optim.warmup_steps, cfg.optim.schedule) == (
-        0.5, 0.0, 2e-4, 6, "cosine")
+        0.5, 0.0, 2.5e-4, 6, "cosine")
+    assert (cfg.rollout.prompts_per_step, cfg.rollout.n) == (16, 8)
     assert cfg.rule.params == {"delta": 0.1}  # the regime's DPPO threshold (config.PRESET_RULE_PARAMS)
     assert cfg.log.behavior_logp and cfg.task.eval_size == 512  # attribution on; the less noisy held-out set
     run_cfg = build_config("long", overrides={
