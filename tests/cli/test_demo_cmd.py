@@ -1,10 +1,11 @@
 """The demo command's plan and its last lines (issue 24), without training: ``--quick`` keeps the preset's
-regime and cuts its length, and the closing sentence explains exact accuracy against the partial-credit reward
+regime and cuts its length and batch, and the closing sentence explains exact accuracy against the partial-credit reward
 from the task's own settings."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -27,12 +28,14 @@ def _cfg(*argv: str):
 
 def test_quick_keeps_the_regime_and_cuts_its_length():
     full, quick = _cfg(), _cfg("--quick")
+    assert quick.rollout.prompts_per_step == demo_cmd.QUICK_PROMPTS < build_config("long").rollout.prompts_per_step
     assert (quick.steps, quick.task.eval_size, quick.log.eval_every) == (demo_cmd.QUICK_STEPS,
                                                                           demo_cmd.QUICK_EVAL_SIZE, 0)
     assert quick.steps < full.steps and quick.task.eval_size < full.task.eval_size
     # what makes the phenomenon is the preset's own: task, answer length, forks, staleness, bf16 sampling, rule
-    for section in ("rollout", "optim", "rule"):
+    for section in ("optim", "rule"):
         assert getattr(quick, section) == getattr(full, section), section
+    assert quick.rollout == dataclasses.replace(full.rollout, prompts_per_step=demo_cmd.QUICK_PROMPTS)
     assert (quick.task.kind, quick.task.forks, quick.task.detour_credit) == (full.task.kind, full.task.forks,
                                                                              full.task.detour_credit)
     assert quick.log.out_dir == "out" and quick.log.name == "demo-cppo-x"
