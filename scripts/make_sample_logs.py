@@ -18,14 +18,14 @@ Same seed and settings, differing only in the rule (and, for the unstable run, t
                   linearly from 0 to UNSTABLE_NOISE over the run (rollout.logit_noise): an engine mismatch
                   that grows until the rollouts collapse
 
-To stay under 10 MB in all, tokens are recorded every ``--every`` iterations for a ``--seq-fraction`` of the
+To keep them near 10 MB in all, tokens are recorded every ``--every`` iterations for a ``--seq-fraction`` of the
 sequences (scalars and evaluations every iteration; the unstable run records tokens every iteration, for
 the doctor's early warning); checkpoints are dropped at the end. After each run the
 offline recompute is checked against the logged ``keep_applied`` (``cppo_diag.train.parity.check_parity``).
 
-    python scripts/make_sample_logs.py                    # 6 runs of the long preset, ~3 min each on 2 cores
+    python scripts/make_sample_logs.py                    # 6 runs of the long preset, ~4-5 min each on 2 cores
     python scripts/make_sample_logs.py --only dppo-long --steps 10 --out /tmp/s
-    python scripts/make_sample_logs.py --reuse runs/calib/t1  # copy the calibration's seed-0 runs where they match
+    python scripts/make_sample_logs.py --reuse runs/calib/t1  # copy the calibration's seed-100 runs where they match
 
 ``--reuse ROOT`` copies ``ROOT/<rule>-s<seed>`` instead of training when that finished run's resolved config
 equals the one this script would train (output location, progress bar and checkpoint cadence aside): the
@@ -57,7 +57,8 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "sample_logs"), help="output root")
     ap.add_argument("--preset", default="long", help="trainer preset the runs start from")
     ap.add_argument("--steps", type=int, default=None, help="RL iterations per run (default: the preset's)")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=int, default=100,
+                    help="the runs' seed (100, the shipped logs: the first of the calibration's seeds)")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (figures depend on it)")
     ap.add_argument("--every", type=int, default=3, help="record tokens every n iterations")
     ap.add_argument("--seq-fraction", type=float, default=0.125, help="fraction of sequences whose tokens are recorded")

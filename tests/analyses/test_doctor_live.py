@@ -62,7 +62,8 @@ def _replay(name: str) -> tuple[L.LiveDoctor, list]:
 
 def test_sample_logs_replayed_live():
     """Replayed step by step, every shipped sample log fires live the criticals the offline doctor finds: the
-    imminent collapse at its offline step, before the collapse (where the guard halts), and the sustained collapse
+    imminent collapse at its offline step, no later than the collapse (where the guard halts; before it on the
+    unstable runs), and the sustained collapse
     at the same collapse step, 5 steps later; on a run without a collapse, exactly the criticals its offline findings
     say fired online (``online_severity``), at their steps; and
     unstable-long's early warnings at the offline steps, before it."""
@@ -76,7 +77,9 @@ def test_sample_logs_replayed_live():
             assert col.first_step == off["reward_collapse"].first_step
             assert at == col.first_step + D.COLLAPSE_MIN_AFTER  # critical once the dip has lasted 5 more steps
             at, im = crit["collapse_imminent"]
-            assert at == im.first_step == off["collapse_imminent"].first_step < col.first_step  # the halt comes first
+            assert at == im.first_step == off["collapse_imminent"].first_step <= col.first_step
+            if run.name.startswith("unstable"):  # README: on both unstable runs the halt comes before the collapse
+                assert im.first_step < col.first_step, run.name
         else:
             # no collapse: live, only what the finished run's findings say was critical online fires, where they say
             # (an imminent collapse that did not come; a dip that lasted 5 steps before it recovered, which live
