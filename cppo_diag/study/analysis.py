@@ -718,7 +718,34 @@ def headline(per_seed: pl.DataFrame, table: list[dict], ctab: ComparisonTable, a
                                                                                         "all updates")
     doing = (f" What the rules did (masked fraction of the tokens, mean over seeds, {pooled}; of the masked tokens, "
              f"the share masked by the prefix budget alone): {'; '.join(rules)}.") if rules else ""
-    return opening + doing
+    return opening + doing + _control_sentence(table, ctab, an)
+
+
+# Rules with no trust region at all (SPEC "pg_is": keep every token, unclipped ratio): a study's control.
+NO_TRUST_REGION = ("pg_is",)
+
+
+def _control_sentence(table: list[dict], ctab: ComparisonTable, an: AnalysisConfig) -> str:
+    """What the no-trust-region control did: its held-out accuracy before -> after, and how far each other rule
+    ended above or below it (the reference's paired difference where the table has one)."""
+    primary = f"{an.primary}_acc"
+    conf = f"{an.confidence:.0%}"
+    out = []
+    for r in table:
+        if r["rule"] not in NO_TRUST_REGION or not r[primary].n:
+            continue
+        ini, fin = r["initial_acc"], r[primary]
+        others = [o for o in table if o["rule"] not in NO_TRUST_REGION and o[primary].n]
+        above = sum(o[primary].mean > fin.mean for o in others)
+        text = (f" The no-trust-region control `{r['label']}`: held-out accuracy {_f(ini.mean)} at the start, "
+                f"{_f(fin.mean)} final ({conf} CI {_f(fin.lo)} to {_f(fin.hi)}, {fin.n} seeds); {above} of the "
+                f"{len(others)} other rules ended above it on average")
+        vs = next((c for c in ctab.by_metric(primary) if c.b == r["label"]), None)
+        if vs is not None:
+            text += (f", the reference `{vs.a}` by {vs.mean_diff:+.3f} [{_f(vs.ci_lo)}, {_f(vs.ci_hi)}], "
+                     f"Holm p {_p(vs.p_holm)}")
+        out.append(text + ".")
+    return "".join(out)
 
 
 def _summary_lines(per_seed: pl.DataFrame, table: list[dict], ctab: ComparisonTable,

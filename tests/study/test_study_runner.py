@@ -426,6 +426,23 @@ def test_headline_says_whether_the_ordering_holds(shift, verdict):
     assert "updates after the first of each batch" in text
 
 
+def test_headline_says_what_the_control_did():
+    """A study with the no-trust-region control (pg_is) says what it did: before -> after, and the reference's
+    paired difference to it."""
+    from cppo_diag.study.analysis import comparison_table, headline, results_table
+    from cppo_diag.study.config import AnalysisConfig
+
+    ps = _synthetic_per_seed({"cppo": [0.6, 0.62, 0.61, 0.64], "dppo": [0.5, 0.52, 0.5, 0.55],
+                              "pg_is": [0.01, 0.0, 0.03, 0.02]})
+    ctab = comparison_table(ps, reference="cppo")
+    text = headline(ps, results_table(ps), ctab, AnalysisConfig())
+    c = next(c for c in ctab.by_metric("final_acc") if c.b == "pg_is")
+    assert "The no-trust-region control `pg_is`: held-out accuracy 0.300 at the start, 0.015 final" in text and "2 of the 2 other rules ended above it" in text
+    assert f"the reference `cppo` by {c.mean_diff:+.3f} [{c.ci_lo:.3f}, {c.ci_hi:.3f}]" in text
+    assert "control" not in headline(ps.filter(ps["rule"] != "pg_is"), results_table(ps.filter(ps["rule"] != "pg_is")),
+                                     ctab, AnalysisConfig())
+
+
 def test_headline_without_the_reference_or_with_missing_rules():
     from cppo_diag.study.analysis import comparison_table, headline, results_table
     from cppo_diag.study.config import AnalysisConfig
