@@ -7,7 +7,8 @@ What happens:
      depends on the prefix and forks grow denser along the answer, prefix-credit reward, from the shipped SFT
      warm start; 16 prompts x 8 responses per iteration, rollouts 10 iterations stale and sampled in bf16,
      2 epochs x 2 minibatches, lr 2.5e-4 after a warm-up, decaying along a cosine) into runs/demo-cppo-<time>/
-     and appears in the app live (40 iterations, a few minutes on 2 cores); `--preset demo` runs the short-answer `fib` task instead;
+     and appears in the app live (40 iterations, a few minutes on 2 cores); `--preset demo` runs the
+     short-answer `fib` task instead;
   3. with --compare, the same run without any trust region (`pg_is`, the control: in the long regime it
      collapses where CPPO learns), then GRPO (ratio clip) and DPPO follow on the same seed, for side-by-side
      comparison on the Compare runs page;
@@ -16,9 +17,9 @@ What happens:
      summary/greedy_acc_after). The app keeps running until Ctrl-C.
 
 ``--quick`` is a first look: the same regime (same task, staleness, bf16 sampling, rule) cut to QUICK_STEPS
-iterations of QUICK_PROMPTS prompts (the long preset has 16), a smaller held-out set (QUICK_EVAL_SIZE problems) and no evaluation in between, so the run's
-first steps reach the app within about two minutes on a loaded 2-core box (README, "What the demo shows").
-Its accuracy change is a short run's on a small set: the full regime is the default (no flag).
+iterations of QUICK_PROMPTS prompts (the long preset has 16), a smaller held-out set (QUICK_EVAL_SIZE
+problems) and no evaluation in between, so the run's first steps reach the app within about two minutes on
+a loaded 2-core box (README, "What the demo shows"). Its accuracy change is a short run's on a small set: the full regime is the default (no flag).
 
 The app server is stopped on every way the demo ends: Ctrl-C (SIGINT), SIGTERM, SIGHUP, an error, and on
 Linux even SIGKILL (the kernel signals the server when its parent dies). A port already in use is reported
@@ -144,7 +145,8 @@ def overrides(args, rule: str, params: dict, out: Path, name: str) -> dict:
     over = {"seed": args.seed, "threads": args.threads, "rule": {"name": rule, "params": params},
             "log": {"out_dir": str(out), "name": name}}
     if args.quick:
-        over.update(steps=QUICK_STEPS, task={"eval_size": QUICK_EVAL_SIZE}, rollout={"prompts_per_step": QUICK_PROMPTS})
+        over.update(steps=QUICK_STEPS, task={"eval_size": QUICK_EVAL_SIZE},
+                    rollout={"prompts_per_step": QUICK_PROMPTS})
         over["log"]["eval_every"] = 0
     if args.steps is not None:
         over["steps"] = args.steps

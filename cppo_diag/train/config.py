@@ -286,7 +286,8 @@ PRESETS: dict[str, dict] = {
         "log": {"eval_every": 20, "behavior_logp": True},
         "task": {"kind": "chain", "reward": "partial", "min_terms": 160, "max_terms": 160, "forks": 0.5,
                  "detour_credit": 0.0, "eval_size": 512},
-        # 16 prompts per iteration (was 8): the batch's gradient noise drove the mid-run dip (exploration 8)
+        # 16 prompts per iteration (was 8): an 8-prompt batch's gradient noise drove the mid-run dip; the peak lr
+        # 2.5e-4 (was 2e-4) keeps pg_is's collapse for good with the steadier batch (docs/trainer.md, exploration 8)
         "rollout": {"prompts_per_step": 16, "n": 8, "max_new_tokens": 161, "staleness": 10, "precision": "bf16"},
         "optim": {"lr": 2.5e-4, "warmup_steps": 6, "schedule": "cosine", "epochs": 2, "updates_per_batch": 2},
         "rule": {"name": "dppo", "params": {}},
