@@ -19,7 +19,8 @@ What happens:
 ``--quick`` is a first look: the same regime (same task, staleness, bf16 sampling, rule) cut to QUICK_STEPS
 iterations of QUICK_PROMPTS prompts (the long preset has 16), a smaller held-out set (QUICK_EVAL_SIZE
 problems) and no evaluation in between, so the run's first steps reach the app within about two minutes on
-a loaded 2-core box (README, "What the demo shows"). Its accuracy change is a short run's on a small set: the full regime is the default (no flag).
+a loaded 2-core box (README, "What the demo shows"). Its accuracy change is a short run's on a small set:
+the full regime is the default (no flag).
 
 The app server is stopped on every way the demo ends: Ctrl-C (SIGINT), SIGTERM, SIGHUP, an error, and on
 Linux even SIGKILL (the kernel signals the server when its parent dies). A port already in use is reported
