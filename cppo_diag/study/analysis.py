@@ -731,11 +731,11 @@ def _control_sentence(table: list[dict], ctab: ComparisonTable, an: AnalysisConf
     primary = f"{an.primary}_acc"
     conf = f"{an.confidence:.0%}"
     out = []
+    others = [o for o in table if o["rule"] not in NO_TRUST_REGION and o[primary].n]
     for r in table:
         if r["rule"] not in NO_TRUST_REGION or not r[primary].n:
             continue
         ini, fin = r["initial_acc"], r[primary]
-        others = [o for o in table if o["rule"] not in NO_TRUST_REGION and o[primary].n]
         above = sum(o[primary].mean > fin.mean for o in others)
         text = (f" The no-trust-region control `{r['label']}`: held-out accuracy {_f(ini.mean)} at the start, "
                 f"{_f(fin.mean)} final ({conf} CI {_f(fin.lo)} to {_f(fin.hi)}, {fin.n} seeds); {above} of the "
