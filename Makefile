@@ -37,8 +37,9 @@ clean:
 	rm -rf build dist *.egg-info .pytest_cache
 
 # The long-horizon study (issue 12): 7 rules x 8 seeds on the trainer's `long` preset, about 2.5 hours with
-# 2 workers on the 2-core box (56 runs at the calibration's 2.4 min per run, plus more evaluations); writes docs/results.md and docs/results/*.png from the runs. Resumable: rerun
-# to continue (finished runs are skipped, interrupted ones resume from their last checkpoint).
+# 2 workers on the 2-core box (56 runs at the calibration's 2.4 min per run, plus more evaluations); writes
+# docs/results.md and docs/results/*.png from the runs. Resumable: rerun to continue (finished runs are
+# skipped, interrupted ones resume from their last checkpoint).
 study-long: setup
 	$(VENV)/bin/cppo-diag study long --root runs/study-long --workers 2 --results docs/results.md
 
